@@ -1,0 +1,278 @@
+//! Model weights: the decoder-layer description filled from safetensors files (memory-mapped) or
+//! with dummy values. Every tensor is fetched by name with the shape the spec requires, so a
+//! missing or mis-shaped tensor is reported by name and file before anything runs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind};
+use flexgen_tensor::{Device, Tensor};
+use memmap2::Mmap;
+use rand::{Rng, SeedableRng};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::{Error, Result};
+
+/// `y = x · Wᵀ + b`, weight in the Hugging Face `[out, in]` layout.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// LayerNorm (weight and bias) or RMSNorm (weight only).
+#[derive(Debug, Clone)]
+pub struct Norm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// The feed-forward block of a layer.
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    /// OPT: fc1 → ReLU → fc2.
+    Relu { fc1: Linear, fc2: Linear },
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Norm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub mlp_norm: Norm,
+    pub mlp: Mlp,
+}
+
+/// All weights of a model.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    pub token_embedding: Tensor,
+    /// Learned position table (OPT), absent for rotary models.
+    pub position_embedding: Option<Tensor>,
+    pub final_norm: Norm,
+    /// Separate LM head; `None` when tied to `token_embedding`.
+    pub lm_head: Option<Tensor>,
+    pub layers: Vec<LayerWeights>,
+}
+
+/// Where tensors come from while [`Weights`] are built.
+trait TensorSource {
+    /// The tensor called `name` (Hugging Face naming, without the `model.` prefix), which must have
+    /// `shape`, as f32 on the CPU.
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor>;
+}
+
+impl Weights {
+    /// Builds the weights of `spec` from `src`, by the family's tensor names.
+    fn build(spec: &ModelSpec, src: &mut dyn TensorSource) -> Result<Self> {
+        let h = spec.hidden_size as usize;
+        let v = spec.vocab_size as usize;
+        let f = spec.ffn_size as usize;
+        let kv = (spec.num_kv_heads * spec.head_dim()) as usize;
+        let norm = |src: &mut dyn TensorSource, name: &str| -> Result<Norm> {
+            Ok(Norm {
+                weight: src.get(&format!("{name}.weight"), &[h])?,
+                bias: match spec.norm {
+                    NormKind::LayerNorm { .. } => Some(src.get(&format!("{name}.bias"), &[h])?),
+                    NormKind::RmsNorm { .. } => None,
+                },
+            })
+        };
+        let linear = |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: src.get(&format!("{name}.weight"), &[out, inp])?,
+                bias: if spec.bias { Some(src.get(&format!("{name}.bias"), &[out])?) } else { None },
+            })
+        };
+        let token_embedding = src.get("decoder.embed_tokens.weight", &[v, h])?;
+        let position_embedding = match spec.positions {
+            PositionKind::Learned { offset } => Some(src.get(
+                "decoder.embed_positions.weight",
+                &[(spec.max_positions + offset) as usize, h],
+            )?),
+            PositionKind::Rope { .. } => None,
+        };
+        let mut layers = Vec::with_capacity(spec.num_layers as usize);
+        for i in 0..spec.num_layers {
+            let p = format!("decoder.layers.{i}");
+            let mlp = match spec.mlp {
+                MlpKind::Relu => Mlp::Relu {
+                    fc1: linear(src, &format!("{p}.fc1"), f, h)?,
+                    fc2: linear(src, &format!("{p}.fc2"), h, f)?,
+                },
+                MlpKind::SwiGlu => {
+                    return Err(Error::Unsupported { what: format!("{}: SwiGLU layers are not implemented yet", spec.name) });
+                }
+            };
+            layers.push(LayerWeights {
+                attn_norm: norm(src, &format!("{p}.self_attn_layer_norm"))?,
+                q: linear(src, &format!("{p}.self_attn.q_proj"), h, h)?,
+                k: linear(src, &format!("{p}.self_attn.k_proj"), kv, h)?,
+                v: linear(src, &format!("{p}.self_attn.v_proj"), kv, h)?,
+                o: linear(src, &format!("{p}.self_attn.out_proj"), h, h)?,
+                mlp_norm: norm(src, &format!("{p}.final_layer_norm"))?,
+                mlp,
+            });
+        }
+        let final_norm = norm(src, "decoder.final_layer_norm")?;
+        let lm_head = if spec.tie_embeddings { None } else { Some(src.get("lm_head.weight", &[v, h])?) };
+        Ok(Self { token_embedding, position_embedding, final_norm, lm_head, layers })
+    }
+
+    /// Reads the weights of `spec` from safetensors files.
+    pub fn from_safetensors(spec: &ModelSpec, store: &SafetensorsStore) -> Result<Self> {
+        let mut src = store;
+        Self::build(spec, &mut src)
+    }
+
+    /// Dummy weights for `spec` without any file.
+    pub fn dummy(spec: &ModelSpec, init: DummyInit) -> Result<Self> {
+        let mut src = DummySource { init, rng: rand_chacha::ChaCha8Rng::seed_from_u64(init.seed()) };
+        Self::build(spec, &mut src)
+    }
+}
+
+/// Values of dummy weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DummyInit {
+    /// Every value 1, FlexGen's convention for benchmarks (it hides indexing bugs: not for tests).
+    Ones,
+    /// Seeded uniform values in ±0.1 (LayerNorm weights around 1).
+    Random { seed: u64 },
+}
+
+impl DummyInit {
+    fn seed(self) -> u64 {
+        match self {
+            DummyInit::Ones => 0,
+            DummyInit::Random { seed } => seed,
+        }
+    }
+}
+
+struct DummySource {
+    init: DummyInit,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl TensorSource for DummySource {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match self.init {
+            DummyInit::Ones => vec![1.0; n],
+            DummyInit::Random { .. } => {
+                let base = if name.contains("layer_norm.weight") { 1.0 } else { 0.0 };
+                (0..n).map(|_| base + self.rng.random_range(-0.1f32..0.1)).collect()
+            }
+        };
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+}
+
+/// Memory-mapped safetensors files with an index of every tensor they hold.
+pub struct SafetensorsStore {
+    files: Vec<(PathBuf, Mmap)>,
+    /// name → (file index, dtype, shape, absolute byte range in the file)
+    index: HashMap<String, (usize, Dtype, Vec<usize>, std::ops::Range<usize>)>,
+}
+
+impl SafetensorsStore {
+    /// Maps the given files and indexes their tensors.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for path in paths {
+            let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            // SAFETY: the file is opened read-only; flexgen never writes model files while it runs.
+            // If another process truncates it, reads fault, as with any mmap-based loader.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+            let bad = |message: String| Error::Safetensors { path: path.clone(), message };
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                if data_start + b > mmap.len() {
+                    return Err(bad(format!("tensor `{name}` extends past the end of the file (truncated?)")));
+                }
+                index.insert(name, (files.len(), info.dtype, info.shape.clone(), data_start + a..data_start + b));
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(Self { files, index })
+    }
+
+    /// Opens `model.safetensors` or the shards of `model.safetensors.index.json`, checking that
+    /// every tensor the index lists is in the shard it names.
+    pub fn open_files(weights: &crate::WeightFiles) -> Result<Self> {
+        match weights {
+            crate::WeightFiles::Single(p) => Self::open(std::slice::from_ref(p)),
+            crate::WeightFiles::Sharded(index_path) => {
+                let bad = |message: String| Error::Safetensors { path: index_path.clone(), message };
+                let text = std::fs::read_to_string(index_path).map_err(|source| Error::Io { path: index_path.clone(), source })?;
+                let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+                let map = json
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+                let dir = index_path.parent().unwrap_or(Path::new("."));
+                let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+                shards.sort();
+                shards.dedup();
+                let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+                for p in &paths {
+                    if !p.is_file() {
+                        return Err(bad(format!("shard {} is listed but missing", p.display())));
+                    }
+                }
+                let store = Self::open(&paths)?;
+                for (name, shard) in map {
+                    let shard = shard.as_str().unwrap_or_default();
+                    match store.index.get(name) {
+                        Some((i, ..)) if store.files[*i].0 == dir.join(shard) => {}
+                        _ => return Err(bad(format!("the index puts tensor `{name}` in {shard}, which does not contain it"))),
+                    }
+                }
+                Ok(store)
+            }
+        }
+    }
+
+    /// Names of all tensors in the files.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    fn file_list(&self) -> String {
+        self.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Finds `name` under the prefixes checkpoints use (`model.decoder…` or `decoder…`).
+    fn find(&self, name: &str) -> Option<(&str, &(usize, Dtype, Vec<usize>, std::ops::Range<usize>))> {
+        [format!("model.{name}"), name.to_string()]
+            .into_iter()
+            .find_map(|n| self.index.get_key_value(n.as_str()).map(|(k, v)| (k.as_str(), v)))
+    }
+}
+
+impl TensorSource for &SafetensorsStore {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some((full, (file, dtype, found, range))) = self.find(name) else {
+            return Err(Error::MissingTensor { name: format!("model.{name}"), searched: self.file_list() });
+        };
+        let path = &self.files[*file].0;
+        if found != shape {
+            return Err(Error::Shape { name: full.into(), path: path.clone(), expected: shape.to_vec(), found: found.clone() });
+        }
+        let bytes = &self.files[*file].1[range.clone()];
+        let data: Vec<f32> = match dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => return Err(Error::Dtype { name: full.into(), path: path.clone(), dtype: format!("{other:?}") }),
+        };
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+}

@@ -1,0 +1,54 @@
+use std::path::PathBuf;
+
+/// Errors from reading, parsing or validating a policy, profile or spec.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The TOML text is malformed or has unknown / mistyped keys (the message gives line and key).
+    #[error("{0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent with another one.
+    #[error("`{field}` = {value}: {problem}; {fix}")]
+    Invalid { field: String, value: String, problem: String, fix: String },
+    /// Another error, in the file at `path`.
+    #[error("{}: {source}", path.display())]
+    WithPath { path: PathBuf, source: Box<Error> },
+}
+
+impl Error {
+    pub(crate) fn invalid(
+        field: impl Into<String>,
+        value: impl ToString,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            value: value.to_string(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// Wraps the error with the file it came from.
+    #[must_use]
+    pub fn with_path(self, path: &std::path::Path) -> Self {
+        match self {
+            e @ (Self::Io { .. } | Self::WithPath { .. }) => e,
+            e => Self::WithPath { path: path.to_path_buf(), source: Box::new(e) },
+        }
+    }
+
+    /// The innermost error, without path wrappers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Self::WithPath { source, .. } => source.root(),
+            e => e,
+        }
+    }
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

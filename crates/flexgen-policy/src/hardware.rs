@@ -1,0 +1,135 @@
+//! The hardware profile that `flexgen-profile` measures and `flexgen-plan` reads. Units are in the
+//! field names: bytes, bytes per second, FLOP per second.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Version of the profile file format.
+pub const PROFILE_VERSION: u32 = 1;
+
+/// One GPU as measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuProfile {
+    pub name: String,
+    /// Memory the runtime may use (the card's, or `--gpu-mem-limit`).
+    pub memory_bytes: u64,
+    /// PCIe generation and lane count, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcie: Option<String>,
+    /// Pinned host→device copy rate.
+    pub h2d_pinned_bytes_per_s: f64,
+    /// Pinned device→host copy rate.
+    pub d2h_pinned_bytes_per_s: f64,
+    /// Pageable host→device copy rate.
+    pub h2d_pageable_bytes_per_s: f64,
+    /// fp16 GEMM rate at the shapes of the decoder's linear layers.
+    pub gemm_flops_per_s: f64,
+    /// Batched attention rate (batched GEMMs over the KV cache).
+    pub attention_flops_per_s: f64,
+}
+
+/// The host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuProfile {
+    pub model: String,
+    pub cores: u32,
+    /// Memory the runtime may use.
+    pub memory_bytes: u64,
+    /// fp32 GEMM rate.
+    pub gemm_flops_per_s: f64,
+    /// Rate of the CPU attention path (decode attention over the cache in host memory).
+    pub attention_flops_per_s: f64,
+}
+
+/// The offload directory's disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskProfile {
+    pub path: PathBuf,
+    /// Space the runtime may use.
+    pub capacity_bytes: u64,
+    pub read_bytes_per_s: f64,
+    pub write_bytes_per_s: f64,
+}
+
+/// A machine as the cost model sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardwareProfile {
+    pub version: u32,
+    /// A short name ("t4-16gb", "h200").
+    pub name: String,
+    /// Where the figures came from (a `flexgen-profile` run, a paper).
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuProfile>,
+    pub cpu: CpuProfile,
+    pub disk: DiskProfile,
+}
+
+impl HardwareProfile {
+    /// Checks that every rate is positive and finite.
+    pub fn validate(&self) -> Result<()> {
+        if self.version != PROFILE_VERSION {
+            return Err(Error::invalid(
+                "version",
+                self.version,
+                format!("this flexgen reads profile format {PROFILE_VERSION}"),
+                "measure the machine again with this version's flexgen-profile",
+            ));
+        }
+        let mut rates = vec![
+            ("cpu.gemm_flops_per_s", self.cpu.gemm_flops_per_s),
+            ("cpu.attention_flops_per_s", self.cpu.attention_flops_per_s),
+            ("disk.read_bytes_per_s", self.disk.read_bytes_per_s),
+            ("disk.write_bytes_per_s", self.disk.write_bytes_per_s),
+        ];
+        if let Some(g) = &self.gpu {
+            rates.extend([
+                ("gpu.h2d_pinned_bytes_per_s", g.h2d_pinned_bytes_per_s),
+                ("gpu.d2h_pinned_bytes_per_s", g.d2h_pinned_bytes_per_s),
+                ("gpu.h2d_pageable_bytes_per_s", g.h2d_pageable_bytes_per_s),
+                ("gpu.gemm_flops_per_s", g.gemm_flops_per_s),
+                ("gpu.attention_flops_per_s", g.attention_flops_per_s),
+            ]);
+        }
+        for (field, v) in rates {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::invalid(
+                    field,
+                    v,
+                    "a rate must be a positive number",
+                    "measure it with flexgen-profile or write the measured figure",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses and validates profile TOML.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let p: Self = toml::from_str(text).map_err(|e| Error::Parse(e.to_string()))?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Reads a profile file; errors name the file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        crate::read_toml_file(path, Self::from_toml_str)
+    }
+
+    /// The profile as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a profile always serializes")
+    }
+
+    /// Writes the profile as TOML, atomically.
+    pub fn write_toml_file(&self, path: &Path) -> Result<()> {
+        crate::write_file_atomic(path, &self.to_toml())
+    }
+}

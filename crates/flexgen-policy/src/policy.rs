@@ -1,0 +1,435 @@
+//! The execution policy: where weights, KV cache and activations live, how big the block is, and
+//! which optional paths (CPU attention, pinning, compression) are on. See docs/policy-format.md.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Version of the policy file format this build reads and writes.
+pub const POLICY_VERSION: u32 = 1;
+
+/// A memory tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Gpu,
+    Cpu,
+    Disk,
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tier::Gpu => "GPU",
+            Tier::Cpu => "CPU",
+            Tier::Disk => "disk",
+        })
+    }
+}
+
+/// Percent of one kind of data held on each tier. The three shares sum to 100; the disk share is
+/// written out so that nobody has to derive it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierShares {
+    pub gpu: f64,
+    pub cpu: f64,
+    pub disk: f64,
+}
+
+impl TierShares {
+    /// Everything on one tier.
+    pub fn all_on(tier: Tier) -> Self {
+        let mut s = Self { gpu: 0.0, cpu: 0.0, disk: 0.0 };
+        *s.get_mut(tier) = 100.0;
+        s
+    }
+
+    /// GPU and CPU percent as given; the disk takes the rest (the original's `--percent` rule).
+    pub fn from_gpu_cpu(gpu: f64, cpu: f64) -> Self {
+        Self { gpu, cpu, disk: 100.0 - gpu - cpu }
+    }
+
+    /// The percent on `tier`.
+    pub fn get(&self, tier: Tier) -> f64 {
+        match tier {
+            Tier::Gpu => self.gpu,
+            Tier::Cpu => self.cpu,
+            Tier::Disk => self.disk,
+        }
+    }
+
+    fn get_mut(&mut self, tier: Tier) -> &mut f64 {
+        match tier {
+            Tier::Gpu => &mut self.gpu,
+            Tier::Cpu => &mut self.cpu,
+            Tier::Disk => &mut self.disk,
+        }
+    }
+
+    /// The tier that holds everything, if one does.
+    pub fn single_tier(&self) -> Option<Tier> {
+        [Tier::Gpu, Tier::Cpu, Tier::Disk].into_iter().find(|&t| self.get(t) >= 100.0 - 1e-9)
+    }
+
+    fn validate(&self, field: &str) -> Result<()> {
+        for tier in [Tier::Gpu, Tier::Cpu, Tier::Disk] {
+            let v = self.get(tier);
+            if !(0.0..=100.0).contains(&v) || v.is_nan() {
+                let name = format!("{field}.{}", format!("{tier:?}").to_lowercase());
+                return Err(Error::invalid(
+                    name,
+                    v,
+                    "a share must be between 0 and 100 percent",
+                    "set it within 0..=100",
+                ));
+            }
+        }
+        let sum = self.gpu + self.cpu + self.disk;
+        if (sum - 100.0).abs() > 1e-6 {
+            return Err(Error::invalid(
+                format!("{field} gpu+cpu+disk"),
+                sum,
+                "the three shares must sum to 100",
+                format!("lower or raise one tier by {:.3}", sum - 100.0),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where each kind of data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    pub weights: TierShares,
+    pub kv_cache: TierShares,
+    pub activations: TierShares,
+}
+
+impl Placement {
+    /// Everything on the GPU (FlexGen's default `100 0 100 0 100 0`).
+    pub fn all_gpu() -> Self {
+        let g = TierShares::all_on(Tier::Gpu);
+        Self { weights: g, kv_cache: g, activations: g }
+    }
+
+    /// The six numbers of the original's `--percent`: weights GPU/CPU, cache GPU/CPU,
+    /// activations GPU/CPU; the rest of each goes to disk.
+    pub fn from_percent(p: [f64; 6]) -> Result<Self> {
+        let placement = Self {
+            weights: TierShares::from_gpu_cpu(p[0], p[1]),
+            kv_cache: TierShares::from_gpu_cpu(p[2], p[3]),
+            activations: TierShares::from_gpu_cpu(p[4], p[5]),
+        };
+        placement.validate().map_err(|e| match e {
+            Error::Invalid { field, value, problem, .. } => Error::Invalid {
+                field: format!("--percent ({field})"),
+                value,
+                problem,
+                fix: "each gpu+cpu pair must be at most 100 (the disk gets the rest)".into(),
+            },
+            e => e,
+        })?;
+        Ok(placement)
+    }
+
+    /// The six numbers of `--percent`.
+    pub fn to_percent(&self) -> [f64; 6] {
+        [
+            self.weights.gpu,
+            self.weights.cpu,
+            self.kv_cache.gpu,
+            self.kv_cache.cpu,
+            self.activations.gpu,
+            self.activations.cpu,
+        ]
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.weights.validate("placement.weights")?;
+        self.kv_cache.validate("placement.kv_cache")?;
+        self.activations.validate("placement.activations")
+    }
+
+    fn uses_disk(&self) -> bool {
+        [self.weights, self.kv_cache, self.activations].iter().any(|s| s.disk > 0.0)
+    }
+}
+
+/// Group-wise quantization of weights or KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    pub enabled: bool,
+    /// Bits per value: 4 or 8.
+    pub bits: u8,
+    /// Values per group sharing one min and scale.
+    pub group_size: u32,
+    /// Dimension along which groups are formed (weights: 0; KV cache: 2, the head dimension).
+    pub group_dim: u32,
+}
+
+impl Compression {
+    /// FlexGen's weight compression (4 bits, groups of 64 along dim 0), off.
+    pub fn weights_default() -> Self {
+        Self { enabled: false, bits: 4, group_size: 64, group_dim: 0 }
+    }
+
+    /// FlexGen's cache compression (4 bits, groups of 64 along the head dimension), off.
+    pub fn cache_default() -> Self {
+        Self { enabled: false, bits: 4, group_size: 64, group_dim: 2 }
+    }
+
+    fn validate(&self, field: &str) -> Result<()> {
+        if !matches!(self.bits, 4 | 8) {
+            return Err(Error::invalid(
+                format!("{field}.bits"),
+                self.bits,
+                "only 4- and 8-bit quantization exist",
+                "use 4 or 8",
+            ));
+        }
+        if self.group_size == 0 || self.group_size % 2 != 0 {
+            return Err(Error::invalid(
+                format!("{field}.group_size"),
+                self.group_size,
+                "groups must hold a positive, even number of values",
+                "use 64 (FlexGen's default) or another even number",
+            ));
+        }
+        if self.group_dim > 2 {
+            return Err(Error::invalid(
+                format!("{field}.group_dim"),
+                self.group_dim,
+                "tensors have at most 3 dimensions here",
+                "use 0 for weights or 2 for the KV cache",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the planner predicted for this policy. Informative only: never read back as truth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Prediction {
+    /// Generated tokens per second of the whole workload.
+    pub throughput_tokens_per_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub total_s: f64,
+    pub peak_gpu_bytes: u64,
+    pub peak_cpu_bytes: u64,
+    pub peak_disk_bytes: u64,
+    /// The resource that bounds the decode step ("compute", "cpu->gpu", "disk->cpu", ...).
+    pub binding: String,
+    /// The hardware profile and model the prediction was made for.
+    pub hardware: String,
+    pub model: String,
+    pub planner_version: String,
+}
+
+/// A complete execution policy. Build one with [`Policy::default`] and the override methods, or
+/// read it with [`Policy::from_toml_file`]; both paths validate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// File format version; must be 1.
+    pub version: u32,
+    /// Sequences per GPU micro-batch.
+    pub gpu_batch_size: u32,
+    /// Micro-batches per block; the block (effective batch) is `gpu_batch_size * num_gpu_batches`.
+    pub num_gpu_batches: u32,
+    /// Run decode attention on the CPU where the KV cache lives there.
+    pub cpu_cache_compute: bool,
+    /// Keep CPU-resident weights in page-locked (pinned) memory.
+    pub pin_weight: bool,
+    /// Folder for the disk tier; required when any share is on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload_dir: Option<PathBuf>,
+    pub placement: Placement,
+    pub compress_weight: Compression,
+    pub compress_cache: Compression,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<Prediction>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            version: POLICY_VERSION,
+            gpu_batch_size: 1,
+            num_gpu_batches: 1,
+            cpu_cache_compute: false,
+            pin_weight: true,
+            offload_dir: None,
+            placement: Placement::all_gpu(),
+            compress_weight: Compression::weights_default(),
+            compress_cache: Compression::cache_default(),
+            prediction: None,
+        }
+    }
+}
+
+impl Policy {
+    /// Sequences per block: `gpu_batch_size * num_gpu_batches`.
+    pub fn block_size(&self) -> usize {
+        self.gpu_batch_size as usize * self.num_gpu_batches as usize
+    }
+
+    /// Checks every field and the consistency between fields.
+    pub fn validate(&self) -> Result<()> {
+        if self.version != POLICY_VERSION {
+            return Err(Error::invalid(
+                "version",
+                self.version,
+                format!("this flexgen reads policy format {POLICY_VERSION}"),
+                "write the policy again with this version's flexgen-plan",
+            ));
+        }
+        if self.gpu_batch_size == 0 {
+            return Err(Error::invalid(
+                "gpu_batch_size",
+                0,
+                "a micro-batch needs at least one sequence",
+                "set it to 1 or more",
+            ));
+        }
+        if self.num_gpu_batches == 0 {
+            return Err(Error::invalid(
+                "num_gpu_batches",
+                0,
+                "a block needs at least one micro-batch",
+                "set it to 1 or more",
+            ));
+        }
+        self.placement.validate()?;
+        if self.placement.activations.single_tier().is_none() {
+            return Err(Error::invalid(
+                "placement.activations",
+                format!("{:?}", self.placement.activations),
+                "activations live whole on one tier",
+                "put 100 on one of gpu, cpu or disk",
+            ));
+        }
+        self.compress_weight.validate("compress_weight")?;
+        self.compress_cache.validate("compress_cache")?;
+        if self.placement.uses_disk() && self.offload_dir.is_none() {
+            return Err(Error::invalid(
+                "offload_dir",
+                "(unset)",
+                "the placement puts data on disk",
+                "set offload_dir to a folder on a fast disk, or give the disk share to gpu/cpu",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parses and validates policy TOML.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let policy: Self = toml::from_str(text).map_err(|e| Error::Parse(e.to_string()))?;
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// Reads, parses and validates a policy file; errors name the file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        crate::read_toml_file(path, Self::from_toml_str)
+    }
+
+    /// The policy as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a policy always serializes")
+    }
+
+    /// Writes the policy as TOML, atomically.
+    pub fn write_toml_file(&self, path: &Path) -> Result<()> {
+        crate::write_file_atomic(path, &self.to_toml())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_round_trips_and_validates() {
+        let p = Policy::default();
+        p.validate().unwrap();
+        assert_eq!(Policy::from_toml_str(&p.to_toml()).unwrap(), p);
+    }
+
+    #[test]
+    fn percent_sets_disk_to_the_rest() {
+        let pl = Placement::from_percent([20.0, 50.0, 0.0, 100.0, 100.0, 0.0]).unwrap();
+        assert_eq!(pl.weights, TierShares { gpu: 20.0, cpu: 50.0, disk: 30.0 });
+        assert_eq!(pl.to_percent(), [20.0, 50.0, 0.0, 100.0, 100.0, 0.0]);
+    }
+
+    #[test]
+    fn percent_over_100_names_the_flag() {
+        let err = Placement::from_percent([60.0, 50.0, 100.0, 0.0, 100.0, 0.0]).unwrap_err();
+        let Error::Invalid { field, .. } = &err else { panic!("{err:?}") };
+        assert!(field.starts_with("--percent (placement.weights"), "{field}");
+    }
+
+    #[test]
+    fn disk_share_needs_offload_dir() {
+        let mut p = Policy::default();
+        p.placement.weights = TierShares::from_gpu_cpu(0.0, 70.0);
+        let Error::Invalid { field, .. } = p.validate().unwrap_err() else { panic!() };
+        assert_eq!(field, "offload_dir");
+        p.offload_dir = Some("/tmp/x".into());
+        p.validate().unwrap();
+    }
+
+    #[test]
+    fn zero_batch_is_refused() {
+        let p = Policy { gpu_batch_size: 0, ..Policy::default() };
+        let Error::Invalid { field, .. } = p.validate().unwrap_err() else { panic!() };
+        assert_eq!(field, "gpu_batch_size");
+    }
+
+    #[test]
+    fn split_activations_are_refused() {
+        let mut p = Policy::default();
+        p.placement.activations = TierShares::from_gpu_cpu(50.0, 50.0);
+        let Error::Invalid { field, .. } = p.validate().unwrap_err() else { panic!() };
+        assert_eq!(field, "placement.activations");
+    }
+
+    #[test]
+    fn unknown_key_is_a_parse_error_naming_it() {
+        let text = Policy::default().to_toml().replace("pin_weight", "pin_weights");
+        let Error::Parse(msg) = Policy::from_toml_str(&text).unwrap_err() else { panic!() };
+        assert!(msg.contains("pin_weights"), "{msg}");
+    }
+
+    #[test]
+    fn bad_bits_name_the_field() {
+        let mut p = Policy::default();
+        p.compress_cache.bits = 3;
+        let Error::Invalid { field, .. } = p.validate().unwrap_err() else { panic!() };
+        assert_eq!(field, "compress_cache.bits");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_valid_placement_round_trips(w in 0u8..=100, wc in 0u8..=100, c in 0u8..=100,
+                                           b in 1u32..512, k in 1u32..16) {
+            let wc = wc.min(100 - w);
+            let cc = 100 - c;
+            let mut p = Policy::default();
+            p.gpu_batch_size = b;
+            p.num_gpu_batches = k;
+            p.placement = Placement::from_percent(
+                [f64::from(w), f64::from(wc), f64::from(c), f64::from(cc), 100.0, 0.0]).unwrap();
+            p.offload_dir = Some("/tmp/offload".into());
+            p.validate().unwrap();
+            proptest::prop_assert_eq!(Policy::from_toml_str(&p.to_toml()).unwrap(), p);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The shape of a decoder-only model and of a generation workload: what the planner's cost model
+//! and the runtime both need to know, without any weights.
+
+use serde::{Deserialize, Serialize};
+
+/// Model family; each family is a set of choices for the same decoder-layer description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Meta's OPT: learned positions, LayerNorm, ReLU MLP, biases everywhere.
+    Opt,
+    /// The Llama family: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
+    Llama,
+}
+
+/// Normalization used before (or after) attention and MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// LayerNorm with weight and bias.
+    LayerNorm { eps: f64 },
+    /// RMSNorm with weight only.
+    RmsNorm { eps: f64 },
+}
+
+/// The feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MlpKind {
+    /// fc1 → ReLU → fc2.
+    Relu,
+    /// gate/up → SiLU(gate)·up → down.
+    SwiGlu,
+}
+
+/// How positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionKind {
+    /// A learned table added to the token embedding; index = position + `offset`.
+    Learned { offset: u32 },
+    /// Rotary embedding of q and k.
+    Rope { theta: f64 },
+}
+
+/// Shape and structure of a decoder-only transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub name: String,
+    pub family: Family,
+    pub num_layers: u32,
+    pub hidden_size: u32,
+    pub num_heads: u32,
+    /// Key/value heads (= `num_heads` without grouped-query attention).
+    pub num_kv_heads: u32,
+    pub ffn_size: u32,
+    pub vocab_size: u32,
+    /// Longest sequence (prompt + generated) the position encoding supports.
+    pub max_positions: u32,
+    pub norm: NormKind,
+    pub mlp: MlpKind,
+    pub positions: PositionKind,
+    /// Normalize before attention/MLP (true for every supported model).
+    pub pre_norm: bool,
+    /// Linear layers carry biases.
+    pub bias: bool,
+    /// The LM head reuses the token embedding.
+    pub tie_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl ModelSpec {
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> u32 {
+        self.hidden_size / self.num_heads
+    }
+
+    /// Elements of one decoder layer's weights (matrices and vectors).
+    pub fn layer_params(&self) -> u64 {
+        let h = u64::from(self.hidden_size);
+        let kv = u64::from(self.num_kv_heads) * u64::from(self.head_dim());
+        let f = u64::from(self.ffn_size);
+        let attn = h * h * 2 + h * kv * 2;
+        let mlp = match self.mlp {
+            MlpKind::Relu => 2 * h * f,
+            MlpKind::SwiGlu => 3 * h * f,
+        };
+        let biases = if self.bias { 2 * h + 2 * kv + f + h } else { 0 };
+        let norms = match self.norm {
+            NormKind::LayerNorm { .. } => 4 * h,
+            NormKind::RmsNorm { .. } => 2 * h,
+        };
+        attn + mlp + biases + norms
+    }
+
+    /// Elements of the embeddings, the final norm and (if untied) the LM head.
+    pub fn embedding_params(&self) -> u64 {
+        let h = u64::from(self.hidden_size);
+        let v = u64::from(self.vocab_size);
+        let pos = match self.positions {
+            PositionKind::Learned { offset } => {
+                (u64::from(self.max_positions) + u64::from(offset)) * h
+            }
+            PositionKind::Rope { .. } => 0,
+        };
+        let head = if self.tie_embeddings { 0 } else { v * h };
+        v * h + pos + head + 2 * h
+    }
+
+    /// Elements of all weights.
+    pub fn total_params(&self) -> u64 {
+        u64::from(self.num_layers) * self.layer_params() + self.embedding_params()
+    }
+
+    /// Bytes of K and V for one token in one layer, at `elem_bytes` per value.
+    pub fn kv_bytes_per_token_layer(&self, elem_bytes: u64) -> u64 {
+        2 * u64::from(self.num_kv_heads) * u64::from(self.head_dim()) * elem_bytes
+    }
+}
+
+/// What is generated: the prompt and generation lengths and how many prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub prompt_len: u32,
+    pub gen_len: u32,
+    /// Number of prompts to process; `None` lets the planner choose the block size freely.
+    pub num_prompts: Option<u32>,
+}
