@@ -63,8 +63,20 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
     let c: HfOptConfig = serde_json::from_str(text).map_err(|e| err("(fields)", e.to_string()))?;
     debug_assert_eq!(c.model_type, model_type);
     let proj = c.word_embed_proj_dim.unwrap_or(c.hidden_size);
-    if proj != c.hidden_size || !c.do_layer_norm_before || c._remove_final_layer_norm {
-        return Err(crate::catalog::opt_350m_refusal());
+    if proj != c.hidden_size {
+        return Err(err(
+            "word_embed_proj_dim",
+            format!(
+                "{proj} differs from hidden_size {}: the embedding projection of OPT-350M is not supported",
+                c.hidden_size
+            ),
+        ));
+    }
+    if !c.do_layer_norm_before || c._remove_final_layer_norm {
+        return Err(err(
+            "do_layer_norm_before",
+            "post-LayerNorm layers (OPT-350M) are not supported; every other OPT size works".into(),
+        ));
     }
     if c.activation_function != "relu" {
         return Err(err("activation_function", format!("\"{}\" is not supported; OPT uses \"relu\"", c.activation_function)));
@@ -124,7 +136,11 @@ mod tests {
     fn refuses_the_350m_variant() {
         let text = TINY.replace("\"do_layer_norm_before\":true", "\"do_layer_norm_before\":false");
         let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
-        assert!(matches!(&e, Error::Unsupported { what } if what.contains("OPT-350M")), "{e}");
+        assert!(matches!(&e, Error::Config { field, message, .. }
+            if field == "do_layer_norm_before" && message.contains("OPT-350M")), "{e}");
+        let text = TINY.replace("\"word_embed_proj_dim\":8", "\"word_embed_proj_dim\":4");
+        let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
+        assert!(matches!(&e, Error::Config { field, .. } if field == "word_embed_proj_dim"), "{e}");
     }
 
     #[test]

@@ -182,7 +182,7 @@ pub struct SafetensorsStore {
 impl SafetensorsStore {
     /// Maps the given files and indexes their tensors.
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
-        let mut files = Vec::with_capacity(paths.len());
+        let mut files: Vec<(PathBuf, Mmap)> = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for path in paths {
             let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
@@ -197,7 +197,11 @@ impl SafetensorsStore {
                 if data_start + b > mmap.len() {
                     return Err(bad(format!("tensor `{name}` extends past the end of the file (truncated?)")));
                 }
-                index.insert(name, (files.len(), info.dtype, info.shape.clone(), data_start + a..data_start + b));
+                let entry = (files.len(), info.dtype, info.shape.clone(), data_start + a..data_start + b);
+                if let Some((other, ..)) = index.insert(name.clone(), entry) {
+                    let other: &PathBuf = &files[other].0;
+                    return Err(bad(format!("tensor `{name}` is also in {}; each tensor must be in one file", other.display())));
+                }
             }
             files.push((path.clone(), mmap));
         }
