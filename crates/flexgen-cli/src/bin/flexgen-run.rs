@@ -1,1 +1,290 @@
-fn main() {}
+//! `flexgen-run`: load a model and generate under a policy; report throughput and memory.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use flexgen_cli::{PolicyArgs, bundled_model_dir, human_bytes, peak_rss_bytes};
+use flexgen_model::{DummyInit, Model};
+use flexgen_runtime::{Event, GenerationConfig, Generator, Request, Sampling};
+
+const ABOUT: &str = "Generate text with a model under an offloading policy.";
+
+const LONG_ABOUT: &str = "\
+Generate text with a model under an offloading policy, and report prefill, decode and total
+throughput.
+
+With no arguments it runs the bundled model (a 4-layer OPT trained on the King James Bible) on a
+default prompt. Point --model at any Hugging Face OPT directory (config.json, model.safetensors or a
+sharded index, tokenizer.json) or cache entry; or give a spec name (opt-125m … opt-175b) with --dummy
+to run without weight files, as FlexGen's benchmarks do.
+
+The policy says where weights, KV cache and activations live (GPU / CPU / disk percentages), how
+big the block is (gpu-batch-size × num-gpu-batches sequences share each transfer of a layer's
+weights), and whether CPU attention, pinning and 4-bit compression are on. Write one with
+flexgen-plan, take one from policies/, or set the fields with the flags below (they override the
+file). docs/policy-format.md documents every field.
+
+This build computes on the CPU: every tensor lives in host memory, and the placement percentages
+are validated and reported but not yet executed (the GPU/CPU/disk executor is the next step).";
+
+const EXAMPLES: &str = "\
+Examples:
+  flexgen-run                                    # bundled model, default prompt
+  flexgen-run --prompt 'And God said' --max-new-tokens 40 --temperature 0.8 --seed 1
+  flexgen-run --model ~/models/opt-125m --prompt-file prompts.txt --gpu-batch-size 8
+  flexgen-run --model opt-1.3b --dummy --prompt-len 64 --max-new-tokens 8 --gpu-batch-size 4
+  flexgen-run --policy policies/opt-30b-t4.toml --model opt-30b --dummy";
+
+#[derive(Parser, Debug)]
+#[command(name = "flexgen-run", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
+struct Cli {
+    /// Hugging Face model directory or cache entry; with --dummy, a spec name such as opt-30b.
+    /// Default: the bundled model.
+    #[arg(long, value_name = "PATH|NAME")]
+    model: Option<String>,
+    /// Dummy weights instead of files: `ones` (FlexGen's convention) or `random` (seeded).
+    #[arg(long, value_name = "KIND", num_args = 0..=1, default_missing_value = "ones")]
+    dummy: Option<DummyKind>,
+    /// A prompt; repeat for several.
+    #[arg(long, value_name = "TEXT", help_heading = "Prompts")]
+    prompt: Vec<String>,
+    /// A file with one prompt per line.
+    #[arg(long, value_name = "FILE", help_heading = "Prompts")]
+    prompt_file: Option<PathBuf>,
+    /// Synthetic prompts of N tokens (for dummy models and benchmarks).
+    #[arg(long, value_name = "N", help_heading = "Prompts")]
+    prompt_len: Option<usize>,
+    /// Number of synthetic prompts (default: one block, gpu-batch-size × num-gpu-batches).
+    #[arg(long, value_name = "N", help_heading = "Prompts")]
+    num_prompts: Option<usize>,
+    /// Tokens to generate per prompt.
+    #[arg(long, alias = "gen-len", value_name = "N", default_value_t = 32, help_heading = "Generation")]
+    max_new_tokens: usize,
+    /// Sample with this temperature (default: greedy).
+    #[arg(long, value_name = "T", help_heading = "Generation")]
+    temperature: Option<f32>,
+    /// Sample only from the K most likely tokens.
+    #[arg(long, value_name = "K", help_heading = "Generation")]
+    top_k: Option<usize>,
+    /// Sample only from the most likely tokens whose probability reaches P.
+    #[arg(long, value_name = "P", help_heading = "Generation")]
+    top_p: Option<f32>,
+    /// Seed for sampling and for --dummy random.
+    #[arg(long, default_value_t = 0, help_heading = "Generation")]
+    seed: u64,
+    /// Stop a sequence when its text contains this string (repeatable); the text is cut before it.
+    #[arg(long, value_name = "TEXT", help_heading = "Generation")]
+    stop: Vec<String>,
+    /// Keep generating after the EOS token.
+    #[arg(long, help_heading = "Generation")]
+    ignore_eos: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Print the report as JSON on stdout instead of text.
+    #[arg(long, help_heading = "Output")]
+    json: bool,
+    /// Do not print generated text.
+    #[arg(long, short, help_heading = "Output")]
+    quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DummyKind {
+    Ones,
+    Random,
+}
+
+fn main() -> ExitCode {
+    flexgen_cli::init_logging();
+    match run(&Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let policy = cli.policy.resolve()?;
+    let started = std::time::Instant::now();
+    let model = load_model(cli)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let requests = requests(cli, &model, policy.block_size())?;
+    let sampling = match cli.temperature {
+        Some(t) if t > 0.0 => Sampling::Random { temperature: t, top_k: cli.top_k, top_p: cli.top_p, seed: cli.seed },
+        _ if cli.top_k.is_some() || cli.top_p.is_some() => bail!("--top-k and --top-p need --temperature above 0"),
+        _ => Sampling::Greedy,
+    };
+    let config = GenerationConfig {
+        max_new_tokens: cli.max_new_tokens,
+        sampling,
+        stop: cli.stop.clone(),
+        stop_on_eos: !cli.ignore_eos,
+        output_logits: false,
+    };
+    let generator = Generator::new(&model, policy.clone())?;
+    let stream = !cli.quiet && !cli.json && requests.len() == 1 && model.tokenizer.is_some();
+    let mut out = std::io::stdout().lock();
+    if stream && let flexgen_runtime::Prompt::Text(p) = &requests[0].prompt {
+        write!(out, "{p}")?;
+    }
+    let mut on_event = |e: Event<'_>| {
+        if let Event::Token { text, .. } = e
+            && stream
+        {
+            let _ = write!(out, "{text}");
+            let _ = out.flush();
+        }
+    };
+    let (completions, stats) = generator.generate(&requests, &config, &mut on_event)?;
+    drop(on_event);
+    if stream {
+        writeln!(out)?;
+    }
+    if !cli.quiet && !cli.json && !stream {
+        for (i, (r, c)) in requests.iter().zip(&completions).enumerate() {
+            let prompt = match &r.prompt {
+                flexgen_runtime::Prompt::Text(t) => t.clone(),
+                flexgen_runtime::Prompt::Tokens(t) => format!("<{} tokens>", t.len()),
+            };
+            let text = c.text.clone().unwrap_or_else(|| format!("{:?}", c.tokens));
+            writeln!(out, "[{i}] {prompt}{text}")?;
+        }
+    }
+    let p = &policy;
+    let report = serde_json::json!({
+        "model": model.spec.name,
+        "weights": if model.dir.is_some() { "files" } else { "dummy" },
+        "backend": "cpu",
+        "policy": {
+            "percent": p.placement.to_percent(),
+            "gpu_batch_size": p.gpu_batch_size,
+            "num_gpu_batches": p.num_gpu_batches,
+            "cpu_cache_compute": p.cpu_cache_compute,
+            "pin_weight": p.pin_weight,
+            "compress_weight": p.compress_weight.enabled,
+            "compress_cache": p.compress_cache.enabled,
+        },
+        "prompts": completions.len(),
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "blocks": stats.blocks,
+        "load_s": load_s,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
+        "decode_tokens_per_s": stats.decode_tokens_per_s(completions.len()),
+        "total_tokens_per_s": stats.total_tokens_per_s(),
+        "peak_cpu_bytes": peak_rss_bytes(),
+        "peak_gpu_bytes": null,
+        "disk_bytes": 0,
+        "projected": false,
+        "predicted_tokens_per_s": p.prediction.as_ref().map(|x| x.throughput_tokens_per_s),
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    if cli.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(());
+    }
+    let mut err = std::io::stderr().lock();
+    writeln!(
+        err,
+        "\nmodel {} ({} weights), {} prompts × {} new tokens, block {}×{}, backend cpu",
+        model.spec.name,
+        if model.dir.is_some() { "file" } else { "dummy" },
+        completions.len(),
+        cli.max_new_tokens,
+        p.gpu_batch_size,
+        p.num_gpu_batches
+    )?;
+    if p.placement != flexgen_policy::Placement::all_gpu() {
+        let pct = p.placement.to_percent();
+        writeln!(err, "note: placement {pct:?} validated; on the CPU backend every tensor lives in host memory")?;
+    }
+    writeln!(
+        err,
+        "prefill {:.1} tok/s ({:.3} s) | decode {:.1} tok/s ({:.3} s) | total {:.1} tok/s | load {:.2} s",
+        stats.prefill_tokens_per_s(),
+        stats.prefill_s,
+        stats.decode_tokens_per_s(completions.len()),
+        stats.decode_s,
+        stats.total_tokens_per_s(),
+        load_s
+    )?;
+    let peak = peak_rss_bytes().map_or_else(|| "unknown".into(), human_bytes);
+    write!(err, "peak memory: CPU {peak}, GPU none (CPU backend), disk 0")?;
+    match p.prediction.as_ref() {
+        Some(pred) => writeln!(
+            err,
+            " | predicted {:.2} tok/s for {} on {}, measured {:.2}",
+            pred.throughput_tokens_per_s,
+            pred.model,
+            pred.hardware,
+            stats.total_tokens_per_s()
+        )?,
+        None => writeln!(err)?,
+    }
+    Ok(())
+}
+
+fn load_model(cli: &Cli) -> anyhow::Result<Model> {
+    if let Some(kind) = cli.dummy {
+        let name = cli.model.as_deref().context("--dummy needs --model NAME (e.g. opt-125m)")?;
+        let spec = flexgen_model::spec_by_name(name)?;
+        let init = match kind {
+            DummyKind::Ones => DummyInit::Ones,
+            DummyKind::Random => DummyInit::Random { seed: cli.seed },
+        };
+        return Model::dummy(spec, init).with_context(|| format!("building dummy weights for {name}"));
+    }
+    let dir = cli.model.as_ref().map_or_else(bundled_model_dir, PathBuf::from);
+    if !dir.exists()
+        && let Ok(spec) = flexgen_model::spec_by_name(&dir.to_string_lossy())
+    {
+        bail!("{} is a model name, not a directory: add --dummy to run it with dummy weights", spec.name);
+    }
+    Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))
+}
+
+fn requests(cli: &Cli, model: &Model, block: usize) -> anyhow::Result<Vec<Request>> {
+    let mut texts = cli.prompt.clone();
+    if let Some(f) = &cli.prompt_file {
+        let body = std::fs::read_to_string(f).with_context(|| format!("reading prompts from {}", f.display()))?;
+        texts.extend(body.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        if texts.is_empty() {
+            bail!("{} has no prompts (one per line)", f.display());
+        }
+    }
+    if let Some(len) = cli.prompt_len {
+        if !texts.is_empty() {
+            bail!("--prompt-len makes synthetic prompts; do not combine it with --prompt or --prompt-file");
+        }
+        if len == 0 {
+            bail!("--prompt-len must be at least 1");
+        }
+        // Synthetic prompts: BOS then a fixed token pattern, as FlexGen pads one sentence to length.
+        let bos = model.spec.bos_token_id.unwrap_or(0);
+        let v = model.spec.vocab_size.max(8);
+        let n = cli.num_prompts.unwrap_or(block);
+        return Ok((0..n)
+            .map(|i| {
+                let ids = std::iter::once(bos)
+                    .chain((1..len).map(|j| 4 + u32::try_from((i * 7 + j * 13) % (v as usize - 4)).unwrap_or(0)))
+                    .collect();
+                Request::tokens(ids)
+            })
+            .collect());
+    }
+    if model.tokenizer.is_none() {
+        bail!("this model has no tokenizer (dummy weights): give --prompt-len N for synthetic prompts");
+    }
+    if texts.is_empty() {
+        texts.push("In the beginning".into());
+    }
+    let n = cli.num_prompts.unwrap_or(texts.len());
+    Ok(texts.iter().cycle().take(n.max(texts.len())).map(|t| Request::text(t.clone())).collect())
+}
