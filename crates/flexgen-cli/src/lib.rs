@@ -9,7 +9,8 @@ use flexgen_policy::{Placement, Policy};
 
 /// Installs the tracing subscriber (`RUST_LOG`, default `warn`).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -65,7 +66,8 @@ impl PolicyArgs {
     /// The policy file (or the default) with the flags applied, validated.
     pub fn resolve(&self) -> anyhow::Result<Policy> {
         let mut p = match &self.policy {
-            Some(path) => Policy::from_toml_file(path).with_context(|| format!("reading policy {}", path.display()))?,
+            Some(path) => Policy::from_toml_file(path)
+                .with_context(|| format!("reading policy {}", path.display()))?,
             None => Policy::default(),
         };
         if let Some(v) = &self.percent {
@@ -93,8 +95,12 @@ impl PolicyArgs {
         if let Some(v) = &self.offload_dir {
             p.offload_dir = Some(v.clone());
         }
-        let origin = self.policy.as_ref().map_or_else(|| "the default policy".to_string(), |p| p.display().to_string());
-        p.validate().with_context(|| format!("policy from {origin} with the command-line overrides"))?;
+        let origin = self
+            .policy
+            .as_ref()
+            .map_or_else(|| "the default policy".to_string(), |p| p.display().to_string());
+        p.validate()
+            .with_context(|| format!("policy from {origin} with the command-line overrides"))?;
         Ok(p)
     }
 }
@@ -124,7 +130,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("`{s}`: expected a size such as 16GiB or 24GB"))?;
+    let n: f64 =
+        num.parse().map_err(|_| format!("`{s}`: expected a size such as 16GiB or 24GB"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" => 1e3,
@@ -137,7 +144,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "tib" | "t" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
         u => return Err(format!("`{s}`: unknown unit `{u}` (use B, KB, MB, GB, KiB, MiB, GiB)")),
     };
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "sizes are positive and far below 2^64")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "sizes are positive and far below 2^64"
+    )]
     Ok((n * mult) as u64)
 }
 

@@ -19,7 +19,15 @@ const OPT_SIZES: [(&str, u32, u32, u32); 9] = [
 
 /// An OPT spec with OPT's fixed choices (learned positions with offset 2, pre-LayerNorm, ReLU,
 /// biases, tied LM head, `</s>` = 2 as BOS and EOS, pad = 1).
-pub fn opt_spec(name: &str, layers: u32, hidden: u32, heads: u32, ffn: u32, vocab: u32, max_positions: u32) -> ModelSpec {
+pub fn opt_spec(
+    name: &str,
+    layers: u32,
+    hidden: u32,
+    heads: u32,
+    ffn: u32,
+    vocab: u32,
+    max_positions: u32,
+) -> ModelSpec {
     ModelSpec {
         name: name.to_string(),
         family: Family::Opt,
@@ -53,7 +61,10 @@ pub fn spec_by_name(name: &str) -> Result<ModelSpec> {
     let key = name.trim().to_ascii_lowercase();
     let key = key.strip_prefix("facebook/").unwrap_or(&key);
     let Some(&(n, layers, hidden, heads)) = OPT_SIZES.iter().find(|s| s.0 == key) else {
-        return Err(Error::UnknownModel { name: name.to_string(), known: known_names().join(", ") });
+        return Err(Error::UnknownModel {
+            name: name.to_string(),
+            known: known_names().join(", "),
+        });
     };
     if n == "opt-350m" {
         return Err(opt_350m_refusal());
@@ -90,7 +101,9 @@ mod tests {
     #[test]
     fn parameter_counts_match_the_published_sizes() {
         // Published sizes in billions, with 5 % slack for the rounding in the names.
-        for (name, billions) in [("opt-125m", 0.125), ("opt-6.7b", 6.7), ("opt-30b", 30.0), ("opt-175b", 175.0)] {
+        for (name, billions) in
+            [("opt-125m", 0.125), ("opt-6.7b", 6.7), ("opt-30b", 30.0), ("opt-175b", 175.0)]
+        {
             let p = spec_by_name(name).unwrap().total_params() as f64 / 1e9;
             assert!((p / billions - 1.0).abs() < 0.05, "{name}: {p}");
         }

@@ -45,7 +45,11 @@ fn relu() -> String {
 
 /// Parses `config.json` text (from `path`, for messages) into a spec named `name`.
 pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<ModelSpec> {
-    let err = |field: &str, message: String| Error::Config { path: path.to_path_buf(), field: field.into(), message };
+    let err = |field: &str, message: String| Error::Config {
+        path: path.to_path_buf(),
+        field: field.into(),
+        message,
+    };
     let model_type = serde_json::from_str::<serde_json::Value>(text)
         .map_err(|e| err("(file)", format!("not valid JSON: {e}")))?
         .get("model_type")
@@ -79,10 +83,16 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
         ));
     }
     if c.activation_function != "relu" {
-        return Err(err("activation_function", format!("\"{}\" is not supported; OPT uses \"relu\"", c.activation_function)));
+        return Err(err(
+            "activation_function",
+            format!("\"{}\" is not supported; OPT uses \"relu\"", c.activation_function),
+        ));
     }
     if !c.enable_bias || !c.layer_norm_elementwise_affine {
-        return Err(err("enable_bias", "OPT variants without biases or LayerNorm weights are not supported".into()));
+        return Err(err(
+            "enable_bias",
+            "OPT variants without biases or LayerNorm weights are not supported".into(),
+        ));
     }
     if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
         return Err(err(
@@ -136,8 +146,11 @@ mod tests {
     fn refuses_the_350m_variant() {
         let text = TINY.replace("\"do_layer_norm_before\":true", "\"do_layer_norm_before\":false");
         let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
-        assert!(matches!(&e, Error::Config { field, message, .. }
-            if field == "do_layer_norm_before" && message.contains("OPT-350M")), "{e}");
+        assert!(
+            matches!(&e, Error::Config { field, message, .. }
+            if field == "do_layer_norm_before" && message.contains("OPT-350M")),
+            "{e}"
+        );
         let text = TINY.replace("\"word_embed_proj_dim\":8", "\"word_embed_proj_dim\":4");
         let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
         assert!(matches!(&e, Error::Config { field, .. } if field == "word_embed_proj_dim"), "{e}");
@@ -161,7 +174,9 @@ mod tests {
     #[test]
     fn names_heads_that_do_not_divide() {
         let text = TINY.replace("\"num_attention_heads\":2", "\"num_attention_heads\":3");
-        let Error::Config { field, .. } = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err() else {
+        let Error::Config { field, .. } =
+            spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err()
+        else {
             panic!()
         };
         assert_eq!(field, "num_attention_heads");

@@ -6,8 +6,8 @@ use flexgen_policy::{ModelSpec, NormKind, PositionKind};
 use flexgen_tensor as ft;
 use flexgen_tensor::Tensor;
 
-use crate::weights::{LayerWeights, Linear, Mlp, Norm, Weights};
 use crate::Result;
+use crate::weights::{LayerWeights, Linear, Mlp, Norm, Weights};
 
 /// Keys and values of some positions of one layer: `[b, nh_kv, s, hd]` each.
 #[derive(Debug, Clone)]
@@ -66,7 +66,9 @@ pub fn embed(weights: &Weights, ids: &Tensor, positions: &Tensor) -> Result<Tens
 fn norm(spec: &ModelSpec, n: &Norm, x: &Tensor) -> Result<Tensor> {
     match (spec.norm, &n.bias) {
         (NormKind::LayerNorm { eps }, Some(b)) => Ok(ft::layer_norm(x, &n.weight, b, eps)?),
-        _ => Err(crate::Error::Unsupported { what: format!("{}: RMSNorm is not implemented yet", spec.name) }),
+        _ => Err(crate::Error::Unsupported {
+            what: format!("{}: RMSNorm is not implemented yet", spec.name),
+        }),
     }
 }
 
@@ -77,12 +79,21 @@ fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
 /// The attention half of a layer: `x + out_proj(attention(norm(x)))`. `past` holds the keys and
 /// values of earlier positions; `bias` (`[b, 1, t, s]`, `s` = past + t) masks what each query may
 /// see. Returns the new hidden state and the keys/values of the `t` new positions.
-pub fn attention_block(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, past: Option<&Kv>, bias: &Tensor) -> Result<(Tensor, Kv)> {
+pub fn attention_block(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    past: Option<&Kv>,
+    bias: &Tensor,
+) -> Result<(Tensor, Kv)> {
     let nh = spec.num_heads as usize;
     let nkv = spec.num_kv_heads as usize;
     let h = norm(spec, &w.attn_norm, x)?;
     let q = ft::split_heads(&linear(&w.q, &h)?, nh)?;
-    let new = Kv { k: ft::split_heads(&linear(&w.k, &h)?, nkv)?, v: ft::split_heads(&linear(&w.v, &h)?, nkv)? };
+    let new = Kv {
+        k: ft::split_heads(&linear(&w.k, &h)?, nkv)?,
+        v: ft::split_heads(&linear(&w.v, &h)?, nkv)?,
+    };
     let all = match past {
         Some(p) => p.append(&new)?,
         None => new.clone(),
@@ -103,7 +114,13 @@ pub fn mlp_block(spec: &ModelSpec, w: &LayerWeights, x: &Tensor) -> Result<Tenso
 }
 
 /// A whole decoder layer: attention block then MLP block.
-pub fn decoder_layer(spec: &ModelSpec, w: &LayerWeights, x: &Tensor, past: Option<&Kv>, bias: &Tensor) -> Result<(Tensor, Kv)> {
+pub fn decoder_layer(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    past: Option<&Kv>,
+    bias: &Tensor,
+) -> Result<(Tensor, Kv)> {
     let (x, kv) = attention_block(spec, w, x, past, bias)?;
     Ok((mlp_block(spec, w, &x)?, kv))
 }

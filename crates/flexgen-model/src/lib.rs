@@ -21,7 +21,7 @@ pub use catalog::{known_names, opt_spec, spec_by_name};
 pub use config::spec_from_config_json;
 pub use error::{Error, Result};
 pub use flexgen_policy::ModelSpec;
-pub use source::{resolve, ModelFiles, WeightFiles};
+pub use source::{ModelFiles, WeightFiles, resolve};
 pub use tokenizer::Tokenizer;
 pub use weights::{DummyInit, LayerWeights, Linear, Mlp, Norm, SafetensorsStore, Weights};
 
@@ -42,7 +42,10 @@ impl Model {
         let files = resolve(path)?;
         let text = std::fs::read_to_string(&files.config)
             .map_err(|source| Error::Io { path: files.config.clone(), source })?;
-        let name = files.dir.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        let name = files
+            .dir
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
         let spec = spec_from_config_json(&text, &files.config, &name)?;
         let store = SafetensorsStore::open_files(&files.weights)?;
         let weights = Weights::from_safetensors(&spec, &store)?;
@@ -78,11 +81,14 @@ impl Model {
         let b = ids.len();
         let t = ids.first().map_or(0, Vec::len);
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let pos: Vec<u32> = mask.iter().flat_map(|m| layers::position_indices(&self.spec, m)).collect();
+        let pos: Vec<u32> =
+            mask.iter().flat_map(|m| layers::position_indices(&self.spec, m)).collect();
         let ids_t = Tensor::from_vec(flat, (b, t), &Device::Cpu)?;
         let pos_t = Tensor::from_vec(pos, (b, t), &Device::Cpu)?;
-        let allowed: Vec<Vec<Vec<bool>>> =
-            mask.iter().map(|m| (0..t).map(|q| (0..t).map(|k| k <= q && m[k]).collect()).collect()).collect();
+        let allowed: Vec<Vec<Vec<bool>>> = mask
+            .iter()
+            .map(|m| (0..t).map(|q| (0..t).map(|k| k <= q && m[k]).collect()).collect())
+            .collect();
         let bias = flexgen_tensor::attention_bias(&allowed, &Device::Cpu)?;
         let mut x = layers::embed(&self.weights, &ids_t, &pos_t)?;
         for w in &self.weights.layers {

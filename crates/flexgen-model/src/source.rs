@@ -34,7 +34,8 @@ pub fn resolve(path: &Path) -> Result<ModelFiles> {
     } else if single.is_file() {
         WeightFiles::Single(single)
     } else {
-        let has_bin = dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists();
+        let has_bin = dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists();
         return Err(Error::NotAModel {
             path: dir,
             hint: if has_bin {
@@ -52,7 +53,10 @@ pub fn resolve(path: &Path) -> Result<ModelFiles> {
 
 fn resolve_dir(path: &Path) -> Result<PathBuf> {
     if !path.exists() {
-        return Err(Error::NotAModel { path: path.to_path_buf(), hint: "no such file or directory".into() });
+        return Err(Error::NotAModel {
+            path: path.to_path_buf(),
+            hint: "no such file or directory".into(),
+        });
     }
     if path.join("config.json").is_file() {
         return Ok(path.to_path_buf());
@@ -78,7 +82,8 @@ fn resolve_dir(path: &Path) -> Result<PathBuf> {
             1 => Ok(snaps.remove(0)),
             0 => Err(Error::NotAModel {
                 path: path.to_path_buf(),
-                hint: "a Hugging Face cache entry without a complete snapshot (no config.json)".into(),
+                hint: "a Hugging Face cache entry without a complete snapshot (no config.json)"
+                    .into(),
             }),
             _ => Err(Error::NotAModel {
                 path: path.to_path_buf(),

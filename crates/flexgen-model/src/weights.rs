@@ -81,12 +81,17 @@ impl Weights {
                 },
             })
         };
-        let linear = |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear {
-                weight: src.get(&format!("{name}.weight"), &[out, inp])?,
-                bias: if spec.bias { Some(src.get(&format!("{name}.bias"), &[out])?) } else { None },
-            })
-        };
+        let linear =
+            |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize| -> Result<Linear> {
+                Ok(Linear {
+                    weight: src.get(&format!("{name}.weight"), &[out, inp])?,
+                    bias: if spec.bias {
+                        Some(src.get(&format!("{name}.bias"), &[out])?)
+                    } else {
+                        None
+                    },
+                })
+            };
         let token_embedding = src.get("decoder.embed_tokens.weight", &[v, h])?;
         let position_embedding = match spec.positions {
             PositionKind::Learned { offset } => Some(src.get(
@@ -104,7 +109,9 @@ impl Weights {
                     fc2: linear(src, &format!("{p}.fc2"), h, f)?,
                 },
                 MlpKind::SwiGlu => {
-                    return Err(Error::Unsupported { what: format!("{}: SwiGLU layers are not implemented yet", spec.name) });
+                    return Err(Error::Unsupported {
+                        what: format!("{}: SwiGLU layers are not implemented yet", spec.name),
+                    });
                 }
             };
             layers.push(LayerWeights {
@@ -118,7 +125,8 @@ impl Weights {
             });
         }
         let final_norm = norm(src, "decoder.final_layer_norm")?;
-        let lm_head = if spec.tie_embeddings { None } else { Some(src.get("lm_head.weight", &[v, h])?) };
+        let lm_head =
+            if spec.tie_embeddings { None } else { Some(src.get("lm_head.weight", &[v, h])?) };
         Ok(Self { token_embedding, position_embedding, final_norm, lm_head, layers })
     }
 
@@ -130,7 +138,8 @@ impl Weights {
 
     /// Dummy weights for `spec` without any file.
     pub fn dummy(spec: &ModelSpec, init: DummyInit) -> Result<Self> {
-        let mut src = DummySource { init, rng: rand_chacha::ChaCha8Rng::seed_from_u64(init.seed()) };
+        let mut src =
+            DummySource { init, rng: rand_chacha::ChaCha8Rng::seed_from_u64(init.seed()) };
         Self::build(spec, &mut src)
     }
 }
@@ -185,22 +194,31 @@ impl SafetensorsStore {
         let mut files: Vec<(PathBuf, Mmap)> = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for path in paths {
-            let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            let file = std::fs::File::open(path)
+                .map_err(|source| Error::Io { path: path.clone(), source })?;
             // SAFETY: the file is opened read-only; flexgen never writes model files while it runs.
             // If another process truncates it, reads fault, as with any mmap-based loader.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+            let mmap = unsafe { Mmap::map(&file) }
+                .map_err(|source| Error::Io { path: path.clone(), source })?;
             let bad = |message: String| Error::Safetensors { path: path.clone(), message };
-            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
             let data_start = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let (a, b) = info.data_offsets;
                 if data_start + b > mmap.len() {
-                    return Err(bad(format!("tensor `{name}` extends past the end of the file (truncated?)")));
+                    return Err(bad(format!(
+                        "tensor `{name}` extends past the end of the file (truncated?)"
+                    )));
                 }
-                let entry = (files.len(), info.dtype, info.shape.clone(), data_start + a..data_start + b);
+                let entry =
+                    (files.len(), info.dtype, info.shape.clone(), data_start + a..data_start + b);
                 if let Some((other, ..)) = index.insert(name.clone(), entry) {
                     let other: &PathBuf = &files[other].0;
-                    return Err(bad(format!("tensor `{name}` is also in {}; each tensor must be in one file", other.display())));
+                    return Err(bad(format!(
+                        "tensor `{name}` is also in {}; each tensor must be in one file",
+                        other.display()
+                    )));
                 }
             }
             files.push((path.clone(), mmap));
@@ -214,15 +232,19 @@ impl SafetensorsStore {
         match weights {
             crate::WeightFiles::Single(p) => Self::open(std::slice::from_ref(p)),
             crate::WeightFiles::Sharded(index_path) => {
-                let bad = |message: String| Error::Safetensors { path: index_path.clone(), message };
-                let text = std::fs::read_to_string(index_path).map_err(|source| Error::Io { path: index_path.clone(), source })?;
-                let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+                let bad =
+                    |message: String| Error::Safetensors { path: index_path.clone(), message };
+                let text = std::fs::read_to_string(index_path)
+                    .map_err(|source| Error::Io { path: index_path.clone(), source })?;
+                let json: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
                 let map = json
                     .get("weight_map")
                     .and_then(|m| m.as_object())
                     .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
                 let dir = index_path.parent().unwrap_or(Path::new("."));
-                let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+                let mut shards: Vec<String> =
+                    map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
                 shards.sort();
                 shards.dedup();
                 let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
@@ -236,7 +258,11 @@ impl SafetensorsStore {
                     let shard = shard.as_str().unwrap_or_default();
                     match store.index.get(name) {
                         Some((i, ..)) if store.files[*i].0 == dir.join(shard) => {}
-                        _ => return Err(bad(format!("the index puts tensor `{name}` in {shard}, which does not contain it"))),
+                        _ => {
+                            return Err(bad(format!(
+                                "the index puts tensor `{name}` in {shard}, which does not contain it"
+                            )));
+                        }
                     }
                 }
                 Ok(store)
@@ -254,7 +280,10 @@ impl SafetensorsStore {
     }
 
     /// Finds `name` under the prefixes checkpoints use (`model.decoder…` or `decoder…`).
-    fn find(&self, name: &str) -> Option<(&str, &(usize, Dtype, Vec<usize>, std::ops::Range<usize>))> {
+    fn find(
+        &self,
+        name: &str,
+    ) -> Option<(&str, &(usize, Dtype, Vec<usize>, std::ops::Range<usize>))> {
         [format!("model.{name}"), name.to_string()]
             .into_iter()
             .find_map(|n| self.index.get_key_value(n.as_str()).map(|(k, v)| (k.as_str(), v)))
@@ -264,18 +293,41 @@ impl SafetensorsStore {
 impl TensorSource for &SafetensorsStore {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some((full, (file, dtype, found, range))) = self.find(name) else {
-            return Err(Error::MissingTensor { name: format!("model.{name}"), searched: self.file_list() });
+            return Err(Error::MissingTensor {
+                name: format!("model.{name}"),
+                searched: self.file_list(),
+            });
         };
         let path = &self.files[*file].0;
         if found != shape {
-            return Err(Error::Shape { name: full.into(), path: path.clone(), expected: shape.to_vec(), found: found.clone() });
+            return Err(Error::Shape {
+                name: full.into(),
+                path: path.clone(),
+                expected: shape.to_vec(),
+                found: found.clone(),
+            });
         }
         let bytes = &self.files[*file].1[range.clone()];
         let data: Vec<f32> = match dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => return Err(Error::Dtype { name: full.into(), path: path.clone(), dtype: format!("{other:?}") }),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::Dtype {
+                    name: full.into(),
+                    path: path.clone(),
+                    dtype: format!("{other:?}"),
+                });
+            }
         };
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     }

@@ -15,15 +15,20 @@ fn tiny() -> PathBuf {
 fn tiny_tensors() -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
     let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> =
-        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
 
 fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: Vec<(String, TensorView<'_>)> =
-        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -38,7 +43,13 @@ fn model_dir(tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> tempfile::Temp
 }
 
 fn logits_of(model: &Model) -> Vec<f32> {
-    model.forward_all(&[vec![2, 100, 200, 300]], &[vec![true; 4]]).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    model
+        .forward_all(&[vec![2, 100, 200, 300]], &[vec![true; 4]])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -59,11 +70,19 @@ fn sharded_index_loads_the_same_weights() {
     let map: serde_json::Map<String, serde_json::Value> = all
         .iter()
         .enumerate()
-        .map(|(i, t)| (t.0.clone(), format!("model-0000{}-of-00002.safetensors", 1 + usize::from(i >= a.len())).into()))
+        .map(|(i, t)| {
+            (
+                t.0.clone(),
+                format!("model-0000{}-of-00002.safetensors", 1 + usize::from(i >= a.len())).into(),
+            )
+        })
         .collect();
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
-    assert_eq!(logits_of(&Model::load(dir.path()).unwrap()), logits_of(&Model::load(&tiny()).unwrap()));
+    assert_eq!(
+        logits_of(&Model::load(dir.path()).unwrap()),
+        logits_of(&Model::load(&tiny()).unwrap())
+    );
 }
 
 #[test]
@@ -77,10 +96,16 @@ fn an_index_that_misplaces_a_tensor_is_refused() {
     // The index claims everything is in a.safetensors, but all[1] is in b.safetensors.
     let map: serde_json::Map<String, serde_json::Value> =
         all.iter().map(|t| (t.0.clone(), "a.safetensors".into())).collect();
-    std::fs::write(dir.path().join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string())
-        .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
     let msg = Model::load(dir.path()).err().unwrap().to_string();
-    assert!(msg.contains(&all[1].0) && msg.contains("a.safetensors") && msg.contains("index.json"), "{msg}");
+    assert!(
+        msg.contains(&all[1].0) && msg.contains("a.safetensors") && msg.contains("index.json"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -101,7 +126,8 @@ fn hf_cache_entry_resolves_through_refs_main() {
 
 #[test]
 fn missing_tensor_is_named() {
-    let all: Vec<_> = tiny_tensors().into_iter().filter(|t| t.0 != "model.decoder.layers.1.fc2.bias").collect();
+    let all: Vec<_> =
+        tiny_tensors().into_iter().filter(|t| t.0 != "model.decoder.layers.1.fc2.bias").collect();
     let dir = model_dir(&all);
     match Model::load(dir.path()) {
         Err(Error::MissingTensor { name, searched }) => {
@@ -135,7 +161,10 @@ fn wrong_dtype_is_named() {
     t.1 = Dtype::I32;
     let dir = model_dir(&all);
     match Model::load(dir.path()) {
-        Err(Error::Dtype { name, dtype, .. }) => assert_eq!((name.as_str(), dtype.as_str()), ("model.decoder.final_layer_norm.weight", "I32")),
+        Err(Error::Dtype { name, dtype, .. }) => assert_eq!(
+            (name.as_str(), dtype.as_str()),
+            ("model.decoder.final_layer_norm.weight", "I32")
+        ),
         other => panic!("{:?}", other.err()),
     }
 }
@@ -147,7 +176,9 @@ fn half_precision_files_load_as_the_same_model() {
         .map(|(n, _, s, b)| {
             let half: Vec<u8> = b
                 .chunks_exact(4)
-                .flat_map(|c| half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                .flat_map(|c| {
+                    half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
+                })
                 .collect();
             (n, Dtype::F16, s, half)
         })
@@ -184,7 +215,9 @@ fn directory_without_weights_or_config_explains_itself() {
     std::fs::write(dir.path().join("pytorch_model.bin"), b"x").unwrap();
     let Err(Error::NotAModel { hint, .. }) = Model::load(dir.path()) else { panic!() };
     assert!(hint.contains("safetensors"), "{hint}");
-    let Err(Error::NotAModel { hint, .. }) = Model::load(&dir.path().join("nope")) else { panic!() };
+    let Err(Error::NotAModel { hint, .. }) = Model::load(&dir.path().join("nope")) else {
+        panic!()
+    };
     assert!(hint.contains("no such"), "{hint}");
 }
 
@@ -192,9 +225,12 @@ fn directory_without_weights_or_config_explains_itself() {
 fn config_errors_name_the_file_and_field() {
     let dir = model_dir(&tiny_tensors());
     let p = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&p).unwrap().replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 3");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 3");
     std::fs::write(&p, text).unwrap();
-    let r = Model::load(dir.path()); let Err(Error::Config { path, field, .. }) = r else { panic!("{:?}", r.err()) };
+    let r = Model::load(dir.path());
+    let Err(Error::Config { path, field, .. }) = r else { panic!("{:?}", r.err()) };
     assert_eq!((path, field.as_str()), (p, "num_attention_heads"));
 }
 
@@ -202,7 +238,9 @@ fn config_errors_name_the_file_and_field() {
 fn vocab_size_that_disagrees_with_the_weights_names_the_embedding() {
     let dir = model_dir(&tiny_tensors());
     let p = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&p).unwrap().replace("\"vocab_size\": 4096", "\"vocab_size\": 4000");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"vocab_size\": 4096", "\"vocab_size\": 4000");
     std::fs::write(&p, text).unwrap();
     // The weights no longer match either; the tensor check comes first and names the embedding.
     let Err(Error::Shape { name, .. }) = Model::load(dir.path()) else { panic!() };

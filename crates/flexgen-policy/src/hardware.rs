@@ -26,10 +26,13 @@ pub struct GpuProfile {
     pub d2h_pinned_bytes_per_s: f64,
     /// Pageable host→device copy rate.
     pub h2d_pageable_bytes_per_s: f64,
-    /// fp16 GEMM rate at the shapes of the decoder's linear layers.
+    /// fp16 GEMM rate (fp32 accumulation) at prefill shapes of the decoder's linear layers.
     pub gemm_flops_per_s: f64,
-    /// Batched attention rate (batched GEMMs over the KV cache).
+    /// Batched attention rate at prefill shapes.
     pub attention_flops_per_s: f64,
+    /// Device-memory bandwidth: decode-time GEMMs and attention read weights and cache at this
+    /// rate (they are memory-bound at small batch).
+    pub hbm_bytes_per_s: f64,
 }
 
 /// The host.
@@ -96,6 +99,7 @@ impl HardwareProfile {
                 ("gpu.h2d_pageable_bytes_per_s", g.h2d_pageable_bytes_per_s),
                 ("gpu.gemm_flops_per_s", g.gemm_flops_per_s),
                 ("gpu.attention_flops_per_s", g.attention_flops_per_s),
+                ("gpu.hbm_bytes_per_s", g.hbm_bytes_per_s),
             ]);
         }
         for (field, v) in rates {

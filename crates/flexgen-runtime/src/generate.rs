@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use flexgen_model::layers::{self, Kv};
 use flexgen_model::Model;
+use flexgen_model::layers::{self, Kv};
 use flexgen_policy::Policy;
 use flexgen_tensor::{Device, Tensor};
 use rand::SeedableRng;
@@ -60,7 +60,13 @@ pub struct GenerationConfig {
 
 impl Default for GenerationConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 32, sampling: Sampling::Greedy, stop: Vec::new(), stop_on_eos: true, output_logits: false }
+        Self {
+            max_new_tokens: 32,
+            sampling: Sampling::Greedy,
+            stop: Vec::new(),
+            stop_on_eos: true,
+            output_logits: false,
+        }
     }
 }
 
@@ -224,7 +230,10 @@ impl<'m> Generator<'m> {
                 return Err(bad("the prompt has no tokens".into()));
             }
             if let Some(&t) = prompt.iter().find(|&&t| t >= spec.vocab_size) {
-                return Err(bad(format!("token id {t} is outside the vocabulary (size {})", spec.vocab_size)));
+                return Err(bad(format!(
+                    "token id {t} is outside the vocabulary (size {})",
+                    spec.vocab_size
+                )));
             }
             let max_new = r.max_new_tokens.unwrap_or(config.max_new_tokens);
             if max_new == 0 {
@@ -254,7 +263,9 @@ impl<'m> Generator<'m> {
                 prompt,
                 generated: Vec::new(),
                 finish: None,
-                rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                rng: rand_chacha::ChaCha8Rng::seed_from_u64(
+                    seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ),
                 logits: config.output_logits.then(Vec::new),
             });
         }
@@ -277,13 +288,23 @@ impl<'m> Generator<'m> {
         while rest.peek().is_some() {
             let seqs: Vec<Seq> = rest.by_ref().take(self.policy.gpu_batch_size as usize).collect();
             let width = seqs.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
-            let input: Vec<Vec<u32>> =
-                seqs.iter().map(|s| std::iter::repeat_n(pad, width - s.prompt.len()).chain(s.prompt.iter().copied()).collect()).collect();
-            let mask = seqs.iter().map(|s| (0..width).map(|i| i >= width - s.prompt.len()).collect()).collect();
+            let input: Vec<Vec<u32>> = seqs
+                .iter()
+                .map(|s| {
+                    std::iter::repeat_n(pad, width - s.prompt.len())
+                        .chain(s.prompt.iter().copied())
+                        .collect()
+                })
+                .collect();
+            let mask = seqs
+                .iter()
+                .map(|s| (0..width).map(|i| i >= width - s.prompt.len()).collect())
+                .collect();
             stats.prompt_tokens += seqs.iter().map(|s| s.prompt.len()).sum::<usize>();
             batches.push(MicroBatch { seqs, mask, input, kv: vec![None; num_layers] });
         }
-        let steps = batches.iter().flat_map(|b| b.seqs.iter().map(|s| s.max_new)).max().unwrap_or(0);
+        let steps =
+            batches.iter().flat_map(|b| b.seqs.iter().map(|s| s.max_new)).max().unwrap_or(0);
         for step in 0..steps {
             let started = Instant::now();
             // Embedding, for every micro-batch.
@@ -297,7 +318,8 @@ impl<'m> Generator<'m> {
             // The zig-zag block schedule: a layer runs over every micro-batch before the next.
             for (j, w) in self.model.weights.layers.iter().enumerate() {
                 for (k, mb) in batches.iter_mut().enumerate() {
-                    let (x, new_kv) = layers::decoder_layer(spec, w, &hidden[k], mb.kv[j].as_ref(), &biases[k])?;
+                    let (x, new_kv) =
+                        layers::decoder_layer(spec, w, &hidden[k], mb.kv[j].as_ref(), &biases[k])?;
                     mb.kv[j] = Some(match mb.kv[j].take() {
                         Some(past) => past.append(&new_kv)?,
                         None => new_kv,
@@ -309,10 +331,16 @@ impl<'m> Generator<'m> {
             for (k, mb) in batches.iter_mut().enumerate() {
                 let t = hidden[k].dim(1)?;
                 let last = hidden[k].narrow(1, t - 1, 1)?;
-                let logits = layers::logits(spec, &self.model.weights, &last)?.squeeze(1)?.to_vec2::<f32>()?;
+                let logits = layers::logits(spec, &self.model.weights, &last)?
+                    .squeeze(1)?
+                    .to_vec2::<f32>()?;
                 let mut next = Vec::with_capacity(mb.seqs.len());
                 for (s, row) in mb.seqs.iter_mut().zip(&logits) {
-                    let token = if s.finish.is_some() { pad } else { sampling::choose(row, &config.sampling, &mut s.rng) };
+                    let token = if s.finish.is_some() {
+                        pad
+                    } else {
+                        sampling::choose(row, &config.sampling, &mut s.rng)
+                    };
                     if s.finish.is_none() {
                         if let Some(l) = &mut s.logits {
                             l.push(row.clone());
@@ -341,7 +369,16 @@ impl<'m> Generator<'m> {
             .flat_map(|mb| mb.seqs)
             .map(|s| {
                 let text = self.model.tokenizer.as_ref().map(|_| s.stream.final_text().to_string());
-                (s.request, Completion { prompt_tokens: s.prompt, tokens: s.generated, text, finish: s.finish.unwrap_or(FinishReason::Length), logits: s.logits })
+                (
+                    s.request,
+                    Completion {
+                        prompt_tokens: s.prompt,
+                        tokens: s.generated,
+                        text,
+                        finish: s.finish.unwrap_or(FinishReason::Length),
+                        logits: s.logits,
+                    },
+                )
             })
             .collect())
     }
@@ -353,11 +390,22 @@ impl<'m> Generator<'m> {
         let t = mb.input[0].len();
         let total = mb.mask[0].len();
         let past = total - t;
-        let ids = Tensor::from_vec(mb.input.iter().flatten().copied().collect::<Vec<u32>>(), (b, t), &self.device)?;
-        let pos: Vec<u32> = mb.mask.iter().flat_map(|m| layers::position_indices(spec, m)[past..].to_vec()).collect();
+        let ids = Tensor::from_vec(
+            mb.input.iter().flatten().copied().collect::<Vec<u32>>(),
+            (b, t),
+            &self.device,
+        )?;
+        let pos: Vec<u32> = mb
+            .mask
+            .iter()
+            .flat_map(|m| layers::position_indices(spec, m)[past..].to_vec())
+            .collect();
         let pos = Tensor::from_vec(pos, (b, t), &self.device)?;
-        let allowed: Vec<Vec<Vec<bool>>> =
-            mb.mask.iter().map(|m| (0..t).map(|q| (0..total).map(|s| s <= past + q && m[s]).collect()).collect()).collect();
+        let allowed: Vec<Vec<Vec<bool>>> = mb
+            .mask
+            .iter()
+            .map(|m| (0..t).map(|q| (0..total).map(|s| s <= past + q && m[s]).collect()).collect())
+            .collect();
         let bias = flexgen_tensor::attention_bias(&allowed, &self.device)?;
         Ok((layers::embed(&self.model.weights, &ids, &pos)?, bias))
     }
@@ -383,7 +431,11 @@ impl<'m> Generator<'m> {
         };
         let delta = match &self.model.tokenizer {
             Some(tok) => {
-                let text = if is_eos { tok.decode(&s.generated[..s.generated.len() - 1])? } else { tok.decode(&s.generated)? };
+                let text = if is_eos {
+                    tok.decode(&s.generated[..s.generated.len() - 1])?
+                } else {
+                    tok.decode(&s.generated)?
+                };
                 let (delta, hit_stop) = s.stream.update(&text, finish.is_some());
                 if hit_stop {
                     finish = Some(FinishReason::Stop);

@@ -13,5 +13,7 @@ mod sampling;
 mod stream;
 
 pub use error::{Error, Result};
-pub use generate::{Completion, Event, FinishReason, GenerationConfig, Generator, Prompt, Request, RunStats};
-pub use sampling::{argmax, choose, Sampling};
+pub use generate::{
+    Completion, Event, FinishReason, GenerationConfig, Generator, Prompt, Request, RunStats,
+};
+pub use sampling::{Sampling, argmax, choose};

@@ -28,7 +28,10 @@ impl Sampling {
         if let Sampling::Random { temperature, top_k, top_p, .. } = *self {
             let bad = |field, message: String| Err(crate::Error::Config { field, message });
             if !(temperature.is_finite() && temperature > 0.0) {
-                return bad("temperature", format!("{temperature} must be positive (use greedy decoding for 0)"));
+                return bad(
+                    "temperature",
+                    format!("{temperature} must be positive (use greedy decoding for 0)"),
+                );
             }
             if top_k == Some(0) {
                 return bad("top_k", "0 keeps no token; use at least 1".into());

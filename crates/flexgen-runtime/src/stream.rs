@@ -10,7 +10,11 @@ pub(crate) struct TextStream {
 
 impl TextStream {
     pub(crate) fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), emitted: 0, text: String::new() }
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            emitted: 0,
+            text: String::new(),
+        }
     }
 
     /// Takes the decoded text of all tokens so far; returns the new printable text and whether a
@@ -18,7 +22,11 @@ impl TextStream {
     pub(crate) fn update(&mut self, full: &str, last: bool) -> (String, bool) {
         let cut = self.stops.iter().filter_map(|s| full.find(s.as_str())).min();
         let visible = &full[..cut.unwrap_or(full.len())];
-        let end = if cut.is_some() || last { visible.len() } else { visible.len() - self.held_back(visible) };
+        let end = if cut.is_some() || last {
+            visible.len()
+        } else {
+            visible.len() - self.held_back(visible)
+        };
         let delta = if end > self.emitted && visible.is_char_boundary(self.emitted) {
             let d = visible[self.emitted..end].to_string();
             self.emitted = end;

@@ -47,12 +47,17 @@ struct Fixture {
 fn load(dir: &str) -> Fixture {
     let dir = data_dir(dir);
     let model = Model::load(&dir).unwrap();
-    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let golden: Golden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let mut tensors = HashMap::new();
     if let Ok(bytes) = std::fs::read(dir.join("golden.safetensors")) {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         for (name, view) in st.tensors() {
-            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             tensors.insert(name, (view.shape().to_vec(), data));
         }
     }
@@ -67,11 +72,21 @@ fn assert_close(what: &str, ours: &[f32], theirs: &[f32]) {
         .map(|(a, b)| (a - b).abs())
         .enumerate()
         .fold((0, 0.0f32), |m, (i, d)| if d > m.1 { (i, d) } else { m });
-    assert!(diff <= TOL, "{what}: max |diff| {diff} at {i} (ours {}, transformers {})", ours[i], theirs[i]);
+    assert!(
+        diff <= TOL,
+        "{what}: max |diff| {diff} at {i} (ours {}, transformers {})",
+        ours[i],
+        theirs[i]
+    );
 }
 
 fn greedy(n: usize) -> GenerationConfig {
-    GenerationConfig { max_new_tokens: n, stop_on_eos: false, output_logits: true, ..GenerationConfig::default() }
+    GenerationConfig {
+        max_new_tokens: n,
+        stop_on_eos: false,
+        output_logits: true,
+        ..GenerationConfig::default()
+    }
 }
 
 fn run(model: &Model, policy: Policy, requests: &[Request], n: usize) -> Vec<Completion> {
@@ -96,10 +111,15 @@ fn tokenizer_matches_transformers() {
 fn prefill_logits_match_transformers_at_every_position() {
     let f = load("test_data/tiny-random-opt");
     for (i, p) in f.golden.prompts.iter().enumerate() {
-        let logits = f.model.forward_all(&[p.input_ids.clone()], &[vec![true; p.input_ids.len()]]).unwrap();
+        let logits =
+            f.model.forward_all(&[p.input_ids.clone()], &[vec![true; p.input_ids.len()]]).unwrap();
         let (shape, want) = &f.tensors[&format!("prompt{i}.prefill_logits")];
         assert_eq!(&logits.dims()[1..], &shape[..]);
-        assert_close(&format!("prompt {i} prefill"), &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        assert_close(
+            &format!("prompt {i} prefill"),
+            &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want,
+        );
     }
 }
 
@@ -132,15 +152,19 @@ fn left_padded_batch_matches_transformers_and_single_prompts() {
             .collect();
         assert_eq!(real, p.input_ids);
     }
-    let requests: Vec<Request> = f.golden.prompts.iter().map(|p| Request::text(p.text.clone())).collect();
+    let requests: Vec<Request> =
+        f.golden.prompts.iter().map(|p| Request::text(p.text.clone())).collect();
     let out = run(&f.model, policy(4, 1), &requests, n);
     let (shape, want) = &f.tensors["batch.step_logits"]; // [n, b, vocab]
     let vocab = shape[2];
     for (row, c) in out.iter().enumerate() {
         assert_eq!(c.tokens, f.golden.batch.greedy[row], "row {row}");
         assert_eq!(c.tokens, f.golden.prompts[row].greedy, "row {row}: padding changed the output");
-        let theirs: Vec<f32> =
-            (0..n).flat_map(|s| want[(s * shape[1] + row) * vocab..(s * shape[1] + row + 1) * vocab].to_vec()).collect();
+        let theirs: Vec<f32> = (0..n)
+            .flat_map(|s| {
+                want[(s * shape[1] + row) * vocab..(s * shape[1] + row + 1) * vocab].to_vec()
+            })
+            .collect();
         assert_close(&format!("batch row {row}"), &c.logits.as_ref().unwrap().concat(), &theirs);
     }
 }
@@ -149,7 +173,8 @@ fn left_padded_batch_matches_transformers_and_single_prompts() {
 fn every_batch_split_gives_the_same_tokens() {
     let f = load("test_data/tiny-random-opt");
     let n = 8;
-    let mut requests: Vec<Request> = f.golden.prompts.iter().map(|p| Request::text(p.text.clone())).collect();
+    let mut requests: Vec<Request> =
+        f.golden.prompts.iter().map(|p| Request::text(p.text.clone())).collect();
     requests.extend(f.golden.prompts.iter().rev().map(|p| Request::text(p.text.clone())));
     let reference = run(&f.model, policy(1, 1), &requests, n);
     for (b, k) in [(2, 1), (3, 1), (8, 1), (2, 2), (1, 4), (3, 3), (5, 2)] {
@@ -164,7 +189,8 @@ fn every_batch_split_gives_the_same_tokens() {
 fn bundled_model_matches_transformers_greedy_text() {
     let f = load("models/opt-kjv");
     for p in &f.golden.prompts {
-        let out = run(&f.model, policy(2, 1), &[Request::text(p.text.clone())], f.golden.new_tokens);
+        let out =
+            run(&f.model, policy(2, 1), &[Request::text(p.text.clone())], f.golden.new_tokens);
         assert_eq!(out[0].tokens, p.greedy, "{}", p.text);
         assert_eq!(out[0].text.as_deref(), Some(p.greedy_text.as_str()));
     }

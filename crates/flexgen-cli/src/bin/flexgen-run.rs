@@ -61,7 +61,13 @@ struct Cli {
     #[arg(long, value_name = "N", help_heading = "Prompts")]
     num_prompts: Option<usize>,
     /// Tokens to generate per prompt.
-    #[arg(long, alias = "gen-len", value_name = "N", default_value_t = 32, help_heading = "Generation")]
+    #[arg(
+        long,
+        alias = "gen-len",
+        value_name = "N",
+        default_value_t = 32,
+        help_heading = "Generation"
+    )]
     max_new_tokens: usize,
     /// Sample with this temperature (default: greedy).
     #[arg(long, value_name = "T", help_heading = "Generation")]
@@ -115,8 +121,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let load_s = started.elapsed().as_secs_f64();
     let requests = requests(cli, &model, policy.block_size())?;
     let sampling = match cli.temperature {
-        Some(t) if t > 0.0 => Sampling::Random { temperature: t, top_k: cli.top_k, top_p: cli.top_p, seed: cli.seed },
-        _ if cli.top_k.is_some() || cli.top_p.is_some() => bail!("--top-k and --top-p need --temperature above 0"),
+        Some(t) if t > 0.0 => {
+            Sampling::Random { temperature: t, top_k: cli.top_k, top_p: cli.top_p, seed: cli.seed }
+        }
+        _ if cli.top_k.is_some() || cli.top_p.is_some() => {
+            bail!("--top-k and --top-p need --temperature above 0")
+        }
         _ => Sampling::Greedy,
     };
     let config = GenerationConfig {
@@ -203,7 +213,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     )?;
     if p.placement != flexgen_policy::Placement::all_gpu() {
         let pct = p.placement.to_percent();
-        writeln!(err, "note: placement {pct:?} validated; on the CPU backend every tensor lives in host memory")?;
+        writeln!(
+            err,
+            "note: placement {pct:?} validated; on the CPU backend every tensor lives in host memory"
+        )?;
     }
     writeln!(
         err,
@@ -239,13 +252,17 @@ fn load_model(cli: &Cli) -> anyhow::Result<Model> {
             DummyKind::Ones => DummyInit::Ones,
             DummyKind::Random => DummyInit::Random { seed: cli.seed },
         };
-        return Model::dummy(spec, init).with_context(|| format!("building dummy weights for {name}"));
+        return Model::dummy(spec, init)
+            .with_context(|| format!("building dummy weights for {name}"));
     }
     let dir = cli.model.as_ref().map_or_else(bundled_model_dir, PathBuf::from);
     if !dir.exists()
         && let Ok(spec) = flexgen_model::spec_by_name(&dir.to_string_lossy())
     {
-        bail!("{} is a model name, not a directory: add --dummy to run it with dummy weights", spec.name);
+        bail!(
+            "{} is a model name, not a directory: add --dummy to run it with dummy weights",
+            spec.name
+        );
     }
     Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))
 }
@@ -253,7 +270,8 @@ fn load_model(cli: &Cli) -> anyhow::Result<Model> {
 fn requests(cli: &Cli, model: &Model, block: usize) -> anyhow::Result<Vec<Request>> {
     let mut texts = cli.prompt.clone();
     if let Some(f) = &cli.prompt_file {
-        let body = std::fs::read_to_string(f).with_context(|| format!("reading prompts from {}", f.display()))?;
+        let body = std::fs::read_to_string(f)
+            .with_context(|| format!("reading prompts from {}", f.display()))?;
         texts.extend(body.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
         if texts.is_empty() {
             bail!("{} has no prompts (one per line)", f.display());
@@ -261,7 +279,9 @@ fn requests(cli: &Cli, model: &Model, block: usize) -> anyhow::Result<Vec<Reques
     }
     if let Some(len) = cli.prompt_len {
         if !texts.is_empty() {
-            bail!("--prompt-len makes synthetic prompts; do not combine it with --prompt or --prompt-file");
+            bail!(
+                "--prompt-len makes synthetic prompts; do not combine it with --prompt or --prompt-file"
+            );
         }
         if len == 0 {
             bail!("--prompt-len must be at least 1");
@@ -273,14 +293,18 @@ fn requests(cli: &Cli, model: &Model, block: usize) -> anyhow::Result<Vec<Reques
         return Ok((0..n)
             .map(|i| {
                 let ids = std::iter::once(bos)
-                    .chain((1..len).map(|j| 4 + u32::try_from((i * 7 + j * 13) % (v as usize - 4)).unwrap_or(0)))
+                    .chain((1..len).map(|j| {
+                        4 + u32::try_from((i * 7 + j * 13) % (v as usize - 4)).unwrap_or(0)
+                    }))
                     .collect();
                 Request::tokens(ids)
             })
             .collect());
     }
     if model.tokenizer.is_none() {
-        bail!("this model has no tokenizer (dummy weights): give --prompt-len N for synthetic prompts");
+        bail!(
+            "this model has no tokenizer (dummy weights): give --prompt-len N for synthetic prompts"
+        );
     }
     if texts.is_empty() {
         texts.push("In the beginning".into());

@@ -1,0 +1,436 @@
+//! The cost model: per-layer prefill and decode time and peak memory per tier, as functions of the
+//! six placement fractions for one discrete choice (block shape, compression, CPU attention,
+//! activation tier). Every term is linear in the fractions, so the planner can hand them to an LP;
+//! the same terms evaluate numerically for a given policy. docs/cost-model.md gives each formula.
+
+use std::ops::{Add, Mul};
+
+use flexgen_policy::{Compression, HardwareProfile, ModelSpec, Workload};
+
+/// Index of each placement fraction in [`Lin::coef`].
+pub const WG: usize = 0;
+pub const WC: usize = 1;
+pub const WN: usize = 2;
+pub const CG: usize = 3;
+pub const CC: usize = 4;
+pub const CN: usize = 5;
+
+/// `constant + Σ coef[i] · x[i]` over the fractions `x = [wg, wc, wn, cg, cc, cn]` (each 0..1).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Lin {
+    pub constant: f64,
+    pub coef: [f64; 6],
+}
+
+impl Lin {
+    /// A constant.
+    pub fn c(v: f64) -> Self {
+        Self { constant: v, coef: [0.0; 6] }
+    }
+
+    /// `v · x[i]`.
+    pub fn var(i: usize, v: f64) -> Self {
+        let mut coef = [0.0; 6];
+        coef[i] = v;
+        Self { constant: 0.0, coef }
+    }
+
+    /// The value at `x`.
+    pub fn eval(&self, x: &[f64; 6]) -> f64 {
+        self.constant + self.coef.iter().zip(x).map(|(c, v)| c * v).sum::<f64>()
+    }
+}
+
+impl Add for Lin {
+    type Output = Lin;
+    fn add(mut self, o: Lin) -> Lin {
+        self.constant += o.constant;
+        for (a, b) in self.coef.iter_mut().zip(o.coef) {
+            *a += b;
+        }
+        self
+    }
+}
+
+impl Mul<f64> for Lin {
+    type Output = Lin;
+    fn mul(mut self, k: f64) -> Lin {
+        self.constant *= k;
+        self.coef.iter_mut().for_each(|c| *c *= k);
+        self
+    }
+}
+
+/// The discrete part of a policy: what the planner enumerates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Choice {
+    pub gpu_batch_size: u32,
+    pub num_gpu_batches: u32,
+    pub compress_weight: bool,
+    pub compress_cache: bool,
+    pub cpu_attention: bool,
+    /// Activations on the GPU (else on the CPU; FlexGen never puts them on disk).
+    pub act_on_gpu: bool,
+}
+
+impl Choice {
+    /// Sequences per block.
+    pub fn block(&self) -> f64 {
+        f64::from(self.gpu_batch_size) * f64::from(self.num_gpu_batches)
+    }
+}
+
+/// Safety margins: the share of each tier's capacity the plan may fill.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Margins {
+    pub gpu: f64,
+    pub cpu: f64,
+    pub disk: f64,
+}
+
+impl Default for Margins {
+    fn default() -> Self {
+        Self { gpu: 0.9, cpu: 0.85, disk: 0.95 }
+    }
+}
+
+/// Bytes per value after group-wise quantization (relative to fp16): `bits` per value plus an
+/// fp16 min and scale per group.
+pub fn compression_ratio(c: &Compression) -> f64 {
+    let g = f64::from(c.group_size);
+    (f64::from(c.bits) * g + 32.0) / (16.0 * g)
+}
+
+/// FLOP-equivalents to dequantize one value (unpack, scale, shift, convert).
+const DEQUANT_FLOP_PER_VALUE: f64 = 8.0;
+
+/// Host memory the process needs beyond the tensors (allocator, tokenizer, buffers).
+pub const CPU_OVERHEAD_BYTES: f64 = 1.0 * (1u64 << 30) as f64;
+
+/// Every term of the model for one choice, per decoder layer.
+#[derive(Debug, Clone)]
+pub struct Terms {
+    /// Named lower bounds of the prefill time of one layer (seconds).
+    pub prefill: Vec<(&'static str, Lin)>,
+    /// Named lower bounds of one decode step of one layer (seconds).
+    pub decode: Vec<(&'static str, Lin)>,
+    /// Peak GPU bytes during prefill and during decode.
+    pub gpu_prefill: Lin,
+    pub gpu_decode: Lin,
+    /// Peak CPU bytes.
+    pub cpu: Lin,
+    /// Disk bytes.
+    pub disk: Lin,
+    /// Seconds per block outside the decoder layers (embedding and LM head), all tokens.
+    pub head_s: f64,
+    pub num_layers: f64,
+    pub gen_len: f64,
+}
+
+/// The terms of `choice` for `spec` on `hw` with `workload`. `hw` must have a GPU.
+pub fn terms(
+    spec: &ModelSpec,
+    hw: &HardwareProfile,
+    workload: &Workload,
+    choice: &Choice,
+) -> Terms {
+    let gpu = hw.gpu.as_ref().expect("the planner checks for a GPU first");
+    let h1 = f64::from(spec.hidden_size);
+    let h2 = f64::from(spec.ffn_size);
+    let nh = f64::from(spec.num_heads);
+    let v = f64::from(spec.vocab_size);
+    let s = f64::from(workload.prompt_len);
+    let n = f64::from(workload.gen_len);
+    let b = f64::from(choice.gpu_batch_size);
+    let bls = choice.block();
+    let ctx = s + n / 2.0; // average decode context
+    let full = s + n; // longest context
+    let layer_params = spec.layer_params() as f64;
+    let matrix_params = layer_params - 12.0 * h1 - h2; // minus biases and norms, for FLOPs
+    let rw = if choice.compress_weight {
+        compression_ratio(&Compression::weights_default())
+    } else {
+        1.0
+    };
+    let rc =
+        if choice.compress_cache { compression_ratio(&Compression::cache_default()) } else { 1.0 };
+    let w = 2.0 * layer_params * rw; // bytes of one layer's weights as stored
+    let w16 = 2.0 * layer_params; // the same in fp16, as used by the GEMMs
+    let kv_tok = 2.0 * f64::from(spec.num_kv_heads * spec.head_dim()) * 2.0 * rc; // K+V, one token
+    let act_cpu = if choice.act_on_gpu { 0.0 } else { 1.0 };
+    let attn_cpu = if choice.cpu_attention { 1.0 } else { 0.0 };
+    let hid_p = 2.0 * s * h1 * bls;
+    let hid_g = 2.0 * h1 * bls;
+
+    let h2d = gpu.h2d_pinned_bytes_per_s;
+    let d2h = gpu.d2h_pinned_bytes_per_s;
+    let dr = hw.disk.read_bytes_per_s;
+    let dw = hw.disk.write_bytes_per_s;
+    let gemm = gpu.gemm_flops_per_s;
+    let gattn = gpu.attention_flops_per_s;
+    let hbm = gpu.hbm_bytes_per_s;
+    let cattn = hw.cpu.attention_flops_per_s;
+    let off_w = Lin::var(WC, 1.0) + Lin::var(WN, 1.0);
+    let off_c = Lin::var(CC, 1.0) + Lin::var(CN, 1.0);
+    let dequant_w =
+        if choice.compress_weight { layer_params * DEQUANT_FLOP_PER_VALUE / gemm } else { 0.0 };
+
+    let prefill = vec![
+        ("cpu->gpu", (off_w * w + Lin::c(hid_p * act_cpu)) * (1.0 / h2d)),
+        ("gpu->cpu", (off_c * (kv_tok * s * bls) + Lin::c(hid_p * act_cpu)) * (1.0 / d2h)),
+        ("disk->cpu", Lin::var(WN, w / dr)),
+        ("cpu->disk", Lin::var(CN, kv_tok * s * bls / dw)),
+        (
+            "compute",
+            Lin::c(
+                bls * s * 2.0 * matrix_params / gemm + bls * 4.0 * s * s * h1 / gattn + dequant_w,
+            ),
+        ),
+    ];
+    let cache_to_gpu = off_c * (kv_tok * ctx * bls * (1.0 - attn_cpu));
+    let decode = vec![
+        (
+            "cpu->gpu",
+            (off_w * w
+                + Lin::c(hid_g * act_cpu)
+                + cache_to_gpu
+                + off_c * (2.0 * h1 * bls * attn_cpu))
+                * (1.0 / h2d),
+        ),
+        (
+            "gpu->cpu",
+            (off_c * (kv_tok * bls + 2.0 * h1 * bls * attn_cpu) + Lin::c(hid_g * act_cpu))
+                * (1.0 / d2h),
+        ),
+        ("disk->cpu", (Lin::var(WN, w) + Lin::var(CN, kv_tok * ctx * bls)) * (1.0 / dr)),
+        ("cpu->disk", Lin::var(CN, kv_tok * bls / dw)),
+        (
+            "compute",
+            // Decode GEMMs: FLOP-bound or, at small batch, bound by reading the fp16 weights from
+            // device memory once per micro-batch. GPU attention reads the cache from device memory.
+            Lin::c(
+                (bls * 2.0 * matrix_params / gemm)
+                    .max(f64::from(choice.num_gpu_batches) * w16 / hbm)
+                    + dequant_w,
+            ) + (Lin::var(CG, 1.0) + off_c * (1.0 - attn_cpu)) * (kv_tok * ctx * bls / hbm)
+                + off_c * (attn_cpu * 4.0 * ctx * h1 * bls / cattn),
+        ),
+    ];
+
+    let l = f64::from(spec.num_layers);
+    let embeddings = 2.0 * (v + f64::from(spec.max_positions) + 2.0) * h1;
+    let resident = Lin::var(WG, l * w) + Lin::var(CG, l * kv_tok * full * bls);
+    // Streamed weights are double-buffered; compressed weights also need one fp16 copy in use.
+    let weight_buffers = (Lin::c(1.0) + Lin::var(WG, -1.0)) * (2.0 * w)
+        + Lin::c(if choice.compress_weight { w16 } else { 0.0 });
+    let gpu_prefill = resident
+        + weight_buffers
+        + Lin::c(embeddings)
+        + Lin::c(if choice.act_on_gpu { hid_p } else { 2.0 * 2.0 * 2.0 * s * h1 * b })
+        + Lin::c(
+            b * (3.0 * 2.0 * s * h1 + 2.0 * nh * s * s + 2.0 * s * h2 + 2.0 * 2.0 * s * h1)
+                + 4.0 * b * v,
+        )
+        + off_c * (2.0 * kv_tok * s * b);
+    let gpu_decode = resident
+        + weight_buffers
+        + Lin::c(embeddings)
+        + Lin::c(if choice.act_on_gpu { hid_g } else { 2.0 * 2.0 * 2.0 * h1 * b })
+        + Lin::c(b * (3.0 * 2.0 * h1 + 2.0 * nh * full + 2.0 * h2 + 2.0 * 2.0 * h1) + 4.0 * b * v)
+        + off_c * (2.0 * kv_tok * full * b * (1.0 - attn_cpu) + 2.0 * kv_tok * b);
+    let cpu = Lin::var(WC, l * w)
+        + Lin::var(CC, l * kv_tok * full * bls)
+        + Lin::c(hid_p * act_cpu)
+        + Lin::var(WN, 2.0 * w)
+        + Lin::var(CN, 2.0 * kv_tok * full * b)
+        + Lin::c(CPU_OVERHEAD_BYTES);
+    let disk = Lin::var(WN, l * w) + Lin::var(CN, l * kv_tok * full * bls);
+    let head_s = n * bls * 2.0 * h1 * v / gemm;
+    Terms { prefill, decode, gpu_prefill, gpu_decode, cpu, disk, head_s, num_layers: l, gen_len: n }
+}
+
+impl Terms {
+    /// Seconds of one block at placement `x`: every layer's prefill, `gen_len − 1` decode steps,
+    /// plus embedding and LM head.
+    pub fn block_seconds(&self, x: &[f64; 6]) -> (f64, f64) {
+        let max = |ts: &[(&str, Lin)]| ts.iter().map(|(_, t)| t.eval(x)).fold(0.0, f64::max);
+        let prefill = self.num_layers * max(&self.prefill);
+        let decode = (self.gen_len - 1.0).max(0.0) * self.num_layers * max(&self.decode);
+        (
+            prefill + self.head_s / self.gen_len.max(1.0),
+            decode + self.head_s * (1.0 - 1.0 / self.gen_len.max(1.0)),
+        )
+    }
+
+    /// The decode term that takes longest at `x`.
+    pub fn binding(&self, x: &[f64; 6]) -> &'static str {
+        self.decode
+            .iter()
+            .max_by(|a, b| a.1.eval(x).total_cmp(&b.1.eval(x)))
+            .map_or("compute", |t| t.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flexgen_policy::{CpuProfile, DiskProfile, GpuProfile};
+
+    /// A toy machine with round numbers so that the terms can be checked by hand.
+    fn hw() -> HardwareProfile {
+        HardwareProfile {
+            version: 1,
+            name: "toy".into(),
+            source: "test".into(),
+            gpu: Some(GpuProfile {
+                name: "toy".into(),
+                memory_bytes: 1 << 30,
+                pcie: None,
+                h2d_pinned_bytes_per_s: 1e9,
+                d2h_pinned_bytes_per_s: 2e9,
+                h2d_pageable_bytes_per_s: 1e8,
+                gemm_flops_per_s: 1e12,
+                attention_flops_per_s: 1e11,
+                hbm_bytes_per_s: 1e11,
+            }),
+            cpu: CpuProfile {
+                model: "toy".into(),
+                cores: 1,
+                memory_bytes: 1 << 34,
+                gemm_flops_per_s: 1e10,
+                attention_flops_per_s: 1e10,
+            },
+            disk: DiskProfile {
+                path: "/tmp".into(),
+                capacity_bytes: 1 << 40,
+                read_bytes_per_s: 1e8,
+                write_bytes_per_s: 5e7,
+            },
+        }
+    }
+
+    /// h = 64, ffn = 256, 8 heads, vocab 1000, 2 layers, 100 positions.
+    fn spec() -> ModelSpec {
+        let mut s = flexgen_policy::ModelSpec {
+            name: "toy".into(),
+            family: flexgen_policy::Family::Opt,
+            num_layers: 2,
+            hidden_size: 64,
+            num_heads: 8,
+            num_kv_heads: 8,
+            ffn_size: 256,
+            vocab_size: 1000,
+            max_positions: 100,
+            norm: flexgen_policy::NormKind::LayerNorm { eps: 1e-5 },
+            mlp: flexgen_policy::MlpKind::Relu,
+            positions: flexgen_policy::PositionKind::Learned { offset: 2 },
+            pre_norm: true,
+            bias: true,
+            tie_embeddings: true,
+            bos_token_id: Some(2),
+            eos_token_id: Some(2),
+            pad_token_id: Some(1),
+        };
+        s.name = "toy".into();
+        s
+    }
+
+    const WL: Workload = Workload { prompt_len: 10, gen_len: 5, num_prompts: None };
+
+    fn choice() -> Choice {
+        Choice {
+            gpu_batch_size: 4,
+            num_gpu_batches: 2,
+            compress_weight: false,
+            compress_cache: false,
+            cpu_attention: false,
+            act_on_gpu: true,
+        }
+    }
+
+    fn term(ts: &[(&str, Lin)], name: &str, x: &[f64; 6]) -> f64 {
+        ts.iter().find(|t| t.0 == name).unwrap().1.eval(x)
+    }
+
+    // layer params: 4·64² + 2·64·256 + biases (4·64 + 256 + 64) + norms 4·64 = 16384 + 32768 + 576 + 256
+    const LAYER_PARAMS: f64 = 49_984.0;
+
+    #[test]
+    fn layer_params_are_counted_by_hand() {
+        assert!((spec().layer_params() as f64 - LAYER_PARAMS).abs() < 0.5);
+    }
+
+    #[test]
+    fn weight_reads_scale_with_the_off_gpu_share() {
+        let t = terms(&spec(), &hw(), &WL, &choice());
+        // All weights on the CPU: one layer's fp16 bytes over 1 GB/s.
+        let x = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0];
+        assert!((term(&t.decode, "cpu->gpu", &x) - 2.0 * LAYER_PARAMS / 1e9).abs() < 1e-12);
+        // Half on disk: the disk read is half a layer at 100 MB/s.
+        let x = [0.0, 0.5, 0.5, 1.0, 0.0, 0.0];
+        assert!((term(&t.decode, "disk->cpu", &x) - LAYER_PARAMS / 1e8).abs() < 1e-12);
+        // On the GPU: nothing crosses PCIe.
+        let x = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+        assert_eq!(term(&t.decode, "cpu->gpu", &x), 0.0);
+    }
+
+    #[test]
+    fn decode_compute_is_gemm_plus_attention_by_hand() {
+        let t = terms(&spec(), &hw(), &WL, &choice());
+        let x = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+        // matrix params 49984 − 12·64 − 256 = 48960; block 8: 8·2·48960 / 1e12 = 7.8e-7 s, which
+        // is below reading the fp16 weights twice (2 micro-batches) at 1e11 B/s: 2·2·49984 / 1e11.
+        let gemm = (8.0 * 2.0 * 48_960.0 / 1e12f64).max(2.0 * 2.0 * LAYER_PARAMS / 1e11);
+        assert!((gemm - 2.0 * 2.0 * LAYER_PARAMS / 1e11).abs() < 1e-18);
+        // attention reads the cache: 256 bytes/token · ctx (10 + 2.5) · 8 sequences at 1e11 B/s.
+        let attn = 256.0 * 12.5 * 8.0 / 1e11;
+        assert!((term(&t.decode, "compute", &x) - (gemm + attn)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn cpu_attention_moves_attention_to_the_cpu_rate_and_skips_the_cache_copy() {
+        let mut c = choice();
+        let x = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]; // cache on the CPU
+        let gpu_attn = terms(&spec(), &hw(), &WL, &c);
+        c.cpu_attention = true;
+        let cpu_attn = terms(&spec(), &hw(), &WL, &c);
+        // Without CPU attention the whole average context crosses PCIe each step:
+        // 4 bytes·h (K+V fp16) · 12.5 · 8 sequences at 1 GB/s.
+        let cache = 4.0 * 64.0 * 12.5 * 8.0 / 1e9;
+        assert!((term(&gpu_attn.decode, "cpu->gpu", &x) - cache).abs() < 1e-12);
+        // With it only the attention output comes back (2·h·8 bytes).
+        assert!((term(&cpu_attn.decode, "cpu->gpu", &x) - 2.0 * 64.0 * 8.0 / 1e9).abs() < 1e-12);
+        let attn_cpu = 4.0 * 12.5 * 64.0 * 8.0 / 1e10;
+        let gemm = 2.0 * 2.0 * LAYER_PARAMS / 1e11;
+        assert!((term(&cpu_attn.decode, "compute", &x) - (gemm + attn_cpu)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn compression_shrinks_bytes_by_the_packed_ratio() {
+        assert!((compression_ratio(&Compression::weights_default()) - 0.281_25).abs() < 1e-12);
+        let mut c = choice();
+        c.compress_weight = true;
+        let t = terms(&spec(), &hw(), &WL, &c);
+        let x = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0];
+        assert!(
+            (term(&t.decode, "cpu->gpu", &x) - 2.0 * LAYER_PARAMS * 0.281_25 / 1e9).abs() < 1e-12
+        );
+    }
+
+    #[test]
+    fn memory_terms_by_hand() {
+        let t = terms(&spec(), &hw(), &WL, &choice());
+        // Everything on disk: weights 2 layers · 2 bytes · params, cache 2 layers · 256 bytes · 15 · 8.
+        let x = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
+        let disk = 2.0 * 2.0 * LAYER_PARAMS + 2.0 * 256.0 * 15.0 * 8.0;
+        assert!((t.disk.eval(&x) - disk).abs() < 1e-6);
+        // CPU: staging for one layer double-buffered + one micro-batch's cache double-buffered.
+        let cpu = 2.0 * 2.0 * LAYER_PARAMS + 2.0 * 256.0 * 15.0 * 4.0 + CPU_OVERHEAD_BYTES;
+        assert!((t.cpu.eval(&x) - cpu).abs() < 1e-6);
+        // GPU peak grows with the resident weight share: each layer adds its bytes, minus the
+        // double buffer it no longer needs.
+        let g0 = t.gpu_decode.eval(&[0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
+        let g1 = t.gpu_decode.eval(&[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+        assert!((g1 - g0 - (2.0 - 2.0) * 2.0 * LAYER_PARAMS).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,61 @@
+//! The linear program over the placement fractions for one discrete choice, solved with HiGHS
+//! through good_lp. Kept behind this one function so that the rest of the planner never sees the
+//! solver.
+
+use good_lp::{
+    Expression, ProblemVariables, Solution, SolverModel, Variable, constraint, variable,
+};
+
+use crate::cost::{Lin, Terms};
+
+/// Capacities (bytes) the plan may fill, after margins.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Capacity {
+    pub(crate) gpu: f64,
+    pub(crate) cpu: f64,
+    pub(crate) disk: f64,
+}
+
+/// Optional fixed fractions (evaluation of a given placement instead of a search).
+pub(crate) type Fixed = Option<[f64; 6]>;
+
+fn expr(l: &Lin, x: &[Variable; 6]) -> Expression {
+    let mut e = Expression::from(l.constant);
+    for (c, v) in l.coef.iter().zip(x) {
+        if *c != 0.0 {
+            e += *c * *v;
+        }
+    }
+    e
+}
+
+/// Minimizes one block's time; returns the fractions `[wg, wc, wn, cg, cc, cn]`, or `None` when
+/// no placement fits.
+pub(crate) fn solve(terms: &Terms, cap: Capacity, fixed: Fixed) -> Option<[f64; 6]> {
+    let mut vars = ProblemVariables::new();
+    let x: [Variable; 6] = std::array::from_fn(|i| match fixed {
+        Some(f) => vars.add(variable().min(f[i]).max(f[i])),
+        None => vars.add(variable().min(0.0).max(1.0)),
+    });
+    let t_pre = vars.add(variable().min(0.0));
+    let t_gen = vars.add(variable().min(0.0));
+    let l = terms.num_layers;
+    let objective = l * t_pre + (terms.gen_len - 1.0).max(0.0) * l * t_gen;
+    let mut model = vars.minimise(objective).using(good_lp::highs);
+    model.set_verbose(false);
+    model = model.set_threads(1);
+    model.add_constraint(constraint!(x[0] + x[1] + x[2] == 1.0));
+    model.add_constraint(constraint!(x[3] + x[4] + x[5] == 1.0));
+    for (_, t) in &terms.prefill {
+        model.add_constraint(constraint!(expr(t, &x) <= t_pre));
+    }
+    for (_, t) in &terms.decode {
+        model.add_constraint(constraint!(expr(t, &x) <= t_gen));
+    }
+    model.add_constraint(constraint!(expr(&terms.gpu_prefill, &x) <= cap.gpu));
+    model.add_constraint(constraint!(expr(&terms.gpu_decode, &x) <= cap.gpu));
+    model.add_constraint(constraint!(expr(&terms.cpu, &x) <= cap.cpu));
+    model.add_constraint(constraint!(expr(&terms.disk, &x) <= cap.disk));
+    let sol = model.solve().ok()?;
+    Some(std::array::from_fn(|i| sol.value(x[i]).clamp(0.0, 1.0)))
+}

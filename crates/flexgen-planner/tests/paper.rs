@@ -1,0 +1,74 @@
+//! The planner on the shipped hardware profiles against the FlexGen paper's measured throughput
+//! (T4, prompt 512, 32 generated tokens): FlexGen reached 7.32 tok/s on OPT-30B and 0.69 on
+//! OPT-175B. Our predictions for plans without compression (as those runs were) must land within
+//! 2× of those, with feasible policies.
+
+use std::path::Path;
+
+use flexgen_model::spec_by_name;
+use flexgen_planner::{PlanOptions, plan};
+use flexgen_policy::{HardwareProfile, Workload};
+
+fn profile(name: &str) -> HardwareProfile {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../policies/hardware")
+        .join(format!("{name}.toml"));
+    HardwareProfile::from_toml_file(&p).unwrap()
+}
+
+const PAPER: Workload = Workload { prompt_len: 512, gen_len: 32, num_prompts: None };
+
+fn check(model: &str, paper_tokens_per_s: f64, allow_compression: bool) {
+    let hw = profile("t4-16gb");
+    let spec = spec_by_name(model).unwrap();
+    let opts = PlanOptions { allow_compression, ..PlanOptions::default() };
+    let plan = plan(&spec, &hw, &PAPER, &opts).unwrap();
+    let pred = plan.policy.prediction.clone().unwrap();
+    let p = &plan.policy;
+    eprintln!(
+        "{model} on t4-16gb: {:.2} tok/s predicted (paper {paper_tokens_per_s}); percent {:?}, {}x{}, cpu attention {}, compress w/c {}/{}, binding {}",
+        pred.throughput_tokens_per_s,
+        p.placement.to_percent(),
+        p.gpu_batch_size,
+        p.num_gpu_batches,
+        p.cpu_cache_compute,
+        p.compress_weight.enabled,
+        p.compress_cache.enabled,
+        pred.binding
+    );
+    let ratio = pred.throughput_tokens_per_s / paper_tokens_per_s;
+    assert!(
+        (0.5..=2.0).contains(&ratio),
+        "{model}: predicted {} vs paper {paper_tokens_per_s}",
+        pred.throughput_tokens_per_s
+    );
+    p.validate().unwrap();
+    let gpu = hw.gpu.as_ref().unwrap().memory_bytes;
+    assert!(pred.peak_gpu_bytes <= gpu, "{} > {gpu}", pred.peak_gpu_bytes);
+    assert!(pred.peak_cpu_bytes <= hw.cpu.memory_bytes);
+    assert!(pred.peak_disk_bytes <= hw.disk.capacity_bytes);
+}
+
+#[test]
+fn opt_30b_on_t4_is_within_2x_of_the_paper() {
+    check("opt-30b", 7.32, false);
+}
+
+#[test]
+fn opt_175b_on_t4_is_within_2x_of_the_paper() {
+    check("opt-175b", 0.69, false);
+}
+
+/// Allowing compression only widens the search: the prediction can only rise.
+#[test]
+fn allowing_compression_never_lowers_the_prediction() {
+    let hw = profile("t4-16gb");
+    for model in ["opt-6.7b", "opt-30b"] {
+        let spec = spec_by_name(model).unwrap();
+        let tps = |allow_compression| {
+            let opts = PlanOptions { allow_compression, ..PlanOptions::default() };
+            plan(&spec, &hw, &PAPER, &opts).unwrap().candidates[0].tokens_per_s
+        };
+        assert!(tps(true) >= tps(false), "{model}");
+    }
+}
