@@ -1,1 +1,336 @@
-//! placeholder
+//! Hardware probes that produce a [`HardwareProfile`]: inventory of the CPU, memory and the offload
+//! directory's file system (sysinfo), CPU GEMM and CPU-attention rates (the CPU backend's own
+//! kernels), and sequential disk write/read bandwidth in the offload directory with direct I/O
+//! (`O_DIRECT`, so the page cache cannot serve the reads). The temporary file is removed when the
+//! probe ends, also on error; the binary removes it on Ctrl-C too.
+//!
+//! GPU probes (NVML inventory, pinned/pageable copies, fp16 GEMM) belong to the CUDA backend; on a
+//! machine without one the profile records no GPU.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use flexgen_policy::{CpuProfile, DiskProfile, HardwareProfile, PROFILE_VERSION};
+use flexgen_tensor::{Device, Tensor};
+
+/// Errors from probing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("system inventory: {0}")]
+    Inventory(String),
+    #[error("CPU probe: {0}")]
+    Tensor(#[from] flexgen_tensor::Error),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How long to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Seconds: small sizes, one repetition.
+    Quick,
+    /// Sizes that reach steady state, several repetitions.
+    Full,
+}
+
+impl Mode {
+    fn disk_bytes(self) -> usize {
+        match self {
+            Mode::Quick => 64 << 20,
+            Mode::Full => 1 << 30,
+        }
+    }
+    fn gemm_n(self) -> usize {
+        match self {
+            Mode::Quick => 256,
+            Mode::Full => 1024,
+        }
+    }
+    fn reps(self) -> usize {
+        match self {
+            Mode::Quick => 1,
+            Mode::Full => 3,
+        }
+    }
+}
+
+/// The probes in order, for progress reporting.
+pub const STEPS: [&str; 4] = ["inventory", "cpu gemm", "cpu attention", "disk"];
+
+/// What to profile.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    /// Where the disk tier would live; probed and recorded.
+    pub offload_dir: PathBuf,
+    /// Name written into the profile.
+    pub name: String,
+}
+
+/// Host facts that need no timing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inventory {
+    pub cpu_model: String,
+    pub cores: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// File system and free space of the offload directory's mount.
+    pub fs_type: String,
+    pub disk_free_bytes: u64,
+}
+
+/// Reads CPU, memory and the offload directory's file system.
+pub fn inventory(offload_dir: &Path) -> Result<Inventory> {
+    let mut sys = sysinfo::System::new().map_err(|e| Error::Inventory(e.to_string()))?;
+    sys.refresh_memory();
+    sys.refresh_cpu_all();
+    let cpu_model =
+        sys.cpus().first().map_or_else(|| "unknown".into(), |c| c.brand().trim().to_string());
+    let cores = u32::try_from(sys.cpus().len()).unwrap_or(u32::MAX).max(1);
+    let disks =
+        sysinfo::Disks::new_with_refreshed_list().map_err(|e| Error::Inventory(e.to_string()))?;
+    let dir = std::fs::canonicalize(offload_dir).unwrap_or_else(|_| offload_dir.to_path_buf());
+    let mount = disks
+        .iter()
+        .filter(|d| dir.starts_with(d.mount_point()))
+        .max_by_key(|d| d.mount_point().as_os_str().len());
+    Ok(Inventory {
+        cpu_model,
+        cores,
+        memory_total_bytes: sys.total_memory(),
+        memory_available_bytes: sys.available_memory(),
+        fs_type: mount
+            .map_or_else(|| "unknown".into(), |d| d.file_system().to_string_lossy().into_owned()),
+        disk_free_bytes: mount.map_or(0, sysinfo::Disk::available_space),
+    })
+}
+
+fn best_of<T>(reps: usize, mut f: impl FnMut() -> Result<(f64, T)>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        best = best.min(f()?.0);
+    }
+    Ok(best)
+}
+
+/// fp32 GEMM rate of the CPU backend (FLOP/s) on `n × n × n`.
+pub fn cpu_gemm_flops(mode: Mode) -> Result<f64> {
+    let n = mode.gemm_n();
+    let a = Tensor::ones((n, n), flexgen_tensor::DType::F32, &Device::Cpu)?;
+    let b = Tensor::ones((n, n), flexgen_tensor::DType::F32, &Device::Cpu)?;
+    let _ = a.matmul(&b)?; // warm-up
+    let secs = best_of(mode.reps(), || {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        Ok((t.elapsed().as_secs_f64(), c))
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / secs)
+}
+
+/// Rate of decode attention on the CPU (FLOP/s): one query per sequence against a cache of `s`
+/// positions, batched over sequences × heads, as the CPU attention path runs it.
+pub fn cpu_attention_flops(mode: Mode) -> Result<f64> {
+    let (bh, s, hd) = match mode {
+        Mode::Quick => (64, 256, 64),
+        Mode::Full => (256, 1024, 128),
+    };
+    let q = Tensor::ones((bh, 1, hd), flexgen_tensor::DType::F32, &Device::Cpu)?;
+    let k = Tensor::ones((bh, s, hd), flexgen_tensor::DType::F32, &Device::Cpu)?;
+    let kt = k.t()?.contiguous()?;
+    let run = || -> Result<Tensor> {
+        let scores = flexgen_tensor::softmax_last_dim(&q.matmul(&kt)?)?;
+        Ok(scores.matmul(&k)?)
+    };
+    let _ = run()?;
+    let secs = best_of(mode.reps(), || {
+        let t = Instant::now();
+        let o = run()?;
+        Ok((t.elapsed().as_secs_f64(), o))
+    })?;
+    Ok(4.0 * (bh * s * hd) as f64 / secs)
+}
+
+/// A file that is removed when dropped.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The name of the probe's temporary file in `dir` (so that a Ctrl-C handler can remove it).
+pub fn disk_probe_path(dir: &Path) -> PathBuf {
+    dir.join(format!(".flexgen-disk-probe-{}", std::process::id()))
+}
+
+/// A buffer aligned for direct I/O.
+struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
+        // SAFETY: the layout has non-zero size (callers pass ≥ 4096).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "out of memory allocating {len} bytes");
+        Self { ptr, layout }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for layout.size() bytes and uniquely owned.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Sequential write and read bandwidth (bytes/s) in `dir`, and whether direct I/O was used.
+/// Falls back to buffered I/O with `fsync` and page-cache eviction where the file system refuses
+/// `O_DIRECT` (tmpfs).
+pub fn disk_bandwidth(dir: &Path, mode: Mode) -> Result<(f64, f64, bool)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    let file = TempFile(disk_probe_path(dir));
+    let io = |source| Error::Io { path: file.path().to_path_buf(), source };
+    let chunk = 16 << 20;
+    let total = mode.disk_bytes().max(chunk);
+    let mut buf = Aligned::new(chunk);
+    buf.as_mut().iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+    let open_write = |direct: bool| {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create(true).truncate(true);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(file.path())
+    };
+    let (mut f, direct) = match open_write(true) {
+        Ok(f) => (f, true),
+        Err(_) => (open_write(false).map_err(io)?, false),
+    };
+    let t = Instant::now();
+    let mut written = 0;
+    while written < total {
+        f.write_all(buf.as_mut()).map_err(io)?;
+        written += chunk;
+    }
+    f.sync_all().map_err(io)?;
+    let write_s = t.elapsed().as_secs_f64();
+    drop(f);
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let mut f = o.open(file.path()).map_err(io)?;
+    if !direct {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; advice only.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    let t = Instant::now();
+    let mut read = 0;
+    while read < total {
+        let n = f.read(buf.as_mut()).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    let read_s = t.elapsed().as_secs_f64();
+    Ok((written as f64 / write_s, read as f64 / read_s, direct))
+}
+
+/// Runs every probe; `progress(step_index)` is called before each of [`STEPS`].
+pub fn profile(
+    opts: &Options,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(HardwareProfile, Inventory, bool)> {
+    progress(0);
+    let inv = inventory(&opts.offload_dir)?;
+    progress(1);
+    let gemm = cpu_gemm_flops(opts.mode)?;
+    progress(2);
+    let attn = cpu_attention_flops(opts.mode)?;
+    progress(3);
+    let (write, read, direct) = disk_bandwidth(&opts.offload_dir, opts.mode)?;
+    let profile = HardwareProfile {
+        version: PROFILE_VERSION,
+        name: opts.name.clone(),
+        source: format!(
+            "flexgen-profile {} ({} mode){}",
+            env!("CARGO_PKG_VERSION"),
+            if opts.mode == Mode::Quick { "quick" } else { "full" },
+            if direct { "" } else { "; disk measured with buffered I/O (O_DIRECT refused)" }
+        ),
+        gpu: None,
+        cpu: CpuProfile {
+            model: inv.cpu_model.clone(),
+            cores: inv.cores,
+            memory_bytes: inv.memory_available_bytes,
+            gemm_flops_per_s: gemm,
+            attention_flops_per_s: attn,
+        },
+        disk: DiskProfile {
+            path: opts.offload_dir.clone(),
+            capacity_bytes: inv.disk_free_bytes,
+            read_bytes_per_s: read,
+            write_bytes_per_s: write,
+        },
+    };
+    Ok((profile, inv, direct))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_profile_measures_cpu_and_disk_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut steps = Vec::new();
+        let opts = Options {
+            mode: Mode::Quick,
+            offload_dir: dir.path().to_path_buf(),
+            name: "test".into(),
+        };
+        let (p, inv, _direct) = profile(&opts, &mut |s| steps.push(s)).unwrap();
+        assert_eq!(steps, [0, 1, 2, 3]);
+        p.validate().unwrap();
+        assert!(p.gpu.is_none());
+        assert!(inv.memory_total_bytes >= inv.memory_available_bytes && inv.memory_total_bytes > 0);
+        assert!(p.cpu.gemm_flops_per_s > 1e6 && p.disk.read_bytes_per_s > 1e5);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "probe file left behind");
+        let back = HardwareProfile::from_toml_str(&p.to_toml()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn unwritable_offload_dir_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        let Err(Error::Io { path, .. }) = disk_bandwidth(&file.join("sub"), Mode::Quick) else {
+            panic!()
+        };
+        assert!(path.starts_with(&file));
+    }
+}

@@ -1,1 +1,235 @@
-fn main() {}
+//! `flexgen-plan`: choose a policy for a model, a workload and a machine by solving FlexGen's cost
+//! model as linear programs (HiGHS), and write it as policy TOML.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use flexgen_cli::{human_bytes, parse_bytes};
+use flexgen_planner::{Candidate, PlanOptions, plan, predict};
+use flexgen_policy::{HardwareProfile, Placement, Policy, Workload};
+
+const LONG_ABOUT: &str = "\
+Choose where weights, KV cache and activations live (GPU / CPU / disk), the block shape
+(gpu-batch-size × num-gpu-batches) and whether to use CPU attention and 4-bit compression, so that
+generated tokens per second of the whole workload is highest on the given machine.
+
+For each discrete choice (batch size, number of micro-batches, compression of weights and cache,
+CPU attention, activation tier) a linear program over the six placement fractions minimizes the time
+of one block under the memory limits of every tier; the best choice is written as a policy file
+that flexgen-run executes. The hardware profile comes from flexgen-profile, or from
+policies/hardware/ (t4-16gb, rtx3090, h200). docs/cost-model.md explains every term.
+
+With --percent (and optionally --gpu-batch-size / --num-gpu-batches) it evaluates that placement
+instead of searching, as the original cost model's evaluation mode did.";
+
+const EXAMPLES: &str = "\
+Examples:
+  flexgen-plan --hardware policies/hardware/t4-16gb.toml --model opt-30b --prompt-len 512 --gen-len 32 --out p.toml
+  flexgen-plan --hardware hw.toml --model opt-175b --prompt-len 512 --gen-len 32 --explain
+  flexgen-plan --hardware policies/hardware/h200.toml --model opt-30b --gpu-mem-limit 16GiB --no-compression --out p.toml
+  flexgen-plan --hardware policies/hardware/t4-16gb.toml --model opt-30b --percent 20 80 0 100 0 100 \\
+               --gpu-batch-size 48 --num-gpu-batches 3";
+
+#[derive(Parser, Debug)]
+#[command(name = "flexgen-plan", version, about = "Choose an offloading policy with FlexGen's cost model and an LP solver.", long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
+struct Cli {
+    /// Hardware profile (TOML) from flexgen-profile or policies/hardware/.
+    #[arg(long, value_name = "FILE")]
+    hardware: PathBuf,
+    /// Model: a name (opt-125m … opt-175b) or a Hugging Face model directory (its config.json).
+    #[arg(long, value_name = "NAME|DIR")]
+    model: String,
+    /// Prompt length in tokens.
+    #[arg(long, value_name = "N")]
+    prompt_len: u32,
+    /// Tokens generated per prompt.
+    #[arg(long, value_name = "N")]
+    gen_len: u32,
+    /// Number of prompts in the job (default: the planner picks the block size freely).
+    #[arg(long, value_name = "N")]
+    num_prompts: Option<u32>,
+    /// Use at most this much GPU memory, e.g. 16GiB to plan for a T4-class card on a larger one.
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    gpu_mem_limit: Option<u64>,
+    /// Do not consider 4-bit compression.
+    #[arg(long)]
+    no_compression: bool,
+    /// Force weight compression on.
+    #[arg(long, conflicts_with = "no_compression")]
+    compress_weight: bool,
+    /// Force KV-cache compression on.
+    #[arg(long, conflicts_with = "no_compression")]
+    compress_cache: bool,
+    /// Largest gpu-batch-size to try.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    max_batch: u32,
+    /// Only this gpu-batch-size.
+    #[arg(long, value_name = "N")]
+    gpu_batch_size: Option<u32>,
+    /// Only this number of micro-batches.
+    #[arg(long, value_name = "N")]
+    num_gpu_batches: Option<u32>,
+    /// Evaluate this placement (six percentages as in flexgen-run) instead of searching.
+    #[arg(long, num_args = 6, value_names = ["W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"])]
+    percent: Option<Vec<f64>>,
+    /// With --percent: evaluate CPU attention on.
+    #[arg(long)]
+    cpu_cache_compute: bool,
+    /// Offload directory written into the policy when it uses the disk (default: the profile's).
+    #[arg(long, value_name = "DIR")]
+    offload_dir: Option<PathBuf>,
+    /// Write the policy here (TOML); without it the policy is printed.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Print the best candidates, their predicted throughput and the binding resource.
+    #[arg(long)]
+    explain: bool,
+}
+
+fn main() -> ExitCode {
+    flexgen_cli::init_logging();
+    match run(&Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let hw = HardwareProfile::from_toml_file(&cli.hardware)
+        .with_context(|| format!("reading hardware profile {}", cli.hardware.display()))?;
+    let spec = model_spec(&cli.model)?;
+    let workload =
+        Workload { prompt_len: cli.prompt_len, gen_len: cli.gen_len, num_prompts: cli.num_prompts };
+    let opts = PlanOptions {
+        gpu_mem_limit_bytes: cli.gpu_mem_limit,
+        allow_compression: !cli.no_compression,
+        compress_weight: cli.compress_weight.then_some(true),
+        compress_cache: cli.compress_cache.then_some(true),
+        max_batch: cli.max_batch,
+        gpu_batch_size: cli.gpu_batch_size,
+        num_gpu_batches: cli.num_gpu_batches,
+        fixed_placement: None,
+        keep: if cli.explain { 8 } else { 1 },
+        offload_dir: cli.offload_dir.clone(),
+        ..PlanOptions::default()
+    };
+    let mut err = std::io::stderr().lock();
+    if let Some(p) = &cli.percent {
+        let six: [f64; 6] = p.as_slice().try_into().context("--percent takes six numbers")?;
+        let (Some(b), Some(k)) = (cli.gpu_batch_size, cli.num_gpu_batches) else {
+            bail!(
+                "--percent evaluates a given policy: also give --gpu-batch-size and --num-gpu-batches"
+            );
+        };
+        let mut policy = Policy {
+            gpu_batch_size: b,
+            num_gpu_batches: k,
+            cpu_cache_compute: cli.cpu_cache_compute,
+            ..Policy::default()
+        };
+        policy.placement = Placement::from_percent(six)?;
+        policy.compress_weight.enabled = cli.compress_weight;
+        policy.compress_cache.enabled = cli.compress_cache;
+        let mut hw = hw;
+        if let (Some(g), Some(limit)) = (hw.gpu.as_mut(), cli.gpu_mem_limit) {
+            g.memory_bytes = g.memory_bytes.min(limit);
+        }
+        let c = predict(&spec, &hw, &workload, &policy, opts.margins)
+            .context("evaluating the given policy")?;
+        writeln!(err, "{} on {}: given policy", spec.name, hw.name)?;
+        print_candidate(&mut err, 1, &c)?;
+        return Ok(());
+    }
+    let plan = plan(&spec, &hw, &workload, &opts)
+        .with_context(|| format!("planning {} on {}", spec.name, hw.name))?;
+    if cli.explain {
+        writeln!(
+            err,
+            "{} on {} (prompt {}, gen {}): {} LPs solved in {:.3} s; best candidates:",
+            spec.name, hw.name, cli.prompt_len, cli.gen_len, plan.solved, plan.solve_s
+        )?;
+        for (i, c) in plan.candidates.iter().enumerate() {
+            print_candidate(&mut err, i + 1, c)?;
+        }
+    }
+    let text = plan.policy.to_toml();
+    match &cli.out {
+        Some(path) => {
+            plan.policy
+                .write_toml_file(path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            let pred = plan.policy.prediction.as_ref().expect("plans carry a prediction");
+            writeln!(
+                err,
+                "wrote {}: {:.2} tok/s predicted, percent {:?}, {}x{}, binding {} (solved in {:.3} s)",
+                path.display(),
+                pred.throughput_tokens_per_s,
+                plan.policy.placement.to_percent(),
+                plan.policy.gpu_batch_size,
+                plan.policy.num_gpu_batches,
+                pred.binding,
+                plan.solve_s
+            )?;
+        }
+        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn model_spec(model: &str) -> anyhow::Result<flexgen_policy::ModelSpec> {
+    let path = PathBuf::from(model);
+    if path.is_dir() {
+        let files = flexgen_model::resolve(&path)?;
+        let text = std::fs::read_to_string(&files.config)
+            .with_context(|| format!("reading {}", files.config.display()))?;
+        let name = files
+            .dir
+            .file_name()
+            .map_or_else(|| model.to_string(), |n| n.to_string_lossy().into_owned());
+        return Ok(flexgen_model::spec_from_config_json(&text, &files.config, &name)?);
+    }
+    Ok(flexgen_model::spec_by_name(model)?)
+}
+
+fn print_candidate(out: &mut impl Write, rank: usize, c: &Candidate) -> std::io::Result<()> {
+    let pct = |v: f64| (v * 1000.0).round() / 10.0;
+    let x = c.fractions;
+    writeln!(
+        out,
+        "  #{rank}: {:.3} tok/s | {}x{} | weights {}/{}/{} cache {}/{}/{} act {} | cpu-attn {} | compress w/c {}/{} | prefill {:.1} s decode {:.1} s | binds {} | peak GPU {} CPU {} disk {}",
+        c.tokens_per_s,
+        c.choice.gpu_batch_size,
+        c.choice.num_gpu_batches,
+        pct(x[0]),
+        pct(x[1]),
+        pct(x[2]),
+        pct(x[3]),
+        pct(x[4]),
+        pct(x[5]),
+        if c.choice.act_on_gpu { "gpu" } else { "cpu" },
+        c.choice.cpu_attention,
+        c.choice.compress_weight,
+        c.choice.compress_cache,
+        c.prefill_s,
+        c.decode_s,
+        c.binding,
+        human(c.peak_gpu_bytes),
+        human(c.peak_cpu_bytes),
+        human(c.disk_bytes)
+    )
+}
+
+fn human(b: f64) -> String {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "byte counts are positive and below 2^64"
+    )]
+    human_bytes(b.max(0.0) as u64)
+}
