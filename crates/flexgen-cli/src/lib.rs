@@ -1,5 +1,5 @@
 //! Shared pieces of the three binaries: logging set-up, the policy flags that mirror the original
-//! FlexGen's command line, and where the bundled model lives. Each binary's `main` stays thin.
+//! `FlexGen`'s command line, and where the bundled model lives. Each binary's `main` stays thin.
 
 use std::path::PathBuf;
 
@@ -25,7 +25,7 @@ pub struct PolicyArgs {
     /// Policy file (TOML) written by flexgen-plan or by hand; see policies/ and docs/policy-format.md.
     #[arg(long, value_name = "FILE", help_heading = "Policy")]
     pub policy: Option<PathBuf>,
-    /// Placement as six percentages, as in the original FlexGen: weights GPU, weights CPU, KV cache
+    /// Placement as six percentages, as in the original `FlexGen`: weights GPU, weights CPU, KV cache
     /// GPU, KV cache CPU, activations GPU, activations CPU. What is left of 100 in each pair goes
     /// to disk (needs --offload-dir). Example: `0 100 100 0 100 0` = weights on the CPU, cache and
     /// activations on the GPU.

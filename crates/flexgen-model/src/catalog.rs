@@ -17,7 +17,7 @@ const OPT_SIZES: [(&str, u32, u32, u32); 9] = [
     ("opt-175b", 96, 12288, 96),
 ];
 
-/// An OPT spec with OPT's fixed choices (learned positions with offset 2, pre-LayerNorm, ReLU,
+/// An OPT spec with OPT's fixed choices (learned positions with offset 2, pre-LayerNorm, `ReLU`,
 /// biases, tied LM head, `</s>` = 2 as BOS and EOS, pad = 1).
 pub fn opt_spec(
     name: &str,

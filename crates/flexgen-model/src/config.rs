@@ -31,8 +31,8 @@ struct HfOptConfig {
     bos_token_id: Option<u32>,
     eos_token_id: Option<u32>,
     pad_token_id: Option<u32>,
-    #[serde(default)]
-    _remove_final_layer_norm: bool,
+    #[serde(default, rename = "_remove_final_layer_norm")]
+    remove_final_layer_norm: bool,
 }
 
 fn yes() -> bool {
@@ -76,7 +76,7 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
             ),
         ));
     }
-    if !c.do_layer_norm_before || c._remove_final_layer_norm {
+    if !c.do_layer_norm_before || c.remove_final_layer_norm {
         return Err(err(
             "do_layer_norm_before",
             "post-LayerNorm layers (OPT-350M) are not supported; every other OPT size works".into(),
@@ -94,7 +94,7 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
             "OPT variants without biases or LayerNorm weights are not supported".into(),
         ));
     }
-    if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+    if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         return Err(err(
             "num_attention_heads",
             format!("{} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size),

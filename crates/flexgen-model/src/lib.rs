@@ -4,7 +4,7 @@
 //!
 //! A model is a [`ModelSpec`] (the decoder-layer description: norm kind, MLP kind, position
 //! encoding, attention heads) plus [`Weights`] in that description's shape. A new family (Llama:
-//! RMSNorm, SwiGLU, RoPE, grouped-query attention) is new values of the same description and new
+//! `RMSNorm`, `SwiGLU`, `RoPE`, grouped-query attention) is new values of the same description and new
 //! tensor names in `weights.rs`, not a new runtime.
 
 mod catalog;

@@ -20,7 +20,7 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
-/// LayerNorm (weight and bias) or RMSNorm (weight only).
+/// `LayerNorm` (weight and bias) or `RMSNorm` (weight only).
 #[derive(Debug, Clone)]
 pub struct Norm {
     pub weight: Tensor,
@@ -30,7 +30,7 @@ pub struct Norm {
 /// The feed-forward block of a layer.
 #[derive(Debug, Clone)]
 pub enum Mlp {
-    /// OPT: fc1 → ReLU → fc2.
+    /// OPT: fc1 → `ReLU` → fc2.
     Relu { fc1: Linear, fc2: Linear },
 }
 
@@ -147,9 +147,9 @@ impl Weights {
 /// Values of dummy weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DummyInit {
-    /// Every value 1, FlexGen's convention for benchmarks (it hides indexing bugs: not for tests).
+    /// Every value 1, `FlexGen`'s convention for benchmarks (it hides indexing bugs: not for tests).
     Ones,
-    /// Seeded uniform values in ±0.1 (LayerNorm weights around 1).
+    /// Seeded uniform values in ±0.1 (`LayerNorm` weights around 1).
     Random { seed: u64 },
 }
 
@@ -184,9 +184,11 @@ impl TensorSource for DummySource {
 /// Memory-mapped safetensors files with an index of every tensor they hold.
 pub struct SafetensorsStore {
     files: Vec<(PathBuf, Mmap)>,
-    /// name → (file index, dtype, shape, absolute byte range in the file)
-    index: HashMap<String, (usize, Dtype, Vec<usize>, std::ops::Range<usize>)>,
+    index: HashMap<String, Entry>,
 }
+
+/// Where one tensor is: (file index, dtype, shape, absolute byte range in the file).
+type Entry = (usize, Dtype, Vec<usize>, std::ops::Range<usize>);
 
 impl SafetensorsStore {
     /// Maps the given files and indexes their tensors.
@@ -280,10 +282,7 @@ impl SafetensorsStore {
     }
 
     /// Finds `name` under the prefixes checkpoints use (`model.decoder…` or `decoder…`).
-    fn find(
-        &self,
-        name: &str,
-    ) -> Option<(&str, &(usize, Dtype, Vec<usize>, std::ops::Range<usize>))> {
+    fn find(&self, name: &str) -> Option<(&str, &Entry)> {
         [format!("model.{name}"), name.to_string()]
             .into_iter()
             .find_map(|n| self.index.get_key_value(n.as_str()).map(|(k, v)| (k.as_str(), v)))

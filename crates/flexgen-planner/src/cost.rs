@@ -69,7 +69,7 @@ pub struct Choice {
     pub compress_weight: bool,
     pub compress_cache: bool,
     pub cpu_attention: bool,
-    /// Activations on the GPU (else on the CPU; FlexGen never puts them on disk).
+    /// Activations on the GPU (else on the CPU; `FlexGen` never puts them on disk).
     pub act_on_gpu: bool,
 }
 

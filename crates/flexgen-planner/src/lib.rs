@@ -1,4 +1,4 @@
-//! The planner: FlexGen's cost model solved as a linear program. For each discrete choice
+//! The planner: `FlexGen`'s cost model solved as a linear program. For each discrete choice
 //! (`gpu_batch_size`, `num_gpu_batches`, weight and cache compression, CPU attention, activation
 //! tier) an LP over the six placement fractions minimizes the time of one block; the choice with the
 //! highest generated tokens per second of the whole workload wins and becomes a [`Policy`].

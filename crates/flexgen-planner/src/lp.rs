@@ -1,5 +1,5 @@
-//! The linear program over the placement fractions for one discrete choice, solved with HiGHS
-//! through good_lp. Kept behind this one function so that the rest of the planner never sees the
+//! The linear program over the placement fractions for one discrete choice, solved with `HiGHS`
+//! through `good_lp`. Kept behind this one function so that the rest of the planner never sees the
 //! solver.
 
 use good_lp::{

@@ -1,5 +1,5 @@
-//! The planner on the shipped hardware profiles against the FlexGen paper's measured throughput
-//! (T4, prompt 512, 32 generated tokens): FlexGen reached 7.32 tok/s on OPT-30B and 0.69 on
+//! The planner on the shipped hardware profiles against the `FlexGen` paper's measured throughput
+//! (T4, prompt 512, 32 generated tokens): `FlexGen` reached 7.32 tok/s on OPT-30B and 0.69 on
 //! OPT-175B. Our predictions for plans without compression (as those runs were) must land within
 //! 2× of those, with feasible policies.
 

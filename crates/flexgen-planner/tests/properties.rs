@@ -99,7 +99,7 @@ proptest! {
                 }
                 if let Some(n) = prompts {
                     // No block larger than needed: the last micro-batch holds at least one prompt.
-                    prop_assert!(p.policy.block_size() as u32 - p.policy.gpu_batch_size < n);
+                    prop_assert!(p.policy.block_size() - (p.policy.gpu_batch_size as usize) < (n as usize));
                 }
             }
             Err(Error::Infeasible { shortfalls, .. }) => {

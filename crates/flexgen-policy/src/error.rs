@@ -20,7 +20,7 @@ pub enum Error {
 impl Error {
     pub(crate) fn invalid(
         field: impl Into<String>,
-        value: impl ToString,
+        value: impl std::fmt::Display,
         problem: impl Into<String>,
         fix: impl Into<String>,
     ) -> Self {

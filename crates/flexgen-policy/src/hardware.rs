@@ -17,7 +17,7 @@ pub struct GpuProfile {
     pub name: String,
     /// Memory the runtime may use (the card's, or `--gpu-mem-limit`).
     pub memory_bytes: u64,
-    /// PCIe generation and lane count, where known.
+    /// `PCIe` generation and lane count, where known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pcie: Option<String>,
     /// Pinned host→device copy rate.

@@ -110,7 +110,7 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Everything on the GPU (FlexGen's default `100 0 100 0 100 0`).
+    /// Everything on the GPU (`FlexGen`'s default `100 0 100 0 100 0`).
     pub fn all_gpu() -> Self {
         let g = TierShares::all_on(Tier::Gpu);
         Self { weights: g, kv_cache: g, activations: g }
@@ -173,12 +173,12 @@ pub struct Compression {
 }
 
 impl Compression {
-    /// FlexGen's weight compression (4 bits, groups of 64 along dim 0), off.
+    /// `FlexGen`'s weight compression (4 bits, groups of 64 along dim 0), off.
     pub fn weights_default() -> Self {
         Self { enabled: false, bits: 4, group_size: 64, group_dim: 0 }
     }
 
-    /// FlexGen's cache compression (4 bits, groups of 64 along the head dimension), off.
+    /// `FlexGen`'s cache compression (4 bits, groups of 64 along the head dimension), off.
     pub fn cache_default() -> Self {
         Self { enabled: false, bits: 4, group_size: 64, group_dim: 2 }
     }
@@ -192,7 +192,7 @@ impl Compression {
                 "use 4 or 8",
             ));
         }
-        if self.group_size == 0 || self.group_size % 2 != 0 {
+        if self.group_size == 0 || !self.group_size.is_multiple_of(2) {
             return Err(Error::invalid(
                 format!("{field}.group_size"),
                 self.group_size,
@@ -422,12 +422,14 @@ mod tests {
                                            b in 1u32..512, k in 1u32..16) {
             let wc = wc.min(100 - w);
             let cc = 100 - c;
-            let mut p = Policy::default();
-            p.gpu_batch_size = b;
-            p.num_gpu_batches = k;
-            p.placement = Placement::from_percent(
-                [f64::from(w), f64::from(wc), f64::from(c), f64::from(cc), 100.0, 0.0]).unwrap();
-            p.offload_dir = Some("/tmp/offload".into());
+            let p = Policy {
+                gpu_batch_size: b,
+                num_gpu_batches: k,
+                placement: Placement::from_percent(
+                    [f64::from(w), f64::from(wc), f64::from(c), f64::from(cc), 100.0, 0.0]).unwrap(),
+                offload_dir: Some("/tmp/offload".into()),
+                ..Policy::default()
+            };
             p.validate().unwrap();
             proptest::prop_assert_eq!(Policy::from_toml_str(&p.to_toml()).unwrap(), p);
         }

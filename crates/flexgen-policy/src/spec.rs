@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
-    /// Meta's OPT: learned positions, LayerNorm, ReLU MLP, biases everywhere.
+    /// Meta's OPT: learned positions, `LayerNorm`, `ReLU` MLP, biases everywhere.
     Opt,
-    /// The Llama family: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
+    /// The Llama family: `RoPE`, `RMSNorm`, `SwiGLU`, grouped-query attention, no biases.
     Llama,
 }
 
@@ -17,9 +17,9 @@ pub enum Family {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NormKind {
-    /// LayerNorm with weight and bias.
+    /// `LayerNorm` with weight and bias.
     LayerNorm { eps: f64 },
-    /// RMSNorm with weight only.
+    /// `RMSNorm` with weight only.
     RmsNorm { eps: f64 },
 }
 
@@ -27,7 +27,7 @@ pub enum NormKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MlpKind {
-    /// fc1 → ReLU → fc2.
+    /// fc1 → `ReLU` → fc2.
     Relu,
     /// gate/up → SiLU(gate)·up → down.
     SwiGlu,

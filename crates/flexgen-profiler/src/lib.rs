@@ -213,7 +213,7 @@ pub fn disk_bandwidth(dir: &Path, mode: Mode) -> Result<(f64, f64, bool)> {
     let chunk = 16 << 20;
     let total = mode.disk_bytes().max(chunk);
     let mut buf = Aligned::new(chunk);
-    buf.as_mut().iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+    buf.as_mut().iter_mut().enumerate().for_each(|(i, b)| *b = u8::try_from(i % 251).unwrap_or(0));
     let open_write = |direct: bool| {
         let mut o = std::fs::OpenOptions::new();
         o.write(true).create(true).truncate(true);

@@ -70,7 +70,9 @@ pub fn choose(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
     let max = cand[0].1;
     let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
     let sum: f32 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= sum);
+    for p in &mut probs {
+        *p /= sum;
+    }
     if let Some(p) = top_p {
         let mut acc = 0.0;
         let keep = probs
@@ -82,7 +84,9 @@ pub fn choose(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
             .map_or(probs.len(), |i| i + 1);
         probs.truncate(keep);
         let s: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= s);
+        for q in &mut probs {
+            *q /= s;
+        }
     }
     let mut r: f32 = rng.random_range(0.0..1.0);
     for (i, &q) in probs.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! Golden tests: the tiny random OPT and the bundled model against what Hugging Face transformers
 //! computed from the same files (crates/flexgen-model/test_data/*/golden.*, made by
-//! xtask/scripts/make_models.py). Logits must agree within 1e-4 and greedy tokens exactly, for single
+//! `xtask/scripts/make_models.py`). Logits must agree within 1e-4 and greedy tokens exactly, for single
 //! prompts, for a left-padded batch of mixed lengths, and under every batch split.
 
 use std::collections::HashMap;
@@ -111,8 +111,10 @@ fn tokenizer_matches_transformers() {
 fn prefill_logits_match_transformers_at_every_position() {
     let f = load("test_data/tiny-random-opt");
     for (i, p) in f.golden.prompts.iter().enumerate() {
-        let logits =
-            f.model.forward_all(&[p.input_ids.clone()], &[vec![true; p.input_ids.len()]]).unwrap();
+        let logits = f
+            .model
+            .forward_all(std::slice::from_ref(&p.input_ids), &[vec![true; p.input_ids.len()]])
+            .unwrap();
         let (shape, want) = &f.tensors[&format!("prompt{i}.prefill_logits")];
         assert_eq!(&logits.dims()[1..], &shape[..]);
         assert_close(

@@ -23,7 +23,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
-/// LayerNorm over the last dimension: `(x − mean) / sqrt(var + eps) · w + b`.
+/// `LayerNorm` over the last dimension: `(x − mean) / sqrt(var + eps) · w + b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(candle_core::D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;

@@ -1,5 +1,5 @@
-//! `flexgen-plan`: choose a policy for a model, a workload and a machine by solving FlexGen's cost
-//! model as linear programs (HiGHS), and write it as policy TOML.
+//! `flexgen-plan`: choose a policy for a model, a workload and a machine by solving `FlexGen`'s cost
+//! model as linear programs (`HiGHS`), and write it as policy TOML.
 
 use std::io::Write;
 use std::path::PathBuf;

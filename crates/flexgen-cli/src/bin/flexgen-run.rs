@@ -45,7 +45,7 @@ struct Cli {
     /// Default: the bundled model.
     #[arg(long, value_name = "PATH|NAME")]
     model: Option<String>,
-    /// Dummy weights instead of files: `ones` (FlexGen's convention) or `random` (seeded).
+    /// Dummy weights instead of files: `ones` (`FlexGen`'s convention) or `random` (seeded).
     #[arg(long, value_name = "KIND", num_args = 0..=1, default_missing_value = "ones")]
     dummy: Option<DummyKind>,
     /// A prompt; repeat for several.
@@ -151,7 +151,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
     };
     let (completions, stats) = generator.generate(&requests, &config, &mut on_event)?;
-    drop(on_event);
     if stream {
         writeln!(out)?;
     }
