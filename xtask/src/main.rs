@@ -1,1 +1,111 @@
-fn main() {}
+//! Project automation, reached as `cargo xtask <command>` (alias in .cargo/config.toml).
+//!
+//! - `ci`: what CI runs, cheapest first: `cargo fmt --check`, clippy with `-D warnings`, the whole
+//!   test suite, and the policy files check (every file under policies/ must parse and validate,
+//!   which the tests do).
+//! - `bench plan`: builds the release binaries and times `flexgen-plan` for every shipped hardware
+//!   profile × OPT-6.7B/30B/175B, printing a markdown table for docs/benchmarks.md.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives in the workspace")?
+        .to_path_buf();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["ci"] => ci(&root),
+        ["bench", "plan"] => bench_plan(&root),
+        _ => {
+            eprintln!("usage: cargo xtask ci | cargo xtask bench plan");
+            bail!("unknown command {args:?}")
+        }
+    }
+}
+
+fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ci(root: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    cargo(root, &["fmt", "--all", "--check"])?;
+    cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(root, &["test", "--workspace"])?;
+    eprintln!("ci passed in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn bench_plan(root: &Path) -> anyhow::Result<()> {
+    cargo(root, &["build", "--release", "--bin", "flexgen-plan"])?;
+    let bin = root.join("target/release/flexgen-plan");
+    let mut hw: Vec<PathBuf> = std::fs::read_dir(root.join("policies/hardware"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    hw.sort();
+    println!(
+        "| hardware | model | tok/s predicted | policy (w g/c/d, cache g/c/d, act) | block | cpu attn | compress w/c | binding | solve s (wall) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for h in &hw {
+        for model in ["opt-6.7b", "opt-30b", "opt-175b"] {
+            let out = std::env::temp_dir().join("flexgen-bench-plan.toml");
+            let t = Instant::now();
+            let o = Command::new(&bin)
+                .args(["--hardware"])
+                .arg(h)
+                .args(["--model", model, "--prompt-len", "512", "--gen-len", "32", "--out"])
+                .arg(&out)
+                .output()?;
+            let wall = t.elapsed().as_secs_f64();
+            if !o.status.success() {
+                println!(
+                    "| {} | {model} | infeasible | {} | | | | | {wall:.3} |",
+                    stem(h),
+                    String::from_utf8_lossy(&o.stderr).trim().replace('\n', " ")
+                );
+                continue;
+            }
+            let text = std::fs::read_to_string(&out)?;
+            let v: toml::Table = toml::from_str(&text)?;
+            let pl = &v["placement"];
+            let tiers = |t: &toml::Value| format!("{}/{}/{}", t["gpu"], t["cpu"], t["disk"]);
+            let act =
+                if pl["activations"]["gpu"].as_float() == Some(100.0) { "gpu" } else { "cpu" };
+            let pred = &v["prediction"];
+            println!(
+                "| {} | {model} | {:.2} | {}, {}, {act} | {}x{} | {} | {}/{} | {} | {wall:.3} |",
+                stem(h),
+                pred["throughput_tokens_per_s"].as_float().unwrap_or(0.0),
+                tiers(&pl["weights"]),
+                tiers(&pl["kv_cache"]),
+                v["gpu_batch_size"],
+                v["num_gpu_batches"],
+                v["cpu_cache_compute"],
+                v["compress_weight"]["enabled"],
+                v["compress_cache"]["enabled"],
+                pred["binding"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned())
+}

@@ -5,7 +5,7 @@
 
 use std::ops::{Add, Mul};
 
-use flexgen_policy::{Compression, HardwareProfile, ModelSpec, Workload};
+use flexgen_policy::{Compression, HardwareProfile, MlpKind, ModelSpec, Workload};
 
 /// Index of each placement fraction in [`Lin::coef`].
 pub const WG: usize = 0;
@@ -155,6 +155,8 @@ pub fn terms(
     let rc =
         if choice.compress_cache { compression_ratio(&Compression::cache_default()) } else { 1.0 };
     let w = 2.0 * layer_params * rw; // bytes of one layer's weights as stored
+    // Weights stream by sublayer (attention, then MLP), so a transfer buffer holds the larger one.
+    let w_sub = 2.0 * largest_sublayer_params(spec) * rw;
     let w16 = 2.0 * layer_params; // the same in fp16, as used by the GEMMs
     let kv_tok = 2.0 * f64::from(spec.num_kv_heads * spec.head_dim()) * 2.0 * rc; // K+V, one token
     let act_cpu = if choice.act_on_gpu { 0.0 } else { 1.0 };
@@ -220,9 +222,10 @@ pub fn terms(
     let l = f64::from(spec.num_layers);
     let embeddings = 2.0 * (v + f64::from(spec.max_positions) + 2.0) * h1;
     let resident = Lin::var(WG, l * w) + Lin::var(CG, l * kv_tok * full * bls);
-    // Streamed weights are double-buffered; compressed weights also need one fp16 copy in use.
-    let weight_buffers = (Lin::c(1.0) + Lin::var(WG, -1.0)) * (2.0 * w)
-        + Lin::c(if choice.compress_weight { w16 } else { 0.0 });
+    // Streamed weights are double-buffered by sublayer; compressed weights also need one fp16
+    // copy of the sublayer in use.
+    let weight_buffers = (Lin::c(1.0) + Lin::var(WG, -1.0)) * (2.0 * w_sub)
+        + Lin::c(if choice.compress_weight { w_sub / rw } else { 0.0 });
     let gpu_prefill = resident
         + weight_buffers
         + Lin::c(embeddings)
@@ -241,12 +244,30 @@ pub fn terms(
     let cpu = Lin::var(WC, l * w)
         + Lin::var(CC, l * kv_tok * full * bls)
         + Lin::c(hid_p * act_cpu)
-        + Lin::var(WN, 2.0 * w)
+        + Lin::var(WN, 2.0 * w_sub)
         + Lin::var(CN, 2.0 * kv_tok * full * b)
         + Lin::c(CPU_OVERHEAD_BYTES);
     let disk = Lin::var(WN, l * w) + Lin::var(CN, l * kv_tok * full * bls);
     let head_s = n * bls * 2.0 * h1 * v / gemm;
     Terms { prefill, decode, gpu_prefill, gpu_decode, cpu, disk, head_s, num_layers: l, gen_len: n }
+}
+
+/// Elements of the larger sublayer (attention block or MLP block, each with its norm).
+pub fn largest_sublayer_params(spec: &ModelSpec) -> f64 {
+    let h = f64::from(spec.hidden_size);
+    let kv = f64::from(spec.num_kv_heads * spec.head_dim());
+    let f = f64::from(spec.ffn_size);
+    let bias = if spec.bias { 1.0 } else { 0.0 };
+    let norm = match spec.norm {
+        flexgen_policy::NormKind::LayerNorm { .. } => 2.0 * h,
+        flexgen_policy::NormKind::RmsNorm { .. } => h,
+    };
+    let attn = 2.0 * h * h + 2.0 * h * kv + bias * (2.0 * h + 2.0 * kv) + norm;
+    let mlp = match spec.mlp {
+        MlpKind::Relu => 2.0 * h * f + bias * (f + h),
+        MlpKind::SwiGlu => 3.0 * h * f,
+    } + norm;
+    attn.max(mlp)
 }
 
 impl Terms {
@@ -424,13 +445,19 @@ mod tests {
         let x = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
         let disk = 2.0 * 2.0 * LAYER_PARAMS + 2.0 * 256.0 * 15.0 * 8.0;
         assert!((t.disk.eval(&x) - disk).abs() < 1e-6);
-        // CPU: staging for one layer double-buffered + one micro-batch's cache double-buffered.
-        let cpu = 2.0 * 2.0 * LAYER_PARAMS + 2.0 * 256.0 * 15.0 * 4.0 + CPU_OVERHEAD_BYTES;
+        // The larger sublayer is the MLP: fc1 + fc2 (2·64·256) + biases (256 + 64) + norm (128).
+        assert!((largest_sublayer_params(&spec()) - 33_216.0).abs() < 1e-9);
+        // CPU: staging for the larger sublayer double-buffered + one micro-batch's cache
+        // double-buffered.
+        let cpu = 2.0 * 2.0 * 33_216.0 + 2.0 * 256.0 * 15.0 * 4.0 + CPU_OVERHEAD_BYTES;
         assert!((t.cpu.eval(&x) - cpu).abs() < 1e-6);
-        // GPU peak grows with the resident weight share: each layer adds its bytes, minus the
-        // double buffer it no longer needs.
+        // GPU peak with all weights resident vs all streamed: + every layer, − the double buffer.
         let g0 = t.gpu_decode.eval(&[0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
         let g1 = t.gpu_decode.eval(&[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
-        assert!((g1 - g0 - (2.0 - 2.0) * 2.0 * LAYER_PARAMS).abs() < 1e-6);
+        assert!(
+            (g1 - g0 - (2.0 * 2.0 * LAYER_PARAMS - 2.0 * 2.0 * 33_216.0)).abs() < 1e-6,
+            "{}",
+            g1 - g0
+        );
     }
 }

@@ -173,44 +173,67 @@ pub fn plan(
         Some(k) => vec![k],
         None => NUM_BATCHES.to_vec(),
     };
-    let mut found: Vec<Candidate> = Vec::new();
-    let mut solved = 0;
+    // The discrete switches are independent searches: run them on all cores.
+    let mut switches = Vec::new();
     for &cw in &flags(opts.compress_weight) {
         for &cc in &flags(opts.compress_cache) {
             for cpu_attention in [false, true] {
                 for act_on_gpu in [true, false] {
-                    for &b in &batches {
-                        let mut any = false;
-                        for &k in &nums {
-                            let choice = Choice {
-                                gpu_batch_size: b,
-                                num_gpu_batches: k,
-                                compress_weight: cw,
-                                compress_cache: cc,
-                                cpu_attention,
-                                act_on_gpu,
-                            };
-                            if let Some(n) = workload.num_prompts
-                                && f64::from(n) <= choice.block() - f64::from(b)
-                            {
-                                break; // a smaller block already holds every prompt
-                            }
-                            solved += 1;
-                            let Some(c) = evaluate_choice(spec, &hw, workload, &choice, cap, fixed)
-                            else {
-                                break; // larger blocks need more memory
-                            };
-                            any = true;
-                            found.push(c);
-                        }
-                        if !any {
-                            break; // larger micro-batches need more memory
-                        }
-                    }
+                    switches.push((cw, cc, cpu_attention, act_on_gpu));
                 }
             }
         }
     }
+    let threads =
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(switches.len());
+    let results: Vec<(usize, Vec<Candidate>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (switches, batches, nums, hw) = (&switches, &batches, &nums, &hw);
+                scope.spawn(move || {
+                    let mut solved = 0;
+                    let mut found = Vec::new();
+                    for &(cw, cc, cpu_attention, act_on_gpu) in
+                        switches.iter().skip(t).step_by(threads)
+                    {
+                        for &b in batches {
+                            let mut any = false;
+                            for &k in nums {
+                                let choice = Choice {
+                                    gpu_batch_size: b,
+                                    num_gpu_batches: k,
+                                    compress_weight: cw,
+                                    compress_cache: cc,
+                                    cpu_attention,
+                                    act_on_gpu,
+                                };
+                                if let Some(n) = workload.num_prompts
+                                    && f64::from(n) <= choice.block() - f64::from(b)
+                                {
+                                    break; // a smaller block already holds every prompt
+                                }
+                                solved += 1;
+                                let Some(c) =
+                                    evaluate_choice(spec, hw, workload, &choice, cap, fixed)
+                                else {
+                                    break; // larger blocks need more memory
+                                };
+                                any = true;
+                                found.push(c);
+                            }
+                            if !any {
+                                break; // larger micro-batches need more memory
+                            }
+                        }
+                    }
+                    (solved, found)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("planner thread panicked")).collect()
+    });
+    let solved = results.iter().map(|r| r.0).sum();
+    let mut found: Vec<Candidate> = results.into_iter().flat_map(|r| r.1).collect();
     found.sort_by(|a, b| b.tokens_per_s.total_cmp(&a.tokens_per_s));
     found.truncate(opts.keep.max(1));
     let Some(best) = found.first() else {
@@ -238,8 +261,25 @@ pub fn predict(
         cpu_attention: policy.cpu_cache_compute,
         act_on_gpu: policy.placement.activations.single_tier() == Some(Tier::Gpu),
     };
-    evaluate_choice(spec, &hw, workload, &choice, cap, Some(fractions_of(&policy.placement)))
-        .ok_or_else(|| infeasible(spec, &hw, workload, cap))
+    let x = fractions_of(&policy.placement);
+    evaluate_choice(spec, &hw, workload, &choice, cap, Some(x)).ok_or_else(|| {
+        let t = cost::terms(spec, &hw, workload, &choice);
+        let gpu = t.gpu_prefill.eval(&x).max(t.gpu_decode.eval(&x));
+        let shortfalls = [
+            (Tier::Gpu, gpu, cap.gpu),
+            (Tier::Cpu, t.cpu.eval(&x), cap.cpu),
+            (Tier::Disk, t.disk.eval(&x), cap.disk),
+        ]
+        .into_iter()
+        .filter(|(_, need, have)| need > have)
+        .map(|(tier, needed_bytes, available_bytes)| Shortfall {
+            tier: Some(tier),
+            needed_bytes,
+            available_bytes,
+        })
+        .collect();
+        Error::Infeasible { model: spec.name.clone(), profile: hw.name.clone(), shortfalls }
+    })
 }
 
 fn capacities(hw: &HardwareProfile, opts: &PlanOptions) -> Result<(HardwareProfile, lp::Capacity)> {
@@ -296,10 +336,10 @@ fn evaluate_choice(
 /// Percentages from fractions, to 0.1 %, summing to exactly 100 (the largest share absorbs the
 /// rounding, so a tier that the LP left empty stays empty).
 fn shares(f: [f64; 3]) -> TierShares {
-    let mut p = f.map(|v| (v * 1000.0).round() / 10.0);
+    let mut p = f.map(|v| (v * 1000.0).round() / 10.0 + 0.0); // + 0.0 turns −0.0 into 0.0
     let sum: f64 = p.iter().sum();
     let largest = (0..3).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);
-    p[largest] = ((p[largest] + 100.0 - sum) * 10.0).round() / 10.0;
+    p[largest] = ((p[largest] + 100.0 - sum) * 10.0).round() / 10.0 + 0.0;
     TierShares { gpu: p[0], cpu: p[1], disk: p[2] }
 }
 

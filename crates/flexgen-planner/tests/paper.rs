@@ -72,3 +72,45 @@ fn allowing_compression_never_lowers_the_prediction() {
         assert!(tps(true) >= tps(false), "{model}");
     }
 }
+
+/// The paper's own T4 policies, evaluated (not searched) by the cost model on the whole card
+/// (margins 1.0), against what the paper measured with them. The original places whole tensors by
+/// their midpoints: its "20 %" of OPT-30B's weights on the GPU was only `out_proj` of each layer,
+/// 1/12 of the bytes (docs/cost-model.md), so that is what is evaluated. The original's 4-bit path
+/// reaches only ~38 % of its PCIe roofline (`MISSION.md`), so for the compressed runs the model of our
+/// runtime must predict at least what the original measured, not within 2× of it.
+#[test]
+fn the_papers_t4_policies_are_predicted_within_2x() {
+    let hw = profile("t4-16gb");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    for (file, model, measured, compressed) in [
+        ("opt-30b-t4.toml", "opt-30b", 7.32, false),
+        ("opt-30b-t4-compressed.toml", "opt-30b", 8.38, true),
+        ("opt-175b-t4.toml", "opt-175b", 0.69, false),
+        ("opt-175b-t4-compressed.toml", "opt-175b", 1.12, true),
+    ] {
+        let mut policy = flexgen_policy::Policy::from_toml_file(&dir.join(file)).unwrap();
+        if policy.placement.weights.gpu == 20.0 {
+            policy.placement.weights = flexgen_policy::TierShares {
+                gpu: 100.0 / 12.0,
+                cpu: 100.0 - 100.0 / 12.0,
+                disk: 0.0,
+            };
+        }
+        let whole = flexgen_planner::Margins { gpu: 1.0, cpu: 1.0, disk: 1.0 };
+        let c =
+            flexgen_planner::predict(&spec_by_name(model).unwrap(), &hw, &PAPER, &policy, whole);
+        match c {
+            Ok(c) => {
+                eprintln!(
+                    "{file}: predicted {:.2} tok/s, paper measured {measured}, binding {}",
+                    c.tokens_per_s, c.binding
+                );
+                let r = c.tokens_per_s / measured;
+                let ok = if compressed { r >= 1.0 } else { (0.5..=2.0).contains(&r) };
+                assert!(ok, "{file}: {} vs {measured}", c.tokens_per_s);
+            }
+            Err(e) => panic!("{file}: {e}"),
+        }
+    }
+}
