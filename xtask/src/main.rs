@@ -6,6 +6,8 @@
 //! - `bench plan`: builds the release binaries and times `flexgen-plan` for every shipped hardware
 //!   profile × OPT-6.7B/30B/175B, printing a markdown table for docs/benchmarks.md.
 
+#![expect(clippy::print_stdout, reason = "xtask prints tables for the docs")]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;

@@ -75,8 +75,12 @@ fn an_old_profile_is_refused_with_the_fix() {
 #[test]
 fn a_profile_missing_a_rate_names_it() {
     let text = std::fs::read_to_string(&files("hardware")[0]).unwrap();
-    let kept: String = text.lines().filter(|l| !l.starts_with("hbm_bytes_per_s")).fold(String::new(), |acc, l| acc + l + "
-");
+    let kept: String =
+        text.lines().filter(|l| !l.starts_with("hbm_bytes_per_s")).fold(String::new(), |acc, l| {
+            acc + l
+                + "
+"
+        });
     let (_d, p) = write(&kept);
     let msg = HardwareProfile::from_toml_file(&p).unwrap_err().to_string();
     assert!(msg.contains("hbm_bytes_per_s"), "{msg}");
