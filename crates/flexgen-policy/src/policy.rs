@@ -119,6 +119,16 @@ impl Placement {
     /// The six numbers of the original's `--percent`: weights GPU/CPU, cache GPU/CPU,
     /// activations GPU/CPU; the rest of each goes to disk.
     pub fn from_percent(p: [f64; 6]) -> Result<Self> {
+        for (what, g, c) in [("weights", p[0], p[1]), ("KV cache", p[2], p[3]), ("activations", p[4], p[5])] {
+            if g + c > 100.0 + 1e-9 {
+                return Err(Error::invalid(
+                    format!("--percent ({what})"),
+                    format!("GPU {g} + CPU {c} = {}", g + c),
+                    "a GPU+CPU pair cannot exceed 100 percent",
+                    "lower one of the two; the disk gets 100 minus their sum",
+                ));
+            }
+        }
         let placement = Self {
             weights: TierShares::from_gpu_cpu(p[0], p[1]),
             kv_cache: TierShares::from_gpu_cpu(p[2], p[3]),
@@ -372,8 +382,9 @@ mod tests {
     #[test]
     fn percent_over_100_names_the_flag() {
         let err = Placement::from_percent([60.0, 50.0, 100.0, 0.0, 100.0, 0.0]).unwrap_err();
-        let Error::Invalid { field, .. } = &err else { panic!("{err:?}") };
-        assert!(field.starts_with("--percent (placement.weights"), "{field}");
+        let Error::Invalid { field, value, .. } = &err else { panic!("{err:?}") };
+        assert_eq!(field, "--percent (weights)");
+        assert!(value.contains("= 110"), "{value}");
     }
 
     #[test]
