@@ -14,7 +14,10 @@ fn bin(name: &str) -> Command {
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn root() -> &'static Path {
@@ -23,7 +26,10 @@ fn root() -> &'static Path {
 
 #[test]
 fn run_on_the_bundled_model_prints_text_and_throughput() {
-    let o = bin("flexgen-run").args(["--prompt", "In the beginning", "--max-new-tokens", "12"]).output().unwrap();
+    let o = bin("flexgen-run")
+        .args(["--prompt", "In the beginning", "--max-new-tokens", "12"])
+        .output()
+        .unwrap();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     // The bundled model was trained on the KJV: its greedy continuation is golden-tested; here we
@@ -37,7 +43,17 @@ fn run_on_the_bundled_model_prints_text_and_throughput() {
 #[test]
 fn run_json_report_has_the_throughput_fields() {
     let o = bin("flexgen-run")
-        .args(["--prompt", "And God said", "--prompt", "Jesus wept.", "--max-new-tokens", "4", "--gpu-batch-size", "2", "--json"])
+        .args([
+            "--prompt",
+            "And God said",
+            "--prompt",
+            "Jesus wept.",
+            "--max-new-tokens",
+            "4",
+            "--gpu-batch-size",
+            "2",
+            "--json",
+        ])
         .output()
         .unwrap();
     let (out, err) = text(&o);
@@ -53,13 +69,28 @@ fn run_json_report_has_the_throughput_fields() {
 #[test]
 fn run_with_a_dummy_spec_and_synthetic_prompts() {
     let o = bin("flexgen-run")
-        .args(["--model", "opt-125m", "--dummy", "random", "--prompt-len", "8", "--max-new-tokens", "2", "--gpu-batch-size", "2", "--json"])
+        .args([
+            "--model",
+            "opt-125m",
+            "--dummy",
+            "random",
+            "--prompt-len",
+            "8",
+            "--max-new-tokens",
+            "2",
+            "--gpu-batch-size",
+            "2",
+            "--json",
+        ])
         .output()
         .unwrap();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((v["weights"].as_str(), v["prompts"].as_u64(), v["generated_tokens"].as_u64()), (Some("dummy"), Some(2), Some(4)));
+    assert_eq!(
+        (v["weights"].as_str(), v["prompts"].as_u64(), v["generated_tokens"].as_u64()),
+        (Some("dummy"), Some(2), Some(4))
+    );
 }
 
 #[test]
@@ -68,12 +99,18 @@ fn run_refuses_a_bad_model_directory_with_its_path() {
     let o = bin("flexgen-run").args(["--model"]).arg(dir.path()).output().unwrap();
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1));
-    assert!(err.contains(&dir.path().display().to_string()) && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains(&dir.path().display().to_string()) && err.contains("config.json"),
+        "{err}"
+    );
 }
 
 #[test]
 fn run_refuses_a_bad_percent_naming_the_flag() {
-    let o = bin("flexgen-run").args(["--percent", "60", "50", "100", "0", "100", "0"]).output().unwrap();
+    let o = bin("flexgen-run")
+        .args(["--percent", "60", "50", "100", "0", "100", "0"])
+        .output()
+        .unwrap();
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("--percent") && err.contains("110"), "{err}");
@@ -84,7 +121,15 @@ fn run_overrides_a_policy_file_with_flags() {
     let o = bin("flexgen-run")
         .arg("--policy")
         .arg(root().join("policies/opt-30b-t4.toml"))
-        .args(["--gpu-batch-size", "1", "--num-gpu-batches", "1", "--max-new-tokens", "2", "--json"])
+        .args([
+            "--gpu-batch-size",
+            "1",
+            "--num-gpu-batches",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ])
         .output()
         .unwrap();
     let (out, err) = text(&o);
@@ -102,7 +147,16 @@ fn plan_writes_a_policy_that_run_accepts() {
     let o = bin("flexgen-plan")
         .arg("--hardware")
         .arg(root().join("policies/hardware/t4-16gb.toml"))
-        .args(["--model", "opt-30b", "--prompt-len", "512", "--gen-len", "32", "--explain", "--out"])
+        .args([
+            "--model",
+            "opt-30b",
+            "--prompt-len",
+            "512",
+            "--gen-len",
+            "32",
+            "--explain",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
@@ -111,7 +165,20 @@ fn plan_writes_a_policy_that_run_accepts() {
     assert!(err.contains("#1:") && err.contains("binds") && err.contains("LPs solved"), "{err}");
     let policy = flexgen_policy::Policy::from_toml_file(&out).unwrap();
     assert!(policy.prediction.unwrap().throughput_tokens_per_s > 0.0);
-    let o = bin("flexgen-run").arg("--policy").arg(&out).args(["--gpu-batch-size", "1", "--num-gpu-batches", "1", "--max-new-tokens", "2", "--quiet"]).output().unwrap();
+    let o = bin("flexgen-run")
+        .arg("--policy")
+        .arg(&out)
+        .args([
+            "--gpu-batch-size",
+            "1",
+            "--num-gpu-batches",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o).1);
 }
 
@@ -120,9 +187,16 @@ fn plan_for_a_model_too_big_says_by_how_much() {
     let dir = tempfile::tempdir().unwrap();
     let hw = dir.path().join("small.toml");
     let t4 = std::fs::read_to_string(root().join("policies/hardware/t4-16gb.toml")).unwrap();
-    let small = t4.replace("capacity_bytes = 1500000000000", "capacity_bytes = 1000000000").replace("memory_bytes = 208000000000", "memory_bytes = 64000000000");
+    let small = t4
+        .replace("capacity_bytes = 1500000000000", "capacity_bytes = 1000000000")
+        .replace("memory_bytes = 208000000000", "memory_bytes = 64000000000");
     std::fs::write(&hw, small).unwrap();
-    let o = bin("flexgen-plan").arg("--hardware").arg(&hw).args(["--model", "opt-175b", "--prompt-len", "512", "--gen-len", "32"]).output().unwrap();
+    let o = bin("flexgen-plan")
+        .arg("--hardware")
+        .arg(&hw)
+        .args(["--model", "opt-175b", "--prompt-len", "512", "--gen-len", "32"])
+        .output()
+        .unwrap();
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("does not fit") && err.contains("short by"), "{err}");
@@ -132,12 +206,26 @@ fn plan_for_a_model_too_big_says_by_how_much() {
 fn profile_then_plan_on_a_machine_without_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hw.toml");
-    let o = bin("flexgen-profile").args(["--quick", "--offload-dir"]).arg(dir.path().join("off")).arg("--out").arg(&out).output().unwrap();
+    let o = bin("flexgen-profile")
+        .args(["--quick", "--offload-dir"])
+        .arg(dir.path().join("off"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
     let (_, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert_eq!(err.matches("no GPU").count(), 1, "say it once: {err}");
-    assert!(std::fs::read_dir(dir.path().join("off")).unwrap().next().is_none(), "probe file left behind");
-    let o = bin("flexgen-plan").arg("--hardware").arg(&out).args(["--model", "opt-1.3b", "--prompt-len", "64", "--gen-len", "8"]).output().unwrap();
+    assert!(
+        std::fs::read_dir(dir.path().join("off")).unwrap().next().is_none(),
+        "probe file left behind"
+    );
+    let o = bin("flexgen-plan")
+        .arg("--hardware")
+        .arg(&out)
+        .args(["--model", "opt-1.3b", "--prompt-len", "64", "--gen-len", "8"])
+        .output()
+        .unwrap();
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("has no GPU"), "{err}");

@@ -119,7 +119,9 @@ impl Placement {
     /// The six numbers of the original's `--percent`: weights GPU/CPU, cache GPU/CPU,
     /// activations GPU/CPU; the rest of each goes to disk.
     pub fn from_percent(p: [f64; 6]) -> Result<Self> {
-        for (what, g, c) in [("weights", p[0], p[1]), ("KV cache", p[2], p[3]), ("activations", p[4], p[5])] {
+        for (what, g, c) in
+            [("weights", p[0], p[1]), ("KV cache", p[2], p[3]), ("activations", p[4], p[5])]
+        {
             if g + c > 100.0 + 1e-9 {
                 return Err(Error::invalid(
                     format!("--percent ({what})"),

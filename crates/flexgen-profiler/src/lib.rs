@@ -4,8 +4,11 @@
 //! (`O_DIRECT`, so the page cache cannot serve the reads). The temporary file is removed when the
 //! probe ends, also on error; the binary removes it on Ctrl-C too.
 //!
-//! GPU probes (NVML inventory, pinned/pageable copies, fp16 GEMM) belong to the CUDA backend; on a
-//! machine without one the profile records no GPU.
+//! GPU probes (`gpu.rs`): NVML inventory, pinned/pageable copies both ways and both at once, device
+//! memory bandwidth, fp16 GEMM and batched attention with cuBLAS. Without a GPU, NVML or the CUDA
+//! libraries, the profile records no GPU and says why.
+
+pub mod gpu;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -59,7 +62,7 @@ impl Mode {
 }
 
 /// The probes in order, for progress reporting.
-pub const STEPS: [&str; 4] = ["inventory", "cpu gemm", "cpu attention", "disk"];
+pub const STEPS: [&str; 5] = ["inventory", "cpu gemm", "cpu attention", "disk", "gpu"];
 
 /// What to profile.
 #[derive(Debug, Clone)]
@@ -69,6 +72,21 @@ pub struct Options {
     pub offload_dir: PathBuf,
     /// Name written into the profile.
     pub name: String,
+    /// Record at most this much GPU memory (to plan for a smaller card).
+    pub gpu_mem_limit_bytes: Option<u64>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub profile: HardwareProfile,
+    pub inventory: Inventory,
+    /// Whether the disk was measured with direct I/O.
+    pub direct_io: bool,
+    pub gpu_inventory: Option<gpu::GpuInventory>,
+    pub gpu_rates: Option<gpu::GpuRates>,
+    /// Why there is no GPU section, when there is none.
+    pub no_gpu_reason: Option<String>,
 }
 
 /// Host facts that need no timing.
@@ -260,10 +278,7 @@ pub fn disk_bandwidth(dir: &Path, mode: Mode) -> Result<(f64, f64, bool)> {
 }
 
 /// Runs every probe; `progress(step_index)` is called before each of [`STEPS`].
-pub fn profile(
-    opts: &Options,
-    progress: &mut dyn FnMut(usize),
-) -> Result<(HardwareProfile, Inventory, bool)> {
+pub fn profile(opts: &Options, progress: &mut dyn FnMut(usize)) -> Result<Report> {
     progress(0);
     let inv = inventory(&opts.offload_dir)?;
     progress(1);
@@ -272,6 +287,19 @@ pub fn profile(
     let attn = cpu_attention_flops(opts.mode)?;
     progress(3);
     let (write, read, direct) = disk_bandwidth(&opts.offload_dir, opts.mode)?;
+    progress(4);
+    let (gpu_section, gpu_inventory, gpu_rates, no_gpu_reason) = match gpu::inventory() {
+        Err(why) => (None, None, None, Some(why)),
+        Ok(ginv) => match gpu::rates(opts.mode) {
+            Ok((_ctx, r)) => (
+                Some(gpu::profile_section(&ginv, &r, opts.gpu_mem_limit_bytes)),
+                Some(ginv),
+                Some(r),
+                None,
+            ),
+            Err(e) => (None, Some(ginv), None, Some(e.to_string())),
+        },
+    };
     let profile = HardwareProfile {
         version: PROFILE_VERSION,
         name: opts.name.clone(),
@@ -281,7 +309,7 @@ pub fn profile(
             if opts.mode == Mode::Quick { "quick" } else { "full" },
             if direct { "" } else { "; disk measured with buffered I/O (O_DIRECT refused)" }
         ),
-        gpu: None,
+        gpu: gpu_section,
         cpu: CpuProfile {
             model: inv.cpu_model.clone(),
             cores: inv.cores,
@@ -296,7 +324,14 @@ pub fn profile(
             write_bytes_per_s: write,
         },
     };
-    Ok((profile, inv, direct))
+    Ok(Report {
+        profile,
+        inventory: inv,
+        direct_io: direct,
+        gpu_inventory,
+        gpu_rates,
+        no_gpu_reason,
+    })
 }
 
 #[cfg(test)]
@@ -311,11 +346,14 @@ mod tests {
             mode: Mode::Quick,
             offload_dir: dir.path().to_path_buf(),
             name: "test".into(),
+            gpu_mem_limit_bytes: None,
         };
-        let (p, inv, _direct) = profile(&opts, &mut |s| steps.push(s)).unwrap();
-        assert_eq!(steps, [0, 1, 2, 3]);
+        let report = profile(&opts, &mut |s| steps.push(s)).unwrap();
+        let (p, inv) = (report.profile, report.inventory);
+        assert_eq!(steps, [0, 1, 2, 3, 4]);
+        // Either a GPU was measured, or the report says why not.
+        assert_eq!(p.gpu.is_none(), report.no_gpu_reason.is_some());
         p.validate().unwrap();
-        assert!(p.gpu.is_none());
         assert!(inv.memory_total_bytes >= inv.memory_available_bytes && inv.memory_total_bytes > 0);
         assert!(p.cpu.gemm_flops_per_s > 1e6 && p.disk.read_bytes_per_s > 1e5);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "probe file left behind");

@@ -16,9 +16,11 @@ rates; and sequential write/read bandwidth of the offload directory with direct 
 page cache cannot make the disk look faster than it is. The probe file is removed afterwards, also
 on error or Ctrl-C.
 
-GPU probes (NVML inventory, pinned and pageable copies, fp16 GEMM) come with the CUDA backend; this
-build records that no GPU was measured, and flexgen-plan then refuses to plan for the profile
-until a GPU section is present (take one from policies/hardware/ as a model).";
+On a GPU machine it also reads the GPU through NVML (name, memory, PCIe link, driver) and times,
+with CUDA events on non-default streams: pinned and pageable host→device and device→host copies,
+both directions at once, device-memory bandwidth, and fp16 GEMM (fp32 accumulation) and batched
+attention with cuBLAS. The CUDA libraries are loaded at run time; without them (or without a GPU)
+the profile has no [gpu] section, the run says why once, and flexgen-plan refuses to plan for it.";
 
 #[derive(Parser, Debug)]
 #[command(name = "flexgen-profile", version, about = "Measure this machine for flexgen-plan.", long_about = LONG_ABOUT)]
@@ -67,25 +69,53 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         mode: if cli.quick { Mode::Quick } else { Mode::Full },
         offload_dir: cli.offload_dir.clone(),
         name,
+        gpu_mem_limit_bytes: cli.gpu_mem_limit,
     };
     let bar = indicatif::ProgressBar::new(STEPS.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .expect("valid template"),
     );
-    let (mut profile, inv, direct) = flexgen_profiler::profile(&opts, &mut |i| {
+    let report = flexgen_profiler::profile(&opts, &mut |i| {
         bar.set_position(i as u64);
         bar.set_message(STEPS[i]);
     })
     .with_context(|| format!("profiling (offload dir {})", cli.offload_dir.display()))?;
     bar.finish_and_clear();
+    let (profile, inv, direct) = (&report.profile, &report.inventory, report.direct_io);
     let mut err = std::io::stderr().lock();
-    writeln!(
-        err,
-        "no GPU measured: this build has no CUDA backend; the profile has no [gpu] section"
-    )?;
-    if let (Some(limit), Some(g)) = (cli.gpu_mem_limit, profile.gpu.as_mut()) {
-        g.memory_bytes = g.memory_bytes.min(limit);
+    match (&report.gpu_inventory, &report.gpu_rates, &report.no_gpu_reason) {
+        (Some(g), Some(r), _) => {
+            writeln!(
+                err,
+                "GPU {} ({} total, {} free, PCIe {}, driver {})",
+                g.name,
+                human_bytes(g.memory_total_bytes),
+                human_bytes(g.memory_free_bytes),
+                g.pcie.as_deref().unwrap_or("unknown"),
+                g.driver.as_deref().unwrap_or("unknown")
+            )?;
+            writeln!(
+                err,
+                "copies GB/s: pinned H2D {:.1}, D2H {:.1}, both at once {:.1}; pageable H2D {:.1}, D2H {:.1}; device memory {:.0}",
+                r.h2d_pinned / 1e9,
+                r.d2h_pinned / 1e9,
+                r.bidirectional_pinned / 1e9,
+                r.h2d_pageable / 1e9,
+                r.d2h_pageable / 1e9,
+                r.hbm / 1e9
+            )?;
+            writeln!(
+                err,
+                "fp16 GEMM {:.1} TFLOP/s, batched attention {:.1} TFLOP/s",
+                r.gemm / 1e12,
+                r.attention / 1e12
+            )?;
+        }
+        (_, _, Some(why)) => {
+            writeln!(err, "no GPU measured ({why}); the profile has no [gpu] section")?;
+        }
+        _ => {}
     }
     writeln!(
         err,

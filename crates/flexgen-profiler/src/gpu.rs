@@ -1,0 +1,188 @@
+//! GPU probes: NVML inventory, host↔device copy bandwidth (pinned and pageable, each direction and
+//! both at once, on non-default streams timed with events), device-memory bandwidth, and fp16 GEMM
+//! and batched-attention rates with cuBLAS at the shapes the decoder uses.
+
+use std::sync::Arc;
+
+use flexgen_policy::GpuProfile;
+use flexgen_tensor::cuda::{self, CudaContext, CudaError, CudaSlice};
+use half::f16;
+
+use crate::Mode;
+
+/// Facts NVML reports without timing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuInventory {
+    pub name: String,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: u64,
+    /// "gen5 x16" (current link; the max in parentheses when it differs).
+    pub pcie: Option<String>,
+    pub driver: Option<String>,
+}
+
+/// What NVML says about device 0, or why it could not say.
+pub fn inventory() -> Result<GpuInventory, String> {
+    let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML: {e}"))?;
+    let dev = nvml.device_by_index(0).map_err(|e| format!("NVML device 0: {e}"))?;
+    let mem = dev.memory_info().map_err(|e| format!("NVML memory info: {e}"))?;
+    let pcie = match (dev.current_pcie_link_gen(), dev.current_pcie_link_width()) {
+        (Ok(g), Ok(w)) => {
+            let max = match (dev.max_pcie_link_gen(), dev.max_pcie_link_width()) {
+                (Ok(mg), Ok(mw)) if (mg, mw) != (g, w) => format!(" (max gen{mg} x{mw})"),
+                _ => String::new(),
+            };
+            Some(format!("gen{g} x{w}{max}"))
+        }
+        _ => None,
+    };
+    Ok(GpuInventory {
+        name: dev.name().unwrap_or_else(|_| "unknown".into()),
+        memory_total_bytes: mem.total,
+        memory_free_bytes: mem.free,
+        pcie,
+        driver: nvml.sys_driver_version().ok(),
+    })
+}
+
+/// Measured GPU rates, with the PyTorch-comparable figures spelled out.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GpuRates {
+    pub h2d_pinned: f64,
+    pub d2h_pinned: f64,
+    pub h2d_pageable: f64,
+    pub d2h_pageable: f64,
+    /// Both directions at once, pinned, total bytes per second.
+    pub bidirectional_pinned: f64,
+    /// Device-to-device copy, bytes read + written per second.
+    pub hbm: f64,
+    pub gemm: f64,
+    pub attention: f64,
+}
+
+fn ms(a: &cuda::CudaEvent, b: &cuda::CudaEvent) -> Result<f64, CudaError> {
+    Ok(f64::from(a.elapsed_ms(b)?) / 1e3)
+}
+
+/// Runs `f` once to warm up, then `reps` times between two events on `stream`; best seconds per run.
+fn time_on(
+    stream: &Arc<cuda::CudaStream>,
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    f()?;
+    stream.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let a = cuda::timing_event(stream)?;
+        f()?;
+        let b = cuda::timing_event(stream)?;
+        b.synchronize()?;
+        best = best.min(ms(&a, &b)?);
+    }
+    Ok(best)
+}
+
+/// Measures every rate on device 0.
+pub fn rates(mode: Mode) -> Result<(Arc<CudaContext>, GpuRates), CudaError> {
+    let ctx = cuda::open(0)?;
+    let reps = if mode == Mode::Quick { 2 } else { 5 };
+    let bytes: usize = if mode == Mode::Quick { 256 << 20 } else { 1 << 30 };
+    let up = ctx.new_stream()?;
+    let down = ctx.new_stream()?;
+    let mut pinned = cuda::alloc_pinned(&ctx, bytes)?;
+    pinned.as_mut_slice()?.fill(1);
+    let mut pinned2 = cuda::alloc_pinned(&ctx, bytes)?;
+    let pageable = vec![1u8; bytes];
+    let mut pageable_back = vec![0u8; bytes];
+    let mut dev: CudaSlice<u8> = up.alloc_zeros(bytes)?;
+    let dev2: CudaSlice<u8> = down.alloc_zeros(bytes)?;
+    let b = bytes as f64;
+    let h2d_pinned = b / time_on(&up, reps, || Ok(up.memcpy_htod(&pinned, &mut dev)?))?;
+    let d2h_pinned = b / time_on(&down, reps, || Ok(down.memcpy_dtoh(&dev2, &mut pinned2)?))?;
+    let h2d_pageable = b / time_on(&up, reps, || Ok(up.memcpy_htod(&pageable, &mut dev)?))?;
+    let d2h_pageable =
+        b / time_on(&down, reps, || Ok(down.memcpy_dtoh(&dev2, &mut pageable_back)?))?;
+    // Both directions at once: start both streams after one event, time until both finish.
+    let bidirectional_pinned = {
+        up.synchronize()?;
+        down.synchronize()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let start = cuda::timing_event(&up)?;
+            down.wait(&start)?;
+            up.memcpy_htod(&pinned, &mut dev)?;
+            down.memcpy_dtoh(&dev2, &mut pinned2)?;
+            up.join(&down)?;
+            let end = cuda::timing_event(&up)?;
+            end.synchronize()?;
+            best = best.min(ms(&start, &end)?);
+        }
+        2.0 * b / best
+    };
+    let hbm = 2.0 * b / time_on(&up, reps, || Ok(up.memcpy_dtod(&dev2, &mut dev)?))?;
+    drop((dev, dev2, pinned, pinned2));
+
+    // fp16 GEMM at decoder shapes: tokens × hidden · (4·hidden × hidden)ᵀ.
+    let compute = ctx.new_stream()?;
+    let blas = cuda::blas(&compute)?;
+    let (m, n, k) = if mode == Mode::Quick { (4096, 4096, 4096) } else { (8192, 4 * 7168, 7168) };
+    let a: CudaSlice<f16> = compute.alloc_zeros(m * k)?;
+    let w: CudaSlice<f16> = compute.alloc_zeros(n * k)?;
+    let mut c: CudaSlice<f16> = compute.alloc_zeros(m * n)?;
+    let a = fill(&compute, a)?;
+    let w = fill(&compute, w)?;
+    let secs = time_on(&compute, reps, || cuda::gemm_f16_nt(&blas, m, n, k, &a, &w, &mut c))?;
+    let gemm = 2.0 * (m * n * k) as f64 / secs;
+    drop((a, w, c));
+    // Prefill attention scores: (batch·heads) × s × s × head_dim.
+    let (bh, s, hd) = if mode == Mode::Quick { (256, 512, 128) } else { (32 * 56, 512, 128) };
+    let q: CudaSlice<f16> = fill(&compute, compute.alloc_zeros(bh * s * hd)?)?;
+    let kk: CudaSlice<f16> = fill(&compute, compute.alloc_zeros(bh * s * hd)?)?;
+    let mut sc: CudaSlice<f16> = compute.alloc_zeros(bh * s * s)?;
+    let secs = time_on(&compute, reps, || {
+        cuda::gemm_f16_nt_batched(&blas, bh, s, s, hd, &q, &kk, &mut sc)
+    })?;
+    let attention = 2.0 * (bh * s * s * hd) as f64 / secs;
+    Ok((
+        ctx,
+        GpuRates {
+            h2d_pinned,
+            d2h_pinned,
+            h2d_pageable,
+            d2h_pageable,
+            bidirectional_pinned,
+            hbm,
+            gemm,
+            attention,
+        },
+    ))
+}
+
+/// Small non-zero values (GEMMs on zeros run faster than on real data).
+fn fill(
+    stream: &Arc<cuda::CudaStream>,
+    mut buf: CudaSlice<f16>,
+) -> Result<CudaSlice<f16>, CudaError> {
+    let host: Vec<f16> = (0..buf.len())
+        .map(|i| f16::from_f32(((i * 7919 % 1000) as f32 - 500.0) / 5000.0))
+        .collect();
+    stream.memcpy_htod(&host, &mut buf)?;
+    Ok(buf)
+}
+
+/// The profile section for the planner.
+pub fn profile_section(inv: &GpuInventory, r: &GpuRates, mem_limit: Option<u64>) -> GpuProfile {
+    GpuProfile {
+        name: inv.name.clone(),
+        memory_bytes: mem_limit.map_or(inv.memory_total_bytes, |l| l.min(inv.memory_total_bytes)),
+        pcie: inv.pcie.clone(),
+        h2d_pinned_bytes_per_s: r.h2d_pinned,
+        d2h_pinned_bytes_per_s: r.d2h_pinned,
+        h2d_pageable_bytes_per_s: r.h2d_pageable,
+        gemm_flops_per_s: r.gemm,
+        attention_flops_per_s: r.attention,
+        // A copy reads and writes every byte; a GEMM streaming weights only reads.
+        hbm_bytes_per_s: r.hbm,
+    }
+}

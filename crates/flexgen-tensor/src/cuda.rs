@@ -1,0 +1,147 @@
+//! The CUDA device, through cudarc with the CUDA libraries loaded at run time: builds need no
+//! CUDA, and a machine without it gets an error that says which library is missing, not a panic.
+//! The fp16 GEMMs here (cuBLAS, fp32 accumulation) are the ones the GPU backend computes with.
+
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
+pub use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+use half::f16;
+
+/// Errors from the CUDA backend.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// A CUDA library could not be found on this machine.
+    #[error("CUDA library {0} not found (no NVIDIA driver/CUDA here, or not on the library path)")]
+    Missing(&'static str),
+    /// A driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    /// A cuBLAS call failed.
+    #[error("cuBLAS: {0}")]
+    Blas(#[from] cudarc::cublas::result::CublasError),
+    /// The machine has no CUDA device with this ordinal.
+    #[error("no CUDA device {ordinal} (found {count})")]
+    NoDevice { ordinal: usize, count: i32 },
+}
+
+/// Opens device `ordinal`, checking first that the driver and cuBLAS libraries can be loaded.
+pub fn open(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
+    // SAFETY: these only try to dlopen the libraries.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CudaError::Missing("libcuda"));
+    }
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(CudaError::Missing("libcublas"));
+    }
+    let count = CudaContext::device_count()?;
+    if usize::try_from(count).unwrap_or(0) <= ordinal {
+        return Err(CudaError::NoDevice { ordinal, count });
+    }
+    Ok(CudaContext::new(ordinal)?)
+}
+
+/// cuBLAS bound to one stream.
+pub fn blas(stream: &Arc<CudaStream>) -> Result<CudaBlas, CudaError> {
+    Ok(CudaBlas::new(stream.clone())?)
+}
+
+/// Row-major `c[m, n] = a[m, k] · b[n, k]ᵀ` in fp16 with fp32 accumulation (the layout of
+/// `x · Wᵀ` with Hugging Face weights).
+pub fn gemm_f16_nt(
+    blas: &CudaBlas,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &CudaSlice<f16>,
+    b: &CudaSlice<f16>,
+    c: &mut CudaSlice<f16>,
+) -> Result<(), CudaError> {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "gemm operands too small");
+    let (m, n, k) = (dim(m), dim(n), dim(k));
+    // Column-major view: cᵀ[n, m] = b[n, k] (as kᵀ-major, transposed) · aᵀ.
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: n,
+        n: m,
+        k,
+        alpha: f16::ONE,
+        lda: k,
+        ldb: k,
+        beta: f16::ZERO,
+        ldc: n,
+    };
+    // SAFETY: the sizes were checked above; all buffers live on the blas handle's context.
+    unsafe { blas.gemm(cfg, b, a, c)? };
+    Ok(())
+}
+
+/// `batch` independent row-major products `c_i[m, n] = a_i[m, k] · b_i[n, k]ᵀ` (attention scores).
+#[expect(clippy::too_many_arguments, reason = "a GEMM has this many parameters")]
+pub fn gemm_f16_nt_batched(
+    blas: &CudaBlas,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &CudaSlice<f16>,
+    b: &CudaSlice<f16>,
+    c: &mut CudaSlice<f16>,
+) -> Result<(), CudaError> {
+    assert!(
+        a.len() >= batch * m * k && b.len() >= batch * n * k && c.len() >= batch * m * n,
+        "gemm operands too small"
+    );
+    let cfg = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: dim(n),
+            n: dim(m),
+            k: dim(k),
+            alpha: f16::ONE,
+            lda: dim(k),
+            ldb: dim(k),
+            beta: f16::ZERO,
+            ldc: dim(n),
+        },
+        batch_size: dim(batch),
+        stride_a: i64::try_from(n * k).expect("fits"),
+        stride_b: i64::try_from(m * k).expect("fits"),
+        stride_c: i64::try_from(m * n).expect("fits"),
+    };
+    // SAFETY: sizes checked above.
+    unsafe { blas.gemm_strided_batched(cfg, b, a, c)? };
+    Ok(())
+}
+
+fn dim(v: usize) -> i32 {
+    i32::try_from(v).expect("GEMM dimension fits in i32")
+}
+
+/// Page-locked host memory that the CPU reads and writes at full speed (not write-combined).
+pub fn alloc_pinned(ctx: &Arc<CudaContext>, len: usize) -> Result<PinnedHostSlice<u8>, CudaError> {
+    // SAFETY: the memory is uninitialized until written; callers write before reading.
+    Ok(unsafe { ctx.alloc_pinned_with_flags::<u8>(len, 0)? })
+}
+
+/// A timing event.
+pub fn timing_event(stream: &Arc<CudaStream>) -> Result<CudaEvent, CudaError> {
+    Ok(stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn without_cuda_open_is_an_error_not_a_panic() {
+        // On machines with a GPU this opens it; without one it must say what is missing.
+        match super::open(0) {
+            Ok(ctx) => assert_eq!(ctx.ordinal(), 0),
+            Err(e) => assert!(
+                matches!(e, super::CudaError::Missing(_) | super::CudaError::NoDevice { .. }),
+                "{e}"
+            ),
+        }
+    }
+}
