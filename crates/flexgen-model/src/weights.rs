@@ -46,6 +46,46 @@ pub struct LayerWeights {
     pub mlp: Mlp,
 }
 
+impl LayerWeights {
+    /// Every tensor of the layer in a fixed order (norms, q, k, v, o, MLP; weights before biases).
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        fn pair<'a>(v: &mut Vec<&'a Tensor>, w: &'a Tensor, b: Option<&'a Tensor>) {
+            v.push(w);
+            v.extend(b);
+        }
+        let mut v = Vec::with_capacity(16);
+        pair(&mut v, &self.attn_norm.weight, self.attn_norm.bias.as_ref());
+        for l in [&self.q, &self.k, &self.v, &self.o] {
+            pair(&mut v, &l.weight, l.bias.as_ref());
+        }
+        pair(&mut v, &self.mlp_norm.weight, self.mlp_norm.bias.as_ref());
+        match &self.mlp {
+            Mlp::Relu { fc1, fc2 } => {
+                pair(&mut v, &fc1.weight, fc1.bias.as_ref());
+                pair(&mut v, &fc2.weight, fc2.bias.as_ref());
+            }
+        }
+        v
+    }
+
+    /// A layer of the same structure as `self` with `tensors` (in [`LayerWeights::tensors`] order).
+    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> LayerWeights {
+        let mut it = tensors.into_iter();
+        let mut next = || it.next().expect("as many tensors as the layer has");
+        let mut norm = |n: &Norm| Norm { weight: next(), bias: n.bias.as_ref().map(|_| next()) };
+        let attn_norm = norm(&self.attn_norm);
+        let mut lin = |l: &Linear| Linear { weight: next(), bias: l.bias.as_ref().map(|_| next()) };
+        let (q, k, v, o) = (lin(&self.q), lin(&self.k), lin(&self.v), lin(&self.o));
+        let mut norm = |n: &Norm| Norm { weight: next(), bias: n.bias.as_ref().map(|_| next()) };
+        let mlp_norm = norm(&self.mlp_norm);
+        let mut lin = |l: &Linear| Linear { weight: next(), bias: l.bias.as_ref().map(|_| next()) };
+        let mlp = match &self.mlp {
+            Mlp::Relu { fc1, fc2 } => Mlp::Relu { fc1: lin(fc1), fc2: lin(fc2) },
+        };
+        LayerWeights { attn_norm, q, k, v, o, mlp_norm, mlp }
+    }
+}
+
 /// All weights of a model.
 #[derive(Debug, Clone)]
 pub struct Weights {

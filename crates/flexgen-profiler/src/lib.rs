@@ -10,11 +10,11 @@
 
 pub mod gpu;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use flexgen_policy::{CpuProfile, DiskProfile, HardwareProfile, PROFILE_VERSION};
+use flexgen_tensor::host::{AlignedBuf, DirectFile};
 use flexgen_tensor::{Device, Tensor};
 
 /// Errors from probing.
@@ -172,109 +172,47 @@ pub fn cpu_attention_flops(mode: Mode) -> Result<f64> {
     Ok(4.0 * (bh * s * hd) as f64 / secs)
 }
 
-/// A file that is removed when dropped.
-pub struct TempFile(PathBuf);
-
-impl TempFile {
-    /// The path.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// The name of the probe's temporary file in `dir` (so that a Ctrl-C handler can remove it).
 pub fn disk_probe_path(dir: &Path) -> PathBuf {
     dir.join(format!(".flexgen-disk-probe-{}", std::process::id()))
 }
 
-/// A buffer aligned for direct I/O.
-struct Aligned {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
-        // SAFETY: the layout has non-zero size (callers pass ≥ 4096).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "out of memory allocating {len} bytes");
-        Self { ptr, layout }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is valid for layout.size() bytes and uniquely owned.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: allocated with this layout in `new`.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-    }
-}
-
 /// Sequential write and read bandwidth (bytes/s) in `dir`, and whether direct I/O was used.
 /// Falls back to buffered I/O with `fsync` and page-cache eviction where the file system refuses
-/// `O_DIRECT` (tmpfs).
+/// `O_DIRECT` (tmpfs). The probe file is removed when this returns, also on error.
 pub fn disk_bandwidth(dir: &Path, mode: Mode) -> Result<(f64, f64, bool)> {
-    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
-    let file = TempFile(disk_probe_path(dir));
-    let io = |source| Error::Io { path: file.path().to_path_buf(), source };
+    let path = disk_probe_path(dir);
+    let io = |source| Error::Io { path: path.clone(), source };
+    let file = DirectFile::create(&path).map_err(io)?;
     let chunk = 16 << 20;
     let total = mode.disk_bytes().max(chunk);
-    let mut buf = Aligned::new(chunk);
-    buf.as_mut().iter_mut().enumerate().for_each(|(i, b)| *b = u8::try_from(i % 251).unwrap_or(0));
-    let open_write = |direct: bool| {
-        let mut o = std::fs::OpenOptions::new();
-        o.write(true).create(true).truncate(true);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        o.open(file.path())
-    };
-    let (mut f, direct) = match open_write(true) {
-        Ok(f) => (f, true),
-        Err(_) => (open_write(false).map_err(io)?, false),
-    };
+    let mut buf = AlignedBuf::new(chunk);
+    for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+        *b = u8::try_from(i % 251).unwrap_or(0);
+    }
     let t = Instant::now();
     let mut written = 0;
     while written < total {
-        f.write_all(buf.as_mut()).map_err(io)?;
+        file.write_buf_at(written as u64, &buf).map_err(io)?;
         written += chunk;
     }
-    f.sync_all().map_err(io)?;
+    std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io)?;
     let write_s = t.elapsed().as_secs_f64();
-    drop(f);
-    let mut o = std::fs::OpenOptions::new();
-    o.read(true);
-    if direct {
-        o.custom_flags(libc::O_DIRECT);
-    }
-    let mut f = o.open(file.path()).map_err(io)?;
-    if !direct {
+    if !file.is_direct() {
         use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&path).map_err(io)?;
         // SAFETY: a valid open descriptor; advice only.
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
     let t = Instant::now();
     let mut read = 0;
     while read < total {
-        let n = f.read(buf.as_mut()).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        read += n;
+        file.read_buf_at(read as u64, &mut buf).map_err(io)?;
+        read += chunk;
     }
     let read_s = t.elapsed().as_secs_f64();
-    Ok((written as f64 / write_s, read as f64 / read_s, direct))
+    Ok((written as f64 / write_s, read as f64 / read_s, file.is_direct()))
 }
 
 /// Runs every probe; `progress(step_index)` is called before each of [`STEPS`].

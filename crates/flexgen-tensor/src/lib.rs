@@ -6,6 +6,7 @@
 //! for the head size. All operations compute in the dtype of their inputs (f32 on the CPU).
 
 pub mod cuda;
+pub mod host;
 
 pub use candle_core::{DType, Device, Error, Result, Tensor};
 
