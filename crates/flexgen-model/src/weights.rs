@@ -69,6 +69,7 @@ impl LayerWeights {
     }
 
     /// A layer of the same structure as `self` with `tensors` (in [`LayerWeights::tensors`] order).
+    #[must_use]
     pub fn with_tensors(&self, tensors: Vec<Tensor>) -> LayerWeights {
         let mut it = tensors.into_iter();
         let mut next = || it.next().expect("as many tensors as the layer has");
