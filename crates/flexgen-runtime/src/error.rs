@@ -7,6 +7,20 @@ pub enum Error {
     /// The generation settings are inconsistent.
     #[error("generation settings: `{field}`: {message}")]
     Config { field: &'static str, message: String },
+    /// A tier cannot hold what the policy puts there; nothing was allocated.
+    #[error(
+        "the {tier} tier needs {:.1} MiB but has {:.1} MiB: short by {:.1} MiB ({} bytes); {fix}",
+        mib(*needed_bytes), mib(*available_bytes), mib(needed_bytes - available_bytes), needed_bytes - available_bytes
+    )]
+    Capacity {
+        tier: flexgen_policy::Tier,
+        needed_bytes: u64,
+        available_bytes: u64,
+        fix: &'static str,
+    },
+    /// Reading or writing the offload directory failed.
+    #[error("{}: {message}", path.display())]
+    Io { path: std::path::PathBuf, message: String },
     /// The policy is invalid.
     #[error("policy: {0}")]
     Policy(#[from] flexgen_policy::Error),
@@ -16,6 +30,10 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor operation: {0}")]
     Tensor(#[from] flexgen_tensor::Error),
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / f64::from(1u32 << 20)
 }
 
 /// Result with this crate's [`Error`].

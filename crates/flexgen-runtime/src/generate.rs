@@ -5,14 +5,15 @@
 
 use std::time::Instant;
 
-use flexgen_model::Model;
-use flexgen_model::layers::{self, Kv};
+use flexgen_model::layers;
+use flexgen_model::{LayerWeights, Model};
 use flexgen_policy::Policy;
 use flexgen_tensor::{Device, Tensor};
 use rand::SeedableRng;
 
 use crate::sampling::{self, Sampling};
 use crate::stream::TextStream;
+use crate::tiers::{self, ActStore, Budgets, KvStore, TierReport, Traffic, WeightStore};
 use crate::{Error, Result};
 
 /// What to generate for one prompt.
@@ -128,6 +129,10 @@ pub struct RunStats {
     pub decode_s: f64,
     /// Blocks run.
     pub blocks: usize,
+    /// Bytes each tier had to hold (the largest block) and the bytes moved between tiers.
+    pub tiers: TierReport,
+    /// Whether disk-resident weights were read with direct I/O (`None`: no weights on disk).
+    pub direct_io: Option<bool>,
 }
 
 impl RunStats {
@@ -152,6 +157,8 @@ pub struct Generator<'m> {
     model: &'m Model,
     policy: Policy,
     device: Device,
+    budgets: Budgets,
+    weights: WeightStore,
 }
 
 /// One sequence of a micro-batch.
@@ -174,14 +181,22 @@ struct MicroBatch {
     mask: Vec<Vec<bool>>,
     /// Token ids of the current step's input, `[b, t]`.
     input: Vec<Vec<u32>>,
-    kv: Vec<Option<Kv>>,
 }
 
 impl<'m> Generator<'m> {
-    /// A generator for `model` under `policy` (validated here).
+    /// A generator for `model` under `policy` (validated here), with unlimited tiers.
     pub fn new(model: &'m Model, policy: Policy) -> Result<Self> {
+        Self::with_budgets(model, policy, Budgets::default())
+    }
+
+    /// A generator whose tiers may hold at most `budgets`. The weights are placed here; a policy
+    /// whose weights do not fit is refused before anything is allocated.
+    pub fn with_budgets(model: &'m Model, policy: Policy, budgets: Budgets) -> Result<Self> {
         policy.validate()?;
-        Ok(Self { model, policy, device: Device::Cpu })
+        tiers::check(&tiers::required_bytes(model, &policy, &[], 0), &budgets)?;
+        let weights =
+            WeightStore::build(model, &policy.placement.weights, policy.offload_dir.as_deref())?;
+        Ok(Self { model, policy, device: Device::Cpu, budgets, weights })
     }
 
     /// The policy in force.
@@ -283,6 +298,7 @@ impl<'m> Generator<'m> {
         let spec = &self.model.spec;
         let pad = spec.pad_token_id.unwrap_or(0);
         let num_layers = self.model.weights.layers.len();
+        let templates = &self.model.weights.layers;
         let mut batches: Vec<MicroBatch> = Vec::new();
         let mut rest = block.into_iter().peekable();
         while rest.peek().is_some() {
@@ -301,10 +317,29 @@ impl<'m> Generator<'m> {
                 .map(|s| (0..width).map(|i| i >= width - s.prompt.len()).collect())
                 .collect();
             stats.prompt_tokens += seqs.iter().map(|s| s.prompt.len()).sum::<usize>();
-            batches.push(MicroBatch { seqs, mask, input, kv: vec![None; num_layers] });
+            batches.push(MicroBatch { seqs, mask, input });
         }
         let steps =
             batches.iter().flat_map(|b| b.seqs.iter().map(|s| s.max_new)).max().unwrap_or(0);
+        // Check every tier before allocating the block's cache and activations.
+        let shapes: Vec<(usize, usize)> =
+            batches.iter().map(|mb| (mb.seqs.len(), mb.input[0].len())).collect();
+        let max_len = shapes.iter().map(|s| s.1).max().unwrap_or(0) + steps;
+        let need = tiers::required_bytes(self.model, &self.policy, &shapes, max_len);
+        tiers::check(&need, &self.budgets)?;
+        let sizes: Vec<usize> = shapes.iter().map(|s| s.0).collect();
+        let heads = spec.num_kv_heads as usize;
+        let mut kv = KvStore::new(
+            num_layers,
+            &sizes,
+            max_len,
+            heads,
+            spec.head_dim() as usize,
+            &self.policy,
+        )?;
+        let act = ActStore::new(&self.policy, &shapes, spec.hidden_size as usize)?;
+        let mut traffic = Traffic::default();
+        stats.direct_io = self.weights.direct_io();
         for step in 0..steps {
             let started = Instant::now();
             // Embedding, for every micro-batch.
@@ -315,16 +350,42 @@ impl<'m> Generator<'m> {
                 hidden.push(x);
                 biases.push(bias);
             }
-            // The zig-zag block schedule: a layer runs over every micro-batch before the next.
-            for (j, w) in self.model.weights.layers.iter().enumerate() {
-                for (k, mb) in batches.iter_mut().enumerate() {
-                    let (x, new_kv) =
-                        layers::decoder_layer(spec, w, &hidden[k], mb.kv[j].as_ref(), &biases[k])?;
-                    mb.kv[j] = Some(match mb.kv[j].take() {
-                        Some(past) => past.append(&new_kv)?,
-                        None => new_kv,
-                    });
-                    hidden[k] = x;
+            // The zig-zag block schedule: a layer runs over every micro-batch before the next,
+            // while the next layer's weights are loaded from their tiers on another thread.
+            let (mut current, t) = self.weights.load(0, &templates[0], &self.device)?;
+            traffic.cpu_to_gpu += t.cpu_to_gpu;
+            traffic.disk_read += t.disk_read;
+            for j in 0..num_layers {
+                let next =
+                    std::thread::scope(|scope| -> Result<Option<(LayerWeights, Traffic)>> {
+                        let prefetch = (j + 1 < num_layers).then(|| {
+                            scope
+                                .spawn(|| self.weights.load(j + 1, &templates[j + 1], &self.device))
+                        });
+                        for k in 0..batches.len() {
+                            let past = kv.gather(j, k, &self.device, &mut traffic)?;
+                            let (x, new_kv) = layers::decoder_layer(
+                                spec,
+                                &current,
+                                &hidden[k],
+                                past.as_ref(),
+                                &biases[k],
+                            )?;
+                            kv.append(j, k, &new_kv, &self.device, &mut traffic)?;
+                            hidden[k] = if j + 1 < num_layers {
+                                act.round_trip(k, x, &mut traffic)?
+                            } else {
+                                x
+                            };
+                        }
+                        prefetch
+                            .map(|h| h.join().expect("weight prefetch thread panicked"))
+                            .transpose()
+                    })?;
+                if let Some((w, t)) = next {
+                    current = w;
+                    traffic.cpu_to_gpu += t.cpu_to_gpu;
+                    traffic.disk_read += t.disk_read;
                 }
             }
             // LM head on the last position only, then the next token of each sequence.
@@ -364,6 +425,7 @@ impl<'m> Generator<'m> {
                 break;
             }
         }
+        stats.tiers.merge(need, traffic);
         Ok(batches
             .into_iter()
             .flat_map(|mb| mb.seqs)

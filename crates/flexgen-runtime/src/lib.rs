@@ -3,17 +3,21 @@
 //! schedule (every micro-batch through a layer before the next layer), a KV cache per layer and
 //! micro-batch, left padding with the matching attention mask and positions, and sampling.
 //!
-//! This build executes on the CPU (candle-core); every tensor lives in host memory. The policy's
-//! placement percentages are validated and reported but not yet executed: the tiered executor
-//! (GPU/CPU/disk) and the CUDA backend are the next layer of this crate.
+//! The executor places weights, KV cache and activations on three tiers by the policy's shares
+//! (`tiers.rs`): on the CPU backend the compute device is the CPU, the "GPU" tier is host memory
+//! under a budget (`Budgets::gpu_bytes`, `--gpu-mem-limit`), and the disk tier is real (direct I/O
+//! in `offload_dir`). A policy whose tiers cannot hold it is refused before anything is allocated.
+//! The CUDA backend is the next layer of this crate.
 
 mod error;
 mod generate;
 mod sampling;
 mod stream;
+mod tiers;
 
 pub use error::{Error, Result};
 pub use generate::{
     Completion, Event, FinishReason, GenerationConfig, Generator, Prompt, Request, RunStats,
 };
 pub use sampling::{Sampling, argmax, choose};
+pub use tiers::{Budgets, TierBytes, TierReport, Traffic, split_counts};

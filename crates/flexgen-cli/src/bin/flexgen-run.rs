@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use flexgen_cli::{PolicyArgs, bundled_model_dir, human_bytes, peak_rss_bytes};
 use flexgen_model::{DummyInit, Model};
-use flexgen_runtime::{Event, GenerationConfig, Generator, Request, Sampling};
+use flexgen_runtime::{Budgets, Event, GenerationConfig, Generator, Request, Sampling};
 
 const ABOUT: &str = "Generate text with a model under an offloading policy.";
 
@@ -27,8 +27,11 @@ weights), and whether CPU attention, pinning and 4-bit compression are on. Write
 flexgen-plan, take one from policies/, or set the fields with the flags below (they override the
 file). docs/policy-format.md documents every field.
 
-This build computes on the CPU: every tensor lives in host memory, and the placement percentages
-are validated and reported but not yet executed (the GPU/CPU/disk executor is the next step).";
+This build computes on the CPU. The placement is executed: weights, KV cache and activations are
+split across the tiers by the policy's shares, the disk tier is real (files in --offload-dir read
+with direct I/O), and the GPU tier is host memory under --gpu-mem-limit. A policy whose tiers
+cannot hold it is refused before anything is allocated. The report gives the bytes each tier held
+and the bytes that crossed between tiers. The CUDA backend is the next step.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -89,6 +92,9 @@ struct Cli {
     ignore_eos: bool,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.
+    #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes, help_heading = "Policy")]
+    gpu_mem_limit: Option<u64>,
     /// Print the report as JSON on stdout instead of text.
     #[arg(long, help_heading = "Output")]
     json: bool,
@@ -136,7 +142,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         stop_on_eos: !cli.ignore_eos,
         output_logits: false,
     };
-    let generator = Generator::new(&model, policy.clone())?;
+    let budgets = Budgets { gpu_bytes: cli.gpu_mem_limit, ..Budgets::default() };
+    let generator = Generator::with_budgets(&model, policy.clone(), budgets)?;
     let stream = !cli.quiet && !cli.json && requests.len() == 1 && model.tokenizer.is_some();
     let mut out = std::io::stdout().lock();
     if stream && let flexgen_runtime::Prompt::Text(p) = &requests[0].prompt {
@@ -189,8 +196,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         "decode_tokens_per_s": stats.decode_tokens_per_s(completions.len()),
         "total_tokens_per_s": stats.total_tokens_per_s(),
         "peak_cpu_bytes": peak_rss_bytes(),
-        "peak_gpu_bytes": null,
-        "disk_bytes": 0,
+        "tier_bytes": { "gpu": stats.tiers.required.gpu, "cpu": stats.tiers.required.cpu, "disk": stats.tiers.required.disk },
+        "bytes_moved": {
+            "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu,
+            "gpu_to_cpu": stats.tiers.traffic.gpu_to_cpu,
+            "disk_read": stats.tiers.traffic.disk_read,
+            "disk_write": stats.tiers.traffic.disk_write,
+        },
+        "direct_io": stats.direct_io,
         "projected": false,
         "predicted_tokens_per_s": p.prediction.as_ref().map(|x| x.throughput_tokens_per_s),
         "wall_s": started.elapsed().as_secs_f64(),
@@ -210,13 +223,23 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         p.gpu_batch_size,
         p.num_gpu_batches
     )?;
-    if p.placement != flexgen_policy::Placement::all_gpu() {
-        let pct = p.placement.to_percent();
-        writeln!(
-            err,
-            "note: placement {pct:?} validated; on the CPU backend every tensor lives in host memory"
-        )?;
-    }
+    let (need, moved) = (stats.tiers.required, stats.tiers.traffic);
+    writeln!(
+        err,
+        "tiers held: GPU {} | CPU {} | disk {}{}; moved: CPU→GPU {}, GPU→CPU {}, disk read {}, disk write {}",
+        human_bytes(need.gpu),
+        human_bytes(need.cpu),
+        human_bytes(need.disk),
+        match stats.direct_io {
+            Some(true) => " (direct I/O)",
+            Some(false) => " (buffered: O_DIRECT refused)",
+            None => "",
+        },
+        human_bytes(moved.cpu_to_gpu),
+        human_bytes(moved.gpu_to_cpu),
+        human_bytes(moved.disk_read),
+        human_bytes(moved.disk_write)
+    )?;
     writeln!(
         err,
         "prefill {:.1} tok/s ({:.3} s) | decode {:.1} tok/s ({:.3} s) | total {:.1} tok/s | load {:.2} s",
@@ -228,7 +251,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         load_s
     )?;
     let peak = peak_rss_bytes().map_or_else(|| "unknown".into(), human_bytes);
-    write!(err, "peak memory: CPU {peak}, GPU none (CPU backend), disk 0")?;
+    write!(err, "peak memory: process RSS {peak} (CPU backend: the GPU tier is host memory)")?;
     match p.prediction.as_ref() {
         Some(pred) => writeln!(
             err,
