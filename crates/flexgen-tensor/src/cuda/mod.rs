@@ -2,7 +2,11 @@
 //! CUDA, and a machine without it gets an error that says which library is missing, not a panic.
 //! The fp16 GEMMs here (cuBLAS, fp32 accumulation) are the ones the GPU backend computes with.
 
+mod ops;
+
 use std::sync::Arc;
+
+pub use ops::{Gpu, GpuTensor};
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
 pub use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
@@ -20,6 +24,12 @@ pub enum CudaError {
     /// A cuBLAS call failed.
     #[error("cuBLAS: {0}")]
     Blas(#[from] cudarc::cublas::result::CublasError),
+    /// NVRTC could not compile the kernels.
+    #[error("compiling the CUDA kernels: {0}")]
+    Compile(String),
+    /// A host-side tensor could not be read or built.
+    #[error("host tensor: {0}")]
+    Host(String),
     /// The machine has no CUDA device with this ordinal.
     #[error("no CUDA device {ordinal} (found {count})")]
     NoDevice { ordinal: usize, count: i32 },
@@ -116,7 +126,7 @@ pub fn gemm_f16_nt_batched(
     Ok(())
 }
 
-fn dim(v: usize) -> i32 {
+pub(crate) fn dim(v: usize) -> i32 {
     i32::try_from(v).expect("GEMM dimension fits in i32")
 }
 

@@ -1,0 +1,99 @@
+// fp16 kernels of the decoder, compiled at run time with NVRTC. No CUDA headers are needed: halves
+// are carried as 16-bit integers and converted with PTX instructions; all arithmetic is fp32.
+typedef unsigned short half_t;
+
+__device__ __forceinline__ float h2f(half_t h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ half_t f2h(float f) { half_t h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+
+// Sum (or max) over the block; every thread gets the result. `sh` holds 32 floats.
+__device__ float block_reduce(float v, float* sh, bool is_max) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float u = __shfl_xor_sync(0xffffffff, v, o);
+        v = is_max ? fmaxf(v, u) : v + u;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    v = threadIdx.x < warps ? sh[threadIdx.x] : (is_max ? -3.0e38f : 0.f);
+    if (warp == 0) {
+        for (int o = 16; o > 0; o >>= 1) {
+            float u = __shfl_xor_sync(0xffffffff, v, o);
+            v = is_max ? fmaxf(v, u) : v + u;
+        }
+        if (lane == 0) sh[0] = v;
+    }
+    __syncthreads();
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+// out[row, :] = tok[ids[row], :] (+ pos_table[pos[row], :]); one block per row.
+extern "C" __global__ void embed(const unsigned int* ids, const unsigned int* pos, const half_t* tok,
+                                 const half_t* pos_table, half_t* out, int h, int has_pos) {
+    size_t row = blockIdx.x;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        float v = h2f(tok[(size_t)ids[row] * h + i]);
+        if (has_pos) v += h2f(pos_table[(size_t)pos[row] * h + i]);
+        out[row * h + i] = f2h(v);
+    }
+}
+
+// LayerNorm of each row of h values; one block per row.
+extern "C" __global__ void layer_norm(const half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps) {
+    __shared__ float sh[32];
+    const half_t* xr = x + (size_t)blockIdx.x * h;
+    half_t* yr = y + (size_t)blockIdx.x * h;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) s += h2f(xr[i]);
+    float mean = block_reduce(s, sh, false) / h;
+    float v = 0.f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) { float d = h2f(xr[i]) - mean; v += d * d; }
+    float inv = rsqrtf(block_reduce(v, sh, false) / h + eps);
+    for (int i = threadIdx.x; i < h; i += blockDim.x)
+        yr[i] = f2h((h2f(xr[i]) - mean) * inv * h2f(w[i]) + h2f(b[i]));
+}
+
+// y[r, c] = act(y[r, c] + b[c]); act = ReLU when relu != 0.
+extern "C" __global__ void bias_act(half_t* y, const half_t* b, long long n, int cols, int relu) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = h2f(y[i]) + (b ? h2f(b[i % cols]) : 0.f);
+        if (relu && v < 0.f) v = 0.f;
+        y[i] = f2h(v);
+    }
+}
+
+// out = a + b, elementwise.
+extern "C" __global__ void add(const half_t* a, const half_t* b, half_t* out, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = f2h(h2f(a[i]) + h2f(b[i]));
+}
+
+// y[p][r][q][d] = x[p][q][r][d]: swaps axes 1 and 2 of a 4-d tensor (split/merge heads).
+extern "C" __global__ void swap12(const half_t* x, half_t* y, int d0, int d1, int d2, int d3) {
+    long long n = (long long)d0 * d1 * d2 * d3;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        int d = i % d3; long long r = i / d3;
+        int q = r % d2; r /= d2;
+        int p1 = r % d1; int p0 = r / d1;
+        y[(((long long)p0 * d2 + q) * d1 + p1) * d3 + d] = x[i];
+    }
+}
+
+// Row-wise softmax of scale·s + bias over `cols` keys, in place. Rows are (sequence, head, query);
+// bias is fp32 [sequences, queries, cols], shared by the heads. One block per row.
+extern "C" __global__ void masked_softmax(half_t* s, const float* bias, int heads, int queries, int cols, float scale) {
+    __shared__ float sh[32];
+    long long row = blockIdx.x;
+    int q = row % queries;
+    long long seq = row / ((long long)heads * queries);
+    half_t* sr = s + row * cols;
+    const float* br = bias + (seq * queries + q) * cols;
+    float m = -3.0e38f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, h2f(sr[j]) * scale + br[j]);
+    m = block_reduce(m, sh, true);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) sum += __expf(h2f(sr[j]) * scale + br[j] - m);
+    float inv = 1.f / block_reduce(sum, sh, false);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) sr[j] = f2h(__expf(h2f(sr[j]) * scale + br[j] - m) * inv);
+}

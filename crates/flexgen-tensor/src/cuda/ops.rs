@@ -1,0 +1,325 @@
+//! The decoder's operations on the GPU, in fp16 with fp32 accumulation: cuBLAS for the GEMMs,
+//! NVRTC-compiled kernels (`kernels.cu`) for embedding, LayerNorm, bias + ReLU, residual add, the
+//! head split/merge and the masked softmax. Each matches the CPU operation of the same name in
+//! `flexgen-tensor` (checked by `examples/cuda_check.rs` on a GPU machine).
+
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::{CudaContext, CudaError, CudaSlice, CudaStream, dim};
+use crate::Tensor;
+
+/// A dense row-major fp16 tensor in device memory.
+pub struct GpuTensor {
+    pub data: CudaSlice<f16>,
+    pub shape: Vec<usize>,
+}
+
+impl GpuTensor {
+    /// Number of elements.
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The same data viewed with another shape of equal size.
+    #[must_use]
+    pub fn reshaped(self, shape: &[usize]) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            self.elem_count(),
+            "reshape must keep the size"
+        );
+        Self { data: self.data, shape: shape.to_vec() }
+    }
+}
+
+/// A device with its compute stream, cuBLAS handle and compiled kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _module: Arc<CudaModule>,
+    embed: CudaFunction,
+    layer_norm: CudaFunction,
+    bias_act: CudaFunction,
+    add: CudaFunction,
+    swap12: CudaFunction,
+    softmax: CudaFunction,
+}
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+fn arch(major: i32, minor: i32) -> Option<&'static str> {
+    Some(match (major, minor) {
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        _ => return None,
+    })
+}
+
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = u32::try_from(n.div_ceil(256).clamp(1, 65_535)).expect("clamped");
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn rows(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (u32::try_from(n).expect("rows fit in u32"), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn i64_of(n: usize) -> i64 {
+    i64::try_from(n).expect("size fits in i64")
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles the kernels for it.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        // SAFETY: only tries to load the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(CudaError::Missing("libnvrtc"));
+        }
+        let ctx = super::open(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let opts = cudarc::nvrtc::CompileOptions { arch: arch(major, minor), ..Default::default() };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+            .map_err(|e| CudaError::Compile(e.to_string()))?;
+        let module = ctx.load_module(ptx)?;
+        let f = |name: &str| module.load_function(name);
+        let stream = ctx.new_stream()?;
+        Ok(Self {
+            blas: CudaBlas::new(stream.clone())?,
+            embed: f("embed")?,
+            layer_norm: f("layer_norm")?,
+            bias_act: f("bias_act")?,
+            add: f("add")?,
+            swap12: f("swap12")?,
+            softmax: f("masked_softmax")?,
+            _module: module,
+            ctx,
+            stream,
+        })
+    }
+
+    /// Copies a CPU tensor (any float dtype) to the device as fp16.
+    pub fn upload(&self, t: &Tensor) -> Result<GpuTensor, CudaError> {
+        let host: Vec<f16> = t
+            .flatten_all()
+            .and_then(|f| f.to_dtype(crate::DType::F32))
+            .and_then(|f| f.to_vec1::<f32>())
+            .map_err(|e| CudaError::Host(e.to_string()))?
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        Ok(GpuTensor { data: self.stream.clone_htod(&host)?, shape: t.dims().to_vec() })
+    }
+
+    /// Copies a device tensor back as an f32 CPU tensor.
+    pub fn download(&self, g: &GpuTensor) -> Result<Tensor, CudaError> {
+        let host: Vec<f32> =
+            self.stream.clone_dtoh(&g.data)?.into_iter().map(f16::to_f32).collect();
+        Tensor::from_vec(host, g.shape.clone(), &crate::Device::Cpu)
+            .map_err(|e| CudaError::Host(e.to_string()))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<GpuTensor, CudaError> {
+        Ok(GpuTensor {
+            data: self.stream.alloc_zeros(shape.iter().product::<usize>().max(1))?,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Token (+ position) embedding: `ids` and `positions` are row-major `[b, t]`.
+    pub fn embedding(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        shape: (usize, usize),
+        table: &GpuTensor,
+        pos_table: Option<&GpuTensor>,
+    ) -> Result<GpuTensor, CudaError> {
+        let h = table.shape[1];
+        let n = shape.0 * shape.1;
+        assert_eq!((ids.len(), positions.len()), (n, n), "one id and one position per token");
+        let ids = self.stream.clone_htod(ids)?;
+        let pos = self.stream.clone_htod(positions)?;
+        let mut out = self.zeros(&[shape.0, shape.1, h])?;
+        let has_pos = i32::from(pos_table.is_some());
+        let pos_table = pos_table.unwrap_or(table);
+        let hi = dim(h);
+        let mut b = self.stream.launch_builder(&self.embed);
+        b.arg(&ids)
+            .arg(&pos)
+            .arg(&table.data)
+            .arg(&pos_table.data)
+            .arg(&mut out.data)
+            .arg(&hi)
+            .arg(&has_pos);
+        // SAFETY: the kernel reads n·h values of each table row it indexes and writes n·h values.
+        unsafe { b.launch(rows(n))? };
+        Ok(out)
+    }
+
+    /// LayerNorm over the last dimension.
+    pub fn layer_norm(
+        &self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        b: &GpuTensor,
+        eps: f64,
+    ) -> Result<GpuTensor, CudaError> {
+        let h = *x.shape.last().expect("non-empty shape");
+        let mut y = self.zeros(&x.shape)?;
+        #[expect(clippy::cast_possible_truncation, reason = "eps is a small float")]
+        let eps = eps as f32;
+        let hi = dim(h);
+        let mut l = self.stream.launch_builder(&self.layer_norm);
+        l.arg(&x.data).arg(&w.data).arg(&b.data).arg(&mut y.data).arg(&hi).arg(&eps);
+        // SAFETY: one block per row of h values; all buffers hold rows·h values.
+        unsafe { l.launch(rows(x.elem_count() / h))? };
+        Ok(y)
+    }
+
+    /// `x · wᵀ + b`, then ReLU if `relu`: `x` is `[.., in]`, `w` is `[out, in]`.
+    pub fn linear(
+        &self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        b: Option<&GpuTensor>,
+        relu: bool,
+    ) -> Result<GpuTensor, CudaError> {
+        let k = *x.shape.last().expect("non-empty shape");
+        let m = x.elem_count() / k;
+        let n = w.shape[0];
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("non-empty") = n;
+        let mut y = self.zeros(&shape)?;
+        super::gemm_f16_nt(&self.blas, m, n, k, &x.data, &w.data, &mut y.data)?;
+        if b.is_some() || relu {
+            let total = i64_of(m * n);
+            let cols = dim(n);
+            let relu = i32::from(relu);
+            let mut l = self.stream.launch_builder(&self.bias_act);
+            l.arg(&mut y.data);
+            let null: u64 = 0;
+            match b {
+                Some(b) => l.arg(&b.data),
+                None => l.arg(&null),
+            };
+            l.arg(&total).arg(&cols).arg(&relu);
+            // SAFETY: grid-stride over m·n values; the bias has n values (or is null).
+            unsafe { l.launch(grid(m * n))? };
+        }
+        Ok(y)
+    }
+
+    /// `a + b`, elementwise.
+    pub fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor, CudaError> {
+        assert_eq!(a.shape, b.shape, "add needs equal shapes");
+        let mut out = self.zeros(&a.shape)?;
+        let n = i64_of(a.elem_count());
+        let mut l = self.stream.launch_builder(&self.add);
+        l.arg(&a.data).arg(&b.data).arg(&mut out.data).arg(&n);
+        // SAFETY: grid-stride over n values of three equal buffers.
+        unsafe { l.launch(grid(a.elem_count()))? };
+        Ok(out)
+    }
+
+    /// Swaps axes 1 and 2 of a 4-d tensor: `[b, t, nh, hd]` ↔ `[b, nh, t, hd]`.
+    pub fn swap12(&self, x: &GpuTensor) -> Result<GpuTensor, CudaError> {
+        let [d0, d1, d2, d3] = <[usize; 4]>::try_from(x.shape.as_slice()).expect("a 4-d tensor");
+        let mut y = self.zeros(&[d0, d2, d1, d3])?;
+        let (a, b, c, d) = (dim(d0), dim(d1), dim(d2), dim(d3));
+        let mut l = self.stream.launch_builder(&self.swap12);
+        l.arg(&x.data).arg(&mut y.data).arg(&a).arg(&b).arg(&c).arg(&d);
+        // SAFETY: grid-stride over the elements; y has the same size as x.
+        unsafe { l.launch(grid(x.elem_count()))? };
+        Ok(y)
+    }
+
+    /// `softmax(q·kᵀ·scale + bias)·v` for `q` `[b, nh, t, hd]`, `k`/`v` `[b, nh, s, hd]`, and an
+    /// additive fp32 `bias` `[b, t, s]` (row-major, shared by the heads).
+    pub fn attention(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        bias: &[f32],
+        scale: f64,
+    ) -> Result<GpuTensor, CudaError> {
+        let [b, nh, t, hd] = <[usize; 4]>::try_from(q.shape.as_slice()).expect("q is 4-d");
+        let s = k.shape[2];
+        assert_eq!(bias.len(), b * t * s, "bias is [b, t, s]");
+        let bias = self.stream.clone_htod(bias)?;
+        let mut scores = self.zeros(&[b, nh, t, s])?;
+        super::gemm_f16_nt_batched(
+            &self.blas,
+            b * nh,
+            t,
+            s,
+            hd,
+            &q.data,
+            &k.data,
+            &mut scores.data,
+        )?;
+        #[expect(clippy::cast_possible_truncation, reason = "the scale is 1/sqrt(head size)")]
+        let scale = scale as f32;
+        let (heads, queries, cols) = (dim(nh), dim(t), dim(s));
+        let mut l = self.stream.launch_builder(&self.softmax);
+        l.arg(&mut scores.data).arg(&bias).arg(&heads).arg(&queries).arg(&cols).arg(&scale);
+        // SAFETY: one block per (b, head, query) row of s scores; bias holds b·t·s values.
+        unsafe { l.launch(rows(b * nh * t))? };
+        let mut out = self.zeros(&[b, nh, t, hd])?;
+        self.gemm_nn_batched(b * nh, t, hd, s, &scores.data, &v.data, &mut out.data)?;
+        Ok(out)
+    }
+
+    /// `batch` row-major products `c_i[m, n] = a_i[m, k] · b_i[k, n]`.
+    #[expect(clippy::too_many_arguments, reason = "a GEMM has this many parameters")]
+    fn gemm_nn_batched(
+        &self,
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &CudaSlice<f16>,
+        b: &CudaSlice<f16>,
+        c: &mut CudaSlice<f16>,
+    ) -> Result<(), CudaError> {
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: dim(n),
+                n: dim(m),
+                k: dim(k),
+                alpha: f16::ONE,
+                lda: dim(n),
+                ldb: dim(k),
+                beta: f16::ZERO,
+                ldc: dim(n),
+            },
+            batch_size: dim(batch),
+            stride_a: i64_of(k * n),
+            stride_b: i64_of(m * k),
+            stride_c: i64_of(m * n),
+        };
+        assert!(
+            a.len() >= batch * m * k && b.len() >= batch * k * n && c.len() >= batch * m * n,
+            "gemm operands too small"
+        );
+        // SAFETY: sizes checked above; column-major cᵀ = bᵀ·aᵀ.
+        unsafe { self.blas.gemm_strided_batched(cfg, b, a, c)? };
+        Ok(())
+    }
+}
