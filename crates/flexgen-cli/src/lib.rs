@@ -7,6 +7,22 @@ use anyhow::Context;
 use clap::Args;
 use flexgen_policy::{Placement, Policy};
 
+/// The `main` of every binary: logging, then `run`; an error is printed once with its chain and
+/// the process exits with status 1.
+pub fn main_with<A>(
+    args: &A,
+    run: impl FnOnce(&A) -> anyhow::Result<()>,
+) -> std::process::ExitCode {
+    init_logging();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 /// Installs the tracing subscriber (`RUST_LOG`, default `warn`).
 pub fn init_logging() {
     let filter =

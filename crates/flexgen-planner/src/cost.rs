@@ -332,28 +332,7 @@ mod tests {
 
     /// h = 64, ffn = 256, 8 heads, vocab 1000, 2 layers, 100 positions.
     fn spec() -> ModelSpec {
-        let mut s = flexgen_policy::ModelSpec {
-            name: "toy".into(),
-            family: flexgen_policy::Family::Opt,
-            num_layers: 2,
-            hidden_size: 64,
-            num_heads: 8,
-            num_kv_heads: 8,
-            ffn_size: 256,
-            vocab_size: 1000,
-            max_positions: 100,
-            norm: flexgen_policy::NormKind::LayerNorm { eps: 1e-5 },
-            mlp: flexgen_policy::MlpKind::Relu,
-            positions: flexgen_policy::PositionKind::Learned { offset: 2 },
-            pre_norm: true,
-            bias: true,
-            tie_embeddings: true,
-            bos_token_id: Some(2),
-            eos_token_id: Some(2),
-            pad_token_id: Some(1),
-        };
-        s.name = "toy".into();
-        s
+        flexgen_model::opt_spec("toy", 2, 64, 8, 256, 1000, 100)
     }
 
     const WL: Workload = Workload { prompt_len: 10, gen_len: 5, num_prompts: None };

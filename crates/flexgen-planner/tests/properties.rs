@@ -2,10 +2,7 @@
 //! every tier, its percentages are valid, and impossible inputs give an error, never a panic.
 
 use flexgen_planner::{Error, PlanOptions, plan};
-use flexgen_policy::{
-    CpuProfile, DiskProfile, Family, GpuProfile, HardwareProfile, MlpKind, ModelSpec, NormKind,
-    PositionKind, Workload,
-};
+use flexgen_policy::{CpuProfile, DiskProfile, GpuProfile, HardwareProfile, ModelSpec, Workload};
 use proptest::prelude::*;
 
 fn machine(
@@ -48,26 +45,15 @@ fn machine(
 
 fn model(layers: u32, hidden_64ths: u32) -> ModelSpec {
     let h = 64 * hidden_64ths;
-    ModelSpec {
-        name: format!("rand-{layers}x{h}"),
-        family: Family::Opt,
-        num_layers: layers,
-        hidden_size: h,
-        num_heads: hidden_64ths,
-        num_kv_heads: hidden_64ths,
-        ffn_size: 4 * h,
-        vocab_size: 50272,
-        max_positions: 2048,
-        norm: NormKind::LayerNorm { eps: 1e-5 },
-        mlp: MlpKind::Relu,
-        positions: PositionKind::Learned { offset: 2 },
-        pre_norm: true,
-        bias: true,
-        tie_embeddings: true,
-        bos_token_id: Some(2),
-        eos_token_id: Some(2),
-        pad_token_id: Some(1),
-    }
+    flexgen_model::opt_spec(
+        &format!("rand-{layers}x{h}"),
+        layers,
+        h,
+        hidden_64ths,
+        4 * h,
+        50272,
+        2048,
+    )
 }
 
 proptest! {

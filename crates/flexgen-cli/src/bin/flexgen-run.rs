@@ -110,14 +110,7 @@ enum DummyKind {
 }
 
 fn main() -> ExitCode {
-    flexgen_cli::init_logging();
-    match run(&Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    flexgen_cli::main_with(&Cli::parse(), run)
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {

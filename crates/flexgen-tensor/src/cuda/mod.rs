@@ -67,24 +67,7 @@ pub fn gemm_f16_nt(
     b: &CudaSlice<f16>,
     c: &mut CudaSlice<f16>,
 ) -> Result<(), CudaError> {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "gemm operands too small");
-    let (m, n, k) = (dim(m), dim(n), dim(k));
-    // Column-major view: cᵀ[n, m] = b[n, k] (as kᵀ-major, transposed) · aᵀ.
-    let cfg = GemmConfig {
-        transa: cublasOperation_t::CUBLAS_OP_T,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: n,
-        n: m,
-        k,
-        alpha: f16::ONE,
-        lda: k,
-        ldb: k,
-        beta: f16::ZERO,
-        ldc: n,
-    };
-    // SAFETY: the sizes were checked above; all buffers live on the blas handle's context.
-    unsafe { blas.gemm(cfg, b, a, c)? };
-    Ok(())
+    gemm_f16_nt_batched(blas, 1, m, n, k, a, b, c)
 }
 
 /// `batch` independent row-major products `c_i[m, n] = a_i[m, k] · b_i[n, k]ᵀ` (attention scores).
