@@ -35,6 +35,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor operation: {0}")]
     Tensor(#[from] flexgen_tensor::Error),
+    /// A GPU operation failed.
+    #[error("GPU: {0}")]
+    Gpu(#[from] flexgen_tensor::cuda::CudaError),
 }
 
 /// Result with this crate's [`Error`].

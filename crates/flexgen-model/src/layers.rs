@@ -1,25 +1,35 @@
-//! The forward pass, one function per stage of the decoder, written once against
-//! `flexgen-tensor`. The runtime decides where tensors live and in which order micro-batches run;
-//! these functions only compute.
+//! The forward pass, one function per stage of the decoder, written once against the
+//! [`Backend`] trait of `flexgen-tensor`: the same code runs on the CPU ([`flexgen_tensor::Cpu`])
+//! and on the GPU ([`flexgen_tensor::cuda::Gpu`]). The runtime decides where tensors live and in
+//! which order micro-batches run; these functions only compute.
 
 use flexgen_policy::{ModelSpec, NormKind, PositionKind};
-use flexgen_tensor as ft;
-use flexgen_tensor::Tensor;
+use flexgen_tensor::{Backend, Tensor};
 
-use crate::Result;
 use crate::weights::{LayerWeights, Linear, Mlp, Norm, Weights};
+use crate::{Error, Result};
 
 /// Keys and values of some positions of one layer: `[b, nh_kv, s, hd]` each.
 #[derive(Debug, Clone)]
-pub struct Kv {
-    pub k: Tensor,
-    pub v: Tensor,
+pub struct Kv<T = Tensor> {
+    pub k: T,
+    pub v: T,
+}
+
+impl<T> Kv<T> {
+    /// `self` followed by `new` along the position axis.
+    pub fn append_on<B: Backend<T = T>>(&self, be: &B, new: &Kv<T>) -> Result<Kv<T>>
+    where
+        Error: From<B::Error>,
+    {
+        Ok(Kv { k: be.cat_positions(&self.k, &new.k)?, v: be.cat_positions(&self.v, &new.v)? })
+    }
 }
 
 impl Kv {
-    /// `self` followed by `new` along the position axis.
+    /// `self` followed by `new` along the position axis (CPU tensors).
     pub fn append(&self, new: &Kv) -> Result<Kv> {
-        Ok(Kv { k: Tensor::cat(&[&self.k, &new.k], 2)?, v: Tensor::cat(&[&self.v, &new.v], 2)? })
+        self.append_on(&flexgen_tensor::Cpu, new)
     }
 
     /// Number of positions held.
@@ -54,80 +64,125 @@ pub fn position_indices(spec: &ModelSpec, mask: &[bool]) -> Vec<u32> {
         .collect()
 }
 
-/// Token (+ position) embedding of `ids` (`[b, t]` u32) at table indices `positions` (`[b, t]`).
-pub fn embed(weights: &Weights, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
-    let x = ft::embedding(ids, &weights.token_embedding)?;
-    Ok(match &weights.position_embedding {
-        Some(table) => (x + ft::embedding(positions, table)?)?,
-        None => x,
-    })
+/// Token (+ position) embedding of row-major `[b, t]` `ids` at table rows `positions`.
+pub fn embed<B: Backend>(
+    be: &B,
+    weights: &Weights<B::T>,
+    ids: &[u32],
+    positions: &[u32],
+    shape: (usize, usize),
+) -> Result<B::T>
+where
+    Error: From<B::Error>,
+{
+    Ok(be.embed(
+        ids,
+        positions,
+        shape,
+        &weights.token_embedding,
+        weights.position_embedding.as_ref(),
+    )?)
 }
 
-fn norm(spec: &ModelSpec, n: &Norm, x: &Tensor) -> Result<Tensor> {
+fn norm<B: Backend>(be: &B, spec: &ModelSpec, n: &Norm<B::T>, x: &B::T) -> Result<B::T>
+where
+    Error: From<B::Error>,
+{
     match (spec.norm, &n.bias) {
-        (NormKind::LayerNorm { eps }, Some(b)) => Ok(ft::layer_norm(x, &n.weight, b, eps)?),
-        _ => Err(crate::Error::Unsupported {
+        (NormKind::LayerNorm { eps }, Some(b)) => Ok(be.layer_norm(x, &n.weight, b, eps)?),
+        _ => Err(Error::Unsupported {
             what: format!("{}: RMSNorm is not implemented yet", spec.name),
         }),
     }
 }
 
-fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    Ok(ft::linear(x, &l.weight, l.bias.as_ref())?)
+fn linear<B: Backend>(be: &B, l: &Linear<B::T>, x: &B::T, relu: bool) -> Result<B::T>
+where
+    Error: From<B::Error>,
+{
+    Ok(be.linear(x, &l.weight, l.bias.as_ref(), relu)?)
 }
 
 /// The attention half of a layer: `x + out_proj(attention(norm(x)))`. `past` holds the keys and
 /// values of earlier positions; `bias` (`[b, 1, t, s]`, `s` = past + t) masks what each query may
 /// see. Returns the new hidden state and the keys/values of the `t` new positions.
-pub fn attention_block(
+pub fn attention_block<B: Backend>(
+    be: &B,
     spec: &ModelSpec,
-    w: &LayerWeights,
-    x: &Tensor,
-    past: Option<&Kv>,
-    bias: &Tensor,
-) -> Result<(Tensor, Kv)> {
+    w: &LayerWeights<B::T>,
+    x: &B::T,
+    past: Option<&Kv<B::T>>,
+    bias: &B::Bias,
+) -> Result<(B::T, Kv<B::T>)>
+where
+    Error: From<B::Error>,
+{
     let nh = spec.num_heads as usize;
     let nkv = spec.num_kv_heads as usize;
-    let h = norm(spec, &w.attn_norm, x)?;
-    let q = ft::split_heads(&linear(&w.q, &h)?, nh)?;
+    let h = norm(be, spec, &w.attn_norm, x)?;
+    let q = be.split_heads(&linear(be, &w.q, &h, false)?, nh)?;
     let new = Kv {
-        k: ft::split_heads(&linear(&w.k, &h)?, nkv)?,
-        v: ft::split_heads(&linear(&w.v, &h)?, nkv)?,
+        k: be.split_heads(&linear(be, &w.k, &h, false)?, nkv)?,
+        v: be.split_heads(&linear(be, &w.v, &h, false)?, nkv)?,
     };
+    let joined;
     let all = match past {
-        Some(p) => p.append(&new)?,
-        None => new.clone(),
+        Some(p) => {
+            joined = p.append_on(be, &new)?;
+            &joined
+        }
+        None => &new,
     };
     let scale = 1.0 / f64::from(spec.head_dim()).sqrt();
-    let a = ft::attention(&q, &all.k, &all.v, bias, scale)?;
-    let out = linear(&w.o, &ft::merge_heads(&a)?)?;
-    Ok(((x + out)?, new))
+    let a = be.attention(&q, &all.k, &all.v, bias, scale)?;
+    let out = linear(be, &w.o, &be.merge_heads(&a)?, false)?;
+    Ok((be.add(x, &out)?, new))
 }
 
 /// The MLP half of a layer: `x + mlp(norm(x))`.
-pub fn mlp_block(spec: &ModelSpec, w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
-    let h = norm(spec, &w.mlp_norm, x)?;
+pub fn mlp_block<B: Backend>(
+    be: &B,
+    spec: &ModelSpec,
+    w: &LayerWeights<B::T>,
+    x: &B::T,
+) -> Result<B::T>
+where
+    Error: From<B::Error>,
+{
+    let h = norm(be, spec, &w.mlp_norm, x)?;
     let y = match &w.mlp {
-        Mlp::Relu { fc1, fc2 } => linear(fc2, &ft::relu(&linear(fc1, &h)?)?)?,
+        Mlp::Relu { fc1, fc2 } => linear(be, fc2, &linear(be, fc1, &h, true)?, false)?,
     };
-    Ok((x + y)?)
+    Ok(be.add(x, &y)?)
 }
 
 /// A whole decoder layer: attention block then MLP block.
-pub fn decoder_layer(
+pub fn decoder_layer<B: Backend>(
+    be: &B,
     spec: &ModelSpec,
-    w: &LayerWeights,
-    x: &Tensor,
-    past: Option<&Kv>,
-    bias: &Tensor,
-) -> Result<(Tensor, Kv)> {
-    let (x, kv) = attention_block(spec, w, x, past, bias)?;
-    Ok((mlp_block(spec, w, &x)?, kv))
+    w: &LayerWeights<B::T>,
+    x: &B::T,
+    past: Option<&Kv<B::T>>,
+    bias: &B::Bias,
+) -> Result<(B::T, Kv<B::T>)>
+where
+    Error: From<B::Error>,
+{
+    let (x, kv) = attention_block(be, spec, w, x, past, bias)?;
+    Ok((mlp_block(be, spec, w, &x)?, kv))
 }
 
 /// Final norm and LM head: `[b, t, h]` → logits `[b, t, vocab]`.
-pub fn logits(spec: &ModelSpec, weights: &Weights, x: &Tensor) -> Result<Tensor> {
-    let h = norm(spec, &weights.final_norm, x)?;
+pub fn logits<B: Backend>(
+    be: &B,
+    spec: &ModelSpec,
+    weights: &Weights<B::T>,
+    x: &B::T,
+) -> Result<B::T>
+where
+    Error: From<B::Error>,
+{
+    let h = norm(be, spec, &weights.final_norm, x)?;
     let head = weights.lm_head.as_ref().unwrap_or(&weights.token_embedding);
-    Ok(ft::linear(&h, head, None)?)
+    Ok(be.linear(&h, head, None, false)?)
 }

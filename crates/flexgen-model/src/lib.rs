@@ -25,7 +25,7 @@ pub use source::{ModelFiles, WeightFiles, resolve};
 pub use tokenizer::Tokenizer;
 pub use weights::{DummyInit, LayerWeights, Linear, Mlp, Norm, SafetensorsStore, Weights};
 
-use flexgen_tensor::{Device, Tensor};
+use flexgen_tensor::Tensor;
 
 /// A model ready to run: its spec, weights and (for real checkpoints) tokenizer.
 pub struct Model {
@@ -78,22 +78,33 @@ impl Model {
     /// Logits at every position of left-padded `ids` (`mask[b][t]` = real token), computed in one
     /// pass without a cache. The reference path that the runtime's cached generation must match.
     pub fn forward_all(&self, ids: &[Vec<u32>], mask: &[Vec<bool>]) -> Result<Tensor> {
-        let b = ids.len();
-        let t = ids.first().map_or(0, Vec::len);
-        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let pos: Vec<u32> =
-            mask.iter().flat_map(|m| layers::position_indices(&self.spec, m)).collect();
-        let ids_t = Tensor::from_vec(flat, (b, t), &Device::Cpu)?;
-        let pos_t = Tensor::from_vec(pos, (b, t), &Device::Cpu)?;
-        let allowed: Vec<Vec<Vec<bool>>> = mask
-            .iter()
-            .map(|m| (0..t).map(|q| (0..t).map(|k| k <= q && m[k]).collect()).collect())
-            .collect();
-        let bias = flexgen_tensor::attention_bias(&allowed, &Device::Cpu)?;
-        let mut x = layers::embed(&self.weights, &ids_t, &pos_t)?;
-        for w in &self.weights.layers {
-            x = layers::decoder_layer(&self.spec, w, &x, None, &bias)?.0;
-        }
-        layers::logits(&self.spec, &self.weights, &x)
+        forward_all_on(&flexgen_tensor::Cpu, &self.spec, &self.weights, ids, mask)
     }
+}
+
+/// [`Model::forward_all`] on any backend, with the weights already there.
+pub fn forward_all_on<B: flexgen_tensor::Backend>(
+    be: &B,
+    spec: &ModelSpec,
+    weights: &Weights<B::T>,
+    ids: &[Vec<u32>],
+    mask: &[Vec<bool>],
+) -> Result<Tensor>
+where
+    Error: From<B::Error>,
+{
+    let b = ids.len();
+    let t = ids.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let pos: Vec<u32> = mask.iter().flat_map(|m| layers::position_indices(spec, m)).collect();
+    let allowed: Vec<Vec<Vec<bool>>> = mask
+        .iter()
+        .map(|m| (0..t).map(|q| (0..t).map(|k| k <= q && m[k]).collect()).collect())
+        .collect();
+    let bias = be.attention_bias(&allowed)?;
+    let mut x = layers::embed(be, weights, &flat, &pos, (b, t))?;
+    for w in &weights.layers {
+        x = layers::decoder_layer(be, spec, w, &x, None, &bias)?.0;
+    }
+    Ok(be.to_cpu(&layers::logits(be, spec, weights, &x)?)?)
 }

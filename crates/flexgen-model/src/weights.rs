@@ -15,35 +15,35 @@ use crate::{Error, Result};
 
 /// `y = x · Wᵀ + b`, weight in the Hugging Face `[out, in]` layout.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+pub struct Linear<T = Tensor> {
+    pub weight: T,
+    pub bias: Option<T>,
 }
 
 /// `LayerNorm` (weight and bias) or `RMSNorm` (weight only).
 #[derive(Debug, Clone)]
-pub struct Norm {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+pub struct Norm<T = Tensor> {
+    pub weight: T,
+    pub bias: Option<T>,
 }
 
 /// The feed-forward block of a layer.
 #[derive(Debug, Clone)]
-pub enum Mlp {
-    /// OPT: fc1 → `ReLU` → fc2.
-    Relu { fc1: Linear, fc2: Linear },
+pub enum Mlp<T = Tensor> {
+    /// OPT: fc1 → ReLU → fc2.
+    Relu { fc1: Linear<T>, fc2: Linear<T> },
 }
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
-pub struct LayerWeights {
-    pub attn_norm: Norm,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub mlp_norm: Norm,
-    pub mlp: Mlp,
+pub struct LayerWeights<T = Tensor> {
+    pub attn_norm: Norm<T>,
+    pub q: Linear<T>,
+    pub k: Linear<T>,
+    pub v: Linear<T>,
+    pub o: Linear<T>,
+    pub mlp_norm: Norm<T>,
+    pub mlp: Mlp<T>,
 }
 
 impl LayerWeights {
@@ -89,14 +89,61 @@ impl LayerWeights {
 
 /// All weights of a model.
 #[derive(Debug, Clone)]
-pub struct Weights {
-    pub token_embedding: Tensor,
+pub struct Weights<T = Tensor> {
+    pub token_embedding: T,
     /// Learned position table (OPT), absent for rotary models.
-    pub position_embedding: Option<Tensor>,
-    pub final_norm: Norm,
+    pub position_embedding: Option<T>,
+    pub final_norm: Norm<T>,
     /// Separate LM head; `None` when tied to `token_embedding`.
-    pub lm_head: Option<Tensor>,
-    pub layers: Vec<LayerWeights>,
+    pub lm_head: Option<T>,
+    pub layers: Vec<LayerWeights<T>>,
+}
+
+impl Weights {
+    /// The same weights on another device: `put` copies one tensor there.
+    pub fn to_device<U, E>(
+        &self,
+        mut put: impl FnMut(&Tensor) -> Result<U, E>,
+    ) -> Result<Weights<U>, E> {
+        let norm = |n: &Norm, put: &mut dyn FnMut(&Tensor) -> Result<U, E>| -> Result<Norm<U>, E> {
+            Ok(Norm { weight: put(&n.weight)?, bias: n.bias.as_ref().map(&mut *put).transpose()? })
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mut it = l
+                    .tensors()
+                    .into_iter()
+                    .map(&mut put)
+                    .collect::<Result<Vec<U>, E>>()?
+                    .into_iter();
+                let mut next = || it.next().expect("as many tensors as the layer has");
+                let mut norm_of =
+                    |n: &Norm| Norm { weight: next(), bias: n.bias.as_ref().map(|_| next()) };
+                let attn_norm = norm_of(&l.attn_norm);
+                let mut lin =
+                    |x: &Linear| Linear { weight: next(), bias: x.bias.as_ref().map(|_| next()) };
+                let (q, k, v, o) = (lin(&l.q), lin(&l.k), lin(&l.v), lin(&l.o));
+                let mut norm_of =
+                    |n: &Norm| Norm { weight: next(), bias: n.bias.as_ref().map(|_| next()) };
+                let mlp_norm = norm_of(&l.mlp_norm);
+                let mut lin =
+                    |x: &Linear| Linear { weight: next(), bias: x.bias.as_ref().map(|_| next()) };
+                let mlp = match &l.mlp {
+                    Mlp::Relu { fc1, fc2 } => Mlp::Relu { fc1: lin(fc1), fc2: lin(fc2) },
+                };
+                Ok(LayerWeights { attn_norm, q, k, v, o, mlp_norm, mlp })
+            })
+            .collect::<Result<Vec<_>, E>>()?;
+        Ok(Weights {
+            token_embedding: put(&self.token_embedding)?,
+            position_embedding: self.position_embedding.as_ref().map(&mut put).transpose()?,
+            final_norm: norm(&self.final_norm, &mut put)?,
+            lm_head: self.lm_head.as_ref().map(&mut put).transpose()?,
+            layers,
+        })
+    }
 }
 
 /// Where tensors come from while [`Weights`] are built.

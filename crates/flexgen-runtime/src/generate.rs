@@ -8,7 +8,7 @@ use std::time::Instant;
 use flexgen_model::layers;
 use flexgen_model::{LayerWeights, Model};
 use flexgen_policy::Policy;
-use flexgen_tensor::{Device, Tensor};
+use flexgen_tensor::{Backend, Cpu, Device, Tensor};
 use rand::SeedableRng;
 
 use crate::sampling::{self, Sampling};
@@ -365,6 +365,7 @@ impl<'m> Generator<'m> {
                         for k in 0..batches.len() {
                             let past = kv.gather(j, k, &self.device, &mut traffic)?;
                             let (x, new_kv) = layers::decoder_layer(
+                                &Cpu,
                                 spec,
                                 &current,
                                 &hidden[k],
@@ -392,7 +393,7 @@ impl<'m> Generator<'m> {
             for (k, mb) in batches.iter_mut().enumerate() {
                 let t = hidden[k].dim(1)?;
                 let last = hidden[k].narrow(1, t - 1, 1)?;
-                let logits = layers::logits(spec, &self.model.weights, &last)?
+                let logits = layers::logits(&Cpu, spec, &self.model.weights, &last)?
                     .squeeze(1)?
                     .to_vec2::<f32>()?;
                 let mut next = Vec::with_capacity(mb.seqs.len());
@@ -452,24 +453,19 @@ impl<'m> Generator<'m> {
         let t = mb.input[0].len();
         let total = mb.mask[0].len();
         let past = total - t;
-        let ids = Tensor::from_vec(
-            mb.input.iter().flatten().copied().collect::<Vec<u32>>(),
-            (b, t),
-            &self.device,
-        )?;
+        let ids: Vec<u32> = mb.input.iter().flatten().copied().collect();
         let pos: Vec<u32> = mb
             .mask
             .iter()
             .flat_map(|m| layers::position_indices(spec, m)[past..].to_vec())
             .collect();
-        let pos = Tensor::from_vec(pos, (b, t), &self.device)?;
         let allowed: Vec<Vec<Vec<bool>>> = mb
             .mask
             .iter()
             .map(|m| (0..t).map(|q| (0..total).map(|s| s <= past + q && m[s]).collect()).collect())
             .collect();
-        let bias = flexgen_tensor::attention_bias(&allowed, &self.device)?;
-        Ok((layers::embed(&self.model.weights, &ids, &pos)?, bias))
+        let bias = Cpu.attention_bias(&allowed)?;
+        Ok((layers::embed(&Cpu, &self.model.weights, &ids, &pos, (b, t))?, bias))
     }
 
     /// Records `token` for `s`, streams its text, and decides whether `s` is finished.

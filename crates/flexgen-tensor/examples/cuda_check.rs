@@ -106,7 +106,7 @@ fn main() {
         .map(|s| (0..t).map(|qi| (0..t).map(|ki| ki <= qi && ki >= s * 3).collect()).collect())
         .collect();
     let bias_t = flexgen_tensor::attention_bias(&allowed, &Device::Cpu).unwrap();
-    let bias_v: Vec<f32> = bias_t.flatten_all().unwrap().to_vec1().unwrap();
+    let bias_v = flexgen_tensor::Backend::attention_bias(&gpu, &allowed).unwrap();
     let split =
         |x: &Tensor| gpu.swap12(&gpu.upload(x).unwrap().reshaped(&[b, t, nh, h / nh])).unwrap();
     let scale = 1.0 / ((h / nh) as f64).sqrt();

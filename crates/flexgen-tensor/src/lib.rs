@@ -5,9 +5,11 @@
 //! Shapes use `b` for batch, `t` for query positions, `s` for key positions, `nh` for heads and `hd`
 //! for the head size. All operations compute in the dtype of their inputs (f32 on the CPU).
 
+pub mod backend;
 pub mod cuda;
 pub mod host;
 
+pub use backend::{Backend, Cpu};
 pub use candle_core::{DType, Device, Error, Result, Tensor};
 
 /// `x · wᵀ + b` over the last dimension: `x` is `[.., in]`, `w` is `[out, in]` (the Hugging Face

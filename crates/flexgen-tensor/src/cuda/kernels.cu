@@ -97,3 +97,24 @@ extern "C" __global__ void masked_softmax(half_t* s, const float* bias, int head
     float inv = 1.f / block_reduce(sum, sh, false);
     for (int j = threadIdx.x; j < cols; j += blockDim.x) sr[j] = f2h(__expf(h2f(sr[j]) * scale + br[j] - m) * inv);
 }
+
+// y[p, i, c] = x1[p, i, c] for i < n1, else x2[p, i − n1, c]: concatenation along axis 1 of
+// [a, n, c] tensors (the KV cache's position axis, with a = batch·heads).
+extern "C" __global__ void cat_axis1(const half_t* x1, const half_t* x2, half_t* y, int a, int n1, int n2, int c) {
+    long long n = (long long)a * (n1 + n2) * c;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        int d = i % c; long long r = i / c;
+        int pos = r % (n1 + n2); long long p = r / (n1 + n2);
+        y[i] = pos < n1 ? x1[(p * n1 + pos) * c + d] : x2[(p * n2 + pos - n1) * c + d];
+    }
+}
+
+// y[p, i, c] = x[p, start + i, c] for i < len, from an [a, n, c] tensor.
+extern "C" __global__ void slice_axis1(const half_t* x, half_t* y, int a, int n, int start, int len, int c) {
+    long long total = (long long)a * len * c;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        int d = i % c; long long r = i / c;
+        int pos = r % len; long long p = r / len;
+        y[i] = x[(p * n + start + pos) * c + d];
+    }
+}

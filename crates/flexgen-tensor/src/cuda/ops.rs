@@ -48,6 +48,8 @@ pub struct Gpu {
     add: CudaFunction,
     swap12: CudaFunction,
     softmax: CudaFunction,
+    cat_axis1: CudaFunction,
+    slice_axis1: CudaFunction,
 }
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -105,6 +107,8 @@ impl Gpu {
             add: f("add")?,
             swap12: f("swap12")?,
             softmax: f("masked_softmax")?,
+            cat_axis1: f("cat_axis1")?,
+            slice_axis1: f("slice_axis1")?,
             _module: module,
             ctx,
             stream,
@@ -254,13 +258,12 @@ impl Gpu {
         q: &GpuTensor,
         k: &GpuTensor,
         v: &GpuTensor,
-        bias: &[f32],
+        bias: &CudaSlice<f32>,
         scale: f64,
     ) -> Result<GpuTensor, CudaError> {
         let [b, nh, t, hd] = <[usize; 4]>::try_from(q.shape.as_slice()).expect("q is 4-d");
         let s = k.shape[2];
         assert_eq!(bias.len(), b * t * s, "bias is [b, t, s]");
-        let bias = self.stream.clone_htod(bias)?;
         let mut scores = self.zeros(&[b, nh, t, s])?;
         super::gemm_f16_nt_batched(
             &self.blas,
@@ -276,12 +279,52 @@ impl Gpu {
         let scale = scale as f32;
         let (heads, queries, cols) = (dim(nh), dim(t), dim(s));
         let mut l = self.stream.launch_builder(&self.softmax);
-        l.arg(&mut scores.data).arg(&bias).arg(&heads).arg(&queries).arg(&cols).arg(&scale);
+        l.arg(&mut scores.data).arg(bias).arg(&heads).arg(&queries).arg(&cols).arg(&scale);
         // SAFETY: one block per (b, head, query) row of s scores; bias holds b·t·s values.
         unsafe { l.launch(rows(b * nh * t))? };
         let mut out = self.zeros(&[b, nh, t, hd])?;
         self.gemm_nn_batched(b * nh, t, hd, s, &scores.data, &v.data, &mut out.data)?;
         Ok(out)
+    }
+
+    /// `[a, n1, c]` followed by `[a, n2, c]` along axis 1.
+    pub fn cat_axis1(
+        &self,
+        x1: &GpuTensor,
+        x2: &GpuTensor,
+        a: usize,
+        c: usize,
+    ) -> Result<GpuTensor, CudaError> {
+        let (n1, n2) = (x1.elem_count() / (a * c), x2.elem_count() / (a * c));
+        let mut y = self.zeros(&[a, n1 + n2, c])?;
+        let cfg = grid(y.elem_count());
+        let (ai, n1i, n2i, ci) = (dim(a), dim(n1), dim(n2), dim(c));
+        let mut l = self.stream.launch_builder(&self.cat_axis1);
+        l.arg(&x1.data).arg(&x2.data).arg(&mut y.data).arg(&ai).arg(&n1i).arg(&n2i).arg(&ci);
+        // SAFETY: grid-stride over y's a·(n1+n2)·c values; the inputs hold a·n1·c and a·n2·c.
+        unsafe { l.launch(cfg)? };
+        Ok(y)
+    }
+
+    /// Positions `start..start + len` of an `[a, n, c]` tensor.
+    pub fn slice_axis1(
+        &self,
+        x: &GpuTensor,
+        a: usize,
+        c: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<GpuTensor, CudaError> {
+        let n = x.elem_count() / (a * c);
+        assert!(start + len <= n, "slice within bounds");
+        let mut y = self.zeros(&[a, len, c])?;
+        let cfg = grid(y.elem_count());
+        let (ai, ni, si, li, ci) = (dim(a), dim(n), dim(start), dim(len), dim(c));
+        let mut l = self.stream.launch_builder(&self.slice_axis1);
+        l.arg(&x.data).arg(&mut y.data).arg(&ai).arg(&ni).arg(&si).arg(&li).arg(&ci);
+        // SAFETY: grid-stride over y's a·len·c values, reading inside x (checked above).
+        unsafe { l.launch(cfg)? };
+        Ok(y)
     }
 
     /// `batch` row-major products `c_i[m, n] = a_i[m, k] · b_i[k, n]`.
@@ -321,5 +364,98 @@ impl Gpu {
         // SAFETY: sizes checked above; column-major cᵀ = bᵀ·aᵀ.
         unsafe { self.blas.gemm_strided_batched(cfg, b, a, c)? };
         Ok(())
+    }
+}
+
+impl crate::backend::Backend for Gpu {
+    type T = GpuTensor;
+    type Bias = CudaSlice<f32>;
+    type Error = CudaError;
+
+    fn linear(
+        &self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        b: Option<&GpuTensor>,
+        relu: bool,
+    ) -> Result<GpuTensor, CudaError> {
+        Gpu::linear(self, x, w, b, relu)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        b: &GpuTensor,
+        eps: f64,
+    ) -> Result<GpuTensor, CudaError> {
+        Gpu::layer_norm(self, x, w, b, eps)
+    }
+
+    fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor, CudaError> {
+        Gpu::add(self, a, b)
+    }
+
+    fn embed(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        shape: (usize, usize),
+        table: &GpuTensor,
+        pos_table: Option<&GpuTensor>,
+    ) -> Result<GpuTensor, CudaError> {
+        self.embedding(ids, positions, shape, table, pos_table)
+    }
+
+    fn split_heads(&self, x: &GpuTensor, nh: usize) -> Result<GpuTensor, CudaError> {
+        let [b, t, h] = <[usize; 3]>::try_from(x.shape.as_slice()).expect("a [b, t, h] tensor");
+        let x = GpuTensor { data: self.stream.clone_dtod(&x.data)?, shape: vec![b, t, nh, h / nh] };
+        self.swap12(&x)
+    }
+
+    fn merge_heads(&self, x: &GpuTensor) -> Result<GpuTensor, CudaError> {
+        let [b, nh, t, hd] =
+            <[usize; 4]>::try_from(x.shape.as_slice()).expect("a [b, nh, t, hd] tensor");
+        Ok(self.swap12(x)?.reshaped(&[b, t, nh * hd]))
+    }
+
+    fn cat_positions(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor, CudaError> {
+        let [bs, nh, s1, hd] = <[usize; 4]>::try_from(a.shape.as_slice()).expect("4-d");
+        let s2 = b.shape[2];
+        Ok(self.cat_axis1(a, b, bs * nh, hd)?.reshaped(&[bs, nh, s1 + s2, hd]))
+    }
+
+    fn attention_bias(&self, allowed: &[Vec<Vec<bool>>]) -> Result<CudaSlice<f32>, CudaError> {
+        let host: Vec<f32> = allowed
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|&ok| if ok { 0.0 } else { crate::MASKED })
+            .collect();
+        Ok(self.stream.clone_htod(&host)?)
+    }
+
+    fn attention(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        bias: &CudaSlice<f32>,
+        scale: f64,
+    ) -> Result<GpuTensor, CudaError> {
+        Gpu::attention(self, q, k, v, bias, scale)
+    }
+
+    fn last_position(&self, x: &GpuTensor) -> Result<GpuTensor, CudaError> {
+        let [b, t, h] = <[usize; 3]>::try_from(x.shape.as_slice()).expect("a [b, t, h] tensor");
+        Ok(self.slice_axis1(x, b, h, t - 1, 1)?.reshaped(&[b, 1, h]))
+    }
+
+    fn positions(&self, x: &GpuTensor) -> usize {
+        x.shape[2]
+    }
+
+    fn to_cpu(&self, x: &GpuTensor) -> Result<Tensor, CudaError> {
+        self.download(x)
     }
 }
