@@ -2,7 +2,7 @@
 //! Hugging Face golden logits: prefill logits of the tiny model (single prompts and a left-padded
 //! batch), greedy generation with the KV cache on the GPU, and a random OPT-125M-shape model.
 //! Exits non-zero on a mismatch. On a GPU machine:
-//! `cargo run --release -p flexgen-model --example gpu_check`.
+//! `cargo run --release -p flexgen-model --example gpu_check [TINY_MODEL_DIR]`.
 
 #![expect(clippy::print_stdout, reason = "a check program prints its findings")]
 
@@ -84,7 +84,10 @@ fn main() {
         println!("{what:<58} {detail:<40} {}", if ok { "ok" } else { "FAIL" });
         failed |= !ok;
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("test_data/tiny-random-opt");
+    // The tiny model's directory: the first argument, or this crate's test data.
+    let dir = std::env::args()
+        .nth(1)
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("test_data/tiny-random-opt"), Into::into);
     let model = Model::load(&dir).unwrap();
     let gw = model.weights.to_device(|t| gpu.upload(t)).unwrap();
     let golden: serde_json::Value =
