@@ -85,9 +85,10 @@ fn main() {
         failed |= !ok;
     };
     // The tiny model's directory: the first argument, or this crate's test data.
-    let dir = std::env::args()
-        .nth(1)
-        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("test_data/tiny-random-opt"), Into::into);
+    let dir = std::env::args().nth(1).map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("test_data/tiny-random-opt"),
+        Into::into,
+    );
     let model = Model::load(&dir).unwrap();
     let gw = model.weights.to_device(|t| gpu.upload(t)).unwrap();
     let golden: serde_json::Value =
