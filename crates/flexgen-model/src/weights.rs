@@ -70,7 +70,7 @@ impl LayerWeights {
 
     /// A layer of the same structure as `self` with `tensors` (in [`LayerWeights::tensors`] order).
     #[must_use]
-    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> LayerWeights {
+    pub fn with_tensors<U>(&self, tensors: Vec<U>) -> LayerWeights<U> {
         let mut it = tensors.into_iter();
         let mut next = || it.next().expect("as many tensors as the layer has");
         let mut norm = |n: &Norm| Norm { weight: next(), bias: n.bias.as_ref().map(|_| next()) };
@@ -112,28 +112,9 @@ impl Weights {
             .layers
             .iter()
             .map(|l| {
-                let mut it = l
-                    .tensors()
-                    .into_iter()
-                    .map(&mut put)
-                    .collect::<Result<Vec<U>, E>>()?
-                    .into_iter();
-                let mut next = || it.next().expect("as many tensors as the layer has");
-                let mut norm_of =
-                    |n: &Norm| Norm { weight: next(), bias: n.bias.as_ref().map(|_| next()) };
-                let attn_norm = norm_of(&l.attn_norm);
-                let mut lin =
-                    |x: &Linear| Linear { weight: next(), bias: x.bias.as_ref().map(|_| next()) };
-                let (q, k, v, o) = (lin(&l.q), lin(&l.k), lin(&l.v), lin(&l.o));
-                let mut norm_of =
-                    |n: &Norm| Norm { weight: next(), bias: n.bias.as_ref().map(|_| next()) };
-                let mlp_norm = norm_of(&l.mlp_norm);
-                let mut lin =
-                    |x: &Linear| Linear { weight: next(), bias: x.bias.as_ref().map(|_| next()) };
-                let mlp = match &l.mlp {
-                    Mlp::Relu { fc1, fc2 } => Mlp::Relu { fc1: lin(fc1), fc2: lin(fc2) },
-                };
-                Ok(LayerWeights { attn_norm, q, k, v, o, mlp_norm, mlp })
+                Ok(l.with_tensors(
+                    l.tensors().into_iter().map(&mut put).collect::<Result<Vec<U>, E>>()?,
+                ))
             })
             .collect::<Result<Vec<_>, E>>()?;
         Ok(Weights {

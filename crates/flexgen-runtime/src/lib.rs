@@ -11,6 +11,7 @@
 
 mod error;
 mod generate;
+mod gpu;
 mod sampling;
 mod stream;
 mod tiers;
@@ -19,5 +20,6 @@ pub use error::{Error, Result};
 pub use generate::{
     Completion, Event, FinishReason, GenerationConfig, Generator, Prompt, Request, RunStats,
 };
+pub use gpu::GpuGenerator;
 pub use sampling::{Sampling, argmax, choose};
 pub use tiers::{Budgets, TierBytes, TierReport, Traffic, split_counts};

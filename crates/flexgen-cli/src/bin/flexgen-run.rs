@@ -92,6 +92,10 @@ struct Cli {
     ignore_eos: bool,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Compute device: `cpu` (tiered executor, every policy) or `cuda` (GPU 0; greedy decoding,
+    /// weights split GPU/CPU by layer, KV cache and activations on the GPU).
+    #[arg(long, value_enum, default_value = "cpu", help_heading = "Policy")]
+    device: DeviceKind,
     /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.
     #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes, help_heading = "Policy")]
     gpu_mem_limit: Option<u64>,
@@ -101,6 +105,12 @@ struct Cli {
     /// Do not print generated text.
     #[arg(long, short, help_heading = "Output")]
     quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceKind {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -135,6 +145,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         stop_on_eos: !cli.ignore_eos,
         output_logits: false,
     };
+    if cli.device == DeviceKind::Cuda {
+        return run_cuda(cli, &model, &policy, &requests, load_s, started);
+    }
     let budgets = Budgets { gpu_bytes: cli.gpu_mem_limit, ..Budgets::default() };
     let generator = Generator::with_budgets(&model, policy.clone(), budgets)?;
     let stream = !cli.quiet && !cli.json && requests.len() == 1 && model.tokenizer.is_some();
@@ -326,4 +339,78 @@ fn requests(cli: &Cli, model: &Model, block: usize) -> anyhow::Result<Vec<Reques
     }
     let n = cli.num_prompts.unwrap_or(texts.len());
     Ok(texts.iter().cycle().take(n.max(texts.len())).map(|t| Request::text(t.clone())).collect())
+}
+
+/// Greedy generation on the CUDA executor, with the same report fields as the CPU path.
+fn run_cuda(
+    cli: &Cli,
+    model: &Model,
+    policy: &flexgen_policy::Policy,
+    requests: &[Request],
+    load_s: f64,
+    started: std::time::Instant,
+) -> anyhow::Result<()> {
+    if cli.temperature.is_some() || !cli.stop.is_empty() {
+        bail!(
+            "--device cuda decodes greedily for now: drop --temperature and --stop, or use --device cpu"
+        );
+    }
+    let prompts: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| match &r.prompt {
+            flexgen_runtime::Prompt::Tokens(t) => Ok(t.clone()),
+            flexgen_runtime::Prompt::Text(t) => {
+                Ok(model.tokenizer.as_ref().context("text prompts need a tokenizer")?.encode(t)?)
+            }
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let setup = std::time::Instant::now();
+    let generator = flexgen_runtime::GpuGenerator::new(model, policy.clone())
+        .context("setting up the CUDA executor")?;
+    let setup_s = setup.elapsed().as_secs_f64();
+    let (tokens, stats) = generator.generate(&prompts, cli.max_new_tokens)?;
+    let mut out = std::io::stdout().lock();
+    if !cli.quiet && !cli.json {
+        for (i, t) in tokens.iter().enumerate().take(4) {
+            let text = match &model.tokenizer {
+                Some(tok) => tok.decode(t)?,
+                None => format!("{t:?}"),
+            };
+            writeln!(out, "[{i}] {text}")?;
+        }
+    }
+    let report = serde_json::json!({
+        "model": model.spec.name,
+        "backend": "cuda",
+        "policy": { "percent": policy.placement.to_percent(), "gpu_batch_size": policy.gpu_batch_size, "num_gpu_batches": policy.num_gpu_batches },
+        "prompts": prompts.len(),
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "load_s": load_s,
+        "gpu_setup_s": setup_s,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
+        "decode_tokens_per_s": stats.decode_tokens_per_s(prompts.len()),
+        "total_tokens_per_s": stats.total_tokens_per_s(),
+        "gpu_bytes_in_use": stats.tiers.required.gpu,
+        "bytes_moved": { "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu },
+        "projected": false,
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    if cli.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(
+            std::io::stderr(),
+            "cuda: prefill {:.1} tok/s | decode {:.1} tok/s | total {:.1} tok/s | GPU in use {} | CPU→GPU {} | setup {:.1} s",
+            stats.prefill_tokens_per_s(),
+            stats.decode_tokens_per_s(prompts.len()),
+            stats.total_tokens_per_s(),
+            human_bytes(stats.tiers.required.gpu),
+            human_bytes(stats.tiers.traffic.cpu_to_gpu),
+            setup_s
+        )?;
+    }
+    Ok(())
 }

@@ -119,6 +119,15 @@ pub fn alloc_pinned(ctx: &Arc<CudaContext>, len: usize) -> Result<PinnedHostSlic
     Ok(unsafe { ctx.alloc_pinned_with_flags::<u8>(len, 0)? })
 }
 
+/// Page-locked host memory for `len` fp16 values (weights staged for copies to the GPU).
+pub fn alloc_pinned_f16(
+    ctx: &Arc<CudaContext>,
+    len: usize,
+) -> Result<PinnedHostSlice<f16>, CudaError> {
+    // SAFETY: the memory is uninitialized until written; callers fill it before any copy.
+    Ok(unsafe { ctx.alloc_pinned_with_flags::<f16>(len.max(1), 0)? })
+}
+
 /// A timing event.
 pub fn timing_event(stream: &Arc<CudaStream>) -> Result<CudaEvent, CudaError> {
     Ok(stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?)
