@@ -54,12 +54,13 @@ extern "C" __global__ void layer_norm(const half_t* x, const half_t* w, const ha
         yr[i] = f2h((h2f(xr[i]) - mean) * inv * h2f(w[i]) + h2f(b[i]));
 }
 
-// y[r, c] = act(y[r, c] + b[c]); act = ReLU when relu != 0.
-extern "C" __global__ void bias_act(half_t* y, const half_t* b, long long n, int cols, int relu) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float v = h2f(y[i]) + (b ? h2f(b[i % cols]) : 0.f);
+// y[r, c] = act(y[r, c] + b[c]); act = ReLU when relu != 0. One block per row r.
+extern "C" __global__ void bias_act(half_t* y, const half_t* b, int cols, int relu) {
+    half_t* yr = y + (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = h2f(yr[c]) + (b ? h2f(b[c]) : 0.f);
         if (relu && v < 0.f) v = 0.f;
-        y[i] = f2h(v);
+        yr[c] = f2h(v);
     }
 }
 
@@ -70,14 +71,13 @@ extern "C" __global__ void add(const half_t* a, const half_t* b, half_t* out, lo
 }
 
 // y[p][r][q][d] = x[p][q][r][d]: swaps axes 1 and 2 of a 4-d tensor (split/merge heads).
+// One block per (p, q, r) row of d3 values: blockIdx.x = (p·d1 + q)·d2 + r indexes x's rows.
 extern "C" __global__ void swap12(const half_t* x, half_t* y, int d0, int d1, int d2, int d3) {
-    long long n = (long long)d0 * d1 * d2 * d3;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        int d = i % d3; long long r = i / d3;
-        int q = r % d2; r /= d2;
-        int p1 = r % d1; int p0 = r / d1;
-        y[(((long long)p0 * d2 + q) * d1 + p1) * d3 + d] = x[i];
-    }
+    unsigned int row = blockIdx.x;
+    unsigned int r = row % d2, q = (row / d2) % d1, p = row / (d2 * d1);
+    const half_t* xr = x + (size_t)row * d3;
+    half_t* yr = y + (((size_t)p * d2 + r) * d1 + q) * d3;
+    for (int d = threadIdx.x; d < d3; d += blockDim.x) yr[d] = xr[d];
 }
 
 // Row-wise softmax of scale·s + bias over `cols` keys, in place. Rows are (sequence, head, query);
@@ -98,23 +98,21 @@ extern "C" __global__ void masked_softmax(half_t* s, const float* bias, int head
     for (int j = threadIdx.x; j < cols; j += blockDim.x) sr[j] = f2h(__expf(h2f(sr[j]) * scale + br[j] - m) * inv);
 }
 
-// y[p, i, c] = x1[p, i, c] for i < n1, else x2[p, i − n1, c]: concatenation along axis 1 of
-// [a, n, c] tensors (the KV cache's position axis, with a = batch·heads).
+// y[p, i, :] = x1[p, i, :] for i < n1, else x2[p, i − n1, :]: concatenation along axis 1 of
+// [a, n, c] tensors (the KV cache's position axis, with a = batch·heads). One block per y row.
 extern "C" __global__ void cat_axis1(const half_t* x1, const half_t* x2, half_t* y, int a, int n1, int n2, int c) {
-    long long n = (long long)a * (n1 + n2) * c;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        int d = i % c; long long r = i / c;
-        int pos = r % (n1 + n2); long long p = r / (n1 + n2);
-        y[i] = pos < n1 ? x1[(p * n1 + pos) * c + d] : x2[(p * n2 + pos - n1) * c + d];
-    }
+    unsigned int row = blockIdx.x;
+    unsigned int i = row % (n1 + n2), p = row / (n1 + n2);
+    const half_t* src = i < (unsigned)n1 ? x1 + ((size_t)p * n1 + i) * c : x2 + ((size_t)p * n2 + i - n1) * c;
+    half_t* dst = y + (size_t)row * c;
+    for (int d = threadIdx.x; d < c; d += blockDim.x) dst[d] = src[d];
 }
 
-// y[p, i, c] = x[p, start + i, c] for i < len, from an [a, n, c] tensor.
+// y[p, i, :] = x[p, start + i, :] for i < len, from an [a, n, c] tensor. One block per y row.
 extern "C" __global__ void slice_axis1(const half_t* x, half_t* y, int a, int n, int start, int len, int c) {
-    long long total = (long long)a * len * c;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        int d = i % c; long long r = i / c;
-        int pos = r % len; long long p = r / len;
-        y[i] = x[(p * n + start + pos) * c + d];
-    }
+    unsigned int row = blockIdx.x;
+    unsigned int i = row % len, p = row / len;
+    const half_t* src = x + ((size_t)p * n + start + i) * c;
+    half_t* dst = y + (size_t)row * c;
+    for (int d = threadIdx.x; d < c; d += blockDim.x) dst[d] = src[d];
 }

@@ -68,7 +68,7 @@ fn arch(major: i32, minor: i32) -> Option<&'static str> {
 }
 
 fn grid(n: usize) -> LaunchConfig {
-    let blocks = u32::try_from(n.div_ceil(256).clamp(1, 65_535)).expect("clamped");
+    let blocks = u32::try_from(n.div_ceil(256).clamp(1, 1 << 30)).expect("clamped");
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
@@ -115,16 +115,25 @@ impl Gpu {
         })
     }
 
-    /// Copies a CPU tensor (any float dtype) to the device as fp16.
+    /// Copies a CPU tensor (any float dtype) to the device as fp16, converting on all cores.
     pub fn upload(&self, t: &Tensor) -> Result<GpuTensor, CudaError> {
-        let host: Vec<f16> = t
+        let values: Vec<f32> = t
             .flatten_all()
             .and_then(|f| f.to_dtype(crate::DType::F32))
             .and_then(|f| f.to_vec1::<f32>())
-            .map_err(|e| CudaError::Host(e.to_string()))?
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
+            .map_err(|e| CudaError::Host(e.to_string()))?;
+        let mut host = vec![f16::ZERO; values.len()];
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let chunk = values.len().div_ceil(threads).max(1 << 16);
+        std::thread::scope(|scope| {
+            for (src, dst) in values.chunks(chunk).zip(host.chunks_mut(chunk)) {
+                scope.spawn(move || {
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = f16::from_f32(*s);
+                    }
+                });
+            }
+        });
         Ok(GpuTensor { data: self.stream.clone_htod(&host)?, shape: t.dims().to_vec() })
     }
 
@@ -136,11 +145,11 @@ impl Gpu {
             .map_err(|e| CudaError::Host(e.to_string()))
     }
 
-    fn zeros(&self, shape: &[usize]) -> Result<GpuTensor, CudaError> {
-        Ok(GpuTensor {
-            data: self.stream.alloc_zeros(shape.iter().product::<usize>().max(1))?,
-            shape: shape.to_vec(),
-        })
+    /// An uninitialized output; every operation here writes all of its output.
+    fn output(&self, shape: &[usize]) -> Result<GpuTensor, CudaError> {
+        let n = shape.iter().product::<usize>().max(1);
+        // SAFETY: callers overwrite every element before it is read.
+        Ok(GpuTensor { data: unsafe { self.stream.alloc::<f16>(n)? }, shape: shape.to_vec() })
     }
 
     /// Token (+ position) embedding: `ids` and `positions` are row-major `[b, t]`.
@@ -157,7 +166,7 @@ impl Gpu {
         assert_eq!((ids.len(), positions.len()), (n, n), "one id and one position per token");
         let ids = self.stream.clone_htod(ids)?;
         let pos = self.stream.clone_htod(positions)?;
-        let mut out = self.zeros(&[shape.0, shape.1, h])?;
+        let mut out = self.output(&[shape.0, shape.1, h])?;
         let has_pos = i32::from(pos_table.is_some());
         let pos_table = pos_table.unwrap_or(table);
         let hi = dim(h);
@@ -183,7 +192,7 @@ impl Gpu {
         eps: f64,
     ) -> Result<GpuTensor, CudaError> {
         let h = *x.shape.last().expect("non-empty shape");
-        let mut y = self.zeros(&x.shape)?;
+        let mut y = self.output(&x.shape)?;
         #[expect(clippy::cast_possible_truncation, reason = "eps is a small float")]
         let eps = eps as f32;
         let hi = dim(h);
@@ -207,10 +216,9 @@ impl Gpu {
         let n = w.shape[0];
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("non-empty") = n;
-        let mut y = self.zeros(&shape)?;
+        let mut y = self.output(&shape)?;
         super::gemm_f16_nt(&self.blas, m, n, k, &x.data, &w.data, &mut y.data)?;
         if b.is_some() || relu {
-            let total = i64_of(m * n);
             let cols = dim(n);
             let relu = i32::from(relu);
             let mut l = self.stream.launch_builder(&self.bias_act);
@@ -220,9 +228,9 @@ impl Gpu {
                 Some(b) => l.arg(&b.data),
                 None => l.arg(&null),
             };
-            l.arg(&total).arg(&cols).arg(&relu);
-            // SAFETY: grid-stride over m·n values; the bias has n values (or is null).
-            unsafe { l.launch(grid(m * n))? };
+            l.arg(&cols).arg(&relu);
+            // SAFETY: one block per row of n values; the bias has n values (or is null).
+            unsafe { l.launch(rows(m))? };
         }
         Ok(y)
     }
@@ -230,7 +238,7 @@ impl Gpu {
     /// `a + b`, elementwise.
     pub fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor, CudaError> {
         assert_eq!(a.shape, b.shape, "add needs equal shapes");
-        let mut out = self.zeros(&a.shape)?;
+        let mut out = self.output(&a.shape)?;
         let n = i64_of(a.elem_count());
         let mut l = self.stream.launch_builder(&self.add);
         l.arg(&a.data).arg(&b.data).arg(&mut out.data).arg(&n);
@@ -241,13 +249,23 @@ impl Gpu {
 
     /// Swaps axes 1 and 2 of a 4-d tensor: `[b, t, nh, hd]` ↔ `[b, nh, t, hd]`.
     pub fn swap12(&self, x: &GpuTensor) -> Result<GpuTensor, CudaError> {
-        let [d0, d1, d2, d3] = <[usize; 4]>::try_from(x.shape.as_slice()).expect("a 4-d tensor");
-        let mut y = self.zeros(&[d0, d2, d1, d3])?;
+        let dims = <[usize; 4]>::try_from(x.shape.as_slice()).expect("a 4-d tensor");
+        self.swap12_dims(&x.data, dims)
+    }
+
+    /// [`Gpu::swap12`] of `data` read with the shape `dims`.
+    fn swap12_dims(
+        &self,
+        data: &CudaSlice<f16>,
+        [d0, d1, d2, d3]: [usize; 4],
+    ) -> Result<GpuTensor, CudaError> {
+        assert!(data.len() >= d0 * d1 * d2 * d3, "data holds the shape");
+        let mut y = self.output(&[d0, d2, d1, d3])?;
         let (a, b, c, d) = (dim(d0), dim(d1), dim(d2), dim(d3));
         let mut l = self.stream.launch_builder(&self.swap12);
-        l.arg(&x.data).arg(&mut y.data).arg(&a).arg(&b).arg(&c).arg(&d);
-        // SAFETY: grid-stride over the elements; y has the same size as x.
-        unsafe { l.launch(grid(x.elem_count()))? };
+        l.arg(data).arg(&mut y.data).arg(&a).arg(&b).arg(&c).arg(&d);
+        // SAFETY: one block per row of d3 values of the input; y has the same size.
+        unsafe { l.launch(rows(d0 * d1 * d2))? };
         Ok(y)
     }
 
@@ -264,7 +282,7 @@ impl Gpu {
         let [b, nh, t, hd] = <[usize; 4]>::try_from(q.shape.as_slice()).expect("q is 4-d");
         let s = k.shape[2];
         assert_eq!(bias.len(), b * t * s, "bias is [b, t, s]");
-        let mut scores = self.zeros(&[b, nh, t, s])?;
+        let mut scores = self.output(&[b, nh, t, s])?;
         super::gemm_f16_nt_batched(
             &self.blas,
             b * nh,
@@ -282,7 +300,7 @@ impl Gpu {
         l.arg(&mut scores.data).arg(bias).arg(&heads).arg(&queries).arg(&cols).arg(&scale);
         // SAFETY: one block per (b, head, query) row of s scores; bias holds b·t·s values.
         unsafe { l.launch(rows(b * nh * t))? };
-        let mut out = self.zeros(&[b, nh, t, hd])?;
+        let mut out = self.output(&[b, nh, t, hd])?;
         self.gemm_nn_batched(b * nh, t, hd, s, &scores.data, &v.data, &mut out.data)?;
         Ok(out)
     }
@@ -296,12 +314,12 @@ impl Gpu {
         c: usize,
     ) -> Result<GpuTensor, CudaError> {
         let (n1, n2) = (x1.elem_count() / (a * c), x2.elem_count() / (a * c));
-        let mut y = self.zeros(&[a, n1 + n2, c])?;
-        let cfg = grid(y.elem_count());
+        let mut y = self.output(&[a, n1 + n2, c])?;
+        let cfg = rows(a * (n1 + n2));
         let (ai, n1i, n2i, ci) = (dim(a), dim(n1), dim(n2), dim(c));
         let mut l = self.stream.launch_builder(&self.cat_axis1);
         l.arg(&x1.data).arg(&x2.data).arg(&mut y.data).arg(&ai).arg(&n1i).arg(&n2i).arg(&ci);
-        // SAFETY: grid-stride over y's a·(n1+n2)·c values; the inputs hold a·n1·c and a·n2·c.
+        // SAFETY: one block per row of c values of y; the inputs hold a·n1·c and a·n2·c.
         unsafe { l.launch(cfg)? };
         Ok(y)
     }
@@ -317,12 +335,12 @@ impl Gpu {
     ) -> Result<GpuTensor, CudaError> {
         let n = x.elem_count() / (a * c);
         assert!(start + len <= n, "slice within bounds");
-        let mut y = self.zeros(&[a, len, c])?;
-        let cfg = grid(y.elem_count());
+        let mut y = self.output(&[a, len, c])?;
+        let cfg = rows(a * len);
         let (ai, ni, si, li, ci) = (dim(a), dim(n), dim(start), dim(len), dim(c));
         let mut l = self.stream.launch_builder(&self.slice_axis1);
         l.arg(&x.data).arg(&mut y.data).arg(&ai).arg(&ni).arg(&si).arg(&li).arg(&ci);
-        // SAFETY: grid-stride over y's a·len·c values, reading inside x (checked above).
+        // SAFETY: one block per row of c values of y, reading inside x (checked above).
         unsafe { l.launch(cfg)? };
         Ok(y)
     }
@@ -409,8 +427,7 @@ impl crate::backend::Backend for Gpu {
 
     fn split_heads(&self, x: &GpuTensor, nh: usize) -> Result<GpuTensor, CudaError> {
         let [b, t, h] = <[usize; 3]>::try_from(x.shape.as_slice()).expect("a [b, t, h] tensor");
-        let x = GpuTensor { data: self.stream.clone_dtod(&x.data)?, shape: vec![b, t, nh, h / nh] };
-        self.swap12(&x)
+        self.swap12_dims(&x.data, [b, t, nh, h / nh])
     }
 
     fn merge_heads(&self, x: &GpuTensor) -> Result<GpuTensor, CudaError> {
