@@ -11,7 +11,7 @@ use std::time::Instant;
 use flexgen_model::layers::{self, Kv};
 use flexgen_model::{LayerWeights, Model, Weights};
 use flexgen_policy::{Policy, Tier};
-use flexgen_tensor::cuda::{CudaError, CudaEvent, CudaStream, Gpu, GpuTensor, PinnedHostSlice};
+use flexgen_tensor::cuda::{CudaError, CudaStream, Gpu, GpuTensor, PinnedHostSlice};
 use flexgen_tensor::{Backend, Tensor};
 use half::f16;
 
@@ -61,11 +61,6 @@ impl<'m> GpuGenerator<'m> {
         }
         let gpu = Gpu::new(0).map_err(cuda)?;
         let load = gpu.ctx.new_stream().map_err(|e| cuda(e.into()))?;
-        // Per-buffer event tracking costs event records and waits on every launch; this executor
-        // orders its two streams itself: compute waits for each fetched layer's copy event, and a
-        // fetched layer is dropped only after the compute stream has finished with it.
-        // SAFETY: the ordering above is kept in `generate`; buffers are never shared otherwise.
-        unsafe { gpu.ctx.disable_event_tracking() };
         let w = &model.weights;
         let up = |t: &Tensor| gpu.upload(t);
         let tables = Weights {
@@ -110,13 +105,8 @@ impl<'m> GpuGenerator<'m> {
         Ok(Self { model, policy, gpu, load, tables, layers })
     }
 
-    /// Starts copying layer `j` to the GPU on the load stream (no copy for resident layers); the
-    /// event marks the end of the copy.
-    fn fetch(
-        &self,
-        j: usize,
-        traffic: &mut Traffic,
-    ) -> Result<Option<(LayerWeights<GpuTensor>, CudaEvent)>> {
+    /// Starts copying layer `j` to the GPU on the load stream (no copy for resident layers).
+    fn fetch(&self, j: usize, traffic: &mut Traffic) -> Result<Option<LayerWeights<GpuTensor>>> {
         match &self.layers[j] {
             Layer::Resident(_) => Ok(None),
             Layer::Host(host) => {
@@ -126,8 +116,7 @@ impl<'m> GpuGenerator<'m> {
                     traffic.cpu_to_gpu += (pinned.len() * 2) as u64;
                     tensors.push(GpuTensor { data, shape: shape.clone() });
                 }
-                let done = self.load.record_event(None).map_err(|e| cuda(e.into()))?;
-                Ok(Some((gpu_layer(&self.model.weights.layers[j], tensors), done)))
+                Ok(Some(gpu_layer(&self.model.weights.layers[j], tensors)))
             }
         }
     }
@@ -205,9 +194,7 @@ impl<'m> GpuGenerator<'m> {
                     let w: &LayerWeights<GpuTensor> = match (layer, &current) {
                         (Layer::Resident(w), _) => w,
                         (Layer::Host(_), fetched) => {
-                            let (w, copied) = fetched.as_ref().expect("host layers are fetched");
-                            gpu.stream.wait(copied).map_err(|e| cuda(e.into()))?;
-                            w
+                            fetched.as_ref().expect("host layers are fetched")
                         }
                     };
                     for (k, slot) in layer_kv.iter_mut().enumerate() {
@@ -224,10 +211,6 @@ impl<'m> GpuGenerator<'m> {
                             None => new,
                         });
                         hidden[k] = x;
-                    }
-                    if current.is_some() {
-                        // The fetched buffers are freed on the load stream: let compute finish first.
-                        gpu.stream.synchronize().map_err(|e| cuda(e.into()))?;
                     }
                     current = next;
                 }
