@@ -82,19 +82,39 @@ pub fn gemm_f16_nt_batched(
     b: &CudaSlice<f16>,
     c: &mut CudaSlice<f16>,
 ) -> Result<(), CudaError> {
+    gemm_f16_batched(blas, batch, (m, n, k), a, b, c, true)
+}
+
+/// `batch` row-major products `c_i[m, n] = a_i[m, k] · b_i`, where `b_i` is `[n, k]` used
+/// transposed (`b_transposed`) or `[k, n]` used as is; fp16 with fp32 accumulation.
+pub(crate) fn gemm_f16_batched(
+    blas: &CudaBlas,
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &CudaSlice<f16>,
+    b: &CudaSlice<f16>,
+    c: &mut CudaSlice<f16>,
+    b_transposed: bool,
+) -> Result<(), CudaError> {
     assert!(
         a.len() >= batch * m * k && b.len() >= batch * n * k && c.len() >= batch * m * n,
         "gemm operands too small"
     );
+    // Column-major view: cᵀ[n, m] = op(b)ᵀ · aᵀ, so b is cuBLAS's first operand.
+    let (transa, lda) = if b_transposed {
+        (cublasOperation_t::CUBLAS_OP_T, k)
+    } else {
+        (cublasOperation_t::CUBLAS_OP_N, n)
+    };
     let cfg = StridedBatchedConfig {
         gemm: GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
+            transa,
             transb: cublasOperation_t::CUBLAS_OP_N,
             m: dim(n),
             n: dim(m),
             k: dim(k),
             alpha: f16::ONE,
-            lda: dim(k),
+            lda: dim(lda),
             ldb: dim(k),
             beta: f16::ZERO,
             ldc: dim(n),
@@ -104,7 +124,7 @@ pub fn gemm_f16_nt_batched(
         stride_b: i64::try_from(m * k).expect("fits"),
         stride_c: i64::try_from(m * n).expect("fits"),
     };
-    // SAFETY: sizes checked above.
+    // SAFETY: sizes checked above; all buffers live on the blas handle's context.
     unsafe { blas.gemm_strided_batched(cfg, b, a, c)? };
     Ok(())
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 use half::f16;
 
@@ -301,7 +301,15 @@ impl Gpu {
         // SAFETY: one block per (b, head, query) row of s scores; bias holds b·t·s values.
         unsafe { l.launch(rows(b * nh * t))? };
         let mut out = self.output(&[b, nh, t, hd])?;
-        self.gemm_nn_batched(b * nh, t, hd, s, &scores.data, &v.data, &mut out.data)?;
+        super::gemm_f16_batched(
+            &self.blas,
+            b * nh,
+            (t, hd, s),
+            &scores.data,
+            &v.data,
+            &mut out.data,
+            false,
+        )?;
         Ok(out)
     }
 
@@ -343,45 +351,6 @@ impl Gpu {
         // SAFETY: one block per row of c values of y, reading inside x (checked above).
         unsafe { l.launch(cfg)? };
         Ok(y)
-    }
-
-    /// `batch` row-major products `c_i[m, n] = a_i[m, k] · b_i[k, n]`.
-    #[expect(clippy::too_many_arguments, reason = "a GEMM has this many parameters")]
-    fn gemm_nn_batched(
-        &self,
-        batch: usize,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &CudaSlice<f16>,
-        b: &CudaSlice<f16>,
-        c: &mut CudaSlice<f16>,
-    ) -> Result<(), CudaError> {
-        let cfg = StridedBatchedConfig {
-            gemm: GemmConfig {
-                transa: cublasOperation_t::CUBLAS_OP_N,
-                transb: cublasOperation_t::CUBLAS_OP_N,
-                m: dim(n),
-                n: dim(m),
-                k: dim(k),
-                alpha: f16::ONE,
-                lda: dim(n),
-                ldb: dim(k),
-                beta: f16::ZERO,
-                ldc: dim(n),
-            },
-            batch_size: dim(batch),
-            stride_a: i64_of(k * n),
-            stride_b: i64_of(m * k),
-            stride_c: i64_of(m * n),
-        };
-        assert!(
-            a.len() >= batch * m * k && b.len() >= batch * k * n && c.len() >= batch * m * n,
-            "gemm operands too small"
-        );
-        // SAFETY: sizes checked above; column-major cᵀ = bᵀ·aᵀ.
-        unsafe { self.blas.gemm_strided_batched(cfg, b, a, c)? };
-        Ok(())
     }
 }
 
