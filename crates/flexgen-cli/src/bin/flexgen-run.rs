@@ -27,11 +27,15 @@ weights), and whether CPU attention, pinning and 4-bit compression are on. Write
 flexgen-plan, take one from policies/, or set the fields with the flags below (they override the
 file). docs/policy-format.md documents every field.
 
-This build computes on the CPU. The placement is executed: weights, KV cache and activations are
-split across the tiers by the policy's shares, the disk tier is real (files in --offload-dir read
-with direct I/O), and the GPU tier is host memory under --gpu-mem-limit. A policy whose tiers
-cannot hold it is refused before anything is allocated. The report gives the bytes each tier held
-and the bytes that crossed between tiers. The CUDA backend is the next step.";
+With --device cpu (the default) the tiered executor runs every policy: weights, KV cache and
+activations are split across the tiers by the policy's shares, the disk tier is real (files in
+--offload-dir read with direct I/O), and the GPU tier is host memory under --gpu-mem-limit. A
+policy whose tiers cannot hold it is refused before anything is allocated. The report gives the
+bytes each tier held and the bytes that crossed between tiers.
+
+With --device cuda the first CUDA executor runs on GPU 0: greedy decoding, weights resident on the
+GPU or in pinned CPU memory by whole layers (copied one layer ahead on a separate stream), KV cache
+and activations on the GPU; other placements are refused with a message.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -48,7 +52,7 @@ struct Cli {
     /// Default: the bundled model.
     #[arg(long, value_name = "PATH|NAME")]
     model: Option<String>,
-    /// Dummy weights instead of files: `ones` (`FlexGen`'s convention) or `random` (seeded).
+    /// Dummy weights instead of files: `ones` (FlexGen's convention) or `random` (seeded).
     #[arg(long, value_name = "KIND", num_args = 0..=1, default_missing_value = "ones")]
     dummy: Option<DummyKind>,
     /// A prompt; repeat for several.
