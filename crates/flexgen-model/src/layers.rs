@@ -64,6 +64,24 @@ pub fn position_indices(spec: &ModelSpec, mask: &[bool]) -> Vec<u32> {
         .collect()
 }
 
+/// The position-table indices (row-major `[b, t]`) and the attention mask (`allowed[b][q][s]`:
+/// causal and padding) of the last `t` positions of sequences whose real-token masks cover every
+/// position so far.
+pub fn step_inputs(
+    spec: &ModelSpec,
+    masks: &[Vec<bool>],
+    t: usize,
+) -> (Vec<u32>, Vec<Vec<Vec<bool>>>) {
+    let total = masks.first().map_or(0, Vec::len);
+    let past = total - t;
+    let pos = masks.iter().flat_map(|m| position_indices(spec, m)[past..].to_vec()).collect();
+    let allowed = masks
+        .iter()
+        .map(|m| (0..t).map(|q| (0..total).map(|s| s <= past + q && m[s]).collect()).collect())
+        .collect();
+    (pos, allowed)
+}
+
 /// Token (+ position) embedding of row-major `[b, t]` `ids` at table rows `positions`.
 pub fn embed<B: Backend>(
     be: &B,

@@ -96,11 +96,7 @@ where
     let b = ids.len();
     let t = ids.first().map_or(0, Vec::len);
     let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-    let pos: Vec<u32> = mask.iter().flat_map(|m| layers::position_indices(spec, m)).collect();
-    let allowed: Vec<Vec<Vec<bool>>> = mask
-        .iter()
-        .map(|m| (0..t).map(|q| (0..t).map(|k| k <= q && m[k]).collect()).collect())
-        .collect();
+    let (pos, allowed) = layers::step_inputs(spec, mask, t);
     let bias = be.attention_bias(&allowed)?;
     let mut x = layers::embed(be, weights, &flat, &pos, (b, t))?;
     for w in &weights.layers {

@@ -152,6 +152,23 @@ impl RunStats {
     }
 }
 
+/// Prompts left-padded with `pad` to the longest one, and their real-token masks.
+pub(crate) fn left_pad<'a>(
+    prompts: impl Iterator<Item = &'a [u32]> + Clone,
+    pad: u32,
+) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+    let width = prompts.clone().map(<[u32]>::len).max().unwrap_or(0);
+    prompts
+        .map(|p| {
+            let n = width - p.len();
+            (
+                std::iter::repeat_n(pad, n).chain(p.iter().copied()).collect(),
+                (0..width).map(|i| i >= n).collect(),
+            )
+        })
+        .unzip()
+}
+
 /// Runs a model under a policy.
 pub struct Generator<'m> {
     model: &'m Model,
@@ -303,19 +320,7 @@ impl<'m> Generator<'m> {
         let mut rest = block.into_iter().peekable();
         while rest.peek().is_some() {
             let seqs: Vec<Seq> = rest.by_ref().take(self.policy.gpu_batch_size as usize).collect();
-            let width = seqs.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
-            let input: Vec<Vec<u32>> = seqs
-                .iter()
-                .map(|s| {
-                    std::iter::repeat_n(pad, width - s.prompt.len())
-                        .chain(s.prompt.iter().copied())
-                        .collect()
-                })
-                .collect();
-            let mask = seqs
-                .iter()
-                .map(|s| (0..width).map(|i| i >= width - s.prompt.len()).collect())
-                .collect();
+            let (input, mask) = left_pad(seqs.iter().map(|s| s.prompt.as_slice()), pad);
             stats.prompt_tokens += seqs.iter().map(|s| s.prompt.len()).sum::<usize>();
             batches.push(MicroBatch { seqs, mask, input });
         }
@@ -448,22 +453,10 @@ impl<'m> Generator<'m> {
 
     /// Embedding of this step's input and the attention bias of its queries.
     fn embed_step(&self, mb: &MicroBatch) -> Result<(Tensor, Tensor)> {
-        let spec = &self.model.spec;
         let b = mb.input.len();
         let t = mb.input[0].len();
-        let total = mb.mask[0].len();
-        let past = total - t;
         let ids: Vec<u32> = mb.input.iter().flatten().copied().collect();
-        let pos: Vec<u32> = mb
-            .mask
-            .iter()
-            .flat_map(|m| layers::position_indices(spec, m)[past..].to_vec())
-            .collect();
-        let allowed: Vec<Vec<Vec<bool>>> = mb
-            .mask
-            .iter()
-            .map(|m| (0..t).map(|q| (0..total).map(|s| s <= past + q && m[s]).collect()).collect())
-            .collect();
+        let (pos, allowed) = layers::step_inputs(&self.model.spec, &mb.mask, t);
         let bias = Cpu.attention_bias(&allowed)?;
         Ok((layers::embed(&Cpu, &self.model.weights, &ids, &pos, (b, t))?, bias))
     }

@@ -140,21 +140,10 @@ impl<'m> GpuGenerator<'m> {
             let mut masks: Vec<Vec<Vec<bool>>> = Vec::new();
             let mut inputs: Vec<Vec<Vec<u32>>> = Vec::new();
             for g in &groups {
-                let width = g.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
-                inputs.push(
-                    g.iter()
-                        .map(|&i| {
-                            std::iter::repeat_n(pad, width - prompts[i].len())
-                                .chain(prompts[i].iter().copied())
-                                .collect()
-                        })
-                        .collect(),
-                );
-                masks.push(
-                    g.iter()
-                        .map(|&i| (0..width).map(|p| p >= width - prompts[i].len()).collect())
-                        .collect(),
-                );
+                let (input, mask) =
+                    crate::generate::left_pad(g.iter().map(|&i| prompts[i].as_slice()), pad);
+                inputs.push(input);
+                masks.push(mask);
                 stats.prompt_tokens += g.iter().map(|&i| prompts[i].len()).sum::<usize>();
             }
             let mut kv: Vec<Vec<Option<Kv<GpuTensor>>>> =
@@ -165,21 +154,8 @@ impl<'m> GpuGenerator<'m> {
                 let mut biases = Vec::with_capacity(groups.len());
                 for (k, inp) in inputs.iter().enumerate() {
                     let (bs, t) = (inp.len(), inp[0].len());
-                    let total = masks[k][0].len();
-                    let past = total - t;
                     let ids: Vec<u32> = inp.iter().flatten().copied().collect();
-                    let pos: Vec<u32> = masks[k]
-                        .iter()
-                        .flat_map(|m| layers::position_indices(spec, m)[past..].to_vec())
-                        .collect();
-                    let allowed: Vec<Vec<Vec<bool>>> = masks[k]
-                        .iter()
-                        .map(|m| {
-                            (0..t)
-                                .map(|q| (0..total).map(|s| s <= past + q && m[s]).collect())
-                                .collect()
-                        })
-                        .collect();
+                    let (pos, allowed) = layers::step_inputs(spec, &masks[k], t);
                     biases.push(gpu.attention_bias(&allowed).map_err(cuda)?);
                     hidden.push(layers::embed(gpu, &self.tables, &ids, &pos, (bs, t))?);
                 }
