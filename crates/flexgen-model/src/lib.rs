@@ -11,6 +11,7 @@ mod catalog;
 mod config;
 mod error;
 pub mod layers;
+mod layout;
 mod source;
 mod tokenizer;
 mod weights;
@@ -21,6 +22,7 @@ pub use catalog::{known_names, opt_spec, spec_by_name};
 pub use config::spec_from_config_json;
 pub use error::{Error, Result};
 pub use flexgen_policy::ModelSpec;
+pub use layout::LayerLayout;
 pub use source::{ModelFiles, WeightFiles, resolve};
 pub use tokenizer::Tokenizer;
 pub use weights::{DummyInit, LayerWeights, Linear, Mlp, Norm, SafetensorsStore, Weights};
@@ -72,6 +74,14 @@ impl Model {
     /// A model of `spec` with dummy weights and no tokenizer.
     pub fn dummy(spec: ModelSpec, init: DummyInit) -> Result<Self> {
         let weights = Weights::dummy(&spec, init)?;
+        Ok(Self { spec, weights, tokenizer: None, dir: None })
+    }
+
+    /// A model of `spec` whose decoder layers are not built: dummy tables only (see
+    /// [`Weights::dummy_tables`]); the CUDA executor fills the layers with
+    /// [`LayerLayout::fill_dummy`] where they are placed.
+    pub fn dummy_tables(spec: ModelSpec, init: DummyInit) -> Result<Self> {
+        let weights = Weights::dummy_tables(&spec, init)?;
         Ok(Self { spec, weights, tokenizer: None, dir: None })
     }
 

@@ -136,7 +136,7 @@ trait TensorSource {
 
 impl Weights {
     /// Builds the weights of `spec` from `src`, by the family's tensor names.
-    fn build(spec: &ModelSpec, src: &mut dyn TensorSource) -> Result<Self> {
+    fn build(spec: &ModelSpec, src: &mut dyn TensorSource, with_layers: bool) -> Result<Self> {
         let h = spec.hidden_size as usize;
         let v = spec.vocab_size as usize;
         let f = spec.ffn_size as usize;
@@ -170,7 +170,7 @@ impl Weights {
             PositionKind::Rope { .. } => None,
         };
         let mut layers = Vec::with_capacity(spec.num_layers as usize);
-        for i in 0..spec.num_layers {
+        for i in 0..if with_layers { spec.num_layers } else { 0 } {
             let p = format!("decoder.layers.{i}");
             let mlp = match spec.mlp {
                 MlpKind::Relu => Mlp::Relu {
@@ -202,14 +202,21 @@ impl Weights {
     /// Reads the weights of `spec` from safetensors files.
     pub fn from_safetensors(spec: &ModelSpec, store: &SafetensorsStore) -> Result<Self> {
         let mut src = store;
-        Self::build(spec, &mut src)
+        Self::build(spec, &mut src, true)
     }
 
     /// Dummy weights for `spec` without any file.
     pub fn dummy(spec: &ModelSpec, init: DummyInit) -> Result<Self> {
-        let mut src =
-            DummySource { init, rng: rand_chacha::ChaCha8Rng::seed_from_u64(init.seed()) };
-        Self::build(spec, &mut src)
+        let mut src = DummySource::new(spec, init);
+        Self::build(spec, &mut src, true)
+    }
+
+    /// Dummy embeddings, final norm and LM head of `spec` with no decoder layers (`layers` is
+    /// empty): for executors that build the layers themselves ([`crate::LayerLayout::fill_dummy`]),
+    /// so that a 30B-parameter model never exists as f32 tensors.
+    pub fn dummy_tables(spec: &ModelSpec, init: DummyInit) -> Result<Self> {
+        let mut src = DummySource::new(spec, init);
+        Self::build(spec, &mut src, false)
     }
 }
 
@@ -231,14 +238,37 @@ impl DummyInit {
     }
 }
 
+/// Dummy values: embeddings and the final norm from a seeded stream; decoder-layer tensors by
+/// [`crate::LayerLayout::fill_dummy`] (a hash of seed, layer and arena index), so that an executor
+/// that builds layer arenas directly gets the same values as these tensors.
 struct DummySource {
     init: DummyInit,
     rng: rand_chacha::ChaCha8Rng,
+    layout: Option<crate::LayerLayout>,
+}
+
+impl DummySource {
+    fn new(spec: &ModelSpec, init: DummyInit) -> Self {
+        Self {
+            init,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(init.seed()),
+            layout: crate::LayerLayout::new(spec).ok(),
+        }
+    }
 }
 
 impl TensorSource for DummySource {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
+        if let (Some(layout), Some(rest)) = (&self.layout, name.strip_prefix("decoder.layers."))
+            && let Some((layer, suffix)) = rest.split_once('.')
+            && let (Ok(layer), Some(start)) = (layer.parse::<usize>(), layout.offset_of(suffix))
+        {
+            let mut v = vec![half::f16::ZERO; n];
+            layout.fill_dummy(self.init, layer, start..start + n, &mut v);
+            let data: Vec<f32> = v.into_iter().map(half::f16::to_f32).collect();
+            return Ok(Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
         let data: Vec<f32> = match self.init {
             DummyInit::Ones => vec![1.0; n],
             DummyInit::Random { .. } => {

@@ -117,7 +117,7 @@ pub enum Event<'a> {
 }
 
 /// Timings and counts of one `generate` call.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RunStats {
     /// Prompt tokens processed (padding excluded).
     pub prompt_tokens: usize,
@@ -133,6 +133,8 @@ pub struct RunStats {
     pub tiers: TierReport,
     /// Whether disk-resident weights were read with direct I/O (`None`: no weights on disk).
     pub direct_io: Option<bool>,
+    /// Wall time of each decode step (seconds), in order.
+    pub decode_steps: Vec<f64>,
 }
 
 impl RunStats {

@@ -1,26 +1,121 @@
-//! The CUDA executor (first stage): greedy generation on the GPU backend with the zig-zag block
-//! schedule. Weights are placed by layer: the first `round(L · weights.gpu / 100)` layers live on
-//! the GPU, the others in pinned CPU memory and are copied to the GPU on a separate stream one
-//! layer ahead, overlapping the compute of the current layer (the copies are ordered against the
-//! compute by cudarc's per-buffer events). KV cache and activations live on the GPU; other
-//! placements are refused with a clear error until this executor supports them.
+//! The CUDA executor: greedy generation on GPU 0 with the zig-zag block schedule.
+//!
+//! Each decoder layer's weights are one fp16 arena ([`LayerLayout`]). The policy's weight shares
+//! are exact slices of every arena: the first `gpu %` of each layer's bytes live on the GPU, the
+//! next `cpu %` in CPU memory (pinned when `pin_weight`, else pageable), the rest on disk (one
+//! file in `offload_dir`, read with direct I/O so the page cache cannot serve it, by a reader
+//! thread that runs ahead of the GPU into a ring of pinned buffers). A layer that is not wholly
+//! resident is assembled in one of two device staging arenas before use: its CPU and disk parts
+//! are copied on the load stream (two layers ahead), its GPU part by a device-to-device copy on
+//! the compute stream. Events order the two streams: a staging arena is
+//! refilled only after the layer that used it has been computed for every GPU batch, and a layer
+//! is computed only after its copy has landed. So the PCIe link stays busy across layer and step
+//! boundaries while the GPU computes.
+//!
+//! The KV cache is preallocated for the whole sequence (prompt + new tokens) per layer and GPU
+//! batch, written in place by the fused q/k/v split; attention reads it with strided GEMMs in
+//! prefill and with one kernel per (sequence, head) in decode. The next tokens are chosen on the
+//! GPU (argmax), so one sync and a few bytes cross to the host per step.
+//!
+//! Everything the run needs on the GPU is counted before anything is allocated; a policy that
+//! does not fit is refused with the tier, the bytes and the field to change.
 
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::Instant;
 
-use flexgen_model::layers::{self, Kv};
-use flexgen_model::{LayerWeights, Model, Weights};
-use flexgen_policy::{Policy, Tier};
-use flexgen_tensor::cuda::{CudaError, CudaStream, Gpu, GpuTensor, PinnedHostSlice};
-use flexgen_tensor::{Backend, Tensor};
+use cudarc::driver::CudaEvent;
+use flexgen_model::{LayerLayout, Model};
+use flexgen_policy::{Policy, PositionKind, Tier};
+use flexgen_tensor::cuda::exec::{AttnDims, Gemm, addr, at};
+use flexgen_tensor::cuda::{
+    CudaError, CudaSlice, CudaStream, Gpu, GpuTensor, HostMem, PinnedHostSlice,
+};
+use flexgen_tensor::host::{DirectFile, align_up};
 use half::f16;
 
 use crate::{Error, Result, RunStats, tiers::Traffic};
 
-enum Layer {
-    Resident(Box<LayerWeights<GpuTensor>>),
-    /// Each tensor in pinned host memory, with its shape.
-    Host(Vec<(PinnedHostSlice<f16>, Vec<usize>)>),
+/// Where the weights come from: a loaded model's layers, or dummy values made in place.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerSource {
+    /// `model.weights.layers`.
+    Loaded,
+    /// [`LayerLayout::fill_dummy`] values, never materialized as f32.
+    Dummy(flexgen_model::DummyInit),
+}
+
+/// The longest prompt and the most new tokens a [`GpuGenerator`] is sized for, and the GPU memory
+/// it may use (`None`: what the device reports free, less a margin).
+#[derive(Debug, Clone, Copy)]
+pub struct GpuCapacity {
+    pub max_prompt: usize,
+    pub max_new: usize,
+    pub gpu_limit: Option<u64>,
+}
+
+struct LayerHome {
+    /// Elements `0..g_end` of the arena (the whole arena when it is wholly resident).
+    gpu: Option<CudaSlice<f16>>,
+    /// Elements `g_end..c_end`.
+    cpu: Option<HostMem>,
+}
+
+/// The disk parts of every layer (elements `c_end..len`): layer `j` at `j · slot_bytes`.
+struct DiskPart {
+    file: DirectFile,
+    slot_bytes: usize,
+    layers: usize,
+    /// Pinned buffers the reader thread fills, each `slot_bytes`.
+    ring: Vec<HostMem>,
+    /// Recorded on the load stream after each ring buffer's copy to the GPU.
+    copied: Vec<CudaEvent>,
+}
+
+/// Reads `out.len()` bytes at `offset` with `threads` threads, in 16 MiB direct reads.
+fn read_parallel(
+    file: &DirectFile,
+    offset: u64,
+    out: &mut [u8],
+    threads: usize,
+) -> std::io::Result<()> {
+    const PIECE: usize = 16 << 20;
+    let chunk = align_up(out.len().div_ceil(threads.max(1))).max(PIECE.min(align_up(out.len())));
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = out
+            .chunks_mut(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                s.spawn(move || -> std::io::Result<()> {
+                    let base = offset + (i * chunk) as u64;
+                    for (p, piece) in part.chunks_mut(PIECE).enumerate() {
+                        file.read_aligned(base + (p * PIECE) as u64, piece)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        jobs.into_iter().try_for_each(|j| j.join().expect("reader thread"))
+    })
+}
+
+/// Threads per disk read: several requests in flight keep an NVMe queue busy.
+const READ_THREADS: usize = 4;
+
+/// GPU memory of a run, by use (bytes).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuBytes {
+    pub weights: u64,
+    pub staging: u64,
+    pub tables: u64,
+    pub cache: u64,
+    pub activations: u64,
+}
+
+impl GpuBytes {
+    pub fn total(&self) -> u64 {
+        self.weights + self.staging + self.tables + self.cache + self.activations
+    }
 }
 
 /// Runs greedy generation of token prompts on the GPU.
@@ -29,96 +124,718 @@ pub struct GpuGenerator<'m> {
     policy: Policy,
     gpu: Gpu,
     load: Arc<CudaStream>,
-    tables: Weights<GpuTensor>,
-    layers: Vec<Layer>,
+    layout: LayerLayout,
+    /// Elements of each arena resident on the GPU (`0..g_end`), in CPU memory (`g_end..c_end`);
+    /// the rest is on disk.
+    g_end: usize,
+    c_end: usize,
+    embed: GpuTensor,
+    pos_embed: Option<GpuTensor>,
+    final_norm: (GpuTensor, GpuTensor),
+    lm_head: Option<GpuTensor>,
+    layers: Vec<LayerHome>,
+    disk: Option<DiskPart>,
+    stage: Vec<CudaSlice<f16>>,
+    loaded: [CudaEvent; 2],
+    freed: [CudaEvent; 2],
+    capacity: GpuCapacity,
+    bytes: GpuBytes,
+    /// Page-locked CPU memory held for weights.
+    pub pinned_bytes: u64,
+    /// Pageable CPU memory held for weights.
+    pub pageable_bytes: u64,
+    /// Pinned host-to-device bandwidth measured at set-up (bytes/s), when weights are offloaded.
+    pub h2d_bytes_per_s: Option<f64>,
+    /// Direct-read bandwidth of the offload directory measured at set-up (bytes/s), when
+    /// weights are on disk.
+    pub disk_bytes_per_s: Option<f64>,
+    /// Whether the disk tier bypasses the page cache (`None`: no weights on disk).
+    pub direct_io: Option<bool>,
+    /// Seconds of set-up: (filling and placing weights, pinning, writing the disk tier).
+    pub setup_times: SetupTimes,
+}
+
+/// Where set-up time went (seconds).
+#[derive(Debug, Clone, Copy, Default)]
+#[expect(clippy::struct_field_names, reason = "seconds, named like the report fields")]
+pub struct SetupTimes {
+    pub fill_s: f64,
+    pub pin_s: f64,
+    pub disk_write_s: f64,
+    pub total_s: f64,
 }
 
 fn cuda(e: CudaError) -> Error {
     Error::Model(flexgen_model::Error::Gpu(e))
 }
 
-fn host_f16(t: &Tensor) -> Result<Vec<f16>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f16::from_f32).collect())
+fn drv(e: cudarc::driver::DriverError) -> Error {
+    cuda(e.into())
+}
+
+/// Per-run buffers: the hidden state of every GPU batch, shared scratch, the KV cache.
+struct RunBuffers {
+    x: Vec<CudaSlice<f16>>,
+    hn: CudaSlice<f16>,
+    qkv: CudaSlice<f16>,
+    q: CudaSlice<f16>,
+    scores: CudaSlice<f16>,
+    ctx: CudaSlice<f16>,
+    att: CudaSlice<f16>,
+    f1: CudaSlice<f16>,
+    last: CudaSlice<f16>,
+    logits: CudaSlice<f16>,
+    /// `[layer][batch]` → (k, v), each `[b, nkv, cap, hd]`.
+    kv: Vec<Vec<(CudaSlice<f16>, CudaSlice<f16>)>>,
+    ids: Vec<CudaSlice<u32>>,
+    pos: Vec<CudaSlice<u32>>,
+    start: Vec<CudaSlice<i32>>,
+    tok: Vec<CudaSlice<u32>>,
 }
 
 impl<'m> GpuGenerator<'m> {
-    /// Opens GPU 0, checks that the policy is one this executor runs, and places the weights.
-    pub fn new(model: &'m Model, policy: Policy) -> Result<Self> {
+    /// Opens GPU 0, checks that the policy is one this executor runs and that everything fits,
+    /// then places the weights (`source` says where layer values come from).
+    pub fn new(
+        model: &'m Model,
+        policy: Policy,
+        source: LayerSource,
+        capacity: GpuCapacity,
+    ) -> Result<Self> {
+        let started = Instant::now();
         policy.validate()?;
         let p = &policy.placement;
         if p.kv_cache.single_tier() != Some(Tier::Gpu)
             || p.activations.single_tier() != Some(Tier::Gpu)
-            || p.weights.disk > 0.0
+            || policy.compress_weight.enabled
+            || policy.compress_cache.enabled
         {
             return Err(Error::Config {
                 field: "placement",
                 message: format!(
-                    "the CUDA executor runs weights split between GPU and CPU with the KV cache and \
-                     activations on the GPU (e.g. --percent 0 100 100 0 100 0); {:?} needs the CPU executor (--device cpu) for now",
+                    "the CUDA executor runs weights on any tiers with the KV cache and activations \
+                     on the GPU, uncompressed (e.g. --percent 0 100 100 0 100 0); {:?} needs the \
+                     CPU executor (--device cpu) for now",
                     p.to_percent()
                 ),
             });
         }
-        let gpu = Gpu::new(0).map_err(cuda)?;
-        let load = gpu.ctx.new_stream().map_err(|e| cuda(e.into()))?;
-        let w = &model.weights;
-        let up = |t: &Tensor| gpu.upload(t);
-        let tables = Weights {
-            token_embedding: up(&w.token_embedding).map_err(cuda)?,
-            position_embedding: w.position_embedding.as_ref().map(up).transpose().map_err(cuda)?,
-            final_norm: flexgen_model::Norm {
-                weight: up(&w.final_norm.weight).map_err(cuda)?,
-                bias: w.final_norm.bias.as_ref().map(up).transpose().map_err(cuda)?,
-            },
-            lm_head: w.lm_head.as_ref().map(up).transpose().map_err(cuda)?,
-            layers: Vec::new(),
-        };
-        let n = w.layers.len();
+        let spec = &model.spec;
+        let layout = LayerLayout::new(spec)?;
+        let n_layers = spec.num_layers as usize;
+        if matches!(source, LayerSource::Loaded) && model.weights.layers.len() != n_layers {
+            return Err(Error::Config {
+                field: "model",
+                message: "the model's layers were not loaded".into(),
+            });
+        }
         #[expect(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,
-            reason = "0 ≤ share·layers ≤ layers"
+            clippy::cast_precision_loss,
+            reason = "0 ≤ share·len ≤ len"
         )]
-        let resident = ((n as f64 * p.weights.gpu / 100.0).round() as usize).min(n);
-        let mut layers = Vec::with_capacity(n);
-        for (j, l) in w.layers.iter().enumerate() {
-            if j < resident {
-                let tensors = l
-                    .tensors()
-                    .into_iter()
-                    .map(&up)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(cuda)?;
-                layers.push(Layer::Resident(Box::new(gpu_layer(l, tensors))));
-            } else {
-                let mut host = Vec::new();
-                for t in l.tensors() {
-                    let data = host_f16(t)?;
-                    let mut pinned = flexgen_tensor::cuda::alloc_pinned_f16(&gpu.ctx, data.len())
-                        .map_err(cuda)?;
-                    pinned.as_mut_slice().map_err(|e| cuda(e.into()))?.copy_from_slice(&data);
-                    host.push((pinned, t.dims().to_vec()));
-                }
-                layers.push(Layer::Host(host));
-            }
+        let cut = |pct: f64| ((layout.len as f64 * pct / 100.0).round() as usize).min(layout.len);
+        let g_end = cut(p.weights.gpu);
+        let c_end = cut(p.weights.gpu + p.weights.cpu).max(g_end);
+        let disk_dir = if c_end < layout.len {
+            Some(policy.offload_dir.clone().ok_or_else(|| Error::Config {
+                field: "offload_dir",
+                message: "weights on disk need offload_dir (--offload-dir DIR)".into(),
+            })?)
+        } else {
+            None
+        };
+        let gpu = Gpu::new(0).map_err(cuda)?;
+        // The executor orders its two streams with its own events.
+        // SAFETY: every buffer below is used on the compute stream, except the staging arenas,
+        // which the load stream writes only between `freed` and `loaded` events.
+        unsafe { gpu.ctx.disable_event_tracking() };
+        let load = gpu.ctx.new_stream().map_err(drv)?;
+        let bytes = Self::plan_bytes(model, &policy, &layout, g_end, capacity);
+        let available = if let Some(l) = capacity.gpu_limit {
+            l
+        } else {
+            let (free, _) = gpu.ctx.mem_get_info().map_err(drv)?;
+            (free as u64).saturating_sub(1 << 30)
+        };
+        if bytes.total() > available {
+            return Err(Self::refusal(&bytes, available, capacity.gpu_limit.is_some()));
         }
-        Ok(Self { model, policy, gpu, load, tables, layers })
+        let w = &model.weights;
+        let up = |t: &flexgen_tensor::Tensor| gpu.upload(t).map_err(cuda);
+        let embed = up(&w.token_embedding)?;
+        let pos_embed = w.position_embedding.as_ref().map(up).transpose()?;
+        let final_norm = (
+            up(&w.final_norm.weight)?,
+            up(w.final_norm.bias.as_ref().ok_or_else(|| Error::Config {
+                field: "model",
+                message: "the final LayerNorm has no bias".into(),
+            })?)?,
+        );
+        let lm_head = w.lm_head.as_ref().map(up).transpose()?;
+        let loaded = [new_event(&gpu)?, new_event(&gpu)?];
+        let freed = [new_event(&gpu)?, new_event(&gpu)?];
+        let mut this = Self {
+            model,
+            policy,
+            gpu,
+            load,
+            layout,
+            g_end,
+            c_end,
+            embed,
+            pos_embed,
+            final_norm,
+            lm_head,
+            layers: Vec::with_capacity(n_layers),
+            disk: None,
+            stage: Vec::new(),
+            loaded,
+            freed,
+            capacity,
+            bytes,
+            pinned_bytes: 0,
+            pageable_bytes: 0,
+            h2d_bytes_per_s: None,
+            disk_bytes_per_s: None,
+            direct_io: None,
+            setup_times: SetupTimes::default(),
+        };
+        this.place_weights(source, disk_dir.as_deref())?;
+        this.setup_times.total_s = started.elapsed().as_secs_f64();
+        Ok(this)
     }
 
-    /// Starts copying layer `j` to the GPU on the load stream (no copy for resident layers).
-    fn fetch(&self, j: usize, traffic: &mut Traffic) -> Result<Option<LayerWeights<GpuTensor>>> {
-        match &self.layers[j] {
-            Layer::Resident(_) => Ok(None),
-            Layer::Host(host) => {
-                let mut tensors = Vec::with_capacity(host.len());
-                for (pinned, shape) in host {
-                    let data = self.load.clone_htod(pinned).map_err(|e| cuda(e.into()))?;
-                    traffic.cpu_to_gpu += (pinned.len() * 2) as u64;
-                    tensors.push(GpuTensor { data, shape: shape.clone() });
-                }
-                Ok(Some(gpu_layer(&self.model.weights.layers[j], tensors)))
+    fn refusal(bytes: &GpuBytes, available: u64, limited: bool) -> Error {
+        #[expect(clippy::cast_precision_loss, reason = "a report")]
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        Error::Config {
+            field: "placement",
+            message: format!(
+                "the GPU tier cannot hold this run: it needs {:.2} GiB (weights {:.2}, staging \
+                 {:.2}, embeddings {:.2}, KV cache {:.2}, activations {:.2}) but {:.2} GiB are \
+                 available{}, {:.2} GiB short. Lower placement.weights.gpu, gpu_batch_size or \
+                 num_gpu_batches, or shorten the prompt or generation.",
+                gib(bytes.total()),
+                gib(bytes.weights),
+                gib(bytes.staging),
+                gib(bytes.tables),
+                gib(bytes.cache),
+                gib(bytes.activations),
+                gib(available),
+                if limited { " under --gpu-mem-limit" } else { "" },
+                gib(bytes.total() - available)
+            ),
+        }
+    }
+
+    /// The GPU bytes a run of this policy needs, by use.
+    fn plan_bytes(
+        model: &Model,
+        policy: &Policy,
+        layout: &LayerLayout,
+        g_end: usize,
+        c: GpuCapacity,
+    ) -> GpuBytes {
+        let s = &model.spec;
+        let (h, nh, ffn, v) = (
+            u64::from(s.hidden_size),
+            u64::from(s.num_heads),
+            u64::from(s.ffn_size),
+            u64::from(s.vocab_size),
+        );
+        let kvw = u64::from(s.num_kv_heads * s.head_dim());
+        let layers = u64::from(s.num_layers);
+        let (b, k) = (u64::from(policy.gpu_batch_size), u64::from(policy.num_gpu_batches));
+        let t = c.max_prompt as u64;
+        let cap = (c.max_prompt + c.max_new) as u64;
+        let rows = b * t;
+        let staging = if g_end < layout.len { 2 * layout.bytes() as u64 } else { 0 };
+        let tables = 2 * (model.spec.embedding_params());
+        let scratch = rows * h * 4 // hn, q, ctx, att
+            + rows * (h + 2 * kvw)
+            + b * nh * t * t
+            + rows * ffn
+            + b * h
+            + b * v;
+        GpuBytes {
+            weights: layers * g_end as u64 * 2,
+            staging,
+            tables,
+            cache: layers * k * 2 * b * kvw * cap * 2,
+            activations: 2 * (k * rows * h + scratch),
+        }
+    }
+
+    /// Fills `out` with elements `range` of layer `j`'s arena.
+    fn fill(
+        &self,
+        source: LayerSource,
+        j: usize,
+        range: std::ops::Range<usize>,
+        out: &mut [f16],
+    ) -> Result<()> {
+        match source {
+            LayerSource::Dummy(init) => {
+                self.layout.fill_dummy(init, j, range, out);
+                Ok(())
+            }
+            LayerSource::Loaded => {
+                let mut whole = vec![f16::ZERO; self.layout.len];
+                self.layout.fill_from(&self.model.weights.layers[j], &mut whole)?;
+                out.copy_from_slice(&whole[range]);
+                Ok(())
             }
         }
+    }
+
+    /// Fills every layer's GPU, CPU and disk parts. CPU parts are filled on all cores and pinned
+    /// by a second thread, one layer behind; GPU parts go through two pinned buffers. Measures
+    /// the pinned copy and direct-read bandwidths when layers are offloaded.
+    fn place_weights(
+        &mut self,
+        source: LayerSource,
+        disk_dir: Option<&std::path::Path>,
+    ) -> Result<()> {
+        let (len, g_end, c_end) = (self.layout.len, self.g_end, self.c_end);
+        let n_layers = self.model.spec.num_layers as usize;
+        let stream = self.gpu.stream.clone();
+        let fill_started = Instant::now();
+        // GPU parts: fill one pinned buffer while the other is copied.
+        if g_end > 0 {
+            let mut host_stage: Vec<PinnedHostSlice<f16>> = (0..2)
+                .map(|_| flexgen_tensor::cuda::alloc_pinned_f16(&self.gpu.ctx, g_end).map_err(cuda))
+                .collect::<Result<_>>()?;
+            let copied = [new_event(&self.gpu)?, new_event(&self.gpu)?];
+            for j in 0..n_layers {
+                let slot = j % 2;
+                copied[slot].synchronize().map_err(drv)?;
+                let buf = host_stage[slot].as_mut_slice().map_err(drv)?;
+                self.fill(source, j, 0..g_end, buf)?;
+                // SAFETY: written by the copy below before any use.
+                let dev = unsafe { stream.alloc::<f16>(g_end) }.map_err(drv)?;
+                // SAFETY: `buf` is pinned and stays alive and unwritten until `copied[slot]`.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        addr(&dev),
+                        &buf[..],
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(drv)?;
+                copied[slot].record(&stream).map_err(drv)?;
+                self.layers.push(LayerHome { gpu: Some(dev), cpu: None });
+            }
+            stream.synchronize().map_err(drv)?;
+        } else {
+            self.layers.extend((0..n_layers).map(|_| LayerHome { gpu: None, cpu: None }));
+        }
+        // CPU parts: fill (all cores, first touch) and pin (driver, one layer behind) overlap.
+        if c_end > g_end {
+            let pin = self.policy.pin_weight;
+            let ctx = self.gpu.ctx.clone();
+            let (tx, rx) = mpsc::sync_channel::<(usize, HostMem)>(1);
+            let mut pin_s = 0.0;
+            let parts = std::thread::scope(|s| -> Result<Vec<(usize, HostMem)>> {
+                let pinner = s.spawn(move || -> Result<(Vec<(usize, HostMem)>, f64)> {
+                    let mut done = Vec::new();
+                    let mut secs = 0.0;
+                    for (j, mut m) in rx {
+                        let t = Instant::now();
+                        if pin {
+                            m.pin(&ctx).map_err(cuda)?;
+                        }
+                        secs += t.elapsed().as_secs_f64();
+                        done.push((j, m));
+                    }
+                    Ok((done, secs))
+                });
+                for j in 0..n_layers {
+                    let mut m = HostMem::new_f16(c_end - g_end).map_err(cuda)?;
+                    self.fill(source, j, g_end..c_end, m.as_f16_mut())?;
+                    if tx.send((j, m)).is_err() {
+                        break; // the pinner failed; its error is returned below
+                    }
+                }
+                drop(tx);
+                let (done, secs) = pinner.join().expect("pinning thread")?;
+                pin_s = secs;
+                Ok(done)
+            })?;
+            self.setup_times.pin_s = pin_s;
+            for (j, m) in parts {
+                let bytes = 2 * (c_end - g_end) as u64;
+                if m.is_pinned() {
+                    self.pinned_bytes += bytes;
+                } else {
+                    self.pageable_bytes += bytes;
+                }
+                self.layers[j].cpu = Some(m);
+            }
+        }
+        self.setup_times.fill_s = fill_started.elapsed().as_secs_f64();
+        if let Some(dir) = disk_dir {
+            let t = Instant::now();
+            self.write_disk_tier(source, dir)?;
+            self.setup_times.disk_write_s = t.elapsed().as_secs_f64();
+        }
+        if g_end < len {
+            for _ in 0..2 {
+                // SAFETY: every staging arena is fully written before each use.
+                self.stage.push(unsafe { self.load.alloc::<f16>(len) }.map_err(drv)?);
+            }
+            self.h2d_bytes_per_s = Some(self.measure_h2d()?);
+        }
+        Ok(())
+    }
+
+    /// Writes every layer's disk part to one file in `dir` with direct I/O, and times direct
+    /// reads of it.
+    fn write_disk_tier(&mut self, source: LayerSource, dir: &std::path::Path) -> Result<()> {
+        let io = |path: &std::path::Path, e: &std::io::Error| Error::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
+        let path = dir.join(format!("flexgen-weights-{}.bin", std::process::id()));
+        let file = DirectFile::create(&path).map_err(|e| io(&path, &e))?;
+        let elems = self.layout.len - self.c_end;
+        let slot_bytes = align_up(elems * 2);
+        let mut ring = Vec::new();
+        let mut copied = Vec::new();
+        for _ in 0..3 {
+            let mut m = HostMem::new_f16(slot_bytes / 2).map_err(cuda)?;
+            m.pin(&self.gpu.ctx).map_err(cuda)?;
+            ring.push(m);
+            copied.push(new_event(&self.gpu)?);
+        }
+        let n_layers = self.model.spec.num_layers as usize;
+        for j in 0..n_layers {
+            let buf = ring[0].as_f16_mut();
+            self.fill(source, j, self.c_end..self.layout.len, &mut buf[..elems])?;
+            file.write_aligned((j * slot_bytes) as u64, ring[0].as_bytes_mut())
+                .map_err(|e| io(&path, &e))?;
+        }
+        // Time direct reads of up to three layers' parts (the page cache cannot serve them).
+        let t = Instant::now();
+        let probe = n_layers.min(3);
+        for j in 0..probe {
+            read_parallel(&file, (j * slot_bytes) as u64, ring[j % 3].as_bytes_mut(), READ_THREADS)
+                .map_err(|e| io(&path, &e))?;
+        }
+        #[expect(clippy::cast_precision_loss, reason = "a rate")]
+        let rate = (probe * slot_bytes) as f64 / t.elapsed().as_secs_f64();
+        self.disk_bytes_per_s = Some(rate);
+        self.direct_io = Some(file.is_direct());
+        self.disk = Some(DiskPart { file, slot_bytes, layers: n_layers, ring, copied });
+        Ok(())
+    }
+
+    /// Times copies of the first offloaded layer part into a staging arena (pinned bandwidth
+    /// of this link, in this process).
+    fn measure_h2d(&self) -> Result<f64> {
+        let (src, dst): (&[f16], u64) = match (&self.layers[0].cpu, &self.disk) {
+            (Some(m), _) => (m.as_f16(), at(addr(&self.stage[0]), self.g_end)),
+            (None, Some(d)) => (d.ring[0].as_f16(), at(addr(&self.stage[0]), self.c_end)),
+            (None, None) => return Ok(0.0),
+        };
+        let src = &src[..src.len().min(self.layout.len - self.g_end)];
+        let t0 = new_timing_event(&self.gpu)?;
+        let t1 = new_timing_event(&self.gpu)?;
+        let reps = 3;
+        t0.record(&self.load).map_err(drv)?;
+        for _ in 0..reps {
+            // SAFETY: the staging arena holds `len` elements from `dst`'s offset on.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.load.cu_stream()) }
+                .map_err(drv)?;
+        }
+        t1.record(&self.load).map_err(drv)?;
+        t1.synchronize().map_err(drv)?;
+        let ms = f64::from(t0.elapsed_ms(&t1).map_err(drv)?);
+        #[expect(clippy::cast_precision_loss, reason = "a rate")]
+        let rate = (reps * src.len() * 2) as f64 / (ms / 1e3);
+        Ok(rate)
+    }
+
+    /// The GPU memory this generator planned, by use.
+    pub fn gpu_bytes(&self) -> GpuBytes {
+        self.bytes
+    }
+
+    /// Bytes of weights that cross PCIe for every pass over the layers.
+    pub fn weight_bytes_per_pass(&self) -> u64 {
+        (self.layout.len - self.g_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
+    }
+
+    /// Bytes of weights read from disk for every pass over the layers.
+    pub fn disk_bytes_per_pass(&self) -> u64 {
+        (self.layout.len - self.c_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
+    }
+
+    /// Bytes of weights held on disk (the file's size).
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| (d.slot_bytes * self.layers.len()) as u64)
+    }
+
+    fn dims(&self) -> (usize, usize, usize, usize) {
+        let s = &self.model.spec;
+        (
+            s.hidden_size as usize,
+            s.num_heads as usize,
+            s.num_kv_heads as usize,
+            s.head_dim() as usize,
+        )
+    }
+
+    fn eps(&self) -> f32 {
+        let (flexgen_policy::NormKind::LayerNorm { eps }
+        | flexgen_policy::NormKind::RmsNorm { eps }) = self.model.spec.norm;
+        #[expect(clippy::cast_possible_truncation, reason = "a small epsilon")]
+        let e = eps as f32;
+        e
+    }
+
+    fn alloc_run(&self, t: usize) -> Result<RunBuffers> {
+        let s = &self.model.spec;
+        let (h, nh, nkv, hd) = self.dims();
+        let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
+        let cap = self.capacity.max_prompt + self.capacity.max_new;
+        let rows = b * t;
+        let st = &self.gpu.stream;
+        // SAFETY: every buffer is written by a kernel or copy before it is read.
+        let f = |n: usize| unsafe { st.alloc::<f16>(n.max(1)) }.map_err(drv);
+        let kv = (0..s.num_layers)
+            .map(|_| (0..k).map(|_| Ok((f(b * nkv * cap * hd)?, f(b * nkv * cap * hd)?))).collect())
+            .collect::<Result<Vec<Vec<_>>>>()?;
+        // SAFETY: as above.
+        let u = |n: usize| unsafe { st.alloc::<u32>(n.max(1)) }.map_err(drv);
+        Ok(RunBuffers {
+            x: (0..k).map(|_| f(rows * h)).collect::<Result<_>>()?,
+            hn: f(rows * h)?,
+            qkv: f(rows * (h + 2 * nkv * hd))?,
+            q: f(rows * h)?,
+            scores: f(b * nh * t * t)?,
+            ctx: f(rows * h)?,
+            att: f(rows * h)?,
+            f1: f(rows * s.ffn_size as usize)?,
+            last: f(b * h)?,
+            logits: f(b * s.vocab_size as usize)?,
+            kv,
+            ids: (0..k).map(|_| u(rows)).collect::<Result<_>>()?,
+            pos: (0..k).map(|_| u(rows)).collect::<Result<_>>()?,
+            // SAFETY: as above.
+            start: (0..k)
+                .map(|_| unsafe { st.alloc::<i32>(b) }.map_err(drv))
+                .collect::<Result<_>>()?,
+            tok: (0..k).map(|_| u(b)).collect::<Result<_>>()?,
+        })
+    }
+
+    /// Issues the copies of layer `j`'s CPU part, and its disk part once the reader has it, into
+    /// staging arena `slot` on the load stream, after the layer that last used that arena has
+    /// been computed.
+    fn issue_load(
+        &self,
+        j: usize,
+        slot: usize,
+        reader: Option<&Reader>,
+        traffic: &mut Traffic,
+    ) -> Result<()> {
+        self.load.wait(&self.freed[slot]).map_err(drv)?;
+        let stage = addr(&self.stage[slot]);
+        if let Some(m) = &self.layers[j].cpu {
+            let src = m.as_f16();
+            // SAFETY: the arena holds `len` elements and the layer that used it is done (`freed`).
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    at(stage, self.g_end),
+                    src,
+                    self.load.cu_stream(),
+                )
+            }
+            .map_err(drv)?;
+            traffic.cpu_to_gpu += 2 * src.len() as u64;
+        }
+        if let (Some(d), Some(r)) = (&self.disk, reader) {
+            let ring = r.filled.recv().map_err(|_| Error::Config {
+                field: "offload_dir",
+                message: "the disk reader stopped".into(),
+            })??;
+            let elems = self.layout.len - self.c_end;
+            let src = &d.ring[ring].as_f16()[..elems];
+            // SAFETY: the reader filled this ring buffer and touches it again only after
+            // `copied[ring]` fires.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    at(stage, self.c_end),
+                    src,
+                    self.load.cu_stream(),
+                )
+            }
+            .map_err(drv)?;
+            d.copied[ring].record(&self.load).map_err(drv)?;
+            let _ = r.free.send(ring);
+            traffic.cpu_to_gpu += 2 * elems as u64;
+            traffic.disk_read += d.slot_bytes as u64;
+        }
+        self.loaded[slot].record(&self.load).map_err(drv)?;
+        Ok(())
+    }
+
+    /// The device address of layer `j`'s arena for this pass: its resident arena, or staging
+    /// arena `slot` once the copies have landed and the GPU part has been copied in.
+    fn layer_weights(&self, j: usize, slot: usize) -> Result<u64> {
+        let home = &self.layers[j];
+        if self.g_end == self.layout.len {
+            return Ok(addr(home.gpu.as_ref().expect("a resident layer")));
+        }
+        let st = &self.gpu.stream;
+        st.wait(&self.loaded[slot]).map_err(drv)?;
+        let dst = addr(&self.stage[slot]);
+        if let Some(g) = &home.gpu {
+            // SAFETY: the staging arena's first `g_end` elements, from the resident part.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst,
+                    addr(g),
+                    2 * self.g_end,
+                    st.cu_stream(),
+                )
+            }
+            .map_err(drv)?;
+        }
+        Ok(dst)
+    }
+
+    /// One layer for one GPU batch: `x` (`[b·t, h]`) is updated in place; k and v of the new
+    /// positions go to the cache.
+    #[expect(clippy::too_many_arguments, reason = "one layer's inputs")]
+    fn layer(
+        &self,
+        w: u64,
+        x: u64,
+        kv: &(CudaSlice<f16>, CudaSlice<f16>),
+        start: u64,
+        buf: &RunBuffers,
+        b: usize,
+        t: usize,
+        past: usize,
+    ) -> Result<()> {
+        let l = &self.layout;
+        let g = &self.gpu;
+        let (h, nh, nkv, hd) = self.dims();
+        let eps = self.eps();
+        let rows = b * t;
+        let cap = self.capacity.max_prompt + self.capacity.max_new;
+        let d = AttnDims { b, t, nh, nkv, hd, cap, past };
+        let (hn, qkv, q, att) = (addr(&buf.hn), addr(&buf.qkv), addr(&buf.q), addr(&buf.att));
+        let wq = |r: &std::ops::Range<usize>| at(w, r.start);
+        g.layer_norm_raw(x, wq(&l.attn_norm_w), wq(&l.attn_norm_b), hn, rows, h, eps)
+            .map_err(cuda)?;
+        g.gemm(&Gemm::linear(rows, h + 2 * nkv * hd, h, hn, wq(&l.qkv_w), qkv, false))
+            .map_err(cuda)?;
+        #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "1/√hd")]
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let (kc, vc) = (addr(&kv.0), addr(&kv.1));
+        g.qkv_split(qkv, wq(&l.qkv_b), q, kc, vc, d, scale).map_err(cuda)?;
+        if t == 1 {
+            g.attention_decode(q, kc, vc, start, att, d).map_err(cuda)?;
+        } else {
+            g.attention_prefill(q, kc, vc, start, addr(&buf.scores), addr(&buf.ctx), att, d)
+                .map_err(cuda)?;
+        }
+        g.gemm(&Gemm::linear(rows, h, h, att, wq(&l.o_w), x, true)).map_err(cuda)?;
+        g.bias_act_raw(x, wq(&l.o_b), rows, h, false).map_err(cuda)?;
+        g.layer_norm_raw(x, wq(&l.mlp_norm_w), wq(&l.mlp_norm_b), hn, rows, h, eps)
+            .map_err(cuda)?;
+        let f = self.model.spec.ffn_size as usize;
+        let f1 = addr(&buf.f1);
+        g.gemm(&Gemm::linear(rows, f, h, hn, wq(&l.fc1_w), f1, false)).map_err(cuda)?;
+        g.bias_act_raw(f1, wq(&l.fc1_b), rows, f, true).map_err(cuda)?;
+        g.gemm(&Gemm::linear(rows, h, f, f1, wq(&l.fc2_w), x, true)).map_err(cuda)?;
+        g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false).map_err(cuda)?;
+        Ok(())
+    }
+
+    /// Final norm, LM head and argmax of GPU batch `kb`'s last positions (`x` holds `b·t` rows):
+    /// the next token of each of its `b` sequences, copied to `out`.
+    fn next_tokens(
+        &self,
+        buf: &RunBuffers,
+        kb: usize,
+        b: usize,
+        t: usize,
+        out: &mut [u32],
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let (h, ..) = self.dims();
+        let vocab = self.model.spec.vocab_size as usize;
+        let xs = if t == 1 {
+            addr(&buf.x[kb])
+        } else {
+            g.last_rows(addr(&buf.x[kb]), addr(&buf.last), b, t, h).map_err(cuda)?;
+            addr(&buf.last)
+        };
+        let (nw, nb) = (addr(&self.final_norm.0.data), addr(&self.final_norm.1.data));
+        g.layer_norm_raw(xs, nw, nb, addr(&buf.hn), b, h, self.eps()).map_err(cuda)?;
+        let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
+        g.gemm(&Gemm::linear(b, vocab, h, addr(&buf.hn), head, addr(&buf.logits), false))
+            .map_err(cuda)?;
+        g.argmax_rows(addr(&buf.logits), addr(&buf.tok[kb]), b, vocab).map_err(cuda)?;
+        // SAFETY: b tokens into a pageable slice of b (the call returns once copied).
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut out[..b],
+                addr(&buf.tok[kb]),
+                g.stream.cu_stream(),
+            )
+        }
+        .map_err(drv)
+    }
+
+    /// Runs every kernel shape of a block once on layer 0 (prefill of `t` positions and one
+    /// decode step) so that module loading and cuBLAS's first-call set-up stay out of the
+    /// timings, as the original's warm-up generation does. The cache positions it writes are
+    /// overwritten by the real prefill.
+    fn warm_up(&self, buf: &RunBuffers, t: usize) -> Result<()> {
+        let (b, h) = (self.policy.gpu_batch_size as usize, self.dims().0);
+        let st = &self.gpu.stream;
+        let w = if self.g_end == self.layout.len {
+            self.layer_weights(0, 0)?
+        } else {
+            // Only the resident and CPU parts: the disk tier is warmed by the reader itself.
+            if let Some(m) = &self.layers[0].cpu {
+                htod(&self.load, at(addr(&self.stage[0]), self.g_end), m.as_f16())?;
+            }
+            self.loaded[0].record(&self.load).map_err(drv)?;
+            self.layer_weights(0, 0)?
+        };
+        let zeros = vec![0u32; b * t];
+        let starts = vec![0i32; b];
+        htod(st, addr(&buf.ids[0]), &zeros)?;
+        htod(st, addr(&buf.pos[0]), &zeros)?;
+        htod(st, addr(&buf.start[0]), &starts)?;
+        let mut out = vec![0u32; b];
+        for (tt, past) in [(t, 0), (1, t)] {
+            let embed = self.pos_embed.as_ref().map(|p| addr(&p.data));
+            self.gpu
+                .embed_raw(
+                    addr(&buf.ids[0]),
+                    addr(&buf.pos[0]),
+                    addr(&self.embed.data),
+                    embed,
+                    addr(&buf.x[0]),
+                    b * tt,
+                    h,
+                )
+                .map_err(cuda)?;
+            self.layer(w, addr(&buf.x[0]), &buf.kv[0][0], addr(&buf.start[0]), buf, b, tt, past)?;
+            self.next_tokens(buf, 0, b, tt, &mut out)?;
+        }
+        self.freed[0].record(st).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        Ok(())
     }
 
     /// Greedy generation of `max_new` tokens for each prompt (token ids); returns the tokens.
@@ -127,103 +844,243 @@ impl<'m> GpuGenerator<'m> {
         prompts: &[Vec<u32>],
         max_new: usize,
     ) -> Result<(Vec<Vec<u32>>, RunStats)> {
-        let spec = &self.model.spec;
-        let gpu = &self.gpu;
-        let pad = spec.pad_token_id.unwrap_or(0);
-        let b = self.policy.gpu_batch_size as usize;
-        let mut stats = RunStats::default();
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest > self.capacity.max_prompt || max_new > self.capacity.max_new {
+            return Err(Error::Config {
+                field: "capacity",
+                message: format!(
+                    "prompts of up to {longest} tokens and {max_new} new tokens exceed what the \
+                     executor was sized for ({} and {})",
+                    self.capacity.max_prompt, self.capacity.max_new
+                ),
+            });
+        }
+        if prompts.iter().any(Vec::is_empty) {
+            return Err(Error::Config { field: "prompt", message: "an empty prompt".into() });
+        }
+        if max_new == 0 || prompts.is_empty() {
+            return Ok((vec![Vec::new(); prompts.len()], RunStats::default()));
+        }
+        let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
+        let mut stats = RunStats { direct_io: self.direct_io, ..RunStats::default() };
         let mut traffic = Traffic::default();
         let mut outputs = vec![Vec::new(); prompts.len()];
-        for block in (0..prompts.len()).collect::<Vec<_>>().chunks(self.policy.block_size()) {
+        let buf = self.alloc_run(longest)?;
+        self.warm_up(&buf, longest)?;
+        for block in (0..prompts.len()).collect::<Vec<_>>().chunks(b * k) {
             stats.blocks += 1;
-            let groups: Vec<&[usize]> = block.chunks(b).collect();
-            let mut masks: Vec<Vec<Vec<bool>>> = Vec::new();
-            let mut inputs: Vec<Vec<Vec<u32>>> = Vec::new();
-            for g in &groups {
-                let (input, mask) =
-                    crate::generate::left_pad(g.iter().map(|&i| prompts[i].as_slice()), pad);
-                inputs.push(input);
-                masks.push(mask);
-                stats.prompt_tokens += g.iter().map(|&i| prompts[i].len()).sum::<usize>();
-            }
-            let mut kv: Vec<Vec<Option<Kv<GpuTensor>>>> =
-                (0..self.layers.len()).map(|_| (0..groups.len()).map(|_| None).collect()).collect();
-            for step in 0..max_new {
-                let started = Instant::now();
-                let mut hidden = Vec::with_capacity(groups.len());
-                let mut biases = Vec::with_capacity(groups.len());
-                for (k, inp) in inputs.iter().enumerate() {
-                    let (bs, t) = (inp.len(), inp[0].len());
-                    let ids: Vec<u32> = inp.iter().flatten().copied().collect();
-                    let (pos, allowed) = layers::step_inputs(spec, &masks[k], t);
-                    biases.push(gpu.attention_bias(&allowed).map_err(cuda)?);
-                    hidden.push(layers::embed(gpu, &self.tables, &ids, &pos, (bs, t))?);
-                }
-                let mut current = self.fetch(0, &mut traffic)?;
-                for (j, (layer, layer_kv)) in self.layers.iter().zip(kv.iter_mut()).enumerate() {
-                    // Prefetch the next layer on the load stream while this one computes.
-                    let next = if j + 1 < self.layers.len() {
-                        self.fetch(j + 1, &mut traffic)?
-                    } else {
-                        None
-                    };
-                    let w: &LayerWeights<GpuTensor> = match (layer, &current) {
-                        (Layer::Resident(w), _) => w,
-                        (Layer::Host(_), fetched) => {
-                            fetched.as_ref().expect("host layers are fetched")
-                        }
-                    };
-                    for (k, slot) in layer_kv.iter_mut().enumerate() {
-                        let (x, new) = layers::decoder_layer(
-                            gpu,
-                            spec,
-                            w,
-                            &hidden[k],
-                            slot.as_ref(),
-                            &biases[k],
-                        )?;
-                        *slot = Some(match slot.take() {
-                            Some(p) => p.append_on(gpu, &new)?,
-                            None => new,
-                        });
-                        hidden[k] = x;
-                    }
-                    current = next;
-                }
-                for (k, g) in groups.iter().enumerate() {
-                    let last = gpu.last_position(&hidden[k]).map_err(cuda)?;
-                    let logits = gpu
-                        .to_cpu(&layers::logits(gpu, spec, &self.tables, &last)?)
-                        .map_err(cuda)?;
-                    let rows = logits.squeeze(1)?.to_vec2::<f32>()?;
-                    let mut next = Vec::with_capacity(g.len());
-                    for (row, &i) in rows.iter().zip(g.iter()) {
-                        let t = crate::argmax(row);
-                        outputs[i].push(t);
-                        next.push(t);
-                    }
-                    stats.generated_tokens += g.len();
-                    for m in &mut masks[k] {
-                        m.push(true);
-                    }
-                    inputs[k] = next.into_iter().map(|t| vec![t]).collect();
-                }
-                gpu.stream.synchronize().map_err(|e| cuda(e.into()))?;
-                let s = started.elapsed().as_secs_f64();
-                if step == 0 {
-                    stats.prefill_s += s;
-                } else {
-                    stats.decode_s += s;
-                }
-            }
+            let passes = max_new * self.layers.len();
+            std::thread::scope(|s| -> Result<()> {
+                let reader = self.disk.as_ref().map(|d| Reader::spawn(s, d, &self.gpu, passes));
+                self.run_block(
+                    prompts,
+                    block,
+                    max_new,
+                    &buf,
+                    reader.as_ref(),
+                    &mut stats,
+                    &mut traffic,
+                    &mut outputs,
+                )
+            })?;
         }
-        let (free, total) = gpu.ctx.mem_get_info().map_err(|e| cuda(e.into()))?;
+        let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
         stats.tiers.required.gpu = (total - free) as u64;
+        stats.tiers.required.cpu = self.pinned_bytes + self.pageable_bytes;
+        stats.tiers.required.disk = self.disk_bytes();
         stats.tiers.traffic = traffic;
         Ok((outputs, stats))
     }
+
+    /// One block: `b × k` sequences through prefill and `max_new − 1` decode steps, layer by
+    /// layer, every GPU batch through a layer before the next layer.
+    #[expect(clippy::too_many_arguments, reason = "a block's inputs and accumulators")]
+    fn run_block(
+        &self,
+        prompts: &[Vec<u32>],
+        block: &[usize],
+        max_new: usize,
+        buf: &RunBuffers,
+        reader: Option<&Reader>,
+        stats: &mut RunStats,
+        traffic: &mut Traffic,
+        outputs: &mut [Vec<u32>],
+    ) -> Result<()> {
+        let spec = &self.model.spec;
+        let pad = spec.pad_token_id.unwrap_or(0);
+        let offset = match spec.positions {
+            PositionKind::Learned { offset } => offset,
+            PositionKind::Rope { .. } => 0,
+        };
+        let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
+        let h = spec.hidden_size as usize;
+        let n_layers = self.layers.len();
+        let st = &self.gpu.stream;
+        let offloaded = self.g_end < self.layout.len;
+        // Every GPU batch holds b sequences; a short last block is padded with copies of its
+        // first prompt whose outputs are dropped.
+        let t = block.iter().map(|&i| prompts[i].len()).max().unwrap_or(1);
+        let mut members: Vec<Vec<Option<usize>>> = Vec::with_capacity(k);
+        let mut real: Vec<Vec<u32>> = Vec::with_capacity(k);
+        for kb in 0..k {
+            let m: Vec<Option<usize>> = (0..b).map(|r| block.get(kb * b + r).copied()).collect();
+            let mut ids = Vec::with_capacity(b * t);
+            let mut pos = Vec::with_capacity(b * t);
+            let mut starts = Vec::with_capacity(b);
+            let mut counts = Vec::with_capacity(b);
+            for slot in &m {
+                let p = &prompts[slot.unwrap_or(block[0])];
+                let padn = t - p.len();
+                let len = u32::try_from(p.len()).expect("prompt length fits");
+                ids.extend(std::iter::repeat_n(pad, padn).chain(p.iter().copied()));
+                pos.extend(
+                    std::iter::repeat_n(offset.saturating_sub(1), padn)
+                        .chain((0..len).map(|i| i + offset)),
+                );
+                starts.push(i32::try_from(padn).expect("prompt length fits"));
+                counts.push(len);
+                if slot.is_some() {
+                    stats.prompt_tokens += p.len();
+                }
+            }
+            htod(st, addr(&buf.ids[kb]), &ids)?;
+            htod(st, addr(&buf.pos[kb]), &pos)?;
+            htod(st, addr(&buf.start[kb]), &starts)?;
+            members.push(m);
+            real.push(counts);
+        }
+        let passes = max_new * n_layers;
+        if offloaded {
+            self.issue_load(0, 0, reader, traffic)?;
+            if passes > 1 {
+                self.issue_load(1 % n_layers, 1, reader, traffic)?;
+            }
+        }
+        let mut pass = 0usize;
+        let mut host_tok = vec![vec![0u32; b]; k];
+        for step in 0..max_new {
+            let started = Instant::now();
+            let (tt, past) = if step == 0 { (t, 0) } else { (1, t + step - 1) };
+            for kb in 0..k {
+                let pos_table = self.pos_embed.as_ref().map(|p| addr(&p.data));
+                let (ids, pos, x) = (addr(&buf.ids[kb]), addr(&buf.pos[kb]), addr(&buf.x[kb]));
+                self.gpu
+                    .embed_raw(ids, pos, addr(&self.embed.data), pos_table, x, b * tt, h)
+                    .map_err(cuda)?;
+            }
+            for j in 0..n_layers {
+                let slot = pass % 2;
+                let w = self.layer_weights(j, slot)?;
+                for kb in 0..k {
+                    let (x, start) = (addr(&buf.x[kb]), addr(&buf.start[kb]));
+                    self.layer(w, x, &buf.kv[j][kb], start, buf, b, tt, past)?;
+                }
+                if offloaded {
+                    self.freed[slot].record(st).map_err(drv)?;
+                    // Prefetch two layers ahead into the arena just released; across the step
+                    // boundary that is the next step's first layers.
+                    if pass + 2 < passes {
+                        self.issue_load((pass + 2) % n_layers, slot, reader, traffic)?;
+                    }
+                }
+                pass += 1;
+            }
+            for (kb, toks) in host_tok.iter_mut().enumerate() {
+                self.next_tokens(buf, kb, b, tt, toks)?;
+            }
+            st.synchronize().map_err(drv)?;
+            for (kb, toks) in host_tok.iter().enumerate() {
+                let mut pos = Vec::with_capacity(b);
+                for (r, slot) in members[kb].iter().enumerate() {
+                    if let Some(i) = slot {
+                        outputs[*i].push(toks[r]);
+                        stats.generated_tokens += 1;
+                    }
+                    pos.push(real[kb][r] + offset);
+                    real[kb][r] += 1;
+                }
+                if step + 1 < max_new {
+                    htod(st, addr(&buf.ids[kb]), toks)?;
+                    htod(st, addr(&buf.pos[kb]), &pos)?;
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            if step == 0 {
+                stats.prefill_s += secs;
+            } else {
+                stats.decode_s += secs;
+                stats.decode_steps.push(secs);
+            }
+        }
+        self.load.synchronize().map_err(drv)?;
+        Ok(())
+    }
 }
 
-fn gpu_layer(template: &LayerWeights, tensors: Vec<GpuTensor>) -> LayerWeights<GpuTensor> {
-    template.with_tensors(tensors)
+/// The disk reader of one block: a thread that reads every pass's disk part, in order, into
+/// the pinned ring as buffers come free, running ahead of the GPU.
+struct Reader {
+    /// Ring buffers filled, in pass order.
+    filled: mpsc::Receiver<Result<usize>>,
+    /// Ring buffers whose copy has been issued (the reader waits for the copy's event).
+    free: mpsc::Sender<usize>,
+}
+
+impl Reader {
+    fn spawn<'scope>(
+        s: &'scope std::thread::Scope<'scope, '_>,
+        d: &'scope DiskPart,
+        gpu: &'scope Gpu,
+        passes: usize,
+    ) -> Self {
+        let (filled_tx, filled) = mpsc::sync_channel(d.ring.len());
+        let (free, free_rx) = mpsc::channel::<usize>();
+        for i in 0..d.ring.len() {
+            let _ = free.send(i);
+        }
+        let n_layers = d.layers;
+        let ring: Vec<(usize, usize)> =
+            d.ring.iter().map(|m| (m.as_f16().as_ptr() as usize, d.slot_bytes)).collect();
+        let ctx = gpu.ctx.clone();
+        s.spawn(move || {
+            let _ = ctx.bind_to_thread();
+            for pass in 0..passes {
+                let Ok(i) = free_rx.recv() else { return };
+                let r = (|| -> Result<usize> {
+                    d.copied[i].synchronize().map_err(drv)?;
+                    // SAFETY: ring buffer i is not read by any copy now (its event fired) and
+                    // the main thread reads it only after receiving i from `filled`.
+                    let out =
+                        unsafe { std::slice::from_raw_parts_mut(ring[i].0 as *mut u8, ring[i].1) };
+                    let j = pass % n_layers;
+                    read_parallel(&d.file, (j * d.slot_bytes) as u64, out, READ_THREADS).map_err(
+                        |e| Error::Io { path: d.file.path().to_path_buf(), message: e.to_string() },
+                    )?;
+                    Ok(i)
+                })();
+                let failed = r.is_err();
+                if filled_tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self { filled, free }
+    }
+}
+
+/// Copies pageable `src` to `dst` in stream order (the call returns once `src` has been staged,
+/// so `src` may be dropped after it).
+fn htod<T>(st: &CudaStream, dst: u64, src: &[T]) -> Result<()> {
+    // SAFETY: every destination buffer is sized for what the executor copies into it.
+    unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, st.cu_stream()) }.map_err(drv)
+}
+
+fn new_event(gpu: &Gpu) -> Result<CudaEvent> {
+    gpu.ctx
+        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        .map_err(drv)
+}
+
+fn new_timing_event(gpu: &Gpu) -> Result<CudaEvent> {
+    gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv)
 }

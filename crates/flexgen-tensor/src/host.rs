@@ -112,6 +112,20 @@ impl DirectFile {
         self.file.read_exact_at(buf.as_mut_slice(), offset)
     }
 
+    /// Writes `data` (page-aligned memory, a multiple of [`ALIGN`] long) at `offset`.
+    pub fn write_aligned(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        debug_assert_eq!(data.as_ptr() as usize % ALIGN, 0);
+        debug_assert_eq!(data.len() % ALIGN, 0);
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Fills `out` (page-aligned memory, a multiple of [`ALIGN`] long) from `offset`.
+    pub fn read_aligned(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        debug_assert_eq!(out.as_ptr() as usize % ALIGN, 0);
+        debug_assert_eq!(out.len() % ALIGN, 0);
+        self.file.read_exact_at(out, offset)
+    }
+
     /// Reads `len` bytes at `offset` (a multiple of [`ALIGN`]) into `out`.
     pub fn read_at(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
         debug_assert_eq!(offset % ALIGN as u64, 0);

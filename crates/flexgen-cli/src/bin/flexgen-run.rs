@@ -8,7 +8,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use flexgen_cli::{PolicyArgs, bundled_model_dir, human_bytes, peak_rss_bytes};
 use flexgen_model::{DummyInit, Model};
-use flexgen_runtime::{Budgets, Event, GenerationConfig, Generator, Request, Sampling};
+use flexgen_runtime::{
+    Budgets, Event, GenerationConfig, Generator, GpuCapacity, LayerSource, Request, Sampling,
+};
 
 const ABOUT: &str = "Generate text with a model under an offloading policy.";
 
@@ -284,8 +286,13 @@ fn load_model(cli: &Cli) -> anyhow::Result<Model> {
             DummyKind::Ones => DummyInit::Ones,
             DummyKind::Random => DummyInit::Random { seed: cli.seed },
         };
-        return Model::dummy(spec, init)
-            .with_context(|| format!("building dummy weights for {name}"));
+        // The CUDA executor fills the layers itself, in fp16, where the policy places them.
+        let built = if cli.device == DeviceKind::Cuda {
+            Model::dummy_tables(spec, init)
+        } else {
+            Model::dummy(spec, init)
+        };
+        return built.with_context(|| format!("building dummy weights for {name}"));
     }
     let dir = cli.model.as_ref().map_or_else(bundled_model_dir, PathBuf::from);
     if !dir.exists()
@@ -369,24 +376,70 @@ fn run_cuda(
         })
         .collect::<anyhow::Result<_>>()?;
     let setup = std::time::Instant::now();
-    let generator = flexgen_runtime::GpuGenerator::new(model, policy.clone())
+    let source = match cli.dummy {
+        Some(DummyKind::Ones) => LayerSource::Dummy(DummyInit::Ones),
+        Some(DummyKind::Random) => LayerSource::Dummy(DummyInit::Random { seed: cli.seed }),
+        None => LayerSource::Loaded,
+    };
+    let capacity = GpuCapacity {
+        max_prompt: prompts.iter().map(Vec::len).max().unwrap_or(1),
+        max_new: cli.max_new_tokens,
+        gpu_limit: cli.gpu_mem_limit,
+    };
+    let generator = flexgen_runtime::GpuGenerator::new(model, policy.clone(), source, capacity)
         .context("setting up the CUDA executor")?;
     let setup_s = setup.elapsed().as_secs_f64();
     let (tokens, stats) = generator.generate(&prompts, cli.max_new_tokens)?;
     let mut out = std::io::stdout().lock();
     if !cli.quiet && !cli.json {
-        for (i, t) in tokens.iter().enumerate().take(4) {
+        for (i, (r, t)) in requests.iter().zip(&tokens).enumerate() {
+            let prompt = match &r.prompt {
+                flexgen_runtime::Prompt::Text(p) => p.clone(),
+                flexgen_runtime::Prompt::Tokens(p) => format!("<{} tokens>", p.len()),
+            };
             let text = match &model.tokenizer {
                 Some(tok) => tok.decode(t)?,
                 None => format!("{t:?}"),
             };
-            writeln!(out, "[{i}] {text}")?;
+            writeln!(out, "[{i}] {prompt}{text}")?;
         }
     }
+    let bytes = generator.gpu_bytes();
+    let per_pass = generator.weight_bytes_per_pass();
+    let decode = stats.decode_tokens_per_s(prompts.len());
+    let block = policy.block_size() as f64;
+    // The roofline of a decode step: the weights that must cross PCIe at the pinned bandwidth
+    // measured in this process, overlapped with the disk part at the direct-read bandwidth
+    // measured in this process (the slower of the two links bounds the step).
+    let disk_per_pass = generator.disk_bytes_per_pass();
+    let pcie_s = generator.h2d_bytes_per_s.filter(|_| per_pass > 0).map(|bw| per_pass as f64 / bw);
+    let disk_s = generator
+        .disk_bytes_per_s
+        .filter(|_| disk_per_pass > 0)
+        .map(|bw| disk_per_pass as f64 / bw);
+    let seqs = block.min(prompts.len() as f64);
+    let roofline = match (pcie_s, disk_s) {
+        (Some(p), Some(d)) => Some(seqs / p.max(d)),
+        (Some(p), None) => Some(seqs / p),
+        _ => None,
+    };
+    let serial_roofline = match (pcie_s, disk_s) {
+        (Some(p), Some(d)) => Some(seqs / (p + d)),
+        _ => None,
+    };
+    let mut steps = stats.decode_steps.clone();
+    steps.sort_by(f64::total_cmp);
+    let median_step = steps.get(steps.len() / 2).copied();
     let report = serde_json::json!({
         "model": model.spec.name,
+        "weights": if model.dir.is_some() { "files" } else { "dummy" },
         "backend": "cuda",
-        "policy": { "percent": policy.placement.to_percent(), "gpu_batch_size": policy.gpu_batch_size, "num_gpu_batches": policy.num_gpu_batches },
+        "policy": {
+            "percent": policy.placement.to_percent(),
+            "gpu_batch_size": policy.gpu_batch_size,
+            "num_gpu_batches": policy.num_gpu_batches,
+            "pin_weight": policy.pin_weight,
+        },
         "prompts": prompts.len(),
         "prompt_tokens": stats.prompt_tokens,
         "generated_tokens": stats.generated_tokens,
@@ -394,27 +447,109 @@ fn run_cuda(
         "gpu_setup_s": setup_s,
         "prefill_s": stats.prefill_s,
         "decode_s": stats.decode_s,
+        "median_decode_step_s": median_step,
         "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
-        "decode_tokens_per_s": stats.decode_tokens_per_s(prompts.len()),
+        "decode_tokens_per_s": decode,
         "total_tokens_per_s": stats.total_tokens_per_s(),
-        "gpu_bytes_in_use": stats.tiers.required.gpu,
-        "bytes_moved": { "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu },
+        "gpu_bytes": {
+            "weights": bytes.weights, "staging": bytes.staging, "tables": bytes.tables,
+            "kv_cache": bytes.cache, "activations": bytes.activations, "total": bytes.total(),
+            "device_in_use": stats.tiers.required.gpu,
+        },
+        "cpu_bytes": { "pinned_weights": generator.pinned_bytes, "pageable_weights": generator.pageable_bytes, "peak_rss": peak_rss_bytes() },
+        "bytes_moved": { "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu, "disk_read": stats.tiers.traffic.disk_read },
+        "weight_bytes_per_decode_step": per_pass,
+        "disk_weight_bytes_per_decode_step": disk_per_pass,
+        "disk_bytes": generator.disk_bytes(),
+        "direct_io": generator.direct_io,
+        "measured_h2d_bytes_per_s": generator.h2d_bytes_per_s,
+        "measured_disk_read_bytes_per_s": generator.disk_bytes_per_s,
+        "roofline_decode_tokens_per_s": roofline,
+        "roofline_fraction": roofline.map(|r| decode / r),
+        "serial_roofline_decode_tokens_per_s": serial_roofline,
+        "setup": {
+            "fill_s": generator.setup_times.fill_s,
+            "pin_s": generator.setup_times.pin_s,
+            "disk_write_s": generator.setup_times.disk_write_s,
+            "total_s": generator.setup_times.total_s,
+        },
         "projected": false,
+        "predicted_tokens_per_s": policy.prediction.as_ref().map(|x| x.throughput_tokens_per_s),
         "wall_s": started.elapsed().as_secs_f64(),
     });
     if cli.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-    } else {
+        std::mem::forget(generator);
+        return Ok(());
+    }
+    let mut err = std::io::stderr().lock();
+    writeln!(
+        err,
+        "\nmodel {} ({} weights), {} prompts × {} new tokens, block {}×{}, backend cuda",
+        model.spec.name,
+        if model.dir.is_some() { "file" } else { "dummy" },
+        prompts.len(),
+        cli.max_new_tokens,
+        policy.gpu_batch_size,
+        policy.num_gpu_batches
+    )?;
+    writeln!(
+        err,
+        "GPU {} (weights {}, staging {}, KV cache {}, activations {}) | CPU weights {} pinned, {} pageable | CPU→GPU {}",
+        human_bytes(bytes.total()),
+        human_bytes(bytes.weights),
+        human_bytes(bytes.staging),
+        human_bytes(bytes.cache),
+        human_bytes(bytes.activations),
+        human_bytes(generator.pinned_bytes),
+        human_bytes(generator.pageable_bytes),
+        human_bytes(stats.tiers.traffic.cpu_to_gpu)
+    )?;
+    writeln!(
+        err,
+        "prefill {:.1} tok/s ({:.3} s) | decode {:.1} tok/s ({:.3} s) | total {:.1} tok/s | setup {:.1} s | wall {:.1} s",
+        stats.prefill_tokens_per_s(),
+        stats.prefill_s,
+        decode,
+        stats.decode_s,
+        stats.total_tokens_per_s(),
+        setup_s,
+        started.elapsed().as_secs_f64()
+    )?;
+    if generator.disk_bytes() > 0 {
         writeln!(
-            std::io::stderr(),
-            "cuda: prefill {:.1} tok/s | decode {:.1} tok/s | total {:.1} tok/s | GPU in use {} | CPU→GPU {} | setup {:.1} s",
-            stats.prefill_tokens_per_s(),
-            stats.decode_tokens_per_s(prompts.len()),
-            stats.total_tokens_per_s(),
-            human_bytes(stats.tiers.required.gpu),
-            human_bytes(stats.tiers.traffic.cpu_to_gpu),
-            setup_s
+            err,
+            "disk tier: {} in {}{}, {} read per decode step, direct reads measured {:.2} GB/s",
+            human_bytes(generator.disk_bytes()),
+            policy.offload_dir.as_ref().map_or_else(String::new, |d| d.display().to_string()),
+            if generator.direct_io == Some(false) {
+                " (buffered: O_DIRECT refused)"
+            } else {
+                " (direct I/O)"
+            },
+            human_bytes(disk_per_pass),
+            generator.disk_bytes_per_s.unwrap_or(0.0) / 1e9
         )?;
     }
+    if let (Some(r), Some(bw)) = (roofline, generator.h2d_bytes_per_s) {
+        writeln!(
+            err,
+            "roofline: {} of weights over PCIe per decode step at {:.1} GB/s (measured pinned){} = {:.1} tok/s; measured {:.1} ({:.1} %)",
+            human_bytes(per_pass),
+            bw / 1e9,
+            disk_s.map_or_else(String::new, |d| format!(", disk part {d:.2} s per step")),
+            r,
+            decode,
+            100.0 * decode / r
+        )?;
+    }
+    let t = generator.setup_times;
+    writeln!(
+        err,
+        "setup {:.1} s: weights filled and placed {:.1} s (pinning {:.1} s overlapped), disk tier written {:.1} s",
+        t.total_s, t.fill_s, t.pin_s, t.disk_write_s
+    )?;
+    // Pinned memory is returned far faster by the kernel at exit than by freeing it piecewise.
+    std::mem::forget(generator);
     Ok(())
 }

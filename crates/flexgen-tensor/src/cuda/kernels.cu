@@ -116,3 +116,124 @@ extern "C" __global__ void slice_axis1(const half_t* x, half_t* y, int a, int n,
     half_t* dst = y + (size_t)row * c;
     for (int d = threadIdx.x; d < c; d += blockDim.x) dst[d] = src[d];
 }
+
+// ---- Fused operations of the offloading executor ----
+
+// y: the [rows = b·t, h + 2·kv] output of the fused q/k/v GEMM. Adds the bias, writes q·scale to
+// q [b, nh, t, hd], and k and v into the caches [b, nkv, cap, hd] at positions past + (row % t).
+// One block per row.
+extern "C" __global__ void qkv_split(const half_t* y, const half_t* bias, half_t* q, half_t* kc, half_t* vc,
+                                     int t, int nh, int nkv, int hd, int cap, int past, float scale) {
+    int row = blockIdx.x, bi = row / t, ti = row % t;
+    int h = nh * hd, kv = nkv * hd, w = h + 2 * kv;
+    const half_t* yr = y + (size_t)row * w;
+    for (int c = threadIdx.x; c < w; c += blockDim.x) {
+        float v = h2f(yr[c]) + h2f(bias[c]);
+        if (c < h) {
+            int hh = c / hd, d = c % hd;
+            q[(((size_t)bi * nh + hh) * t + ti) * hd + d] = f2h(v * scale);
+        } else {
+            int c2 = c - h;
+            half_t* dst = kc;
+            if (c2 >= kv) { c2 -= kv; dst = vc; }
+            int hh = c2 / hd, d = c2 % hd;
+            dst[(((size_t)bi * nkv + hh) * cap + past + ti) * hd + d] = f2h(v);
+        }
+    }
+}
+
+// Softmax in place of scores [b·nh·t, cols] (q already scaled) over the keys query qi of sequence
+// bi may see: start[bi] <= j <= past + qi (left padding and causality). A row that sees no key
+// (a padding query) becomes zeros. One block per row.
+extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, int t, int cols, int past) {
+    __shared__ float sh[32];
+    long long row = blockIdx.x;
+    int qi = row % t, bi = row / ((long long)nh * t);
+    int lo = start[bi], hi = past + qi;
+    half_t* sr = s + row * cols;
+    float m = -3.0e38f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) if (j >= lo && j <= hi) m = fmaxf(m, h2f(sr[j]));
+    m = block_reduce(m, sh, true);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) if (j >= lo && j <= hi) sum += __expf(h2f(sr[j]) - m);
+    sum = block_reduce(sum, sh, false);
+    float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        sr[j] = f2h((j >= lo && j <= hi) ? __expf(h2f(sr[j]) - m) * inv : 0.f);
+}
+
+// Attention of one new token per sequence: q [b, nh, hd] (already scaled), caches [b, nkv, cap, hd]
+// holding s positions, of which sequence bi sees start[bi]..s-1; out [b, nh·hd] (heads merged).
+// One block (a few warps) per (sequence, head); warps take keys in turn, each lane `per`
+// contiguous values of the head. Dynamic shared memory: s + warps·hd floats.
+#define MAXPER 8
+extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, const half_t* vc, const int* start,
+                                            half_t* out, int nh, int nkv, int hd, int cap, int s) {
+    extern __shared__ float sm[];
+    __shared__ float red[32];
+    int bh = blockIdx.x, bi = bh / nh, hh = bh % nh, kvh = hh / (nh / nkv);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int per = (hd + 31) / 32;
+    const half_t* qr = q + (size_t)bh * hd;
+    const half_t* K = kc + ((size_t)bi * nkv + kvh) * cap * hd;
+    const half_t* V = vc + ((size_t)bi * nkv + kvh) * cap * hd;
+    float qv[MAXPER];
+#pragma unroll
+    for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; qv[i] = (i < per && d < hd) ? h2f(qr[d]) : 0.f; }
+    int lo = start[bi];
+    for (int j = lo + warp; j < s; j += nw) {
+        const half_t* kr = K + (size_t)j * hd;
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc += qv[i] * h2f(kr[d]); }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+        if (lane == 0) sm[j] = acc;
+    }
+    __syncthreads();
+    float m = -3.0e38f;
+    for (int j = lo + threadIdx.x; j < s; j += blockDim.x) m = fmaxf(m, sm[j]);
+    m = block_reduce(m, red, true);
+    float sum = 0.f;
+    for (int j = lo + threadIdx.x; j < s; j += blockDim.x) { float e = __expf(sm[j] - m); sm[j] = e; sum += e; }
+    sum = block_reduce(sum, red, false);
+    float acc[MAXPER];
+#pragma unroll
+    for (int i = 0; i < MAXPER; i++) acc[i] = 0.f;
+    for (int j = lo + warp; j < s; j += nw) {
+        const half_t* vr = V + (size_t)j * hd;
+        float p = sm[j];
+#pragma unroll
+        for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc[i] += p * h2f(vr[d]); }
+    }
+    float* part = sm + s;
+#pragma unroll
+    for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) part[warp * hd + d] = acc[i]; }
+    __syncthreads();
+    float inv = 1.f / sum;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.f;
+        for (int w = 0; w < nw; w++) v += part[w * hd + d];
+        out[(size_t)bh * hd + d] = f2h(v * inv);
+    }
+}
+
+// out[row] = the index of the largest value of x[row, 0..cols] (the lowest index among equals).
+// One block of 256 threads per row.
+extern "C" __global__ void argmax_rows(const half_t* x, unsigned int* out, int cols) {
+    __shared__ float sv[256];
+    __shared__ int si[256];
+    const half_t* xr = x + (size_t)blockIdx.x * cols;
+    float best = -3.0e38f;
+    int bi = 0;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = h2f(xr[c]); if (v > best) { best = v; bi = c; } }
+    sv[threadIdx.x] = best; si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int st = blockDim.x / 2; st > 0; st >>= 1) {
+        if (threadIdx.x < st) {
+            float v2 = sv[threadIdx.x + st]; int i2 = si[threadIdx.x + st];
+            if (v2 > sv[threadIdx.x] || (v2 == sv[threadIdx.x] && i2 < si[threadIdx.x])) { sv[threadIdx.x] = v2; si[threadIdx.x] = i2; }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = si[0];
+}

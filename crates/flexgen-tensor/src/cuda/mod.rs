@@ -2,6 +2,7 @@
 //! CUDA, and a machine without it gets an error that says which library is missing, not a panic.
 //! The fp16 GEMMs here (cuBLAS, fp32 accumulation) are the ones the GPU backend computes with.
 
+pub mod exec;
 mod ops;
 
 use std::sync::Arc;
@@ -146,6 +147,84 @@ pub fn alloc_pinned_f16(
 ) -> Result<PinnedHostSlice<f16>, CudaError> {
     // SAFETY: the memory is uninitialized until written; callers fill it before any copy.
     Ok(unsafe { ctx.alloc_pinned_with_flags::<f16>(len.max(1), 0)? })
+}
+
+/// Page-aligned host memory for weights: an anonymous mapping (transparent huge pages where the
+/// kernel allows) that the caller fills, on all cores, and then [`HostMem::pin`]s with the driver.
+/// For tens of gigabytes this is several times faster than the driver's pinned allocation, which
+/// faults and zeroes every page on one thread; unpinned, it is ordinary pageable memory.
+pub struct HostMem {
+    map: memmap2::MmapMut,
+    pinned: Option<Arc<CudaContext>>,
+}
+
+// SAFETY: plain memory, uniquely owned; the registration is process-wide.
+unsafe impl Send for HostMem {}
+unsafe impl Sync for HostMem {}
+
+impl HostMem {
+    /// `len` fp16 values, not yet touched (pages are made on first write).
+    pub fn new_f16(len: usize) -> Result<Self, CudaError> {
+        let map = memmap2::MmapOptions::new()
+            .len((len * 2).max(1))
+            .map_anon()
+            .map_err(|e| CudaError::Host(format!("mapping {} bytes: {e}", len * 2)))?;
+        // Huge pages make faulting and pinning far cheaper; where they are off this is a no-op.
+        let _ = map.advise(memmap2::Advice::HugePage);
+        Ok(Self { map, pinned: None })
+    }
+
+    /// The values.
+    pub fn as_f16(&self) -> &[f16] {
+        // SAFETY: the mapping is page-aligned and holds len·2 bytes.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast(), self.map.len() / 2) }
+    }
+
+    /// The values, writable.
+    pub fn as_f16_mut(&mut self) -> &mut [f16] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().cast(), self.map.len() / 2) }
+    }
+
+    /// The whole mapping as bytes, writable (for direct I/O: page-aligned).
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map[..]
+    }
+
+    /// Page-locks the memory so the GPU copies it at full link speed.
+    pub fn pin(&mut self, ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
+        if self.pinned.is_some() {
+            return Ok(());
+        }
+        ctx.bind_to_thread()?;
+        // SAFETY: the mapping is valid for its length and outlives the registration (Drop).
+        unsafe {
+            cudarc::driver::sys::cuMemHostRegister_v2(
+                self.map.as_mut_ptr().cast(),
+                self.map.len(),
+                0,
+            )
+            .result()?;
+        }
+        self.pinned = Some(ctx.clone());
+        Ok(())
+    }
+
+    /// Whether [`HostMem::pin`] succeeded.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        if let Some(ctx) = &self.pinned {
+            let _ = ctx.bind_to_thread();
+            // SAFETY: registered in `pin`; no copy reads it once its owner is dropped.
+            let _ =
+                unsafe { cudarc::driver::sys::cuMemHostUnregister(self.map.as_mut_ptr().cast()) };
+        }
+    }
 }
 
 /// A timing event.

@@ -40,16 +40,20 @@ impl GpuTensor {
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    pub(super) blas: CudaBlas,
     _module: Arc<CudaModule>,
-    embed: CudaFunction,
-    layer_norm: CudaFunction,
-    bias_act: CudaFunction,
+    pub(super) embed: CudaFunction,
+    pub(super) layer_norm: CudaFunction,
+    pub(super) bias_act: CudaFunction,
     add: CudaFunction,
-    swap12: CudaFunction,
+    pub(super) swap12: CudaFunction,
     softmax: CudaFunction,
     cat_axis1: CudaFunction,
-    slice_axis1: CudaFunction,
+    pub(super) slice_axis1: CudaFunction,
+    pub(super) qkv_split: CudaFunction,
+    pub(super) causal_softmax: CudaFunction,
+    pub(super) decode_attention: CudaFunction,
+    pub(super) argmax_rows: CudaFunction,
 }
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -72,7 +76,7 @@ fn grid(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn rows(n: usize) -> LaunchConfig {
+pub(super) fn rows(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (u32::try_from(n).expect("rows fit in u32"), 1, 1),
         block_dim: (256, 1, 1),
@@ -109,6 +113,10 @@ impl Gpu {
             softmax: f("masked_softmax")?,
             cat_axis1: f("cat_axis1")?,
             slice_axis1: f("slice_axis1")?,
+            qkv_split: f("qkv_split")?,
+            causal_softmax: f("causal_softmax")?,
+            decode_attention: f("decode_attention")?,
+            argmax_rows: f("argmax_rows")?,
             _module: module,
             ctx,
             stream,

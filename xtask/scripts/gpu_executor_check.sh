@@ -1,0 +1,35 @@
+#!/bin/bash
+# On the GPU machine: the CUDA executor must give the same greedy tokens as the CPU executor under
+# every placement it runs (weights on GPU, CPU and disk in several shares, pinned or pageable) and several batch
+# splits, on the bundled model, the tiny random model (left-padded prompts) and an OPT-125M-shape
+# dummy model. Usage: gpu_executor_check.sh [BIN_DIR]   (default target/release)
+B=${1:-target/release}
+fail=0; n=0
+check() { # name, then flexgen-run arguments shared by both executors
+  local name=$1; shift
+  if ! "$B/flexgen-run" "$@" --ignore-eos > /tmp/ref.txt 2> /tmp/ref.err; then
+    echo "FAIL $name: CPU executor"; tail -3 /tmp/ref.err; fail=1; return
+  fi
+  for pol in "100 0 100 0 100 0" "37.5 62.5 100 0 100 0" "0 100 100 0 100 0" "0 70 100 0 100 0" "20 30 100 0 100 0"; do
+    for pin in 1 0; do
+      for split in "--gpu-batch-size 4 --num-gpu-batches 1" "--gpu-batch-size 2 --num-gpu-batches 2" "--gpu-batch-size 1 --num-gpu-batches 4"; do
+        n=$((n+1))
+        if ! "$B/flexgen-run" "$@" --ignore-eos --device cuda --percent $pol --pin-weight $pin $split --offload-dir /tmp/flexgen-check > /tmp/gpu.txt 2> /tmp/gpu.err; then
+          echo "FAIL $name [$pol pin $pin $split]: CUDA executor"; tail -3 /tmp/gpu.err; fail=1; continue
+        fi
+        if ! cmp -s /tmp/ref.txt /tmp/gpu.txt; then
+          echo "DIFF $name [$pol pin $pin $split]"; diff /tmp/ref.txt /tmp/gpu.txt | head -6; fail=1
+        fi
+      done
+    done
+  done
+  echo "checked $name: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
+}
+check bundled --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
+  --prompt "In the beginning" --prompt "And God said, Let there be light: and there was light" \
+  --prompt "Jesus wept" --prompt "The LORD is my shepherd; I shall not want"
+check tiny --model crates/flexgen-model/test_data/tiny-random-opt --max-new-tokens 16 \
+  --prompt "Hello" --prompt "the quick brown fox jumps over" --prompt "a" --prompt "to be or not to be"
+check opt-125m-random --model opt-125m --dummy random --seed 3 --prompt-len 12 --num-prompts 4 --max-new-tokens 8
+echo "$n CUDA runs compared; $( [ $fail = 0 ] && echo ALL EQUAL || echo FAILURES )"
+exit $fail
