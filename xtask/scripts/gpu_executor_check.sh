@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine: the CUDA executor must give the same greedy tokens as the CPU executor under
-# every placement it runs (weights on GPU, CPU and disk in several shares, pinned or pageable) and several batch
-# splits, on the bundled model, the tiny random model (left-padded prompts) and an OPT-125M-shape
+# every placement it runs (weights on GPU, CPU and disk in several shares, pinned or pageable; KV
+# cache rows on GPU and CPU with and without CPU attention; activations on GPU or CPU) and several
+# batch splits, on the bundled model, the tiny random model (left-padded prompts) and an OPT-125M-shape
 # dummy model. Usage: gpu_executor_check.sh [BIN_DIR]   (default target/release)
 B=${1:-target/release}
 fail=0; n=0
@@ -19,6 +20,20 @@ check() { # name, then flexgen-run arguments shared by both executors
         fi
         if ! cmp -s /tmp/ref.txt /tmp/gpu.txt; then
           echo "DIFF $name [$pol pin $pin $split]"; diff /tmp/ref.txt /tmp/gpu.txt | head -6; fail=1
+        fi
+      done
+    done
+  done
+  # KV cache rows and activations off the GPU, with and without CPU attention.
+  for pol in "100 0 0 100 100 0" "100 0 50 50 100 0" "100 0 100 0 0 100" "30 40 25 75 0 100" "0 70 0 100 100 0"; do
+    for cc in false true; do
+      for split in "--gpu-batch-size 4 --num-gpu-batches 1" "--gpu-batch-size 2 --num-gpu-batches 2" "--gpu-batch-size 1 --num-gpu-batches 4"; do
+        n=$((n+1))
+        if ! "$B/flexgen-run" "$@" --ignore-eos --device cuda --percent $pol --cpu-cache-compute $cc $split --offload-dir /tmp/flexgen-check > /tmp/gpu.txt 2> /tmp/gpu.err; then
+          echo "FAIL $name [$pol cpu-attention $cc $split]: CUDA executor"; tail -3 /tmp/gpu.err; fail=1; continue
+        fi
+        if ! cmp -s /tmp/ref.txt /tmp/gpu.txt; then
+          echo "DIFF $name [$pol cpu-attention $cc $split]"; diff /tmp/ref.txt /tmp/gpu.txt | head -6; fail=1
         fi
       done
     done

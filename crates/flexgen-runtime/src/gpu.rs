@@ -14,7 +14,13 @@
 //!
 //! The KV cache is preallocated for the whole sequence (prompt + new tokens) per layer and GPU
 //! batch, written in place by the fused q/k/v split; attention reads it with strided GEMMs in
-//! prefill and with one kernel per (sequence, head) in decode. The next tokens are chosen on the
+//! prefill and with one kernel per (sequence, head) in decode. The cache's shares split each
+//! (layer, batch) by (sequence, head) rows: the first rows live on the GPU, the rest in pinned
+//! CPU memory. For CPU rows, with `cpu_cache_compute` the decode attention runs on the CPU cores
+//! (only q, the new k and v, and the output cross PCIe); without it the rows' cache is copied to
+//! a GPU working area for the step and the new position copied back. Prefill attention always
+//! runs on the GPU. Activations live whole on the GPU or in pinned CPU memory (then each GPU
+//! batch's hidden state is copied in before and out after every layer). The next tokens are chosen on the
 //! GPU (argmax), so one sync and a few bytes cross to the host per step.
 //!
 //! Everything the run needs on the GPU is counted before anything is allocated; a policy that
@@ -27,7 +33,7 @@ use std::time::Instant;
 use cudarc::driver::CudaEvent;
 use flexgen_model::{LayerLayout, Model};
 use flexgen_policy::{Policy, PositionKind, Tier};
-use flexgen_tensor::cuda::exec::{AttnDims, Gemm, addr, at};
+use flexgen_tensor::cuda::exec::{AttnDims, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d};
 use flexgen_tensor::cuda::{
     CudaError, CudaSlice, CudaStream, Gpu, GpuTensor, HostMem, PinnedHostSlice,
 };
@@ -129,6 +135,12 @@ pub struct GpuGenerator<'m> {
     /// the rest is on disk.
     g_end: usize,
     c_end: usize,
+    /// (sequence, head) rows of each (layer, batch) cache on the GPU; the rest are on the CPU.
+    gpu_rows: usize,
+    /// Decode attention of the CPU rows runs on the CPU.
+    cpu_attention: bool,
+    /// Hidden states between layers live on the GPU (else in pinned CPU memory).
+    act_on_gpu: bool,
     embed: GpuTensor,
     pos_embed: Option<GpuTensor>,
     final_norm: (GpuTensor, GpuTensor),
@@ -185,8 +197,18 @@ struct RunBuffers {
     f1: CudaSlice<f16>,
     last: CudaSlice<f16>,
     logits: CudaSlice<f16>,
-    /// `[layer][batch]` → (k, v), each `[b, nkv, cap, hd]`.
+    /// `[layer][batch]` → (k, v) of the GPU rows, each `[gpu_rows, cap, hd]`.
     kv: Vec<Vec<(CudaSlice<f16>, CudaSlice<f16>)>>,
+    /// `[layer][batch]` → (k, v) of the CPU rows, each `[rows − gpu_rows, cap, hd]`, pinned.
+    kv_cpu: Vec<Vec<(HostMem, HostMem)>>,
+    /// k and v of the CPU rows on the GPU: the new positions (CPU attention, `[cpu_rows, t, hd]`)
+    /// or the whole working cache of one (layer, batch) (`[cpu_rows, cap, hd]`).
+    kn: CudaSlice<f16>,
+    vn: CudaSlice<f16>,
+    /// Hidden states of each GPU batch when activations live on the CPU (`[b·t, h]`, pinned).
+    x_host: Vec<HostMem>,
+    /// Pinned staging of CPU attention: q, new k, new v, output (`[cpu_rows, hd]` each).
+    cpu_att: Vec<HostMem>,
     ids: Vec<CudaSlice<u32>>,
     pos: Vec<CudaSlice<u32>>,
     start: Vec<CudaSlice<i32>>,
@@ -205,22 +227,43 @@ impl<'m> GpuGenerator<'m> {
         let started = Instant::now();
         policy.validate()?;
         let p = &policy.placement;
-        if p.kv_cache.single_tier() != Some(Tier::Gpu)
-            || p.activations.single_tier() != Some(Tier::Gpu)
-            || policy.compress_weight.enabled
-            || policy.compress_cache.enabled
-        {
-            return Err(Error::Config {
-                field: "placement",
-                message: format!(
-                    "the CUDA executor runs weights on any tiers with the KV cache and activations \
-                     on the GPU, uncompressed (e.g. --percent 0 100 100 0 100 0); {:?} needs the \
-                     CPU executor (--device cpu) for now",
-                    p.to_percent()
-                ),
-            });
+        let refuse = |field: &'static str, what: &str| Error::Config {
+            field,
+            message: format!(
+                "the CUDA executor does not run {what} yet; {:?} with this setting needs the CPU \
+                 executor (--device cpu)",
+                p.to_percent()
+            ),
+        };
+        if p.kv_cache.disk > 0.0 {
+            return Err(refuse("placement.kv_cache.disk", "a KV cache on disk"));
+        }
+        let act_on_gpu = match p.activations.single_tier() {
+            Some(Tier::Gpu) => true,
+            Some(Tier::Cpu) => false,
+            _ => {
+                return Err(refuse(
+                    "placement.activations",
+                    "activations split across tiers or on disk (give them one tier, GPU or CPU)",
+                ));
+            }
+        };
+        if policy.compress_weight.enabled || policy.compress_cache.enabled {
+            return Err(refuse("compress_weight", "4-bit compression"));
         }
         let spec = &model.spec;
+        if spec.num_kv_heads != spec.num_heads {
+            return Err(refuse("model", "grouped-query attention"));
+        }
+        let rows = (policy.gpu_batch_size * spec.num_kv_heads) as usize;
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "0 ≤ share·rows ≤ rows"
+        )]
+        let gpu_rows = ((rows as f64 * p.kv_cache.gpu / 100.0).round() as usize).min(rows);
+        let cpu_attention = policy.cpu_cache_compute && gpu_rows < rows;
         let layout = LayerLayout::new(spec)?;
         let n_layers = spec.num_layers as usize;
         if matches!(source, LayerSource::Loaded) && model.weights.layers.len() != n_layers {
@@ -252,7 +295,28 @@ impl<'m> GpuGenerator<'m> {
         // which the load stream writes only between `freed` and `loaded` events.
         unsafe { gpu.ctx.disable_event_tracking() };
         let load = gpu.ctx.new_stream().map_err(drv)?;
-        let bytes = Self::plan_bytes(model, &policy, &layout, g_end, capacity);
+        let bytes = Self::plan_bytes(model, &policy, &layout, g_end, gpu_rows, capacity);
+        let host =
+            Self::plan_host_bytes(model, &policy, &layout, (g_end, c_end), gpu_rows, capacity);
+        if let Some(avail) = mem_available() {
+            let avail = avail.saturating_sub(2 << 30);
+            if host > avail {
+                #[expect(clippy::cast_precision_loss, reason = "a report")]
+                let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+                return Err(Error::Config {
+                    field: "placement",
+                    message: format!(
+                        "the CPU tier cannot hold this run: weights, KV cache and activations \
+                         placed on the CPU need {:.2} GiB but {:.2} GiB of memory are available \
+                         (MemAvailable less 2 GiB), {:.2} GiB short. Lower the CPU shares \
+                         (placement.*.cpu), gpu_batch_size or num_gpu_batches.",
+                        gib(host),
+                        gib(avail),
+                        gib(host - avail)
+                    ),
+                });
+            }
+        }
         let available = if let Some(l) = capacity.gpu_limit {
             l
         } else {
@@ -284,6 +348,9 @@ impl<'m> GpuGenerator<'m> {
             layout,
             g_end,
             c_end,
+            gpu_rows,
+            cpu_attention,
+            act_on_gpu,
             embed,
             pos_embed,
             final_norm,
@@ -336,6 +403,7 @@ impl<'m> GpuGenerator<'m> {
         policy: &Policy,
         layout: &LayerLayout,
         g_end: usize,
+        gpu_rows: usize,
         c: GpuCapacity,
     ) -> GpuBytes {
         let s = &model.spec;
@@ -345,27 +413,66 @@ impl<'m> GpuGenerator<'m> {
             u64::from(s.ffn_size),
             u64::from(s.vocab_size),
         );
-        let kvw = u64::from(s.num_kv_heads * s.head_dim());
+        let hd = u64::from(s.head_dim());
+        let kvw = u64::from(s.num_kv_heads) * hd;
         let layers = u64::from(s.num_layers);
         let (b, k) = (u64::from(policy.gpu_batch_size), u64::from(policy.num_gpu_batches));
         let t = c.max_prompt as u64;
         let cap = (c.max_prompt + c.max_new) as u64;
         let rows = b * t;
+        let cpu_rows = b * u64::from(s.num_kv_heads) - gpu_rows as u64;
+        let act_on_gpu = policy.placement.activations.single_tier() == Some(Tier::Gpu);
         let staging = if g_end < layout.len { 2 * layout.bytes() as u64 } else { 0 };
         let tables = 2 * (model.spec.embedding_params());
+        let new_kv = if cpu_rows == 0 {
+            0
+        } else if policy.cpu_cache_compute {
+            2 * cpu_rows * t * hd
+        } else {
+            2 * cpu_rows * cap * hd
+        };
         let scratch = rows * h * 4 // hn, q, ctx, att
             + rows * (h + 2 * kvw)
             + b * nh * t * t
             + rows * ffn
             + b * h
-            + b * v;
+            + b * v
+            + new_kv;
         GpuBytes {
             weights: layers * g_end as u64 * 2,
             staging,
             tables,
-            cache: layers * k * 2 * b * kvw * cap * 2,
-            activations: 2 * (k * rows * h + scratch),
+            cache: layers * k * 2 * gpu_rows as u64 * cap * hd * 2,
+            activations: 2 * (if act_on_gpu { k } else { 1 } * rows * h + scratch),
         }
+    }
+
+    /// The CPU bytes a run of this policy holds: weights, the CPU rows of the cache,
+    /// activations, the disk reader's ring.
+    fn plan_host_bytes(
+        model: &Model,
+        policy: &Policy,
+        layout: &LayerLayout,
+        (g_end, c_end): (usize, usize),
+        gpu_rows: usize,
+        c: GpuCapacity,
+    ) -> u64 {
+        let s = &model.spec;
+        let layers = u64::from(s.num_layers);
+        let (b, k) = (u64::from(policy.gpu_batch_size), u64::from(policy.num_gpu_batches));
+        let hd = u64::from(s.head_dim());
+        let cap = (c.max_prompt + c.max_new) as u64;
+        let cpu_rows = b * u64::from(s.num_kv_heads) - gpu_rows as u64;
+        let weights = layers * (c_end - g_end) as u64 * 2;
+        let cache = layers * k * 2 * cpu_rows * cap * hd * 2;
+        let act = if policy.placement.activations.single_tier() == Some(Tier::Gpu) {
+            0
+        } else {
+            k * b * c.max_prompt as u64 * u64::from(s.hidden_size) * 2
+        };
+        let ring =
+            if c_end < layout.len { 3 * align_up((layout.len - c_end) * 2) as u64 } else { 0 };
+        weights + cache + act + ring
     }
 
     /// Fills `out` with elements `range` of layer `j`'s arena.
@@ -602,16 +709,36 @@ impl<'m> GpuGenerator<'m> {
         let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
         let cap = self.capacity.max_prompt + self.capacity.max_new;
         let rows = b * t;
+        let cpu_rows = b * nkv - self.gpu_rows;
         let st = &self.gpu.stream;
         // SAFETY: every buffer is written by a kernel or copy before it is read.
         let f = |n: usize| unsafe { st.alloc::<f16>(n.max(1)) }.map_err(drv);
+        let gr = self.gpu_rows;
         let kv = (0..s.num_layers)
-            .map(|_| (0..k).map(|_| Ok((f(b * nkv * cap * hd)?, f(b * nkv * cap * hd)?))).collect())
+            .map(|_| (0..k).map(|_| Ok((f(gr * cap * hd)?, f(gr * cap * hd)?))).collect())
             .collect::<Result<Vec<Vec<_>>>>()?;
+        let pinned = |n: usize| -> Result<HostMem> {
+            let mut m = HostMem::new_f16(n.max(1)).map_err(cuda)?;
+            m.pin(&self.gpu.ctx).map_err(cuda)?;
+            Ok(m)
+        };
+        let kv_cpu = if cpu_rows > 0 {
+            (0..s.num_layers)
+                .map(|_| {
+                    (0..k)
+                        .map(|_| Ok((pinned(cpu_rows * cap * hd)?, pinned(cpu_rows * cap * hd)?)))
+                        .collect()
+                })
+                .collect::<Result<Vec<Vec<_>>>>()?
+        } else {
+            Vec::new()
+        };
+        let ncap = if self.cpu_attention { t } else { cap };
+        let x_count = if self.act_on_gpu { k } else { 1 };
         // SAFETY: as above.
         let u = |n: usize| unsafe { st.alloc::<u32>(n.max(1)) }.map_err(drv);
         Ok(RunBuffers {
-            x: (0..k).map(|_| f(rows * h)).collect::<Result<_>>()?,
+            x: (0..x_count).map(|_| f(rows * h)).collect::<Result<_>>()?,
             hn: f(rows * h)?,
             qkv: f(rows * (h + 2 * nkv * hd))?,
             q: f(rows * h)?,
@@ -622,6 +749,19 @@ impl<'m> GpuGenerator<'m> {
             last: f(b * h)?,
             logits: f(b * s.vocab_size as usize)?,
             kv,
+            kv_cpu,
+            kn: f(cpu_rows * ncap * hd)?,
+            vn: f(cpu_rows * ncap * hd)?,
+            x_host: if self.act_on_gpu {
+                Vec::new()
+            } else {
+                (0..k).map(|_| pinned(rows * h)).collect::<Result<_>>()?
+            },
+            cpu_att: if self.cpu_attention {
+                (0..4).map(|_| pinned(cpu_rows * hd)).collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            },
             ids: (0..k).map(|_| u(rows)).collect::<Result<_>>()?,
             pos: (0..k).map(|_| u(rows)).collect::<Result<_>>()?,
             // SAFETY: as above.
@@ -708,42 +848,141 @@ impl<'m> GpuGenerator<'m> {
         Ok(dst)
     }
 
-    /// One layer for one GPU batch: `x` (`[b·t, h]`) is updated in place; k and v of the new
-    /// positions go to the cache.
+    /// The GPU address of GPU batch `kb`'s hidden state, copied in from the CPU first when
+    /// activations live there.
+    fn hidden_in(&self, buf: &RunBuffers, kb: usize, n: usize) -> Result<u64> {
+        if self.act_on_gpu {
+            return Ok(addr(&buf.x[kb]));
+        }
+        htod(&self.gpu.stream, addr(&buf.x[0]), &buf.x_host[kb].as_f16()[..n])?;
+        Ok(addr(&buf.x[0]))
+    }
+
+    /// Copies GPU batch `kb`'s hidden state back to the CPU when activations live there.
+    fn hidden_out(&self, buf: &RunBuffers, kb: usize, n: usize) -> Result<()> {
+        if self.act_on_gpu {
+            return Ok(());
+        }
+        let dst = buf.x_host[kb].ptr();
+        // SAFETY: pinned destination of n values; stream-ordered before its next use.
+        unsafe {
+            copy_2d(
+                &self.gpu.stream,
+                Mem::Device(addr(&buf.x[0])),
+                Mem::Host(dst.cast_const().cast()),
+                Copy2d { width: n * 2, height: 1, src_pitch: n * 2, dst_pitch: n * 2 },
+            )
+        }
+        .map_err(cuda)
+    }
+
+    /// One layer for one GPU batch `kb` (`b` sequences of `t` new positions after `past`): its
+    /// hidden state is updated in place; k and v of the new positions go to the cache.
     #[expect(clippy::too_many_arguments, reason = "one layer's inputs")]
     fn layer(
         &self,
         w: u64,
-        x: u64,
-        kv: &(CudaSlice<f16>, CudaSlice<f16>),
-        start: u64,
+        j: usize,
+        kb: usize,
         buf: &RunBuffers,
+        starts: &[i32],
         b: usize,
         t: usize,
         past: usize,
     ) -> Result<()> {
         let l = &self.layout;
         let g = &self.gpu;
+        let st = &g.stream;
         let (h, nh, nkv, hd) = self.dims();
         let eps = self.eps();
         let rows = b * t;
         let cap = self.capacity.max_prompt + self.capacity.max_new;
         let d = AttnDims { b, t, nh, nkv, hd, cap, past };
+        let (gr, all_rows) = (self.gpu_rows, b * nkv);
+        let cpu_rows = all_rows - gr;
         let (hn, qkv, q, att) = (addr(&buf.hn), addr(&buf.qkv), addr(&buf.q), addr(&buf.att));
+        let start = addr(&buf.start[kb]);
+        let (kn, vn) = (addr(&buf.kn), addr(&buf.vn));
         let wq = |r: &std::ops::Range<usize>| at(w, r.start);
+        let x = self.hidden_in(buf, kb, rows * h)?;
+        let row_bytes = cap * hd * 2;
+        // Without CPU attention the CPU rows attend on the GPU: bring their past positions in.
+        if cpu_rows > 0 && !self.cpu_attention && past > 0 {
+            for (src, dst) in [(&buf.kv_cpu[j][kb].0, kn), (&buf.kv_cpu[j][kb].1, vn)] {
+                // SAFETY: pinned source rows of `cap` positions; the working cache has as many.
+                unsafe {
+                    copy_2d(
+                        st,
+                        Mem::Host(src.as_f16().as_ptr().cast()),
+                        Mem::Device(dst),
+                        Copy2d {
+                            width: past * hd * 2,
+                            height: cpu_rows,
+                            src_pitch: row_bytes,
+                            dst_pitch: row_bytes,
+                        },
+                    )
+                }
+                .map_err(cuda)?;
+            }
+        }
         g.layer_norm_raw(x, wq(&l.attn_norm_w), wq(&l.attn_norm_b), hn, rows, h, eps)
             .map_err(cuda)?;
         g.gemm(&Gemm::linear(rows, h + 2 * nkv * hd, h, hn, wq(&l.qkv_w), qkv, false))
             .map_err(cuda)?;
         #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "1/√hd")]
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (kc, vc) = (addr(&kv.0), addr(&kv.1));
-        g.qkv_split(qkv, wq(&l.qkv_b), q, kc, vc, d, scale).map_err(cuda)?;
-        if t == 1 {
-            g.attention_decode(q, kc, vc, start, att, d).map_err(cuda)?;
-        } else {
-            g.attention_prefill(q, kc, vc, start, addr(&buf.scores), addr(&buf.ctx), att, d)
+        let (kc, vc) = (addr(&buf.kv[j][kb].0), addr(&buf.kv[j][kb].1));
+        // Where the CPU rows' new k/v go on the GPU, and that buffer's positions per row.
+        let (ncap, npast) = if self.cpu_attention { (t, 0) } else { (cap, past) };
+        let new = NewKv { gpu_rows: gr, k: kn, v: vn, cap: ncap, past: npast };
+        g.qkv_split(qkv, wq(&l.qkv_b), q, kc, vc, new, d, scale).map_err(cuda)?;
+        if t > 1 {
+            g.attention_prefill(q, kc, vc, cap, start, addr(&buf.scores), addr(&buf.ctx), d, 0..gr)
                 .map_err(cuda)?;
+            g.attention_prefill(
+                q,
+                kn,
+                vn,
+                ncap,
+                start,
+                addr(&buf.scores),
+                addr(&buf.ctx),
+                d,
+                gr..all_rows,
+            )
+            .map_err(cuda)?;
+            g.merge_heads_raw(addr(&buf.ctx), att, d).map_err(cuda)?;
+        } else {
+            g.attention_decode(q, kc, vc, cap, start, att, d, 0..gr).map_err(cuda)?;
+            if cpu_rows > 0 && !self.cpu_attention {
+                g.attention_decode(q, kn, vn, cap, start, att, d, gr..all_rows).map_err(cuda)?;
+            }
+        }
+        if cpu_rows > 0 {
+            if self.cpu_attention && t == 1 {
+                self.cpu_attention_step(buf, j, kb, starts, past)?;
+            } else {
+                // Store the new positions of the CPU rows into their CPU cache.
+                for (src, dst) in [(kn, &buf.kv_cpu[j][kb].0), (vn, &buf.kv_cpu[j][kb].1)] {
+                    let dst = dst.as_f16()[npast.max(past) * hd..].as_ptr();
+                    // SAFETY: rows of `cap` positions in pinned memory; t positions from `past`.
+                    unsafe {
+                        copy_2d(
+                            st,
+                            Mem::Device(at(src, npast * hd)),
+                            Mem::Host(dst.cast()),
+                            Copy2d {
+                                width: t * hd * 2,
+                                height: cpu_rows,
+                                src_pitch: ncap * hd * 2,
+                                dst_pitch: row_bytes,
+                            },
+                        )
+                    }
+                    .map_err(cuda)?;
+                }
+            }
         }
         g.gemm(&Gemm::linear(rows, h, h, att, wq(&l.o_w), x, true)).map_err(cuda)?;
         g.bias_act_raw(x, wq(&l.o_b), rows, h, false).map_err(cuda)?;
@@ -755,7 +994,117 @@ impl<'m> GpuGenerator<'m> {
         g.bias_act_raw(f1, wq(&l.fc1_b), rows, f, true).map_err(cuda)?;
         g.gemm(&Gemm::linear(rows, h, f, f1, wq(&l.fc2_w), x, true)).map_err(cuda)?;
         g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false).map_err(cuda)?;
-        Ok(())
+        self.hidden_out(buf, kb, rows * h)
+    }
+
+    /// Decode attention of the CPU rows on the CPU: q and the new k/v of those rows come to
+    /// pinned memory, the new position is appended to the CPU cache, every core computes the
+    /// rows' attention over the cache in place (fp16 values, fp32 arithmetic), and the output
+    /// goes back into `att`. Only `4 · rows · hd` values cross PCIe.
+    fn cpu_attention_step(
+        &self,
+        buf: &RunBuffers,
+        j: usize,
+        kb: usize,
+        starts: &[i32],
+        past: usize,
+    ) -> Result<()> {
+        let (_, nh, nkv, hd) = self.dims();
+        let gr = self.gpu_rows;
+        let b = self.policy.gpu_batch_size as usize;
+        let cpu_rows = b * nkv - gr;
+        let cap = self.capacity.max_prompt + self.capacity.max_new;
+        let st = &self.gpu.stream;
+        let n = cpu_rows * hd;
+        let [qh, kh, vh, oh] = [0, 1, 2, 3].map(|i| buf.cpu_att[i].ptr());
+        for (src, dst) in
+            [(at(addr(&buf.q), gr * hd), qh), (addr(&buf.kn), kh), (addr(&buf.vn), vh)]
+        {
+            // SAFETY: n contiguous values into pinned staging of n.
+            unsafe {
+                copy_2d(
+                    st,
+                    Mem::Device(src),
+                    Mem::Host(dst.cast()),
+                    Copy2d { width: n * 2, height: 1, src_pitch: n * 2, dst_pitch: n * 2 },
+                )
+            }
+            .map_err(cuda)?;
+        }
+        st.synchronize().map_err(drv)?;
+        let (kc, vc) = (&buf.kv_cpu[j][kb].0, &buf.kv_cpu[j][kb].1);
+        // SAFETY: the stream is idle (synchronized above), so no copy touches these pinned
+        // buffers while the cores read and write them; no other reference to them is live, and
+        // the rows are split disjointly among the threads below.
+        let (q, k_new, v_new, out, kcache, vcache) = unsafe {
+            (
+                std::slice::from_raw_parts(qh.cast_const(), n),
+                std::slice::from_raw_parts(kh.cast_const(), n),
+                std::slice::from_raw_parts(vh.cast_const(), n),
+                std::slice::from_raw_parts_mut(oh, n),
+                std::slice::from_raw_parts_mut(kc.ptr(), cpu_rows * cap * hd),
+                std::slice::from_raw_parts_mut(vc.ptr(), cpu_rows * cap * hd),
+            )
+        };
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let per = cpu_rows.div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let rows = out
+                .chunks_mut(per * hd)
+                .zip(kcache.chunks_mut(per * cap * hd))
+                .zip(vcache.chunks_mut(per * cap * hd))
+                .enumerate();
+            for (c, ((o, kr), vr)) in rows {
+                s.spawn(move || {
+                    let mut scores = vec![0f32; past + 1];
+                    for i in 0..o.len() / hd {
+                        let r = c * per + i; // CPU row index
+                        let seq = (gr + r) / nh;
+                        let lo = usize::try_from(starts[seq]).unwrap_or(0);
+                        let (kr, vr) = (
+                            &mut kr[i * cap * hd..(i + 1) * cap * hd],
+                            &mut vr[i * cap * hd..(i + 1) * cap * hd],
+                        );
+                        kr[past * hd..(past + 1) * hd]
+                            .copy_from_slice(&k_new[r * hd..(r + 1) * hd]);
+                        vr[past * hd..(past + 1) * hd]
+                            .copy_from_slice(&v_new[r * hd..(r + 1) * hd]);
+                        let qv: Vec<f32> =
+                            q[r * hd..(r + 1) * hd].iter().map(|x| x.to_f32()).collect();
+                        let mut m = f32::NEG_INFINITY;
+                        for p in lo..=past {
+                            let kp = &kr[p * hd..(p + 1) * hd];
+                            let sc: f32 = qv.iter().zip(kp).map(|(a, b)| a * b.to_f32()).sum();
+                            scores[p] = sc;
+                            m = m.max(sc);
+                        }
+                        let mut sum = 0f32;
+                        let mut acc = vec![0f32; hd];
+                        for p in lo..=past {
+                            let e = (scores[p] - m).exp();
+                            sum += e;
+                            for (a, v) in acc.iter_mut().zip(&vr[p * hd..(p + 1) * hd]) {
+                                *a += e * v.to_f32();
+                            }
+                        }
+                        for (dst, a) in o[i * hd..(i + 1) * hd].iter_mut().zip(&acc) {
+                            *dst = f16::from_f32(a / sum);
+                        }
+                    }
+                });
+            }
+        });
+        htod(st, at(addr(&buf.att), gr * hd), &out[..])
+    }
+
+    /// Embeds GPU batch `kb`'s `n` input tokens into its hidden state.
+    fn embed_batch(&self, buf: &RunBuffers, kb: usize, n: usize) -> Result<()> {
+        let h = self.dims().0;
+        let pos_table = self.pos_embed.as_ref().map(|p| addr(&p.data));
+        let x = addr(&buf.x[if self.act_on_gpu { kb } else { 0 }]);
+        let (ids, pos, tok) = (addr(&buf.ids[kb]), addr(&buf.pos[kb]), addr(&self.embed.data));
+        self.gpu.embed_raw(ids, pos, tok, pos_table, x, n, h).map_err(cuda)?;
+        self.hidden_out(buf, kb, n * h)
     }
 
     /// Final norm, LM head and argmax of GPU batch `kb`'s last positions (`x` holds `b·t` rows):
@@ -771,10 +1120,11 @@ impl<'m> GpuGenerator<'m> {
         let g = &self.gpu;
         let (h, ..) = self.dims();
         let vocab = self.model.spec.vocab_size as usize;
+        let x = self.hidden_in(buf, kb, b * t * h)?;
         let xs = if t == 1 {
-            addr(&buf.x[kb])
+            x
         } else {
-            g.last_rows(addr(&buf.x[kb]), addr(&buf.last), b, t, h).map_err(cuda)?;
+            g.last_rows(x, addr(&buf.last), b, t, h).map_err(cuda)?;
             addr(&buf.last)
         };
         let (nw, nb) = (addr(&self.final_norm.0.data), addr(&self.final_norm.1.data));
@@ -799,7 +1149,7 @@ impl<'m> GpuGenerator<'m> {
     /// timings, as the original's warm-up generation does. The cache positions it writes are
     /// overwritten by the real prefill.
     fn warm_up(&self, buf: &RunBuffers, t: usize) -> Result<()> {
-        let (b, h) = (self.policy.gpu_batch_size as usize, self.dims().0);
+        let b = self.policy.gpu_batch_size as usize;
         let st = &self.gpu.stream;
         let w = if self.g_end == self.layout.len {
             self.layer_weights(0, 0)?
@@ -818,19 +1168,8 @@ impl<'m> GpuGenerator<'m> {
         htod(st, addr(&buf.start[0]), &starts)?;
         let mut out = vec![0u32; b];
         for (tt, past) in [(t, 0), (1, t)] {
-            let embed = self.pos_embed.as_ref().map(|p| addr(&p.data));
-            self.gpu
-                .embed_raw(
-                    addr(&buf.ids[0]),
-                    addr(&buf.pos[0]),
-                    addr(&self.embed.data),
-                    embed,
-                    addr(&buf.x[0]),
-                    b * tt,
-                    h,
-                )
-                .map_err(cuda)?;
-            self.layer(w, addr(&buf.x[0]), &buf.kv[0][0], addr(&buf.start[0]), buf, b, tt, past)?;
+            self.embed_batch(buf, 0, b * tt)?;
+            self.layer(w, 0, 0, buf, &starts, b, tt, past)?;
             self.next_tokens(buf, 0, b, tt, &mut out)?;
         }
         self.freed[0].record(st).map_err(drv)?;
@@ -913,7 +1252,6 @@ impl<'m> GpuGenerator<'m> {
             PositionKind::Rope { .. } => 0,
         };
         let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
-        let h = spec.hidden_size as usize;
         let n_layers = self.layers.len();
         let st = &self.gpu.stream;
         let offloaded = self.g_end < self.layout.len;
@@ -922,6 +1260,7 @@ impl<'m> GpuGenerator<'m> {
         let t = block.iter().map(|&i| prompts[i].len()).max().unwrap_or(1);
         let mut members: Vec<Vec<Option<usize>>> = Vec::with_capacity(k);
         let mut real: Vec<Vec<u32>> = Vec::with_capacity(k);
+        let mut starts_host: Vec<Vec<i32>> = Vec::with_capacity(k);
         for kb in 0..k {
             let m: Vec<Option<usize>> = (0..b).map(|r| block.get(kb * b + r).copied()).collect();
             let mut ids = Vec::with_capacity(b * t);
@@ -946,6 +1285,7 @@ impl<'m> GpuGenerator<'m> {
             htod(st, addr(&buf.ids[kb]), &ids)?;
             htod(st, addr(&buf.pos[kb]), &pos)?;
             htod(st, addr(&buf.start[kb]), &starts)?;
+            starts_host.push(starts);
             members.push(m);
             real.push(counts);
         }
@@ -962,18 +1302,13 @@ impl<'m> GpuGenerator<'m> {
             let started = Instant::now();
             let (tt, past) = if step == 0 { (t, 0) } else { (1, t + step - 1) };
             for kb in 0..k {
-                let pos_table = self.pos_embed.as_ref().map(|p| addr(&p.data));
-                let (ids, pos, x) = (addr(&buf.ids[kb]), addr(&buf.pos[kb]), addr(&buf.x[kb]));
-                self.gpu
-                    .embed_raw(ids, pos, addr(&self.embed.data), pos_table, x, b * tt, h)
-                    .map_err(cuda)?;
+                self.embed_batch(buf, kb, b * tt)?;
             }
             for j in 0..n_layers {
                 let slot = pass % 2;
                 let w = self.layer_weights(j, slot)?;
-                for kb in 0..k {
-                    let (x, start) = (addr(&buf.x[kb]), addr(&buf.start[kb]));
-                    self.layer(w, x, &buf.kv[j][kb], start, buf, b, tt, past)?;
+                for (kb, starts) in starts_host.iter().enumerate() {
+                    self.layer(w, j, kb, buf, starts, b, tt, past)?;
                 }
                 if offloaded {
                     self.freed[slot].record(st).map_err(drv)?;
@@ -1066,6 +1401,14 @@ impl Reader {
         });
         Self { filled, free }
     }
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where it cannot be read).
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Copies pageable `src` to `dst` in stream order (the call returns once `src` has been staged,

@@ -32,6 +32,76 @@ pub struct AttnDims {
     pub past: usize,
 }
 
+/// Where `qkv_split` puts k and v of the (sequence, head) rows past `gpu_rows`: `[rows −
+/// gpu_rows, cap, hd]` buffers at position `past` (for rows whose cache lives off the GPU).
+#[derive(Debug, Clone, Copy)]
+pub struct NewKv {
+    pub gpu_rows: usize,
+    pub k: u64,
+    pub v: u64,
+    pub cap: usize,
+    pub past: usize,
+}
+
+/// A 2-D copy: `height` rows of `width` bytes, `src_pitch`/`dst_pitch` bytes apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Copy2d {
+    pub width: usize,
+    pub height: usize,
+    pub src_pitch: usize,
+    pub dst_pitch: usize,
+}
+
+/// Where a 2-D copy reads or writes.
+#[derive(Debug, Clone, Copy)]
+pub enum Mem {
+    Device(u64),
+    Host(*const u8),
+}
+
+/// Issues a 2-D copy on `stream` (device or host at each end).
+///
+/// # Safety
+/// Both regions must be valid for the copy's rows and stay so until it completes; host memory
+/// should be pinned for the copy to be asynchronous.
+pub unsafe fn copy_2d(
+    stream: &super::CudaStream,
+    src: Mem,
+    dst: Mem,
+    c: Copy2d,
+) -> Result<(), CudaError> {
+    use cudarc::driver::sys::{CUDA_MEMCPY2D, CUmemorytype};
+    let (src_type, src_host, src_device) = match src {
+        Mem::Device(a) => (CUmemorytype::CU_MEMORYTYPE_DEVICE, std::ptr::null(), a),
+        Mem::Host(h) => (CUmemorytype::CU_MEMORYTYPE_HOST, h.cast(), 0),
+    };
+    let (dst_type, dst_host, dst_device) = match dst {
+        Mem::Device(a) => (CUmemorytype::CU_MEMORYTYPE_DEVICE, std::ptr::null_mut(), a),
+        Mem::Host(h) => (CUmemorytype::CU_MEMORYTYPE_HOST, h.cast_mut().cast(), 0),
+    };
+    let p = CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: src_type,
+        srcHost: src_host,
+        srcDevice: src_device,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: c.src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: dst_type,
+        dstHost: dst_host,
+        dstDevice: dst_device,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: c.dst_pitch,
+        WidthInBytes: c.width,
+        Height: c.height,
+    };
+    // SAFETY: the caller guarantees the regions (see above).
+    unsafe { cudarc::driver::sys::cuMemcpy2DAsync_v2(&raw const p, stream.cu_stream()).result()? };
+    Ok(())
+}
+
 /// One row-major fp16 GEMM (batched when `batch` > 1): `c[m, n] = a[m, k] · op(b) + beta·c`,
 /// where `b` is `[n, k]` used transposed (`b_t`) or `[k, n]`; `ld*` are row strides and
 /// `s*` the strides between batch entries, in elements.
@@ -207,7 +277,9 @@ impl Gpu {
     }
 
     /// Splits the fused q/k/v GEMM output `y [b·t, h + 2·kv]` (adding `bias`): q·`scale` to
-    /// `q [b, nh, t, hd]`, k and v to positions `past..past + t` of the caches `[b, nkv, cap, hd]`.
+    /// `q [b, nh, t, hd]`; k and v of the first `new.gpu_rows` (sequence, head) rows to positions
+    /// `past..past + t` of the caches `[gpu_rows, cap, hd]`, of the other rows to positions
+    /// `new.past..new.past + t` of `new.k`/`new.v` (`[rows − gpu_rows, new.cap, hd]`).
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
     pub fn qkv_split(
         &self,
@@ -216,41 +288,52 @@ impl Gpu {
         q: u64,
         kc: u64,
         vc: u64,
+        new: NewKv,
         d: AttnDims,
         scale: f32,
     ) -> Result<(), CudaError> {
         assert!(d.past + d.t <= d.cap, "the cache holds every position");
+        assert!(new.past + d.t <= new.cap.max(d.t), "the new-row buffer holds every position");
         let (t, nh, nkv, hd, cap, past) =
             (dim(d.t), dim(d.nh), dim(d.nkv), dim(d.hd), dim(d.cap), dim(d.past));
+        let (gr, ncap, npast) = (dim(new.gpu_rows), dim(new.cap), dim(new.past));
         let mut l = self.stream.launch_builder(&self.qkv_split);
-        l.arg(&y).arg(&bias).arg(&q).arg(&kc).arg(&vc);
+        l.arg(&y).arg(&bias).arg(&q).arg(&kc).arg(&vc).arg(&new.k).arg(&new.v);
+        l.arg(&gr).arg(&ncap).arg(&npast);
         l.arg(&t).arg(&nh).arg(&nkv).arg(&hd).arg(&cap).arg(&past).arg(&scale);
-        // SAFETY: one block per row of y; every write lands inside q or the caches (checked).
+        // SAFETY: one block per row of y; every write lands inside q, the caches or the new-row
+        // buffers (positions checked above; the executor sizes the buffers by rows).
         unsafe { l.launch(rows(d.b * d.t))? };
         Ok(())
     }
 
-    /// Attention of `t` new positions per sequence over the cache (prefill): scores by a batched
-    /// GEMM into `scores` (`b·nh·t·(past + t)` values), the causal, left-padding softmax
-    /// (`start[b]` = first real position), the context by a second GEMM into `ctx`
-    /// (`b·nh·t·hd`), then `out [b·t, nh·hd]` with the heads merged.
+    /// Prefill attention of the (sequence, head) rows `rows` over caches laid out
+    /// `[rows.len(), stride, hd]` (relative to `rows.start`) that hold `past + t` positions:
+    /// scores by a batched GEMM into `scores` (`rows.len()·t·(past + t)` values), the causal,
+    /// left-padding softmax (`start[b]` = first real position), the context into
+    /// `ctx [b, nh, t, hd]` at those rows. [`Gpu::merge_heads_raw`] then merges the heads.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one attention")]
     pub fn attention_prefill(
         &self,
         q: u64,
         kc: u64,
         vc: u64,
+        stride: usize,
         start: u64,
         scores: u64,
         ctx: u64,
-        out: u64,
         d: AttnDims,
+        rows_: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
-        assert_eq!(d.nh, d.nkv, "grouped-query attention is not implemented in prefill");
+        assert_eq!(d.nh, d.nkv, "grouped-query attention is not implemented");
         let s = d.past + d.t;
-        let bh = d.b * d.nh;
+        let n = rows_.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let (q, ctx) = (at(q, rows_.start * d.t * d.hd), at(ctx, rows_.start * d.t * d.hd));
         self.gemm(&Gemm {
-            batch: bh,
+            batch: n,
             m: d.t,
             n: s,
             k: d.hd,
@@ -259,20 +342,21 @@ impl Gpu {
             sa: d.t * d.hd,
             b: kc,
             ldb: d.hd,
-            sb: d.cap * d.hd,
+            sb: stride * d.hd,
             b_t: true,
             c: scores,
             ldc: s,
             sc: d.t * s,
             beta: 0.0,
         })?;
-        let (nh, t, cols, past) = (dim(d.nh), dim(d.t), dim(s), dim(d.past));
+        let (nh, t, cols, past, row0) =
+            (dim(d.nh), dim(d.t), dim(s), dim(d.past), dim(rows_.start));
         let mut l = self.stream.launch_builder(&self.causal_softmax);
-        l.arg(&scores).arg(&start).arg(&nh).arg(&t).arg(&cols).arg(&past);
-        // SAFETY: one block per (sequence, head, query) row of s scores.
-        unsafe { l.launch(rows(bh * d.t))? };
+        l.arg(&scores).arg(&start).arg(&nh).arg(&t).arg(&cols).arg(&past).arg(&row0);
+        // SAFETY: one block per (row, query) of s scores.
+        unsafe { l.launch(rows(n * d.t))? };
         self.gemm(&Gemm {
-            batch: bh,
+            batch: n,
             m: d.t,
             n: d.hd,
             k: s,
@@ -281,49 +365,57 @@ impl Gpu {
             sa: d.t * s,
             b: vc,
             ldb: d.hd,
-            sb: d.cap * d.hd,
+            sb: stride * d.hd,
             b_t: false,
             c: ctx,
             ldc: d.hd,
             sc: d.t * d.hd,
             beta: 0.0,
-        })?;
+        })
+    }
+
+    /// `ctx [b, nh, t, hd]` → `out [b·t, nh·hd]`.
+    pub fn merge_heads_raw(&self, ctx: u64, out: u64, d: AttnDims) -> Result<(), CudaError> {
         let (d0, d1, d2, d3) = (dim(d.b), dim(d.nh), dim(d.t), dim(d.hd));
         let mut l = self.stream.launch_builder(&self.swap12);
         l.arg(&ctx).arg(&out).arg(&d0).arg(&d1).arg(&d2).arg(&d3);
         // SAFETY: one block per row of hd values; out has the size of ctx.
-        unsafe { l.launch(rows(bh * d.t))? };
+        unsafe { l.launch(rows(d.b * d.nh * d.t))? };
         Ok(())
     }
 
-    /// Attention of one new position per sequence (decode) over `past + 1` cached positions:
-    /// `q [b, nh, hd]` → `out [b, nh·hd]`.
+    /// Attention of one new position per sequence (decode) for the (sequence, head) rows
+    /// `rows`, over caches `[rows.len(), cap, hd]` (relative to `rows.start`) holding `past + 1`
+    /// positions: `q [b·nh, hd]` → `out [b·nh, hd]` (= `[b, nh·hd]`), at those rows.
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one attention")]
     pub fn attention_decode(
         &self,
         q: u64,
         kc: u64,
         vc: u64,
+        cap: usize,
         start: u64,
         out: u64,
         d: AttnDims,
+        rows_: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
-        assert!(
-            d.t == 1 && d.hd <= 256 && d.nh.is_multiple_of(d.nkv),
-            "one query, head size ≤ 256"
-        );
+        assert!(d.t == 1 && d.hd <= 256 && d.nh == d.nkv, "one query, head size ≤ 256");
+        if rows_.is_empty() {
+            return Ok(());
+        }
         let s = d.past + 1;
         let warps = 4;
         let shared = u32::try_from((s + warps * d.hd) * 4).expect("fits");
         let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(d.b * d.nh).expect("fits"), 1, 1),
+            grid_dim: (u32::try_from(rows_.len()).expect("fits"), 1, 1),
             block_dim: (32 * u32::try_from(warps).expect("4"), 1, 1),
             shared_mem_bytes: shared,
         };
-        let (nh, nkv, hd, cap, si) = (dim(d.nh), dim(d.nkv), dim(d.hd), dim(d.cap), dim(s));
+        let (nh, hd, capi, si, row0) = (dim(d.nh), dim(d.hd), dim(cap), dim(s), dim(rows_.start));
         let mut l = self.stream.launch_builder(&self.decode_attention);
         l.arg(&q).arg(&kc).arg(&vc).arg(&start).arg(&out);
-        l.arg(&nh).arg(&nkv).arg(&hd).arg(&cap).arg(&si);
-        // SAFETY: one block per (sequence, head); reads s ≤ cap positions of its cache rows.
+        l.arg(&nh).arg(&hd).arg(&capi).arg(&si).arg(&row0);
+        // SAFETY: one block per row; reads s ≤ cap positions of its cache row.
         unsafe { l.launch(cfg)? };
         Ok(())
     }

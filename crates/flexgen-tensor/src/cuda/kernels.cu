@@ -120,9 +120,11 @@ extern "C" __global__ void slice_axis1(const half_t* x, half_t* y, int a, int n,
 // ---- Fused operations of the offloading executor ----
 
 // y: the [rows = b·t, h + 2·kv] output of the fused q/k/v GEMM. Adds the bias, writes q·scale to
-// q [b, nh, t, hd], and k and v into the caches [b, nkv, cap, hd] at positions past + (row % t).
-// One block per row.
+// q [b, nh, t, hd], and k and v of (sequence, head) row r = bi·nkv + head: rows r < gpu_rows into
+// the caches [gpu_rows, cap, hd] at position past + (row % t), the other rows into kn/vn
+// [rows − gpu_rows, ncap, hd] at position npast + (row % t). One block per row of y.
 extern "C" __global__ void qkv_split(const half_t* y, const half_t* bias, half_t* q, half_t* kc, half_t* vc,
+                                     half_t* kn, half_t* vn, int gpu_rows, int ncap, int npast,
                                      int t, int nh, int nkv, int hd, int cap, int past, float scale) {
     int row = blockIdx.x, bi = row / t, ti = row % t;
     int h = nh * hd, kv = nkv * hd, w = h + 2 * kv;
@@ -134,21 +136,28 @@ extern "C" __global__ void qkv_split(const half_t* y, const half_t* bias, half_t
             q[(((size_t)bi * nh + hh) * t + ti) * hd + d] = f2h(v * scale);
         } else {
             int c2 = c - h;
-            half_t* dst = kc;
-            if (c2 >= kv) { c2 -= kv; dst = vc; }
+            bool is_v = c2 >= kv;
+            if (is_v) c2 -= kv;
             int hh = c2 / hd, d = c2 % hd;
-            dst[(((size_t)bi * nkv + hh) * cap + past + ti) * hd + d] = f2h(v);
+            int r = bi * nkv + hh;
+            if (r < gpu_rows) {
+                half_t* dst = is_v ? vc : kc;
+                dst[((size_t)r * cap + past + ti) * hd + d] = f2h(v);
+            } else {
+                half_t* dst = is_v ? vn : kn;
+                dst[((size_t)(r - gpu_rows) * ncap + npast + ti) * hd + d] = f2h(v);
+            }
         }
     }
 }
 
-// Softmax in place of scores [b·nh·t, cols] (q already scaled) over the keys query qi of sequence
-// bi may see: start[bi] <= j <= past + qi (left padding and causality). A row that sees no key
-// (a padding query) becomes zeros. One block per row.
-extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, int t, int cols, int past) {
+// Softmax in place of scores [rows·t, cols] (q already scaled) of (sequence, head) rows
+// row0, row0 + 1, …: query qi of sequence bi sees keys start[bi] <= j <= past + qi (left padding
+// and causality). A row that sees no key (a padding query) becomes zeros. One block per row.
+extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, int t, int cols, int past, int row0) {
     __shared__ float sh[32];
     long long row = blockIdx.x;
-    int qi = row % t, bi = row / ((long long)nh * t);
+    int qi = row % t, bi = (row0 + row / t) / nh;
     int lo = start[bi], hi = past + qi;
     half_t* sr = s + row * cols;
     float m = -3.0e38f;
@@ -162,21 +171,22 @@ extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, i
         sr[j] = f2h((j >= lo && j <= hi) ? __expf(h2f(sr[j]) - m) * inv : 0.f);
 }
 
-// Attention of one new token per sequence: q [b, nh, hd] (already scaled), caches [b, nkv, cap, hd]
-// holding s positions, of which sequence bi sees start[bi]..s-1; out [b, nh·hd] (heads merged).
-// One block (a few warps) per (sequence, head); warps take keys in turn, each lane `per`
-// contiguous values of the head. Dynamic shared memory: s + warps·hd floats.
+// Attention of one new token per sequence for (sequence, head) rows row0, row0 + 1, …: q [rows, hd]
+// (already scaled; row r at q + r·hd), caches [rows − row0, cap, hd] (relative to row0) holding s
+// positions, of which sequence bi sees start[bi]..s-1; out row r at out + r·hd (heads merged).
+// One block (a few warps) per row; warps take keys in turn, each lane `per` contiguous values of
+// the head. Dynamic shared memory: s + warps·hd floats.
 #define MAXPER 8
 extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, const half_t* vc, const int* start,
-                                            half_t* out, int nh, int nkv, int hd, int cap, int s) {
+                                            half_t* out, int nh, int hd, int cap, int s, int row0) {
     extern __shared__ float sm[];
     __shared__ float red[32];
-    int bh = blockIdx.x, bi = bh / nh, hh = bh % nh, kvh = hh / (nh / nkv);
+    int bh = row0 + blockIdx.x, bi = bh / nh;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int per = (hd + 31) / 32;
     const half_t* qr = q + (size_t)bh * hd;
-    const half_t* K = kc + ((size_t)bi * nkv + kvh) * cap * hd;
-    const half_t* V = vc + ((size_t)bi * nkv + kvh) * cap * hd;
+    const half_t* K = kc + (size_t)blockIdx.x * cap * hd;
+    const half_t* V = vc + (size_t)blockIdx.x * cap * hd;
     float qv[MAXPER];
 #pragma unroll
     for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; qv[i] = (i < per && d < hd) ? h2f(qr[d]) : 0.f; }

@@ -186,6 +186,12 @@ impl HostMem {
         unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().cast(), self.map.len() / 2) }
     }
 
+    /// The first value's address, for copies and for threads that write disjoint parts while
+    /// no reference to the memory is live.
+    pub fn ptr(&self) -> *mut f16 {
+        self.map.as_ptr().cast_mut().cast()
+    }
+
     /// The whole mapping as bytes, writable (for direct I/O: page-aligned).
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
         &mut self.map[..]
