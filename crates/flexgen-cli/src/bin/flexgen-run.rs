@@ -35,9 +35,13 @@ activations are split across the tiers by the policy's shares, the disk tier is 
 policy whose tiers cannot hold it is refused before anything is allocated. The report gives the
 bytes each tier held and the bytes that crossed between tiers.
 
-With --device cuda the first CUDA executor runs on GPU 0: greedy decoding, weights resident on the
-GPU or in pinned CPU memory by whole layers (copied one layer ahead on a separate stream), KV cache
-and activations on the GPU; other placements are refused with a message.";
+With --device cuda the CUDA executor runs on GPU 0 (greedy decoding, fp16): weights split by the
+same exact shares across GPU, CPU (pinned unless --pin-weight 0) and disk (direct I/O), copied two
+layers ahead on a separate stream; the KV cache split by (sequence, head) rows between GPU and CPU,
+with CPU attention under --cpu-cache-compute; activations on the GPU or the CPU. The report gives
+the memory held per tier, the bytes moved, and each decode step against the PCIe (and disk)
+roofline measured in the same process. A KV cache on disk and 4-bit compression need --device cpu
+for now.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -98,8 +102,8 @@ struct Cli {
     ignore_eos: bool,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Compute device: `cpu` (tiered executor, every policy) or `cuda` (GPU 0; greedy decoding,
-    /// weights split GPU/CPU by layer, KV cache and activations on the GPU).
+    /// Compute device: `cpu` (tiered executor, every policy) or `cuda` (GPU 0; greedy decoding;
+    /// every placement except a KV cache on disk; no compression yet).
     #[arg(long, value_enum, default_value = "cpu", help_heading = "Policy")]
     device: DeviceKind,
     /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.
