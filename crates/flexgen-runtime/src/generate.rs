@@ -57,6 +57,10 @@ pub struct GenerationConfig {
     pub stop_on_eos: bool,
     /// Return the logits that chose each generated token (as Hugging Face's `output_logits`).
     pub output_logits: bool,
+    /// Teacher forcing, for evaluation: per request, the tokens to feed back instead of the
+    /// chosen ones (the chosen tokens and their logits are still reported). Requests or steps
+    /// past its end feed the chosen token.
+    pub forced: Option<Vec<Vec<u32>>>,
 }
 
 impl Default for GenerationConfig {
@@ -67,6 +71,7 @@ impl Default for GenerationConfig {
             stop: Vec::new(),
             stop_on_eos: true,
             output_logits: false,
+            forced: None,
         }
     }
 }
@@ -213,8 +218,12 @@ impl<'m> Generator<'m> {
     pub fn with_budgets(model: &'m Model, policy: Policy, budgets: Budgets) -> Result<Self> {
         policy.validate()?;
         tiers::check(&tiers::required_bytes(model, &policy, &[], 0), &budgets)?;
-        let weights =
-            WeightStore::build(model, &policy.placement.weights, policy.offload_dir.as_deref())?;
+        let weights = WeightStore::build(
+            model,
+            &policy.placement.weights,
+            policy.offload_dir.as_deref(),
+            tiers::quant_spec(&policy.compress_weight),
+        )?;
         Ok(Self { model, policy, device: Device::Cpu, budgets, weights })
     }
 
@@ -410,13 +419,19 @@ impl<'m> Generator<'m> {
                     } else {
                         sampling::choose(row, &config.sampling, &mut s.rng)
                     };
+                    let fed = config
+                        .forced
+                        .as_ref()
+                        .and_then(|f| f.get(s.request)?.get(s.generated.len()).copied())
+                        .filter(|_| s.finish.is_none())
+                        .unwrap_or(token);
                     if s.finish.is_none() {
                         if let Some(l) = &mut s.logits {
                             l.push(row.clone());
                         }
                         self.accept(s, token, config, stats, on_event)?;
                     }
-                    next.push(token);
+                    next.push(fed);
                 }
                 for (row, m) in mb.mask.iter_mut().enumerate() {
                     m.push(true);

@@ -10,6 +10,11 @@
 //!   on the GPU, the next `cpu` percent on the CPU, the rest on disk (cumulative rounding, so the
 //!   counts add up; the original splits the same `batch × heads` axis, in whole sequences).
 //! - Activations live whole on one tier.
+//! - Compression (`compress_weight`, `compress_cache`): weight matrices are quantized once here
+//!   (vectors stay as they are, as in the original) and their packed bytes are what the tiers
+//!   hold and move; the cache's new positions are quantized as they are stored and the rows
+//!   dequantized when gathered, so every tier holds and moves packed bytes. Layout and error
+//!   bound: `flexgen_tensor::quant`, docs/compression.md.
 //!
 //! On the CPU executor the compute device is the CPU and the "GPU" tier is host memory with a
 //! budget; the disk tier is real. Embedding tables and the LM head stay on the compute device.
@@ -18,13 +23,58 @@ use std::path::{Path, PathBuf};
 
 use flexgen_model::layers::Kv;
 use flexgen_model::{LayerWeights, Model};
-use flexgen_policy::{Policy, Tier, TierShares};
+use flexgen_policy::{Compression, Policy, Tier, TierShares};
 use flexgen_tensor::host::{DirectFile, align_up};
+use flexgen_tensor::quant::{self, Packed, QuantSpec};
 use flexgen_tensor::{Device, Tensor};
 
 use crate::{Error, Result};
 
 const TIERS: [Tier; 3] = [Tier::Gpu, Tier::Cpu, Tier::Disk];
+
+/// The quantization a policy's compression setting asks for (`None` when off).
+pub(crate) fn quant_spec(c: &Compression) -> Option<QuantSpec> {
+    c.enabled.then_some(QuantSpec {
+        bits: c.bits,
+        group: c.group_size as usize,
+        dim: c.group_dim as usize,
+    })
+}
+
+/// Bytes of codes and of parameters of a tensor of `shape` packed by `spec`.
+fn packed_len(shape: &[usize], spec: QuantSpec) -> (usize, usize) {
+    let d = spec.dim.min(shape.len().saturating_sub(1));
+    let n = shape.get(d).copied().unwrap_or(1);
+    let lines: usize = shape.iter().product::<usize>() / n.max(1);
+    let groups = lines * n.div_ceil(spec.group);
+    (groups * spec.group * usize::from(spec.bits) / 8, groups * 4)
+}
+
+/// A packed tensor as bytes: codes, then (min, scale) pairs as little-endian fp16.
+fn to_blob(p: &Packed) -> Vec<u8> {
+    let mut out = p.data.clone();
+    out.extend(p.params.iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+/// The inverse of [`to_blob`] for a tensor of `shape`.
+fn from_blob(bytes: &[u8], shape: &[usize], spec: QuantSpec) -> Packed {
+    let (data, params) = packed_len(shape, spec);
+    assert_eq!(bytes.len(), data + params, "a whole packed tensor");
+    let params =
+        bytes[data..].chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+    Packed { shape: shape.to_vec(), spec, data: bytes[..data].to_vec(), params }
+}
+
+/// The f32 tensor a packed one stands for.
+fn unpack(p: &Packed, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(quant::dequantize(p), p.shape.clone(), device)?)
+}
+
+/// Packs `t` by `spec`.
+fn pack(t: &Tensor, spec: QuantSpec) -> Result<Packed> {
+    Ok(quant::quantize(&t.flatten_all()?.to_vec1::<f32>()?, t.dims(), spec))
+}
 
 /// Bytes that crossed between tiers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,14 +150,23 @@ pub(crate) fn required_bytes(
     let mut need = TierBytes::default();
     // Weights: split by elements, identical in each layer.
     let mut largest_off_gpu = 0u64;
+    let wq = quant_spec(&policy.compress_weight);
     for layer in &model.weights.layers {
         let mut off = 0;
         for t in layer.tensors() {
-            let c = split_counts(t.elem_count(), &p.weights);
+            // Quantized matrices are held and moved as packed bytes; the rest as f32.
+            let (units, unit) = match wq {
+                Some(q) if t.rank() >= 2 => {
+                    let (d, p) = packed_len(t.dims(), q);
+                    (d + p, 1)
+                }
+                _ => (t.elem_count(), elem),
+            };
+            let c = split_counts(units, &p.weights);
             for (tier, n) in TIERS.iter().zip(c) {
-                *need.get_mut(*tier) += n as u64 * elem;
+                *need.get_mut(*tier) += n as u64 * unit;
             }
-            off += (c[1] + c[2]) as u64 * elem;
+            off += (c[1] + c[2]) as u64 * unit;
         }
         largest_off_gpu = largest_off_gpu.max(off);
     }
@@ -118,7 +177,15 @@ pub(crate) fn required_bytes(
         + model.weights.lm_head.as_ref().map_or(0, Tensor::elem_count)) as u64
         * elem;
     let h = u64::from(spec.hidden_size);
-    let kv_tok = 2 * u64::from(spec.num_kv_heads * spec.head_dim()) * elem; // K+V, one position
+    let hd = spec.head_dim() as usize;
+    // K+V of one position of all heads, as the tiers hold it (packed when compressed).
+    let kv_tok = match quant_spec(&policy.compress_cache) {
+        Some(q) => {
+            let (d, p) = packed_len(&[hd], QuantSpec { dim: 0, ..q });
+            2 * u64::from(spec.num_kv_heads) * (d + p) as u64
+        }
+        None => 2 * u64::from(spec.num_kv_heads) * hd as u64 * elem,
+    };
     let layers = u64::from(spec.num_layers);
     let mut working = 0u64;
     for &(b, width) in micro_batches {
@@ -197,6 +264,16 @@ impl Scratch {
         self.file.write_at(at, &bytes).map_err(|e| io_err(self.file.path(), &e))
     }
 
+    fn write_bytes(&self, at: u64, data: &[u8]) -> Result<()> {
+        self.file.write_at(at, data).map_err(|e| io_err(self.file.path(), &e))
+    }
+
+    fn read_bytes(&self, at: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.file.read_at(at, len, &mut out).map_err(|e| io_err(self.file.path(), &e))?;
+        Ok(out)
+    }
+
     fn read_f32(&self, at: u64, elems: usize) -> Result<Vec<f32>> {
         let mut bytes = Vec::new();
         self.file.read_at(at, elems * 4, &mut bytes).map_err(|e| io_err(self.file.path(), &e))?;
@@ -210,11 +287,22 @@ fn io_err(path: &Path, e: &std::io::Error) -> Error {
 
 enum Part {
     Mem(Tensor),
-    Disk { at: u64, elems: usize },
+    Disk {
+        at: u64,
+        elems: usize,
+    },
+    /// Packed bytes of a quantized tensor, in memory or on disk.
+    Bytes(Vec<u8>),
+    DiskBytes {
+        at: u64,
+        len: usize,
+    },
 }
 
 struct StoredTensor {
     shape: Vec<usize>,
+    /// Set when the tensor is held packed.
+    quant: Option<QuantSpec>,
     /// Flat segments in order, each with its tier.
     parts: Vec<(Tier, Part)>,
 }
@@ -231,6 +319,7 @@ impl WeightStore {
         model: &Model,
         shares: &TierShares,
         offload_dir: Option<&Path>,
+        compress: Option<QuantSpec>,
     ) -> Result<Self> {
         let mut scratch = match (shares.disk > 0.0, offload_dir) {
             (true, Some(dir)) => Some(Scratch::create(dir, "weights")?),
@@ -248,6 +337,30 @@ impl WeightStore {
         for layer in &model.weights.layers {
             let mut stored = Vec::new();
             for t in layer.tensors() {
+                if let Some(q) = compress.filter(|_| t.rank() >= 2) {
+                    let blob = to_blob(&pack(t, q)?);
+                    let counts = split_counts(blob.len(), shares);
+                    let mut start = 0;
+                    let mut parts = Vec::new();
+                    for (tier, n) in TIERS.into_iter().zip(counts) {
+                        if n == 0 {
+                            continue;
+                        }
+                        let seg = &blob[start..start + n];
+                        let part = if tier == Tier::Disk {
+                            let s = scratch.as_mut().expect("disk share implies a scratch file");
+                            let at = s.slot(n);
+                            s.write_bytes(at, seg)?;
+                            Part::DiskBytes { at, len: n }
+                        } else {
+                            Part::Bytes(seg.to_vec())
+                        };
+                        parts.push((tier, part));
+                        start += n;
+                    }
+                    stored.push(StoredTensor { shape: t.dims().to_vec(), quant: Some(q), parts });
+                    continue;
+                }
                 let flat = t.flatten_all()?;
                 let counts = split_counts(t.elem_count(), shares);
                 let mut start = 0;
@@ -269,7 +382,7 @@ impl WeightStore {
                     parts.push((tier, part));
                     start += n;
                 }
-                stored.push(StoredTensor { shape: t.dims().to_vec(), parts });
+                stored.push(StoredTensor { shape: t.dims().to_vec(), quant: None, parts });
             }
             layers.push(stored);
         }
@@ -291,6 +404,29 @@ impl WeightStore {
         let mut traffic = Traffic::default();
         let mut tensors = Vec::with_capacity(self.layers[j].len());
         for st in &self.layers[j] {
+            if let Some(q) = st.quant {
+                let mut bytes = Vec::new();
+                for (tier, part) in &st.parts {
+                    let n0 = bytes.len();
+                    match part {
+                        Part::Bytes(b) => bytes.extend_from_slice(b),
+                        Part::DiskBytes { at, len } => {
+                            let s = self.scratch.as_ref().expect("disk parts live in the scratch");
+                            bytes.extend(s.read_bytes(*at, *len)?);
+                            traffic.disk_read += *len as u64;
+                        }
+                        Part::Mem(_) | Part::Disk { .. } => {
+                            unreachable!("packed tensors hold bytes")
+                        }
+                    }
+                    if *tier != Tier::Gpu {
+                        traffic.cpu_to_gpu += (bytes.len() - n0) as u64;
+                    }
+                }
+                // Dequantized on the compute device just before use.
+                tensors.push(unpack(&from_blob(&bytes, &st.shape, q), device)?);
+                continue;
+            }
             let mut segs = Vec::with_capacity(st.parts.len());
             for (tier, part) in &st.parts {
                 let seg = match part {
@@ -299,6 +435,9 @@ impl WeightStore {
                         let s = self.scratch.as_ref().expect("disk parts live in the scratch file");
                         traffic.disk_read += (*elems * 4) as u64;
                         Tensor::from_vec(s.read_f32(*at, *elems)?, *elems, device)?
+                    }
+                    Part::Bytes(_) | Part::DiskBytes { .. } => {
+                        unreachable!("plain tensors hold f32")
                     }
                 };
                 if *tier != Tier::Gpu {
@@ -322,6 +461,10 @@ impl WeightStore {
 pub(crate) struct KvSlot {
     counts: [usize; 3],
     mem: [Option<Kv>; 2],
+    /// With a compressed cache: the GPU and CPU parts as packed (k, v) chunks of positions.
+    packed: [Vec<(Packed, Packed)>; 2],
+    /// With a compressed cache: the disk part's chunks (offset, bytes of k or v, positions).
+    disk_chunks: Vec<(u64, usize, usize)>,
     /// Disk part: slot offset and positions held.
     disk: Option<(u64, usize)>,
     /// (sequences, heads, head size) of the whole micro-batch.
@@ -333,6 +476,8 @@ pub(crate) struct KvStore {
     pub(crate) slots: Vec<Vec<KvSlot>>, // [layer][micro-batch]
     scratch: Option<Scratch>,
     cpu_attention: bool,
+    /// Quantization of stored positions (groups along the head dimension).
+    quant: Option<QuantSpec>,
 }
 
 impl KvStore {
@@ -365,15 +510,26 @@ impl KvStore {
                         scratch = Some(Scratch::create(dir, "kv")?);
                     }
                     let s = scratch.as_mut().expect("created above");
-                    Some((s.slot(2 * counts[2] * max_len * head_dim * 4), 0))
+                    // A compressed cache appends packed chunks as they come instead.
+                    let plain = if policy.compress_cache.enabled { 0 } else { max_len };
+                    Some((s.slot(2 * counts[2] * plain * head_dim * 4), 0))
                 } else {
                     None
                 };
-                row.push(KvSlot { counts, mem: [None, None], disk, shape: (b, heads, head_dim) });
+                row.push(KvSlot {
+                    counts,
+                    mem: [None, None],
+                    packed: [Vec::new(), Vec::new()],
+                    disk_chunks: Vec::new(),
+                    disk,
+                    shape: (b, heads, head_dim),
+                });
             }
             slots.push(row);
         }
-        Ok(Self { slots, scratch, cpu_attention: policy.cpu_cache_compute })
+        // Our rows are [rows, 1, positions, head_dim]: the head dimension is 3.
+        let quant = quant_spec(&policy.compress_cache).map(|q| QuantSpec { dim: 3, ..q });
+        Ok(Self { slots, scratch, cpu_attention: policy.cpu_cache_compute, quant })
     }
 
     /// The past keys/values of (`j`, `k`) gathered for attention, `None` before the first step.
@@ -386,6 +542,35 @@ impl KvStore {
     ) -> Result<Option<Kv>> {
         let slot = &self.slots[j][k];
         let mut parts: Vec<Kv> = Vec::new();
+        if let Some(q) = self.quant {
+            for (i, chunks) in slot.packed.iter().enumerate() {
+                if let Some(kv) = Self::unpack_chunks(chunks, device)? {
+                    if i == 1 && !self.cpu_attention {
+                        traffic.cpu_to_gpu +=
+                            chunks.iter().map(|(k, v)| (k.bytes() + v.bytes()) as u64).sum::<u64>();
+                    }
+                    parts.push(kv);
+                }
+            }
+            let s = self.scratch.as_ref();
+            let mut disk = Vec::with_capacity(slot.disk_chunks.len());
+            for &(at, len, t) in &slot.disk_chunks {
+                let s = s.expect("disk chunks live in the scratch file");
+                let bytes = s.read_bytes(at, 2 * len)?;
+                traffic.disk_read += (2 * len) as u64;
+                if !self.cpu_attention {
+                    traffic.cpu_to_gpu += (2 * len) as u64;
+                }
+                let shape = [slot.counts[2], 1, t, slot.shape.2];
+                disk.push((
+                    from_blob(&bytes[..len], &shape, q),
+                    from_blob(&bytes[len..], &shape, q),
+                ));
+            }
+            if let Some(kv) = Self::unpack_chunks(&disk, device)? {
+                parts.push(kv);
+            }
+        }
         for (i, part) in slot.mem.iter().enumerate() {
             if let Some(kv) = part {
                 if i == 1 && !self.cpu_attention {
@@ -439,6 +624,26 @@ impl KvStore {
             }
             let rows = Kv { k: rows_k.narrow(0, start, n)?, v: rows_v.narrow(0, start, n)? };
             start += n;
+            if let Some(q) = self.quant {
+                // Quantized as stored (on the compute device), kept packed on every tier.
+                let (pk, pv) = (pack(&rows.k, q)?, pack(&rows.v, q)?);
+                let bytes = (pk.bytes() + pv.bytes()) as u64;
+                if i == 2 {
+                    let s = self.scratch.as_mut().expect("disk slots have a scratch file");
+                    let (bk, bv) = (to_blob(&pk), to_blob(&pv));
+                    let at = s.slot(bk.len() + bv.len());
+                    s.write_bytes(at, &[bk.as_slice(), bv.as_slice()].concat())?;
+                    traffic.gpu_to_cpu += bytes;
+                    traffic.disk_write += bytes;
+                    self.slots[j][k].disk_chunks.push((at, bk.len(), t));
+                } else {
+                    if i == 1 && !cpu_attention {
+                        traffic.gpu_to_cpu += bytes;
+                    }
+                    self.slots[j][k].packed[i].push((pk, pv));
+                }
+                continue;
+            }
             if i == 2 {
                 let slot = &self.slots[j][k];
                 let (at, len) = slot.disk.expect("disk rows have a slot");
@@ -470,6 +675,20 @@ impl KvStore {
             }
         }
         Ok(())
+    }
+
+    /// Packed (k, v) chunks dequantized and joined along the position axis (`None` if none).
+    fn unpack_chunks(chunks: &[(Packed, Packed)], device: &Device) -> Result<Option<Kv>> {
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (k, v) in chunks {
+            ks.push(unpack(k, device)?);
+            vs.push(unpack(v, device)?);
+        }
+        if ks.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Kv { k: Tensor::cat(&ks, 2)?, v: Tensor::cat(&vs, 2)? }))
     }
 
     fn read_disk(&self, slot: &KvSlot, at: u64, len: usize, device: &Device) -> Result<Kv> {

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cuda;
 pub mod host;
+pub mod quant;
 
 pub use backend::{Backend, Cpu};
 pub use candle_core::{DType, Device, Error, Result, Tensor};

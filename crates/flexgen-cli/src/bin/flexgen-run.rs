@@ -154,6 +154,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         stop: cli.stop.clone(),
         stop_on_eos: !cli.ignore_eos,
         output_logits: false,
+        forced: None,
     };
     if cli.device == DeviceKind::Cuda {
         return run_cuda(cli, &model, &policy, &requests, load_s, started);

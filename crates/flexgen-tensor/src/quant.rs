@@ -1,0 +1,246 @@
+//! Group-wise asymmetric min–max quantization to 4 or 8 bits (`FlexGen`'s compression), the
+//! reference implementation the executors and the GPU kernels must match.
+//!
+//! Layout (docs/compression.md): a tensor of shape `[outer…, n, inner…]` quantized along dimension
+//! `g` (of size `n`) is cut into lines `x[o, :, i]`, each line into `⌈n / group⌉` groups of
+//! `group` values (the last padded). Groups are stored in (o, i, chunk) order, each as `group`
+//! codes: 4-bit codes two per byte (the first value in the low nibble), 8-bit codes one per byte.
+//! Each group has an fp16 minimum and an fp16 scale (`params`: min, scale, min, scale, …);
+//! `x̂ = min + code · scale`. The minimum is rounded down and the scale up when they are made fp16,
+//! so every value lies on the grid's span and `|x − x̂| ≤ scale / 2` holds for the stored scale.
+
+use half::f16;
+
+/// How a tensor is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantSpec {
+    /// 4 or 8.
+    pub bits: u8,
+    /// Values per group (even).
+    pub group: usize,
+    /// The dimension groups run along.
+    pub dim: usize,
+}
+
+/// A quantized tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    pub shape: Vec<usize>,
+    pub spec: QuantSpec,
+    /// Codes, group after group.
+    pub data: Vec<u8>,
+    /// Per group: min, scale.
+    pub params: Vec<f16>,
+}
+
+/// (outer, n, inner) of `shape` around dimension `dim` (the last dimension if `dim` is past it).
+fn split(shape: &[usize], dim: usize) -> (usize, usize, usize) {
+    if shape.is_empty() {
+        return (1, 1, 1);
+    }
+    let d = dim.min(shape.len() - 1);
+    (shape[..d].iter().product(), shape[d], shape[d + 1..].iter().product())
+}
+
+/// fp16 at or below `x`.
+fn f16_down(x: f32) -> f16 {
+    let h = f16::from_f32(x);
+    if h.to_f32() > x { f16::from_bits(step_down(h.to_bits())) } else { h }
+}
+
+/// fp16 at or above `x` (non-negative `x`).
+fn f16_up(x: f32) -> f16 {
+    let h = f16::from_f32(x);
+    if h.to_f32() < x { f16::from_bits(h.to_bits() + 1) } else { h }
+}
+
+/// The next fp16 toward −∞ of a finite value's bits.
+fn step_down(bits: u16) -> u16 {
+    if bits == 0 {
+        0x8001 // the smallest negative subnormal
+    } else if bits & 0x8000 == 0 {
+        bits - 1
+    } else {
+        bits + 1
+    }
+}
+
+impl Packed {
+    /// Bytes this tensor takes (codes and parameters).
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 2 * self.params.len()
+    }
+
+    /// Number of groups.
+    pub fn groups(&self) -> usize {
+        self.params.len() / 2
+    }
+}
+
+/// Codes per byte.
+fn per_byte(bits: u8) -> usize {
+    if bits == 4 { 2 } else { 1 }
+}
+
+/// Quantizes `x` (row-major, `shape`) by `spec`.
+///
+/// # Panics
+/// If `x` does not hold `shape`'s elements, or the spec is not 4/8 bits with an even group.
+pub fn quantize(x: &[f32], shape: &[usize], spec: QuantSpec) -> Packed {
+    assert_eq!(x.len(), shape.iter().product::<usize>(), "values fill the shape");
+    assert!(matches!(spec.bits, 4 | 8) && spec.group >= 2 && spec.group.is_multiple_of(2));
+    let (outer, n, inner) = split(shape, spec.dim);
+    let chunks = n.div_ceil(spec.group);
+    let groups = outer * inner * chunks;
+    let levels = f32::from((1u16 << spec.bits) - 1);
+    let mut data = vec![0u8; groups * spec.group / per_byte(spec.bits)];
+    let mut params = Vec::with_capacity(2 * groups);
+    let mut line = vec![0f32; spec.group];
+    let mut g = 0;
+    for o in 0..outer {
+        for i in 0..inner {
+            for c in 0..chunks {
+                let len = spec.group.min(n - c * spec.group);
+                for (k, v) in line[..len].iter_mut().enumerate() {
+                    *v = x[(o * n + c * spec.group + k) * inner + i];
+                }
+                let (lo, hi) = line[..len]
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+                let min = f16_down(lo);
+                let scale = f16_up((hi - min.to_f32()) / levels);
+                params.extend([min, scale]);
+                let (m, s) = (min.to_f32(), scale.to_f32());
+                let codes = &mut data[g * spec.group / per_byte(spec.bits)..];
+                for k in 0..spec.group {
+                    let v = if k < len { line[k] } else { m };
+                    #[expect(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "clamped"
+                    )]
+                    let q =
+                        if s > 0.0 { ((v - m) / s).round().clamp(0.0, levels) as u8 } else { 0 };
+                    if spec.bits == 4 {
+                        codes[k / 2] |= q << (4 * (k % 2));
+                    } else {
+                        codes[k] = q;
+                    }
+                }
+                g += 1;
+            }
+        }
+    }
+    Packed { shape: shape.to_vec(), spec, data, params }
+}
+
+/// The values `p` stands for, row-major in `p.shape`.
+pub fn dequantize(p: &Packed) -> Vec<f32> {
+    let spec = p.spec;
+    let (outer, n, inner) = split(&p.shape, spec.dim);
+    let chunks = n.div_ceil(spec.group);
+    let mut out = vec![0f32; outer * n * inner];
+    let mut g = 0;
+    for o in 0..outer {
+        for i in 0..inner {
+            for c in 0..chunks {
+                let (m, s) = (p.params[2 * g].to_f32(), p.params[2 * g + 1].to_f32());
+                let codes = &p.data[g * spec.group / per_byte(spec.bits)..];
+                for k in 0..spec.group.min(n - c * spec.group) {
+                    let q = if spec.bits == 4 {
+                        (codes[k / 2] >> (4 * (k % 2))) & 0xF
+                    } else {
+                        codes[k]
+                    };
+                    out[(o * n + c * spec.group + k) * inner + i] = m + f32::from(q) * s;
+                }
+                g += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The scale of the group that holds element `index` (row-major) of `p`'s tensor.
+pub fn scale_of(p: &Packed, index: usize) -> f32 {
+    let (_, n, inner) = split(&p.shape, p.spec.dim);
+    let (o, rest) = (index / (n * inner), index % (n * inner));
+    let (along, i) = (rest / inner, rest % inner);
+    let chunks = n.div_ceil(p.spec.group);
+    let g = (o * inner + i) * chunks + along / p.spec.group;
+    p.params[2 * g + 1].to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn shape_and_spec() -> impl Strategy<Value = (Vec<usize>, QuantSpec)> {
+        (prop::collection::vec(1usize..40, 1..4), prop::sample::select(vec![4u8, 8]), 1usize..33)
+            .prop_flat_map(|(shape, bits, half_group)| {
+                let nd = shape.len();
+                (Just(shape), 0..nd).prop_map(move |(shape, dim)| {
+                    (shape, QuantSpec { bits, group: 2 * half_group, dim })
+                })
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn every_value_is_within_half_a_step((shape, spec) in shape_and_spec(), seed in any::<u64>(), spread in 1e-3f32..100.0) {
+            let n: usize = shape.iter().product();
+            let mut z = seed;
+            let x: Vec<f32> = (0..n).map(|_| {
+                z = z.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                #[expect(clippy::cast_precision_loss, reason = "test data")]
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+                (u - 0.3) * spread
+            }).collect();
+            let p = quantize(&x, &shape, spec);
+            let (outer, along, inner) = split(&shape, spec.dim);
+            prop_assert_eq!(p.groups(), outer * inner * along.div_ceil(spec.group));
+            prop_assert_eq!(p.data.len(), p.groups() * spec.group * usize::from(spec.bits) / 8);
+            let y = dequantize(&p);
+            prop_assert_eq!(y.len(), n);
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                let s = scale_of(&p, i);
+                // Half a step, plus f32 rounding of min + code·scale.
+                let tol = s / 2.0 + 4.0 * f32::EPSILON * (a.abs() + s * 16.0);
+                prop_assert!((a - b).abs() <= tol, "element {i}: {a} vs {b}, scale {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn constant_groups_and_grid_values_are_exact() {
+        let x = vec![1.5f32; 10];
+        let p = quantize(&x, &[10], QuantSpec { bits: 4, group: 4, dim: 0 });
+        assert_eq!(dequantize(&p), x);
+        // Values on a 4-bit grid with fp16-exact min and scale come back exactly.
+        let grid: Vec<f32> = (0..16).map(|q| -2.0 + 0.25 * q as f32).collect();
+        let p = quantize(&grid, &[16], QuantSpec { bits: 4, group: 16, dim: 0 });
+        assert_eq!(dequantize(&p), grid);
+        assert_eq!(p.bytes(), 8 + 4);
+    }
+
+    #[test]
+    fn groups_run_along_the_chosen_dimension() {
+        // [3, 4]: along dim 0 each column is one group of 3 (padded to 4); along dim 1 each row.
+        let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let col = quantize(&x, &[3, 4], QuantSpec { bits: 8, group: 4, dim: 0 });
+        assert_eq!(col.groups(), 4);
+        assert_eq!(col.params[0].to_f32(), 0.0); // column 0: 0, 4, 8
+        assert_eq!(col.params[2].to_f32(), 1.0); // column 1: 1, 5, 9
+        let row = quantize(&x, &[3, 4], QuantSpec { bits: 8, group: 4, dim: 1 });
+        assert_eq!(row.params[2].to_f32(), 4.0); // row 1 starts at 4
+        for p in [&col, &row] {
+            let y = dequantize(p);
+            for (a, b) in x.iter().zip(&y) {
+                assert!((a - b).abs() <= 0.02, "{a} {b}");
+            }
+        }
+    }
+}
