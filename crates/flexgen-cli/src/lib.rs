@@ -1,6 +1,9 @@
 //! Shared pieces of the three binaries: logging set-up, the policy flags that mirror the original
 //! `FlexGen`'s command line, and where the bundled model lives. Each binary's `main` stays thin.
 
+pub mod batch;
+pub mod chat;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -24,17 +24,25 @@ pub struct Request {
     pub max_new_tokens: Option<usize>,
     /// Overrides [`GenerationConfig::stop`] for this request.
     pub stop: Option<Vec<String>>,
+    /// Overrides [`GenerationConfig::sampling`] for this request; its seed is used as is, so the
+    /// request samples the same tokens whichever call or block it runs in.
+    pub sampling: Option<Sampling>,
 }
 
 impl Request {
     /// A text prompt with the shared settings.
     pub fn text(prompt: impl Into<String>) -> Self {
-        Self { prompt: Prompt::Text(prompt.into()), max_new_tokens: None, stop: None }
+        Self {
+            prompt: Prompt::Text(prompt.into()),
+            max_new_tokens: None,
+            stop: None,
+            sampling: None,
+        }
     }
 
     /// A prompt of token ids (BOS included if the model expects one) with the shared settings.
     pub fn tokens(ids: Vec<u32>) -> Self {
-        Self { prompt: Prompt::Tokens(ids), max_new_tokens: None, stop: None }
+        Self { prompt: Prompt::Tokens(ids), max_new_tokens: None, stop: None, sampling: None }
     }
 }
 
@@ -190,6 +198,7 @@ struct Seq {
     request: usize,
     max_new: usize,
     stop: Vec<String>,
+    sampling: Sampling,
     prompt: Vec<u32>,
     generated: Vec<u32>,
     finish: Option<FinishReason>,
@@ -225,6 +234,11 @@ impl<'m> Generator<'m> {
             tiers::quant_spec(&policy.compress_weight),
         )?;
         Ok(Self { model, policy, device: Device::Cpu, budgets, weights })
+    }
+
+    /// The model it runs.
+    pub fn model(&self) -> &Model {
+        self.model
     }
 
     /// The policy in force.
@@ -294,21 +308,25 @@ impl<'m> Generator<'m> {
             if !stop.is_empty() && self.model.tokenizer.is_none() {
                 return Err(bad("stop strings need a tokenizer; this model has none".into()));
             }
-            let seed = match config.sampling {
-                Sampling::Random { seed, .. } => seed,
-                Sampling::Greedy => 0,
+            let sampling = r.sampling.unwrap_or(config.sampling);
+            sampling.validate()?;
+            let seed = match (sampling, r.sampling.is_some()) {
+                (Sampling::Random { seed, .. }, true) => seed,
+                (Sampling::Random { seed, .. }, false) => {
+                    seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                }
+                (Sampling::Greedy, _) => 0,
             };
             seqs.push(Seq {
                 request: index,
                 max_new,
                 stream: TextStream::new(&stop),
                 stop,
+                sampling,
                 prompt,
                 generated: Vec::new(),
                 finish: None,
-                rng: rand_chacha::ChaCha8Rng::seed_from_u64(
-                    seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                ),
+                rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
                 logits: config.output_logits.then(Vec::new),
             });
         }
@@ -417,7 +435,7 @@ impl<'m> Generator<'m> {
                     let token = if s.finish.is_some() {
                         pad
                     } else {
-                        sampling::choose(row, &config.sampling, &mut s.rng)
+                        sampling::choose(row, &s.sampling, &mut s.rng)
                     };
                     let fed = config
                         .forced

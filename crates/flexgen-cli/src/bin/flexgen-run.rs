@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use flexgen_cli::{PolicyArgs, bundled_model_dir, human_bytes, peak_rss_bytes};
 use flexgen_model::{DummyInit, Model};
 use flexgen_runtime::{
@@ -46,14 +46,59 @@ for now.";
 const EXAMPLES: &str = "\
 Examples:
   flexgen-run                                    # bundled model, default prompt
+  flexgen-run complete --prompt 'And God said' --temperature 0.7 --top-p 0.9
+  flexgen-run batch --input prompts.jsonl --output results.jsonl --gpu-batch-size 16
+  flexgen-run chat
   flexgen-run --prompt 'And God said' --max-new-tokens 40 --temperature 0.8 --seed 1
   flexgen-run --model ~/models/opt-125m --prompt-file prompts.txt --gpu-batch-size 8
   flexgen-run --model opt-1.3b --dummy --prompt-len 64 --max-new-tokens 8 --gpu-batch-size 4
   flexgen-run --policy policies/opt-30b-t4.toml --model opt-30b --dummy";
 
 #[derive(Parser, Debug)]
-#[command(name = "flexgen-run", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
+#[command(
+    name = "flexgen-run",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_long_help = EXAMPLES,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Complete prompts with the sampling options of the generate API (the same as giving no
+    /// subcommand).
+    Complete(RunArgs),
+    /// Run a JSONL file of requests as a batch job that resumes where it stopped.
+    #[command(long_about = BATCH_ABOUT)]
+    Batch(BatchArgs),
+    /// Chat with the model in the terminal (/reset clears the history, Ctrl-D leaves).
+    Chat(ChatArgs),
+}
+
+const BATCH_ABOUT: &str = "\
+Run a JSONL file of requests as a batch job that resumes where it stopped.
+
+Each input line is a JSON object: {\"id\": \"q1\", \"prompt\": \"...\", \"max_new_tokens\": 32,
+\"temperature\": 0.7, \"stop\": [\"\\n\"]}; only \"prompt\" is required, and \"id\" defaults to the line
+number. Each output line is {\"id\", \"text\", \"tokens\", \"finish_reason\", \"prompt_tokens\"}, written
+as each block finishes (requests are sorted by length and packed into blocks of the policy's
+gpu-batch-size × num-gpu-batches) and synced to disk.
+
+Interrupted (Ctrl-C, kill, power loss) and started again with the same command, the job reads the
+output, cuts a torn last line, and runs only the requests not yet written: nothing is lost and
+nothing is written twice. A bad input line stops the job before anything runs, naming the line,
+or with --on-error skip goes to the errors file with its line number and error.";
+
+/// Model selection shared by the subcommands.
+#[derive(Args, Debug, Clone)]
+struct ModelArgs {
     /// Hugging Face model directory or cache entry; with --dummy, a spec name such as opt-30b.
     /// Default: the bundled model.
     #[arg(long, value_name = "PATH|NAME")]
@@ -61,6 +106,94 @@ struct Cli {
     /// Dummy weights instead of files: `ones` (FlexGen's convention) or `random` (seeded).
     #[arg(long, value_name = "KIND", num_args = 0..=1, default_missing_value = "ones")]
     dummy: Option<DummyKind>,
+}
+
+/// Sampling options shared by the subcommands.
+#[derive(Args, Debug, Clone)]
+struct SamplingArgs {
+    /// Sample with this temperature (default: greedy).
+    #[arg(long, value_name = "T", help_heading = "Generation")]
+    temperature: Option<f32>,
+    /// Sample only from the K most likely tokens.
+    #[arg(long, value_name = "K", help_heading = "Generation")]
+    top_k: Option<usize>,
+    /// Sample only from the most likely tokens whose probability reaches P.
+    #[arg(long, value_name = "P", help_heading = "Generation")]
+    top_p: Option<f32>,
+    /// Seed for sampling (and for --dummy random).
+    #[arg(long, default_value_t = 0, help_heading = "Generation")]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> anyhow::Result<Sampling> {
+        match self.temperature {
+            Some(t) if t > 0.0 => Ok(Sampling::Random {
+                temperature: t,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            }),
+            _ if self.top_k.is_some() || self.top_p.is_some() => {
+                bail!("--top-k and --top-p need --temperature above 0")
+            }
+            _ => Ok(Sampling::Greedy),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct BatchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Requests, one JSON object per line.
+    #[arg(long, value_name = "FILE")]
+    input: PathBuf,
+    /// Results, one JSON object per line; an existing file is resumed.
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
+    /// What to do with a malformed input line: stop (before generating anything) or skip it into
+    /// the errors file.
+    #[arg(long, value_enum, default_value = "stop")]
+    on_error: flexgen_cli::batch::OnError,
+    /// Where skipped lines go (default: OUTPUT.errors.jsonl).
+    #[arg(long, value_name = "FILE")]
+    errors: Option<PathBuf>,
+    /// Tokens to generate for requests that do not say.
+    #[arg(long, value_name = "N", default_value_t = 32, help_heading = "Generation")]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Keep generating after the EOS token.
+    #[arg(long, help_heading = "Generation")]
+    ignore_eos: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Memory the GPU tier may use (e.g. 16GiB).
+    #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes, help_heading = "Policy")]
+    gpu_mem_limit: Option<u64>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Longest reply, in tokens.
+    #[arg(long, value_name = "N", default_value_t = 48, help_heading = "Generation")]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
     /// A prompt; repeat for several.
     #[arg(long, value_name = "TEXT", help_heading = "Prompts")]
     prompt: Vec<String>,
@@ -82,18 +215,8 @@ struct Cli {
         help_heading = "Generation"
     )]
     max_new_tokens: usize,
-    /// Sample with this temperature (default: greedy).
-    #[arg(long, value_name = "T", help_heading = "Generation")]
-    temperature: Option<f32>,
-    /// Sample only from the K most likely tokens.
-    #[arg(long, value_name = "K", help_heading = "Generation")]
-    top_k: Option<usize>,
-    /// Sample only from the most likely tokens whose probability reaches P.
-    #[arg(long, value_name = "P", help_heading = "Generation")]
-    top_p: Option<f32>,
-    /// Seed for sampling and for --dummy random.
-    #[arg(long, default_value_t = 0, help_heading = "Generation")]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Stop a sequence when its text contains this string (repeatable); the text is cut before it.
     #[arg(long, value_name = "TEXT", help_heading = "Generation")]
     stop: Vec<String>,
@@ -130,24 +253,76 @@ enum DummyKind {
 }
 
 fn main() -> ExitCode {
-    flexgen_cli::main_with(&Cli::parse(), run)
+    flexgen_cli::main_with(&Cli::parse(), |cli| match &cli.cmd {
+        None => run(&cli.run),
+        Some(Cmd::Complete(args)) => run(args),
+        Some(Cmd::Batch(args)) => run_batch(args),
+        Some(Cmd::Chat(args)) => run_chat(args),
+    })
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
+    let policy = args.policy.resolve()?;
+    let model = load_model(&args.model, false, args.sampling.seed)?;
+    args.sampling.sampling()?;
+    let budgets = Budgets { gpu_bytes: args.gpu_mem_limit, ..Budgets::default() };
+    let generator = Generator::with_budgets(&model, policy.clone(), budgets)?;
+    let job = flexgen_cli::batch::BatchJob {
+        input: args.input.clone(),
+        output: args.output.clone(),
+        errors: args.errors.clone(),
+        on_error: args.on_error,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.sampling.temperature,
+        top_k: args.sampling.top_k,
+        top_p: args.sampling.top_p,
+        seed: args.sampling.seed,
+        stop_on_eos: !args.ignore_eos,
+        progress: !args.quiet,
+    };
+    let r = job.run(&generator, policy.block_size())?;
+    #[expect(clippy::cast_precision_loss, reason = "rates")]
+    let (rps, tps) = (
+        r.generated_requests as f64 / r.seconds.max(1e-9),
+        r.generated_tokens as f64 / r.seconds.max(1e-9),
+    );
+    eprintln!(
+        "batch: {} requests in the input, {} already done, {} generated ({} tokens) in {:.1} s: {rps:.1} requests/s, {tps:.1} tokens/s; {} bad line(s) skipped",
+        r.total,
+        r.already_done,
+        r.generated_requests,
+        r.generated_tokens,
+        r.seconds,
+        r.skipped_lines
+    );
+    Ok(())
+}
+
+fn run_chat(args: &ChatArgs) -> anyhow::Result<()> {
+    let policy = args.policy.resolve()?;
+    let model = load_model(&args.model, false, args.sampling.seed)?;
+    if model.tokenizer.is_none() {
+        bail!("chat needs a model with a tokenizer (not --dummy)");
+    }
+    let generator = Generator::new(&model, policy)?;
+    let options = flexgen_cli::chat::ChatOptions {
+        config: GenerationConfig {
+            max_new_tokens: args.max_new_tokens,
+            sampling: args.sampling.sampling()?,
+            ..GenerationConfig::default()
+        },
+    };
+    let stdin = std::io::stdin();
+    flexgen_cli::chat::run(&generator, &options, &mut stdin.lock(), &mut std::io::stdout())
+}
+
+fn run(cli: &RunArgs) -> anyhow::Result<()> {
     let policy = cli.policy.resolve()?;
     let started = std::time::Instant::now();
-    let model = load_model(cli)?;
+    let model = load_model(&cli.model, cli.device == DeviceKind::Cuda, cli.sampling.seed)?;
     let load_s = started.elapsed().as_secs_f64();
     let requests = requests(cli, &model, policy.block_size())?;
-    let sampling = match cli.temperature {
-        Some(t) if t > 0.0 => {
-            Sampling::Random { temperature: t, top_k: cli.top_k, top_p: cli.top_p, seed: cli.seed }
-        }
-        _ if cli.top_k.is_some() || cli.top_p.is_some() => {
-            bail!("--top-k and --top-p need --temperature above 0")
-        }
-        _ => Sampling::Greedy,
-    };
+    let sampling = cli.sampling.sampling()?;
     let config = GenerationConfig {
         max_new_tokens: cli.max_new_tokens,
         sampling,
@@ -283,20 +458,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_model(cli: &Cli) -> anyhow::Result<Model> {
+fn load_model(cli: &ModelArgs, cuda: bool, seed: u64) -> anyhow::Result<Model> {
     if let Some(kind) = cli.dummy {
         let name = cli.model.as_deref().context("--dummy needs --model NAME (e.g. opt-125m)")?;
         let spec = flexgen_model::spec_by_name(name)?;
         let init = match kind {
             DummyKind::Ones => DummyInit::Ones,
-            DummyKind::Random => DummyInit::Random { seed: cli.seed },
+            DummyKind::Random => DummyInit::Random { seed },
         };
         // The CUDA executor fills the layers itself, in fp16, where the policy places them.
-        let built = if cli.device == DeviceKind::Cuda {
-            Model::dummy_tables(spec, init)
-        } else {
-            Model::dummy(spec, init)
-        };
+        let built = if cuda { Model::dummy_tables(spec, init) } else { Model::dummy(spec, init) };
         return built.with_context(|| format!("building dummy weights for {name}"));
     }
     let dir = cli.model.as_ref().map_or_else(bundled_model_dir, PathBuf::from);
@@ -311,7 +482,7 @@ fn load_model(cli: &Cli) -> anyhow::Result<Model> {
     Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))
 }
 
-fn requests(cli: &Cli, model: &Model, block: usize) -> anyhow::Result<Vec<Request>> {
+fn requests(cli: &RunArgs, model: &Model, block: usize) -> anyhow::Result<Vec<Request>> {
     let mut texts = cli.prompt.clone();
     if let Some(f) = &cli.prompt_file {
         let body = std::fs::read_to_string(f)
@@ -359,14 +530,14 @@ fn requests(cli: &Cli, model: &Model, block: usize) -> anyhow::Result<Vec<Reques
 
 /// Greedy generation on the CUDA executor, with the same report fields as the CPU path.
 fn run_cuda(
-    cli: &Cli,
+    cli: &RunArgs,
     model: &Model,
     policy: &flexgen_policy::Policy,
     requests: &[Request],
     load_s: f64,
     started: std::time::Instant,
 ) -> anyhow::Result<()> {
-    if cli.temperature.is_some() || !cli.stop.is_empty() {
+    if cli.sampling.temperature.is_some() || !cli.stop.is_empty() {
         bail!(
             "--device cuda decodes greedily for now: drop --temperature and --stop, or use --device cpu"
         );
@@ -381,9 +552,11 @@ fn run_cuda(
         })
         .collect::<anyhow::Result<_>>()?;
     let setup = std::time::Instant::now();
-    let source = match cli.dummy {
+    let source = match cli.model.dummy {
         Some(DummyKind::Ones) => LayerSource::Dummy(DummyInit::Ones),
-        Some(DummyKind::Random) => LayerSource::Dummy(DummyInit::Random { seed: cli.seed }),
+        Some(DummyKind::Random) => {
+            LayerSource::Dummy(DummyInit::Random { seed: cli.sampling.seed })
+        }
         None => LayerSource::Loaded,
     };
     let capacity = GpuCapacity {

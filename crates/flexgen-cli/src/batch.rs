@@ -1,0 +1,337 @@
+//! `flexgen-run batch`: a resumable JSONL batch job.
+//!
+//! Input: one JSON object per line, `{"id": …, "prompt": "…", "max_new_tokens": N,
+//! "temperature": T, "stop": ["…"]}` (only `prompt` is required; `id` defaults to the line
+//! number). Output: one object per finished request, `{"id", "text", "tokens",
+//! "finish_reason", "prompt_tokens"}`, appended as each block completes and synced to disk.
+//!
+//! Resuming: the same command again reads the output first. Complete lines are requests done;
+//! a torn last line (the process was killed while writing it) is cut off; every other request
+//! runs. Each output line is written whole by one `write` and the file is synced after every
+//! block, so a kill at any moment loses at most the block in flight, and it is redone, never
+//! written twice. Sampled requests draw from a seed made of `--seed` and their id, so a rerun
+//! gives them the same tokens.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use flexgen_runtime::{GenerationConfig, Generator, Request, Sampling};
+use serde::{Deserialize, Serialize};
+
+/// What to do with an input line that is not a valid request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnError {
+    /// Stop before generating anything, naming the line.
+    Stop,
+    /// Write the line and its error to the errors file and go on.
+    Skip,
+}
+
+/// Settings of one batch job.
+#[derive(Debug, Clone)]
+pub struct BatchJob {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    /// Where skipped lines go (default: the output path with `.errors.jsonl`).
+    pub errors: Option<PathBuf>,
+    pub on_error: OnError,
+    /// Defaults for requests that do not set them.
+    pub max_new_tokens: usize,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub seed: u64,
+    pub stop_on_eos: bool,
+    pub progress: bool,
+}
+
+/// One input line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputLine {
+    id: Option<serde_json::Value>,
+    prompt: String,
+    max_new_tokens: Option<usize>,
+    temperature: Option<f32>,
+    stop: Option<StopField>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One output line.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OutputLine {
+    pub id: serde_json::Value,
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish_reason: String,
+    pub prompt_tokens: usize,
+}
+
+/// What a job did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchReport {
+    pub total: usize,
+    pub already_done: usize,
+    pub generated_requests: usize,
+    pub generated_tokens: usize,
+    pub skipped_lines: usize,
+    pub seconds: f64,
+}
+
+/// An input line that is not a valid request: its number, the error, the line.
+type BadLine = (usize, String, String);
+
+struct Pending {
+    id: serde_json::Value,
+    request: Request,
+    order: usize,
+}
+
+/// The canonical text of an id (numbers and strings as JSON), for matching done lines.
+fn id_key(id: &serde_json::Value) -> String {
+    id.to_string()
+}
+
+/// A seed per request: the job seed mixed with the id (`SplitMix64` of an FNV hash).
+fn seed_for(seed: u64, id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut z = seed ^ h;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl BatchJob {
+    /// Reads and checks every input line. Bad lines stop the job (`OnError::Stop`) or are
+    /// returned with their line number and message.
+    fn read_input(&self) -> anyhow::Result<(Vec<Pending>, Vec<BadLine>)> {
+        let file = File::open(&self.input)
+            .with_context(|| format!("opening the input {}", self.input.display()))?;
+        let mut pending = Vec::new();
+        let mut bad = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let n = i + 1;
+            let line = line.with_context(|| format!("{}:{n}: reading", self.input.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let parsed: Result<InputLine, String> =
+                serde_json::from_str(&line).map_err(|e| e.to_string());
+            let checked = parsed.and_then(|l| {
+                let id = l.id.clone().unwrap_or_else(|| serde_json::Value::from(n));
+                if !(id.is_string() || id.is_u64() || id.is_i64()) {
+                    return Err("`id` must be a string or an integer".to_string());
+                }
+                if !seen.insert(id_key(&id)) {
+                    return Err(format!("duplicate id {id}"));
+                }
+                if l.prompt.is_empty() {
+                    return Err("`prompt` is empty".into());
+                }
+                if l.max_new_tokens == Some(0) {
+                    return Err("`max_new_tokens` is 0".into());
+                }
+                let temperature = l.temperature.or(self.temperature).filter(|t| *t > 0.0);
+                let sampling = match temperature {
+                    Some(t) if t.is_finite() => Sampling::Random {
+                        temperature: t,
+                        top_k: self.top_k,
+                        top_p: self.top_p,
+                        seed: seed_for(self.seed, &id_key(&id)),
+                    },
+                    Some(_) => return Err("`temperature` must be finite".into()),
+                    None => Sampling::Greedy,
+                };
+                let stop = match l.stop {
+                    Some(StopField::One(s)) => Some(vec![s]),
+                    Some(StopField::Many(v)) => Some(v),
+                    None => None,
+                };
+                let mut request = Request::text(l.prompt);
+                request.max_new_tokens = Some(l.max_new_tokens.unwrap_or(self.max_new_tokens));
+                request.stop = stop;
+                request.sampling = Some(sampling);
+                Ok(Pending { id, request, order: n })
+            });
+            match checked {
+                Ok(p) => pending.push(p),
+                Err(e) if self.on_error == OnError::Stop => bail!(
+                    "{}:{n}: {e}\n(use --on-error skip to write bad lines to an errors file and go on)",
+                    self.input.display()
+                ),
+                Err(e) => bad.push((n, e, line)),
+            }
+        }
+        Ok((pending, bad))
+    }
+
+    fn errors_path(&self) -> PathBuf {
+        self.errors.clone().unwrap_or_else(|| {
+            let mut p = self.output.clone().into_os_string();
+            p.push(".errors.jsonl");
+            PathBuf::from(p)
+        })
+    }
+
+    /// Runs the job with `generator`, resuming from what `output` already holds.
+    pub fn run(&self, generator: &Generator<'_>, block: usize) -> anyhow::Result<BatchReport> {
+        let started = std::time::Instant::now();
+        let (pending, bad) = self.read_input()?;
+        let mut report = BatchReport {
+            total: pending.len() + bad.len(),
+            skipped_lines: bad.len(),
+            ..BatchReport::default()
+        };
+        if !bad.is_empty() {
+            let path = self.errors_path();
+            let mut f = File::create(&path)
+                .with_context(|| format!("creating the errors file {}", path.display()))?;
+            for (n, e, raw) in &bad {
+                let line = serde_json::json!({ "line": n, "error": e, "input": raw });
+                writeln!(f, "{line}")?;
+            }
+            f.sync_all()?;
+            eprintln!(
+                "{} bad input line(s) skipped, listed with their errors in {}",
+                bad.len(),
+                path.display()
+            );
+        }
+        let done = resume_output(&self.output)?;
+        let mut todo: Vec<Pending> =
+            pending.into_iter().filter(|p| !done.contains(&id_key(&p.id))).collect();
+        report.already_done = report.total - report.skipped_lines - todo.len();
+        // Similar lengths share a block: little padding.
+        todo.sort_by_key(|p| match &p.request.prompt {
+            flexgen_runtime::Prompt::Text(t) => (t.len(), p.order),
+            flexgen_runtime::Prompt::Tokens(t) => (t.len(), p.order),
+        });
+        let mut out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.output)
+            .with_context(|| format!("opening the output {}", self.output.display()))?;
+        let bar = if self.progress {
+            let b = indicatif::ProgressBar::new(todo.len() as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} requests  {per_sec}  {msg}  ETA {eta}",
+                )
+                .expect("a valid template"),
+            );
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let config = GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            stop_on_eos: self.stop_on_eos,
+            ..GenerationConfig::default()
+        };
+        for chunk in todo.chunks(block.max(1)) {
+            let requests: Vec<Request> = chunk.iter().map(|p| p.request.clone()).collect();
+            let (completions, _) = generator
+                .generate(&requests, &config, &mut |_| {})
+                .context("generating a block of the batch")?;
+            let mut text = String::new();
+            for (p, c) in chunk.iter().zip(&completions) {
+                report.generated_tokens += c.tokens.len();
+                let line = OutputLine {
+                    id: p.id.clone(),
+                    text: c.text.clone().unwrap_or_default(),
+                    tokens: c.tokens.clone(),
+                    finish_reason: c.finish.as_str().into(),
+                    prompt_tokens: c.prompt_tokens.len(),
+                };
+                text.push_str(&serde_json::to_string(&line)?);
+                text.push('\n');
+            }
+            // One write per block of whole lines, then durable before the next block starts.
+            out.write_all(text.as_bytes())?;
+            out.sync_data()?;
+            report.generated_requests += chunk.len();
+            bar.inc(chunk.len() as u64);
+            #[expect(clippy::cast_precision_loss, reason = "a rate")]
+            let tps = report.generated_tokens as f64 / started.elapsed().as_secs_f64();
+            bar.set_message(format!("{tps:.1} tok/s"));
+        }
+        bar.finish_and_clear();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+}
+
+/// The ids already in `output`, after cutting off a torn last line. A complete line that is not
+/// valid output is an error naming the line (the file is not ours, or was edited).
+pub fn resume_output(output: &Path) -> anyhow::Result<HashSet<String>> {
+    let mut done = HashSet::new();
+    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(output) else {
+        return Ok(done);
+    };
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if whole < bytes.len() {
+        eprintln!(
+            "{}: cutting a torn last line ({} bytes) left by an interrupted run",
+            output.display(),
+            bytes.len() - whole
+        );
+        f.set_len(whole as u64)?;
+        f.sync_all()?;
+        f.seek(std::io::SeekFrom::End(0))?;
+    }
+    for (i, line) in bytes[..whole].split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let parsed: OutputLine = serde_json::from_slice(line).with_context(|| {
+            format!(
+                "{}:{}: not a flexgen batch output line; move the file away to start afresh",
+                output.display(),
+                i + 1
+            )
+        })?;
+        done.insert(id_key(&parsed.id));
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_complete_lines_count_as_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.jsonl");
+        let good = r#"{"id":1,"text":"a","tokens":[1],"finish_reason":"length","prompt_tokens":2}"#;
+        std::fs::write(&p, format!("{good}\n{{\"id\":2,\"te")).unwrap();
+        let done = resume_output(&p).unwrap();
+        assert_eq!(done, HashSet::from(["1".to_string()]));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("{good}\n"));
+        std::fs::write(&p, "garbage\n").unwrap();
+        let err = resume_output(&p).unwrap_err().to_string();
+        assert!(err.contains(":1: not a flexgen batch output line"), "{err}");
+    }
+
+    #[test]
+    fn seeds_differ_by_id_and_repeat() {
+        assert_eq!(seed_for(1, "\"a\""), seed_for(1, "\"a\""));
+        assert_ne!(seed_for(1, "\"a\""), seed_for(1, "\"b\""));
+        assert_ne!(seed_for(1, "\"a\""), seed_for(2, "\"a\""));
+    }
+}

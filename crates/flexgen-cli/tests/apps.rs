@@ -1,0 +1,140 @@
+//! The apps through the real binary: a batch job killed with SIGKILL (twice, and once more with a
+//! torn line planted at the end of its output) and restarted with the same command loses and
+//! duplicates nothing and gives the same results as an uninterrupted run; bad input lines are
+//! reported by number or skipped into the errors file; the chat runs in a pseudo-terminal.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flexgen-run");
+
+fn write_input(path: &Path, n: usize) {
+    let prompts = ["In the beginning", "And God said", "Jesus wept", "The LORD is my shepherd"];
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            let p = format!("{}{}", prompts[i % 4], " and".repeat(i % 5));
+            serde_json::json!({ "id": format!("r{i}"), "prompt": p, "max_new_tokens": 4 + i % 5 })
+                .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn batch(input: &Path, output: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["batch", "--quiet", "--gpu-batch-size", "2", "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output);
+    c
+}
+
+/// id → (text, tokens) of every line, checking that each line is whole and each id unique.
+fn results(output: &Path) -> HashMap<String, (String, Vec<u64>)> {
+    let text = std::fs::read_to_string(output).unwrap();
+    assert!(text.is_empty() || text.ends_with('\n'), "no torn last line");
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("line {} is not whole JSON ({e}): {line}", i + 1));
+        let id = v["id"].as_str().map_or_else(|| v["id"].to_string(), str::to_string);
+        let tokens = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+        let prev = out.insert(id.clone(), (v["text"].as_str().unwrap().to_string(), tokens));
+        assert!(prev.is_none(), "id {id} written twice");
+    }
+    out
+}
+
+fn lines_in(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
+#[test]
+fn a_killed_batch_job_resumes_with_nothing_lost_or_duplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let n = 60;
+    write_input(&input, n);
+    // Reference: one uninterrupted run.
+    let clean = dir.path().join("clean.jsonl");
+    assert!(batch(&input, &clean).status().unwrap().success());
+    let reference = results(&clean);
+    assert_eq!(reference.len(), n);
+
+    let out = dir.path().join("out.jsonl");
+    for (round, at_least) in [(0, 6), (1, 20)] {
+        let mut child = batch(&input, &out).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_mins(2);
+        while lines_in(&out) < at_least && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL: no chance to clean up
+        child.wait().unwrap();
+        let partial = results(&out);
+        assert!(partial.len() < n, "round {round}: killed before the end ({})", partial.len());
+        if round == 1 {
+            // A power cut in the middle of a write leaves half a line.
+            let mut f = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+            std::io::Write::write_all(&mut f, b"{\"id\":\"r59\",\"text\":\"half").unwrap();
+        }
+    }
+    let status = batch(&input, &out).status().unwrap();
+    assert!(status.success());
+    let resumed = results(&out);
+    assert_eq!(resumed.len(), n, "nothing lost");
+    assert_eq!(resumed, reference, "the same results as an uninterrupted run");
+    // A further run has nothing left to do and writes nothing.
+    let before = std::fs::read(&out).unwrap();
+    assert!(batch(&input, &out).status().unwrap().success());
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn bad_input_lines_are_named_or_skipped_into_the_errors_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"In the beginning\", \"max_new_tokens\": 3}\n\
+         {\"prompt\": \"Amen\", \"colour\": 1}\n\
+         not json\n\
+         {\"id\": 7, \"prompt\": \"Jesus wept\", \"max_new_tokens\": 2}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let stop = batch(&input, &out).output().unwrap();
+    assert!(!stop.status.success());
+    let err = String::from_utf8_lossy(&stop.stderr);
+    assert!(err.contains("in.jsonl:2:") && err.contains("colour"), "{err}");
+    assert_eq!(lines_in(&out), 0, "nothing generated when stopping on a bad line");
+    let skip = batch(&input, &out).args(["--on-error", "skip"]).output().unwrap();
+    assert!(skip.status.success(), "{}", String::from_utf8_lossy(&skip.stderr));
+    let done = results(&out);
+    let ids: HashSet<&str> = done.keys().map(String::as_str).collect();
+    assert_eq!(ids, HashSet::from(["1", "7"]), "lines 1 and 4 ran, by id");
+    let errors = std::fs::read_to_string(dir.path().join("out.jsonl.errors.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> =
+        errors.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().map(|l| l["line"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3]);
+}
+
+#[test]
+fn chat_in_a_terminal_streams_replies_resets_and_leaves_on_ctrl_d() {
+    use expectrl::{ControlCode, Eof};
+    let mut p = expectrl::spawn(format!("{BIN} chat --max-new-tokens 6")).unwrap();
+    p.set_expect_timeout(Some(Duration::from_mins(1)));
+    p.expect("Human: ").unwrap();
+    p.send_line("Who was Moses?").unwrap();
+    p.expect("Assistant:").unwrap();
+    p.expect("Human: ").unwrap();
+    p.send_line("And Aaron?").unwrap();
+    p.expect("Assistant:").unwrap();
+    p.expect("Human: ").unwrap();
+    p.send_line("/reset").unwrap();
+    p.expect("(history cleared)").unwrap();
+    p.expect("Human: ").unwrap();
+    p.send(ControlCode::EndOfTransmission).unwrap();
+    p.expect(Eof).unwrap();
+}
