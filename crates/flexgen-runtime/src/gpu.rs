@@ -1046,54 +1046,8 @@ impl<'m> GpuGenerator<'m> {
                 std::slice::from_raw_parts_mut(vc.ptr(), cpu_rows * cap * hd),
             )
         };
-        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let per = cpu_rows.div_ceil(threads).max(1);
-        std::thread::scope(|s| {
-            let rows = out
-                .chunks_mut(per * hd)
-                .zip(kcache.chunks_mut(per * cap * hd))
-                .zip(vcache.chunks_mut(per * cap * hd))
-                .enumerate();
-            for (c, ((o, kr), vr)) in rows {
-                s.spawn(move || {
-                    let mut scores = vec![0f32; past + 1];
-                    for i in 0..o.len() / hd {
-                        let r = c * per + i; // CPU row index
-                        let seq = (gr + r) / nh;
-                        let lo = usize::try_from(starts[seq]).unwrap_or(0);
-                        let (kr, vr) = (
-                            &mut kr[i * cap * hd..(i + 1) * cap * hd],
-                            &mut vr[i * cap * hd..(i + 1) * cap * hd],
-                        );
-                        kr[past * hd..(past + 1) * hd]
-                            .copy_from_slice(&k_new[r * hd..(r + 1) * hd]);
-                        vr[past * hd..(past + 1) * hd]
-                            .copy_from_slice(&v_new[r * hd..(r + 1) * hd]);
-                        let qv: Vec<f32> =
-                            q[r * hd..(r + 1) * hd].iter().map(|x| x.to_f32()).collect();
-                        let mut m = f32::NEG_INFINITY;
-                        for p in lo..=past {
-                            let kp = &kr[p * hd..(p + 1) * hd];
-                            let sc: f32 = qv.iter().zip(kp).map(|(a, b)| a * b.to_f32()).sum();
-                            scores[p] = sc;
-                            m = m.max(sc);
-                        }
-                        let mut sum = 0f32;
-                        let mut acc = vec![0f32; hd];
-                        for p in lo..=past {
-                            let e = (scores[p] - m).exp();
-                            sum += e;
-                            for (a, v) in acc.iter_mut().zip(&vr[p * hd..(p + 1) * hd]) {
-                                *a += e * v.to_f32();
-                            }
-                        }
-                        for (dst, a) in o[i * hd..(i + 1) * hd].iter_mut().zip(&acc) {
-                            *dst = f16::from_f32(a / sum);
-                        }
-                    }
-                });
-            }
-        });
+        let d = crate::cpu_attention::Dims { rows: cpu_rows, hd, cap, past, nh, row0: gr };
+        crate::cpu_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
         htod(st, at(addr(&buf.att), gr * hd), &out[..])
     }
 

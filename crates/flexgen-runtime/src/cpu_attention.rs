@@ -1,0 +1,214 @@
+//! Decode attention on the CPU cores over an fp16 KV cache held in place (the CUDA executor's
+//! CPU attention): each (sequence, head) row appends its new key and value at position `past`,
+//! then attends over positions `start..=past` of its row. Rows are split among threads; each
+//! thread converts a row's keys and values to f32 in bulk (F16C where the processor has it) and
+//! runs vectorizable f32 loops, so the cost is one pass over the cache at memory speed.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Shapes of one call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    /// Rows in this call.
+    pub rows: usize,
+    pub hd: usize,
+    /// Positions each cache row can hold.
+    pub cap: usize,
+    /// Position of the new token (= cached positions before it).
+    pub past: usize,
+    /// Heads per sequence.
+    pub nh: usize,
+    /// Global (sequence, head) index of the first row (sequence = global row / `nh`).
+    pub row0: usize,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums so the compiler keeps them in vector lanes.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One row: appends `k_new`/`v_new` at `past` in `kr`/`vr` (`cap · hd` each), attends with `q`
+/// (already scaled) over positions `lo..=past`, writes `out` (`hd`). `kf`, `vf`, `scores` are
+/// scratch of at least `cap · hd`, `cap · hd` and `cap` values.
+#[expect(clippy::too_many_arguments, reason = "one row's slices and scratch")]
+fn row(
+    q: &[f16],
+    k_new: &[f16],
+    v_new: &[f16],
+    kr: &mut [f16],
+    vr: &mut [f16],
+    out: &mut [f16],
+    lo: usize,
+    past: usize,
+    scratch: &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>),
+) {
+    let hd = q.len();
+    kr[past * hd..(past + 1) * hd].copy_from_slice(k_new);
+    vr[past * hd..(past + 1) * hd].copy_from_slice(v_new);
+    let n = past + 1 - lo;
+    let (kf, vf, scores, qf) = scratch;
+    qf.resize(hd, 0.0);
+    q.convert_to_f32_slice(qf);
+    kf.resize(n * hd, 0.0);
+    vf.resize(n * hd, 0.0);
+    scores.resize(n, 0.0);
+    kr[lo * hd..(past + 1) * hd].convert_to_f32_slice(&mut kf[..n * hd]);
+    vr[lo * hd..(past + 1) * hd].convert_to_f32_slice(&mut vf[..n * hd]);
+    let mut m = f32::NEG_INFINITY;
+    for (s, k) in scores.iter_mut().zip(kf.chunks_exact(hd)) {
+        *s = dot(qf, k);
+        m = m.max(*s);
+    }
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - m).exp();
+        sum += *s;
+    }
+    let mut acc = vec![0f32; hd];
+    for (s, v) in scores.iter().zip(vf.chunks_exact(hd)) {
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a += s * x;
+        }
+    }
+    let inv = 1.0 / sum;
+    for a in &mut acc {
+        *a *= inv;
+    }
+    out.convert_from_f32_slice(&acc);
+}
+
+/// Decode attention of `d.rows` rows: `q`, `k_new`, `v_new`, `out` are `[rows, hd]`; the caches
+/// `[rows, cap, hd]`; `starts[sequence]` is each sequence's first real position.
+#[expect(clippy::too_many_arguments, reason = "the buffers of one step")]
+pub(crate) fn decode(
+    q: &[f16],
+    k_new: &[f16],
+    v_new: &[f16],
+    kcache: &mut [f16],
+    vcache: &mut [f16],
+    out: &mut [f16],
+    starts: &[i32],
+    d: Dims,
+) {
+    let (hd, cap) = (d.hd, d.cap);
+    assert!(
+        q.len() >= d.rows * hd && out.len() >= d.rows * hd && kcache.len() >= d.rows * cap * hd
+    );
+    assert!(d.past < cap, "the new position fits the cache");
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let per = d.rows.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let parts = out[..d.rows * hd]
+            .chunks_mut(per * hd)
+            .zip(kcache.chunks_mut(per * cap * hd))
+            .zip(vcache.chunks_mut(per * cap * hd))
+            .enumerate();
+        for (c, ((o, kc), vc)) in parts {
+            s.spawn(move || {
+                let mut scratch = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for i in 0..o.len() / hd {
+                    let r = c * per + i;
+                    let seq = (d.row0 + r) / d.nh;
+                    let lo = usize::try_from(starts[seq]).unwrap_or(0).min(d.past);
+                    let rows = r * hd..(r + 1) * hd;
+                    let cache = i * cap * hd..(i + 1) * cap * hd;
+                    row(
+                        &q[rows.clone()],
+                        &k_new[rows.clone()],
+                        &v_new[rows],
+                        &mut kc[cache.clone()],
+                        &mut vc[cache],
+                        &mut o[i * hd..(i + 1) * hd],
+                        lo,
+                        d.past,
+                        &mut scratch,
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_a_plain_f64_attention_and_appends_the_new_position() {
+        let (rows, hd, cap, past, nh, row0) = (7, 40, 12, 9, 3, 2);
+        let mut z = 12345u64;
+        let mut rnd = |n: usize| -> Vec<f16> {
+            (0..n)
+                .map(|_| {
+                    z = z.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    #[expect(clippy::cast_precision_loss, reason = "test data")]
+                    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+                    f16::from_f32(u - 0.5)
+                })
+                .collect()
+        };
+        let (q, kn, vn) = (rnd(rows * hd), rnd(rows * hd), rnd(rows * hd));
+        let (mut kc, mut vc) = (rnd(rows * cap * hd), rnd(rows * cap * hd));
+        let (k0, v0) = (kc.clone(), vc.clone());
+        let starts = [0, 3, 5, 1];
+        let mut out = vec![f16::ZERO; rows * hd];
+        let d = Dims { rows, hd, cap, past, nh, row0 };
+        decode(&q, &kn, &vn, &mut kc, &mut vc, &mut out, &starts, d);
+        for r in 0..rows {
+            let lo = usize::try_from(starts[(row0 + r) / nh]).unwrap();
+            let key = |p: usize| {
+                if p == past {
+                    &kn[r * hd..(r + 1) * hd]
+                } else {
+                    &k0[(r * cap + p) * hd..(r * cap + p + 1) * hd]
+                }
+            };
+            let val = |p: usize| {
+                if p == past {
+                    &vn[r * hd..(r + 1) * hd]
+                } else {
+                    &v0[(r * cap + p) * hd..(r * cap + p + 1) * hd]
+                }
+            };
+            let s: Vec<f64> = (lo..=past)
+                .map(|p| {
+                    key(p)
+                        .iter()
+                        .zip(&q[r * hd..])
+                        .map(|(a, b)| f64::from(a.to_f32()) * f64::from(b.to_f32()))
+                        .sum()
+                })
+                .collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for j in 0..hd {
+                let want: f64 = (lo..=past)
+                    .zip(&e)
+                    .map(|(p, w)| w * f64::from(val(p)[j].to_f32()))
+                    .sum::<f64>()
+                    / sum;
+                let got = f64::from(out[r * hd + j].to_f32());
+                assert!((want - got).abs() < 2e-3, "row {r} dim {j}: {want} vs {got}");
+            }
+            assert_eq!(
+                &kc[(r * cap + past) * hd..(r * cap + past + 1) * hd],
+                &kn[r * hd..(r + 1) * hd]
+            );
+            assert_eq!(
+                &vc[(r * cap + past) * hd..(r * cap + past + 1) * hd],
+                &vn[r * hd..(r + 1) * hd]
+            );
+            assert_eq!(kc[(r * cap) * hd], k0[(r * cap) * hd], "earlier positions untouched");
+        }
+    }
+}
