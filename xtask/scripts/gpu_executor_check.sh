@@ -6,35 +6,35 @@
 # dummy model. Usage: gpu_executor_check.sh [BIN_DIR]   (default target/release)
 B=${1:-target/release}
 fail=0; n=0
+one() { # label, then flexgen-run arguments: one CUDA run compared with /tmp/ref.txt
+  local label=$1; shift
+  n=$((n+1))
+  if ! "$B/flexgen-run" "$@" --ignore-eos --device cuda --offload-dir /tmp/flexgen-check > /tmp/gpu.txt 2> /tmp/gpu.err; then
+    echo "FAIL $label: CUDA executor"; tail -3 /tmp/gpu.err; fail=1; return
+  fi
+  if ! cmp -s /tmp/ref.txt /tmp/gpu.txt; then
+    echo "DIFF $label"; diff /tmp/ref.txt /tmp/gpu.txt | head -6; fail=1
+  fi
+}
+SPLITS=("--gpu-batch-size 4 --num-gpu-batches 1" "--gpu-batch-size 2 --num-gpu-batches 2" "--gpu-batch-size 1 --num-gpu-batches 4")
 check() { # name, then flexgen-run arguments shared by both executors
   local name=$1; shift
   if ! "$B/flexgen-run" "$@" --ignore-eos > /tmp/ref.txt 2> /tmp/ref.err; then
     echo "FAIL $name: CPU executor"; tail -3 /tmp/ref.err; fail=1; return
   fi
+  # Weights on every tier, pinned or pageable.
   for pol in "100 0 100 0 100 0" "37.5 62.5 100 0 100 0" "0 100 100 0 100 0" "0 70 100 0 100 0" "20 30 100 0 100 0"; do
     for pin in 1 0; do
-      for split in "--gpu-batch-size 4 --num-gpu-batches 1" "--gpu-batch-size 2 --num-gpu-batches 2" "--gpu-batch-size 1 --num-gpu-batches 4"; do
-        n=$((n+1))
-        if ! "$B/flexgen-run" "$@" --ignore-eos --device cuda --percent $pol --pin-weight $pin $split --offload-dir /tmp/flexgen-check > /tmp/gpu.txt 2> /tmp/gpu.err; then
-          echo "FAIL $name [$pol pin $pin $split]: CUDA executor"; tail -3 /tmp/gpu.err; fail=1; continue
-        fi
-        if ! cmp -s /tmp/ref.txt /tmp/gpu.txt; then
-          echo "DIFF $name [$pol pin $pin $split]"; diff /tmp/ref.txt /tmp/gpu.txt | head -6; fail=1
-        fi
+      for split in "${SPLITS[@]}"; do
+        one "$name [$pol pin $pin $split]" "$@" --percent $pol --pin-weight $pin $split
       done
     done
   done
   # KV cache rows and activations off the GPU, with and without CPU attention.
   for pol in "100 0 0 100 100 0" "100 0 50 50 100 0" "100 0 100 0 0 100" "30 40 25 75 0 100" "0 70 0 100 100 0"; do
     for cc in false true; do
-      for split in "--gpu-batch-size 4 --num-gpu-batches 1" "--gpu-batch-size 2 --num-gpu-batches 2" "--gpu-batch-size 1 --num-gpu-batches 4"; do
-        n=$((n+1))
-        if ! "$B/flexgen-run" "$@" --ignore-eos --device cuda --percent $pol --cpu-cache-compute $cc $split --offload-dir /tmp/flexgen-check > /tmp/gpu.txt 2> /tmp/gpu.err; then
-          echo "FAIL $name [$pol cpu-attention $cc $split]: CUDA executor"; tail -3 /tmp/gpu.err; fail=1; continue
-        fi
-        if ! cmp -s /tmp/ref.txt /tmp/gpu.txt; then
-          echo "DIFF $name [$pol cpu-attention $cc $split]"; diff /tmp/ref.txt /tmp/gpu.txt | head -6; fail=1
-        fi
+      for split in "${SPLITS[@]}"; do
+        one "$name [$pol cpu-attention $cc $split]" "$@" --percent $pol --cpu-cache-compute $cc $split
       done
     done
   done
