@@ -190,6 +190,18 @@ impl BatchJob {
     pub fn run(&self, generator: &Generator<'_>, block: usize) -> anyhow::Result<BatchReport> {
         let started = std::time::Instant::now();
         let (pending, bad) = self.read_input()?;
+        // One job per output file: a second one would write the same requests again.
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.output)
+            .with_context(|| format!("opening the output {}", self.output.display()))?;
+        if let Err(e) = out.try_lock() {
+            bail!(
+                "{} is being written by another batch job ({e}); wait for it to finish or stop it",
+                self.output.display()
+            );
+        }
         let mut report = BatchReport {
             total: pending.len() + bad.len(),
             skipped_lines: bad.len(),
@@ -219,11 +231,7 @@ impl BatchJob {
             flexgen_runtime::Prompt::Text(t) => (t.len(), p.order),
             flexgen_runtime::Prompt::Tokens(t) => (t.len(), p.order),
         });
-        let mut out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.output)
-            .with_context(|| format!("opening the output {}", self.output.display()))?;
+        let mut out = out;
         let bar = if self.progress {
             let b = indicatif::ProgressBar::new(todo.len() as u64);
             b.set_style(

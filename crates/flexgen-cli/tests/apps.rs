@@ -70,6 +70,13 @@ fn a_killed_batch_job_resumes_with_nothing_lost_or_duplicated() {
         while lines_in(&out) < at_least && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+        if round == 0 {
+            // A second job on the same output is refused while the first runs.
+            let second = batch(&input, &out).output().unwrap();
+            assert!(!second.status.success());
+            let err = String::from_utf8_lossy(&second.stderr);
+            assert!(err.contains("being written by another batch job"), "{err}");
+        }
         child.kill().unwrap(); // SIGKILL: no chance to clean up
         child.wait().unwrap();
         let partial = results(&out);
