@@ -40,6 +40,22 @@ check() { # name, then flexgen-run arguments shared by both executors
   done
   echo "checked $name: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
 }
+# Compressed weights: the CUDA executor's packed arenas against the CPU executor's packed tensors
+# (the bundled model's weights are fp16, so both quantize the same values).
+checkc() {
+  if ! "$B/flexgen-run" "$@" --ignore-eos --compress-weight > /tmp/ref.txt 2> /tmp/ref.err; then
+    echo "FAIL compressed: CPU executor"; tail -3 /tmp/ref.err; fail=1; return
+  fi
+  for pol in "100 0 100 0 100 0" "0 100 100 0 100 0" "30 40 100 0 100 0"; do
+    for split in "${SPLITS[@]}"; do
+      one "compressed [$pol $split]" "$@" --compress-weight --percent $pol $split
+    done
+  done
+  echo "checked compressed weights: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
+}
+checkc --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
+  --prompt "In the beginning" --prompt "And God said, Let there be light: and there was light" \
+  --prompt "Jesus wept" --prompt "The LORD is my shepherd; I shall not want"
 check bundled --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
   --prompt "In the beginning" --prompt "And God said, Let there be light: and there was light" \
   --prompt "Jesus wept" --prompt "The LORD is my shepherd; I shall not want"

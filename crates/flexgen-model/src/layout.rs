@@ -216,6 +216,144 @@ impl LayerLayout {
     }
 }
 
+/// One quantized matrix of a packed arena.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedMatrix {
+    /// Elements of the fp16 arena it comes from (`rows × cols`, row-major).
+    pub src: Range<usize>,
+    pub rows: usize,
+    pub cols: usize,
+    /// Bytes of its codes and of its (min, scale) fp16 pairs in the packed arena.
+    pub codes: Range<usize>,
+    pub params: Range<usize>,
+}
+
+/// A layer's arena with its four matrices quantized (groups along dimension 0, the output rows,
+/// as `flexgen_tensor::quant` lays them out) and its vectors kept in fp16: the bytes that the
+/// tiers hold and PCIe carries when `compress_weight` is on. Dequantizing every matrix into its
+/// `src` range and copying `vectors` to `vec_src` gives back the (quantized) fp16 arena.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedLayout {
+    pub bits: u8,
+    pub group: usize,
+    /// q/k/v, o, fc1, fc2.
+    pub mats: [PackedMatrix; 4],
+    /// Bytes of the fp16 vectors (the arena's tail from the first LayerNorm weight).
+    pub vectors: Range<usize>,
+    /// Their elements in the fp16 arena.
+    pub vec_src: Range<usize>,
+    /// Bytes of the whole packed arena (a multiple of 256).
+    pub len: usize,
+}
+
+impl LayerLayout {
+    /// The packed form of this layout for `bits`-bit groups of `group` values.
+    pub fn packed(&self, bits: u8, group: usize) -> PackedLayout {
+        let h = self.hidden;
+        let mut at = 0usize;
+        let mut take = |n: usize| {
+            let r = at..at + n;
+            at = (at + n).next_multiple_of(256);
+            r
+        };
+        let mut mat = |src: &Range<usize>, rows: usize| {
+            let cols = src.len() / rows;
+            let groups = cols * rows.div_ceil(group);
+            let codes = take(groups * group * usize::from(bits) / 8);
+            let params = take(groups * 4);
+            PackedMatrix { src: src.clone(), rows, cols, codes, params }
+        };
+        let f = self.fc1_w.len() / h;
+        let mats = [
+            mat(&self.qkv_w, self.qkv_b.len()),
+            mat(&self.o_w, h),
+            mat(&self.fc1_w, f),
+            mat(&self.fc2_w, h),
+        ];
+        let vec_src = self.attn_norm_w.start..self.len;
+        let vectors = take(2 * vec_src.len());
+        PackedLayout { bits, group, mats, vectors, vec_src, len: at }
+    }
+}
+
+impl PackedLayout {
+    /// Packs the fp16 `arena` into `out` (`len` bytes), quantizing on all cores.
+    pub fn pack(&self, arena: &[f16], out: &mut [u8]) {
+        use flexgen_tensor::quant::{QuantSpec, quantize};
+        assert_eq!(out.len(), self.len, "out holds the packed arena");
+        out.fill(0);
+        let spec = QuantSpec { bits: self.bits, group: self.group, dim: 0 };
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        for m in &self.mats {
+            let src = &arena[m.src.clone()];
+            // Columns are the lines of groups: a range of columns packs to contiguous bytes.
+            let per = m.cols.div_ceil(threads).max(1);
+            let chunks = m.rows.div_ceil(self.group);
+            let code_bytes = chunks * self.group * usize::from(self.bits) / 8; // per column
+            let mut results: Vec<(usize, Vec<u8>, Vec<f16>)> = std::thread::scope(|s| {
+                let jobs: Vec<_> = (0..m.cols)
+                    .step_by(per)
+                    .map(|c0| {
+                        let c1 = (c0 + per).min(m.cols);
+                        s.spawn(move || {
+                            let w = c1 - c0;
+                            let mut x = vec![0f32; m.rows * w];
+                            for r in 0..m.rows {
+                                for c in c0..c1 {
+                                    x[r * w + c - c0] = src[r * m.cols + c].to_f32();
+                                }
+                            }
+                            let p = quantize(&x, &[m.rows, w], spec);
+                            (c0, p.data, p.params)
+                        })
+                    })
+                    .collect();
+                jobs.into_iter().map(|j| j.join().expect("packing thread")).collect()
+            });
+            results.sort_by_key(|r| r.0);
+            for (c0, data, ps) in results {
+                let at = m.codes.start + c0 * code_bytes;
+                out[at..at + data.len()].copy_from_slice(&data);
+                let at = m.params.start + c0 * chunks * 4;
+                for (i, v) in ps.iter().enumerate() {
+                    out[at + 2 * i..at + 2 * i + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        for (i, v) in arena[self.vec_src.clone()].iter().enumerate() {
+            let at = self.vectors.start + 2 * i;
+            out[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    /// The fp16 arena `packed` stands for (`arena_len` elements): the reference that the GPU's
+    /// dequantizing kernel must match.
+    pub fn unpack(&self, packed: &[u8], arena_len: usize) -> Vec<f16> {
+        use flexgen_tensor::quant::{Packed, QuantSpec, dequantize};
+        let mut arena = vec![f16::ZERO; arena_len];
+        for m in &self.mats {
+            let params = packed[m.params.clone()]
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let p = Packed {
+                shape: vec![m.rows, m.cols],
+                spec: QuantSpec { bits: self.bits, group: self.group, dim: 0 },
+                data: packed[m.codes.clone()].to_vec(),
+                params,
+            };
+            for (d, v) in arena[m.src.clone()].iter_mut().zip(dequantize(&p)) {
+                *d = f16::from_f32(v);
+            }
+        }
+        for (i, d) in arena[self.vec_src.clone()].iter_mut().enumerate() {
+            let at = self.vectors.start + 2 * i;
+            *d = f16::from_le_bytes([packed[at], packed[at + 1]]);
+        }
+        arena
+    }
+}
+
 /// A uniform value in [-1, 1) from a hash of (seed, layer, index) (the `SplitMix64` finalizer).
 fn unit(seed: u64, layer: usize, idx: usize) -> f32 {
     let mut z = seed
@@ -291,6 +429,35 @@ mod tests {
         // Padding between tensors is zero in one and hashed in the other: compare the tensors.
         for r in [&l.qkv_w, &l.o_w, &l.fc1_w, &l.fc2_w, &l.qkv_b, &l.attn_norm_w, &l.mlp_norm_b] {
             assert_eq!(&from_tensors[r.clone()], &direct[r.clone()]);
+        }
+    }
+
+    #[test]
+    fn a_packed_arena_unpacks_to_each_matrix_quantized_and_the_vectors_unchanged() {
+        use flexgen_tensor::quant::{QuantSpec, dequantize, quantize};
+        let spec = ModelSpec { num_layers: 1, ..crate::spec_by_name("opt-125m").unwrap() };
+        let l = LayerLayout::new(&spec).unwrap();
+        let mut arena = vec![f16::ZERO; l.len];
+        l.fill_dummy(DummyInit::Random { seed: 3 }, 0, 0..l.len, &mut arena);
+        for bits in [4u8, 8] {
+            let p = l.packed(bits, 64);
+            assert!(p.len < l.bytes() * usize::from(bits) / 12, "packed is smaller");
+            let mut bytes = vec![0u8; p.len];
+            p.pack(&arena, &mut bytes);
+            let back = p.unpack(&bytes, l.len);
+            for m in &p.mats {
+                let x: Vec<f32> = arena[m.src.clone()].iter().map(|v| v.to_f32()).collect();
+                let want = dequantize(&quantize(
+                    &x,
+                    &[m.rows, m.cols],
+                    QuantSpec { bits, group: 64, dim: 0 },
+                ));
+                let got: Vec<f32> = back[m.src.clone()].iter().map(|v| v.to_f32()).collect();
+                let close =
+                    want.iter().zip(&got).all(|(a, b)| (a - b).abs() <= 1e-3 * a.abs().max(1e-2));
+                assert!(close, "matrix at {:?}, {bits} bits", m.src);
+            }
+            assert_eq!(&back[p.vec_src.clone()], &arena[p.vec_src.clone()]);
         }
     }
 

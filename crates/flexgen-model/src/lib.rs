@@ -22,7 +22,7 @@ pub use catalog::{known_names, opt_spec, spec_by_name};
 pub use config::spec_from_config_json;
 pub use error::{Error, Result};
 pub use flexgen_policy::ModelSpec;
-pub use layout::LayerLayout;
+pub use layout::{LayerLayout, PackedLayout, PackedMatrix};
 pub use source::{ModelFiles, WeightFiles, resolve};
 pub use tokenizer::Tokenizer;
 pub use weights::{DummyInit, LayerWeights, Linear, Mlp, Norm, SafetensorsStore, Weights};

@@ -31,7 +31,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
-use flexgen_model::{LayerLayout, Model};
+use flexgen_model::{LayerLayout, Model, PackedLayout};
 use flexgen_policy::{Policy, PositionKind, Tier};
 use flexgen_tensor::cuda::exec::{AttnDims, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d};
 use flexgen_tensor::cuda::{
@@ -131,8 +131,16 @@ pub struct GpuGenerator<'m> {
     gpu: Gpu,
     load: Arc<CudaStream>,
     layout: LayerLayout,
-    /// Elements of each arena resident on the GPU (`0..g_end`), in CPU memory (`g_end..c_end`);
-    /// the rest is on disk.
+    /// With `compress_weight`: the packed form of each arena, which the tiers hold and move.
+    packed: Option<PackedLayout>,
+    /// fp16 units of the stored arena: `layout.len`, or half the packed bytes.
+    unit_len: usize,
+    /// With `compress_weight`: the fp16 arena each layer is dequantized into before use.
+    unpacked: Option<CudaSlice<f16>>,
+    /// The last layer packed at set-up (packing once serves its GPU, CPU and disk parts).
+    packed_memo: std::cell::RefCell<Option<(usize, Vec<f16>)>>,
+    /// Units of each stored arena resident on the GPU (`0..g_end`), in CPU memory
+    /// (`g_end..c_end`); the rest is on disk.
     g_end: usize,
     c_end: usize,
     /// (sequence, head) rows of each (layer, batch) cache on the GPU; the rest are on the CPU.
@@ -248,8 +256,14 @@ impl<'m> GpuGenerator<'m> {
                 ));
             }
         };
-        if policy.compress_weight.enabled || policy.compress_cache.enabled {
-            return Err(refuse("compress_weight", "4-bit compression"));
+        if policy.compress_cache.enabled {
+            return Err(refuse("compress_cache", "a compressed KV cache"));
+        }
+        if policy.compress_weight.enabled && policy.compress_weight.group_dim != 0 {
+            return Err(refuse(
+                "compress_weight.group_dim",
+                "weight groups along a dimension other than 0",
+            ));
         }
         let spec = &model.spec;
         if spec.num_kv_heads != spec.num_heads {
@@ -272,16 +286,20 @@ impl<'m> GpuGenerator<'m> {
                 message: "the model's layers were not loaded".into(),
             });
         }
+        let packed = policy.compress_weight.enabled.then(|| {
+            layout.packed(policy.compress_weight.bits, policy.compress_weight.group_size as usize)
+        });
+        let unit_len = packed.as_ref().map_or(layout.len, |p| p.len / 2);
         #[expect(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,
             clippy::cast_precision_loss,
             reason = "0 ≤ share·len ≤ len"
         )]
-        let cut = |pct: f64| ((layout.len as f64 * pct / 100.0).round() as usize).min(layout.len);
+        let cut = |pct: f64| ((unit_len as f64 * pct / 100.0).round() as usize).min(unit_len);
         let g_end = cut(p.weights.gpu);
         let c_end = cut(p.weights.gpu + p.weights.cpu).max(g_end);
-        let disk_dir = if c_end < layout.len {
+        let disk_dir = if c_end < unit_len {
             Some(policy.offload_dir.clone().ok_or_else(|| Error::Config {
                 field: "offload_dir",
                 message: "weights on disk need offload_dir (--offload-dir DIR)".into(),
@@ -295,9 +313,10 @@ impl<'m> GpuGenerator<'m> {
         // which the load stream writes only between `freed` and `loaded` events.
         unsafe { gpu.ctx.disable_event_tracking() };
         let load = gpu.ctx.new_stream().map_err(drv)?;
-        let bytes = Self::plan_bytes(model, &policy, &layout, g_end, gpu_rows, capacity);
+        let bytes =
+            Self::plan_bytes(model, &policy, (&layout, unit_len), g_end, gpu_rows, capacity);
         let host =
-            Self::plan_host_bytes(model, &policy, &layout, (g_end, c_end), gpu_rows, capacity);
+            Self::plan_host_bytes(model, &policy, unit_len, (g_end, c_end), gpu_rows, capacity);
         if let Some(avail) = mem_available() {
             let avail = avail.saturating_sub(2 << 30);
             if host > avail {
@@ -346,6 +365,10 @@ impl<'m> GpuGenerator<'m> {
             gpu,
             load,
             layout,
+            packed,
+            unit_len,
+            unpacked: None,
+            packed_memo: std::cell::RefCell::new(None),
             g_end,
             c_end,
             gpu_rows,
@@ -401,7 +424,7 @@ impl<'m> GpuGenerator<'m> {
     fn plan_bytes(
         model: &Model,
         policy: &Policy,
-        layout: &LayerLayout,
+        (layout, unit_len): (&LayerLayout, usize),
         g_end: usize,
         gpu_rows: usize,
         c: GpuCapacity,
@@ -422,7 +445,10 @@ impl<'m> GpuGenerator<'m> {
         let rows = b * t;
         let cpu_rows = b * u64::from(s.num_kv_heads) - gpu_rows as u64;
         let act_on_gpu = policy.placement.activations.single_tier() == Some(Tier::Gpu);
-        let staging = if g_end < layout.len { 2 * layout.bytes() as u64 } else { 0 };
+        let mut staging = if g_end < unit_len { 4 * unit_len as u64 } else { 0 };
+        if policy.compress_weight.enabled {
+            staging += layout.bytes() as u64; // the dequantized arena
+        }
         let tables = 2 * (model.spec.embedding_params());
         let new_kv = if cpu_rows == 0 {
             0
@@ -452,7 +478,7 @@ impl<'m> GpuGenerator<'m> {
     fn plan_host_bytes(
         model: &Model,
         policy: &Policy,
-        layout: &LayerLayout,
+        unit_len: usize,
         (g_end, c_end): (usize, usize),
         gpu_rows: usize,
         c: GpuCapacity,
@@ -470,13 +496,39 @@ impl<'m> GpuGenerator<'m> {
         } else {
             k * b * c.max_prompt as u64 * u64::from(s.hidden_size) * 2
         };
-        let ring =
-            if c_end < layout.len { 3 * align_up((layout.len - c_end) * 2) as u64 } else { 0 };
+        let ring = if c_end < unit_len { 3 * align_up((unit_len - c_end) * 2) as u64 } else { 0 };
         weights + cache + act + ring
     }
 
-    /// Fills `out` with elements `range` of layer `j`'s arena.
+    /// Fills `out` with units `range` of layer `j`'s stored arena (fp16 values, or the packed
+    /// bytes two to a unit).
     fn fill(
+        &self,
+        source: LayerSource,
+        j: usize,
+        range: std::ops::Range<usize>,
+        out: &mut [f16],
+    ) -> Result<()> {
+        if let Some(p) = &self.packed {
+            let mut memo = self.packed_memo.borrow_mut();
+            if memo.as_ref().is_none_or(|(l, _)| *l != j) {
+                let mut arena = vec![f16::ZERO; self.layout.len];
+                self.fill_plain(source, j, 0..self.layout.len, &mut arena)?;
+                let mut bytes = vec![0u8; p.len];
+                p.pack(&arena, &mut bytes);
+                let units =
+                    bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
+                *memo = Some((j, units));
+            }
+            let (_, units) = memo.as_ref().expect("filled above");
+            out.copy_from_slice(&units[range]);
+            return Ok(());
+        }
+        self.fill_plain(source, j, range, out)
+    }
+
+    /// Fills `out` with elements `range` of layer `j`'s fp16 arena.
+    fn fill_plain(
         &self,
         source: LayerSource,
         j: usize,
@@ -505,7 +557,7 @@ impl<'m> GpuGenerator<'m> {
         source: LayerSource,
         disk_dir: Option<&std::path::Path>,
     ) -> Result<()> {
-        let (len, g_end, c_end) = (self.layout.len, self.g_end, self.c_end);
+        let (len, g_end, c_end) = (self.unit_len, self.g_end, self.c_end);
         let n_layers = self.model.spec.num_layers as usize;
         let stream = self.gpu.stream.clone();
         let fill_started = Instant::now();
@@ -587,6 +639,11 @@ impl<'m> GpuGenerator<'m> {
             self.write_disk_tier(source, dir)?;
             self.setup_times.disk_write_s = t.elapsed().as_secs_f64();
         }
+        if self.packed.is_some() {
+            // SAFETY: fully written by the dequantizing kernels and the vector copy before use.
+            self.unpacked = Some(unsafe { stream.alloc::<f16>(self.layout.len) }.map_err(drv)?);
+        }
+        *self.packed_memo.borrow_mut() = None;
         if g_end < len {
             for _ in 0..2 {
                 // SAFETY: every staging arena is fully written before each use.
@@ -607,7 +664,7 @@ impl<'m> GpuGenerator<'m> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
         let path = dir.join(format!("flexgen-weights-{}.bin", std::process::id()));
         let file = DirectFile::create(&path).map_err(|e| io(&path, &e))?;
-        let elems = self.layout.len - self.c_end;
+        let elems = self.unit_len - self.c_end;
         let slot_bytes = align_up(elems * 2);
         let mut ring = Vec::new();
         let mut copied = Vec::new();
@@ -620,7 +677,7 @@ impl<'m> GpuGenerator<'m> {
         let n_layers = self.model.spec.num_layers as usize;
         for j in 0..n_layers {
             let buf = ring[0].as_f16_mut();
-            self.fill(source, j, self.c_end..self.layout.len, &mut buf[..elems])?;
+            self.fill(source, j, self.c_end..self.unit_len, &mut buf[..elems])?;
             file.write_aligned((j * slot_bytes) as u64, ring[0].as_bytes_mut())
                 .map_err(|e| io(&path, &e))?;
         }
@@ -647,7 +704,7 @@ impl<'m> GpuGenerator<'m> {
             (None, Some(d)) => (d.ring[0].as_f16(), at(addr(&self.stage[0]), self.c_end)),
             (None, None) => return Ok(0.0),
         };
-        let src = &src[..src.len().min(self.layout.len - self.g_end)];
+        let src = &src[..src.len().min(self.unit_len - self.g_end)];
         let t0 = new_timing_event(&self.gpu)?;
         let t1 = new_timing_event(&self.gpu)?;
         let reps = 3;
@@ -672,12 +729,12 @@ impl<'m> GpuGenerator<'m> {
 
     /// Bytes of weights that cross PCIe for every pass over the layers.
     pub fn weight_bytes_per_pass(&self) -> u64 {
-        (self.layout.len - self.g_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
+        (self.unit_len - self.g_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
     }
 
     /// Bytes of weights read from disk for every pass over the layers.
     pub fn disk_bytes_per_pass(&self) -> u64 {
-        (self.layout.len - self.c_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
+        (self.unit_len - self.c_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
     }
 
     /// Bytes of weights held on disk (the file's size).
@@ -802,7 +859,7 @@ impl<'m> GpuGenerator<'m> {
                 field: "offload_dir",
                 message: "the disk reader stopped".into(),
             })??;
-            let elems = self.layout.len - self.c_end;
+            let elems = self.unit_len - self.c_end;
             let src = &d.ring[ring].as_f16()[..elems];
             // SAFETY: the reader filled this ring buffer and touches it again only after
             // `copied[ring]` fires.
@@ -827,25 +884,46 @@ impl<'m> GpuGenerator<'m> {
     /// arena `slot` once the copies have landed and the GPU part has been copied in.
     fn layer_weights(&self, j: usize, slot: usize) -> Result<u64> {
         let home = &self.layers[j];
-        if self.g_end == self.layout.len {
-            return Ok(addr(home.gpu.as_ref().expect("a resident layer")));
-        }
-        let st = &self.gpu.stream;
-        st.wait(&self.loaded[slot]).map_err(drv)?;
-        let dst = addr(&self.stage[slot]);
-        if let Some(g) = &home.gpu {
-            // SAFETY: the staging arena's first `g_end` elements, from the resident part.
-            unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    dst,
-                    addr(g),
-                    2 * self.g_end,
-                    st.cu_stream(),
-                )
+        let stored = if self.g_end == self.unit_len {
+            addr(home.gpu.as_ref().expect("a resident layer"))
+        } else {
+            let st = &self.gpu.stream;
+            st.wait(&self.loaded[slot]).map_err(drv)?;
+            let dst = addr(&self.stage[slot]);
+            if let Some(g) = &home.gpu {
+                // SAFETY: the staging arena's first `g_end` units, from the resident part.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst,
+                        addr(g),
+                        2 * self.g_end,
+                        st.cu_stream(),
+                    )
+                }
+                .map_err(drv)?;
             }
-            .map_err(drv)?;
+            dst
+        };
+        let Some(p) = &self.packed else { return Ok(stored) };
+        // Packed: dequantize every matrix into the fp16 arena, copy the vectors beside them.
+        let out = addr(self.unpacked.as_ref().expect("allocated with the packed layout"));
+        let g = &self.gpu;
+        for m in &p.mats {
+            let (codes, params) = (stored + m.codes.start as u64, stored + m.params.start as u64);
+            g.dequant_dim0(codes, params, at(out, m.src.start), m.rows, m.cols, p.group, p.bits)
+                .map_err(cuda)?;
         }
-        Ok(dst)
+        // SAFETY: the vectors' bytes inside the stored arena, into their place in the fp16 one.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                at(out, p.vec_src.start),
+                stored + p.vectors.start as u64,
+                p.vectors.len(),
+                g.stream.cu_stream(),
+            )
+        }
+        .map_err(drv)?;
+        Ok(out)
     }
 
     /// The GPU address of GPU batch `kb`'s hidden state, copied in from the CPU first when
@@ -1105,7 +1183,7 @@ impl<'m> GpuGenerator<'m> {
     fn warm_up(&self, buf: &RunBuffers, t: usize) -> Result<()> {
         let b = self.policy.gpu_batch_size as usize;
         let st = &self.gpu.stream;
-        let w = if self.g_end == self.layout.len {
+        let w = if self.g_end == self.unit_len {
             self.layer_weights(0, 0)?
         } else {
             // Only the resident and CPU parts: the disk tier is warmed by the reader itself.
@@ -1208,7 +1286,7 @@ impl<'m> GpuGenerator<'m> {
         let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
         let n_layers = self.layers.len();
         let st = &self.gpu.stream;
-        let offloaded = self.g_end < self.layout.len;
+        let offloaded = self.g_end < self.unit_len;
         // Every GPU batch holds b sequences; a short last block is padded with copies of its
         // first prompt whose outputs are dropped.
         let t = block.iter().map(|&i| prompts[i].len()).max().unwrap_or(1);

@@ -40,8 +40,8 @@ same exact shares across GPU, CPU (pinned unless --pin-weight 0) and disk (direc
 layers ahead on a separate stream; the KV cache split by (sequence, head) rows between GPU and CPU,
 with CPU attention under --cpu-cache-compute; activations on the GPU or the CPU. The report gives
 the memory held per tier, the bytes moved, and each decode step against the PCIe (and disk)
-roofline measured in the same process. A KV cache on disk and 4-bit compression need --device cpu
-for now.";
+roofline measured in the same process. Compressed weights travel packed and are dequantized on the
+GPU per layer; a KV cache on disk and a compressed cache need --device cpu for now.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -226,7 +226,7 @@ struct RunArgs {
     #[command(flatten)]
     policy: PolicyArgs,
     /// Compute device: `cpu` (tiered executor, every policy) or `cuda` (GPU 0; greedy decoding;
-    /// every placement except a KV cache on disk; no compression yet).
+    /// every placement except a KV cache on disk; compressed weights, not a compressed cache).
     #[arg(long, value_enum, default_value = "cpu", help_heading = "Policy")]
     device: DeviceKind,
     /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.

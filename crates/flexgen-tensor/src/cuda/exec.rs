@@ -6,7 +6,7 @@
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::ops::rows;
+use super::ops::{grid, rows};
 use super::{CudaError, Gpu, dim};
 
 /// The device address of a buffer (the executor manages its lifetime and stream order).
@@ -427,6 +427,27 @@ impl Gpu {
         l.arg(&x).arg(&y).arg(&ai).arg(&ni).arg(&si).arg(&li).arg(&ci);
         // SAFETY: one block per sequence, reading its last row.
         unsafe { l.launch(rows(b))? };
+        Ok(())
+    }
+
+    /// Dequantizes a `[rows, cols]` matrix packed by `flexgen_tensor::quant` along dimension 0
+    /// (`codes`, fp16 `params` pairs) into fp16 `out`.
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
+    pub fn dequant_dim0(
+        &self,
+        codes: u64,
+        params: u64,
+        out: u64,
+        rows_: usize,
+        cols: usize,
+        group: usize,
+        bits: u8,
+    ) -> Result<(), CudaError> {
+        let (r, c, g, b) = (dim(rows_), dim(cols), dim(group), i32::from(bits));
+        let mut l = self.stream.launch_builder(&self.dequant_dim0);
+        l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&c).arg(&g).arg(&b);
+        // SAFETY: grid-stride over rows·cols outputs; the packed buffers hold every group.
+        unsafe { l.launch(grid(rows_ * cols))? };
         Ok(())
     }
 

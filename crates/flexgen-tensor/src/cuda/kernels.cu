@@ -247,3 +247,20 @@ extern "C" __global__ void argmax_rows(const half_t* x, unsigned int* out, int c
     }
     if (threadIdx.x == 0) out[blockIdx.x] = si[0];
 }
+
+// out[r, c] of a row-major [rows, cols] fp16 matrix from `bits`-bit codes grouped along the rows
+// (flexgen_tensor::quant with dim 0): group g = c·⌈rows/gs⌉ + r/gs holds rows r of column c, value
+// k = r % gs at code g·gs + k (4-bit: two per byte, the even one in the low nibble); params holds
+// (min, scale) fp16 per group. Grid-stride over the output.
+extern "C" __global__ void dequant_dim0(const unsigned char* codes, const half_t* params, half_t* out,
+                                        int rows, int cols, int gs, int bits) {
+    long long n = (long long)rows * cols;
+    long long chunks = (rows + gs - 1) / gs;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n; idx += (long long)gridDim.x * blockDim.x) {
+        long long r = idx / cols, c = idx % cols;
+        long long g = c * chunks + r / gs;
+        long long pos = g * gs + r % gs;
+        int code = bits == 4 ? (codes[pos >> 1] >> (4 * (int)(pos & 1))) & 15 : codes[pos];
+        out[idx] = f2h(h2f(params[2 * g]) + (float)code * h2f(params[2 * g + 1]));
+    }
+}

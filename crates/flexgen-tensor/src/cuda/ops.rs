@@ -54,6 +54,7 @@ pub struct Gpu {
     pub(super) causal_softmax: CudaFunction,
     pub(super) decode_attention: CudaFunction,
     pub(super) argmax_rows: CudaFunction,
+    pub(super) dequant_dim0: CudaFunction,
 }
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -71,7 +72,7 @@ fn arch(major: i32, minor: i32) -> Option<&'static str> {
     })
 }
 
-fn grid(n: usize) -> LaunchConfig {
+pub(super) fn grid(n: usize) -> LaunchConfig {
     let blocks = u32::try_from(n.div_ceil(256).clamp(1, 1 << 30)).expect("clamped");
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
@@ -117,6 +118,7 @@ impl Gpu {
             causal_softmax: f("causal_softmax")?,
             decode_attention: f("decode_attention")?,
             argmax_rows: f("argmax_rows")?,
+            dequant_dim0: f("dequant_dim0")?,
             _module: module,
             ctx,
             stream,
