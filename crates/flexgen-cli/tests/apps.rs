@@ -145,3 +145,66 @@ fn chat_in_a_terminal_streams_replies_resets_and_leaves_on_ctrl_d() {
     p.send(ControlCode::EndOfTransmission).unwrap();
     p.expect(Eof).unwrap();
 }
+
+#[test]
+fn plan_calibrate_refits_a_profile_to_run_reports() {
+    use flexgen_policy::{HardwareProfile, Placement, Policy, Workload};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let hw_path = root.join("policies/hardware/h200.toml");
+    let hw = HardwareProfile::from_toml_file(&hw_path).unwrap();
+    // The "measured" runs: the profile's predictions with copies 25 % slower.
+    let mut slow = hw.clone();
+    slow.gpu.as_mut().unwrap().h2d_pinned_bytes_per_s *= 0.75;
+    let spec = flexgen_model::spec_by_name("opt-30b").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (i, (pct, b, k)) in [
+        ([0.0, 100.0, 100.0, 0.0, 100.0, 0.0], 32, 2),
+        ([50.0, 50.0, 100.0, 0.0, 100.0, 0.0], 32, 2),
+        ([20.0, 80.0, 100.0, 0.0, 100.0, 0.0], 16, 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let policy = Policy {
+            placement: Placement::from_percent(pct).unwrap(),
+            gpu_batch_size: b,
+            num_gpu_batches: k,
+            ..Policy::default()
+        };
+        let w = Workload { prompt_len: 512, gen_len: 32, num_prompts: Some(b * k) };
+        let margins = flexgen_planner::Margins { gpu: 1.0, cpu: 1.0, disk: 1.0 };
+        let m = flexgen_planner::predict(&spec, &slow, &w, &policy, margins).unwrap();
+        let report = serde_json::json!({
+            "prefill_s": m.prefill_s,
+            "decode_s": m.decode_s,
+            "calibration": {
+                "spec": spec,
+                "policy": policy,
+                "workload": { "prompt_len": 512, "gen_len": 32, "num_prompts": b * k },
+            },
+        });
+        let f = dir.path().join(format!("run{i}.json"));
+        std::fs::write(&f, report.to_string()).unwrap();
+        files.push(f);
+    }
+    let out = dir.path().join("calibrated.toml");
+    let res = Command::new(env!("CARGO_BIN_EXE_flexgen-plan"))
+        .arg("--hardware")
+        .arg(&hw_path)
+        .arg("--calibrate")
+        .args(&files)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{text}{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        text.contains("| run0.json |") && text.contains("gpu.h2d_pinned_bytes_per_s ×"),
+        "{text}"
+    );
+    let refit = HardwareProfile::from_toml_file(&out).unwrap();
+    let ratio = refit.gpu.unwrap().h2d_pinned_bytes_per_s / hw.gpu.unwrap().h2d_pinned_bytes_per_s;
+    assert!((ratio - 0.75).abs() < 0.05, "refit copy rate ratio {ratio}");
+}

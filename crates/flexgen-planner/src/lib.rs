@@ -5,6 +5,7 @@
 //!
 //! Depends on `flexgen-policy` alone: it sees shapes and rates, never weights or devices.
 
+mod calibrate;
 pub mod cost;
 mod lp;
 
@@ -15,6 +16,7 @@ use flexgen_policy::{
     HardwareProfile, ModelSpec, Placement, Policy, Prediction, Tier, TierShares, Workload,
 };
 
+pub use calibrate::{Calibration, Observation, Phases, calibrate};
 pub use cost::{Choice, Lin, Margins, Terms};
 
 /// Errors from planning.

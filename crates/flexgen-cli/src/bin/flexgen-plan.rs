@@ -40,14 +40,19 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     hardware: PathBuf,
     /// Model: a name (opt-125m … opt-175b) or a Hugging Face model directory (its config.json).
-    #[arg(long, value_name = "NAME|DIR")]
-    model: String,
+    #[arg(long, value_name = "NAME|DIR", required_unless_present = "calibrate")]
+    model: Option<String>,
     /// Prompt length in tokens.
-    #[arg(long, value_name = "N")]
-    prompt_len: u32,
+    #[arg(long, value_name = "N", required_unless_present = "calibrate")]
+    prompt_len: Option<u32>,
     /// Tokens generated per prompt.
-    #[arg(long, value_name = "N")]
-    gen_len: u32,
+    #[arg(long, value_name = "N", required_unless_present = "calibrate")]
+    gen_len: Option<u32>,
+    /// Refit the profile's rates to measured runs: the JSON reports of `flexgen-run --json`
+    /// (any number, different policies). Prints predicted against measured before and after,
+    /// and writes the refit profile to --out.
+    #[arg(long, value_name = "RUN.json", num_args = 1..)]
+    calibrate: Vec<PathBuf>,
     /// Number of prompts in the job (default: the planner picks the block size freely).
     #[arg(long, value_name = "N")]
     num_prompts: Option<u32>,
@@ -89,6 +94,82 @@ struct Cli {
     explain: bool,
 }
 
+/// `--calibrate`: reads the runs, refits the profile, prints the table, writes the profile.
+fn run_calibrate(cli: &Cli, hw: &HardwareProfile) -> anyhow::Result<()> {
+    let mut obs = Vec::new();
+    for path in &cli.calibrate {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the run report {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!("{}: not a JSON run report (flexgen-run --json)", path.display())
+        })?;
+        let rec = v.get("calibration").with_context(|| {
+            format!(
+                "{}: no `calibration` record; rerun with this version of flexgen-run --json",
+                path.display()
+            )
+        })?;
+        let field = |name: &str| {
+            v.get(name)
+                .and_then(serde_json::Value::as_f64)
+                .with_context(|| format!("{}: no numeric `{name}`", path.display()))
+        };
+        let w = &rec["workload"];
+        let num = |k: &str| -> anyhow::Result<u32> {
+            Ok(u32::try_from(
+                w[k].as_u64().with_context(|| format!("{}: workload.{k}", path.display()))?,
+            )?)
+        };
+        obs.push(flexgen_planner::Observation {
+            label: path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            spec: serde_json::from_value(rec["spec"].clone())
+                .with_context(|| format!("{}: calibration.spec", path.display()))?,
+            policy: serde_json::from_value(rec["policy"].clone())
+                .with_context(|| format!("{}: calibration.policy", path.display()))?,
+            workload: Workload {
+                prompt_len: num("prompt_len")?,
+                gen_len: num("gen_len")?,
+                num_prompts: Some(num("num_prompts")?),
+            },
+            prefill_s: field("prefill_s")?,
+            decode_s: field("decode_s")?,
+        });
+    }
+    let cal = flexgen_planner::calibrate(hw, &obs)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "| run | measured s | predicted s (profile) | error | predicted s (refit) | error |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    for ((o, b), a) in obs.iter().zip(&cal.before).zip(&cal.after) {
+        let m = o.prefill_s + o.decode_s;
+        writeln!(
+            out,
+            "| {} | {m:.3} | {:.3} | {:+.1} % | {:.3} | {:+.1} % |",
+            o.label,
+            b.total_s(),
+            100.0 * (b.total_s() / m - 1.0),
+            a.total_s(),
+            100.0 * (a.total_s() / m - 1.0)
+        )?;
+    }
+    writeln!(out, "\nfactors applied to {}:", hw.name)?;
+    for (name, f) in &cal.factors {
+        if (f - 1.0).abs() > 1e-9 {
+            writeln!(out, "  {name} × {f:.3}")?;
+        }
+    }
+    if let Some(path) = &cli.out {
+        let mut p = cal.profile.clone();
+        p.source =
+            format!("{} calibrated to {} run(s) by flexgen-plan --calibrate", hw.source, obs.len());
+        p.write_toml_file(path).with_context(|| format!("writing {}", path.display()))?;
+        writeln!(out, "wrote {}", path.display())?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     flexgen_cli::main_with(&Cli::parse(), run)
 }
@@ -96,9 +177,15 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let hw = HardwareProfile::from_toml_file(&cli.hardware)
         .with_context(|| format!("reading hardware profile {}", cli.hardware.display()))?;
-    let spec = model_spec(&cli.model)?;
-    let workload =
-        Workload { prompt_len: cli.prompt_len, gen_len: cli.gen_len, num_prompts: cli.num_prompts };
+    if !cli.calibrate.is_empty() {
+        return run_calibrate(cli, &hw);
+    }
+    let spec = model_spec(cli.model.as_deref().context("--model is required")?)?;
+    let workload = Workload {
+        prompt_len: cli.prompt_len.context("--prompt-len is required")?,
+        gen_len: cli.gen_len.context("--gen-len is required")?,
+        num_prompts: cli.num_prompts,
+    };
     let opts = PlanOptions {
         gpu_mem_limit_bytes: cli.gpu_mem_limit,
         allow_compression: !cli.no_compression,
@@ -145,7 +232,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         writeln!(
             err,
             "{} on {} (prompt {}, gen {}): {} LPs solved in {:.3} s; best candidates:",
-            spec.name, hw.name, cli.prompt_len, cli.gen_len, plan.solved, plan.solve_s
+            spec.name, hw.name, workload.prompt_len, workload.gen_len, plan.solved, plan.solve_s
         )?;
         for (i, c) in plan.candidates.iter().enumerate() {
             print_candidate(&mut err, i + 1, c)?;

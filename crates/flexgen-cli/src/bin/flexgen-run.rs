@@ -398,6 +398,8 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         "direct_io": stats.direct_io,
         "projected": false,
         "predicted_tokens_per_s": p.prediction.as_ref().map(|x| x.throughput_tokens_per_s),
+        "predicted": p.prediction.as_ref().map(|x| serde_json::json!({ "prefill_s": x.prefill_s, "decode_s": x.decode_s })),
+        "calibration": calibration_record(&model, p, &requests, cli.max_new_tokens),
         "wall_s": started.elapsed().as_secs_f64(),
     });
     if cli.json {
@@ -456,6 +458,31 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         None => writeln!(err)?,
     }
     Ok(())
+}
+
+/// What `flexgen-plan --calibrate` needs from a run: the model's spec, the whole policy and the
+/// workload (measured phase times are the report's `prefill_s` and `decode_s`).
+fn calibration_record(
+    model: &Model,
+    policy: &flexgen_policy::Policy,
+    requests: &[Request],
+    max_new: usize,
+) -> serde_json::Value {
+    let prompt_len = requests
+        .iter()
+        .map(|r| match &r.prompt {
+            flexgen_runtime::Prompt::Tokens(t) => t.len(),
+            flexgen_runtime::Prompt::Text(t) => {
+                model.tokenizer.as_ref().and_then(|k| k.encode(t).ok()).map_or(t.len(), |v| v.len())
+            }
+        })
+        .max()
+        .unwrap_or(0);
+    serde_json::json!({
+        "spec": model.spec,
+        "policy": policy,
+        "workload": { "prompt_len": prompt_len, "gen_len": max_new, "num_prompts": requests.len() },
+    })
 }
 
 fn load_model(cli: &ModelArgs, cuda: bool, seed: u64) -> anyhow::Result<Model> {
@@ -653,6 +680,8 @@ fn run_cuda(
         },
         "projected": false,
         "predicted_tokens_per_s": policy.prediction.as_ref().map(|x| x.throughput_tokens_per_s),
+        "predicted": policy.prediction.as_ref().map(|x| serde_json::json!({ "prefill_s": x.prefill_s, "decode_s": x.decode_s })),
+        "calibration": calibration_record(model, policy, requests, cli.max_new_tokens),
         "wall_s": started.elapsed().as_secs_f64(),
     });
     if cli.json {

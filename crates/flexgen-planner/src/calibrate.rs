@@ -1,0 +1,209 @@
+//! Calibration: refit a hardware profile's rates so that the cost model predicts measured runs.
+//!
+//! Each rate the cost model reads (pinned copies, GEMM, attention and HBM rates of the GPU, CPU
+//! attention, disk reads and writes) gets a factor. The factors minimize the sum over runs and
+//! phases (prefill, decode) of the squared log ratio of predicted to measured time, by coordinate
+//! descent on a log grid that narrows each round; a rate no run depends on keeps factor 1. The
+//! result is the profile with its rates multiplied, and both predictions for every run.
+
+use flexgen_policy::{HardwareProfile, ModelSpec, Policy, Workload};
+
+use crate::{Margins, Result, predict};
+
+/// One measured run.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub label: String,
+    pub spec: ModelSpec,
+    pub workload: Workload,
+    pub policy: Policy,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+/// A run's predicted phase times.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Phases {
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+impl Phases {
+    pub fn total_s(&self) -> f64 {
+        self.prefill_s + self.decode_s
+    }
+}
+
+/// The refit profile and what it changes.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub profile: HardwareProfile,
+    /// (rate, factor applied).
+    pub factors: Vec<(&'static str, f64)>,
+    /// Per observation: predictions with the original and the refit profile.
+    pub before: Vec<Phases>,
+    pub after: Vec<Phases>,
+}
+
+/// Measured runs used the memory they used: no safety margins when predicting them.
+const FULL: Margins = Margins { gpu: 1.0, cpu: 1.0, disk: 1.0 };
+
+/// The rates calibration may scale.
+const RATES: [&str; 9] = [
+    "gpu.h2d_pinned_bytes_per_s",
+    "gpu.d2h_pinned_bytes_per_s",
+    "gpu.gemm_flops_per_s",
+    "gpu.attention_flops_per_s",
+    "gpu.hbm_bytes_per_s",
+    "cpu.attention_flops_per_s",
+    "cpu.gemm_flops_per_s",
+    "disk.read_bytes_per_s",
+    "disk.write_bytes_per_s",
+];
+
+fn scaled(hw: &HardwareProfile, f: &[f64]) -> HardwareProfile {
+    let mut h = hw.clone();
+    if let Some(g) = h.gpu.as_mut() {
+        g.h2d_pinned_bytes_per_s *= f[0];
+        g.d2h_pinned_bytes_per_s *= f[1];
+        g.gemm_flops_per_s *= f[2];
+        g.attention_flops_per_s *= f[3];
+        g.hbm_bytes_per_s *= f[4];
+    }
+    h.cpu.attention_flops_per_s *= f[5];
+    h.cpu.gemm_flops_per_s *= f[6];
+    h.disk.read_bytes_per_s *= f[7];
+    h.disk.write_bytes_per_s *= f[8];
+    h
+}
+
+fn predict_all(hw: &HardwareProfile, obs: &[Observation]) -> Result<Vec<Phases>> {
+    obs.iter()
+        .map(|o| {
+            let c = predict(&o.spec, hw, &o.workload, &o.policy, FULL)?;
+            Ok(Phases { prefill_s: c.prefill_s, decode_s: c.decode_s })
+        })
+        .collect()
+}
+
+/// Sum over runs and phases of the squared log ratio predicted / measured.
+fn loss(pred: &[Phases], obs: &[Observation]) -> f64 {
+    pred.iter()
+        .zip(obs)
+        .map(|(p, o)| {
+            let l = |a: f64, b: f64| if a > 0.0 && b > 0.0 { (a / b).ln().powi(2) } else { 0.0 };
+            l(p.prefill_s, o.prefill_s) + l(p.decode_s, o.decode_s)
+        })
+        .sum()
+}
+
+/// Refits `hw` to the observed runs.
+pub fn calibrate(hw: &HardwareProfile, obs: &[Observation]) -> Result<Calibration> {
+    let before = predict_all(hw, obs)?;
+    let mut f = vec![1.0f64; RATES.len()];
+    let mut best = loss(&before, obs);
+    // Coordinate descent over log-factors; each round tries a grid around the current value and
+    // halves the grid's span.
+    let mut span = 4.0f64.ln();
+    for _ in 0..12 {
+        for i in 0..f.len() {
+            let center = f[i].ln();
+            for step in -4..=4 {
+                let trial = (center + span * f64::from(step) / 4.0).exp().clamp(1e-3, 1e3);
+                let mut g = f.clone();
+                g[i] = trial;
+                let l = loss(&predict_all(&scaled(hw, &g), obs)?, obs);
+                if l < best - 1e-12 {
+                    best = l;
+                    f = g;
+                }
+            }
+        }
+        span /= 2.0;
+    }
+    let profile = scaled(hw, &f);
+    let after = predict_all(&profile, obs)?;
+    Ok(Calibration { profile, factors: RATES.iter().copied().zip(f).collect(), before, after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flexgen_policy::Placement;
+
+    fn h200() -> HardwareProfile {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/hardware/h200.toml");
+        HardwareProfile::from_toml_file(std::path::Path::new(path)).unwrap()
+    }
+
+    fn spec() -> ModelSpec {
+        flexgen_policy::ModelSpec {
+            name: "opt-30b".into(),
+            family: flexgen_policy::Family::Opt,
+            num_layers: 48,
+            hidden_size: 7168,
+            num_heads: 56,
+            num_kv_heads: 56,
+            ffn_size: 28672,
+            vocab_size: 50272,
+            max_positions: 2048,
+            norm: flexgen_policy::NormKind::LayerNorm { eps: 1e-5 },
+            mlp: flexgen_policy::MlpKind::Relu,
+            positions: flexgen_policy::PositionKind::Learned { offset: 2 },
+            pre_norm: true,
+            bias: true,
+            tie_embeddings: true,
+            bos_token_id: Some(2),
+            eos_token_id: Some(2),
+            pad_token_id: Some(1),
+        }
+    }
+
+    #[test]
+    fn recovers_rates_that_explain_the_runs() {
+        let hw = h200();
+        // The "machine" is the profile with slower copies and GEMMs and faster CPU attention.
+        let truth = [0.8, 1.0, 0.6, 1.0, 1.0, 1.5, 1.0, 1.0, 1.0];
+        let machine = scaled(&hw, &truth);
+        let w = Workload { prompt_len: 512, gen_len: 32, num_prompts: None };
+        let mut obs = Vec::new();
+        for (i, (pct, b, k, cc)) in [
+            ([0.0, 100.0, 100.0, 0.0, 100.0, 0.0], 32, 2, false),
+            ([50.0, 50.0, 100.0, 0.0, 100.0, 0.0], 32, 2, false),
+            ([20.0, 80.0, 0.0, 100.0, 0.0, 100.0], 48, 1, true),
+            ([0.0, 70.0, 100.0, 0.0, 100.0, 0.0], 32, 2, false),
+            ([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], 16, 1, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let policy = Policy {
+                placement: Placement::from_percent(pct).unwrap(),
+                gpu_batch_size: b,
+                num_gpu_batches: k,
+                cpu_cache_compute: cc,
+                ..Policy::default()
+            };
+            let c = predict(&spec(), &machine, &w, &policy, FULL).unwrap();
+            obs.push(Observation {
+                label: format!("run {i}"),
+                spec: spec(),
+                workload: w,
+                policy,
+                prefill_s: c.prefill_s,
+                decode_s: c.decode_s,
+            });
+        }
+        let cal = calibrate(&hw, &obs).unwrap();
+        let err = |p: &[Phases]| {
+            p.iter()
+                .zip(&obs)
+                .map(|(p, o)| (p.total_s() / (o.prefill_s + o.decode_s) - 1.0).abs())
+                .fold(0.0, f64::max)
+        };
+        assert!(err(&cal.before) > 0.15, "the uncalibrated profile is off: {}", err(&cal.before));
+        assert!(err(&cal.after) < 0.03, "calibrated within 3 %: {}", err(&cal.after));
+        let h2d = cal.factors.iter().find(|(n, _)| *n == "gpu.h2d_pinned_bytes_per_s").unwrap().1;
+        assert!((h2d - 0.8).abs() < 0.08, "recovers the copy rate: {h2d}");
+    }
+}
