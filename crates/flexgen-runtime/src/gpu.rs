@@ -776,6 +776,7 @@ impl<'m> GpuGenerator<'m> {
             .collect::<Result<Vec<Vec<_>>>>()?;
         let pinned = |n: usize| -> Result<HostMem> {
             let mut m = HostMem::new_f16(n.max(1)).map_err(cuda)?;
+            m.zero_parallel();
             m.pin(&self.gpu.ctx).map_err(cuda)?;
             Ok(m)
         };

@@ -197,6 +197,19 @@ impl HostMem {
         &mut self.map[..]
     }
 
+    /// Writes zeros on all cores: faults every page in parallel, so that [`HostMem::pin`] only
+    /// has to lock pages that exist (the driver faults missing ones on one thread).
+    pub fn zero_parallel(&mut self) {
+        let bytes = &mut self.map[..];
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let chunk = bytes.len().div_ceil(threads).max(1 << 20);
+        std::thread::scope(|s| {
+            for part in bytes.chunks_mut(chunk) {
+                s.spawn(move || part.fill(0));
+            }
+        });
+    }
+
     /// Page-locks the memory so the GPU copies it at full link speed.
     pub fn pin(&mut self, ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
         if self.pinned.is_some() {
