@@ -5,6 +5,8 @@
 //!   which the tests do).
 //! - `bench plan`: builds the release binaries and times `flexgen-plan` for every shipped hardware
 //!   profile × OPT-6.7B/30B/175B, printing a markdown table for docs/benchmarks.md.
+//! - `plot --input SWEEP.jsonl --out FIG.png [--title TEXT]`: the latency–throughput figure
+//!   (`plot.rs`).
 
 #![expect(clippy::print_stdout, reason = "xtask prints tables for the docs")]
 
@@ -13,6 +15,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+
+mod plot;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,8 +27,20 @@ fn main() -> anyhow::Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["ci"] => ci(&root),
         ["bench", "plan"] => bench_plan(&root),
+        ["plot", "--input", input, "--out", out, rest @ ..] => {
+            let title = match rest {
+                ["--title", t] => (*t).to_string(),
+                [] => "throughput against latency".to_string(),
+                _ => bail!(
+                    "usage: cargo xtask plot --input SWEEP.jsonl --out FIG.png [--title TEXT]"
+                ),
+            };
+            plot::draw(&plot::read(Path::new(input))?, &title, Path::new(out))
+        }
         _ => {
-            eprintln!("usage: cargo xtask ci | cargo xtask bench plan");
+            eprintln!(
+                "usage: cargo xtask ci | cargo xtask bench plan | cargo xtask plot --input SWEEP.jsonl --out FIG.png [--title TEXT]"
+            );
             bail!("unknown command {args:?}")
         }
     }
