@@ -5,6 +5,10 @@
 //!   which the tests do).
 //! - `bench plan`: builds the release binaries and times `flexgen-plan` for every shipped hardware
 //!   profile × OPT-6.7B/30B/175B, printing a markdown table for docs/benchmarks.md.
+//! - `bench gpu`: builds what the GPU machine runs (release binaries and the check programs,
+//!   stripped) into `.gpu/bin` and checks that FlexLLMGen's source and the anchor scripts are in
+//!   `.gpu/flex` and `.gpu/anchors`; then, there: `xtask/scripts/gpu_executor_check.sh`,
+//!   `gpu_runtime_bench.sh`, `gpu_suite.sh` (docs/benchmarks.md says which part gives what).
 //! - `plot --input SWEEP.jsonl --out FIG.png [--title TEXT]`: the latency–throughput figure
 //!   (`plot.rs`).
 
@@ -27,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["ci"] => ci(&root),
         ["bench", "plan"] => bench_plan(&root),
+        ["bench", "gpu"] => stage_gpu(&root),
         ["plot", "--input", input, "--out", out, rest @ ..] => {
             let title = match rest {
                 ["--title", t] => (*t).to_string(),
@@ -65,6 +70,46 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     cargo(root, &["test", "--workspace"])?;
     eprintln!("ci passed in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn stage_gpu(root: &Path) -> anyhow::Result<()> {
+    cargo(root, &["build", "--release", "--bins", "--examples"])?;
+    let dest = root.join(".gpu/bin");
+    std::fs::create_dir_all(&dest)?;
+    let rel = root.join("target/release");
+    for (dir, name) in [
+        ("", "flexgen-run"),
+        ("", "flexgen-plan"),
+        ("", "flexgen-profile"),
+        ("examples", "cuda_check"),
+        ("examples", "gpu_check"),
+    ] {
+        let to = dest.join(name);
+        std::fs::copy(rel.join(dir).join(name), &to)
+            .with_context(|| format!("copying {name} (did the build make it?)"))?;
+        let ok = Command::new("strip").arg(&to).status().is_ok_and(|s| s.success());
+        println!("{}{}", to.display(), if ok { "" } else { " (not stripped: no `strip`)" });
+    }
+    for (path, what) in [
+        (
+            ".gpu/flex/src/flexllmgen",
+            "FlexLLMGen's package (fetch github:FMInference/FlexLLMGen, then `git archive HEAD flexllmgen | tar x -C .gpu/flex/src`)",
+        ),
+        (
+            ".gpu/flex/flexllmgen.sh",
+            "the FlexLLMGen runner (copy ../shared/anchors/{flexllmgen.sh,run_flexllmgen.py} to .gpu/flex/)",
+        ),
+        (
+            ".gpu/anchors/hf_accel_opt.py",
+            "the Accelerate anchor (copy ../shared/anchors/ to .gpu/anchors/)",
+        ),
+    ] {
+        if !root.join(path).exists() {
+            println!("missing {path}: {what}");
+        }
+    }
+    println!("carry `.gpu` (keep it under 64 MiB; `/.gpu/` in .git/info/exclude)");
     Ok(())
 }
 
