@@ -1460,3 +1460,83 @@ fn new_event(gpu: &Gpu) -> Result<CudaEvent> {
 fn new_timing_event(gpu: &Gpu) -> Result<CudaEvent> {
     gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str) -> Model {
+        let spec = flexgen_model::spec_by_name(name).unwrap();
+        // Only the spec matters for planning; no weights are built.
+        Model {
+            weights: flexgen_model::Weights::dummy_tables(
+                &flexgen_model::ModelSpec { vocab_size: 8, max_positions: 8, ..spec.clone() },
+                flexgen_model::DummyInit::Ones,
+            )
+            .unwrap(),
+            spec,
+            tokenizer: None,
+            dir: None,
+        }
+    }
+
+    fn gib(b: u64) -> f64 {
+        b as f64 / f64::from(1u32 << 30)
+    }
+
+    /// The GPU bytes the executor planned in the device runs of docs/benchmarks.md (S1, S8 28×2).
+    #[test]
+    fn planned_gpu_bytes_match_the_device_reports() {
+        let m = model("opt-30b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let s1 = Policy {
+            placement: flexgen_policy::Placement::from_percent([
+                0.0, 100.0, 100.0, 0.0, 100.0, 0.0,
+            ])
+            .unwrap(),
+            gpu_batch_size: 32,
+            num_gpu_batches: 2,
+            ..Policy::default()
+        };
+        let b = GpuGenerator::plan_bytes(&m, &s1, (&layout, layout.len), 0, 32 * 56, cap);
+        // Reported: GPU 51.34 GiB (staging 2.30, KV cache 44.62, activations 3.72).
+        assert!((gib(b.total()) - 51.34).abs() < 0.01, "{}", gib(b.total()));
+        assert!((gib(b.cache) - 44.62).abs() < 0.01 && (gib(b.staging) - 2.30).abs() < 0.01);
+        let host =
+            GpuGenerator::plan_host_bytes(&m, &s1, layout.len, (0, layout.len), 32 * 56, cap);
+        assert!((gib(host) - 55.13).abs() < 0.01, "{}", gib(host)); // 55.13 GiB pinned
+        // With packed 4-bit weights the same run holds and moves about 0.28 of the bytes.
+        let p = layout.packed(4, 64);
+        let host_c =
+            GpuGenerator::plan_host_bytes(&m, &s1, p.len / 2, (0, p.len / 2), 32 * 56, cap);
+        let ratio = host_c as f64 / host as f64;
+        assert!((0.26..0.30).contains(&ratio), "{ratio}");
+    }
+
+    #[test]
+    fn cache_rows_on_the_cpu_move_out_of_the_gpu_plan() {
+        let m = model("opt-6.7b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let mut p = Policy { gpu_batch_size: 64, ..Policy::default() };
+        let all = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), layout.len, 64 * 32, cap);
+        // Reported for S4: GPU 33.41 GiB (weights 12.00, KV cache 17.00, activations 4.01).
+        assert!((gib(all.total()) - 33.41).abs() < 0.01, "{}", gib(all.total()));
+        p.placement =
+            flexgen_policy::Placement::from_percent([100.0, 0.0, 25.0, 75.0, 100.0, 0.0]).unwrap();
+        p.cpu_cache_compute = true;
+        let quarter =
+            GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), layout.len, 16 * 32, cap);
+        assert_eq!(quarter.cache * 4, all.cache, "a quarter of the rows on the GPU");
+        let host = GpuGenerator::plan_host_bytes(
+            &m,
+            &p,
+            layout.len,
+            (layout.len, layout.len),
+            16 * 32,
+            cap,
+        );
+        assert_eq!(host, all.cache * 3 / 4, "the rest on the CPU");
+    }
+}
