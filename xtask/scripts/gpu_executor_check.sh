@@ -62,5 +62,15 @@ check bundled --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
 check tiny --model crates/flexgen-model/test_data/tiny-random-opt --max-new-tokens 16 \
   --prompt "Hello" --prompt "the quick brown fox jumps over" --prompt "a" --prompt "to be or not to be"
 check opt-125m-random --model opt-125m --dummy random --seed 3 --prompt-len 12 --num-prompts 4 --max-new-tokens 8
+# Sampling on the CUDA executor: reproducible with a seed, different from greedy.
+S="--model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 --prompt In --prompt Jesus --device cuda --ignore-eos"
+"$B/flexgen-run" $S --temperature 0.8 --top-p 0.95 --seed 5 > /tmp/s1.txt 2>/dev/null
+"$B/flexgen-run" $S --temperature 0.8 --top-p 0.95 --seed 5 > /tmp/s2.txt 2>/dev/null
+"$B/flexgen-run" $S > /tmp/s3.txt 2>/dev/null
+if [ -s /tmp/s1.txt ] && cmp -s /tmp/s1.txt /tmp/s2.txt && ! cmp -s /tmp/s1.txt /tmp/s3.txt; then
+  echo "sampling: reproducible and not greedy"; head -1 /tmp/s1.txt
+else
+  echo "FAIL sampling"; cat /tmp/s1.txt /tmp/s2.txt /tmp/s3.txt | head -6; fail=1
+fi
 echo "$n CUDA runs compared; $( [ $fail = 0 ] && echo ALL EQUAL || echo FAILURES )"
 exit $fail

@@ -40,6 +40,9 @@ use flexgen_tensor::cuda::{
 use flexgen_tensor::host::{DirectFile, align_up};
 use half::f16;
 
+use rand::SeedableRng;
+
+use crate::sampling::Sampling;
 use crate::{Error, Result, RunStats, tiers::Traffic};
 
 /// Where the weights come from: a loaded model's layers, or dummy values made in place.
@@ -1149,6 +1152,7 @@ impl<'m> GpuGenerator<'m> {
         b: usize,
         t: usize,
         out: &mut [u32],
+        sample: Option<(&Sampling, &mut [rand_chacha::ChaCha8Rng])>,
     ) -> Result<()> {
         let g = &self.gpu;
         let (h, ..) = self.dims();
@@ -1165,6 +1169,27 @@ impl<'m> GpuGenerator<'m> {
         let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
         g.gemm(&Gemm::linear(b, vocab, h, addr(&buf.hn), head, addr(&buf.logits), false))
             .map_err(cuda)?;
+        if let Some((sampling, rngs)) = sample {
+            // Sampling runs on the host over the logits of the last positions (b × vocab).
+            let mut logits = vec![f16::ZERO; b * vocab];
+            // SAFETY: b·vocab values into a pageable vector of as many (returns once copied).
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut logits,
+                    addr(&buf.logits),
+                    g.stream.cu_stream(),
+                )
+            }
+            .map_err(drv)?;
+            let mut row = vec![0f32; vocab];
+            for ((o, l), rng) in out.iter_mut().zip(logits.chunks_exact(vocab)).zip(rngs) {
+                for (d, v) in row.iter_mut().zip(l) {
+                    *d = v.to_f32();
+                }
+                *o = crate::sampling::choose(&row, sampling, rng);
+            }
+            return Ok(());
+        }
         g.argmax_rows(addr(&buf.logits), addr(&buf.tok[kb]), b, vocab).map_err(cuda)?;
         // SAFETY: b tokens into a pageable slice of b (the call returns once copied).
         unsafe {
@@ -1203,7 +1228,7 @@ impl<'m> GpuGenerator<'m> {
         for (tt, past) in [(t, 0), (1, t)] {
             self.embed_batch(buf, 0, b * tt)?;
             self.layer(w, 0, 0, buf, &starts, b, tt, past)?;
-            self.next_tokens(buf, 0, b, tt, &mut out)?;
+            self.next_tokens(buf, 0, b, tt, &mut out, None)?;
         }
         self.freed[0].record(st).map_err(drv)?;
         st.synchronize().map_err(drv)?;
@@ -1216,6 +1241,19 @@ impl<'m> GpuGenerator<'m> {
         prompts: &[Vec<u32>],
         max_new: usize,
     ) -> Result<(Vec<Vec<u32>>, RunStats)> {
+        self.generate_with(prompts, max_new, Sampling::Greedy)
+    }
+
+    /// Generation of `max_new` tokens for each prompt with `sampling` (greedy decoding picks on
+    /// the GPU; sampling copies the last positions' logits to the host and draws there, each
+    /// prompt from its own stream seeded like [`crate::Generator`]'s).
+    pub fn generate_with(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        sampling: Sampling,
+    ) -> Result<(Vec<Vec<u32>>, RunStats)> {
+        sampling.validate()?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if longest > self.capacity.max_prompt || max_new > self.capacity.max_new {
             return Err(Error::Config {
@@ -1245,9 +1283,7 @@ impl<'m> GpuGenerator<'m> {
             std::thread::scope(|s| -> Result<()> {
                 let reader = self.disk.as_ref().map(|d| Reader::spawn(s, d, &self.gpu, passes));
                 self.run_block(
-                    prompts,
-                    block,
-                    max_new,
+                    (prompts, block, max_new, sampling),
                     &buf,
                     reader.as_ref(),
                     &mut stats,
@@ -1266,12 +1302,9 @@ impl<'m> GpuGenerator<'m> {
 
     /// One block: `b × k` sequences through prefill and `max_new − 1` decode steps, layer by
     /// layer, every GPU batch through a layer before the next layer.
-    #[expect(clippy::too_many_arguments, reason = "a block's inputs and accumulators")]
     fn run_block(
         &self,
-        prompts: &[Vec<u32>],
-        block: &[usize],
-        max_new: usize,
+        (prompts, block, max_new, sampling): (&[Vec<u32>], &[usize], usize, Sampling),
         buf: &RunBuffers,
         reader: Option<&Reader>,
         stats: &mut RunStats,
@@ -1322,6 +1355,24 @@ impl<'m> GpuGenerator<'m> {
             members.push(m);
             real.push(counts);
         }
+        // One random stream per prompt, seeded as the CPU generator seeds it.
+        let seed = match sampling {
+            Sampling::Random { seed, .. } => seed,
+            Sampling::Greedy => 0,
+        };
+        let mut rngs: Vec<Vec<rand_chacha::ChaCha8Rng>> = members
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|slot| {
+                        let i = slot.unwrap_or(block[0]) as u64;
+                        rand_chacha::ChaCha8Rng::seed_from_u64(
+                            seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
         let passes = max_new * n_layers;
         if offloaded {
             self.issue_load(0, 0, reader, traffic)?;
@@ -1353,8 +1404,10 @@ impl<'m> GpuGenerator<'m> {
                 }
                 pass += 1;
             }
-            for (kb, toks) in host_tok.iter_mut().enumerate() {
-                self.next_tokens(buf, kb, b, tt, toks)?;
+            for ((kb, toks), r) in host_tok.iter_mut().enumerate().zip(rngs.iter_mut()) {
+                let sample =
+                    matches!(sampling, Sampling::Random { .. }).then_some((&sampling, &mut r[..]));
+                self.next_tokens(buf, kb, b, tt, toks, sample)?;
             }
             st.synchronize().map_err(drv)?;
             for (kb, toks) in host_tok.iter().enumerate() {
