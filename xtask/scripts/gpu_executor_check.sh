@@ -6,6 +6,8 @@
 # dummy model. Usage: gpu_executor_check.sh [BIN_DIR]   (default target/release)
 B=${1:-target/release}
 fail=0; n=0
+# Logits of the executor against transformers' golden files, under four placements.
+"$B/executor_check" crates/flexgen-model/test_data/tiny-random-opt || fail=1
 one() { # label, then flexgen-run arguments: one CUDA run compared with /tmp/ref.txt
   local label=$1; shift
   n=$((n+1))

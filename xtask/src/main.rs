@@ -84,6 +84,7 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
         ("", "flexgen-profile"),
         ("examples", "cuda_check"),
         ("examples", "gpu_check"),
+        ("examples", "executor_check"),
     ] {
         let to = dest.join(name);
         std::fs::copy(rel.join(dir).join(name), &to)

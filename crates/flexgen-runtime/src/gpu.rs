@@ -1253,6 +1253,29 @@ impl<'m> GpuGenerator<'m> {
         max_new: usize,
         sampling: Sampling,
     ) -> Result<(Vec<Vec<u32>>, RunStats)> {
+        self.generate_inner(prompts, max_new, sampling, None)
+    }
+
+    /// Greedy generation that also returns, per prompt, the logits row (f32 of the fp16 values)
+    /// that chose each token: for checks against the CPU path and Hugging Face transformers.
+    pub fn generate_traced(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+    ) -> Result<(Vec<Vec<u32>>, Vec<Vec<Vec<f32>>>)> {
+        let mut logits = vec![Vec::new(); prompts.len()];
+        let (tokens, _) =
+            self.generate_inner(prompts, max_new, Sampling::Greedy, Some(&mut logits))?;
+        Ok((tokens, logits))
+    }
+
+    fn generate_inner(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        sampling: Sampling,
+        mut trace: Option<&mut Vec<Vec<Vec<f32>>>>,
+    ) -> Result<(Vec<Vec<u32>>, RunStats)> {
         sampling.validate()?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if longest > self.capacity.max_prompt || max_new > self.capacity.max_new {
@@ -1288,7 +1311,7 @@ impl<'m> GpuGenerator<'m> {
                     reader.as_ref(),
                     &mut stats,
                     &mut traffic,
-                    &mut outputs,
+                    (&mut outputs, trace.as_deref_mut()),
                 )
             })?;
         }
@@ -1309,7 +1332,7 @@ impl<'m> GpuGenerator<'m> {
         reader: Option<&Reader>,
         stats: &mut RunStats,
         traffic: &mut Traffic,
-        outputs: &mut [Vec<u32>],
+        (outputs, mut trace): (&mut [Vec<u32>], Option<&mut Vec<Vec<Vec<f32>>>>),
     ) -> Result<()> {
         let spec = &self.model.spec;
         let pad = spec.pad_token_id.unwrap_or(0);
@@ -1408,6 +1431,24 @@ impl<'m> GpuGenerator<'m> {
                 let sample =
                     matches!(sampling, Sampling::Random { .. }).then_some((&sampling, &mut r[..]));
                 self.next_tokens(buf, kb, b, tt, toks, sample)?;
+                if let Some(tr) = trace.as_deref_mut() {
+                    let vocab = spec.vocab_size as usize;
+                    let mut logits = vec![f16::ZERO; b * vocab];
+                    // SAFETY: b·vocab values into a pageable vector (returns once copied).
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(
+                            &mut logits,
+                            addr(&buf.logits),
+                            st.cu_stream(),
+                        )
+                    }
+                    .map_err(drv)?;
+                    for (slot, row) in members[kb].iter().zip(logits.chunks_exact(vocab)) {
+                        if let Some(i) = slot {
+                            tr[*i].push(row.iter().map(|v| v.to_f32()).collect());
+                        }
+                    }
+                }
             }
             st.synchronize().map_err(drv)?;
             for (kb, toks) in host_tok.iter().enumerate() {
