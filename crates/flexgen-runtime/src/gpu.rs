@@ -45,6 +45,9 @@ use rand::SeedableRng;
 use crate::sampling::Sampling;
 use crate::{Error, Result, RunStats, tiers::Traffic};
 
+/// Per prompt, the logits row that chose each generated token.
+pub type StepLogits = Vec<Vec<Vec<f32>>>;
+
 /// Where the weights come from: a loaded model's layers, or dummy values made in place.
 #[derive(Debug, Clone, Copy)]
 pub enum LayerSource {
@@ -1262,7 +1265,7 @@ impl<'m> GpuGenerator<'m> {
         &self,
         prompts: &[Vec<u32>],
         max_new: usize,
-    ) -> Result<(Vec<Vec<u32>>, Vec<Vec<Vec<f32>>>)> {
+    ) -> Result<(Vec<Vec<u32>>, StepLogits)> {
         let mut logits = vec![Vec::new(); prompts.len()];
         let (tokens, _) =
             self.generate_inner(prompts, max_new, Sampling::Greedy, Some(&mut logits))?;
@@ -1274,7 +1277,7 @@ impl<'m> GpuGenerator<'m> {
         prompts: &[Vec<u32>],
         max_new: usize,
         sampling: Sampling,
-        mut trace: Option<&mut Vec<Vec<Vec<f32>>>>,
+        mut trace: Option<&mut StepLogits>,
     ) -> Result<(Vec<Vec<u32>>, RunStats)> {
         sampling.validate()?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -1332,7 +1335,7 @@ impl<'m> GpuGenerator<'m> {
         reader: Option<&Reader>,
         stats: &mut RunStats,
         traffic: &mut Traffic,
-        (outputs, mut trace): (&mut [Vec<u32>], Option<&mut Vec<Vec<Vec<f32>>>>),
+        (outputs, mut trace): (&mut [Vec<u32>], Option<&mut StepLogits>),
     ) -> Result<()> {
         let spec = &self.model.spec;
         let pad = spec.pad_token_id.unwrap_or(0);

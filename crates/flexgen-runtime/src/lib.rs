@@ -21,6 +21,6 @@ pub use error::{Error, Result};
 pub use generate::{
     Completion, Event, FinishReason, GenerationConfig, Generator, Prompt, Request, RunStats,
 };
-pub use gpu::{GpuBytes, GpuCapacity, GpuGenerator, LayerSource};
+pub use gpu::{GpuBytes, GpuCapacity, GpuGenerator, LayerSource, StepLogits};
 pub use sampling::{Sampling, argmax, choose};
 pub use tiers::{Budgets, TierBytes, TierReport, Traffic, split_counts};
