@@ -2,7 +2,8 @@
 # Issue 6's GPU benchmarks, ours and the original FlexLLMGen on the same machine, in one or two
 # device calls (H200, dummy weights, prompt 512): S4, S1, S8 (gen 32), then S7 (gen 8, 30 % of
 # OPT-30B's weights on disk) and S8's largest block. Usage, in the repository root on the GPU
-# machine: `bash xtask/scripts/gpu_runtime_bench.sh [part1|part2|part3|all]` (part3: S1c, issue 7).
+# machine: `bash xtask/scripts/gpu_runtime_bench.sh [part1|part2|part3|part4|all]` (part3: S1c and
+# S1cc, part4: S3, issue 7).
 # BIN: stripped release binaries (default .gpu/bin); FLEX: FlexLLMGen's source and runner
 # (default .gpu/flex, see docs/benchmarks.md). Logs go to $OUT (default /tmp).
 set -o pipefail
@@ -32,4 +33,15 @@ fi
 if [ "$part" = part3 ] || [ "$part" = all ]; then
 echo "=== S1c ours"; $T flexgen-run --device cuda --model opt-30b --dummy --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --prompt-len 512 --max-new-tokens 32 --compress-weight -q 2>&1 | tee $OUT/s1c.log | tail -5
 FLEX_TAG=s1c FLEX_TIMEOUT=300 bash $FLEX/flexllmgen.sh "--model facebook/opt-30b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --prompt-len 512 --gen-len 32 --compress-weight"
+echo "=== S1cc ours (a larger block: the compressed cache takes 0.28 of the bytes)"; $T flexgen-run --device cuda --model opt-30b --dummy --percent 0 100 100 0 100 0 --gpu-batch-size 64 --num-gpu-batches 2 --prompt-len 512 --max-new-tokens 32 --compress-weight --compress-cache -q 2>&1 | tee $OUT/s1cc.log | tail -5
+FLEX_TAG=s1cc FLEX_TIMEOUT=300 bash $FLEX/flexllmgen.sh "--model facebook/opt-30b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --prompt-len 512 --gen-len 32 --compress-weight --compress-cache"
+fi
+if [ "$part" = part4 ] || [ "$part" = all ]; then
+echo "=== S3: OPT-175B, compressed weights and cache, the planner's policy for this machine"
+flexgen-plan --hardware policies/hardware/h200.toml --model opt-175b --prompt-len 512 --gen-len 32 --out $OUT/s3.toml --explain 2>&1 | tail -6
+$T flexgen-run --device cuda --policy $OUT/s3.toml --model opt-175b --dummy --prompt-len 512 --max-new-tokens 32 -q 2>&1 | tee $OUT/s3.log | tail -5
+pct=$(python3 -c "import tomllib;p=tomllib.load(open('$OUT/s3.toml','rb'));pl=p['placement'];print(*[round(pl[k][t]) for k in ('weights','kv_cache','activations') for t in ('gpu','cpu')])")
+bs=$(python3 -c "import tomllib;p=tomllib.load(open('$OUT/s3.toml','rb'));print(p['gpu_batch_size'],p['num_gpu_batches'])")
+set -- $bs
+FLEX_TAG=s3 FLEX_TIMEOUT=400 bash $FLEX/flexllmgen.sh "--model facebook/opt-175b --percent $pct --gpu-batch-size $1 --num-gpu-batches $2 --prompt-len 512 --gen-len 32 --compress-weight --compress-cache"
 fi

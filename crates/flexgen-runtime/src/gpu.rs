@@ -33,7 +33,9 @@ use std::time::Instant;
 use cudarc::driver::CudaEvent;
 use flexgen_model::{LayerLayout, Model, PackedLayout};
 use flexgen_policy::{Policy, PositionKind, Tier};
-use flexgen_tensor::cuda::exec::{AttnDims, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d};
+use flexgen_tensor::cuda::exec::{
+    AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
+};
 use flexgen_tensor::cuda::{
     CudaError, CudaSlice, CudaStream, Gpu, GpuTensor, HostMem, PinnedHostSlice,
 };
@@ -153,6 +155,8 @@ pub struct GpuGenerator<'m> {
     gpu_rows: usize,
     /// Decode attention of the CPU rows runs on the CPU.
     cpu_attention: bool,
+    /// With `compress_cache`: (bits, group) of the packed cache (all rows on the GPU).
+    cache_quant: Option<(u8, usize)>,
     /// Hidden states between layers live on the GPU (else in pinned CPU memory).
     act_on_gpu: bool,
     embed: GpuTensor,
@@ -199,6 +203,9 @@ fn drv(e: cudarc::driver::DriverError) -> Error {
     cuda(e.into())
 }
 
+/// One (layer, batch) of a compressed cache: codes of k and v, and their (min, scale) pairs.
+type PackedKv = ([CudaSlice<u8>; 2], [CudaSlice<f16>; 2]);
+
 /// Per-run buffers: the hidden state of every GPU batch, shared scratch, the KV cache.
 struct RunBuffers {
     x: Vec<CudaSlice<f16>>,
@@ -213,6 +220,8 @@ struct RunBuffers {
     logits: CudaSlice<f16>,
     /// `[layer][batch]` → (k, v) of the GPU rows, each `[gpu_rows, cap, hd]`.
     kv: Vec<Vec<(CudaSlice<f16>, CudaSlice<f16>)>>,
+    /// With a compressed cache: `[layer][batch]` → codes (k, v) and params (k, v) of every row.
+    kvq: Vec<Vec<PackedKv>>,
     /// `[layer][batch]` → (k, v) of the CPU rows, each `[rows − gpu_rows, cap, hd]`, pinned.
     kv_cpu: Vec<Vec<(HostMem, HostMem)>>,
     /// k and v of the CPU rows on the GPU: the new positions (CPU attention, `[cpu_rows, t, hd]`)
@@ -262,8 +271,11 @@ impl<'m> GpuGenerator<'m> {
                 ));
             }
         };
-        if policy.compress_cache.enabled {
-            return Err(refuse("compress_cache", "a compressed KV cache"));
+        if policy.compress_cache.enabled && p.kv_cache.gpu < 100.0 {
+            return Err(refuse(
+                "compress_cache",
+                "a compressed KV cache off the GPU (a compressed cache must be 100 % on the GPU there)",
+            ));
         }
         if policy.compress_weight.enabled && policy.compress_weight.group_dim != 0 {
             return Err(refuse(
@@ -284,6 +296,10 @@ impl<'m> GpuGenerator<'m> {
         )]
         let gpu_rows = ((rows as f64 * p.kv_cache.gpu / 100.0).round() as usize).min(rows);
         let cpu_attention = policy.cpu_cache_compute && gpu_rows < rows;
+        let cache_quant = policy
+            .compress_cache
+            .enabled
+            .then_some((policy.compress_cache.bits, policy.compress_cache.group_size as usize));
         let layout = LayerLayout::new(spec)?;
         let n_layers = spec.num_layers as usize;
         if matches!(source, LayerSource::Loaded) && model.weights.layers.len() != n_layers {
@@ -379,6 +395,7 @@ impl<'m> GpuGenerator<'m> {
             c_end,
             gpu_rows,
             cpu_attention,
+            cache_quant,
             act_on_gpu,
             embed,
             pos_embed,
@@ -456,7 +473,10 @@ impl<'m> GpuGenerator<'m> {
             staging += layout.bytes() as u64; // the dequantized arena
         }
         let tables = 2 * (model.spec.embedding_params());
-        let new_kv = if cpu_rows == 0 {
+        let all_rows = b * u64::from(s.num_kv_heads);
+        let new_kv = if policy.compress_cache.enabled {
+            2 * all_rows * cap * hd // the fp16 working area of one (layer, batch)
+        } else if cpu_rows == 0 {
             0
         } else if policy.cpu_cache_compute {
             2 * cpu_rows * t * hd
@@ -474,7 +494,19 @@ impl<'m> GpuGenerator<'m> {
             weights: layers * g_end as u64 * 2,
             staging,
             tables,
-            cache: layers * k * 2 * gpu_rows as u64 * cap * hd * 2,
+            cache: if policy.compress_cache.enabled {
+                let q = CacheQuant {
+                    rows: usize::try_from(all_rows).expect("fits"),
+                    cap: usize::try_from(cap).expect("fits"),
+                    hd: usize::try_from(hd).expect("fits"),
+                    group: policy.compress_cache.group_size as usize,
+                    bits: policy.compress_cache.bits,
+                };
+                let (codes, params) = q.sizes();
+                layers * k * 2 * (codes + 2 * params) as u64
+            } else {
+                layers * k * 2 * gpu_rows as u64 * cap * hd * 2
+            },
             activations: 2 * (if act_on_gpu { k } else { 1 } * rows * h + scratch),
         }
     }
@@ -776,7 +808,25 @@ impl<'m> GpuGenerator<'m> {
         let st = &self.gpu.stream;
         // SAFETY: every buffer is written by a kernel or copy before it is read.
         let f = |n: usize| unsafe { st.alloc::<f16>(n.max(1)) }.map_err(drv);
-        let gr = self.gpu_rows;
+        // A compressed cache keeps no fp16 rows: every row is packed, and the working area holds
+        // one (layer, batch) in fp16 while it is used.
+        let gr = if self.cache_quant.is_some() { 0 } else { self.gpu_rows };
+        let kvq = match self.cache_quant {
+            Some((bits, group)) => {
+                let q = CacheQuant { rows: b * nkv, cap, hd, group, bits };
+                let (cb, pv) = q.sizes();
+                // SAFETY: written by `quant_cache` before `dequant_cache` reads a position.
+                let u8s = |n: usize| unsafe { st.alloc::<u8>(n.max(1)) }.map_err(drv);
+                (0..s.num_layers)
+                    .map(|_| {
+                        (0..k)
+                            .map(|_| Ok(([u8s(cb)?, u8s(cb)?], [f(pv)?, f(pv)?])))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        };
         let kv = (0..s.num_layers)
             .map(|_| (0..k).map(|_| Ok((f(gr * cap * hd)?, f(gr * cap * hd)?))).collect())
             .collect::<Result<Vec<Vec<_>>>>()?;
@@ -798,6 +848,8 @@ impl<'m> GpuGenerator<'m> {
             Vec::new()
         };
         let ncap = if self.cpu_attention { t } else { cap };
+        // The working area: the CPU rows' new positions or cache, or every row when compressed.
+        let work_rows = if self.cache_quant.is_some() { b * nkv } else { cpu_rows };
         let x_count = if self.act_on_gpu { k } else { 1 };
         // SAFETY: as above.
         let u = |n: usize| unsafe { st.alloc::<u32>(n.max(1)) }.map_err(drv);
@@ -814,8 +866,9 @@ impl<'m> GpuGenerator<'m> {
             logits: f(b * s.vocab_size as usize)?,
             kv,
             kv_cpu,
-            kn: f(cpu_rows * ncap * hd)?,
-            vn: f(cpu_rows * ncap * hd)?,
+            kn: f(work_rows * ncap * hd)?,
+            vn: f(work_rows * ncap * hd)?,
+            kvq,
             x_host: if self.act_on_gpu {
                 Vec::new()
             } else {
@@ -1017,6 +1070,27 @@ impl<'m> GpuGenerator<'m> {
             .map_err(cuda)?;
         #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "1/√hd")]
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        if let Some((bits, group)) = self.cache_quant {
+            // Every row packed: the past positions into the working area, the new ones written
+            // there, attention over it, then the new positions packed into the cache.
+            let q8 = CacheQuant { rows: all_rows, cap, hd, group, bits };
+            let ([ck, cv], [pk, pv]) = &buf.kvq[j][kb];
+            g.dequant_cache(addr(ck), addr(pk), kn, q8, (0, past)).map_err(cuda)?;
+            g.dequant_cache(addr(cv), addr(pv), vn, q8, (0, past)).map_err(cuda)?;
+            let new = NewKv { gpu_rows: 0, k: kn, v: vn, cap, past };
+            g.qkv_split(qkv, wq(&l.qkv_b), q, kn, vn, new, d, scale).map_err(cuda)?;
+            if t > 1 {
+                let (sc, cx) = (addr(&buf.scores), addr(&buf.ctx));
+                g.attention_prefill(q, kn, vn, cap, start, sc, cx, d, 0..all_rows).map_err(cuda)?;
+                g.merge_heads_raw(cx, att, d).map_err(cuda)?;
+            } else {
+                g.attention_decode(q, kn, vn, cap, start, att, d, 0..all_rows).map_err(cuda)?;
+            }
+            g.quant_cache(kn, addr(ck), addr(pk), q8, (past, t)).map_err(cuda)?;
+            g.quant_cache(vn, addr(cv), addr(pv), q8, (past, t)).map_err(cuda)?;
+            self.layer_mlp(w, x, buf, rows)?;
+            return self.hidden_out(buf, kb, rows * h);
+        }
         let (kc, vc) = (addr(&buf.kv[j][kb].0), addr(&buf.kv[j][kb].1));
         // Where the CPU rows' new k/v go on the GPU, and that buffer's positions per row.
         let (ncap, npast) = if self.cpu_attention { (t, 0) } else { (cap, past) };
@@ -1069,6 +1143,17 @@ impl<'m> GpuGenerator<'m> {
                 }
             }
         }
+        self.layer_mlp(w, x, buf, rows)?;
+        self.hidden_out(buf, kb, rows * h)
+    }
+
+    /// The rest of a layer after attention (`att` in the buffers): output projection and residual,
+    /// then the MLP block, on `x` (`rows` rows) in place.
+    fn layer_mlp(&self, w: u64, x: u64, buf: &RunBuffers, rows: usize) -> Result<()> {
+        let (l, g) = (&self.layout, &self.gpu);
+        let h = self.dims().0;
+        let (hn, att, eps) = (addr(&buf.hn), addr(&buf.att), self.eps());
+        let wq = |r: &std::ops::Range<usize>| at(w, r.start);
         g.gemm(&Gemm::linear(rows, h, h, att, wq(&l.o_w), x, true)).map_err(cuda)?;
         g.bias_act_raw(x, wq(&l.o_b), rows, h, false).map_err(cuda)?;
         g.layer_norm_raw(x, wq(&l.mlp_norm_w), wq(&l.mlp_norm_b), hn, rows, h, eps)
@@ -1078,8 +1163,7 @@ impl<'m> GpuGenerator<'m> {
         g.gemm(&Gemm::linear(rows, f, h, hn, wq(&l.fc1_w), f1, false)).map_err(cuda)?;
         g.bias_act_raw(f1, wq(&l.fc1_b), rows, f, true).map_err(cuda)?;
         g.gemm(&Gemm::linear(rows, h, f, f1, wq(&l.fc2_w), x, true)).map_err(cuda)?;
-        g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false).map_err(cuda)?;
-        self.hidden_out(buf, kb, rows * h)
+        g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false).map_err(cuda)
     }
 
     /// Decode attention of the CPU rows on the CPU: q and the new k/v of those rows come to
@@ -1609,6 +1693,30 @@ mod tests {
             GpuGenerator::plan_host_bytes(&m, &s1, p.len / 2, (0, p.len / 2), 32 * 56, cap);
         let ratio = host_c as f64 / host as f64;
         assert!((0.26..0.30).contains(&ratio), "{ratio}");
+    }
+
+    #[test]
+    fn a_compressed_cache_plans_about_a_quarter_of_the_bytes() {
+        let m = model("opt-30b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let mut p = Policy {
+            placement: flexgen_policy::Placement::from_percent([
+                0.0, 100.0, 100.0, 0.0, 100.0, 0.0,
+            ])
+            .unwrap(),
+            gpu_batch_size: 32,
+            num_gpu_batches: 2,
+            ..Policy::default()
+        };
+        let plain = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), 0, 32 * 56, cap);
+        p.compress_cache.enabled = true;
+        let packed = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), 0, 32 * 56, cap);
+        // 4-bit codes and an fp16 pair per 64 values: (32 + 4) / 128 of the fp16 bytes.
+        let ratio = packed.cache as f64 / plain.cache as f64;
+        assert!((ratio - 36.0 / 128.0).abs() < 1e-9, "{ratio}");
+        // One (layer, batch) in fp16 is the working area.
+        assert_eq!(packed.activations - plain.activations, 2 * 2 * 32 * 56 * 544 * 128);
     }
 
     #[test]

@@ -43,6 +43,26 @@ pub struct NewKv {
     pub past: usize,
 }
 
+/// The shape of a packed KV cache: `rows` (sequence, head) rows of `cap` positions of `hd`
+/// values, quantized to `bits` in groups of `group` along the head dimension.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheQuant {
+    pub rows: usize,
+    pub cap: usize,
+    pub hd: usize,
+    pub group: usize,
+    pub bits: u8,
+}
+
+impl CacheQuant {
+    /// Bytes of codes and fp16 values of parameters of the whole cache.
+    pub fn sizes(&self) -> (usize, usize) {
+        let groups = self.hd.div_ceil(self.group);
+        let slots = self.rows * self.cap;
+        (slots * groups * self.group * usize::from(self.bits) / 8, slots * groups * 2)
+    }
+}
+
 /// A 2-D copy: `height` rows of `width` bytes, `src_pitch`/`dst_pitch` bytes apart.
 #[derive(Debug, Clone, Copy)]
 pub struct Copy2d {
@@ -448,6 +468,61 @@ impl Gpu {
         l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&c).arg(&g).arg(&b);
         // SAFETY: grid-stride over rows·cols outputs; the packed buffers hold every group.
         unsafe { l.launch(grid(rows_ * cols))? };
+        Ok(())
+    }
+
+    /// Dequantizes positions `p0..p0 + np` of a packed KV cache (`codes`, fp16 `params`; groups
+    /// of `c.group` along the head dimension, see `kernels.cu`) into `out` `[rows, cap, hd]`.
+    pub fn dequant_cache(
+        &self,
+        codes: u64,
+        params: u64,
+        out: u64,
+        c: CacheQuant,
+        (p0, np): (usize, usize),
+    ) -> Result<(), CudaError> {
+        if np == 0 {
+            return Ok(());
+        }
+        let (r, cap, hd, gs, b, p0i, npi) =
+            (dim(c.rows), dim(c.cap), dim(c.hd), dim(c.group), i32::from(c.bits), dim(p0), dim(np));
+        let mut l = self.stream.launch_builder(&self.dequant_cache);
+        l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&cap).arg(&hd).arg(&gs).arg(&b);
+        l.arg(&p0i).arg(&npi);
+        // SAFETY: grid-stride over rows·np·hd outputs inside [rows, cap, hd]; p0 + np ≤ cap.
+        assert!(p0 + np <= c.cap, "positions inside the cache");
+        unsafe { l.launch(grid(c.rows * np * c.hd))? };
+        Ok(())
+    }
+
+    /// Quantizes positions `p0..p0 + np` of `x` `[rows, cap, hd]` into a packed KV cache, exactly
+    /// as `flexgen_tensor::quant` does.
+    pub fn quant_cache(
+        &self,
+        x: u64,
+        codes: u64,
+        params: u64,
+        c: CacheQuant,
+        (p0, np): (usize, usize),
+    ) -> Result<(), CudaError> {
+        if np == 0 {
+            return Ok(());
+        }
+        assert!(p0 + np <= c.cap, "positions inside the cache");
+        let groups = c.hd.div_ceil(c.group);
+        let warps = c.rows * np * groups;
+        let (r, cap, hd, gs, b, p0i, npi) =
+            (dim(c.rows), dim(c.cap), dim(c.hd), dim(c.group), i32::from(c.bits), dim(p0), dim(np));
+        let mut l = self.stream.launch_builder(&self.quant_cache);
+        l.arg(&x).arg(&codes).arg(&params).arg(&r).arg(&cap).arg(&hd).arg(&gs).arg(&b);
+        l.arg(&p0i).arg(&npi);
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(warps.div_ceil(8)).expect("fits"), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one warp per group of the positions, each writing its own codes and params.
+        unsafe { l.launch(cfg)? };
         Ok(())
     }
 

@@ -264,3 +264,81 @@ extern "C" __global__ void dequant_dim0(const unsigned char* codes, const half_t
         out[idx] = f2h(h2f(params[2 * g]) + (float)code * h2f(params[2 * g + 1]));
     }
 }
+
+// ---- KV cache quantization (flexgen_tensor::quant with groups along the head dimension) ----
+// A packed cache of `rows` (sequence, head) rows holds, per row and position, ⌈hd/gs⌉ groups:
+// codes [rows, cap, groups·gs·bits/8] bytes and params [rows, cap, groups, 2] fp16 (min, scale).
+
+__device__ __forceinline__ half_t f16_down(float x) {
+    half_t h = f2h(x);
+    if (h2f(h) > x) h = (h == 0) ? (half_t)0x8001 : ((h & 0x8000) ? h + 1 : h - 1);
+    return h;
+}
+__device__ __forceinline__ half_t f16_up(float x) { // x >= 0
+    half_t h = f2h(x);
+    if (h2f(h) < x) h = h + 1;
+    return h;
+}
+
+// out[r, p, d] (fp16 [rows, cap, hd]) for positions p0 ≤ p < p0 + np, from the packed cache.
+extern "C" __global__ void dequant_cache(const unsigned char* codes, const half_t* params, half_t* out,
+                                         int rows, int cap, int hd, int gs, int bits, int p0, int np) {
+    int groups = (hd + gs - 1) / gs, per = groups * gs;
+    long long n = (long long)rows * np * hd;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        int d = i % hd;
+        long long rp = i / hd;
+        int p = p0 + rp % np;
+        long long r = rp / np;
+        long long slot = r * cap + p;              // (row, position)
+        long long g = slot * groups + d / gs;      // group
+        long long pos = slot * per + d;            // code index
+        int code = bits == 4 ? (codes[pos >> 1] >> (4 * (int)(pos & 1))) & 15 : codes[pos];
+        out[slot * hd + d] = f2h(h2f(params[2 * g]) + (float)code * h2f(params[2 * g + 1]));
+    }
+}
+
+// Quantizes positions p0 ≤ p < p0 + np of x (fp16 [rows, cap, hd]) into the packed cache, exactly
+// as flexgen_tensor::quant does (min rounded down and scale rounded up to fp16, codes rounded to
+// nearest, padding of the last group with code 0). One warp per group.
+extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, half_t* params,
+                                       int rows, int cap, int hd, int gs, int bits, int p0, int np) {
+    int groups = (hd + gs - 1) / gs, per = groups * gs;
+    long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    long long total = (long long)rows * np * groups;
+    if (warp >= total) return;
+    int c = warp % groups;
+    long long rp = warp / groups;
+    int p = p0 + rp % np;
+    long long r = rp / np;
+    long long slot = r * cap + p;
+    const half_t* xr = x + slot * hd;
+    float lo = 3.0e38f, hi = -3.0e38f;
+    for (int k = lane; k < gs; k += 32) {
+        int d = c * gs + k;
+        if (d < hd) { float v = h2f(xr[d]); lo = fminf(lo, v); hi = fmaxf(hi, v); }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = fminf(lo, __shfl_xor_sync(0xffffffff, lo, o));
+        hi = fmaxf(hi, __shfl_xor_sync(0xffffffff, hi, o));
+    }
+    float levels = (float)((1 << bits) - 1);
+    half_t mn = f16_down(lo);
+    half_t sc = f16_up((hi - h2f(mn)) / levels);
+    float m = h2f(mn), s = h2f(sc);
+    long long g = slot * groups + c;
+    if (lane == 0) { params[2 * g] = mn; params[2 * g + 1] = sc; }
+    unsigned char* cr = codes + (slot * per + (long long)c * gs) * bits / 8;
+    int step = bits == 4 ? 2 : 1;  // values per byte
+    for (int byte = lane; byte < gs / step; byte += 32) {
+        unsigned int packed = 0;
+        for (int j = 0; j < step; j++) {
+            int k = byte * step + j, d = c * gs + k;
+            float v = d < hd ? h2f(xr[d]) : m;
+            int q = s > 0.f ? (int)fminf(fmaxf(roundf((v - m) / s), 0.f), levels) : 0;
+            packed |= (unsigned int)q << (4 * j * (bits == 4));
+        }
+        cr[byte] = (unsigned char)packed;
+    }
+}

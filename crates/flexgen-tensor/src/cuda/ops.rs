@@ -55,6 +55,8 @@ pub struct Gpu {
     pub(super) decode_attention: CudaFunction,
     pub(super) argmax_rows: CudaFunction,
     pub(super) dequant_dim0: CudaFunction,
+    pub(super) dequant_cache: CudaFunction,
+    pub(super) quant_cache: CudaFunction,
 }
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -119,6 +121,8 @@ impl Gpu {
             decode_attention: f("decode_attention")?,
             argmax_rows: f("argmax_rows")?,
             dequant_dim0: f("dequant_dim0")?,
+            dequant_cache: f("dequant_cache")?,
+            quant_cache: f("quant_cache")?,
             _module: module,
             ctx,
             stream,
