@@ -68,16 +68,19 @@ check opt-125m-random --model opt-125m --dummy random --seed 3 --prompt-len 12 -
 # ones, so a value near a code boundary may land in the next code and a near tie may flip).
 "$B/flexgen-run" --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 --ignore-eos \
   --prompt "In the beginning" --prompt "Jesus wept" --compress-cache > /tmp/ref.txt 2>/dev/null
-for split in "${SPLITS[@]}"; do
-  "$B/flexgen-run" --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 --ignore-eos \
-    --prompt "In the beginning" --prompt "Jesus wept" --compress-cache --compress-weight --device cuda $split > /tmp/gpu.txt 2> /tmp/gpu.err \
-    || { echo "FAIL compressed cache [$split]"; tail -3 /tmp/gpu.err; fail=1; continue; }
-  "$B/flexgen-run" --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 --ignore-eos \
-    --prompt "In the beginning" --prompt "Jesus wept" --compress-cache --device cuda $split > /tmp/gpu2.txt 2> /tmp/gpu.err \
-    || { echo "FAIL compressed cache [$split]"; tail -3 /tmp/gpu.err; fail=1; continue; }
-  echo "compressed cache [$split]: $(cmp -s /tmp/ref.txt /tmp/gpu2.txt && echo same tokens as the CPU executor || echo differs from the CPU executor)"
-  head -1 /tmp/gpu2.txt | cut -c1-120; head -1 /tmp/gpu.txt | cut -c1-120
+for pol in "100 0 100 0 100 0" "100 0 0 100 100 0" "30 70 50 50 0 100"; do
+  for split in "${SPLITS[@]}"; do
+    "$B/flexgen-run" --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 --ignore-eos \
+      --prompt "In the beginning" --prompt "Jesus wept" --compress-cache --device cuda --percent $pol $split > /tmp/gpu2.txt 2> /tmp/gpu.err \
+      || { echo "FAIL compressed cache [$pol $split]"; tail -3 /tmp/gpu.err; fail=1; continue; }
+    echo "compressed cache [$pol $split]: $(cmp -s /tmp/ref.txt /tmp/gpu2.txt && echo same tokens as the CPU executor || echo differs from the CPU executor)"
+  done
 done
+head -2 /tmp/gpu2.txt | cut -c1-120
+"$B/flexgen-run" --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 --ignore-eos \
+  --prompt "In the beginning" --prompt "Jesus wept" --compress-cache --compress-weight --device cuda > /tmp/gpu.txt 2> /tmp/gpu.err \
+  || { echo "FAIL compressed weights and cache"; tail -3 /tmp/gpu.err; fail=1; }
+head -1 /tmp/gpu.txt | cut -c1-120
 # Sampling on the CUDA executor: reproducible with a seed, different from greedy.
 S="--model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 --prompt In --prompt Jesus --device cuda --ignore-eos"
 "$B/flexgen-run" $S --temperature 0.8 --top-p 0.95 --seed 5 > /tmp/s1.txt 2>/dev/null

@@ -220,8 +220,12 @@ struct RunBuffers {
     logits: CudaSlice<f16>,
     /// `[layer][batch]` → (k, v) of the GPU rows, each `[gpu_rows, cap, hd]`.
     kv: Vec<Vec<(CudaSlice<f16>, CudaSlice<f16>)>>,
-    /// With a compressed cache: `[layer][batch]` → codes (k, v) and params (k, v) of every row.
+    /// With a compressed cache: `[layer][batch]` → codes (k, v) and params (k, v) of the GPU rows.
     kvq: Vec<Vec<PackedKv>>,
+    /// … of the CPU rows, pinned: codes (k, v) as pairs of bytes, params (k, v).
+    kvq_cpu: Vec<Vec<[HostMem; 4]>>,
+    /// The CPU rows' packed cache on its way through the GPU (one (layer, batch) at a time).
+    kvq_stage: Option<PackedKv>,
     /// `[layer][batch]` → (k, v) of the CPU rows, each `[rows − gpu_rows, cap, hd]`, pinned.
     kv_cpu: Vec<Vec<(HostMem, HostMem)>>,
     /// k and v of the CPU rows on the GPU: the new positions (CPU attention, `[cpu_rows, t, hd]`)
@@ -271,12 +275,7 @@ impl<'m> GpuGenerator<'m> {
                 ));
             }
         };
-        if policy.compress_cache.enabled && p.kv_cache.gpu < 100.0 {
-            return Err(refuse(
-                "compress_cache",
-                "a compressed KV cache off the GPU (a compressed cache must be 100 % on the GPU there)",
-            ));
-        }
+
         if policy.compress_weight.enabled && policy.compress_weight.group_dim != 0 {
             return Err(refuse(
                 "compress_weight.group_dim",
@@ -295,7 +294,9 @@ impl<'m> GpuGenerator<'m> {
             reason = "0 ≤ share·rows ≤ rows"
         )]
         let gpu_rows = ((rows as f64 * p.kv_cache.gpu / 100.0).round() as usize).min(rows);
-        let cpu_attention = policy.cpu_cache_compute && gpu_rows < rows;
+        // A compressed cache is attended on the GPU (as the original's compressed path does).
+        let cpu_attention =
+            policy.cpu_cache_compute && gpu_rows < rows && !policy.compress_cache.enabled;
         let cache_quant = policy
             .compress_cache
             .enabled
@@ -475,7 +476,16 @@ impl<'m> GpuGenerator<'m> {
         let tables = 2 * (model.spec.embedding_params());
         let all_rows = b * u64::from(s.num_kv_heads);
         let new_kv = if policy.compress_cache.enabled {
-            2 * all_rows * cap * hd // the fp16 working area of one (layer, batch)
+            // The fp16 working area of one (layer, batch), and the CPU rows' packed staging.
+            let q = CacheQuant {
+                rows: usize::try_from(cpu_rows).expect("fits"),
+                cap: usize::try_from(cap).expect("fits"),
+                hd: usize::try_from(hd).expect("fits"),
+                group: policy.compress_cache.group_size as usize,
+                bits: policy.compress_cache.bits,
+            };
+            let (codes, params) = q.sizes();
+            2 * all_rows * cap * hd + (codes + 2 * params) as u64
         } else if cpu_rows == 0 {
             0
         } else if policy.cpu_cache_compute {
@@ -496,7 +506,7 @@ impl<'m> GpuGenerator<'m> {
             tables,
             cache: if policy.compress_cache.enabled {
                 let q = CacheQuant {
-                    rows: usize::try_from(all_rows).expect("fits"),
+                    rows: gpu_rows,
                     cap: usize::try_from(cap).expect("fits"),
                     hd: usize::try_from(hd).expect("fits"),
                     group: policy.compress_cache.group_size as usize,
@@ -528,7 +538,19 @@ impl<'m> GpuGenerator<'m> {
         let cap = (c.max_prompt + c.max_new) as u64;
         let cpu_rows = b * u64::from(s.num_kv_heads) - gpu_rows as u64;
         let weights = layers * (c_end - g_end) as u64 * 2;
-        let cache = layers * k * 2 * cpu_rows * cap * hd * 2;
+        let cache = if policy.compress_cache.enabled {
+            let q = CacheQuant {
+                rows: usize::try_from(cpu_rows).expect("fits"),
+                cap: usize::try_from(cap).expect("fits"),
+                hd: usize::try_from(hd).expect("fits"),
+                group: policy.compress_cache.group_size as usize,
+                bits: policy.compress_cache.bits,
+            };
+            let (codes, params) = q.sizes();
+            layers * k * 2 * (codes + 2 * params) as u64
+        } else {
+            layers * k * 2 * cpu_rows * cap * hd * 2
+        };
         let act = if policy.placement.activations.single_tier() == Some(Tier::Gpu) {
             0
         } else {
@@ -813,7 +835,7 @@ impl<'m> GpuGenerator<'m> {
         let gr = if self.cache_quant.is_some() { 0 } else { self.gpu_rows };
         let kvq = match self.cache_quant {
             Some((bits, group)) => {
-                let q = CacheQuant { rows: b * nkv, cap, hd, group, bits };
+                let q = CacheQuant { rows: self.gpu_rows, cap, hd, group, bits };
                 let (cb, pv) = q.sizes();
                 // SAFETY: written by `quant_cache` before `dequant_cache` reads a position.
                 let u8s = |n: usize| unsafe { st.alloc::<u8>(n.max(1)) }.map_err(drv);
@@ -836,7 +858,26 @@ impl<'m> GpuGenerator<'m> {
             m.pin(&self.gpu.ctx).map_err(cuda)?;
             Ok(m)
         };
-        let kv_cpu = if cpu_rows > 0 {
+        let (kvq_cpu, kvq_stage) = match self.cache_quant {
+            Some((bits, group)) if cpu_rows > 0 => {
+                let q = CacheQuant { rows: cpu_rows, cap, hd, group, bits };
+                let (cb, pv) = q.sizes();
+                let host = (0..s.num_layers)
+                    .map(|_| {
+                        (0..k)
+                            .map(|_| {
+                                Ok([pinned(cb / 2)?, pinned(cb / 2)?, pinned(pv)?, pinned(pv)?])
+                            })
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                // SAFETY: filled by a copy or by `quant_cache` before each read.
+                let u8s = |n: usize| unsafe { st.alloc::<u8>(n.max(1)) }.map_err(drv);
+                (host, Some(([u8s(cb)?, u8s(cb)?], [f(pv)?, f(pv)?])))
+            }
+            _ => (Vec::new(), None),
+        };
+        let kv_cpu = if cpu_rows > 0 && self.cache_quant.is_none() {
             (0..s.num_layers)
                 .map(|_| {
                     (0..k)
@@ -869,6 +910,8 @@ impl<'m> GpuGenerator<'m> {
             kn: f(work_rows * ncap * hd)?,
             vn: f(work_rows * ncap * hd)?,
             kvq,
+            kvq_cpu,
+            kvq_stage,
             x_host: if self.act_on_gpu {
                 Vec::new()
             } else {
@@ -1038,6 +1081,7 @@ impl<'m> GpuGenerator<'m> {
         let d = AttnDims { b, t, nh, nkv, hd, cap, past };
         let (gr, all_rows) = (self.gpu_rows, b * nkv);
         let cpu_rows = all_rows - gr;
+        let gr_all = gr; // GPU rows of a compressed cache
         let (hn, qkv, q, att) = (addr(&buf.hn), addr(&buf.qkv), addr(&buf.q), addr(&buf.att));
         let start = addr(&buf.start[kb]);
         let (kn, vn) = (addr(&buf.kn), addr(&buf.vn));
@@ -1071,12 +1115,25 @@ impl<'m> GpuGenerator<'m> {
         #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "1/√hd")]
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         if let Some((bits, group)) = self.cache_quant {
-            // Every row packed: the past positions into the working area, the new ones written
-            // there, attention over it, then the new positions packed into the cache.
-            let q8 = CacheQuant { rows: all_rows, cap, hd, group, bits };
+            // Every row packed (GPU rows in GPU memory, CPU rows in pinned memory): the past
+            // positions are expanded into the working area, the new ones written there, attention
+            // reads it, then the new positions are packed back to each row's home.
+            let qg = CacheQuant { rows: gr_all, cap, hd, group, bits };
+            let qc = CacheQuant { rows: cpu_rows, ..qg };
             let ([ck, cv], [pk, pv]) = &buf.kvq[j][kb];
-            g.dequant_cache(addr(ck), addr(pk), kn, q8, (0, past)).map_err(cuda)?;
-            g.dequant_cache(addr(cv), addr(pv), vn, q8, (0, past)).map_err(cuda)?;
+            let (kn_c, vn_c) = (at(kn, gr_all * cap * hd), at(vn, gr_all * cap * hd));
+            g.dequant_cache(addr(ck), addr(pk), kn, qg, (0, past)).map_err(cuda)?;
+            g.dequant_cache(addr(cv), addr(pv), vn, qg, (0, past)).map_err(cuda)?;
+            if let Some(([sck, scv], [spk, spv])) = &buf.kvq_stage {
+                let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
+                if past > 0 {
+                    for (host, dst) in buf.kvq_cpu[j][kb].iter().zip(stage) {
+                        htod(st, dst, host.as_f16())?;
+                    }
+                    g.dequant_cache(stage[0], stage[2], kn_c, qc, (0, past)).map_err(cuda)?;
+                    g.dequant_cache(stage[1], stage[3], vn_c, qc, (0, past)).map_err(cuda)?;
+                }
+            }
             let new = NewKv { gpu_rows: 0, k: kn, v: vn, cap, past };
             g.qkv_split(qkv, wq(&l.qkv_b), q, kn, vn, new, d, scale).map_err(cuda)?;
             if t > 1 {
@@ -1086,8 +1143,36 @@ impl<'m> GpuGenerator<'m> {
             } else {
                 g.attention_decode(q, kn, vn, cap, start, att, d, 0..all_rows).map_err(cuda)?;
             }
-            g.quant_cache(kn, addr(ck), addr(pk), q8, (past, t)).map_err(cuda)?;
-            g.quant_cache(vn, addr(cv), addr(pv), q8, (past, t)).map_err(cuda)?;
+            g.quant_cache(kn, addr(ck), addr(pk), qg, (past, t)).map_err(cuda)?;
+            g.quant_cache(vn, addr(cv), addr(pv), qg, (past, t)).map_err(cuda)?;
+            if let Some(([sck, scv], [spk, spv])) = &buf.kvq_stage {
+                g.quant_cache(kn_c, addr(sck), addr(spk), qc, (past, t)).map_err(cuda)?;
+                g.quant_cache(vn_c, addr(scv), addr(spv), qc, (past, t)).map_err(cuda)?;
+                // Only the new positions go back to the CPU rows' home.
+                let groups = hd.div_ceil(group);
+                let code_b = groups * group * usize::from(bits) / 8; // per (row, position)
+                let par_b = groups * 4;
+                let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
+                for (i, (host, src)) in buf.kvq_cpu[j][kb].iter().zip(stage).enumerate() {
+                    let per = if i < 2 { code_b } else { par_b };
+                    let off = past * per;
+                    // SAFETY: rows of `cap` positions on both sides; t positions from `past`.
+                    unsafe {
+                        copy_2d(
+                            st,
+                            Mem::Device(src + off as u64),
+                            Mem::Host(host.ptr().cast::<u8>().add(off).cast_const()),
+                            Copy2d {
+                                width: t * per,
+                                height: cpu_rows,
+                                src_pitch: cap * per,
+                                dst_pitch: cap * per,
+                            },
+                        )
+                    }
+                    .map_err(cuda)?;
+                }
+            }
             self.layer_mlp(w, x, buf, rows)?;
             return self.hidden_out(buf, kb, rows * h);
         }
@@ -1717,6 +1802,15 @@ mod tests {
         assert!((ratio - 36.0 / 128.0).abs() < 1e-9, "{ratio}");
         // One (layer, batch) in fp16 is the working area.
         assert_eq!(packed.activations - plain.activations, 2 * 2 * 32 * 56 * 544 * 128);
+        // The original's compressed T4 policy: the packed cache on the CPU, none on the GPU.
+        p.placement =
+            flexgen_policy::Placement::from_percent([0.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap();
+        let on_cpu = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), 0, 0, cap);
+        assert_eq!(on_cpu.cache, 0);
+        let host = GpuGenerator::plan_host_bytes(&m, &p, layout.len, (0, layout.len), 0, cap);
+        let weights = 48 * layout.len as u64 * 2;
+        let acts = 2 * 32 * 512 * 7168 * 2;
+        assert_eq!(host - weights - acts, packed.cache, "the same packed bytes, on the CPU");
     }
 
     #[test]

@@ -41,8 +41,8 @@ disk (direct I/O), copied two layers ahead on a separate stream; the KV cache sp
 with CPU attention under --cpu-cache-compute; activations on the GPU or the CPU. The report gives
 the memory held per tier, the bytes moved, and each decode step against the PCIe (and disk)
 roofline measured in the same process. Compressed weights travel packed and are dequantized on the
-GPU per layer; a compressed cache must live on the GPU; a KV cache on disk and a compressed cache
-on the CPU need --device cpu for now.";
+GPU per layer; a compressed cache is packed on its tiers and attended on the GPU; a KV cache on
+disk needs --device cpu for now.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -227,7 +227,7 @@ struct RunArgs {
     #[command(flatten)]
     policy: PolicyArgs,
     /// Compute device: `cpu` (tiered executor, every policy) or `cuda` (GPU 0; every placement
-    /// except a KV cache on disk or a compressed cache off the GPU; no stop strings).
+    /// except a KV cache on disk; no stop strings).
     #[arg(long, value_enum, default_value = "cpu", help_heading = "Policy")]
     device: DeviceKind,
     /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.
