@@ -32,8 +32,8 @@ check() { # name, then flexgen-run arguments shared by both executors
       done
     done
   done
-  # KV cache rows and activations off the GPU, with and without CPU attention.
-  for pol in "100 0 0 100 100 0" "100 0 50 50 100 0" "100 0 100 0 0 100" "30 40 25 75 0 100" "0 70 0 100 100 0"; do
+  # KV cache rows and activations off the GPU (CPU and disk), with and without CPU attention.
+  for pol in "100 0 0 100 100 0" "100 0 50 50 100 0" "100 0 100 0 0 100" "30 40 25 75 0 100" "0 70 0 100 100 0" "100 0 50 25 100 0" "0 50 0 0 0 100"; do
     for cc in false true; do
       for split in "${SPLITS[@]}"; do
         one "$name [$pol cpu-attention $cc $split]" "$@" --percent $pol --cpu-cache-compute $cc $split

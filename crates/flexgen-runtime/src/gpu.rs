@@ -155,8 +155,12 @@ pub struct GpuGenerator<'m> {
     gpu_rows: usize,
     /// Decode attention of the CPU rows runs on the CPU.
     cpu_attention: bool,
-    /// With `compress_cache`: (bits, group) of the packed cache (all rows on the GPU).
+    /// With `compress_cache`: (bits, group) of the packed cache.
     cache_quant: Option<(u8, usize)>,
+    /// (sequence, head) rows of each (layer, batch) cache on disk (the last rows).
+    disk_rows: usize,
+    /// Bytes of KV cache read from and written to disk.
+    cache_disk_io: std::cell::Cell<(u64, u64)>,
     /// Hidden states between layers live on the GPU (else in pinned CPU memory).
     act_on_gpu: bool,
     embed: GpuTensor,
@@ -226,7 +230,10 @@ struct RunBuffers {
     kvq_cpu: Vec<Vec<[HostMem; 4]>>,
     /// The CPU rows' packed cache on its way through the GPU (one (layer, batch) at a time).
     kvq_stage: Option<PackedKv>,
-    /// `[layer][batch]` → (k, v) of the CPU rows, each `[rows − gpu_rows, cap, hd]`, pinned.
+    /// The disk rows' cache: one file, `[layer][batch][k|v]` regions of `[disk_rows, cap, hd]`,
+    /// and two pinned staging regions for the (layer, batch) in use.
+    disk_cache: Option<(DirectFile, usize, [HostMem; 2])>,
+    /// `[layer][batch]` → (k, v) of the CPU rows, each `[cpu_rows, cap, hd]`, pinned.
     kv_cpu: Vec<Vec<(HostMem, HostMem)>>,
     /// k and v of the CPU rows on the GPU: the new positions (CPU attention, `[cpu_rows, t, hd]`)
     /// or the whole working cache of one (layer, batch) (`[cpu_rows, cap, hd]`).
@@ -262,9 +269,6 @@ impl<'m> GpuGenerator<'m> {
                 p.to_percent()
             ),
         };
-        if p.kv_cache.disk > 0.0 {
-            return Err(refuse("placement.kv_cache.disk", "a KV cache on disk"));
-        }
         let act_on_gpu = match p.activations.single_tier() {
             Some(Tier::Gpu) => true,
             Some(Tier::Cpu) => false,
@@ -287,13 +291,16 @@ impl<'m> GpuGenerator<'m> {
             return Err(refuse("model", "grouped-query attention"));
         }
         let rows = (policy.gpu_batch_size * spec.num_kv_heads) as usize;
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "0 ≤ share·rows ≤ rows"
-        )]
-        let gpu_rows = ((rows as f64 * p.kv_cache.gpu / 100.0).round() as usize).min(rows);
+        let (gpu_rows, _, disk_rows) = cache_rows(&p.kv_cache, rows);
+        if disk_rows > 0 && policy.compress_cache.enabled {
+            return Err(refuse("placement.kv_cache.disk", "a compressed KV cache on disk"));
+        }
+        if disk_rows > 0 && policy.offload_dir.is_none() {
+            return Err(Error::Config {
+                field: "offload_dir",
+                message: "a KV cache on disk needs offload_dir (--offload-dir DIR)".into(),
+            });
+        }
         // A compressed cache is attended on the GPU (as the original's compressed path does).
         let cpu_attention =
             policy.cpu_cache_compute && gpu_rows < rows && !policy.compress_cache.enabled;
@@ -397,6 +404,8 @@ impl<'m> GpuGenerator<'m> {
             gpu_rows,
             cpu_attention,
             cache_quant,
+            disk_rows,
+            cache_disk_io: std::cell::Cell::new((0, 0)),
             act_on_gpu,
             embed,
             pos_embed,
@@ -536,7 +545,15 @@ impl<'m> GpuGenerator<'m> {
         let (b, k) = (u64::from(policy.gpu_batch_size), u64::from(policy.num_gpu_batches));
         let hd = u64::from(s.head_dim());
         let cap = (c.max_prompt + c.max_new) as u64;
-        let cpu_rows = b * u64::from(s.num_kv_heads) - gpu_rows as u64;
+        let all_rows = usize::try_from(b * u64::from(s.num_kv_heads)).expect("fits");
+        let (_, host_rows, disk_rows) = cache_rows(&policy.placement.kv_cache, all_rows);
+        debug_assert_eq!(all_rows - gpu_rows, host_rows + disk_rows);
+        let cpu_rows = host_rows as u64;
+        let disk_stage = if disk_rows > 0 {
+            2 * align_up(disk_rows * usize::try_from(cap * hd).expect("fits") * 2) as u64
+        } else {
+            0
+        };
         let weights = layers * (c_end - g_end) as u64 * 2;
         let cache = if policy.compress_cache.enabled {
             let q = CacheQuant {
@@ -557,7 +574,7 @@ impl<'m> GpuGenerator<'m> {
             k * b * c.max_prompt as u64 * u64::from(s.hidden_size) * 2
         };
         let ring = if c_end < unit_len { 3 * align_up((unit_len - c_end) * 2) as u64 } else { 0 };
-        weights + cache + act + ring
+        weights + cache + act + ring + disk_stage
     }
 
     /// Fills `out` with units `range` of layer `j`'s stored arena (fp16 values, or the packed
@@ -797,6 +814,14 @@ impl<'m> GpuGenerator<'m> {
         (self.unit_len - self.c_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
     }
 
+    /// Bytes of KV cache held on disk.
+    pub fn disk_cache_bytes(&self) -> u64 {
+        let s = &self.model.spec;
+        let cap = self.capacity.max_prompt + self.capacity.max_new;
+        let region = align_up(self.disk_rows * cap * s.head_dim() as usize * 2) as u64;
+        u64::from(s.num_layers) * u64::from(self.policy.num_gpu_batches) * 2 * region
+    }
+
     /// Bytes of weights held on disk (the file's size).
     pub fn disk_bytes(&self) -> u64 {
         self.disk.as_ref().map_or(0, |d| (d.slot_bytes * self.layers.len()) as u64)
@@ -877,11 +902,25 @@ impl<'m> GpuGenerator<'m> {
             }
             _ => (Vec::new(), None),
         };
-        let kv_cpu = if cpu_rows > 0 && self.cache_quant.is_none() {
+        let dr = self.disk_rows;
+        let host_rows = cpu_rows - dr; // rows whose home is pinned CPU memory
+        let disk_cache = if dr > 0 {
+            let dir = self.policy.offload_dir.as_deref().expect("checked in new");
+            let io =
+                |e: std::io::Error| Error::Io { path: dir.to_path_buf(), message: e.to_string() };
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let path = dir.join(format!("flexgen-kv-{}.bin", std::process::id()));
+            let file = DirectFile::create(&path).map_err(io)?;
+            let region = align_up(dr * cap * hd * 2);
+            Some((file, region, [pinned(region / 2)?, pinned(region / 2)?]))
+        } else {
+            None
+        };
+        let kv_cpu = if host_rows > 0 && self.cache_quant.is_none() {
             (0..s.num_layers)
                 .map(|_| {
                     (0..k)
-                        .map(|_| Ok((pinned(cpu_rows * cap * hd)?, pinned(cpu_rows * cap * hd)?)))
+                        .map(|_| Ok((pinned(host_rows * cap * hd)?, pinned(host_rows * cap * hd)?)))
                         .collect()
                 })
                 .collect::<Result<Vec<Vec<_>>>>()?
@@ -912,6 +951,7 @@ impl<'m> GpuGenerator<'m> {
             kvq,
             kvq_cpu,
             kvq_stage,
+            disk_cache,
             x_host: if self.act_on_gpu {
                 Vec::new()
             } else {
@@ -1088,24 +1128,32 @@ impl<'m> GpuGenerator<'m> {
         let wq = |r: &std::ops::Range<usize>| at(w, r.start);
         let x = self.hidden_in(buf, kb, rows * h)?;
         let row_bytes = cap * hd * 2;
-        // Without CPU attention the CPU rows attend on the GPU: bring their past positions in.
-        if cpu_rows > 0 && !self.cpu_attention && past > 0 {
-            for (src, dst) in [(&buf.kv_cpu[j][kb].0, kn), (&buf.kv_cpu[j][kb].1, vn)] {
-                // SAFETY: pinned source rows of `cap` positions; the working cache has as many.
-                unsafe {
-                    copy_2d(
-                        st,
-                        Mem::Host(src.as_f16().as_ptr().cast()),
-                        Mem::Device(dst),
-                        Copy2d {
-                            width: past * hd * 2,
-                            height: cpu_rows,
-                            src_pitch: row_bytes,
-                            dst_pitch: row_bytes,
-                        },
-                    )
+        // The off-GPU rows' homes (CPU rows, then disk rows read into their staging).
+        let homes = if cpu_rows > 0 && self.cache_quant.is_none() {
+            self.homes(buf, j, kb, past > 0)?
+        } else {
+            Vec::new()
+        };
+        // Without CPU attention the off-GPU rows attend on the GPU: bring their past positions in.
+        if !self.cpu_attention && past > 0 {
+            for &(off, n, hk, hv) in &homes {
+                for (src, dst) in [(hk, kn), (hv, vn)] {
+                    // SAFETY: pinned source rows of `cap` positions; the working cache has as many.
+                    unsafe {
+                        copy_2d(
+                            st,
+                            Mem::Host(src.ptr().cast_const().cast()),
+                            Mem::Device(at(dst, off * cap * hd)),
+                            Copy2d {
+                                width: past * hd * 2,
+                                height: n,
+                                src_pitch: row_bytes,
+                                dst_pitch: row_bytes,
+                            },
+                        )
+                    }
+                    .map_err(cuda)?;
                 }
-                .map_err(cuda)?;
             }
         }
         g.layer_norm_raw(x, wq(&l.attn_norm_w), wq(&l.attn_norm_b), hn, rows, h, eps)
@@ -1205,28 +1253,33 @@ impl<'m> GpuGenerator<'m> {
         }
         if cpu_rows > 0 {
             if self.cpu_attention && t == 1 {
-                self.cpu_attention_step(buf, j, kb, starts, past)?;
+                self.cpu_attention_step(buf, &homes, starts, past)?;
             } else {
-                // Store the new positions of the CPU rows into their CPU cache.
-                for (src, dst) in [(kn, &buf.kv_cpu[j][kb].0), (vn, &buf.kv_cpu[j][kb].1)] {
-                    let dst = dst.as_f16()[npast.max(past) * hd..].as_ptr();
-                    // SAFETY: rows of `cap` positions in pinned memory; t positions from `past`.
-                    unsafe {
-                        copy_2d(
-                            st,
-                            Mem::Device(at(src, npast * hd)),
-                            Mem::Host(dst.cast()),
-                            Copy2d {
-                                width: t * hd * 2,
-                                height: cpu_rows,
-                                src_pitch: ncap * hd * 2,
-                                dst_pitch: row_bytes,
-                            },
-                        )
+                // Store the new positions of the off-GPU rows into their homes.
+                for &(off, n, hk, hv) in &homes {
+                    for (src, dst) in [(kn, hk), (vn, hv)] {
+                        // SAFETY: position `past` of the first row lies inside the buffer.
+                        let dst = unsafe { dst.ptr().add(past * hd) }.cast_const();
+                        // SAFETY: rows of `cap` positions in pinned memory; t positions from
+                        // `past`; the source rows start at `off` in the working area.
+                        unsafe {
+                            copy_2d(
+                                st,
+                                Mem::Device(at(src, (off * ncap + npast) * hd)),
+                                Mem::Host(dst.cast()),
+                                Copy2d {
+                                    width: t * hd * 2,
+                                    height: n,
+                                    src_pitch: ncap * hd * 2,
+                                    dst_pitch: row_bytes,
+                                },
+                            )
+                        }
+                        .map_err(cuda)?;
                     }
-                    .map_err(cuda)?;
                 }
             }
+            self.flush_disk(buf, j, kb)?;
         }
         self.layer_mlp(w, x, buf, rows)?;
         self.hidden_out(buf, kb, rows * h)
@@ -1258,8 +1311,7 @@ impl<'m> GpuGenerator<'m> {
     fn cpu_attention_step(
         &self,
         buf: &RunBuffers,
-        j: usize,
-        kb: usize,
+        homes: &[(usize, usize, &HostMem, &HostMem)],
         starts: &[i32],
         past: usize,
     ) -> Result<()> {
@@ -1279,30 +1331,98 @@ impl<'m> GpuGenerator<'m> {
                 copy_2d(
                     st,
                     Mem::Device(src),
-                    Mem::Host(dst.cast()),
+                    Mem::Host(dst.cast_const().cast()),
                     Copy2d { width: n * 2, height: 1, src_pitch: n * 2, dst_pitch: n * 2 },
                 )
             }
             .map_err(cuda)?;
         }
         st.synchronize().map_err(drv)?;
-        let (kc, vc) = (&buf.kv_cpu[j][kb].0, &buf.kv_cpu[j][kb].1);
-        // SAFETY: the stream is idle (synchronized above), so no copy touches these pinned
-        // buffers while the cores read and write them; no other reference to them is live, and
-        // the rows are split disjointly among the threads below.
-        let (q, k_new, v_new, out, kcache, vcache) = unsafe {
-            (
-                std::slice::from_raw_parts(qh.cast_const(), n),
-                std::slice::from_raw_parts(kh.cast_const(), n),
-                std::slice::from_raw_parts(vh.cast_const(), n),
-                std::slice::from_raw_parts_mut(oh, n),
-                std::slice::from_raw_parts_mut(kc.ptr(), cpu_rows * cap * hd),
-                std::slice::from_raw_parts_mut(vc.ptr(), cpu_rows * cap * hd),
-            )
-        };
-        let d = crate::cpu_attention::Dims { rows: cpu_rows, hd, cap, past, nh, row0: gr };
-        crate::cpu_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
-        htod(st, at(addr(&buf.att), gr * hd), &out[..])
+        for &(off, rows, hk, hv) in homes {
+            let r = off * hd..(off + rows) * hd;
+            // SAFETY: the stream is idle (synchronized above), so no copy touches these pinned
+            // buffers while the cores read and write them; no other reference to them is live,
+            // and each home's rows are disjoint from the others'.
+            let (q, k_new, v_new, out, kcache, vcache) = unsafe {
+                (
+                    std::slice::from_raw_parts(qh.cast_const().add(r.start), r.len()),
+                    std::slice::from_raw_parts(kh.cast_const().add(r.start), r.len()),
+                    std::slice::from_raw_parts(vh.cast_const().add(r.start), r.len()),
+                    std::slice::from_raw_parts_mut(oh.add(r.start), r.len()),
+                    std::slice::from_raw_parts_mut(hk.ptr(), rows * cap * hd),
+                    std::slice::from_raw_parts_mut(hv.ptr(), rows * cap * hd),
+                )
+            };
+            let d = crate::cpu_attention::Dims { rows, hd, cap, past, nh, row0: gr + off };
+            crate::cpu_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
+        }
+        // SAFETY: the output staging holds n values, written above.
+        let out = unsafe { std::slice::from_raw_parts(oh.cast_const(), n) };
+        htod(st, at(addr(&buf.att), gr * hd), out)
+    }
+
+    /// The homes of (layer `j`, batch `kb`)'s off-GPU cache rows: (first row among the off-GPU
+    /// rows, rows, k, v). CPU rows first, then disk rows, whose regions are read into their
+    /// staging first when `load`.
+    fn homes<'b>(
+        &self,
+        buf: &'b RunBuffers,
+        j: usize,
+        kb: usize,
+        load: bool,
+    ) -> Result<Vec<(usize, usize, &'b HostMem, &'b HostMem)>> {
+        let b = self.policy.gpu_batch_size as usize;
+        let host_rows = b * self.dims().2 - self.gpu_rows - self.disk_rows;
+        let mut out = Vec::with_capacity(2);
+        if host_rows > 0 {
+            let (k, v) = &buf.kv_cpu[j][kb];
+            out.push((0, host_rows, k, v));
+        }
+        if let Some((file, region, stage)) = &buf.disk_cache {
+            if load {
+                // The staging regions are free once earlier copies from and to them are done.
+                self.gpu.stream.synchronize().map_err(drv)?;
+                for (i, m) in stage.iter().enumerate() {
+                    let at = self.disk_region(j, kb, i, *region);
+                    // SAFETY: no copy uses the staging now (synchronized) and no reference to it
+                    // is live; it holds `region` bytes.
+                    let bytes =
+                        unsafe { std::slice::from_raw_parts_mut(m.ptr().cast::<u8>(), *region) };
+                    read_parallel(file, at, bytes, READ_THREADS).map_err(|e| Error::Io {
+                        path: file.path().to_path_buf(),
+                        message: e.to_string(),
+                    })?;
+                }
+                let (r, w) = self.cache_disk_io.get();
+                self.cache_disk_io.set((r + 2 * *region as u64, w));
+            }
+            out.push((host_rows, self.disk_rows, &stage[0], &stage[1]));
+        }
+        Ok(out)
+    }
+
+    /// Byte offset of (layer `j`, batch `kb`, k or v) in the disk cache file.
+    fn disk_region(&self, j: usize, kb: usize, i: usize, region: usize) -> u64 {
+        let k = self.policy.num_gpu_batches as usize;
+        (((j * k + kb) * 2 + i) * region) as u64
+    }
+
+    /// Writes (layer `j`, batch `kb`)'s disk rows back from their staging, once the copies of
+    /// the new positions into it have landed.
+    fn flush_disk(&self, buf: &RunBuffers, j: usize, kb: usize) -> Result<()> {
+        let Some((file, region, stage)) = &buf.disk_cache else { return Ok(()) };
+        self.gpu.stream.synchronize().map_err(drv)?;
+        for (i, m) in stage.iter().enumerate() {
+            // SAFETY: as in `homes`: the stream is idle, the staging holds `region` bytes.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(m.ptr().cast::<u8>().cast_const(), *region) };
+            file.write_aligned(self.disk_region(j, kb, i, *region), bytes).map_err(|e| {
+                Error::Io { path: file.path().to_path_buf(), message: e.to_string() }
+            })?;
+        }
+        let (r, w) = self.cache_disk_io.get();
+        self.cache_disk_io.set((r, w + 2 * *region as u64));
+        Ok(())
     }
 
     /// Embeds GPU batch `kb`'s `n` input tokens into its hidden state.
@@ -1490,7 +1610,10 @@ impl<'m> GpuGenerator<'m> {
         let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
         stats.tiers.required.gpu = (total - free) as u64;
         stats.tiers.required.cpu = self.pinned_bytes + self.pageable_bytes;
-        stats.tiers.required.disk = self.disk_bytes();
+        stats.tiers.required.disk = self.disk_bytes() + self.disk_cache_bytes();
+        let (read, written) = self.cache_disk_io.take();
+        traffic.disk_read += read;
+        traffic.disk_write += written;
         stats.tiers.traffic = traffic;
         Ok((outputs, stats))
     }
@@ -1702,6 +1825,21 @@ impl Reader {
     }
 }
 
+/// The (sequence, head) rows of one (layer, batch) cache on the GPU, the CPU and disk, by the
+/// cache's shares (the first rows on the GPU, the last on disk).
+fn cache_rows(shares: &flexgen_policy::TierShares, rows: usize) -> (usize, usize, usize) {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "0 ≤ share·rows ≤ rows"
+    )]
+    let upto = |pct: f64| ((rows as f64 * pct / 100.0).round() as usize).min(rows);
+    let g = upto(shares.gpu);
+    let c = upto(shares.gpu + shares.cpu).max(g);
+    (g, c - g, rows - c)
+}
+
 /// `MemAvailable` of `/proc/meminfo` in bytes (`None` where it cannot be read).
 fn mem_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -1811,6 +1949,32 @@ mod tests {
         let weights = 48 * layout.len as u64 * 2;
         let acts = 2 * 32 * 512 * 7168 * 2;
         assert_eq!(host - weights - acts, packed.cache, "the same packed bytes, on the CPU");
+    }
+
+    #[test]
+    fn cache_rows_split_three_ways_and_disk_rows_stay_off_the_cpu_plan() {
+        let shares = flexgen_policy::TierShares::from_gpu_cpu(50.0, 25.0);
+        assert_eq!(cache_rows(&shares, 64 * 32), (1024, 512, 512));
+        let m = model("opt-6.7b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let mut p = Policy {
+            gpu_batch_size: 64,
+            placement: flexgen_policy::Placement::from_percent([
+                100.0, 0.0, 50.0, 50.0, 100.0, 0.0,
+            ])
+            .unwrap(),
+            ..Policy::default()
+        };
+        let cpu_only =
+            GpuGenerator::plan_host_bytes(&m, &p, layout.len, (layout.len, layout.len), 1024, cap);
+        p.placement =
+            flexgen_policy::Placement::from_percent([100.0, 0.0, 50.0, 25.0, 100.0, 0.0]).unwrap();
+        let with_disk =
+            GpuGenerator::plan_host_bytes(&m, &p, layout.len, (layout.len, layout.len), 1024, cap);
+        // Half of the CPU rows moved to disk; two staging regions of the disk rows stay.
+        let stage = 2 * align_up(512 * 544 * 128 * 2) as u64;
+        assert_eq!(with_disk, cpu_only / 2 + stage);
     }
 
     #[test]

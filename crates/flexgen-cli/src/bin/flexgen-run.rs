@@ -37,12 +37,12 @@ bytes each tier held and the bytes that crossed between tiers.
 
 With --device cuda the CUDA executor runs on GPU 0 (fp16; greedy picks on the GPU, sampling on the
 host): weights split by the same exact shares across GPU, CPU (pinned unless --pin-weight 0) and
-disk (direct I/O), copied two layers ahead on a separate stream; the KV cache split by (sequence, head) rows between GPU and CPU,
+disk (direct I/O), copied two layers ahead on a separate stream; the KV cache split by (sequence, head) rows between GPU, CPU and disk,
 with CPU attention under --cpu-cache-compute; activations on the GPU or the CPU. The report gives
 the memory held per tier, the bytes moved, and each decode step against the PCIe (and disk)
 roofline measured in the same process. Compressed weights travel packed and are dequantized on the
-GPU per layer; a compressed cache is packed on its tiers and attended on the GPU; a KV cache on
-disk needs --device cpu for now.";
+GPU per layer; a compressed cache is packed on its tiers and attended on the GPU; KV-cache rows on
+disk are read and written back per layer and batch with direct I/O.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -226,8 +226,8 @@ struct RunArgs {
     ignore_eos: bool,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Compute device: `cpu` (tiered executor, every policy) or `cuda` (GPU 0; every placement
-    /// except a KV cache on disk; no stop strings).
+    /// Compute device: `cpu` (tiered executor, every policy) or `cuda` (GPU 0; every placement;
+    /// not a compressed cache on disk; no stop strings).
     #[arg(long, value_enum, default_value = "cpu", help_heading = "Policy")]
     device: DeviceKind,
     /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.
