@@ -486,15 +486,8 @@ impl<'m> GpuGenerator<'m> {
         let all_rows = b * u64::from(s.num_kv_heads);
         let new_kv = if policy.compress_cache.enabled {
             // The fp16 working area of one (layer, batch), and the CPU rows' packed staging.
-            let q = CacheQuant {
-                rows: usize::try_from(cpu_rows).expect("fits"),
-                cap: usize::try_from(cap).expect("fits"),
-                hd: usize::try_from(hd).expect("fits"),
-                group: policy.compress_cache.group_size as usize,
-                bits: policy.compress_cache.bits,
-            };
-            let (codes, params) = q.sizes();
-            2 * all_rows * cap * hd + (codes + 2 * params) as u64
+            let packed = packed_cache_bytes(policy, cpu_rows, cap, hd);
+            2 * all_rows * cap * hd + packed
         } else if cpu_rows == 0 {
             0
         } else if policy.cpu_cache_compute {
@@ -514,15 +507,8 @@ impl<'m> GpuGenerator<'m> {
             staging,
             tables,
             cache: if policy.compress_cache.enabled {
-                let q = CacheQuant {
-                    rows: gpu_rows,
-                    cap: usize::try_from(cap).expect("fits"),
-                    hd: usize::try_from(hd).expect("fits"),
-                    group: policy.compress_cache.group_size as usize,
-                    bits: policy.compress_cache.bits,
-                };
-                let (codes, params) = q.sizes();
-                layers * k * 2 * (codes + 2 * params) as u64
+                let packed = packed_cache_bytes(policy, gpu_rows, cap, hd);
+                layers * k * 2 * packed
             } else {
                 layers * k * 2 * gpu_rows as u64 * cap * hd * 2
             },
@@ -556,15 +542,8 @@ impl<'m> GpuGenerator<'m> {
         };
         let weights = layers * (c_end - g_end) as u64 * 2;
         let cache = if policy.compress_cache.enabled {
-            let q = CacheQuant {
-                rows: usize::try_from(cpu_rows).expect("fits"),
-                cap: usize::try_from(cap).expect("fits"),
-                hd: usize::try_from(hd).expect("fits"),
-                group: policy.compress_cache.group_size as usize,
-                bits: policy.compress_cache.bits,
-            };
-            let (codes, params) = q.sizes();
-            layers * k * 2 * (codes + 2 * params) as u64
+            let packed = packed_cache_bytes(policy, cpu_rows, cap, hd);
+            layers * k * 2 * packed
         } else {
             layers * k * 2 * cpu_rows * cap * hd * 2
         };
@@ -1838,6 +1817,20 @@ fn cache_rows(shares: &flexgen_policy::TierShares, rows: usize) -> (usize, usize
     let g = upto(shares.gpu);
     let c = upto(shares.gpu + shares.cpu).max(g);
     (g, c - g, rows - c)
+}
+
+/// Bytes of one packed k (or v) cache of `rows` rows of `cap` positions: codes and parameters.
+fn packed_cache_bytes(policy: &Policy, rows: impl TryInto<usize>, cap: u64, hd: u64) -> u64 {
+    let n = |v: u64| usize::try_from(v).expect("fits");
+    let q = CacheQuant {
+        rows: rows.try_into().ok().expect("fits"),
+        cap: n(cap),
+        hd: n(hd),
+        group: policy.compress_cache.group_size as usize,
+        bits: policy.compress_cache.bits,
+    };
+    let (codes, params) = q.sizes();
+    (codes + 2 * params) as u64
 }
 
 /// `MemAvailable` of `/proc/meminfo` in bytes (`None` where it cannot be read).
