@@ -208,3 +208,30 @@ fn plan_calibrate_refits_a_profile_to_run_reports() {
     let ratio = refit.gpu.unwrap().h2d_pinned_bytes_per_s / hw.gpu.unwrap().h2d_pinned_bytes_per_s;
     assert!((ratio - 0.75).abs() < 0.05, "refit copy rate ratio {ratio}");
 }
+
+#[test]
+fn a_run_report_is_accepted_by_plan_calibrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("run.json");
+    let out = Command::new(BIN)
+        .args(["--json", "-q", "--max-new-tokens", "4", "--prompt", "In the beginning"])
+        .args(["--prompt", "Jesus wept", "--gpu-batch-size", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&report, &out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["calibration"]["workload"]["gen_len"], 4);
+    assert_eq!(v["calibration"]["policy"]["gpu_batch_size"], 2);
+    let hw = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/hardware/h200.toml");
+    let res = Command::new(env!("CARGO_BIN_EXE_flexgen-plan"))
+        .arg("--hardware")
+        .arg(&hw)
+        .arg("--calibrate")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{text}{}", String::from_utf8_lossy(&res.stderr));
+    assert!(text.contains("| run.json |"), "{text}");
+}
