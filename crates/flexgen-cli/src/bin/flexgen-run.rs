@@ -673,10 +673,15 @@ fn run_cuda(
             "device_in_use": stats.tiers.required.gpu,
         },
         "cpu_bytes": { "pinned_weights": generator.pinned_bytes, "pageable_weights": generator.pageable_bytes, "peak_rss": peak_rss_bytes() },
-        "bytes_moved": { "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu, "disk_read": stats.tiers.traffic.disk_read },
+        "bytes_moved": {
+            "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu,
+            "disk_read": stats.tiers.traffic.disk_read,
+            "disk_write": stats.tiers.traffic.disk_write,
+        },
         "weight_bytes_per_decode_step": per_pass,
         "disk_weight_bytes_per_decode_step": disk_per_pass,
         "disk_bytes": generator.disk_bytes(),
+        "disk_cache_bytes": generator.disk_cache_bytes(),
         "direct_io": generator.direct_io,
         "measured_h2d_bytes_per_s": generator.h2d_bytes_per_s,
         "measured_disk_read_bytes_per_s": generator.disk_bytes_per_s,
@@ -734,6 +739,15 @@ fn run_cuda(
         setup_s,
         started.elapsed().as_secs_f64()
     )?;
+    if generator.disk_cache_bytes() > 0 {
+        writeln!(
+            err,
+            "KV cache on disk: {} ({} read, {} written with direct I/O during the run)",
+            human_bytes(generator.disk_cache_bytes()),
+            human_bytes(stats.tiers.traffic.disk_read),
+            human_bytes(stats.tiers.traffic.disk_write)
+        )?;
+    }
     if generator.disk_bytes() > 0 {
         writeln!(
             err,
