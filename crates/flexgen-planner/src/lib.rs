@@ -179,7 +179,10 @@ pub fn plan(
     let mut switches = Vec::new();
     for &cw in &flags(opts.compress_weight) {
         for &cc in &flags(opts.compress_cache) {
-            for cpu_attention in [false, true] {
+            // A compressed cache is attended on the GPU by the runtime (as the original's
+            // compressed path is), so CPU attention is only a choice for an uncompressed one.
+            let attention: &[bool] = if cc { &[false] } else { &[false, true] };
+            for &cpu_attention in attention {
                 for act_on_gpu in [true, false] {
                     switches.push((cw, cc, cpu_attention, act_on_gpu));
                 }
