@@ -3,20 +3,28 @@
 # every placement it runs (weights on GPU, CPU and disk in several shares, pinned or pageable; KV
 # cache rows on GPU and CPU with and without CPU attention; activations on GPU or CPU) and several
 # batch splits, on the bundled model, the tiny random model (left-padded prompts) and an OPT-125M-shape
-# dummy model. Usage: gpu_executor_check.sh [BIN_DIR]   (default target/release)
+# dummy model. Usage: gpu_executor_check.sh [BIN_DIR]   (default target/release); JOBS CUDA runs
+# at a time (default 4). The script itself was checked with the CPU executor standing in for the
+# CUDA one (all equal) and with a planted difference (reported, exit status 1).
 B=${1:-target/release}
 fail=0; n=0
 # Logits of the executor against transformers' golden files, under four placements.
 "$B/executor_check" crates/flexgen-model/test_data/tiny-random-opt || fail=1
-one() { # label, then flexgen-run arguments: one CUDA run compared with /tmp/ref.txt
-  local label=$1; shift
-  n=$((n+1))
-  if ! "$B/flexgen-run" "$@" --ignore-eos --device cuda --offload-dir /tmp/flexgen-check > /tmp/gpu.txt 2> /tmp/gpu.err; then
-    echo "FAIL $label: CUDA executor"; tail -3 /tmp/gpu.err; fail=1; return
-  fi
-  if ! cmp -s /tmp/ref.txt /tmp/gpu.txt; then
-    echo "DIFF $label"; diff /tmp/ref.txt /tmp/gpu.txt | head -6; fail=1
-  fi
+RESULTS=$(mktemp); JOBS=${JOBS:-4}
+one() { # label, then flexgen-run arguments: one CUDA run compared with /tmp/ref.txt, in the background
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  (
+    out=$(mktemp); err=$(mktemp)
+    label=$1; shift
+    if ! "$B/flexgen-run" "$@" --ignore-eos --device cuda --offload-dir "/tmp/flexgen-check-$BASHPID" > "$out" 2> "$err"; then
+      echo "FAIL $label: CUDA executor: $(tail -2 "$err" | tr '\n' ' ')" >> "$RESULTS"
+    elif ! cmp -s /tmp/ref.txt "$out"; then
+      echo "DIFF $label: $(diff /tmp/ref.txt "$out" | head -4 | tr '\n' ' ')" >> "$RESULTS"
+    else
+      echo "OK $label" >> "$RESULTS"
+    fi
+    rm -f "$out" "$err"
+  ) &
 }
 SPLITS=("--gpu-batch-size 4 --num-gpu-batches 1" "--gpu-batch-size 2 --num-gpu-batches 2" "--gpu-batch-size 1 --num-gpu-batches 4")
 check() { # name, then flexgen-run arguments shared by both executors
@@ -40,6 +48,7 @@ check() { # name, then flexgen-run arguments shared by both executors
       done
     done
   done
+  wait
   echo "checked $name: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
 }
 # Compressed weights: the CUDA executor's packed arenas against the CPU executor's packed tensors
@@ -53,6 +62,7 @@ checkc() {
       one "compressed [$pol $split]" "$@" --compress-weight --percent $pol $split
     done
   done
+  wait
   echo "checked compressed weights: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
 }
 checkc --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
@@ -91,5 +101,7 @@ if [ -s /tmp/s1.txt ] && cmp -s /tmp/s1.txt /tmp/s2.txt && ! cmp -s /tmp/s1.txt 
 else
   echo "FAIL sampling"; cat /tmp/s1.txt /tmp/s2.txt /tmp/s3.txt | head -6; fail=1
 fi
+grep -v '^OK' "$RESULTS" && fail=1
+n=$(wc -l < "$RESULTS")
 echo "$n CUDA runs compared; $( [ $fail = 0 ] && echo ALL EQUAL || echo FAILURES )"
 exit $fail
