@@ -256,11 +256,12 @@ impl LayerLayout {
             at = (at + n).next_multiple_of(256);
             r
         };
+        let spec = flexgen_tensor::quant::QuantSpec { bits, group, dim: 0 };
         let mut mat = |src: &Range<usize>, rows: usize| {
             let cols = src.len() / rows;
-            let groups = cols * rows.div_ceil(group);
-            let codes = take(groups * group * usize::from(bits) / 8);
-            let params = take(groups * 4);
+            let (code_bytes, param_bytes) = flexgen_tensor::quant::packed_len(&[rows, cols], spec);
+            let codes = take(code_bytes);
+            let params = take(param_bytes);
             PackedMatrix { src: src.clone(), rows, cols, codes, params }
         };
         let f = self.fc1_w.len() / h;

@@ -25,7 +25,7 @@ use flexgen_model::layers::Kv;
 use flexgen_model::{LayerWeights, Model};
 use flexgen_policy::{Compression, Policy, Tier, TierShares};
 use flexgen_tensor::host::{DirectFile, align_up};
-use flexgen_tensor::quant::{self, Packed, QuantSpec};
+use flexgen_tensor::quant::{self, Packed, QuantSpec, packed_len};
 use flexgen_tensor::{Device, Tensor};
 
 use crate::{Error, Result};
@@ -39,15 +39,6 @@ pub(crate) fn quant_spec(c: &Compression) -> Option<QuantSpec> {
         group: c.group_size as usize,
         dim: c.group_dim as usize,
     })
-}
-
-/// Bytes of codes and of parameters of a tensor of `shape` packed by `spec`.
-fn packed_len(shape: &[usize], spec: QuantSpec) -> (usize, usize) {
-    let d = spec.dim.min(shape.len().saturating_sub(1));
-    let n = shape.get(d).copied().unwrap_or(1);
-    let lines: usize = shape.iter().product::<usize>() / n.max(1);
-    let groups = lines * n.div_ceil(spec.group);
-    (groups * spec.group * usize::from(spec.bits) / 8, groups * 4)
 }
 
 /// A packed tensor as bytes: codes, then (min, scale) pairs as little-endian fp16.

@@ -77,6 +77,14 @@ impl Packed {
     }
 }
 
+/// Bytes of codes and bytes of (min, scale) parameters of a tensor of `shape` packed by `spec`,
+/// without packing it.
+pub fn packed_len(shape: &[usize], spec: QuantSpec) -> (usize, usize) {
+    let (outer, n, inner) = split(shape, spec.dim);
+    let groups = outer * inner * n.div_ceil(spec.group);
+    (groups * spec.group / per_byte(spec.bits), groups * 4)
+}
+
 /// Codes per byte.
 fn per_byte(bits: u8) -> usize {
     if bits == 4 { 2 } else { 1 }
@@ -91,9 +99,10 @@ pub fn quantize(x: &[f32], shape: &[usize], spec: QuantSpec) -> Packed {
     assert!(matches!(spec.bits, 4 | 8) && spec.group >= 2 && spec.group.is_multiple_of(2));
     let (outer, n, inner) = split(shape, spec.dim);
     let chunks = n.div_ceil(spec.group);
-    let groups = outer * inner * chunks;
+    let (code_bytes, param_bytes) = packed_len(shape, spec);
     let levels = f32::from((1u16 << spec.bits) - 1);
-    let mut data = vec![0u8; groups * spec.group / per_byte(spec.bits)];
+    let mut data = vec![0u8; code_bytes];
+    let groups = param_bytes / 4;
     let mut params = Vec::with_capacity(2 * groups);
     let mut line = vec![0f32; spec.group];
     let mut g = 0;
@@ -203,6 +212,7 @@ mod tests {
             let (outer, along, inner) = split(&shape, spec.dim);
             prop_assert_eq!(p.groups(), outer * inner * along.div_ceil(spec.group));
             prop_assert_eq!(p.data.len(), p.groups() * spec.group * usize::from(spec.bits) / 8);
+            prop_assert_eq!(packed_len(&shape, spec), (p.data.len(), 2 * p.params.len()));
             let y = dequantize(&p);
             prop_assert_eq!(y.len(), n);
             for (i, (a, b)) in x.iter().zip(&y).enumerate() {

@@ -57,9 +57,9 @@ pub struct CacheQuant {
 impl CacheQuant {
     /// Bytes of codes and fp16 values of parameters of the whole cache.
     pub fn sizes(&self) -> (usize, usize) {
-        let groups = self.hd.div_ceil(self.group);
-        let slots = self.rows * self.cap;
-        (slots * groups * self.group * usize::from(self.bits) / 8, slots * groups * 2)
+        let spec = crate::quant::QuantSpec { bits: self.bits, group: self.group, dim: 2 };
+        let (codes, params) = crate::quant::packed_len(&[self.rows, self.cap, self.hd], spec);
+        (codes, params / 2)
     }
 }
 
