@@ -171,70 +171,81 @@ fn i64_of(v: usize) -> i64 {
     i64::try_from(v).expect("stride fits in i64")
 }
 
+/// Runs `g` with `blas` on the stream it is bound to (fp16 operands, fp32 accumulation): the one
+/// cuBLAS call of every GEMM flexgen makes.
+///
+/// # Safety
+/// The addresses in `g` must hold the operands its shapes and strides describe, on the device of
+/// `blas`, and be ordered on its stream.
+pub unsafe fn gemm_raw(blas: &cudarc::cublas::CudaBlas, g: &Gemm) -> Result<(), CudaError> {
+    let alpha = 1.0f32;
+    let beta = g.beta;
+    // Column-major view: cᵀ[n, m] = op(b)ᵀ · aᵀ, so b is cuBLAS's first operand.
+    let transa =
+        if g.b_t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+    let h = *blas.handle();
+    let f16 = cudaDataType::CUDA_R_16F;
+    // SAFETY: the caller guarantees the operands (see above).
+    unsafe {
+        if g.batch == 1 {
+            cudarc::cublas::result::gemm_ex(
+                h,
+                transa,
+                cublasOperation_t::CUBLAS_OP_N,
+                dim(g.n),
+                dim(g.m),
+                dim(g.k),
+                (&raw const alpha).cast(),
+                g.b as *const _,
+                f16,
+                dim(g.ldb),
+                g.a as *const _,
+                f16,
+                dim(g.lda),
+                (&raw const beta).cast(),
+                g.c as *mut _,
+                f16,
+                dim(g.ldc),
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        } else {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                h,
+                transa,
+                cublasOperation_t::CUBLAS_OP_N,
+                dim(g.n),
+                dim(g.m),
+                dim(g.k),
+                (&raw const alpha).cast(),
+                g.b as *const _,
+                f16,
+                dim(g.ldb),
+                i64_of(g.sb),
+                g.a as *const _,
+                f16,
+                dim(g.lda),
+                i64_of(g.sa),
+                (&raw const beta).cast(),
+                g.c as *mut _,
+                f16,
+                dim(g.ldc),
+                i64_of(g.sc),
+                dim(g.batch),
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 impl Gpu {
     /// Runs `g` on the compute stream (fp32 accumulation).
     pub fn gemm(&self, g: &Gemm) -> Result<(), CudaError> {
-        let alpha = 1.0f32;
-        let beta = g.beta;
-        // Column-major view: cᵀ[n, m] = op(b)ᵀ · aᵀ, so b is cuBLAS's first operand.
-        let transa =
-            if g.b_t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let h = *self.blas.handle();
-        let f16 = cudaDataType::CUDA_R_16F;
         // SAFETY: the executor sizes every buffer for the shapes it passes; all live on this
         // device and are ordered on the compute stream the handle is bound to.
-        unsafe {
-            if g.batch == 1 {
-                cudarc::cublas::result::gemm_ex(
-                    h,
-                    transa,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    dim(g.n),
-                    dim(g.m),
-                    dim(g.k),
-                    (&raw const alpha).cast(),
-                    g.b as *const _,
-                    f16,
-                    dim(g.ldb),
-                    g.a as *const _,
-                    f16,
-                    dim(g.lda),
-                    (&raw const beta).cast(),
-                    g.c as *mut _,
-                    f16,
-                    dim(g.ldc),
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )?;
-            } else {
-                cudarc::cublas::result::gemm_strided_batched_ex(
-                    h,
-                    transa,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    dim(g.n),
-                    dim(g.m),
-                    dim(g.k),
-                    (&raw const alpha).cast(),
-                    g.b as *const _,
-                    f16,
-                    dim(g.ldb),
-                    i64_of(g.sb),
-                    g.a as *const _,
-                    f16,
-                    dim(g.lda),
-                    i64_of(g.sa),
-                    (&raw const beta).cast(),
-                    g.c as *mut _,
-                    f16,
-                    dim(g.ldc),
-                    i64_of(g.sc),
-                    dim(g.batch),
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )?;
-            }
-        }
-        Ok(())
+        unsafe { gemm_raw(&self.blas, g) }
     }
 
     /// Token (+ position) embedding of `n` tokens: `ids`, `pos` (u32 on the device) → `out [n, h]`.
@@ -396,11 +407,22 @@ impl Gpu {
 
     /// `ctx [b, nh, t, hd]` → `out [b·t, nh·hd]`.
     pub fn merge_heads_raw(&self, ctx: u64, out: u64, d: AttnDims) -> Result<(), CudaError> {
-        let (d0, d1, d2, d3) = (dim(d.b), dim(d.nh), dim(d.t), dim(d.hd));
+        self.swap12_raw(ctx, out, [d.b, d.nh, d.t, d.hd])
+    }
+
+    /// `y [d0, d2, d1, d3]` from `x [d0, d1, d2, d3]`: axes 1 and 2 swapped (heads split or
+    /// merged).
+    pub fn swap12_raw(
+        &self,
+        x: u64,
+        y: u64,
+        [d0, d1, d2, d3]: [usize; 4],
+    ) -> Result<(), CudaError> {
+        let (a, b, c, d) = (dim(d0), dim(d1), dim(d2), dim(d3));
         let mut l = self.stream.launch_builder(&self.swap12);
-        l.arg(&ctx).arg(&out).arg(&d0).arg(&d1).arg(&d2).arg(&d3);
-        // SAFETY: one block per row of hd values; out has the size of ctx.
-        unsafe { l.launch(rows(d.b * d.nh * d.t))? };
+        l.arg(&x).arg(&y).arg(&a).arg(&b).arg(&c).arg(&d);
+        // SAFETY: one block per row of d3 values of x; y has the size of x.
+        unsafe { l.launch(rows(d0 * d1 * d2))? };
         Ok(())
     }
 
@@ -442,11 +464,23 @@ impl Gpu {
 
     /// Row `t − 1` of each of `b` sequences of `x [b, t, h]` → `y [b, h]`.
     pub fn last_rows(&self, x: u64, y: u64, b: usize, t: usize, h: usize) -> Result<(), CudaError> {
-        let (ai, ni, si, li, ci) = (dim(b), dim(t), dim(t - 1), 1i32, dim(h));
+        self.slice_axis1_raw(x, y, [b, t, h], t - 1..t)
+    }
+
+    /// Positions `range` of `x [a, n, c]` → `y [a, range.len(), c]`.
+    pub fn slice_axis1_raw(
+        &self,
+        x: u64,
+        y: u64,
+        [a, n, c]: [usize; 3],
+        range: std::ops::Range<usize>,
+    ) -> Result<(), CudaError> {
+        assert!(range.end <= n, "slice within bounds");
+        let (ai, ni, si, li, ci) = (dim(a), dim(n), dim(range.start), dim(range.len()), dim(c));
         let mut l = self.stream.launch_builder(&self.slice_axis1);
         l.arg(&x).arg(&y).arg(&ai).arg(&ni).arg(&si).arg(&li).arg(&ci);
-        // SAFETY: one block per sequence, reading its last row.
-        unsafe { l.launch(rows(b))? };
+        // SAFETY: one block per row of c values of y, reading inside x (checked above).
+        unsafe { l.launch(rows(a * range.len()))? };
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 pub use ops::{Gpu, GpuTensor};
 
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
+use cudarc::cublas::CudaBlas;
 pub use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use half::f16;
 
@@ -101,33 +101,25 @@ pub(crate) fn gemm_f16_batched(
         a.len() >= batch * m * k && b.len() >= batch * n * k && c.len() >= batch * m * n,
         "gemm operands too small"
     );
-    // Column-major view: cᵀ[n, m] = op(b)ᵀ · aᵀ, so b is cuBLAS's first operand.
-    let (transa, lda) = if b_transposed {
-        (cublasOperation_t::CUBLAS_OP_T, k)
-    } else {
-        (cublasOperation_t::CUBLAS_OP_N, n)
+    let g = exec::Gemm {
+        batch,
+        m,
+        n,
+        k,
+        a: exec::addr(a),
+        lda: k,
+        sa: m * k,
+        b: exec::addr(b),
+        ldb: if b_transposed { k } else { n },
+        sb: n * k,
+        b_t: b_transposed,
+        c: exec::addr(c),
+        ldc: n,
+        sc: m * n,
+        beta: 0.0,
     };
-    let cfg = StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: dim(n),
-            n: dim(m),
-            k: dim(k),
-            alpha: f16::ONE,
-            lda: dim(lda),
-            ldb: dim(k),
-            beta: f16::ZERO,
-            ldc: dim(n),
-        },
-        batch_size: dim(batch),
-        stride_a: i64::try_from(n * k).expect("fits"),
-        stride_b: i64::try_from(m * k).expect("fits"),
-        stride_c: i64::try_from(m * n).expect("fits"),
-    };
-    // SAFETY: sizes checked above; all buffers live on the blas handle's context.
-    unsafe { blas.gemm_strided_batched(cfg, b, a, c)? };
-    Ok(())
+    // SAFETY: sizes checked above; all buffers live on the blas handle's context and stream.
+    unsafe { exec::gemm_raw(blas, &g) }
 }
 
 pub(crate) fn dim(v: usize) -> i32 {

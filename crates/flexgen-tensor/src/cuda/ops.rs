@@ -9,6 +9,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 use half::f16;
 
+use super::exec::addr;
 use super::{CudaContext, CudaError, CudaSlice, CudaStream, dim};
 use crate::Tensor;
 
@@ -180,20 +181,17 @@ impl Gpu {
         assert_eq!((ids.len(), positions.len()), (n, n), "one id and one position per token");
         let ids = self.stream.clone_htod(ids)?;
         let pos = self.stream.clone_htod(positions)?;
-        let mut out = self.output(&[shape.0, shape.1, h])?;
-        let has_pos = i32::from(pos_table.is_some());
-        let pos_table = pos_table.unwrap_or(table);
-        let hi = dim(h);
-        let mut b = self.stream.launch_builder(&self.embed);
-        b.arg(&ids)
-            .arg(&pos)
-            .arg(&table.data)
-            .arg(&pos_table.data)
-            .arg(&mut out.data)
-            .arg(&hi)
-            .arg(&has_pos);
-        // SAFETY: the kernel reads n·h values of each table row it indexes and writes n·h values.
-        unsafe { b.launch(rows(n))? };
+        let out = self.output(&[shape.0, shape.1, h])?;
+        let pos_table = pos_table.map(|p| addr(&p.data));
+        self.embed_raw(
+            addr(&ids),
+            addr(&pos),
+            addr(&table.data),
+            pos_table,
+            addr(&out.data),
+            n,
+            h,
+        )?;
         Ok(out)
     }
 
@@ -206,14 +204,11 @@ impl Gpu {
         eps: f64,
     ) -> Result<GpuTensor, CudaError> {
         let h = *x.shape.last().expect("non-empty shape");
-        let mut y = self.output(&x.shape)?;
+        let y = self.output(&x.shape)?;
         #[expect(clippy::cast_possible_truncation, reason = "eps is a small float")]
         let eps = eps as f32;
-        let hi = dim(h);
-        let mut l = self.stream.launch_builder(&self.layer_norm);
-        l.arg(&x.data).arg(&w.data).arg(&b.data).arg(&mut y.data).arg(&hi).arg(&eps);
-        // SAFETY: one block per row of h values; all buffers hold rows·h values.
-        unsafe { l.launch(rows(x.elem_count() / h))? };
+        let (xa, wa, ba, ya) = (addr(&x.data), addr(&w.data), addr(&b.data), addr(&y.data));
+        self.layer_norm_raw(xa, wa, ba, ya, x.elem_count() / h, h, eps)?;
         Ok(y)
     }
 
@@ -233,18 +228,8 @@ impl Gpu {
         let mut y = self.output(&shape)?;
         super::gemm_f16_nt(&self.blas, m, n, k, &x.data, &w.data, &mut y.data)?;
         if b.is_some() || relu {
-            let cols = dim(n);
-            let relu = i32::from(relu);
-            let mut l = self.stream.launch_builder(&self.bias_act);
-            l.arg(&mut y.data);
-            let null: u64 = 0;
-            match b {
-                Some(b) => l.arg(&b.data),
-                None => l.arg(&null),
-            };
-            l.arg(&cols).arg(&relu);
-            // SAFETY: one block per row of n values; the bias has n values (or is null).
-            unsafe { l.launch(rows(m))? };
+            // A null bias adds nothing; the kernel checks.
+            self.bias_act_raw(addr(&y.data), b.map_or(0, |b| addr(&b.data)), m, n, relu)?;
         }
         Ok(y)
     }
@@ -274,12 +259,8 @@ impl Gpu {
         [d0, d1, d2, d3]: [usize; 4],
     ) -> Result<GpuTensor, CudaError> {
         assert!(data.len() >= d0 * d1 * d2 * d3, "data holds the shape");
-        let mut y = self.output(&[d0, d2, d1, d3])?;
-        let (a, b, c, d) = (dim(d0), dim(d1), dim(d2), dim(d3));
-        let mut l = self.stream.launch_builder(&self.swap12);
-        l.arg(data).arg(&mut y.data).arg(&a).arg(&b).arg(&c).arg(&d);
-        // SAFETY: one block per row of d3 values of the input; y has the same size.
-        unsafe { l.launch(rows(d0 * d1 * d2))? };
+        let y = self.output(&[d0, d2, d1, d3])?;
+        self.swap12_raw(addr(data), addr(&y.data), [d0, d1, d2, d3])?;
         Ok(y)
     }
 
@@ -356,14 +337,8 @@ impl Gpu {
         len: usize,
     ) -> Result<GpuTensor, CudaError> {
         let n = x.elem_count() / (a * c);
-        assert!(start + len <= n, "slice within bounds");
-        let mut y = self.output(&[a, len, c])?;
-        let cfg = rows(a * len);
-        let (ai, ni, si, li, ci) = (dim(a), dim(n), dim(start), dim(len), dim(c));
-        let mut l = self.stream.launch_builder(&self.slice_axis1);
-        l.arg(&x.data).arg(&mut y.data).arg(&ai).arg(&ni).arg(&si).arg(&li).arg(&ci);
-        // SAFETY: one block per row of c values of y, reading inside x (checked above).
-        unsafe { l.launch(cfg)? };
+        let y = self.output(&[a, len, c])?;
+        self.slice_axis1_raw(addr(&x.data), addr(&y.data), [a, n, c], start..start + len)?;
         Ok(y)
     }
 }
