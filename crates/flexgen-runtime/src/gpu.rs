@@ -1877,6 +1877,19 @@ mod tests {
         }
     }
 
+    /// S1: OPT-30B weights on the CPU, cache and activations on the GPU, 32×2.
+    fn s1_policy() -> Policy {
+        Policy {
+            placement: flexgen_policy::Placement::from_percent([
+                0.0, 100.0, 100.0, 0.0, 100.0, 0.0,
+            ])
+            .unwrap(),
+            gpu_batch_size: 32,
+            num_gpu_batches: 2,
+            ..Policy::default()
+        }
+    }
+
     fn gib(b: u64) -> f64 {
         b as f64 / f64::from(1u32 << 30)
     }
@@ -1887,15 +1900,7 @@ mod tests {
         let m = model("opt-30b");
         let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
-        let s1 = Policy {
-            placement: flexgen_policy::Placement::from_percent([
-                0.0, 100.0, 100.0, 0.0, 100.0, 0.0,
-            ])
-            .unwrap(),
-            gpu_batch_size: 32,
-            num_gpu_batches: 2,
-            ..Policy::default()
-        };
+        let s1 = s1_policy();
         let b = GpuGenerator::plan_bytes(&m, &s1, (&layout, layout.len), 0, 32 * 56, cap);
         // Reported: GPU 51.34 GiB (staging 2.30, KV cache 44.62, activations 3.72).
         assert!((gib(b.total()) - 51.34).abs() < 0.01, "{}", gib(b.total()));
@@ -1916,15 +1921,7 @@ mod tests {
         let m = model("opt-30b");
         let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
-        let mut p = Policy {
-            placement: flexgen_policy::Placement::from_percent([
-                0.0, 100.0, 100.0, 0.0, 100.0, 0.0,
-            ])
-            .unwrap(),
-            gpu_batch_size: 32,
-            num_gpu_batches: 2,
-            ..Policy::default()
-        };
+        let mut p = s1_policy();
         let plain = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), 0, 32 * 56, cap);
         p.compress_cache.enabled = true;
         let packed = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), 0, 32 * 56, cap);

@@ -365,59 +365,28 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         }
     }
     let p = &policy;
-    let report = serde_json::json!({
-        "model": model.spec.name,
-        "weights": if model.dir.is_some() { "files" } else { "dummy" },
-        "backend": "cpu",
-        "policy": {
-            "percent": p.placement.to_percent(),
-            "gpu_batch_size": p.gpu_batch_size,
-            "num_gpu_batches": p.num_gpu_batches,
-            "cpu_cache_compute": p.cpu_cache_compute,
-            "pin_weight": p.pin_weight,
-            "compress_weight": p.compress_weight.enabled,
-            "compress_cache": p.compress_cache.enabled,
-        },
-        "prompts": completions.len(),
-        "prompt_tokens": stats.prompt_tokens,
-        "generated_tokens": stats.generated_tokens,
-        "blocks": stats.blocks,
-        "load_s": load_s,
-        "prefill_s": stats.prefill_s,
-        "decode_s": stats.decode_s,
-        "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
-        "decode_tokens_per_s": stats.decode_tokens_per_s(completions.len()),
-        "total_tokens_per_s": stats.total_tokens_per_s(),
-        "peak_cpu_bytes": peak_rss_bytes(),
-        "tier_bytes": { "gpu": stats.tiers.required.gpu, "cpu": stats.tiers.required.cpu, "disk": stats.tiers.required.disk },
-        "bytes_moved": {
-            "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu,
-            "gpu_to_cpu": stats.tiers.traffic.gpu_to_cpu,
-            "disk_read": stats.tiers.traffic.disk_read,
-            "disk_write": stats.tiers.traffic.disk_write,
-        },
-        "direct_io": stats.direct_io,
-        "projected": false,
-        "predicted_tokens_per_s": p.prediction.as_ref().map(|x| x.throughput_tokens_per_s),
-        "predicted": p.prediction.as_ref().map(|x| serde_json::json!({ "prefill_s": x.prefill_s, "decode_s": x.decode_s })),
-        "calibration": calibration_record(&model, p, &requests, cli.max_new_tokens),
-        "wall_s": started.elapsed().as_secs_f64(),
-    });
+    let mut report = common_report("cpu", &model, p, &requests, cli.max_new_tokens, &stats, load_s);
+    extend(
+        &mut report,
+        serde_json::json!({
+            "peak_cpu_bytes": peak_rss_bytes(),
+            "tier_bytes": { "gpu": stats.tiers.required.gpu, "cpu": stats.tiers.required.cpu, "disk": stats.tiers.required.disk },
+            "bytes_moved": {
+                "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu,
+                "gpu_to_cpu": stats.tiers.traffic.gpu_to_cpu,
+                "disk_read": stats.tiers.traffic.disk_read,
+                "disk_write": stats.tiers.traffic.disk_write,
+            },
+            "direct_io": stats.direct_io,
+            "wall_s": started.elapsed().as_secs_f64(),
+        }),
+    );
     if cli.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
     let mut err = std::io::stderr().lock();
-    writeln!(
-        err,
-        "\nmodel {} ({} weights), {} prompts × {} new tokens, block {}×{}, backend cpu",
-        model.spec.name,
-        if model.dir.is_some() { "file" } else { "dummy" },
-        completions.len(),
-        cli.max_new_tokens,
-        p.gpu_batch_size,
-        p.num_gpu_batches
-    )?;
+    writeln!(err, "\n{}", header(&model, p, completions.len(), cli.max_new_tokens, "cpu"))?;
     let (need, moved) = (stats.tiers.required, stats.tiers.traffic);
     writeln!(
         err,
@@ -459,6 +428,71 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         None => writeln!(err)?,
     }
     Ok(())
+}
+
+/// The report fields both executors give: model, policy, workload, phase times and rates, the
+/// policy's prediction and the calibration record.
+fn common_report(
+    backend: &str,
+    model: &Model,
+    p: &flexgen_policy::Policy,
+    requests: &[Request],
+    max_new: usize,
+    stats: &flexgen_runtime::RunStats,
+    load_s: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "model": model.spec.name,
+        "weights": if model.dir.is_some() { "files" } else { "dummy" },
+        "backend": backend,
+        "policy": {
+            "percent": p.placement.to_percent(),
+            "gpu_batch_size": p.gpu_batch_size,
+            "num_gpu_batches": p.num_gpu_batches,
+            "cpu_cache_compute": p.cpu_cache_compute,
+            "pin_weight": p.pin_weight,
+            "compress_weight": p.compress_weight.enabled,
+            "compress_cache": p.compress_cache.enabled,
+        },
+        "prompts": requests.len(),
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "blocks": stats.blocks,
+        "load_s": load_s,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
+        "decode_tokens_per_s": stats.decode_tokens_per_s(requests.len()),
+        "total_tokens_per_s": stats.total_tokens_per_s(),
+        "projected": false,
+        "predicted_tokens_per_s": p.prediction.as_ref().map(|x| x.throughput_tokens_per_s),
+        "predicted": p.prediction.as_ref().map(|x| serde_json::json!({ "prefill_s": x.prefill_s, "decode_s": x.decode_s })),
+        "calibration": calibration_record(model, p, requests, max_new),
+    })
+}
+
+/// Adds the fields of `more` (an object) to `report` (an object).
+fn extend(report: &mut serde_json::Value, more: serde_json::Value) {
+    if let (Some(r), serde_json::Value::Object(m)) = (report.as_object_mut(), more) {
+        r.extend(m);
+    }
+}
+
+/// The first line of the text report.
+fn header(
+    model: &Model,
+    p: &flexgen_policy::Policy,
+    prompts: usize,
+    max_new: usize,
+    backend: &str,
+) -> String {
+    format!(
+        "model {} ({} weights), {prompts} prompts × {max_new} new tokens, block {}×{}, backend {backend}",
+        model.spec.name,
+        if model.dir.is_some() { "file" } else { "dummy" },
+        p.gpu_batch_size,
+        p.num_gpu_batches
+    )
 }
 
 /// What `flexgen-plan --calibrate` needs from a run: the model's spec, the whole policy and the
@@ -646,76 +680,50 @@ fn run_cuda(
     let mut steps = stats.decode_steps.clone();
     steps.sort_by(f64::total_cmp);
     let median_step = steps.get(steps.len() / 2).copied();
-    let report = serde_json::json!({
-        "model": model.spec.name,
-        "weights": if model.dir.is_some() { "files" } else { "dummy" },
-        "backend": "cuda",
-        "policy": {
-            "percent": policy.placement.to_percent(),
-            "gpu_batch_size": policy.gpu_batch_size,
-            "num_gpu_batches": policy.num_gpu_batches,
-            "pin_weight": policy.pin_weight,
-        },
-        "prompts": prompts.len(),
-        "prompt_tokens": stats.prompt_tokens,
-        "generated_tokens": stats.generated_tokens,
-        "load_s": load_s,
-        "gpu_setup_s": setup_s,
-        "prefill_s": stats.prefill_s,
-        "decode_s": stats.decode_s,
-        "median_decode_step_s": median_step,
-        "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
-        "decode_tokens_per_s": decode,
-        "total_tokens_per_s": stats.total_tokens_per_s(),
-        "gpu_bytes": {
-            "weights": bytes.weights, "staging": bytes.staging, "tables": bytes.tables,
-            "kv_cache": bytes.cache, "activations": bytes.activations, "total": bytes.total(),
-            "device_in_use": stats.tiers.required.gpu,
-        },
-        "cpu_bytes": { "pinned_weights": generator.pinned_bytes, "pageable_weights": generator.pageable_bytes, "peak_rss": peak_rss_bytes() },
-        "bytes_moved": {
-            "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu,
-            "disk_read": stats.tiers.traffic.disk_read,
-            "disk_write": stats.tiers.traffic.disk_write,
-        },
-        "weight_bytes_per_decode_step": per_pass,
-        "disk_weight_bytes_per_decode_step": disk_per_pass,
-        "disk_bytes": generator.disk_bytes(),
-        "disk_cache_bytes": generator.disk_cache_bytes(),
-        "direct_io": generator.direct_io,
-        "measured_h2d_bytes_per_s": generator.h2d_bytes_per_s,
-        "measured_disk_read_bytes_per_s": generator.disk_bytes_per_s,
-        "roofline_decode_tokens_per_s": roofline,
-        "roofline_fraction": roofline.map(|r| decode / r),
-        "serial_roofline_decode_tokens_per_s": serial_roofline,
-        "setup": {
-            "fill_s": generator.setup_times.fill_s,
-            "pin_s": generator.setup_times.pin_s,
-            "disk_write_s": generator.setup_times.disk_write_s,
-            "total_s": generator.setup_times.total_s,
-        },
-        "projected": false,
-        "predicted_tokens_per_s": policy.prediction.as_ref().map(|x| x.throughput_tokens_per_s),
-        "predicted": policy.prediction.as_ref().map(|x| serde_json::json!({ "prefill_s": x.prefill_s, "decode_s": x.decode_s })),
-        "calibration": calibration_record(model, policy, requests, cli.max_new_tokens),
-        "wall_s": started.elapsed().as_secs_f64(),
-    });
+    let mut report =
+        common_report("cuda", model, policy, requests, cli.max_new_tokens, &stats, load_s);
+    extend(
+        &mut report,
+        serde_json::json!({
+            "gpu_setup_s": setup_s,
+            "median_decode_step_s": median_step,
+            "gpu_bytes": {
+                "weights": bytes.weights, "staging": bytes.staging, "tables": bytes.tables,
+                "kv_cache": bytes.cache, "activations": bytes.activations, "total": bytes.total(),
+                "device_in_use": stats.tiers.required.gpu,
+            },
+            "cpu_bytes": { "pinned_weights": generator.pinned_bytes, "pageable_weights": generator.pageable_bytes, "peak_rss": peak_rss_bytes() },
+            "bytes_moved": {
+                "cpu_to_gpu": stats.tiers.traffic.cpu_to_gpu,
+                "disk_read": stats.tiers.traffic.disk_read,
+                "disk_write": stats.tiers.traffic.disk_write,
+            },
+            "weight_bytes_per_decode_step": per_pass,
+            "disk_weight_bytes_per_decode_step": disk_per_pass,
+            "disk_bytes": generator.disk_bytes(),
+            "disk_cache_bytes": generator.disk_cache_bytes(),
+            "direct_io": generator.direct_io,
+            "measured_h2d_bytes_per_s": generator.h2d_bytes_per_s,
+            "measured_disk_read_bytes_per_s": generator.disk_bytes_per_s,
+            "roofline_decode_tokens_per_s": roofline,
+            "roofline_fraction": roofline.map(|r| decode / r),
+            "serial_roofline_decode_tokens_per_s": serial_roofline,
+            "setup": {
+                "fill_s": generator.setup_times.fill_s,
+                "pin_s": generator.setup_times.pin_s,
+                "disk_write_s": generator.setup_times.disk_write_s,
+                "total_s": generator.setup_times.total_s,
+            },
+            "wall_s": started.elapsed().as_secs_f64(),
+        }),
+    );
     if cli.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         std::mem::forget(generator);
         return Ok(());
     }
     let mut err = std::io::stderr().lock();
-    writeln!(
-        err,
-        "\nmodel {} ({} weights), {} prompts × {} new tokens, block {}×{}, backend cuda",
-        model.spec.name,
-        if model.dir.is_some() { "file" } else { "dummy" },
-        prompts.len(),
-        cli.max_new_tokens,
-        policy.gpu_batch_size,
-        policy.num_gpu_batches
-    )?;
+    writeln!(err, "\n{}", header(model, policy, prompts.len(), cli.max_new_tokens, "cuda"))?;
     writeln!(
         err,
         "GPU {} (weights {}, staging {}, KV cache {}, activations {}) | CPU weights {} pinned, {} pageable | CPU→GPU {}",
