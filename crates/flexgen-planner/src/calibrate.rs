@@ -137,26 +137,7 @@ mod tests {
     }
 
     fn spec() -> ModelSpec {
-        flexgen_policy::ModelSpec {
-            name: "opt-30b".into(),
-            family: flexgen_policy::Family::Opt,
-            num_layers: 48,
-            hidden_size: 7168,
-            num_heads: 56,
-            num_kv_heads: 56,
-            ffn_size: 28672,
-            vocab_size: 50272,
-            max_positions: 2048,
-            norm: flexgen_policy::NormKind::LayerNorm { eps: 1e-5 },
-            mlp: flexgen_policy::MlpKind::Relu,
-            positions: flexgen_policy::PositionKind::Learned { offset: 2 },
-            pre_norm: true,
-            bias: true,
-            tie_embeddings: true,
-            bos_token_id: Some(2),
-            eos_token_id: Some(2),
-            pad_token_id: Some(1),
-        }
+        flexgen_model::spec_by_name("opt-30b").unwrap()
     }
 
     #[test]
