@@ -280,46 +280,58 @@ impl LayerLayout {
 impl PackedLayout {
     /// Packs the fp16 `arena` into `out` (`len` bytes), quantizing on all cores.
     pub fn pack(&self, arena: &[f16], out: &mut [u8]) {
-        use flexgen_tensor::quant::{QuantSpec, quantize};
+        use flexgen_tensor::quant::{QuantSpec, quantize_line};
+        use half::slice::HalfFloatSliceExt;
         assert_eq!(out.len(), self.len, "out holds the packed arena");
         out.fill(0);
         let spec = QuantSpec { bits: self.bits, group: self.group, dim: 0 };
         let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        // Columns are the lines of groups: column c packs to its own run of codes and params, so
+        // each thread takes a range of columns and, one chunk of `group` rows at a time, reads
+        // those rows (contiguous), transposes them and packs one group per column.
+        let g = self.group;
+        let gb = g * usize::from(self.bits) / 8; // code bytes per group
         for m in &self.mats {
             let src = &arena[m.src.clone()];
-            // Columns are the lines of groups: a range of columns packs to contiguous bytes.
-            let per = m.cols.div_ceil(threads).max(1);
-            let chunks = m.rows.div_ceil(self.group);
-            let code_bytes = chunks * self.group * usize::from(self.bits) / 8; // per column
-            let mut results: Vec<(usize, Vec<u8>, Vec<f16>)> = std::thread::scope(|s| {
-                let jobs: Vec<_> = (0..m.cols)
-                    .step_by(per)
-                    .map(|c0| {
-                        let c1 = (c0 + per).min(m.cols);
-                        s.spawn(move || {
-                            let w = c1 - c0;
-                            let mut x = vec![0f32; m.rows * w];
-                            for r in 0..m.rows {
-                                for c in c0..c1 {
-                                    x[r * w + c - c0] = src[r * m.cols + c].to_f32();
+            let chunks = m.rows.div_ceil(g);
+            let (code_b, par_b) = (chunks * gb, chunks * 4); // per column
+            let per = m.cols.div_ceil(threads);
+            let (codes, rest) = out[m.codes.start..].split_at_mut(m.codes.len());
+            let params = &mut rest[m.params.start - m.codes.end..][..m.params.len()];
+            std::thread::scope(|s| {
+                for ((t, codes), params) in
+                    codes.chunks_mut(per * code_b).enumerate().zip(params.chunks_mut(per * par_b))
+                {
+                    s.spawn(move || {
+                        let c0 = t * per;
+                        let w = per.min(m.cols - c0);
+                        let mut row = vec![0f32; w];
+                        let mut lines = vec![0f32; w * g];
+                        let mut par = [f16::ZERO; 2];
+                        for ch in 0..chunks {
+                            let len = g.min(m.rows - ch * g);
+                            for k in 0..len {
+                                let r = ch * g + k;
+                                src[r * m.cols + c0..][..w].convert_to_f32_slice(&mut row);
+                                for (i, &v) in row.iter().enumerate() {
+                                    lines[i * g + k] = v;
                                 }
                             }
-                            let p = quantize(&x, &[m.rows, w], spec);
-                            (c0, p.data, p.params)
-                        })
-                    })
-                    .collect();
-                jobs.into_iter().map(|j| j.join().expect("packing thread")).collect()
-            });
-            results.sort_by_key(|r| r.0);
-            for (c0, data, ps) in results {
-                let at = m.codes.start + c0 * code_bytes;
-                out[at..at + data.len()].copy_from_slice(&data);
-                let at = m.params.start + c0 * chunks * 4;
-                for (i, v) in ps.iter().enumerate() {
-                    out[at + 2 * i..at + 2 * i + 2].copy_from_slice(&v.to_le_bytes());
+                            for i in 0..w {
+                                quantize_line(
+                                    &lines[i * g..i * g + len],
+                                    spec,
+                                    &mut codes[i * code_b + ch * gb..][..gb],
+                                    &mut par,
+                                );
+                                let at = i * par_b + ch * 4;
+                                params[at..at + 2].copy_from_slice(&par[0].to_le_bytes());
+                                params[at + 2..at + 4].copy_from_slice(&par[1].to_le_bytes());
+                            }
+                        }
+                    });
                 }
-            }
+            });
         }
         for (i, v) in arena[self.vec_src.clone()].iter().enumerate() {
             let at = self.vectors.start + 2 * i;

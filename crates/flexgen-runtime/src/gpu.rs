@@ -31,7 +31,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
-use flexgen_model::{LayerLayout, Model, PackedLayout};
+use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout};
 use flexgen_policy::{Policy, PositionKind, Tier};
 use flexgen_tensor::cuda::exec::{
     AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
@@ -56,7 +56,7 @@ pub enum LayerSource {
     /// `model.weights.layers`.
     Loaded,
     /// [`LayerLayout::fill_dummy`] values, never materialized as f32.
-    Dummy(flexgen_model::DummyInit),
+    Dummy(DummyInit),
 }
 
 /// The longest prompt and the most new tokens a [`GpuGenerator`] is sized for, and the GPU memory
@@ -145,7 +145,8 @@ pub struct GpuGenerator<'m> {
     unit_len: usize,
     /// With `compress_weight`: the fp16 arena each layer is dequantized into before use.
     unpacked: Option<CudaSlice<f16>>,
-    /// The last layer packed at set-up (packing once serves its GPU, CPU and disk parts).
+    /// The last layer packed at set-up (packing once serves its GPU, CPU and disk parts), by
+    /// layer, or 0 for `ones` dummy layers (all alike).
     packed_memo: std::cell::RefCell<Option<(usize, Vec<f16>)>>,
     /// Units of each stored arena resident on the GPU (`0..g_end`), in CPU memory
     /// (`g_end..c_end`); the rest is on disk.
@@ -566,15 +567,15 @@ impl<'m> GpuGenerator<'m> {
         out: &mut [f16],
     ) -> Result<()> {
         if let Some(p) = &self.packed {
+            // `ones` dummy layers are all alike: one packing serves every layer.
+            let key = if matches!(source, LayerSource::Dummy(DummyInit::Ones)) { 0 } else { j };
             let mut memo = self.packed_memo.borrow_mut();
-            if memo.as_ref().is_none_or(|(l, _)| *l != j) {
+            if memo.as_ref().is_none_or(|(l, _)| *l != key) {
                 let mut arena = vec![f16::ZERO; self.layout.len];
                 self.fill_plain(source, j, 0..self.layout.len, &mut arena)?;
-                let mut bytes = vec![0u8; p.len];
-                p.pack(&arena, &mut bytes);
-                let units =
-                    bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
-                *memo = Some((j, units));
+                let mut units = vec![f16::ZERO; p.len / 2];
+                p.pack(&arena, bytemuck::cast_slice_mut(&mut units));
+                *memo = Some((key, units));
             }
             let (_, units) = memo.as_ref().expect("filled above");
             out.copy_from_slice(&units[range]);

@@ -1,11 +1,16 @@
 //! Checks every GPU operation against the CPU operation of the same name on seeded random data and
 //! prints the error; exits non-zero if one exceeds the fp16 tolerance. Run on a GPU machine:
-//! `cargo run --release -p flexgen-tensor --example cuda_check`.
+//! `cargo run --release -p flexgen-tensor --example cuda_check`. Then times the executor's
+//! compression kernels at OPT-30B shapes (figures only, no verdict).
 
 #![expect(clippy::print_stdout, reason = "a check program prints its table")]
 
 use flexgen_tensor::cuda::Gpu;
+use flexgen_tensor::cuda::exec::{AttnDims, CacheQuant, addr, at};
+use flexgen_tensor::quant::{QuantSpec, dequantize, quantize};
 use flexgen_tensor::{Device, Tensor};
+use half::f16;
+use std::time::Instant;
 
 fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     let n: usize = shape.iter().product();
@@ -125,10 +130,180 @@ fn main() {
     .unwrap();
     compare("masked attention", &gpu.download(&o).unwrap(), &cpu, &mut failures);
 
+    check_dequant(&gpu, &mut failures);
+    check_cache_quant(&gpu, &mut failures);
     if failures.is_empty() {
         println!("all GPU operations match the CPU within fp16 tolerance");
     } else {
         println!("FAILED: {failures:?}");
         std::process::exit(1);
     }
+    time_kernels(&gpu);
+}
+
+/// The weight-dequantizing kernel against `quant::dequantize`: 4 and 8 bits, rows that the
+/// group does not divide, and codes at an odd byte offset (the kernel's unaligned path).
+fn check_dequant(gpu: &Gpu, failures: &mut Vec<String>) {
+    for (bits, rows, cols, offset) in [(4u8, 200, 37, 0), (8, 130, 19, 0), (4, 128, 33, 1)] {
+        let spec = QuantSpec { bits, group: 64, dim: 0 };
+        let x: Vec<f32> = rand(&[rows, cols], u64::from(bits) + 20, 2.0).to_vec1_f32();
+        let p = quantize(&x, &[rows, cols], spec);
+        let want = dequantize(&p);
+        let mut codes = vec![0u8; offset];
+        codes.extend(&p.data);
+        let codes = gpu.stream.clone_htod(&codes).unwrap();
+        let params = gpu.stream.clone_htod(&p.params).unwrap();
+        let out = gpu.stream.alloc_zeros::<f16>(rows * cols).unwrap();
+        gpu.dequant_dim0(
+            addr(&codes) + offset as u64,
+            addr(&params),
+            addr(&out),
+            rows,
+            cols,
+            64,
+            bits,
+        )
+        .unwrap();
+        let got: Vec<f32> =
+            gpu.stream.clone_dtoh(&out).unwrap().into_iter().map(f16::to_f32).collect();
+        let name = format!("dequant dim 0, {bits}-bit, {rows}×{cols}, +{offset} B");
+        let (a, b) = (
+            Tensor::from_vec(got, (rows, cols), &Device::Cpu).unwrap(),
+            Tensor::from_vec(want, (rows, cols), &Device::Cpu).unwrap(),
+        );
+        compare(&name, &a, &b, failures);
+    }
+}
+
+/// The cache kernels against `quant` (groups along the head dimension): `quant_cache` must give
+/// the CPU's bytes exactly (same fp16 inputs, same IEEE arithmetic), `dequant_cache` its values
+/// (within fp16 rounding: the GPU fuses min + code·scale),
+/// on the vector path (group and head size multiples of 8) and the value-by-value one.
+fn check_cache_quant(gpu: &Gpu, failures: &mut Vec<String>) {
+    for (bits, hd, group) in [(4u8, 40, 16), (8, 40, 16), (4, 36, 64), (4, 128, 64)] {
+        let (rows, cap) = (5, 7);
+        let spec = QuantSpec { bits, group, dim: 2 };
+        let x: Vec<f16> = rand(&[rows, cap, hd], u64::from(bits) + hd as u64, 3.0)
+            .to_vec1_f32()
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let want = quantize(&xf, &[rows, cap, hd], spec);
+        let q = CacheQuant { rows, cap, hd, group, bits };
+        let (cb, pv) = q.sizes();
+        let s = &gpu.stream;
+        let gx = s.clone_htod(&x).unwrap();
+        let codes = s.alloc_zeros::<u8>(cb).unwrap();
+        let params = s.alloc_zeros::<f16>(pv).unwrap();
+        gpu.quant_cache(addr(&gx), addr(&codes), addr(&params), q, (0, cap)).unwrap();
+        let same = s.clone_dtoh(&codes).unwrap() == want.data
+            && s.clone_dtoh(&params).unwrap() == want.params;
+        let name = format!("quant_cache {bits}-bit, hd {hd}, group {group}");
+        println!(
+            "{name:<28} {}",
+            if same { "same bytes as the CPU  ok" } else { "FAIL: bytes differ" }
+        );
+        if !same {
+            failures.push(name);
+        }
+        // Positions 2..6 only: the others stay zero.
+        let out = s.alloc_zeros::<f16>(rows * cap * hd).unwrap();
+        gpu.dequant_cache(addr(&codes), addr(&params), addr(&out), q, (2, 4)).unwrap();
+        let got: Vec<f32> = s.clone_dtoh(&out).unwrap().into_iter().map(f16::to_f32).collect();
+        let full = dequantize(&want);
+        let want: Vec<f32> = (0..rows * cap * hd)
+            .map(|i| {
+                if (2..6).contains(&(i / hd % cap)) { f16::from_f32(full[i]).to_f32() } else { 0.0 }
+            })
+            .collect();
+        let name = format!("dequant_cache {bits}-bit, hd {hd}, g {group}");
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (rows * cap, hd), &Device::Cpu).unwrap();
+        compare(&name, &t(got), &t(want), failures);
+    }
+}
+
+trait ToVec {
+    fn to_vec1_f32(&self) -> Vec<f32>;
+}
+impl ToVec for Tensor {
+    fn to_vec1_f32(&self) -> Vec<f32> {
+        self.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
+/// Milliseconds per call of `f` on the compute stream (median of 5 after a warm-up).
+fn time_ms(gpu: &Gpu, mut f: impl FnMut()) -> f64 {
+    f();
+    gpu.stream.synchronize().unwrap();
+    let mut v: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            gpu.stream.synchronize().unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[2]
+}
+
+/// Times the kernels a compressed OPT-30B decode step runs per layer (h 7168, 56 heads of 128,
+/// 544 positions, a GPU batch of 32): dequantizing the layer's 12·h² weights, dequantizing the
+/// past of a packed cache, packing one new position, and decode attention.
+fn time_kernels(gpu: &Gpu) {
+    let (h, nh, hd, cap, b) = (7168usize, 56, 128, 544, 32);
+    let s = &gpu.stream;
+    let bits = 4;
+    // One layer's four matrices: 3h×h, h×h, 4h×h, h×4h (rows × cols), 12h² values.
+    let elems = 12 * h * h;
+    let codes = s.alloc_zeros::<u8>(elems / 2).unwrap();
+    let params = s.alloc_zeros::<f16>(elems / 64 * 2).unwrap();
+    let out = s.alloc_zeros::<f16>(elems).unwrap();
+    let mats = [(3 * h, h), (h, h), (4 * h, h), (h, 4 * h)];
+    let ms = time_ms(gpu, || {
+        let mut off = 0;
+        for (r, c) in mats {
+            let (co, po) = (addr(&codes) + (off / 2) as u64, at(addr(&params), off / 32));
+            gpu.dequant_dim0(co, po, at(addr(&out), off), r, c, 64, bits).unwrap();
+            off += r * c;
+        }
+    });
+    let gb = (elems as f64 * 2.5625) / 1e9;
+    println!(
+        "time dequant_dim0, one OPT-30B layer (12h² = {elems} values): {ms:.3} ms ({:.0} GB/s read+written)",
+        gb / ms * 1e3
+    );
+    let rows = b * nh;
+    let q = CacheQuant { rows, cap, hd, group: 64, bits };
+    let (cb, pb) = q.sizes();
+    let cc = s.alloc_zeros::<u8>(cb).unwrap();
+    let cp = s.alloc_zeros::<f16>(pb).unwrap();
+    let kv = s.alloc_zeros::<f16>(rows * cap * hd).unwrap();
+    let ms =
+        time_ms(gpu, || gpu.dequant_cache(addr(&cc), addr(&cp), addr(&kv), q, (0, 543)).unwrap());
+    println!(
+        "time dequant_cache, {rows} rows × 543 positions × {hd} (k or v of one layer, batch {b}): {ms:.3} ms"
+    );
+    let ms =
+        time_ms(gpu, || gpu.quant_cache(addr(&kv), addr(&cc), addr(&cp), q, (543, 1)).unwrap());
+    println!("time quant_cache, one new position of {rows} rows: {ms:.3} ms");
+    let qv = s.alloc_zeros::<f16>(rows * hd).unwrap();
+    let start = s.alloc_zeros::<i32>(b).unwrap();
+    let o = s.alloc_zeros::<f16>(rows * hd).unwrap();
+    let d = AttnDims { b, t: 1, nh, nkv: nh, hd, cap, past: 543 };
+    let ms = time_ms(gpu, || {
+        gpu.attention_decode(
+            addr(&qv),
+            addr(&kv),
+            addr(&kv),
+            cap,
+            addr(&start),
+            addr(&o),
+            d,
+            0..rows,
+        )
+        .unwrap();
+    });
+    println!("time attention_decode, batch {b}, 544 positions: {ms:.3} ms");
 }

@@ -90,6 +90,61 @@ fn per_byte(bits: u8) -> usize {
     if bits == 4 { 2 } else { 1 }
 }
 
+/// `x.round().clamp(0.0, levels)` as a code, without the library call that `f32::round` is on
+/// x86-64 without SSE4.1: rounding half away from zero of a value clamped to [0, levels] (levels
+/// is a whole number, so clamping first changes nothing).
+#[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "in [0, 255]")]
+#[inline]
+fn round_code(x: f32, levels: f32) -> u8 {
+    // NaN → 0, as `round().clamp()` then `as u8` gives; written with comparisons so that the
+    // loops calling it vectorize.
+    let x = if x > 0.0 { x } else { 0.0 };
+    let x = if x < levels { x } else { levels };
+    let t = x as i32;
+    #[expect(clippy::cast_precision_loss, reason = "t ≤ 255")]
+    let up = i32::from(x - t as f32 >= 0.5);
+    (t + up) as u8
+}
+
+/// Quantizes one line of values whose groups are contiguous (`x` split into groups of
+/// `spec.group`, the last one padded with code 0): the codes of group `c` go to
+/// `codes[c·group/per_byte ..]` and its (min, scale) to `params[2c..2c + 2]`. This is `quantize`'s
+/// layout for a line along the grouped dimension; `codes` must be zeroed.
+pub fn quantize_line(x: &[f32], spec: QuantSpec, codes: &mut [u8], params: &mut [f16]) {
+    let levels = f32::from((1u16 << spec.bits) - 1);
+    let pb = per_byte(spec.bits);
+    let gb = spec.group / pb;
+    let mut q = vec![0u8; spec.group];
+    for ((chunk, codes), par) in
+        x.chunks(spec.group).zip(codes.chunks_mut(gb)).zip(params.chunks_exact_mut(2))
+    {
+        let (lo, hi) = chunk
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let min = f16_down(lo);
+        let scale = f16_up((hi - min.to_f32()) / levels);
+        par[0] = min;
+        par[1] = scale;
+        let (m, s) = (min.to_f32(), scale.to_f32());
+        // Codes first (a loop the compiler vectorizes), then two to a byte; padding is code 0.
+        let q = &mut q[..chunk.len()];
+        if s > 0.0 {
+            for (d, &v) in q.iter_mut().zip(chunk) {
+                *d = round_code((v - m) / s, levels);
+            }
+        } else {
+            q.fill(0);
+        }
+        if spec.bits == 4 {
+            for (byte, pair) in codes.iter_mut().zip(q.chunks(2)) {
+                *byte = pair[0] | pair.get(1).map_or(0, |&v| v << 4);
+            }
+        } else {
+            codes[..q.len()].copy_from_slice(q);
+        }
+    }
+}
+
 /// Quantizes `x` (row-major, `shape`) by `spec`.
 ///
 /// # Panics
@@ -102,27 +157,47 @@ pub fn quantize(x: &[f32], shape: &[usize], spec: QuantSpec) -> Packed {
     let (code_bytes, param_bytes) = packed_len(shape, spec);
     let levels = f32::from((1u16 << spec.bits) - 1);
     let mut data = vec![0u8; code_bytes];
-    let groups = param_bytes / 4;
-    let mut params = Vec::with_capacity(2 * groups);
-    let mut line = vec![0f32; spec.group];
-    let mut g = 0;
+    let mut params = vec![f16::ZERO; param_bytes / 2];
+    let pb = per_byte(spec.bits);
+    // The `inner` groups of one chunk of the grouped dimension are done together, reading x row
+    // by row (contiguous) rather than down a column; padding past `n` keeps code 0 (= min).
+    if inner == 1 {
+        let gb = chunks * spec.group / pb;
+        for o in 0..outer {
+            quantize_line(
+                &x[o * n..(o + 1) * n],
+                spec,
+                &mut data[o * gb..(o + 1) * gb],
+                &mut params[o * 2 * chunks..(o + 1) * 2 * chunks],
+            );
+        }
+        return Packed { shape: shape.to_vec(), spec, data, params };
+    }
+    let (mut lo, mut hi) = (vec![0f32; inner], vec![0f32; inner]);
+    let (mut mins, mut scales) = (vec![0f32; inner], vec![0f32; inner]);
     for o in 0..outer {
-        for i in 0..inner {
-            for c in 0..chunks {
-                let len = spec.group.min(n - c * spec.group);
-                for (k, v) in line[..len].iter_mut().enumerate() {
-                    *v = x[(o * n + c * spec.group + k) * inner + i];
+        for c in 0..chunks {
+            let len = spec.group.min(n - c * spec.group);
+            let row = |k: usize| &x[(o * n + c * spec.group + k) * inner..][..inner];
+            lo.fill(f32::INFINITY);
+            hi.fill(f32::NEG_INFINITY);
+            for k in 0..len {
+                for ((a, b), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(row(k)) {
+                    *a = a.min(v);
+                    *b = b.max(v);
                 }
-                let (lo, hi) = line[..len]
-                    .iter()
-                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-                let min = f16_down(lo);
-                let scale = f16_up((hi - min.to_f32()) / levels);
-                params.extend([min, scale]);
-                let (m, s) = (min.to_f32(), scale.to_f32());
-                let codes = &mut data[g * spec.group / per_byte(spec.bits)..];
-                for k in 0..spec.group {
-                    let v = if k < len { line[k] } else { m };
+            }
+            for i in 0..inner {
+                let g = (o * inner + i) * chunks + c;
+                let min = f16_down(lo[i]);
+                let scale = f16_up((hi[i] - min.to_f32()) / levels);
+                params[2 * g] = min;
+                params[2 * g + 1] = scale;
+                (mins[i], scales[i]) = (min.to_f32(), scale.to_f32());
+            }
+            for k in 0..len {
+                for (i, &v) in row(k).iter().enumerate() {
+                    let (m, s) = (mins[i], scales[i]);
                     #[expect(
                         clippy::cast_possible_truncation,
                         clippy::cast_sign_loss,
@@ -130,13 +205,14 @@ pub fn quantize(x: &[f32], shape: &[usize], spec: QuantSpec) -> Packed {
                     )]
                     let q =
                         if s > 0.0 { ((v - m) / s).round().clamp(0.0, levels) as u8 } else { 0 };
+                    let g = (o * inner + i) * chunks + c;
+                    let at = (g * spec.group + k) / pb;
                     if spec.bits == 4 {
-                        codes[k / 2] |= q << (4 * (k % 2));
+                        data[at] |= q << (4 * (k % 2));
                     } else {
-                        codes[k] = q;
+                        data[at] = q;
                     }
                 }
-                g += 1;
             }
         }
     }
@@ -185,6 +261,61 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The first, group-by-group implementation: `quantize` must give the same bytes.
+    fn quantize_reference(x: &[f32], shape: &[usize], spec: QuantSpec) -> Packed {
+        assert_eq!(x.len(), shape.iter().product::<usize>(), "values fill the shape");
+        assert!(matches!(spec.bits, 4 | 8) && spec.group >= 2 && spec.group.is_multiple_of(2));
+        let (outer, n, inner) = split(shape, spec.dim);
+        let chunks = n.div_ceil(spec.group);
+        let (code_bytes, param_bytes) = packed_len(shape, spec);
+        let levels = f32::from((1u16 << spec.bits) - 1);
+        let mut data = vec![0u8; code_bytes];
+        let groups = param_bytes / 4;
+        let mut params = Vec::with_capacity(2 * groups);
+        let mut line = vec![0f32; spec.group];
+        let mut g = 0;
+        for o in 0..outer {
+            for i in 0..inner {
+                for c in 0..chunks {
+                    let len = spec.group.min(n - c * spec.group);
+                    for (k, v) in line[..len].iter_mut().enumerate() {
+                        *v = x[(o * n + c * spec.group + k) * inner + i];
+                    }
+                    let (lo, hi) = line[..len]
+                        .iter()
+                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                            (a.min(v), b.max(v))
+                        });
+                    let min = f16_down(lo);
+                    let scale = f16_up((hi - min.to_f32()) / levels);
+                    params.extend([min, scale]);
+                    let (m, s) = (min.to_f32(), scale.to_f32());
+                    let codes = &mut data[g * spec.group / per_byte(spec.bits)..];
+                    for k in 0..spec.group {
+                        let v = if k < len { line[k] } else { m };
+                        #[expect(
+                            clippy::cast_possible_truncation,
+                            clippy::cast_sign_loss,
+                            reason = "clamped"
+                        )]
+                        let q = if s > 0.0 {
+                            ((v - m) / s).round().clamp(0.0, levels) as u8
+                        } else {
+                            0
+                        };
+                        if spec.bits == 4 {
+                            codes[k / 2] |= q << (4 * (k % 2));
+                        } else {
+                            codes[k] = q;
+                        }
+                    }
+                    g += 1;
+                }
+            }
+        }
+        Packed { shape: shape.to_vec(), spec, data, params }
+    }
+
     fn shape_and_spec() -> impl Strategy<Value = (Vec<usize>, QuantSpec)> {
         (prop::collection::vec(1usize..40, 1..4), prop::sample::select(vec![4u8, 8]), 1usize..33)
             .prop_flat_map(|(shape, bits, half_group)| {
@@ -209,6 +340,8 @@ mod tests {
                 (u - 0.3) * spread
             }).collect();
             let p = quantize(&x, &shape, spec);
+            let r = quantize_reference(&x, &shape, spec);
+            prop_assert_eq!((&p.data, &p.params), (&r.data, &r.params), "same bytes as the reference");
             let (outer, along, inner) = split(&shape, spec.dim);
             prop_assert_eq!(p.groups(), outer * inner * along.div_ceil(spec.group));
             prop_assert_eq!(p.data.len(), p.groups() * spec.group * usize::from(spec.bits) / 8);
@@ -220,6 +353,22 @@ mod tests {
                 // Half a step, plus f32 rounding of min + code·scale.
                 let tol = s / 2.0 + 4.0 * f32::EPSILON * (a.abs() + s * 16.0);
                 prop_assert!((a - b).abs() <= tol, "element {i}: {a} vs {b}, scale {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn codes_round_like_the_library_round() {
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "clamped")]
+        let want = |x: f32, l: f32| x.round().clamp(0.0, l) as u8;
+        let mut xs = vec![f32::NAN, -0.0, -3.0, 0.5, 14.5, 15.0, 15.49, 16.0, 300.0, 1e30];
+        for k in 0..=255u16 {
+            let k = f32::from(k);
+            xs.extend([k + 0.5, (k + 0.5).next_down(), (k + 0.5).next_up(), k.next_down(), k]);
+        }
+        for l in [15.0, 255.0] {
+            for &x in &xs {
+                assert_eq!(round_code(x, l), want(x, l), "x = {x}, levels {l}");
             }
         }
     }

@@ -500,8 +500,9 @@ impl Gpu {
         let (r, c, g, b) = (dim(rows_), dim(cols), dim(group), i32::from(bits));
         let mut l = self.stream.launch_builder(&self.dequant_dim0);
         l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&c).arg(&g).arg(&b);
-        // SAFETY: grid-stride over rows·cols outputs; the packed buffers hold every group.
-        unsafe { l.launch(grid(rows_ * cols))? };
+        // SAFETY: grid-stride over the ⌈rows/group⌉·cols groups; the packed buffers hold every
+        // group and `out` every row of every column.
+        unsafe { l.launch(grid(rows_.div_ceil(group) * cols))? };
         Ok(())
     }
 
@@ -515,17 +516,34 @@ impl Gpu {
         c: CacheQuant,
         (p0, np): (usize, usize),
     ) -> Result<(), CudaError> {
-        if np == 0 {
-            return Ok(());
+        if np == 0 || c.rows == 0 {
+            return Ok(()); // nothing to do (and a grid of no blocks is invalid)
         }
         let (r, cap, hd, gs, b, p0i, npi) =
             (dim(c.rows), dim(c.cap), dim(c.hd), dim(c.group), i32::from(c.bits), dim(p0), dim(np));
+        let vec = i32::from(
+            c.group.is_multiple_of(8)
+                && c.hd.is_multiple_of(8)
+                && codes.is_multiple_of(8)
+                && out.is_multiple_of(16),
+        );
         let mut l = self.stream.launch_builder(&self.dequant_cache);
         l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&cap).arg(&hd).arg(&gs).arg(&b);
-        l.arg(&p0i).arg(&npi);
-        // SAFETY: grid-stride over rows·np·hd outputs inside [rows, cap, hd]; p0 + np ≤ cap.
+        l.arg(&p0i).arg(&npi).arg(&vec);
         assert!(p0 + np <= c.cap, "positions inside the cache");
-        unsafe { l.launch(grid(c.rows * np * c.hd))? };
+        let per_row = np * c.hd.div_ceil(8); // threads per row
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(per_row.div_ceil(256).min(1 << 16)).expect("fits"),
+                u32::try_from(c.rows.min(65_535)).expect("fits"),
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: rows along y, (position, 8 values) along x, both grid-strided, inside
+        // [rows, cap, hd]; p0 + np ≤ cap; the vector path only on aligned addresses.
+        unsafe { l.launch(cfg)? };
         Ok(())
     }
 
@@ -539,8 +557,8 @@ impl Gpu {
         c: CacheQuant,
         (p0, np): (usize, usize),
     ) -> Result<(), CudaError> {
-        if np == 0 {
-            return Ok(());
+        if np == 0 || c.rows == 0 {
+            return Ok(()); // nothing to do (and a grid of no blocks is invalid)
         }
         assert!(p0 + np <= c.cap, "positions inside the cache");
         let groups = c.hd.div_ceil(c.group);

@@ -251,17 +251,38 @@ extern "C" __global__ void argmax_rows(const half_t* x, unsigned int* out, int c
 // out[r, c] of a row-major [rows, cols] fp16 matrix from `bits`-bit codes grouped along the rows
 // (flexgen_tensor::quant with dim 0): group g = c·⌈rows/gs⌉ + r/gs holds rows r of column c, value
 // k = r % gs at code g·gs + k (4-bit: two per byte, the even one in the low nibble); params holds
-// (min, scale) fp16 per group. Grid-stride over the output.
+// (min, scale) fp16 per group. One thread per group, neighbouring threads on neighbouring columns
+// of the same rows (so each output row is written coalesced); a thread reads its group's codes
+// as 32-bit words when they are aligned (8 codes a word at 4 bits, 4 at 8 bits).
 extern "C" __global__ void dequant_dim0(const unsigned char* codes, const half_t* params, half_t* out,
                                         int rows, int cols, int gs, int bits) {
-    long long n = (long long)rows * cols;
     long long chunks = (rows + gs - 1) / gs;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n; idx += (long long)gridDim.x * blockDim.x) {
-        long long r = idx / cols, c = idx % cols;
-        long long g = c * chunks + r / gs;
-        long long pos = g * gs + r % gs;
-        int code = bits == 4 ? (codes[pos >> 1] >> (4 * (int)(pos & 1))) & 15 : codes[pos];
-        out[idx] = f2h(h2f(params[2 * g]) + (float)code * h2f(params[2 * g + 1]));
+    long long n = chunks * cols;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
+        long long c = t % cols, ch = t / cols;
+        long long g = c * chunks + ch;
+        float mn = h2f(params[2 * g]), sc = h2f(params[2 * g + 1]);
+        int r0 = (int)ch * gs, len = min(gs, rows - r0);
+        half_t* o = out + (long long)r0 * cols + c;
+        long long first = g * gs; // code index of the group's first value
+        const unsigned char* p = codes + first * bits / 8;
+        int per_word = 32 / bits;
+        if ((first * bits) % 8 == 0 && ((unsigned long long)p & 3) == 0 && gs % per_word == 0) {
+            const unsigned int* w = (const unsigned int*)p;
+            unsigned int mask = (1u << bits) - 1;
+            for (int k0 = 0; k0 < len; k0 += per_word) {
+                unsigned int word = w[k0 / per_word];
+                for (int j = 0; j < per_word && k0 + j < len; j++) {
+                    o[(long long)(k0 + j) * cols] = f2h(mn + (float)((word >> (bits * j)) & mask) * sc);
+                }
+            }
+        } else {
+            for (int k = 0; k < len; k++) {
+                long long pos = first + k;
+                int code = bits == 4 ? (codes[pos >> 1] >> (4 * (int)(pos & 1))) & 15 : codes[pos];
+                o[(long long)k * cols] = f2h(mn + (float)code * sc);
+            }
+        }
     }
 }
 
@@ -281,20 +302,43 @@ __device__ __forceinline__ half_t f16_up(float x) { // x >= 0
 }
 
 // out[r, p, d] (fp16 [rows, cap, hd]) for positions p0 ≤ p < p0 + np, from the packed cache.
+// One thread per 8 values of one (row, position); rows along the grid's y. With `vec` (the host
+// checked: group and hd multiples of 8, codes and out aligned) the 8 codes are one 32-bit (4-bit)
+// or 64-bit (8-bit) load and the 8 values one 16-byte store; otherwise value by value.
 extern "C" __global__ void dequant_cache(const unsigned char* codes, const half_t* params, half_t* out,
-                                         int rows, int cap, int hd, int gs, int bits, int p0, int np) {
+                                         int rows, int cap, int hd, int gs, int bits, int p0, int np, int vec) {
     int groups = (hd + gs - 1) / gs, per = groups * gs;
-    long long n = (long long)rows * np * hd;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        int d = i % hd;
-        long long rp = i / hd;
-        int p = p0 + rp % np;
-        long long r = rp / np;
-        long long slot = r * cap + p;              // (row, position)
-        long long g = slot * groups + d / gs;      // group
-        long long pos = slot * per + d;            // code index
-        int code = bits == 4 ? (codes[pos >> 1] >> (4 * (int)(pos & 1))) & 15 : codes[pos];
-        out[slot * hd + d] = f2h(h2f(params[2 * g]) + (float)code * h2f(params[2 * g + 1]));
+    int oct = (hd + 7) / 8;
+    int n = np * oct;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+            int pp = i / oct;
+            int d0 = (i - pp * oct) * 8;
+            long long slot = (long long)r * cap + p0 + pp;  // (row, position)
+            long long pos = slot * per + d0;                // code index of the first value
+            half_t* o = out + slot * hd + d0;
+            if (vec) {
+                long long g = slot * groups + d0 / gs;
+                float mn = h2f(params[2 * g]), sc = h2f(params[2 * g + 1]);
+                unsigned int w[2];
+                if (bits == 4) { w[0] = *(const unsigned int*)(codes + pos / 2); }
+                else { uint2 u = *(const uint2*)(codes + pos); w[0] = u.x; w[1] = u.y; }
+                half_t h[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    unsigned int c = bits == 4 ? (w[0] >> (4 * k)) & 15 : (w[k / 4] >> (8 * (k % 4))) & 255;
+                    h[k] = f2h(mn + (float)c * sc);
+                }
+                *(uint4*)o = *(const uint4*)h;
+            } else {
+                for (int k = 0; k < 8 && d0 + k < hd; k++) {
+                    long long g = slot * groups + (d0 + k) / gs;
+                    long long q = pos + k;
+                    int code = bits == 4 ? (codes[q >> 1] >> (4 * (int)(q & 1))) & 15 : codes[q];
+                    o[k] = f2h(h2f(params[2 * g]) + (float)code * h2f(params[2 * g + 1]));
+                }
+            }
+        }
     }
 }
 
