@@ -87,6 +87,31 @@ struct DiskPart {
 }
 
 /// Reads `out.len()` bytes at `offset` with `threads` threads, in 16 MiB direct reads.
+/// The KV-cache rows whose home is disk. The file holds, for each (layer, batch, k|v), a region of
+/// `cap` position slots, each slot `pos_bytes` (the disk rows' `hd` values of one position,
+/// padded to the direct-I/O alignment): position-major, so a step reads its past as one
+/// contiguous span and appends only its new positions. `stage` holds the (layer, batch) being
+/// computed row-major (`[rows, cap, hd]`, as pinned CPU rows are) for the copies and CPU attention;
+/// `io` is the position-major buffer the file is read into and written from.
+struct DiskCache {
+    file: DirectFile,
+    pos_bytes: usize,
+    stage: [HostMem; 2],
+    io: [HostMem; 2],
+}
+
+impl DiskCache {
+    /// Bytes of one (layer, batch, k|v) region of `cap` positions.
+    fn region(&self, cap: usize) -> usize {
+        cap * self.pos_bytes
+    }
+}
+
+/// Bytes of one position of `rows` disk rows of `hd` values, padded for direct I/O.
+fn disk_pos_bytes(rows: usize, hd: usize) -> usize {
+    align_up(rows * hd * 2)
+}
+
 fn read_parallel(
     file: &DirectFile,
     offset: u64,
@@ -233,7 +258,7 @@ struct RunBuffers {
     kvq_stage: Option<PackedKv>,
     /// The disk rows' cache: one file, `[layer][batch][k|v]` regions of `[disk_rows, cap, hd]`,
     /// and two pinned staging regions for the (layer, batch) in use.
-    disk_cache: Option<(DirectFile, usize, [HostMem; 2])>,
+    disk_cache: Option<DiskCache>,
     /// `[layer][batch]` → (k, v) of the CPU rows, each `[cpu_rows, cap, hd]`, pinned.
     kv_cpu: Vec<Vec<(HostMem, HostMem)>>,
     /// k and v of the CPU rows on the GPU: the new positions (CPU attention, `[cpu_rows, t, hd]`)
@@ -537,7 +562,11 @@ impl<'m> GpuGenerator<'m> {
         debug_assert_eq!(all_rows - gpu_rows, host_rows + disk_rows);
         let cpu_rows = host_rows as u64;
         let disk_stage = if disk_rows > 0 {
-            2 * align_up(disk_rows * usize::try_from(cap * hd).expect("fits") * 2) as u64
+            let (capu, hdu) =
+                (usize::try_from(cap).expect("fits"), usize::try_from(hd).expect("fits"));
+            // Row-major staging and position-major I/O buffers, k and v.
+            2 * (align_up(disk_rows * capu * hdu * 2) + capu * disk_pos_bytes(disk_rows, hdu))
+                as u64
         } else {
             0
         };
@@ -798,13 +827,18 @@ impl<'m> GpuGenerator<'m> {
     pub fn disk_cache_bytes(&self) -> u64 {
         let s = &self.model.spec;
         let cap = self.capacity.max_prompt + self.capacity.max_new;
-        let region = align_up(self.disk_rows * cap * s.head_dim() as usize * 2) as u64;
+        let region = (cap * disk_pos_bytes(self.disk_rows, s.head_dim() as usize)) as u64;
         u64::from(s.num_layers) * u64::from(self.policy.num_gpu_batches) * 2 * region
     }
 
     /// Bytes of weights held on disk (the file's size).
     pub fn disk_bytes(&self) -> u64 {
         self.disk.as_ref().map_or(0, |d| (d.slot_bytes * self.layers.len()) as u64)
+    }
+
+    /// Positions of every cache row: the longest prompt plus the new tokens.
+    fn cap(&self) -> usize {
+        self.capacity.max_prompt + self.capacity.max_new
     }
 
     fn dims(&self) -> (usize, usize, usize, usize) {
@@ -891,8 +925,15 @@ impl<'m> GpuGenerator<'m> {
             std::fs::create_dir_all(dir).map_err(io)?;
             let path = dir.join(format!("flexgen-kv-{}.bin", std::process::id()));
             let file = DirectFile::create(&path).map_err(io)?;
-            let region = align_up(dr * cap * hd * 2);
-            Some((file, region, [pinned(region / 2)?, pinned(region / 2)?]))
+            let stage = align_up(dr * cap * hd * 2) / 2;
+            let pos_bytes = disk_pos_bytes(dr, hd);
+            let io = cap * pos_bytes / 2;
+            Some(DiskCache {
+                file,
+                pos_bytes,
+                stage: [pinned(stage)?, pinned(stage)?],
+                io: [pinned(io)?, pinned(io)?],
+            })
         } else {
             None
         };
@@ -1110,7 +1151,7 @@ impl<'m> GpuGenerator<'m> {
         let row_bytes = cap * hd * 2;
         // The off-GPU rows' homes (CPU rows, then disk rows read into their staging).
         let homes = if cpu_rows > 0 && self.cache_quant.is_none() {
-            self.homes(buf, j, kb, past > 0)?
+            self.homes(buf, j, kb, past)?
         } else {
             Vec::new()
         };
@@ -1259,7 +1300,7 @@ impl<'m> GpuGenerator<'m> {
                     }
                 }
             }
-            self.flush_disk(buf, j, kb)?;
+            self.flush_disk(buf, j, kb, past, t)?;
         }
         self.layer_mlp(w, x, buf, rows)?;
         self.hidden_out(buf, kb, rows * h)
@@ -1342,15 +1383,16 @@ impl<'m> GpuGenerator<'m> {
     }
 
     /// The homes of (layer `j`, batch `kb`)'s off-GPU cache rows: (first row among the off-GPU
-    /// rows, rows, k, v). CPU rows first, then disk rows, whose regions are read into their
-    /// staging first when `load`.
+    /// rows, rows, k, v). CPU rows first, then disk rows, whose `past` positions are read into
+    /// their (row-major) staging first.
     fn homes<'b>(
         &self,
         buf: &'b RunBuffers,
         j: usize,
         kb: usize,
-        load: bool,
+        past: usize,
     ) -> Result<Vec<(usize, usize, &'b HostMem, &'b HostMem)>> {
+        let load = past > 0;
         let b = self.policy.gpu_batch_size as usize;
         let host_rows = b * self.dims().2 - self.gpu_rows - self.disk_rows;
         let mut out = Vec::with_capacity(2);
@@ -1358,25 +1400,41 @@ impl<'m> GpuGenerator<'m> {
             let (k, v) = &buf.kv_cpu[j][kb];
             out.push((0, host_rows, k, v));
         }
-        if let Some((file, region, stage)) = &buf.disk_cache {
+        if let Some(dc) = &buf.disk_cache {
             if load {
-                // The staging regions are free once earlier copies from and to them are done.
+                // The staging is free once earlier copies from and to it are done.
                 self.gpu.stream.synchronize().map_err(drv)?;
-                for (i, m) in stage.iter().enumerate() {
-                    let at = self.disk_region(j, kb, i, *region);
-                    // SAFETY: no copy uses the staging now (synchronized) and no reference to it
-                    // is live; it holds `region` bytes.
-                    let bytes =
-                        unsafe { std::slice::from_raw_parts_mut(m.ptr().cast::<u8>(), *region) };
-                    read_parallel(file, at, bytes, READ_THREADS).map_err(|e| Error::Io {
-                        path: file.path().to_path_buf(),
+                let (cap, hd, rows) = (self.cap(), self.dims().3, self.disk_rows);
+                for i in 0..2 {
+                    let span = past * dc.pos_bytes;
+                    // SAFETY: no copy uses the buffers now (synchronized) and no reference to
+                    // them is live; `io` holds `cap` position slots, `stage` `rows·cap·hd` values.
+                    let io = unsafe {
+                        std::slice::from_raw_parts_mut(dc.io[i].ptr().cast::<u8>(), span)
+                    };
+                    read_parallel(
+                        &dc.file,
+                        self.disk_region(j, kb, i, dc.region(cap)),
+                        io,
+                        READ_THREADS,
+                    )
+                    .map_err(|e| Error::Io {
+                        path: dc.file.path().to_path_buf(),
                         message: e.to_string(),
                     })?;
+                    // SAFETY: as above.
+                    let (io, stage) = unsafe {
+                        (
+                            std::slice::from_raw_parts(dc.io[i].ptr().cast_const(), span / 2),
+                            std::slice::from_raw_parts_mut(dc.stage[i].ptr(), rows * cap * hd),
+                        )
+                    };
+                    positions_to_rows(io, stage, dc.pos_bytes / 2, (rows, cap, hd), 0..past);
                 }
                 let (r, w) = self.cache_disk_io.get();
-                self.cache_disk_io.set((r + 2 * *region as u64, w));
+                self.cache_disk_io.set((r + 2 * (past * dc.pos_bytes) as u64, w));
             }
-            out.push((host_rows, self.disk_rows, &stage[0], &stage[1]));
+            out.push((host_rows, self.disk_rows, &dc.stage[0], &dc.stage[1]));
         }
         Ok(out)
     }
@@ -1387,21 +1445,41 @@ impl<'m> GpuGenerator<'m> {
         (((j * k + kb) * 2 + i) * region) as u64
     }
 
-    /// Writes (layer `j`, batch `kb`)'s disk rows back from their staging, once the copies of
-    /// the new positions into it have landed.
-    fn flush_disk(&self, buf: &RunBuffers, j: usize, kb: usize) -> Result<()> {
-        let Some((file, region, stage)) = &buf.disk_cache else { return Ok(()) };
+    /// Appends (layer `j`, batch `kb`)'s new positions `past..past + t` of the disk rows to their
+    /// regions, from the staging, once the copies of those positions into it have landed.
+    fn flush_disk(
+        &self,
+        buf: &RunBuffers,
+        j: usize,
+        kb: usize,
+        past: usize,
+        t: usize,
+    ) -> Result<()> {
+        let Some(dc) = &buf.disk_cache else { return Ok(()) };
         self.gpu.stream.synchronize().map_err(drv)?;
-        for (i, m) in stage.iter().enumerate() {
-            // SAFETY: as in `homes`: the stream is idle, the staging holds `region` bytes.
-            let bytes =
-                unsafe { std::slice::from_raw_parts(m.ptr().cast::<u8>().cast_const(), *region) };
-            file.write_aligned(self.disk_region(j, kb, i, *region), bytes).map_err(|e| {
-                Error::Io { path: file.path().to_path_buf(), message: e.to_string() }
+        let (cap, hd, rows) = (self.cap(), self.dims().3, self.disk_rows);
+        let span = t * dc.pos_bytes;
+        for i in 0..2 {
+            // SAFETY: as in `homes`: the stream is idle and no reference to the buffers is live.
+            let (stage, io) = unsafe {
+                (
+                    std::slice::from_raw_parts(dc.stage[i].ptr().cast_const(), rows * cap * hd),
+                    std::slice::from_raw_parts_mut(dc.io[i].ptr(), span / 2),
+                )
+            };
+            rows_to_positions(stage, io, dc.pos_bytes / 2, (rows, cap, hd), past..past + t);
+            // SAFETY: the same bytes, now written.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(dc.io[i].ptr().cast::<u8>().cast_const(), span)
+            };
+            let at = self.disk_region(j, kb, i, dc.region(cap)) + (past * dc.pos_bytes) as u64;
+            dc.file.write_aligned(at, bytes).map_err(|e| Error::Io {
+                path: dc.file.path().to_path_buf(),
+                message: e.to_string(),
             })?;
         }
         let (r, w) = self.cache_disk_io.get();
-        self.cache_disk_io.set((r, w + 2 * *region as u64));
+        self.cache_disk_io.set((r, w + 2 * span as u64));
         Ok(())
     }
 
@@ -1859,6 +1937,42 @@ fn new_timing_event(gpu: &Gpu) -> Result<CudaEvent> {
     gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv)
 }
 
+/// Positions `range` of position-major `src` (slots of `slot` values, each `[rows, hd]` first) into
+/// row-major `dst` `[rows, cap, hd]`.
+fn positions_to_rows(
+    src: &[f16],
+    dst: &mut [f16],
+    slot: usize,
+    (rows, cap, hd): (usize, usize, usize),
+    range: std::ops::Range<usize>,
+) {
+    let first = range.start;
+    for p in range {
+        let from = &src[(p - first) * slot..][..rows * hd];
+        for (r, v) in from.chunks_exact(hd).enumerate() {
+            dst[(r * cap + p) * hd..][..hd].copy_from_slice(v);
+        }
+    }
+}
+
+/// The inverse of [`positions_to_rows`]: positions `range` of row-major `src` into position-major
+/// `dst`, the first of them in slot 0.
+fn rows_to_positions(
+    src: &[f16],
+    dst: &mut [f16],
+    slot: usize,
+    (rows, cap, hd): (usize, usize, usize),
+    range: std::ops::Range<usize>,
+) {
+    let first = range.start;
+    for p in range {
+        let to = &mut dst[(p - first) * slot..][..rows * hd];
+        for (r, v) in to.chunks_exact_mut(hd).enumerate() {
+            v.copy_from_slice(&src[(r * cap + p) * hd..][..hd]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1896,6 +2010,28 @@ mod tests {
     }
 
     /// The GPU bytes the executor planned in the device runs of docs/benchmarks.md (S1, S8 28×2).
+    #[test]
+    fn disk_rows_go_to_position_slots_and_back() {
+        let (rows, cap, hd, slot) = (3, 5, 4, 16); // a slot pads 12 values to 16
+        let src: Vec<f16> = (0..rows * cap * hd).map(|i| f16::from_f32(i as f32)).collect();
+        // Positions 1..4 out to slots 0..3: slot s holds every row's values of position 1 + s.
+        let mut slots = vec![f16::ZERO; 3 * slot];
+        rows_to_positions(&src, &mut slots, slot, (rows, cap, hd), 1..4);
+        for s in 0..3 {
+            for r in 0..rows {
+                let want = &src[(r * cap + 1 + s) * hd..][..hd];
+                assert_eq!(&slots[s * slot + r * hd..][..hd], want, "slot {s}, row {r}");
+            }
+        }
+        // And back: the same positions land where they came from, the others stay zero.
+        let mut back = vec![f16::ZERO; rows * cap * hd];
+        positions_to_rows(&slots, &mut back, slot, (rows, cap, hd), 1..4);
+        for (i, (a, b)) in back.iter().zip(&src).enumerate() {
+            let p = i / hd % cap;
+            assert_eq!(*a, if (1..4).contains(&p) { *b } else { f16::ZERO }, "value {i}");
+        }
+    }
+
     #[test]
     fn planned_gpu_bytes_match_the_device_reports() {
         let m = model("opt-30b");
@@ -1963,8 +2099,9 @@ mod tests {
             flexgen_policy::Placement::from_percent([100.0, 0.0, 50.0, 25.0, 100.0, 0.0]).unwrap();
         let with_disk =
             GpuGenerator::plan_host_bytes(&m, &p, layout.len, (layout.len, layout.len), 1024, cap);
-        // Half of the CPU rows moved to disk; two staging regions of the disk rows stay.
-        let stage = 2 * align_up(512 * 544 * 128 * 2) as u64;
+        // Half of the CPU rows moved to disk; the disk rows' row-major staging and
+        // position-major I/O buffers (k and v) stay.
+        let stage = 2 * (align_up(512 * 544 * 128 * 2) + 544 * disk_pos_bytes(512, 128)) as u64;
         assert_eq!(with_disk, cpu_only / 2 + stage);
     }
 
