@@ -26,6 +26,7 @@
 //! Everything the run needs on the GPU is counted before anything is allocated; a policy that
 //! does not fit is refused with the tier, the bytes and the field to change.
 
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -92,18 +93,61 @@ struct DiskPart {
 /// padded to the direct-I/O alignment): position-major, so a step reads its past as one
 /// contiguous span and appends only its new positions. `stage` holds the (layer, batch) being
 /// computed row-major (`[rows, cap, hd]`, as pinned CPU rows are) for the copies and CPU attention;
-/// `io` is the position-major buffer the file is read into and written from.
+/// `io` are two pairs (k, v) of position-major buffers that the file is read into and written
+/// from: while one (layer, batch) uses pair `cur`, a thread reads the next one's past into the
+/// other.
 struct DiskCache {
-    file: DirectFile,
+    file: Arc<DirectFile>,
     pos_bytes: usize,
     stage: [HostMem; 2],
-    io: [HostMem; 2],
+    io: [[HostMem; 2]; 2],
+    cur: Cell<usize>,
+    pending: RefCell<Option<Prefetch>>,
+}
+
+/// (layer, batch, past) of a read of disk rows.
+type ReadKey = (usize, usize, usize);
+
+/// A read of (layer, batch, past)'s disk rows into `io` pair `pair`, under way on a thread.
+struct Prefetch {
+    key: ReadKey,
+    pair: usize,
+    handle: std::thread::JoinHandle<std::io::Result<()>>,
 }
 
 impl DiskCache {
     /// Bytes of one (layer, batch, k|v) region of `cap` positions.
     fn region(&self, cap: usize) -> usize {
         cap * self.pos_bytes
+    }
+
+    /// Waits for the read under way, if any: whether it was (key)'s and succeeded, and its pair.
+    fn finish(&self) -> Option<(ReadKey, usize, std::io::Result<()>)> {
+        let p = self.pending.borrow_mut().take()?;
+        let r = p.handle.join().unwrap_or_else(|_| Err(std::io::Error::other("reader panicked")));
+        Some((p.key, p.pair, r))
+    }
+
+    /// Starts reading `span` bytes at `offsets` (k, v) into pair `pair` on a thread.
+    fn start(&self, key: ReadKey, pair: usize, offsets: [u64; 2], span: usize) {
+        let file = Arc::clone(&self.file);
+        let ptrs = self.io[pair].each_ref().map(|m| m.ptr() as usize);
+        let handle = std::thread::spawn(move || {
+            for (at, ptr) in offsets.into_iter().zip(ptrs) {
+                // SAFETY: the pair's buffers hold `cap` slots (≥ span bytes) of pinned memory
+                // that nothing else touches until `finish` joins this thread (`Drop` joins too).
+                let bytes = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, span) };
+                read_parallel(&file, at, bytes, READ_THREADS)?;
+            }
+            Ok(())
+        });
+        *self.pending.borrow_mut() = Some(Prefetch { key, pair, handle });
+    }
+}
+
+impl Drop for DiskCache {
+    fn drop(&mut self) {
+        let _ = self.finish(); // the thread writes into `io`: never free it under a read
     }
 }
 
@@ -172,7 +216,7 @@ pub struct GpuGenerator<'m> {
     unpacked: Option<CudaSlice<f16>>,
     /// The last layer packed at set-up (packing once serves its GPU, CPU and disk parts), by
     /// layer, or 0 for `ones` dummy layers (all alike).
-    packed_memo: std::cell::RefCell<Option<(usize, Vec<f16>)>>,
+    packed_memo: RefCell<Option<(usize, Vec<f16>)>>,
     /// Units of each stored arena resident on the GPU (`0..g_end`), in CPU memory
     /// (`g_end..c_end`); the rest is on disk.
     g_end: usize,
@@ -186,7 +230,7 @@ pub struct GpuGenerator<'m> {
     /// (sequence, head) rows of each (layer, batch) cache on disk (the last rows).
     disk_rows: usize,
     /// Bytes of KV cache read from and written to disk.
-    cache_disk_io: std::cell::Cell<(u64, u64)>,
+    cache_disk_io: Cell<(u64, u64)>,
     /// Hidden states between layers live on the GPU (else in pinned CPU memory).
     act_on_gpu: bool,
     embed: GpuTensor,
@@ -564,8 +608,8 @@ impl<'m> GpuGenerator<'m> {
         let disk_stage = if disk_rows > 0 {
             let (capu, hdu) =
                 (usize::try_from(cap).expect("fits"), usize::try_from(hd).expect("fits"));
-            // Row-major staging and position-major I/O buffers, k and v.
-            2 * (align_up(disk_rows * capu * hdu * 2) + capu * disk_pos_bytes(disk_rows, hdu))
+            // Row-major staging and two pairs of position-major I/O buffers, k and v.
+            2 * (align_up(disk_rows * capu * hdu * 2) + 2 * capu * disk_pos_bytes(disk_rows, hdu))
                 as u64
         } else {
             0
@@ -929,10 +973,12 @@ impl<'m> GpuGenerator<'m> {
             let pos_bytes = disk_pos_bytes(dr, hd);
             let io = cap * pos_bytes / 2;
             Some(DiskCache {
-                file,
+                file: Arc::new(file),
                 pos_bytes,
                 stage: [pinned(stage)?, pinned(stage)?],
-                io: [pinned(io)?, pinned(io)?],
+                io: [[pinned(io)?, pinned(io)?], [pinned(io)?, pinned(io)?]],
+                cur: Cell::new(0),
+                pending: RefCell::new(None),
             })
         } else {
             None
@@ -1402,37 +1448,61 @@ impl<'m> GpuGenerator<'m> {
         }
         if let Some(dc) = &buf.disk_cache {
             if load {
+                let (cap, hd, rows) = (self.cap(), self.dims().3, self.disk_rows);
+                let span = past * dc.pos_bytes;
+                let io_err = |e: std::io::Error| Error::Io {
+                    path: dc.file.path().to_path_buf(),
+                    message: e.to_string(),
+                };
+                let offsets = |j, kb| [0, 1].map(|i| self.disk_region(j, kb, i, dc.region(cap)));
+                // This (layer, batch)'s past: read ahead by the previous one, or read now.
+                let pair = match dc.finish() {
+                    Some((key, pair, r)) if key == (j, kb, past) => {
+                        r.map_err(io_err)?;
+                        pair
+                    }
+                    _ => {
+                        let pair = dc.cur.get();
+                        for (i, at) in offsets(j, kb).into_iter().enumerate() {
+                            // SAFETY: no read is under way (finished above); the buffer holds
+                            // `cap` slots and no reference to it is live.
+                            let io = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    dc.io[pair][i].ptr().cast::<u8>(),
+                                    span,
+                                )
+                            };
+                            read_parallel(&dc.file, at, io, READ_THREADS).map_err(io_err)?;
+                        }
+                        pair
+                    }
+                };
+                dc.cur.set(pair);
+                // The next (layer, batch) of this step, read into the other pair meanwhile.
+                let k = self.policy.num_gpu_batches as usize;
+                let next = if kb + 1 < k {
+                    Some((j, kb + 1))
+                } else {
+                    (j + 1 < self.layers.len()).then_some((j + 1, 0))
+                };
+                if let Some((nj, nkb)) = next {
+                    dc.start((nj, nkb, past), 1 - pair, offsets(nj, nkb), span);
+                }
                 // The staging is free once earlier copies from and to it are done.
                 self.gpu.stream.synchronize().map_err(drv)?;
-                let (cap, hd, rows) = (self.cap(), self.dims().3, self.disk_rows);
                 for i in 0..2 {
-                    let span = past * dc.pos_bytes;
-                    // SAFETY: no copy uses the buffers now (synchronized) and no reference to
-                    // them is live; `io` holds `cap` position slots, `stage` `rows·cap·hd` values.
-                    let io = unsafe {
-                        std::slice::from_raw_parts_mut(dc.io[i].ptr().cast::<u8>(), span)
-                    };
-                    read_parallel(
-                        &dc.file,
-                        self.disk_region(j, kb, i, dc.region(cap)),
-                        io,
-                        READ_THREADS,
-                    )
-                    .map_err(|e| Error::Io {
-                        path: dc.file.path().to_path_buf(),
-                        message: e.to_string(),
-                    })?;
-                    // SAFETY: as above.
+                    // SAFETY: the stream is idle, this pair is not being read into, and no
+                    // reference to either buffer is live.
                     let (io, stage) = unsafe {
                         (
-                            std::slice::from_raw_parts(dc.io[i].ptr().cast_const(), span / 2),
+                            std::slice::from_raw_parts(dc.io[pair][i].ptr().cast_const(), span / 2),
                             std::slice::from_raw_parts_mut(dc.stage[i].ptr(), rows * cap * hd),
                         )
                     };
                     positions_to_rows(io, stage, dc.pos_bytes / 2, (rows, cap, hd), 0..past);
                 }
                 let (r, w) = self.cache_disk_io.get();
-                self.cache_disk_io.set((r + 2 * (past * dc.pos_bytes) as u64, w));
+                self.cache_disk_io.set((r + 2 * span as u64, w));
             }
             out.push((host_rows, self.disk_rows, &dc.stage[0], &dc.stage[1]));
         }
@@ -1459,18 +1529,21 @@ impl<'m> GpuGenerator<'m> {
         self.gpu.stream.synchronize().map_err(drv)?;
         let (cap, hd, rows) = (self.cap(), self.dims().3, self.disk_rows);
         let span = t * dc.pos_bytes;
+        // `cur` is the pair this (layer, batch) was read into; a read under way fills the other.
+        let pair = dc.cur.get();
+        debug_assert!(dc.pending.borrow().as_ref().is_none_or(|p| p.pair != pair));
         for i in 0..2 {
             // SAFETY: as in `homes`: the stream is idle and no reference to the buffers is live.
             let (stage, io) = unsafe {
                 (
                     std::slice::from_raw_parts(dc.stage[i].ptr().cast_const(), rows * cap * hd),
-                    std::slice::from_raw_parts_mut(dc.io[i].ptr(), span / 2),
+                    std::slice::from_raw_parts_mut(dc.io[pair][i].ptr(), span / 2),
                 )
             };
             rows_to_positions(stage, io, dc.pos_bytes / 2, (rows, cap, hd), past..past + t);
             // SAFETY: the same bytes, now written.
             let bytes = unsafe {
-                std::slice::from_raw_parts(dc.io[i].ptr().cast::<u8>().cast_const(), span)
+                std::slice::from_raw_parts(dc.io[pair][i].ptr().cast::<u8>().cast_const(), span)
             };
             let at = self.disk_region(j, kb, i, dc.region(cap)) + (past * dc.pos_bytes) as u64;
             dc.file.write_aligned(at, bytes).map_err(|e| Error::Io {
@@ -2099,9 +2172,9 @@ mod tests {
             flexgen_policy::Placement::from_percent([100.0, 0.0, 50.0, 25.0, 100.0, 0.0]).unwrap();
         let with_disk =
             GpuGenerator::plan_host_bytes(&m, &p, layout.len, (layout.len, layout.len), 1024, cap);
-        // Half of the CPU rows moved to disk; the disk rows' row-major staging and
+        // Half of the CPU rows moved to disk; the disk rows' row-major staging and two pairs of
         // position-major I/O buffers (k and v) stay.
-        let stage = 2 * (align_up(512 * 544 * 128 * 2) + 544 * disk_pos_bytes(512, 128)) as u64;
+        let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
         assert_eq!(with_disk, cpu_only / 2 + stage);
     }
 
