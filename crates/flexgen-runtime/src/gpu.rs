@@ -862,6 +862,27 @@ impl<'m> GpuGenerator<'m> {
         (self.unit_len - self.g_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
     }
 
+    /// KV-cache bytes a decode step at `past` positions moves: (over PCIe, read from disk). Off-GPU
+    /// rows attended on the GPU bring their past in (packed rows whole) and send the new position
+    /// back; with CPU attention only q, k, v of the new position go out and the output comes
+    /// back; disk rows are read up to `past` (their new position's write is not counted).
+    pub fn cache_bytes_per_decode_step(&self, past: usize) -> (u64, u64) {
+        let (_, _, nkv, hd) = self.dims();
+        let off = self.policy.gpu_batch_size as usize * nkv - self.gpu_rows;
+        let times = u64::from(self.model.spec.num_layers) * u64::from(self.policy.num_gpu_batches);
+        let pcie = match self.cache_quant {
+            Some(_) => 2 * packed_cache_bytes(&self.policy, off, self.cap() as u64, hd as u64),
+            None if self.cpu_attention => (4 * off * hd * 2) as u64,
+            None => (2 * off * (past + 1) * hd * 2) as u64,
+        };
+        let disk = if self.cpu_attention || self.cache_quant.is_none() {
+            (2 * self.disk_rows * past * hd * 2) as u64
+        } else {
+            0
+        };
+        (times * pcie, times * disk)
+    }
+
     /// Bytes of weights read from disk for every pass over the layers.
     pub fn disk_bytes_per_pass(&self) -> u64 {
         (self.unit_len - self.c_end) as u64 * 2 * u64::from(self.model.spec.num_layers)

@@ -658,11 +658,17 @@ fn run_cuda(
     let per_pass = generator.weight_bytes_per_pass();
     let decode = stats.decode_tokens_per_s(prompts.len());
     let block = policy.block_size() as f64;
-    // The roofline of a decode step: the weights that must cross PCIe at the pinned bandwidth
-    // measured in this process, overlapped with the disk part at the direct-read bandwidth
-    // measured in this process (the slower of the two links bounds the step).
+    // The roofline of a decode step: the weights and KV cache that must cross PCIe (the cache at
+    // the middle decode step's length) at the pinned bandwidth measured in this process,
+    // overlapped with the disk part of the weights at the direct-read bandwidth measured in this
+    // process (the slower of the two links bounds the step).
     let disk_per_pass = generator.disk_bytes_per_pass();
-    let pcie_s = generator.h2d_bytes_per_s.filter(|_| per_pass > 0).map(|bw| per_pass as f64 / bw);
+    let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let (cache_pcie, cache_disk) = generator
+        .cache_bytes_per_decode_step(prompt_len + cli.max_new_tokens.saturating_sub(2) / 2);
+    let pcie_bytes = per_pass + cache_pcie;
+    let pcie_s =
+        generator.h2d_bytes_per_s.filter(|_| pcie_bytes > 0).map(|bw| pcie_bytes as f64 / bw);
     let disk_s = generator
         .disk_bytes_per_s
         .filter(|_| disk_per_pass > 0)
@@ -699,6 +705,8 @@ fn run_cuda(
                 "disk_write": stats.tiers.traffic.disk_write,
             },
             "weight_bytes_per_decode_step": per_pass,
+            "cache_pcie_bytes_per_decode_step": cache_pcie,
+            "cache_disk_bytes_per_decode_step": cache_disk,
             "disk_weight_bytes_per_decode_step": disk_per_pass,
             "disk_bytes": generator.disk_bytes(),
             "disk_cache_bytes": generator.disk_cache_bytes(),
@@ -774,8 +782,13 @@ fn run_cuda(
     if let (Some(r), Some(bw)) = (roofline, generator.h2d_bytes_per_s) {
         writeln!(
             err,
-            "roofline: {} of weights over PCIe per decode step at {:.1} GB/s (measured pinned){} = {:.1} tok/s; measured {:.1} ({:.1} %)",
+            "roofline: {} of weights{} over PCIe per decode step at {:.1} GB/s (measured pinned){} = {:.1} tok/s; measured {:.1} ({:.1} %)",
             human_bytes(per_pass),
+            if cache_pcie > 0 {
+                format!(" and {} of KV cache", human_bytes(cache_pcie))
+            } else {
+                String::new()
+            },
             bw / 1e9,
             disk_s.map_or_else(String::new, |d| format!(", disk part {d:.2} s per step")),
             r,
