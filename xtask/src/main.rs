@@ -40,7 +40,11 @@ fn main() -> anyhow::Result<()> {
                     "usage: cargo xtask plot --input SWEEP.jsonl --out FIG.png [--title TEXT]"
                 ),
             };
-            plot::draw(&plot::read(Path::new(input))?, &title, Path::new(out))
+            let mut points = Vec::new();
+            for part in input.split(',') {
+                points.extend(plot::read(Path::new(part))?);
+            }
+            plot::draw(&points, &title, Path::new(out))
         }
         _ => {
             eprintln!(
@@ -75,6 +79,7 @@ fn ci(root: &Path) -> anyhow::Result<()> {
 
 fn stage_gpu(root: &Path) -> anyhow::Result<()> {
     cargo(root, &["build", "--release", "--bins", "--examples"])?;
+    cargo(root, &["build", "--release", "-p", "xtask"])?; // `xtask plot` draws the sweeps there
     let dest = root.join(".gpu/bin");
     std::fs::create_dir_all(&dest)?;
     let rel = root.join("target/release");
@@ -85,6 +90,7 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
         ("examples", "cuda_check"),
         ("examples", "gpu_check"),
         ("examples", "executor_check"),
+        ("", "xtask"),
     ] {
         let to = dest.join(name);
         std::fs::copy(rel.join(dir).join(name), &to)

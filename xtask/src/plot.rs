@@ -1,8 +1,9 @@
-//! `cargo xtask plot --input SWEEP.jsonl --out FIG.png [--title TEXT]`: the latency–throughput
-//! figure of the original README, from a sweep. Each input line is one run:
+//! `cargo xtask plot --input SWEEP.jsonl[,MORE.jsonl…] --out FIG.png [--title TEXT]`: the
+//! latency–throughput figure of the original README, from a sweep. Each input line is one run:
 //! `{"system": "flexgen", "label": "32×2", "latency_s": 40.1, "throughput": 56.7}` (latency: the
-//! time of one block, prompt to last token; throughput: generated tokens per second). One
-//! series per system, points joined in order of latency and labelled.
+//! time of one block, prompt to last token; throughput: generated tokens per second); a line
+//! with an `error` (a run that failed or was killed) is left out with a note. One series per
+//! system, points joined in order of latency and labelled.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,6 +28,10 @@ pub(crate) fn read(path: &Path) -> anyhow::Result<Vec<Point>> {
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        if let Some(e) = v["error"].as_str() {
+            eprintln!("{}:{}: left out ({e})", path.display(), i + 1);
+            continue;
+        }
         let num = |k: &str| {
             v[k].as_f64().with_context(|| format!("{}:{}: no numeric `{k}`", path.display(), i + 1))
         };
@@ -124,6 +129,14 @@ mod tests {
         .unwrap();
         let out = dir.join("fig.png");
         draw(&read(&input).unwrap(), "OPT-30B", &out).unwrap();
+        // A failed run is left out, not an error.
+        std::fs::write(
+            &input,
+            "{\"system\":\"flexgen\",\"label\":\"8x1\",\"latency_s\":10,\"throughput\":20}\n\
+             {\"system\":\"HF Accelerate\",\"label\":\"b128\",\"error\":\"timeout\"}\n",
+        )
+        .unwrap();
+        assert_eq!(read(&input).unwrap().len(), 1);
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         assert!(bytes.len() > 10_000, "a real figure, {} bytes", bytes.len());
