@@ -101,9 +101,6 @@ pub fn compression_ratio(c: &Compression) -> f64 {
     (f64::from(c.bits) * g + 32.0) / (16.0 * g)
 }
 
-/// FLOP-equivalents to dequantize one value (unpack, scale, shift, convert).
-const DEQUANT_FLOP_PER_VALUE: f64 = 8.0;
-
 /// Host memory the process needs beyond the tensors (allocator, tokenizer, buffers).
 pub const CPU_OVERHEAD_BYTES: f64 = 1.0 * (1u64 << 30) as f64;
 
@@ -125,6 +122,9 @@ pub struct Terms {
     pub head_s: f64,
     pub num_layers: f64,
     pub gen_len: f64,
+    /// Whether a search may put KV cache on disk (not for a compressed cache: the CUDA executor
+    /// keeps packed rows on the GPU and the CPU only).
+    pub cache_on_disk: bool,
 }
 
 /// The terms of `choice` for `spec` on `hw` with `workload`. `hw` must have a GPU.
@@ -174,8 +174,11 @@ pub fn terms(
     let cattn = hw.cpu.attention_flops_per_s;
     let off_w = Lin::var(WC, 1.0) + Lin::var(WN, 1.0);
     let off_c = Lin::var(CC, 1.0) + Lin::var(CN, 1.0);
-    let dequant_w =
-        if choice.compress_weight { layer_params * DEQUANT_FLOP_PER_VALUE / gemm } else { 0.0 };
+    // The runtime expands a compressed layer into fp16 in device memory before its GEMMs (read
+    // the packed bytes, write the fp16 ones), and a compressed cache into an fp16 working area
+    // that attention then reads: device-memory traffic, not arithmetic.
+    let dequant_w = if choice.compress_weight { (w + w16) / hbm } else { 0.0 };
+    let cache_read = 1.0 + if choice.compress_cache { 2.0 / rc } else { 0.0 };
 
     let prefill = vec![
         ("cpu->gpu", (off_w * w + Lin::c(hid_p * act_cpu)) * (1.0 / h2d)),
@@ -214,7 +217,8 @@ pub fn terms(
                 (bls * 2.0 * matrix_params / gemm)
                     .max(f64::from(choice.num_gpu_batches) * w16 / hbm)
                     + dequant_w,
-            ) + (Lin::var(CG, 1.0) + off_c * (1.0 - attn_cpu)) * (kv_tok * ctx * bls / hbm)
+            ) + (Lin::var(CG, 1.0) + off_c * (1.0 - attn_cpu))
+                * (kv_tok * ctx * bls * cache_read / hbm)
                 + off_c * (attn_cpu * 4.0 * ctx * h1 * bls / cattn),
         ),
     ];
@@ -249,7 +253,18 @@ pub fn terms(
         + Lin::c(CPU_OVERHEAD_BYTES);
     let disk = Lin::var(WN, l * w) + Lin::var(CN, l * kv_tok * full * bls);
     let head_s = n * bls * 2.0 * h1 * v / gemm;
-    Terms { prefill, decode, gpu_prefill, gpu_decode, cpu, disk, head_s, num_layers: l, gen_len: n }
+    Terms {
+        prefill,
+        decode,
+        gpu_prefill,
+        gpu_decode,
+        cpu,
+        disk,
+        head_s,
+        num_layers: l,
+        gen_len: n,
+        cache_on_disk: !choice.compress_cache,
+    }
 }
 
 /// Elements of the larger sublayer (attention block or MLP block, each with its norm).

@@ -114,3 +114,60 @@ fn the_papers_t4_policies_are_predicted_within_2x() {
         }
     }
 }
+
+/// A compressed cache never goes to disk (the CUDA executor keeps packed rows on the GPU and the
+/// CPU), and where time does not depend on it (a compute-bound plan) no byte is put on a slower
+/// tier than needed: OPT-175B, 4-bit, on the H200 fits without disk.
+#[test]
+fn compressed_cache_stays_off_disk_and_ties_go_to_the_faster_tier() {
+    let spec = spec_by_name("opt-175b").unwrap();
+    for hw in [profile("t4-16gb"), profile("h200")] {
+        let opts = PlanOptions {
+            compress_weight: Some(true),
+            compress_cache: Some(true),
+            keep: 20,
+            ..PlanOptions::default()
+        };
+        let plan = plan(&spec, &hw, &PAPER, &opts).unwrap();
+        for c in &plan.candidates {
+            assert!(c.fractions[5] < 1e-9, "{}: cache on disk {:?}", hw.name, c.fractions);
+        }
+        if hw.name == "h200" {
+            let best = &plan.candidates[0];
+            assert_eq!(
+                best.fractions[2], 0.0,
+                "weights on disk though they fit {:?}",
+                best.fractions
+            );
+            assert_eq!(plan.policy.placement.weights.disk, 0.0);
+        }
+    }
+}
+
+/// Compressed weights resident on the GPU cost device-memory time: the runtime expands each layer
+/// to fp16 before its GEMMs, so S4 (OPT-6.7B all on the GPU) with its weights compressed is
+/// predicted to decode slower than without, by about one expansion of every layer per step.
+#[test]
+fn dequantizing_on_the_gpu_is_not_free() {
+    let hw = profile("h200");
+    let spec = spec_by_name("opt-6.7b").unwrap();
+    let mut policy = flexgen_policy::Policy::from_toml_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/opt-6.7b-h200-s4.toml"),
+    )
+    .unwrap();
+    let whole = flexgen_planner::Margins { gpu: 1.0, cpu: 1.0, disk: 1.0 };
+    let plain = flexgen_planner::predict(&spec, &hw, &PAPER, &policy, whole).unwrap();
+    policy.compress_weight.enabled = true;
+    let packed = flexgen_planner::predict(&spec, &hw, &PAPER, &policy, whole).unwrap();
+    // One layer expanded per decode step: packed plus fp16 bytes through device memory.
+    let gpu = hw.gpu.as_ref().unwrap();
+    let w16 = 2.0 * spec.layer_params() as f64;
+    let per_step = f64::from(spec.num_layers) * (w16 * 0.281_25 + w16) / gpu.hbm_bytes_per_s;
+    let extra = packed.decode_s - plain.decode_s;
+    assert!(
+        extra > 0.5 * 31.0 * per_step,
+        "decode {:.3} s vs {:.3} s",
+        packed.decode_s,
+        plain.decode_s
+    );
+}
