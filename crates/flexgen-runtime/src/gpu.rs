@@ -1441,8 +1441,9 @@ impl<'m> GpuGenerator<'m> {
                     std::slice::from_raw_parts_mut(hv.ptr(), rows * cap * hd),
                 )
             };
-            let d = crate::cpu_attention::Dims { rows, hd, cap, past, nh, row0: gr + off };
-            crate::cpu_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
+            let d =
+                flexgen_tensor::host_attention::Dims { rows, hd, cap, past, nh, row0: gr + off };
+            flexgen_tensor::host_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
         }
         // SAFETY: the output staging holds n values, written above.
         let out = unsafe { std::slice::from_raw_parts(oh.cast_const(), n) };

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cuda;
 pub mod host;
+pub mod host_attention;
 pub mod quant;
 
 pub use backend::{Backend, Cpu};

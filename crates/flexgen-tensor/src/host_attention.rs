@@ -1,5 +1,5 @@
 //! Decode attention on the CPU cores over an fp16 KV cache held in place (the CUDA executor's
-//! CPU attention): each (sequence, head) row appends its new key and value at position `past`,
+//! CPU attention, and what `flexgen-profile` times as the CPU attention rate): each (sequence, head) row appends its new key and value at position `past`,
 //! then attends over positions `start..=past` of its row. Rows are split among threads; each
 //! thread converts a row's keys and values to f32 in bulk (F16C where the processor has it) and
 //! runs vectorizable f32 loops, so the cost is one pass over the cache at memory speed.
@@ -9,7 +9,7 @@ use half::slice::HalfFloatSliceExt;
 
 /// Shapes of one call.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
+pub struct Dims {
     /// Rows in this call.
     pub rows: usize,
     pub hd: usize,
@@ -89,7 +89,7 @@ fn row(
 /// Decode attention of `d.rows` rows: `q`, `k_new`, `v_new`, `out` are `[rows, hd]`; the caches
 /// `[rows, cap, hd]`; `starts[sequence]` is each sequence's first real position.
 #[expect(clippy::too_many_arguments, reason = "the buffers of one step")]
-pub(crate) fn decode(
+pub fn decode(
     q: &[f16],
     k_new: &[f16],
     v_new: &[f16],
