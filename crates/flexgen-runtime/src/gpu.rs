@@ -99,6 +99,13 @@ struct DiskPart {
 struct DiskCache {
     file: Arc<DirectFile>,
     pos_bytes: usize,
+    /// Disk rows per (layer, batch), positions per row, values per position and row.
+    rows: usize,
+    cap: usize,
+    hd: usize,
+    /// GPU batches per layer (regions are `[layer][batch][k|v]`) and layers.
+    batches: usize,
+    layers: usize,
     stage: [HostMem; 2],
     io: [[HostMem; 2]; 2],
     cur: Cell<usize>,
@@ -116,9 +123,127 @@ struct Prefetch {
 }
 
 impl DiskCache {
-    /// Bytes of one (layer, batch, k|v) region of `cap` positions.
-    fn region(&self, cap: usize) -> usize {
-        cap * self.pos_bytes
+    /// A disk cache in `file` for `rows` rows of `cap` positions of `hd` values per (layer,
+    /// batch); `alloc(n)` gives host memory of `n` fp16 values (pinned by the CUDA executor).
+    fn new(
+        file: DirectFile,
+        (rows, cap, hd): (usize, usize, usize),
+        (layers, batches): (usize, usize),
+        alloc: impl Fn(usize) -> Result<HostMem>,
+    ) -> Result<Self> {
+        let pos_bytes = disk_pos_bytes(rows, hd);
+        let stage = align_up(rows * cap * hd * 2) / 2;
+        let io = cap * pos_bytes / 2;
+        Ok(Self {
+            file: Arc::new(file),
+            pos_bytes,
+            rows,
+            cap,
+            hd,
+            batches,
+            layers,
+            stage: [alloc(stage)?, alloc(stage)?],
+            io: [[alloc(io)?, alloc(io)?], [alloc(io)?, alloc(io)?]],
+            cur: Cell::new(0),
+            pending: RefCell::new(None),
+        })
+    }
+
+    /// Byte offsets of (layer `j`, batch `kb`)'s k and v regions in the file.
+    fn offsets(&self, j: usize, kb: usize) -> [u64; 2] {
+        [0, 1].map(|i| (((j * self.batches + kb) * 2 + i) * self.cap * self.pos_bytes) as u64)
+    }
+
+    fn io_error(&self, e: &std::io::Error) -> Error {
+        Error::Io { path: self.file.path().to_path_buf(), message: e.to_string() }
+    }
+
+    /// Reads (layer `j`, batch `kb`)'s positions `0..past` into the row-major staging: from the
+    /// read the previous call started, or now; then starts reading the next (layer, batch) of
+    /// the step into the other pair. `free_stage` returns once nothing uses the staging (the
+    /// CUDA executor waits for its stream); it runs after the next read has started. Returns
+    /// the bytes read for this (layer, batch).
+    fn load(
+        &self,
+        j: usize,
+        kb: usize,
+        past: usize,
+        free_stage: impl FnOnce() -> Result<()>,
+    ) -> Result<u64> {
+        let span = past * self.pos_bytes;
+        let pair = match self.finish() {
+            Some((key, pair, r)) if key == (j, kb, past) => {
+                r.map_err(|e| self.io_error(&e))?;
+                pair
+            }
+            _ => {
+                let pair = self.cur.get();
+                for (i, at) in self.offsets(j, kb).into_iter().enumerate() {
+                    // SAFETY: no read is under way (finished above); the buffer holds `cap`
+                    // slots and no reference to it is live.
+                    let io = unsafe {
+                        std::slice::from_raw_parts_mut(self.io[pair][i].ptr().cast::<u8>(), span)
+                    };
+                    read_parallel(&self.file, at, io, READ_THREADS)
+                        .map_err(|e| self.io_error(&e))?;
+                }
+                pair
+            }
+        };
+        self.cur.set(pair);
+        let next = if kb + 1 < self.batches {
+            Some((j, kb + 1))
+        } else {
+            (j + 1 < self.layers).then_some((j + 1, 0))
+        };
+        if let Some((nj, nkb)) = next {
+            self.start((nj, nkb, past), 1 - pair, self.offsets(nj, nkb), span);
+        }
+        free_stage()?;
+        let (rows, cap, hd) = (self.rows, self.cap, self.hd);
+        for i in 0..2 {
+            // SAFETY: the staging is free (`free_stage`), this pair is not being read into, and
+            // no reference to either buffer is live.
+            let (io, stage) = unsafe {
+                (
+                    std::slice::from_raw_parts(self.io[pair][i].ptr().cast_const(), span / 2),
+                    std::slice::from_raw_parts_mut(self.stage[i].ptr(), rows * cap * hd),
+                )
+            };
+            positions_to_rows(io, stage, self.pos_bytes / 2, (rows, cap, hd), 0..past);
+        }
+        Ok(2 * span as u64)
+    }
+
+    /// Appends positions `past..past + t` of the staging to (layer `j`, batch `kb`)'s regions;
+    /// the caller has made sure the staging holds them (the copies into it have landed). Returns
+    /// the bytes written.
+    fn append(&self, j: usize, kb: usize, past: usize, t: usize) -> Result<u64> {
+        let (rows, cap, hd) = (self.rows, self.cap, self.hd);
+        let span = t * self.pos_bytes;
+        // `cur` is the pair this (layer, batch) was read into; a read under way fills the other.
+        let pair = self.cur.get();
+        if self.pending.borrow().as_ref().is_some_and(|p| p.pair == pair) {
+            let _ = self.finish(); // a stale read (another step's) into this pair: let it end
+        }
+        for (i, at) in self.offsets(j, kb).into_iter().enumerate() {
+            // SAFETY: nothing else uses the staging or this pair now; no reference is live.
+            let (stage, io) = unsafe {
+                (
+                    std::slice::from_raw_parts(self.stage[i].ptr().cast_const(), rows * cap * hd),
+                    std::slice::from_raw_parts_mut(self.io[pair][i].ptr(), span / 2),
+                )
+            };
+            rows_to_positions(stage, io, self.pos_bytes / 2, (rows, cap, hd), past..past + t);
+            // SAFETY: the same bytes, now written.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(self.io[pair][i].ptr().cast::<u8>().cast_const(), span)
+            };
+            self.file
+                .write_aligned(at + (past * self.pos_bytes) as u64, bytes)
+                .map_err(|e| self.io_error(&e))?;
+        }
+        Ok(2 * span as u64)
     }
 
     /// Waits for the read under way, if any: whether it was (key)'s and succeeded, and its pair.
@@ -134,7 +259,7 @@ impl DiskCache {
         let ptrs = self.io[pair].each_ref().map(|m| m.ptr() as usize);
         let handle = std::thread::spawn(move || {
             for (at, ptr) in offsets.into_iter().zip(ptrs) {
-                // SAFETY: the pair's buffers hold `cap` slots (≥ span bytes) of pinned memory
+                // SAFETY: the pair's buffers hold `cap` slots (≥ span bytes) of host memory
                 // that nothing else touches until `finish` joins this thread (`Drop` joins too).
                 let bytes = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, span) };
                 read_parallel(&file, at, bytes, READ_THREADS)?;
@@ -990,17 +1115,8 @@ impl<'m> GpuGenerator<'m> {
             std::fs::create_dir_all(dir).map_err(io)?;
             let path = dir.join(format!("flexgen-kv-{}.bin", std::process::id()));
             let file = DirectFile::create(&path).map_err(io)?;
-            let stage = align_up(dr * cap * hd * 2) / 2;
-            let pos_bytes = disk_pos_bytes(dr, hd);
-            let io = cap * pos_bytes / 2;
-            Some(DiskCache {
-                file: Arc::new(file),
-                pos_bytes,
-                stage: [pinned(stage)?, pinned(stage)?],
-                io: [[pinned(io)?, pinned(io)?], [pinned(io)?, pinned(io)?]],
-                cur: Cell::new(0),
-                pending: RefCell::new(None),
-            })
+            let layers = s.num_layers as usize;
+            Some(DiskCache::new(file, (dr, cap, hd), (layers, k), pinned)?)
         } else {
             None
         };
@@ -1470,71 +1586,14 @@ impl<'m> GpuGenerator<'m> {
         }
         if let Some(dc) = &buf.disk_cache {
             if load {
-                let (cap, hd, rows) = (self.cap(), self.dims().3, self.disk_rows);
-                let span = past * dc.pos_bytes;
-                let io_err = |e: std::io::Error| Error::Io {
-                    path: dc.file.path().to_path_buf(),
-                    message: e.to_string(),
-                };
-                let offsets = |j, kb| [0, 1].map(|i| self.disk_region(j, kb, i, dc.region(cap)));
-                // This (layer, batch)'s past: read ahead by the previous one, or read now.
-                let pair = match dc.finish() {
-                    Some((key, pair, r)) if key == (j, kb, past) => {
-                        r.map_err(io_err)?;
-                        pair
-                    }
-                    _ => {
-                        let pair = dc.cur.get();
-                        for (i, at) in offsets(j, kb).into_iter().enumerate() {
-                            // SAFETY: no read is under way (finished above); the buffer holds
-                            // `cap` slots and no reference to it is live.
-                            let io = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    dc.io[pair][i].ptr().cast::<u8>(),
-                                    span,
-                                )
-                            };
-                            read_parallel(&dc.file, at, io, READ_THREADS).map_err(io_err)?;
-                        }
-                        pair
-                    }
-                };
-                dc.cur.set(pair);
-                // The next (layer, batch) of this step, read into the other pair meanwhile.
-                let k = self.policy.num_gpu_batches as usize;
-                let next = if kb + 1 < k {
-                    Some((j, kb + 1))
-                } else {
-                    (j + 1 < self.layers.len()).then_some((j + 1, 0))
-                };
-                if let Some((nj, nkb)) = next {
-                    dc.start((nj, nkb, past), 1 - pair, offsets(nj, nkb), span);
-                }
                 // The staging is free once earlier copies from and to it are done.
-                self.gpu.stream.synchronize().map_err(drv)?;
-                for i in 0..2 {
-                    // SAFETY: the stream is idle, this pair is not being read into, and no
-                    // reference to either buffer is live.
-                    let (io, stage) = unsafe {
-                        (
-                            std::slice::from_raw_parts(dc.io[pair][i].ptr().cast_const(), span / 2),
-                            std::slice::from_raw_parts_mut(dc.stage[i].ptr(), rows * cap * hd),
-                        )
-                    };
-                    positions_to_rows(io, stage, dc.pos_bytes / 2, (rows, cap, hd), 0..past);
-                }
+                let read = dc.load(j, kb, past, || self.gpu.stream.synchronize().map_err(drv))?;
                 let (r, w) = self.cache_disk_io.get();
-                self.cache_disk_io.set((r + 2 * span as u64, w));
+                self.cache_disk_io.set((r + read, w));
             }
             out.push((host_rows, self.disk_rows, &dc.stage[0], &dc.stage[1]));
         }
         Ok(out)
-    }
-
-    /// Byte offset of (layer `j`, batch `kb`, k or v) in the disk cache file.
-    fn disk_region(&self, j: usize, kb: usize, i: usize, region: usize) -> u64 {
-        let k = self.policy.num_gpu_batches as usize;
-        (((j * k + kb) * 2 + i) * region) as u64
     }
 
     /// Appends (layer `j`, batch `kb`)'s new positions `past..past + t` of the disk rows to their
@@ -1549,32 +1608,9 @@ impl<'m> GpuGenerator<'m> {
     ) -> Result<()> {
         let Some(dc) = &buf.disk_cache else { return Ok(()) };
         self.gpu.stream.synchronize().map_err(drv)?;
-        let (cap, hd, rows) = (self.cap(), self.dims().3, self.disk_rows);
-        let span = t * dc.pos_bytes;
-        // `cur` is the pair this (layer, batch) was read into; a read under way fills the other.
-        let pair = dc.cur.get();
-        debug_assert!(dc.pending.borrow().as_ref().is_none_or(|p| p.pair != pair));
-        for i in 0..2 {
-            // SAFETY: as in `homes`: the stream is idle and no reference to the buffers is live.
-            let (stage, io) = unsafe {
-                (
-                    std::slice::from_raw_parts(dc.stage[i].ptr().cast_const(), rows * cap * hd),
-                    std::slice::from_raw_parts_mut(dc.io[pair][i].ptr(), span / 2),
-                )
-            };
-            rows_to_positions(stage, io, dc.pos_bytes / 2, (rows, cap, hd), past..past + t);
-            // SAFETY: the same bytes, now written.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(dc.io[pair][i].ptr().cast::<u8>().cast_const(), span)
-            };
-            let at = self.disk_region(j, kb, i, dc.region(cap)) + (past * dc.pos_bytes) as u64;
-            dc.file.write_aligned(at, bytes).map_err(|e| Error::Io {
-                path: dc.file.path().to_path_buf(),
-                message: e.to_string(),
-            })?;
-        }
+        let written = dc.append(j, kb, past, t)?;
         let (r, w) = self.cache_disk_io.get();
-        self.cache_disk_io.set((r, w + 2 * span as u64));
+        self.cache_disk_io.set((r, w + written));
         Ok(())
     }
 
@@ -2105,6 +2141,86 @@ mod tests {
     }
 
     /// The GPU bytes the executor planned in the device runs of docs/benchmarks.md (S1, S8 28×2).
+    /// The disk rows' file through a whole generation in the executor's order (prefill of every
+    /// (layer, batch), then decode steps visiting them layer by layer with the next one read
+    /// ahead), with a warm-up's stray read ahead first: every load gives back exactly what was
+    /// appended, and only new positions are written.
+    #[test]
+    fn disk_rows_read_back_what_was_appended_with_read_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = DirectFile::create(&dir.path().join("kv.bin")).unwrap();
+        let (rows, cap, hd, layers, batches, prompt) = (3, 9, 8, 3, 2, 4);
+        let alloc = |n| HostMem::new_f16(n).map_err(cuda);
+        let dc = DiskCache::new(file, (rows, cap, hd), (layers, batches), alloc).unwrap();
+        let value = |j: usize, kb: usize, i: usize, r: usize, p: usize, d: usize| {
+            #[expect(clippy::cast_precision_loss, reason = "small test values")]
+            f16::from_f32((((j * 7 + kb * 5 + i * 3 + r) * 16 + p) * 8 + d) as f32 % 2000.0)
+        };
+        // SAFETY: each use of the staging ends before the next call; no read touches it.
+        let stage = |i: usize| unsafe {
+            std::slice::from_raw_parts_mut(dc.stage[i].ptr(), rows * cap * hd)
+        };
+        let put = |j, kb, range: std::ops::Range<usize>| {
+            for i in 0..2 {
+                let st = stage(i);
+                for r in 0..rows {
+                    for p in range.clone() {
+                        for d in 0..hd {
+                            st[(r * cap + p) * hd + d] = value(j, kb, i, r, p, d);
+                        }
+                    }
+                }
+            }
+        };
+        let check = |j, kb, past: usize| {
+            for i in 0..2 {
+                let st = stage(i);
+                for r in 0..rows {
+                    for p in 0..past {
+                        for d in 0..hd {
+                            let (got, want) =
+                                (st[(r * cap + p) * hd + d], value(j, kb, i, r, p, d));
+                            assert_eq!(got, want, "layer {j} batch {kb} {i} row {r} pos {p}");
+                        }
+                    }
+                }
+            }
+        };
+        let mut written = 0;
+        // A warm-up on (0, 0) leaves a read ahead of (0, 1) under way into the other pair.
+        put(0, 0, 0..prompt);
+        written += dc.append(0, 0, 0, prompt).unwrap();
+        dc.load(0, 0, prompt, || Ok(())).unwrap();
+        check(0, 0, prompt);
+        // Prefill: every (layer, batch) appends its prompt's positions.
+        for j in 0..layers {
+            for kb in 0..batches {
+                put(j, kb, 0..prompt);
+                written += dc.append(j, kb, 0, prompt).unwrap();
+            }
+        }
+        // Decode: load the past, add one position.
+        let mut read = 0;
+        for past in prompt..cap {
+            for j in 0..layers {
+                for kb in 0..batches {
+                    read += dc.load(j, kb, past, || Ok(())).unwrap();
+                    check(j, kb, past);
+                    put(j, kb, past..past + 1);
+                    written += dc.append(j, kb, past, 1).unwrap();
+                }
+            }
+        }
+        let slot = disk_pos_bytes(rows, hd) as u64;
+        let visits = (layers * batches) as u64;
+        let decode_positions: u64 = (prompt..cap).map(|p| p as u64).sum();
+        assert_eq!(
+            written,
+            2 * slot * (prompt as u64 * (visits + 1) + (cap - prompt) as u64 * visits)
+        );
+        assert_eq!(read, 2 * slot * decode_positions * visits);
+    }
+
     #[test]
     fn disk_rows_go_to_position_slots_and_back() {
         let (rows, cap, hd, slot) = (3, 5, 4, 16); // a slot pads 12 values to 16
