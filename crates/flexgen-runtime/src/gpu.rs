@@ -2077,13 +2077,22 @@ fn positions_to_rows(
     (rows, cap, hd): (usize, usize, usize),
     range: std::ops::Range<usize>,
 ) {
-    let first = range.start;
-    for p in range {
-        let from = &src[(p - first) * slot..][..rows * hd];
-        for (r, v) in from.chunks_exact(hd).enumerate() {
-            dst[(r * cap + p) * hd..][..hd].copy_from_slice(v);
+    // Rows split among the cores: each thread writes its own rows, reading every slot.
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (c, part) in dst[..rows * cap * hd].chunks_mut(per * cap * hd).enumerate() {
+            let range = range.clone();
+            s.spawn(move || {
+                for p in range.clone() {
+                    let from = &src[(p - range.start) * slot + c * per * hd..];
+                    for (r, row) in part.chunks_exact_mut(cap * hd).enumerate() {
+                        row[p * hd..][..hd].copy_from_slice(&from[r * hd..][..hd]);
+                    }
+                }
+            });
         }
-    }
+    });
 }
 
 /// The inverse of [`positions_to_rows`]: positions `range` of row-major `src` into position-major
