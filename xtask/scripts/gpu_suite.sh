@@ -4,24 +4,27 @@
 # the same scenarios, writing PART.jsonl (one line per run), PART.md (the table) and each run's log
 # to $OUT. Parts (each fits one 10-minute device call; `all` runs them in order and draws the plots):
 #   s2        OPT-30B with the GPU capped at 16 GiB, prompt 512, gen 32: the planner's policy with
-#             compression allowed and with --no-compression; FlexLLMGen with its T4 policy
-#             (`20 80 0 100 0 100`, CPU attention) at 48×K for K in FLEX_S2_BLOCKS (default 1: 48×3
-#             and 48×2 are killed for memory on a 125 GiB machine; give "3 2 1" to retry them).
+#             compression allowed and with --no-compression.
+#   s2flex    FlexLLMGen with its T4 policy (`20 80 0 100 0 100`, CPU attention) under the same
+#             scenario at 48×K for K in FLEX_S2_BLOCKS (default 1: 48×3 and 48×2 are killed for
+#             memory on a 125 GiB machine; give "3 2 1" to retry them), the first that survives.
 #   s2accel   HF Accelerate under the same cap at the batches in ACCEL_BATCHES (default "32 128").
 #   sweep30   the latency–throughput sweep under the same cap: the planner's uncompressed policy at
-#             fixed blocks (SWEEP30_BLOCKS) and FlexLLMGen's T4 policy at FLEX_SWEEP30 blocks; the
-#             plot joins these with the s2 and s2accel points.
+#             fixed blocks (SWEEP30_BLOCKS) and FlexLLMGen's T4 policy at FLEX_SWEEP30 blocks (set
+#             it empty to skip them); the plot joins these with the s2, s2flex and s2accel points.
 #   sweep175  OPT-175B, weights and cache compressed, the whole H200: the planner's policy at fixed
 #             blocks (SWEEP175_BLOCKS) and FlexLLMGen with the same policy at FLEX_SWEEP175 blocks
+#             (empty: none)
 #             (Accelerate cannot hold OPT-175B's 350 GB of fp16 weights in this machine's memory).
-# Usage, in the repository root there: bash xtask/scripts/gpu_suite.sh s2|s2accel|sweep30|sweep175|all
+# Usage, in the repository root there:
+#   bash xtask/scripts/gpu_suite.sh s2|s2flex|s2accel|sweep30|sweep175|plots|all
 # BIN: stripped release binaries incl. xtask (default .gpu/bin, from `cargo xtask bench gpu`);
 # FLEX: FlexLLMGen's source and runner (default .gpu/flex); ANCHORS: hf_accel_opt.py (.gpu/anchors).
 set -o pipefail
 BIN=${BIN:-.gpu/bin}; FLEX=${FLEX:-.gpu/flex}; ANCHORS=${ANCHORS:-.gpu/anchors}; OUT=${OUT:-/tmp}
 case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac
 export OUT PATH=$BIN:$PATH PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-part=${1:?usage: gpu_suite.sh s2|s2accel|sweep30|sweep175|all}
+part=${1:?usage: gpu_suite.sh s2|s2flex|s2accel|sweep30|sweep175|plots|all}
 WORK=512; GEN=32
 say() { echo "[$(date +%T)] $*"; }
 
@@ -115,6 +118,9 @@ s2() {
     label=plan; [ $mode = no-compression ] && label="plan, fp16"
     run_ours "s2-$mode" "$label" --policy "$OUT/s2-$mode.toml" --model opt-30b $S2CAP
   done
+}
+s2flex() {
+  res=$OUT/s2flex.jsonl; : > "$res"
   for k in ${FLEX_S2_BLOCKS:-1}; do
     run_flex "s2flex$k" "T4 48x$k" 300 "$T4 --gpu-batch-size 48 --num-gpu-batches $k"
     grep -q "total throughput" "$OUT/s2flex${k}_1.log" && break
@@ -137,7 +143,7 @@ sweep30() {
       $S2CAP --no-compression --gpu-batch-size $1 --num-gpu-batches $2 --out "$OUT/sw30-$1x$2.toml" > /dev/null 2>&1
     run_ours "sw30-$1x$2" "fp16 $1x$2" --policy "$OUT/sw30-$1x$2.toml" --model opt-30b $S2CAP
   done
-  for bk in ${FLEX_SWEEP30:-"16 1"}; do
+  for bk in ${FLEX_SWEEP30-"16 1"}; do
     set -- $bk
     run_flex "sw30flex$1x$2" "T4 $1x$2" 300 "$T4 --gpu-batch-size $1 --num-gpu-batches $2"
   done
@@ -151,7 +157,7 @@ sweep175() {
       --out "$OUT/sw175-$1x$2.toml" > /dev/null 2>&1
     run_ours "sw175-$1x$2" "$1x$2" --policy "$OUT/sw175-$1x$2.toml" --model opt-175b
   done
-  for bk in ${FLEX_SWEEP175:-"8 1"}; do
+  for bk in ${FLEX_SWEEP175-"8 1"}; do
     set -- $bk
     pct=$(python3 -c "import tomllib;p=tomllib.load(open('$OUT/sw175-$1x$2.toml','rb'));pl=p['placement'];print(*[round(pl[k][t]) for k in ('weights','kv_cache','activations') for t in ('gpu','cpu')])")
     run_flex "sw175flex$1x$2" "$1x$2" 400 "--model facebook/opt-175b --percent $pct --gpu-batch-size $1 --num-gpu-batches $2 --prompt-len $WORK --gen-len $GEN --compress-weight --compress-cache"
@@ -159,14 +165,14 @@ sweep175() {
 }
 plots() { # the figures, from every part's lines that are present
   local in30 in175
-  in30=$(ls "$OUT"/s2.jsonl "$OUT"/s2accel.jsonl "$OUT"/sweep30.jsonl 2>/dev/null | paste -sd,)
+  in30=$(ls "$OUT"/s2.jsonl "$OUT"/s2flex.jsonl "$OUT"/s2accel.jsonl "$OUT"/sweep30.jsonl 2>/dev/null | paste -sd,)
   [ -n "$in30" ] && xtask plot --input "$in30" --out "$OUT/opt-30b-16gib.png" --title "OPT-30B, GPU capped at 16 GiB (H200), prompt 512, gen 32"
   [ -s "$OUT/sweep175.jsonl" ] && xtask plot --input "$OUT/sweep175.jsonl" --out "$OUT/opt-175b-compressed.png" --title "OPT-175B, 4-bit weights and cache (H200), prompt 512, gen 32"
 }
 
 case $part in
-  s2|s2accel|sweep30|sweep175) $part; table "$res" > "$OUT/$part.md"; cat "$OUT/$part.md" ;;
-  all) for p in s2 s2accel sweep30 sweep175; do $p; table "$res" > "$OUT/$p.md"; cat "$OUT/$p.md"; done; plots ;;
+  s2|s2flex|s2accel|sweep30|sweep175) $part; table "$res" > "$OUT/$part.md"; cat "$OUT/$part.md" ;;
+  all) for p in s2 s2flex s2accel sweep30 sweep175; do $p; table "$res" > "$OUT/$p.md"; cat "$OUT/$p.md"; done; plots ;;
   plots) plots ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
