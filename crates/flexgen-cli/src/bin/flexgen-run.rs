@@ -37,12 +37,13 @@ bytes each tier held and the bytes that crossed between tiers.
 
 With --device cuda the CUDA executor runs on GPU 0 (fp16; greedy picks on the GPU, sampling on the
 host): weights split by the same exact shares across GPU, CPU (pinned unless --pin-weight 0) and
-disk (direct I/O), copied two layers ahead on a separate stream; the KV cache split by (sequence, head) rows between GPU, CPU and disk,
-with CPU attention under --cpu-cache-compute; activations on the GPU or the CPU. The report gives
-the memory held per tier, the bytes moved, and each decode step against the PCIe (and disk)
-roofline measured in the same process. Compressed weights travel packed and are dequantized on the
-GPU per layer; a compressed cache is packed on its tiers and attended on the GPU; KV-cache rows on
-disk are read and written back per layer and batch with direct I/O.";
+disk (direct I/O), copied two layers ahead on a separate stream; the KV cache split by (sequence,
+head) rows between GPU, CPU and disk, with CPU attention under --cpu-cache-compute; activations on
+the GPU or the CPU. The report gives the memory held per tier, the bytes moved, and each decode
+step against the PCIe (and disk) roofline measured in the same process. Compressed weights travel
+packed and are dequantized on the GPU per layer; a compressed cache is packed on the GPU and CPU
+(not on disk) and attended on the GPU; KV-cache rows on disk are read ahead per layer and batch
+with direct I/O and only their new positions are written.";
 
 const EXAMPLES: &str = "\
 Examples:
