@@ -9,6 +9,7 @@
 //! in `offload_dir`). A policy whose tiers cannot hold it is refused before anything is allocated.
 //! The CUDA backend is the next layer of this crate.
 
+mod disk;
 mod error;
 mod generate;
 mod gpu;
