@@ -139,14 +139,18 @@ fn run_calibrate(cli: &Cli, hw: &HardwareProfile) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "| run | measured s | predicted s (profile) | error | predicted s (refit) | error |"
+        "| run | measured s | predicted s (profile) | error | predicted s (refit) | error | refit to the others | error |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|")?;
-    for ((o, b), a) in obs.iter().zip(&cal.before).zip(&cal.after) {
+    writeln!(out, "|---|---|---|---|---|---|---|---|")?;
+    for (i, ((o, b), a)) in obs.iter().zip(&cal.before).zip(&cal.after).enumerate() {
         let m = o.prefill_s + o.decode_s;
+        let left = cal.left_out.get(i).map_or_else(
+            || "| – | –".to_string(),
+            |l| format!("| {:.3} | {:+.1} %", l.total_s(), 100.0 * (l.total_s() / m - 1.0)),
+        );
         writeln!(
             out,
-            "| {} | {m:.3} | {:.3} | {:+.1} % | {:.3} | {:+.1} % |",
+            "| {} | {m:.3} | {:.3} | {:+.1} % | {:.3} | {:+.1} % {left} |",
             o.label,
             b.total_s(),
             100.0 * (b.total_s() / m - 1.0),
@@ -154,6 +158,11 @@ fn run_calibrate(cli: &Cli, hw: &HardwareProfile) -> anyhow::Result<()> {
             100.0 * (a.total_s() / m - 1.0)
         )?;
     }
+    writeln!(
+        out,
+        "\n(\"refit to the others\": the run predicted by the profile refit to every other run, \
+         a check that the refit generalizes)"
+    )?;
     writeln!(out, "\nfactors applied to {}:", hw.name)?;
     for (name, f) in &cal.factors {
         if (f - 1.0).abs() > 1e-9 {
