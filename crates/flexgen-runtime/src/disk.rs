@@ -123,25 +123,15 @@ impl DiskCache {
         free_stage: impl FnOnce() -> Result<()>,
     ) -> Result<u64> {
         let span = past * self.pos_bytes;
-        let pair = match self.finish() {
-            Some((key, pair, r)) if key == (j, kb, past) => {
-                r.map_err(|e| self.io_error(&e))?;
-                pair
-            }
-            _ => {
-                let pair = self.cur.get();
-                for (i, at) in self.offsets(j, kb).into_iter().enumerate() {
-                    // SAFETY: no read is under way (finished above); the buffer holds `cap`
-                    // slots and no reference to it is live.
-                    let io = unsafe {
-                        std::slice::from_raw_parts_mut(self.io[pair][i].ptr().cast::<u8>(), span)
-                    };
-                    read_parallel(&self.file, at, io, READ_THREADS)
-                        .map_err(|e| self.io_error(&e))?;
-                }
-                pair
-            }
-        };
+        // This (layer, batch)'s past: read ahead by the previous call, or read now (the same
+        // read, waited for at once); a stray read ahead (another step's) is let end first.
+        let key = (j, kb, past);
+        if self.pending.borrow().as_ref().map(|p| p.key) != Some(key) {
+            let _ = self.finish();
+            self.start(key, self.cur.get(), self.offsets(j, kb), span);
+        }
+        let (_, pair, read) = self.finish().expect("a read of this (layer, batch) under way");
+        read.map_err(|e| self.io_error(&e))?;
         self.cur.set(pair);
         let next = if kb + 1 < self.batches {
             Some((j, kb + 1))
