@@ -47,6 +47,7 @@ use rand::SeedableRng;
 
 use crate::disk::{DiskCache, READ_THREADS, disk_pos_bytes, read_parallel};
 use crate::sampling::Sampling;
+use crate::tiers::split_counts;
 use crate::{Error, Result, RunStats, tiers::Traffic};
 
 /// Per prompt, the logits row that chose each generated token.
@@ -264,7 +265,7 @@ impl<'m> GpuGenerator<'m> {
             return Err(refuse("model", "grouped-query attention"));
         }
         let rows = (policy.gpu_batch_size * spec.num_kv_heads) as usize;
-        let (gpu_rows, _, disk_rows) = cache_rows(&p.kv_cache, rows);
+        let [gpu_rows, _, disk_rows] = split_counts(rows, &p.kv_cache);
         if disk_rows > 0 && policy.compress_cache.enabled {
             return Err(refuse("placement.kv_cache.disk", "a compressed KV cache on disk"));
         }
@@ -293,15 +294,8 @@ impl<'m> GpuGenerator<'m> {
             layout.packed(policy.compress_weight.bits, policy.compress_weight.group_size as usize)
         });
         let unit_len = packed.as_ref().map_or(layout.len, |p| p.len / 2);
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "0 ≤ share·len ≤ len"
-        )]
-        let cut = |pct: f64| ((unit_len as f64 * pct / 100.0).round() as usize).min(unit_len);
-        let g_end = cut(p.weights.gpu);
-        let c_end = cut(p.weights.gpu + p.weights.cpu).max(g_end);
+        let [on_gpu, on_cpu, _] = split_counts(unit_len, &p.weights);
+        let (g_end, c_end) = (on_gpu, on_gpu + on_cpu);
         let disk_dir = if c_end < unit_len {
             Some(policy.offload_dir.clone().ok_or_else(|| Error::Config {
                 field: "offload_dir",
@@ -505,7 +499,7 @@ impl<'m> GpuGenerator<'m> {
         let hd = u64::from(s.head_dim());
         let cap = (c.max_prompt + c.max_new) as u64;
         let all_rows = usize::try_from(b * u64::from(s.num_kv_heads)).expect("fits");
-        let (_, host_rows, disk_rows) = cache_rows(&policy.placement.kv_cache, all_rows);
+        let [_, host_rows, disk_rows] = split_counts(all_rows, &policy.placement.kv_cache);
         debug_assert_eq!(all_rows - gpu_rows, host_rows + disk_rows);
         let cpu_rows = host_rows as u64;
         let disk_stage = if disk_rows > 0 {
@@ -794,7 +788,7 @@ impl<'m> GpuGenerator<'m> {
     /// Bytes of KV cache held on disk.
     pub fn disk_cache_bytes(&self) -> u64 {
         let s = &self.model.spec;
-        let cap = self.capacity.max_prompt + self.capacity.max_new;
+        let cap = self.cap();
         let region = (cap * disk_pos_bytes(self.disk_rows, s.head_dim() as usize)) as u64;
         u64::from(s.num_layers) * u64::from(self.policy.num_gpu_batches) * 2 * region
     }
@@ -831,7 +825,7 @@ impl<'m> GpuGenerator<'m> {
         let s = &self.model.spec;
         let (h, nh, nkv, hd) = self.dims();
         let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
-        let cap = self.capacity.max_prompt + self.capacity.max_new;
+        let cap = self.cap();
         let rows = b * t;
         let cpu_rows = b * nkv - self.gpu_rows;
         let st = &self.gpu.stream;
@@ -1099,7 +1093,7 @@ impl<'m> GpuGenerator<'m> {
         let (h, nh, nkv, hd) = self.dims();
         let eps = self.eps();
         let rows = b * t;
-        let cap = self.capacity.max_prompt + self.capacity.max_new;
+        let cap = self.cap();
         let d = AttnDims { b, t, nh, nkv, hd, cap, past };
         let (gr, all_rows) = (self.gpu_rows, b * nkv);
         let cpu_rows = all_rows - gr;
@@ -1301,7 +1295,7 @@ impl<'m> GpuGenerator<'m> {
         let gr = self.gpu_rows;
         let b = self.policy.gpu_batch_size as usize;
         let cpu_rows = b * nkv - gr;
-        let cap = self.capacity.max_prompt + self.capacity.max_new;
+        let cap = self.cap();
         let st = &self.gpu.stream;
         let n = cpu_rows * hd;
         let [qh, kh, vh, oh] = [0, 1, 2, 3].map(|i| buf.cpu_att[i].ptr());
@@ -1792,21 +1786,6 @@ impl Reader {
     }
 }
 
-/// The (sequence, head) rows of one (layer, batch) cache on the GPU, the CPU and disk, by the
-/// cache's shares (the first rows on the GPU, the last on disk).
-fn cache_rows(shares: &flexgen_policy::TierShares, rows: usize) -> (usize, usize, usize) {
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "0 ≤ share·rows ≤ rows"
-    )]
-    let upto = |pct: f64| ((rows as f64 * pct / 100.0).round() as usize).min(rows);
-    let g = upto(shares.gpu);
-    let c = upto(shares.gpu + shares.cpu).max(g);
-    (g, c - g, rows - c)
-}
-
 /// Bytes of one packed k (or v) cache of `rows` rows of `cap` positions: codes and parameters.
 fn packed_cache_bytes(policy: &Policy, rows: impl TryInto<usize>, cap: u64, hd: u64) -> u64 {
     let n = |v: u64| usize::try_from(v).expect("fits");
@@ -1933,7 +1912,7 @@ mod tests {
     #[test]
     fn cache_rows_split_three_ways_and_disk_rows_stay_off_the_cpu_plan() {
         let shares = flexgen_policy::TierShares::from_gpu_cpu(50.0, 25.0);
-        assert_eq!(cache_rows(&shares, 64 * 32), (1024, 512, 512));
+        assert_eq!(split_counts(64 * 32, &shares), [1024, 512, 512]);
         let m = model("opt-6.7b");
         let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
