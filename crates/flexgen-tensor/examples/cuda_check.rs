@@ -142,13 +142,9 @@ fn main() {
 }
 
 /// The weight-dequantizing kernel against `quant::dequantize`: 4 and 8 bits, rows that the
-/// group does not divide, columns that 8 divides or not, and codes at an odd byte offset.
+/// group does not divide, and codes at an odd byte offset (the kernel's unaligned path).
 fn check_dequant(gpu: &Gpu, failures: &mut Vec<String>) {
-    // Columns that 8 divide take the kernel's vector path (8 columns a thread), the others and
-    // codes at an odd offset the value-by-value one.
-    for (bits, rows, cols, offset) in
-        [(4u8, 200, 37, 0), (8, 130, 19, 0), (4, 128, 33, 1), (4, 200, 40, 0), (8, 130, 16, 0)]
-    {
+    for (bits, rows, cols, offset) in [(4u8, 200, 37, 0), (8, 130, 19, 0), (4, 128, 33, 1)] {
         let spec = QuantSpec { bits, group: 64, dim: 0 };
         let x: Vec<f32> = rand(&[rows, cols], u64::from(bits) + 20, 2.0).to_vec1_f32();
         let p = quantize(&x, &[rows, cols], spec);

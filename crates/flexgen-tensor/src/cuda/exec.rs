@@ -498,20 +498,11 @@ impl Gpu {
         bits: u8,
     ) -> Result<(), CudaError> {
         let (r, c, g, b) = (dim(rows_), dim(cols), dim(group), i32::from(bits));
-        // Eight columns a thread when whole 32-bit words of codes start every group and every
-        // 8-column row segment of `out` is 16-byte aligned.
-        let vec = cols.is_multiple_of(8)
-            && (group * usize::from(bits)).is_multiple_of(32)
-            && codes.is_multiple_of(4)
-            && out.is_multiple_of(16);
-        let v = i32::from(vec);
         let mut l = self.stream.launch_builder(&self.dequant_dim0);
-        l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&c).arg(&g).arg(&b).arg(&v);
-        let lanes = if vec { cols / 8 } else { cols };
-        // SAFETY: grid-stride over the ⌈rows/group⌉ chunks × column lanes; the packed buffers
-        // hold every group and `out` every row of every column; the vector path only on the
-        // alignments checked above.
-        unsafe { l.launch(grid(rows_.div_ceil(group) * lanes))? };
+        l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&c).arg(&g).arg(&b);
+        // SAFETY: grid-stride over the ⌈rows/group⌉·cols groups; the packed buffers hold every
+        // group and `out` every row of every column.
+        unsafe { l.launch(grid(rows_.div_ceil(group) * cols))? };
         Ok(())
     }
 

@@ -251,50 +251,32 @@ extern "C" __global__ void argmax_rows(const half_t* x, unsigned int* out, int c
 // out[r, c] of a row-major [rows, cols] fp16 matrix from `bits`-bit codes grouped along the rows
 // (flexgen_tensor::quant with dim 0): group g = c·⌈rows/gs⌉ + r/gs holds rows r of column c, value
 // k = r % gs at code g·gs + k (4-bit: two per byte, the even one in the low nibble); params holds
-// (min, scale) fp16 per group. With `vec` (the host checked: cols a multiple of 8, groups of whole
-// 32-bit words, codes and out aligned) one thread takes the same group chunk of 8 neighbouring
-// columns, reads their codes a word at a time and writes each output row's 8 values as one
-// 16-byte store (a warp writes 512 contiguous bytes); otherwise one thread per group, value by
-// value, neighbouring threads on neighbouring columns.
+// (min, scale) fp16 per group. One thread per group, neighbouring threads on neighbouring columns
+// of the same rows (so each output row is written coalesced); a thread reads its group's codes
+// as 32-bit words when they are aligned (8 codes a word at 4 bits, 4 at 8 bits).
 extern "C" __global__ void dequant_dim0(const unsigned char* codes, const half_t* params, half_t* out,
-                                        int rows, int cols, int gs, int bits, int vec) {
+                                        int rows, int cols, int gs, int bits) {
     long long chunks = (rows + gs - 1) / gs;
-    int lanes = vec ? cols / 8 : cols;
-    long long n = chunks * lanes;
+    long long n = chunks * cols;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
-        long long ch = t / lanes;
+        long long c = t % cols, ch = t / cols;
+        long long g = c * chunks + ch;
+        float mn = h2f(params[2 * g]), sc = h2f(params[2 * g + 1]);
         int r0 = (int)ch * gs, len = min(gs, rows - r0);
-        if (vec) {
-            int c0 = (int)(t % lanes) * 8;
-            int per_word = 32 / bits;
+        half_t* o = out + (long long)r0 * cols + c;
+        long long first = g * gs; // code index of the group's first value
+        const unsigned char* p = codes + first * bits / 8;
+        int per_word = 32 / bits;
+        if ((first * bits) % 8 == 0 && ((unsigned long long)p & 3) == 0 && gs % per_word == 0) {
+            const unsigned int* w = (const unsigned int*)p;
             unsigned int mask = (1u << bits) - 1;
-            float mn[8], sc[8];
-            const unsigned int* w[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                long long g = (long long)(c0 + j) * chunks + ch;
-                mn[j] = h2f(params[2 * g]);
-                sc[j] = h2f(params[2 * g + 1]);
-                w[j] = (const unsigned int*)(codes + g * gs * bits / 8);
-            }
-            half_t* o = out + (long long)r0 * cols + c0;
             for (int k0 = 0; k0 < len; k0 += per_word) {
-                unsigned int word[8];
-#pragma unroll
-                for (int j = 0; j < 8; j++) word[j] = w[j][k0 / per_word];
-                for (int kk = 0; kk < per_word && k0 + kk < len; kk++) {
-                    half_t h[8];
-#pragma unroll
-                    for (int j = 0; j < 8; j++) h[j] = f2h(mn[j] + (float)((word[j] >> (bits * kk)) & mask) * sc[j]);
-                    *(uint4*)(o + (long long)(k0 + kk) * cols) = *(const uint4*)h;
+                unsigned int word = w[k0 / per_word];
+                for (int j = 0; j < per_word && k0 + j < len; j++) {
+                    o[(long long)(k0 + j) * cols] = f2h(mn + (float)((word >> (bits * j)) & mask) * sc);
                 }
             }
         } else {
-            long long c = t % lanes;
-            long long g = c * chunks + ch;
-            float mn = h2f(params[2 * g]), sc = h2f(params[2 * g + 1]);
-            half_t* o = out + (long long)r0 * cols + c;
-            long long first = g * gs; // code index of the group's first value
             for (int k = 0; k < len; k++) {
                 long long pos = first + k;
                 int code = bits == 4 ? (codes[pos >> 1] >> (4 * (int)(pos & 1))) & 15 : codes[pos];
