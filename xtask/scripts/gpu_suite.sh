@@ -10,7 +10,7 @@
 #             memory on a 125 GiB machine; give "3 2 1" to retry them), the first that survives.
 #   s2accel   HF Accelerate under the same cap at the batches in ACCEL_BATCHES (default "32 128").
 #   sweep30   the latency–throughput sweep under the same cap: the planner's uncompressed policy at
-#             fixed blocks (SWEEP30_BLOCKS) and FlexLLMGen's T4 policy at FLEX_SWEEP30 blocks (set
+#             fixed blocks (SWEEP30_BLOCKS, e.g. "8x1 24x1 12x6") and FlexLLMGen's T4 policy at FLEX_SWEEP30 blocks (set
 #             it empty to skip them); the plot joins these with the s2, s2flex and s2accel points.
 #   sweep175  OPT-175B, weights and cache compressed, the whole H200: the planner's policy at fixed
 #             blocks (SWEEP175_BLOCKS) and FlexLLMGen with the same policy at FLEX_SWEEP175 blocks
@@ -137,28 +137,28 @@ s2accel() {
 }
 sweep30() {
   res=$OUT/sweep30.jsonl; : > "$res"; profile
-  for bk in ${SWEEP30_BLOCKS:-"8 1" "24 1" "12 6"}; do
-    set -- $bk
+  for bk in ${SWEEP30_BLOCKS:-8x1 24x1 12x6}; do
+    set -- ${bk/x/ }
     flexgen-plan --hardware "$OUT/profile.toml" --model opt-30b --prompt-len $WORK --gen-len $GEN \
       $S2CAP --no-compression --gpu-batch-size $1 --num-gpu-batches $2 --out "$OUT/sw30-$1x$2.toml" > /dev/null 2>&1
     run_ours "sw30-$1x$2" "fp16 $1x$2" --policy "$OUT/sw30-$1x$2.toml" --model opt-30b $S2CAP
   done
-  for bk in ${FLEX_SWEEP30-"16 1"}; do
-    set -- $bk
+  for bk in ${FLEX_SWEEP30-16x1}; do
+    set -- ${bk/x/ }
     run_flex "sw30flex$1x$2" "T4 $1x$2" 300 "$T4 --gpu-batch-size $1 --num-gpu-batches $2"
   done
 }
 sweep175() {
   res=$OUT/sweep175.jsonl; : > "$res"
-  for bk in ${SWEEP175_BLOCKS:-"8 1" "16 1" "32 1"}; do
-    set -- $bk
+  for bk in ${SWEEP175_BLOCKS:-8x1 16x1 32x1}; do
+    set -- ${bk/x/ }
     flexgen-plan --hardware policies/hardware/h200.toml --model opt-175b --prompt-len $WORK \
       --gen-len $GEN --compress-weight --compress-cache --gpu-batch-size $1 --num-gpu-batches $2 \
       --out "$OUT/sw175-$1x$2.toml" > /dev/null 2>&1
     run_ours "sw175-$1x$2" "$1x$2" --policy "$OUT/sw175-$1x$2.toml" --model opt-175b
   done
-  for bk in ${FLEX_SWEEP175-"8 1"}; do
-    set -- $bk
+  for bk in ${FLEX_SWEEP175-8x1}; do
+    set -- ${bk/x/ }
     pct=$(python3 -c "import tomllib;p=tomllib.load(open('$OUT/sw175-$1x$2.toml','rb'));pl=p['placement'];print(*[round(pl[k][t]) for k in ('weights','kv_cache','activations') for t in ('gpu','cpu')])")
     run_flex "sw175flex$1x$2" "$1x$2" 400 "--model facebook/opt-175b --percent $pct --gpu-batch-size $1 --num-gpu-batches $2 --prompt-len $WORK --gen-len $GEN --compress-weight --compress-cache"
   done
