@@ -180,6 +180,12 @@ pub fn terms(
     let dequant_w = if choice.compress_weight { (w + w16) / hbm } else { 0.0 };
     let cache_read = 1.0 + if choice.compress_cache { 2.0 / rc } else { 0.0 };
 
+    // The runtime issues the KV cache's and the activations' copies on the compute stream,
+    // between the kernels of each micro-batch (only weights stream ahead on their own stream), so
+    // those bytes cost compute time as well as link bandwidth.
+    let prefill_stream_copies = (off_c * (kv_tok * s * bls) + Lin::c(hid_p * act_cpu))
+        * (1.0 / d2h)
+        + Lin::c(hid_p * act_cpu / h2d);
     let prefill = vec![
         ("cpu->gpu", (off_w * w + Lin::c(hid_p * act_cpu)) * (1.0 / h2d)),
         ("gpu->cpu", (off_c * (kv_tok * s * bls) + Lin::c(hid_p * act_cpu)) * (1.0 / d2h)),
@@ -189,24 +195,16 @@ pub fn terms(
             "compute",
             Lin::c(
                 bls * s * 2.0 * matrix_params / gemm + bls * 4.0 * s * s * h1 / gattn + dequant_w,
-            ),
+            ) + prefill_stream_copies,
         ),
     ];
     let cache_to_gpu = off_c * (kv_tok * ctx * bls * (1.0 - attn_cpu));
+    let decode_h2d = Lin::c(hid_g * act_cpu) + cache_to_gpu + off_c * (2.0 * h1 * bls * attn_cpu);
+    let decode_d2h = off_c * (kv_tok * bls + 2.0 * h1 * bls * attn_cpu) + Lin::c(hid_g * act_cpu);
+    let decode_stream_copies = decode_h2d * (1.0 / h2d) + decode_d2h * (1.0 / d2h);
     let decode = vec![
-        (
-            "cpu->gpu",
-            (off_w * w
-                + Lin::c(hid_g * act_cpu)
-                + cache_to_gpu
-                + off_c * (2.0 * h1 * bls * attn_cpu))
-                * (1.0 / h2d),
-        ),
-        (
-            "gpu->cpu",
-            (off_c * (kv_tok * bls + 2.0 * h1 * bls * attn_cpu) + Lin::c(hid_g * act_cpu))
-                * (1.0 / d2h),
-        ),
+        ("cpu->gpu", (off_w * w + decode_h2d) * (1.0 / h2d)),
+        ("gpu->cpu", decode_d2h * (1.0 / d2h)),
         ("disk->cpu", (Lin::var(WN, w) + Lin::var(CN, kv_tok * ctx * bls)) * (1.0 / dr)),
         ("cpu->disk", Lin::var(CN, kv_tok * bls / dw)),
         (
@@ -219,7 +217,8 @@ pub fn terms(
                     + dequant_w,
             ) + (Lin::var(CG, 1.0) + off_c * (1.0 - attn_cpu))
                 * (kv_tok * ctx * bls * cache_read / hbm)
-                + off_c * (attn_cpu * 4.0 * ctx * h1 * bls / cattn),
+                + off_c * (attn_cpu * 4.0 * ctx * h1 * bls / cattn)
+                + decode_stream_copies,
         ),
     ];
 
@@ -403,7 +402,8 @@ mod tests {
     }
 
     #[test]
-    fn cpu_attention_moves_attention_to_the_cpu_rate_and_skips_the_cache_copy() {
+    fn cpu_attention_moves_attention_to_the_cpu_rate_and_skips_the_cache_copy_and_copies_cost_compute()
+     {
         let mut c = choice();
         let x = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]; // cache on the CPU
         let gpu_attn = terms(&spec(), &hw(), &WL, &c);
@@ -417,7 +417,19 @@ mod tests {
         assert!((term(&cpu_attn.decode, "cpu->gpu", &x) - 2.0 * 64.0 * 8.0 / 1e9).abs() < 1e-12);
         let attn_cpu = 4.0 * 12.5 * 64.0 * 8.0 / 1e10;
         let gemm = 2.0 * 2.0 * LAYER_PARAMS / 1e11;
-        assert!((term(&cpu_attn.decode, "compute", &x) - (gemm + attn_cpu)).abs() < 1e-15);
+        // The runtime issues cache copies on the compute stream, so they are compute time too: q
+        // out and the output back (2·h·8 bytes each way), the new K+V out (256 bytes · 8) at 2 GB/s.
+        let copies = 2.0 * 64.0 * 8.0 / 1e9 + (256.0 * 8.0 + 2.0 * 64.0 * 8.0) / 2e9;
+        let compute = term(&cpu_attn.decode, "compute", &x);
+        assert!((compute - (gemm + attn_cpu + copies)).abs() < 1e-15, "{compute}");
+        // Without CPU attention the cache's copy in (and the new K+V out) serializes with the GPU
+        // work: GEMMs, attention over the copied cache (read from device memory), the copies.
+        let attn_gpu = 256.0 * 12.5 * 8.0 / 1e11;
+        let compute = term(&gpu_attn.decode, "compute", &x);
+        assert!(
+            (compute - (gemm + attn_gpu + cache + 256.0 * 8.0 / 2e9)).abs() < 1e-15,
+            "{compute}"
+        );
     }
 
     #[test]
