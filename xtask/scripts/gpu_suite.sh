@@ -37,7 +37,10 @@ try:
     r = json.load(open(path))
 except Exception as e:
     print(json.dumps({"system": "flexgen", "label": label, "error": str(e)[:200]})); sys.exit()
-print(json.dumps({"system": "flexgen", "label": label,
+pol = r.get("policy", {})
+bits = [k for k in ("compress_weight", "compress_cache") if pol.get(k)]
+series = "flexgen, 4-bit " + " and ".join(k[9:] for k in bits) if bits else "flexgen"
+print(json.dumps({"system": "flexgen", "series": series, "label": label,
     "prefill_tok_s": r["prefill_tokens_per_s"], "decode_tok_s": r["decode_tokens_per_s"],
     "throughput": r["total_tokens_per_s"], "latency_s": r["prefill_s"] + r["decode_s"],
     "wall_s": r["wall_s"], "predicted_tok_s": r.get("predicted_tokens_per_s"),

@@ -3,7 +3,8 @@
 //! `{"system": "flexgen", "label": "32×2", "latency_s": 40.1, "throughput": 56.7}` (latency: the
 //! time of one block, prompt to last token; throughput: generated tokens per second); a line
 //! with an `error` (a run that failed or was killed) is left out with a note. One series per
-//! system, points joined in order of latency and labelled.
+//! `series` (default: the system), points joined in order of latency and labelled; each system
+//! keeps its colour from figure to figure.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,6 +16,8 @@ use plotters::prelude::*;
 #[derive(Debug, Clone)]
 pub(crate) struct Point {
     pub(crate) system: String,
+    /// The line the point belongs to (e.g. `flexgen, 4-bit`); the system when not given.
+    pub(crate) series: String,
     pub(crate) label: String,
     pub(crate) latency_s: f64,
     pub(crate) throughput: f64,
@@ -35,8 +38,10 @@ pub(crate) fn read(path: &Path) -> anyhow::Result<Vec<Point>> {
         let num = |k: &str| {
             v[k].as_f64().with_context(|| format!("{}:{}: no numeric `{k}`", path.display(), i + 1))
         };
+        let system = v["system"].as_str().unwrap_or("?").to_string();
         out.push(Point {
-            system: v["system"].as_str().unwrap_or("?").to_string(),
+            series: v["series"].as_str().map_or_else(|| system.clone(), str::to_string),
+            system,
             label: v["label"].as_str().unwrap_or("").to_string(),
             latency_s: num("latency_s")?,
             throughput: num("throughput")?,
@@ -58,7 +63,7 @@ pub(crate) fn draw(points: &[Point], title: &str, out: &Path) -> anyhow::Result<
     .map_err(|_| anyhow::anyhow!("the bundled font does not load"))?;
     let mut series: BTreeMap<&str, Vec<&Point>> = BTreeMap::new();
     for p in points {
-        series.entry(p.system.as_str()).or_default().push(p);
+        series.entry(p.series.as_str()).or_default().push(p);
     }
     let (lmin, lmax) =
         points.iter().fold((f64::MAX, 0f64), |(a, b), p| (a.min(p.latency_s), b.max(p.latency_s)));
@@ -70,17 +75,29 @@ pub(crate) fn draw(points: &[Point], title: &str, out: &Path) -> anyhow::Result<
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d((lmin * 0.8..lmax * 1.25).log_scale(), 0.0..tmax * 1.15)?;
+        .build_cartesian_2d(
+            (lmin * 0.8..lmax * 1.25)
+                .log_scale()
+                .with_key_points(log_ticks(lmin * 0.8, lmax * 1.25)),
+            0.0..tmax * 1.15,
+        )?;
     chart
         .configure_mesh()
         .x_desc("latency of a block (s, log scale)")
         .y_desc("generated tokens / s")
         .label_style(("sans-serif", 16))
+        .x_label_formatter(&|v| format!("{v}"))
         .draw()?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-    for (i, (name, mut pts)) in series.into_iter().enumerate() {
+    let mut others = [MAGENTA, CYAN, BLACK].into_iter().cycle();
+    for (name, mut pts) in series {
         pts.sort_by(|a, b| a.latency_s.total_cmp(&b.latency_s));
-        let color = colors[i % colors.len()];
+        let color = match (pts[0].system.as_str(), name == pts[0].system) {
+            ("flexgen", true) => RGBColor(0, 150, 0),
+            ("flexgen", false) => RGBColor(120, 200, 40),
+            ("FlexLLMGen", _) => BLUE,
+            ("HF Accelerate", _) => RED,
+            _ => others.next().unwrap_or(BLACK),
+        };
         chart
             .draw_series(LineSeries::new(
                 pts.iter().map(|p| (p.latency_s, p.throughput)),
@@ -94,11 +111,8 @@ pub(crate) fn draw(points: &[Point], title: &str, out: &Path) -> anyhow::Result<
             pts.iter().map(|p| Circle::new((p.latency_s, p.throughput), 5, color.filled())),
         )?;
         chart.draw_series(pts.iter().map(|p| {
-            Text::new(
-                p.label.clone(),
-                (p.latency_s, p.throughput * 1.02),
-                ("sans-serif", 14).into_font(),
-            )
+            EmptyElement::at((p.latency_s, p.throughput))
+                + Text::new(p.label.clone(), (8, -18), ("sans-serif", 14).into_font())
         }))?;
     }
     chart
@@ -111,9 +125,26 @@ pub(crate) fn draw(points: &[Point], title: &str, out: &Path) -> anyhow::Result<
     Ok(())
 }
 
+/// Ticks at 1, 2, 3 and 5 times the powers of ten inside `lo..hi`.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut p = 10f64.powf(lo.log10().floor());
+    while p <= hi {
+        out.extend([p, 2.0 * p, 3.0 * p, 5.0 * p].into_iter().filter(|v| (lo..=hi).contains(v)));
+        p *= 10.0;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_ticks_are_one_two_three_five() {
+        assert_eq!(log_ticks(12.0, 345.0), [20.0, 30.0, 50.0, 100.0, 200.0, 300.0]);
+        assert_eq!(log_ticks(0.5, 3.0), [0.5, 1.0, 2.0, 3.0]);
+    }
 
     #[test]
     fn a_sweep_becomes_a_png() {
@@ -124,11 +155,17 @@ mod tests {
             &input,
             "{\"system\":\"flexgen\",\"label\":\"8x1\",\"latency_s\":10,\"throughput\":20}\n\
              {\"system\":\"flexgen\",\"label\":\"32x2\",\"latency_s\":40,\"throughput\":55}\n\
+             {\"system\":\"flexgen\",\"series\":\"flexgen, 4-bit\",\"label\":\"8x4\",\"latency_s\":30,\"throughput\":90}\n\
              {\"system\":\"FlexLLMGen\",\"label\":\"32x2\",\"latency_s\":44,\"throughput\":50}\n",
         )
         .unwrap();
         let out = dir.join("fig.png");
-        draw(&read(&input).unwrap(), "OPT-30B", &out).unwrap();
+        let points = read(&input).unwrap();
+        assert_eq!(
+            points.iter().map(|p| p.series.as_str()).collect::<Vec<_>>(),
+            ["flexgen", "flexgen", "flexgen, 4-bit", "FlexLLMGen"]
+        );
+        draw(&points, "OPT-30B", &out).unwrap();
         // A failed run is left out, not an error.
         std::fs::write(
             &input,
