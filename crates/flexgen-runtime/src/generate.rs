@@ -148,6 +148,19 @@ pub struct RunStats {
     pub direct_io: Option<bool>,
     /// Wall time of each decode step (seconds), in order.
     pub decode_steps: Vec<f64>,
+    /// Where the host thread spent time inside the steps (CUDA executor; zero elsewhere).
+    pub host: HostTimes,
+}
+
+/// Host-thread time inside the steps of the CUDA executor, for reading a run against its plan:
+/// the GPU idles while the host computes CPU attention, and the host idles while it waits for
+/// the GPU before one.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HostTimes {
+    /// Seconds computing CPU attention on the cores.
+    pub cpu_attention_s: f64,
+    /// Seconds blocked on the compute stream (before CPU attention, around disk cache rows).
+    pub gpu_wait_s: f64,
 }
 
 impl RunStats {

@@ -135,6 +135,8 @@ pub struct GpuGenerator<'m> {
     disk_rows: usize,
     /// Bytes of KV cache read from and written to disk.
     cache_disk_io: Cell<(u64, u64)>,
+    /// Host time inside the steps (CPU attention, waits on the compute stream).
+    host_times: Cell<crate::generate::HostTimes>,
     /// Hidden states between layers live on the GPU (else in pinned CPU memory).
     act_on_gpu: bool,
     embed: GpuTensor,
@@ -373,6 +375,7 @@ impl<'m> GpuGenerator<'m> {
             cache_quant,
             disk_rows,
             cache_disk_io: std::cell::Cell::new((0, 0)),
+            host_times: std::cell::Cell::default(),
             act_on_gpu,
             embed,
             pos_embed,
@@ -1280,6 +1283,16 @@ impl<'m> GpuGenerator<'m> {
         g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false).map_err(cuda)
     }
 
+    /// Blocks until the compute stream is idle, counting the wait in `host_times`.
+    fn wait_for_gpu(&self) -> Result<()> {
+        let t = Instant::now();
+        self.gpu.stream.synchronize().map_err(drv)?;
+        let mut h = self.host_times.get();
+        h.gpu_wait_s += t.elapsed().as_secs_f64();
+        self.host_times.set(h);
+        Ok(())
+    }
+
     /// Decode attention of the CPU rows on the CPU: q and the new k/v of those rows come to
     /// pinned memory, the new position is appended to the CPU cache, every core computes the
     /// rows' attention over the cache in place (fp16 values, fp32 arithmetic), and the output
@@ -1313,7 +1326,8 @@ impl<'m> GpuGenerator<'m> {
             }
             .map_err(cuda)?;
         }
-        st.synchronize().map_err(drv)?;
+        self.wait_for_gpu()?;
+        let t = Instant::now();
         for &(off, rows, hk, hv) in homes {
             let r = off * hd..(off + rows) * hd;
             // SAFETY: the stream is idle (synchronized above), so no copy touches these pinned
@@ -1333,6 +1347,9 @@ impl<'m> GpuGenerator<'m> {
                 flexgen_tensor::host_attention::Dims { rows, hd, cap, past, nh, row0: gr + off };
             flexgen_tensor::host_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
         }
+        let mut h = self.host_times.get();
+        h.cpu_attention_s += t.elapsed().as_secs_f64();
+        self.host_times.set(h);
         // SAFETY: the output staging holds n values, written above.
         let out = unsafe { std::slice::from_raw_parts(oh.cast_const(), n) };
         htod(st, at(addr(&buf.att), gr * hd), out)
@@ -1359,7 +1376,7 @@ impl<'m> GpuGenerator<'m> {
         if let Some(dc) = &buf.disk_cache {
             if load {
                 // The staging is free once earlier copies from and to it are done.
-                let read = dc.load(j, kb, past, || self.gpu.stream.synchronize().map_err(drv))?;
+                let read = dc.load(j, kb, past, || self.wait_for_gpu())?;
                 let (r, w) = self.cache_disk_io.get();
                 self.cache_disk_io.set((r + read, w));
             }
@@ -1379,7 +1396,7 @@ impl<'m> GpuGenerator<'m> {
         t: usize,
     ) -> Result<()> {
         let Some(dc) = &buf.disk_cache else { return Ok(()) };
-        self.gpu.stream.synchronize().map_err(drv)?;
+        self.wait_for_gpu()?;
         let written = dc.append(j, kb, past, t)?;
         let (r, w) = self.cache_disk_io.get();
         self.cache_disk_io.set((r, w + written));
@@ -1553,6 +1570,7 @@ impl<'m> GpuGenerator<'m> {
         let mut outputs = vec![Vec::new(); prompts.len()];
         let buf = self.alloc_run(longest)?;
         self.warm_up(&buf, longest)?;
+        self.host_times.take(); // the warm-up's
         for block in (0..prompts.len()).collect::<Vec<_>>().chunks(b * k) {
             stats.blocks += 1;
             let passes = max_new * self.layers.len();
@@ -1572,6 +1590,7 @@ impl<'m> GpuGenerator<'m> {
         stats.tiers.required.gpu = (total - free) as u64;
         stats.tiers.required.cpu = self.pinned_bytes + self.pageable_bytes;
         stats.tiers.required.disk = self.disk_bytes() + self.disk_cache_bytes();
+        stats.host = self.host_times.take();
         let (read, written) = self.cache_disk_io.take();
         traffic.disk_read += read;
         traffic.disk_write += written;

@@ -19,7 +19,8 @@ mod tiers;
 
 pub use error::{Error, Result};
 pub use generate::{
-    Completion, Event, FinishReason, GenerationConfig, Generator, Prompt, Request, RunStats,
+    Completion, Event, FinishReason, GenerationConfig, Generator, HostTimes, Prompt, Request,
+    RunStats,
 };
 pub use gpu::{GpuBytes, GpuCapacity, GpuGenerator, LayerSource, StepLogits};
 pub use sampling::{Sampling, argmax, choose};

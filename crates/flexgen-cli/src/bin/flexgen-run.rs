@@ -694,6 +694,10 @@ fn run_cuda(
         serde_json::json!({
             "gpu_setup_s": setup_s,
             "median_decode_step_s": median_step,
+            "host_s": {
+                "cpu_attention": stats.host.cpu_attention_s,
+                "gpu_wait": stats.host.gpu_wait_s,
+            },
             "gpu_bytes": {
                 "weights": bytes.weights, "staging": bytes.staging, "tables": bytes.tables,
                 "kv_cache": bytes.cache, "activations": bytes.activations, "total": bytes.total(),
@@ -756,6 +760,13 @@ fn run_cuda(
         setup_s,
         started.elapsed().as_secs_f64()
     )?;
+    if stats.host.cpu_attention_s + stats.host.gpu_wait_s > 0.0 {
+        writeln!(
+            err,
+            "host: CPU attention {:.3} s, waiting for the GPU {:.3} s (the GPU idles during the first)",
+            stats.host.cpu_attention_s, stats.host.gpu_wait_s
+        )?;
+    }
     if generator.disk_cache_bytes() > 0 {
         writeln!(
             err,
