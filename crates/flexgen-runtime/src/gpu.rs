@@ -111,6 +111,13 @@ pub struct GpuGenerator<'m> {
     policy: Policy,
     gpu: Gpu,
     load: Arc<CudaStream>,
+    /// The stream of the prefetched activation and cache copies (`Prefetch`).
+    copy: Arc<CudaStream>,
+    prefetch: Prefetch,
+    /// Recorded on the copy stream once visit buffer `slot` is staged.
+    staged: [CudaEvent; 2],
+    /// Recorded on the compute stream before a prefetch: the copy stream waits for it.
+    mark: CudaEvent,
     layout: LayerLayout,
     /// With `compress_weight`: the packed form of each arena, which the tiers hold and move.
     packed: Option<PackedLayout>,
@@ -183,11 +190,43 @@ fn drv(e: cudarc::driver::DriverError) -> Error {
     cuda(e.into())
 }
 
+/// What the copy stream stages one (layer, batch) visit ahead while the compute stream works on
+/// the current visit, into the other of two buffers: the hidden states kept on the CPU (with two
+/// or more GPU batches, so that the next visit's input is not the current one's output), and the
+/// past positions of the cache rows kept on the CPU when the GPU attends them (fp16 or packed; not
+/// with rows on disk, whose staging the host fills). Without it these copies run on the compute
+/// stream between a visit's kernels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Prefetch {
+    act: bool,
+    cache: bool,
+}
+
+impl Prefetch {
+    fn of(policy: &Policy, gpu_rows: usize, rows: usize, disk_rows: usize) -> Self {
+        let cpu_rows = rows - gpu_rows;
+        let cpu_attention =
+            policy.cpu_cache_compute && cpu_rows > 0 && !policy.compress_cache.enabled;
+        Self {
+            act: policy.placement.activations.single_tier() == Some(Tier::Cpu)
+                && policy.num_gpu_batches >= 2,
+            cache: cpu_rows > 0 && disk_rows == 0 && !cpu_attention,
+        }
+    }
+
+    /// Buffers of a kind: two when the kind is prefetched.
+    fn slots(on: bool) -> usize {
+        if on { 2 } else { 1 }
+    }
+}
+
 /// One (layer, batch) of a compressed cache: codes of k and v, and their (min, scale) pairs.
 type PackedKv = ([CudaSlice<u8>; 2], [CudaSlice<f16>; 2]);
 
 /// Per-run buffers: the hidden state of every GPU batch, shared scratch, the KV cache.
 struct RunBuffers {
+    /// Hidden states: one per GPU batch on the GPU, or the staging of those kept on the CPU (two
+    /// when prefetched, indexed by the visit's slot).
     x: Vec<CudaSlice<f16>>,
     hn: CudaSlice<f16>,
     qkv: CudaSlice<f16>,
@@ -204,17 +243,18 @@ struct RunBuffers {
     kvq: Vec<Vec<PackedKv>>,
     /// … of the CPU rows, pinned: codes (k, v) as pairs of bytes, params (k, v).
     kvq_cpu: Vec<Vec<[HostMem; 4]>>,
-    /// The CPU rows' packed cache on its way through the GPU (one (layer, batch) at a time).
-    kvq_stage: Option<PackedKv>,
+    /// The CPU rows' packed cache on its way through the GPU (one (layer, batch) at a time; two
+    /// when prefetched; none without CPU rows).
+    kvq_stage: Vec<PackedKv>,
     /// The disk rows' cache: one file, `[layer][batch][k|v]` regions of `[disk_rows, cap, hd]`,
     /// and two pinned staging regions for the (layer, batch) in use.
     disk_cache: Option<DiskCache>,
     /// `[layer][batch]` → (k, v) of the CPU rows, each `[cpu_rows, cap, hd]`, pinned.
     kv_cpu: Vec<Vec<(HostMem, HostMem)>>,
     /// k and v of the CPU rows on the GPU: the new positions (CPU attention, `[cpu_rows, t, hd]`)
-    /// or the whole working cache of one (layer, batch) (`[cpu_rows, cap, hd]`).
-    kn: CudaSlice<f16>,
-    vn: CudaSlice<f16>,
+    /// or the whole working cache of one (layer, batch) (`[cpu_rows, cap, hd]`; every row when
+    /// packed); two when the fp16 cache is prefetched, indexed by the visit's slot.
+    work: Vec<(CudaSlice<f16>, CudaSlice<f16>)>,
     /// Hidden states of each GPU batch when activations live on the CPU (`[b·t, h]`, pinned).
     x_host: Vec<HostMem>,
     /// Pinned staging of CPU attention: q, new k, new v, output (`[cpu_rows, hd]` each).
@@ -309,9 +349,12 @@ impl<'m> GpuGenerator<'m> {
         let gpu = Gpu::new(0).map_err(cuda)?;
         // The executor orders its two streams with its own events.
         // SAFETY: every buffer below is used on the compute stream, except the staging arenas,
-        // which the load stream writes only between `freed` and `loaded` events.
+        // which the load stream writes only between `freed` and `loaded` events, and the visit
+        // buffers of `Prefetch`, which the copy stream writes only between `mark` and `staged`.
         unsafe { gpu.ctx.disable_event_tracking() };
         let load = gpu.ctx.new_stream().map_err(drv)?;
+        let copy = gpu.ctx.new_stream().map_err(drv)?;
+        let prefetch = Prefetch::of(&policy, gpu_rows, rows, disk_rows);
         let bytes =
             Self::plan_bytes(model, &policy, (&layout, unit_len), g_end, gpu_rows, capacity);
         let host =
@@ -358,11 +401,17 @@ impl<'m> GpuGenerator<'m> {
         let lm_head = w.lm_head.as_ref().map(up).transpose()?;
         let loaded = [new_event(&gpu)?, new_event(&gpu)?];
         let freed = [new_event(&gpu)?, new_event(&gpu)?];
+        let staged = [new_event(&gpu)?, new_event(&gpu)?];
+        let mark = new_event(&gpu)?;
         let mut this = Self {
             model,
             policy,
             gpu,
             load,
+            copy,
+            prefetch,
+            staged,
+            mark,
             layout,
             packed,
             unit_len,
@@ -454,16 +503,24 @@ impl<'m> GpuGenerator<'m> {
         }
         let tables = 2 * (model.spec.embedding_params());
         let all_rows = b * u64::from(s.num_kv_heads);
+        let rows_n = (policy.gpu_batch_size * s.num_kv_heads) as usize;
+        let pf = Prefetch::of(
+            policy,
+            gpu_rows,
+            rows_n,
+            split_counts(rows_n, &policy.placement.kv_cache)[2],
+        );
+        let slots = Prefetch::slots(pf.cache) as u64;
         let new_kv = if policy.compress_cache.enabled {
             // The fp16 working area of one (layer, batch), and the CPU rows' packed staging.
             let packed = packed_cache_bytes(policy, cpu_rows, cap, hd);
-            2 * all_rows * cap * hd + packed
+            2 * all_rows * cap * hd + slots * packed
         } else if cpu_rows == 0 {
             0
         } else if policy.cpu_cache_compute {
             2 * cpu_rows * t * hd
         } else {
-            2 * cpu_rows * cap * hd
+            slots * 2 * cpu_rows * cap * hd
         };
         let scratch = rows * h * 4 // hn, q, ctx, att
             + rows * (h + 2 * kvw)
@@ -482,7 +539,9 @@ impl<'m> GpuGenerator<'m> {
             } else {
                 layers * k * 2 * gpu_rows as u64 * cap * hd * 2
             },
-            activations: 2 * (if act_on_gpu { k } else { 1 } * rows * h + scratch),
+            activations: 2
+                * (if act_on_gpu { k } else { Prefetch::slots(pf.act) as u64 } * rows * h
+                    + scratch),
         }
     }
 
@@ -877,9 +936,12 @@ impl<'m> GpuGenerator<'m> {
                     .collect::<Result<Vec<_>>>()?;
                 // SAFETY: filled by a copy or by `quant_cache` before each read.
                 let u8s = |n: usize| unsafe { st.alloc::<u8>(n.max(1)) }.map_err(drv);
-                (host, Some(([u8s(cb)?, u8s(cb)?], [f(pv)?, f(pv)?])))
+                let stage = (0..Prefetch::slots(self.prefetch.cache))
+                    .map(|_| Ok(([u8s(cb)?, u8s(cb)?], [f(pv)?, f(pv)?])))
+                    .collect::<Result<Vec<_>>>()?;
+                (host, stage)
             }
-            _ => (Vec::new(), None),
+            _ => (Vec::new(), Vec::new()),
         };
         let dr = self.disk_rows;
         let host_rows = cpu_rows - dr; // rows whose home is pinned CPU memory
@@ -909,7 +971,10 @@ impl<'m> GpuGenerator<'m> {
         let ncap = if self.cpu_attention { t } else { cap };
         // The working area: the CPU rows' new positions or cache, or every row when compressed.
         let work_rows = if self.cache_quant.is_some() { b * nkv } else { cpu_rows };
-        let x_count = if self.act_on_gpu { k } else { 1 };
+        let x_count = if self.act_on_gpu { k } else { Prefetch::slots(self.prefetch.act) };
+        // Packed, the copy stream stages packed rows (above), not this fp16 working area.
+        let work_slots =
+            if self.cache_quant.is_some() { 1 } else { Prefetch::slots(self.prefetch.cache) };
         // SAFETY: as above.
         let u = |n: usize| unsafe { st.alloc::<u32>(n.max(1)) }.map_err(drv);
         Ok(RunBuffers {
@@ -925,8 +990,9 @@ impl<'m> GpuGenerator<'m> {
             logits: f(b * s.vocab_size as usize)?,
             kv,
             kv_cpu,
-            kn: f(work_rows * ncap * hd)?,
-            vn: f(work_rows * ncap * hd)?,
+            work: (0..work_slots)
+                .map(|_| Ok((f(work_rows * ncap * hd)?, f(work_rows * ncap * hd)?)))
+                .collect::<Result<_>>()?,
             kvq,
             kvq_cpu,
             kvq_stage,
@@ -1048,18 +1114,30 @@ impl<'m> GpuGenerator<'m> {
         Ok(out)
     }
 
-    /// The GPU address of GPU batch `kb`'s hidden state, copied in from the CPU first when
-    /// activations live there.
-    fn hidden_in(&self, buf: &RunBuffers, kb: usize, n: usize) -> Result<u64> {
+    /// The GPU address of GPU batch `kb`'s hidden state: its own buffer when activations live on
+    /// the GPU, else staging `slot`, into which it is copied from the CPU here unless the copy
+    /// stream staged it already (`staged`).
+    fn hidden_in(
+        &self,
+        buf: &RunBuffers,
+        kb: usize,
+        n: usize,
+        slot: usize,
+        staged: bool,
+    ) -> Result<u64> {
         if self.act_on_gpu {
             return Ok(addr(&buf.x[kb]));
         }
-        htod(&self.gpu.stream, addr(&buf.x[0]), &buf.x_host[kb].as_f16()[..n])?;
-        Ok(addr(&buf.x[0]))
+        let x = addr(&buf.x[slot % buf.x.len()]);
+        if !staged {
+            htod(&self.gpu.stream, x, &buf.x_host[kb].as_f16()[..n])?;
+        }
+        Ok(x)
     }
 
-    /// Copies GPU batch `kb`'s hidden state back to the CPU when activations live there.
-    fn hidden_out(&self, buf: &RunBuffers, kb: usize, n: usize) -> Result<()> {
+    /// Copies GPU batch `kb`'s hidden state (staging `slot`) back to the CPU when activations
+    /// live there.
+    fn hidden_out(&self, buf: &RunBuffers, kb: usize, n: usize, slot: usize) -> Result<()> {
         if self.act_on_gpu {
             return Ok(());
         }
@@ -1068,12 +1146,94 @@ impl<'m> GpuGenerator<'m> {
         unsafe {
             copy_2d(
                 &self.gpu.stream,
-                Mem::Device(addr(&buf.x[0])),
+                Mem::Device(addr(&buf.x[slot % buf.x.len()])),
                 Mem::Host(dst.cast_const().cast()),
                 Copy2d { width: n * 2, height: 1, src_pitch: n * 2, dst_pitch: n * 2 },
             )
         }
         .map_err(cuda)
+    }
+
+    /// Copies the `past` positions of off-GPU cache rows (`homes`, rows of `cap` positions) into
+    /// the working cache (`kn`, `vn`) on `stream`.
+    fn copy_homes_in(
+        &self,
+        homes: &[(usize, usize, &HostMem, &HostMem)],
+        (kn, vn): (u64, u64),
+        past: usize,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        let (cap, hd) = (self.cap(), self.dims().3);
+        let row_bytes = cap * hd * 2;
+        for &(off, n, hk, hv) in homes {
+            for (src, dst) in [(hk, kn), (hv, vn)] {
+                // SAFETY: pinned source rows of `cap` positions; the working cache has as many.
+                unsafe {
+                    copy_2d(
+                        stream,
+                        Mem::Host(src.ptr().cast_const().cast()),
+                        Mem::Device(at(dst, off * cap * hd)),
+                        Copy2d {
+                            width: past * hd * 2,
+                            height: n,
+                            src_pitch: row_bytes,
+                            dst_pitch: row_bytes,
+                        },
+                    )
+                }
+                .map_err(cuda)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages visit (layer `j`, batch `kb`)'s inputs that `Prefetch` names (its hidden state, `n`
+    /// values, and the `past` positions of its CPU cache rows) into buffers `slot` on the copy
+    /// stream, after everything issued so far on the compute stream — the visit that last used
+    /// those buffers and the one that wrote that hidden state — then records `staged[slot]`.
+    fn prefetch_visit(
+        &self,
+        buf: &RunBuffers,
+        (j, kb): (usize, usize),
+        (n, past): (usize, usize),
+        slot: usize,
+    ) -> Result<()> {
+        let cache = self.prefetch.cache && past > 0;
+        if !self.prefetch.act && !cache {
+            return Ok(());
+        }
+        let c = &self.copy;
+        self.mark.record(&self.gpu.stream).map_err(drv)?;
+        c.wait(&self.mark).map_err(drv)?;
+        if self.prefetch.act {
+            htod(c, addr(&buf.x[slot]), &buf.x_host[kb].as_f16()[..n])?;
+        }
+        if cache {
+            if self.cache_quant.is_some() {
+                Self::copy_packed_in(buf, (j, kb), &buf.kvq_stage[slot], c)?;
+            } else {
+                let (k, v) = &buf.work[slot];
+                let homes = self.homes(buf, j, kb, past)?;
+                self.copy_homes_in(&homes, (addr(k), addr(v)), past, c)?;
+            }
+        }
+        self.staged[slot].record(c).map_err(drv)
+    }
+
+    /// Copies (layer `j`, batch `kb`)'s packed CPU rows into the packed staging `stage` on
+    /// `stream`.
+    fn copy_packed_in(
+        buf: &RunBuffers,
+        (j, kb): (usize, usize),
+        stage: &PackedKv,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        let ([sck, scv], [spk, spv]) = stage;
+        let dst = [addr(sck), addr(scv), addr(spk), addr(spv)];
+        for (host, dst) in buf.kvq_cpu[j][kb].iter().zip(dst) {
+            htod(stream, dst, host.as_f16())?;
+        }
+        Ok(())
     }
 
     /// One layer for one GPU batch `kb` (`b` sequences of `t` new positions after `past`): its
@@ -1089,6 +1249,7 @@ impl<'m> GpuGenerator<'m> {
         b: usize,
         t: usize,
         past: usize,
+        (slot, staged): (usize, Prefetch),
     ) -> Result<()> {
         let l = &self.layout;
         let g = &self.gpu;
@@ -1103,9 +1264,12 @@ impl<'m> GpuGenerator<'m> {
         let gr_all = gr; // GPU rows of a compressed cache
         let (hn, qkv, q, att) = (addr(&buf.hn), addr(&buf.qkv), addr(&buf.q), addr(&buf.att));
         let start = addr(&buf.start[kb]);
-        let (kn, vn) = (addr(&buf.kn), addr(&buf.vn));
+        let (kn, vn) = {
+            let (k, v) = &buf.work[slot % buf.work.len()];
+            (addr(k), addr(v))
+        };
         let wq = |r: &std::ops::Range<usize>| at(w, r.start);
-        let x = self.hidden_in(buf, kb, rows * h)?;
+        let x = self.hidden_in(buf, kb, rows * h, slot, staged.act)?;
         let row_bytes = cap * hd * 2;
         // The off-GPU rows' homes (CPU rows, then disk rows read into their staging).
         let homes = if cpu_rows > 0 && self.cache_quant.is_none() {
@@ -1113,27 +1277,10 @@ impl<'m> GpuGenerator<'m> {
         } else {
             Vec::new()
         };
-        // Without CPU attention the off-GPU rows attend on the GPU: bring their past positions in.
-        if !self.cpu_attention && past > 0 {
-            for &(off, n, hk, hv) in &homes {
-                for (src, dst) in [(hk, kn), (hv, vn)] {
-                    // SAFETY: pinned source rows of `cap` positions; the working cache has as many.
-                    unsafe {
-                        copy_2d(
-                            st,
-                            Mem::Host(src.ptr().cast_const().cast()),
-                            Mem::Device(at(dst, off * cap * hd)),
-                            Copy2d {
-                                width: past * hd * 2,
-                                height: n,
-                                src_pitch: row_bytes,
-                                dst_pitch: row_bytes,
-                            },
-                        )
-                    }
-                    .map_err(cuda)?;
-                }
-            }
+        // Without CPU attention the off-GPU rows attend on the GPU: bring their past positions in
+        // (unless the copy stream did).
+        if !self.cpu_attention && past > 0 && !staged.cache {
+            self.copy_homes_in(&homes, (kn, vn), past, st)?;
         }
         g.layer_norm_raw(x, wq(&l.attn_norm_w), wq(&l.attn_norm_b), hn, rows, h, eps)
             .map_err(cuda)?;
@@ -1151,11 +1298,12 @@ impl<'m> GpuGenerator<'m> {
             let (kn_c, vn_c) = (at(kn, gr_all * cap * hd), at(vn, gr_all * cap * hd));
             g.dequant_cache(addr(ck), addr(pk), kn, qg, (0, past)).map_err(cuda)?;
             g.dequant_cache(addr(cv), addr(pv), vn, qg, (0, past)).map_err(cuda)?;
-            if let Some(([sck, scv], [spk, spv])) = &buf.kvq_stage {
+            let packed_stage = buf.kvq_stage.get(slot % buf.kvq_stage.len().max(1));
+            if let Some(ps @ ([sck, scv], [spk, spv])) = packed_stage {
                 let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
                 if past > 0 {
-                    for (host, dst) in buf.kvq_cpu[j][kb].iter().zip(stage) {
-                        htod(st, dst, host.as_f16())?;
+                    if !staged.cache {
+                        Self::copy_packed_in(buf, (j, kb), ps, st)?;
                     }
                     g.dequant_cache(stage[0], stage[2], kn_c, qc, (0, past)).map_err(cuda)?;
                     g.dequant_cache(stage[1], stage[3], vn_c, qc, (0, past)).map_err(cuda)?;
@@ -1172,7 +1320,7 @@ impl<'m> GpuGenerator<'m> {
             }
             g.quant_cache(kn, addr(ck), addr(pk), qg, (past, t)).map_err(cuda)?;
             g.quant_cache(vn, addr(cv), addr(pv), qg, (past, t)).map_err(cuda)?;
-            if let Some(([sck, scv], [spk, spv])) = &buf.kvq_stage {
+            if let Some(([sck, scv], [spk, spv])) = packed_stage {
                 g.quant_cache(kn_c, addr(sck), addr(spk), qc, (past, t)).map_err(cuda)?;
                 g.quant_cache(vn_c, addr(scv), addr(spv), qc, (past, t)).map_err(cuda)?;
                 // Only the new positions go back to the CPU rows' home.
@@ -1201,7 +1349,7 @@ impl<'m> GpuGenerator<'m> {
                 }
             }
             self.layer_mlp(w, x, buf, rows)?;
-            return self.hidden_out(buf, kb, rows * h);
+            return self.hidden_out(buf, kb, rows * h, slot);
         }
         let (kc, vc) = (addr(&buf.kv[j][kb].0), addr(&buf.kv[j][kb].1));
         // Where the CPU rows' new k/v go on the GPU, and that buffer's positions per row.
@@ -1261,7 +1409,7 @@ impl<'m> GpuGenerator<'m> {
             self.flush_disk(buf, j, kb, past, t)?;
         }
         self.layer_mlp(w, x, buf, rows)?;
-        self.hidden_out(buf, kb, rows * h)
+        self.hidden_out(buf, kb, rows * h, slot)
     }
 
     /// The rest of a layer after attention (`att` in the buffers): output projection and residual,
@@ -1312,9 +1460,11 @@ impl<'m> GpuGenerator<'m> {
         let st = &self.gpu.stream;
         let n = cpu_rows * hd;
         let [qh, kh, vh, oh] = [0, 1, 2, 3].map(|i| buf.cpu_att[i].ptr());
-        for (src, dst) in
-            [(at(addr(&buf.q), gr * hd), qh), (addr(&buf.kn), kh), (addr(&buf.vn), vh)]
-        {
+        for (src, dst) in [
+            (at(addr(&buf.q), gr * hd), qh),
+            (addr(&buf.work[0].0), kh),
+            (addr(&buf.work[0].1), vh),
+        ] {
             // SAFETY: n contiguous values into pinned staging of n.
             unsafe {
                 copy_2d(
@@ -1410,7 +1560,7 @@ impl<'m> GpuGenerator<'m> {
         let x = addr(&buf.x[if self.act_on_gpu { kb } else { 0 }]);
         let (ids, pos, tok) = (addr(&buf.ids[kb]), addr(&buf.pos[kb]), addr(&self.embed.data));
         self.gpu.embed_raw(ids, pos, tok, pos_table, x, n, h).map_err(cuda)?;
-        self.hidden_out(buf, kb, n * h)
+        self.hidden_out(buf, kb, n * h, 0)
     }
 
     /// Final norm, LM head and argmax of GPU batch `kb`'s last positions (`x` holds `b·t` rows):
@@ -1427,7 +1577,7 @@ impl<'m> GpuGenerator<'m> {
         let g = &self.gpu;
         let (h, ..) = self.dims();
         let vocab = self.model.spec.vocab_size as usize;
-        let x = self.hidden_in(buf, kb, b * t * h)?;
+        let x = self.hidden_in(buf, kb, b * t * h, 0, false)?;
         let xs = if t == 1 {
             x
         } else {
@@ -1497,7 +1647,7 @@ impl<'m> GpuGenerator<'m> {
         let mut out = vec![0u32; b];
         for (tt, past) in [(t, 0), (1, t)] {
             self.embed_batch(buf, 0, b * tt)?;
-            self.layer(w, 0, 0, buf, &starts, b, tt, past)?;
+            self.layer(w, 0, 0, buf, &starts, b, tt, past, (0, Prefetch::default()))?;
             self.next_tokens(buf, 0, b, tt, &mut out, None)?;
         }
         self.freed[0].record(st).map_err(drv)?;
@@ -1686,11 +1836,33 @@ impl<'m> GpuGenerator<'m> {
             for kb in 0..k {
                 self.embed_batch(buf, kb, b * tt)?;
             }
+            // Visits (layer, batch) of this step: each stages the next one's inputs on the copy
+            // stream (`Prefetch`), alternating between two buffers; the first is staged in place.
+            let mut visit = 0usize;
+            let h = self.dims().0;
             for j in 0..n_layers {
                 let slot = pass % 2;
                 let w = self.layer_weights(j, slot)?;
                 for (kb, starts) in starts_host.iter().enumerate() {
-                    self.layer(w, j, kb, buf, starts, b, tt, past)?;
+                    let vs = visit % 2;
+                    let staged = if visit == 0 {
+                        Prefetch::default()
+                    } else {
+                        Prefetch { act: self.prefetch.act, cache: self.prefetch.cache && past > 0 }
+                    };
+                    if staged != Prefetch::default() {
+                        st.wait(&self.staged[vs]).map_err(drv)?;
+                    }
+                    let next = if kb + 1 < k {
+                        Some((j, kb + 1))
+                    } else {
+                        (j + 1 < n_layers).then_some((j + 1, 0))
+                    };
+                    if let Some(next) = next {
+                        self.prefetch_visit(buf, next, (b * tt * h, past), 1 - vs)?;
+                    }
+                    self.layer(w, j, kb, buf, starts, b, tt, past, (vs, staged))?;
+                    visit += 1;
                 }
                 if offloaded {
                     self.freed[slot].record(st).map_err(drv)?;
@@ -1953,6 +2125,45 @@ mod tests {
         // position-major I/O buffers (k and v) stay.
         let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
         assert_eq!(with_disk, cpu_only / 2 + stage);
+    }
+
+    #[test]
+    fn prefetched_copies_plan_a_second_buffer() {
+        let m = model("opt-6.7b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let plan = |pct: [f64; 6], k: u32, cpu_attn: bool| {
+            let p = Policy {
+                gpu_batch_size: 8,
+                num_gpu_batches: k,
+                cpu_cache_compute: cpu_attn,
+                placement: flexgen_policy::Placement::from_percent(pct).unwrap(),
+                offload_dir: Some("/tmp".into()),
+                ..Policy::default()
+            };
+            let rows = 8 * 32;
+            let gpu_rows = split_counts(rows, &p.placement.kv_cache)[0];
+            GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), layout.len, gpu_rows, cap)
+        };
+        // The cache on the CPU, attended on the GPU: two working caches of all 256 rows.
+        let two = plan([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 1, false);
+        assert_eq!(
+            Prefetch::of(&Policy::default(), 0, 256, 0),
+            Prefetch { act: false, cache: true }
+        );
+        // With a share on disk the host fills the staging: one working cache.
+        let one = plan([100.0, 0.0, 0.0, 50.0, 100.0, 0.0], 1, false);
+        assert_eq!(two.activations - one.activations, 2 * 2 * 256 * 544 * 128);
+        // CPU attention moves only new positions: no working cache to double.
+        let attn = plan([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 1, true);
+        assert_eq!(
+            two.activations - attn.activations,
+            2 * 2 * (2 * 256 * 544 * 128 - 256 * 512 * 128)
+        );
+        // Hidden states on the CPU: two staging buffers with two or more GPU batches.
+        let act1 = plan([100.0, 0.0, 100.0, 0.0, 0.0, 100.0], 1, false);
+        let act2 = plan([100.0, 0.0, 100.0, 0.0, 0.0, 100.0], 2, false);
+        assert_eq!(act2.activations - act1.activations, 2 * 8 * 512 * 4096);
     }
 
     #[test]
