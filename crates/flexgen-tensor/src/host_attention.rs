@@ -44,25 +44,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
-/// One row: appends `k_new`/`v_new` at `past` in `kr`/`vr` (`cap · hd` each), attends with `q`
-/// (already scaled) over positions `lo..=past`, writes `out` (`hd`). `scratch` holds the f32
-/// blocks of keys and values, the scores and the query (resized here).
-#[expect(clippy::too_many_arguments, reason = "one row's slices and scratch")]
-fn row_portable(
-    q: &[f16],
-    k_new: &[f16],
-    v_new: &[f16],
-    kr: &mut [f16],
-    vr: &mut [f16],
-    out: &mut [f16],
-    lo: usize,
-    past: usize,
-    scratch: &mut Scratch,
-) {
+/// `scores[i] ← exp(scores[i] − max)`; returns their sum.
+fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    sum
+}
+
+/// One row's attention: `q` (already scaled, `hd`) over `keys` and `values` (the row's attended
+/// positions, `n · hd` each), into `out` (`hd`). `scratch` holds the f32 blocks of keys and
+/// values, the scores and the query (resized here).
+fn row_portable(q: &[f16], keys: &[f16], values: &[f16], out: &mut [f16], scratch: &mut Scratch) {
     let hd = q.len();
-    kr[past * hd..(past + 1) * hd].copy_from_slice(k_new);
-    vr[past * hd..(past + 1) * hd].copy_from_slice(v_new);
-    let n = past + 1 - lo;
+    let n = keys.len() / hd;
     let (kf, vf, scores, qf) = scratch;
     qf.resize(hd, 0.0);
     q.convert_to_f32_slice(qf);
@@ -72,7 +69,6 @@ fn row_portable(
     let block = (BLOCK_VALUES / hd).max(1);
     kf.resize(block * hd, 0.0);
     vf.resize(block * hd, 0.0);
-    let keys = &kr[lo * hd..(past + 1) * hd];
     let mut m = f32::NEG_INFINITY;
     for (chunk, sc) in keys.chunks(block * hd).zip(scores.chunks_mut(block)) {
         let kb = &mut kf[..chunk.len()];
@@ -82,13 +78,8 @@ fn row_portable(
             m = m.max(*s);
         }
     }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - m).exp();
-        sum += *s;
-    }
+    let sum = softmax_numerators(scores, m);
     let mut acc = vec![0f32; hd];
-    let values = &vr[lo * hd..(past + 1) * hd];
     for (chunk, sc) in values.chunks(block * hd).zip(scores.chunks(block)) {
         let vb = &mut vf[..chunk.len()];
         chunk.convert_to_f32_slice(vb);
@@ -131,16 +122,11 @@ fn simd_available() -> bool {
 /// `hd <= AVX2_MAX_HD`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[expect(clippy::too_many_arguments, reason = "one row's slices and scratch")]
 unsafe fn row_avx2(
     q: &[f16],
-    k_new: &[f16],
-    v_new: &[f16],
-    kr: &mut [f16],
-    vr: &mut [f16],
+    keys: &[f16],
+    values: &[f16],
     out: &mut [f16],
-    lo: usize,
-    past: usize,
     scores: &mut Vec<f32>,
 ) {
     use std::arch::x86_64::{
@@ -151,8 +137,6 @@ unsafe fn row_avx2(
     let hd = q.len();
     let lanes = hd / 8;
     debug_assert!(hd.is_multiple_of(8) && hd <= AVX2_MAX_HD);
-    kr[past * hd..(past + 1) * hd].copy_from_slice(k_new);
-    vr[past * hd..(past + 1) * hd].copy_from_slice(v_new);
     let load8 = |p: *const f16, i: usize| -> __m256 {
         // SAFETY: callers pass pointers with 8·(i+1) values behind them (hd per position);
         // `loadu` reads unaligned.
@@ -165,10 +149,8 @@ unsafe fn row_avx2(
     for (i, v) in qv.iter_mut().take(lanes).enumerate() {
         *v = load8(q.as_ptr(), i);
     }
-    let n = past + 1 - lo;
-    scores.resize(n, 0.0);
+    scores.resize(keys.len() / hd, 0.0);
     let mut m = f32::NEG_INFINITY;
-    let keys = &kr[lo * hd..(past + 1) * hd];
     for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
@@ -186,13 +168,8 @@ unsafe fn row_avx2(
         *s = _mm_cvtss_f32(_mm_hadd_ps(h, h));
         m = m.max(*s);
     }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - m).exp();
-        sum += *s;
-    }
+    let sum = softmax_numerators(scores, m);
     let mut acc = [_mm256_setzero_ps(); AVX2_MAX_HD / 8];
-    let values = &vr[lo * hd..(past + 1) * hd];
     for (s, v) in scores.iter().zip(values.chunks_exact(hd)) {
         let w = _mm256_set1_ps(*s);
         for (i, a) in acc.iter_mut().take(lanes).enumerate() {
@@ -210,28 +187,23 @@ unsafe fn row_avx2(
     }
 }
 
-/// One row on the fastest path this processor and head dimension allow.
-#[expect(clippy::too_many_arguments, reason = "one row's slices and scratch")]
+/// One row's attention on the fastest path this processor and head dimension allow.
 fn row(
     simd: bool,
     q: &[f16],
-    k_new: &[f16],
-    v_new: &[f16],
-    kr: &mut [f16],
-    vr: &mut [f16],
+    keys: &[f16],
+    values: &[f16],
     out: &mut [f16],
-    lo: usize,
-    past: usize,
     scratch: &mut Scratch,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd && q.len().is_multiple_of(8) && q.len() <= AVX2_MAX_HD {
         // SAFETY: `simd` is true only where `simd_available()` said so; the shape is checked.
-        unsafe { row_avx2(q, k_new, v_new, kr, vr, out, lo, past, &mut scratch.2) };
+        unsafe { row_avx2(q, keys, values, out, &mut scratch.2) };
         return;
     }
     let _ = simd;
-    row_portable(q, k_new, v_new, kr, vr, out, lo, past, scratch);
+    row_portable(q, keys, values, out, scratch);
 }
 
 /// Decode attention of `d.rows` rows: `q`, `k_new`, `v_new`, `out` are `[rows, hd]`; the caches
@@ -284,17 +256,17 @@ fn decode_with(
                     let seq = (d.row0 + r) / d.nh;
                     let lo = usize::try_from(starts[seq]).unwrap_or(0).min(d.past);
                     let rows = r * hd..(r + 1) * hd;
-                    let cache = i * cap * hd..(i + 1) * cap * hd;
+                    // The new position first, then positions lo..=past of the row.
+                    let new = (i * cap + d.past) * hd..(i * cap + d.past + 1) * hd;
+                    kc[new.clone()].copy_from_slice(&k_new[rows.clone()]);
+                    vc[new].copy_from_slice(&v_new[rows.clone()]);
+                    let span = (i * cap + lo) * hd..(i * cap + d.past + 1) * hd;
                     row(
                         simd,
-                        &q[rows.clone()],
-                        &k_new[rows.clone()],
-                        &v_new[rows],
-                        &mut kc[cache.clone()],
-                        &mut vc[cache],
+                        &q[rows],
+                        &kc[span.clone()],
+                        &vc[span],
                         &mut o[i * hd..(i + 1) * hd],
-                        lo,
-                        d.past,
                         &mut scratch,
                     );
                 }
