@@ -6,9 +6,10 @@
 //! - `bench plan`: builds the release binaries and times `flexgen-plan` for every shipped hardware
 //!   profile × OPT-6.7B/30B/175B, printing a markdown table for docs/benchmarks.md.
 //! - `bench gpu`: builds what the GPU machine runs (release binaries and the check programs,
-//!   stripped) into `.gpu/bin` and checks that FlexLLMGen's source and the anchor scripts are in
-//!   `.gpu/flex` and `.gpu/anchors`; then, there: `xtask/scripts/gpu_executor_check.sh`,
-//!   `gpu_runtime_bench.sh`, `gpu_suite.sh` (docs/benchmarks.md says which part gives what).
+//!   stripped) into `.gpu/bin`, copies the anchor scripts (`xtask/anchors`) into `.gpu/flex` and
+//!   `.gpu/anchors`, and checks that FlexLLMGen's source is in `.gpu/flex/src`; then, there:
+//!   `xtask/scripts/gpu_executor_check.sh`, `gpu_runtime_bench.sh`, `gpu_suite.sh`
+//!   (docs/benchmarks.md says which part gives what).
 //! - `plot --input SWEEP.jsonl --out FIG.png [--title TEXT]`: the latency–throughput figure
 //!   (`plot.rs`).
 
@@ -98,23 +99,24 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
         let ok = Command::new("strip").arg(&to).status().is_ok_and(|s| s.success());
         println!("{}{}", to.display(), if ok { "" } else { " (not stripped: no `strip`)" });
     }
-    for (path, what) in [
-        (
-            ".gpu/flex/src/flexllmgen",
-            "FlexLLMGen's package (fetch github:FMInference/FlexLLMGen, then `git archive HEAD flexllmgen | tar x -C .gpu/flex/src`)",
-        ),
-        (
-            ".gpu/flex/flexllmgen.sh",
-            "the FlexLLMGen runner (copy ../shared/anchors/{flexllmgen.sh,run_flexllmgen.py} to .gpu/flex/)",
-        ),
-        (
-            ".gpu/anchors/hf_accel_opt.py",
-            "the Accelerate anchor (copy ../shared/anchors/ to .gpu/anchors/)",
-        ),
+    // The anchor scripts (xtask/anchors) go where gpu_suite.sh looks for them.
+    for (name, dir) in [
+        ("flexllmgen.sh", ".gpu/flex"),
+        ("run_flexllmgen.py", ".gpu/flex"),
+        ("hf_accel_opt.py", ".gpu/anchors"),
+        ("pcie_bw.py", ".gpu/anchors"),
     ] {
-        if !root.join(path).exists() {
-            println!("missing {path}: {what}");
-        }
+        let dir = root.join(dir);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(root.join("xtask/anchors").join(name), dir.join(name))
+            .with_context(|| format!("copying xtask/anchors/{name} to {}", dir.display()))?;
+    }
+    if !root.join(".gpu/flex/src/flexllmgen").exists() {
+        println!(
+            "missing .gpu/flex/src/flexllmgen: FlexLLMGen's package (fetch \
+             github:FMInference/FlexLLMGen, then `git --git-dir=<snapshot> archive HEAD flexllmgen \
+             | tar x -C .gpu/flex/src`); the FlexLLMGen parts of the suite need it"
+        );
     }
     println!("carry `.gpu` (keep it under 64 MiB; `/.gpu/` in .git/info/exclude)");
     Ok(())
