@@ -72,6 +72,11 @@ def main():
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--gpu-mem", default="20GiB")
     ap.add_argument("--cpu-mem", default="120GiB")
+    ap.add_argument("--whole-cap", default=None,
+                    help="cap the whole process's GPU memory (weights, KV cache, activations) at this "
+                         "size, e.g. 16GiB, with torch.cuda.set_per_process_memory_fraction; "
+                         "--gpu-mem then places weights only, and a batch that does not fit is "
+                         "reported as OOM")
     ap.add_argument("--cpu-only", action="store_true", help="local smoke test without a GPU")
     a = ap.parse_args()
     print("torch", torch.__version__, "transformers", transformers.__version__,
@@ -96,6 +101,12 @@ def main():
             print(f"device {v}: {len(ks)} modules, e.g. {ks[:3]} ... {ks[-2:]}")
         model = dispatch_model(model, device_map=dmap)
         dev = "cuda:0"
+        if a.whole_cap:
+            cap = float(a.whole_cap.removesuffix("GiB")) * (1 << 30)
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), 0)
+            print(f"whole process capped at {cap / (1 << 30):.2f} GiB of {total / (1 << 30):.2f}",
+                  flush=True)
         gpu_w = torch.cuda.memory_allocated() / 1e9
         print(f"dispatched in {time.perf_counter()-t0:.1f} s; GPU-resident weights {gpu_w:.2f} GB, "
               f"offloaded (copied every forward) ~{nbytes/1e9 - gpu_w:.2f} GB", flush=True)
