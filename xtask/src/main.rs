@@ -23,6 +23,10 @@ use anyhow::{Context, bail};
 
 mod plot;
 
+const USAGE: &str = "usage: cargo xtask ci | cargo xtask bench plan | cargo xtask bench gpu | \
+     cargo xtask plot --input SWEEP.jsonl[,MORE.jsonl] --out FIG.png [--title TEXT]\n\
+     (the module documentation of xtask/src/main.rs says what each does)";
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,10 +51,12 @@ fn main() -> anyhow::Result<()> {
             }
             plot::draw(&points, &title, Path::new(out))
         }
+        [] | ["help" | "--help" | "-h", ..] | [_, "--help" | "-h"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
         _ => {
-            eprintln!(
-                "usage: cargo xtask ci | cargo xtask bench plan | cargo xtask plot --input SWEEP.jsonl --out FIG.png [--title TEXT]"
-            );
+            eprintln!("{USAGE}");
             bail!("unknown command {args:?}")
         }
     }
