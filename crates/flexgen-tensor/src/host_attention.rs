@@ -9,6 +9,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 /// Shapes of one call.
 #[derive(Debug, Clone, Copy)]
@@ -240,39 +241,36 @@ fn decode_with(
         q.len() >= d.rows * hd && out.len() >= d.rows * hd && kcache.len() >= d.rows * cap * hd
     );
     assert!(d.past < cap, "the new position fits the cache");
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let per = d.rows.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let parts = out[..d.rows * hd]
-            .chunks_mut(per * hd)
-            .zip(kcache.chunks_mut(per * cap * hd))
-            .zip(vcache.chunks_mut(per * cap * hd))
-            .enumerate();
-        for (c, ((o, kc), vc)) in parts {
-            s.spawn(move || {
-                let mut scratch = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for i in 0..o.len() / hd {
-                    let r = c * per + i;
-                    let seq = (d.row0 + r) / d.nh;
-                    let lo = usize::try_from(starts[seq]).unwrap_or(0).min(d.past);
-                    let rows = r * hd..(r + 1) * hd;
-                    // The new position first, then positions lo..=past of the row.
-                    let new = (i * cap + d.past) * hd..(i * cap + d.past + 1) * hd;
-                    kc[new.clone()].copy_from_slice(&k_new[rows.clone()]);
-                    vc[new].copy_from_slice(&v_new[rows.clone()]);
-                    let span = (i * cap + lo) * hd..(i * cap + d.past + 1) * hd;
-                    row(
-                        simd,
-                        &q[rows],
-                        &kc[span.clone()],
-                        &vc[span],
-                        &mut o[i * hd..(i + 1) * hd],
-                        &mut scratch,
-                    );
-                }
-            });
-        }
-    });
+    // Rows in as many parts as the pool has threads, on rayon's standing pool (no threads are
+    // started per call: the CUDA executor calls this once per layer and micro-batch).
+    let per = d.rows.div_ceil(rayon::current_num_threads()).max(1);
+    out[..d.rows * hd]
+        .par_chunks_mut(per * hd)
+        .zip(kcache.par_chunks_mut(per * cap * hd))
+        .zip(vcache.par_chunks_mut(per * cap * hd))
+        .enumerate()
+        .for_each(|(c, ((o, kc), vc))| {
+            let mut scratch = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for i in 0..o.len() / hd {
+                let r = c * per + i;
+                let seq = (d.row0 + r) / d.nh;
+                let lo = usize::try_from(starts[seq]).unwrap_or(0).min(d.past);
+                let rows = r * hd..(r + 1) * hd;
+                // The new position first, then positions lo..=past of the row.
+                let new = (i * cap + d.past) * hd..(i * cap + d.past + 1) * hd;
+                kc[new.clone()].copy_from_slice(&k_new[rows.clone()]);
+                vc[new].copy_from_slice(&v_new[rows.clone()]);
+                let span = (i * cap + lo) * hd..(i * cap + d.past + 1) * hd;
+                row(
+                    simd,
+                    &q[rows],
+                    &kc[span.clone()],
+                    &vc[span],
+                    &mut o[i * hd..(i + 1) * hd],
+                    &mut scratch,
+                );
+            }
+        });
 }
 
 #[cfg(test)]
