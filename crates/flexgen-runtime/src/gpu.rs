@@ -218,6 +218,25 @@ impl Prefetch {
     fn slots(on: bool) -> usize {
         if on { 2 } else { 1 }
     }
+
+    /// What is staged ahead in a step whose visits have `past` cached positions (no cache to copy
+    /// in during prefill).
+    fn in_step(self, past: usize) -> Self {
+        Self { act: self.act, cache: self.cache && past > 0 }
+    }
+}
+
+/// Visit (layer `j`, batch `kb`) of a step of `layers` × `k` visits, in the executor's order
+/// (every batch through a layer before the next layer): its buffer slot, whether it is the step's
+/// first (staged in place; each later visit is staged by the one before it), and the visit after
+/// it in the step, whose inputs it stages.
+fn visit_order(
+    (j, kb): (usize, usize),
+    (layers, k): (usize, usize),
+) -> (usize, bool, Option<(usize, usize)>) {
+    let v = j * k + kb;
+    let next = if kb + 1 < k { Some((j, kb + 1)) } else { (j + 1 < layers).then_some((j + 1, 0)) };
+    (v % 2, v == 0, next)
 }
 
 /// One (layer, batch) of a compressed cache: codes of k and v, and their (min, scale) pairs.
@@ -1198,17 +1217,17 @@ impl<'m> GpuGenerator<'m> {
         (n, past): (usize, usize),
         slot: usize,
     ) -> Result<()> {
-        let cache = self.prefetch.cache && past > 0;
-        if !self.prefetch.act && !cache {
+        let ahead = self.prefetch.in_step(past);
+        if ahead == Prefetch::default() {
             return Ok(());
         }
         let c = &self.copy;
         self.mark.record(&self.gpu.stream).map_err(drv)?;
         c.wait(&self.mark).map_err(drv)?;
-        if self.prefetch.act {
+        if ahead.act {
             htod(c, addr(&buf.x[slot]), &buf.x_host[kb].as_f16()[..n])?;
         }
-        if cache {
+        if ahead.cache {
             if self.cache_quant.is_some() {
                 Self::copy_packed_in(buf, (j, kb), &buf.kvq_stage[slot], c)?;
             } else {
@@ -1838,31 +1857,21 @@ impl<'m> GpuGenerator<'m> {
             }
             // Visits (layer, batch) of this step: each stages the next one's inputs on the copy
             // stream (`Prefetch`), alternating between two buffers; the first is staged in place.
-            let mut visit = 0usize;
             let h = self.dims().0;
+            let ahead = self.prefetch.in_step(past);
             for j in 0..n_layers {
                 let slot = pass % 2;
                 let w = self.layer_weights(j, slot)?;
                 for (kb, starts) in starts_host.iter().enumerate() {
-                    let vs = visit % 2;
-                    let staged = if visit == 0 {
-                        Prefetch::default()
-                    } else {
-                        Prefetch { act: self.prefetch.act, cache: self.prefetch.cache && past > 0 }
-                    };
+                    let (vs, first, next) = visit_order((j, kb), (n_layers, k));
+                    let staged = if first { Prefetch::default() } else { ahead };
                     if staged != Prefetch::default() {
                         st.wait(&self.staged[vs]).map_err(drv)?;
                     }
-                    let next = if kb + 1 < k {
-                        Some((j, kb + 1))
-                    } else {
-                        (j + 1 < n_layers).then_some((j + 1, 0))
-                    };
                     if let Some(next) = next {
                         self.prefetch_visit(buf, next, (b * tt * h, past), 1 - vs)?;
                     }
                     self.layer(w, j, kb, buf, starts, b, tt, past, (vs, staged))?;
-                    visit += 1;
                 }
                 if offloaded {
                     self.freed[slot].record(st).map_err(drv)?;
@@ -2125,6 +2134,43 @@ mod tests {
         // position-major I/O buffers (k and v) stay.
         let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
         assert_eq!(with_disk, cpu_only / 2 + stage);
+    }
+
+    /// The copy stream's schedule: each visit after a step's first finds its inputs staged, in
+    /// its own slot, by the visit just before it; that visit's `mark` follows every earlier
+    /// visit, so the slot's previous user and, with hidden states on the CPU (two or more GPU
+    /// batches), the visit that wrote the staged hidden state are done before the copy.
+    #[test]
+    fn every_visit_is_staged_by_the_one_before_after_its_inputs_exist() {
+        for layers in 1..5 {
+            for k in 1..5 {
+                let order: Vec<(usize, usize)> =
+                    (0..layers).flat_map(|j| (0..k).map(move |kb| (j, kb))).collect();
+                let mut pending: [Option<(usize, usize)>; 2] = [None, None];
+                for (v, &(j, kb)) in order.iter().enumerate() {
+                    let (slot, first, next) = visit_order((j, kb), (layers, k));
+                    assert_eq!(first, v == 0);
+                    if !first {
+                        assert_eq!(pending[slot].take(), Some((j, kb)), "{layers}x{k} visit {v}");
+                    }
+                    assert_eq!(next, order.get(v + 1).copied());
+                    if let Some((nj, nkb)) = next {
+                        assert_eq!(pending[1 - slot], None, "slot {} still awaited", 1 - slot);
+                        pending[1 - slot] = Some((nj, nkb));
+                        // The staged hidden state was written by (nj − 1, nkb): before visit v
+                        // (covered by its mark) exactly when k ≥ 2, as Prefetch::of requires.
+                        if nj > 0 {
+                            let writer = (nj - 1) * k + nkb;
+                            assert_eq!(writer < v, k >= 2);
+                        }
+                    }
+                }
+                assert_eq!(pending, [None, None], "every staged visit ran");
+            }
+        }
+        let pf = Prefetch { act: true, cache: true };
+        assert_eq!(pf.in_step(0), Prefetch { act: true, cache: false }, "prefill: no past");
+        assert_eq!(pf.in_step(5), pf);
     }
 
     #[test]
