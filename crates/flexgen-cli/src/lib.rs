@@ -20,10 +20,27 @@ pub fn main_with<A>(
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// `e` and its causes joined by ": ", leaving out a cause whose text the message so far already
+/// ends with (error types that print their source inside their own message, as `GPU: {0}` does).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Installs the tracing subscriber (`RUST_LOG`, default `warn`).
@@ -181,5 +198,26 @@ mod tests {
         assert_eq!(parse_bytes("24GB").unwrap(), 24_000_000_000);
         assert_eq!(parse_bytes("512").unwrap(), 512);
         assert!(parse_bytes("16XB").unwrap_err().contains("unknown unit"));
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Inner {
+        #[error("CUDA library libnvrtc not found")]
+        Missing,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("GPU: {0}")]
+        Gpu(#[from] Inner),
+    }
+
+    #[test]
+    fn a_cause_already_in_its_parent_message_is_printed_once() {
+        let e = anyhow::Error::from(Outer::from(Inner::Missing)).context("setting up");
+        assert_eq!(error_chain(&e), "setting up: GPU: CUDA library libnvrtc not found");
+        // A cause that its parent does not repeat stays.
+        let e = anyhow::Error::from(Inner::Missing).context("loading");
+        assert_eq!(error_chain(&e), "loading: CUDA library libnvrtc not found");
     }
 }
