@@ -102,8 +102,8 @@ impl PolicyArgs {
     /// The policy file (or the default) with the flags applied, validated.
     pub fn resolve(&self) -> anyhow::Result<Policy> {
         let mut p = match &self.policy {
-            Some(path) => Policy::from_toml_file(path)
-                .with_context(|| format!("reading policy {}", path.display()))?,
+            // The error names the file; the context names the flag.
+            Some(path) => Policy::from_toml_file(path).context("reading the policy (--policy)")?,
             None => Policy::default(),
         };
         if let Some(v) = &self.percent {

@@ -184,8 +184,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    // The error names the file; the context names the flag.
     let hw = HardwareProfile::from_toml_file(&cli.hardware)
-        .with_context(|| format!("reading hardware profile {}", cli.hardware.display()))?;
+        .context("reading the hardware profile (--hardware)")?;
     if !cli.calibrate.is_empty() {
         return run_calibrate(cli, &hw);
     }
