@@ -27,15 +27,25 @@ pub enum Error {
         "hardware profile `{profile}` has no GPU; flexgen plans GPU offloading (run flexgen-profile on the GPU machine)"
     )]
     NoGpu { profile: String },
-    /// No placement of any block shape fits the machine.
-    #[error("{model} does not fit {profile}: {}", describe(shortfalls))]
-    Infeasible { model: String, profile: String, shortfalls: Vec<Shortfall> },
+    /// No placement of any block shape fits the machine. `settings` names the options that
+    /// narrowed the search (empty when none did); the shortfalls are those of the smallest plan
+    /// they allow, and `fix` says what to change.
+    #[error("{model} does not fit {profile}{settings}: {}; {fix}", describe(shortfalls))]
+    Infeasible {
+        model: String,
+        profile: String,
+        settings: String,
+        shortfalls: Vec<Shortfall>,
+        fix: String,
+    },
     /// An argument is out of range.
     #[error("`{field}`: {message}")]
     Invalid { field: &'static str, message: String },
 }
 
-/// By how much a tier (or all tiers together) falls short for the smallest possible plan.
+/// By how much a tier (or all tiers together) falls short for the smallest possible plan; a
+/// shortfall with no bytes (`needed_bytes` 0) means that each tier alone could hold its least
+/// share but no one split of weights and cache fits all of them at once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shortfall {
     /// `None` for all tiers together.
@@ -50,6 +60,13 @@ fn describe(s: &[Shortfall]) -> String {
         .map(|s| {
             let what =
                 s.tier.map_or_else(|| "GPU+CPU+disk together".to_string(), |t| t.to_string());
+            if s.needed_bytes <= s.available_bytes {
+                return format!(
+                    "each tier alone can hold its least share, but no split of weights and KV \
+                     cache fits all of them at once ({what} offer {:.1} GiB)",
+                    gib(s.available_bytes)
+                );
+            }
             format!(
                 "{what} needs {:.1} GiB but offers {:.1} GiB (short by {:.1} GiB)",
                 gib(s.needed_bytes),
@@ -242,7 +259,7 @@ pub fn plan(
     found.sort_by(|a, b| b.tokens_per_s.total_cmp(&a.tokens_per_s));
     found.truncate(opts.keep.max(1));
     let Some(best) = found.first() else {
-        return Err(infeasible(spec, &hw, workload, cap));
+        return Err(infeasible(spec, &hw, workload, cap, opts));
     };
     let policy = to_policy(spec, &hw, best, opts);
     Ok(Plan { policy, candidates: found, solved, solve_s: started.elapsed().as_secs_f64() })
@@ -282,8 +299,25 @@ pub fn predict(
             needed_bytes,
             available_bytes,
         })
-        .collect();
-        Error::Infeasible { model: spec.name.clone(), profile: hw.name.clone(), shortfalls }
+        .collect::<Vec<_>>();
+        let shortfalls = if shortfalls.is_empty() {
+            vec![Shortfall {
+                tier: None,
+                needed_bytes: 0.0,
+                available_bytes: cap.gpu + cap.cpu + cap.disk,
+            }]
+        } else {
+            shortfalls
+        };
+        Error::Infeasible {
+            model: spec.name.clone(),
+            profile: hw.name.clone(),
+            settings: " with this policy".into(),
+            shortfalls,
+            fix: "lower the shares placed on the tiers that fall short, gpu_batch_size or \
+                  num_gpu_batches"
+                .into(),
+        }
     })
 }
 
@@ -391,24 +425,50 @@ fn to_policy(spec: &ModelSpec, hw: &HardwareProfile, c: &Candidate, opts: &PlanO
     policy
 }
 
-/// Why nothing fits: the smallest plan (one sequence, everything compressed, all off the GPU)
-/// against each tier.
+/// Why nothing fits: the smallest plan the options allow (one sequence unless the block is
+/// fixed, compressed unless compression is off, everything off the GPU) against each tier.
 fn infeasible(
     spec: &ModelSpec,
     hw: &HardwareProfile,
     workload: &Workload,
     cap: lp::Capacity,
+    opts: &PlanOptions,
 ) -> Error {
+    let compress = |forced: Option<bool>| forced.unwrap_or(opts.allow_compression);
+    let (cw, cc) = (compress(opts.compress_weight), compress(opts.compress_cache));
     let choice = Choice {
-        gpu_batch_size: 1,
-        num_gpu_batches: 1,
-        compress_weight: true,
-        compress_cache: true,
-        cpu_attention: true,
+        gpu_batch_size: opts.gpu_batch_size.unwrap_or(1),
+        num_gpu_batches: opts.num_gpu_batches.unwrap_or(1),
+        compress_weight: cw,
+        compress_cache: cc,
+        // CPU attention needs the least GPU memory; the runtime pairs it with an fp16 cache only.
+        cpu_attention: !cc,
         act_on_gpu: false,
     };
+    let mut settings = Vec::new();
+    if opts.gpu_batch_size.is_some() || opts.num_gpu_batches.is_some() {
+        settings.push(format!("block {}×{}", choice.gpu_batch_size, choice.num_gpu_batches));
+    }
+    settings.extend(
+        match (cw, cc) {
+            (true, true) => None,
+            (false, false) => Some("no compression"),
+            (false, true) => Some("no weight compression"),
+            (true, false) => Some("no cache compression"),
+        }
+        .map(str::to_string),
+    );
+    let (settings, fix) = if settings.is_empty() {
+        (String::new(), "offer more memory (GPU, CPU or offload disk)")
+    } else {
+        (
+            format!(" with {}", settings.join(" and ")),
+            "drop those options to let the planner search further, or offer more memory",
+        )
+    };
     let t = cost::terms(spec, hw, workload, &choice);
-    let on_disk = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
+    // Everything off the GPU: on disk, except a compressed cache, which only the CPU holds.
+    let on_disk = [0.0, 0.0, 1.0, 0.0, f64::from(u8::from(cc)), f64::from(u8::from(!cc))];
     let mut shortfalls = Vec::new();
     let gpu_min = t.gpu_prefill.eval(&on_disk).max(t.gpu_decode.eval(&on_disk));
     if gpu_min > cap.gpu {
@@ -426,7 +486,8 @@ fn infeasible(
             available_bytes: cap.cpu,
         });
     }
-    let all = t.disk.eval(&on_disk);
+    // Weights and cache wherever they go, with the least each tier must hold besides.
+    let all = t.disk.eval(&[0.0, 0.0, 1.0, 0.0, 0.0, 1.0]) + gpu_min + t.cpu.eval(&[0.0; 6]);
     if all > cap.gpu + cap.cpu + cap.disk {
         shortfalls.push(Shortfall {
             tier: None,
@@ -435,14 +496,19 @@ fn infeasible(
         });
     }
     if shortfalls.is_empty() {
-        // Each tier fits the smallest plan alone but no split satisfies all at once.
         shortfalls.push(Shortfall {
             tier: None,
-            needed_bytes: all + cpu_min + gpu_min,
+            needed_bytes: 0.0,
             available_bytes: cap.gpu + cap.cpu + cap.disk,
         });
     }
-    Error::Infeasible { model: spec.name.clone(), profile: hw.name.clone(), shortfalls }
+    Error::Infeasible {
+        model: spec.name.clone(),
+        profile: hw.name.clone(),
+        settings,
+        shortfalls,
+        fix: fix.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -90,7 +90,9 @@ proptest! {
             }
             Err(Error::Infeasible { shortfalls, .. }) => {
                 prop_assert!(!shortfalls.is_empty());
-                prop_assert!(shortfalls.iter().all(|s| s.needed_bytes > 0.0));
+                // Each a real shortfall, or the marker of "no split fits all tiers at once".
+                prop_assert!(shortfalls.iter().all(|s| s.needed_bytes > s.available_bytes
+                    || (s.tier.is_none() && s.needed_bytes == 0.0)));
             }
             Err(Error::Invalid { field, .. }) => prop_assert_eq!(field, "workload"),
             Err(e) => prop_assert!(false, "unexpected {e}"),
@@ -112,6 +114,25 @@ fn a_model_larger_than_all_tiers_names_the_shortfall() {
     let Error::Infeasible { shortfalls, .. } = err else { panic!("{msg}") };
     assert!(shortfalls.iter().any(|s| s.tier.is_none()), "{msg}");
     assert!(msg.contains("GPU+CPU+disk together needs") && msg.contains("short by"), "{msg}");
+}
+
+#[test]
+fn a_fixed_block_that_cannot_fit_is_named_with_its_shortfall() {
+    // The smallest plan fits (one sequence), but 64×8 sequences' cache does not.
+    let hw = machine(16, 32, 10, 1e10, 1e9);
+    let spec = model(8, 64);
+    let wl = Workload { prompt_len: 512, gen_len: 32, num_prompts: None };
+    assert!(plan(&spec, &hw, &wl, &PlanOptions::default()).is_ok());
+    let opts = PlanOptions {
+        gpu_batch_size: Some(4096),
+        num_gpu_batches: Some(64),
+        allow_compression: false,
+        ..PlanOptions::default()
+    };
+    let msg = plan(&spec, &hw, &wl, &opts).unwrap_err().to_string();
+    assert!(msg.contains("with block 4096×64 and no compression"), "{msg}");
+    assert!(msg.contains("together needs") && msg.contains("short by"), "{msg}");
+    assert!(msg.contains("drop those options"), "{msg}");
 }
 
 #[test]
