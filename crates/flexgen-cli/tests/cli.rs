@@ -203,6 +203,22 @@ fn plan_for_a_model_too_big_says_by_how_much() {
 }
 
 #[test]
+fn profile_refuses_an_output_directory_that_does_not_exist_before_measuring() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = bin("flexgen-profile")
+        .args(["--quick", "--offload-dir"])
+        .arg(dir.path().join("off"))
+        .arg("--out")
+        .arg(dir.path().join("missing/hw.toml"))
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("missing does not exist"), "{err}");
+    assert!(!dir.path().join("off").exists(), "nothing measured: {err}");
+}
+
+#[test]
 fn profile_then_plan_on_a_machine_without_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hw.toml");

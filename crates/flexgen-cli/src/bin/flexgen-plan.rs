@@ -173,7 +173,7 @@ fn run_calibrate(cli: &Cli, hw: &HardwareProfile) -> anyhow::Result<()> {
         let mut p = cal.profile.clone();
         p.source =
             format!("{} calibrated to {} run(s) by flexgen-plan --calibrate", hw.source, obs.len());
-        p.write_toml_file(path).with_context(|| format!("writing {}", path.display()))?;
+        p.write_toml_file(path).context("writing the calibrated profile (--out)")?;
         writeln!(out, "wrote {}", path.display())?;
     }
     Ok(())
@@ -251,9 +251,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let text = plan.policy.to_toml();
     match &cli.out {
         Some(path) => {
-            plan.policy
-                .write_toml_file(path)
-                .with_context(|| format!("writing {}", path.display()))?;
+            plan.policy.write_toml_file(path).context("writing the policy (--out)")?;
             let pred = plan.policy.prediction.as_ref().expect("plans carry a prediction");
             writeln!(
                 err,

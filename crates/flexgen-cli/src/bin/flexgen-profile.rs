@@ -47,6 +47,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    // Refuse an output that cannot be written before minutes of measuring, not after.
+    if let Some(dir) = cli.out.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        anyhow::bail!(
+            "--out {}: the directory {} does not exist (create it or choose another path)",
+            cli.out.display(),
+            dir.display()
+        );
+    }
     let probe = flexgen_profiler::disk_probe_path(&cli.offload_dir);
     ctrlc::set_handler(move || {
         let _ = std::fs::remove_file(&probe);
@@ -134,7 +144,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         profile.disk.read_bytes_per_s / 1e9,
         if direct { " (direct I/O)" } else { " (buffered: O_DIRECT refused by this file system)" }
     )?;
-    profile.write_toml_file(&cli.out).with_context(|| format!("writing {}", cli.out.display()))?;
+    profile.write_toml_file(&cli.out).context("writing the profile (--out)")?;
     writeln!(err, "wrote {}", cli.out.display())?;
     Ok(())
 }
