@@ -26,6 +26,18 @@ pub fn main_with<A>(
     }
 }
 
+/// A hint when `path` looks like the other kind of TOML file (it has a `marker` line, a table
+/// only that kind has): where it belongs instead.
+pub fn mixed_up(path: &std::path::Path, marker: &str, belongs: &str) -> String {
+    let other = std::fs::read_to_string(path).is_ok_and(|t| t.lines().any(|l| l.trim() == marker));
+    if other {
+        let kind = if marker == "[gpu]" { "a hardware profile" } else { "a policy" };
+        format!(" ({} is {kind}: give it to {belongs})", path.display())
+    } else {
+        String::new()
+    }
+}
+
 /// `e` and its causes joined by ": ", leaving out a cause whose text the message so far already
 /// ends with (error types that print their source inside their own message, as `GPU: {0}` does).
 pub fn error_chain(e: &anyhow::Error) -> String {
@@ -103,7 +115,12 @@ impl PolicyArgs {
     pub fn resolve(&self) -> anyhow::Result<Policy> {
         let mut p = match &self.policy {
             // The error names the file; the context names the flag.
-            Some(path) => Policy::from_toml_file(path).context("reading the policy (--policy)")?,
+            Some(path) => Policy::from_toml_file(path).with_context(|| {
+                format!(
+                    "reading the policy (--policy){}",
+                    mixed_up(path, "[gpu]", "flexgen-plan --hardware")
+                )
+            })?,
             None => Policy::default(),
         };
         if let Some(v) = &self.percent {

@@ -203,6 +203,27 @@ fn plan_for_a_model_too_big_says_by_how_much() {
 }
 
 #[test]
+fn a_profile_given_as_a_policy_and_a_policy_as_a_profile_say_where_they_belong() {
+    let o = bin("flexgen-run")
+        .arg("--policy")
+        .arg(root().join("policies/hardware/h200.toml"))
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("is a hardware profile: give it to flexgen-plan --hardware"), "{err}");
+    let o = bin("flexgen-plan")
+        .arg("--hardware")
+        .arg(root().join("policies/opt-30b-t4.toml"))
+        .args(["--model", "opt-30b", "--prompt-len", "8", "--gen-len", "8"])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("is a policy: give it to flexgen-run --policy"), "{err}");
+}
+
+#[test]
 fn profile_refuses_an_output_directory_that_does_not_exist_before_measuring() {
     let dir = tempfile::tempdir().unwrap();
     let o = bin("flexgen-profile")

@@ -185,8 +185,12 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     // The error names the file; the context names the flag.
-    let hw = HardwareProfile::from_toml_file(&cli.hardware)
-        .context("reading the hardware profile (--hardware)")?;
+    let hw = HardwareProfile::from_toml_file(&cli.hardware).with_context(|| {
+        format!(
+            "reading the hardware profile (--hardware){}",
+            flexgen_cli::mixed_up(&cli.hardware, "[placement]", "flexgen-run --policy")
+        )
+    })?;
     if !cli.calibrate.is_empty() {
         return run_calibrate(cli, &hw);
     }
