@@ -205,12 +205,10 @@ struct Prefetch {
 impl Prefetch {
     fn of(policy: &Policy, gpu_rows: usize, rows: usize, disk_rows: usize) -> Self {
         let cpu_rows = rows - gpu_rows;
-        let cpu_attention =
-            policy.cpu_cache_compute && cpu_rows > 0 && !policy.compress_cache.enabled;
         Self {
             act: policy.placement.activations.single_tier() == Some(Tier::Cpu)
                 && policy.num_gpu_batches >= 2,
-            cache: cpu_rows > 0 && disk_rows == 0 && !cpu_attention,
+            cache: cpu_rows > 0 && disk_rows == 0 && !cpu_attention(policy, gpu_rows, rows),
         }
     }
 
@@ -237,6 +235,12 @@ fn visit_order(
     let v = j * k + kb;
     let next = if kb + 1 < k { Some((j, kb + 1)) } else { (j + 1 < layers).then_some((j + 1, 0)) };
     (v % 2, v == 0, next)
+}
+
+/// Whether the off-GPU cache rows (of `rows` per (layer, batch), `gpu_rows` on the GPU) attend on
+/// the CPU. A compressed cache is attended on the GPU (as the original's compressed path is).
+fn cpu_attention(policy: &Policy, gpu_rows: usize, rows: usize) -> bool {
+    policy.cpu_cache_compute && gpu_rows < rows && !policy.compress_cache.enabled
 }
 
 /// One (layer, batch) of a compressed cache: codes of k and v, and their (min, scale) pairs.
@@ -336,9 +340,7 @@ impl<'m> GpuGenerator<'m> {
                 message: "a KV cache on disk needs offload_dir (--offload-dir DIR)".into(),
             });
         }
-        // A compressed cache is attended on the GPU (as the original's compressed path does).
-        let cpu_attention =
-            policy.cpu_cache_compute && gpu_rows < rows && !policy.compress_cache.enabled;
+        let cpu_attention = cpu_attention(&policy, gpu_rows, rows);
         let cache_quant = policy
             .compress_cache
             .enabled
