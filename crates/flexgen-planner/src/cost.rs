@@ -183,12 +183,12 @@ pub fn terms(
     // The runtime issues the KV cache's and the activations' copies on the compute stream,
     // between the kernels of each micro-batch (only weights stream ahead on their own stream), so
     // those bytes cost compute time as well as link bandwidth.
-    let prefill_stream_copies = (off_c * (kv_tok * s * bls) + Lin::c(hid_p * act_cpu))
-        * (1.0 / d2h)
-        + Lin::c(hid_p * act_cpu / h2d);
+    let prefill_h2d = Lin::c(hid_p * act_cpu);
+    let prefill_d2h = off_c * (kv_tok * s * bls) + Lin::c(hid_p * act_cpu);
+    let prefill_stream_copies = prefill_h2d * (1.0 / h2d) + prefill_d2h * (1.0 / d2h);
     let prefill = vec![
-        ("cpu->gpu", (off_w * w + Lin::c(hid_p * act_cpu)) * (1.0 / h2d)),
-        ("gpu->cpu", (off_c * (kv_tok * s * bls) + Lin::c(hid_p * act_cpu)) * (1.0 / d2h)),
+        ("cpu->gpu", (off_w * w + prefill_h2d) * (1.0 / h2d)),
+        ("gpu->cpu", prefill_d2h * (1.0 / d2h)),
         ("disk->cpu", Lin::var(WN, w / dr)),
         ("cpu->disk", Lin::var(CN, kv_tok * s * bls / dw)),
         (

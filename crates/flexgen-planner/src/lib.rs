@@ -54,6 +54,13 @@ pub struct Shortfall {
     pub available_bytes: f64,
 }
 
+impl Shortfall {
+    /// The marker of "no split fits all tiers at once", with what they offer together.
+    fn no_split(available_bytes: f64) -> Self {
+        Self { tier: None, needed_bytes: 0.0, available_bytes }
+    }
+}
+
 fn describe(s: &[Shortfall]) -> String {
     let gib = |b: f64| b / f64::from(1u32 << 30);
     s.iter()
@@ -301,11 +308,7 @@ pub fn predict(
         })
         .collect::<Vec<_>>();
         let shortfalls = if shortfalls.is_empty() {
-            vec![Shortfall {
-                tier: None,
-                needed_bytes: 0.0,
-                available_bytes: cap.gpu + cap.cpu + cap.disk,
-            }]
+            vec![Shortfall::no_split(cap.gpu + cap.cpu + cap.disk)]
         } else {
             shortfalls
         };
@@ -496,11 +499,7 @@ fn infeasible(
         });
     }
     if shortfalls.is_empty() {
-        shortfalls.push(Shortfall {
-            tier: None,
-            needed_bytes: 0.0,
-            available_bytes: cap.gpu + cap.cpu + cap.disk,
-        });
+        shortfalls.push(Shortfall::no_split(cap.gpu + cap.cpu + cap.disk));
     }
     Error::Infeasible {
         model: spec.name.clone(),
