@@ -111,9 +111,11 @@ pub struct Terms {
     pub prefill: Vec<(&'static str, Lin)>,
     /// Named lower bounds of one decode step of one layer (seconds).
     pub decode: Vec<(&'static str, Lin)>,
-    /// Peak GPU bytes during prefill and during decode.
-    pub gpu_prefill: Lin,
-    pub gpu_decode: Lin,
+    /// GPU bytes the CUDA executor allocates for the run (it sizes every buffer for the prefill
+    /// and keeps them through decode), without the weight-streaming buffers...
+    pub gpu: Lin,
+    /// ...which it adds, two whole layers as stored, when any weight is off the GPU.
+    pub gpu_streaming: f64,
     /// Peak CPU bytes.
     pub cpu: Lin,
     /// Disk bytes.
@@ -223,27 +225,33 @@ pub fn terms(
     ];
 
     let l = f64::from(spec.num_layers);
+    // The GPU memory of a run, term for term as the CUDA executor plans it before allocating
+    // (`GpuGenerator::bytes_needed`; a test in flexgen-cli checks every kind of plan against it).
     let embeddings = 2.0 * (v + f64::from(spec.max_positions) + 2.0) * h1;
     let resident = Lin::var(WG, l * w) + Lin::var(CG, l * kv_tok * full * bls);
-    // Streamed weights are double-buffered by sublayer; compressed weights also need one fp16
-    // copy of the sublayer in use.
-    let weight_buffers = (Lin::c(1.0) + Lin::var(WG, -1.0)) * (2.0 * w_sub)
-        + Lin::c(if choice.compress_weight { w_sub / rw } else { 0.0 });
-    let gpu_prefill = resident
-        + weight_buffers
-        + Lin::c(embeddings)
-        + Lin::c(if choice.act_on_gpu { hid_p } else { 2.0 * 2.0 * 2.0 * s * h1 * b })
-        + Lin::c(
-            b * (3.0 * 2.0 * s * h1 + 2.0 * nh * s * s + 2.0 * s * h2 + 2.0 * 2.0 * s * h1)
-                + 4.0 * b * v,
-        )
-        + off_c * (2.0 * kv_tok * s * b);
-    let gpu_decode = resident
-        + weight_buffers
-        + Lin::c(embeddings)
-        + Lin::c(if choice.act_on_gpu { hid_g } else { 2.0 * 2.0 * 2.0 * h1 * b })
-        + Lin::c(b * (3.0 * 2.0 * h1 + 2.0 * nh * full + 2.0 * h2 + 2.0 * 2.0 * h1) + 4.0 * b * v)
-        + off_c * (2.0 * kv_tok * full * b * (1.0 - attn_cpu) + 2.0 * kv_tok * b);
+    // A compressed layer is expanded into one fp16 arena of a whole layer.
+    let unpacked = if choice.compress_weight { w16 } else { 0.0 };
+    let k = f64::from(choice.num_gpu_batches);
+    // Hidden states: every micro-batch's on the GPU, or one staged from the CPU (two when the
+    // next one is prefetched, with two or more micro-batches).
+    let hidden = 2.0 * s * h1 * b * if choice.act_on_gpu { k } else { k.min(2.0) };
+    let kvw = f64::from(spec.num_kv_heads * spec.head_dim());
+    let kv16 = 2.0 * kvw * 2.0; // K+V of one token in fp16
+    // One micro-batch's prefill scratch: norms, q, context, attention output, fused qkv, scores,
+    // MLP, plus the last position's hidden state and logits.
+    let scratch = 2.0 * b * (s * (5.0 * h1 + 2.0 * kvw) + nh * s * s + s * h2 + h1 + v);
+    // Off-GPU cache rows on their way in: a compressed cache expands into an fp16 working area
+    // of the whole micro-batch and stages the packed rows twice (prefetched); an fp16 one stages
+    // the rows twice for GPU attention, or only the prompt's new rows for CPU attention.
+    let staged_cache = if choice.compress_cache {
+        Lin::c(kv16 * full * b) + off_c * (2.0 * kv_tok * full * b)
+    } else if choice.cpu_attention {
+        off_c * (kv16 * s * b)
+    } else {
+        off_c * (2.0 * kv16 * full * b)
+    };
+    let gpu = resident + Lin::c(unpacked + embeddings + hidden + scratch) + staged_cache;
+    let gpu_streaming = 2.0 * w;
     let cpu = Lin::var(WC, l * w)
         + Lin::var(CC, l * kv_tok * full * bls)
         + Lin::c(hid_p * act_cpu)
@@ -255,8 +263,8 @@ pub fn terms(
     Terms {
         prefill,
         decode,
-        gpu_prefill,
-        gpu_decode,
+        gpu,
+        gpu_streaming,
         cpu,
         disk,
         head_s,
@@ -295,6 +303,11 @@ impl Terms {
             prefill + self.head_s / self.gen_len.max(1.0),
             decode + self.head_s * (1.0 - 1.0 / self.gen_len.max(1.0)),
         )
+    }
+
+    /// GPU bytes at `x`: with the streaming buffers when any weight is off the GPU.
+    pub fn gpu_peak(&self, x: &[f64; 6]) -> f64 {
+        self.gpu.eval(x) + if x[WG] < 1.0 - 1e-9 { self.gpu_streaming } else { 0.0 }
     }
 
     /// The decode term that takes longest at `x`.
@@ -457,13 +470,23 @@ mod tests {
         // double-buffered.
         let cpu = 2.0 * 2.0 * 33_216.0 + 2.0 * 256.0 * 15.0 * 4.0 + CPU_OVERHEAD_BYTES;
         assert!((t.cpu.eval(&x) - cpu).abs() < 1e-6);
-        // GPU peak with all weights resident vs all streamed: + every layer, − the double buffer.
-        let g0 = t.gpu_decode.eval(&[0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
-        let g1 = t.gpu_decode.eval(&[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+        // GPU, as the CUDA executor plans it: embeddings (vocab 1000 + 102 positions) · 64 in
+        // fp16; both micro-batches' hidden states (2·10·64·4 bytes each); one micro-batch's
+        // scratch, 2·4·(10·(5·64 + 2·64) + 8·10·10 + 10·256 + 64 + 1000) bytes.
+        let fixed = 2.0 * 1102.0 * 64.0 + 2.0 * 2.0 * 10.0 * 64.0 * 4.0 + 8.0 * 8904.0;
+        let cache = 2.0 * 256.0 * 15.0 * 8.0; // 2 layers, 256 bytes/token, 15 positions, block 8
+        let resident = t.gpu_peak(&[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+        assert!((resident - (2.0 * 2.0 * LAYER_PARAMS + cache + fixed)).abs() < 1e-6);
+        // Half the weights resident (2 layers · 2 bytes · half), and streaming any share adds two whole
+        // layers of staging.
+        let streamed = t.gpu_peak(&[0.5, 0.5, 0.0, 1.0, 0.0, 0.0]);
         assert!(
-            (g1 - g0 - (2.0 * 2.0 * LAYER_PARAMS - 2.0 * 2.0 * 33_216.0)).abs() < 1e-6,
-            "{}",
-            g1 - g0
+            (streamed - (2.0 * LAYER_PARAMS + 2.0 * 2.0 * LAYER_PARAMS + cache + fixed)).abs()
+                < 1e-6
         );
+        // A CPU cache attended on the GPU stages one micro-batch's rows twice (prefetched).
+        let cpu_cache = t.gpu_peak(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+        let staged = 2.0 * 256.0 * 15.0 * 4.0;
+        assert!((cpu_cache - (2.0 * 2.0 * LAYER_PARAMS + staged + fixed)).abs() < 1e-6);
     }
 }

@@ -293,7 +293,7 @@ pub fn predict(
     let x = fractions_of(&policy.placement);
     evaluate_choice(spec, &hw, workload, &choice, cap, Some(x)).ok_or_else(|| {
         let t = cost::terms(spec, &hw, workload, &choice);
-        let gpu = t.gpu_prefill.eval(&x).max(t.gpu_decode.eval(&x));
+        let gpu = t.gpu_peak(&x);
         let shortfalls = [
             (Tier::Gpu, gpu, cap.gpu),
             (Tier::Cpu, t.cpu.eval(&x), cap.cpu),
@@ -369,7 +369,7 @@ fn evaluate_choice(
         prefill_s: blocks * prefill,
         decode_s: blocks * decode,
         binding: terms.binding(&x),
-        peak_gpu_bytes: terms.gpu_prefill.eval(&x).max(terms.gpu_decode.eval(&x)),
+        peak_gpu_bytes: terms.gpu_peak(&x),
         peak_cpu_bytes: terms.cpu.eval(&x),
         disk_bytes: terms.disk.eval(&x),
     })
@@ -473,7 +473,7 @@ fn infeasible(
     // Everything off the GPU: on disk, except a compressed cache, which only the CPU holds.
     let on_disk = [0.0, 0.0, 1.0, 0.0, f64::from(u8::from(cc)), f64::from(u8::from(!cc))];
     let mut shortfalls = Vec::new();
-    let gpu_min = t.gpu_prefill.eval(&on_disk).max(t.gpu_decode.eval(&on_disk));
+    let gpu_min = t.gpu_peak(&on_disk);
     if gpu_min > cap.gpu {
         shortfalls.push(Shortfall {
             tier: Some(Tier::Gpu),

@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
 use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout};
-use flexgen_policy::{Policy, PositionKind, Tier};
+use flexgen_policy::{ModelSpec, Policy, PositionKind, Tier};
 use flexgen_tensor::cuda::exec::{
     AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
 };
@@ -376,8 +376,7 @@ impl<'m> GpuGenerator<'m> {
         let load = gpu.ctx.new_stream().map_err(drv)?;
         let copy = gpu.ctx.new_stream().map_err(drv)?;
         let prefetch = Prefetch::of(&policy, gpu_rows, rows, disk_rows);
-        let bytes =
-            Self::plan_bytes(model, &policy, (&layout, unit_len), g_end, gpu_rows, capacity);
+        let bytes = Self::plan_bytes(spec, &policy, (&layout, unit_len), g_end, gpu_rows, capacity);
         let host =
             Self::plan_host_bytes(model, &policy, unit_len, (g_end, c_end), gpu_rows, capacity);
         if let Some(avail) = mem_available() {
@@ -493,16 +492,40 @@ impl<'m> GpuGenerator<'m> {
         }
     }
 
+    /// The GPU bytes a run of `policy` on a model of `spec` needs, by use: what [`Self::new`]
+    /// checks against the GPU's memory before it allocates anything. Needs no GPU, so that a
+    /// planner's figures can be checked against it.
+    pub fn bytes_needed(
+        spec: &ModelSpec,
+        policy: &Policy,
+        capacity: GpuCapacity,
+    ) -> Result<GpuBytes> {
+        policy.validate()?;
+        let layout = LayerLayout::new(spec)?;
+        let unit_len = if policy.compress_weight.enabled {
+            layout
+                .packed(policy.compress_weight.bits, policy.compress_weight.group_size as usize)
+                .len
+                / 2
+        } else {
+            layout.len
+        };
+        let g_end = split_counts(unit_len, &policy.placement.weights)[0];
+        let rows = (policy.gpu_batch_size * spec.num_kv_heads) as usize;
+        let gpu_rows = split_counts(rows, &policy.placement.kv_cache)[0];
+        Ok(Self::plan_bytes(spec, policy, (&layout, unit_len), g_end, gpu_rows, capacity))
+    }
+
     /// The GPU bytes a run of this policy needs, by use.
     fn plan_bytes(
-        model: &Model,
+        spec: &ModelSpec,
         policy: &Policy,
         (layout, unit_len): (&LayerLayout, usize),
         g_end: usize,
         gpu_rows: usize,
         c: GpuCapacity,
     ) -> GpuBytes {
-        let s = &model.spec;
+        let s = spec;
         let (h, nh, ffn, v) = (
             u64::from(s.hidden_size),
             u64::from(s.num_heads),
@@ -522,7 +545,7 @@ impl<'m> GpuGenerator<'m> {
         if policy.compress_weight.enabled {
             staging += layout.bytes() as u64; // the dequantized arena
         }
-        let tables = 2 * (model.spec.embedding_params());
+        let tables = 2 * (spec.embedding_params());
         let all_rows = b * u64::from(s.num_kv_heads);
         let rows_n = (policy.gpu_batch_size * s.num_kv_heads) as usize;
         let pf = Prefetch::of(
@@ -2071,7 +2094,7 @@ mod tests {
         let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
         let s1 = s1_policy();
-        let b = GpuGenerator::plan_bytes(&m, &s1, (&layout, layout.len), 0, 32 * 56, cap);
+        let b = GpuGenerator::plan_bytes(&m.spec, &s1, (&layout, layout.len), 0, 32 * 56, cap);
         // Reported: GPU 51.34 GiB (staging 2.30, KV cache 44.62, activations 3.72).
         assert!((gib(b.total()) - 51.34).abs() < 0.01, "{}", gib(b.total()));
         assert!((gib(b.cache) - 44.62).abs() < 0.01 && (gib(b.staging) - 2.30).abs() < 0.01);
@@ -2092,9 +2115,9 @@ mod tests {
         let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
         let mut p = s1_policy();
-        let plain = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), 0, 32 * 56, cap);
+        let plain = GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
         p.compress_cache.enabled = true;
-        let packed = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), 0, 32 * 56, cap);
+        let packed = GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
         // 4-bit codes and an fp16 pair per 64 values: (32 + 4) / 128 of the fp16 bytes.
         let ratio = packed.cache as f64 / plain.cache as f64;
         assert!((ratio - 36.0 / 128.0).abs() < 1e-9, "{ratio}");
@@ -2103,7 +2126,7 @@ mod tests {
         // The original's compressed T4 policy: the packed cache on the CPU, none on the GPU.
         p.placement =
             flexgen_policy::Placement::from_percent([0.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap();
-        let on_cpu = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), 0, 0, cap);
+        let on_cpu = GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 0, cap);
         assert_eq!(on_cpu.cache, 0);
         let host = GpuGenerator::plan_host_bytes(&m, &p, layout.len, (0, layout.len), 0, cap);
         let weights = 48 * layout.len as u64 * 2;
@@ -2191,7 +2214,7 @@ mod tests {
             };
             let rows = 8 * 32;
             let gpu_rows = split_counts(rows, &p.placement.kv_cache)[0];
-            GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), layout.len, gpu_rows, cap)
+            GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, gpu_rows, cap)
         };
         // The cache on the CPU, attended on the GPU: two working caches of all 256 rows.
         let two = plan([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 1, false);
@@ -2220,14 +2243,15 @@ mod tests {
         let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
         let mut p = Policy { gpu_batch_size: 64, ..Policy::default() };
-        let all = GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), layout.len, 64 * 32, cap);
+        let all =
+            GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 64 * 32, cap);
         // Reported for S4: GPU 33.41 GiB (weights 12.00, KV cache 17.00, activations 4.01).
         assert!((gib(all.total()) - 33.41).abs() < 0.01, "{}", gib(all.total()));
         p.placement =
             flexgen_policy::Placement::from_percent([100.0, 0.0, 25.0, 75.0, 100.0, 0.0]).unwrap();
         p.cpu_cache_compute = true;
         let quarter =
-            GpuGenerator::plan_bytes(&m, &p, (&layout, layout.len), layout.len, 16 * 32, cap);
+            GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 16 * 32, cap);
         assert_eq!(quarter.cache * 4, all.cache, "a quarter of the rows on the GPU");
         let host = GpuGenerator::plan_host_bytes(
             &m,

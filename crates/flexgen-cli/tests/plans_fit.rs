@@ -1,0 +1,81 @@
+//! Every policy `flexgen-plan` writes must pass the CUDA executor's memory check: the planner's
+//! GPU memory terms and the runtime's allocation plan are two computations of one thing, and a
+//! plan the runtime refuses is a planner bug (session 5: the planner wrote a 48×8 plan for 16 GiB
+//! that the executor, needing 16.4 GiB, refused).
+
+use std::path::Path;
+
+use flexgen_planner::{PlanOptions, plan};
+use flexgen_policy::{HardwareProfile, Workload};
+use flexgen_runtime::{GpuCapacity, GpuGenerator};
+
+const GIB: u64 = 1 << 30;
+
+fn profile(name: &str) -> HardwareProfile {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/hardware");
+    HardwareProfile::from_toml_file(&root.join(name)).expect("a committed profile")
+}
+
+#[test]
+fn every_planned_policy_fits_the_cuda_executors_memory_plan() {
+    let machines = [
+        ("h200.toml", Some(16 * GIB)),
+        ("h200.toml", Some(24 * GIB)),
+        ("h200.toml", None),
+        ("t4-16gb.toml", None),
+        ("rtx3090.toml", None),
+    ];
+    let blocks: [(Option<u32>, Option<u32>); 4] =
+        [(None, None), (Some(48), Some(8)), (Some(8), Some(48)), (Some(12), Some(6))];
+    let (mut checked, mut failures) = (0, Vec::new());
+    for model in ["opt-6.7b", "opt-30b", "opt-175b"] {
+        let spec = flexgen_model::spec_by_name(model).expect("a catalog model");
+        for (hw_name, limit) in machines {
+            let hw = profile(hw_name);
+            for (prompt_len, gen_len) in [(512, 32), (256, 128)] {
+                let workload = Workload { prompt_len, gen_len, num_prompts: None };
+                for allow_compression in [false, true] {
+                    for (gpu_batch_size, num_gpu_batches) in blocks {
+                        let opts = PlanOptions {
+                            gpu_mem_limit_bytes: limit,
+                            allow_compression,
+                            gpu_batch_size,
+                            num_gpu_batches,
+                            keep: 1,
+                            ..PlanOptions::default()
+                        };
+                        let Ok(p) = plan(&spec, &hw, &workload, &opts) else { continue };
+                        let memory = limit.unwrap_or(hw.gpu.as_ref().expect("a GPU").memory_bytes);
+                        let capacity = GpuCapacity {
+                            max_prompt: prompt_len as usize,
+                            max_new: gen_len as usize,
+                            gpu_limit: limit,
+                        };
+                        let needs = GpuGenerator::bytes_needed(&spec, &p.policy, capacity)
+                            .expect("the executor runs every planned policy");
+                        checked += 1;
+                        if needs.total() > memory {
+                            failures.push(format!(
+                                "{model} on {hw_name} ({limit:?}) {prompt_len}+{gen_len} \
+                                 compression {allow_compression} {}x{}: runtime needs {:.2} GiB \
+                                 ({needs:?}), planner said {:.2} GiB, memory {:.2} GiB",
+                                p.policy.gpu_batch_size,
+                                p.policy.num_gpu_batches,
+                                needs.total() as f64 / GIB as f64,
+                                p.candidates[0].peak_gpu_bytes / GIB as f64,
+                                memory as f64 / GIB as f64,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 100, "only {checked} plans were checked");
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} plans do not fit:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
