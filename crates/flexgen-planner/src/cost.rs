@@ -182,12 +182,16 @@ pub fn terms(
     let dequant_w = if choice.compress_weight { (w + w16) / hbm } else { 0.0 };
     let cache_read = 1.0 + if choice.compress_cache { 2.0 / rc } else { 0.0 };
 
-    // The runtime issues the KV cache's and the activations' copies on the compute stream,
-    // between the kernels of each micro-batch (only weights stream ahead on their own stream), so
-    // those bytes cost compute time as well as link bandwidth.
+    // Which copies cost compute time as well as link bandwidth. Weights stream ahead on their own
+    // stream. A copy stream stages the next micro-batch's inputs while the current one computes:
+    // hidden states kept on the CPU (with two or more micro-batches) and the past positions of
+    // CPU cache rows that the GPU attends. Everything else is issued on the compute stream between
+    // a micro-batch's kernels: results written back (new K and V, hidden states), CPU attention's
+    // queries and outputs, and cache rows read from disk (their host staging is filled first).
+    let hid_staged = if choice.num_gpu_batches >= 2 { 0.0 } else { 1.0 };
     let prefill_h2d = Lin::c(hid_p * act_cpu);
     let prefill_d2h = off_c * (kv_tok * s * bls) + Lin::c(hid_p * act_cpu);
-    let prefill_stream_copies = prefill_h2d * (1.0 / h2d) + prefill_d2h * (1.0 / d2h);
+    let prefill_stream_copies = prefill_h2d * (hid_staged / h2d) + prefill_d2h * (1.0 / d2h);
     let prefill = vec![
         ("cpu->gpu", (off_w * w + prefill_h2d) * (1.0 / h2d)),
         ("gpu->cpu", prefill_d2h * (1.0 / d2h)),
@@ -203,7 +207,11 @@ pub fn terms(
     let cache_to_gpu = off_c * (kv_tok * ctx * bls * (1.0 - attn_cpu));
     let decode_h2d = Lin::c(hid_g * act_cpu) + cache_to_gpu + off_c * (2.0 * h1 * bls * attn_cpu);
     let decode_d2h = off_c * (kv_tok * bls + 2.0 * h1 * bls * attn_cpu) + Lin::c(hid_g * act_cpu);
-    let decode_stream_copies = decode_h2d * (1.0 / h2d) + decode_d2h * (1.0 / d2h);
+    let decode_stream_copies = (Lin::c(hid_g * act_cpu * hid_staged)
+        + Lin::var(CN, kv_tok * ctx * bls * (1.0 - attn_cpu))
+        + off_c * (2.0 * h1 * bls * attn_cpu))
+        * (1.0 / h2d)
+        + decode_d2h * (1.0 / d2h);
     let decode = vec![
         ("cpu->gpu", (off_w * w + decode_h2d) * (1.0 / h2d)),
         ("gpu->cpu", decode_d2h * (1.0 / d2h)),
@@ -415,8 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_attention_moves_attention_to_the_cpu_rate_and_skips_the_cache_copy_and_copies_cost_compute()
-     {
+    fn cpu_attention_moves_attention_to_the_cpu_rate_and_only_unstaged_copies_cost_compute() {
         let mut c = choice();
         let x = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]; // cache on the CPU
         let gpu_attn = terms(&spec(), &hw(), &WL, &c);
@@ -435,10 +442,15 @@ mod tests {
         let copies = 2.0 * 64.0 * 8.0 / 1e9 + (256.0 * 8.0 + 2.0 * 64.0 * 8.0) / 2e9;
         let compute = term(&cpu_attn.decode, "compute", &x);
         assert!((compute - (gemm + attn_cpu + copies)).abs() < 1e-15, "{compute}");
-        // Without CPU attention the cache's copy in (and the new K+V out) serializes with the GPU
-        // work: GEMMs, attention over the copied cache (read from device memory), the copies.
+        // Without CPU attention the copy stream stages the cache's rows ahead, so only the new
+        // K+V written back serializes with the GPU work: GEMMs, attention over the copied cache
+        // (read from device memory), that copy.
         let attn_gpu = 256.0 * 12.5 * 8.0 / 1e11;
         let compute = term(&gpu_attn.decode, "compute", &x);
+        assert!((compute - (gemm + attn_gpu + 256.0 * 8.0 / 2e9)).abs() < 1e-15, "{compute}");
+        // Rows on disk are staged by the host, in line: their copy in is compute time again.
+        let on_disk = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+        let compute = term(&gpu_attn.decode, "compute", &on_disk);
         assert!(
             (compute - (gemm + attn_gpu + cache + 256.0 * 8.0 / 2e9)).abs() < 1e-15,
             "{compute}"
