@@ -8,10 +8,12 @@
 #   s2flex    FlexLLMGen with its T4 policy (`20 80 0 100 0 100`, CPU attention) under the same
 #             scenario at 48×K for K in FLEX_S2_BLOCKS (default 1: 48×3 and 48×2 are killed for
 #             memory on a 125 GiB machine; give "3 2 1" to retry them), the first that survives.
-#   s2accel   HF Accelerate under the same cap at the batches in ACCEL_BATCHES (default "32 128").
-#             Its `max_memory` caps where weights go only (its KV cache grew to 109 GiB at batch
-#             128); ACCEL_WHOLE_CAP=16GiB caps the whole process, with ACCEL_GPU_MEM (e.g. 8GiB)
-#             for the weights.
+#   s2accel   HF Accelerate under the same cap at the batches in ACCEL_BATCHES (default "14"). The
+#             whole process is capped at ACCEL_WHOLE_CAP (default 16GiB), with ACCEL_GPU_MEM (default
+#             3GiB) for the weights: its `max_memory` alone caps where weights go only (its KV cache
+#             grew to 109 GiB at batch 128 in session 4), and with 8GiB of weights batch 8 ran out
+#             of memory. Batch 14 peaked at 12.3 GiB (session 5). ACCEL_WHOLE_CAP= (empty) and
+#             ACCEL_GPU_MEM=16GiB ACCEL_BATCHES="32 128" give session 4's weights-only cap.
 #   sweep30   the latency–throughput sweep under the same cap: the planner's uncompressed policy at
 #             fixed blocks (SWEEP30_BLOCKS, e.g. "8x1 24x1 12x6") and FlexLLMGen's T4 policy at FLEX_SWEEP30 blocks (set
 #             it empty to skip them); the plot joins these with the s2, s2flex and s2accel points.
@@ -134,11 +136,13 @@ s2flex() {
 }
 s2accel() {
   res=$OUT/s2accel.jsonl; : > "$res"
-  for b in ${ACCEL_BATCHES:-32 128}; do
+  local cap=${ACCEL_WHOLE_CAP-16GiB} whole=
+  [ -n "$cap" ] && whole="--whole-cap $cap"
+  for b in ${ACCEL_BATCHES:-14}; do
     say "HF Accelerate batch $b"
-    timeout ${ACCEL_TIMEOUT:-290} python3 "$ANCHORS/hf_accel_opt.py" --model opt-30b --batch $b \
-      --prompt-len $WORK --gen-len $GEN --gpu-mem ${ACCEL_GPU_MEM:-16GiB} --cpu-mem 110GiB \
-      ${ACCEL_WHOLE_CAP:+--whole-cap $ACCEL_WHOLE_CAP} > "$OUT/s2-accel$b.log" 2>&1
+    timeout ${ACCEL_TIMEOUT:-450} python3 "$ANCHORS/hf_accel_opt.py" --model opt-30b --batch $b \
+      --prompt-len $WORK --gen-len $GEN --gpu-mem ${ACCEL_GPU_MEM:-3GiB} --cpu-mem 110GiB \
+      $whole > "$OUT/s2-accel$b.log" 2>&1
     accel "b$b" "$OUT/s2-accel$b.log"; tail -1 "$OUT/s2-accel$b.log"
   done
 }
