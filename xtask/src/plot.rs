@@ -67,7 +67,10 @@ pub(crate) fn draw(points: &[Point], title: &str, out: &Path) -> anyhow::Result<
     }
     let (lmin, lmax) =
         points.iter().fold((f64::MAX, 0f64), |(a, b), p| (a.min(p.latency_s), b.max(p.latency_s)));
-    let tmax = points.iter().map(|p| p.throughput).fold(0f64, f64::max);
+    // Throughput on a log scale too: the systems compared differ by two orders of magnitude.
+    let (tmin, tmax) = points
+        .iter()
+        .fold((f64::MAX, 0f64), |(a, b), p| (a.min(p.throughput), b.max(p.throughput)));
     let root = BitMapBackend::new(out, (1000, 640)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -79,14 +82,15 @@ pub(crate) fn draw(points: &[Point], title: &str, out: &Path) -> anyhow::Result<
             (lmin * 0.8..lmax * 1.25)
                 .log_scale()
                 .with_key_points(log_ticks(lmin * 0.8, lmax * 1.25)),
-            0.0..tmax * 1.15,
+            (tmin * 0.7..tmax * 1.4).log_scale().with_key_points(log_ticks(tmin * 0.7, tmax * 1.4)),
         )?;
     chart
         .configure_mesh()
         .x_desc("latency of a block (s, log scale)")
-        .y_desc("generated tokens / s")
+        .y_desc("generated tokens / s (log scale)")
         .label_style(("sans-serif", 16))
         .x_label_formatter(&|v| format!("{v}"))
+        .y_label_formatter(&|v| format!("{v}"))
         .draw()?;
     let mut others = [MAGENTA, CYAN, BLACK].into_iter().cycle();
     for (name, mut pts) in series {
@@ -98,6 +102,8 @@ pub(crate) fn draw(points: &[Point], title: &str, out: &Path) -> anyhow::Result<
             ("HF Accelerate", _) => RED,
             _ => others.next().unwrap_or(BLACK),
         };
+        // Points from an older build (the series names its session) are drawn in grey.
+        let color = if name.contains("session") { RGBColor(150, 150, 150) } else { color };
         chart
             .draw_series(LineSeries::new(
                 pts.iter().map(|p| (p.latency_s, p.throughput)),
@@ -117,6 +123,7 @@ pub(crate) fn draw(points: &[Point], title: &str, out: &Path) -> anyhow::Result<
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font(("sans-serif", 16))
