@@ -271,10 +271,10 @@ fn profile_then_plan_on_a_machine_without_gpu() {
 /// Issue 8's calibration goal, on the runs measured on the H200 with the current runtime and
 /// committed under docs/runs (session 5: copy-stream prefetch; the session-3 runs predate it but
 /// copy no cache or activations from the CPU): the cost model refit to them predicts every run
-/// within ±15 % of its measured time, over seven kinds of policy. The profile refit to the *other*
-/// runs (leave-one-out) must stay within ±25 %: the one all-on-GPU OPT-175B run and the 12×6
-/// CPU-attention plan have no close neighbour in the set (docs/benchmarks.md gives each figure).
-/// A change to the cost model that breaks the fit fails here.
+/// within ±10 % of its measured time (issue 8 asks ±15 %), over seven kinds of policy. The profile
+/// refit to the *other* runs (leave-one-out) must stay within ±20 %: the first 12×6 CPU-attention
+/// run is +16.4 % (docs/benchmarks.md gives each figure). A change to the cost model that breaks
+/// the fit fails here: without the per-visit cost (`VISIT_S`) the 8×48 run is −12.4 % refit.
 #[test]
 fn calibrate_on_the_h200_runs_predicts_within_15_percent() {
     let s3 = root().join("docs/runs/2026-11-29");
@@ -303,7 +303,7 @@ fn calibrate_on_the_h200_runs_predicts_within_15_percent() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         let pct = |i: usize| cells[i].trim_end_matches(" %").parse::<f64>().unwrap();
         let (refit, left_out) = (pct(6), pct(8));
-        assert!(refit.abs() <= 15.0 && left_out.abs() <= 25.0, "{line}\n{stdout}");
+        assert!(refit.abs() <= 10.0 && left_out.abs() <= 20.0, "{line}\n{stdout}");
         checked += 1;
     }
     assert_eq!(checked, 9, "{stdout}");
