@@ -376,7 +376,8 @@ impl<'m> GpuGenerator<'m> {
         let load = gpu.ctx.new_stream().map_err(drv)?;
         let copy = gpu.ctx.new_stream().map_err(drv)?;
         let prefetch = Prefetch::of(&policy, gpu_rows, rows, disk_rows);
-        let bytes = Self::plan_bytes(spec, &policy, (&layout, unit_len), g_end, gpu_rows, capacity);
+        // The public figure the planner is tested against, so that both see one computation.
+        let bytes = Self::bytes_needed(spec, &policy, capacity)?;
         let host =
             Self::plan_host_bytes(model, &policy, unit_len, (g_end, c_end), gpu_rows, capacity);
         if let Some(avail) = mem_available() {
