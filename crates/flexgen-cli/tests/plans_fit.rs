@@ -1,5 +1,5 @@
-//! Every policy `flexgen-plan` writes must pass the CUDA executor's memory check: the planner's
-//! GPU memory terms and the runtime's allocation plan are two computations of one thing, and a
+//! Every policy `flexgen-plan` writes must pass the CUDA executor's memory checks, GPU and CPU: the
+//! planner's memory terms and the runtime's allocation plan are two computations of one thing, and a
 //! plan the runtime refuses is a planner bug (session 5: the planner wrote a 48×8 plan for 16 GiB
 //! that the executor, needing 16.4 GiB, refused).
 
@@ -17,7 +17,7 @@ fn profile(name: &str) -> HardwareProfile {
 }
 
 #[test]
-fn every_planned_policy_fits_the_cuda_executors_memory_plan() {
+fn every_planned_policy_fits_the_cuda_executors_memory_plans() {
     let machines = [
         ("h200.toml", Some(16 * GIB)),
         ("h200.toml", Some(24 * GIB)),
@@ -54,6 +54,23 @@ fn every_planned_policy_fits_the_cuda_executors_memory_plan() {
                         let needs = GpuGenerator::bytes_needed(&spec, &p.policy, capacity)
                             .expect("the executor runs every planned policy");
                         checked += 1;
+                        // The executor wants MemAvailable less 2 GiB; the profile's CPU memory is
+                        // what was available when it was measured.
+                        let host = GpuGenerator::host_bytes_needed(&spec, &p.policy, capacity)
+                            .expect("the executor runs every planned policy");
+                        let host_memory = hw.cpu.memory_bytes.saturating_sub(2 * GIB);
+                        if host > host_memory {
+                            failures.push(format!(
+                                "{model} on {hw_name} ({limit:?}) {prompt_len}+{gen_len} \
+                                 compression {allow_compression} {}x{}: runtime needs {:.2} GiB \
+                                 of CPU memory, planner said {:.2} GiB, available {:.2} GiB",
+                                p.policy.gpu_batch_size,
+                                p.policy.num_gpu_batches,
+                                host as f64 / GIB as f64,
+                                p.candidates[0].peak_cpu_bytes / GIB as f64,
+                                host_memory as f64 / GIB as f64,
+                            ));
+                        }
                         if needs.total() > memory {
                             failures.push(format!(
                                 "{model} on {hw_name} ({limit:?}) {prompt_len}+{gen_len} \

@@ -378,8 +378,7 @@ impl<'m> GpuGenerator<'m> {
         let prefetch = Prefetch::of(&policy, gpu_rows, rows, disk_rows);
         // The public figure the planner is tested against, so that both see one computation.
         let bytes = Self::bytes_needed(spec, &policy, capacity)?;
-        let host =
-            Self::plan_host_bytes(model, &policy, unit_len, (g_end, c_end), gpu_rows, capacity);
+        let host = Self::host_bytes_needed(spec, &policy, capacity)?;
         if let Some(avail) = mem_available() {
             let avail = avail.saturating_sub(2 << 30);
             if host > avail {
@@ -501,6 +500,25 @@ impl<'m> GpuGenerator<'m> {
         policy: &Policy,
         capacity: GpuCapacity,
     ) -> Result<GpuBytes> {
+        let (layout, unit_len, [g_end, _], gpu_rows) = Self::split(spec, policy)?;
+        Ok(Self::plan_bytes(spec, policy, (&layout, unit_len), g_end, gpu_rows, capacity))
+    }
+
+    /// The CPU bytes a run of `policy` holds (weights, cache rows and activations placed on the
+    /// CPU, the disk reader's ring): what [`Self::new`] checks against `MemAvailable` less 2 GiB.
+    pub fn host_bytes_needed(
+        spec: &ModelSpec,
+        policy: &Policy,
+        capacity: GpuCapacity,
+    ) -> Result<u64> {
+        let (_, unit_len, ends, gpu_rows) = Self::split(spec, policy)?;
+        Ok(Self::plan_host_bytes(spec, policy, unit_len, (ends[0], ends[1]), gpu_rows, capacity))
+    }
+
+    /// A policy's layer arena and its split: the arena, its length in units (fp16 values, or
+    /// packed bytes two to a unit), where the GPU part and the CPU part end, and the cache rows
+    /// of a micro-batch kept on the GPU.
+    fn split(spec: &ModelSpec, policy: &Policy) -> Result<(LayerLayout, usize, [usize; 2], usize)> {
         policy.validate()?;
         let layout = LayerLayout::new(spec)?;
         let unit_len = if policy.compress_weight.enabled {
@@ -511,10 +529,10 @@ impl<'m> GpuGenerator<'m> {
         } else {
             layout.len
         };
-        let g_end = split_counts(unit_len, &policy.placement.weights)[0];
+        let [on_gpu, on_cpu, _] = split_counts(unit_len, &policy.placement.weights);
         let rows = (policy.gpu_batch_size * spec.num_kv_heads) as usize;
         let gpu_rows = split_counts(rows, &policy.placement.kv_cache)[0];
-        Ok(Self::plan_bytes(spec, policy, (&layout, unit_len), g_end, gpu_rows, capacity))
+        Ok((layout, unit_len, [on_gpu, on_gpu + on_cpu], gpu_rows))
     }
 
     /// The GPU bytes a run of this policy needs, by use.
@@ -593,14 +611,14 @@ impl<'m> GpuGenerator<'m> {
     /// The CPU bytes a run of this policy holds: weights, the CPU rows of the cache,
     /// activations, the disk reader's ring.
     fn plan_host_bytes(
-        model: &Model,
+        spec: &ModelSpec,
         policy: &Policy,
         unit_len: usize,
         (g_end, c_end): (usize, usize),
         gpu_rows: usize,
         c: GpuCapacity,
     ) -> u64 {
-        let s = &model.spec;
+        let s = spec;
         let layers = u64::from(s.num_layers);
         let (b, k) = (u64::from(policy.gpu_batch_size), u64::from(policy.num_gpu_batches));
         let hd = u64::from(s.head_dim());
@@ -2100,12 +2118,12 @@ mod tests {
         assert!((gib(b.total()) - 51.34).abs() < 0.01, "{}", gib(b.total()));
         assert!((gib(b.cache) - 44.62).abs() < 0.01 && (gib(b.staging) - 2.30).abs() < 0.01);
         let host =
-            GpuGenerator::plan_host_bytes(&m, &s1, layout.len, (0, layout.len), 32 * 56, cap);
+            GpuGenerator::plan_host_bytes(&m.spec, &s1, layout.len, (0, layout.len), 32 * 56, cap);
         assert!((gib(host) - 55.13).abs() < 0.01, "{}", gib(host)); // 55.13 GiB pinned
         // With packed 4-bit weights the same run holds and moves about 0.28 of the bytes.
         let p = layout.packed(4, 64);
         let host_c =
-            GpuGenerator::plan_host_bytes(&m, &s1, p.len / 2, (0, p.len / 2), 32 * 56, cap);
+            GpuGenerator::plan_host_bytes(&m.spec, &s1, p.len / 2, (0, p.len / 2), 32 * 56, cap);
         let ratio = host_c as f64 / host as f64;
         assert!((0.26..0.30).contains(&ratio), "{ratio}");
     }
@@ -2129,7 +2147,7 @@ mod tests {
             flexgen_policy::Placement::from_percent([0.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap();
         let on_cpu = GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 0, cap);
         assert_eq!(on_cpu.cache, 0);
-        let host = GpuGenerator::plan_host_bytes(&m, &p, layout.len, (0, layout.len), 0, cap);
+        let host = GpuGenerator::plan_host_bytes(&m.spec, &p, layout.len, (0, layout.len), 0, cap);
         let weights = 48 * layout.len as u64 * 2;
         let acts = 2 * 32 * 512 * 7168 * 2;
         assert_eq!(host - weights - acts, packed.cache, "the same packed bytes, on the CPU");
@@ -2150,12 +2168,24 @@ mod tests {
             .unwrap(),
             ..Policy::default()
         };
-        let cpu_only =
-            GpuGenerator::plan_host_bytes(&m, &p, layout.len, (layout.len, layout.len), 1024, cap);
+        let cpu_only = GpuGenerator::plan_host_bytes(
+            &m.spec,
+            &p,
+            layout.len,
+            (layout.len, layout.len),
+            1024,
+            cap,
+        );
         p.placement =
             flexgen_policy::Placement::from_percent([100.0, 0.0, 50.0, 25.0, 100.0, 0.0]).unwrap();
-        let with_disk =
-            GpuGenerator::plan_host_bytes(&m, &p, layout.len, (layout.len, layout.len), 1024, cap);
+        let with_disk = GpuGenerator::plan_host_bytes(
+            &m.spec,
+            &p,
+            layout.len,
+            (layout.len, layout.len),
+            1024,
+            cap,
+        );
         // Half of the CPU rows moved to disk; the disk rows' row-major staging and two pairs of
         // position-major I/O buffers (k and v) stay.
         let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
@@ -2255,7 +2285,7 @@ mod tests {
             GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 16 * 32, cap);
         assert_eq!(quarter.cache * 4, all.cache, "a quarter of the rows on the GPU");
         let host = GpuGenerator::plan_host_bytes(
-            &m,
+            &m.spec,
             &p,
             layout.len,
             (layout.len, layout.len),
