@@ -54,6 +54,11 @@ pub struct GpuRates {
     pub d2h_pageable: f64,
     /// Both directions at once, pinned, total bytes per second.
     pub bidirectional_pinned: f64,
+    /// Pinned host→device while the CPU attention runs on every core, and the CPU attention's
+    /// FLOP/s meanwhile: whether the two share the host's memory (a diagnostic; the planner does
+    /// not read it).
+    pub h2d_pinned_with_cpu_attention: f64,
+    pub cpu_attention_with_h2d: f64,
     /// Device-to-device copy, bytes read + written per second.
     pub hbm: f64,
     pub gemm: f64,
@@ -120,6 +125,8 @@ pub fn rates(mode: Mode) -> Result<(Arc<CudaContext>, GpuRates), CudaError> {
         }
         2.0 * b / best
     };
+    let (h2d_pinned_with_cpu_attention, cpu_attention_with_h2d) =
+        contended(&up, reps, (&pinned, &mut dev), mode)?;
     let hbm = 2.0 * b / time_on(&up, reps, || Ok(up.memcpy_dtod(&dev2, &mut dev)?))?;
     drop((dev, dev2, pinned, pinned2));
 
@@ -152,11 +159,51 @@ pub fn rates(mode: Mode) -> Result<(Arc<CudaContext>, GpuRates), CudaError> {
             h2d_pageable,
             d2h_pageable,
             bidirectional_pinned,
+            h2d_pinned_with_cpu_attention,
+            cpu_attention_with_h2d,
             hbm,
             gemm,
             attention,
         },
     ))
+}
+
+/// Pinned host→device copies of `src` into `dst`, `reps` + 1 of them back to back, while the CPU
+/// attention runs in a loop on every core (as a decode step with CPU attention and weights
+/// streaming from the CPU does): the copies' bytes per second and the attention's FLOP/s over the
+/// same window.
+fn contended(
+    up: &Arc<cuda::CudaStream>,
+    reps: usize,
+    (src, dst): (&cuda::PinnedHostSlice<u8>, &mut CudaSlice<u8>),
+    mode: Mode,
+) -> Result<(f64, f64), CudaError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut attention = crate::CpuAttention::new(mode);
+    attention.run(); // pages touched, threads started
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            let (t, mut calls) = (std::time::Instant::now(), 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                attention.run();
+                calls += 1;
+            }
+            f64::from(calls) * attention.flops() / t.elapsed().as_secs_f64()
+        });
+        let copies = (|| {
+            let start = cuda::timing_event(up)?;
+            for _ in 0..=reps {
+                up.memcpy_htod(src, dst)?;
+            }
+            let end = cuda::timing_event(up)?;
+            end.synchronize()?;
+            Ok((reps + 1) as f64 * src.len() as f64 / ms(&start, &end)?)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let flops = worker.join().unwrap_or(0.0);
+        copies.map(|bytes_per_s| (bytes_per_s, flops))
+    })
 }
 
 /// Small non-zero values (GEMMs on zeros run faster than on real data).

@@ -149,33 +149,60 @@ pub fn cpu_gemm_flops(mode: Mode) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / secs)
 }
 
-/// Rate of decode attention on the CPU (FLOP/s): the runtime's own CPU attention
+/// One decode attention call on the CPU: the runtime's own CPU attention
 /// (`flexgen_tensor::host_attention`) over an fp16 cache of `rows` (sequence, head) rows of `s`
 /// positions of `hd` values, one new query per row, counted as 4·rows·s·hd FLOPs (the planner's
 /// measure). The cache is larger than a processor's caches, so the rate is memory-bound, as it is
 /// in a real decode step.
+pub(crate) struct CpuAttention {
+    k: Vec<half::f16>,
+    v: Vec<half::f16>,
+    q: Vec<half::f16>,
+    out: Vec<half::f16>,
+    starts: Vec<i32>,
+    d: flexgen_tensor::host_attention::Dims,
+}
+
+impl CpuAttention {
+    pub(crate) fn new(mode: Mode) -> Self {
+        use half::f16;
+        let (rows, s, hd) = match mode {
+            Mode::Quick => (512, 512, 128),
+            Mode::Full => (2048, 1024, 128),
+        };
+        let cap = s + 1;
+        let d = flexgen_tensor::host_attention::Dims { rows, hd, cap, past: s, nh: 1, row0: 0 };
+        Self {
+            k: vec![f16::from_f32(0.01); rows * cap * hd],
+            v: vec![f16::ONE; rows * cap * hd],
+            q: vec![f16::from_f32(0.1); rows * hd],
+            out: vec![f16::ZERO; rows * hd],
+            starts: vec![0i32; rows],
+            d,
+        }
+    }
+
+    /// FLOPs of one call.
+    pub(crate) fn flops(&self) -> f64 {
+        4.0 * (self.d.rows * self.d.cap * self.d.hd) as f64
+    }
+
+    pub(crate) fn run(&mut self) {
+        let Self { k, v, q, out, starts, d } = self;
+        flexgen_tensor::host_attention::decode(q, q, q, k, v, out, starts, *d);
+    }
+}
+
+/// Rate of decode attention on the CPU (FLOP/s), [`CpuAttention`] alone on every core.
 pub fn cpu_attention_flops(mode: Mode) -> Result<f64> {
-    use flexgen_tensor::host_attention::{Dims, decode};
-    use half::f16;
-    let (rows, s, hd) = match mode {
-        Mode::Quick => (512, 512, 128),
-        Mode::Full => (2048, 1024, 128),
-    };
-    let cap = s + 1;
-    let (mut k, mut v) =
-        (vec![f16::from_f32(0.01); rows * cap * hd], vec![f16::ONE; rows * cap * hd]);
-    let q = vec![f16::from_f32(0.1); rows * hd];
-    let mut out = vec![f16::ZERO; rows * hd];
-    let starts = vec![0i32; rows];
-    let d = Dims { rows, hd, cap, past: s, nh: 1, row0: 0 };
-    let mut run = || decode(&q, &q, &q, &mut k, &mut v, &mut out, &starts, d);
-    run(); // warm-up: pages touched, threads started
+    let mut a = CpuAttention::new(mode);
+    a.run(); // warm-up: pages touched, threads started
     let secs = best_of(mode.reps().max(2), || {
         let t = Instant::now();
-        run();
+        a.run();
         Ok((t.elapsed().as_secs_f64(), ()))
     })?;
-    Ok(4.0 * (rows * cap * hd) as f64 / secs)
+    Ok(a.flops() / secs)
 }
 
 /// The name of the probe's temporary file in `dir` (so that a Ctrl-C handler can remove it).

@@ -114,6 +114,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 r.gemm / 1e12,
                 r.attention / 1e12
             )?;
+            writeln!(
+                err,
+                "while CPU attention runs on every core: pinned H2D {:.1} GB/s, CPU attention \
+                 meanwhile {:.1} GFLOP/s (alone: {:.1})",
+                r.h2d_pinned_with_cpu_attention / 1e9,
+                r.cpu_attention_with_h2d / 1e9,
+                profile.cpu.attention_flops_per_s / 1e9
+            )?;
         }
         (_, _, Some(why)) => {
             writeln!(err, "no GPU measured ({why}); the profile has no [gpu] section")?;
