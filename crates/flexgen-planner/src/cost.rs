@@ -517,8 +517,8 @@ mod tests {
         let cache = 2.0 * 256.0 * 15.0 * 8.0; // 2 layers, 256 bytes/token, 15 positions, block 8
         let resident = t.gpu_peak(&[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
         assert!((resident - (2.0 * 2.0 * LAYER_PARAMS + cache + fixed)).abs() < 1e-6);
-        // Half the weights resident (2 layers · 2 bytes · half), and streaming any share adds two whole
-        // layers of staging.
+        // Half the weights resident (2 layers · 2 bytes · half), and streaming any share adds
+        // two whole layers of staging.
         let streamed = t.gpu_peak(&[0.5, 0.5, 0.0, 1.0, 0.0, 0.0]);
         assert!(
             (streamed - (2.0 * LAYER_PARAMS + 2.0 * 2.0 * LAYER_PARAMS + cache + fixed)).abs()
