@@ -89,6 +89,16 @@ struct DiskPart {
     copied: Vec<CudaEvent>,
 }
 
+/// A layer arena as a policy places it: the layout, its packed form with `compress_weight`, its
+/// length in units (fp16 values, or packed bytes two to a unit), and where the GPU part and the
+/// CPU part end.
+struct Arena {
+    layout: LayerLayout,
+    packed: Option<PackedLayout>,
+    unit_len: usize,
+    ends: [usize; 2],
+}
+
 /// GPU memory of a run, by use (bytes).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GpuBytes {
@@ -329,8 +339,7 @@ impl<'m> GpuGenerator<'m> {
         if spec.num_kv_heads != spec.num_heads {
             return Err(refuse("model", "grouped-query attention"));
         }
-        let rows = (policy.gpu_batch_size * spec.num_kv_heads) as usize;
-        let [gpu_rows, _, disk_rows] = split_counts(rows, &p.kv_cache);
+        let (rows, [gpu_rows, _, disk_rows]) = Self::cache_rows(spec, &policy);
         if disk_rows > 0 && policy.compress_cache.enabled {
             return Err(refuse("placement.kv_cache.disk", "a compressed KV cache on disk"));
         }
@@ -345,7 +354,7 @@ impl<'m> GpuGenerator<'m> {
             .compress_cache
             .enabled
             .then_some((policy.compress_cache.bits, policy.compress_cache.group_size as usize));
-        let layout = LayerLayout::new(spec)?;
+        let Arena { layout, packed, unit_len, ends: [g_end, c_end] } = Self::arena(spec, &policy)?;
         let n_layers = spec.num_layers as usize;
         if matches!(source, LayerSource::Loaded) && model.weights.layers.len() != n_layers {
             return Err(Error::Config {
@@ -353,12 +362,6 @@ impl<'m> GpuGenerator<'m> {
                 message: "the model's layers were not loaded".into(),
             });
         }
-        let packed = policy.compress_weight.enabled.then(|| {
-            layout.packed(policy.compress_weight.bits, policy.compress_weight.group_size as usize)
-        });
-        let unit_len = packed.as_ref().map_or(layout.len, |p| p.len / 2);
-        let [on_gpu, on_cpu, _] = split_counts(unit_len, &p.weights);
-        let (g_end, c_end) = (on_gpu, on_gpu + on_cpu);
         let disk_dir = if c_end < unit_len {
             Some(policy.offload_dir.clone().ok_or_else(|| Error::Config {
                 field: "offload_dir",
@@ -376,9 +379,11 @@ impl<'m> GpuGenerator<'m> {
         let load = gpu.ctx.new_stream().map_err(drv)?;
         let copy = gpu.ctx.new_stream().map_err(drv)?;
         let prefetch = Prefetch::of(&policy, gpu_rows, rows, disk_rows);
-        // The public figure the planner is tested against, so that both see one computation.
-        let bytes = Self::bytes_needed(spec, &policy, capacity)?;
-        let host = Self::host_bytes_needed(spec, &policy, capacity)?;
+        // The figures bytes_needed and host_bytes_needed give the planner's tests, from the same
+        // arena and rows.
+        let bytes = Self::plan_bytes(spec, &policy, (&layout, unit_len), g_end, gpu_rows, capacity);
+        let host =
+            Self::plan_host_bytes(spec, &policy, unit_len, (g_end, c_end), gpu_rows, capacity);
         if let Some(avail) = mem_available() {
             let avail = avail.saturating_sub(2 << 30);
             if host > avail {
@@ -500,8 +505,10 @@ impl<'m> GpuGenerator<'m> {
         policy: &Policy,
         capacity: GpuCapacity,
     ) -> Result<GpuBytes> {
-        let (layout, unit_len, [g_end, _], gpu_rows) = Self::split(spec, policy)?;
-        Ok(Self::plan_bytes(spec, policy, (&layout, unit_len), g_end, gpu_rows, capacity))
+        policy.validate()?;
+        let a = Self::arena(spec, policy)?;
+        let gpu_rows = Self::cache_rows(spec, policy).1[0];
+        Ok(Self::plan_bytes(spec, policy, (&a.layout, a.unit_len), a.ends[0], gpu_rows, capacity))
     }
 
     /// The CPU bytes a run of `policy` holds (weights, cache rows and activations placed on the
@@ -511,28 +518,28 @@ impl<'m> GpuGenerator<'m> {
         policy: &Policy,
         capacity: GpuCapacity,
     ) -> Result<u64> {
-        let (_, unit_len, ends, gpu_rows) = Self::split(spec, policy)?;
-        Ok(Self::plan_host_bytes(spec, policy, unit_len, (ends[0], ends[1]), gpu_rows, capacity))
+        policy.validate()?;
+        let a = Self::arena(spec, policy)?;
+        let gpu_rows = Self::cache_rows(spec, policy).1[0];
+        let ends = (a.ends[0], a.ends[1]);
+        Ok(Self::plan_host_bytes(spec, policy, a.unit_len, ends, gpu_rows, capacity))
     }
 
-    /// A policy's layer arena and its split: the arena, its length in units (fp16 values, or
-    /// packed bytes two to a unit), where the GPU part and the CPU part end, and the cache rows
-    /// of a micro-batch kept on the GPU.
-    fn split(spec: &ModelSpec, policy: &Policy) -> Result<(LayerLayout, usize, [usize; 2], usize)> {
-        policy.validate()?;
+    /// A policy's layer arena: its layout, packed with `compress_weight`, and where its GPU and
+    /// CPU parts end.
+    fn arena(spec: &ModelSpec, policy: &Policy) -> Result<Arena> {
         let layout = LayerLayout::new(spec)?;
-        let unit_len = if policy.compress_weight.enabled {
-            layout
-                .packed(policy.compress_weight.bits, policy.compress_weight.group_size as usize)
-                .len
-                / 2
-        } else {
-            layout.len
-        };
+        let c = &policy.compress_weight;
+        let packed = c.enabled.then(|| layout.packed(c.bits, c.group_size as usize));
+        let unit_len = packed.as_ref().map_or(layout.len, |p| p.len / 2);
         let [on_gpu, on_cpu, _] = split_counts(unit_len, &policy.placement.weights);
+        Ok(Arena { layout, packed, unit_len, ends: [on_gpu, on_gpu + on_cpu] })
+    }
+
+    /// A micro-batch's cache rows (sequence, head) and their split `[gpu, cpu, disk]`.
+    fn cache_rows(spec: &ModelSpec, policy: &Policy) -> (usize, [usize; 3]) {
         let rows = (policy.gpu_batch_size * spec.num_kv_heads) as usize;
-        let gpu_rows = split_counts(rows, &policy.placement.kv_cache)[0];
-        Ok((layout, unit_len, [on_gpu, on_gpu + on_cpu], gpu_rows))
+        (rows, split_counts(rows, &policy.placement.kv_cache))
     }
 
     /// The GPU bytes a run of this policy needs, by use.
@@ -2158,7 +2165,6 @@ mod tests {
         let shares = flexgen_policy::TierShares::from_gpu_cpu(50.0, 25.0);
         assert_eq!(split_counts(64 * 32, &shares), [1024, 512, 512]);
         let m = model("opt-6.7b");
-        let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
         let mut p = Policy {
             gpu_batch_size: 64,
@@ -2166,26 +2172,13 @@ mod tests {
                 100.0, 0.0, 50.0, 50.0, 100.0, 0.0,
             ])
             .unwrap(),
+            offload_dir: Some("/unused".into()), // the plan names it only
             ..Policy::default()
         };
-        let cpu_only = GpuGenerator::plan_host_bytes(
-            &m.spec,
-            &p,
-            layout.len,
-            (layout.len, layout.len),
-            1024,
-            cap,
-        );
+        let cpu_only = GpuGenerator::host_bytes_needed(&m.spec, &p, cap).unwrap();
         p.placement =
             flexgen_policy::Placement::from_percent([100.0, 0.0, 50.0, 25.0, 100.0, 0.0]).unwrap();
-        let with_disk = GpuGenerator::plan_host_bytes(
-            &m.spec,
-            &p,
-            layout.len,
-            (layout.len, layout.len),
-            1024,
-            cap,
-        );
+        let with_disk = GpuGenerator::host_bytes_needed(&m.spec, &p, cap).unwrap();
         // Half of the CPU rows moved to disk; the disk rows' row-major staging and two pairs of
         // position-major I/O buffers (k and v) stay.
         let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
