@@ -18,7 +18,8 @@ use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use flexgen_runtime::{GenerationConfig, Generator, Request, Sampling};
+use flexgen_model::Model;
+use flexgen_runtime::{GenerationConfig, Generator, Prompt, Request, Sampling};
 use serde::{Deserialize, Serialize};
 
 /// What to do with an input line that is not a valid request.
@@ -84,7 +85,21 @@ pub struct BatchReport {
     pub generated_requests: usize,
     pub generated_tokens: usize,
     pub skipped_lines: usize,
+    /// Wall time of the whole job.
     pub seconds: f64,
+    /// Seconds from the start to the generator being ready (reading, tokenizing, set-up).
+    pub setup_s: f64,
+    /// Seconds inside `generate`, all blocks together.
+    pub generate_s: f64,
+    /// Blocks run.
+    pub blocks: usize,
+}
+
+/// The largest request of the job's remaining work, which the generator is sized for.
+#[derive(Debug, Clone, Copy)]
+pub struct JobShape {
+    pub max_prompt_tokens: usize,
+    pub max_new_tokens: usize,
 }
 
 /// An input line that is not a valid request: its number, the error, the line.
@@ -94,6 +109,8 @@ struct Pending {
     id: serde_json::Value,
     request: Request,
     order: usize,
+    /// The input line, for the errors file.
+    line: String,
 }
 
 /// The canonical text of an id (numbers and strings as JSON), for matching done lines.
@@ -164,7 +181,7 @@ impl BatchJob {
                 request.max_new_tokens = Some(l.max_new_tokens.unwrap_or(self.max_new_tokens));
                 request.stop = stop;
                 request.sampling = Some(sampling);
-                Ok(Pending { id, request, order: n })
+                Ok(Pending { id, request, order: n, line: line.clone() })
             });
             match checked {
                 Ok(p) => pending.push(p),
@@ -186,10 +203,19 @@ impl BatchJob {
         })
     }
 
-    /// Runs the job with `generator`, resuming from what `output` already holds.
-    pub fn run(&self, generator: &Generator<'_>, block: usize) -> anyhow::Result<BatchReport> {
+    /// Runs the job, resuming from what `output` already holds: reads and tokenizes the
+    /// remaining requests, then asks `make` for a generator sized for the largest of them.
+    pub fn run<'m>(
+        &self,
+        model: &'m Model,
+        make: impl FnOnce(JobShape) -> anyhow::Result<Generator<'m>>,
+    ) -> anyhow::Result<BatchReport> {
         let started = std::time::Instant::now();
-        let (pending, bad) = self.read_input()?;
+        let tokenizer = model.tokenizer.as_ref().context(
+            "a batch job needs a tokenizer for its text prompts; this model has none \
+             (with --dummy, give --tokenizer PATH)",
+        )?;
+        let (pending, mut bad) = self.read_input()?;
         // One job per output file: a second one would write the same requests again.
         let out = OpenOptions::new()
             .create(true)
@@ -202,11 +228,41 @@ impl BatchJob {
                 self.output.display()
             );
         }
-        let mut report = BatchReport {
-            total: pending.len() + bad.len(),
-            skipped_lines: bad.len(),
-            ..BatchReport::default()
-        };
+        let done = resume_output(&self.output)?;
+        let total = pending.len() + bad.len();
+        let mut todo: Vec<(Pending, usize, usize)> = Vec::new();
+        let positions = model.spec.max_positions as usize;
+        for mut p in pending {
+            if done.contains(&id_key(&p.id)) {
+                continue;
+            }
+            let Prompt::Text(text) = &p.request.prompt else { unreachable!("lines are text") };
+            let checked = tokenizer.encode(text).map_err(|e| e.to_string()).and_then(|ids| {
+                let max_new = p.request.max_new_tokens.unwrap_or(self.max_new_tokens);
+                if ids.len().saturating_add(max_new) > positions {
+                    return Err(format!(
+                        "the prompt ({} tokens) + max_new_tokens ({max_new}) exceeds the model's \
+                         {positions} positions",
+                        ids.len()
+                    ));
+                }
+                Ok((ids, max_new))
+            });
+            match checked {
+                Ok((ids, max_new)) => {
+                    let n = ids.len();
+                    p.request.prompt = Prompt::Tokens(ids);
+                    todo.push((p, n, max_new));
+                }
+                Err(e) if self.on_error == OnError::Stop => bail!(
+                    "{}:{}: {e}\n(use --on-error skip to write bad lines to an errors file and go on)",
+                    self.input.display(),
+                    p.order
+                ),
+                Err(e) => bad.push((p.order, e, p.line)),
+            }
+        }
+        let mut report = BatchReport { total, skipped_lines: bad.len(), ..BatchReport::default() };
         if !bad.is_empty() {
             let path = self.errors_path();
             let mut f = File::create(&path)
@@ -222,15 +278,22 @@ impl BatchJob {
                 path.display()
             );
         }
-        let done = resume_output(&self.output)?;
-        let mut todo: Vec<Pending> =
-            pending.into_iter().filter(|p| !done.contains(&id_key(&p.id))).collect();
         report.already_done = report.total - report.skipped_lines - todo.len();
-        // Similar lengths share a block: little padding.
-        todo.sort_by_key(|p| match &p.request.prompt {
-            flexgen_runtime::Prompt::Text(t) => (t.len(), p.order),
-            flexgen_runtime::Prompt::Tokens(t) => (t.len(), p.order),
-        });
+        // A block runs as many steps as its longest request and as wide as its longest prompt:
+        // requests of the same length budget and similar prompts share a block.
+        todo.sort_by_key(|(p, n, max_new)| (*max_new, *n, p.order));
+        if todo.is_empty() {
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        let shape = JobShape {
+            max_prompt_tokens: todo.iter().map(|t| t.1).max().unwrap_or(1),
+            max_new_tokens: todo.iter().map(|t| t.2).max().unwrap_or(1),
+        };
+        let generator = make(shape)?;
+        let block = generator.policy().block_size();
+        report.setup_s = started.elapsed().as_secs_f64();
+        let todo: Vec<Pending> = todo.into_iter().map(|t| t.0).collect();
         let mut out = out;
         let bar = if self.progress {
             let b = indicatif::ProgressBar::new(todo.len() as u64);
@@ -251,9 +314,12 @@ impl BatchJob {
         };
         for chunk in todo.chunks(block.max(1)) {
             let requests: Vec<Request> = chunk.iter().map(|p| p.request.clone()).collect();
+            let generating = std::time::Instant::now();
             let (completions, _) = generator
                 .generate(&requests, &config, &mut |_| {})
                 .context("generating a block of the batch")?;
+            report.generate_s += generating.elapsed().as_secs_f64();
+            report.blocks += 1;
             let mut text = String::new();
             for (p, c) in chunk.iter().zip(&completions) {
                 report.generated_tokens += c.tokens.len();

@@ -310,3 +310,90 @@ fn calibrate_on_the_h200_runs_predicts_within_15_percent() {
     assert!(std::fs::read_to_string(&out_toml).unwrap().contains("calibrated to 9 run(s)"));
     std::fs::remove_file(&out_toml).unwrap();
 }
+
+#[test]
+fn dummy_weights_take_a_tokenizer_for_text_prompts_and_batch_jobs() {
+    let kjv = root().join("crates/flexgen-model/models/opt-kjv");
+    let o = bin("flexgen-run")
+        .args(["--model", "opt-125m", "--dummy", "--tokenizer"])
+        .arg(&kjv)
+        .args(["--prompt", "In the beginning", "--max-new-tokens", "2", "--ignore-eos"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.starts_with("In the beginning"), "{out}");
+    // A batch job of text prompts on the same dummy model.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"id\": \"a\", \"prompt\": \"Jesus wept\", \"max_new_tokens\": 2}\n")
+        .unwrap();
+    let output = dir.path().join("out.jsonl");
+    let o = bin("flexgen-run")
+        .args(["batch", "-q", "--model", "opt-125m", "--dummy", "--tokenizer"])
+        .arg(kjv.join("tokenizer.json"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&output).unwrap().trim()).unwrap();
+    assert_eq!(line["id"], "a");
+    assert!(line["prompt_tokens"].as_u64() >= Some(2), "BOS and the prompt's tokens: {line}");
+    assert_eq!(line["tokens"].as_array().map(Vec::len), Some(2), "{line}");
+    // Without a tokenizer a batch job says what to add; a missing file is named.
+    let o = bin("flexgen-run")
+        .args(["batch", "-q", "--model", "opt-125m", "--dummy", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("none.jsonl"))
+        .output()
+        .unwrap();
+    let err = text(&o).1;
+    assert!(!o.status.success() && err.contains("--tokenizer PATH"), "{err}");
+    let o = bin("flexgen-run")
+        .args(["--model", "opt-125m", "--dummy", "--tokenizer", "/nonexistent/tok.json"])
+        .output()
+        .unwrap();
+    let err = text(&o).1;
+    assert!(!o.status.success() && err.contains("/nonexistent/tok.json"), "{err}");
+}
+
+#[test]
+fn a_batch_line_longer_than_the_model_is_named_or_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let long = "and ".repeat(3000);
+    std::fs::write(
+        &input,
+        format!(
+            "{{\"id\": 1, \"prompt\": \"Jesus wept\", \"max_new_tokens\": 2}}\n\
+             {{\"id\": 2, \"prompt\": \"{long}\", \"max_new_tokens\": 2}}\n"
+        ),
+    )
+    .unwrap();
+    let output = dir.path().join("out.jsonl");
+    let run = |extra: &[&str]| {
+        bin("flexgen-run")
+            .args(["batch", "-q", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    let err = text(&o).1;
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("in.jsonl:2:") && err.contains("positions"), "{err}");
+    let o = run(&["--on-error", "skip"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let out = std::fs::read_to_string(&output).unwrap();
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let errors = std::fs::read_to_string(dir.path().join("out.jsonl.errors.jsonl")).unwrap();
+    assert!(errors.contains("\"line\":2") && errors.contains("positions"), "{errors}");
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use flexgen_planner::{PlanOptions, plan};
 use flexgen_policy::{HardwareProfile, Workload};
-use flexgen_runtime::{GpuCapacity, GpuGenerator};
+use flexgen_runtime::{CudaStage, GpuCapacity};
 
 const GIB: u64 = 1 << 30;
 
@@ -51,12 +51,12 @@ fn every_planned_policy_fits_the_cuda_executors_memory_plans() {
                             max_new: gen_len as usize,
                             gpu_limit: limit,
                         };
-                        let needs = GpuGenerator::bytes_needed(&spec, &p.policy, capacity)
+                        let needs = CudaStage::bytes_needed(&spec, &p.policy, capacity)
                             .expect("the executor runs every planned policy");
                         checked += 1;
                         // The executor wants MemAvailable less 2 GiB; the profile's CPU memory is
                         // what was available when it was measured.
-                        let host = GpuGenerator::host_bytes_needed(&spec, &p.policy, capacity)
+                        let host = CudaStage::host_bytes_needed(&spec, &p.policy, capacity)
                             .expect("the executor runs every planned policy");
                         let host_memory = hw.cpu.memory_bytes.saturating_sub(2 * GIB);
                         if host > host_memory {

@@ -52,21 +52,9 @@ impl Model {
         let store = SafetensorsStore::open_files(&files.weights)?;
         let weights = Weights::from_safetensors(&spec, &store)?;
         let tokenizer = match &files.tokenizer {
-            Some(p) => Some(Tokenizer::from_file(p, spec.bos_token_id)?),
+            Some(p) => Some(Tokenizer::for_spec(p, &spec)?),
             None => None,
         };
-        if let Some(t) = &tokenizer
-            && t.vocab_size() > spec.vocab_size as usize
-        {
-            return Err(Error::Tokenizer {
-                path: files.tokenizer.clone().unwrap_or_default(),
-                message: format!(
-                    "{} tokens, more than the model's vocab_size {} in config.json",
-                    t.vocab_size(),
-                    spec.vocab_size
-                ),
-            });
-        }
         tracing::info!(model = %spec.name, params = spec.total_params(), "loaded");
         Ok(Self { spec, weights, tokenizer, dir: Some(files.dir) })
     }
@@ -83,6 +71,21 @@ impl Model {
     pub fn dummy_tables(spec: ModelSpec, init: DummyInit) -> Result<Self> {
         let weights = Weights::dummy_tables(&spec, init)?;
         Ok(Self { spec, weights, tokenizer: None, dir: None })
+    }
+
+    /// This model with the tokenizer of `path` (a `tokenizer.json`, or a directory holding one):
+    /// text prompts for dummy weights. Its vocabulary must fit the model's.
+    pub fn with_tokenizer(mut self, path: &Path) -> Result<Self> {
+        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+        if !file.is_file() {
+            return Err(Error::Tokenizer {
+                path: file,
+                message: "no such file: give a tokenizer.json or a model directory holding one"
+                    .into(),
+            });
+        }
+        self.tokenizer = Some(Tokenizer::for_spec(&file, &self.spec)?);
+        Ok(self)
     }
 
     /// Logits at every position of left-padded `ids` (`mask[b][t]` = real token), computed in one

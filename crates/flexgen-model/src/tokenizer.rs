@@ -21,6 +21,24 @@ impl Tokenizer {
         Ok(Self { inner, path: path.to_path_buf(), bos })
     }
 
+    /// Loads `tokenizer.json` for a model of `spec`: BOS from the spec, and a vocabulary that
+    /// must fit the model's (every id it produces indexes the embedding).
+    pub fn for_spec(path: &Path, spec: &crate::ModelSpec) -> Result<Self> {
+        let t = Self::from_file(path, spec.bos_token_id)?;
+        if t.vocab_size() > spec.vocab_size as usize {
+            return Err(Error::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!(
+                    "{} tokens, more than the model's vocab_size {} ({})",
+                    t.vocab_size(),
+                    spec.vocab_size,
+                    spec.name
+                ),
+            });
+        }
+        Ok(t)
+    }
+
     /// Token ids of `text`, starting with BOS.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(|e| self.err(e))?;

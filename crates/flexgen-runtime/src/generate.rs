@@ -1,20 +1,16 @@
-//! The generate API: requests in, completions out, with streaming events. Requests are cut into
-//! blocks of the policy's effective batch (`gpu_batch_size × num_gpu_batches`); each block runs the
-//! zig-zag schedule — for every token step, for every layer, every micro-batch — so that a layer's
-//! weights serve the whole block before the next layer is touched.
+//! The generate API: requests in, completions out, with streaming events, on the device the
+//! caller chooses. One [`Generator`] serves every app (complete, batch, chat) on the CPU or the
+//! GPU: the schedule (`schedule.rs`) is the same, only the device stage differs.
 
-use std::time::Instant;
-
-use flexgen_model::layers;
-use flexgen_model::{LayerWeights, Model};
+use flexgen_model::Model;
 use flexgen_policy::Policy;
-use flexgen_tensor::{Backend, Cpu, Device, Tensor};
-use rand::SeedableRng;
 
-use crate::sampling::{self, Sampling};
-use crate::stream::TextStream;
-use crate::tiers::{self, ActStore, Budgets, KvStore, TierReport, Traffic, WeightStore};
-use crate::{Error, Result};
+use crate::gpu::{CudaStage, GpuCapacity, LayerSource};
+use crate::host_stage::HostStage;
+use crate::sampling::Sampling;
+use crate::stage::Stage;
+use crate::tiers::{Budgets, TierReport};
+use crate::{Result, schedule};
 
 /// What to generate for one prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,73 +176,60 @@ impl RunStats {
     }
 }
 
-/// Prompts left-padded with `pad` to the longest one, and their real-token masks.
-pub(crate) fn left_pad<'a>(
-    prompts: impl Iterator<Item = &'a [u32]> + Clone,
-    pad: u32,
-) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
-    let width = prompts.clone().map(<[u32]>::len).max().unwrap_or(0);
-    prompts
-        .map(|p| {
-            let n = width - p.len();
-            (
-                std::iter::repeat_n(pad, n).chain(p.iter().copied()).collect(),
-                (0..width).map(|i| i >= n).collect(),
-            )
-        })
-        .unzip()
+/// Where a [`Generator`] computes.
+#[derive(Debug, Clone, Copy)]
+pub enum Device {
+    /// The tiered CPU executor: the compute device is the CPU, the "GPU" tier is host memory
+    /// under `Budgets::gpu_bytes`, the disk tier is real. Runs every policy.
+    Cpu(Budgets),
+    /// The CUDA executor on GPU 0, sized for `capacity` (the longest prompt and the most new
+    /// tokens of any request it will be given); layer values come from `source`.
+    Cuda { source: LayerSource, capacity: GpuCapacity },
 }
 
-/// Runs a model under a policy.
+impl Default for Device {
+    fn default() -> Self {
+        Device::Cpu(Budgets::default())
+    }
+}
+
+/// The device stage a generator drives.
+enum Executor<'m> {
+    Host(Box<HostStage<'m>>),
+    Cuda(Box<CudaStage<'m>>),
+}
+
+/// Runs a model under a policy on a device.
 pub struct Generator<'m> {
     model: &'m Model,
     policy: Policy,
-    device: Device,
-    budgets: Budgets,
-    weights: WeightStore,
-}
-
-/// One sequence of a micro-batch.
-struct Seq {
-    request: usize,
-    max_new: usize,
-    stop: Vec<String>,
-    sampling: Sampling,
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    finish: Option<FinishReason>,
-    stream: TextStream,
-    rng: rand_chacha::ChaCha8Rng,
-    logits: Option<Vec<Vec<f32>>>,
-}
-
-/// The state of one micro-batch: its sequences, left-padded token grid, mask and KV cache.
-struct MicroBatch {
-    seqs: Vec<Seq>,
-    /// Real-token mask over every position so far, per sequence.
-    mask: Vec<Vec<bool>>,
-    /// Token ids of the current step's input, `[b, t]`.
-    input: Vec<Vec<u32>>,
+    executor: Executor<'m>,
 }
 
 impl<'m> Generator<'m> {
-    /// A generator for `model` under `policy` (validated here), with unlimited tiers.
+    /// A generator on the CPU for `model` under `policy` (validated here), with unlimited tiers.
     pub fn new(model: &'m Model, policy: Policy) -> Result<Self> {
-        Self::with_budgets(model, policy, Budgets::default())
+        Self::on(model, policy, Device::default())
     }
 
-    /// A generator whose tiers may hold at most `budgets`. The weights are placed here; a policy
-    /// whose weights do not fit is refused before anything is allocated.
+    /// A generator on the CPU whose tiers may hold at most `budgets`.
     pub fn with_budgets(model: &'m Model, policy: Policy, budgets: Budgets) -> Result<Self> {
+        Self::on(model, policy, Device::Cpu(budgets))
+    }
+
+    /// A generator on `device`. The weights are placed here; a policy that does not fit is
+    /// refused before anything is allocated.
+    pub fn on(model: &'m Model, policy: Policy, device: Device) -> Result<Self> {
         policy.validate()?;
-        tiers::check(&tiers::required_bytes(model, &policy, &[], 0), &budgets)?;
-        let weights = WeightStore::build(
-            model,
-            &policy.placement.weights,
-            policy.offload_dir.as_deref(),
-            tiers::quant_spec(&policy.compress_weight),
-        )?;
-        Ok(Self { model, policy, device: Device::Cpu, budgets, weights })
+        let executor = match device {
+            Device::Cpu(budgets) => {
+                Executor::Host(Box::new(HostStage::new(model, &policy, budgets)?))
+            }
+            Device::Cuda { source, capacity } => {
+                Executor::Cuda(Box::new(CudaStage::new(model, policy.clone(), source, capacity)?))
+            }
+        };
+        Ok(Self { model, policy, executor })
     }
 
     /// The model it runs.
@@ -259,6 +242,15 @@ impl<'m> Generator<'m> {
         &self.policy
     }
 
+    /// The CUDA executor, when this generator runs on the GPU (its memory plan, set-up times and
+    /// link rates, for reports).
+    pub fn cuda(&self) -> Option<&CudaStage<'m>> {
+        match &self.executor {
+            Executor::Cuda(c) => Some(c),
+            Executor::Host(_) => None,
+        }
+    }
+
     /// Generates completions for `requests`, calling `on_event` as tokens come.
     pub fn generate(
         &self,
@@ -266,289 +258,11 @@ impl<'m> Generator<'m> {
         config: &GenerationConfig,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<(Vec<Completion>, RunStats)> {
-        config.sampling.validate()?;
-        let seqs = self.prepare(requests, config)?;
-        let mut stats = RunStats::default();
-        let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
-        let mut seqs = seqs.into_iter().peekable();
-        while seqs.peek().is_some() {
-            let block: Vec<Seq> = seqs.by_ref().take(self.policy.block_size()).collect();
-            stats.blocks += 1;
-            for c in self.run_block(block, config, &mut stats, on_event)? {
-                let (i, c) = c;
-                done[i] = Some(c);
-            }
-        }
-        Ok((done.into_iter().map(|c| c.expect("every request completes")).collect(), stats))
-    }
-
-    fn prepare(&self, requests: &[Request], config: &GenerationConfig) -> Result<Vec<Seq>> {
-        let spec = &self.model.spec;
-        let mut seqs = Vec::with_capacity(requests.len());
-        for (index, r) in requests.iter().enumerate() {
-            let bad = |message: String| Error::Request { index, message };
-            let prompt = match &r.prompt {
-                Prompt::Tokens(ids) => ids.clone(),
-                Prompt::Text(text) => {
-                    let tok = self.model.tokenizer.as_ref().ok_or_else(|| {
-                        bad("a text prompt needs a tokenizer; this model has none (dummy weights): pass token ids".into())
-                    })?;
-                    tok.encode(text)?
-                }
-            };
-            if prompt.is_empty() {
-                return Err(bad("the prompt has no tokens".into()));
-            }
-            if let Some(&t) = prompt.iter().find(|&&t| t >= spec.vocab_size) {
-                return Err(bad(format!(
-                    "token id {t} is outside the vocabulary (size {})",
-                    spec.vocab_size
-                )));
-            }
-            let max_new = r.max_new_tokens.unwrap_or(config.max_new_tokens);
-            if max_new == 0 {
-                return Err(bad("max_new_tokens is 0: nothing to generate".into()));
-            }
-            if prompt.len() + max_new > spec.max_positions as usize {
-                return Err(bad(format!(
-                    "prompt ({} tokens) + max_new_tokens ({max_new}) exceeds the model's {} positions; \
-                     shorten the prompt or lower max_new_tokens",
-                    prompt.len(),
-                    spec.max_positions
-                )));
-            }
-            let stop = r.stop.clone().unwrap_or_else(|| config.stop.clone());
-            if !stop.is_empty() && self.model.tokenizer.is_none() {
-                return Err(bad("stop strings need a tokenizer; this model has none".into()));
-            }
-            let sampling = r.sampling.unwrap_or(config.sampling);
-            sampling.validate()?;
-            let seed = match (sampling, r.sampling.is_some()) {
-                (Sampling::Random { seed, .. }, true) => seed,
-                (Sampling::Random { seed, .. }, false) => {
-                    seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                }
-                (Sampling::Greedy, _) => 0,
-            };
-            seqs.push(Seq {
-                request: index,
-                max_new,
-                stream: TextStream::new(&stop),
-                stop,
-                sampling,
-                prompt,
-                generated: Vec::new(),
-                finish: None,
-                rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
-                logits: config.output_logits.then(Vec::new),
-            });
-        }
-        Ok(seqs)
-    }
-
-    /// Runs one block to completion with the zig-zag schedule.
-    fn run_block(
-        &self,
-        block: Vec<Seq>,
-        config: &GenerationConfig,
-        stats: &mut RunStats,
-        on_event: &mut dyn FnMut(Event<'_>),
-    ) -> Result<Vec<(usize, Completion)>> {
-        let spec = &self.model.spec;
-        let pad = spec.pad_token_id.unwrap_or(0);
-        let num_layers = self.model.weights.layers.len();
-        let templates = &self.model.weights.layers;
-        let mut batches: Vec<MicroBatch> = Vec::new();
-        let mut rest = block.into_iter().peekable();
-        while rest.peek().is_some() {
-            let seqs: Vec<Seq> = rest.by_ref().take(self.policy.gpu_batch_size as usize).collect();
-            let (input, mask) = left_pad(seqs.iter().map(|s| s.prompt.as_slice()), pad);
-            stats.prompt_tokens += seqs.iter().map(|s| s.prompt.len()).sum::<usize>();
-            batches.push(MicroBatch { seqs, mask, input });
-        }
-        let steps =
-            batches.iter().flat_map(|b| b.seqs.iter().map(|s| s.max_new)).max().unwrap_or(0);
-        // Check every tier before allocating the block's cache and activations.
-        let shapes: Vec<(usize, usize)> =
-            batches.iter().map(|mb| (mb.seqs.len(), mb.input[0].len())).collect();
-        let max_len = shapes.iter().map(|s| s.1).max().unwrap_or(0) + steps;
-        let need = tiers::required_bytes(self.model, &self.policy, &shapes, max_len);
-        tiers::check(&need, &self.budgets)?;
-        let sizes: Vec<usize> = shapes.iter().map(|s| s.0).collect();
-        let heads = spec.num_kv_heads as usize;
-        let mut kv = KvStore::new(
-            num_layers,
-            &sizes,
-            max_len,
-            heads,
-            spec.head_dim() as usize,
-            &self.policy,
-        )?;
-        let act = ActStore::new(&self.policy, &shapes, spec.hidden_size as usize)?;
-        let mut traffic = Traffic::default();
-        stats.direct_io = self.weights.direct_io();
-        for step in 0..steps {
-            let started = Instant::now();
-            // Embedding, for every micro-batch.
-            let mut hidden: Vec<Tensor> = Vec::with_capacity(batches.len());
-            let mut biases: Vec<Tensor> = Vec::with_capacity(batches.len());
-            for mb in &batches {
-                let (x, bias) = self.embed_step(mb)?;
-                hidden.push(x);
-                biases.push(bias);
-            }
-            // The zig-zag block schedule: a layer runs over every micro-batch before the next,
-            // while the next layer's weights are loaded from their tiers on another thread.
-            let (mut current, t) = self.weights.load(0, &templates[0], &self.device)?;
-            traffic.cpu_to_gpu += t.cpu_to_gpu;
-            traffic.disk_read += t.disk_read;
-            for j in 0..num_layers {
-                let next =
-                    std::thread::scope(|scope| -> Result<Option<(LayerWeights, Traffic)>> {
-                        let prefetch = (j + 1 < num_layers).then(|| {
-                            scope
-                                .spawn(|| self.weights.load(j + 1, &templates[j + 1], &self.device))
-                        });
-                        for k in 0..batches.len() {
-                            let past = kv.gather(j, k, &self.device, &mut traffic)?;
-                            let (x, new_kv) = layers::decoder_layer(
-                                &Cpu,
-                                spec,
-                                &current,
-                                &hidden[k],
-                                past.as_ref(),
-                                &biases[k],
-                            )?;
-                            kv.append(j, k, &new_kv, &self.device, &mut traffic)?;
-                            hidden[k] = if j + 1 < num_layers {
-                                act.round_trip(k, x, &mut traffic)?
-                            } else {
-                                x
-                            };
-                        }
-                        prefetch
-                            .map(|h| h.join().expect("weight prefetch thread panicked"))
-                            .transpose()
-                    })?;
-                if let Some((w, t)) = next {
-                    current = w;
-                    traffic.cpu_to_gpu += t.cpu_to_gpu;
-                    traffic.disk_read += t.disk_read;
-                }
-            }
-            // LM head on the last position only, then the next token of each sequence.
-            for (k, mb) in batches.iter_mut().enumerate() {
-                let t = hidden[k].dim(1)?;
-                let last = hidden[k].narrow(1, t - 1, 1)?;
-                let logits = layers::logits(&Cpu, spec, &self.model.weights, &last)?
-                    .squeeze(1)?
-                    .to_vec2::<f32>()?;
-                let mut next = Vec::with_capacity(mb.seqs.len());
-                for (s, row) in mb.seqs.iter_mut().zip(&logits) {
-                    let token = if s.finish.is_some() {
-                        pad
-                    } else {
-                        sampling::choose(row, &s.sampling, &mut s.rng)
-                    };
-                    let fed = config
-                        .forced
-                        .as_ref()
-                        .and_then(|f| f.get(s.request)?.get(s.generated.len()).copied())
-                        .filter(|_| s.finish.is_none())
-                        .unwrap_or(token);
-                    if s.finish.is_none() {
-                        if let Some(l) = &mut s.logits {
-                            l.push(row.clone());
-                        }
-                        self.accept(s, token, config, stats, on_event)?;
-                    }
-                    next.push(fed);
-                }
-                for (row, m) in mb.mask.iter_mut().enumerate() {
-                    m.push(true);
-                    mb.input[row] = vec![next[row]];
-                }
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            if step == 0 {
-                stats.prefill_s += elapsed;
-            } else {
-                stats.decode_s += elapsed;
-            }
-            if batches.iter().all(|mb| mb.seqs.iter().all(|s| s.finish.is_some())) {
-                break;
-            }
-        }
-        stats.tiers.merge(need, traffic);
-        Ok(batches
-            .into_iter()
-            .flat_map(|mb| mb.seqs)
-            .map(|s| {
-                let text = self.model.tokenizer.as_ref().map(|_| s.stream.final_text().to_string());
-                (
-                    s.request,
-                    Completion {
-                        prompt_tokens: s.prompt,
-                        tokens: s.generated,
-                        text,
-                        finish: s.finish.unwrap_or(FinishReason::Length),
-                        logits: s.logits,
-                    },
-                )
-            })
-            .collect())
-    }
-
-    /// Embedding of this step's input and the attention bias of its queries.
-    fn embed_step(&self, mb: &MicroBatch) -> Result<(Tensor, Tensor)> {
-        let b = mb.input.len();
-        let t = mb.input[0].len();
-        let ids: Vec<u32> = mb.input.iter().flatten().copied().collect();
-        let (pos, allowed) = layers::step_inputs(&self.model.spec, &mb.mask, t);
-        let bias = Cpu.attention_bias(&allowed)?;
-        Ok((layers::embed(&Cpu, &self.model.weights, &ids, &pos, (b, t))?, bias))
-    }
-
-    /// Records `token` for `s`, streams its text, and decides whether `s` is finished.
-    fn accept(
-        &self,
-        s: &mut Seq,
-        token: u32,
-        config: &GenerationConfig,
-        stats: &mut RunStats,
-        on_event: &mut dyn FnMut(Event<'_>),
-    ) -> Result<()> {
-        s.generated.push(token);
-        stats.generated_tokens += 1;
-        let is_eos = config.stop_on_eos && self.model.spec.eos_token_id == Some(token);
-        let mut finish = if is_eos {
-            Some(FinishReason::Eos)
-        } else if s.generated.len() >= s.max_new {
-            Some(FinishReason::Length)
-        } else {
-            None
+        let stage: &dyn Stage = match &self.executor {
+            Executor::Host(h) => h.as_ref(),
+            Executor::Cuda(c) => c.as_ref(),
         };
-        let delta = match &self.model.tokenizer {
-            Some(tok) => {
-                let text = if is_eos {
-                    tok.decode(&s.generated[..s.generated.len() - 1])?
-                } else {
-                    tok.decode(&s.generated)?
-                };
-                let (delta, hit_stop) = s.stream.update(&text, finish.is_some());
-                if hit_stop {
-                    finish = Some(FinishReason::Stop);
-                }
-                delta
-            }
-            None => String::new(),
-        };
-        debug_assert!(s.stop.is_empty() || self.model.tokenizer.is_some());
-        on_event(Event::Token { request: s.request, token, text: &delta });
-        if let Some(reason) = finish {
-            s.finish = Some(reason);
-            on_event(Event::Finished { request: s.request, reason });
-        }
-        Ok(())
+        let shape = (self.policy.gpu_batch_size as usize, self.policy.block_size());
+        schedule::run(self.model, stage, shape, requests, config, on_event)
     }
 }

@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
 use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout};
-use flexgen_policy::{ModelSpec, Policy, PositionKind, Tier};
+use flexgen_policy::{ModelSpec, Policy, Tier};
 use flexgen_tensor::cuda::exec::{
     AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
 };
@@ -43,15 +43,10 @@ use flexgen_tensor::cuda::{
 use flexgen_tensor::host::{DirectFile, align_up};
 use half::f16;
 
-use rand::SeedableRng;
-
 use crate::disk::{DiskCache, READ_THREADS, disk_pos_bytes, read_parallel};
-use crate::sampling::Sampling;
+use crate::stage::{self, BlockInput, Feed, Picks, Stage};
 use crate::tiers::split_counts;
 use crate::{Error, Result, RunStats, tiers::Traffic};
-
-/// Per prompt, the logits row that chose each generated token.
-pub type StepLogits = Vec<Vec<Vec<f32>>>;
 
 /// Where the weights come from: a loaded model's layers, or dummy values made in place.
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +57,7 @@ pub enum LayerSource {
     Dummy(DummyInit),
 }
 
-/// The longest prompt and the most new tokens a [`GpuGenerator`] is sized for, and the GPU memory
+/// The longest prompt and the most new tokens a [`CudaStage`] is sized for, and the GPU memory
 /// it may use (`None`: what the device reports free, less a margin).
 #[derive(Debug, Clone, Copy)]
 pub struct GpuCapacity {
@@ -116,7 +111,7 @@ impl GpuBytes {
 }
 
 /// Runs greedy generation of token prompts on the GPU.
-pub struct GpuGenerator<'m> {
+pub struct CudaStage<'m> {
     model: &'m Model,
     policy: Policy,
     gpu: Gpu,
@@ -167,6 +162,8 @@ pub struct GpuGenerator<'m> {
     freed: [CudaEvent; 2],
     capacity: GpuCapacity,
     bytes: GpuBytes,
+    /// The run buffers (allocated on first use, for `capacity`).
+    run: RefCell<Option<RunBuffers>>,
     /// Page-locked CPU memory held for weights.
     pub pinned_bytes: u64,
     /// Pageable CPU memory held for weights.
@@ -298,7 +295,7 @@ struct RunBuffers {
     tok: Vec<CudaSlice<u32>>,
 }
 
-impl<'m> GpuGenerator<'m> {
+impl<'m> CudaStage<'m> {
     /// Opens GPU 0, checks that the policy is one this executor runs and that everything fits,
     /// then places the weights (`source` says where layer values come from).
     pub fn new(
@@ -462,6 +459,7 @@ impl<'m> GpuGenerator<'m> {
             freed,
             capacity,
             bytes,
+            run: RefCell::new(None),
             pinned_bytes: 0,
             pageable_bytes: 0,
             h2d_bytes_per_s: None,
@@ -1634,15 +1632,16 @@ impl<'m> GpuGenerator<'m> {
     }
 
     /// Final norm, LM head and argmax of GPU batch `kb`'s last positions (`x` holds `b·t` rows):
-    /// the next token of each of its `b` sequences, copied to `out`.
+    /// the most likely next token of each of its `b` sequences, copied to `out` (the copy lands
+    /// at the stream's next synchronization); with `logits`, the logits of the last positions
+    /// (`b × vocab` fp16) too.
     fn next_tokens(
         &self,
         buf: &RunBuffers,
         kb: usize,
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
         out: &mut [u32],
-        sample: Option<(&Sampling, &mut [rand_chacha::ChaCha8Rng])>,
+        logits: Option<&mut [f16]>,
     ) -> Result<()> {
         let g = &self.gpu;
         let (h, ..) = self.dims();
@@ -1659,26 +1658,16 @@ impl<'m> GpuGenerator<'m> {
         let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
         g.gemm(&Gemm::linear(b, vocab, h, addr(&buf.hn), head, addr(&buf.logits), false))
             .map_err(cuda)?;
-        if let Some((sampling, rngs)) = sample {
-            // Sampling runs on the host over the logits of the last positions (b × vocab).
-            let mut logits = vec![f16::ZERO; b * vocab];
-            // SAFETY: b·vocab values into a pageable vector of as many (returns once copied).
+        if let Some(dst) = logits {
+            // SAFETY: b·vocab values into a pageable slice of as many (returns once copied).
             unsafe {
                 cudarc::driver::result::memcpy_dtoh_async(
-                    &mut logits,
+                    &mut dst[..b * vocab],
                     addr(&buf.logits),
                     g.stream.cu_stream(),
                 )
             }
             .map_err(drv)?;
-            let mut row = vec![0f32; vocab];
-            for ((o, l), rng) in out.iter_mut().zip(logits.chunks_exact(vocab)).zip(rngs) {
-                for (d, v) in row.iter_mut().zip(l) {
-                    *d = v.to_f32();
-                }
-                *o = crate::sampling::choose(&row, sampling, rng);
-            }
-            return Ok(());
         }
         g.argmax_rows(addr(&buf.logits), addr(&buf.tok[kb]), b, vocab).map_err(cuda)?;
         // SAFETY: b tokens into a pageable slice of b (the call returns once copied).
@@ -1718,188 +1707,86 @@ impl<'m> GpuGenerator<'m> {
         for (tt, past) in [(t, 0), (1, t)] {
             self.embed_batch(buf, 0, b * tt)?;
             self.layer(w, 0, 0, buf, &starts, b, tt, past, (0, Prefetch::default()))?;
-            self.next_tokens(buf, 0, b, tt, &mut out, None)?;
+            self.next_tokens(buf, 0, (b, tt), &mut out, None)?;
         }
         self.freed[0].record(st).map_err(drv)?;
         st.synchronize().map_err(drv)?;
         Ok(())
     }
 
-    /// Greedy generation of `max_new` tokens for each prompt (token ids); returns the tokens.
-    pub fn generate(
-        &self,
-        prompts: &[Vec<u32>],
-        max_new: usize,
-    ) -> Result<(Vec<Vec<u32>>, RunStats)> {
-        self.generate_with(prompts, max_new, Sampling::Greedy)
+    /// The run buffers, allocated for the longest prompt and warmed up on first use, then kept
+    /// for every later block and call.
+    fn run_buffers(&self) -> Result<std::cell::Ref<'_, RunBuffers>> {
+        if self.run.borrow().is_none() {
+            let t = self.capacity.max_prompt;
+            let buf = self.alloc_run(t)?;
+            self.warm_up(&buf, t)?;
+            self.host_times.take(); // the warm-up's
+            *self.run.borrow_mut() = Some(buf);
+        }
+        Ok(std::cell::Ref::map(self.run.borrow(), |b| b.as_ref().expect("allocated above")))
     }
 
-    /// Generation of `max_new` tokens for each prompt with `sampling` (greedy decoding picks on
-    /// the GPU; sampling copies the last positions' logits to the host and draws there, each
-    /// prompt from its own stream seeded like [`crate::Generator`]'s).
-    pub fn generate_with(
+    /// One block: every GPU batch holds `b` rows (a short block is padded with copies of its
+    /// first prompt, whose picks are dropped); prefill, then decode steps as long as the schedule
+    /// feeds them, layer by layer, every GPU batch through a layer before the next layer.
+    fn run_block_on(
         &self,
-        prompts: &[Vec<u32>],
-        max_new: usize,
-        sampling: Sampling,
-    ) -> Result<(Vec<Vec<u32>>, RunStats)> {
-        self.generate_inner(prompts, max_new, sampling, None)
-    }
-
-    /// Greedy generation that also returns, per prompt, the logits row (f32 of the fp16 values)
-    /// that chose each token: for checks against the CPU path and Hugging Face transformers.
-    pub fn generate_traced(
-        &self,
-        prompts: &[Vec<u32>],
-        max_new: usize,
-    ) -> Result<(Vec<Vec<u32>>, StepLogits)> {
-        let mut logits = vec![Vec::new(); prompts.len()];
-        let (tokens, _) =
-            self.generate_inner(prompts, max_new, Sampling::Greedy, Some(&mut logits))?;
-        Ok((tokens, logits))
-    }
-
-    fn generate_inner(
-        &self,
-        prompts: &[Vec<u32>],
-        max_new: usize,
-        sampling: Sampling,
-        mut trace: Option<&mut StepLogits>,
-    ) -> Result<(Vec<Vec<u32>>, RunStats)> {
-        sampling.validate()?;
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        if longest > self.capacity.max_prompt || max_new > self.capacity.max_new {
-            return Err(Error::Config {
-                field: "capacity",
-                message: format!(
-                    "prompts of up to {longest} tokens and {max_new} new tokens exceed what the \
-                     executor was sized for ({} and {})",
-                    self.capacity.max_prompt, self.capacity.max_new
-                ),
-            });
-        }
-        if prompts.iter().any(Vec::is_empty) {
-            return Err(Error::Config { field: "prompt", message: "an empty prompt".into() });
-        }
-        if max_new == 0 || prompts.is_empty() {
-            return Ok((vec![Vec::new(); prompts.len()], RunStats::default()));
-        }
-        let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
-        let mut stats = RunStats { direct_io: self.direct_io, ..RunStats::default() };
-        let mut traffic = Traffic::default();
-        let mut outputs = vec![Vec::new(); prompts.len()];
-        let buf = self.alloc_run(longest)?;
-        self.warm_up(&buf, longest)?;
-        self.host_times.take(); // the warm-up's
-        for block in (0..prompts.len()).collect::<Vec<_>>().chunks(b * k) {
-            stats.blocks += 1;
-            let passes = max_new * self.layers.len();
-            std::thread::scope(|s| -> Result<()> {
-                let reader = self.disk.as_ref().map(|d| Reader::spawn(s, d, &self.gpu, passes));
-                self.run_block(
-                    (prompts, block, max_new, sampling),
-                    &buf,
-                    reader.as_ref(),
-                    &mut stats,
-                    &mut traffic,
-                    (&mut outputs, trace.as_deref_mut()),
-                )
-            })?;
-        }
-        let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
-        stats.tiers.required.gpu = (total - free) as u64;
-        stats.tiers.required.cpu = self.pinned_bytes + self.pageable_bytes;
-        stats.tiers.required.disk = self.disk_bytes() + self.disk_cache_bytes();
-        stats.host = self.host_times.take();
-        let (read, written) = self.cache_disk_io.take();
-        traffic.disk_read += read;
-        traffic.disk_write += written;
-        stats.tiers.traffic = traffic;
-        Ok((outputs, stats))
-    }
-
-    /// One block: `b × k` sequences through prefill and `max_new − 1` decode steps, layer by
-    /// layer, every GPU batch through a layer before the next layer.
-    fn run_block(
-        &self,
-        (prompts, block, max_new, sampling): (&[Vec<u32>], &[usize], usize, Sampling),
+        input: &BlockInput,
         buf: &RunBuffers,
         reader: Option<&Reader>,
         stats: &mut RunStats,
-        traffic: &mut Traffic,
-        (outputs, mut trace): (&mut [Vec<u32>], Option<&mut StepLogits>),
+        after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
     ) -> Result<()> {
         let spec = &self.model.spec;
-        let pad = spec.pad_token_id.unwrap_or(0);
-        let offset = match spec.positions {
-            PositionKind::Learned { offset } => offset,
-            PositionKind::Rope { .. } => 0,
-        };
+        let vocab = spec.vocab_size as usize;
         let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
         let n_layers = self.layers.len();
         let st = &self.gpu.stream;
         let offloaded = self.g_end < self.unit_len;
-        // Every GPU batch holds b sequences; a short last block is padded with copies of its
-        // first prompt whose outputs are dropped.
-        let t = block.iter().map(|&i| prompts[i].len()).max().unwrap_or(1);
-        let mut members: Vec<Vec<Option<usize>>> = Vec::with_capacity(k);
-        let mut real: Vec<Vec<u32>> = Vec::with_capacity(k);
+        let t = input.width;
+        let mut traffic = Traffic::default();
+        // Row r of GPU batch kb is row r of the block's micro-batch kb, or a copy of the block's
+        // first row (padding rows: computed, never reported).
+        let real_rows: Vec<usize> =
+            (0..k).map(|kb| if kb < input.ids.len() { input.rows(kb) } else { 0 }).collect();
         let mut starts_host: Vec<Vec<i32>> = Vec::with_capacity(k);
-        for kb in 0..k {
-            let m: Vec<Option<usize>> = (0..b).map(|r| block.get(kb * b + r).copied()).collect();
+        let mut row_starts: Vec<Vec<usize>> = Vec::with_capacity(k);
+        for (kb, &n) in real_rows.iter().enumerate() {
             let mut ids = Vec::with_capacity(b * t);
             let mut pos = Vec::with_capacity(b * t);
             let mut starts = Vec::with_capacity(b);
-            let mut counts = Vec::with_capacity(b);
-            for slot in &m {
-                let p = &prompts[slot.unwrap_or(block[0])];
-                let padn = t - p.len();
-                let len = u32::try_from(p.len()).expect("prompt length fits");
-                ids.extend(std::iter::repeat_n(pad, padn).chain(p.iter().copied()));
-                pos.extend(
-                    std::iter::repeat_n(offset.saturating_sub(1), padn)
-                        .chain((0..len).map(|i| i + offset)),
-                );
-                starts.push(i32::try_from(padn).expect("prompt length fits"));
-                counts.push(len);
-                if slot.is_some() {
-                    stats.prompt_tokens += p.len();
-                }
+            for r in 0..b {
+                let (src_kb, src_r) = if r < n { (kb, r) } else { (0, 0) };
+                let start = input.starts[src_kb][src_r];
+                ids.extend_from_slice(&input.ids[src_kb][src_r * t..(src_r + 1) * t]);
+                pos.extend(stage::positions(spec, start, 0, t));
+                starts.push(start);
             }
             htod(st, addr(&buf.ids[kb]), &ids)?;
             htod(st, addr(&buf.pos[kb]), &pos)?;
-            htod(st, addr(&buf.start[kb]), &starts)?;
-            starts_host.push(starts);
-            members.push(m);
-            real.push(counts);
+            starts_host.push(starts.iter().map(|&s| i32::try_from(s).expect("fits")).collect());
+            htod(st, addr(&buf.start[kb]), &starts_host[kb])?;
+            row_starts.push(starts);
         }
-        // One random stream per prompt, seeded as the CPU generator seeds it.
-        let seed = match sampling {
-            Sampling::Random { seed, .. } => seed,
-            Sampling::Greedy => 0,
-        };
-        let mut rngs: Vec<Vec<rand_chacha::ChaCha8Rng>> = members
-            .iter()
-            .map(|m| {
-                m.iter()
-                    .map(|slot| {
-                        let i = slot.unwrap_or(block[0]) as u64;
-                        rand_chacha::ChaCha8Rng::seed_from_u64(
-                            seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                        )
-                    })
-                    .collect()
-            })
-            .collect();
+        let max_new = input.steps;
         let passes = max_new * n_layers;
         if offloaded {
-            self.issue_load(0, 0, reader, traffic)?;
+            self.issue_load(0, 0, reader, &mut traffic)?;
             if passes > 1 {
-                self.issue_load(1 % n_layers, 1, reader, traffic)?;
+                self.issue_load(1 % n_layers, 1, reader, &mut traffic)?;
             }
         }
         let mut pass = 0usize;
         let mut host_tok = vec![vec![0u32; b]; k];
+        let mut host_logits: Vec<Vec<f16>> = real_rows
+            .iter()
+            .enumerate()
+            .map(|(kb, &n)| {
+                let any = n > 0 && input.want_logits[kb].iter().any(|&w| w);
+                if any { vec![f16::ZERO; b * vocab] } else { Vec::new() }
+            })
+            .collect();
         for step in 0..max_new {
             let started = Instant::now();
             let (tt, past) = if step == 0 { (t, 0) } else { (1, t + step - 1) };
@@ -1929,59 +1816,103 @@ impl<'m> GpuGenerator<'m> {
                     // Prefetch two layers ahead into the arena just released; across the step
                     // boundary that is the next step's first layers.
                     if pass + 2 < passes {
-                        self.issue_load((pass + 2) % n_layers, slot, reader, traffic)?;
+                        self.issue_load((pass + 2) % n_layers, slot, reader, &mut traffic)?;
                     }
                 }
                 pass += 1;
             }
-            for ((kb, toks), r) in host_tok.iter_mut().enumerate().zip(rngs.iter_mut()) {
-                let sample =
-                    matches!(sampling, Sampling::Random { .. }).then_some((&sampling, &mut r[..]));
-                self.next_tokens(buf, kb, b, tt, toks, sample)?;
-                if let Some(tr) = trace.as_deref_mut() {
-                    let vocab = spec.vocab_size as usize;
-                    let mut logits = vec![f16::ZERO; b * vocab];
-                    // SAFETY: b·vocab values into a pageable vector (returns once copied).
-                    unsafe {
-                        cudarc::driver::result::memcpy_dtoh_async(
-                            &mut logits,
-                            addr(&buf.logits),
-                            st.cu_stream(),
-                        )
-                    }
-                    .map_err(drv)?;
-                    for (slot, row) in members[kb].iter().zip(logits.chunks_exact(vocab)) {
-                        if let Some(i) = slot {
-                            tr[*i].push(row.iter().map(|v| v.to_f32()).collect());
-                        }
-                    }
-                }
+            for (kb, (toks, logits)) in host_tok.iter_mut().zip(&mut host_logits).enumerate() {
+                let l = (!logits.is_empty()).then_some(&mut logits[..]);
+                self.next_tokens(buf, kb, (b, tt), toks, l)?;
             }
             st.synchronize().map_err(drv)?;
-            for (kb, toks) in host_tok.iter().enumerate() {
-                let mut pos = Vec::with_capacity(b);
-                for (r, slot) in members[kb].iter().enumerate() {
-                    if let Some(i) = slot {
-                        outputs[*i].push(toks[r]);
-                        stats.generated_tokens += 1;
-                    }
-                    pos.push(real[kb][r] + offset);
-                    real[kb][r] += 1;
-                }
-                if step + 1 < max_new {
-                    htod(st, addr(&buf.ids[kb]), toks)?;
+            let picks: Vec<Picks> = (0..input.ids.len())
+                .map(|kb| {
+                    let n = real_rows[kb];
+                    let logits = (0..n)
+                        .map(|r| {
+                            input.want_logits[kb][r].then(|| {
+                                host_logits[kb][r * vocab..(r + 1) * vocab]
+                                    .iter()
+                                    .map(|v| v.to_f32())
+                                    .collect()
+                            })
+                        })
+                        .collect();
+                    Picks { greedy: host_tok[kb][..n].to_vec(), logits }
+                })
+                .collect();
+            let feed = after_step(step, picks)?;
+            if let Some(feed) = &feed {
+                for kb in 0..k {
+                    let n = real_rows[kb];
+                    let toks: Vec<u32> =
+                        (0..b).map(|r| if r < n { feed[kb][r] } else { input.pad }).collect();
+                    let pos: Vec<u32> = row_starts[kb]
+                        .iter()
+                        .flat_map(|&s| stage::positions(spec, s, t + step, 1))
+                        .collect();
+                    htod(st, addr(&buf.ids[kb]), &toks)?;
                     htod(st, addr(&buf.pos[kb]), &pos)?;
                 }
             }
-            let secs = started.elapsed().as_secs_f64();
-            if step == 0 {
-                stats.prefill_s += secs;
-            } else {
-                stats.decode_s += secs;
-                stats.decode_steps.push(secs);
+            stage::record_step(stats, step, started.elapsed().as_secs_f64());
+            if feed.is_none() {
+                break;
             }
         }
         self.load.synchronize().map_err(drv)?;
+        stats.tiers.traffic.cpu_to_gpu += traffic.cpu_to_gpu;
+        stats.tiers.traffic.disk_read += traffic.disk_read;
+        Ok(())
+    }
+}
+
+impl Stage for CudaStage<'_> {
+    fn run_block(
+        &self,
+        input: &BlockInput,
+        stats: &mut RunStats,
+        after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+    ) -> Result<()> {
+        let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
+        if input.ids.len() > k || (0..input.ids.len()).any(|kb| input.rows(kb) > b) {
+            return Err(Error::Config {
+                field: "gpu_batch_size",
+                message: format!("a block larger than the executor's {b}×{k}"),
+            });
+        }
+        if input.width > self.capacity.max_prompt || input.steps > self.capacity.max_new {
+            return Err(Error::Config {
+                field: "capacity",
+                message: format!(
+                    "prompts of up to {} tokens and {} new tokens exceed what the CUDA executor \
+                     was sized for ({} and {}); size it for the longest request",
+                    input.width, input.steps, self.capacity.max_prompt, self.capacity.max_new
+                ),
+            });
+        }
+        if input.steps == 0 || input.ids.is_empty() {
+            return Ok(());
+        }
+        stats.direct_io = self.direct_io;
+        let buf = self.run_buffers()?;
+        let passes = input.steps * self.layers.len();
+        std::thread::scope(|s| -> Result<()> {
+            let reader = self.disk.as_ref().map(|d| Reader::spawn(s, d, &self.gpu, passes));
+            self.run_block_on(input, &buf, reader.as_ref(), stats, after_step)
+        })
+    }
+
+    fn finish(&self, stats: &mut RunStats) -> Result<()> {
+        let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
+        stats.tiers.required.gpu = (total - free) as u64;
+        stats.tiers.required.cpu = self.pinned_bytes + self.pageable_bytes;
+        stats.tiers.required.disk = self.disk_bytes() + self.disk_cache_bytes();
+        stats.host = self.host_times.take();
+        let (read, written) = self.cache_disk_io.take();
+        stats.tiers.traffic.disk_read += read;
+        stats.tiers.traffic.disk_write += written;
         Ok(())
     }
 }
@@ -2120,17 +2051,17 @@ mod tests {
         let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
         let s1 = s1_policy();
-        let b = GpuGenerator::plan_bytes(&m.spec, &s1, (&layout, layout.len), 0, 32 * 56, cap);
+        let b = CudaStage::plan_bytes(&m.spec, &s1, (&layout, layout.len), 0, 32 * 56, cap);
         // Reported: GPU 51.34 GiB (staging 2.30, KV cache 44.62, activations 3.72).
         assert!((gib(b.total()) - 51.34).abs() < 0.01, "{}", gib(b.total()));
         assert!((gib(b.cache) - 44.62).abs() < 0.01 && (gib(b.staging) - 2.30).abs() < 0.01);
         let host =
-            GpuGenerator::plan_host_bytes(&m.spec, &s1, layout.len, (0, layout.len), 32 * 56, cap);
+            CudaStage::plan_host_bytes(&m.spec, &s1, layout.len, (0, layout.len), 32 * 56, cap);
         assert!((gib(host) - 55.13).abs() < 0.01, "{}", gib(host)); // 55.13 GiB pinned
         // With packed 4-bit weights the same run holds and moves about 0.28 of the bytes.
         let p = layout.packed(4, 64);
         let host_c =
-            GpuGenerator::plan_host_bytes(&m.spec, &s1, p.len / 2, (0, p.len / 2), 32 * 56, cap);
+            CudaStage::plan_host_bytes(&m.spec, &s1, p.len / 2, (0, p.len / 2), 32 * 56, cap);
         let ratio = host_c as f64 / host as f64;
         assert!((0.26..0.30).contains(&ratio), "{ratio}");
     }
@@ -2141,9 +2072,9 @@ mod tests {
         let layout = LayerLayout::new(&m.spec).unwrap();
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
         let mut p = s1_policy();
-        let plain = GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
+        let plain = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
         p.compress_cache.enabled = true;
-        let packed = GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
+        let packed = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
         // 4-bit codes and an fp16 pair per 64 values: (32 + 4) / 128 of the fp16 bytes.
         let ratio = packed.cache as f64 / plain.cache as f64;
         assert!((ratio - 36.0 / 128.0).abs() < 1e-9, "{ratio}");
@@ -2152,9 +2083,9 @@ mod tests {
         // The original's compressed T4 policy: the packed cache on the CPU, none on the GPU.
         p.placement =
             flexgen_policy::Placement::from_percent([0.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap();
-        let on_cpu = GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 0, cap);
+        let on_cpu = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 0, cap);
         assert_eq!(on_cpu.cache, 0);
-        let host = GpuGenerator::plan_host_bytes(&m.spec, &p, layout.len, (0, layout.len), 0, cap);
+        let host = CudaStage::plan_host_bytes(&m.spec, &p, layout.len, (0, layout.len), 0, cap);
         let weights = 48 * layout.len as u64 * 2;
         let acts = 2 * 32 * 512 * 7168 * 2;
         assert_eq!(host - weights - acts, packed.cache, "the same packed bytes, on the CPU");
@@ -2175,10 +2106,10 @@ mod tests {
             offload_dir: Some("/unused".into()), // the plan names it only
             ..Policy::default()
         };
-        let cpu_only = GpuGenerator::host_bytes_needed(&m.spec, &p, cap).unwrap();
+        let cpu_only = CudaStage::host_bytes_needed(&m.spec, &p, cap).unwrap();
         p.placement =
             flexgen_policy::Placement::from_percent([100.0, 0.0, 50.0, 25.0, 100.0, 0.0]).unwrap();
-        let with_disk = GpuGenerator::host_bytes_needed(&m.spec, &p, cap).unwrap();
+        let with_disk = CudaStage::host_bytes_needed(&m.spec, &p, cap).unwrap();
         // Half of the CPU rows moved to disk; the disk rows' row-major staging and two pairs of
         // position-major I/O buffers (k and v) stay.
         let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
@@ -2238,7 +2169,7 @@ mod tests {
             };
             let rows = 8 * 32;
             let gpu_rows = split_counts(rows, &p.placement.kv_cache)[0];
-            GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, gpu_rows, cap)
+            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, gpu_rows, cap)
         };
         // The cache on the CPU, attended on the GPU: two working caches of all 256 rows.
         let two = plan([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 1, false);
@@ -2268,16 +2199,16 @@ mod tests {
         let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
         let mut p = Policy { gpu_batch_size: 64, ..Policy::default() };
         let all =
-            GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 64 * 32, cap);
+            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 64 * 32, cap);
         // Reported for S4: GPU 33.41 GiB (weights 12.00, KV cache 17.00, activations 4.01).
         assert!((gib(all.total()) - 33.41).abs() < 0.01, "{}", gib(all.total()));
         p.placement =
             flexgen_policy::Placement::from_percent([100.0, 0.0, 25.0, 75.0, 100.0, 0.0]).unwrap();
         p.cpu_cache_compute = true;
         let quarter =
-            GpuGenerator::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 16 * 32, cap);
+            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 16 * 32, cap);
         assert_eq!(quarter.cache * 4, all.cache, "a quarter of the rows on the GPU");
-        let host = GpuGenerator::plan_host_bytes(
+        let host = CudaStage::plan_host_bytes(
             &m.spec,
             &p,
             layout.len,

@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use flexgen_cli::{PolicyArgs, bundled_model_dir, human_bytes, peak_rss_bytes};
 use flexgen_model::{DummyInit, Model};
 use flexgen_runtime::{
-    Budgets, Event, GenerationConfig, Generator, GpuCapacity, LayerSource, Request, Sampling,
+    Budgets, Device, Event, GenerationConfig, Generator, GpuCapacity, LayerSource, Request,
+    Sampling,
 };
 
 const ABOUT: &str = "Generate text with a model under an offloading policy.";
@@ -108,6 +109,23 @@ struct ModelArgs {
     /// Dummy weights instead of files: `ones` (FlexGen's convention) or `random` (seeded).
     #[arg(long, value_name = "KIND", num_args = 0..=1, default_missing_value = "ones")]
     dummy: Option<DummyKind>,
+    /// With --dummy: the tokenizer for text prompts (a tokenizer.json, or a model directory
+    /// holding one, e.g. an OPT checkpoint's), so text and JSONL jobs run on dummy shapes.
+    #[arg(long, value_name = "PATH", requires = "dummy")]
+    tokenizer: Option<PathBuf>,
+}
+
+/// Where the model runs, shared by the subcommands.
+#[derive(Args, Debug, Clone)]
+struct DeviceArgs {
+    /// Compute device: `cpu` (the tiered executor; the GPU tier is host memory) or `cuda` (GPU 0:
+    /// cuBLAS and NVRTC kernels, CUDA loaded at run time). Both run every placement through the
+    /// same schedule and give the same tokens.
+    #[arg(long, value_enum, default_value = "cpu", help_heading = "Policy")]
+    device: DeviceKind,
+    /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.
+    #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes, help_heading = "Policy")]
+    gpu_mem_limit: Option<u64>,
 }
 
 /// Sampling options shared by the subcommands.
@@ -171,9 +189,8 @@ struct BatchArgs {
     ignore_eos: bool,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Memory the GPU tier may use (e.g. 16GiB).
-    #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes, help_heading = "Policy")]
-    gpu_mem_limit: Option<u64>,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -190,6 +207,8 @@ struct ChatArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     policy: PolicyArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -227,13 +246,8 @@ struct RunArgs {
     ignore_eos: bool,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Compute device: `cpu` (tiered executor, every policy) or `cuda` (GPU 0; every placement;
-    /// not a compressed cache on disk; no stop strings).
-    #[arg(long, value_enum, default_value = "cpu", help_heading = "Policy")]
-    device: DeviceKind,
-    /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.
-    #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes, help_heading = "Policy")]
-    gpu_mem_limit: Option<u64>,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Print the report as JSON on stdout instead of text.
     #[arg(long, help_heading = "Output")]
     json: bool,
@@ -265,10 +279,8 @@ fn main() -> ExitCode {
 
 fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
     let policy = args.policy.resolve()?;
-    let model = load_model(&args.model, false, args.sampling.seed)?;
+    let model = load_model(&args.model, args.device.device, args.sampling.seed)?;
     args.sampling.sampling()?;
-    let budgets = Budgets { gpu_bytes: args.gpu_mem_limit, ..Budgets::default() };
-    let generator = Generator::with_budgets(&model, policy.clone(), budgets)?;
     let job = flexgen_cli::batch::BatchJob {
         input: args.input.clone(),
         output: args.output.clone(),
@@ -282,7 +294,16 @@ fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
         stop_on_eos: !args.ignore_eos,
         progress: !args.quiet,
     };
-    let r = job.run(&generator, policy.block_size())?;
+    let r = job.run(&model, |shape| {
+        make_generator(
+            &model,
+            &policy,
+            &args.model,
+            &args.device,
+            args.sampling.seed,
+            (shape.max_prompt_tokens, shape.max_new_tokens),
+        )
+    })?;
     #[expect(clippy::cast_precision_loss, reason = "rates")]
     let (rps, tps) = (
         r.generated_requests as f64 / r.seconds.max(1e-9),
@@ -297,16 +318,35 @@ fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
         r.seconds,
         r.skipped_lines
     );
+    if r.generated_requests > 0 {
+        eprintln!(
+            "generation: {:.1} s in {} blocks ({:.1} s set-up before the first), {:.1} generated tokens/s while generating",
+            r.generate_s,
+            r.blocks,
+            r.setup_s,
+            r.generated_tokens as f64 / r.generate_s.max(1e-9)
+        );
+    }
     Ok(())
 }
 
 fn run_chat(args: &ChatArgs) -> anyhow::Result<()> {
     let policy = args.policy.resolve()?;
-    let model = load_model(&args.model, false, args.sampling.seed)?;
+    let model = load_model(&args.model, args.device.device, args.sampling.seed)?;
     if model.tokenizer.is_none() {
-        bail!("chat needs a model with a tokenizer (not --dummy)");
+        bail!("chat needs a model with a tokenizer (with --dummy, give --tokenizer PATH)");
     }
-    let generator = Generator::new(&model, policy)?;
+    // The conversation may fill every position the model has.
+    let positions = model.spec.max_positions as usize;
+    let max_new = args.max_new_tokens.min(positions.saturating_sub(1)).max(1);
+    let generator = make_generator(
+        &model,
+        &policy,
+        &args.model,
+        &args.device,
+        args.sampling.seed,
+        (positions - max_new, max_new),
+    )?;
     let options = flexgen_cli::chat::ChatOptions {
         config: GenerationConfig {
             max_new_tokens: args.max_new_tokens,
@@ -318,10 +358,44 @@ fn run_chat(args: &ChatArgs) -> anyhow::Result<()> {
     flexgen_cli::chat::run(&generator, &options, &mut stdin.lock(), &mut std::io::stdout())
 }
 
+/// The generator of `model` under `policy` on the chosen device; on the GPU sized for prompts of
+/// up to `capacity.0` tokens and `capacity.1` new tokens.
+fn make_generator<'m>(
+    model: &'m Model,
+    policy: &flexgen_policy::Policy,
+    margs: &ModelArgs,
+    dargs: &DeviceArgs,
+    seed: u64,
+    (max_prompt, max_new): (usize, usize),
+) -> anyhow::Result<Generator<'m>> {
+    let device = match dargs.device {
+        DeviceKind::Cpu => {
+            Device::Cpu(Budgets { gpu_bytes: dargs.gpu_mem_limit, ..Budgets::default() })
+        }
+        DeviceKind::Cuda => Device::Cuda {
+            source: match margs.dummy {
+                Some(DummyKind::Ones) => LayerSource::Dummy(DummyInit::Ones),
+                Some(DummyKind::Random) => LayerSource::Dummy(DummyInit::Random { seed }),
+                None => LayerSource::Loaded,
+            },
+            capacity: GpuCapacity {
+                max_prompt: max_prompt.max(1),
+                max_new: max_new.max(1),
+                gpu_limit: dargs.gpu_mem_limit,
+            },
+        },
+    };
+    let what = match dargs.device {
+        DeviceKind::Cpu => "setting up the CPU executor",
+        DeviceKind::Cuda => "setting up the CUDA executor",
+    };
+    Generator::on(model, policy.clone(), device).context(what)
+}
+
 fn run(cli: &RunArgs) -> anyhow::Result<()> {
     let policy = cli.policy.resolve()?;
     let started = std::time::Instant::now();
-    let model = load_model(&cli.model, cli.device == DeviceKind::Cuda, cli.sampling.seed)?;
+    let model = load_model(&cli.model, cli.device.device, cli.sampling.seed)?;
     let load_s = started.elapsed().as_secs_f64();
     let requests = requests(cli, &model, policy.block_size())?;
     let sampling = cli.sampling.sampling()?;
@@ -333,11 +407,17 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         output_logits: false,
         forced: None,
     };
-    if cli.device == DeviceKind::Cuda {
-        return run_cuda(cli, &model, &policy, &requests, load_s, started);
-    }
-    let budgets = Budgets { gpu_bytes: cli.gpu_mem_limit, ..Budgets::default() };
-    let generator = Generator::with_budgets(&model, policy.clone(), budgets)?;
+    let longest = requests.iter().map(|r| prompt_tokens(&model, r)).max().unwrap_or(1);
+    let setup = std::time::Instant::now();
+    let generator = make_generator(
+        &model,
+        &policy,
+        &cli.model,
+        &cli.device,
+        cli.sampling.seed,
+        (longest, cli.max_new_tokens),
+    )?;
+    let setup_s = setup.elapsed().as_secs_f64();
     let stream = !cli.quiet && !cli.json && requests.len() == 1 && model.tokenizer.is_some();
     let mut out = std::io::stdout().lock();
     if stream && let flexgen_runtime::Prompt::Text(p) = &requests[0].prompt {
@@ -365,8 +445,39 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
             writeln!(out, "[{i}] {prompt}{text}")?;
         }
     }
-    let p = &policy;
-    let mut report = common_report("cpu", &model, p, &requests, cli.max_new_tokens, &stats, load_s);
+    let result = match generator.cuda() {
+        Some(gpu) => {
+            let run = CudaRun { requests: &requests, load_s, setup_s, started, longest };
+            report_cuda(cli, &model, &policy, gpu, &stats, &run, &mut out)
+        }
+        None => report_cpu(cli, &model, &policy, &requests, &stats, (load_s, started), &mut out),
+    };
+    // Pinned memory is returned far faster by the kernel at exit than by freeing it piecewise.
+    std::mem::forget(generator);
+    result
+}
+
+/// Tokens of a request's prompt (characters when it cannot be tokenized: an estimate for sizing).
+fn prompt_tokens(model: &Model, r: &Request) -> usize {
+    match &r.prompt {
+        flexgen_runtime::Prompt::Tokens(t) => t.len(),
+        flexgen_runtime::Prompt::Text(t) => {
+            model.tokenizer.as_ref().and_then(|k| k.encode(t).ok()).map_or(t.len(), |v| v.len())
+        }
+    }
+}
+
+/// The text and JSON report of a run on the CPU executor.
+fn report_cpu(
+    cli: &RunArgs,
+    model: &Model,
+    p: &flexgen_policy::Policy,
+    requests: &[Request],
+    stats: &flexgen_runtime::RunStats,
+    (load_s, started): (f64, std::time::Instant),
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let mut report = common_report("cpu", model, p, requests, cli.max_new_tokens, stats, load_s);
     extend(
         &mut report,
         serde_json::json!({
@@ -387,7 +498,7 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut err = std::io::stderr().lock();
-    writeln!(err, "\n{}", header(&model, p, completions.len(), cli.max_new_tokens, "cpu"))?;
+    writeln!(err, "\n{}", header(model, p, requests.len(), cli.max_new_tokens, "cpu"))?;
     let (need, moved) = (stats.tiers.required, stats.tiers.traffic);
     writeln!(
         err,
@@ -410,7 +521,7 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         "prefill {:.1} tok/s ({:.3} s) | decode {:.1} tok/s ({:.3} s) | total {:.1} tok/s | load {:.2} s",
         stats.prefill_tokens_per_s(),
         stats.prefill_s,
-        stats.decode_tokens_per_s(completions.len()),
+        stats.decode_tokens_per_s(requests.len()),
         stats.decode_s,
         stats.total_tokens_per_s(),
         load_s
@@ -521,7 +632,7 @@ fn calibration_record(
     })
 }
 
-fn load_model(cli: &ModelArgs, cuda: bool, seed: u64) -> anyhow::Result<Model> {
+fn load_model(cli: &ModelArgs, device: DeviceKind, seed: u64) -> anyhow::Result<Model> {
     if let Some(kind) = cli.dummy {
         let name = cli.model.as_deref().context("--dummy needs --model NAME (e.g. opt-125m)")?;
         let spec = flexgen_model::spec_by_name(name)?;
@@ -530,8 +641,16 @@ fn load_model(cli: &ModelArgs, cuda: bool, seed: u64) -> anyhow::Result<Model> {
             DummyKind::Random => DummyInit::Random { seed },
         };
         // The CUDA executor fills the layers itself, in fp16, where the policy places them.
-        let built = if cuda { Model::dummy_tables(spec, init) } else { Model::dummy(spec, init) };
-        return built.with_context(|| format!("building dummy weights for {name}"));
+        let built = if device == DeviceKind::Cuda {
+            Model::dummy_tables(spec, init)
+        } else {
+            Model::dummy(spec, init)
+        };
+        let model = built.with_context(|| format!("building dummy weights for {name}"))?;
+        return match &cli.tokenizer {
+            Some(t) => model.with_tokenizer(t).context("--tokenizer"),
+            None => Ok(model),
+        };
     }
     let dir = cli.model.as_ref().map_or_else(bundled_model_dir, PathBuf::from);
     if !dir.exists()
@@ -591,80 +710,37 @@ fn requests(cli: &RunArgs, model: &Model, block: usize) -> anyhow::Result<Vec<Re
     Ok(texts.iter().cycle().take(n.max(texts.len())).map(|t| Request::text(t.clone())).collect())
 }
 
-/// Greedy generation on the CUDA executor, with the same report fields as the CPU path.
-fn run_cuda(
+/// What the CUDA report needs of a run besides its stats.
+struct CudaRun<'a> {
+    requests: &'a [Request],
+    load_s: f64,
+    setup_s: f64,
+    started: std::time::Instant,
+    /// The longest prompt, in tokens.
+    longest: usize,
+}
+
+/// The text and JSON report of a run on the CUDA executor: memory per use, bytes moved, and each
+/// decode step against the PCIe (and disk) roofline measured in the same process.
+fn report_cuda(
     cli: &RunArgs,
     model: &Model,
     policy: &flexgen_policy::Policy,
-    requests: &[Request],
-    load_s: f64,
-    started: std::time::Instant,
+    generator: &flexgen_runtime::CudaStage<'_>,
+    stats: &flexgen_runtime::RunStats,
+    run: &CudaRun<'_>,
+    out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    if !cli.stop.is_empty() {
-        bail!("--device cuda has no stop strings yet: drop --stop, or use --device cpu");
-    }
-    let prompts: Vec<Vec<u32>> = requests
-        .iter()
-        .map(|r| match &r.prompt {
-            flexgen_runtime::Prompt::Tokens(t) => Ok(t.clone()),
-            flexgen_runtime::Prompt::Text(t) => {
-                Ok(model.tokenizer.as_ref().context("text prompts need a tokenizer")?.encode(t)?)
-            }
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let setup = std::time::Instant::now();
-    let source = match cli.model.dummy {
-        Some(DummyKind::Ones) => LayerSource::Dummy(DummyInit::Ones),
-        Some(DummyKind::Random) => {
-            LayerSource::Dummy(DummyInit::Random { seed: cli.sampling.seed })
-        }
-        None => LayerSource::Loaded,
-    };
-    let capacity = GpuCapacity {
-        max_prompt: prompts.iter().map(Vec::len).max().unwrap_or(1),
-        max_new: cli.max_new_tokens,
-        gpu_limit: cli.gpu_mem_limit,
-    };
-    let generator = flexgen_runtime::GpuGenerator::new(model, policy.clone(), source, capacity)
-        .context("setting up the CUDA executor")?;
-    let setup_s = setup.elapsed().as_secs_f64();
-    let (mut tokens, stats) =
-        generator.generate_with(&prompts, cli.max_new_tokens, cli.sampling.sampling()?)?;
-    // Every block runs its full length (throughput counts every computed token, as the original
-    // does); the text of a sequence ends at its EOS unless --ignore-eos.
-    if !cli.ignore_eos
-        && let Some(eos) = model.spec.eos_token_id
-    {
-        for t in &mut tokens {
-            if let Some(i) = t.iter().position(|&x| x == eos) {
-                t.truncate(i + 1);
-            }
-        }
-    }
-    let mut out = std::io::stdout().lock();
-    if !cli.quiet && !cli.json {
-        for (i, (r, t)) in requests.iter().zip(&tokens).enumerate() {
-            let prompt = match &r.prompt {
-                flexgen_runtime::Prompt::Text(p) => p.clone(),
-                flexgen_runtime::Prompt::Tokens(p) => format!("<{} tokens>", p.len()),
-            };
-            let text = match &model.tokenizer {
-                Some(tok) => tok.decode(t)?,
-                None => format!("{t:?}"),
-            };
-            writeln!(out, "[{i}] {prompt}{text}")?;
-        }
-    }
+    let CudaRun { requests, load_s, setup_s, started, longest: prompt_len } = *run;
     let bytes = generator.gpu_bytes();
     let per_pass = generator.weight_bytes_per_pass();
-    let decode = stats.decode_tokens_per_s(prompts.len());
+    let decode = stats.decode_tokens_per_s(requests.len());
     let block = policy.block_size() as f64;
     // The roofline of a decode step: the weights and KV cache that must cross PCIe (the cache at
     // the middle decode step's length) at the pinned bandwidth measured in this process,
     // overlapped with the disk part of the weights at the direct-read bandwidth measured in this
     // process (the slower of the two links bounds the step).
     let disk_per_pass = generator.disk_bytes_per_pass();
-    let prompt_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let (cache_pcie, cache_disk) = generator
         .cache_bytes_per_decode_step(prompt_len + cli.max_new_tokens.saturating_sub(2) / 2);
     let pcie_bytes = per_pass + cache_pcie;
@@ -674,7 +750,7 @@ fn run_cuda(
         .disk_bytes_per_s
         .filter(|_| disk_per_pass > 0)
         .map(|bw| disk_per_pass as f64 / bw);
-    let seqs = block.min(prompts.len() as f64);
+    let seqs = block.min(requests.len() as f64);
     let roofline = match (pcie_s, disk_s) {
         (Some(p), Some(d)) => Some(seqs / p.max(d)),
         (Some(p), None) => Some(seqs / p),
@@ -688,7 +764,7 @@ fn run_cuda(
     steps.sort_by(f64::total_cmp);
     let median_step = steps.get(steps.len() / 2).copied();
     let mut report =
-        common_report("cuda", model, policy, requests, cli.max_new_tokens, &stats, load_s);
+        common_report("cuda", model, policy, requests, cli.max_new_tokens, stats, load_s);
     extend(
         &mut report,
         serde_json::json!({
@@ -732,11 +808,10 @@ fn run_cuda(
     );
     if cli.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-        std::mem::forget(generator);
         return Ok(());
     }
     let mut err = std::io::stderr().lock();
-    writeln!(err, "\n{}", header(model, policy, prompts.len(), cli.max_new_tokens, "cuda"))?;
+    writeln!(err, "\n{}", header(model, policy, requests.len(), cli.max_new_tokens, "cuda"))?;
     writeln!(
         err,
         "GPU {} (weights {}, staging {}, KV cache {}, activations {}) | CPU weights {} pinned, {} pageable | CPU→GPU {}",
@@ -814,7 +889,5 @@ fn run_cuda(
         "setup {:.1} s: weights filled and placed {:.1} s (pinning {:.1} s overlapped), disk tier written {:.1} s",
         t.total_s, t.fill_s, t.pin_s, t.disk_write_s
     )?;
-    // Pinned memory is returned far faster by the kernel at exit than by freeing it piecewise.
-    std::mem::forget(generator);
     Ok(())
 }

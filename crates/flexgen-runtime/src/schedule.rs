@@ -1,0 +1,382 @@
+//! The one schedule, the same on every device: requests are tokenized and checked, cut into blocks
+//! of the policy's effective batch (`gpu_batch_size × num_gpu_batches`) and micro-batches of
+//! `gpu_batch_size`, left-padded; a device stage runs each block (the zig-zag over layers and
+//! micro-batches) and after every step the schedule chooses each sequence's next token (greedy,
+//! or sampled from the request's own random stream), applies teacher forcing, EOS, length and
+//! stop strings, streams the printable text, and feeds the chosen tokens back. A block ends when
+//! every sequence in it has finished.
+
+use flexgen_model::Model;
+use rand::SeedableRng;
+
+use crate::generate::{Completion, Event, FinishReason, GenerationConfig, Prompt, Request};
+use crate::sampling::{self, Sampling};
+use crate::stage::{BlockInput, Picks, Stage};
+use crate::stream::TextStream;
+use crate::{Error, Result, RunStats};
+
+/// One sequence in flight.
+struct Seq {
+    request: usize,
+    max_new: usize,
+    sampling: Sampling,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    finish: Option<FinishReason>,
+    stream: TextStream,
+    rng: rand_chacha::ChaCha8Rng,
+    logits: Option<Vec<Vec<f32>>>,
+}
+
+/// The random stream of request `index`: its own seed when the request carries its sampling, the
+/// shared seed mixed with the index otherwise (so a sequence's draws do not depend on its block).
+pub(crate) fn request_rng(sampling: Sampling, own: bool, index: usize) -> rand_chacha::ChaCha8Rng {
+    let seed = match (sampling, own) {
+        (Sampling::Random { seed, .. }, true) => seed,
+        (Sampling::Random { seed, .. }, false) => {
+            seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        }
+        (Sampling::Greedy, _) => 0,
+    };
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Runs `requests` through `stage` in blocks of `block_size` sequences, micro-batches of
+/// `batch_size`.
+pub(crate) fn run(
+    model: &Model,
+    stage: &dyn Stage,
+    (batch_size, block_size): (usize, usize),
+    requests: &[Request],
+    config: &GenerationConfig,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<(Vec<Completion>, RunStats)> {
+    config.sampling.validate()?;
+    let seqs = prepare(model, requests, config)?;
+    let mut stats = RunStats::default();
+    let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
+    let mut seqs = seqs.into_iter().peekable();
+    while seqs.peek().is_some() {
+        let block: Vec<Seq> = seqs.by_ref().take(block_size).collect();
+        stats.blocks += 1;
+        for (i, c) in run_block(model, stage, batch_size, block, config, &mut stats, on_event)? {
+            done[i] = Some(c);
+        }
+    }
+    stage.finish(&mut stats)?;
+    Ok((done.into_iter().map(|c| c.expect("every request completes")).collect(), stats))
+}
+
+/// Tokenizes and checks every request before anything runs.
+fn prepare(model: &Model, requests: &[Request], config: &GenerationConfig) -> Result<Vec<Seq>> {
+    let spec = &model.spec;
+    let mut seqs = Vec::with_capacity(requests.len());
+    for (index, r) in requests.iter().enumerate() {
+        let bad = |message: String| Error::Request { index, message };
+        let prompt = match &r.prompt {
+            Prompt::Tokens(ids) => ids.clone(),
+            Prompt::Text(text) => {
+                let tok = model.tokenizer.as_ref().ok_or_else(|| {
+                    bad("a text prompt needs a tokenizer; this model has none (dummy weights): \
+                         pass token ids, or give the dummy model a tokenizer"
+                        .into())
+                })?;
+                tok.encode(text)?
+            }
+        };
+        if prompt.is_empty() {
+            return Err(bad("the prompt has no tokens".into()));
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| t >= spec.vocab_size) {
+            return Err(bad(format!(
+                "token id {t} is outside the vocabulary (size {})",
+                spec.vocab_size
+            )));
+        }
+        let max_new = r.max_new_tokens.unwrap_or(config.max_new_tokens);
+        if max_new == 0 {
+            return Err(bad("max_new_tokens is 0: nothing to generate".into()));
+        }
+        if prompt.len().saturating_add(max_new) > spec.max_positions as usize {
+            return Err(bad(format!(
+                "prompt ({} tokens) + max_new_tokens ({max_new}) exceeds the model's {} positions; \
+                 shorten the prompt or lower max_new_tokens",
+                prompt.len(),
+                spec.max_positions
+            )));
+        }
+        let stop = r.stop.clone().unwrap_or_else(|| config.stop.clone());
+        if !stop.is_empty() && model.tokenizer.is_none() {
+            return Err(bad("stop strings need a tokenizer; this model has none".into()));
+        }
+        let sampling = r.sampling.unwrap_or(config.sampling);
+        sampling.validate()?;
+        seqs.push(Seq {
+            request: index,
+            max_new,
+            stream: TextStream::new(&stop),
+            sampling,
+            prompt,
+            generated: Vec::new(),
+            finish: None,
+            rng: request_rng(sampling, r.sampling.is_some(), index),
+            logits: config.output_logits.then(Vec::new),
+        });
+    }
+    Ok(seqs)
+}
+
+/// Runs one block to completion on `stage`.
+fn run_block(
+    model: &Model,
+    stage: &dyn Stage,
+    batch_size: usize,
+    mut block: Vec<Seq>,
+    config: &GenerationConfig,
+    stats: &mut RunStats,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Vec<(usize, Completion)>> {
+    let pad = model.spec.pad_token_id.unwrap_or(0);
+    let steps = block.iter().map(|s| s.max_new).max().unwrap_or(0);
+    stats.prompt_tokens += block.iter().map(|s| s.prompt.len()).sum::<usize>();
+    let input = {
+        let batches: Vec<Vec<&[u32]>> = block
+            .chunks(batch_size)
+            .map(|mb| mb.iter().map(|s| s.prompt.as_slice()).collect())
+            .collect();
+        let want: Vec<Vec<bool>> = block
+            .chunks(batch_size)
+            .map(|mb| {
+                mb.iter()
+                    .map(|s| s.logits.is_some() || matches!(s.sampling, Sampling::Random { .. }))
+                    .collect()
+            })
+            .collect();
+        BlockInput::new(&batches, want, steps, pad)
+    };
+    let mut generated = 0usize;
+    let mut after_step = |_step: usize, picks: Vec<Picks>| -> Result<Option<Vec<Vec<u32>>>> {
+        let mut feed = Vec::with_capacity(picks.len());
+        for (mb, p) in block.chunks_mut(batch_size).zip(picks) {
+            let mut next = Vec::with_capacity(mb.len());
+            for ((s, &greedy), logits) in mb.iter_mut().zip(&p.greedy).zip(p.logits) {
+                if s.finish.is_some() {
+                    next.push(pad);
+                    continue;
+                }
+                let token = match (&s.sampling, &logits) {
+                    (Sampling::Random { .. }, Some(row)) => {
+                        sampling::choose(row, &s.sampling, &mut s.rng)
+                    }
+                    _ => greedy,
+                };
+                let fed = config
+                    .forced
+                    .as_ref()
+                    .and_then(|f| f.get(s.request)?.get(s.generated.len()).copied())
+                    .unwrap_or(token);
+                if let (Some(l), Some(row)) = (&mut s.logits, logits) {
+                    l.push(row);
+                }
+                accept(model, s, token, config, &mut generated, on_event)?;
+                next.push(fed);
+            }
+            feed.push(next);
+        }
+        let all_done = block.iter().all(|s| s.finish.is_some());
+        Ok((!all_done).then_some(feed))
+    };
+    stage.run_block(&input, stats, &mut after_step)?;
+    stats.generated_tokens += generated;
+    Ok(block
+        .into_iter()
+        .map(|s| {
+            let text = model.tokenizer.as_ref().map(|_| s.stream.final_text().to_string());
+            (
+                s.request,
+                Completion {
+                    prompt_tokens: s.prompt,
+                    tokens: s.generated,
+                    text,
+                    finish: s.finish.unwrap_or(FinishReason::Length),
+                    logits: s.logits,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Records `token` for `s`, streams its text, and decides whether `s` is finished.
+fn accept(
+    model: &Model,
+    s: &mut Seq,
+    token: u32,
+    config: &GenerationConfig,
+    generated: &mut usize,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<()> {
+    s.generated.push(token);
+    *generated += 1;
+    let is_eos = config.stop_on_eos && model.spec.eos_token_id == Some(token);
+    let mut finish = if is_eos {
+        Some(FinishReason::Eos)
+    } else if s.generated.len() >= s.max_new {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    let delta = match &model.tokenizer {
+        Some(tok) => {
+            let text = if is_eos {
+                tok.decode(&s.generated[..s.generated.len() - 1])?
+            } else {
+                tok.decode(&s.generated)?
+            };
+            let (delta, hit_stop) = s.stream.update(&text, finish.is_some());
+            if hit_stop {
+                finish = Some(FinishReason::Stop);
+            }
+            delta
+        }
+        None => String::new(),
+    };
+    on_event(Event::Token { request: s.request, token, text: &delta });
+    if let Some(reason) = finish {
+        s.finish = Some(reason);
+        on_event(Event::Finished { request: s.request, reason });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::stage::{Feed, Picks};
+
+    fn tiny() -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../flexgen-model/test_data/tiny-random-opt");
+        Model::load(&dir).unwrap()
+    }
+
+    /// A stage whose row `r` of micro-batch `k` picks `script[k][r][step]` (logits: one-hot
+    /// rows), recording every feed it is given and how many steps it ran.
+    struct Scripted {
+        script: Vec<Vec<Vec<u32>>>,
+        vocab: usize,
+        feeds: RefCell<Vec<Vec<Vec<u32>>>>,
+        steps: RefCell<usize>,
+    }
+
+    impl Stage for Scripted {
+        fn run_block(
+            &self,
+            block: &BlockInput,
+            _stats: &mut RunStats,
+            after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        ) -> Result<()> {
+            for step in 0..block.steps {
+                *self.steps.borrow_mut() += 1;
+                let picks = (0..block.ids.len())
+                    .map(|k| {
+                        let greedy: Vec<u32> =
+                            (0..block.rows(k)).map(|r| self.script[k][r][step]).collect();
+                        let logits = greedy
+                            .iter()
+                            .zip(&block.want_logits[k])
+                            .map(|(&g, &w)| {
+                                w.then(|| {
+                                    let mut row = vec![0.0; self.vocab];
+                                    row[g as usize] = 50.0;
+                                    row
+                                })
+                            })
+                            .collect();
+                        Picks { greedy, logits }
+                    })
+                    .collect();
+                match after_step(step, picks)? {
+                    Some(feed) => self.feeds.borrow_mut().push(feed),
+                    None => break,
+                }
+            }
+            Ok(())
+        }
+
+        fn finish(&self, _stats: &mut RunStats) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn scripted(script: Vec<Vec<Vec<u32>>>) -> Scripted {
+        Scripted { script, vocab: 4096, feeds: RefCell::default(), steps: RefCell::default() }
+    }
+
+    #[test]
+    fn a_sequence_ends_at_eos_is_fed_padding_and_the_block_ends_with_its_last_sequence() {
+        let model = tiny();
+        let eos = 2;
+        // Two micro-batches of one row: the first emits EOS at its second step, the second runs
+        // to its length (4).
+        let stage = scripted(vec![vec![vec![7, eos, 9, 9]], vec![vec![5, 6, 7, 8]]]);
+        let requests = vec![Request::tokens(vec![2, 10, 11]), Request::tokens(vec![2, 12])];
+        let config = GenerationConfig { max_new_tokens: 4, ..GenerationConfig::default() };
+        let mut events = Vec::new();
+        let (done, stats) = run(&model, &stage, (1, 2), &requests, &config, &mut |e| {
+            if let Event::Finished { request, reason } = e {
+                events.push((request, reason));
+            }
+        })
+        .unwrap();
+        assert_eq!(done[0].tokens, [7, eos]);
+        assert_eq!(done[0].finish, FinishReason::Eos);
+        assert_eq!(done[1].tokens, [5, 6, 7, 8]);
+        assert_eq!(done[1].finish, FinishReason::Length);
+        assert_eq!(stats.generated_tokens, 6);
+        assert_eq!(events, [(0, FinishReason::Eos), (1, FinishReason::Length)]);
+        // After its EOS the first sequence is fed padding (1); the block stops once both end:
+        // three feeds, no fourth.
+        let feeds = stage.feeds.borrow();
+        assert_eq!(feeds.len(), 3);
+        assert_eq!(feeds[0], [vec![7], vec![5]]);
+        assert_eq!(feeds[1], [vec![eos], vec![6]]);
+        assert_eq!(feeds[2], [vec![1], vec![7]]);
+        assert_eq!(*stage.steps.borrow(), 4);
+    }
+
+    #[test]
+    fn a_block_stops_early_when_every_sequence_has_finished() {
+        let model = tiny();
+        let stage = scripted(vec![vec![vec![3, 2, 4, 4, 4, 4], vec![2, 4, 4, 4, 4, 4]]]);
+        let requests = vec![Request::tokens(vec![2, 10]), Request::tokens(vec![2, 11])];
+        let config = GenerationConfig { max_new_tokens: 6, ..GenerationConfig::default() };
+        let (done, _) = run(&model, &stage, (2, 2), &requests, &config, &mut |_| {}).unwrap();
+        assert_eq!(done[0].tokens, [3, 2]);
+        assert_eq!(done[1].tokens, [2]);
+        assert_eq!(*stage.steps.borrow(), 2, "two steps of six: both ended by then");
+    }
+
+    #[test]
+    fn sampled_rows_draw_from_their_logits_and_forced_tokens_are_fed() {
+        let model = tiny();
+        // The logits are one-hot at the script's token, so a draw at any temperature picks it.
+        let stage = scripted(vec![vec![vec![40, 41, 42], vec![50, 51, 52]]]);
+        let mut sampled = Request::tokens(vec![2, 10]);
+        sampled.sampling =
+            Some(Sampling::Random { temperature: 1.0, top_k: None, top_p: None, seed: 1 });
+        let requests = vec![sampled, Request::tokens(vec![2, 11])];
+        let config = GenerationConfig {
+            max_new_tokens: 3,
+            output_logits: true,
+            forced: Some(vec![vec![], vec![60, 61]]),
+            ..GenerationConfig::default()
+        };
+        let (done, _) = run(&model, &stage, (2, 2), &requests, &config, &mut |_| {}).unwrap();
+        assert_eq!(done[0].tokens, [40, 41, 42]);
+        assert_eq!(done[1].tokens, [50, 51, 52], "the chosen tokens are reported");
+        assert_eq!(stage.feeds.borrow()[0], [vec![40, 60]], "the forced ones are fed");
+        assert_eq!(done[1].logits.as_ref().map(Vec::len), Some(3));
+    }
+}
