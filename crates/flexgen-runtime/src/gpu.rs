@@ -42,6 +42,8 @@ use flexgen_tensor::cuda::{
 };
 use flexgen_tensor::host::{DirectFile, align_up};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use crate::disk::{DiskCache, READ_THREADS, disk_pos_bytes, read_parallel};
 use crate::stage::{self, BlockInput, Feed, Picks, Stage};
@@ -1830,12 +1832,13 @@ impl<'m> CudaStage<'m> {
                 .map(|kb| {
                     let n = real_rows[kb];
                     let logits = (0..n)
+                        .into_par_iter()
                         .map(|r| {
                             input.want_logits[kb][r].then(|| {
+                                let mut row = vec![0f32; vocab];
                                 host_logits[kb][r * vocab..(r + 1) * vocab]
-                                    .iter()
-                                    .map(|v| v.to_f32())
-                                    .collect()
+                                    .convert_to_f32_slice(&mut row);
+                                row
                             })
                         })
                         .collect();

@@ -58,44 +58,67 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Picks the next token.
+///
+/// Costs O(vocabulary) per call (plus a partial sort of the nucleus with `top_p`): weights are
+/// computed in vocabulary order, top-k keeps the k largest by selection, top-p sorts only as many
+/// of the largest as its nucleus needs. The draw walks the kept tokens in vocabulary order, not by
+/// probability: logits that differ by rounding (fp16 on the GPU, f32 on the CPU) reorder
+/// near-equal tokens but move the cumulative distribution only as much as the probabilities move,
+/// so the same random number picks the same token on both devices except at a boundary.
 pub fn choose(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
     let Sampling::Random { temperature, top_k, top_p, .. } = *sampling else {
         return argmax(logits);
     };
-    let mut cand: Vec<(usize, f32)> = logits.iter().map(|&l| l / temperature).enumerate().collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-    if let Some(k) = top_k {
-        cand.truncate(k.max(1));
-    }
-    let max = cand[0].1;
-    let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-    let sum: f32 = probs.iter().sum();
-    for p in &mut probs {
-        *p /= sum;
-    }
-    if let Some(p) = top_p {
-        let mut acc = 0.0;
-        let keep = probs
-            .iter()
-            .position(|&q| {
-                acc += q;
-                acc >= p
-            })
-            .map_or(probs.len(), |i| i + 1);
-        probs.truncate(keep);
-        let s: f32 = probs.iter().sum();
-        for q in &mut probs {
-            *q /= s;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut w: Vec<f32> = logits.iter().map(|&l| ((l - max) / temperature).exp()).collect();
+    // Larger weight first; on ties the lower id first (a total order, so selections are exact).
+    let before = |w: &[f32], a: usize, b: usize| w[b].total_cmp(&w[a]).then(a.cmp(&b));
+    if let Some(k) = top_k
+        && k.max(1) < w.len()
+    {
+        let mut ids: Vec<usize> = (0..w.len()).collect();
+        ids.select_nth_unstable_by(k.max(1) - 1, |&a, &b| before(&w, a, b));
+        for &i in &ids[k.max(1)..] {
+            w[i] = 0.0;
         }
     }
-    let mut r: f32 = rng.random_range(0.0..1.0);
-    for (i, &q) in probs.iter().enumerate() {
+    if let Some(p) = top_p {
+        let total: f32 = w.iter().sum();
+        let mut ids: Vec<usize> = (0..w.len()).filter(|&i| w[i] > 0.0).collect();
+        let mut m = ids.len().min(64);
+        loop {
+            // The m largest, sorted: enough when they reach p (or when they are all).
+            if m < ids.len() {
+                ids.select_nth_unstable_by(m - 1, |&a, &b| before(&w, a, b));
+            }
+            ids[..m].sort_unstable_by(|&a, &b| before(&w, a, b));
+            let mut acc = 0.0;
+            let keep = ids[..m].iter().position(|&i| {
+                acc += w[i] / total;
+                acc >= p
+            });
+            if let Some(j) = keep {
+                for &i in &ids[j + 1..] {
+                    w[i] = 0.0;
+                }
+                break;
+            }
+            if m == ids.len() {
+                break;
+            }
+            m = (m * 4).min(ids.len());
+        }
+    }
+    let total: f32 = w.iter().sum();
+    let mut r: f32 = rng.random_range(0.0..1.0) * total;
+    for (i, &q) in w.iter().enumerate() {
         if r < q {
-            return u32::try_from(cand[i].0).expect("vocabulary fits in u32");
+            return u32::try_from(i).expect("vocabulary fits in u32");
         }
         r -= q;
     }
-    u32::try_from(cand[probs.len() - 1].0).expect("vocabulary fits in u32")
+    let last = w.iter().rposition(|&q| q > 0.0).unwrap_or(0);
+    u32::try_from(last).expect("vocabulary fits in u32")
 }
 
 #[cfg(test)]
@@ -136,6 +159,20 @@ mod tests {
     }
 
     #[test]
+    fn a_nucleus_larger_than_the_first_selection_is_found_whole() {
+        // 1000 equal logits: top-p 0.4995 keeps 500 of them (the lower ids on ties); after top-k 300, half
+        // of those, 150; every draw lands inside, and both halves of the nucleus are drawn.
+        let logits = vec![1.0f32; 1000];
+        let mut r = rng();
+        for (top_k, bound) in [(None, 500), (Some(300), 150)] {
+            let s = Sampling::Random { temperature: 1.0, top_k, top_p: Some(0.4995), seed: 0 };
+            let draws: Vec<u32> = (0..2000).map(|_| choose(&logits, &s, &mut r)).collect();
+            assert!(draws.iter().all(|&t| t < bound), "{top_k:?}");
+            assert!(draws.iter().any(|&t| t < bound / 2) && draws.iter().any(|&t| t >= bound / 2));
+        }
+    }
+
+    #[test]
     fn sampling_follows_the_distribution() {
         // p = softmax([ln 3, 0]) = [0.75, 0.25]
         let s = Sampling::Random { temperature: 1.0, top_k: None, top_p: None, seed: 0 };
@@ -144,6 +181,26 @@ mod tests {
         let first = (0..n).filter(|_| choose(&[3f32.ln(), 0.0], &s, &mut r) == 0).count();
         let frac = first as f64 / f64::from(n);
         assert!((frac - 0.75).abs() < 0.03, "{frac}");
+    }
+
+    #[test]
+    fn logits_rounded_to_fp16_draw_the_same_tokens() {
+        // 4096 random logits, as a random model gives: many near-equal values, whose order fp16
+        // rounding changes. The draws must follow the distribution, not that order.
+        let mut g = rng();
+        let logits: Vec<f32> = (0..4096).map(|_| g.random_range(-2.0f32..2.0)).collect();
+        let rounded: Vec<f32> = logits.iter().map(|&l| half::f16::from_f32(l).to_f32()).collect();
+        for s in [
+            Sampling::Random { temperature: 0.9, top_k: None, top_p: None, seed: 0 },
+            Sampling::Random { temperature: 0.7, top_k: None, top_p: Some(0.95), seed: 0 },
+            Sampling::Random { temperature: 0.7, top_k: Some(2000), top_p: Some(0.8), seed: 0 },
+        ] {
+            let (mut a, mut b) = (rng(), rng());
+            let same =
+                (0..500).filter(|_| choose(&logits, &s, &mut a) == choose(&rounded, &s, &mut b));
+            let same = same.count();
+            assert!(same >= 490, "{same} of 500 for {s:?}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use flexgen_model::Model;
 use rand::SeedableRng;
+use rayon::prelude::*;
 
 use crate::generate::{Completion, Event, FinishReason, GenerationConfig, Prompt, Request};
 use crate::sampling::{self, Sampling};
@@ -156,20 +157,29 @@ fn run_block(
     };
     let mut generated = 0usize;
     let mut after_step = |_step: usize, picks: Vec<Picks>| -> Result<Option<Vec<Vec<u32>>>> {
-        let mut feed = Vec::with_capacity(picks.len());
-        for (mb, p) in block.chunks_mut(batch_size).zip(picks) {
+        // Each live sequence's token: its greedy pick, or a draw from its logits on its own
+        // stream (the draws of a step run in parallel: each is O(vocabulary)).
+        let rows: Vec<(u32, Option<Vec<f32>>)> =
+            picks.into_iter().flat_map(|p| p.greedy.into_iter().zip(p.logits)).collect();
+        let chosen: Vec<u32> = block
+            .par_iter_mut()
+            .zip(&rows)
+            .map(|(s, (greedy, logits))| match (&s.sampling, logits, s.finish) {
+                (Sampling::Random { .. }, Some(row), None) => {
+                    sampling::choose(row, &s.sampling, &mut s.rng)
+                }
+                _ => *greedy,
+            })
+            .collect();
+        let mut feed = Vec::with_capacity(block.len().div_ceil(batch_size));
+        let mut rows = rows.into_iter().zip(chosen);
+        for mb in block.chunks_mut(batch_size) {
             let mut next = Vec::with_capacity(mb.len());
-            for ((s, &greedy), logits) in mb.iter_mut().zip(&p.greedy).zip(p.logits) {
+            for (s, ((_, logits), token)) in mb.iter_mut().zip(rows.by_ref()) {
                 if s.finish.is_some() {
                     next.push(pad);
                     continue;
                 }
-                let token = match (&s.sampling, &logits) {
-                    (Sampling::Random { .. }, Some(row)) => {
-                        sampling::choose(row, &s.sampling, &mut s.rng)
-                    }
-                    _ => greedy,
-                };
                 let fed = config
                     .forced
                     .as_ref()
