@@ -161,21 +161,37 @@ fn run_block(
         // stream (the draws of a step run in parallel: each is O(vocabulary)).
         let rows: Vec<(u32, Option<Vec<f32>>)> =
             picks.into_iter().flat_map(|p| p.greedy.into_iter().zip(p.logits)).collect();
-        let chosen: Vec<u32> = block
+        // Each live sequence's token and, with a tokenizer, the text of its tokens so far (EOS
+        // left out): per sequence, in parallel.
+        let chosen: Vec<(u32, Option<Result<String>>)> = block
             .par_iter_mut()
             .zip(&rows)
-            .map(|(s, (greedy, logits))| match (&s.sampling, logits, s.finish) {
-                (Sampling::Random { .. }, Some(row), None) => {
-                    sampling::choose(row, &s.sampling, &mut s.rng)
+            .map(|(s, (greedy, logits))| {
+                if s.finish.is_some() {
+                    return (*greedy, None);
                 }
-                _ => *greedy,
+                let token = match (&s.sampling, logits) {
+                    (Sampling::Random { .. }, Some(row)) => {
+                        sampling::choose(row, &s.sampling, &mut s.rng)
+                    }
+                    _ => *greedy,
+                };
+                let text = model.tokenizer.as_ref().map(|tok| {
+                    let eos = config.stop_on_eos && model.spec.eos_token_id == Some(token);
+                    let mut ids = s.generated.clone();
+                    if !eos {
+                        ids.push(token);
+                    }
+                    Ok(tok.decode(&ids)?)
+                });
+                (token, text)
             })
             .collect();
         let mut feed = Vec::with_capacity(block.len().div_ceil(batch_size));
         let mut rows = rows.into_iter().zip(chosen);
         for mb in block.chunks_mut(batch_size) {
             let mut next = Vec::with_capacity(mb.len());
-            for (s, ((_, logits), token)) in mb.iter_mut().zip(rows.by_ref()) {
+            for (s, ((_, logits), (token, text))) in mb.iter_mut().zip(rows.by_ref()) {
                 if s.finish.is_some() {
                     next.push(pad);
                     continue;
@@ -188,7 +204,8 @@ fn run_block(
                 if let (Some(l), Some(row)) = (&mut s.logits, logits) {
                     l.push(row);
                 }
-                accept(model, s, token, config, &mut generated, on_event)?;
+                let text = text.transpose()?;
+                accept(model, s, (token, text.as_deref()), config, &mut generated, on_event);
                 next.push(fed);
             }
             feed.push(next);
@@ -216,15 +233,16 @@ fn run_block(
         .collect())
 }
 
-/// Records `token` for `s`, streams its text, and decides whether `s` is finished.
+/// Records `token` for `s`, streams its text (`text`: the decoded text of its tokens with this
+/// one, EOS left out; `None` without a tokenizer), and decides whether `s` is finished.
 fn accept(
     model: &Model,
     s: &mut Seq,
-    token: u32,
+    (token, text): (u32, Option<&str>),
     config: &GenerationConfig,
     generated: &mut usize,
     on_event: &mut dyn FnMut(Event<'_>),
-) -> Result<()> {
+) {
     s.generated.push(token);
     *generated += 1;
     let is_eos = config.stop_on_eos && model.spec.eos_token_id == Some(token);
@@ -235,14 +253,9 @@ fn accept(
     } else {
         None
     };
-    let delta = match &model.tokenizer {
-        Some(tok) => {
-            let text = if is_eos {
-                tok.decode(&s.generated[..s.generated.len() - 1])?
-            } else {
-                tok.decode(&s.generated)?
-            };
-            let (delta, hit_stop) = s.stream.update(&text, finish.is_some());
+    let delta = match text {
+        Some(text) => {
+            let (delta, hit_stop) = s.stream.update(text, finish.is_some());
             if hit_stop {
                 finish = Some(FinishReason::Stop);
             }
@@ -255,7 +268,6 @@ fn accept(
         s.finish = Some(reason);
         on_event(Event::Finished { request: s.request, reason });
     }
-    Ok(())
 }
 
 #[cfg(test)]
