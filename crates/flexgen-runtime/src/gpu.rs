@@ -289,6 +289,8 @@ struct RunBuffers {
     work: Vec<(CudaSlice<f16>, CudaSlice<f16>)>,
     /// Hidden states of each GPU batch when activations live on the CPU (`[b·t, h]`, pinned).
     x_host: Vec<HostMem>,
+    /// The last positions' logits of each GPU batch (`[b, vocab]`, pinned).
+    logits_host: Vec<HostMem>,
     /// Pinned staging of CPU attention: q, new k, new v, output (`[cpu_rows, hd]` each).
     cpu_att: Vec<HostMem>,
     ids: Vec<CudaSlice<u32>>,
@@ -656,7 +658,16 @@ impl<'m> CudaStage<'m> {
             k * b * c.max_prompt as u64 * u64::from(s.hidden_size) * 2
         };
         let ring = if c_end < unit_len { 3 * align_up((unit_len - c_end) * 2) as u64 } else { 0 };
-        weights + cache + act + ring + disk_stage
+        weights + cache + act + ring + disk_stage + Self::logits_host_bytes(spec, policy)
+    }
+
+    /// Pinned CPU memory for the last positions' logits of every GPU batch (copied for the rows
+    /// that sample or report their logits).
+    fn logits_host_bytes(spec: &ModelSpec, policy: &Policy) -> u64 {
+        u64::from(policy.num_gpu_batches)
+            * u64::from(policy.gpu_batch_size)
+            * u64::from(spec.vocab_size)
+            * 2
     }
 
     /// Fills `out` with units `range` of layer `j`'s stored arena (fp16 values, or the packed
@@ -1072,6 +1083,9 @@ impl<'m> CudaStage<'m> {
             } else {
                 (0..k).map(|_| pinned(rows * h)).collect::<Result<_>>()?
             },
+            logits_host: (0..k)
+                .map(|_| pinned(b * s.vocab_size as usize))
+                .collect::<Result<_>>()?,
             cpu_att: if self.cpu_attention {
                 (0..4).map(|_| pinned(cpu_rows * hd)).collect::<Result<_>>()?
             } else {
@@ -1634,16 +1648,16 @@ impl<'m> CudaStage<'m> {
     }
 
     /// Final norm, LM head and argmax of GPU batch `kb`'s last positions (`x` holds `b·t` rows):
-    /// the most likely next token of each of its `b` sequences, copied to `out` (the copy lands
-    /// at the stream's next synchronization); with `logits`, the logits of the last positions
-    /// (`b × vocab` fp16) too.
+    /// the most likely next token of each of its `b` sequences, copied to `out`; with `logits`,
+    /// the logits of the last positions (`b × vocab` fp16) to `buf.logits_host[kb]` too. Both
+    /// copies land by the stream's next synchronization.
     fn next_tokens(
         &self,
         buf: &RunBuffers,
         kb: usize,
         (b, t): (usize, usize),
         out: &mut [u32],
-        logits: Option<&mut [f16]>,
+        logits: bool,
     ) -> Result<()> {
         let g = &self.gpu;
         let (h, ..) = self.dims();
@@ -1660,16 +1674,20 @@ impl<'m> CudaStage<'m> {
         let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
         g.gemm(&Gemm::linear(b, vocab, h, addr(&buf.hn), head, addr(&buf.logits), false))
             .map_err(cuda)?;
-        if let Some(dst) = logits {
-            // SAFETY: b·vocab values into a pageable slice of as many (returns once copied).
+        if logits {
+            let dst = buf.logits_host[kb].ptr();
+            let bytes = b * vocab * 2;
+            // SAFETY: a pinned destination of b·vocab values, read only after the stream's next
+            // synchronization.
             unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(
-                    &mut dst[..b * vocab],
-                    addr(&buf.logits),
-                    g.stream.cu_stream(),
+                copy_2d(
+                    &g.stream,
+                    Mem::Device(addr(&buf.logits)),
+                    Mem::Host(dst.cast_const().cast()),
+                    Copy2d { width: bytes, height: 1, src_pitch: bytes, dst_pitch: bytes },
                 )
             }
-            .map_err(drv)?;
+            .map_err(cuda)?;
         }
         g.argmax_rows(addr(&buf.logits), addr(&buf.tok[kb]), b, vocab).map_err(cuda)?;
         // SAFETY: b tokens into a pageable slice of b (the call returns once copied).
@@ -1709,7 +1727,7 @@ impl<'m> CudaStage<'m> {
         for (tt, past) in [(t, 0), (1, t)] {
             self.embed_batch(buf, 0, b * tt)?;
             self.layer(w, 0, 0, buf, &starts, b, tt, past, (0, Prefetch::default()))?;
-            self.next_tokens(buf, 0, (b, tt), &mut out, None)?;
+            self.next_tokens(buf, 0, (b, tt), &mut out, false)?;
         }
         self.freed[0].record(st).map_err(drv)?;
         st.synchronize().map_err(drv)?;
@@ -1781,13 +1799,11 @@ impl<'m> CudaStage<'m> {
         }
         let mut pass = 0usize;
         let mut host_tok = vec![vec![0u32; b]; k];
-        let mut host_logits: Vec<Vec<f16>> = real_rows
+        // GPU batches with rows whose logits the schedule needs.
+        let want_logits: Vec<bool> = real_rows
             .iter()
             .enumerate()
-            .map(|(kb, &n)| {
-                let any = n > 0 && input.want_logits[kb].iter().any(|&w| w);
-                if any { vec![f16::ZERO; b * vocab] } else { Vec::new() }
-            })
+            .map(|(kb, &n)| n > 0 && input.want_logits[kb].iter().any(|&w| w))
             .collect();
         for step in 0..max_new {
             let started = Instant::now();
@@ -1823,21 +1839,20 @@ impl<'m> CudaStage<'m> {
                 }
                 pass += 1;
             }
-            for (kb, (toks, logits)) in host_tok.iter_mut().zip(&mut host_logits).enumerate() {
-                let l = (!logits.is_empty()).then_some(&mut logits[..]);
-                self.next_tokens(buf, kb, (b, tt), toks, l)?;
+            for (kb, toks) in host_tok.iter_mut().enumerate() {
+                self.next_tokens(buf, kb, (b, tt), toks, want_logits[kb])?;
             }
             st.synchronize().map_err(drv)?;
             let picks: Vec<Picks> = (0..input.ids.len())
                 .map(|kb| {
+                    let host = buf.logits_host[kb].as_f16();
                     let n = real_rows[kb];
                     let logits = (0..n)
                         .into_par_iter()
                         .map(|r| {
                             input.want_logits[kb][r].then(|| {
                                 let mut row = vec![0f32; vocab];
-                                host_logits[kb][r * vocab..(r + 1) * vocab]
-                                    .convert_to_f32_slice(&mut row);
+                                host[r * vocab..(r + 1) * vocab].convert_to_f32_slice(&mut row);
                                 row
                             })
                         })
@@ -2091,7 +2106,12 @@ mod tests {
         let host = CudaStage::plan_host_bytes(&m.spec, &p, layout.len, (0, layout.len), 0, cap);
         let weights = 48 * layout.len as u64 * 2;
         let acts = 2 * 32 * 512 * 7168 * 2;
-        assert_eq!(host - weights - acts, packed.cache, "the same packed bytes, on the CPU");
+        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
+        assert_eq!(
+            host - weights - acts - logits,
+            packed.cache,
+            "the same packed bytes, on the CPU"
+        );
     }
 
     #[test]
@@ -2116,7 +2136,8 @@ mod tests {
         // Half of the CPU rows moved to disk; the disk rows' row-major staging and two pairs of
         // position-major I/O buffers (k and v) stay.
         let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
-        assert_eq!(with_disk, cpu_only / 2 + stage);
+        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
+        assert_eq!(with_disk - logits, (cpu_only - logits) / 2 + stage);
     }
 
     /// The copy stream's schedule: each visit after a step's first finds its inputs staged, in
@@ -2219,6 +2240,7 @@ mod tests {
             16 * 32,
             cap,
         );
-        assert_eq!(host, all.cache * 3 / 4, "the rest on the CPU");
+        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
+        assert_eq!(host - logits, all.cache * 3 / 4, "the rest on the CPU");
     }
 }
