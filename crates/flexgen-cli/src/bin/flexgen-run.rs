@@ -36,8 +36,8 @@ activations are split across the tiers by the policy's shares, the disk tier is 
 policy whose tiers cannot hold it is refused before anything is allocated. The report gives the
 bytes each tier held and the bytes that crossed between tiers.
 
-With --device cuda the CUDA executor runs on GPU 0 (fp16; greedy picks on the GPU, sampling on the
-host): weights split by the same exact shares across GPU, CPU (pinned unless --pin-weight 0) and
+With --device cuda (every subcommand: complete, batch, chat) the CUDA executor runs on GPU 0 (fp16;
+greedy picks on the GPU, sampling, EOS and stop strings on the host, the same schedule as the CPU): weights split by the same exact shares across GPU, CPU (pinned unless --pin-weight 0) and
 disk (direct I/O), copied two layers ahead on a separate stream; the KV cache split by (sequence,
 head) rows between GPU, CPU and disk, with CPU attention under --cpu-cache-compute; activations on
 the GPU or the CPU. The report gives the memory held per tier, the bytes moved, and each decode
