@@ -1182,8 +1182,11 @@ impl<'m> CudaStage<'m> {
         let g = &self.gpu;
         for m in &p.mats {
             let (codes, params) = (stored + m.codes.start as u64, stored + m.params.start as u64);
-            g.dequant_dim0(codes, params, at(out, m.src.start), m.rows, m.cols, p.group, p.bits)
-                .map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe {
+                g.dequant_dim0(codes, params, at(out, m.src.start), m.rows, m.cols, p.group, p.bits)
+            }
+            .map_err(cuda)?;
         }
         // SAFETY: the vectors' bytes inside the stored arena, into their place in the fp16 one.
         unsafe {
@@ -1366,9 +1369,11 @@ impl<'m> CudaStage<'m> {
         if !self.cpu_attention && past > 0 && !staged.cache {
             self.copy_homes_in(&homes, (kn, vn), past, st)?;
         }
-        g.layer_norm_raw(x, wq(&l.attn_norm_w), wq(&l.attn_norm_b), hn, rows, h, eps)
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.layer_norm_raw(x, wq(&l.attn_norm_w), wq(&l.attn_norm_b), hn, rows, h, eps) }
             .map_err(cuda)?;
-        g.gemm(&Gemm::linear(rows, h + 2 * nkv * hd, h, hn, wq(&l.qkv_w), qkv, false))
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.gemm(&Gemm::linear(rows, h + 2 * nkv * hd, h, hn, wq(&l.qkv_w), qkv, false)) }
             .map_err(cuda)?;
         #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "1/√hd")]
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
@@ -1380,8 +1385,10 @@ impl<'m> CudaStage<'m> {
             let qc = CacheQuant { rows: cpu_rows, ..qg };
             let ([ck, cv], [pk, pv]) = &buf.kvq[j][kb];
             let (kn_c, vn_c) = (at(kn, gr_all * cap * hd), at(vn, gr_all * cap * hd));
-            g.dequant_cache(addr(ck), addr(pk), kn, qg, (0, past)).map_err(cuda)?;
-            g.dequant_cache(addr(cv), addr(pv), vn, qg, (0, past)).map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.dequant_cache(addr(ck), addr(pk), kn, qg, (0, past)) }.map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.dequant_cache(addr(cv), addr(pv), vn, qg, (0, past)) }.map_err(cuda)?;
             let packed_stage = buf.kvq_stage.get(slot % buf.kvq_stage.len().max(1));
             if let Some(ps @ ([sck, scv], [spk, spv])) = packed_stage {
                 let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
@@ -1389,24 +1396,40 @@ impl<'m> CudaStage<'m> {
                     if !staged.cache {
                         Self::copy_packed_in(buf, (j, kb), ps, st)?;
                     }
-                    g.dequant_cache(stage[0], stage[2], kn_c, qc, (0, past)).map_err(cuda)?;
-                    g.dequant_cache(stage[1], stage[3], vn_c, qc, (0, past)).map_err(cuda)?;
+                    // SAFETY: this executor's weights and buffers, sized for these shapes.
+                    unsafe { g.dequant_cache(stage[0], stage[2], kn_c, qc, (0, past)) }
+                        .map_err(cuda)?;
+                    // SAFETY: this executor's weights and buffers, sized for these shapes.
+                    unsafe { g.dequant_cache(stage[1], stage[3], vn_c, qc, (0, past)) }
+                        .map_err(cuda)?;
                 }
             }
             let new = NewKv { gpu_rows: 0, k: kn, v: vn, cap, past };
-            g.qkv_split(qkv, wq(&l.qkv_b), q, kn, vn, new, d, scale).map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.qkv_split(qkv, wq(&l.qkv_b), q, kn, vn, new, d, scale) }.map_err(cuda)?;
             if t > 1 {
                 let (sc, cx) = (addr(&buf.scores), addr(&buf.ctx));
-                g.attention_prefill(q, kn, vn, cap, start, sc, cx, d, 0..all_rows).map_err(cuda)?;
-                g.merge_heads_raw(cx, att, d).map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.attention_prefill(q, kn, vn, cap, start, sc, cx, d, 0..all_rows) }
+                    .map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.merge_heads_raw(cx, att, d) }.map_err(cuda)?;
             } else {
-                g.attention_decode(q, kn, vn, cap, start, att, d, 0..all_rows).map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.attention_decode(q, kn, vn, cap, start, att, d, 0..all_rows) }
+                    .map_err(cuda)?;
             }
-            g.quant_cache(kn, addr(ck), addr(pk), qg, (past, t)).map_err(cuda)?;
-            g.quant_cache(vn, addr(cv), addr(pv), qg, (past, t)).map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.quant_cache(kn, addr(ck), addr(pk), qg, (past, t)) }.map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.quant_cache(vn, addr(cv), addr(pv), qg, (past, t)) }.map_err(cuda)?;
             if let Some(([sck, scv], [spk, spv])) = packed_stage {
-                g.quant_cache(kn_c, addr(sck), addr(spk), qc, (past, t)).map_err(cuda)?;
-                g.quant_cache(vn_c, addr(scv), addr(spv), qc, (past, t)).map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.quant_cache(kn_c, addr(sck), addr(spk), qc, (past, t)) }
+                    .map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.quant_cache(vn_c, addr(scv), addr(spv), qc, (past, t)) }
+                    .map_err(cuda)?;
                 // Only the new positions go back to the CPU rows' home.
                 let groups = hd.div_ceil(group);
                 let code_b = groups * group * usize::from(bits) / 8; // per (row, position)
@@ -1439,27 +1462,48 @@ impl<'m> CudaStage<'m> {
         // Where the CPU rows' new k/v go on the GPU, and that buffer's positions per row.
         let (ncap, npast) = if self.cpu_attention { (t, 0) } else { (cap, past) };
         let new = NewKv { gpu_rows: gr, k: kn, v: vn, cap: ncap, past: npast };
-        g.qkv_split(qkv, wq(&l.qkv_b), q, kc, vc, new, d, scale).map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.qkv_split(qkv, wq(&l.qkv_b), q, kc, vc, new, d, scale) }.map_err(cuda)?;
         if t > 1 {
-            g.attention_prefill(q, kc, vc, cap, start, addr(&buf.scores), addr(&buf.ctx), d, 0..gr)
-                .map_err(cuda)?;
-            g.attention_prefill(
-                q,
-                kn,
-                vn,
-                ncap,
-                start,
-                addr(&buf.scores),
-                addr(&buf.ctx),
-                d,
-                gr..all_rows,
-            )
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe {
+                g.attention_prefill(
+                    q,
+                    kc,
+                    vc,
+                    cap,
+                    start,
+                    addr(&buf.scores),
+                    addr(&buf.ctx),
+                    d,
+                    0..gr,
+                )
+            }
             .map_err(cuda)?;
-            g.merge_heads_raw(addr(&buf.ctx), att, d).map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe {
+                g.attention_prefill(
+                    q,
+                    kn,
+                    vn,
+                    ncap,
+                    start,
+                    addr(&buf.scores),
+                    addr(&buf.ctx),
+                    d,
+                    gr..all_rows,
+                )
+            }
+            .map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.merge_heads_raw(addr(&buf.ctx), att, d) }.map_err(cuda)?;
         } else {
-            g.attention_decode(q, kc, vc, cap, start, att, d, 0..gr).map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.attention_decode(q, kc, vc, cap, start, att, d, 0..gr) }.map_err(cuda)?;
             if cpu_rows > 0 && !self.cpu_attention {
-                g.attention_decode(q, kn, vn, cap, start, att, d, gr..all_rows).map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.attention_decode(q, kn, vn, cap, start, att, d, gr..all_rows) }
+                    .map_err(cuda)?;
             }
         }
         if cpu_rows > 0 {
@@ -1503,16 +1547,23 @@ impl<'m> CudaStage<'m> {
         let h = self.dims().0;
         let (hn, att, eps) = (addr(&buf.hn), addr(&buf.att), self.eps());
         let wq = |r: &std::ops::Range<usize>| at(w, r.start);
-        g.gemm(&Gemm::linear(rows, h, h, att, wq(&l.o_w), x, true)).map_err(cuda)?;
-        g.bias_act_raw(x, wq(&l.o_b), rows, h, false).map_err(cuda)?;
-        g.layer_norm_raw(x, wq(&l.mlp_norm_w), wq(&l.mlp_norm_b), hn, rows, h, eps)
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.gemm(&Gemm::linear(rows, h, h, att, wq(&l.o_w), x, true)) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.bias_act_raw(x, wq(&l.o_b), rows, h, false) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.layer_norm_raw(x, wq(&l.mlp_norm_w), wq(&l.mlp_norm_b), hn, rows, h, eps) }
             .map_err(cuda)?;
         let f = self.model.spec.ffn_size as usize;
         let f1 = addr(&buf.f1);
-        g.gemm(&Gemm::linear(rows, f, h, hn, wq(&l.fc1_w), f1, false)).map_err(cuda)?;
-        g.bias_act_raw(f1, wq(&l.fc1_b), rows, f, true).map_err(cuda)?;
-        g.gemm(&Gemm::linear(rows, h, f, f1, wq(&l.fc2_w), x, true)).map_err(cuda)?;
-        g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false).map_err(cuda)
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.gemm(&Gemm::linear(rows, f, h, hn, wq(&l.fc1_w), f1, false)) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.bias_act_raw(f1, wq(&l.fc1_b), rows, f, true) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.gemm(&Gemm::linear(rows, h, f, f1, wq(&l.fc2_w), x, true)) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false) }.map_err(cuda)
     }
 
     /// Blocks until the compute stream is idle, counting the wait in `host_times`.
@@ -1643,7 +1694,8 @@ impl<'m> CudaStage<'m> {
         let pos_table = self.pos_embed.as_ref().map(|p| addr(&p.data));
         let x = addr(&buf.x[if self.act_on_gpu { kb } else { 0 }]);
         let (ids, pos, tok) = (addr(&buf.ids[kb]), addr(&buf.pos[kb]), addr(&self.embed.data));
-        self.gpu.embed_raw(ids, pos, tok, pos_table, x, n, h).map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { self.gpu.embed_raw(ids, pos, tok, pos_table, x, n, h) }.map_err(cuda)?;
         self.hidden_out(buf, kb, n * h, 0)
     }
 
@@ -1666,14 +1718,19 @@ impl<'m> CudaStage<'m> {
         let xs = if t == 1 {
             x
         } else {
-            g.last_rows(x, addr(&buf.last), b, t, h).map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.last_rows(x, addr(&buf.last), b, t, h) }.map_err(cuda)?;
             addr(&buf.last)
         };
         let (nw, nb) = (addr(&self.final_norm.0.data), addr(&self.final_norm.1.data));
-        g.layer_norm_raw(xs, nw, nb, addr(&buf.hn), b, h, self.eps()).map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.layer_norm_raw(xs, nw, nb, addr(&buf.hn), b, h, self.eps()) }.map_err(cuda)?;
         let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
-        g.gemm(&Gemm::linear(b, vocab, h, addr(&buf.hn), head, addr(&buf.logits), false))
-            .map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe {
+            g.gemm(&Gemm::linear(b, vocab, h, addr(&buf.hn), head, addr(&buf.logits), false))
+        }
+        .map_err(cuda)?;
         if logits {
             let dst = buf.logits_host[kb].ptr();
             let bytes = b * vocab * 2;
@@ -1689,7 +1746,8 @@ impl<'m> CudaStage<'m> {
             }
             .map_err(cuda)?;
         }
-        g.argmax_rows(addr(&buf.logits), addr(&buf.tok[kb]), b, vocab).map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.argmax_rows(addr(&buf.logits), addr(&buf.tok[kb]), b, vocab) }.map_err(cuda)?;
         // SAFETY: b tokens into a pageable slice of b (the call returns once copied).
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(

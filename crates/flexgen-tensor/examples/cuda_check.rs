@@ -154,15 +154,18 @@ fn check_dequant(gpu: &Gpu, failures: &mut Vec<String>) {
         let codes = gpu.stream.clone_htod(&codes).unwrap();
         let params = gpu.stream.clone_htod(&p.params).unwrap();
         let out = gpu.stream.alloc_zeros::<f16>(rows * cols).unwrap();
-        gpu.dequant_dim0(
-            addr(&codes) + offset as u64,
-            addr(&params),
-            addr(&out),
-            rows,
-            cols,
-            64,
-            bits,
-        )
+        // SAFETY: buffers allocated above for these shapes.
+        unsafe {
+            gpu.dequant_dim0(
+                addr(&codes) + offset as u64,
+                addr(&params),
+                addr(&out),
+                rows,
+                cols,
+                64,
+                bits,
+            )
+        }
         .unwrap();
         let got: Vec<f32> =
             gpu.stream.clone_dtoh(&out).unwrap().into_iter().map(f16::to_f32).collect();
@@ -196,7 +199,8 @@ fn check_cache_quant(gpu: &Gpu, failures: &mut Vec<String>) {
         let gx = s.clone_htod(&x).unwrap();
         let codes = s.alloc_zeros::<u8>(cb).unwrap();
         let params = s.alloc_zeros::<f16>(pv).unwrap();
-        gpu.quant_cache(addr(&gx), addr(&codes), addr(&params), q, (0, cap)).unwrap();
+        // SAFETY: buffers allocated above for these shapes.
+        unsafe { gpu.quant_cache(addr(&gx), addr(&codes), addr(&params), q, (0, cap)) }.unwrap();
         let same = s.clone_dtoh(&codes).unwrap() == want.data
             && s.clone_dtoh(&params).unwrap() == want.params;
         let name = format!("quant_cache {bits}-bit, hd {hd}, group {group}");
@@ -209,7 +213,8 @@ fn check_cache_quant(gpu: &Gpu, failures: &mut Vec<String>) {
         }
         // Positions 2..6 only: the others stay zero.
         let out = s.alloc_zeros::<f16>(rows * cap * hd).unwrap();
-        gpu.dequant_cache(addr(&codes), addr(&params), addr(&out), q, (2, 4)).unwrap();
+        // SAFETY: buffers allocated above for these shapes.
+        unsafe { gpu.dequant_cache(addr(&codes), addr(&params), addr(&out), q, (2, 4)) }.unwrap();
         let got: Vec<f32> = s.clone_dtoh(&out).unwrap().into_iter().map(f16::to_f32).collect();
         let full = dequantize(&want);
         let want: Vec<f32> = (0..rows * cap * hd)
@@ -265,7 +270,8 @@ fn time_kernels(gpu: &Gpu) {
         let mut off = 0;
         for (r, c) in mats {
             let (co, po) = (addr(&codes) + (off / 2) as u64, at(addr(&params), off / 32));
-            gpu.dequant_dim0(co, po, at(addr(&out), off), r, c, 64, bits).unwrap();
+            // SAFETY: buffers allocated above for these shapes.
+            unsafe { gpu.dequant_dim0(co, po, at(addr(&out), off), r, c, 64, bits) }.unwrap();
             off += r * c;
         }
     });
@@ -281,28 +287,33 @@ fn time_kernels(gpu: &Gpu) {
     let cp = s.alloc_zeros::<f16>(pb).unwrap();
     let kv = s.alloc_zeros::<f16>(rows * cap * hd).unwrap();
     let ms =
-        time_ms(gpu, || gpu.dequant_cache(addr(&cc), addr(&cp), addr(&kv), q, (0, 543)).unwrap());
+        // SAFETY: buffers allocated above for these shapes.
+        time_ms(gpu, || unsafe { gpu.dequant_cache(addr(&cc), addr(&cp), addr(&kv), q, (0, 543)) }.unwrap());
     println!(
         "time dequant_cache, {rows} rows × 543 positions × {hd} (k or v of one layer, batch {b}): {ms:.3} ms"
     );
     let ms =
-        time_ms(gpu, || gpu.quant_cache(addr(&kv), addr(&cc), addr(&cp), q, (543, 1)).unwrap());
+        // SAFETY: buffers allocated above for these shapes.
+        time_ms(gpu, || unsafe { gpu.quant_cache(addr(&kv), addr(&cc), addr(&cp), q, (543, 1)) }.unwrap());
     println!("time quant_cache, one new position of {rows} rows: {ms:.3} ms");
     let qv = s.alloc_zeros::<f16>(rows * hd).unwrap();
     let start = s.alloc_zeros::<i32>(b).unwrap();
     let o = s.alloc_zeros::<f16>(rows * hd).unwrap();
     let d = AttnDims { b, t: 1, nh, nkv: nh, hd, cap, past: 543 };
     let ms = time_ms(gpu, || {
-        gpu.attention_decode(
-            addr(&qv),
-            addr(&kv),
-            addr(&kv),
-            cap,
-            addr(&start),
-            addr(&o),
-            d,
-            0..rows,
-        )
+        // SAFETY: buffers allocated above for these shapes.
+        unsafe {
+            gpu.attention_decode(
+                addr(&qv),
+                addr(&kv),
+                addr(&kv),
+                cap,
+                addr(&start),
+                addr(&o),
+                d,
+                0..rows,
+            )
+        }
         .unwrap();
     });
     println!("time attention_decode, batch {b}, 544 positions: {ms:.3} ms");

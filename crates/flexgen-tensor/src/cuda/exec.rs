@@ -242,15 +242,27 @@ pub unsafe fn gemm_raw(blas: &cudarc::cublas::CudaBlas, g: &Gemm) -> Result<(), 
 
 impl Gpu {
     /// Runs `g` on the compute stream (fp32 accumulation).
-    pub fn gemm(&self, g: &Gemm) -> Result<(), CudaError> {
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn gemm(&self, g: &Gemm) -> Result<(), CudaError> {
         // SAFETY: the executor sizes every buffer for the shapes it passes; all live on this
         // device and are ordered on the compute stream the handle is bound to.
         unsafe { gemm_raw(&self.blas, g) }
     }
 
     /// Token (+ position) embedding of `n` tokens: `ids`, `pos` (u32 on the device) → `out [n, h]`.
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
-    pub fn embed_raw(
+    pub unsafe fn embed_raw(
         &self,
         ids: u64,
         pos: u64,
@@ -271,8 +283,14 @@ impl Gpu {
     }
 
     /// LayerNorm of `n` rows of `h` values: `x` → `y`.
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
-    pub fn layer_norm_raw(
+    pub unsafe fn layer_norm_raw(
         &self,
         x: u64,
         w: u64,
@@ -291,7 +309,13 @@ impl Gpu {
     }
 
     /// `y[r, c] += b[c]` over `n` rows of `cols`, then ReLU if `relu`.
-    pub fn bias_act_raw(
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn bias_act_raw(
         &self,
         y: u64,
         b: u64,
@@ -311,8 +335,14 @@ impl Gpu {
     /// `q [b, nh, t, hd]`; k and v of the first `new.gpu_rows` (sequence, head) rows to positions
     /// `past..past + t` of the caches `[gpu_rows, cap, hd]`, of the other rows to positions
     /// `new.past..new.past + t` of `new.k`/`new.v` (`[rows − gpu_rows, new.cap, hd]`).
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
-    pub fn qkv_split(
+    pub unsafe fn qkv_split(
         &self,
         y: u64,
         bias: u64,
@@ -343,8 +373,14 @@ impl Gpu {
     /// scores by a batched GEMM into `scores` (`rows.len()·t·(past + t)` values), the causal,
     /// left-padding softmax (`start[b]` = first real position), the context into
     /// `ctx [b, nh, t, hd]` at those rows. [`Gpu::merge_heads_raw`] then merges the heads.
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one attention")]
-    pub fn attention_prefill(
+    pub unsafe fn attention_prefill(
         &self,
         q: u64,
         kc: u64,
@@ -363,56 +399,75 @@ impl Gpu {
             return Ok(());
         }
         let (q, ctx) = (at(q, rows_.start * d.t * d.hd), at(ctx, rows_.start * d.t * d.hd));
-        self.gemm(&Gemm {
-            batch: n,
-            m: d.t,
-            n: s,
-            k: d.hd,
-            a: q,
-            lda: d.hd,
-            sa: d.t * d.hd,
-            b: kc,
-            ldb: d.hd,
-            sb: stride * d.hd,
-            b_t: true,
-            c: scores,
-            ldc: s,
-            sc: d.t * s,
-            beta: 0.0,
-        })?;
+        // SAFETY: the caller's addresses, at the caller's shapes (this fn's contract).
+        unsafe {
+            self.gemm(&Gemm {
+                batch: n,
+                m: d.t,
+                n: s,
+                k: d.hd,
+                a: q,
+                lda: d.hd,
+                sa: d.t * d.hd,
+                b: kc,
+                ldb: d.hd,
+                sb: stride * d.hd,
+                b_t: true,
+                c: scores,
+                ldc: s,
+                sc: d.t * s,
+                beta: 0.0,
+            })
+        }?;
         let (nh, t, cols, past, row0) =
             (dim(d.nh), dim(d.t), dim(s), dim(d.past), dim(rows_.start));
         let mut l = self.stream.launch_builder(&self.causal_softmax);
         l.arg(&scores).arg(&start).arg(&nh).arg(&t).arg(&cols).arg(&past).arg(&row0);
         // SAFETY: one block per (row, query) of s scores.
         unsafe { l.launch(rows(n * d.t))? };
-        self.gemm(&Gemm {
-            batch: n,
-            m: d.t,
-            n: d.hd,
-            k: s,
-            a: scores,
-            lda: s,
-            sa: d.t * s,
-            b: vc,
-            ldb: d.hd,
-            sb: stride * d.hd,
-            b_t: false,
-            c: ctx,
-            ldc: d.hd,
-            sc: d.t * d.hd,
-            beta: 0.0,
-        })
+        // SAFETY: the caller's addresses, at the caller's shapes (this fn's contract).
+        unsafe {
+            self.gemm(&Gemm {
+                batch: n,
+                m: d.t,
+                n: d.hd,
+                k: s,
+                a: scores,
+                lda: s,
+                sa: d.t * s,
+                b: vc,
+                ldb: d.hd,
+                sb: stride * d.hd,
+                b_t: false,
+                c: ctx,
+                ldc: d.hd,
+                sc: d.t * d.hd,
+                beta: 0.0,
+            })
+        }
     }
 
     /// `ctx [b, nh, t, hd]` → `out [b·t, nh·hd]`.
-    pub fn merge_heads_raw(&self, ctx: u64, out: u64, d: AttnDims) -> Result<(), CudaError> {
-        self.swap12_raw(ctx, out, [d.b, d.nh, d.t, d.hd])
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn merge_heads_raw(&self, ctx: u64, out: u64, d: AttnDims) -> Result<(), CudaError> {
+        // SAFETY: the caller's addresses, at the caller's shapes (this fn's contract).
+        unsafe { self.swap12_raw(ctx, out, [d.b, d.nh, d.t, d.hd]) }
     }
 
     /// `y [d0, d2, d1, d3]` from `x [d0, d1, d2, d3]`: axes 1 and 2 swapped (heads split or
     /// merged).
-    pub fn swap12_raw(
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn swap12_raw(
         &self,
         x: u64,
         y: u64,
@@ -429,8 +484,14 @@ impl Gpu {
     /// Attention of one new position per sequence (decode) for the (sequence, head) rows
     /// `rows`, over caches `[rows.len(), cap, hd]` (relative to `rows.start`) holding `past + 1`
     /// positions: `q [b·nh, hd]` → `out [b·nh, hd]` (= `[b, nh·hd]`), at those rows.
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one attention")]
-    pub fn attention_decode(
+    pub unsafe fn attention_decode(
         &self,
         q: u64,
         kc: u64,
@@ -463,12 +524,32 @@ impl Gpu {
     }
 
     /// Row `t − 1` of each of `b` sequences of `x [b, t, h]` → `y [b, h]`.
-    pub fn last_rows(&self, x: u64, y: u64, b: usize, t: usize, h: usize) -> Result<(), CudaError> {
-        self.slice_axis1_raw(x, y, [b, t, h], t - 1..t)
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn last_rows(
+        &self,
+        x: u64,
+        y: u64,
+        b: usize,
+        t: usize,
+        h: usize,
+    ) -> Result<(), CudaError> {
+        // SAFETY: the caller's addresses, at the caller's shapes (this fn's contract).
+        unsafe { self.slice_axis1_raw(x, y, [b, t, h], t - 1..t) }
     }
 
     /// Positions `range` of `x [a, n, c]` → `y [a, range.len(), c]`.
-    pub fn slice_axis1_raw(
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn slice_axis1_raw(
         &self,
         x: u64,
         y: u64,
@@ -486,8 +567,14 @@ impl Gpu {
 
     /// Dequantizes a `[rows, cols]` matrix packed by `flexgen_tensor::quant` along dimension 0
     /// (`codes`, fp16 `params` pairs) into fp16 `out`.
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
-    pub fn dequant_dim0(
+    pub unsafe fn dequant_dim0(
         &self,
         codes: u64,
         params: u64,
@@ -508,7 +595,13 @@ impl Gpu {
 
     /// Dequantizes positions `p0..p0 + np` of a packed KV cache (`codes`, fp16 `params`; groups
     /// of `c.group` along the head dimension, see `kernels.cu`) into `out` `[rows, cap, hd]`.
-    pub fn dequant_cache(
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn dequant_cache(
         &self,
         codes: u64,
         params: u64,
@@ -549,7 +642,13 @@ impl Gpu {
 
     /// Quantizes positions `p0..p0 + np` of `x` `[rows, cap, hd]` into a packed KV cache, exactly
     /// as `flexgen_tensor::quant` does.
-    pub fn quant_cache(
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn quant_cache(
         &self,
         x: u64,
         codes: u64,
@@ -579,7 +678,19 @@ impl Gpu {
     }
 
     /// The index of the largest value of each of `n` rows of `cols` → `out` (u32).
-    pub fn argmax_rows(&self, x: u64, out: u64, n: usize, cols: usize) -> Result<(), CudaError> {
+    ///
+    /// # Safety
+    /// Every address must name memory of this device (or, where the kernel says so, mapped
+    /// pinned host memory) that holds the elements the shapes imply and stays alive until the
+    /// compute stream has run the kernel; buffers a kernel writes must not be read or written
+    /// by other work on other streams meanwhile.
+    pub unsafe fn argmax_rows(
+        &self,
+        x: u64,
+        out: u64,
+        n: usize,
+        cols: usize,
+    ) -> Result<(), CudaError> {
         let ci = dim(cols);
         let mut l = self.stream.launch_builder(&self.argmax_rows);
         l.arg(&x).arg(&out).arg(&ci);

@@ -183,15 +183,18 @@ impl Gpu {
         let pos = self.stream.clone_htod(positions)?;
         let out = self.output(&[shape.0, shape.1, h])?;
         let pos_table = pos_table.map(|p| addr(&p.data));
-        self.embed_raw(
-            addr(&ids),
-            addr(&pos),
-            addr(&table.data),
-            pos_table,
-            addr(&out.data),
-            n,
-            h,
-        )?;
+        // SAFETY: addresses of these tensors, whose shapes were checked above.
+        unsafe {
+            self.embed_raw(
+                addr(&ids),
+                addr(&pos),
+                addr(&table.data),
+                pos_table,
+                addr(&out.data),
+                n,
+                h,
+            )
+        }?;
         Ok(out)
     }
 
@@ -208,7 +211,8 @@ impl Gpu {
         #[expect(clippy::cast_possible_truncation, reason = "eps is a small float")]
         let eps = eps as f32;
         let (xa, wa, ba, ya) = (addr(&x.data), addr(&w.data), addr(&b.data), addr(&y.data));
-        self.layer_norm_raw(xa, wa, ba, ya, x.elem_count() / h, h, eps)?;
+        // SAFETY: addresses of these tensors, whose shapes were checked above.
+        unsafe { self.layer_norm_raw(xa, wa, ba, ya, x.elem_count() / h, h, eps) }?;
         Ok(y)
     }
 
@@ -229,7 +233,10 @@ impl Gpu {
         super::gemm_f16_nt(&self.blas, m, n, k, &x.data, &w.data, &mut y.data)?;
         if b.is_some() || relu {
             // A null bias adds nothing; the kernel checks.
-            self.bias_act_raw(addr(&y.data), b.map_or(0, |b| addr(&b.data)), m, n, relu)?;
+            // SAFETY: addresses of these tensors, whose shapes were checked above.
+            unsafe {
+                self.bias_act_raw(addr(&y.data), b.map_or(0, |b| addr(&b.data)), m, n, relu)
+            }?;
         }
         Ok(y)
     }
@@ -260,7 +267,8 @@ impl Gpu {
     ) -> Result<GpuTensor, CudaError> {
         assert!(data.len() >= d0 * d1 * d2 * d3, "data holds the shape");
         let y = self.output(&[d0, d2, d1, d3])?;
-        self.swap12_raw(addr(data), addr(&y.data), [d0, d1, d2, d3])?;
+        // SAFETY: addresses of these tensors, whose shapes were checked above.
+        unsafe { self.swap12_raw(addr(data), addr(&y.data), [d0, d1, d2, d3]) }?;
         Ok(y)
     }
 
@@ -338,7 +346,10 @@ impl Gpu {
     ) -> Result<GpuTensor, CudaError> {
         let n = x.elem_count() / (a * c);
         let y = self.output(&[a, len, c])?;
-        self.slice_axis1_raw(addr(&x.data), addr(&y.data), [a, n, c], start..start + len)?;
+        // SAFETY: addresses of these tensors, whose shapes were checked above.
+        unsafe {
+            self.slice_axis1_raw(addr(&x.data), addr(&y.data), [a, n, c], start..start + len)
+        }?;
         Ok(y)
     }
 }
