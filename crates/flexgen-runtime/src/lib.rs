@@ -6,7 +6,7 @@
 //!
 //! One schedule (`schedule.rs`) drives a device stage (`stage.rs`): the host stage
 //! (`host_stage.rs`, the tiered CPU executor: the "GPU" tier is host memory under a budget, the
-//! disk tier real) or the CUDA stage (`gpu.rs`). Each places weights, KV cache and activations on
+//! disk tier real) or the CUDA stage (`gpu/`). Each places weights, KV cache and activations on
 //! three tiers by the policy's shares and refuses a policy that does not fit before anything is
 //! allocated.
 

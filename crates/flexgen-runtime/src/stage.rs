@@ -6,7 +6,7 @@
 //! stop strings, streaming and completions stay in the schedule, so every device behaves alike.
 //!
 //! Two stages implement it: the host stage (`host_stage.rs`: the tiered CPU executor) and the
-//! CUDA stage (`gpu.rs`).
+//! CUDA stage (`gpu/`).
 
 use flexgen_model::layers;
 use flexgen_policy::ModelSpec;

@@ -1,0 +1,129 @@
+//! KV-cache rows off the GPU: CPU attention over rows in pinned memory, and the rows on disk
+//! (read ahead, new positions written back).
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+impl CudaStage<'_> {
+    /// Blocks until the compute stream is idle, counting the wait in `host_times`.
+    pub(super) fn wait_for_gpu(&self) -> Result<()> {
+        let t = Instant::now();
+        self.gpu.stream.synchronize().map_err(drv)?;
+        let mut h = self.host_times.get();
+        h.gpu_wait_s += t.elapsed().as_secs_f64();
+        self.host_times.set(h);
+        Ok(())
+    }
+
+    /// Decode attention of the CPU rows on the CPU: q and the new k/v of those rows come to
+    /// pinned memory, the new position is appended to the CPU cache, every core computes the
+    /// rows' attention over the cache in place (fp16 values, fp32 arithmetic), and the output
+    /// goes back into `att`. Only `4 · rows · hd` values cross PCIe.
+    pub(super) fn cpu_attention_step(
+        &self,
+        buf: &RunBuffers,
+        homes: &[(usize, usize, &HostMem, &HostMem)],
+        starts: &[i32],
+        past: usize,
+    ) -> Result<()> {
+        let (_, nh, nkv, hd) = self.dims();
+        let gr = self.gpu_rows;
+        let b = self.policy.gpu_batch_size as usize;
+        let cpu_rows = b * nkv - gr;
+        let cap = self.cap();
+        let st = &self.gpu.stream;
+        let n = cpu_rows * hd;
+        let [qh, kh, vh, oh] = [0, 1, 2, 3].map(|i| buf.cpu_att[i].ptr());
+        for (src, dst) in [
+            (at(addr(&buf.q), gr * hd), qh),
+            (addr(&buf.work[0].0), kh),
+            (addr(&buf.work[0].1), vh),
+        ] {
+            // SAFETY: n contiguous values into pinned staging of n.
+            unsafe {
+                copy_2d(
+                    st,
+                    Mem::Device(src),
+                    Mem::Host(dst.cast_const().cast()),
+                    Copy2d { width: n * 2, height: 1, src_pitch: n * 2, dst_pitch: n * 2 },
+                )
+            }
+            .map_err(cuda)?;
+        }
+        self.wait_for_gpu()?;
+        let t = Instant::now();
+        for &(off, rows, hk, hv) in homes {
+            let r = off * hd..(off + rows) * hd;
+            // SAFETY: the stream is idle (synchronized above), so no copy touches these pinned
+            // buffers while the cores read and write them; no other reference to them is live,
+            // and each home's rows are disjoint from the others'.
+            let (q, k_new, v_new, out, kcache, vcache) = unsafe {
+                (
+                    std::slice::from_raw_parts(qh.cast_const().add(r.start), r.len()),
+                    std::slice::from_raw_parts(kh.cast_const().add(r.start), r.len()),
+                    std::slice::from_raw_parts(vh.cast_const().add(r.start), r.len()),
+                    std::slice::from_raw_parts_mut(oh.add(r.start), r.len()),
+                    std::slice::from_raw_parts_mut(hk.ptr(), rows * cap * hd),
+                    std::slice::from_raw_parts_mut(hv.ptr(), rows * cap * hd),
+                )
+            };
+            let d =
+                flexgen_tensor::host_attention::Dims { rows, hd, cap, past, nh, row0: gr + off };
+            flexgen_tensor::host_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
+        }
+        let mut h = self.host_times.get();
+        h.cpu_attention_s += t.elapsed().as_secs_f64();
+        self.host_times.set(h);
+        // SAFETY: the output staging holds n values, written above.
+        let out = unsafe { std::slice::from_raw_parts(oh.cast_const(), n) };
+        htod(st, at(addr(&buf.att), gr * hd), out)
+    }
+
+    /// The homes of (layer `j`, batch `kb`)'s off-GPU cache rows: (first row among the off-GPU
+    /// rows, rows, k, v). CPU rows first, then disk rows, whose `past` positions are read into
+    /// their (row-major) staging first.
+    pub(super) fn homes<'b>(
+        &self,
+        buf: &'b RunBuffers,
+        j: usize,
+        kb: usize,
+        past: usize,
+    ) -> Result<Vec<(usize, usize, &'b HostMem, &'b HostMem)>> {
+        let load = past > 0;
+        let b = self.policy.gpu_batch_size as usize;
+        let host_rows = b * self.dims().2 - self.gpu_rows - self.disk_rows;
+        let mut out = Vec::with_capacity(2);
+        if host_rows > 0 {
+            let (k, v) = &buf.kv_cpu[j][kb];
+            out.push((0, host_rows, k, v));
+        }
+        if let Some(dc) = &buf.disk_cache {
+            if load {
+                // The staging is free once earlier copies from and to it are done.
+                let read = dc.load(j, kb, past, || self.wait_for_gpu())?;
+                let (r, w) = self.cache_disk_io.get();
+                self.cache_disk_io.set((r + read, w));
+            }
+            out.push((host_rows, self.disk_rows, &dc.stage[0], &dc.stage[1]));
+        }
+        Ok(out)
+    }
+
+    /// Appends (layer `j`, batch `kb`)'s new positions `past..past + t` of the disk rows to their
+    /// regions, from the staging, once the copies of those positions into it have landed.
+    pub(super) fn flush_disk(
+        &self,
+        buf: &RunBuffers,
+        j: usize,
+        kb: usize,
+        past: usize,
+        t: usize,
+    ) -> Result<()> {
+        let Some(dc) = &buf.disk_cache else { return Ok(()) };
+        self.wait_for_gpu()?;
+        let written = dc.append(j, kb, past, t)?;
+        let (r, w) = self.cache_disk_io.get();
+        self.cache_disk_io.set((r, w + written));
+        Ok(())
+    }
+}

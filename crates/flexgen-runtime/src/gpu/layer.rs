@@ -1,0 +1,250 @@
+//! One decoder layer on the GPU (OPT: LayerNorm, fused q/k/v, attention over the cache rows
+//! wherever they live, ReLU MLP), for one (layer, batch) visit.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+impl CudaStage<'_> {
+    /// One layer for one GPU batch `kb` (`b` sequences of `t` new positions after `past`): its
+    /// hidden state is updated in place; k and v of the new positions go to the cache.
+    #[expect(clippy::too_many_arguments, reason = "one layer's inputs")]
+    pub(super) fn layer(
+        &self,
+        w: u64,
+        j: usize,
+        kb: usize,
+        buf: &RunBuffers,
+        starts: &[i32],
+        b: usize,
+        t: usize,
+        past: usize,
+        (slot, staged): (usize, Prefetch),
+    ) -> Result<()> {
+        let l = &self.layout;
+        let g = &self.gpu;
+        let st = &g.stream;
+        let (h, nh, nkv, hd) = self.dims();
+        let eps = self.eps();
+        let rows = b * t;
+        let cap = self.cap();
+        let d = AttnDims { b, t, nh, nkv, hd, cap, past };
+        let (gr, all_rows) = (self.gpu_rows, b * nkv);
+        let cpu_rows = all_rows - gr;
+        let gr_all = gr; // GPU rows of a compressed cache
+        let (hn, qkv, q, att) = (addr(&buf.hn), addr(&buf.qkv), addr(&buf.q), addr(&buf.att));
+        let start = addr(&buf.start[kb]);
+        let (kn, vn) = {
+            let (k, v) = &buf.work[slot % buf.work.len()];
+            (addr(k), addr(v))
+        };
+        let wq = |r: &std::ops::Range<usize>| at(w, r.start);
+        let x = self.hidden_in(buf, kb, rows * h, slot, staged.act)?;
+        let row_bytes = cap * hd * 2;
+        // The off-GPU rows' homes (CPU rows, then disk rows read into their staging).
+        let homes = if cpu_rows > 0 && self.cache_quant.is_none() {
+            self.homes(buf, j, kb, past)?
+        } else {
+            Vec::new()
+        };
+        // Without CPU attention the off-GPU rows attend on the GPU: bring their past positions in
+        // (unless the copy stream did).
+        if !self.cpu_attention && past > 0 && !staged.cache {
+            self.copy_homes_in(&homes, (kn, vn), past, st)?;
+        }
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.layer_norm_raw(x, wq(&l.attn_norm_w), wq(&l.attn_norm_b), hn, rows, h, eps) }
+            .map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.gemm(&Gemm::linear(rows, h + 2 * nkv * hd, h, hn, wq(&l.qkv_w), qkv, false)) }
+            .map_err(cuda)?;
+        #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "1/√hd")]
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        if let Some((bits, group)) = self.cache_quant {
+            // Every row packed (GPU rows in GPU memory, CPU rows in pinned memory): the past
+            // positions are expanded into the working area, the new ones written there, attention
+            // reads it, then the new positions are packed back to each row's home.
+            let qg = CacheQuant { rows: gr_all, cap, hd, group, bits };
+            let qc = CacheQuant { rows: cpu_rows, ..qg };
+            let ([ck, cv], [pk, pv]) = &buf.kvq[j][kb];
+            let (kn_c, vn_c) = (at(kn, gr_all * cap * hd), at(vn, gr_all * cap * hd));
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.dequant_cache(addr(ck), addr(pk), kn, qg, (0, past)) }.map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.dequant_cache(addr(cv), addr(pv), vn, qg, (0, past)) }.map_err(cuda)?;
+            let packed_stage = buf.kvq_stage.get(slot % buf.kvq_stage.len().max(1));
+            if let Some(ps @ ([sck, scv], [spk, spv])) = packed_stage {
+                let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
+                if past > 0 {
+                    if !staged.cache {
+                        Self::copy_packed_in(buf, (j, kb), ps, st)?;
+                    }
+                    // SAFETY: this executor's weights and buffers, sized for these shapes.
+                    unsafe { g.dequant_cache(stage[0], stage[2], kn_c, qc, (0, past)) }
+                        .map_err(cuda)?;
+                    // SAFETY: this executor's weights and buffers, sized for these shapes.
+                    unsafe { g.dequant_cache(stage[1], stage[3], vn_c, qc, (0, past)) }
+                        .map_err(cuda)?;
+                }
+            }
+            let new = NewKv { gpu_rows: 0, k: kn, v: vn, cap, past };
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.qkv_split(qkv, wq(&l.qkv_b), q, kn, vn, new, d, scale) }.map_err(cuda)?;
+            if t > 1 {
+                let (sc, cx) = (addr(&buf.scores), addr(&buf.ctx));
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.attention_prefill(q, kn, vn, cap, start, sc, cx, d, 0..all_rows) }
+                    .map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.merge_heads_raw(cx, att, d) }.map_err(cuda)?;
+            } else {
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.attention_decode(q, kn, vn, cap, start, att, d, 0..all_rows) }
+                    .map_err(cuda)?;
+            }
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.quant_cache(kn, addr(ck), addr(pk), qg, (past, t)) }.map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.quant_cache(vn, addr(cv), addr(pv), qg, (past, t)) }.map_err(cuda)?;
+            if let Some(([sck, scv], [spk, spv])) = packed_stage {
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.quant_cache(kn_c, addr(sck), addr(spk), qc, (past, t)) }
+                    .map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.quant_cache(vn_c, addr(scv), addr(spv), qc, (past, t)) }
+                    .map_err(cuda)?;
+                // Only the new positions go back to the CPU rows' home.
+                let groups = hd.div_ceil(group);
+                let code_b = groups * group * usize::from(bits) / 8; // per (row, position)
+                let par_b = groups * 4;
+                let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
+                for (i, (host, src)) in buf.kvq_cpu[j][kb].iter().zip(stage).enumerate() {
+                    let per = if i < 2 { code_b } else { par_b };
+                    let off = past * per;
+                    // SAFETY: rows of `cap` positions on both sides; t positions from `past`.
+                    unsafe {
+                        copy_2d(
+                            st,
+                            Mem::Device(src + off as u64),
+                            Mem::Host(host.ptr().cast::<u8>().add(off).cast_const()),
+                            Copy2d {
+                                width: t * per,
+                                height: cpu_rows,
+                                src_pitch: cap * per,
+                                dst_pitch: cap * per,
+                            },
+                        )
+                    }
+                    .map_err(cuda)?;
+                }
+            }
+            self.layer_mlp(w, x, buf, rows)?;
+            return self.hidden_out(buf, kb, rows * h, slot);
+        }
+        let (kc, vc) = (addr(&buf.kv[j][kb].0), addr(&buf.kv[j][kb].1));
+        // Where the CPU rows' new k/v go on the GPU, and that buffer's positions per row.
+        let (ncap, npast) = if self.cpu_attention { (t, 0) } else { (cap, past) };
+        let new = NewKv { gpu_rows: gr, k: kn, v: vn, cap: ncap, past: npast };
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.qkv_split(qkv, wq(&l.qkv_b), q, kc, vc, new, d, scale) }.map_err(cuda)?;
+        if t > 1 {
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe {
+                g.attention_prefill(
+                    q,
+                    kc,
+                    vc,
+                    cap,
+                    start,
+                    addr(&buf.scores),
+                    addr(&buf.ctx),
+                    d,
+                    0..gr,
+                )
+            }
+            .map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe {
+                g.attention_prefill(
+                    q,
+                    kn,
+                    vn,
+                    ncap,
+                    start,
+                    addr(&buf.scores),
+                    addr(&buf.ctx),
+                    d,
+                    gr..all_rows,
+                )
+            }
+            .map_err(cuda)?;
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.merge_heads_raw(addr(&buf.ctx), att, d) }.map_err(cuda)?;
+        } else {
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.attention_decode(q, kc, vc, cap, start, att, d, 0..gr) }.map_err(cuda)?;
+            if cpu_rows > 0 && !self.cpu_attention {
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.attention_decode(q, kn, vn, cap, start, att, d, gr..all_rows) }
+                    .map_err(cuda)?;
+            }
+        }
+        if cpu_rows > 0 {
+            if self.cpu_attention && t == 1 {
+                self.cpu_attention_step(buf, &homes, starts, past)?;
+            } else {
+                // Store the new positions of the off-GPU rows into their homes.
+                for &(off, n, hk, hv) in &homes {
+                    for (src, dst) in [(kn, hk), (vn, hv)] {
+                        // SAFETY: position `past` of the first row lies inside the buffer.
+                        let dst = unsafe { dst.ptr().add(past * hd) }.cast_const();
+                        // SAFETY: rows of `cap` positions in pinned memory; t positions from
+                        // `past`; the source rows start at `off` in the working area.
+                        unsafe {
+                            copy_2d(
+                                st,
+                                Mem::Device(at(src, (off * ncap + npast) * hd)),
+                                Mem::Host(dst.cast()),
+                                Copy2d {
+                                    width: t * hd * 2,
+                                    height: n,
+                                    src_pitch: ncap * hd * 2,
+                                    dst_pitch: row_bytes,
+                                },
+                            )
+                        }
+                        .map_err(cuda)?;
+                    }
+                }
+            }
+            self.flush_disk(buf, j, kb, past, t)?;
+        }
+        self.layer_mlp(w, x, buf, rows)?;
+        self.hidden_out(buf, kb, rows * h, slot)
+    }
+
+    /// The rest of a layer after attention (`att` in the buffers): output projection and residual,
+    /// then the MLP block, on `x` (`rows` rows) in place.
+    pub(super) fn layer_mlp(&self, w: u64, x: u64, buf: &RunBuffers, rows: usize) -> Result<()> {
+        let (l, g) = (&self.layout, &self.gpu);
+        let h = self.dims().0;
+        let (hn, att, eps) = (addr(&buf.hn), addr(&buf.att), self.eps());
+        let wq = |r: &std::ops::Range<usize>| at(w, r.start);
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.gemm(&Gemm::linear(rows, h, h, att, wq(&l.o_w), x, true)) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.bias_act_raw(x, wq(&l.o_b), rows, h, false) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.layer_norm_raw(x, wq(&l.mlp_norm_w), wq(&l.mlp_norm_b), hn, rows, h, eps) }
+            .map_err(cuda)?;
+        let f = self.model.spec.ffn_size as usize;
+        let f1 = addr(&buf.f1);
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.gemm(&Gemm::linear(rows, f, h, hn, wq(&l.fc1_w), f1, false)) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.bias_act_raw(f1, wq(&l.fc1_b), rows, f, true) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.gemm(&Gemm::linear(rows, h, f, f1, wq(&l.fc2_w), x, true)) }.map_err(cuda)?;
+        // SAFETY: this executor's weights and buffers, sized for these shapes.
+        unsafe { g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false) }.map_err(cuda)
+    }
+}

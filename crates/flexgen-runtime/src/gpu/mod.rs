@@ -1,0 +1,719 @@
+//! The CUDA stage: the block schedule's steps on GPU 0, placing weights, KV cache and
+//! activations by the policy's shares. This file holds the stage's state, its set-up (`new`) and
+//! its reports; `plan.rs` the memory plan, `weights.rs` the weight homes and their streaming,
+//! `buffers.rs` the run buffers, `visits.rs` the visit order and what is staged ahead,
+//! `layer.rs` a decoder layer's kernels, `cache.rs` cache rows off the GPU (CPU attention, disk),
+//! `step.rs` the steps the schedule drives.
+//!
+//! Each decoder layer's weights are one fp16 arena ([`LayerLayout`]). The policy's weight shares
+//! are exact slices of every arena: the first `gpu %` of each layer's bytes live on the GPU, the
+//! next `cpu %` in CPU memory (pinned when `pin_weight`, else pageable), the rest on disk (one
+//! file in `offload_dir`, read with direct I/O so the page cache cannot serve it, by a reader
+//! thread that runs ahead of the GPU into a ring of pinned buffers). A layer that is not wholly
+//! resident is assembled in one of two device staging arenas before use: its CPU and disk parts
+//! are copied on the load stream (two layers ahead), its GPU part by a device-to-device copy on
+//! the compute stream. Events order the two streams: a staging arena is
+//! refilled only after the layer that used it has been computed for every GPU batch, and a layer
+//! is computed only after its copy has landed. So the PCIe link stays busy across layer and step
+//! boundaries while the GPU computes.
+//!
+//! The KV cache is preallocated for the whole sequence (prompt + new tokens) per layer and GPU
+//! batch, written in place by the fused q/k/v split; attention reads it with strided GEMMs in
+//! prefill and with one kernel per (sequence, head) in decode. The cache's shares split each
+//! (layer, batch) by (sequence, head) rows: the first rows live on the GPU, the rest in pinned
+//! CPU memory. For CPU rows, with `cpu_cache_compute` the decode attention runs on the CPU cores
+//! (only q, the new k and v, and the output cross PCIe); without it the rows' cache is copied to
+//! a GPU working area for the step and the new position copied back. Prefill attention always
+//! runs on the GPU. Activations live whole on the GPU or in pinned CPU memory (then each GPU
+//! batch's hidden state is copied in before and out after every layer). The next tokens are chosen on the
+//! GPU (argmax), so one sync and a few bytes cross to the host per step.
+//!
+//! Everything the run needs on the GPU is counted before anything is allocated; a policy that
+//! does not fit is refused with the tier, the bytes and the field to change.
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use cudarc::driver::CudaEvent;
+use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout};
+use flexgen_policy::{ModelSpec, Policy, Tier};
+use flexgen_tensor::cuda::exec::{
+    AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
+};
+use flexgen_tensor::cuda::{
+    CudaError, CudaSlice, CudaStream, Gpu, GpuTensor, HostMem, PinnedHostSlice,
+};
+use flexgen_tensor::host::{DirectFile, align_up};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::disk::{DiskCache, READ_THREADS, disk_pos_bytes, read_parallel};
+use crate::stage::{self, BlockInput, Feed, Picks, Stage};
+use crate::tiers::split_counts;
+use crate::{Error, Result, RunStats, tiers::Traffic};
+
+mod buffers;
+mod cache;
+mod layer;
+mod plan;
+mod step;
+mod visits;
+mod weights;
+
+use buffers::{PackedKv, RunBuffers};
+use plan::packed_cache_bytes;
+use visits::{Prefetch, visit_order};
+use weights::Reader;
+
+/// Where the weights come from: a loaded model's layers, or dummy values made in place.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerSource {
+    /// `model.weights.layers`.
+    Loaded,
+    /// [`LayerLayout::fill_dummy`] values, never materialized as f32.
+    Dummy(DummyInit),
+}
+
+/// The longest prompt and the most new tokens a [`CudaStage`] is sized for, and the GPU memory
+/// it may use (`None`: what the device reports free, less a margin).
+#[derive(Debug, Clone, Copy)]
+pub struct GpuCapacity {
+    pub max_prompt: usize,
+    pub max_new: usize,
+    pub gpu_limit: Option<u64>,
+}
+
+struct LayerHome {
+    /// Elements `0..g_end` of the arena (the whole arena when it is wholly resident).
+    gpu: Option<CudaSlice<f16>>,
+    /// Elements `g_end..c_end`.
+    cpu: Option<HostMem>,
+}
+
+/// The disk parts of every layer (elements `c_end..len`): layer `j` at `j · slot_bytes`.
+struct DiskPart {
+    file: DirectFile,
+    slot_bytes: usize,
+    layers: usize,
+    /// Pinned buffers the reader thread fills, each `slot_bytes`.
+    ring: Vec<HostMem>,
+    /// Recorded on the load stream after each ring buffer's copy to the GPU.
+    copied: Vec<CudaEvent>,
+}
+
+/// A layer arena as a policy places it: the layout, its packed form with `compress_weight`, its
+/// length in units (fp16 values, or packed bytes two to a unit), and where the GPU part and the
+/// CPU part end.
+struct Arena {
+    layout: LayerLayout,
+    packed: Option<PackedLayout>,
+    unit_len: usize,
+    ends: [usize; 2],
+}
+
+/// GPU memory of a run, by use (bytes).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuBytes {
+    pub weights: u64,
+    pub staging: u64,
+    pub tables: u64,
+    pub cache: u64,
+    pub activations: u64,
+}
+
+impl GpuBytes {
+    pub fn total(&self) -> u64 {
+        self.weights + self.staging + self.tables + self.cache + self.activations
+    }
+}
+
+/// Runs greedy generation of token prompts on the GPU.
+pub struct CudaStage<'m> {
+    model: &'m Model,
+    policy: Policy,
+    gpu: Gpu,
+    load: Arc<CudaStream>,
+    /// The stream of the prefetched activation and cache copies (`Prefetch`).
+    copy: Arc<CudaStream>,
+    prefetch: Prefetch,
+    /// Recorded on the copy stream once visit buffer `slot` is staged.
+    staged: [CudaEvent; 2],
+    /// Recorded on the compute stream before a prefetch: the copy stream waits for it.
+    mark: CudaEvent,
+    layout: LayerLayout,
+    /// With `compress_weight`: the packed form of each arena, which the tiers hold and move.
+    packed: Option<PackedLayout>,
+    /// fp16 units of the stored arena: `layout.len`, or half the packed bytes.
+    unit_len: usize,
+    /// With `compress_weight`: the fp16 arena each layer is dequantized into before use.
+    unpacked: Option<CudaSlice<f16>>,
+    /// The last layer packed at set-up (packing once serves its GPU, CPU and disk parts), by
+    /// layer, or 0 for `ones` dummy layers (all alike).
+    packed_memo: RefCell<Option<(usize, Vec<f16>)>>,
+    /// Units of each stored arena resident on the GPU (`0..g_end`), in CPU memory
+    /// (`g_end..c_end`); the rest is on disk.
+    g_end: usize,
+    c_end: usize,
+    /// (sequence, head) rows of each (layer, batch) cache on the GPU; the rest are on the CPU.
+    gpu_rows: usize,
+    /// Decode attention of the CPU rows runs on the CPU.
+    cpu_attention: bool,
+    /// With `compress_cache`: (bits, group) of the packed cache.
+    cache_quant: Option<(u8, usize)>,
+    /// (sequence, head) rows of each (layer, batch) cache on disk (the last rows).
+    disk_rows: usize,
+    /// Bytes of KV cache read from and written to disk.
+    cache_disk_io: Cell<(u64, u64)>,
+    /// Host time inside the steps (CPU attention, waits on the compute stream).
+    host_times: Cell<crate::generate::HostTimes>,
+    /// Hidden states between layers live on the GPU (else in pinned CPU memory).
+    act_on_gpu: bool,
+    embed: GpuTensor,
+    pos_embed: Option<GpuTensor>,
+    final_norm: (GpuTensor, GpuTensor),
+    lm_head: Option<GpuTensor>,
+    layers: Vec<LayerHome>,
+    disk: Option<DiskPart>,
+    stage: Vec<CudaSlice<f16>>,
+    loaded: [CudaEvent; 2],
+    freed: [CudaEvent; 2],
+    capacity: GpuCapacity,
+    bytes: GpuBytes,
+    /// The run buffers (allocated on first use, for `capacity`).
+    run: RefCell<Option<RunBuffers>>,
+    /// Page-locked CPU memory held for weights.
+    pub pinned_bytes: u64,
+    /// Pageable CPU memory held for weights.
+    pub pageable_bytes: u64,
+    /// Pinned host-to-device bandwidth measured at set-up (bytes/s), when weights are offloaded.
+    pub h2d_bytes_per_s: Option<f64>,
+    /// Direct-read bandwidth of the offload directory measured at set-up (bytes/s), when
+    /// weights are on disk.
+    pub disk_bytes_per_s: Option<f64>,
+    /// Whether the disk tier bypasses the page cache (`None`: no weights on disk).
+    pub direct_io: Option<bool>,
+    /// Seconds of set-up: (filling and placing weights, pinning, writing the disk tier).
+    pub setup_times: SetupTimes,
+}
+
+/// Where set-up time went (seconds).
+#[derive(Debug, Clone, Copy, Default)]
+#[expect(clippy::struct_field_names, reason = "seconds, named like the report fields")]
+pub struct SetupTimes {
+    pub fill_s: f64,
+    pub pin_s: f64,
+    pub disk_write_s: f64,
+    pub total_s: f64,
+}
+
+fn cuda(e: CudaError) -> Error {
+    Error::Model(flexgen_model::Error::Gpu(e))
+}
+
+fn drv(e: cudarc::driver::DriverError) -> Error {
+    cuda(e.into())
+}
+
+/// Whether the off-GPU cache rows (of `rows` per (layer, batch), `gpu_rows` on the GPU) attend on
+/// the CPU. A compressed cache is attended on the GPU (as the original's compressed path is).
+fn cpu_attention(policy: &Policy, gpu_rows: usize, rows: usize) -> bool {
+    policy.cpu_cache_compute && gpu_rows < rows && !policy.compress_cache.enabled
+}
+
+impl<'m> CudaStage<'m> {
+    /// Opens GPU 0, checks that the policy is one this executor runs and that everything fits,
+    /// then places the weights (`source` says where layer values come from).
+    pub fn new(
+        model: &'m Model,
+        policy: Policy,
+        source: LayerSource,
+        capacity: GpuCapacity,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        policy.validate()?;
+        let p = &policy.placement;
+        let refuse = |field: &'static str, what: &str| Error::Config {
+            field,
+            message: format!(
+                "the CUDA executor does not run {what} yet; {:?} with this setting needs the CPU \
+                 executor (--device cpu)",
+                p.to_percent()
+            ),
+        };
+        let act_on_gpu = match p.activations.single_tier() {
+            Some(Tier::Gpu) => true,
+            Some(Tier::Cpu) => false,
+            _ => {
+                return Err(refuse(
+                    "placement.activations",
+                    "activations split across tiers or on disk (give them one tier, GPU or CPU)",
+                ));
+            }
+        };
+
+        if policy.compress_weight.enabled && policy.compress_weight.group_dim != 0 {
+            return Err(refuse(
+                "compress_weight.group_dim",
+                "weight groups along a dimension other than 0",
+            ));
+        }
+        let spec = &model.spec;
+        if spec.num_kv_heads != spec.num_heads {
+            return Err(refuse("model", "grouped-query attention"));
+        }
+        let (rows, [gpu_rows, _, disk_rows]) = Self::cache_rows(spec, &policy);
+        if disk_rows > 0 && policy.compress_cache.enabled {
+            return Err(refuse("placement.kv_cache.disk", "a compressed KV cache on disk"));
+        }
+        if disk_rows > 0 && policy.offload_dir.is_none() {
+            return Err(Error::Config {
+                field: "offload_dir",
+                message: "a KV cache on disk needs offload_dir (--offload-dir DIR)".into(),
+            });
+        }
+        let cpu_attention = cpu_attention(&policy, gpu_rows, rows);
+        let cache_quant = policy
+            .compress_cache
+            .enabled
+            .then_some((policy.compress_cache.bits, policy.compress_cache.group_size as usize));
+        let Arena { layout, packed, unit_len, ends: [g_end, c_end] } = Self::arena(spec, &policy)?;
+        let n_layers = spec.num_layers as usize;
+        if matches!(source, LayerSource::Loaded) && model.weights.layers.len() != n_layers {
+            return Err(Error::Config {
+                field: "model",
+                message: "the model's layers were not loaded".into(),
+            });
+        }
+        let disk_dir = if c_end < unit_len {
+            Some(policy.offload_dir.clone().ok_or_else(|| Error::Config {
+                field: "offload_dir",
+                message: "weights on disk need offload_dir (--offload-dir DIR)".into(),
+            })?)
+        } else {
+            None
+        };
+        let gpu = Gpu::new(0).map_err(cuda)?;
+        // The executor orders its two streams with its own events.
+        // SAFETY: every buffer below is used on the compute stream, except the staging arenas,
+        // which the load stream writes only between `freed` and `loaded` events, and the visit
+        // buffers of `Prefetch`, which the copy stream writes only between `mark` and `staged`.
+        unsafe { gpu.ctx.disable_event_tracking() };
+        let load = gpu.ctx.new_stream().map_err(drv)?;
+        let copy = gpu.ctx.new_stream().map_err(drv)?;
+        let prefetch = Prefetch::of(&policy, gpu_rows, rows, disk_rows);
+        // The figures bytes_needed and host_bytes_needed give the planner's tests, from the same
+        // arena and rows.
+        let bytes = Self::plan_bytes(spec, &policy, (&layout, unit_len), g_end, gpu_rows, capacity);
+        let host =
+            Self::plan_host_bytes(spec, &policy, unit_len, (g_end, c_end), gpu_rows, capacity);
+        if let Some(avail) = mem_available() {
+            let avail = avail.saturating_sub(2 << 30);
+            if host > avail {
+                #[expect(clippy::cast_precision_loss, reason = "a report")]
+                let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+                return Err(Error::Config {
+                    field: "placement",
+                    message: format!(
+                        "the CPU tier cannot hold this run: weights, KV cache and activations \
+                         placed on the CPU need {:.2} GiB but {:.2} GiB of memory are available \
+                         (MemAvailable less 2 GiB), {:.2} GiB short. Lower the CPU shares \
+                         (placement.*.cpu), gpu_batch_size or num_gpu_batches.",
+                        gib(host),
+                        gib(avail),
+                        gib(host - avail)
+                    ),
+                });
+            }
+        }
+        let available = if let Some(l) = capacity.gpu_limit {
+            l
+        } else {
+            let (free, _) = gpu.ctx.mem_get_info().map_err(drv)?;
+            (free as u64).saturating_sub(1 << 30)
+        };
+        if bytes.total() > available {
+            return Err(Self::refusal(&bytes, available, capacity.gpu_limit.is_some()));
+        }
+        let w = &model.weights;
+        let up = |t: &flexgen_tensor::Tensor| gpu.upload(t).map_err(cuda);
+        let embed = up(&w.token_embedding)?;
+        let pos_embed = w.position_embedding.as_ref().map(up).transpose()?;
+        let final_norm = (
+            up(&w.final_norm.weight)?,
+            up(w.final_norm.bias.as_ref().ok_or_else(|| Error::Config {
+                field: "model",
+                message: "the final LayerNorm has no bias".into(),
+            })?)?,
+        );
+        let lm_head = w.lm_head.as_ref().map(up).transpose()?;
+        let loaded = [new_event(&gpu)?, new_event(&gpu)?];
+        let freed = [new_event(&gpu)?, new_event(&gpu)?];
+        let staged = [new_event(&gpu)?, new_event(&gpu)?];
+        let mark = new_event(&gpu)?;
+        let mut this = Self {
+            model,
+            policy,
+            gpu,
+            load,
+            copy,
+            prefetch,
+            staged,
+            mark,
+            layout,
+            packed,
+            unit_len,
+            unpacked: None,
+            packed_memo: std::cell::RefCell::new(None),
+            g_end,
+            c_end,
+            gpu_rows,
+            cpu_attention,
+            cache_quant,
+            disk_rows,
+            cache_disk_io: std::cell::Cell::new((0, 0)),
+            host_times: std::cell::Cell::default(),
+            act_on_gpu,
+            embed,
+            pos_embed,
+            final_norm,
+            lm_head,
+            layers: Vec::with_capacity(n_layers),
+            disk: None,
+            stage: Vec::new(),
+            loaded,
+            freed,
+            capacity,
+            bytes,
+            run: RefCell::new(None),
+            pinned_bytes: 0,
+            pageable_bytes: 0,
+            h2d_bytes_per_s: None,
+            disk_bytes_per_s: None,
+            direct_io: None,
+            setup_times: SetupTimes::default(),
+        };
+        this.place_weights(source, disk_dir.as_deref())?;
+        this.setup_times.total_s = started.elapsed().as_secs_f64();
+        Ok(this)
+    }
+
+    /// The GPU memory this generator planned, by use.
+    pub fn gpu_bytes(&self) -> GpuBytes {
+        self.bytes
+    }
+
+    /// Bytes of weights that cross PCIe for every pass over the layers.
+    pub fn weight_bytes_per_pass(&self) -> u64 {
+        (self.unit_len - self.g_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
+    }
+
+    /// KV-cache bytes a decode step at `past` positions moves: (over PCIe, read from disk). Off-GPU
+    /// rows attended on the GPU bring their past in (packed rows whole) and send the new position
+    /// back; with CPU attention only q, k, v of the new position go out and the output comes
+    /// back; disk rows are read up to `past` (their new position's write is not counted).
+    pub fn cache_bytes_per_decode_step(&self, past: usize) -> (u64, u64) {
+        let (_, _, nkv, hd) = self.dims();
+        let off = self.policy.gpu_batch_size as usize * nkv - self.gpu_rows;
+        let times = u64::from(self.model.spec.num_layers) * u64::from(self.policy.num_gpu_batches);
+        let pcie = match self.cache_quant {
+            Some(_) => 2 * packed_cache_bytes(&self.policy, off, self.cap() as u64, hd as u64),
+            None if self.cpu_attention => (4 * off * hd * 2) as u64,
+            None => (2 * off * (past + 1) * hd * 2) as u64,
+        };
+        let disk = if self.cpu_attention || self.cache_quant.is_none() {
+            (2 * self.disk_rows * past * hd * 2) as u64
+        } else {
+            0
+        };
+        (times * pcie, times * disk)
+    }
+
+    /// Bytes of weights read from disk for every pass over the layers.
+    pub fn disk_bytes_per_pass(&self) -> u64 {
+        (self.unit_len - self.c_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
+    }
+
+    /// Bytes of KV cache held on disk.
+    pub fn disk_cache_bytes(&self) -> u64 {
+        let s = &self.model.spec;
+        let cap = self.cap();
+        let region = (cap * disk_pos_bytes(self.disk_rows, s.head_dim() as usize)) as u64;
+        u64::from(s.num_layers) * u64::from(self.policy.num_gpu_batches) * 2 * region
+    }
+
+    /// Bytes of weights held on disk (the file's size).
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| (d.slot_bytes * self.layers.len()) as u64)
+    }
+
+    /// Positions of every cache row: the longest prompt plus the new tokens.
+    fn cap(&self) -> usize {
+        self.capacity.max_prompt + self.capacity.max_new
+    }
+
+    fn dims(&self) -> (usize, usize, usize, usize) {
+        let s = &self.model.spec;
+        (
+            s.hidden_size as usize,
+            s.num_heads as usize,
+            s.num_kv_heads as usize,
+            s.head_dim() as usize,
+        )
+    }
+
+    fn eps(&self) -> f32 {
+        let (flexgen_policy::NormKind::LayerNorm { eps }
+        | flexgen_policy::NormKind::RmsNorm { eps }) = self.model.spec.norm;
+        #[expect(clippy::cast_possible_truncation, reason = "a small epsilon")]
+        let e = eps as f32;
+        e
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where it cannot be read).
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Copies pageable `src` to `dst` in stream order (the call returns once `src` has been staged,
+/// so `src` may be dropped after it).
+fn htod<T>(st: &CudaStream, dst: u64, src: &[T]) -> Result<()> {
+    // SAFETY: every destination buffer is sized for what the executor copies into it.
+    unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, st.cu_stream()) }.map_err(drv)
+}
+
+fn new_event(gpu: &Gpu) -> Result<CudaEvent> {
+    gpu.ctx
+        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        .map_err(drv)
+}
+
+fn new_timing_event(gpu: &Gpu) -> Result<CudaEvent> {
+    gpu.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str) -> Model {
+        let spec = flexgen_model::spec_by_name(name).unwrap();
+        // Only the spec matters for planning; no weights are built.
+        Model {
+            weights: flexgen_model::Weights::dummy_tables(
+                &flexgen_model::ModelSpec { vocab_size: 8, max_positions: 8, ..spec.clone() },
+                flexgen_model::DummyInit::Ones,
+            )
+            .unwrap(),
+            spec,
+            tokenizer: None,
+            dir: None,
+        }
+    }
+
+    /// S1: OPT-30B weights on the CPU, cache and activations on the GPU, 32×2.
+    fn s1_policy() -> Policy {
+        Policy {
+            placement: flexgen_policy::Placement::from_percent([
+                0.0, 100.0, 100.0, 0.0, 100.0, 0.0,
+            ])
+            .unwrap(),
+            gpu_batch_size: 32,
+            num_gpu_batches: 2,
+            ..Policy::default()
+        }
+    }
+
+    fn gib(b: u64) -> f64 {
+        b as f64 / f64::from(1u32 << 30)
+    }
+
+    /// The GPU bytes the executor planned in the device runs of docs/benchmarks.md (S1, S8 28×2).
+
+    #[test]
+    fn planned_gpu_bytes_match_the_device_reports() {
+        let m = model("opt-30b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let s1 = s1_policy();
+        let b = CudaStage::plan_bytes(&m.spec, &s1, (&layout, layout.len), 0, 32 * 56, cap);
+        // Reported: GPU 51.34 GiB (staging 2.30, KV cache 44.62, activations 3.72).
+        assert!((gib(b.total()) - 51.34).abs() < 0.01, "{}", gib(b.total()));
+        assert!((gib(b.cache) - 44.62).abs() < 0.01 && (gib(b.staging) - 2.30).abs() < 0.01);
+        let host =
+            CudaStage::plan_host_bytes(&m.spec, &s1, layout.len, (0, layout.len), 32 * 56, cap);
+        assert!((gib(host) - 55.13).abs() < 0.01, "{}", gib(host)); // 55.13 GiB pinned
+        // With packed 4-bit weights the same run holds and moves about 0.28 of the bytes.
+        let p = layout.packed(4, 64);
+        let host_c =
+            CudaStage::plan_host_bytes(&m.spec, &s1, p.len / 2, (0, p.len / 2), 32 * 56, cap);
+        let ratio = host_c as f64 / host as f64;
+        assert!((0.26..0.30).contains(&ratio), "{ratio}");
+    }
+
+    #[test]
+    fn a_compressed_cache_plans_about_a_quarter_of_the_bytes() {
+        let m = model("opt-30b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let mut p = s1_policy();
+        let plain = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
+        p.compress_cache.enabled = true;
+        let packed = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
+        // 4-bit codes and an fp16 pair per 64 values: (32 + 4) / 128 of the fp16 bytes.
+        let ratio = packed.cache as f64 / plain.cache as f64;
+        assert!((ratio - 36.0 / 128.0).abs() < 1e-9, "{ratio}");
+        // One (layer, batch) in fp16 is the working area.
+        assert_eq!(packed.activations - plain.activations, 2 * 2 * 32 * 56 * 544 * 128);
+        // The original's compressed T4 policy: the packed cache on the CPU, none on the GPU.
+        p.placement =
+            flexgen_policy::Placement::from_percent([0.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap();
+        let on_cpu = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 0, cap);
+        assert_eq!(on_cpu.cache, 0);
+        let host = CudaStage::plan_host_bytes(&m.spec, &p, layout.len, (0, layout.len), 0, cap);
+        let weights = 48 * layout.len as u64 * 2;
+        let acts = 2 * 32 * 512 * 7168 * 2;
+        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
+        assert_eq!(
+            host - weights - acts - logits,
+            packed.cache,
+            "the same packed bytes, on the CPU"
+        );
+    }
+
+    #[test]
+    fn cache_rows_split_three_ways_and_disk_rows_stay_off_the_cpu_plan() {
+        let shares = flexgen_policy::TierShares::from_gpu_cpu(50.0, 25.0);
+        assert_eq!(split_counts(64 * 32, &shares), [1024, 512, 512]);
+        let m = model("opt-6.7b");
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let mut p = Policy {
+            gpu_batch_size: 64,
+            placement: flexgen_policy::Placement::from_percent([
+                100.0, 0.0, 50.0, 50.0, 100.0, 0.0,
+            ])
+            .unwrap(),
+            offload_dir: Some("/unused".into()), // the plan names it only
+            ..Policy::default()
+        };
+        let cpu_only = CudaStage::host_bytes_needed(&m.spec, &p, cap).unwrap();
+        p.placement =
+            flexgen_policy::Placement::from_percent([100.0, 0.0, 50.0, 25.0, 100.0, 0.0]).unwrap();
+        let with_disk = CudaStage::host_bytes_needed(&m.spec, &p, cap).unwrap();
+        // Half of the CPU rows moved to disk; the disk rows' row-major staging and two pairs of
+        // position-major I/O buffers (k and v) stay.
+        let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
+        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
+        assert_eq!(with_disk - logits, (cpu_only - logits) / 2 + stage);
+    }
+
+    /// The copy stream's schedule: each visit after a step's first finds its inputs staged, in
+    /// its own slot, by the visit just before it; that visit's `mark` follows every earlier
+    /// visit, so the slot's previous user and, with hidden states on the CPU (two or more GPU
+    /// batches), the visit that wrote the staged hidden state are done before the copy.
+    #[test]
+    fn every_visit_is_staged_by_the_one_before_after_its_inputs_exist() {
+        for layers in 1..5 {
+            for k in 1..5 {
+                let order: Vec<(usize, usize)> =
+                    (0..layers).flat_map(|j| (0..k).map(move |kb| (j, kb))).collect();
+                let mut pending: [Option<(usize, usize)>; 2] = [None, None];
+                for (v, &(j, kb)) in order.iter().enumerate() {
+                    let (slot, first, next) = visit_order((j, kb), (layers, k));
+                    assert_eq!(first, v == 0);
+                    if !first {
+                        assert_eq!(pending[slot].take(), Some((j, kb)), "{layers}x{k} visit {v}");
+                    }
+                    assert_eq!(next, order.get(v + 1).copied());
+                    if let Some((nj, nkb)) = next {
+                        assert_eq!(pending[1 - slot], None, "slot {} still awaited", 1 - slot);
+                        pending[1 - slot] = Some((nj, nkb));
+                        // The staged hidden state was written by (nj − 1, nkb): before visit v
+                        // (covered by its mark) exactly when k ≥ 2, as Prefetch::of requires.
+                        if nj > 0 {
+                            let writer = (nj - 1) * k + nkb;
+                            assert_eq!(writer < v, k >= 2);
+                        }
+                    }
+                }
+                assert_eq!(pending, [None, None], "every staged visit ran");
+            }
+        }
+        let pf = Prefetch { act: true, cache: true };
+        assert_eq!(pf.in_step(0), Prefetch { act: true, cache: false }, "prefill: no past");
+        assert_eq!(pf.in_step(5), pf);
+    }
+
+    #[test]
+    fn prefetched_copies_plan_a_second_buffer() {
+        let m = model("opt-6.7b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let plan = |pct: [f64; 6], k: u32, cpu_attn: bool| {
+            let p = Policy {
+                gpu_batch_size: 8,
+                num_gpu_batches: k,
+                cpu_cache_compute: cpu_attn,
+                placement: flexgen_policy::Placement::from_percent(pct).unwrap(),
+                offload_dir: Some("/tmp".into()),
+                ..Policy::default()
+            };
+            let rows = 8 * 32;
+            let gpu_rows = split_counts(rows, &p.placement.kv_cache)[0];
+            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, gpu_rows, cap)
+        };
+        // The cache on the CPU, attended on the GPU: two working caches of all 256 rows.
+        let two = plan([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 1, false);
+        assert_eq!(
+            Prefetch::of(&Policy::default(), 0, 256, 0),
+            Prefetch { act: false, cache: true }
+        );
+        // With a share on disk the host fills the staging: one working cache.
+        let one = plan([100.0, 0.0, 0.0, 50.0, 100.0, 0.0], 1, false);
+        assert_eq!(two.activations - one.activations, 2 * 2 * 256 * 544 * 128);
+        // CPU attention moves only new positions: no working cache to double.
+        let attn = plan([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 1, true);
+        assert_eq!(
+            two.activations - attn.activations,
+            2 * 2 * (2 * 256 * 544 * 128 - 256 * 512 * 128)
+        );
+        // Hidden states on the CPU: two staging buffers with two or more GPU batches.
+        let act1 = plan([100.0, 0.0, 100.0, 0.0, 0.0, 100.0], 1, false);
+        let act2 = plan([100.0, 0.0, 100.0, 0.0, 0.0, 100.0], 2, false);
+        assert_eq!(act2.activations - act1.activations, 2 * 8 * 512 * 4096);
+    }
+
+    #[test]
+    fn cache_rows_on_the_cpu_move_out_of_the_gpu_plan() {
+        let m = model("opt-6.7b");
+        let layout = LayerLayout::new(&m.spec).unwrap();
+        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
+        let mut p = Policy { gpu_batch_size: 64, ..Policy::default() };
+        let all =
+            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 64 * 32, cap);
+        // Reported for S4: GPU 33.41 GiB (weights 12.00, KV cache 17.00, activations 4.01).
+        assert!((gib(all.total()) - 33.41).abs() < 0.01, "{}", gib(all.total()));
+        p.placement =
+            flexgen_policy::Placement::from_percent([100.0, 0.0, 25.0, 75.0, 100.0, 0.0]).unwrap();
+        p.cpu_cache_compute = true;
+        let quarter =
+            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 16 * 32, cap);
+        assert_eq!(quarter.cache * 4, all.cache, "a quarter of the rows on the GPU");
+        let host = CudaStage::plan_host_bytes(
+            &m.spec,
+            &p,
+            layout.len,
+            (layout.len, layout.len),
+            16 * 32,
+            cap,
+        );
+        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
+        assert_eq!(host - logits, all.cache * 3 / 4, "the rest on the CPU");
+    }
+}

@@ -1,0 +1,385 @@
+//! Weight homes: each layer's arena filled and split by the policy's shares into a GPU prefix,
+//! a CPU part (pinned or pageable) and a disk part, the disk tier's reader thread, and the copies
+//! that stage a layer two passes ahead on the load stream.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+/// The disk reader of one block: a thread that reads every pass's disk part, in order, into
+/// the pinned ring as buffers come free, running ahead of the GPU.
+pub(super) struct Reader {
+    /// Ring buffers filled, in pass order.
+    pub(super) filled: mpsc::Receiver<Result<usize>>,
+    /// Ring buffers whose copy has been issued (the reader waits for the copy's event).
+    pub(super) free: mpsc::Sender<usize>,
+}
+
+impl Reader {
+    pub(super) fn spawn<'scope>(
+        s: &'scope std::thread::Scope<'scope, '_>,
+        d: &'scope DiskPart,
+        gpu: &'scope Gpu,
+        passes: usize,
+    ) -> Self {
+        let (filled_tx, filled) = mpsc::sync_channel(d.ring.len());
+        let (free, free_rx) = mpsc::channel::<usize>();
+        for i in 0..d.ring.len() {
+            let _ = free.send(i);
+        }
+        let n_layers = d.layers;
+        let ring: Vec<(usize, usize)> =
+            d.ring.iter().map(|m| (m.as_f16().as_ptr() as usize, d.slot_bytes)).collect();
+        let ctx = gpu.ctx.clone();
+        s.spawn(move || {
+            let _ = ctx.bind_to_thread();
+            for pass in 0..passes {
+                let Ok(i) = free_rx.recv() else { return };
+                let r = (|| -> Result<usize> {
+                    d.copied[i].synchronize().map_err(drv)?;
+                    // SAFETY: ring buffer i is not read by any copy now (its event fired) and
+                    // the main thread reads it only after receiving i from `filled`.
+                    let out =
+                        unsafe { std::slice::from_raw_parts_mut(ring[i].0 as *mut u8, ring[i].1) };
+                    let j = pass % n_layers;
+                    read_parallel(&d.file, (j * d.slot_bytes) as u64, out, READ_THREADS).map_err(
+                        |e| Error::Io { path: d.file.path().to_path_buf(), message: e.to_string() },
+                    )?;
+                    Ok(i)
+                })();
+                let failed = r.is_err();
+                if filled_tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self { filled, free }
+    }
+}
+
+impl CudaStage<'_> {
+    /// Fills `out` with units `range` of layer `j`'s stored arena (fp16 values, or the packed
+    /// bytes two to a unit).
+    pub(super) fn fill(
+        &self,
+        source: LayerSource,
+        j: usize,
+        range: std::ops::Range<usize>,
+        out: &mut [f16],
+    ) -> Result<()> {
+        if let Some(p) = &self.packed {
+            // `ones` dummy layers are all alike: one packing serves every layer.
+            let key = if matches!(source, LayerSource::Dummy(DummyInit::Ones)) { 0 } else { j };
+            let mut memo = self.packed_memo.borrow_mut();
+            if memo.as_ref().is_none_or(|(l, _)| *l != key) {
+                let mut arena = vec![f16::ZERO; self.layout.len];
+                self.fill_plain(source, j, 0..self.layout.len, &mut arena)?;
+                let mut units = vec![f16::ZERO; p.len / 2];
+                p.pack(&arena, bytemuck::cast_slice_mut(&mut units));
+                *memo = Some((key, units));
+            }
+            let (_, units) = memo.as_ref().expect("filled above");
+            out.copy_from_slice(&units[range]);
+            return Ok(());
+        }
+        self.fill_plain(source, j, range, out)
+    }
+
+    /// Fills `out` with elements `range` of layer `j`'s fp16 arena.
+    pub(super) fn fill_plain(
+        &self,
+        source: LayerSource,
+        j: usize,
+        range: std::ops::Range<usize>,
+        out: &mut [f16],
+    ) -> Result<()> {
+        match source {
+            LayerSource::Dummy(init) => {
+                self.layout.fill_dummy(init, j, range, out);
+                Ok(())
+            }
+            LayerSource::Loaded => {
+                let mut whole = vec![f16::ZERO; self.layout.len];
+                self.layout.fill_from(&self.model.weights.layers[j], &mut whole)?;
+                out.copy_from_slice(&whole[range]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Fills every layer's GPU, CPU and disk parts. CPU parts are filled on all cores and pinned
+    /// by a second thread, one layer behind; GPU parts go through two pinned buffers. Measures
+    /// the pinned copy and direct-read bandwidths when layers are offloaded.
+    pub(super) fn place_weights(
+        &mut self,
+        source: LayerSource,
+        disk_dir: Option<&std::path::Path>,
+    ) -> Result<()> {
+        let (len, g_end, c_end) = (self.unit_len, self.g_end, self.c_end);
+        let n_layers = self.model.spec.num_layers as usize;
+        let stream = self.gpu.stream.clone();
+        let fill_started = Instant::now();
+        // GPU parts: fill one pinned buffer while the other is copied.
+        if g_end > 0 {
+            let mut host_stage: Vec<PinnedHostSlice<f16>> = (0..2)
+                .map(|_| flexgen_tensor::cuda::alloc_pinned_f16(&self.gpu.ctx, g_end).map_err(cuda))
+                .collect::<Result<_>>()?;
+            let copied = [new_event(&self.gpu)?, new_event(&self.gpu)?];
+            for j in 0..n_layers {
+                let slot = j % 2;
+                copied[slot].synchronize().map_err(drv)?;
+                let buf = host_stage[slot].as_mut_slice().map_err(drv)?;
+                self.fill(source, j, 0..g_end, buf)?;
+                // SAFETY: written by the copy below before any use.
+                let dev = unsafe { stream.alloc::<f16>(g_end) }.map_err(drv)?;
+                // SAFETY: `buf` is pinned and stays alive and unwritten until `copied[slot]`.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        addr(&dev),
+                        &buf[..],
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(drv)?;
+                copied[slot].record(&stream).map_err(drv)?;
+                self.layers.push(LayerHome { gpu: Some(dev), cpu: None });
+            }
+            stream.synchronize().map_err(drv)?;
+        } else {
+            self.layers.extend((0..n_layers).map(|_| LayerHome { gpu: None, cpu: None }));
+        }
+        // CPU parts: fill (all cores, first touch) and pin (driver, one layer behind) overlap.
+        if c_end > g_end {
+            let pin = self.policy.pin_weight;
+            let ctx = self.gpu.ctx.clone();
+            let (tx, rx) = mpsc::sync_channel::<(usize, HostMem)>(1);
+            let mut pin_s = 0.0;
+            let parts = std::thread::scope(|s| -> Result<Vec<(usize, HostMem)>> {
+                let pinner = s.spawn(move || -> Result<(Vec<(usize, HostMem)>, f64)> {
+                    let mut done = Vec::new();
+                    let mut secs = 0.0;
+                    for (j, mut m) in rx {
+                        let t = Instant::now();
+                        if pin {
+                            m.pin(&ctx).map_err(cuda)?;
+                        }
+                        secs += t.elapsed().as_secs_f64();
+                        done.push((j, m));
+                    }
+                    Ok((done, secs))
+                });
+                for j in 0..n_layers {
+                    let mut m = HostMem::new_f16(c_end - g_end).map_err(cuda)?;
+                    self.fill(source, j, g_end..c_end, m.as_f16_mut())?;
+                    if tx.send((j, m)).is_err() {
+                        break; // the pinner failed; its error is returned below
+                    }
+                }
+                drop(tx);
+                let (done, secs) = pinner.join().expect("pinning thread")?;
+                pin_s = secs;
+                Ok(done)
+            })?;
+            self.setup_times.pin_s = pin_s;
+            for (j, m) in parts {
+                let bytes = 2 * (c_end - g_end) as u64;
+                if m.is_pinned() {
+                    self.pinned_bytes += bytes;
+                } else {
+                    self.pageable_bytes += bytes;
+                }
+                self.layers[j].cpu = Some(m);
+            }
+        }
+        self.setup_times.fill_s = fill_started.elapsed().as_secs_f64();
+        if let Some(dir) = disk_dir {
+            let t = Instant::now();
+            self.write_disk_tier(source, dir)?;
+            self.setup_times.disk_write_s = t.elapsed().as_secs_f64();
+        }
+        if self.packed.is_some() {
+            // SAFETY: fully written by the dequantizing kernels and the vector copy before use.
+            self.unpacked = Some(unsafe { stream.alloc::<f16>(self.layout.len) }.map_err(drv)?);
+        }
+        *self.packed_memo.borrow_mut() = None;
+        if g_end < len {
+            for _ in 0..2 {
+                // SAFETY: every staging arena is fully written before each use.
+                self.stage.push(unsafe { self.load.alloc::<f16>(len) }.map_err(drv)?);
+            }
+            self.h2d_bytes_per_s = Some(self.measure_h2d()?);
+        }
+        Ok(())
+    }
+
+    /// Writes every layer's disk part to one file in `dir` with direct I/O, and times direct
+    /// reads of it.
+    pub(super) fn write_disk_tier(
+        &mut self,
+        source: LayerSource,
+        dir: &std::path::Path,
+    ) -> Result<()> {
+        let io = |path: &std::path::Path, e: &std::io::Error| Error::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
+        let path = dir.join(format!("flexgen-weights-{}.bin", std::process::id()));
+        let file = DirectFile::create(&path).map_err(|e| io(&path, &e))?;
+        let elems = self.unit_len - self.c_end;
+        let slot_bytes = align_up(elems * 2);
+        let mut ring = Vec::new();
+        let mut copied = Vec::new();
+        for _ in 0..3 {
+            let mut m = HostMem::new_f16(slot_bytes / 2).map_err(cuda)?;
+            m.pin(&self.gpu.ctx).map_err(cuda)?;
+            ring.push(m);
+            copied.push(new_event(&self.gpu)?);
+        }
+        let n_layers = self.model.spec.num_layers as usize;
+        for j in 0..n_layers {
+            let buf = ring[0].as_f16_mut();
+            self.fill(source, j, self.c_end..self.unit_len, &mut buf[..elems])?;
+            file.write_aligned((j * slot_bytes) as u64, ring[0].as_bytes_mut())
+                .map_err(|e| io(&path, &e))?;
+        }
+        // Time direct reads of up to three layers' parts (the page cache cannot serve them).
+        let t = Instant::now();
+        let probe = n_layers.min(3);
+        for j in 0..probe {
+            read_parallel(&file, (j * slot_bytes) as u64, ring[j % 3].as_bytes_mut(), READ_THREADS)
+                .map_err(|e| io(&path, &e))?;
+        }
+        #[expect(clippy::cast_precision_loss, reason = "a rate")]
+        let rate = (probe * slot_bytes) as f64 / t.elapsed().as_secs_f64();
+        self.disk_bytes_per_s = Some(rate);
+        self.direct_io = Some(file.is_direct());
+        self.disk = Some(DiskPart { file, slot_bytes, layers: n_layers, ring, copied });
+        Ok(())
+    }
+
+    /// Times copies of the first offloaded layer part into a staging arena (pinned bandwidth
+    /// of this link, in this process).
+    pub(super) fn measure_h2d(&self) -> Result<f64> {
+        let (src, dst): (&[f16], u64) = match (&self.layers[0].cpu, &self.disk) {
+            (Some(m), _) => (m.as_f16(), at(addr(&self.stage[0]), self.g_end)),
+            (None, Some(d)) => (d.ring[0].as_f16(), at(addr(&self.stage[0]), self.c_end)),
+            (None, None) => return Ok(0.0),
+        };
+        let src = &src[..src.len().min(self.unit_len - self.g_end)];
+        let t0 = new_timing_event(&self.gpu)?;
+        let t1 = new_timing_event(&self.gpu)?;
+        let reps = 3;
+        t0.record(&self.load).map_err(drv)?;
+        for _ in 0..reps {
+            // SAFETY: the staging arena holds `len` elements from `dst`'s offset on.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.load.cu_stream()) }
+                .map_err(drv)?;
+        }
+        t1.record(&self.load).map_err(drv)?;
+        t1.synchronize().map_err(drv)?;
+        let ms = f64::from(t0.elapsed_ms(&t1).map_err(drv)?);
+        #[expect(clippy::cast_precision_loss, reason = "a rate")]
+        let rate = (reps * src.len() * 2) as f64 / (ms / 1e3);
+        Ok(rate)
+    }
+
+    /// Issues the copies of layer `j`'s CPU part, and its disk part once the reader has it, into
+    /// staging arena `slot` on the load stream, after the layer that last used that arena has
+    /// been computed.
+    pub(super) fn issue_load(
+        &self,
+        j: usize,
+        slot: usize,
+        reader: Option<&Reader>,
+        traffic: &mut Traffic,
+    ) -> Result<()> {
+        self.load.wait(&self.freed[slot]).map_err(drv)?;
+        let stage = addr(&self.stage[slot]);
+        if let Some(m) = &self.layers[j].cpu {
+            let src = m.as_f16();
+            // SAFETY: the arena holds `len` elements and the layer that used it is done (`freed`).
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    at(stage, self.g_end),
+                    src,
+                    self.load.cu_stream(),
+                )
+            }
+            .map_err(drv)?;
+            traffic.cpu_to_gpu += 2 * src.len() as u64;
+        }
+        if let (Some(d), Some(r)) = (&self.disk, reader) {
+            let ring = r.filled.recv().map_err(|_| Error::Config {
+                field: "offload_dir",
+                message: "the disk reader stopped".into(),
+            })??;
+            let elems = self.unit_len - self.c_end;
+            let src = &d.ring[ring].as_f16()[..elems];
+            // SAFETY: the reader filled this ring buffer and touches it again only after
+            // `copied[ring]` fires.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    at(stage, self.c_end),
+                    src,
+                    self.load.cu_stream(),
+                )
+            }
+            .map_err(drv)?;
+            d.copied[ring].record(&self.load).map_err(drv)?;
+            let _ = r.free.send(ring);
+            traffic.cpu_to_gpu += 2 * elems as u64;
+            traffic.disk_read += d.slot_bytes as u64;
+        }
+        self.loaded[slot].record(&self.load).map_err(drv)?;
+        Ok(())
+    }
+
+    /// The device address of layer `j`'s arena for this pass: its resident arena, or staging
+    /// arena `slot` once the copies have landed and the GPU part has been copied in.
+    pub(super) fn layer_weights(&self, j: usize, slot: usize) -> Result<u64> {
+        let home = &self.layers[j];
+        let stored = if self.g_end == self.unit_len {
+            addr(home.gpu.as_ref().expect("a resident layer"))
+        } else {
+            let st = &self.gpu.stream;
+            st.wait(&self.loaded[slot]).map_err(drv)?;
+            let dst = addr(&self.stage[slot]);
+            if let Some(g) = &home.gpu {
+                // SAFETY: the staging arena's first `g_end` units, from the resident part.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst,
+                        addr(g),
+                        2 * self.g_end,
+                        st.cu_stream(),
+                    )
+                }
+                .map_err(drv)?;
+            }
+            dst
+        };
+        let Some(p) = &self.packed else { return Ok(stored) };
+        // Packed: dequantize every matrix into the fp16 arena, copy the vectors beside them.
+        let out = addr(self.unpacked.as_ref().expect("allocated with the packed layout"));
+        let g = &self.gpu;
+        for m in &p.mats {
+            let (codes, params) = (stored + m.codes.start as u64, stored + m.params.start as u64);
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe {
+                g.dequant_dim0(codes, params, at(out, m.src.start), m.rows, m.cols, p.group, p.bits)
+            }
+            .map_err(cuda)?;
+        }
+        // SAFETY: the vectors' bytes inside the stored arena, into their place in the fp16 one.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                at(out, p.vec_src.start),
+                stored + p.vectors.start as u64,
+                p.vectors.len(),
+                g.stream.cu_stream(),
+            )
+        }
+        .map_err(drv)?;
+        Ok(out)
+    }
+}
