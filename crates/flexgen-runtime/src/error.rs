@@ -7,15 +7,21 @@ pub enum Error {
     /// The generation settings are inconsistent.
     #[error("generation settings: `{field}`: {message}")]
     Config { field: &'static str, message: String },
-    /// A tier cannot hold what the policy puts there; nothing was allocated.
+    /// A tier cannot hold what the policy puts there; nothing was allocated. The one capacity
+    /// error of every device: the tier, both sizes, what the need is made of, and the policy
+    /// fields to change.
     #[error(
-        "the {tier} tier needs {:.1} MiB but has {:.1} MiB: short by {:.1} MiB ({} bytes); {fix}",
-        mib(*needed_bytes), mib(*available_bytes), mib(needed_bytes - available_bytes), needed_bytes - available_bytes
+        "the {tier} tier needs {} but has {}{detail}: short by {} ({} bytes); {fix}",
+        size(*needed_bytes), size(*available_bytes), size(needed_bytes - available_bytes),
+        needed_bytes - available_bytes
     )]
     Capacity {
         tier: flexgen_policy::Tier,
         needed_bytes: u64,
         available_bytes: u64,
+        /// What the need is made of, or where the available figure comes from (may be empty;
+        /// starts with a space when not).
+        detail: String,
         fix: &'static str,
     },
     /// Reading or writing the offload directory failed.
@@ -32,8 +38,10 @@ pub enum Error {
     Tensor(#[from] flexgen_tensor::Error),
 }
 
-fn mib(b: u64) -> f64 {
-    b as f64 / f64::from(1u32 << 20)
+/// Bytes in GiB (from 1 GiB) or MiB, one decimal.
+fn size(b: u64) -> String {
+    let gib = b as f64 / f64::from(1u32 << 30);
+    if gib >= 1.0 { format!("{gib:.1} GiB") } else { format!("{:.1} MiB", gib * 1024.0) }
 }
 
 /// Result with this crate's [`Error`].

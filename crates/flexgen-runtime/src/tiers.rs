@@ -221,6 +221,7 @@ pub(crate) fn check(need: &TierBytes, budgets: &Budgets) -> Result<()> {
                 tier,
                 needed_bytes: need.get(tier),
                 available_bytes: have,
+                detail: String::new(),
                 fix,
             });
         }
@@ -783,7 +784,7 @@ mod tests {
     #[test]
     fn capacity_errors_name_tier_sizes_and_fix() {
         let need = TierBytes { gpu: 100, cpu: 10, disk: 0 };
-        let Err(Error::Capacity { tier, needed_bytes, available_bytes, fix }) =
+        let Err(Error::Capacity { tier, needed_bytes, available_bytes, fix, .. }) =
             check(&need, &Budgets { gpu_bytes: Some(60), ..Budgets::default() })
         else {
             panic!()

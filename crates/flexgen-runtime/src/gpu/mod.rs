@@ -312,19 +312,15 @@ impl<'m> CudaStage<'m> {
         if let Some(avail) = mem_available() {
             let avail = avail.saturating_sub(2 << 30);
             if host > avail {
-                #[expect(clippy::cast_precision_loss, reason = "a report")]
-                let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
-                return Err(Error::Config {
-                    field: "placement",
-                    message: format!(
-                        "the CPU tier cannot hold this run: weights, KV cache and activations \
-                         placed on the CPU need {:.2} GiB but {:.2} GiB of memory are available \
-                         (MemAvailable less 2 GiB), {:.2} GiB short. Lower the CPU shares \
-                         (placement.*.cpu), gpu_batch_size or num_gpu_batches.",
-                        gib(host),
-                        gib(avail),
-                        gib(host - avail)
-                    ),
+                return Err(Error::Capacity {
+                    tier: Tier::Cpu,
+                    needed_bytes: host,
+                    available_bytes: avail,
+                    detail: " (weights, KV cache and activations placed on the CPU; available: \
+                             MemAvailable less 2 GiB)"
+                        .into(),
+                    fix: "lower the CPU shares (placement.*.cpu), gpu_batch_size or \
+                          num_gpu_batches",
                 });
             }
         }
@@ -715,5 +711,27 @@ mod tests {
         );
         let logits = CudaStage::logits_host_bytes(&m.spec, &p);
         assert_eq!(host - logits, all.cache * 3 / 4, "the rest on the CPU");
+    }
+
+    #[test]
+    fn a_gpu_refusal_is_the_one_capacity_error_with_its_parts_and_fix() {
+        let bytes = GpuBytes {
+            weights: 10 << 30,
+            staging: 2 << 30,
+            tables: 1 << 30,
+            cache: 3 << 30,
+            activations: 1 << 29,
+        };
+        let err = CudaStage::refusal(&bytes, 16 << 30, true);
+        let Error::Capacity { tier, needed_bytes, available_bytes, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!((*tier, *needed_bytes, *available_bytes), (Tier::Gpu, bytes.total(), 16 << 30));
+        let text = err.to_string();
+        for part in ["GPU tier needs 16.5 GiB", "has 16.0 GiB", "KV cache 3.00", "--gpu-mem-limit"]
+        {
+            assert!(text.contains(part), "{part} missing: {text}");
+        }
+        assert!(text.contains("short by 512.0 MiB") && text.contains("gpu_batch_size"), "{text}");
     }
 }

@@ -28,23 +28,22 @@ impl CudaStage<'_> {
     pub(super) fn refusal(bytes: &GpuBytes, available: u64, limited: bool) -> Error {
         #[expect(clippy::cast_precision_loss, reason = "a report")]
         let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
-        Error::Config {
-            field: "placement",
-            message: format!(
-                "the GPU tier cannot hold this run: it needs {:.2} GiB (weights {:.2}, staging \
-                 {:.2}, embeddings {:.2}, KV cache {:.2}, activations {:.2}) but {:.2} GiB are \
-                 available{}, {:.2} GiB short. Lower placement.weights.gpu, gpu_batch_size or \
-                 num_gpu_batches, or shorten the prompt or generation.",
-                gib(bytes.total()),
+        Error::Capacity {
+            tier: Tier::Gpu,
+            needed_bytes: bytes.total(),
+            available_bytes: available,
+            detail: format!(
+                " (needed: weights {:.2} GiB, staging {:.2}, embeddings {:.2}, KV cache {:.2}, \
+                 activations {:.2}; available: {})",
                 gib(bytes.weights),
                 gib(bytes.staging),
                 gib(bytes.tables),
                 gib(bytes.cache),
                 gib(bytes.activations),
-                gib(available),
-                if limited { " under --gpu-mem-limit" } else { "" },
-                gib(bytes.total() - available)
+                if limited { "--gpu-mem-limit" } else { "free device memory less 1 GiB" }
             ),
+            fix: "lower placement.weights.gpu, gpu_batch_size or num_gpu_batches, or shorten the \
+                  prompt or generation",
         }
     }
 
