@@ -397,3 +397,21 @@ fn a_batch_line_longer_than_the_model_is_named_or_skipped() {
     let errors = std::fs::read_to_string(dir.path().join("out.jsonl.errors.jsonl")).unwrap();
     assert!(errors.contains("\"line\":2") && errors.contains("positions"), "{errors}");
 }
+
+#[test]
+fn a_temperature_that_is_not_a_finite_number_is_refused() {
+    for t in ["NaN", "-inf", "-1"] {
+        let o = bin("flexgen-run")
+            .args([
+                "--prompt",
+                "Jesus wept",
+                "--max-new-tokens",
+                "2",
+                &format!("--temperature={t}"),
+            ])
+            .output()
+            .unwrap();
+        let err = text(&o).1;
+        assert!(!o.status.success() && err.contains("--temperature"), "{t}: {err}");
+    }
+}

@@ -111,6 +111,20 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
             return Err(err(field, "must be positive".into()));
         }
     }
+    for (field, id) in [
+        ("bos_token_id", c.bos_token_id),
+        ("eos_token_id", c.eos_token_id),
+        ("pad_token_id", c.pad_token_id),
+    ] {
+        if let Some(id) = id
+            && id >= c.vocab_size
+        {
+            return Err(err(
+                field,
+                format!("{id} is outside the vocabulary (vocab_size {})", c.vocab_size),
+            ));
+        }
+    }
     let mut spec = crate::catalog::opt_spec(
         name,
         c.num_hidden_layers,
@@ -140,6 +154,20 @@ mod tests {
         let s = spec_from_config_json(TINY, Path::new("c.json"), "t").unwrap();
         assert_eq!((s.num_layers, s.hidden_size, s.num_heads, s.ffn_size), (2, 8, 2, 32));
         assert_eq!(s.eos_token_id, Some(2));
+    }
+
+    #[test]
+    fn special_token_ids_outside_the_vocabulary_are_named() {
+        for field in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+            let text =
+                TINY.replace(&format!("\"{field}\":"), &format!("\"{field}\":100,\"x_{field}\":"));
+            let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
+            assert!(
+                matches!(&e, Error::Config { field: f, message, .. }
+                if f == field && message.contains("outside the vocabulary")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

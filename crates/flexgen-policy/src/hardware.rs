@@ -86,6 +86,14 @@ impl HardwareProfile {
                 "measure the machine again with this version's flexgen-profile",
             ));
         }
+        if self.cpu.cores == 0 {
+            return Err(Error::invalid(
+                "cpu.cores",
+                self.cpu.cores,
+                "a machine has at least one core",
+                "measure the machine with flexgen-profile or write its core count",
+            ));
+        }
         let mut rates = vec![
             ("cpu.gemm_flops_per_s", self.cpu.gemm_flops_per_s),
             ("cpu.attention_flops_per_s", self.cpu.attention_flops_per_s),

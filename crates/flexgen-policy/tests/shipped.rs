@@ -88,3 +88,11 @@ fn a_profile_missing_a_rate_names_it() {
     let msg = HardwareProfile::from_toml_file(&p).unwrap_err().to_string();
     assert!(msg.contains("disk.read_bytes_per_s"), "{msg}");
 }
+
+#[test]
+fn a_profile_with_no_cores_is_refused_naming_the_field() {
+    let path = files("hardware").into_iter().find(|p| p.ends_with("h200.toml")).unwrap();
+    let text = std::fs::read_to_string(path).unwrap().replace("cores = 16", "cores = 0");
+    let e = HardwareProfile::from_toml_str(&text).unwrap_err().to_string();
+    assert!(e.contains("cpu.cores") && e.contains("at least one core"), "{e}");
+}

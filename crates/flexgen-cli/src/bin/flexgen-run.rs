@@ -147,6 +147,11 @@ struct SamplingArgs {
 
 impl SamplingArgs {
     fn sampling(&self) -> anyhow::Result<Sampling> {
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && t >= 0.0)
+        {
+            bail!("--temperature {t}: give a finite number, 0 for greedy or above 0 to sample");
+        }
         match self.temperature {
             Some(t) if t > 0.0 => Ok(Sampling::Random {
                 temperature: t,
@@ -279,8 +284,8 @@ fn main() -> ExitCode {
 
 fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
     let policy = args.policy.resolve()?;
-    let model = load_model(&args.model, args.device.device, args.sampling.seed)?;
     args.sampling.sampling()?;
+    let model = load_model(&args.model, args.device.device, args.sampling.seed)?;
     let job = flexgen_cli::batch::BatchJob {
         input: args.input.clone(),
         output: args.output.clone(),
@@ -394,11 +399,11 @@ fn make_generator<'m>(
 
 fn run(cli: &RunArgs) -> anyhow::Result<()> {
     let policy = cli.policy.resolve()?;
+    let sampling = cli.sampling.sampling()?;
     let started = std::time::Instant::now();
     let model = load_model(&cli.model, cli.device.device, cli.sampling.seed)?;
     let load_s = started.elapsed().as_secs_f64();
     let requests = requests(cli, &model, policy.block_size())?;
-    let sampling = cli.sampling.sampling()?;
     let config = GenerationConfig {
         max_new_tokens: cli.max_new_tokens,
         sampling,
