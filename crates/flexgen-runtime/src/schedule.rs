@@ -157,12 +157,11 @@ fn run_block(
     };
     let mut generated = 0usize;
     let mut after_step = |_step: usize, picks: Vec<Picks>| -> Result<Option<Vec<Vec<u32>>>> {
-        // Each live sequence's token: its greedy pick, or a draw from its logits on its own
-        // stream (the draws of a step run in parallel: each is O(vocabulary)).
         let rows: Vec<(u32, Option<Vec<f32>>)> =
             picks.into_iter().flat_map(|p| p.greedy.into_iter().zip(p.logits)).collect();
-        // Each live sequence's token and, with a tokenizer, the text of its tokens so far (EOS
-        // left out): per sequence, in parallel.
+        // Each live sequence's token (its greedy pick, or a draw from its logits on its own
+        // stream) and, with a tokenizer, the text of its tokens so far, EOS left out: per
+        // sequence, in parallel (a draw and a decode are each O(vocabulary) or O(length)).
         let chosen: Vec<(u32, Option<Result<String>>)> = block
             .par_iter_mut()
             .zip(&rows)
@@ -177,9 +176,8 @@ fn run_block(
                     _ => *greedy,
                 };
                 let text = model.tokenizer.as_ref().map(|tok| {
-                    let eos = config.stop_on_eos && model.spec.eos_token_id == Some(token);
                     let mut ids = s.generated.clone();
-                    if !eos {
+                    if !ends_at_eos(model, config, token) {
                         ids.push(token);
                     }
                     Ok(tok.decode(&ids)?)
@@ -233,6 +231,11 @@ fn run_block(
         .collect())
 }
 
+/// Whether `token` ends its sequence as the model's EOS.
+fn ends_at_eos(model: &Model, config: &GenerationConfig, token: u32) -> bool {
+    config.stop_on_eos && model.spec.eos_token_id == Some(token)
+}
+
 /// Records `token` for `s`, streams its text (`text`: the decoded text of its tokens with this
 /// one, EOS left out; `None` without a tokenizer), and decides whether `s` is finished.
 fn accept(
@@ -245,7 +248,7 @@ fn accept(
 ) {
     s.generated.push(token);
     *generated += 1;
-    let is_eos = config.stop_on_eos && model.spec.eos_token_id == Some(token);
+    let is_eos = ends_at_eos(model, config, token);
     let mut finish = if is_eos {
         Some(FinishReason::Eos)
     } else if s.generated.len() >= s.max_new {

@@ -620,16 +620,7 @@ fn calibration_record(
     requests: &[Request],
     max_new: usize,
 ) -> serde_json::Value {
-    let prompt_len = requests
-        .iter()
-        .map(|r| match &r.prompt {
-            flexgen_runtime::Prompt::Tokens(t) => t.len(),
-            flexgen_runtime::Prompt::Text(t) => {
-                model.tokenizer.as_ref().and_then(|k| k.encode(t).ok()).map_or(t.len(), |v| v.len())
-            }
-        })
-        .max()
-        .unwrap_or(0);
+    let prompt_len = requests.iter().map(|r| prompt_tokens(model, r)).max().unwrap_or(0);
     serde_json::json!({
         "spec": model.spec,
         "policy": policy,

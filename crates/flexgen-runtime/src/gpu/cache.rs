@@ -45,7 +45,7 @@ impl CudaStage<'_> {
                     st,
                     Mem::Device(src),
                     Mem::Host(dst.cast_const().cast()),
-                    Copy2d { width: n * 2, height: 1, src_pitch: n * 2, dst_pitch: n * 2 },
+                    Copy2d::contiguous(n * 2),
                 )
             }
             .map_err(cuda)?;

@@ -107,7 +107,7 @@ impl CudaStage<'_> {
                     &g.stream,
                     Mem::Device(addr(&buf.logits)),
                     Mem::Host(dst.cast_const().cast()),
-                    Copy2d { width: bytes, height: 1, src_pitch: bytes, dst_pitch: bytes },
+                    Copy2d::contiguous(bytes),
                 )
             }
             .map_err(cuda)?;
@@ -285,7 +285,8 @@ impl CudaStage<'_> {
                 })
                 .collect();
             let feed = after_step(step, picks)?;
-            if let Some(feed) = &feed {
+            // The next step's inputs (none after the last step).
+            if let Some(feed) = feed.as_ref().filter(|_| step + 1 < max_new) {
                 for kb in 0..k {
                     let n = real_rows[kb];
                     let toks: Vec<u32> =

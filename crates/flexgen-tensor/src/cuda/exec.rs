@@ -72,6 +72,13 @@ pub struct Copy2d {
     pub dst_pitch: usize,
 }
 
+impl Copy2d {
+    /// One contiguous run of `bytes`.
+    pub fn contiguous(bytes: usize) -> Self {
+        Self { width: bytes, height: 1, src_pitch: bytes, dst_pitch: bytes }
+    }
+}
+
 /// Where a 2-D copy reads or writes.
 #[derive(Debug, Clone, Copy)]
 pub enum Mem {
