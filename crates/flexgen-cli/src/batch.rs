@@ -7,10 +7,14 @@
 //!
 //! Resuming: the same command again reads the output first. Complete lines are requests done;
 //! a torn last line (the process was killed while writing it) is cut off; every other request
-//! runs. Each output line is written whole by one `write` and the file is synced after every
-//! block, so a kill at any moment loses at most the block in flight, and it is redone, never
-//! written twice. Sampled requests draw from a seed made of `--seed` and their id, so a rerun
-//! gives them the same tokens.
+//! runs. The lines of the requests that finished in a block are written by one `write` when the
+//! block ends, and synced, so a kill at any moment loses at most the requests in flight, and
+//! they are redone, never written twice. Sampled requests draw from a seed made of `--seed` and
+//! their id, so a rerun gives them the same tokens.
+//!
+//! Order: longest `max_new_tokens` first, longest prompts first within one, and blocks refill:
+//! once half a block has finished, its unfinished requests move to the next block beside new ones
+//! (`GenerationConfig::refill`; `--no-refill` runs each block to its end).
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -19,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use flexgen_model::Model;
-use flexgen_runtime::{GenerationConfig, Generator, Prompt, Request, Sampling};
+use flexgen_runtime::{Event, GenerationConfig, Generator, Prompt, Request, Sampling};
 use serde::{Deserialize, Serialize};
 
 /// What to do with an input line that is not a valid request.
@@ -46,6 +50,8 @@ pub struct BatchJob {
     pub top_p: Option<f32>,
     pub seed: u64,
     pub stop_on_eos: bool,
+    /// Refill blocks from the queue ([`GenerationConfig::refill`]).
+    pub refill: bool,
     pub progress: bool,
 }
 
@@ -93,6 +99,8 @@ pub struct BatchReport {
     pub generate_s: f64,
     /// Blocks run.
     pub blocks: usize,
+    /// Context tokens prefilled again for requests moved to a later block (refill).
+    pub recomputed_tokens: usize,
 }
 
 /// The largest request of the job's remaining work, which the generator is sized for.
@@ -217,7 +225,7 @@ impl BatchJob {
         )?;
         let (pending, mut bad) = self.read_input()?;
         // One job per output file: a second one would write the same requests again.
-        let out = OpenOptions::new()
+        let mut out = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.output)
@@ -279,9 +287,12 @@ impl BatchJob {
             );
         }
         report.already_done = report.total - report.skipped_lines - todo.len();
-        // A block runs as many steps as its longest request and as wide as its longest prompt:
-        // requests of the same length budget and similar prompts share a block.
-        todo.sort_by_key(|(p, n, max_new)| (*max_new, *n, p.order));
+        // Longest first, and within a length budget the longest prompts first: short requests
+        // then fill the slots that finished sequences free (refill), and the sequences that move
+        // to a later block are the shorter prompts, whose context fits the widest block.
+        todo.sort_by_key(|(p, n, max_new)| {
+            (std::cmp::Reverse(*max_new), std::cmp::Reverse(*n), p.order)
+        });
         if todo.is_empty() {
             report.seconds = started.elapsed().as_secs_f64();
             return Ok(report);
@@ -291,10 +302,8 @@ impl BatchJob {
             max_new_tokens: todo.iter().map(|t| t.2).max().unwrap_or(1),
         };
         let generator = make(shape)?;
-        let block = generator.policy().block_size();
         report.setup_s = started.elapsed().as_secs_f64();
         let todo: Vec<Pending> = todo.into_iter().map(|t| t.0).collect();
-        let mut out = out;
         let bar = if self.progress {
             let b = indicatif::ProgressBar::new(todo.len() as u64);
             b.set_style(
@@ -310,37 +319,56 @@ impl BatchJob {
         let config = GenerationConfig {
             max_new_tokens: self.max_new_tokens,
             stop_on_eos: self.stop_on_eos,
+            refill: self.refill,
+            stream_text: false,
             ..GenerationConfig::default()
         };
-        for chunk in todo.chunks(block.max(1)) {
-            let requests: Vec<Request> = chunk.iter().map(|p| p.request.clone()).collect();
-            let generating = std::time::Instant::now();
-            let (completions, _) = generator
-                .generate(&requests, &config, &mut |_| {})
-                .context("generating a block of the batch")?;
-            report.generate_s += generating.elapsed().as_secs_f64();
-            report.blocks += 1;
-            let mut text = String::new();
-            for (p, c) in chunk.iter().zip(&completions) {
+        let requests: Vec<Request> = todo.iter().map(|p| p.request.clone()).collect();
+        let generating = std::time::Instant::now();
+        // Lines of the requests completed in the block that just ended; written with one write
+        // and made durable at the block's end, before the next block starts.
+        let mut lines = String::new();
+        let mut write_error: Option<anyhow::Error> = None;
+        let mut on_event = |e: Event<'_>| match e {
+            Event::Completed { request, completion: c } => {
                 report.generated_tokens += c.tokens.len();
+                report.generated_requests += 1;
                 let line = OutputLine {
-                    id: p.id.clone(),
+                    id: todo[request].id.clone(),
                     text: c.text.clone().unwrap_or_default(),
                     tokens: c.tokens.clone(),
                     finish_reason: c.finish.as_str().into(),
                     prompt_tokens: c.prompt_tokens.len(),
                 };
-                text.push_str(&serde_json::to_string(&line)?);
-                text.push('\n');
+                lines.push_str(&serde_json::to_string(&line).expect("output lines serialize"));
+                lines.push('\n');
+                bar.inc(1);
             }
-            // One write per block of whole lines, then durable before the next block starts.
-            out.write_all(text.as_bytes())?;
-            out.sync_data()?;
-            report.generated_requests += chunk.len();
-            bar.inc(chunk.len() as u64);
-            #[expect(clippy::cast_precision_loss, reason = "a rate")]
-            let tps = report.generated_tokens as f64 / started.elapsed().as_secs_f64();
-            bar.set_message(format!("{tps:.1} tok/s"));
+            Event::BlockEnd => {
+                report.blocks += 1;
+                if write_error.is_none() {
+                    let written = out.write_all(lines.as_bytes()).and_then(|()| out.sync_data());
+                    if let Err(e) = written {
+                        write_error = Some(anyhow::Error::new(e).context(format!(
+                            "writing {}: the lines of this block are lost; run the same \
+                             command again to redo them",
+                            self.output.display()
+                        )));
+                    }
+                }
+                lines.clear();
+                #[expect(clippy::cast_precision_loss, reason = "a rate")]
+                let tps = report.generated_tokens as f64 / started.elapsed().as_secs_f64();
+                bar.set_message(format!("{tps:.1} tok/s"));
+            }
+            _ => {}
+        };
+        let generated = generator.generate(&requests, &config, &mut on_event);
+        report.generate_s = generating.elapsed().as_secs_f64();
+        let (_, stats) = generated.context("generating the batch")?;
+        report.recomputed_tokens = stats.recomputed_tokens;
+        if let Some(e) = write_error {
+            return Err(e);
         }
         bar.finish_and_clear();
         report.seconds = started.elapsed().as_secs_f64();

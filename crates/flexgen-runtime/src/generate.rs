@@ -65,6 +65,19 @@ pub struct GenerationConfig {
     /// chosen ones (the chosen tokens and their logits are still reported). Requests or steps
     /// past its end feed the chosen token.
     pub forced: Option<Vec<Vec<u32>>>,
+    /// Refill a block from the queue (for calls with more requests than a block holds): when at
+    /// least half of a block's sequences have finished and the longest of the rest still has
+    /// enough steps to go, the block ends, and its unfinished sequences move to the next block
+    /// with new requests beside them, their prompt and the tokens fed so far prefilled again.
+    /// Throughput for jobs of mixed lengths; the price is that a moved sequence's cache is
+    /// recomputed, equal to the one it had up to the device's rounding (so on the GPU its later
+    /// tokens can depend on when it moved where two candidates are within rounding of a tie).
+    pub refill: bool,
+    /// Decode every sequence's text at every step for [`Event::Token`]'s `text`. Off, only
+    /// sequences with stop strings are decoded per step (the text of a completion is the same;
+    /// a sequence's text then comes in its last event): for batch work nobody reads as it
+    /// streams.
+    pub stream_text: bool,
 }
 
 impl Default for GenerationConfig {
@@ -76,6 +89,8 @@ impl Default for GenerationConfig {
             stop_on_eos: true,
             output_logits: false,
             forced: None,
+            refill: false,
+            stream_text: true,
         }
     }
 }
@@ -123,13 +138,21 @@ pub enum Event<'a> {
     Token { request: usize, token: u32, text: &'a str },
     /// Request `request` ended.
     Finished { request: usize, reason: FinishReason },
+    /// A block ended and request `request`, which finished in it, is complete (emitted for each
+    /// such request, in block order, before [`Event::BlockEnd`]).
+    Completed { request: usize, completion: &'a Completion },
+    /// A block ended: every request completed so far has had its [`Event::Completed`]; a caller
+    /// that saves results (a batch job) can make them durable here.
+    BlockEnd,
 }
 
 /// Timings and counts of one `generate` call.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RunStats {
-    /// Prompt tokens processed (padding excluded).
+    /// Prompt tokens processed (padding excluded), each request's once.
     pub prompt_tokens: usize,
+    /// Tokens prefilled again for sequences moved to a later block ([`GenerationConfig::refill`]).
+    pub recomputed_tokens: usize,
     /// Tokens generated, all requests together.
     pub generated_tokens: usize,
     /// Wall time of the prefill steps (which also produce the first token of each sequence).

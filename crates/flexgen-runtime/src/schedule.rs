@@ -4,7 +4,10 @@
 //! micro-batches) and after every step the schedule chooses each sequence's next token (greedy,
 //! or sampled from the request's own random stream), applies teacher forcing, EOS, length and
 //! stop strings, streams the printable text, and feeds the chosen tokens back. A block ends when
-//! every sequence in it has finished.
+//! every sequence in it has finished, or, with refill, when enough of them have that its free
+//! slots are worth filling from the queue: the unfinished ones then move to the next block.
+
+use std::collections::VecDeque;
 
 use flexgen_model::Model;
 use rand::SeedableRng;
@@ -23,6 +26,11 @@ struct Seq {
     sampling: Sampling,
     prompt: Vec<u32>,
     generated: Vec<u32>,
+    /// The tokens fed back so far (the generated ones, or the forced ones in their place): with
+    /// the prompt, the context a later block prefills when the sequence moves there.
+    fed: Vec<u32>,
+    /// Whether its text is decoded at every step (stop strings, or streamed text).
+    decode_each_step: bool,
     finish: Option<FinishReason>,
     stream: TextStream,
     rng: rand_chacha::ChaCha8Rng,
@@ -43,7 +51,7 @@ pub(crate) fn request_rng(sampling: Sampling, own: bool, index: usize) -> rand_c
 }
 
 /// Runs `requests` through `stage` in blocks of `block_size` sequences, micro-batches of
-/// `batch_size`.
+/// `batch_size`, in the order given (with refill, a block's unfinished sequences first).
 pub(crate) fn run(
     model: &Model,
     stage: &dyn Stage,
@@ -53,19 +61,72 @@ pub(crate) fn run(
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<(Vec<Completion>, RunStats)> {
     config.sampling.validate()?;
-    let seqs = prepare(model, requests, config)?;
+    let mut queue: VecDeque<Seq> = prepare(model, requests, config)?.into();
     let mut stats = RunStats::default();
     let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
-    let mut seqs = seqs.into_iter().peekable();
-    while seqs.peek().is_some() {
-        let block: Vec<Seq> = seqs.by_ref().take(block_size).collect();
-        stats.blocks += 1;
-        for (i, c) in run_block(model, stage, batch_size, block, config, &mut stats, on_event)? {
-            done[i] = Some(c);
+    let mut moved: Vec<Seq> = Vec::new();
+    while !(queue.is_empty() && moved.is_empty()) {
+        let mut block = std::mem::take(&mut moved);
+        while block.len() < block_size {
+            let Some(s) = queue.pop_front() else { break };
+            block.push(s);
         }
+        stats.blocks += 1;
+        let refill = config.refill && !queue.is_empty();
+        let shape = (batch_size, block_size);
+        let block = run_block(model, stage, shape, block, config, refill, &mut stats, on_event)?;
+        for s in block {
+            if s.finish.is_none() {
+                moved.push(s);
+                continue;
+            }
+            let request = s.request;
+            let completion = done[request].insert(s.into_completion(model));
+            on_event(Event::Completed { request, completion });
+        }
+        on_event(Event::BlockEnd);
     }
     stage.finish(&mut stats)?;
     Ok((done.into_iter().map(|c| c.expect("every request completes")).collect(), stats))
+}
+
+impl Seq {
+    /// Its prompt and the tokens fed back so far.
+    fn context(&self) -> Vec<u32> {
+        [self.prompt.as_slice(), &self.fed].concat()
+    }
+
+    /// Steps it may still run.
+    fn remaining(&self) -> usize {
+        self.max_new - self.generated.len()
+    }
+
+    fn into_completion(self, model: &Model) -> Completion {
+        let text = model.tokenizer.as_ref().map(|_| self.stream.final_text().to_string());
+        Completion {
+            prompt_tokens: self.prompt,
+            tokens: self.generated,
+            text,
+            finish: self.finish.unwrap_or(FinishReason::Length),
+            logits: self.logits,
+        }
+    }
+}
+
+/// Whether a block of `block_size` slots should end now so that its free slots take queued
+/// requests: at least half its slots are free, the unfinished sequences' contexts fit the stage,
+/// and the slot-steps the free slots would idle (free slots × the longest remaining run) are
+/// worth more than prefilling those contexts again (a prefill token costs about an eighth of a
+/// decode slot-step on the GPU with resident weights, less when weights stream).
+fn worth_refilling(block: &[Seq], block_size: usize, max_width: Option<usize>) -> bool {
+    let live: Vec<&Seq> = block.iter().filter(|s| s.finish.is_none()).collect();
+    let free = block_size - live.len();
+    let contexts: Vec<usize> = live.iter().map(|s| s.prompt.len() + s.fed.len()).collect();
+    let longest_run = live.iter().map(|s| s.remaining()).max().unwrap_or(0);
+    2 * live.len() <= block_size
+        && !live.is_empty()
+        && contexts.iter().all(|&c| max_width.is_none_or(|w| c <= w))
+        && free * longest_run * 8 > contexts.iter().sum::<usize>()
 }
 
 /// Tokenizes and checks every request before anything runs.
@@ -106,7 +167,7 @@ fn prepare(model: &Model, requests: &[Request], config: &GenerationConfig) -> Re
                 spec.max_positions
             )));
         }
-        let stop = r.stop.clone().unwrap_or_else(|| config.stop.clone());
+        let stop: Vec<String> = r.stop.clone().unwrap_or_else(|| config.stop.clone());
         if !stop.is_empty() && model.tokenizer.is_none() {
             return Err(bad("stop strings need a tokenizer; this model has none".into()));
         }
@@ -119,6 +180,8 @@ fn prepare(model: &Model, requests: &[Request], config: &GenerationConfig) -> Re
             sampling,
             prompt,
             generated: Vec::new(),
+            fed: Vec::new(),
+            decode_each_step: config.stream_text || stop.iter().any(|s| !s.is_empty()),
             finish: None,
             rng: request_rng(sampling, r.sampling.is_some(), index),
             logits: config.output_logits.then(Vec::new),
@@ -127,24 +190,33 @@ fn prepare(model: &Model, requests: &[Request], config: &GenerationConfig) -> Re
     Ok(seqs)
 }
 
-/// Runs one block to completion on `stage`.
+/// Runs one block on `stage` until every sequence in it has finished or, with `refill`, until
+/// its free slots are worth filling ([`worth_refilling`]); returns its sequences.
+#[allow(clippy::too_many_arguments)]
 fn run_block(
     model: &Model,
     stage: &dyn Stage,
-    batch_size: usize,
+    (batch_size, block_size): (usize, usize),
     mut block: Vec<Seq>,
     config: &GenerationConfig,
+    refill: bool,
     stats: &mut RunStats,
     on_event: &mut dyn FnMut(Event<'_>),
-) -> Result<Vec<(usize, Completion)>> {
+) -> Result<Vec<Seq>> {
     let pad = model.spec.pad_token_id.unwrap_or(0);
-    let steps = block.iter().map(|s| s.max_new).max().unwrap_or(0);
-    stats.prompt_tokens += block.iter().map(|s| s.prompt.len()).sum::<usize>();
+    let steps = block.iter().map(Seq::remaining).max().unwrap_or(0);
+    for s in &block {
+        if s.fed.is_empty() {
+            stats.prompt_tokens += s.prompt.len();
+        } else {
+            stats.recomputed_tokens += s.prompt.len() + s.fed.len();
+        }
+    }
+    let max_width = stage.max_width();
     let input = {
-        let batches: Vec<Vec<&[u32]>> = block
-            .chunks(batch_size)
-            .map(|mb| mb.iter().map(|s| s.prompt.as_slice()).collect())
-            .collect();
+        let contexts: Vec<Vec<u32>> = block.iter().map(Seq::context).collect();
+        let batches: Vec<Vec<&[u32]>> =
+            contexts.chunks(batch_size).map(|mb| mb.iter().map(Vec::as_slice).collect()).collect();
         let want: Vec<Vec<bool>> = block
             .chunks(batch_size)
             .map(|mb| {
@@ -175,7 +247,10 @@ fn run_block(
                     }
                     _ => *greedy,
                 };
-                let text = model.tokenizer.as_ref().map(|tok| {
+                // Without a per-step decode, the text is decoded once, when the sequence ends.
+                let last = s.generated.len() + 1 >= s.max_new || ends_at_eos(model, config, token);
+                let decode = s.decode_each_step || last;
+                let text = model.tokenizer.as_ref().filter(|_| decode).map(|tok| {
                     let mut ids = s.generated.clone();
                     if !ends_at_eos(model, config, token) {
                         ids.push(token);
@@ -204,31 +279,20 @@ fn run_block(
                 }
                 let text = text.transpose()?;
                 accept(model, s, (token, text.as_deref()), config, &mut generated, on_event);
+                if s.finish.is_none() {
+                    s.fed.push(fed);
+                }
                 next.push(fed);
             }
             feed.push(next);
         }
         let all_done = block.iter().all(|s| s.finish.is_some());
-        Ok((!all_done).then_some(feed))
+        let cut = refill && worth_refilling(&block, block_size, max_width);
+        Ok((!all_done && !cut).then_some(feed))
     };
     stage.run_block(&input, stats, &mut after_step)?;
     stats.generated_tokens += generated;
-    Ok(block
-        .into_iter()
-        .map(|s| {
-            let text = model.tokenizer.as_ref().map(|_| s.stream.final_text().to_string());
-            (
-                s.request,
-                Completion {
-                    prompt_tokens: s.prompt,
-                    tokens: s.generated,
-                    text,
-                    finish: s.finish.unwrap_or(FinishReason::Length),
-                    logits: s.logits,
-                },
-            )
-        })
-        .collect())
+    Ok(block)
 }
 
 /// Whether `token` ends its sequence as the model's EOS.
@@ -403,5 +467,112 @@ mod tests {
         assert_eq!(done[1].tokens, [50, 51, 52], "the chosen tokens are reported");
         assert_eq!(stage.feeds.borrow()[0], [vec![40, 60]], "the forced ones are fed");
         assert_eq!(done[1].logits.as_ref().map(Vec::len), Some(3));
+    }
+
+    /// A stage whose every row picks its last token + 1, whatever block it runs in: a
+    /// sequence's tokens do not depend on where it runs. Records each block's widest context
+    /// and its rows, and counts row-steps (slots used, finished rows included).
+    #[derive(Default)]
+    struct Counting {
+        blocks: RefCell<Vec<(usize, Vec<Vec<u32>>)>>,
+        slot_steps: RefCell<usize>,
+    }
+
+    impl Stage for Counting {
+        fn run_block(
+            &self,
+            block: &BlockInput,
+            _stats: &mut RunStats,
+            after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        ) -> Result<()> {
+            let w = block.width;
+            let rows: Vec<Vec<u32>> = (0..block.ids.len())
+                .flat_map(|k| {
+                    (0..block.rows(k)).map(move |r| block.ids[k][r * w..(r + 1) * w].to_vec())
+                })
+                .collect();
+            self.blocks.borrow_mut().push((w, rows));
+            let mut last: Vec<Vec<u32>> = (0..block.ids.len())
+                .map(|k| (0..block.rows(k)).map(|r| block.ids[k][(r + 1) * w - 1]).collect())
+                .collect();
+            for step in 0..block.steps {
+                *self.slot_steps.borrow_mut() += block.starts.iter().map(Vec::len).sum::<usize>();
+                let picks = last
+                    .iter()
+                    .map(|mb| Picks {
+                        greedy: mb.iter().map(|t| t + 1).collect(),
+                        logits: mb.iter().map(|_| None).collect(),
+                    })
+                    .collect();
+                match after_step(step, picks)? {
+                    Some(feed) => last = feed,
+                    None => break,
+                }
+            }
+            Ok(())
+        }
+
+        fn finish(&self, _stats: &mut RunStats) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn refill_moves_unfinished_sequences_with_their_context_and_changes_no_token() {
+        let model = tiny();
+        // Blocks of two: the long request (12 tokens) shares its first block with a short one;
+        // once the short one ends, the long one moves on beside the next request.
+        let lens: [usize; 5] = [12, 1, 2, 3, 1];
+        let prompts: [u32; 5] = [100, 200, 300, 400, 500];
+        let requests: Vec<Request> = lens
+            .iter()
+            .zip(prompts)
+            .map(|(&n, p)| {
+                let mut r = Request::tokens(vec![2, p]);
+                r.max_new_tokens = Some(n);
+                r
+            })
+            .collect();
+        let mut runs = Vec::new();
+        for refill in [false, true] {
+            let stage = Counting::default();
+            let config =
+                GenerationConfig { refill, stop_on_eos: false, ..GenerationConfig::default() };
+            let mut completed = Vec::new();
+            let mut events = Vec::new();
+            let (done, stats) = run(&model, &stage, (1, 2), &requests, &config, &mut |e| match e {
+                Event::Completed { request, completion } => {
+                    completed.push(request);
+                    events.push(format!("c{request}"));
+                    assert_eq!(completion.tokens.len(), lens[request]);
+                }
+                Event::BlockEnd => events.push("end".into()),
+                _ => {}
+            })
+            .unwrap();
+            completed.sort_unstable();
+            assert_eq!(completed, [0, 1, 2, 3, 4], "each request completes once");
+            assert_eq!(events.last().map(String::as_str), Some("end"));
+            for ((c, p), n) in done.iter().zip(prompts).zip(lens) {
+                assert_eq!(c.tokens, (p + 1..).take(n).collect::<Vec<_>>());
+                assert_eq!(c.prompt_tokens, [2, p]);
+            }
+            runs.push((stage, stats));
+        }
+        let ((plain, plain_stats), (refilled, stats)) = (&runs[0], &runs[1]);
+        assert_eq!(plain_stats.recomputed_tokens, 0);
+        assert_eq!(stats.prompt_tokens, plain_stats.prompt_tokens);
+        assert!(stats.recomputed_tokens > 0);
+        // The long request's second block prefills its prompt and the tokens fed so far.
+        let blocks = refilled.blocks.borrow();
+        assert_eq!(blocks[1].1[0], [2, 100, 101]);
+        let pad = model.spec.pad_token_id.unwrap();
+        assert_eq!(blocks[1].1[1], [pad, 2, 300], "the next request, left-padded");
+        assert!(
+            *refilled.slot_steps.borrow() < *plain.slot_steps.borrow(),
+            "refill uses fewer slot-steps: {} against {}",
+            refilled.slot_steps.borrow(),
+            plain.slot_steps.borrow()
+        );
     }
 }

@@ -98,6 +98,12 @@ pub(crate) trait Stage {
         after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
     ) -> Result<()>;
 
+    /// The widest block (prompt positions) this stage can run; `None`: any width.
+    /// The schedule moves a sequence to a later block only if its context stays within it.
+    fn max_width(&self) -> Option<usize> {
+        None
+    }
+
     /// Adds what the stage holds for the whole run (memory per tier, bytes moved outside the
     /// blocks, host timings) to `stats`, once, at the end of a `generate` call.
     fn finish(&self, stats: &mut RunStats) -> Result<()>;

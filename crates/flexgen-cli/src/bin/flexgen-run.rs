@@ -192,6 +192,11 @@ struct BatchArgs {
     /// Keep generating after the EOS token.
     #[arg(long, help_heading = "Generation")]
     ignore_eos: bool,
+    /// Run each block until all its requests finish, instead of moving the unfinished ones to
+    /// the next block beside new requests once half have finished (the default: more tokens/s
+    /// for mixed lengths; a moved request's cache is recomputed, equal up to rounding)
+    #[arg(long, help_heading = "Generation")]
+    no_refill: bool,
     #[command(flatten)]
     policy: PolicyArgs,
     #[command(flatten)]
@@ -297,6 +302,7 @@ fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
         top_p: args.sampling.top_p,
         seed: args.sampling.seed,
         stop_on_eos: !args.ignore_eos,
+        refill: !args.no_refill,
         progress: !args.quiet,
     };
     let r = job.run(&model, |shape| {
@@ -325,11 +331,12 @@ fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
     );
     if r.generated_requests > 0 {
         eprintln!(
-            "generation: {:.1} s in {} blocks ({:.1} s set-up before the first), {:.1} generated tokens/s while generating",
+            "generation: {:.1} s in {} blocks ({:.1} s set-up before the first), {:.1} generated tokens/s while generating; {} context tokens prefilled again for requests moved to a later block",
             r.generate_s,
             r.blocks,
             r.setup_s,
-            r.generated_tokens as f64 / r.generate_s.max(1e-9)
+            r.generated_tokens as f64 / r.generate_s.max(1e-9),
+            r.recomputed_tokens
         );
     }
     Ok(())
@@ -409,8 +416,7 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         sampling,
         stop: cli.stop.clone(),
         stop_on_eos: !cli.ignore_eos,
-        output_logits: false,
-        forced: None,
+        ..GenerationConfig::default()
     };
     let longest = requests.iter().map(|r| prompt_tokens(&model, r)).max().unwrap_or(1);
     let setup = std::time::Instant::now();

@@ -40,6 +40,10 @@ impl Stage for CudaStage<'_> {
         })
     }
 
+    fn max_width(&self) -> Option<usize> {
+        Some(self.capacity.max_prompt)
+    }
+
     fn finish(&self, stats: &mut RunStats) -> Result<()> {
         let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
         stats.tiers.required.gpu = (total - free) as u64;
