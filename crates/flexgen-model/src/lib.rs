@@ -10,6 +10,7 @@
 mod catalog;
 mod config;
 mod error;
+pub mod fused;
 pub mod layers;
 mod layout;
 mod source;

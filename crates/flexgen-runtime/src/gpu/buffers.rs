@@ -189,3 +189,17 @@ impl CudaStage<'_> {
         })
     }
 }
+
+impl RunBuffers {
+    /// The family math's view of a visit's buffers (`x`: the hidden state of `rows` rows).
+    pub(super) fn visit(&self, x: u64, rows: usize) -> fused::Visit {
+        fused::Visit {
+            rows,
+            x,
+            hn: addr(&self.hn),
+            qkv: addr(&self.qkv),
+            att: addr(&self.att),
+            ffn: addr(&self.f1),
+        }
+    }
+}

@@ -1,5 +1,7 @@
-//! One decoder layer on the GPU (OPT: LayerNorm, fused q/k/v, attention over the cache rows
-//! wherever they live, ReLU MLP), for one (layer, batch) visit.
+//! One decoder layer on the GPU for one (layer, batch) visit: attention over the cache rows
+//! wherever they live (GPU, pinned CPU memory, disk staging; packed or not; on the GPU or the
+//! CPU). The family's math around it (norm, q/k/v projection; output projection, norm, MLP) is
+//! flexgen-model's `fused` module.
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
@@ -24,21 +26,20 @@ impl CudaStage<'_> {
         let g = &self.gpu;
         let st = &g.stream;
         let (h, nh, nkv, hd) = self.dims();
-        let eps = self.eps();
         let rows = b * t;
         let cap = self.cap();
         let d = AttnDims { b, t, nh, nkv, hd, cap, past };
         let (gr, all_rows) = (self.gpu_rows, b * nkv);
         let cpu_rows = all_rows - gr;
         let gr_all = gr; // GPU rows of a compressed cache
-        let (hn, qkv, q, att) = (addr(&buf.hn), addr(&buf.qkv), addr(&buf.q), addr(&buf.att));
+        let (qkv, q, att) = (addr(&buf.qkv), addr(&buf.q), addr(&buf.att));
         let start = addr(&buf.start[kb]);
         let (kn, vn) = {
             let (k, v) = &buf.work[slot % buf.work.len()];
             (addr(k), addr(v))
         };
-        let wq = |r: &std::ops::Range<usize>| at(w, r.start);
         let x = self.hidden_in(buf, kb, rows * h, slot, staged.act)?;
+        let visit = buf.visit(x, rows);
         let row_bytes = cap * hd * 2;
         // The off-GPU rows' homes (CPU rows, then disk rows read into their staging).
         let homes = if cpu_rows > 0 && self.cache_quant.is_none() {
@@ -51,12 +52,8 @@ impl CudaStage<'_> {
         if !self.cpu_attention && past > 0 && !staged.cache {
             self.copy_homes_in(&homes, (kn, vn), past, st)?;
         }
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.layer_norm_raw(x, wq(&l.attn_norm_w), wq(&l.attn_norm_b), hn, rows, h, eps) }
-            .map_err(cuda)?;
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.gemm(&Gemm::linear(rows, h + 2 * nkv * hd, h, hn, wq(&l.qkv_w), qkv, false)) }
-            .map_err(cuda)?;
+        // SAFETY: a whole layer arena at `w`; this executor's buffers, sized for these shapes.
+        let epilogue = unsafe { fused::attention_in(g, &self.model.spec, l, w, &visit) }?;
         #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "1/√hd")]
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         if let Some((bits, group)) = self.cache_quant {
@@ -88,7 +85,7 @@ impl CudaStage<'_> {
             }
             let new = NewKv { gpu_rows: 0, k: kn, v: vn, cap, past };
             // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe { g.qkv_split(qkv, wq(&l.qkv_b), q, kn, vn, new, d, scale) }.map_err(cuda)?;
+            unsafe { g.qkv_split(qkv, epilogue.bias, q, kn, vn, new, d, scale) }.map_err(cuda)?;
             if t > 1 {
                 let (sc, cx) = (addr(&buf.scores), addr(&buf.ctx));
                 // SAFETY: this executor's weights and buffers, sized for these shapes.
@@ -137,7 +134,8 @@ impl CudaStage<'_> {
                     .map_err(cuda)?;
                 }
             }
-            self.layer_mlp(w, x, buf, rows)?;
+            // SAFETY: as `attention_in` above.
+            unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, w, &visit) }?;
             return self.hidden_out(buf, kb, rows * h, slot);
         }
         let (kc, vc) = (addr(&buf.kv[j][kb].0), addr(&buf.kv[j][kb].1));
@@ -145,7 +143,7 @@ impl CudaStage<'_> {
         let (ncap, npast) = if self.cpu_attention { (t, 0) } else { (cap, past) };
         let new = NewKv { gpu_rows: gr, k: kn, v: vn, cap: ncap, past: npast };
         // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.qkv_split(qkv, wq(&l.qkv_b), q, kc, vc, new, d, scale) }.map_err(cuda)?;
+        unsafe { g.qkv_split(qkv, epilogue.bias, q, kc, vc, new, d, scale) }.map_err(cuda)?;
         if t > 1 {
             // SAFETY: this executor's weights and buffers, sized for these shapes.
             unsafe {
@@ -218,33 +216,8 @@ impl CudaStage<'_> {
             }
             self.flush_disk(buf, j, kb, past, t)?;
         }
-        self.layer_mlp(w, x, buf, rows)?;
+        // SAFETY: as `attention_in` above.
+        unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, w, &visit) }?;
         self.hidden_out(buf, kb, rows * h, slot)
-    }
-
-    /// The rest of a layer after attention (`att` in the buffers): output projection and residual,
-    /// then the MLP block, on `x` (`rows` rows) in place.
-    pub(super) fn layer_mlp(&self, w: u64, x: u64, buf: &RunBuffers, rows: usize) -> Result<()> {
-        let (l, g) = (&self.layout, &self.gpu);
-        let h = self.dims().0;
-        let (hn, att, eps) = (addr(&buf.hn), addr(&buf.att), self.eps());
-        let wq = |r: &std::ops::Range<usize>| at(w, r.start);
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.gemm(&Gemm::linear(rows, h, h, att, wq(&l.o_w), x, true)) }.map_err(cuda)?;
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.bias_act_raw(x, wq(&l.o_b), rows, h, false) }.map_err(cuda)?;
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.layer_norm_raw(x, wq(&l.mlp_norm_w), wq(&l.mlp_norm_b), hn, rows, h, eps) }
-            .map_err(cuda)?;
-        let f = self.model.spec.ffn_size as usize;
-        let f1 = addr(&buf.f1);
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.gemm(&Gemm::linear(rows, f, h, hn, wq(&l.fc1_w), f1, false)) }.map_err(cuda)?;
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.bias_act_raw(f1, wq(&l.fc1_b), rows, f, true) }.map_err(cuda)?;
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.gemm(&Gemm::linear(rows, h, f, f1, wq(&l.fc2_w), x, true)) }.map_err(cuda)?;
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.bias_act_raw(x, wq(&l.fc2_b), rows, h, false) }.map_err(cuda)
     }
 }

@@ -37,7 +37,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
-use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout};
+use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout, fused};
 use flexgen_policy::{ModelSpec, Policy, Tier};
 use flexgen_tensor::cuda::exec::{
     AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
@@ -458,14 +458,6 @@ impl<'m> CudaStage<'m> {
             s.num_kv_heads as usize,
             s.head_dim() as usize,
         )
-    }
-
-    fn eps(&self) -> f32 {
-        let (flexgen_policy::NormKind::LayerNorm { eps }
-        | flexgen_policy::NormKind::RmsNorm { eps }) = self.model.spec.norm;
-        #[expect(clippy::cast_possible_truncation, reason = "a small epsilon")]
-        let e = eps as f32;
-        e
     }
 }
 

@@ -65,7 +65,7 @@ impl CudaStage<'_> {
         let x = addr(&buf.x[if self.act_on_gpu { kb } else { 0 }]);
         let (ids, pos, tok) = (addr(&buf.ids[kb]), addr(&buf.pos[kb]), addr(&self.embed.data));
         // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { self.gpu.embed_raw(ids, pos, tok, pos_table, x, n, h) }.map_err(cuda)?;
+        unsafe { fused::embed(&self.gpu, &self.model.spec, (ids, pos), tok, pos_table, x, n, h) }?;
         self.hidden_out(buf, kb, n * h, 0)
     }
 
@@ -94,7 +94,7 @@ impl CudaStage<'_> {
         };
         let (nw, nb) = (addr(&self.final_norm.0.data), addr(&self.final_norm.1.data));
         // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.layer_norm_raw(xs, nw, nb, addr(&buf.hn), b, h, self.eps()) }.map_err(cuda)?;
+        unsafe { fused::final_norm(g, &self.model.spec, (nw, nb), xs, addr(&buf.hn), b) }?;
         let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
         // SAFETY: this executor's weights and buffers, sized for these shapes.
         unsafe {
