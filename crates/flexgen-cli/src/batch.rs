@@ -101,6 +101,9 @@ pub struct BatchReport {
     pub blocks: usize,
     /// Context tokens prefilled again for requests moved to a later block (refill).
     pub recomputed_tokens: usize,
+    /// Seconds of prefill and decode steps inside `generate` (the rest of `generate_s` is the
+    /// device's one-time set-up on first use and the work between blocks).
+    pub steps_s: f64,
 }
 
 /// The largest request of the job's remaining work, which the generator is sized for.
@@ -367,6 +370,7 @@ impl BatchJob {
         report.generate_s = generating.elapsed().as_secs_f64();
         let (_, stats) = generated.context("generating the batch")?;
         report.recomputed_tokens = stats.recomputed_tokens;
+        report.steps_s = stats.prefill_s + stats.decode_s;
         if let Some(e) = write_error {
             return Err(e);
         }
