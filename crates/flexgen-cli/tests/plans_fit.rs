@@ -1,5 +1,6 @@
-//! Every policy `flexgen-plan` writes must pass the CUDA executor's memory checks, GPU and CPU: the
-//! planner's memory terms and the runtime's allocation plan are two computations of one thing, and a
+//! Every policy `flexgen-plan` writes must pass the CUDA stage's memory checks, GPU and CPU, as the
+//! one memory plan (`flexgen_runtime::memory::plan`) computes them: the planner's memory terms and
+//! the runtime's plan are two computations of one thing, and a
 //! plan the runtime refuses is a planner bug (session 5: the planner wrote a 48×8 plan for 16 GiB
 //! that the executor, needing 16.4 GiB, refused).
 
@@ -7,7 +8,7 @@ use std::path::Path;
 
 use flexgen_planner::{PlanOptions, plan};
 use flexgen_policy::{HardwareProfile, Workload};
-use flexgen_runtime::{CudaStage, GpuCapacity};
+use flexgen_runtime::memory::{self, Capacity, Compute};
 
 const GIB: u64 = 1 << 30;
 
@@ -46,18 +47,20 @@ fn every_planned_policy_fits_the_cuda_executors_memory_plans() {
                         };
                         let Ok(p) = plan(&spec, &hw, &workload, &opts) else { continue };
                         let memory = limit.unwrap_or(hw.gpu.as_ref().expect("a GPU").memory_bytes);
-                        let capacity = GpuCapacity {
+                        let capacity = Capacity {
                             max_prompt: prompt_len as usize,
                             max_new: gen_len as usize,
-                            gpu_limit: limit,
+                            sequences: None,
                         };
-                        let needs = CudaStage::bytes_needed(&spec, &p.policy, capacity)
-                            .expect("the executor runs every planned policy");
+                        let layers = 0..spec.num_layers;
+                        let runtime =
+                            memory::plan(&spec, &p.policy, capacity, layers, Compute::Cuda)
+                                .expect("the executor runs every planned policy");
+                        let needs = runtime.gpu;
                         checked += 1;
                         // The executor wants MemAvailable less 2 GiB; the profile's CPU memory is
                         // what was available when it was measured.
-                        let host = CudaStage::host_bytes_needed(&spec, &p.policy, capacity)
-                            .expect("the executor runs every planned policy");
+                        let host = runtime.cpu.total();
                         let host_memory = hw.cpu.memory_bytes.saturating_sub(2 * GIB);
                         if host > host_memory {
                             failures.push(format!(

@@ -26,7 +26,9 @@ pub use flexgen_policy::ModelSpec;
 pub use layout::{LayerLayout, PackedLayout, PackedMatrix};
 pub use source::{ModelFiles, WeightFiles, resolve};
 pub use tokenizer::Tokenizer;
-pub use weights::{DummyInit, LayerWeights, Linear, Mlp, Norm, SafetensorsStore, Weights};
+pub use weights::{
+    DummyInit, LayerWeights, Linear, Mlp, Norm, SafetensorsStore, Weights, layer_shapes,
+};
 
 use flexgen_tensor::Tensor;
 

@@ -87,6 +87,44 @@ impl LayerWeights {
     }
 }
 
+/// The shapes of one decoder layer's tensors of `spec`, in [`LayerWeights::tensors`] order
+/// (norms, q, k, v, o, MLP; weights before biases), without building them: what a memory plan
+/// counts. A `SwiGLU` MLP lists gate, up and down.
+pub fn layer_shapes(spec: &ModelSpec) -> Vec<Vec<usize>> {
+    let (h, f) = (spec.hidden_size as usize, spec.ffn_size as usize);
+    let kv = (spec.num_kv_heads * spec.head_dim()) as usize;
+    let mut v = Vec::with_capacity(16);
+    let norm = |v: &mut Vec<Vec<usize>>| {
+        v.push(vec![h]);
+        if matches!(spec.norm, NormKind::LayerNorm { .. }) {
+            v.push(vec![h]);
+        }
+    };
+    let linear = |v: &mut Vec<Vec<usize>>, out: usize, inp: usize| {
+        v.push(vec![out, inp]);
+        if spec.bias {
+            v.push(vec![out]);
+        }
+    };
+    norm(&mut v);
+    for (out, inp) in [(h, h), (kv, h), (kv, h), (h, h)] {
+        linear(&mut v, out, inp);
+    }
+    norm(&mut v);
+    match spec.mlp {
+        MlpKind::Relu => {
+            linear(&mut v, f, h);
+            linear(&mut v, h, f);
+        }
+        MlpKind::SwiGlu => {
+            linear(&mut v, f, h);
+            linear(&mut v, f, h);
+            linear(&mut v, h, f);
+        }
+    }
+    v
+}
+
 /// All weights of a model.
 #[derive(Debug, Clone)]
 pub struct Weights<T = Tensor> {

@@ -247,7 +247,7 @@ pub fn terms(
 
     let l = f64::from(spec.num_layers);
     // The GPU memory of a run, term for term as the CUDA executor plans it before allocating
-    // (`CudaStage::bytes_needed`; a test in flexgen-cli checks every kind of plan against it).
+    // (`flexgen_runtime::memory::plan`; a test in flexgen-cli checks every kind of plan against it).
     let embeddings = 2.0 * (v + f64::from(spec.max_positions) + 2.0) * h1;
     let resident = Lin::var(WG, l * w) + Lin::var(CG, l * kv_tok * full * bls);
     // A compressed layer is expanded into one fp16 arena of a whole layer.

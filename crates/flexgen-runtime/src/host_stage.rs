@@ -10,6 +10,7 @@ use flexgen_model::{LayerWeights, Model};
 use flexgen_policy::Policy;
 use flexgen_tensor::{Backend, Cpu, Device, Tensor};
 
+use crate::memory;
 use crate::stage::{self, BlockInput, Feed, Picks, Stage};
 use crate::tiers::{self, ActStore, Budgets, KvStore, Traffic, WeightStore};
 use crate::{Result, RunStats};
@@ -27,7 +28,8 @@ impl<'m> HostStage<'m> {
     /// Places the weights on their tiers; a policy whose weights do not fit `budgets` is refused
     /// before anything is allocated.
     pub(crate) fn new(model: &'m Model, policy: &Policy, budgets: Budgets) -> Result<Self> {
-        tiers::check(&tiers::required_bytes(model, policy, &[], 0), &budgets)?;
+        let weights_only = memory::Capacity { max_prompt: 0, max_new: 0, sequences: Some(0) };
+        tiers::check(&Self::plan(model, policy, weights_only)?.totals(), &budgets)?;
         let weights = WeightStore::build(
             model,
             &policy.placement.weights,
@@ -35,6 +37,12 @@ impl<'m> HostStage<'m> {
             tiers::quant_spec(&policy.compress_weight),
         )?;
         Ok(Self { model, policy: policy.clone(), device: Device::Cpu, budgets, weights })
+    }
+
+    /// The memory plan of `policy` on this stage, for all layers.
+    fn plan(model: &Model, policy: &Policy, c: memory::Capacity) -> Result<memory::MemoryPlan> {
+        let layers = 0..model.spec.num_layers;
+        memory::plan(&model.spec, policy, c, layers, memory::Compute::Host)
     }
 
     /// Embedding of micro-batch rows `ids` (`[b, t]`, row-major) at positions `past..past + t`,
@@ -69,7 +77,12 @@ impl Stage for HostStage<'_> {
             (0..n_batches).map(|k| (block.rows(k), block.width)).collect();
         let max_len = block.width + block.steps;
         // Check every tier before allocating the block's cache and activations.
-        let need = tiers::required_bytes(self.model, &self.policy, &shapes, max_len);
+        let capacity = memory::Capacity {
+            max_prompt: block.width,
+            max_new: block.steps,
+            sequences: Some(shapes.iter().map(|s| s.0).sum()),
+        };
+        let need = Self::plan(self.model, &self.policy, capacity)?.totals();
         tiers::check(&need, &self.budgets)?;
         let sizes: Vec<usize> = shapes.iter().map(|s| s.0).collect();
         let mut kv = KvStore::new(

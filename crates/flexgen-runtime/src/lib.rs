@@ -15,6 +15,7 @@ mod error;
 mod generate;
 mod gpu;
 mod host_stage;
+pub mod memory;
 mod sampling;
 mod schedule;
 mod stage;
@@ -26,6 +27,6 @@ pub use generate::{
     Completion, Device, Event, FinishReason, GenerationConfig, Generator, HostTimes, Prompt,
     Request, RunStats,
 };
-pub use gpu::{CudaStage, GpuBytes, GpuCapacity, LayerSource};
+pub use gpu::{CudaStage, GpuCapacity, LayerSource};
 pub use sampling::{Sampling, argmax, choose};
 pub use tiers::{Budgets, TierBytes, TierReport, Traffic, split_counts};

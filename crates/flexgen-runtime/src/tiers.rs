@@ -93,24 +93,6 @@ pub struct TierBytes {
     pub disk: u64,
 }
 
-impl TierBytes {
-    fn get_mut(&mut self, t: Tier) -> &mut u64 {
-        match t {
-            Tier::Gpu => &mut self.gpu,
-            Tier::Cpu => &mut self.cpu,
-            Tier::Disk => &mut self.disk,
-        }
-    }
-
-    fn get(&self, t: Tier) -> u64 {
-        match t {
-            Tier::Gpu => self.gpu,
-            Tier::Cpu => self.cpu,
-            Tier::Disk => self.disk,
-        }
-    }
-}
-
 /// What each tier may hold; `None` = unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Budgets {
@@ -128,75 +110,14 @@ pub fn split_counts(n: usize, shares: &TierShares) -> [usize; 3] {
     [g, gc - g, n - gc]
 }
 
-/// Bytes one run needs on each tier, computed from shapes alone.
-pub(crate) fn required_bytes(
-    model: &Model,
-    policy: &Policy,
-    micro_batches: &[(usize, usize)],
-    max_len: usize,
-) -> TierBytes {
-    let spec = &model.spec;
-    let p = &policy.placement;
-    let elem = 4u64; // f32 on the CPU executor
-    let mut need = TierBytes::default();
-    // Weights: split by elements, identical in each layer.
-    let mut largest_off_gpu = 0u64;
-    let wq = quant_spec(&policy.compress_weight);
-    for layer in &model.weights.layers {
-        let mut off = 0;
-        for t in layer.tensors() {
-            // Quantized matrices are held and moved as packed bytes; the rest as f32.
-            let (units, unit) = match wq {
-                Some(q) if t.rank() >= 2 => {
-                    let (d, p) = packed_len(t.dims(), q);
-                    (d + p, 1)
-                }
-                _ => (t.elem_count(), elem),
-            };
-            let c = split_counts(units, &p.weights);
-            for (tier, n) in TIERS.iter().zip(c) {
-                *need.get_mut(*tier) += n as u64 * unit;
-            }
-            off += (c[1] + c[2]) as u64 * unit;
+impl TierBytes {
+    fn get(&self, t: Tier) -> u64 {
+        match t {
+            Tier::Gpu => self.gpu,
+            Tier::Cpu => self.cpu,
+            Tier::Disk => self.disk,
         }
-        largest_off_gpu = largest_off_gpu.max(off);
     }
-    // Double buffer of streamed weights, and the tables that stay on the compute device.
-    need.gpu += 2 * largest_off_gpu;
-    need.gpu += (model.weights.token_embedding.elem_count()
-        + model.weights.position_embedding.as_ref().map_or(0, Tensor::elem_count)
-        + model.weights.lm_head.as_ref().map_or(0, Tensor::elem_count)) as u64
-        * elem;
-    let h = u64::from(spec.hidden_size);
-    let hd = spec.head_dim() as usize;
-    // K+V of one position of all heads, as the tiers hold it (packed when compressed).
-    let kv_tok = match quant_spec(&policy.compress_cache) {
-        Some(q) => {
-            let (d, p) = packed_len(&[hd], QuantSpec { dim: 0, ..q });
-            2 * u64::from(spec.num_kv_heads) * (d + p) as u64
-        }
-        None => 2 * u64::from(spec.num_kv_heads) * hd as u64 * elem,
-    };
-    let layers = u64::from(spec.num_layers);
-    let mut working = 0u64;
-    for &(b, width) in micro_batches {
-        let heads = spec.num_kv_heads as usize;
-        let c = split_counts(b * heads, &p.kv_cache);
-        for (tier, rows) in TIERS.iter().zip(c) {
-            *need.get_mut(*tier) += layers * rows as u64 * max_len as u64 * kv_tok / heads as u64;
-        }
-        let act = b as u64 * width as u64 * h * elem;
-        *need.get_mut(p.activations.single_tier().unwrap_or(Tier::Gpu)) += act;
-        // One micro-batch in flight: its cache gathered, scores, MLP intermediate, logits.
-        let (b, w, s) = (b as u64, width as u64, max_len as u64);
-        let flight = b * s * kv_tok
-            + b * u64::from(spec.num_heads) * w * s * elem
-            + b * w * (u64::from(spec.ffn_size) + 4 * h) * elem
-            + b * u64::from(spec.vocab_size) * elem;
-        working = working.max(flight);
-    }
-    need.gpu += working;
-    need
 }
 
 /// Refuses a run whose tiers cannot hold what it needs, naming the tier, both sizes and the fix.

@@ -1,6 +1,6 @@
 //! The CUDA stage: the block schedule's steps on GPU 0, placing weights, KV cache and
 //! activations by the policy's shares. This file holds the stage's state, its set-up (`new`) and
-//! its reports; `plan.rs` the memory plan, `weights.rs` the weight homes and their streaming,
+//! its reports and its refusals (from the one memory plan, `crate::memory`); `weights.rs` the weight homes and their streaming,
 //! `buffers.rs` the run buffers, `visits.rs` the visit order and what is staged ahead,
 //! `layer.rs` a decoder layer's kernels, `cache.rs` cache rows off the GPU (CPU attention, disk),
 //! `step.rs` the steps the schedule drives.
@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
 use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout, fused};
-use flexgen_policy::{ModelSpec, Policy, Tier};
+use flexgen_policy::{Policy, Tier};
 use flexgen_tensor::cuda::exec::{
     AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
 };
@@ -51,21 +51,20 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::disk::{DiskCache, READ_THREADS, disk_pos_bytes, read_parallel};
+use crate::memory;
 use crate::stage::{self, BlockInput, Feed, Picks, Stage};
-use crate::tiers::split_counts;
 use crate::{Error, Result, RunStats, tiers::Traffic};
 
 mod buffers;
 mod cache;
 mod layer;
-mod plan;
 mod step;
 mod visits;
 mod weights;
 
 use buffers::{PackedKv, RunBuffers};
-use plan::packed_cache_bytes;
-use visits::{Prefetch, visit_order};
+pub(crate) use visits::Prefetch;
+use visits::visit_order;
 use weights::Reader;
 
 /// Where the weights come from: a loaded model's layers, or dummy values made in place.
@@ -86,6 +85,13 @@ pub struct GpuCapacity {
     pub gpu_limit: Option<u64>,
 }
 
+impl GpuCapacity {
+    /// The requests it is sized for, as the memory plan takes them (whole blocks).
+    pub fn requests(&self) -> memory::Capacity {
+        memory::Capacity { max_prompt: self.max_prompt, max_new: self.max_new, sequences: None }
+    }
+}
+
 struct LayerHome {
     /// Elements `0..g_end` of the arena (the whole arena when it is wholly resident).
     gpu: Option<CudaSlice<f16>>,
@@ -102,32 +108,6 @@ struct DiskPart {
     ring: Vec<HostMem>,
     /// Recorded on the load stream after each ring buffer's copy to the GPU.
     copied: Vec<CudaEvent>,
-}
-
-/// A layer arena as a policy places it: the layout, its packed form with `compress_weight`, its
-/// length in units (fp16 values, or packed bytes two to a unit), and where the GPU part and the
-/// CPU part end.
-struct Arena {
-    layout: LayerLayout,
-    packed: Option<PackedLayout>,
-    unit_len: usize,
-    ends: [usize; 2],
-}
-
-/// GPU memory of a run, by use (bytes).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GpuBytes {
-    pub weights: u64,
-    pub staging: u64,
-    pub tables: u64,
-    pub cache: u64,
-    pub activations: u64,
-}
-
-impl GpuBytes {
-    pub fn total(&self) -> u64 {
-        self.weights + self.staging + self.tables + self.cache + self.activations
-    }
 }
 
 /// Runs greedy generation of token prompts on the GPU.
@@ -181,7 +161,7 @@ pub struct CudaStage<'m> {
     loaded: [CudaEvent; 2],
     freed: [CudaEvent; 2],
     capacity: GpuCapacity,
-    bytes: GpuBytes,
+    bytes: memory::Use,
     /// The run buffers (allocated on first use, for `capacity`).
     run: RefCell<Option<RunBuffers>>,
     /// Page-locked CPU memory held for weights.
@@ -264,7 +244,7 @@ impl<'m> CudaStage<'m> {
         if spec.num_kv_heads != spec.num_heads {
             return Err(refuse("model", "grouped-query attention"));
         }
-        let (rows, [gpu_rows, _, disk_rows]) = Self::cache_rows(spec, &policy);
+        let (rows, [gpu_rows, _, disk_rows]) = memory::cache_rows(spec, &policy);
         if disk_rows > 0 && policy.compress_cache.enabled {
             return Err(refuse("placement.kv_cache.disk", "a compressed KV cache on disk"));
         }
@@ -279,7 +259,8 @@ impl<'m> CudaStage<'m> {
             .compress_cache
             .enabled
             .then_some((policy.compress_cache.bits, policy.compress_cache.group_size as usize));
-        let Arena { layout, packed, unit_len, ends: [g_end, c_end] } = Self::arena(spec, &policy)?;
+        let memory::Arena { layout, packed, unit_len, ends: [g_end, c_end] } =
+            memory::arena(spec, &policy)?;
         let n_layers = spec.num_layers as usize;
         if matches!(source, LayerSource::Loaded) && model.weights.layers.len() != n_layers {
             return Err(Error::Config {
@@ -304,11 +285,15 @@ impl<'m> CudaStage<'m> {
         let load = gpu.ctx.new_stream().map_err(drv)?;
         let copy = gpu.ctx.new_stream().map_err(drv)?;
         let prefetch = Prefetch::of(&policy, gpu_rows, rows, disk_rows);
-        // The figures bytes_needed and host_bytes_needed give the planner's tests, from the same
-        // arena and rows.
-        let bytes = Self::plan_bytes(spec, &policy, (&layout, unit_len), g_end, gpu_rows, capacity);
-        let host =
-            Self::plan_host_bytes(spec, &policy, unit_len, (g_end, c_end), gpu_rows, capacity);
+        // The one memory plan (the planner's tests hold the cost model to the same figures).
+        let plan = memory::plan(
+            spec,
+            &policy,
+            capacity.requests(),
+            0..spec.num_layers,
+            memory::Compute::Cuda,
+        )?;
+        let (bytes, host) = (plan.gpu, plan.cpu.total());
         if let Some(avail) = mem_available() {
             let avail = avail.saturating_sub(2 << 30);
             if host > avail {
@@ -396,8 +381,31 @@ impl<'m> CudaStage<'m> {
         Ok(this)
     }
 
+    /// The GPU capacity error of a plan `bytes` that `available` cannot hold.
+    pub(super) fn refusal(bytes: &memory::Use, available: u64, limited: bool) -> Error {
+        #[expect(clippy::cast_precision_loss, reason = "a report")]
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        Error::Capacity {
+            tier: Tier::Gpu,
+            needed_bytes: bytes.total(),
+            available_bytes: available,
+            detail: format!(
+                " (needed: weights {:.2} GiB, staging {:.2}, embeddings {:.2}, KV cache {:.2}, \
+                 activations {:.2}; available: {})",
+                gib(bytes.weights),
+                gib(bytes.staging),
+                gib(bytes.tables),
+                gib(bytes.cache),
+                gib(bytes.activations),
+                if limited { "--gpu-mem-limit" } else { "free device memory less 1 GiB" }
+            ),
+            fix: "lower placement.weights.gpu, gpu_batch_size or num_gpu_batches, or shorten the \
+                  prompt or generation",
+        }
+    }
+
     /// The GPU memory this generator planned, by use.
-    pub fn gpu_bytes(&self) -> GpuBytes {
+    pub fn gpu_bytes(&self) -> memory::Use {
         self.bytes
     }
 
@@ -415,7 +423,7 @@ impl<'m> CudaStage<'m> {
         let off = self.policy.gpu_batch_size as usize * nkv - self.gpu_rows;
         let times = u64::from(self.model.spec.num_layers) * u64::from(self.policy.num_gpu_batches);
         let pcie = match self.cache_quant {
-            Some(_) => 2 * packed_cache_bytes(&self.policy, off, self.cap() as u64, hd as u64),
+            Some(_) => 2 * memory::packed_cache_bytes(&self.policy, off, self.cap(), hd),
             None if self.cpu_attention => (4 * off * hd * 2) as u64,
             None => (2 * off * (past + 1) * hd * 2) as u64,
         };
@@ -490,117 +498,6 @@ fn new_timing_event(gpu: &Gpu) -> Result<CudaEvent> {
 mod tests {
     use super::*;
 
-    fn model(name: &str) -> Model {
-        let spec = flexgen_model::spec_by_name(name).unwrap();
-        // Only the spec matters for planning; no weights are built.
-        Model {
-            weights: flexgen_model::Weights::dummy_tables(
-                &flexgen_model::ModelSpec { vocab_size: 8, max_positions: 8, ..spec.clone() },
-                flexgen_model::DummyInit::Ones,
-            )
-            .unwrap(),
-            spec,
-            tokenizer: None,
-            dir: None,
-        }
-    }
-
-    /// S1: OPT-30B weights on the CPU, cache and activations on the GPU, 32×2.
-    fn s1_policy() -> Policy {
-        Policy {
-            placement: flexgen_policy::Placement::from_percent([
-                0.0, 100.0, 100.0, 0.0, 100.0, 0.0,
-            ])
-            .unwrap(),
-            gpu_batch_size: 32,
-            num_gpu_batches: 2,
-            ..Policy::default()
-        }
-    }
-
-    fn gib(b: u64) -> f64 {
-        b as f64 / f64::from(1u32 << 30)
-    }
-
-    /// The GPU bytes the executor planned in the device runs of docs/benchmarks.md (S1, S8 28×2).
-
-    #[test]
-    fn planned_gpu_bytes_match_the_device_reports() {
-        let m = model("opt-30b");
-        let layout = LayerLayout::new(&m.spec).unwrap();
-        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
-        let s1 = s1_policy();
-        let b = CudaStage::plan_bytes(&m.spec, &s1, (&layout, layout.len), 0, 32 * 56, cap);
-        // Reported: GPU 51.34 GiB (staging 2.30, KV cache 44.62, activations 3.72).
-        assert!((gib(b.total()) - 51.34).abs() < 0.01, "{}", gib(b.total()));
-        assert!((gib(b.cache) - 44.62).abs() < 0.01 && (gib(b.staging) - 2.30).abs() < 0.01);
-        let host =
-            CudaStage::plan_host_bytes(&m.spec, &s1, layout.len, (0, layout.len), 32 * 56, cap);
-        assert!((gib(host) - 55.13).abs() < 0.01, "{}", gib(host)); // 55.13 GiB pinned
-        // With packed 4-bit weights the same run holds and moves about 0.28 of the bytes.
-        let p = layout.packed(4, 64);
-        let host_c =
-            CudaStage::plan_host_bytes(&m.spec, &s1, p.len / 2, (0, p.len / 2), 32 * 56, cap);
-        let ratio = host_c as f64 / host as f64;
-        assert!((0.26..0.30).contains(&ratio), "{ratio}");
-    }
-
-    #[test]
-    fn a_compressed_cache_plans_about_a_quarter_of_the_bytes() {
-        let m = model("opt-30b");
-        let layout = LayerLayout::new(&m.spec).unwrap();
-        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
-        let mut p = s1_policy();
-        let plain = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
-        p.compress_cache.enabled = true;
-        let packed = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 32 * 56, cap);
-        // 4-bit codes and an fp16 pair per 64 values: (32 + 4) / 128 of the fp16 bytes.
-        let ratio = packed.cache as f64 / plain.cache as f64;
-        assert!((ratio - 36.0 / 128.0).abs() < 1e-9, "{ratio}");
-        // One (layer, batch) in fp16 is the working area.
-        assert_eq!(packed.activations - plain.activations, 2 * 2 * 32 * 56 * 544 * 128);
-        // The original's compressed T4 policy: the packed cache on the CPU, none on the GPU.
-        p.placement =
-            flexgen_policy::Placement::from_percent([0.0, 100.0, 0.0, 100.0, 0.0, 100.0]).unwrap();
-        let on_cpu = CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), 0, 0, cap);
-        assert_eq!(on_cpu.cache, 0);
-        let host = CudaStage::plan_host_bytes(&m.spec, &p, layout.len, (0, layout.len), 0, cap);
-        let weights = 48 * layout.len as u64 * 2;
-        let acts = 2 * 32 * 512 * 7168 * 2;
-        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
-        assert_eq!(
-            host - weights - acts - logits,
-            packed.cache,
-            "the same packed bytes, on the CPU"
-        );
-    }
-
-    #[test]
-    fn cache_rows_split_three_ways_and_disk_rows_stay_off_the_cpu_plan() {
-        let shares = flexgen_policy::TierShares::from_gpu_cpu(50.0, 25.0);
-        assert_eq!(split_counts(64 * 32, &shares), [1024, 512, 512]);
-        let m = model("opt-6.7b");
-        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
-        let mut p = Policy {
-            gpu_batch_size: 64,
-            placement: flexgen_policy::Placement::from_percent([
-                100.0, 0.0, 50.0, 50.0, 100.0, 0.0,
-            ])
-            .unwrap(),
-            offload_dir: Some("/unused".into()), // the plan names it only
-            ..Policy::default()
-        };
-        let cpu_only = CudaStage::host_bytes_needed(&m.spec, &p, cap).unwrap();
-        p.placement =
-            flexgen_policy::Placement::from_percent([100.0, 0.0, 50.0, 25.0, 100.0, 0.0]).unwrap();
-        let with_disk = CudaStage::host_bytes_needed(&m.spec, &p, cap).unwrap();
-        // Half of the CPU rows moved to disk; the disk rows' row-major staging and two pairs of
-        // position-major I/O buffers (k and v) stay.
-        let stage = 2 * (align_up(512 * 544 * 128 * 2) + 2 * 544 * disk_pos_bytes(512, 128)) as u64;
-        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
-        assert_eq!(with_disk - logits, (cpu_only - logits) / 2 + stage);
-    }
-
     /// The copy stream's schedule: each visit after a step's first finds its inputs staged, in
     /// its own slot, by the visit just before it; that visit's `mark` follows every earlier
     /// visit, so the slot's previous user and, with hidden states on the CPU (two or more GPU
@@ -639,75 +536,8 @@ mod tests {
     }
 
     #[test]
-    fn prefetched_copies_plan_a_second_buffer() {
-        let m = model("opt-6.7b");
-        let layout = LayerLayout::new(&m.spec).unwrap();
-        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
-        let plan = |pct: [f64; 6], k: u32, cpu_attn: bool| {
-            let p = Policy {
-                gpu_batch_size: 8,
-                num_gpu_batches: k,
-                cpu_cache_compute: cpu_attn,
-                placement: flexgen_policy::Placement::from_percent(pct).unwrap(),
-                offload_dir: Some("/tmp".into()),
-                ..Policy::default()
-            };
-            let rows = 8 * 32;
-            let gpu_rows = split_counts(rows, &p.placement.kv_cache)[0];
-            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, gpu_rows, cap)
-        };
-        // The cache on the CPU, attended on the GPU: two working caches of all 256 rows.
-        let two = plan([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 1, false);
-        assert_eq!(
-            Prefetch::of(&Policy::default(), 0, 256, 0),
-            Prefetch { act: false, cache: true }
-        );
-        // With a share on disk the host fills the staging: one working cache.
-        let one = plan([100.0, 0.0, 0.0, 50.0, 100.0, 0.0], 1, false);
-        assert_eq!(two.activations - one.activations, 2 * 2 * 256 * 544 * 128);
-        // CPU attention moves only new positions: no working cache to double.
-        let attn = plan([100.0, 0.0, 0.0, 100.0, 100.0, 0.0], 1, true);
-        assert_eq!(
-            two.activations - attn.activations,
-            2 * 2 * (2 * 256 * 544 * 128 - 256 * 512 * 128)
-        );
-        // Hidden states on the CPU: two staging buffers with two or more GPU batches.
-        let act1 = plan([100.0, 0.0, 100.0, 0.0, 0.0, 100.0], 1, false);
-        let act2 = plan([100.0, 0.0, 100.0, 0.0, 0.0, 100.0], 2, false);
-        assert_eq!(act2.activations - act1.activations, 2 * 8 * 512 * 4096);
-    }
-
-    #[test]
-    fn cache_rows_on_the_cpu_move_out_of_the_gpu_plan() {
-        let m = model("opt-6.7b");
-        let layout = LayerLayout::new(&m.spec).unwrap();
-        let cap = GpuCapacity { max_prompt: 512, max_new: 32, gpu_limit: None };
-        let mut p = Policy { gpu_batch_size: 64, ..Policy::default() };
-        let all =
-            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 64 * 32, cap);
-        // Reported for S4: GPU 33.41 GiB (weights 12.00, KV cache 17.00, activations 4.01).
-        assert!((gib(all.total()) - 33.41).abs() < 0.01, "{}", gib(all.total()));
-        p.placement =
-            flexgen_policy::Placement::from_percent([100.0, 0.0, 25.0, 75.0, 100.0, 0.0]).unwrap();
-        p.cpu_cache_compute = true;
-        let quarter =
-            CudaStage::plan_bytes(&m.spec, &p, (&layout, layout.len), layout.len, 16 * 32, cap);
-        assert_eq!(quarter.cache * 4, all.cache, "a quarter of the rows on the GPU");
-        let host = CudaStage::plan_host_bytes(
-            &m.spec,
-            &p,
-            layout.len,
-            (layout.len, layout.len),
-            16 * 32,
-            cap,
-        );
-        let logits = CudaStage::logits_host_bytes(&m.spec, &p);
-        assert_eq!(host - logits, all.cache * 3 / 4, "the rest on the CPU");
-    }
-
-    #[test]
     fn a_gpu_refusal_is_the_one_capacity_error_with_its_parts_and_fix() {
-        let bytes = GpuBytes {
+        let bytes = memory::Use {
             weights: 10 << 30,
             staging: 2 << 30,
             tables: 1 << 30,

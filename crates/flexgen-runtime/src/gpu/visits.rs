@@ -12,13 +12,13 @@ use super::*;
 /// with rows on disk, whose staging the host fills). Without it these copies run on the compute
 /// stream between a visit's kernels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct Prefetch {
-    pub(super) act: bool,
-    pub(super) cache: bool,
+pub(crate) struct Prefetch {
+    pub(crate) act: bool,
+    pub(crate) cache: bool,
 }
 
 impl Prefetch {
-    pub(super) fn of(policy: &Policy, gpu_rows: usize, rows: usize, disk_rows: usize) -> Self {
+    pub(crate) fn of(policy: &Policy, gpu_rows: usize, rows: usize, disk_rows: usize) -> Self {
         let cpu_rows = rows - gpu_rows;
         Self {
             act: policy.placement.activations.single_tier() == Some(Tier::Cpu)
@@ -28,7 +28,7 @@ impl Prefetch {
     }
 
     /// Buffers of a kind: two when the kind is prefetched.
-    pub(super) fn slots(on: bool) -> usize {
+    pub(crate) fn slots(on: bool) -> usize {
         if on { 2 } else { 1 }
     }
 
