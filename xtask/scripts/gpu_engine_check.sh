@@ -2,7 +2,8 @@
 # Issue 16 on the GPU machine: the one engine. Parts (each fits one device call):
 #   equal  `flexgen-run batch --device cuda` gives the tokens of `--device cpu` on the bundled and
 #          tiny models under several placements: greedy, seeded sampling and stop strings mixed.
-#   bench  S4, S1, S1c, S8 (ours; dummy weights, prompt 512, gen 32), as gpu_runtime_bench.sh runs them.
+#   bench  S4, S1, S1c, S8 (ours; dummy weights, prompt 512, gen 32), as gpu_runtime_bench.sh runs them
+#          (BENCH="s1 s8": only those).
 #   jobs   GPU batch jobs of JSONL requests (prompts 64-512 tokens, max_new_tokens 16-128, mixed
 #          greedy / sampled / stop strings), dummy weights with the bundled tokenizer: 2,000 on
 #          OPT-6.7B all on the GPU (S4) and 256 on OPT-30B with 4-bit weights on the CPU (S1c),
@@ -70,7 +71,8 @@ EOF
   ;;
 bench)
   T="/usr/bin/time -f process_wall=%es_maxRSS=%MKiB"
-  run() { tag=$1; shift; echo "=== $tag"; $T flexgen-run --device cuda --dummy --prompt-len 512 --max-new-tokens 32 -q --json "$@" > "$OUT/$tag.json" 2> "$OUT/$tag.err" || { tail -3 "$OUT/$tag.err"; fail=1; return; }
+  run() { tag=$1; shift; case " ${BENCH:-s4 s1 s1c s8} " in *" $tag "*) ;; *) return ;; esac
+    echo "=== $tag"; $T flexgen-run --device cuda --dummy --prompt-len 512 --max-new-tokens 32 -q --json "$@" > "$OUT/$tag.json" 2> "$OUT/$tag.err" || { tail -3 "$OUT/$tag.err"; fail=1; return; }
     python3 -c "import json;r=json.load(open('$OUT/$tag.json'));print({k:round(r[k],2) if isinstance(r[k],float) else r[k] for k in ['prefill_tokens_per_s','decode_tokens_per_s','total_tokens_per_s','roofline_fraction','gpu_setup_s','wall_s']})"; tail -1 "$OUT/$tag.err"; }
   run s4 --model opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 64 --num-gpu-batches 1
   run s1 --model opt-30b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2
