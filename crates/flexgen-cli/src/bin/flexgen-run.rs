@@ -97,8 +97,9 @@ Run a JSONL file of requests as a batch job that resumes where it stopped.
 Each input line is a JSON object: {\"id\": \"q1\", \"prompt\": \"...\", \"max_new_tokens\": 32,
 \"temperature\": 0.7, \"stop\": [\"\\n\"]}; only \"prompt\" is required, and \"id\" defaults to the line
 number. Each output line is {\"id\", \"text\", \"tokens\", \"finish_reason\", \"prompt_tokens\"}, written
-as each block finishes (requests are sorted by length and packed into blocks of the policy's
-gpu-batch-size × num-gpu-batches) and synced to disk.
+when the block it finished in ends, and synced to disk. Requests run longest first in blocks of
+the policy's gpu-batch-size × num-gpu-batches; once half a block has finished, its unfinished
+requests move on beside new ones (see --no-refill), so output lines come in no fixed order.
 
 Interrupted (Ctrl-C, kill, power loss) and started again with the same command, the job reads the
 output, cuts a torn last line, and runs only the requests not yet written: nothing is lost and
