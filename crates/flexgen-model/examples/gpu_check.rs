@@ -41,10 +41,10 @@ where
         let past = total - t;
         let pos: Vec<u32> = layers::position_indices(spec, &vec![true; total])[past..].to_vec();
         let allowed = vec![(0..t).map(|q| (0..total).map(|s| s <= past + q).collect()).collect()];
-        let bias = be.attention_bias(&allowed).map_err(flexgen_model::Error::from).unwrap();
+        let step = layers::StepInputs::new(be, spec, &allowed, &pos).unwrap();
         let mut x = layers::embed(be, w, &input, &pos, (1, t)).unwrap();
         for (j, lw) in w.layers.iter().enumerate() {
-            let (y, new) = layers::decoder_layer(be, spec, lw, &x, kv[j].as_ref(), &bias).unwrap();
+            let (y, new) = layers::decoder_layer(be, spec, lw, &x, kv[j].as_ref(), &step).unwrap();
             kv[j] = Some(match kv[j].take() {
                 Some(p) => p.append_on(be, &new).unwrap(),
                 None => new,

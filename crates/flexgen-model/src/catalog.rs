@@ -43,6 +43,7 @@ pub fn opt_spec(
         positions: PositionKind::Learned { offset: 2 },
         pre_norm: true,
         bias: true,
+        qkv_bias: false,
         tie_embeddings: true,
         bos_token_id: Some(2),
         eos_token_id: Some(2),

@@ -108,9 +108,56 @@ where
 {
     match (spec.norm, &n.bias) {
         (NormKind::LayerNorm { eps }, Some(b)) => Ok(be.layer_norm(x, &n.weight, b, eps)?),
+        (NormKind::RmsNorm { eps }, None) => Ok(be.rms_norm(x, &n.weight, eps)?),
         _ => Err(Error::Unsupported {
-            what: format!("{}: RMSNorm is not implemented yet", spec.name),
+            what: format!("{}: a norm whose bias does not match its kind", spec.name),
         }),
+    }
+}
+
+/// What every layer of one step shares: the attention mask (`[b, 1, t, s]`, causal and padding)
+/// and, for rotary positions, the cos and sin tables of the step's positions (`[b, 1, t, hd]`).
+pub struct StepInputs<B: Backend> {
+    pub bias: B::Bias,
+    pub rotary: Option<(B::T, B::T)>,
+}
+
+impl<B: Backend> StepInputs<B> {
+    /// The inputs of a step whose queries see `allowed[b][t][s]` and sit at the position-table
+    /// indices `positions` (row-major `[b, t]`, from [`step_inputs`]).
+    pub fn new(
+        be: &B,
+        spec: &ModelSpec,
+        allowed: &[Vec<Vec<bool>>],
+        positions: &[u32],
+    ) -> Result<Self>
+    where
+        Error: From<B::Error>,
+    {
+        let bias = be.attention_bias(allowed)?;
+        let inv_freq = spec.positions.inv_freq(spec.head_dim());
+        let rotary = if inv_freq.is_empty() {
+            None
+        } else {
+            let (b, t) = (allowed.len(), allowed.first().map_or(0, Vec::len));
+            let hd = spec.head_dim() as usize;
+            let (mut cos, mut sin) =
+                (Vec::with_capacity(b * t * hd), Vec::with_capacity(b * t * hd));
+            for &p in positions {
+                // The frequencies over both halves of the head, as `rotate_half` pairs them.
+                for _ in 0..2 {
+                    for &f in &inv_freq {
+                        // As Hugging Face: the angle in f32 (position × frequency), then cos/sin.
+                        #[expect(clippy::cast_possible_truncation, reason = "f32 as the reference")]
+                        let angle = (p as f32) * (f as f32);
+                        cos.push(angle.cos());
+                        sin.push(angle.sin());
+                    }
+                }
+            }
+            Some((be.tensor(cos, &[b, 1, t, hd])?, be.tensor(sin, &[b, 1, t, hd])?))
+        };
+        Ok(Self { bias, rotary })
     }
 }
 
@@ -122,15 +169,16 @@ where
 }
 
 /// The attention half of a layer: `x + out_proj(attention(norm(x)))`. `past` holds the keys and
-/// values of earlier positions; `bias` (`[b, 1, t, s]`, `s` = past + t) masks what each query may
-/// see. Returns the new hidden state and the keys/values of the `t` new positions.
+/// values of earlier positions; `step` masks what each query may see (`s` = past + t) and holds
+/// the rotary tables where the family rotates q and k. Returns the new hidden state and the
+/// keys/values of the `t` new positions (k rotated, as caches hold them).
 pub fn attention_block<B: Backend>(
     be: &B,
     spec: &ModelSpec,
     w: &LayerWeights<B::T>,
     x: &B::T,
     past: Option<&Kv<B::T>>,
-    bias: &B::Bias,
+    step: &StepInputs<B>,
 ) -> Result<(B::T, Kv<B::T>)>
 where
     Error: From<B::Error>,
@@ -138,11 +186,13 @@ where
     let nh = spec.num_heads as usize;
     let nkv = spec.num_kv_heads as usize;
     let h = norm(be, spec, &w.attn_norm, x)?;
-    let q = be.split_heads(&linear(be, &w.q, &h, false)?, nh)?;
-    let new = Kv {
-        k: be.split_heads(&linear(be, &w.k, &h, false)?, nkv)?,
-        v: be.split_heads(&linear(be, &w.v, &h, false)?, nkv)?,
-    };
+    let mut q = be.split_heads(&linear(be, &w.q, &h, false)?, nh)?;
+    let mut k = be.split_heads(&linear(be, &w.k, &h, false)?, nkv)?;
+    if let Some((cos, sin)) = &step.rotary {
+        q = be.rotary(&q, cos, sin)?;
+        k = be.rotary(&k, cos, sin)?;
+    }
+    let new = Kv { k, v: be.split_heads(&linear(be, &w.v, &h, false)?, nkv)? };
     let joined;
     let all = match past {
         Some(p) => {
@@ -152,7 +202,13 @@ where
         None => &new,
     };
     let scale = 1.0 / f64::from(spec.head_dim()).sqrt();
-    let a = be.attention(&q, &all.k, &all.v, bias, scale)?;
+    let a = if nkv == nh {
+        be.attention(&q, &all.k, &all.v, &step.bias, scale)?
+    } else {
+        let rep = nh / nkv;
+        let (k, v) = (be.repeat_heads(&all.k, rep)?, be.repeat_heads(&all.v, rep)?);
+        be.attention(&q, &k, &v, &step.bias, scale)?
+    };
     let out = linear(be, &w.o, &be.merge_heads(&a)?, false)?;
     Ok((be.add(x, &out)?, new))
 }
@@ -170,6 +226,10 @@ where
     let h = norm(be, spec, &w.mlp_norm, x)?;
     let y = match &w.mlp {
         Mlp::Relu { fc1, fc2 } => linear(be, fc2, &linear(be, fc1, &h, true)?, false)?,
+        Mlp::SwiGlu { gate, up, down } => {
+            let g = be.silu_mul(&linear(be, gate, &h, false)?, &linear(be, up, &h, false)?)?;
+            linear(be, down, &g, false)?
+        }
     };
     Ok(be.add(x, &y)?)
 }
@@ -181,12 +241,12 @@ pub fn decoder_layer<B: Backend>(
     w: &LayerWeights<B::T>,
     x: &B::T,
     past: Option<&Kv<B::T>>,
-    bias: &B::Bias,
+    step: &StepInputs<B>,
 ) -> Result<(B::T, Kv<B::T>)>
 where
     Error: From<B::Error>,
 {
-    let (x, kv) = attention_block(be, spec, w, x, past, bias)?;
+    let (x, kv) = attention_block(be, spec, w, x, past, step)?;
     Ok((mlp_block(be, spec, w, &x)?, kv))
 }
 

@@ -150,7 +150,9 @@ impl LayerLayout {
         put(&w.k.weight, self.qkv_w.start + qn)?;
         put(&w.v.weight, self.qkv_w.start + qn + kn)?;
         put(&w.o.weight, self.o_w.start)?;
-        let Mlp::Relu { fc1, fc2 } = &w.mlp;
+        let Mlp::Relu { fc1, fc2 } = &w.mlp else {
+            return Err(Error::Unsupported { what: "a SwiGLU MLP in an OPT arena".into() });
+        };
         put(&fc1.weight, self.fc1_w.start)?;
         put(&fc2.weight, self.fc2_w.start)?;
         let bias = |l: &crate::Linear| {

@@ -113,10 +113,10 @@ where
     let t = ids.first().map_or(0, Vec::len);
     let flat: Vec<u32> = ids.iter().flatten().copied().collect();
     let (pos, allowed) = layers::step_inputs(spec, mask, t);
-    let bias = be.attention_bias(&allowed)?;
+    let step = layers::StepInputs::new(be, spec, &allowed, &pos)?;
     let mut x = layers::embed(be, weights, &flat, &pos, (b, t))?;
     for w in &weights.layers {
-        x = layers::decoder_layer(be, spec, w, &x, None, &bias)?.0;
+        x = layers::decoder_layer(be, spec, w, &x, None, &step)?.0;
     }
     Ok(be.to_cpu(&layers::logits(be, spec, weights, &x)?)?)
 }

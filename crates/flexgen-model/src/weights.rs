@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind};
+use flexgen_policy::{Family, MlpKind, ModelSpec, NormKind, PositionKind};
 use flexgen_tensor::{Device, Tensor};
 use memmap2::Mmap;
 use rand::{Rng, SeedableRng};
@@ -32,6 +32,8 @@ pub struct Norm<T = Tensor> {
 pub enum Mlp<T = Tensor> {
     /// OPT: fc1 → ReLU → fc2.
     Relu { fc1: Linear<T>, fc2: Linear<T> },
+    /// Llama: down(silu(gate(x)) · up(x)).
+    SwiGlu { gate: Linear<T>, up: Linear<T>, down: Linear<T> },
 }
 
 /// One decoder layer.
@@ -64,6 +66,11 @@ impl LayerWeights {
                 pair(&mut v, &fc1.weight, fc1.bias.as_ref());
                 pair(&mut v, &fc2.weight, fc2.bias.as_ref());
             }
+            Mlp::SwiGlu { gate, up, down } => {
+                for l in [gate, up, down] {
+                    pair(&mut v, &l.weight, l.bias.as_ref());
+                }
+            }
         }
         v
     }
@@ -82,6 +89,9 @@ impl LayerWeights {
         let mut lin = |l: &Linear| Linear { weight: next(), bias: l.bias.as_ref().map(|_| next()) };
         let mlp = match &self.mlp {
             Mlp::Relu { fc1, fc2 } => Mlp::Relu { fc1: lin(fc1), fc2: lin(fc2) },
+            Mlp::SwiGlu { gate, up, down } => {
+                Mlp::SwiGlu { gate: lin(gate), up: lin(up), down: lin(down) }
+            }
         };
         LayerWeights { attn_norm, q, k, v, o, mlp_norm, mlp }
     }
@@ -107,9 +117,13 @@ pub fn layer_shapes(spec: &ModelSpec) -> Vec<Vec<usize>> {
         }
     };
     norm(&mut v);
-    for (out, inp) in [(h, h), (kv, h), (kv, h), (h, h)] {
-        linear(&mut v, out, inp);
+    for (out, inp) in [(h, h), (kv, h), (kv, h)] {
+        v.push(vec![out, inp]);
+        if spec.bias || spec.qkv_bias {
+            v.push(vec![out]);
+        }
     }
+    linear(&mut v, h, h);
     norm(&mut v);
     match spec.mlp {
         MlpKind::Relu => {
@@ -188,18 +202,21 @@ impl Weights {
                 },
             })
         };
-        let linear =
-            |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize| -> Result<Linear> {
-                Ok(Linear {
-                    weight: src.get(&format!("{name}.weight"), &[out, inp])?,
-                    bias: if spec.bias {
-                        Some(src.get(&format!("{name}.bias"), &[out])?)
-                    } else {
-                        None
-                    },
-                })
-            };
-        let token_embedding = src.get("decoder.embed_tokens.weight", &[v, h])?;
+        let linear = |src: &mut dyn TensorSource,
+                      name: &str,
+                      (out, inp): (usize, usize),
+                      bias: bool|
+         -> Result<Linear> {
+            Ok(Linear {
+                weight: src.get(&format!("{name}.weight"), &[out, inp])?,
+                bias: if bias { Some(src.get(&format!("{name}.bias"), &[out])?) } else { None },
+            })
+        };
+        let opt = spec.family == Family::Opt;
+        let token_embedding = src.get(
+            if opt { "decoder.embed_tokens.weight" } else { "embed_tokens.weight" },
+            &[v, h],
+        )?;
         let position_embedding = match spec.positions {
             PositionKind::Learned { offset } => Some(src.get(
                 "decoder.embed_positions.weight",
@@ -207,31 +224,37 @@ impl Weights {
             )?),
             PositionKind::Rope { .. } => None,
         };
+        let (b, qkv_b) = (spec.bias, spec.bias || spec.qkv_bias);
         let mut layers = Vec::with_capacity(spec.num_layers as usize);
         for i in 0..if with_layers { spec.num_layers } else { 0 } {
-            let p = format!("decoder.layers.{i}");
-            let mlp = match spec.mlp {
-                MlpKind::Relu => Mlp::Relu {
-                    fc1: linear(src, &format!("{p}.fc1"), f, h)?,
-                    fc2: linear(src, &format!("{p}.fc2"), h, f)?,
+            let p = if opt { format!("decoder.layers.{i}") } else { format!("layers.{i}") };
+            let mlp = match (spec.mlp, opt) {
+                (MlpKind::Relu, _) => Mlp::Relu {
+                    fc1: linear(src, &format!("{p}.fc1"), (f, h), b)?,
+                    fc2: linear(src, &format!("{p}.fc2"), (h, f), b)?,
                 },
-                MlpKind::SwiGlu => {
-                    return Err(Error::Unsupported {
-                        what: format!("{}: SwiGLU layers are not implemented yet", spec.name),
-                    });
-                }
+                (MlpKind::SwiGlu, _) => Mlp::SwiGlu {
+                    gate: linear(src, &format!("{p}.mlp.gate_proj"), (f, h), b)?,
+                    up: linear(src, &format!("{p}.mlp.up_proj"), (f, h), b)?,
+                    down: linear(src, &format!("{p}.mlp.down_proj"), (h, f), b)?,
+                },
+            };
+            let (attn_norm, mlp_norm, o) = if opt {
+                ("self_attn_layer_norm", "final_layer_norm", "out_proj")
+            } else {
+                ("input_layernorm", "post_attention_layernorm", "o_proj")
             };
             layers.push(LayerWeights {
-                attn_norm: norm(src, &format!("{p}.self_attn_layer_norm"))?,
-                q: linear(src, &format!("{p}.self_attn.q_proj"), h, h)?,
-                k: linear(src, &format!("{p}.self_attn.k_proj"), kv, h)?,
-                v: linear(src, &format!("{p}.self_attn.v_proj"), kv, h)?,
-                o: linear(src, &format!("{p}.self_attn.out_proj"), h, h)?,
-                mlp_norm: norm(src, &format!("{p}.final_layer_norm"))?,
+                attn_norm: norm(src, &format!("{p}.{attn_norm}"))?,
+                q: linear(src, &format!("{p}.self_attn.q_proj"), (h, h), qkv_b)?,
+                k: linear(src, &format!("{p}.self_attn.k_proj"), (kv, h), qkv_b)?,
+                v: linear(src, &format!("{p}.self_attn.v_proj"), (kv, h), qkv_b)?,
+                o: linear(src, &format!("{p}.self_attn.{o}"), (h, h), b)?,
+                mlp_norm: norm(src, &format!("{p}.{mlp_norm}"))?,
                 mlp,
             });
         }
-        let final_norm = norm(src, "decoder.final_layer_norm")?;
+        let final_norm = norm(src, if opt { "decoder.final_layer_norm" } else { "norm" })?;
         let lm_head =
             if spec.tie_embeddings { None } else { Some(src.get("lm_head.weight", &[v, h])?) };
         Ok(Self { token_embedding, position_embedding, final_norm, lm_head, layers })
@@ -310,7 +333,10 @@ impl TensorSource for DummySource {
         let data: Vec<f32> = match self.init {
             DummyInit::Ones => vec![1.0; n],
             DummyInit::Random { .. } => {
-                let base = if name.contains("layer_norm.weight") { 1.0 } else { 0.0 };
+                let is_norm = name.contains("layer_norm.weight")
+                    || name.ends_with("layernorm.weight")
+                    || name == "norm.weight";
+                let base = if is_norm { 1.0 } else { 0.0 };
                 (0..n).map(|_| base + self.rng.random_range(-0.1f32..0.1)).collect()
             }
         };

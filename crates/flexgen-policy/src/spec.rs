@@ -39,8 +39,52 @@ pub enum MlpKind {
 pub enum PositionKind {
     /// A learned table added to the token embedding; index = position + `offset`.
     Learned { offset: u32 },
-    /// Rotary embedding of q and k.
-    Rope { theta: f64 },
+    /// Rotary embedding of q and k (the halves rotated, as Hugging Face's Llama does).
+    Rope {
+        theta: f64,
+        /// Llama 3's frequency scaling (`rope_type` "llama3"); `None`: plain frequencies.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scaling: Option<RopeScaling>,
+    },
+}
+
+/// Llama 3.1's rotary frequency scaling: wavelengths longer than the original context divided by
+/// `factor`, shorter than `original_max_positions / high_freq_factor` kept, smoothed between.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_positions: u32,
+}
+
+impl PositionKind {
+    /// The rotary inverse frequencies of a head of `head_dim` values (`head_dim / 2` of them), as
+    /// Hugging Face computes them (f32 exponents, Llama 3 scaling); empty for learned positions.
+    pub fn inv_freq(&self, head_dim: u32) -> Vec<f64> {
+        let PositionKind::Rope { theta, scaling } = *self else { return Vec::new() };
+        (0..head_dim / 2)
+            .map(|i| {
+                #[expect(clippy::cast_precision_loss, reason = "small integers")]
+                let e = f64::from((2 * i) as f32 / head_dim as f32);
+                let f = 1.0 / theta.powf(e);
+                let Some(s) = scaling else { return f };
+                let old = f64::from(s.original_max_positions);
+                let (low, high) = (old / s.low_freq_factor, old / s.high_freq_factor);
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen < high {
+                    f
+                } else if wavelen > low {
+                    f / s.factor
+                } else {
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * f / s.factor + smooth * f
+                }
+            })
+            .collect()
+    }
 }
 
 /// Shape and structure of a decoder-only transformer.
@@ -65,6 +109,10 @@ pub struct ModelSpec {
     pub pre_norm: bool,
     /// Linear layers carry biases.
     pub bias: bool,
+    /// The q, k and v projections carry biases even where the other linear layers do not
+    /// (Qwen2).
+    #[serde(default)]
+    pub qkv_bias: bool,
     /// The LM head reuses the token embedding.
     pub tie_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -88,7 +136,13 @@ impl ModelSpec {
             MlpKind::Relu => 2 * h * f,
             MlpKind::SwiGlu => 3 * h * f,
         };
-        let biases = if self.bias { 2 * h + 2 * kv + f + h } else { 0 };
+        let biases = if self.bias {
+            2 * h + 2 * kv + f + h
+        } else if self.qkv_bias {
+            h + 2 * kv
+        } else {
+            0
+        };
         let norms = match self.norm {
             NormKind::LayerNorm { .. } => 4 * h,
             NormKind::RmsNorm { .. } => 2 * h,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use flexgen_model::layers;
 use flexgen_model::{LayerWeights, Model};
 use flexgen_policy::Policy;
-use flexgen_tensor::{Backend, Cpu, Device, Tensor};
+use flexgen_tensor::{Cpu, Device, Tensor};
 
 use crate::memory;
 use crate::stage::{self, BlockInput, Feed, Picks, Stage};
@@ -46,19 +46,19 @@ impl<'m> HostStage<'m> {
     }
 
     /// Embedding of micro-batch rows `ids` (`[b, t]`, row-major) at positions `past..past + t`,
-    /// and the attention bias of their queries (causal and padding).
+    /// and what its layers share (the attention mask, causal and padding; rotary tables).
     fn embed_step(
         &self,
         ids: &[u32],
         starts: &[usize],
         past: usize,
         t: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, layers::StepInputs<Cpu>)> {
         let spec = &self.model.spec;
         let masks: Vec<Vec<bool>> = starts.iter().map(|&s| stage::mask(s, past + t)).collect();
         let (pos, allowed) = layers::step_inputs(spec, &masks, t);
-        let bias = Cpu.attention_bias(&allowed)?;
-        Ok((layers::embed(&Cpu, &self.model.weights, ids, &pos, (starts.len(), t))?, bias))
+        let step = layers::StepInputs::new(&Cpu, spec, &allowed, &pos)?;
+        Ok((layers::embed(&Cpu, &self.model.weights, ids, &pos, (starts.len(), t))?, step))
     }
 }
 
@@ -101,11 +101,11 @@ impl Stage for HostStage<'_> {
             let started = Instant::now();
             let (t, past) = if step == 0 { (block.width, 0) } else { (1, block.width + step - 1) };
             let mut hidden: Vec<Tensor> = Vec::with_capacity(n_batches);
-            let mut biases: Vec<Tensor> = Vec::with_capacity(n_batches);
+            let mut steps: Vec<layers::StepInputs<Cpu>> = Vec::with_capacity(n_batches);
             for (ids, starts) in input.iter().zip(&block.starts) {
                 let (x, bias) = self.embed_step(ids, starts, past, t)?;
                 hidden.push(x);
-                biases.push(bias);
+                steps.push(bias);
             }
             // The zig-zag block schedule: a layer runs over every micro-batch before the next,
             // while the next layer's weights are loaded from their tiers on another thread.
@@ -127,7 +127,7 @@ impl Stage for HostStage<'_> {
                                 &current,
                                 &hidden[k],
                                 past_kv.as_ref(),
-                                &biases[k],
+                                &steps[k],
                             )?;
                             kv.append(j, k, &new_kv, &self.device, &mut traffic)?;
                             hidden[k] = if j + 1 < num_layers {

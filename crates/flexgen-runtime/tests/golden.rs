@@ -1,6 +1,7 @@
-//! Golden tests: the tiny random OPT and the bundled model against what Hugging Face transformers
-//! computed from the same files (crates/flexgen-model/test_data/*/golden.*, made by
-//! `xtask/scripts/make_models.py`). Logits must agree within 1e-4 and greedy tokens exactly, for single
+//! Golden tests: the tiny random OPT, Llama (GQA, llama3 rotary scaling), Mistral and Qwen2 models
+//! and the bundled model against what Hugging Face transformers computed from the same files
+//! (crates/flexgen-model/test_data/*/golden.*, made by `xtask/scripts/make_models.py` and
+//! `xtask/scripts/make_llama_models.py`). Logits must agree within 1e-4 and greedy tokens exactly, for single
 //! prompts, for a left-padded batch of mixed lengths, and under every batch split.
 
 use std::collections::HashMap;
@@ -11,6 +12,14 @@ use flexgen_policy::Policy;
 use flexgen_runtime::{Completion, GenerationConfig, Generator, Request};
 
 const TOL: f32 = 1e-4;
+
+/// The tiny random models with full golden logits, one per family variant.
+const TINY: [&str; 4] = [
+    "test_data/tiny-random-opt",
+    "test_data/tiny-random-llama",
+    "test_data/tiny-random-mistral",
+    "test_data/tiny-random-qwen2",
+];
 
 fn data_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model").join(name)
@@ -109,7 +118,13 @@ fn tokenizer_matches_transformers() {
 
 #[test]
 fn prefill_logits_match_transformers_at_every_position() {
-    let f = load("test_data/tiny-random-opt");
+    for dir in TINY {
+        prefill_matches(dir);
+    }
+}
+
+fn prefill_matches(dir: &str) {
+    let f = load(dir);
     for (i, p) in f.golden.prompts.iter().enumerate() {
         let logits = f
             .model
@@ -118,7 +133,7 @@ fn prefill_logits_match_transformers_at_every_position() {
         let (shape, want) = &f.tensors[&format!("prompt{i}.prefill_logits")];
         assert_eq!(&logits.dims()[1..], &shape[..]);
         assert_close(
-            &format!("prompt {i} prefill"),
+            &format!("{dir}: prompt {i} prefill"),
             &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             want,
         );
@@ -127,22 +142,34 @@ fn prefill_logits_match_transformers_at_every_position() {
 
 #[test]
 fn cached_greedy_generation_matches_transformers_per_prompt() {
-    let f = load("test_data/tiny-random-opt");
+    for dir in TINY {
+        cached_greedy_matches(dir);
+    }
+}
+
+fn cached_greedy_matches(dir: &str) {
+    let f = load(dir);
     let n = f.golden.new_tokens;
     for (i, p) in f.golden.prompts.iter().enumerate() {
         let out = run(&f.model, policy(1, 1), &[Request::text(p.text.clone())], n);
         assert_eq!(out[0].prompt_tokens, p.input_ids);
-        assert_eq!(out[0].tokens, p.greedy, "prompt {i}");
+        assert_eq!(out[0].tokens, p.greedy, "{dir}: prompt {i}");
         let (shape, want) = &f.tensors[&format!("prompt{i}.step_logits")];
         assert_eq!(shape[0], n);
         let ours: Vec<f32> = out[0].logits.as_ref().unwrap().concat();
-        assert_close(&format!("prompt {i} step logits"), &ours, want);
+        assert_close(&format!("{dir}: prompt {i} step logits"), &ours, want);
     }
 }
 
 #[test]
 fn left_padded_batch_matches_transformers_and_single_prompts() {
-    let f = load("test_data/tiny-random-opt");
+    for dir in TINY {
+        left_padded_batch_matches(dir);
+    }
+}
+
+fn left_padded_batch_matches(dir: &str) {
+    let f = load(dir);
     let n = f.golden.new_tokens;
     // The golden batch is the prompts left-padded to one width; check we build the same grid.
     for (row, p) in f.golden.prompts.iter().enumerate() {
@@ -160,20 +187,33 @@ fn left_padded_batch_matches_transformers_and_single_prompts() {
     let (shape, want) = &f.tensors["batch.step_logits"]; // [n, b, vocab]
     let vocab = shape[2];
     for (row, c) in out.iter().enumerate() {
-        assert_eq!(c.tokens, f.golden.batch.greedy[row], "row {row}");
-        assert_eq!(c.tokens, f.golden.prompts[row].greedy, "row {row}: padding changed the output");
+        assert_eq!(c.tokens, f.golden.batch.greedy[row], "{dir}: row {row}");
+        assert_eq!(
+            c.tokens, f.golden.prompts[row].greedy,
+            "{dir}: row {row}: padding changed the output"
+        );
         let theirs: Vec<f32> = (0..n)
             .flat_map(|s| {
                 want[(s * shape[1] + row) * vocab..(s * shape[1] + row + 1) * vocab].to_vec()
             })
             .collect();
-        assert_close(&format!("batch row {row}"), &c.logits.as_ref().unwrap().concat(), &theirs);
+        assert_close(
+            &format!("{dir}: batch row {row}"),
+            &c.logits.as_ref().unwrap().concat(),
+            &theirs,
+        );
     }
 }
 
 #[test]
 fn every_batch_split_gives_the_same_tokens() {
-    let f = load("test_data/tiny-random-opt");
+    for dir in TINY {
+        every_split_agrees(dir);
+    }
+}
+
+fn every_split_agrees(dir: &str) {
+    let f = load(dir);
     let n = 8;
     let mut requests: Vec<Request> =
         f.golden.prompts.iter().map(|p| Request::text(p.text.clone())).collect();
@@ -182,7 +222,7 @@ fn every_batch_split_gives_the_same_tokens() {
     for (b, k) in [(2, 1), (3, 1), (8, 1), (2, 2), (1, 4), (3, 3), (5, 2)] {
         let out = run(&f.model, policy(b, k), &requests, n);
         for (i, (o, r)) in out.iter().zip(&reference).enumerate() {
-            assert_eq!(o.tokens, r.tokens, "request {i} under {b}x{k}");
+            assert_eq!(o.tokens, r.tokens, "{dir}: request {i} under {b}x{k}");
         }
     }
 }

@@ -11,8 +11,12 @@ use flexgen_policy::{Placement, Policy, Tier, TierShares};
 use flexgen_runtime::{Budgets, Error, GenerationConfig, Generator, Request};
 
 fn tiny() -> Model {
+    load("tiny-random-opt")
+}
+
+fn load(name: &str) -> Model {
     Model::load(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model/test_data/tiny-random-opt"),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model/test_data").join(name),
     )
     .unwrap()
 }
@@ -86,9 +90,15 @@ fn matrix(offload: &Path) -> Vec<Policy> {
 
 #[test]
 fn every_policy_in_the_matrix_gives_the_same_greedy_tokens() {
-    let model = tiny();
+    // OPT, and a Llama-shaped model (grouped-query attention: its cache has half the rows).
+    for name in ["tiny-random-opt", "tiny-random-llama"] {
+        matrix_agrees(&load(name));
+    }
+}
+
+fn matrix_agrees(model: &Model) {
     let dir = tempfile::tempdir().unwrap();
-    let reference = Generator::new(&model, Policy::default())
+    let reference = Generator::new(model, Policy::default())
         .unwrap()
         .generate(&requests(), &config(), &mut |_| {})
         .unwrap()
@@ -97,13 +107,14 @@ fn every_policy_in_the_matrix_gives_the_same_greedy_tokens() {
     assert!(policies.len() >= 20);
     let mut disk_used = 0;
     for (i, p) in policies.iter().enumerate() {
-        let generator = Generator::new(&model, p.clone()).unwrap();
+        let generator = Generator::new(model, p.clone()).unwrap();
         let (out, stats) = generator.generate(&requests(), &config(), &mut |_| {}).unwrap();
         for (r, (a, b)) in out.iter().zip(&reference).enumerate() {
             assert_eq!(
                 a.tokens,
                 b.tokens,
-                "policy {i} ({:?}, {}x{}, cpu attention {}), request {r}",
+                "{}: policy {i} ({:?}, {}x{}, cpu attention {}), request {r}",
+                model.spec.name,
                 p.placement.to_percent(),
                 p.gpu_batch_size,
                 p.num_gpu_batches,

@@ -2,7 +2,7 @@
 //! (candle-core, f32) and [`crate::cuda::Gpu`] (cuBLAS + NVRTC kernels, fp16). Model layers are
 //! written once against this trait.
 
-use crate::Tensor;
+use crate::{Device, Tensor};
 
 /// One compute device's implementation of the decoder's operations.
 pub trait Backend {
@@ -29,6 +29,16 @@ pub trait Backend {
         b: &Self::T,
         eps: f64,
     ) -> Result<Self::T, Self::Error>;
+    /// RMSNorm over the last dimension.
+    fn rms_norm(&self, x: &Self::T, w: &Self::T, eps: f64) -> Result<Self::T, Self::Error>;
+    /// Rotary embedding of `x [b, n, t, hd]` by `cos`, `sin` `[b, 1, t, hd]`.
+    fn rotary(&self, x: &Self::T, cos: &Self::T, sin: &Self::T) -> Result<Self::T, Self::Error>;
+    /// Each of the heads of `[b, nkv, s, hd]` repeated `rep` times in place.
+    fn repeat_heads(&self, x: &Self::T, rep: usize) -> Result<Self::T, Self::Error>;
+    /// `silu(gate) · up`.
+    fn silu_mul(&self, gate: &Self::T, up: &Self::T) -> Result<Self::T, Self::Error>;
+    /// A tensor of `shape` holding `data` (f32), on this device.
+    fn tensor(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::T, Self::Error>;
     /// `a + b`.
     fn add(&self, a: &Self::T, b: &Self::T) -> Result<Self::T, Self::Error>;
     /// Token (+ position) embedding of row-major `[b, t]` ids at table rows `positions`.
@@ -91,6 +101,26 @@ impl Backend for Cpu {
 
     fn add(&self, a: &Tensor, b: &Tensor) -> crate::Result<Tensor> {
         a + b
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> crate::Result<Tensor> {
+        crate::rms_norm(x, w, eps)
+    }
+
+    fn rotary(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> crate::Result<Tensor> {
+        crate::rotary(x, cos, sin)
+    }
+
+    fn repeat_heads(&self, x: &Tensor, rep: usize) -> crate::Result<Tensor> {
+        crate::repeat_heads(x, rep)
+    }
+
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> crate::Result<Tensor> {
+        crate::silu_mul(gate, up)
+    }
+
+    fn tensor(&self, data: Vec<f32>, shape: &[usize]) -> crate::Result<Tensor> {
+        Tensor::from_vec(data, shape, &Device::Cpu)
     }
 
     fn embed(

@@ -40,6 +40,37 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 }
 
 /// Softmax over the last dimension, stabilized by subtracting the row maximum.
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// Rotary position embedding of `x [b, n, t, hd]` with `cos`, `sin` `[b, 1, t, hd]` (the
+/// frequencies repeated over both halves): `x·cos + rotate_half(x)·sin`, where
+/// `rotate_half([x1, x2]) = [−x2, x1]`.
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(3)?;
+    let (x1, x2) = (x.narrow(3, 0, hd / 2)?, x.narrow(3, hd / 2, hd / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// `[b, nkv, s, hd]` → `[b, nkv·rep, s, hd]`, each head repeated `rep` times in place (grouped-
+/// query attention: query head `i` reads key head `i / rep`).
+pub fn repeat_heads(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n, s, hd) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, n, rep, s, hd))?.contiguous()?.reshape((b, n * rep, s, hd))
+}
+
+/// `silu(gate) · up`, the gated activation of a `SwiGLU` MLP.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    candle_core::Tensor::silu(gate)? * up
+}
+
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(candle_core::D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;

@@ -379,6 +379,33 @@ impl crate::backend::Backend for Gpu {
         Gpu::layer_norm(self, x, w, b, eps)
     }
 
+    fn rms_norm(&self, _x: &GpuTensor, _w: &GpuTensor, _eps: f64) -> Result<GpuTensor, CudaError> {
+        Err(CudaError::Unsupported("RMSNorm"))
+    }
+
+    fn rotary(
+        &self,
+        _x: &GpuTensor,
+        _cos: &GpuTensor,
+        _sin: &GpuTensor,
+    ) -> Result<GpuTensor, CudaError> {
+        Err(CudaError::Unsupported("rotary positions"))
+    }
+
+    fn repeat_heads(&self, _x: &GpuTensor, _rep: usize) -> Result<GpuTensor, CudaError> {
+        Err(CudaError::Unsupported("grouped-query attention"))
+    }
+
+    fn silu_mul(&self, _gate: &GpuTensor, _up: &GpuTensor) -> Result<GpuTensor, CudaError> {
+        Err(CudaError::Unsupported("the SwiGLU MLP"))
+    }
+
+    fn tensor(&self, data: Vec<f32>, shape: &[usize]) -> Result<GpuTensor, CudaError> {
+        let t = Tensor::from_vec(data, shape, &crate::Device::Cpu)
+            .map_err(|e| CudaError::Host(e.to_string()))?;
+        self.upload(&t)
+    }
+
     fn add(&self, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor, CudaError> {
         Gpu::add(self, a, b)
     }
