@@ -154,7 +154,7 @@ pub fn terms(
     let ctx = s + n / 2.0; // average decode context
     let full = s + n; // longest context
     let layer_params = spec.layer_params() as f64;
-    let matrix_params = layer_params - 12.0 * h1 - h2; // minus biases and norms, for FLOPs
+    let matrix_params = spec.layer_matrix_params() as f64; // for FLOPs
     let rw = if choice.compress_weight {
         compression_ratio(&Compression::weights_default())
     } else {
@@ -248,7 +248,8 @@ pub fn terms(
     let l = f64::from(spec.num_layers);
     // The GPU memory of a run, term for term as the CUDA executor plans it before allocating
     // (`flexgen_runtime::memory::plan`; a test in flexgen-cli checks every kind of plan against it).
-    let embeddings = 2.0 * (v + f64::from(spec.max_positions) + 2.0) * h1;
+    // Token table, position table (learned positions only), final norm, an untied LM head.
+    let embeddings = 2.0 * spec.embedding_params() as f64;
     let resident = Lin::var(WG, l * w) + Lin::var(CG, l * kv_tok * full * bls);
     // A compressed layer is expanded into one fp16 arena of a whole layer.
     let unpacked = if choice.compress_weight { w16 } else { 0.0 };
@@ -510,10 +511,11 @@ mod tests {
         // double-buffered.
         let cpu = 2.0 * 2.0 * 33_216.0 + 2.0 * 256.0 * 15.0 * 4.0 + CPU_OVERHEAD_BYTES;
         assert!((t.cpu.eval(&x) - cpu).abs() < 1e-6);
-        // GPU, as the CUDA executor plans it: embeddings (vocab 1000 + 102 positions) · 64 in
-        // fp16; both micro-batches' hidden states (2·10·64·4 bytes each); one micro-batch's
-        // scratch, 2·4·(10·(5·64 + 2·64) + 8·10·10 + 10·256 + 64 + 1000) bytes.
-        let fixed = 2.0 * 1102.0 * 64.0 + 2.0 * 2.0 * 10.0 * 64.0 * 4.0 + 8.0 * 8904.0;
+        // GPU, as the CUDA executor plans it: embeddings (vocab 1000 + 102 positions) · 64 and
+        // the final norm (2·64) in fp16; both micro-batches' hidden states (2·10·64·4 bytes
+        // each); one micro-batch's scratch, 2·4·(10·(5·64 + 2·64) + 8·10·10 + 10·256 + 64 + 1000)
+        // bytes.
+        let fixed = 2.0 * (1102.0 * 64.0 + 128.0) + 2.0 * 2.0 * 10.0 * 64.0 * 4.0 + 8.0 * 8904.0;
         let cache = 2.0 * 256.0 * 15.0 * 8.0; // 2 layers, 256 bytes/token, 15 positions, block 8
         let resident = t.gpu_peak(&[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
         assert!((resident - (2.0 * 2.0 * LAYER_PARAMS + cache + fixed)).abs() < 1e-6);

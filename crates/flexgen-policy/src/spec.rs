@@ -150,6 +150,19 @@ impl ModelSpec {
         attn + mlp + biases + norms
     }
 
+    /// Elements of one decoder layer's weight matrices (what its GEMMs multiply by): q, o, k, v
+    /// (k and v by key/value heads) and the MLP's two or three matrices.
+    pub fn layer_matrix_params(&self) -> u64 {
+        let h = u64::from(self.hidden_size);
+        let kv = u64::from(self.num_kv_heads) * u64::from(self.head_dim());
+        let f = u64::from(self.ffn_size);
+        let mlp = match self.mlp {
+            MlpKind::Relu => 2 * h * f,
+            MlpKind::SwiGlu => 3 * h * f,
+        };
+        2 * h * h + 2 * h * kv + mlp
+    }
+
     /// Elements of the embeddings, the final norm and (if untied) the LM head.
     pub fn embedding_params(&self) -> u64 {
         let h = u64::from(self.hidden_size);
@@ -161,7 +174,11 @@ impl ModelSpec {
             PositionKind::Rope { .. } => 0,
         };
         let head = if self.tie_embeddings { 0 } else { v * h };
-        v * h + pos + head + 2 * h
+        let norm = match self.norm {
+            NormKind::LayerNorm { .. } => 2 * h,
+            NormKind::RmsNorm { .. } => h,
+        };
+        v * h + pos + head + norm
     }
 
     /// Elements of all weights.
@@ -183,4 +200,66 @@ pub struct Workload {
     pub gen_len: u32,
     /// Number of prompts to process; `None` lets the planner choose the block size freely.
     pub num_prompts: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Llama-shaped spec: h 64, 4 heads of 16, 2 key/value heads, ffn 160, vocab 100, untied.
+    fn llama() -> ModelSpec {
+        ModelSpec {
+            name: "t".into(),
+            family: Family::Llama,
+            num_layers: 2,
+            hidden_size: 64,
+            num_heads: 4,
+            num_kv_heads: 2,
+            ffn_size: 160,
+            vocab_size: 100,
+            max_positions: 128,
+            norm: NormKind::RmsNorm { eps: 1e-5 },
+            mlp: MlpKind::SwiGlu,
+            positions: PositionKind::Rope { theta: 10_000.0, scaling: None },
+            pre_norm: true,
+            bias: false,
+            qkv_bias: false,
+            tie_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+        }
+    }
+
+    #[test]
+    fn a_llama_layer_counts_three_mlp_matrices_and_kv_by_its_heads() {
+        let s = llama();
+        // q, o: 64·64 each; k, v: 64·32 each; gate, up, down: 64·160 each; two RMSNorms.
+        let matrices = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 160;
+        assert_eq!(s.layer_matrix_params(), matrices);
+        assert_eq!(s.layer_params(), matrices + 2 * 64);
+        // Qwen2's q/k/v biases: 64 + 2·32.
+        assert_eq!(ModelSpec { qkv_bias: true, ..s.clone() }.layer_params(), matrices + 128 + 128);
+        // Token table, final norm and the untied head; no position table.
+        assert_eq!(s.embedding_params(), 100 * 64 + 64 + 100 * 64);
+    }
+
+    #[test]
+    fn llama3_scaling_divides_long_wavelengths_and_keeps_short_ones() {
+        let plain = PositionKind::Rope { theta: 500_000.0, scaling: None };
+        let scaling = RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_positions: 8192,
+        };
+        let scaled = PositionKind::Rope { theta: 500_000.0, scaling: Some(scaling) };
+        let (a, b) = (plain.inv_freq(128), scaled.inv_freq(128));
+        assert_eq!(a.len(), 64);
+        assert_eq!(a[0], b[0], "the highest frequency is kept");
+        assert!((a[63] / b[63] - 8.0).abs() < 1e-9, "the lowest is divided by the factor");
+        // In between, every scaled frequency lies within [f / factor, f].
+        assert!(a.iter().zip(&b).all(|(f, g)| *g <= *f && *g >= f / 8.0 - 1e-15));
+        assert!(PositionKind::Learned { offset: 2 }.inv_freq(64).is_empty());
+    }
 }
