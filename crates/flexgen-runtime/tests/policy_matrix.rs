@@ -218,10 +218,15 @@ fn compressed(mut p: Policy, weights: bool, cache: bool) -> Policy {
 
 #[test]
 fn compressed_weights_and_cache_give_the_same_tokens_under_every_placement() {
-    let model = tiny();
+    for name in ["tiny-random-opt", "tiny-random-llama"] {
+        compressed_placements_agree(&load(name));
+    }
+}
+
+fn compressed_placements_agree(model: &Model) {
     let dir = tempfile::tempdir().unwrap();
     let run = |p: Policy| {
-        Generator::new(&model, p).unwrap().generate(&requests(), &config(), &mut |_| {}).unwrap()
+        Generator::new(model, p).unwrap().generate(&requests(), &config(), &mut |_| {}).unwrap()
     };
     let reference = run(compressed(Policy { gpu_batch_size: 6, ..Policy::default() }, true, true));
     let placements = [
@@ -246,7 +251,7 @@ fn compressed_weights_and_cache_give_the_same_tokens_under_every_placement() {
         );
         let (out, stats) = run(p);
         for (r, (a, b)) in out.iter().zip(&reference.0).enumerate() {
-            assert_eq!(a.tokens, b.tokens, "placement {pct:?}, request {r}");
+            assert_eq!(a.tokens, b.tokens, "{}: placement {pct:?}, request {r}", model.spec.name);
         }
         if pct[1] + pct[0] < 100.0 {
             assert!(stats.tiers.traffic.disk_read > 0, "{pct:?} reads packed bytes from disk");
