@@ -150,14 +150,27 @@ impl BatchJob {
         let mut pending = Vec::new();
         let mut bad = Vec::new();
         let mut seen = HashSet::new();
-        for (i, line) in BufReader::new(file).lines().enumerate() {
+        for (i, bytes) in BufReader::new(file).split(b'\n').enumerate() {
             let n = i + 1;
-            let line = line.with_context(|| format!("{}:{n}: reading", self.input.display()))?;
-            if line.trim().is_empty() {
+            let mut bytes =
+                bytes.with_context(|| format!("{}:{n}: reading", self.input.display()))?;
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+            // A line that is not UTF-8 is a bad line like any other (named, or skipped).
+            let (line, text) = match String::from_utf8(bytes) {
+                Ok(line) => (line, Ok(())),
+                Err(e) => {
+                    let at = e.utf8_error().valid_up_to();
+                    let lossy = String::from_utf8_lossy(e.as_bytes()).into_owned();
+                    (lossy, Err(format!("not UTF-8 text (invalid byte at column {})", at + 1)))
+                }
+            };
+            if line.trim().is_empty() && text.is_ok() {
                 continue;
             }
             let parsed: Result<InputLine, String> =
-                serde_json::from_str(&line).map_err(|e| e.to_string());
+                text.and_then(|()| serde_json::from_str(&line).map_err(|e| e.to_string()));
             let checked = parsed.and_then(|l| {
                 let id = l.id.clone().unwrap_or_else(|| serde_json::Value::from(n));
                 if !(id.is_string() || id.is_u64() || id.is_i64()) {

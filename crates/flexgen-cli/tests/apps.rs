@@ -102,14 +102,14 @@ fn a_killed_batch_job_resumes_with_nothing_lost_or_duplicated() {
 fn bad_input_lines_are_named_or_skipped_into_the_errors_file() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
-    std::fs::write(
-        &input,
-        "{\"prompt\": \"In the beginning\", \"max_new_tokens\": 3}\n\
+    // Line 4 is not UTF-8 (bytes 0xff 0xfe inside the prompt).
+    let mut text = b"{\"prompt\": \"In the beginning\", \"max_new_tokens\": 3}\n\
          {\"prompt\": \"Amen\", \"colour\": 1}\n\
-         not json\n\
-         {\"id\": 7, \"prompt\": \"Jesus wept\", \"max_new_tokens\": 2}\n",
-    )
-    .unwrap();
+         not json\n"
+        .to_vec();
+    text.extend_from_slice(b"{\"prompt\": \"\xff\xfe\"}\n");
+    text.extend_from_slice(b"{\"id\": 7, \"prompt\": \"Jesus wept\", \"max_new_tokens\": 2}\n");
+    std::fs::write(&input, text).unwrap();
     let out = dir.path().join("out.jsonl");
     let stop = batch(&input, &out).output().unwrap();
     assert!(!stop.status.success());
@@ -120,11 +120,12 @@ fn bad_input_lines_are_named_or_skipped_into_the_errors_file() {
     assert!(skip.status.success(), "{}", String::from_utf8_lossy(&skip.stderr));
     let done = results(&out);
     let ids: HashSet<&str> = done.keys().map(String::as_str).collect();
-    assert_eq!(ids, HashSet::from(["1", "7"]), "lines 1 and 4 ran, by id");
+    assert_eq!(ids, HashSet::from(["1", "7"]), "lines 1 and 5 ran, by id");
     let errors = std::fs::read_to_string(dir.path().join("out.jsonl.errors.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> =
         errors.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.iter().map(|l| l["line"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(lines.iter().map(|l| l["line"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3, 4]);
+    assert!(lines[2]["error"].as_str().unwrap().contains("not UTF-8"), "{}", lines[2]);
 }
 
 #[test]

@@ -35,6 +35,38 @@ struct HfOptConfig {
     remove_final_layer_norm: bool,
 }
 
+/// The largest value each size field may take: beyond every published model by a wide margin,
+/// so that a damaged file is refused here instead of reaching an allocation.
+const BOUNDS: [(&str, u32); 8] = [
+    ("num_hidden_layers", 1024),
+    ("hidden_size", 65_536),
+    ("num_attention_heads", 1024),
+    ("num_key_value_heads", 1024),
+    ("ffn_dim", 262_144),
+    ("intermediate_size", 262_144),
+    ("vocab_size", 4_194_304),
+    ("max_position_embeddings", 16_777_216),
+];
+
+/// Refuses a size field above its bound, naming the file and field.
+fn check_bounds(path: &Path, fields: &[(&str, u32)]) -> Result<()> {
+    for &(field, v) in fields {
+        if let Some(&(_, max)) = BOUNDS.iter().find(|b| b.0 == field)
+            && v > max
+        {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                field: field.into(),
+                message: format!(
+                    "{v} is larger than any model this build runs (at most {max}); the file is \
+                     damaged or not a model's config.json"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn yes() -> bool {
     true
 }
@@ -68,6 +100,17 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
         }
     }
     let c: HfOptConfig = serde_json::from_str(text).map_err(|e| err("(fields)", e.to_string()))?;
+    check_bounds(
+        path,
+        &[
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("hidden_size", c.hidden_size),
+            ("num_attention_heads", c.num_attention_heads),
+            ("ffn_dim", c.ffn_dim),
+            ("vocab_size", c.vocab_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ],
+    )?;
     debug_assert_eq!(c.model_type, model_type);
     let proj = c.word_embed_proj_dim.unwrap_or(c.hidden_size);
     if proj != c.hidden_size {
@@ -212,6 +255,18 @@ fn llama_spec(text: &str, path: &Path, name: &str, model_type: &str) -> Result<M
     };
     let c: HfLlamaConfig =
         serde_json::from_str(text).map_err(|e| err("(fields)", e.to_string()))?;
+    check_bounds(
+        path,
+        &[
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("hidden_size", c.hidden_size),
+            ("num_attention_heads", c.num_attention_heads),
+            ("num_key_value_heads", c.num_key_value_heads.unwrap_or(0)),
+            ("intermediate_size", c.intermediate_size),
+            ("vocab_size", c.vocab_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ],
+    )?;
     for (field, v) in [
         ("vocab_size", c.vocab_size),
         ("hidden_size", c.hidden_size),
@@ -451,6 +506,20 @@ mod tests {
         let s = spec_from_config_json(&m, Path::new("c.json"), "t").unwrap();
         assert!(!s.qkv_bias);
         assert_eq!(s.max_positions, 16);
+    }
+
+    #[test]
+    fn sizes_beyond_any_model_are_refused_before_anything_is_allocated() {
+        let text = TINY.replace("\"num_hidden_layers\":2", "\"num_hidden_layers\":4000000000");
+        let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
+        assert!(
+            matches!(&e, Error::Config { field, message, .. }
+            if field == "num_hidden_layers" && message.contains("at most 1024")),
+            "{e}"
+        );
+        let text = LLAMA.replace("\"vocab_size\":100", "\"vocab_size\":4000000000");
+        let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
+        assert!(matches!(&e, Error::Config { field, .. } if field == "vocab_size"), "{e}");
     }
 
     #[test]

@@ -412,6 +412,21 @@ impl SafetensorsStore {
                     map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
                 shards.sort();
                 shards.dedup();
+                // A shard is a file name inside the model directory: nothing the index names
+                // elsewhere (an absolute path, `..`, a subdirectory) is opened.
+                for s in &shards {
+                    let mut parts = Path::new(s).components();
+                    let plain = matches!(
+                        (parts.next(), parts.next()),
+                        (Some(std::path::Component::Normal(_)), None)
+                    );
+                    if !plain {
+                        return Err(bad(format!(
+                            "shard \"{s}\" is not a file name in the model directory; an index \
+                             may only name files beside it"
+                        )));
+                    }
+                }
                 let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
                 for p in &paths {
                     if !p.is_file() {

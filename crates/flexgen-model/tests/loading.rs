@@ -109,6 +109,28 @@ fn an_index_that_misplaces_a_tensor_is_refused() {
 }
 
 #[test]
+fn an_index_naming_a_file_outside_the_model_directory_is_refused() {
+    let all = tiny_tensors();
+    let dir = model_dir(&all);
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    // A real safetensors file beside the model directory: the index must not reach it.
+    let outside = tempfile::tempdir().unwrap();
+    write_safetensors(&outside.path().join("x.safetensors"), &all);
+    for shard in [
+        outside.path().join("x.safetensors").display().to_string(),
+        format!("../{}/x.safetensors", outside.path().file_name().unwrap().to_str().unwrap()),
+        "sub/x.safetensors".to_string(),
+    ] {
+        let map: serde_json::Map<String, serde_json::Value> =
+            all.iter().map(|t| (t.0.clone(), shard.clone().into())).collect();
+        let index = serde_json::json!({"weight_map": map});
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let msg = Model::load(dir.path()).err().unwrap().to_string();
+        assert!(msg.contains("not a file name in the model directory"), "{shard}: {msg}");
+    }
+}
+
+#[test]
 fn hf_cache_entry_resolves_through_refs_main() {
     let cache = tempfile::tempdir().unwrap();
     let entry = cache.path().join("models--flexgen--tiny");

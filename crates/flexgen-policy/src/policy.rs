@@ -204,12 +204,12 @@ impl Compression {
                 "use 4 or 8",
             ));
         }
-        if self.group_size == 0 || !self.group_size.is_multiple_of(2) {
+        if self.group_size == 0 || !self.group_size.is_multiple_of(2) || self.group_size > 4096 {
             return Err(Error::invalid(
                 format!("{field}.group_size"),
                 self.group_size,
-                "groups must hold a positive, even number of values",
-                "use 64 (FlexGen's default) or another even number",
+                "groups must hold a positive, even number of values, at most 4096",
+                "use 64 (FlexGen's default) or another even number up to 4096",
             ));
         }
         if self.group_dim > 2 {
@@ -427,6 +427,16 @@ mod tests {
         p.compress_cache.bits = 3;
         let Error::Invalid { field, .. } = p.validate().unwrap_err() else { panic!() };
         assert_eq!(field, "compress_cache.bits");
+    }
+
+    #[test]
+    fn a_group_size_beyond_the_bound_is_refused_before_it_sizes_anything() {
+        let mut p = Policy::default();
+        p.compress_weight.group_size = 1 << 30;
+        let Error::Invalid { field, .. } = p.validate().unwrap_err() else { panic!() };
+        assert_eq!(field, "compress_weight.group_size");
+        p.compress_weight.group_size = 4096;
+        p.validate().unwrap();
     }
 
     proptest::proptest! {

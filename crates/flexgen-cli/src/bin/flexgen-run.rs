@@ -698,6 +698,13 @@ fn requests(cli: &RunArgs, model: &Model, block: usize) -> anyhow::Result<Vec<Re
         let bos = model.spec.bos_token_id.unwrap_or(0);
         let v = model.spec.vocab_size.max(8);
         let n = cli.num_prompts.unwrap_or(block);
+        // Synthetic prompts are built in memory: bound them before building them.
+        if n.saturating_mul(len) > MAX_SYNTHETIC_TOKENS {
+            bail!(
+                "--num-prompts {n} × --prompt-len {len} is more than {MAX_SYNTHETIC_TOKENS} prompt \
+                 tokens; use a batch job (flexgen-run batch) for work of that size"
+            );
+        }
         return Ok((0..n)
             .map(|i| {
                 let ids = std::iter::once(bos)
@@ -718,8 +725,14 @@ fn requests(cli: &RunArgs, model: &Model, block: usize) -> anyhow::Result<Vec<Re
         texts.push("In the beginning".into());
     }
     let n = cli.num_prompts.unwrap_or(texts.len());
+    if n > MAX_SYNTHETIC_TOKENS {
+        bail!("--num-prompts {n} is more than {MAX_SYNTHETIC_TOKENS}; use a batch job for that");
+    }
     Ok(texts.iter().cycle().take(n.max(texts.len())).map(|t| Request::text(t.clone())).collect())
 }
+
+/// The most prompt tokens `--num-prompts` may ask `flexgen-run` to build in memory.
+const MAX_SYNTHETIC_TOKENS: usize = 1 << 28;
 
 /// What the CUDA report needs of a run besides its stats.
 struct CudaRun<'a> {
