@@ -236,3 +236,39 @@ fn a_run_report_is_accepted_by_plan_calibrate() {
     assert!(res.status.success(), "{text}{}", String::from_utf8_lossy(&res.stderr));
     assert!(text.contains("| run.json |"), "{text}");
 }
+
+/// Offload files have no name while they are held (removed as soon as they are opened), so a
+/// process killed with SIGKILL mid-run leaves nothing in the offload directory.
+#[test]
+fn a_killed_run_leaves_no_offload_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let offload = dir.path().join("offload");
+    std::fs::create_dir(&offload).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--percent", "0", "0", "0", "0", "100", "0", "--max-new-tokens", "200", "-q"])
+        .args(["--num-prompts", "8", "--ignore-eos", "--offload-dir"])
+        .arg(&offload)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the process holds a file of the offload directory open.
+    let fds = format!("/proc/{}/fd", child.id());
+    let started = Instant::now();
+    let mut held = false;
+    while !held && started.elapsed() < Duration::from_mins(1) {
+        held = std::fs::read_dir(&fds).into_iter().flatten().flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(&offload))
+        });
+        if !held {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before holding a file");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(held, "the run never opened an offload file");
+    let names: Vec<_> = std::fs::read_dir(&offload).unwrap().collect();
+    assert!(names.is_empty(), "offload files have no name while held: {names:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(std::fs::read_dir(&offload).unwrap().count(), 0);
+}

@@ -205,14 +205,15 @@ pub fn cpu_attention_flops(mode: Mode) -> Result<f64> {
     Ok(a.flops() / secs)
 }
 
-/// The name of the probe's temporary file in `dir` (so that a Ctrl-C handler can remove it).
-pub fn disk_probe_path(dir: &Path) -> PathBuf {
+/// The name of the probe's temporary file in `dir` (removed as soon as it is opened).
+fn disk_probe_path(dir: &Path) -> PathBuf {
     dir.join(format!(".flexgen-disk-probe-{}", std::process::id()))
 }
 
 /// Sequential write and read bandwidth (bytes/s) in `dir`, and whether direct I/O was used.
 /// Falls back to buffered I/O with `fsync` and page-cache eviction where the file system refuses
-/// `O_DIRECT` (tmpfs). The probe file is removed when this returns, also on error.
+/// `O_DIRECT` (tmpfs). The probe file's name is removed as soon as it is opened, so no way out
+/// of the process leaves it behind.
 pub fn disk_bandwidth(dir: &Path, mode: Mode) -> Result<(f64, f64, bool)> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
     let path = disk_probe_path(dir);
@@ -230,13 +231,10 @@ pub fn disk_bandwidth(dir: &Path, mode: Mode) -> Result<(f64, f64, bool)> {
         file.write_buf_at(written as u64, &buf).map_err(io)?;
         written += chunk;
     }
-    std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io)?;
+    file.sync().map_err(io)?;
     let write_s = t.elapsed().as_secs_f64();
     if !file.is_direct() {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(&path).map_err(io)?;
-        // SAFETY: a valid open descriptor; advice only.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        file.drop_cache();
     }
     let t = Instant::now();
     let mut read = 0;

@@ -57,8 +57,10 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// A scratch file for the disk tier, opened for direct I/O where the file system allows it and
-/// removed when dropped.
+/// A scratch file for the disk tier, opened for direct I/O where the file system allows it. Its
+/// name is removed as soon as it is opened: the blocks live as long as the descriptor, so no way
+/// out of the process (a return, Ctrl-C, SIGTERM, an abort, SIGKILL) leaves it behind in the
+/// offload directory. (`df` shows the space while it is held; `ls` does not show the file.)
 pub struct DirectFile {
     path: PathBuf,
     file: File,
@@ -80,7 +82,21 @@ impl DirectFile {
             Ok(f) => (f, true),
             Err(_) => (open(false)?, false),
         };
+        std::fs::remove_file(path)?;
         Ok(Self { path: path.to_path_buf(), file, direct })
+    }
+
+    /// Flushes what was written to the device.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+
+    /// Asks the kernel to drop the file's pages from the page cache (for reads that must come
+    /// from the device where direct I/O is not available).
+    pub fn drop_cache(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; advice only.
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 
     /// Whether reads and writes bypass the page cache.
@@ -88,7 +104,7 @@ impl DirectFile {
         self.direct
     }
 
-    /// The file's path.
+    /// The path it was created at (its name is gone: see the type's note).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -134,12 +150,6 @@ impl DirectFile {
         out.clear();
         out.extend_from_slice(&buf.as_slice()[..len]);
         Ok(())
-    }
-}
-
-impl Drop for DirectFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 

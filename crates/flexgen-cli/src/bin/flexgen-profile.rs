@@ -57,13 +57,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let probe = flexgen_profiler::disk_probe_path(&cli.offload_dir);
-    ctrlc::set_handler(move || {
-        let _ = std::fs::remove_file(&probe);
-        eprintln!("\ninterrupted; probe file removed");
-        std::process::exit(130);
-    })
-    .context("installing the Ctrl-C handler")?;
     let name = cli.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map_or_else(|_| "this-machine".into(), |h| h.trim().to_string())
