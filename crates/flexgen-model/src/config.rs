@@ -67,6 +67,26 @@ fn check_bounds(path: &Path, fields: &[(&str, u32)]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses special token ids outside the vocabulary, naming the field.
+fn check_special_ids(path: &Path, spec: &ModelSpec) -> Result<()> {
+    for (field, id) in [
+        ("bos_token_id", spec.bos_token_id),
+        ("eos_token_id", spec.eos_token_id),
+        ("pad_token_id", spec.pad_token_id),
+    ] {
+        if let Some(id) = id
+            && id >= spec.vocab_size
+        {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                field: field.into(),
+                message: format!("{id} is outside the vocabulary (vocab_size {})", spec.vocab_size),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn yes() -> bool {
     true
 }
@@ -157,20 +177,6 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
             return Err(err(field, "must be positive".into()));
         }
     }
-    for (field, id) in [
-        ("bos_token_id", c.bos_token_id),
-        ("eos_token_id", c.eos_token_id),
-        ("pad_token_id", c.pad_token_id),
-    ] {
-        if let Some(id) = id
-            && id >= c.vocab_size
-        {
-            return Err(err(
-                field,
-                format!("{id} is outside the vocabulary (vocab_size {})", c.vocab_size),
-            ));
-        }
-    }
     let mut spec = crate::catalog::opt_spec(
         name,
         c.num_hidden_layers,
@@ -184,6 +190,7 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
     spec.bos_token_id = c.bos_token_id;
     spec.eos_token_id = c.eos_token_id;
     spec.pad_token_id = c.pad_token_id;
+    check_special_ids(path, &spec)?;
     Ok(spec)
 }
 
@@ -393,20 +400,7 @@ fn llama_spec(text: &str, path: &Path, name: &str, model_type: &str) -> Result<M
         eos_token_id: c.eos_token_id.as_ref().and_then(TokenIds::first),
         pad_token_id: c.pad_token_id.as_ref().and_then(TokenIds::first),
     };
-    for (field, id) in [
-        ("bos_token_id", spec.bos_token_id),
-        ("eos_token_id", spec.eos_token_id),
-        ("pad_token_id", spec.pad_token_id),
-    ] {
-        if let Some(id) = id
-            && id >= c.vocab_size
-        {
-            return Err(err(
-                field,
-                format!("{id} is outside the vocabulary (vocab_size {})", c.vocab_size),
-            ));
-        }
-    }
+    check_special_ids(path, &spec)?;
     Ok(spec)
 }
 

@@ -6,7 +6,7 @@
 //! them, buffers, streams and copies. It calls [`attention_in`] for what comes before attention
 //! (norm, the q/k/v projection, and how the q/k/v split finishes it), [`attention_out_and_mlp`]
 //! for what comes after (output projection and residual, norm, MLP and residual), and
-//! [`embed`] and [`final_norm`] around the layers. A new family adds its arms here and its
+//! [`embed`] and [`norm`] (the final norm) around the layers. A new family adds its arms here and its
 //! kernels in flexgen-tensor; the runtime does not change.
 
 use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind};
@@ -161,20 +161,4 @@ pub unsafe fn attention_out_and_mlp(
         }
         MlpKind::SwiGlu => Err(unsupported(spec, "the SwiGLU MLP")),
     }
-}
-
-/// The final norm of `rows` rows of `x` into `y` (weight `w`, bias `b`).
-///
-/// # Safety
-/// As [`norm`].
-pub unsafe fn final_norm(
-    g: &Gpu,
-    spec: &ModelSpec,
-    (w, b): (u64, u64),
-    x: u64,
-    y: u64,
-    rows: usize,
-) -> Result<()> {
-    // SAFETY: the caller's contract.
-    unsafe { norm(g, spec, (w, b), x, y, rows, spec.hidden_size as usize) }
 }

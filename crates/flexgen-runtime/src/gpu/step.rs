@@ -94,7 +94,7 @@ impl CudaStage<'_> {
         };
         let (nw, nb) = (addr(&self.final_norm.0.data), addr(&self.final_norm.1.data));
         // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { fused::final_norm(g, &self.model.spec, (nw, nb), xs, addr(&buf.hn), b) }?;
+        unsafe { fused::norm(g, &self.model.spec, (nw, nb), xs, addr(&buf.hn), b, h) }?;
         let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
         // SAFETY: this executor's weights and buffers, sized for these shapes.
         unsafe {
