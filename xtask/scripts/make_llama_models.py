@@ -5,7 +5,9 @@
   rotary positions with `rope_type` "llama3" scaling (an original context of 32, so that the
   scaling moves most frequencies), RMSNorm, SwiGLU, an untied LM head;
 - `tiny-random-mistral`: Mistral — one key/value head for four query heads, untied head;
-- `tiny-random-qwen2`: Qwen2 — q/k/v biases, tied embeddings.
+- `tiny-random-qwen2`: Qwen2 — q/k/v biases, tied embeddings;
+- `tiny-random-llama-bf16`: the Llama above stored in bfloat16, as published checkpoints are
+  (its golden files are transformers' fp32 computation from those bf16 weights).
 
 Each is 2 layers, 64 wide, seeded random fp32 weights in the Hugging Face layout (config.json,
 model.safetensors) with the tiny OPT's tokenizer.json, and golden files of what transformers
@@ -115,6 +117,14 @@ def main():
             g.write(f.read())
         golden(out_dir, tok)
         print(name, "written to", out_dir)
+        if name == "tiny-random-llama":
+            bf16_dir = out_dir + "-bf16"
+            os.makedirs(bf16_dir, exist_ok=True)
+            model.to(torch.bfloat16).save_pretrained(bf16_dir)
+            with open(tok_path) as f, open(os.path.join(bf16_dir, "tokenizer.json"), "w") as g:
+                g.write(f.read())
+            golden(bf16_dir, tok)
+            print(name + "-bf16", "written to", bf16_dir)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ use flexgen_runtime::{Completion, GenerationConfig, Generator, Request};
 
 const TOL: f32 = 1e-4;
 
-/// The tiny random models with full golden logits, one per family variant.
-const TINY: [&str; 4] = [
+/// The tiny random models with full golden logits, one per family variant (and the Llama stored
+/// in bfloat16, as published checkpoints are).
+const TINY: [&str; 5] = [
     "test_data/tiny-random-opt",
     "test_data/tiny-random-llama",
+    "test_data/tiny-random-llama-bf16",
     "test_data/tiny-random-mistral",
     "test_data/tiny-random-qwen2",
 ];
