@@ -169,44 +169,9 @@ impl BatchJob {
             if line.trim().is_empty() && text.is_ok() {
                 continue;
             }
-            let parsed: Result<InputLine, String> =
-                text.and_then(|()| serde_json::from_str(&line).map_err(|e| e.to_string()));
-            let checked = parsed.and_then(|l| {
-                let id = l.id.clone().unwrap_or_else(|| serde_json::Value::from(n));
-                if !(id.is_string() || id.is_u64() || id.is_i64()) {
-                    return Err("`id` must be a string or an integer".to_string());
-                }
-                if !seen.insert(id_key(&id)) {
-                    return Err(format!("duplicate id {id}"));
-                }
-                if l.prompt.is_empty() {
-                    return Err("`prompt` is empty".into());
-                }
-                if l.max_new_tokens == Some(0) {
-                    return Err("`max_new_tokens` is 0".into());
-                }
-                let temperature = l.temperature.or(self.temperature).filter(|t| *t > 0.0);
-                let sampling = match temperature {
-                    Some(t) if t.is_finite() => Sampling::Random {
-                        temperature: t,
-                        top_k: self.top_k,
-                        top_p: self.top_p,
-                        seed: seed_for(self.seed, &id_key(&id)),
-                    },
-                    Some(_) => return Err("`temperature` must be finite".into()),
-                    None => Sampling::Greedy,
-                };
-                let stop = match l.stop {
-                    Some(StopField::One(s)) => Some(vec![s]),
-                    Some(StopField::Many(v)) => Some(v),
-                    None => None,
-                };
-                let mut request = Request::text(l.prompt);
-                request.max_new_tokens = Some(l.max_new_tokens.unwrap_or(self.max_new_tokens));
-                request.stop = stop;
-                request.sampling = Some(sampling);
-                Ok(Pending { id, request, order: n, line: line.clone() })
-            });
+            let checked = text
+                .and_then(|()| self.check_line(n, &line, &mut seen))
+                .map(|(id, request)| Pending { id, request, order: n, line: line.clone() });
             match checked {
                 Ok(p) => pending.push(p),
                 Err(e) if self.on_error == OnError::Stop => bail!(
@@ -217,6 +182,56 @@ impl BatchJob {
             }
         }
         Ok((pending, bad))
+    }
+
+    /// Checks input line `n` (`line`, one JSON object) into its id and request; `seen` holds
+    /// the ids of earlier lines. The message names what is wrong.
+    fn check_line(
+        &self,
+        n: usize,
+        line: &str,
+        seen: &mut HashSet<String>,
+    ) -> Result<(serde_json::Value, Request), String> {
+        let l: InputLine = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        let id = l.id.clone().unwrap_or_else(|| serde_json::Value::from(n));
+        if !(id.is_string() || id.is_u64() || id.is_i64()) {
+            return Err("`id` must be a string or an integer".to_string());
+        }
+        if !seen.insert(id_key(&id)) {
+            return Err(format!("duplicate id {id}"));
+        }
+        if l.prompt.is_empty() {
+            return Err("`prompt` is empty".into());
+        }
+        if l.max_new_tokens == Some(0) {
+            return Err("`max_new_tokens` is 0".into());
+        }
+        let temperature = l.temperature.or(self.temperature).filter(|t| *t > 0.0);
+        let sampling = match temperature {
+            Some(t) if t.is_finite() => Sampling::Random {
+                temperature: t,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: seed_for(self.seed, &id_key(&id)),
+            },
+            Some(_) => return Err("`temperature` must be finite".into()),
+            None => Sampling::Greedy,
+        };
+        let stop = match l.stop {
+            Some(StopField::One(s)) => Some(vec![s]),
+            Some(StopField::Many(v)) => Some(v),
+            None => None,
+        };
+        let mut request = Request::text(l.prompt);
+        request.max_new_tokens = Some(l.max_new_tokens.unwrap_or(self.max_new_tokens));
+        request.stop = stop;
+        request.sampling = Some(sampling);
+        Ok((id, request))
+    }
+
+    /// Checks one input line as the job does (for fuzzing the format): `Err` names the fault.
+    pub fn check_input_line(&self, line: &str) -> Result<(), String> {
+        self.check_line(1, line, &mut HashSet::new()).map(|_| ())
     }
 
     fn errors_path(&self) -> PathBuf {

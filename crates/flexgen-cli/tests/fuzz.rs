@@ -1,0 +1,237 @@
+//! Mutation fuzzing of every input format a user hands us (issue 22), on stable Rust, in CI:
+//! policy TOML, hardware TOML, config.json, safetensors files and their index, batch JSONL lines.
+//! Each format gets `FUZZ_INPUTS` inputs (default 10,000) made from the committed examples by
+//! byte flips, cuts, insertions, splices and (structure-aware) numbers replaced by extremes. A
+//! finding is a panic: every input must parse or be refused with an error. A longer run:
+//! `FUZZ_INPUTS=1000000 FUZZ_SEED=7 cargo test --release -p flexgen-cli --test fuzz`.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn inputs() -> usize {
+    std::env::var("FUZZ_INPUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
+}
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn new(salt: u64) -> Self {
+        let seed: u64 = std::env::var("FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        Self((seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % (n.max(1) as u64)).expect("fits")
+    }
+}
+
+/// Values that break arithmetic and allocations when a parser trusts them.
+const EXTREMES: [&str; 10] = [
+    "0",
+    "-1",
+    "4294967295",
+    "18446744073709551615",
+    "1e308",
+    "-1e308",
+    "NaN",
+    "inf",
+    "0.5",
+    "65536",
+];
+
+/// One mutation of `seed`, one to four edits deep.
+fn mutate(seed: &[u8], rng: &mut Rng, others: &[Vec<u8>]) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..=rng.below(4) {
+        let len = v.len().max(1);
+        match rng.below(6) {
+            0 if !v.is_empty() => {
+                let i = rng.below(v.len());
+                v[i] ^= 1 << rng.below(8);
+            }
+            1 if !v.is_empty() => {
+                let i = rng.below(v.len());
+                let n = rng.below(16).min(v.len() - i);
+                v.drain(i..i + n);
+            }
+            2 => {
+                let i = rng.below(len).min(v.len());
+                let bytes: Vec<u8> =
+                    (0..=rng.below(8)).map(|_| rng.next().to_le_bytes()[0]).collect();
+                v.splice(i..i, bytes);
+            }
+            3 if !others.is_empty() => {
+                // Splice a piece of another example in.
+                let o = &others[rng.below(others.len())];
+                let a = rng.below(o.len());
+                let b = (a + rng.below(64)).min(o.len());
+                let i = rng.below(len).min(v.len());
+                v.splice(i..i, o[a..b].iter().copied());
+            }
+            _ => {
+                // Replace a run of digits with an extreme value.
+                let digits: Vec<usize> = (0..v.len()).filter(|&i| v[i].is_ascii_digit()).collect();
+                if let Some(&i) = digits.get(rng.below(digits.len())) {
+                    let mut j = i;
+                    while j < v.len() && (v[j].is_ascii_digit() || v[j] == b'.') {
+                        j += 1;
+                    }
+                    let x = EXTREMES[rng.below(EXTREMES.len())];
+                    v.splice(i..j, x.bytes());
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Runs `check` on `inputs()` mutations of `seeds`; panics name the input that panicked.
+fn fuzz(name: &str, salt: u64, seeds: &[Vec<u8>], mut check: impl FnMut(&[u8])) {
+    assert!(!seeds.is_empty(), "{name}: no seed inputs");
+    let mut rng = Rng::new(salt);
+    let (mut ok, n) = (0usize, inputs());
+    for i in 0..n {
+        let input = mutate(&seeds[i % seeds.len()], &mut rng, seeds);
+        let r = catch_unwind(AssertUnwindSafe(|| check(&input)));
+        assert!(
+            r.is_ok(),
+            "{name}: input {i} panicked (FUZZ_SEED as set, salt {salt}): {:?}",
+            String::from_utf8_lossy(&input)
+        );
+        ok += 1;
+    }
+    eprintln!("{name}: {ok} inputs, no panic");
+}
+
+fn read_all(paths: &[PathBuf]) -> Vec<Vec<u8>> {
+    paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+fn files_in(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn policy_toml() {
+    let seeds = read_all(&files_in(&root().join("policies"), "toml"));
+    fuzz("policy TOML", 1, &seeds, |b| {
+        if let Ok(p) = flexgen_policy::Policy::from_toml_str(&String::from_utf8_lossy(b)) {
+            let _ = p.validate();
+        }
+    });
+}
+
+#[test]
+fn hardware_toml() {
+    let seeds = read_all(&files_in(&root().join("policies/hardware"), "toml"));
+    fuzz("hardware TOML", 2, &seeds, |b| {
+        let _ = flexgen_policy::HardwareProfile::from_toml_str(&String::from_utf8_lossy(b));
+    });
+}
+
+#[test]
+fn config_json() {
+    let data = root().join("crates/flexgen-model/test_data");
+    let mut paths: Vec<PathBuf> = ["tiny-random-opt", "tiny-random-llama", "tiny-random-mistral"]
+        .iter()
+        .map(|m| data.join(m).join("config.json"))
+        .collect();
+    paths.push(data.join("tiny-random-qwen2/config.json"));
+    let seeds = read_all(&paths);
+    fuzz("config.json", 3, &seeds, |b| {
+        if let Ok(spec) = flexgen_model::spec_from_config_json(
+            &String::from_utf8_lossy(b),
+            Path::new("config.json"),
+            "fuzz",
+        ) {
+            // A spec that parses must describe what the runtime can plan.
+            let _ = flexgen_model::layer_shapes(&spec);
+        }
+    });
+}
+
+/// A small safetensors file: two f32 tensors and an f16 one.
+fn tiny_safetensors() -> Vec<u8> {
+    let header = r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"b":{"dtype":"F16","shape":[4],"data_offsets":[24,32]},"__metadata__":{"format":"pt"}}"#;
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend((0..32u8).map(|i| i.wrapping_mul(37)));
+    v
+}
+
+#[test]
+fn safetensors_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let seeds = vec![tiny_safetensors()];
+    fuzz("safetensors", 4, &seeds, |b| {
+        std::fs::write(&path, b).unwrap();
+        if let Ok(store) = flexgen_model::SafetensorsStore::open(std::slice::from_ref(&path)) {
+            let _ = store.names().count();
+        }
+    });
+}
+
+#[test]
+fn safetensors_index() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("model-1.safetensors"), tiny_safetensors()).unwrap();
+    let index = dir.path().join("model.safetensors.index.json");
+    let seeds = vec![
+        br#"{"metadata":{"total_size":32},"weight_map":{"a":"model-1.safetensors","b":"model-1.safetensors"}}"#.to_vec(),
+    ];
+    fuzz("safetensors index", 5, &seeds, |b| {
+        std::fs::write(&index, b).unwrap();
+        let _ = flexgen_model::SafetensorsStore::open_files(&flexgen_model::WeightFiles::Sharded(
+            index.clone(),
+        ));
+    });
+}
+
+#[test]
+fn batch_jsonl_lines() {
+    let job = flexgen_cli::batch::BatchJob {
+        input: PathBuf::new(),
+        output: PathBuf::new(),
+        errors: None,
+        on_error: flexgen_cli::batch::OnError::Skip,
+        max_new_tokens: 32,
+        temperature: None,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        stop_on_eos: true,
+        refill: true,
+        progress: false,
+    };
+    let seeds: Vec<Vec<u8>> = [
+        r#"{"id": "q1", "prompt": "In the beginning", "max_new_tokens": 32, "temperature": 0.7, "stop": ["\n"]}"#,
+        r#"{"prompt": "And God said", "stop": " the"}"#,
+        r#"{"id": 7, "prompt": "Jesus wept", "max_new_tokens": 2}"#,
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    fuzz("batch JSONL", 6, &seeds, |b| {
+        let _ = job.check_input_line(&String::from_utf8_lossy(b));
+    });
+}
