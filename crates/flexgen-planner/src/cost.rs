@@ -302,10 +302,7 @@ pub fn largest_sublayer_params(spec: &ModelSpec) -> f64 {
     let kv = f64::from(spec.num_kv_heads * spec.head_dim());
     let f = f64::from(spec.ffn_size);
     let bias = if spec.bias { 1.0 } else { 0.0 };
-    let norm = match spec.norm {
-        flexgen_policy::NormKind::LayerNorm { .. } => 2.0 * h,
-        flexgen_policy::NormKind::RmsNorm { .. } => h,
-    };
+    let norm = spec.norm_params() as f64;
     let attn = 2.0 * h * h + 2.0 * h * kv + bias * (2.0 * h + 2.0 * kv) + norm;
     let mlp = match spec.mlp {
         MlpKind::Relu => 2.0 * h * f + bias * (f + h),

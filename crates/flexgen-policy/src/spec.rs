@@ -143,11 +143,17 @@ impl ModelSpec {
         } else {
             0
         };
-        let norms = match self.norm {
-            NormKind::LayerNorm { .. } => 4 * h,
-            NormKind::RmsNorm { .. } => 2 * h,
-        };
+        let norms = 2 * self.norm_params();
         attn + mlp + biases + norms
+    }
+
+    /// Elements of one norm: its weight, and a bias for `LayerNorm`.
+    pub fn norm_params(&self) -> u64 {
+        let h = u64::from(self.hidden_size);
+        match self.norm {
+            NormKind::LayerNorm { .. } => 2 * h,
+            NormKind::RmsNorm { .. } => h,
+        }
     }
 
     /// Elements of one decoder layer's weight matrices (what its GEMMs multiply by): q, o, k, v
@@ -174,11 +180,7 @@ impl ModelSpec {
             PositionKind::Rope { .. } => 0,
         };
         let head = if self.tie_embeddings { 0 } else { v * h };
-        let norm = match self.norm {
-            NormKind::LayerNorm { .. } => 2 * h,
-            NormKind::RmsNorm { .. } => h,
-        };
-        v * h + pos + head + norm
+        v * h + pos + head + self.norm_params()
     }
 
     /// Elements of all weights.

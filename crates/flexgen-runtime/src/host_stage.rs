@@ -103,9 +103,9 @@ impl Stage for HostStage<'_> {
             let mut hidden: Vec<Tensor> = Vec::with_capacity(n_batches);
             let mut steps: Vec<layers::StepInputs<Cpu>> = Vec::with_capacity(n_batches);
             for (ids, starts) in input.iter().zip(&block.starts) {
-                let (x, bias) = self.embed_step(ids, starts, past, t)?;
+                let (x, inputs) = self.embed_step(ids, starts, past, t)?;
                 hidden.push(x);
-                steps.push(bias);
+                steps.push(inputs);
             }
             // The zig-zag block schedule: a layer runs over every micro-batch before the next,
             // while the next layer's weights are loaded from their tiers on another thread.

@@ -138,15 +138,6 @@ fn table_elems(spec: &ModelSpec, layers: &Range<u32>) -> (u64, u64) {
     (first, last)
 }
 
-/// Elements of one norm of `spec`: its weight, and a bias for `LayerNorm`.
-fn norm_elems(spec: &ModelSpec) -> u64 {
-    let h = u64::from(spec.hidden_size);
-    match spec.norm {
-        flexgen_policy::NormKind::LayerNorm { .. } => 2 * h,
-        flexgen_policy::NormKind::RmsNorm { .. } => h,
-    }
-}
-
 /// The host stage: every tensor split by elements (matrices as packed bytes when compressed),
 /// the streamed part double-buffered on the "GPU" tier, the tables there, the cache rows by their
 /// shares, activations whole, and the scratch of one micro-batch in flight.
@@ -319,7 +310,7 @@ fn cuda(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> R
         weights: n_layers * g_end as u64 * 2,
         staging,
         // The CUDA stage keeps the final norm (weight, and bias for LayerNorm) with the tables.
-        tables: 2 * (first + last + if first + last > 0 { norm_elems(spec) } else { 0 }),
+        tables: 2 * (first + last + if first + last > 0 { spec.norm_params() } else { 0 }),
         cache: if compressed {
             n_layers * k * 2 * packed_cache_bytes(policy, gpu_rows, cap, hd)
         } else {

@@ -108,22 +108,24 @@ fn lane_sum(v: &[f32]) -> f32 {
 /// near-equal tokens but move the cumulative distribution only as much as the probabilities move,
 /// so the same random number picks the same token on both devices except at a boundary.
 pub fn choose(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
-    if !matches!(sampling, Sampling::Random { .. }) {
+    let Sampling::Random { temperature, top_k, top_p, .. } = *sampling else {
         return argmax(logits);
-    }
+    };
     thread_local! {
         /// The weights of the last draw on this thread, reused: a vocabulary's worth of fresh
         /// memory per draw costs page faults each step.
         static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    WEIGHTS.with_borrow_mut(|w| draw(logits, sampling, rng, w))
+    WEIGHTS.with_borrow_mut(|w| draw(logits, (temperature, top_k, top_p), rng, w))
 }
 
-/// [`choose`]'s draw, with `w` as the weights' memory.
-fn draw(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng, w: &mut Vec<f32>) -> u32 {
-    let Sampling::Random { temperature, top_k, top_p, .. } = *sampling else {
-        return argmax(logits);
-    };
+/// [`choose`]'s draw at (temperature, top-k, top-p), with `w` as the weights' memory.
+fn draw(
+    logits: &[f32],
+    (temperature, top_k, top_p): (f32, Option<usize>, Option<f32>),
+    rng: &mut impl Rng,
+    w: &mut Vec<f32>,
+) -> u32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let inv_t = 1.0 / temperature;
     w.clear();

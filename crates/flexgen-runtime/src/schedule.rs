@@ -29,8 +29,6 @@ struct Seq {
     /// The tokens fed back so far (the generated ones, or the forced ones in their place): with
     /// the prompt, the context a later block prefills when the sequence moves there.
     fed: Vec<u32>,
-    /// Whether its text is decoded at every step (stop strings, or streamed text).
-    decode_each_step: bool,
     finish: Option<FinishReason>,
     stream: TextStream,
     rng: rand_chacha::ChaCha8Rng,
@@ -167,7 +165,7 @@ fn prepare(model: &Model, requests: &[Request], config: &GenerationConfig) -> Re
                 spec.max_positions
             )));
         }
-        let stop: Vec<String> = r.stop.clone().unwrap_or_else(|| config.stop.clone());
+        let stop = r.stop.clone().unwrap_or_else(|| config.stop.clone());
         if !stop.is_empty() && model.tokenizer.is_none() {
             return Err(bad("stop strings need a tokenizer; this model has none".into()));
         }
@@ -181,7 +179,6 @@ fn prepare(model: &Model, requests: &[Request], config: &GenerationConfig) -> Re
             prompt,
             generated: Vec::new(),
             fed: Vec::new(),
-            decode_each_step: config.stream_text || stop.iter().any(|s| !s.is_empty()),
             finish: None,
             rng: request_rng(sampling, r.sampling.is_some(), index),
             logits: config.output_logits.then(Vec::new),
@@ -249,7 +246,7 @@ fn run_block(
                 };
                 // Without a per-step decode, the text is decoded once, when the sequence ends.
                 let last = s.generated.len() + 1 >= s.max_new || ends_at_eos(model, config, token);
-                let decode = s.decode_each_step || last;
+                let decode = config.stream_text || s.stream.has_stops() || last;
                 let text = model.tokenizer.as_ref().filter(|_| decode).map(|tok| {
                     let mut ids = s.generated.clone();
                     if !ends_at_eos(model, config, token) {

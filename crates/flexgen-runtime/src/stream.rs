@@ -17,6 +17,11 @@ impl TextStream {
         }
     }
 
+    /// Whether the text is watched for stop strings.
+    pub(crate) fn has_stops(&self) -> bool {
+        !self.stops.is_empty()
+    }
+
     /// Takes the decoded text of all tokens so far; returns the new printable text and whether a
     /// stop string was reached. With `last`, everything left is released.
     pub(crate) fn update(&mut self, full: &str, last: bool) -> (String, bool) {
