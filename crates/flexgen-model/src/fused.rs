@@ -19,7 +19,9 @@ use crate::{Error, Result};
 /// The device buffers of one visit (one layer, one micro-batch of `rows` = sequences × new
 /// positions), as addresses: `x` the hidden state `[rows, h]` (updated in place), `hn` the
 /// normed input `[rows, h]`, `qkv` the projection `[rows, h + 2·kv]`, `att` the attention output
-/// with heads merged `[rows, h]`, `ffn` the MLP's inner activations `[rows, ffn]`.
+/// with heads merged `[rows, h]`, `ffn` the MLP's inner activations (`[rows, ffn]`, or
+/// `[rows, 2·ffn]` for SwiGLU's gate and up); `pos` the rows' positions (u32) and `inv_freq`
+/// the rotary inverse frequencies (`[hd/2]` f32; 0 where the family has learned positions).
 #[derive(Debug, Clone, Copy)]
 pub struct Visit {
     pub rows: usize,
@@ -28,19 +30,21 @@ pub struct Visit {
     pub qkv: u64,
     pub att: u64,
     pub ffn: u64,
+    pub pos: u64,
+    pub inv_freq: u64,
 }
 
 /// How the q/k/v split finishes the projection as it moves q to its buffer and k, v to the
-/// cache: the bias to add (learned positions need no rotation).
+/// cache: the bias to add, if any, and the rotation of q and k (positions, inverse
+/// frequencies), if the family rotates.
 #[derive(Debug, Clone, Copy)]
 pub struct QkvEpilogue {
-    pub bias: u64,
+    pub bias: Option<u64>,
+    pub rope: Option<(u64, u64)>,
 }
 
 fn unsupported(spec: &ModelSpec, what: &str) -> Error {
-    Error::Unsupported {
-        what: format!("{}: {what} on the GPU is not implemented yet (issue 17)", spec.name),
-    }
+    Error::Unsupported { what: format!("{}: {what} is not implemented on the GPU", spec.name) }
 }
 
 /// The norm of `spec` over `rows` rows of `h` values: `x` → `y`, with the weight at `w` and, for
@@ -66,7 +70,13 @@ pub unsafe fn norm(
             unsafe { g.layer_norm_raw(x, w, b, y, rows, h, eps) }?;
             Ok(())
         }
-        NormKind::RmsNorm { .. } => Err(unsupported(spec, "RMSNorm")),
+        NormKind::RmsNorm { eps } => {
+            #[expect(clippy::cast_possible_truncation, reason = "an epsilon")]
+            let eps = eps as f32;
+            // SAFETY: the caller's contract.
+            unsafe { g.rms_norm_raw(x, w, y, rows, h, eps) }?;
+            Ok(())
+        }
     }
 }
 
@@ -113,11 +123,16 @@ pub unsafe fn attention_in(
     v: &Visit,
 ) -> Result<QkvEpilogue> {
     let h = l.hidden;
-    let wide = l.qkv_b.len();
-    let epilogue = match spec.positions {
-        PositionKind::Learned { .. } => QkvEpilogue { bias: at(w, l.qkv_b.start) },
-        PositionKind::Rope { .. } => return Err(unsupported(spec, "rotary positions")),
+    let wide = h + 2 * l.kv;
+    let bias = (!l.qkv_b.is_empty()).then(|| at(w, l.qkv_b.start));
+    let rope = match spec.positions {
+        PositionKind::Learned { .. } => None,
+        PositionKind::Rope { .. } if v.inv_freq == 0 => {
+            return Err(unsupported(spec, "rotary positions without their frequency table"));
+        }
+        PositionKind::Rope { .. } => Some((v.pos, v.inv_freq)),
     };
+    let epilogue = QkvEpilogue { bias, rope };
     let norm_w = (at(w, l.attn_norm_w.start), at(w, l.attn_norm_b.start));
     // SAFETY: the caller's contract.
     unsafe { norm(g, spec, norm_w, v.x, v.hn, v.rows, h) }?;
@@ -142,10 +157,19 @@ pub unsafe fn attention_out_and_mlp(
     let f = spec.ffn_size as usize;
     let rows = v.rows;
     let wq = |r: &std::ops::Range<usize>| at(w, r.start);
+    // A bias the family does not have is an empty range.
+    let bias = |y: u64, r: &std::ops::Range<usize>, cols: usize, relu: bool| {
+        if r.is_empty() && !relu {
+            return Ok(());
+        }
+        let b = if r.is_empty() { 0 } else { wq(r) };
+        // SAFETY: the caller's contract.
+        unsafe { g.bias_act_raw(y, b, rows, cols, relu) }
+    };
     // SAFETY (every call below): the caller's contract.
     unsafe {
         g.gemm(&Gemm::linear(rows, h, h, v.att, wq(&l.o_w), v.x, true))?;
-        g.bias_act_raw(v.x, wq(&l.o_b), rows, h, false)?;
+        bias(v.x, &l.o_b, h, false)?;
         norm(g, spec, (wq(&l.mlp_norm_w), wq(&l.mlp_norm_b)), v.x, v.hn, rows, h)?;
     }
     match spec.mlp {
@@ -153,12 +177,29 @@ pub unsafe fn attention_out_and_mlp(
             // SAFETY (every call below): the caller's contract.
             unsafe {
                 g.gemm(&Gemm::linear(rows, f, h, v.hn, wq(&l.fc1_w), v.ffn, false))?;
-                g.bias_act_raw(v.ffn, wq(&l.fc1_b), rows, f, true)?;
+                bias(v.ffn, &l.fc1_b, f, true)?;
                 g.gemm(&Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true))?;
-                g.bias_act_raw(v.x, wq(&l.fc2_b), rows, h, false)?;
             }
+            bias(v.x, &l.fc2_b, h, false)?;
             Ok(())
         }
-        MlpKind::SwiGlu => Err(unsupported(spec, "the SwiGLU MLP")),
+        MlpKind::SwiGlu => {
+            if !l.fc1_b.is_empty() {
+                return Err(unsupported(spec, "a SwiGLU MLP with biases"));
+            }
+            // One GEMM for gate and up ([rows, 2·ffn]); silu(gate)·up in place of gate; down
+            // reads those first ffn columns of each row.
+            // SAFETY (every call below): the caller's contract (ffn holds rows × 2·ffn).
+            unsafe {
+                g.gemm(&Gemm::linear(rows, 2 * f, h, v.hn, wq(&l.fc1_w), v.ffn, false))?;
+                g.silu_mul_raw(v.ffn, at(v.ffn, f), v.ffn, rows, f, 2 * f, 2 * f)?;
+                g.gemm(&Gemm {
+                    lda: 2 * f,
+                    ..Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true)
+                })?;
+            }
+            bias(v.x, &l.fc2_b, h, false)?;
+            Ok(())
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! One decoder layer's weights as a single contiguous fp16 buffer (an "arena"): the unit the
 //! offloading runtime places, copies and pins. The large matrices come first, in the order the
-//! layer uses them (q, k and v adjacent, so they form one `[h + 2·kv, h]` matrix and one GEMM),
-//! then the vectors. A placement share of `p` % of a layer's bytes is the prefix of `p` % of
+//! layer uses them (q, k and v adjacent, so they form one `[h + 2·kv, h]` matrix and one GEMM;
+//! for a SwiGLU MLP gate and up adjacent, one `[2·ffn, h]` matrix), then the vectors. Tensors a
+//! family does not have (biases of Llama, the norms' biases of RMSNorm) are empty ranges. A placement share of `p` % of a layer's bytes is the prefix of `p` % of
 //! this buffer: exact shares, splitting a tensor where the boundary falls.
 //!
 //! Dummy values are a hash of (seed, layer, index), so any part of any layer can be filled
@@ -22,13 +23,15 @@ pub struct LayerLayout {
     pub qkv_w: Range<usize>,
     /// `[h, h]`.
     pub o_w: Range<usize>,
-    /// `[ffn, h]`.
+    /// The MLP's first matrix: `[ffn, h]` (`ReLU`), or gate rows then up rows `[2·ffn, h]`
+    /// (SwiGLU).
     pub fc1_w: Range<usize>,
-    /// `[h, ffn]`.
+    /// `[h, ffn]` (down for SwiGLU).
     pub fc2_w: Range<usize>,
     pub attn_norm_w: Range<usize>,
+    /// Empty for RMSNorm.
     pub attn_norm_b: Range<usize>,
-    /// `[h + 2·kv]`.
+    /// `[h + 2·kv]`, or empty where the family has no q/k/v bias.
     pub qkv_b: Range<usize>,
     pub o_b: Range<usize>,
     pub mlp_norm_w: Range<usize>,
@@ -39,47 +42,46 @@ pub struct LayerLayout {
     pub len: usize,
     /// The model's hidden size.
     pub hidden: usize,
+    /// Width of k (and of v): kv heads × head size.
+    pub kv: usize,
+    /// The MLP's inner size.
+    pub ffn: usize,
+    /// The MLP is SwiGLU (gate and up in `fc1_w`).
+    pub swiglu: bool,
 }
 
 impl LayerLayout {
     /// Every tensor starts at a multiple of this many elements (256 bytes).
     pub const ALIGN: usize = 128;
 
-    /// The layout of `spec`'s layers. Only the OPT structure (`LayerNorm`, biases, `ReLU` MLP) has
-    /// an arena layout so far.
+    /// The layout of `spec`'s layers: OPT's (`LayerNorm`, biases, `ReLU` MLP) or the Llama
+    /// family's (RMSNorm, no biases but Qwen2's on q/k/v, SwiGLU MLP).
     pub fn new(spec: &ModelSpec) -> Result<Self> {
-        if !matches!(spec.norm, NormKind::LayerNorm { .. })
-            || !spec.bias
-            || spec.mlp != MlpKind::Relu
-        {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "{}: the CUDA executor runs OPT-structured layers (LayerNorm, biases, ReLU MLP)",
-                    spec.name
-                ),
-            });
-        }
         let h = spec.hidden_size as usize;
         let kv = (spec.num_kv_heads * spec.head_dim()) as usize;
         let f = spec.ffn_size as usize;
+        let swiglu = spec.mlp == MlpKind::SwiGlu;
+        let ln = matches!(spec.norm, NormKind::LayerNorm { .. });
+        let (bias, qkv_bias) = (spec.bias, spec.bias || spec.qkv_bias);
         let mut at = 0;
-        let mut take = |n: usize| {
+        let mut take = |n: usize, present: bool| {
+            let n = if present { n } else { 0 };
             let r = at..at + n;
             at = (at + n).next_multiple_of(Self::ALIGN);
             r
         };
-        let qkv_w = take((h + 2 * kv) * h);
-        let o_w = take(h * h);
-        let fc1_w = take(f * h);
-        let fc2_w = take(h * f);
-        let attn_norm_w = take(h);
-        let attn_norm_b = take(h);
-        let qkv_b = take(h + 2 * kv);
-        let o_b = take(h);
-        let mlp_norm_w = take(h);
-        let mlp_norm_b = take(h);
-        let fc1_b = take(f);
-        let fc2_b = take(h);
+        let qkv_w = take((h + 2 * kv) * h, true);
+        let o_w = take(h * h, true);
+        let fc1_w = take(if swiglu { 2 * f * h } else { f * h }, true);
+        let fc2_w = take(h * f, true);
+        let attn_norm_w = take(h, true);
+        let attn_norm_b = take(h, ln);
+        let qkv_b = take(h + 2 * kv, qkv_bias);
+        let o_b = take(h, bias);
+        let mlp_norm_w = take(h, true);
+        let mlp_norm_b = take(h, ln);
+        let fc1_b = take(if swiglu { 2 * f } else { f }, bias);
+        let fc2_b = take(h, bias);
         Ok(Self {
             qkv_w,
             o_w,
@@ -95,6 +97,9 @@ impl LayerLayout {
             fc2_b,
             len: at,
             hidden: h,
+            kv,
+            ffn: f,
+            swiglu,
         })
     }
 
@@ -103,30 +108,37 @@ impl LayerLayout {
         self.len * 2
     }
 
-    /// Where the tensor `suffix` of a layer (Hugging Face name after `decoder.layers.N.`) starts
-    /// in the arena; `h` and `kv` are the q and k/v row counts.
+    /// Where the tensor `suffix` of a layer (Hugging Face name after `decoder.layers.N.` for
+    /// OPT, `layers.N.` for the Llama family) starts in the arena.
     pub fn offset_of(&self, suffix: &str) -> Option<usize> {
-        let h = self.hidden;
-        let kv = (self.qkv_b.len() - h) / 2;
-        Some(match suffix {
-            "self_attn.q_proj.weight" => self.qkv_w.start,
-            "self_attn.k_proj.weight" => self.qkv_w.start + h * h,
-            "self_attn.v_proj.weight" => self.qkv_w.start + h * h + kv * h,
-            "self_attn.q_proj.bias" => self.qkv_b.start,
-            "self_attn.k_proj.bias" => self.qkv_b.start + h,
-            "self_attn.v_proj.bias" => self.qkv_b.start + h + kv,
-            "self_attn.out_proj.weight" => self.o_w.start,
-            "self_attn.out_proj.bias" => self.o_b.start,
-            "fc1.weight" => self.fc1_w.start,
-            "fc1.bias" => self.fc1_b.start,
-            "fc2.weight" => self.fc2_w.start,
-            "fc2.bias" => self.fc2_b.start,
-            "self_attn_layer_norm.weight" => self.attn_norm_w.start,
-            "self_attn_layer_norm.bias" => self.attn_norm_b.start,
-            "final_layer_norm.weight" => self.mlp_norm_w.start,
-            "final_layer_norm.bias" => self.mlp_norm_b.start,
-            _ => return None,
-        })
+        let (h, kv, f) = (self.hidden, self.kv, self.ffn);
+        let opt = !self.swiglu;
+        let nonempty = |r: &Range<usize>| (!r.is_empty()).then_some(r.start);
+        match suffix {
+            "self_attn.q_proj.weight" => Some(self.qkv_w.start),
+            "self_attn.k_proj.weight" => Some(self.qkv_w.start + h * h),
+            "self_attn.v_proj.weight" => Some(self.qkv_w.start + h * h + kv * h),
+            "self_attn.q_proj.bias" => nonempty(&self.qkv_b),
+            "self_attn.k_proj.bias" => nonempty(&self.qkv_b).map(|s| s + h),
+            "self_attn.v_proj.bias" => nonempty(&self.qkv_b).map(|s| s + h + kv),
+            "self_attn.out_proj.weight" if opt => Some(self.o_w.start),
+            "self_attn.o_proj.weight" if !opt => Some(self.o_w.start),
+            "self_attn.out_proj.bias" | "self_attn.o_proj.bias" => nonempty(&self.o_b),
+            "fc1.weight" if opt => Some(self.fc1_w.start),
+            "fc1.bias" if opt => nonempty(&self.fc1_b),
+            "fc2.weight" if opt => Some(self.fc2_w.start),
+            "fc2.bias" if opt => nonempty(&self.fc2_b),
+            "mlp.gate_proj.weight" if !opt => Some(self.fc1_w.start),
+            "mlp.up_proj.weight" if !opt => Some(self.fc1_w.start + f * h),
+            "mlp.down_proj.weight" if !opt => Some(self.fc2_w.start),
+            "self_attn_layer_norm.weight" if opt => Some(self.attn_norm_w.start),
+            "self_attn_layer_norm.bias" if opt => nonempty(&self.attn_norm_b),
+            "final_layer_norm.weight" if opt => Some(self.mlp_norm_w.start),
+            "final_layer_norm.bias" if opt => nonempty(&self.mlp_norm_b),
+            "input_layernorm.weight" if !opt => Some(self.attn_norm_w.start),
+            "post_attention_layernorm.weight" if !opt => Some(self.mlp_norm_w.start),
+            _ => None,
+        }
     }
 
     /// The LayerNorm-weight ranges (their dummy values sit around 1, not 0).
@@ -134,55 +146,70 @@ impl LayerLayout {
         [&self.attn_norm_w, &self.mlp_norm_w]
     }
 
-    /// Copies `w` (a loaded layer, f32 CPU tensors) into `out` (`len` elements).
+    /// Copies `w` (a loaded layer, f32 CPU tensors; bf16 and fp16 checkpoints were widened to
+    /// f32 exactly) into `out` (`len` elements), rounding to fp16.
     pub fn fill_from(&self, w: &LayerWeights, out: &mut [f16]) -> Result<()> {
         assert_eq!(out.len(), self.len, "the arena holds one layer");
         out.fill(f16::ZERO);
-        let mut put = |t: &flexgen_tensor::Tensor, at: usize| -> Result<()> {
+        let mut put = |t: &flexgen_tensor::Tensor, r: Range<usize>, at: usize| -> Result<()> {
             let v = t.flatten_all()?.to_vec1::<f32>()?;
+            if at + v.len() > r.end || at < r.start {
+                return Err(Error::Unsupported {
+                    what: format!("a tensor of {} values outside its arena range", v.len()),
+                });
+            }
             for (d, s) in out[at..at + v.len()].iter_mut().zip(&v) {
                 *d = f16::from_f32(*s);
             }
             Ok(())
         };
+        let mut put_opt = |t: Option<&flexgen_tensor::Tensor>, r: &Range<usize>, at: usize| match (
+            t,
+            r.is_empty(),
+        ) {
+            (Some(t), false) => put(t, r.clone(), at),
+            (None, true) => Ok(()),
+            _ => Err(Error::Unsupported {
+                what: "a layer whose biases do not match its family's layout".into(),
+            }),
+        };
         let (qn, kn) = (w.q.weight.elem_count(), w.k.weight.elem_count());
-        put(&w.q.weight, self.qkv_w.start)?;
-        put(&w.k.weight, self.qkv_w.start + qn)?;
-        put(&w.v.weight, self.qkv_w.start + qn + kn)?;
-        put(&w.o.weight, self.o_w.start)?;
-        let Mlp::Relu { fc1, fc2 } = &w.mlp else {
-            return Err(Error::Unsupported { what: "a SwiGLU MLP in an OPT arena".into() });
-        };
-        put(&fc1.weight, self.fc1_w.start)?;
-        put(&fc2.weight, self.fc2_w.start)?;
-        let bias = |l: &crate::Linear| {
-            l.bias
-                .clone()
-                .ok_or_else(|| Error::Unsupported { what: "a linear without bias".into() })
-        };
-        put(&w.attn_norm.weight, self.attn_norm_w.start)?;
-        put(
-            w.attn_norm
-                .bias
-                .as_ref()
-                .ok_or_else(|| Error::Unsupported { what: "LayerNorm without bias".into() })?,
-            self.attn_norm_b.start,
-        )?;
-        let (qb, kb) = (self.qkv_b.start, self.qkv_b.start + w.q.weight.dim(0)?);
-        put(&bias(&w.q)?, qb)?;
-        put(&bias(&w.k)?, kb)?;
-        put(&bias(&w.v)?, kb + w.k.weight.dim(0)?)?;
-        put(&bias(&w.o)?, self.o_b.start)?;
-        put(&w.mlp_norm.weight, self.mlp_norm_w.start)?;
-        put(
-            w.mlp_norm
-                .bias
-                .as_ref()
-                .ok_or_else(|| Error::Unsupported { what: "LayerNorm without bias".into() })?,
-            self.mlp_norm_b.start,
-        )?;
-        put(&bias(fc1)?, self.fc1_b.start)?;
-        put(&bias(fc2)?, self.fc2_b.start)?;
+        let qkv = self.qkv_w.clone();
+        put_opt(Some(&w.q.weight), &qkv, qkv.start)?;
+        put_opt(Some(&w.k.weight), &qkv, qkv.start + qn)?;
+        put_opt(Some(&w.v.weight), &qkv, qkv.start + qn + kn)?;
+        put_opt(Some(&w.o.weight), &self.o_w, self.o_w.start)?;
+        let (h, kv) = (self.hidden, self.kv);
+        put_opt(w.q.bias.as_ref(), &self.qkv_b, self.qkv_b.start)?;
+        put_opt(w.k.bias.as_ref(), &self.qkv_b, self.qkv_b.start + h)?;
+        put_opt(w.v.bias.as_ref(), &self.qkv_b, self.qkv_b.start + h + kv)?;
+        put_opt(w.o.bias.as_ref(), &self.o_b, self.o_b.start)?;
+        put_opt(Some(&w.attn_norm.weight), &self.attn_norm_w, self.attn_norm_w.start)?;
+        put_opt(w.attn_norm.bias.as_ref(), &self.attn_norm_b, self.attn_norm_b.start)?;
+        put_opt(Some(&w.mlp_norm.weight), &self.mlp_norm_w, self.mlp_norm_w.start)?;
+        put_opt(w.mlp_norm.bias.as_ref(), &self.mlp_norm_b, self.mlp_norm_b.start)?;
+        match (&w.mlp, self.swiglu) {
+            (Mlp::Relu { fc1, fc2 }, false) => {
+                put_opt(Some(&fc1.weight), &self.fc1_w, self.fc1_w.start)?;
+                put_opt(Some(&fc2.weight), &self.fc2_w, self.fc2_w.start)?;
+                put_opt(fc1.bias.as_ref(), &self.fc1_b, self.fc1_b.start)?;
+                put_opt(fc2.bias.as_ref(), &self.fc2_b, self.fc2_b.start)?;
+            }
+            (Mlp::SwiGlu { gate, up, down }, true) => {
+                let f = self.ffn;
+                put_opt(Some(&gate.weight), &self.fc1_w, self.fc1_w.start)?;
+                put_opt(Some(&up.weight), &self.fc1_w, self.fc1_w.start + f * h)?;
+                put_opt(Some(&down.weight), &self.fc2_w, self.fc2_w.start)?;
+                put_opt(gate.bias.as_ref(), &self.fc1_b, self.fc1_b.start)?;
+                put_opt(up.bias.as_ref(), &self.fc1_b, self.fc1_b.start + f)?;
+                put_opt(down.bias.as_ref(), &self.fc2_b, self.fc2_b.start)?;
+            }
+            _ => {
+                return Err(Error::Unsupported {
+                    what: "a layer whose MLP does not match its family's layout".into(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -266,11 +293,10 @@ impl LayerLayout {
             let params = take(param_bytes);
             PackedMatrix { src: src.clone(), rows, cols, codes, params }
         };
-        let f = self.fc1_w.len() / h;
         let mats = [
-            mat(&self.qkv_w, self.qkv_b.len()),
+            mat(&self.qkv_w, h + 2 * self.kv),
             mat(&self.o_w, h),
-            mat(&self.fc1_w, f),
+            mat(&self.fc1_w, self.fc1_w.len() / h),
             mat(&self.fc2_w, h),
         ];
         let vec_src = self.attn_norm_w.start..self.len;
@@ -386,31 +412,52 @@ fn unit(seed: u64, layer: usize, idx: usize) -> f32 {
 mod tests {
     use super::*;
 
+    /// OPT-125M and small specs of the Llama family (grouped-query attention; Qwen2's q/k/v
+    /// biases).
+    fn specs() -> Vec<ModelSpec> {
+        let small = |name: &str| ModelSpec {
+            hidden_size: 256,
+            num_heads: 8,
+            num_kv_heads: 2,
+            ffn_size: 640,
+            num_layers: 2,
+            vocab_size: 512,
+            ..crate::spec_by_name(name).unwrap()
+        };
+        vec![
+            ModelSpec { num_layers: 2, ..crate::spec_by_name("opt-125m").unwrap() },
+            small("llama-3.1-8b"),
+            small("qwen2.5-7b"),
+        ]
+    }
+
     #[test]
     fn layout_covers_every_tensor_once_aligned() {
-        let spec = crate::spec_by_name("opt-125m").unwrap();
-        let l = LayerLayout::new(&spec).unwrap();
-        let ranges = [
-            &l.qkv_w,
-            &l.o_w,
-            &l.fc1_w,
-            &l.fc2_w,
-            &l.attn_norm_w,
-            &l.attn_norm_b,
-            &l.qkv_b,
-            &l.o_b,
-            &l.mlp_norm_w,
-            &l.mlp_norm_b,
-            &l.fc1_b,
-            &l.fc2_b,
-        ];
-        let total: usize = ranges.iter().map(|r| r.len()).sum();
-        assert_eq!(total as u64, spec.layer_params());
-        for w in ranges.windows(2) {
-            assert!(w[0].end <= w[1].start, "ordered, disjoint");
-            assert_eq!(w[1].start % LayerLayout::ALIGN, 0);
+        for spec in specs() {
+            let l = LayerLayout::new(&spec).unwrap();
+            let ranges = [
+                &l.qkv_w,
+                &l.o_w,
+                &l.fc1_w,
+                &l.fc2_w,
+                &l.attn_norm_w,
+                &l.attn_norm_b,
+                &l.qkv_b,
+                &l.o_b,
+                &l.mlp_norm_w,
+                &l.mlp_norm_b,
+                &l.fc1_b,
+                &l.fc2_b,
+            ];
+            let total: usize = ranges.iter().map(|r| r.len()).sum();
+            assert_eq!(total as u64, spec.layer_params(), "{}", spec.name);
+            for w in ranges.windows(2) {
+                assert!(w[0].end <= w[1].start, "ordered, disjoint");
+                assert_eq!(w[1].start % LayerLayout::ALIGN, 0);
+            }
+            assert!(l.len >= ranges[11].end && l.len.is_multiple_of(LayerLayout::ALIGN));
+            assert_eq!(l.qkv_b.is_empty(), !(spec.bias || spec.qkv_bias), "{}", spec.name);
         }
-        assert!(l.len >= ranges[11].end && l.len.is_multiple_of(LayerLayout::ALIGN));
     }
 
     #[test]
@@ -433,17 +480,20 @@ mod tests {
 
     #[test]
     fn dummy_layer_tensors_equal_the_dummy_arena() {
-        let spec = ModelSpec { num_layers: 2, ..crate::spec_by_name("opt-125m").unwrap() };
-        let init = DummyInit::Random { seed: 5 };
-        let w = crate::Weights::dummy(&spec, init).unwrap();
-        let l = LayerLayout::new(&spec).unwrap();
-        let mut from_tensors = vec![f16::ZERO; l.len];
-        l.fill_from(&w.layers[1], &mut from_tensors).unwrap();
-        let mut direct = vec![f16::ZERO; l.len];
-        l.fill_dummy(init, 1, 0..l.len, &mut direct);
-        // Padding between tensors is zero in one and hashed in the other: compare the tensors.
-        for r in [&l.qkv_w, &l.o_w, &l.fc1_w, &l.fc2_w, &l.qkv_b, &l.attn_norm_w, &l.mlp_norm_b] {
-            assert_eq!(&from_tensors[r.clone()], &direct[r.clone()]);
+        for spec in specs() {
+            let init = DummyInit::Random { seed: 5 };
+            let w = crate::Weights::dummy(&spec, init).unwrap();
+            let l = LayerLayout::new(&spec).unwrap();
+            let mut from_tensors = vec![f16::ZERO; l.len];
+            l.fill_from(&w.layers[1], &mut from_tensors).unwrap();
+            let mut direct = vec![f16::ZERO; l.len];
+            l.fill_dummy(init, 1, 0..l.len, &mut direct);
+            // Padding between tensors is zero in one and hashed in the other: compare the
+            // tensors.
+            for r in [&l.qkv_w, &l.o_w, &l.fc1_w, &l.fc2_w, &l.qkv_b, &l.attn_norm_w, &l.mlp_norm_w]
+            {
+                assert_eq!(&from_tensors[r.clone()], &direct[r.clone()], "{}", spec.name);
+            }
         }
     }
 
@@ -477,20 +527,26 @@ mod tests {
     }
 
     #[test]
-    fn fill_from_places_q_k_v_rows_in_order() {
-        let spec = crate::spec_by_name("opt-125m").unwrap();
-        let w = crate::Weights::dummy(
-            &ModelSpec { num_layers: 1, ..spec.clone() },
-            DummyInit::Random { seed: 1 },
-        )
-        .unwrap();
-        let l = LayerLayout::new(&spec).unwrap();
-        let mut out = vec![f16::ZERO; l.len];
-        l.fill_from(&w.layers[0], &mut out).unwrap();
-        let h = spec.hidden_size as usize;
-        let k0 = w.layers[0].k.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
-        assert_eq!(out[l.qkv_w.start + h * h], f16::from_f32(k0));
-        let vb = w.layers[0].v.bias.as_ref().unwrap().to_vec1::<f32>().unwrap()[0];
-        assert_eq!(out[l.qkv_b.start + 2 * h], f16::from_f32(vb));
+    fn fill_from_places_q_k_v_and_gate_up_rows_in_order() {
+        for spec in specs() {
+            let w = crate::Weights::dummy(&spec, DummyInit::Random { seed: 1 }).unwrap();
+            let l = LayerLayout::new(&spec).unwrap();
+            let mut out = vec![f16::ZERO; l.len];
+            l.fill_from(&w.layers[0], &mut out).unwrap();
+            let (h, kv) = (l.hidden, l.kv);
+            let first = |t: &flexgen_tensor::Tensor| {
+                f16::from_f32(t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0])
+            };
+            let lw = &w.layers[0];
+            assert_eq!(out[l.qkv_w.start + h * h], first(&lw.k.weight));
+            assert_eq!(out[l.qkv_w.start + h * h + kv * h], first(&lw.v.weight));
+            if let Some(vb) = &lw.v.bias {
+                assert_eq!(out[l.qkv_b.start + h + kv], first(vb));
+            }
+            if let crate::weights::Mlp::SwiGlu { up, down, .. } = &lw.mlp {
+                assert_eq!(out[l.fc1_w.start + l.ffn * h], first(&up.weight));
+                assert_eq!(out[l.fc2_w.start], first(&down.weight));
+            }
+        }
     }
 }

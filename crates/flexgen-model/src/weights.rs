@@ -321,7 +321,9 @@ impl DummySource {
 impl TensorSource for DummySource {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        if let (Some(layout), Some(rest)) = (&self.layout, name.strip_prefix("decoder.layers."))
+        let layer_name =
+            name.strip_prefix("decoder.layers.").or_else(|| name.strip_prefix("layers."));
+        if let (Some(layout), Some(rest)) = (&self.layout, layer_name)
             && let Some((layer, suffix)) = rest.split_once('.')
             && let (Ok(layer), Some(start)) = (layer.parse::<usize>(), layout.offset_of(suffix))
         {

@@ -169,6 +169,16 @@ impl ModelSpec {
         2 * h * h + 2 * h * kv + mlp
     }
 
+    /// Values per token of the MLP's inner activations: ffn, or 2·ffn for SwiGLU (gate and up,
+    /// computed by one GEMM).
+    pub fn mlp_inner_width(&self) -> u64 {
+        let f = u64::from(self.ffn_size);
+        match self.mlp {
+            MlpKind::Relu => f,
+            MlpKind::SwiGlu => 2 * f,
+        }
+    }
+
     /// Elements of the embeddings, the final norm and (if untied) the LM head.
     pub fn embedding_params(&self) -> u64 {
         let h = u64::from(self.hidden_size);

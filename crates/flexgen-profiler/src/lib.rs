@@ -171,7 +171,15 @@ impl CpuAttention {
             Mode::Full => (2048, 1024, 128),
         };
         let cap = s + 1;
-        let d = flexgen_tensor::host_attention::Dims { rows, hd, cap, past: s, nh: 1, row0: 0 };
+        let d = flexgen_tensor::host_attention::Dims {
+            rows,
+            hd,
+            cap,
+            past: s,
+            nkv: 1,
+            rep: 1,
+            row0: 0,
+        };
         Self {
             k: vec![f16::from_f32(0.01); rows * cap * hd],
             v: vec![f16::ONE; rows * cap * hd],

@@ -196,7 +196,7 @@ fn host(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> M
         let rb = rows as u64;
         let flight = rb * max_len * kv_tok
             + rb * u64::from(spec.num_heads) * width * max_len * elem
-            + rb * width * (u64::from(spec.ffn_size) + 4 * h) * elem
+            + rb * width * (spec.mlp_inner_width() + 4 * h) * elem
             + rb * u64::from(spec.vocab_size) * elem;
         working = working.max(flight);
     }
@@ -265,7 +265,7 @@ fn cuda(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> R
     let (h, nh, ffn, v) = (
         u64::from(spec.hidden_size),
         u64::from(spec.num_heads),
-        u64::from(spec.ffn_size),
+        spec.mlp_inner_width(),
         u64::from(spec.vocab_size),
     );
     let hd = spec.head_dim() as usize;
@@ -302,7 +302,7 @@ fn cuda(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> R
         + rows * (h + 2 * kvw)
         + b * nh * t * t
         + rows * ffn
-        + b * h
+        + 2 * b * h // last, and the odd batches' decode attention output
         + b * v
         + new_kv;
     let (first, last) = table_elems(spec, &layers);

@@ -23,7 +23,7 @@ fn main() {
     let q = fill(rows * hd, |i| ((i % 13) as f32 - 6.0) / 30.0);
     let mut out = vec![f16::ZERO; rows * hd];
     let starts = vec![0i32; rows];
-    let d = Dims { rows, hd, cap, past: s, nh: 1, row0: 0 };
+    let d = Dims { rows, hd, cap, past: s, nkv: 1, rep: 1, row0: 0 };
     let mut times = Vec::new();
     for _ in 0..7 {
         let t = Instant::now();

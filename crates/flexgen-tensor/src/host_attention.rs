@@ -14,16 +14,19 @@ use rayon::prelude::*;
 /// Shapes of one call.
 #[derive(Debug, Clone, Copy)]
 pub struct Dims {
-    /// Rows in this call.
+    /// Cache rows in this call: (sequence, kv head) rows, each attended by `rep` query heads
+    /// (grouped-query attention; 1 for multi-head attention).
     pub rows: usize,
     pub hd: usize,
     /// Positions each cache row can hold.
     pub cap: usize,
     /// Position of the new token (= cached positions before it).
     pub past: usize,
-    /// Heads per sequence.
-    pub nh: usize,
-    /// Global (sequence, head) index of the first row (sequence = global row / `nh`).
+    /// Kv heads per sequence.
+    pub nkv: usize,
+    /// Query heads per kv head.
+    pub rep: usize,
+    /// Global (sequence, kv head) index of the first row (sequence = global row / `nkv`).
     pub row0: usize,
 }
 
@@ -207,8 +210,9 @@ fn row(
     row_portable(q, keys, values, out, scratch);
 }
 
-/// Decode attention of `d.rows` rows: `q`, `k_new`, `v_new`, `out` are `[rows, hd]`; the caches
-/// `[rows, cap, hd]`; `starts[sequence]` is each sequence's first real position.
+/// Decode attention of `d.rows` cache rows: `k_new`, `v_new` are `[rows, hd]`, `q` and `out`
+/// `[rows · rep, hd]` (the query heads of a kv row adjacent); the caches `[rows, cap, hd]`;
+/// `starts[sequence]` is each sequence's first real position.
 #[expect(clippy::too_many_arguments, reason = "the buffers of one step")]
 pub fn decode(
     q: &[f16],
@@ -236,39 +240,47 @@ fn decode_with(
     starts: &[i32],
     d: Dims,
 ) {
-    let (hd, cap) = (d.hd, d.cap);
+    let (hd, cap, rep) = (d.hd, d.cap, d.rep.max(1));
+    let qw = rep * hd; // query values per cache row
     assert!(
-        q.len() >= d.rows * hd && out.len() >= d.rows * hd && kcache.len() >= d.rows * cap * hd
+        q.len() >= d.rows * qw
+            && out.len() >= d.rows * qw
+            && kcache.len() >= d.rows * cap * hd
+            && k_new.len() >= d.rows * hd
     );
     assert!(d.past < cap, "the new position fits the cache");
     // Rows in as many parts as the pool has threads, on rayon's standing pool (no threads are
     // started per call: the CUDA executor calls this once per layer and micro-batch).
     let per = d.rows.div_ceil(rayon::current_num_threads()).max(1);
-    out[..d.rows * hd]
-        .par_chunks_mut(per * hd)
+    out[..d.rows * qw]
+        .par_chunks_mut(per * qw)
         .zip(kcache.par_chunks_mut(per * cap * hd))
         .zip(vcache.par_chunks_mut(per * cap * hd))
         .enumerate()
         .for_each(|(c, ((o, kc), vc))| {
             let mut scratch = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for i in 0..o.len() / hd {
+            for i in 0..o.len() / qw {
                 let r = c * per + i;
-                let seq = (d.row0 + r) / d.nh;
+                let seq = (d.row0 + r) / d.nkv;
                 let lo = usize::try_from(starts[seq]).unwrap_or(0).min(d.past);
                 let rows = r * hd..(r + 1) * hd;
-                // The new position first, then positions lo..=past of the row.
+                // The new position first, then positions lo..=past of the row, for each of its
+                // query heads.
                 let new = (i * cap + d.past) * hd..(i * cap + d.past + 1) * hd;
                 kc[new.clone()].copy_from_slice(&k_new[rows.clone()]);
-                vc[new].copy_from_slice(&v_new[rows.clone()]);
+                vc[new].copy_from_slice(&v_new[rows]);
                 let span = (i * cap + lo) * hd..(i * cap + d.past + 1) * hd;
-                row(
-                    simd,
-                    &q[rows],
-                    &kc[span.clone()],
-                    &vc[span],
-                    &mut o[i * hd..(i + 1) * hd],
-                    &mut scratch,
-                );
+                for h in 0..rep {
+                    let qr = (r * rep + h) * hd..(r * rep + h + 1) * hd;
+                    row(
+                        simd,
+                        &q[qr],
+                        &kc[span.clone()],
+                        &vc[span.clone()],
+                        &mut o[(i * rep + h) * hd..(i * rep + h + 1) * hd],
+                        &mut scratch,
+                    );
+                }
             }
         });
 }
@@ -285,13 +297,15 @@ mod tests {
         let paths: &[bool] = if simd_available() { &[false, true] } else { &[false] };
         for &simd in paths {
             for (cap, past, hd) in [(12, 9, 40), (300, 250, 40), (70, 69, 128), (30, 20, 36)] {
-                check(cap, past, hd, simd);
+                check(cap, past, hd, 1, simd);
             }
+            // Grouped-query attention: three query heads per cache row.
+            check(40, 33, 64, 3, simd);
         }
     }
 
-    fn check(cap: usize, past: usize, hd: usize, simd: bool) {
-        let (rows, nh, row0) = (7, 3, 2);
+    fn check(cap: usize, past: usize, hd: usize, rep: usize, simd: bool) {
+        let (rows, nkv, row0) = (7, 3, 2);
         let mut z = 12345u64;
         let mut rnd = |n: usize| -> Vec<f16> {
             (0..n)
@@ -303,15 +317,16 @@ mod tests {
                 })
                 .collect()
         };
-        let (q, kn, vn) = (rnd(rows * hd), rnd(rows * hd), rnd(rows * hd));
+        let (q, kn, vn) = (rnd(rows * rep * hd), rnd(rows * hd), rnd(rows * hd));
         let (mut kc, mut vc) = (rnd(rows * cap * hd), rnd(rows * cap * hd));
         let (k0, v0) = (kc.clone(), vc.clone());
         let starts = [0, 3, 5, 1];
-        let mut out = vec![f16::ZERO; rows * hd];
-        let d = Dims { rows, hd, cap, past, nh, row0 };
+        let mut out = vec![f16::ZERO; rows * rep * hd];
+        let d = Dims { rows, hd, cap, past, nkv, rep, row0 };
         decode_with(simd, &q, &kn, &vn, &mut kc, &mut vc, &mut out, &starts, d);
-        for r in 0..rows {
-            let lo = usize::try_from(starts[(row0 + r) / nh]).unwrap();
+        for qr in 0..rows * rep {
+            let r = qr / rep;
+            let lo = usize::try_from(starts[(row0 + r) / nkv]).unwrap();
             let key = |p: usize| {
                 if p == past {
                     &kn[r * hd..(r + 1) * hd]
@@ -330,7 +345,7 @@ mod tests {
                 .map(|p| {
                     key(p)
                         .iter()
-                        .zip(&q[r * hd..])
+                        .zip(&q[qr * hd..])
                         .map(|(a, b)| f64::from(a.to_f32()) * f64::from(b.to_f32()))
                         .sum()
                 })
@@ -344,7 +359,7 @@ mod tests {
                     .map(|(p, w)| w * f64::from(val(p)[j].to_f32()))
                     .sum::<f64>()
                     / sum;
-                let got = f64::from(out[r * hd + j].to_f32());
+                let got = f64::from(out[qr * hd + j].to_f32());
                 assert!(
                     (want - got).abs() < 2e-3,
                     "simd {simd}, hd {hd}, row {r} dim {j}: {want} vs {got}"

@@ -39,7 +39,8 @@ struct Cli {
     /// Hardware profile (TOML) from flexgen-profile or policies/hardware/.
     #[arg(long, value_name = "FILE")]
     hardware: PathBuf,
-    /// Model: a name (opt-125m … opt-175b) or a Hugging Face model directory (its config.json).
+    /// Model: a name (opt-125m … opt-175b, llama-2-7b … qwen2.5-72b) or a Hugging Face model
+    /// directory (its config.json).
     #[arg(long, value_name = "NAME|DIR", required_unless_present = "calibrate")]
     model: Option<String>,
     /// Prompt length in tokens.

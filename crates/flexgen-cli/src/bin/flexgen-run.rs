@@ -26,9 +26,10 @@ Generate text with a model under an offloading policy, and report prefill, decod
 throughput.
 
 With no arguments it runs the bundled model (a 4-layer OPT trained on the King James Bible) on a
-default prompt. Point --model at any Hugging Face OPT directory (config.json, model.safetensors or a
-sharded index, tokenizer.json) or cache entry; or give a spec name (opt-125m … opt-175b) with --dummy
-to run without weight files, as FlexGen's benchmarks do.
+default prompt. Point --model at any Hugging Face OPT, Llama, Mistral or Qwen2 directory (config.json,
+model.safetensors or a sharded index, tokenizer.json) or cache entry; or give a spec name (opt-125m …
+opt-175b, llama-2-7b/13b/70b, llama-3.1-8b/70b, mistral-7b, qwen2.5-7b/72b) with --dummy to run
+without weight files, as FlexGen's benchmarks do.
 
 The policy says where weights, KV cache and activations live (GPU / CPU / disk percentages), how
 big the block is (gpu-batch-size × num-gpu-batches sequences share each transfer of a layer's

@@ -18,6 +18,8 @@ pub(super) struct RunBuffers {
     pub(super) scores: CudaSlice<f16>,
     pub(super) ctx: CudaSlice<f16>,
     pub(super) att: CudaSlice<f16>,
+    /// The attention output of odd GPU batches' decode visits (`[b, h]`).
+    pub(super) att_odd: CudaSlice<f16>,
     pub(super) f1: CudaSlice<f16>,
     pub(super) last: CudaSlice<f16>,
     pub(super) logits: CudaSlice<f16>,
@@ -43,7 +45,8 @@ pub(super) struct RunBuffers {
     pub(super) x_host: Vec<HostMem>,
     /// The last positions' logits of each GPU batch (`[b, vocab]`, pinned).
     pub(super) logits_host: Vec<HostMem>,
-    /// Pinned staging of CPU attention: q, new k, new v, output (`[cpu_rows, hd]` each).
+    /// Pinned staging of CPU attention, two sets (by GPU batch parity): q, new k, new v, output
+    /// (`[cpu_rows, hd]` each, q and output `rep` times that).
     pub(super) cpu_att: Vec<HostMem>,
     pub(super) ids: Vec<CudaSlice<u32>>,
     pub(super) pos: Vec<CudaSlice<u32>>,
@@ -154,7 +157,8 @@ impl CudaStage<'_> {
             scores: f(b * nh * t * t)?,
             ctx: f(rows * h)?,
             att: f(rows * h)?,
-            f1: f(rows * s.ffn_size as usize)?,
+            att_odd: f(b * h)?,
+            f1: f(rows * usize::try_from(s.mlp_inner_width()).expect("fits"))?,
             last: f(b * h)?,
             logits: f(b * s.vocab_size as usize)?,
             kv,
@@ -175,7 +179,12 @@ impl CudaStage<'_> {
                 .map(|_| pinned(b * s.vocab_size as usize))
                 .collect::<Result<_>>()?,
             cpu_att: if self.cpu_attention {
-                (0..4).map(|_| pinned(cpu_rows * hd)).collect::<Result<_>>()?
+                // q, new k, new v, output: q and output have rep query rows per cache row.
+                let rep = nh / nkv;
+                [rep, 1, 1, rep, rep, 1, 1, rep]
+                    .into_iter()
+                    .map(|r| pinned(r * cpu_rows * hd))
+                    .collect::<Result<_>>()?
             } else {
                 Vec::new()
             },
@@ -192,7 +201,14 @@ impl CudaStage<'_> {
 
 impl RunBuffers {
     /// The family math's view of a visit's buffers (`x`: the hidden state of `rows` rows).
-    pub(super) fn visit(&self, x: u64, rows: usize) -> fused::Visit {
+    /// `kb` names the GPU batch whose positions the rows hold; `inv_freq` the rotary table, if any.
+    pub(super) fn visit(
+        &self,
+        x: u64,
+        rows: usize,
+        kb: usize,
+        inv_freq: Option<&CudaSlice<f32>>,
+    ) -> fused::Visit {
         fused::Visit {
             rows,
             x,
@@ -200,6 +216,8 @@ impl RunBuffers {
             qkv: addr(&self.qkv),
             att: addr(&self.att),
             ffn: addr(&self.f1),
+            pos: addr(&self.pos[kb]),
+            inv_freq: inv_freq.map_or(0, addr),
         }
     }
 }

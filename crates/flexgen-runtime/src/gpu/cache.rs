@@ -15,68 +15,102 @@ impl CudaStage<'_> {
         Ok(())
     }
 
-    /// Decode attention of the CPU rows on the CPU: q and the new k/v of those rows come to
-    /// pinned memory, the new position is appended to the CPU cache, every core computes the
-    /// rows' attention over the cache in place (fp16 values, fp32 arithmetic), and the output
-    /// goes back into `att`. Only `4 · rows · hd` values cross PCIe.
-    pub(super) fn cpu_attention_step(
+    /// Decode attention of the CPU rows on the CPU, first half: q and the new k/v of those rows
+    /// go to pinned staging `p` (of two) on the compute stream, and `cpu_in[p]` is recorded after
+    /// them. [`CudaStage::cpu_attention_finish`] does the rest; GPU work queued in between (the
+    /// next GPU batch's visit) runs while the cores compute. Only `(2·rep + 2) · rows · hd`
+    /// values cross PCIe.
+    pub(super) fn cpu_attention_issue(&self, buf: &RunBuffers, p: usize) -> Result<()> {
+        let (_, nh, nkv, hd) = self.dims();
+        let gr = self.gpu_rows;
+        let b = self.policy.gpu_batch_size as usize;
+        let cpu_rows = b * nkv - gr;
+        let st = &self.gpu.stream;
+        // Cache rows, and query rows (rep per cache row, adjacent).
+        let rep = nh / nkv;
+        let n = cpu_rows * hd;
+        let [qh, kh, vh] = [0, 1, 2].map(|i| buf.cpu_att[4 * p + i].ptr());
+        for (src, dst, len) in [
+            (at(addr(&buf.q), gr * rep * hd), qh, rep * n),
+            (addr(&buf.work[0].0), kh, n),
+            (addr(&buf.work[0].1), vh, n),
+        ] {
+            // SAFETY: len contiguous values into pinned staging of len, which the cores read
+            // only after `cpu_in[p]` and which is not written again before they are done (the
+            // next issue into `p` comes after this one's finish).
+            unsafe {
+                copy_2d(
+                    st,
+                    Mem::Device(src),
+                    Mem::Host(dst.cast_const().cast()),
+                    Copy2d::contiguous(len * 2),
+                )
+            }
+            .map_err(cuda)?;
+        }
+        self.cpu_in[p].record(st).map_err(drv)
+    }
+
+    /// Decode attention of the CPU rows on the CPU, second half: once staging `p` has landed,
+    /// the new position is appended to the CPU cache, every core computes the rows' attention
+    /// over the cache in place (fp16 values, fp32 arithmetic), and the output goes to the query
+    /// rows of `att` on the compute stream.
+    pub(super) fn cpu_attention_finish(
         &self,
         buf: &RunBuffers,
         homes: &[(usize, usize, &HostMem, &HostMem)],
         starts: &[i32],
         past: usize,
+        (p, att): (usize, u64),
     ) -> Result<()> {
         let (_, nh, nkv, hd) = self.dims();
         let gr = self.gpu_rows;
         let b = self.policy.gpu_batch_size as usize;
         let cpu_rows = b * nkv - gr;
         let cap = self.cap();
-        let st = &self.gpu.stream;
+        let rep = nh / nkv;
         let n = cpu_rows * hd;
-        let [qh, kh, vh, oh] = [0, 1, 2, 3].map(|i| buf.cpu_att[i].ptr());
-        for (src, dst) in [
-            (at(addr(&buf.q), gr * hd), qh),
-            (addr(&buf.work[0].0), kh),
-            (addr(&buf.work[0].1), vh),
-        ] {
-            // SAFETY: n contiguous values into pinned staging of n.
-            unsafe {
-                copy_2d(
-                    st,
-                    Mem::Device(src),
-                    Mem::Host(dst.cast_const().cast()),
-                    Copy2d::contiguous(n * 2),
-                )
-            }
-            .map_err(cuda)?;
-        }
-        self.wait_for_gpu()?;
+        let [qh, kh, vh, oh] = [0, 1, 2, 3].map(|i| buf.cpu_att[4 * p + i].ptr());
+        let waited = Instant::now();
+        self.cpu_in[p].synchronize().map_err(drv)?;
         let t = Instant::now();
+        let mut h = self.host_times.get();
+        h.gpu_wait_s += (t - waited).as_secs_f64();
+        self.host_times.set(h);
         for &(off, rows, hk, hv) in homes {
             let r = off * hd..(off + rows) * hd;
-            // SAFETY: the stream is idle (synchronized above), so no copy touches these pinned
-            // buffers while the cores read and write them; no other reference to them is live,
-            // and each home's rows are disjoint from the others'.
+            let rq = rep * r.start..rep * r.end;
+            // SAFETY: the copies into this staging have landed (`cpu_in[p]`) and nothing writes
+            // it until the next issue into `p`, after this call; the output staging `p` is read
+            // by the copy below only; each home's rows are disjoint from the others', and no
+            // copy touches the CPU cache rows of this (layer, batch) meanwhile.
             let (q, k_new, v_new, out, kcache, vcache) = unsafe {
                 (
-                    std::slice::from_raw_parts(qh.cast_const().add(r.start), r.len()),
+                    std::slice::from_raw_parts(qh.cast_const().add(rq.start), rq.len()),
                     std::slice::from_raw_parts(kh.cast_const().add(r.start), r.len()),
                     std::slice::from_raw_parts(vh.cast_const().add(r.start), r.len()),
-                    std::slice::from_raw_parts_mut(oh.add(r.start), r.len()),
+                    std::slice::from_raw_parts_mut(oh.add(rq.start), rq.len()),
                     std::slice::from_raw_parts_mut(hk.ptr(), rows * cap * hd),
                     std::slice::from_raw_parts_mut(hv.ptr(), rows * cap * hd),
                 )
             };
-            let d =
-                flexgen_tensor::host_attention::Dims { rows, hd, cap, past, nh, row0: gr + off };
+            let d = flexgen_tensor::host_attention::Dims {
+                rows,
+                hd,
+                cap,
+                past,
+                nkv,
+                rep,
+                row0: gr + off,
+            };
             flexgen_tensor::host_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
         }
         let mut h = self.host_times.get();
         h.cpu_attention_s += t.elapsed().as_secs_f64();
         self.host_times.set(h);
-        // SAFETY: the output staging holds n values, written above.
-        let out = unsafe { std::slice::from_raw_parts(oh.cast_const(), n) };
-        htod(st, at(addr(&buf.att), gr * hd), out)
+        // SAFETY: the output staging holds rep·n values, written above.
+        let out = unsafe { std::slice::from_raw_parts(oh.cast_const(), rep * n) };
+        htod(&self.gpu.stream, at(att, gr * rep * hd), out)
     }
 
     /// The homes of (layer `j`, batch `kb`)'s off-GPU cache rows: (first row among the off-GPU

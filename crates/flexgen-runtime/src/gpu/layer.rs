@@ -6,9 +6,37 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
+/// The rest of a decode visit whose CPU rows attend on the CPU: queued once the GPU has the next
+/// GPU batch's visit to run meanwhile ([`CudaStage::finish_visit`]).
+pub(super) struct Deferred {
+    j: usize,
+    pub(super) kb: usize,
+    w: u64,
+    x: u64,
+    rows: usize,
+    past: usize,
+    /// The staging parity of the CPU attention and the visit's attention output.
+    p: usize,
+    att: u64,
+    slot: usize,
+}
+
 impl CudaStage<'_> {
+    /// Whether decode visits with CPU attention are split so that the cores attend while the GPU
+    /// runs the next GPU batch's visit: hidden states on the GPU (each batch its own), no cache
+    /// rows on disk (their staging is shared), and a next batch to overlap with.
+    pub(super) fn defers_cpu_attention(&self) -> bool {
+        self.cpu_attention
+            && self.act_on_gpu
+            && self.disk_rows == 0
+            && self.policy.num_gpu_batches >= 2
+    }
+
     /// One layer for one GPU batch `kb` (`b` sequences of `t` new positions after `past`): its
-    /// hidden state is updated in place; k and v of the new positions go to the cache.
+    /// hidden state is updated in place; k and v of the new positions go to the cache. With
+    /// `defer`, a decode visit whose CPU rows attend on the CPU stops after queuing their inputs'
+    /// copies and returns the rest, for [`CudaStage::finish_visit`] after the next visit is
+    /// queued.
     #[expect(clippy::too_many_arguments, reason = "one layer's inputs")]
     pub(super) fn layer(
         &self,
@@ -21,7 +49,8 @@ impl CudaStage<'_> {
         t: usize,
         past: usize,
         (slot, staged): (usize, Prefetch),
-    ) -> Result<()> {
+        defer: bool,
+    ) -> Result<Option<Deferred>> {
         let l = &self.layout;
         let g = &self.gpu;
         let st = &g.stream;
@@ -32,14 +61,17 @@ impl CudaStage<'_> {
         let (gr, all_rows) = (self.gpu_rows, b * nkv);
         let cpu_rows = all_rows - gr;
         let gr_all = gr; // GPU rows of a compressed cache
-        let (qkv, q, att) = (addr(&buf.qkv), addr(&buf.q), addr(&buf.att));
+        // Decode visits of odd GPU batches use the second attention output, so that a deferred
+        // visit's output survives the next visit.
+        let att = if t == 1 && kb % 2 == 1 { addr(&buf.att_odd) } else { addr(&buf.att) };
+        let (qkv, q) = (addr(&buf.qkv), addr(&buf.q));
         let start = addr(&buf.start[kb]);
         let (kn, vn) = {
             let (k, v) = &buf.work[slot % buf.work.len()];
             (addr(k), addr(v))
         };
         let x = self.hidden_in(buf, kb, rows * h, slot, staged.act)?;
-        let visit = buf.visit(x, rows);
+        let visit = fused::Visit { att, ..buf.visit(x, rows, kb, self.inv_freq.as_ref()) };
         let row_bytes = cap * hd * 2;
         // The off-GPU rows' homes (CPU rows, then disk rows read into their staging).
         let homes = if cpu_rows > 0 && self.cache_quant.is_none() {
@@ -85,7 +117,8 @@ impl CudaStage<'_> {
             }
             let new = NewKv { gpu_rows: 0, k: kn, v: vn, cap, past };
             // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe { g.qkv_split(qkv, epilogue.bias, q, kn, vn, new, d, scale) }.map_err(cuda)?;
+            unsafe { g.qkv_split(qkv, (epilogue.bias, epilogue.rope), q, kn, vn, new, d, scale) }
+                .map_err(cuda)?;
             if t > 1 {
                 let (sc, cx) = (addr(&buf.scores), addr(&buf.ctx));
                 // SAFETY: this executor's weights and buffers, sized for these shapes.
@@ -136,14 +169,16 @@ impl CudaStage<'_> {
             }
             // SAFETY: as `attention_in` above.
             unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, w, &visit) }?;
-            return self.hidden_out(buf, kb, rows * h, slot);
+            self.hidden_out(buf, kb, rows * h, slot)?;
+            return Ok(None);
         }
         let (kc, vc) = (addr(&buf.kv[j][kb].0), addr(&buf.kv[j][kb].1));
         // Where the CPU rows' new k/v go on the GPU, and that buffer's positions per row.
         let (ncap, npast) = if self.cpu_attention { (t, 0) } else { (cap, past) };
         let new = NewKv { gpu_rows: gr, k: kn, v: vn, cap: ncap, past: npast };
         // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.qkv_split(qkv, epilogue.bias, q, kc, vc, new, d, scale) }.map_err(cuda)?;
+        unsafe { g.qkv_split(qkv, (epilogue.bias, epilogue.rope), q, kc, vc, new, d, scale) }
+            .map_err(cuda)?;
         if t > 1 {
             // SAFETY: this executor's weights and buffers, sized for these shapes.
             unsafe {
@@ -188,36 +223,72 @@ impl CudaStage<'_> {
         }
         if cpu_rows > 0 {
             if self.cpu_attention && t == 1 {
-                self.cpu_attention_step(buf, &homes, starts, past)?;
-            } else {
-                // Store the new positions of the off-GPU rows into their homes.
-                for &(off, n, hk, hv) in &homes {
-                    for (src, dst) in [(kn, hk), (vn, hv)] {
-                        // SAFETY: position `past` of the first row lies inside the buffer.
-                        let dst = unsafe { dst.ptr().add(past * hd) }.cast_const();
-                        // SAFETY: rows of `cap` positions in pinned memory; t positions from
-                        // `past`; the source rows start at `off` in the working area.
-                        unsafe {
-                            copy_2d(
-                                st,
-                                Mem::Device(at(src, (off * ncap + npast) * hd)),
-                                Mem::Host(dst.cast()),
-                                Copy2d {
-                                    width: t * hd * 2,
-                                    height: n,
-                                    src_pitch: ncap * hd * 2,
-                                    dst_pitch: row_bytes,
-                                },
-                            )
-                        }
-                        .map_err(cuda)?;
+                let p = kb % 2;
+                self.cpu_attention_issue(buf, p)?;
+                let rest = Deferred { j, kb, w, x, rows, past, p, att, slot };
+                if defer {
+                    return Ok(Some(rest));
+                }
+                self.finish_visit(buf, &rest, starts, Some(&homes))?;
+                return Ok(None);
+            }
+            // Store the new positions of the off-GPU rows into their homes.
+            for &(off, n, hk, hv) in &homes {
+                for (src, dst) in [(kn, hk), (vn, hv)] {
+                    // SAFETY: position `past` of the first row lies inside the buffer.
+                    let dst = unsafe { dst.ptr().add(past * hd) }.cast_const();
+                    // SAFETY: rows of `cap` positions in pinned memory; t positions from
+                    // `past`; the source rows start at `off` in the working area.
+                    unsafe {
+                        copy_2d(
+                            st,
+                            Mem::Device(at(src, (off * ncap + npast) * hd)),
+                            Mem::Host(dst.cast()),
+                            Copy2d {
+                                width: t * hd * 2,
+                                height: n,
+                                src_pitch: ncap * hd * 2,
+                                dst_pitch: row_bytes,
+                            },
+                        )
                     }
+                    .map_err(cuda)?;
                 }
             }
             self.flush_disk(buf, j, kb, past, t)?;
         }
         // SAFETY: as `attention_in` above.
         unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, w, &visit) }?;
-        self.hidden_out(buf, kb, rows * h, slot)
+        self.hidden_out(buf, kb, rows * h, slot)?;
+        Ok(None)
+    }
+
+    /// The rest of visit `d`: its CPU rows' attention on the cores (their inputs' copies were
+    /// queued), the output projection and MLP. `homes` are the rows' homes where the caller has
+    /// them; a deferred visit (no disk rows) looks them up again.
+    pub(super) fn finish_visit(
+        &self,
+        buf: &RunBuffers,
+        d: &Deferred,
+        starts: &[i32],
+        homes: Option<&[(usize, usize, &HostMem, &HostMem)]>,
+    ) -> Result<()> {
+        let found;
+        let homes = if let Some(h) = homes {
+            h
+        } else {
+            found = self.homes(buf, d.j, d.kb, d.past)?;
+            &found
+        };
+        self.cpu_attention_finish(buf, homes, starts, d.past, (d.p, d.att))?;
+        self.flush_disk(buf, d.j, d.kb, d.past, 1)?;
+        let visit = fused::Visit { att: d.att, ..buf.visit(d.x, d.rows, d.kb, None) };
+        let h = self.dims().0;
+        // SAFETY: the layer arena at `d.w` stays staged until the layer's `freed` event, which
+        // is recorded after every visit of the layer is finished; this executor's buffers.
+        unsafe {
+            fused::attention_out_and_mlp(&self.gpu, &self.model.spec, &self.layout, d.w, &visit)
+        }?;
+        self.hidden_out(buf, d.kb, d.rows * h, d.slot)
     }
 }

@@ -63,6 +63,7 @@ mod visits;
 mod weights;
 
 use buffers::{PackedKv, RunBuffers};
+use layer::Deferred;
 pub(crate) use visits::Prefetch;
 use visits::visit_order;
 use weights::Reader;
@@ -123,6 +124,8 @@ pub struct CudaStage<'m> {
     staged: [CudaEvent; 2],
     /// Recorded on the compute stream before a prefetch: the copy stream waits for it.
     mark: CudaEvent,
+    /// Recorded after the copies of CPU attention's inputs into pinned staging `p`.
+    cpu_in: [CudaEvent; 2],
     layout: LayerLayout,
     /// With `compress_weight`: the packed form of each arena, which the tiers hold and move.
     packed: Option<PackedLayout>,
@@ -153,7 +156,10 @@ pub struct CudaStage<'m> {
     act_on_gpu: bool,
     embed: GpuTensor,
     pos_embed: Option<GpuTensor>,
-    final_norm: (GpuTensor, GpuTensor),
+    /// The rotary inverse frequencies (`[hd/2]` f32) of a family with rotary positions.
+    inv_freq: Option<CudaSlice<f32>>,
+    /// The final norm's weight and, for `LayerNorm`, bias.
+    final_norm: (GpuTensor, Option<GpuTensor>),
     lm_head: Option<GpuTensor>,
     layers: Vec<LayerHome>,
     disk: Option<DiskPart>,
@@ -241,9 +247,6 @@ impl<'m> CudaStage<'m> {
             ));
         }
         let spec = &model.spec;
-        if spec.num_kv_heads != spec.num_heads {
-            return Err(refuse("model", "grouped-query attention"));
-        }
         let (rows, [gpu_rows, _, disk_rows]) = memory::cache_rows(spec, &policy);
         if disk_rows > 0 && policy.compress_cache.enabled {
             return Err(refuse("placement.kv_cache.disk", "a compressed KV cache on disk"));
@@ -322,18 +325,24 @@ impl<'m> CudaStage<'m> {
         let up = |t: &flexgen_tensor::Tensor| gpu.upload(t).map_err(cuda);
         let embed = up(&w.token_embedding)?;
         let pos_embed = w.position_embedding.as_ref().map(up).transpose()?;
-        let final_norm = (
-            up(&w.final_norm.weight)?,
-            up(w.final_norm.bias.as_ref().ok_or_else(|| Error::Config {
-                field: "model",
-                message: "the final LayerNorm has no bias".into(),
-            })?)?,
-        );
+        let final_norm =
+            (up(&w.final_norm.weight)?, w.final_norm.bias.as_ref().map(up).transpose()?);
+        let inv_freq = match &spec.positions {
+            flexgen_policy::PositionKind::Rope { .. } => {
+                // f32, as Hugging Face multiplies positions by them.
+                #[expect(clippy::cast_possible_truncation, reason = "f32 as the reference")]
+                let f: Vec<f32> =
+                    spec.positions.inv_freq(spec.head_dim()).iter().map(|&f| f as f32).collect();
+                Some(gpu.stream.clone_htod(&f).map_err(drv)?)
+            }
+            flexgen_policy::PositionKind::Learned { .. } => None,
+        };
         let lm_head = w.lm_head.as_ref().map(up).transpose()?;
         let loaded = [new_event(&gpu)?, new_event(&gpu)?];
         let freed = [new_event(&gpu)?, new_event(&gpu)?];
         let staged = [new_event(&gpu)?, new_event(&gpu)?];
         let mark = new_event(&gpu)?;
+        let cpu_in = [new_event(&gpu)?, new_event(&gpu)?];
         let mut this = Self {
             model,
             policy,
@@ -343,6 +352,7 @@ impl<'m> CudaStage<'m> {
             prefetch,
             staged,
             mark,
+            cpu_in,
             layout,
             packed,
             unit_len,
@@ -359,6 +369,7 @@ impl<'m> CudaStage<'m> {
             act_on_gpu,
             embed,
             pos_embed,
+            inv_freq,
             final_norm,
             lm_head,
             layers: Vec::with_capacity(n_layers),

@@ -92,7 +92,8 @@ impl CudaStage<'_> {
             unsafe { g.last_rows(x, addr(&buf.last), b, t, h) }.map_err(cuda)?;
             addr(&buf.last)
         };
-        let (nw, nb) = (addr(&self.final_norm.0.data), addr(&self.final_norm.1.data));
+        let nw = addr(&self.final_norm.0.data);
+        let nb = self.final_norm.1.as_ref().map_or(0, |b| addr(&b.data));
         // SAFETY: this executor's weights and buffers, sized for these shapes.
         unsafe { fused::norm(g, &self.model.spec, (nw, nb), xs, addr(&buf.hn), b, h) }?;
         let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
@@ -154,7 +155,7 @@ impl CudaStage<'_> {
         let mut out = vec![0u32; b];
         for (tt, past) in [(t, 0), (1, t)] {
             self.embed_batch(buf, 0, b * tt)?;
-            self.layer(w, 0, 0, buf, &starts, b, tt, past, (0, Prefetch::default()))?;
+            self.layer(w, 0, 0, buf, &starts, b, tt, past, (0, Prefetch::default()), false)?;
             self.next_tokens(buf, 0, (b, tt), &mut out, false)?;
         }
         self.freed[0].record(st).map_err(drv)?;
@@ -246,6 +247,10 @@ impl CudaStage<'_> {
             for j in 0..n_layers {
                 let slot = pass % 2;
                 let w = self.layer_weights(j, slot)?;
+                // A deferred visit is finished once the next one is queued (CPU attention of
+                // batch kb beside the GPU's work on batch kb + 1).
+                let mut pending: Option<Deferred> = None;
+                let defer = tt == 1 && self.defers_cpu_attention();
                 for (kb, starts) in starts_host.iter().enumerate() {
                     let (vs, first, next) = visit_order((j, kb), (n_layers, k));
                     let staged = if first { Prefetch::default() } else { ahead };
@@ -255,7 +260,17 @@ impl CudaStage<'_> {
                     if let Some(next) = next {
                         self.prefetch_visit(buf, next, (b * tt * h, past), 1 - vs)?;
                     }
-                    self.layer(w, j, kb, buf, starts, b, tt, past, (vs, staged))?;
+                    let rest =
+                        self.layer(w, j, kb, buf, starts, b, tt, past, (vs, staged), defer)?;
+                    if let Some(d) = pending.take() {
+                        let kd = d.kb;
+                        self.finish_visit(buf, &d, &starts_host[kd], None)?;
+                    }
+                    pending = rest;
+                }
+                if let Some(d) = pending.take() {
+                    let kd = d.kb;
+                    self.finish_visit(buf, &d, &starts_host[kd], None)?;
                 }
                 if offloaded {
                     self.freed[slot].record(st).map_err(drv)?;

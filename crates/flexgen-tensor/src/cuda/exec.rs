@@ -174,7 +174,7 @@ impl Gemm {
     }
 }
 
-fn i64_of(v: usize) -> i64 {
+pub(super) fn i64_of(v: usize) -> i64 {
     i64::try_from(v).expect("stride fits in i64")
 }
 
@@ -307,10 +307,66 @@ impl Gpu {
         h: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
-        let hi = dim(h);
+        // SAFETY: the caller's contract.
+        unsafe { self.norm_raw(x, w, Some(b), y, (n, h), eps) }
+    }
+
+    /// RMSNorm of `n` rows of `h` values: `x` → `y` (weight `w`, no bias).
+    ///
+    /// # Safety
+    /// As [`Gpu::layer_norm_raw`].
+    pub unsafe fn rms_norm_raw(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        n: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.norm_raw(x, w, None, y, (n, h), eps) }
+    }
+
+    /// The one norm kernel: LayerNorm with a bias, RMSNorm without.
+    unsafe fn norm_raw(
+        &self,
+        x: u64,
+        w: u64,
+        b: Option<u64>,
+        y: u64,
+        (n, h): (usize, usize),
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let (hi, rms) = (dim(h), i32::from(b.is_none()));
+        let b = b.unwrap_or(0);
         let mut l = self.stream.launch_builder(&self.layer_norm);
-        l.arg(&x).arg(&w).arg(&b).arg(&y).arg(&hi).arg(&eps);
-        // SAFETY: one block per row of h values.
+        l.arg(&x).arg(&w).arg(&b).arg(&y).arg(&hi).arg(&eps).arg(&rms);
+        // SAFETY: one block per row of h values (the kernel reads no bias for RMSNorm).
+        unsafe { l.launch(rows(n))? };
+        Ok(())
+    }
+
+    /// SwiGLU's product over `n` rows: `out[r, j] = silu(g[r, j]) · u[r, j]` for `j < f`, rows
+    /// of `g` and `u` `ld` apart and of `out` `ld_out` apart (in place where `out = g`).
+    ///
+    /// # Safety
+    /// As [`Gpu::layer_norm_raw`].
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
+    pub unsafe fn silu_mul_raw(
+        &self,
+        g: u64,
+        u: u64,
+        out: u64,
+        n: usize,
+        f: usize,
+        ld: usize,
+        ld_out: usize,
+    ) -> Result<(), CudaError> {
+        let (fi, ldi, ldo) = (dim(f), dim(ld), dim(ld_out));
+        let mut l = self.stream.launch_builder(&self.silu_mul);
+        l.arg(&g).arg(&u).arg(&out).arg(&fi).arg(&ldi).arg(&ldo);
+        // SAFETY: one block per row; each value is read before the same thread writes it.
         unsafe { l.launch(rows(n))? };
         Ok(())
     }
@@ -338,7 +394,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// Splits the fused q/k/v GEMM output `y [b·t, h + 2·kv]` (adding `bias`): q·`scale` to
+    /// Splits the fused q/k/v GEMM output `y [b·t, h + 2·kv]` (adding `bias` where given, rotating
+    /// q and k by `rope` = (positions `[b·t]` u32, inverse frequencies `[hd/2]` f32) where given): q·`scale` to
     /// `q [b, nh, t, hd]`; k and v of the first `new.gpu_rows` (sequence, head) rows to positions
     /// `past..past + t` of the caches `[gpu_rows, cap, hd]`, of the other rows to positions
     /// `new.past..new.past + t` of `new.k`/`new.v` (`[rows − gpu_rows, new.cap, hd]`).
@@ -352,7 +409,7 @@ impl Gpu {
     pub unsafe fn qkv_split(
         &self,
         y: u64,
-        bias: u64,
+        (bias, rope): (Option<u64>, Option<(u64, u64)>),
         q: u64,
         kc: u64,
         vc: u64,
@@ -365,8 +422,18 @@ impl Gpu {
         let (t, nh, nkv, hd, cap, past) =
             (dim(d.t), dim(d.nh), dim(d.nkv), dim(d.hd), dim(d.cap), dim(d.past));
         let (gr, ncap, npast) = (dim(new.gpu_rows), dim(new.cap), dim(new.past));
+        let bias = bias.unwrap_or(0);
+        let (pos, inv_freq) = rope.unwrap_or((0, 0));
         let mut l = self.stream.launch_builder(&self.qkv_split);
-        l.arg(&y).arg(&bias).arg(&q).arg(&kc).arg(&vc).arg(&new.k).arg(&new.v);
+        l.arg(&y)
+            .arg(&bias)
+            .arg(&pos)
+            .arg(&inv_freq)
+            .arg(&q)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&new.k)
+            .arg(&new.v);
         l.arg(&gr).arg(&ncap).arg(&npast);
         l.arg(&t).arg(&nh).arg(&nkv).arg(&hd).arg(&cap).arg(&past).arg(&scale);
         // SAFETY: one block per row of y; every write lands inside q, the caches or the new-row
@@ -375,7 +442,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// Prefill attention of the (sequence, head) rows `rows` over caches laid out
+    /// Prefill attention of the (sequence, kv head) cache rows `rows` (with their `nh / nkv` query
+    /// heads each) over caches laid out
     /// `[rows.len(), stride, hd]` (relative to `rows.start`) that hold `past + t` positions:
     /// scores by a batched GEMM into `scores` (`rows.len()·t·(past + t)` values), the causal,
     /// left-padding softmax (`start[b]` = first real position), the context into
@@ -399,56 +467,60 @@ impl Gpu {
         d: AttnDims,
         rows_: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
-        assert_eq!(d.nh, d.nkv, "grouped-query attention is not implemented");
+        assert!(d.nkv > 0 && d.nh.is_multiple_of(d.nkv), "query heads in whole groups");
+        let rep = d.nh / d.nkv;
         let s = d.past + d.t;
         let n = rows_.len();
         if n == 0 {
             return Ok(());
         }
-        let (q, ctx) = (at(q, rows_.start * d.t * d.hd), at(ctx, rows_.start * d.t * d.hd));
+        // The rep query heads of one kv row are adjacent in q [b, nh, t, hd]: one GEMM of
+        // rep·t query rows per kv row.
+        let m = rep * d.t;
+        let (q, ctx) = (at(q, rows_.start * m * d.hd), at(ctx, rows_.start * m * d.hd));
         // SAFETY: the caller's addresses, at the caller's shapes (this fn's contract).
         unsafe {
             self.gemm(&Gemm {
                 batch: n,
-                m: d.t,
+                m,
                 n: s,
                 k: d.hd,
                 a: q,
                 lda: d.hd,
-                sa: d.t * d.hd,
+                sa: m * d.hd,
                 b: kc,
                 ldb: d.hd,
                 sb: stride * d.hd,
                 b_t: true,
                 c: scores,
                 ldc: s,
-                sc: d.t * s,
+                sc: m * s,
                 beta: 0.0,
             })
         }?;
         let (nh, t, cols, past, row0) =
-            (dim(d.nh), dim(d.t), dim(s), dim(d.past), dim(rows_.start));
+            (dim(d.nh), dim(d.t), dim(s), dim(d.past), dim(rows_.start * rep));
         let mut l = self.stream.launch_builder(&self.causal_softmax);
         l.arg(&scores).arg(&start).arg(&nh).arg(&t).arg(&cols).arg(&past).arg(&row0);
-        // SAFETY: one block per (row, query) of s scores.
-        unsafe { l.launch(rows(n * d.t))? };
+        // SAFETY: one block per (query row, query) of s scores.
+        unsafe { l.launch(rows(n * m))? };
         // SAFETY: the caller's addresses, at the caller's shapes (this fn's contract).
         unsafe {
             self.gemm(&Gemm {
                 batch: n,
-                m: d.t,
+                m,
                 n: d.hd,
                 k: s,
                 a: scores,
                 lda: s,
-                sa: d.t * s,
+                sa: m * s,
                 b: vc,
                 ldb: d.hd,
                 sb: stride * d.hd,
                 b_t: false,
                 c: ctx,
                 ldc: d.hd,
-                sc: d.t * d.hd,
+                sc: m * d.hd,
                 beta: 0.0,
             })
         }
@@ -488,9 +560,10 @@ impl Gpu {
         Ok(())
     }
 
-    /// Attention of one new position per sequence (decode) for the (sequence, head) rows
-    /// `rows`, over caches `[rows.len(), cap, hd]` (relative to `rows.start`) holding `past + 1`
-    /// positions: `q [b·nh, hd]` → `out [b·nh, hd]` (= `[b, nh·hd]`), at those rows.
+    /// Attention of one new position per sequence (decode) for the (sequence, kv head) cache rows
+    /// `rows` and their `nh / nkv` query heads each, over caches `[rows.len(), cap, hd]` (relative
+    /// to `rows.start`) holding `past + 1` positions: `q [b·nh, hd]` → `out [b·nh, hd]` (=
+    /// `[b, nh·hd]`), at those rows' query rows.
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -509,23 +582,26 @@ impl Gpu {
         d: AttnDims,
         rows_: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
-        assert!(d.t == 1 && d.hd <= 256 && d.nh == d.nkv, "one query, head size ≤ 256");
+        assert!(d.t == 1 && d.hd <= 256, "one query, head size ≤ 256");
+        assert!(d.nkv > 0 && d.nh.is_multiple_of(d.nkv), "query heads in whole groups");
         if rows_.is_empty() {
             return Ok(());
         }
+        let rep = d.nh / d.nkv;
         let s = d.past + 1;
         let warps = 4;
         let shared = u32::try_from((s + warps * d.hd) * 4).expect("fits");
         let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(rows_.len()).expect("fits"), 1, 1),
+            grid_dim: (u32::try_from(rows_.len() * rep).expect("fits"), 1, 1),
             block_dim: (32 * u32::try_from(warps).expect("4"), 1, 1),
             shared_mem_bytes: shared,
         };
-        let (nh, hd, capi, si, row0) = (dim(d.nh), dim(d.hd), dim(cap), dim(s), dim(rows_.start));
+        let (nh, hd, capi, si) = (dim(d.nh), dim(d.hd), dim(cap), dim(s));
+        let (row0, repi) = (dim(rows_.start * rep), dim(rep));
         let mut l = self.stream.launch_builder(&self.decode_attention);
         l.arg(&q).arg(&kc).arg(&vc).arg(&start).arg(&out);
-        l.arg(&nh).arg(&hd).arg(&capi).arg(&si).arg(&row0);
-        // SAFETY: one block per row; reads s ≤ cap positions of its cache row.
+        l.arg(&nh).arg(&hd).arg(&capi).arg(&si).arg(&row0).arg(&repi);
+        // SAFETY: one block per query row; reads s ≤ cap positions of its kv row.
         unsafe { l.launch(cfg)? };
         Ok(())
     }

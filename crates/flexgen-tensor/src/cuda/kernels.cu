@@ -39,19 +39,70 @@ extern "C" __global__ void embed(const unsigned int* ids, const unsigned int* po
     }
 }
 
-// LayerNorm of each row of h values; one block per row.
-extern "C" __global__ void layer_norm(const half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps) {
+// LayerNorm (rms = 0: mean and variance, weight and bias) or RMSNorm (rms != 0: root mean square,
+// weight only) of each row of h values; one block per row.
+extern "C" __global__ void layer_norm(const half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps, int rms) {
     __shared__ float sh[32];
     const half_t* xr = x + (size_t)blockIdx.x * h;
     half_t* yr = y + (size_t)blockIdx.x * h;
-    float s = 0.f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) s += h2f(xr[i]);
-    float mean = block_reduce(s, sh, false) / h;
+    float mean = 0.f;
+    if (!rms) {
+        float s = 0.f;
+        for (int i = threadIdx.x; i < h; i += blockDim.x) s += h2f(xr[i]);
+        mean = block_reduce(s, sh, false) / h;
+    }
     float v = 0.f;
     for (int i = threadIdx.x; i < h; i += blockDim.x) { float d = h2f(xr[i]) - mean; v += d * d; }
     float inv = rsqrtf(block_reduce(v, sh, false) / h + eps);
     for (int i = threadIdx.x; i < h; i += blockDim.x)
-        yr[i] = f2h((h2f(xr[i]) - mean) * inv * h2f(w[i]) + h2f(b[i]));
+        yr[i] = f2h((h2f(xr[i]) - mean) * inv * h2f(w[i]) + (rms ? 0.f : h2f(b[i])));
+}
+
+// Rotary position embedding (Hugging Face's rotate_half convention) of value d of a head of hd
+// values: v the value, p its partner (value d + hd/2 for the first half, d − hd/2 for the second),
+// c and s the cosine and sine of its angle.
+__device__ __forceinline__ float rotate(float v, float p, int d, int hd, float c, float s) {
+    return d < hd / 2 ? v * c - p * s : v * c + p * s;
+}
+
+// y = x rotated by the tables cos, sin [b, 1, t, hd]: x [b, n, t, hd]. One block per (b, n, t) row.
+extern "C" __global__ void rotary(const half_t* x, const half_t* cos_t, const half_t* sin_t, half_t* y, int n, int t, int hd) {
+    size_t row = blockIdx.x;
+    size_t ti = row % t, bi = row / ((size_t)n * t);
+    const half_t* xr = x + row * hd;
+    const half_t* cr = cos_t + (bi * t + ti) * hd;
+    const half_t* sr = sin_t + (bi * t + ti) * hd;
+    int half = hd / 2;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        int pd = d < half ? d + half : d - half;
+        y[row * hd + d] = f2h(rotate(h2f(xr[d]), h2f(xr[pd]), d, hd, h2f(cr[d]), h2f(sr[d])));
+    }
+}
+
+// y [b, nkv·rep, s, hd] from x [b, nkv, s, hd]: each head repeated rep times (grouped-query
+// attention). One block per y row.
+extern "C" __global__ void repeat_heads(const half_t* x, half_t* y, int nkv, int rep, int s, int hd) {
+    size_t row = blockIdx.x;
+    int si = row % s;
+    size_t bh = row / s;
+    int hh = bh % (nkv * rep);
+    size_t bi = bh / (nkv * rep);
+    const half_t* xr = x + ((bi * nkv + hh / rep) * s + si) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) y[row * hd + d] = xr[d];
+}
+
+// SwiGLU: out[r, j] = silu(g[r, j]) · u[r, j] for j < f, rows of g and u ld apart, of out ld_out
+// apart. In place (out = g, ld_out = ld) is allowed: each value is read before it is written, by
+// the same thread. One block per row.
+extern "C" __global__ void silu_mul(const half_t* g, const half_t* u, half_t* out, int f, int ld, int ld_out) {
+    size_t r = blockIdx.x;
+    const half_t* gr = g + r * ld;
+    const half_t* ur = u + r * ld;
+    half_t* o = out + r * ld_out;
+    for (int j = threadIdx.x; j < f; j += blockDim.x) {
+        float a = h2f(gr[j]);
+        o[j] = f2h(a / (1.f + __expf(-a)) * h2f(ur[j]));
+    }
 }
 
 // y[r, c] = act(y[r, c] + b[c]); act = ReLU when relu != 0. One block per row r.
@@ -119,18 +170,30 @@ extern "C" __global__ void slice_axis1(const half_t* x, half_t* y, int a, int n,
 
 // ---- Fused operations of the offloading executor ----
 
-// y: the [rows = b·t, h + 2·kv] output of the fused q/k/v GEMM. Adds the bias, writes q·scale to
-// q [b, nh, t, hd], and k and v of (sequence, head) row r = bi·nkv + head: rows r < gpu_rows into
-// the caches [gpu_rows, cap, hd] at position past + (row % t), the other rows into kn/vn
-// [rows − gpu_rows, ncap, hd] at position npast + (row % t). One block per row of y.
-extern "C" __global__ void qkv_split(const half_t* y, const half_t* bias, half_t* q, half_t* kc, half_t* vc,
+// y: the [rows = b·t, h + 2·kv] output of the fused q/k/v GEMM. Adds the bias (none when null),
+// rotates q and k by their positions (pos [rows], inv_freq [hd/2]; no rotation when inv_freq is
+// null), writes q·scale to q [b, nh, t, hd], and k and v of (sequence, kv head) row r = bi·nkv +
+// head: rows r < gpu_rows into the caches [gpu_rows, cap, hd] at position past + (row % t), the
+// other rows into kn/vn [rows − gpu_rows, ncap, hd] at position npast + (row % t). One block per
+// row of y.
+extern "C" __global__ void qkv_split(const half_t* y, const half_t* bias, const unsigned int* pos, const float* inv_freq,
+                                     half_t* q, half_t* kc, half_t* vc,
                                      half_t* kn, half_t* vn, int gpu_rows, int ncap, int npast,
                                      int t, int nh, int nkv, int hd, int cap, int past, float scale) {
     int row = blockIdx.x, bi = row / t, ti = row % t;
-    int h = nh * hd, kv = nkv * hd, w = h + 2 * kv;
+    int h = nh * hd, kv = nkv * hd, w = h + 2 * kv, half = hd / 2;
     const half_t* yr = y + (size_t)row * w;
+    unsigned int p = inv_freq ? pos[row] : 0;
     for (int c = threadIdx.x; c < w; c += blockDim.x) {
-        float v = h2f(yr[c]) + h2f(bias[c]);
+        float v = h2f(yr[c]) + (bias ? h2f(bias[c]) : 0.f);
+        if (inv_freq && c < h + kv) {
+            int d = c % hd;
+            int pc = c - d + (d < half ? d + half : d - half);
+            float pv = h2f(yr[pc]) + (bias ? h2f(bias[pc]) : 0.f);
+            float c, sn;
+            sincosf((float)p * inv_freq[d % half], &sn, &c);
+            v = rotate(v, pv, d, hd, c, sn);
+        }
         if (c < h) {
             int hh = c / hd, d = c % hd;
             q[(((size_t)bi * nh + hh) * t + ti) * hd + d] = f2h(v * scale);
@@ -171,22 +234,24 @@ extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, i
         sr[j] = f2h((j >= lo && j <= hi) ? __expf(h2f(sr[j]) - m) * inv : 0.f);
 }
 
-// Attention of one new token per sequence for (sequence, head) rows row0, row0 + 1, …: q [rows, hd]
-// (already scaled; row r at q + r·hd), caches [rows − row0, cap, hd] (relative to row0) holding s
-// positions, of which sequence bi sees start[bi]..s-1; out row r at out + r·hd (heads merged).
+// Attention of one new token per sequence for the query (sequence, head) rows row0, row0 + 1, …:
+// q [rows, hd] (already scaled; row r at q + r·hd), caches of (sequence, kv head) rows, rep query
+// heads per kv head (grouped-query attention; query row r reads kv row r / rep), laid out
+// [.., cap, hd] from kv row row0 / rep, holding s positions, of which sequence bi sees
+// start[bi]..s-1; out row r at out + r·hd (heads merged).
 // One block (a few warps) per row; warps take keys in turn, each lane `per` contiguous values of
 // the head. Dynamic shared memory: s + warps·hd floats.
 #define MAXPER 8
 extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, const half_t* vc, const int* start,
-                                            half_t* out, int nh, int hd, int cap, int s, int row0) {
+                                            half_t* out, int nh, int hd, int cap, int s, int row0, int rep) {
     extern __shared__ float sm[];
     __shared__ float red[32];
     int bh = row0 + blockIdx.x, bi = bh / nh;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int per = (hd + 31) / 32;
     const half_t* qr = q + (size_t)bh * hd;
-    const half_t* K = kc + (size_t)blockIdx.x * cap * hd;
-    const half_t* V = vc + (size_t)blockIdx.x * cap * hd;
+    const half_t* K = kc + (size_t)(blockIdx.x / rep) * cap * hd;
+    const half_t* V = vc + (size_t)(blockIdx.x / rep) * cap * hd;
     float qv[MAXPER];
 #pragma unroll
     for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; qv[i] = (i < per && d < hd) ? h2f(qr[d]) : 0.f; }

@@ -31,9 +31,6 @@ pub enum CudaError {
     /// A host-side tensor could not be read or built.
     #[error("host tensor: {0}")]
     Host(String),
-    /// An operation this build has no GPU kernel for yet.
-    #[error("{0} on the GPU is not implemented yet (issue 17); run with --device cpu")]
-    Unsupported(&'static str),
     /// The machine has no CUDA device with this ordinal.
     #[error("no CUDA device {ordinal} (found {count})")]
     NoDevice { ordinal: usize, count: i32 },

@@ -9,7 +9,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::exec::addr;
+use super::exec::{addr, i64_of};
 use super::{CudaContext, CudaError, CudaSlice, CudaStream, dim};
 use crate::Tensor;
 
@@ -58,6 +58,9 @@ pub struct Gpu {
     pub(super) dequant_dim0: CudaFunction,
     pub(super) dequant_cache: CudaFunction,
     pub(super) quant_cache: CudaFunction,
+    pub(super) silu_mul: CudaFunction,
+    rotary: CudaFunction,
+    repeat_heads: CudaFunction,
 }
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -86,10 +89,6 @@ pub(super) fn rows(n: usize) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-fn i64_of(n: usize) -> i64 {
-    i64::try_from(n).expect("size fits in i64")
 }
 
 impl Gpu {
@@ -124,6 +123,9 @@ impl Gpu {
             dequant_dim0: f("dequant_dim0")?,
             dequant_cache: f("dequant_cache")?,
             quant_cache: f("quant_cache")?,
+            silu_mul: f("silu_mul")?,
+            rotary: f("rotary")?,
+            repeat_heads: f("repeat_heads")?,
             _module: module,
             ctx,
             stream,
@@ -379,25 +381,58 @@ impl crate::backend::Backend for Gpu {
         Gpu::layer_norm(self, x, w, b, eps)
     }
 
-    fn rms_norm(&self, _x: &GpuTensor, _w: &GpuTensor, _eps: f64) -> Result<GpuTensor, CudaError> {
-        Err(CudaError::Unsupported("RMSNorm"))
+    fn rms_norm(&self, x: &GpuTensor, w: &GpuTensor, eps: f64) -> Result<GpuTensor, CudaError> {
+        let h = *x.shape.last().expect("non-empty shape");
+        let y = self.output(&x.shape)?;
+        #[expect(clippy::cast_possible_truncation, reason = "eps is a small float")]
+        let eps = eps as f32;
+        let (xa, wa, ya) = (addr(&x.data), addr(&w.data), addr(&y.data));
+        // SAFETY: addresses of these tensors; y has x's shape.
+        unsafe { self.rms_norm_raw(xa, wa, ya, x.elem_count() / h, h, eps) }?;
+        Ok(y)
     }
 
     fn rotary(
         &self,
-        _x: &GpuTensor,
-        _cos: &GpuTensor,
-        _sin: &GpuTensor,
+        x: &GpuTensor,
+        cos: &GpuTensor,
+        sin: &GpuTensor,
     ) -> Result<GpuTensor, CudaError> {
-        Err(CudaError::Unsupported("rotary positions"))
+        let [b, n, t, hd] = <[usize; 4]>::try_from(x.shape.as_slice()).expect("[b, n, t, hd]");
+        assert!(cos.shape == [b, 1, t, hd] && sin.shape == cos.shape, "tables [b, 1, t, hd]");
+        let mut y = self.output(&x.shape)?;
+        let (ni, ti, hdi) = (dim(n), dim(t), dim(hd));
+        let mut l = self.stream.launch_builder(&self.rotary);
+        l.arg(&x.data).arg(&cos.data).arg(&sin.data).arg(&mut y.data);
+        l.arg(&ni).arg(&ti).arg(&hdi);
+        // SAFETY: one block per (b, n, t) row of hd values; the tables' shapes checked above.
+        unsafe { l.launch(rows(b * n * t))? };
+        Ok(y)
     }
 
-    fn repeat_heads(&self, _x: &GpuTensor, _rep: usize) -> Result<GpuTensor, CudaError> {
-        Err(CudaError::Unsupported("grouped-query attention"))
+    fn repeat_heads(&self, x: &GpuTensor, rep: usize) -> Result<GpuTensor, CudaError> {
+        let [b, nkv, s, hd] = <[usize; 4]>::try_from(x.shape.as_slice()).expect("4-d");
+        if rep == 1 {
+            return Ok(GpuTensor { data: x.data.clone(), shape: x.shape.clone() });
+        }
+        let mut y = self.output(&[b, nkv * rep, s, hd])?;
+        let (ni, ri, si, hdi) = (dim(nkv), dim(rep), dim(s), dim(hd));
+        let mut l = self.stream.launch_builder(&self.repeat_heads);
+        l.arg(&x.data).arg(&mut y.data).arg(&ni).arg(&ri).arg(&si).arg(&hdi);
+        // SAFETY: one block per y row of hd values, reading a row of x.
+        unsafe { l.launch(rows(b * nkv * rep * s))? };
+        Ok(y)
     }
 
-    fn silu_mul(&self, _gate: &GpuTensor, _up: &GpuTensor) -> Result<GpuTensor, CudaError> {
-        Err(CudaError::Unsupported("the SwiGLU MLP"))
+    fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<GpuTensor, CudaError> {
+        assert_eq!(gate.shape, up.shape, "gate and up have one shape");
+        let f = *gate.shape.last().expect("non-empty shape");
+        let n = gate.elem_count() / f;
+        let y = self.output(&gate.shape)?;
+        let (g, u) = (addr(&gate.data), addr(&up.data));
+        // SAFETY: n rows of f values in each buffer; y has gate's shape.
+        unsafe { self.silu_mul_raw(g, u, addr(&y.data), n, f, f, f) }?;
+        Ok(y)
     }
 
     fn tensor(&self, data: Vec<f32>, shape: &[usize]) -> Result<GpuTensor, CudaError> {
@@ -470,5 +505,24 @@ impl crate::backend::Backend for Gpu {
 
     fn to_cpu(&self, x: &GpuTensor) -> Result<Tensor, CudaError> {
         self.download(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel `Gpu::new` loads is defined in kernels.cu (a missing one fails on the GPU
+    /// machine only, at start-up, as "named symbol not found").
+    #[test]
+    fn every_loaded_kernel_is_defined() {
+        let src = include_str!("ops.rs");
+        let names: Vec<&str> =
+            src.split("f(\"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        assert!(names.len() >= 18, "{names:?}");
+        for n in names {
+            assert!(
+                super::KERNELS.contains(&format!("__global__ void {n}(")),
+                "kernel {n} is loaded but not defined in kernels.cu"
+            );
+        }
     }
 }
