@@ -7,14 +7,17 @@
 - `tiny-random-mistral`: Mistral — one key/value head for four query heads, untied head;
 - `tiny-random-qwen2`: Qwen2 — q/k/v biases, tied embeddings;
 - `tiny-random-llama-bf16`: the Llama above stored in bfloat16, as published checkpoints are
-  (its golden files are transformers' fp32 computation from those bf16 weights).
+  (its golden files are transformers' fp32 computation from those bf16 weights);
+- `tiny-random-opt-350m`: OPT-350M's structure — embeddings narrower than the hidden size
+  (`word_embed_proj_dim` 32, projected in to 64 and out again before the tied LM head) and
+  LayerNorm after each residual (`do_layer_norm_before` false, no final LayerNorm).
 
 Each is 2 layers, 64 wide, seeded random fp32 weights in the Hugging Face layout (config.json,
 model.safetensors) with the tiny OPT's tokenizer.json, and golden files of what transformers
 computes from exactly these files (CPU, fp32, eager attention): prefill logits, per-step logits and
 greedy tokens for single prompts and for a left-padded batch, as make_models.py writes for OPT.
 
-    python3 xtask/scripts/make_llama_models.py [--out crates/flexgen-model/test_data]
+    python3 xtask/scripts/make_llama_models.py [--out crates/flexgen-model/test_data] [--only NAME]
 """
 import argparse
 import json
@@ -24,7 +27,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 PAD, BOS, EOS = 1, 2, 2
 PROMPTS = [
@@ -51,6 +54,13 @@ def configs(vocab):
             sliding_window=None),
         "tiny-random-qwen2": Qwen2Config(
             **common, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0),
+        # Last, so that the models above keep their seeds.
+        "tiny-random-opt-350m": OPTConfig(
+            vocab_size=vocab, hidden_size=64, ffn_dim=160, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
+            do_layer_norm_before=False, enable_bias=True, activation_function="relu",
+            tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+            dropout=0.0, attention_dropout=0.0),
     }
 
 
@@ -103,11 +113,14 @@ def golden(out_dir, tok):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="crates/flexgen-model/test_data")
+    ap.add_argument("--only", help="write only this model (its seed is unchanged)")
     a = ap.parse_args()
     tok_path = os.path.join(a.out, "tiny-random-opt", "tokenizer.json")
     tok = Tokenizer.from_file(tok_path)
     torch.manual_seed(0)
     for seed, (name, cfg) in enumerate(configs(tok.get_vocab_size()).items()):
+        if a.only and name != a.only:
+            continue
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
         randomize(model, 4321 + seed)
         out_dir = os.path.join(a.out, name)

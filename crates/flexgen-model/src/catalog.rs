@@ -47,6 +47,7 @@ pub fn opt_spec(
         bias: true,
         qkv_bias: false,
         tie_embeddings: true,
+        embed_dim: None,
         bos_token_id: Some(2),
         eos_token_id: Some(2),
         pad_token_id: Some(1),
@@ -205,6 +206,7 @@ impl LlamaShape {
             bias: false,
             qkv_bias: self.qkv_bias,
             tie_embeddings: self.tie,
+            embed_dim: None,
             bos_token_id: Some(self.bos),
             eos_token_id: Some(self.eos),
             pad_token_id: None,
@@ -232,19 +234,14 @@ pub fn spec_by_name(name: &str) -> Result<ModelSpec> {
             known: known_names().join(", "),
         });
     };
+    let mut spec = opt_spec(n, layers, hidden, heads, 4 * hidden, 50272, 2048);
     if n == "opt-350m" {
-        return Err(opt_350m_refusal());
+        // Unlike every other size: 512-wide embeddings projected in and out, and LayerNorm after
+        // each residual with no final LayerNorm.
+        spec.embed_dim = Some(512);
+        spec.pre_norm = false;
     }
-    Ok(opt_spec(n, layers, hidden, heads, 4 * hidden, 50272, 2048))
-}
-
-pub(crate) fn opt_350m_refusal() -> Error {
-    Error::Unsupported {
-        what: "OPT-350M is not supported: unlike every other OPT size it projects embeddings \
-               (word_embed_proj_dim 512 → hidden 1024) and applies LayerNorm after attention \
-               (do_layer_norm_before = false); FlexGen refuses it too. Use opt-125m or opt-1.3b."
-            .into(),
-    }
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -273,16 +270,16 @@ mod tests {
     }
 
     #[test]
-    fn every_size_but_350m_has_a_spec() {
+    fn every_size_has_a_spec_and_350m_its_projection_and_post_norm() {
         for name in known_names() {
-            let r = spec_by_name(name);
-            if name == "opt-350m" {
-                assert!(matches!(r, Err(Error::Unsupported { .. })));
-            } else {
-                let s = r.unwrap();
-                assert_eq!(s.hidden_size % s.num_heads, 0);
-            }
+            let s = spec_by_name(name).unwrap();
+            assert_eq!(s.hidden_size % s.num_heads, 0);
+            assert_eq!(s.pre_norm, name != "opt-350m", "{name}");
         }
+        let s = spec_by_name("opt-350m").unwrap();
+        assert_eq!((s.embed_dim, s.hidden_size), (Some(512), 1024));
+        // 331 M parameters, as the published checkpoint has.
+        assert_eq!(s.total_params(), 331_196_416);
     }
 
     #[test]

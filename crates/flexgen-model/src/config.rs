@@ -37,9 +37,10 @@ struct HfOptConfig {
 
 /// The largest value each size field may take: beyond every published model by a wide margin,
 /// so that a damaged file is refused here instead of reaching an allocation.
-const BOUNDS: [(&str, u32); 8] = [
+const BOUNDS: [(&str, u32); 9] = [
     ("num_hidden_layers", 1024),
     ("hidden_size", 65_536),
+    ("word_embed_proj_dim", 65_536),
     ("num_attention_heads", 1024),
     ("num_key_value_heads", 1024),
     ("ffn_dim", 262_144),
@@ -133,19 +134,16 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
     )?;
     debug_assert_eq!(c.model_type, model_type);
     let proj = c.word_embed_proj_dim.unwrap_or(c.hidden_size);
-    if proj != c.hidden_size {
-        return Err(err(
-            "word_embed_proj_dim",
-            format!(
-                "{proj} differs from hidden_size {}: the embedding projection of OPT-350M is not supported",
-                c.hidden_size
-            ),
-        ));
+    check_bounds(path, &[("word_embed_proj_dim", proj)])?;
+    if proj == 0 {
+        return Err(err("word_embed_proj_dim", "must be positive".into()));
     }
-    if !c.do_layer_norm_before || c.remove_final_layer_norm {
+    if c.do_layer_norm_before && c.remove_final_layer_norm {
         return Err(err(
-            "do_layer_norm_before",
-            "post-LayerNorm layers (OPT-350M) are not supported; every other OPT size works".into(),
+            "_remove_final_layer_norm",
+            "pre-LayerNorm layers without a final LayerNorm are not an OPT variant this build \
+             runs (OPT-350M normalizes after each residual: do_layer_norm_before false)"
+                .into(),
         ));
     }
     if c.activation_function != "relu" {
@@ -187,6 +185,9 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
         c.max_position_embeddings,
     );
     spec.tie_embeddings = c.tie_word_embeddings;
+    // OPT-350M: narrower embeddings projected in and out, LayerNorm after each residual.
+    spec.embed_dim = (proj != c.hidden_size).then_some(proj);
+    spec.pre_norm = c.do_layer_norm_before;
     spec.bos_token_id = c.bos_token_id;
     spec.eos_token_id = c.eos_token_id;
     spec.pad_token_id = c.pad_token_id;
@@ -396,6 +397,7 @@ fn llama_spec(text: &str, path: &Path, name: &str, model_type: &str) -> Result<M
         bias: false,
         qkv_bias: model_type == "qwen2" || c.attention_bias,
         tie_embeddings: c.tie_word_embeddings,
+        embed_dim: None,
         bos_token_id: c.bos_token_id.as_ref().and_then(TokenIds::first),
         eos_token_id: c.eos_token_id.as_ref().and_then(TokenIds::first),
         pad_token_id: c.pad_token_id.as_ref().and_then(TokenIds::first),
@@ -434,17 +436,23 @@ mod tests {
     }
 
     #[test]
-    fn refuses_the_350m_variant() {
+    fn reads_the_350m_variant() {
         let text = TINY.replace("\"do_layer_norm_before\":true", "\"do_layer_norm_before\":false");
-        let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
-        assert!(
-            matches!(&e, Error::Config { field, message, .. }
-            if field == "do_layer_norm_before" && message.contains("OPT-350M")),
-            "{e}"
-        );
+        let s = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap();
+        assert!(!s.pre_norm && s.embed_dim.is_none());
         let text = TINY.replace("\"word_embed_proj_dim\":8", "\"word_embed_proj_dim\":4");
+        let s = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap();
+        assert_eq!(s.embed_dim, Some(4));
+        let text = TINY.replace("\"word_embed_proj_dim\":8", "\"word_embed_proj_dim\":0");
         let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
         assert!(matches!(&e, Error::Config { field, .. } if field == "word_embed_proj_dim"), "{e}");
+        let text =
+            TINY.replace("\"do_layer_norm_before\":true", "\"_remove_final_layer_norm\":true");
+        let e = spec_from_config_json(&text, Path::new("c.json"), "t").unwrap_err();
+        assert!(
+            matches!(&e, Error::Config { field, .. } if field == "_remove_final_layer_norm"),
+            "{e}"
+        );
     }
 
     #[test]

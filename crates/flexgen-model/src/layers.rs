@@ -93,13 +93,22 @@ pub fn embed<B: Backend>(
 where
     Error: From<B::Error>,
 {
-    Ok(be.embed(
-        ids,
-        positions,
-        shape,
-        &weights.token_embedding,
-        weights.position_embedding.as_ref(),
-    )?)
+    let Some(project_in) = &weights.project_in else {
+        return Ok(be.embed(
+            ids,
+            positions,
+            shape,
+            &weights.token_embedding,
+            weights.position_embedding.as_ref(),
+        )?);
+    };
+    // OPT-350M: narrower token embeddings projected to the hidden size, then the positions.
+    let tokens = be.embed(ids, positions, shape, &weights.token_embedding, None)?;
+    let x = be.linear(&tokens, project_in, None, false)?;
+    match &weights.position_embedding {
+        Some(table) => Ok(be.add(&x, &be.embed(positions, positions, shape, table, None)?)?),
+        None => Ok(x),
+    }
 }
 
 fn norm<B: Backend>(be: &B, spec: &ModelSpec, n: &Norm<B::T>, x: &B::T) -> Result<B::T>
@@ -168,7 +177,8 @@ where
     Ok(be.linear(x, &l.weight, l.bias.as_ref(), relu)?)
 }
 
-/// The attention half of a layer: `x + out_proj(attention(norm(x)))`. `past` holds the keys and
+/// The attention half of a layer: `x + out_proj(attention(norm(x)))`, or for post-norm layers
+/// (OPT-350M) `norm(x + out_proj(attention(x)))`. `past` holds the keys and
 /// values of earlier positions; `step` masks what each query may see (`s` = past + t) and holds
 /// the rotary tables where the family rotates q and k. Returns the new hidden state and the
 /// keys/values of the `t` new positions (k rotated, as caches hold them).
@@ -185,14 +195,20 @@ where
 {
     let nh = spec.num_heads as usize;
     let nkv = spec.num_kv_heads as usize;
-    let h = norm(be, spec, &w.attn_norm, x)?;
-    let mut q = be.split_heads(&linear(be, &w.q, &h, false)?, nh)?;
-    let mut k = be.split_heads(&linear(be, &w.k, &h, false)?, nkv)?;
+    let normed;
+    let h = if spec.pre_norm {
+        normed = norm(be, spec, &w.attn_norm, x)?;
+        &normed
+    } else {
+        x
+    };
+    let mut q = be.split_heads(&linear(be, &w.q, h, false)?, nh)?;
+    let mut k = be.split_heads(&linear(be, &w.k, h, false)?, nkv)?;
     if let Some((cos, sin)) = &step.rotary {
         q = be.rotary(&q, cos, sin)?;
         k = be.rotary(&k, cos, sin)?;
     }
-    let new = Kv { k, v: be.split_heads(&linear(be, &w.v, &h, false)?, nkv)? };
+    let new = Kv { k, v: be.split_heads(&linear(be, &w.v, h, false)?, nkv)? };
     let joined;
     let all = match past {
         Some(p) => {
@@ -210,10 +226,11 @@ where
         be.attention(&q, &k, &v, &step.bias, scale)?
     };
     let out = linear(be, &w.o, &be.merge_heads(&a)?, false)?;
-    Ok((be.add(x, &out)?, new))
+    let y = be.add(x, &out)?;
+    if spec.pre_norm { Ok((y, new)) } else { Ok((norm(be, spec, &w.attn_norm, &y)?, new)) }
 }
 
-/// The MLP half of a layer: `x + mlp(norm(x))`.
+/// The MLP half of a layer: `x + mlp(norm(x))`, or `norm(x + mlp(x))` for post-norm layers.
 pub fn mlp_block<B: Backend>(
     be: &B,
     spec: &ModelSpec,
@@ -223,15 +240,22 @@ pub fn mlp_block<B: Backend>(
 where
     Error: From<B::Error>,
 {
-    let h = norm(be, spec, &w.mlp_norm, x)?;
+    let normed;
+    let h = if spec.pre_norm {
+        normed = norm(be, spec, &w.mlp_norm, x)?;
+        &normed
+    } else {
+        x
+    };
     let y = match &w.mlp {
-        Mlp::Relu { fc1, fc2 } => linear(be, fc2, &linear(be, fc1, &h, true)?, false)?,
+        Mlp::Relu { fc1, fc2 } => linear(be, fc2, &linear(be, fc1, h, true)?, false)?,
         Mlp::SwiGlu { gate, up, down } => {
-            let g = be.silu_mul(&linear(be, gate, &h, false)?, &linear(be, up, &h, false)?)?;
+            let g = be.silu_mul(&linear(be, gate, h, false)?, &linear(be, up, h, false)?)?;
             linear(be, down, &g, false)?
         }
     };
-    Ok(be.add(x, &y)?)
+    let y = be.add(x, &y)?;
+    if spec.pre_norm { Ok(y) } else { norm(be, spec, &w.mlp_norm, &y) }
 }
 
 /// A whole decoder layer: attention block then MLP block.
@@ -260,7 +284,19 @@ pub fn logits<B: Backend>(
 where
     Error: From<B::Error>,
 {
-    let h = norm(be, spec, &weights.final_norm, x)?;
+    let normed;
+    let mut h = match &weights.final_norm {
+        Some(n) => {
+            normed = norm(be, spec, n, x)?;
+            &normed
+        }
+        None => x,
+    };
+    let projected;
+    if let Some(p) = &weights.project_out {
+        projected = be.linear(h, p, None, false)?;
+        h = &projected;
+    }
     let head = weights.lm_head.as_ref().unwrap_or(&weights.token_embedding);
-    Ok(be.linear(&h, head, None, false)?)
+    Ok(be.linear(h, head, None, false)?)
 }

@@ -142,10 +142,16 @@ pub fn layer_shapes(spec: &ModelSpec) -> Vec<Vec<usize>> {
 /// All weights of a model.
 #[derive(Debug, Clone)]
 pub struct Weights<T = Tensor> {
+    /// `[vocab, embed_dim]` (`embed_dim` = hidden size but for OPT-350M).
     pub token_embedding: T,
     /// Learned position table (OPT), absent for rotary models.
     pub position_embedding: Option<T>,
-    pub final_norm: Norm<T>,
+    /// OPT-350M's projections of the embeddings in (`[h, embed_dim]`) and of the last hidden
+    /// state out (`[embed_dim, h]`).
+    pub project_in: Option<T>,
+    pub project_out: Option<T>,
+    /// Absent where layers normalize after their residuals (OPT-350M).
+    pub final_norm: Option<Norm<T>>,
     /// Separate LM head; `None` when tied to `token_embedding`.
     pub lm_head: Option<T>,
     pub layers: Vec<LayerWeights<T>>,
@@ -172,7 +178,9 @@ impl Weights {
         Ok(Weights {
             token_embedding: put(&self.token_embedding)?,
             position_embedding: self.position_embedding.as_ref().map(&mut put).transpose()?,
-            final_norm: norm(&self.final_norm, &mut put)?,
+            project_in: self.project_in.as_ref().map(&mut put).transpose()?,
+            project_out: self.project_out.as_ref().map(&mut put).transpose()?,
+            final_norm: self.final_norm.as_ref().map(|n| norm(n, &mut put)).transpose()?,
             lm_head: self.lm_head.as_ref().map(&mut put).transpose()?,
             layers,
         })
@@ -213,10 +221,13 @@ impl Weights {
             })
         };
         let opt = spec.family == Family::Opt;
+        let e = spec.embed_dim.map_or(h, |e| e as usize);
         let token_embedding = src.get(
             if opt { "decoder.embed_tokens.weight" } else { "embed_tokens.weight" },
-            &[v, h],
+            &[v, e],
         )?;
+        let project_in =
+            spec.embed_dim.map(|_| src.get("decoder.project_in.weight", &[h, e])).transpose()?;
         let position_embedding = match spec.positions {
             PositionKind::Learned { offset } => Some(src.get(
                 "decoder.embed_positions.weight",
@@ -254,10 +265,23 @@ impl Weights {
                 mlp,
             });
         }
-        let final_norm = norm(src, if opt { "decoder.final_layer_norm" } else { "norm" })?;
+        let final_norm = spec
+            .pre_norm
+            .then(|| norm(src, if opt { "decoder.final_layer_norm" } else { "norm" }))
+            .transpose()?;
+        let project_out =
+            spec.embed_dim.map(|_| src.get("decoder.project_out.weight", &[e, h])).transpose()?;
         let lm_head =
-            if spec.tie_embeddings { None } else { Some(src.get("lm_head.weight", &[v, h])?) };
-        Ok(Self { token_embedding, position_embedding, final_norm, lm_head, layers })
+            if spec.tie_embeddings { None } else { Some(src.get("lm_head.weight", &[v, e])?) };
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            project_in,
+            project_out,
+            final_norm,
+            lm_head,
+            layers,
+        })
     }
 
     /// Reads the weights of `spec` from safetensors files.

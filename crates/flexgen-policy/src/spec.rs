@@ -105,7 +105,8 @@ pub struct ModelSpec {
     pub norm: NormKind,
     pub mlp: MlpKind,
     pub positions: PositionKind,
-    /// Normalize before attention/MLP (true for every supported model).
+    /// Normalize before attention and MLP (with a final norm before the LM head); false for
+    /// OPT-350M, which normalizes after each residual and has no final norm.
     pub pre_norm: bool,
     /// Linear layers carry biases.
     pub bias: bool,
@@ -115,6 +116,11 @@ pub struct ModelSpec {
     pub qkv_bias: bool,
     /// The LM head reuses the token embedding.
     pub tie_embeddings: bool,
+    /// The token embedding's width where it differs from `hidden_size` (OPT-350M's
+    /// `word_embed_proj_dim`): embeddings are projected in to the hidden size, and the last
+    /// hidden state out to this width before the LM head.
+    #[serde(default)]
+    pub embed_dim: Option<u32>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
@@ -179,18 +185,29 @@ impl ModelSpec {
         }
     }
 
-    /// Elements of the embeddings, the final norm and (if untied) the LM head.
-    pub fn embedding_params(&self) -> u64 {
+    /// Elements of the tables before the first layer (token and position embeddings, the
+    /// projection in) and after the last (the final norm, the projection out, an untied LM
+    /// head).
+    pub fn table_params(&self) -> (u64, u64) {
         let h = u64::from(self.hidden_size);
         let v = u64::from(self.vocab_size);
+        let e = self.embed_dim.map_or(h, u64::from);
+        let proj = if self.embed_dim.is_some() { e * h } else { 0 };
         let pos = match self.positions {
             PositionKind::Learned { offset } => {
                 (u64::from(self.max_positions) + u64::from(offset)) * h
             }
             PositionKind::Rope { .. } => 0,
         };
-        let head = if self.tie_embeddings { 0 } else { v * h };
-        v * h + pos + head + self.norm_params()
+        let head = if self.tie_embeddings { 0 } else { v * e };
+        let final_norm = if self.pre_norm { self.norm_params() } else { 0 };
+        (v * e + pos + proj, final_norm + proj + head)
+    }
+
+    /// Elements of the embeddings, the projections, the final norm and (if untied) the LM head.
+    pub fn embedding_params(&self) -> u64 {
+        let (first, last) = self.table_params();
+        first + last
     }
 
     /// Elements of all weights.
@@ -237,6 +254,7 @@ mod tests {
             bias: false,
             qkv_bias: false,
             tie_embeddings: false,
+            embed_dim: None,
             bos_token_id: None,
             eos_token_id: None,
             pad_token_id: None,

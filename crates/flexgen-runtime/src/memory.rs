@@ -11,7 +11,7 @@
 use std::ops::Range;
 
 use flexgen_model::{LayerLayout, PackedLayout, layer_shapes};
-use flexgen_policy::{ModelSpec, Policy, PositionKind, Tier};
+use flexgen_policy::{ModelSpec, Policy, Tier};
 use flexgen_tensor::cuda::exec::CacheQuant;
 use flexgen_tensor::host::align_up;
 use flexgen_tensor::quant::{QuantSpec, packed_len};
@@ -127,14 +127,17 @@ pub(crate) fn cache_rows(spec: &ModelSpec, policy: &Policy) -> (usize, [usize; 3
 /// positions with the first layer, the LM head with the last (a tied head is the embedding: a
 /// stage holding both ends holds it once, a last stage alone holds its copy).
 fn table_elems(spec: &ModelSpec, layers: &Range<u32>) -> (u64, u64) {
-    let (h, v) = (u64::from(spec.hidden_size), u64::from(spec.vocab_size));
-    let pos = match spec.positions {
-        PositionKind::Learned { offset } => (u64::from(spec.max_positions) + u64::from(offset)) * h,
-        PositionKind::Rope { .. } => 0,
+    let (first, last) = spec.table_params();
+    let holds_embedding = layers.start == 0;
+    let first = if holds_embedding { first } else { 0 };
+    let last = if layers.end != spec.num_layers {
+        0
+    } else if spec.tie_embeddings && !holds_embedding {
+        let e = u64::from(spec.embed_dim.unwrap_or(spec.hidden_size));
+        last + u64::from(spec.vocab_size) * e
+    } else {
+        last
     };
-    let first = if layers.start == 0 { v * h + pos } else { 0 };
-    let shared = spec.tie_embeddings && layers.start == 0;
-    let last = if layers.end == spec.num_layers && !shared { v * h } else { 0 };
     (first, last)
 }
 
@@ -309,8 +312,8 @@ fn cuda(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> R
     let gpu = Use {
         weights: n_layers * g_end as u64 * 2,
         staging,
-        // The CUDA stage keeps the final norm (weight, and bias for LayerNorm) with the tables.
-        tables: 2 * (first + last + if first + last > 0 { spec.norm_params() } else { 0 }),
+        // The tables with the final norm (weight, and bias for LayerNorm) and projections.
+        tables: 2 * (first + last),
         cache: if compressed {
             n_layers * k * 2 * packed_cache_bytes(policy, gpu_rows, cap, hd)
         } else {

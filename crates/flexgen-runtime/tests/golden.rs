@@ -1,4 +1,5 @@
-//! Golden tests: the tiny random OPT, Llama (GQA, llama3 rotary scaling), Mistral and Qwen2 models
+//! Golden tests: the tiny random OPT, OPT-350M-structured (projected embeddings, post-LayerNorm),
+//! Llama (GQA, llama3 rotary scaling), Mistral and Qwen2 models
 //! and the bundled model against what Hugging Face transformers computed from the same files
 //! (crates/flexgen-model/test_data/*/golden.*, made by `xtask/scripts/make_models.py` and
 //! `xtask/scripts/make_llama_models.py`). Logits must agree within 1e-4 and greedy tokens exactly, for single
@@ -15,8 +16,9 @@ const TOL: f32 = 1e-4;
 
 /// The tiny random models with full golden logits, one per family variant (and the Llama stored
 /// in bfloat16, as published checkpoints are).
-const TINY: [&str; 5] = [
+const TINY: [&str; 6] = [
     "test_data/tiny-random-opt",
+    "test_data/tiny-random-opt-350m",
     "test_data/tiny-random-llama",
     "test_data/tiny-random-llama-bf16",
     "test_data/tiny-random-mistral",

@@ -90,8 +90,9 @@ fn matrix(offload: &Path) -> Vec<Policy> {
 
 #[test]
 fn every_policy_in_the_matrix_gives_the_same_greedy_tokens() {
-    // OPT, and a Llama-shaped model (grouped-query attention: its cache has half the rows).
-    for name in ["tiny-random-opt", "tiny-random-llama"] {
+    // OPT, OPT-350M's structure (projections around the tables, post-LayerNorm), and a
+    // Llama-shaped model (grouped-query attention: its cache has half the rows).
+    for name in ["tiny-random-opt", "tiny-random-opt-350m", "tiny-random-llama"] {
         matrix_agrees(&load(name));
     }
 }

@@ -247,6 +247,17 @@ impl<'m> CudaStage<'m> {
             ));
         }
         let spec = &model.spec;
+        if spec.embed_dim.is_some() || !spec.pre_norm {
+            return Err(Error::Config {
+                field: "model",
+                message: format!(
+                    "{}: the embedding projection and post-LayerNorm layers of OPT-350M run on \
+                     the CPU only (--device cpu); the CUDA executor's kernels for them are not \
+                     written yet",
+                    spec.name
+                ),
+            });
+        }
         let (rows, [gpu_rows, _, disk_rows]) = memory::cache_rows(spec, &policy);
         if disk_rows > 0 && policy.compress_cache.enabled {
             return Err(refuse("placement.kv_cache.disk", "a compressed KV cache on disk"));
@@ -325,8 +336,11 @@ impl<'m> CudaStage<'m> {
         let up = |t: &flexgen_tensor::Tensor| gpu.upload(t).map_err(cuda);
         let embed = up(&w.token_embedding)?;
         let pos_embed = w.position_embedding.as_ref().map(up).transpose()?;
-        let final_norm =
-            (up(&w.final_norm.weight)?, w.final_norm.bias.as_ref().map(up).transpose()?);
+        let final_norm = w.final_norm.as_ref().ok_or_else(|| Error::Config {
+            field: "model",
+            message: "a pre-norm model without its final norm".into(),
+        })?;
+        let final_norm = (up(&final_norm.weight)?, final_norm.bias.as_ref().map(up).transpose()?);
         let inv_freq = match &spec.positions {
             flexgen_policy::PositionKind::Rope { .. } => {
                 // f32, as Hugging Face multiplies positions by them.
