@@ -378,11 +378,24 @@ impl BatchJob {
             Event::BlockEnd => {
                 report.blocks += 1;
                 if write_error.is_none() {
+                    // The file's durable length before the block: a write that fails part way
+                    // (a full file system) is cut back to it, so the file never ends in a torn
+                    // line and holds only whole blocks.
+                    let before = out.metadata().map(|m| m.len());
                     let written = out.write_all(lines.as_bytes()).and_then(|()| out.sync_data());
                     if let Err(e) = written {
+                        let cut = before.and_then(|len| {
+                            out.set_len(len)?;
+                            out.sync_data()
+                        });
+                        let kept = if cut.is_ok() {
+                            "the file ends at the last complete block"
+                        } else {
+                            "its last line may be torn (the next run cuts it)"
+                        };
                         write_error = Some(anyhow::Error::new(e).context(format!(
-                            "writing {}: the lines of this block are lost; run the same \
-                             command again to redo them",
+                            "writing {}: the lines of this block were not written and {kept}; \
+                             make room and run the same command again to go on",
                             self.output.display()
                         )));
                     }

@@ -277,3 +277,70 @@ fn a_killed_run_leaves_no_offload_files() {
     child.wait().unwrap();
     assert_eq!(std::fs::read_dir(&offload).unwrap().count(), 0);
 }
+
+/// Runs `cmd` under a file-size limit of `kib` KiB with SIGXFSZ ignored, so that a write past
+/// it fails (`EFBIG`) as a write to a full file system fails (`ENOSPC`): the same error path,
+/// without mounting anything.
+fn with_file_limit(cmd: &Command, kib: u32) -> std::process::Output {
+    let mut args = vec![cmd.get_program().to_string_lossy().into_owned()];
+    args.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    let quoted: Vec<String> =
+        args.iter().map(|a| format!("'{}'", a.replace('\'', "'\\''"))).collect();
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("ulimit -f {kib} && trap '' XFSZ && exec {}", quoted.join(" ")))
+        .output()
+        .unwrap()
+}
+
+/// A batch job whose output cannot grow (a full file system) stops with an error naming the
+/// file, keeps only whole blocks (no torn line), and the same command finishes the job once
+/// there is room: every id exactly once.
+#[test]
+fn a_batch_job_on_a_full_file_system_keeps_whole_blocks_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    write_input(&input, 60);
+    let out = with_file_limit(&batch(&input, &output), 2);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a full output must fail the job: {err}");
+    assert!(err.contains(&output.display().to_string()) && err.contains("run the same command"));
+    let text = std::fs::read_to_string(&output).unwrap();
+    assert!(text.is_empty() || text.ends_with('\n'), "no torn last line");
+    let kept = text.lines().count();
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("every kept line is whole");
+    }
+    assert!(kept < 60, "the limit stopped the job early ({kept} lines)");
+    let done = batch(&input, &output).output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let ids: Vec<String> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+        .collect();
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (60, 60), "every id once");
+}
+
+/// Weights and KV cache offloaded to a directory that cannot hold them: a clear error naming
+/// the file, a failed exit, and nothing left in the directory.
+#[test]
+fn an_offload_directory_that_fills_up_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let offload = dir.path().join("offload");
+    std::fs::create_dir(&offload).unwrap();
+    // Weights on disk (during set-up), then the KV cache on disk (during the run).
+    for percent in [["0", "0", "100", "0", "100", "0"], ["100", "0", "0", "0", "100", "0"]] {
+        let mut c = Command::new(BIN);
+        c.arg("--percent").args(percent).args(["--max-new-tokens", "64", "--num-prompts", "4"]);
+        c.args(["--ignore-eos", "-q", "--offload-dir"]).arg(&offload);
+        let out = with_file_limit(&c, 16);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{percent:?}: {err}");
+        assert!(err.contains(&offload.display().to_string()), "{percent:?}: names the file: {err}");
+        assert!(err.contains("too large") || err.contains("No space"), "{percent:?}: {err}");
+        assert!(out.stdout.is_empty(), "{percent:?}: nothing presented as generated");
+        assert_eq!(std::fs::read_dir(&offload).unwrap().count(), 0, "{percent:?}: no files left");
+    }
+}

@@ -151,11 +151,16 @@ fn hardware_toml() {
 #[test]
 fn config_json() {
     let data = root().join("crates/flexgen-model/test_data");
-    let mut paths: Vec<PathBuf> = ["tiny-random-opt", "tiny-random-llama", "tiny-random-mistral"]
-        .iter()
-        .map(|m| data.join(m).join("config.json"))
-        .collect();
-    paths.push(data.join("tiny-random-qwen2/config.json"));
+    let paths: Vec<PathBuf> = [
+        "tiny-random-opt",
+        "tiny-random-opt-350m",
+        "tiny-random-llama",
+        "tiny-random-mistral",
+        "tiny-random-qwen2",
+    ]
+    .iter()
+    .map(|m| data.join(m).join("config.json"))
+    .collect();
     let seeds = read_all(&paths);
     fuzz("config.json", 3, &seeds, |b| {
         if let Ok(spec) = flexgen_model::spec_from_config_json(
@@ -233,5 +238,57 @@ fn batch_jsonl_lines() {
     .collect();
     fuzz("batch JSONL", 6, &seeds, |b| {
         let _ = job.check_input_line(&String::from_utf8_lossy(b));
+    });
+}
+
+/// Small tokenizer.json files (a byte-level BPE as OPT's and Llama 3's, a word-level one): the
+/// `tokenizers` crate parses them; what parses must encode and decode text.
+#[test]
+fn tokenizer_json() {
+    let seeds = read_all(&files_in(&root().join("crates/flexgen-cli/tests/fuzz_seeds"), "json"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    fuzz("tokenizer.json", 7, &seeds, |b| {
+        std::fs::write(&path, b).unwrap();
+        if let Ok(t) = flexgen_model::Tokenizer::from_file(&path, Some(1)) {
+            if let Ok(ids) = t.encode("In the beginning God created the heaven, 1 2 3 ünïcode") {
+                let _ = t.decode(&ids);
+            }
+            let _ = t.decode(&[0, 1, 2, 299, 300, u32::MAX]);
+        }
+    });
+}
+
+/// Run reports of `flexgen-run --json` (the device runs in docs/runs), as `flexgen-plan
+/// --calibrate` reads them; what parses is calibrated against the H200 profile.
+#[test]
+fn calibration_reports() {
+    let runs = root().join("docs/runs");
+    let mut paths = Vec::new();
+    for d in std::fs::read_dir(&runs).unwrap().flatten() {
+        if d.path().is_dir() {
+            paths.extend(files_in(&d.path(), "json"));
+        }
+    }
+    let seeds: Vec<Vec<u8>> = read_all(&paths)
+        .into_iter()
+        .filter(|b| String::from_utf8_lossy(b).contains("\"calibration\""))
+        .take(6)
+        .collect();
+    let hw = flexgen_policy::HardwareProfile::from_toml_str(
+        &std::fs::read_to_string(root().join("policies/hardware/h200.toml")).unwrap(),
+    )
+    .unwrap();
+    let mut calibrated = 0usize;
+    fuzz("run report", 8, &seeds, |b| {
+        if let Ok(obs) =
+            flexgen_planner::Observation::from_run_report(&String::from_utf8_lossy(b), "fuzz")
+        {
+            // Calibrating is slow next to parsing: every 50th accepted report.
+            calibrated += 1;
+            if calibrated % 50 == 1 {
+                let _ = flexgen_planner::calibrate(&hw, &[obs]);
+            }
+        }
     });
 }

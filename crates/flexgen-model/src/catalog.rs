@@ -50,6 +50,7 @@ pub fn opt_spec(
         embed_dim: None,
         bos_token_id: Some(2),
         eos_token_id: Some(2),
+        more_eos_token_ids: Vec::new(),
         pad_token_id: Some(1),
     }
 }
@@ -209,6 +210,7 @@ impl LlamaShape {
             embed_dim: None,
             bos_token_id: Some(self.bos),
             eos_token_id: Some(self.eos),
+            more_eos_token_ids: Vec::new(),
             pad_token_id: None,
         }
     }
@@ -273,6 +275,7 @@ mod tests {
     fn every_size_has_a_spec_and_350m_its_projection_and_post_norm() {
         for name in known_names() {
             let s = spec_by_name(name).unwrap();
+            s.validate().unwrap();
             assert_eq!(s.hidden_size % s.num_heads, 0);
             assert_eq!(s.pre_norm, name != "opt-350m", "{name}");
         }

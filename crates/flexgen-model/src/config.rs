@@ -74,6 +74,7 @@ fn check_special_ids(path: &Path, spec: &ModelSpec) -> Result<()> {
         ("bos_token_id", spec.bos_token_id),
         ("eos_token_id", spec.eos_token_id),
         ("pad_token_id", spec.pad_token_id),
+        ("eos_token_id", spec.more_eos_token_ids.iter().copied().max()),
     ] {
         if let Some(id) = id
             && id >= spec.vocab_size
@@ -243,6 +244,14 @@ impl TokenIds {
             TokenIds::Many(ids) => ids.first().copied(),
         }
     }
+
+    /// The ids after the first.
+    fn rest(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(_) => Vec::new(),
+            TokenIds::Many(ids) => ids.iter().skip(1).copied().collect(),
+        }
+    }
 }
 
 fn rms_eps() -> f64 {
@@ -400,6 +409,7 @@ fn llama_spec(text: &str, path: &Path, name: &str, model_type: &str) -> Result<M
         embed_dim: None,
         bos_token_id: c.bos_token_id.as_ref().and_then(TokenIds::first),
         eos_token_id: c.eos_token_id.as_ref().and_then(TokenIds::first),
+        more_eos_token_ids: c.eos_token_id.as_ref().map(TokenIds::rest).unwrap_or_default(),
         pad_token_id: c.pad_token_id.as_ref().and_then(TokenIds::first),
     };
     check_special_ids(path, &spec)?;
@@ -475,6 +485,8 @@ mod tests {
         assert_eq!((s.family, s.num_heads, s.num_kv_heads, s.ffn_size), (Family::Llama, 4, 2, 40));
         assert_eq!((s.mlp, s.norm), (MlpKind::SwiGlu, NormKind::RmsNorm { eps: 1e-5 }));
         assert_eq!(s.eos_token_id, Some(2), "the first of a list");
+        assert_eq!(s.more_eos_token_ids, [3], "and the others");
+        assert!(s.is_eos(2) && s.is_eos(3) && !s.is_eos(1));
         let PositionKind::Rope { theta, scaling: Some(sc) } = s.positions else { panic!() };
         assert_eq!((theta, sc.factor, sc.original_max_positions), (500_000.0, 8.0, 32));
         // transformers 5: rope_parameters holds theta and the scaling.

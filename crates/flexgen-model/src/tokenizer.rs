@@ -16,8 +16,27 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json`.
     pub fn from_file(path: &Path, bos: Option<u32>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
+        let err = |message: String| Error::Tokenizer { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        // Not JSON at all: say so here (the tokenizers crate panics on some malformed parts).
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| err(format!("not valid JSON: {e}")))?;
+        // Valid JSON whose parts have the wrong shape can still make the tokenizers crate panic
+        // (a decoder that is not an object): such a file is refused like any other.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            text.parse::<tokenizers::Tokenizer>()
+        }));
+        let inner = match parsed {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(err(e.to_string())),
+            Err(_) => {
+                return Err(err(
+                    "the tokenizers library could not read it (a part has the wrong shape); \
+                     is this a Hugging Face tokenizer.json?"
+                        .into(),
+                ));
+            }
+        };
         Ok(Self { inner, path: path.to_path_buf(), bos })
     }
 
@@ -68,5 +87,32 @@ impl Tokenizer {
 
     fn err(&self, e: impl std::fmt::Display) -> Error {
         Error::Tokenizer { path: self.path.clone(), message: e.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fuzzing found the tokenizers crate panicking on a decoder that is not an object; a file
+    /// that is not JSON is named as such. Both are errors naming the file.
+    #[test]
+    fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let good = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+            "decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0,"in":1},
+            "unk_token":"<unk>"}}"#;
+        std::fs::write(&path, good).unwrap();
+        assert_eq!(Tokenizer::from_file(&path, None).unwrap().encode("in").unwrap(), [1]);
+        for (bad, says) in [
+            (good.replace("\"decoder\":null", "\"decoder\":5"), "did not match"),
+            (good.replace("\"decoder\":null", "\"decoder\":lull"), "not valid JSON"),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = Tokenizer::from_file(&path, None).err().unwrap().to_string();
+            assert!(e.contains("tokenizer.json") && e.contains(says), "{e}");
+        }
     }
 }

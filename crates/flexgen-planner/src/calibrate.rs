@@ -21,6 +21,57 @@ pub struct Observation {
     pub decode_s: f64,
 }
 
+impl Observation {
+    /// One measured run from the JSON report of `flexgen-run --json` (its `calibration` record:
+    /// spec, policy and workload; and the measured `prefill_s` and `decode_s`), named `label`.
+    /// Every part is checked: a report that is damaged or not flexgen's is refused naming the
+    /// field.
+    pub fn from_run_report(text: &str, label: &str) -> Result<Self> {
+        let bad = |field: &str, why: String| crate::Error::Invalid {
+            field: "calibration",
+            message: format!("{label}: `{field}`: {why}"),
+        };
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            bad("(file)", format!("not a JSON run report (flexgen-run --json): {e}"))
+        })?;
+        let rec = v.get("calibration").filter(|r| r.is_object()).ok_or_else(|| {
+            bad("calibration", "missing; rerun with this version of flexgen-run --json".into())
+        })?;
+        let spec: ModelSpec = serde_json::from_value(rec["spec"].clone())
+            .map_err(|e| bad("calibration.spec", e.to_string()))?;
+        spec.validate().map_err(|e| bad("calibration.spec", e.to_string()))?;
+        let policy: Policy = serde_json::from_value(rec["policy"].clone())
+            .map_err(|e| bad("calibration.policy", e.to_string()))?;
+        policy.validate().map_err(|e| bad("calibration.policy", e.to_string()))?;
+        let num = |k: &str| -> Result<u32> {
+            rec["workload"][k]
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| (1..=1 << 24).contains(&n))
+                .ok_or_else(|| bad(&format!("calibration.workload.{k}"), "not a count".into()))
+        };
+        let workload = Workload {
+            prompt_len: num("prompt_len")?,
+            gen_len: num("gen_len")?,
+            num_prompts: Some(num("num_prompts")?),
+        };
+        let seconds = |k: &str| -> Result<f64> {
+            v.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .ok_or_else(|| bad(k, "not a positive number of seconds".into()))
+        };
+        Ok(Self {
+            label: label.to_string(),
+            spec,
+            policy,
+            workload,
+            prefill_s: seconds("prefill_s")?,
+            decode_s: seconds("decode_s")?,
+        })
+    }
+}
+
 /// A run's predicted phase times.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Phases {
@@ -220,5 +271,30 @@ mod tests {
         };
         eprintln!("left out: {:?}", (0..obs.len()).map(left).collect::<Vec<_>>());
         assert!(left(0) < 0.1 && left(1) < 0.1, "PCIe-bound runs: {} {}", left(0), left(1));
+    }
+
+    /// A device run's report reads back; damaged ones are refused naming the field.
+    #[test]
+    fn run_reports_are_read_and_damaged_ones_refused_by_field() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/runs/2026-12-02-s8/s9.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let obs = Observation::from_run_report(&text, "s9.json").unwrap();
+        assert_eq!((obs.spec.name.as_str(), obs.workload.prompt_len), ("llama-3.1-70b", 512));
+        assert!(obs.prefill_s > 0.0 && obs.decode_s > 0.0);
+        for (from, to, field) in [
+            ("\"num_heads\": 64", "\"num_heads\": 0", "calibration.spec"),
+            ("\"num_kv_heads\": 8", "\"num_kv_heads\": 7", "calibration.spec"),
+            ("\"gpu_batch_size\": 64", "\"gpu_batch_size\": 0", "calibration.policy"),
+            ("\"prompt_len\": 512", "\"prompt_len\": -1", "workload.prompt_len"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let e =
+                Observation::from_run_report(&text.replacen(from, to, 2), "s9.json").unwrap_err();
+            assert!(e.to_string().contains(field), "{to}: {e}");
+        }
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["decode_s"] = serde_json::json!(-1.0);
+        let e = Observation::from_run_report(&v.to_string(), "s9.json").unwrap_err();
+        assert!(e.to_string().contains("decode_s"), "{e}");
     }
 }

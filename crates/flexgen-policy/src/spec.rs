@@ -123,10 +123,78 @@ pub struct ModelSpec {
     pub embed_dim: Option<u32>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Further ids that end a sequence (Llama 3.1's config.json lists three).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
 }
 
 impl ModelSpec {
+    /// Checks that the sizes describe a model the planner and runtime can size: every count
+    /// positive and bounded, heads dividing the hidden size, query heads in whole groups of
+    /// key/value heads, finite positive epsilons and rotary settings, special ids inside the
+    /// vocabulary. A spec read from a file (a run report's) must pass before it is used.
+    pub fn validate(&self) -> crate::Result<()> {
+        let fix = "the spec does not describe a model; take it from a flexgen-run --json report \
+                   or a config.json";
+        let bad = |field: &str, value: &dyn std::fmt::Display, problem: &str| {
+            Err(crate::Error::invalid(format!("spec.{field}"), value, problem, fix))
+        };
+        for (field, v, max) in [
+            ("num_layers", self.num_layers, 1024),
+            ("hidden_size", self.hidden_size, 65_536),
+            ("num_heads", self.num_heads, 1024),
+            ("num_kv_heads", self.num_kv_heads, 1024),
+            ("ffn_size", self.ffn_size, 262_144),
+            ("vocab_size", self.vocab_size, 4_194_304),
+            ("max_positions", self.max_positions, 16_777_216),
+            ("embed_dim", self.embed_dim.unwrap_or(1), 65_536),
+        ] {
+            if v == 0 || v > max {
+                return bad(field, &v, &format!("must be between 1 and {max}"));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
+            return bad("num_heads", &self.num_heads, "must divide hidden_size");
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad("num_kv_heads", &self.num_kv_heads, "must divide num_heads");
+        }
+        let (NormKind::LayerNorm { eps } | NormKind::RmsNorm { eps }) = self.norm;
+        if !(eps.is_finite() && eps > 0.0) {
+            return bad("norm.eps", &eps, "must be a positive number");
+        }
+        if let PositionKind::Rope { theta, scaling } = self.positions {
+            if !(theta.is_finite() && theta > 1.0) {
+                return bad("positions.theta", &theta, "must be a number above 1");
+            }
+            if let Some(s) = scaling {
+                let ok = |x: f64| x.is_finite() && x > 0.0;
+                if !(ok(s.factor) && ok(s.low_freq_factor) && ok(s.high_freq_factor))
+                    || s.original_max_positions == 0
+                {
+                    return bad("positions.scaling", &s.factor, "factors must be positive");
+                }
+            }
+        }
+        for (field, id) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", self.pad_token_id),
+            ("more_eos_token_ids", self.more_eos_token_ids.iter().copied().max()),
+        ] {
+            if let Some(id) = id.filter(|&id| id >= self.vocab_size) {
+                return bad(field, &id, "must be inside the vocabulary");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `token` ends a sequence (the EOS id or one of the further ones).
+    pub fn is_eos(&self, token: u32) -> bool {
+        self.eos_token_id == Some(token) || self.more_eos_token_ids.contains(&token)
+    }
+
     /// Size of one attention head.
     pub fn head_dim(&self) -> u32 {
         self.hidden_size / self.num_heads
@@ -257,6 +325,7 @@ mod tests {
             embed_dim: None,
             bos_token_id: None,
             eos_token_id: None,
+            more_eos_token_ids: Vec::new(),
             pad_token_id: None,
         }
     }

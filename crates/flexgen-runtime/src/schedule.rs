@@ -292,9 +292,9 @@ fn run_block(
     Ok(block)
 }
 
-/// Whether `token` ends its sequence as the model's EOS.
+/// Whether `token` ends its sequence as one of the model's EOS ids.
 fn ends_at_eos(model: &Model, config: &GenerationConfig, token: u32) -> bool {
-    config.stop_on_eos && model.spec.eos_token_id == Some(token)
+    config.stop_on_eos && model.spec.is_eos(token)
 }
 
 /// Records `token` for `s`, streams its text (`text`: the decoded text of its tokens with this

@@ -241,3 +241,22 @@ fn bundled_model_matches_transformers_greedy_text() {
         assert_eq!(out[0].text.as_deref(), Some(p.greedy_text.as_str()));
     }
 }
+
+/// A model with several EOS ids (Llama 3.1 lists three) ends a sequence at any of them: the
+/// tiny Llama with its 5th greedy token of a prompt made a further EOS id stops right there.
+#[test]
+fn any_of_several_eos_ids_ends_a_sequence() {
+    let mut f = load("test_data/tiny-random-llama");
+    let p = &f.golden.prompts[0];
+    let stop_at = p.greedy[4];
+    assert!(!p.greedy[..4].contains(&stop_at), "the test needs a token new at step 5");
+    f.model.spec.more_eos_token_ids = vec![stop_at];
+    let config = GenerationConfig { stop_on_eos: true, ..greedy(p.greedy.len()) };
+    let done = Generator::new(&f.model, Policy::default())
+        .unwrap()
+        .generate(&[Request::tokens(p.input_ids.clone())], &config, &mut |_| {})
+        .unwrap()
+        .0;
+    assert_eq!(done[0].tokens, p.greedy[..5]);
+    assert_eq!(done[0].finish, flexgen_runtime::FinishReason::Eos);
+}

@@ -56,8 +56,14 @@ template <class F> static void grid(unsigned gx, unsigned gy, F f) {
 
 /// Compiles `main` with the kernels named, in `dir`; returns the program.
 fn build(dir: &Path, kernels: &[&str], main: &str) -> std::path::PathBuf {
+    build_with(dir, "", kernels, main)
+}
+
+/// [`build`] with `before` (definitions the kernels need) ahead of the kernels.
+fn build_with(dir: &Path, before: &str, kernels: &[&str], main: &str) -> std::path::PathBuf {
     let src = dir.join("harness.cpp");
     let mut text = PRELUDE.to_string();
+    text.push_str(before);
     for k in kernels {
         text.push_str(kernel(k));
     }
@@ -196,6 +202,146 @@ int main(int argc, char** argv) {
         assert_close(&format!("{label}, value by value"), &read_f16(&o0), &want);
         if group % 8 == 0 && hd % 8 == 0 {
             assert_close(&format!("{label}, 8 values a thread"), &read_f16(&o1), &want);
+        }
+    }
+}
+
+/// The text of device function `name` (a helper the kernels call).
+fn device_fn(name: &str) -> &'static str {
+    let start = KERNELS
+        .find(&format!("__device__ __forceinline__ float {name}("))
+        .unwrap_or_else(|| panic!("{name} in kernels.cu"));
+    let end = KERNELS[start..].find("\n}\n").expect("the function's closing brace") + start + 3;
+    &KERNELS[start..end]
+}
+
+fn f16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()
+}
+
+/// The fused q/k/v split with Qwen2's bias and rotary positions (grouped-query attention: 4 query
+/// heads on 2 kv heads; the first 3 kv rows cached on the GPU, the rest in the new-row buffers),
+/// against a plain reference of Hugging Face's `rotate_half`; and SwiGLU's in-place product.
+#[test]
+fn qkv_split_with_rotation_and_silu_mul_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = format!(
+        "#include <cmath>\n#define __device__\n#define __forceinline__ inline\n\
+         #define __expf expf\n{}",
+        device_fn("rotate")
+    );
+    let exe = build_with(
+        dir.path(),
+        &before,
+        &["qkv_split", "silu_mul"],
+        r"
+int main(int argc, char** argv) {
+    int b = 3, t = 5, nh = 4, nkv = 2, hd = 16, cap = 12, past = 4, gr = 3, ncap = 12, npast = 4;
+    auto yb = slurp(argv[1]); auto bb = slurp(argv[2]); auto pb = slurp(argv[3]); auto fb = slurp(argv[4]);
+    std::vector<half_t> y(yb.size() / 2), bias(bb.size() / 2);
+    memcpy(y.data(), yb.data(), yb.size()); memcpy(bias.data(), bb.data(), bb.size());
+    std::vector<unsigned> pos(pb.size() / 4); memcpy(pos.data(), pb.data(), pb.size());
+    std::vector<float> inv(fb.size() / 4); memcpy(inv.data(), fb.data(), fb.size());
+    std::vector<half_t> q(b * nh * t * hd, 0), kc(gr * cap * hd, 0), vc(gr * cap * hd, 0);
+    std::vector<half_t> kn((b * nkv - gr) * ncap * hd, 0), vn((b * nkv - gr) * ncap * hd, 0);
+    grid(b * t, 1, [&] { qkv_split(y.data(), bias.data(), pos.data(), inv.data(), q.data(), kc.data(), vc.data(),
+                                   kn.data(), vn.data(), gr, ncap, npast, t, nh, nkv, hd, cap, past, 0.25f); });
+    dump(argv[5], q); dump(argv[6], kc); dump(argv[7], vc); dump(argv[8], kn); dump(argv[9], vn);
+    // SwiGLU in place over rows of [gate | up], f = 24.
+    int rows = 7, f = 24;
+    std::vector<half_t> g(rows * 2 * f);
+    for (size_t i = 0; i < g.size(); i++) g[i] = y[i % y.size()];
+    grid(rows, 1, [&] { silu_mul(g.data(), g.data() + f, g.data(), f, 2 * f, 2 * f); });
+    dump(argv[10], g);
+}
+",
+    );
+    let (b, t, nh, nkv, hd, cap, past, gr, ncap, npast) = (3, 5, 4, 2, 16, 12, 4, 3, 12, 4);
+    let (h, kv) = (nh * hd, nkv * hd);
+    let w = h + 2 * kv;
+    let y = data(b * t * w, 7);
+    let bias = data(w, 9);
+    let pos: Vec<u32> = (0..b * t).map(|i| u32::try_from(i * 977 % 5000).unwrap()).collect();
+    #[expect(clippy::cast_precision_loss, reason = "small integers")]
+    let inv: Vec<f32> =
+        (0..hd / 2).map(|i| 1.0 / 500_000f32.powf((2 * i) as f32 / hd as f32)).collect();
+    let p = |n: &str| dir.path().join(n);
+    write_bytes(&p("y"), &f16_bytes(&y));
+    write_bytes(&p("bias"), &f16_bytes(&bias));
+    write_bytes(&p("pos"), &pos.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    write_bytes(&p("inv"), &inv.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    let st = Command::new(&exe)
+        .args([p("y"), p("bias"), p("pos"), p("inv"), p("q"), p("kc"), p("vc"), p("kn"), p("vn")])
+        .arg(p("g"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The reference, in f64.
+    let mut q = vec![0f32; b * nh * t * hd];
+    let (mut kc, mut vc) = (vec![0f32; gr * cap * hd], vec![0f32; gr * cap * hd]);
+    let (mut kn, mut vn) =
+        (vec![0f32; (b * nkv - gr) * ncap * hd], vec![0f32; (b * nkv - gr) * ncap * hd]);
+    for row in 0..b * t {
+        let (bi, ti) = (row / t, row % t);
+        let val = |c: usize| f64::from(y[row * w + c]) + f64::from(bias[c]);
+        for c in 0..w {
+            let d = c % hd;
+            let mut v = val(c);
+            if c < h + kv {
+                let half = hd / 2;
+                let partner = val(c - d + if d < half { d + half } else { d - half });
+                let angle = f64::from(pos[row] as f32 * inv[d % half]);
+                let (s, co) = angle.sin_cos();
+                v = if d < half { v * co - partner * s } else { v * co + partner * s };
+            }
+            #[expect(clippy::cast_possible_truncation, reason = "compared in fp16")]
+            let v = v as f32;
+            if c < h {
+                q[((bi * nh + c / hd) * t + ti) * hd + d] = v * 0.25;
+            } else {
+                let c2 = c - h;
+                let (is_v, c2) = if c2 >= kv { (true, c2 - kv) } else { (false, c2) };
+                let r = bi * nkv + c2 / hd;
+                if r < gr {
+                    let dst = if is_v { &mut vc } else { &mut kc };
+                    dst[(r * cap + past + ti) * hd + d] = v;
+                } else {
+                    let dst = if is_v { &mut vn } else { &mut kn };
+                    dst[((r - gr) * ncap + npast + ti) * hd + d] = v;
+                }
+            }
+        }
+    }
+    // fp16 outputs of fp32 arithmetic: within a few fp16 roundings of the largest value.
+    let close = |label: &str, got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), want.len(), "{label}: sizes");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 4e-3 * w.abs().max(1.0),
+                "{label} {i}: kernel {g}, reference {w}"
+            );
+        }
+    };
+    close("q", &read_f16(&p("q")), &q);
+    close("k cache", &read_f16(&p("kc")), &kc);
+    close("v cache", &read_f16(&p("vc")), &vc);
+    close("new k", &read_f16(&p("kn")), &kn);
+    close("new v", &read_f16(&p("vn")), &vn);
+    let (rows, f) = (7, 24);
+    let g_in: Vec<f32> =
+        (0..rows * 2 * f).map(|i| f16::from_f32(y[i % y.len()]).to_f32()).collect();
+    let g_out = read_f16(&p("g"));
+    for r in 0..rows {
+        for j in 0..f {
+            let (a, u) = (f64::from(g_in[r * 2 * f + j]), f64::from(g_in[r * 2 * f + f + j]));
+            #[expect(clippy::cast_possible_truncation, reason = "compared in fp16")]
+            let want = (a / (1.0 + (-a).exp()) * u) as f32;
+            let got = g_out[r * 2 * f + j];
+            assert!(
+                (got - want).abs() <= 4e-3 * want.abs().max(1.0),
+                "silu row {r} {j}: {got} vs {want}"
+            );
+            assert_eq!(g_out[r * 2 * f + f + j], g_in[r * 2 * f + f + j], "up untouched");
         }
     }
 }

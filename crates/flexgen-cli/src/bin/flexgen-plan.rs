@@ -101,40 +101,11 @@ fn run_calibrate(cli: &Cli, hw: &HardwareProfile) -> anyhow::Result<()> {
     for path in &cli.calibrate {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the run report {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-            format!("{}: not a JSON run report (flexgen-run --json)", path.display())
-        })?;
-        let rec = v.get("calibration").with_context(|| {
-            format!(
-                "{}: no `calibration` record; rerun with this version of flexgen-run --json",
-                path.display()
-            )
-        })?;
-        let field = |name: &str| {
-            v.get(name)
-                .and_then(serde_json::Value::as_f64)
-                .with_context(|| format!("{}: no numeric `{name}`", path.display()))
-        };
-        let w = &rec["workload"];
-        let num = |k: &str| -> anyhow::Result<u32> {
-            Ok(u32::try_from(
-                w[k].as_u64().with_context(|| format!("{}: workload.{k}", path.display()))?,
-            )?)
-        };
-        obs.push(flexgen_planner::Observation {
-            label: path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-            spec: serde_json::from_value(rec["spec"].clone())
-                .with_context(|| format!("{}: calibration.spec", path.display()))?,
-            policy: serde_json::from_value(rec["policy"].clone())
-                .with_context(|| format!("{}: calibration.policy", path.display()))?,
-            workload: Workload {
-                prompt_len: num("prompt_len")?,
-                gen_len: num("gen_len")?,
-                num_prompts: Some(num("num_prompts")?),
-            },
-            prefill_s: field("prefill_s")?,
-            decode_s: field("decode_s")?,
-        });
+        let label = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        obs.push(
+            flexgen_planner::Observation::from_run_report(&text, &label)
+                .with_context(|| format!("reading the run report {}", path.display()))?,
+        );
     }
     let cal = flexgen_planner::calibrate(hw, &obs)?;
     let mut out = std::io::stdout().lock();
