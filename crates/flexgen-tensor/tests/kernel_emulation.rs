@@ -13,13 +13,16 @@ use half::f16;
 
 const KERNELS: &str = include_str!("../src/cuda/kernels.cu");
 
-/// The text of kernel `name` (from its signature to the next blank-line-separated comment).
-fn kernel(name: &str) -> &'static str {
-    let start = KERNELS
-        .find(&format!("extern \"C\" __global__ void {name}("))
-        .unwrap_or_else(|| panic!("{name} in kernels.cu"));
-    let end = KERNELS[start..].find("\n}\n").expect("the kernel's closing brace") + start + 3;
+/// The text of kernels.cu from `signature` to the closing brace of what it opens.
+fn section(signature: &str) -> &'static str {
+    let start = KERNELS.find(signature).unwrap_or_else(|| panic!("{signature} in kernels.cu"));
+    let end = KERNELS[start..].find("\n}\n").expect("the closing brace") + start + 3;
     &KERNELS[start..end]
+}
+
+/// The text of kernel `name`.
+fn kernel(name: &str) -> &'static str {
+    section(&format!("extern \"C\" __global__ void {name}("))
 }
 
 const PRELUDE: &str = r#"
@@ -208,11 +211,7 @@ int main(int argc, char** argv) {
 
 /// The text of device function `name` (a helper the kernels call).
 fn device_fn(name: &str) -> &'static str {
-    let start = KERNELS
-        .find(&format!("__device__ __forceinline__ float {name}("))
-        .unwrap_or_else(|| panic!("{name} in kernels.cu"));
-    let end = KERNELS[start..].find("\n}\n").expect("the function's closing brace") + start + 3;
-    &KERNELS[start..end]
+    section(&format!("__device__ __forceinline__ float {name}("))
 }
 
 fn f16_bytes(v: &[f32]) -> Vec<u8> {
