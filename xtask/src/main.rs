@@ -6,8 +6,9 @@
 //! - `bench plan`: builds the release binaries and times `flexgen-plan` for every shipped hardware
 //!   profile × OPT-6.7B/30B/175B, printing a markdown table for docs/benchmarks.md.
 //! - `bench gpu`: builds what the GPU machine runs (release binaries and the check programs,
-//!   stripped) into `.gpu/bin`, copies the anchor scripts (`xtask/anchors`) into `.gpu/flex` and
-//!   `.gpu/anchors`, and checks that FlexLLMGen's source is in `.gpu/flex/src`; then, there:
+//!   stripped) into `.gpu/bin` and packed as `.gpu/pack/bin.tar.xz`, copies the anchor scripts
+//!   (`xtask/anchors`) into `.gpu/flex` and `.gpu/anchors`, and checks that FlexLLMGen's source is
+//!   in `.gpu/flex/src`; then, there:
 //!   `xtask/scripts/gpu_executor_check.sh`, `gpu_runtime_bench.sh`, `gpu_suite.sh`
 //!   (docs/benchmarks.md says which part gives what).
 //! - `plot --input SWEEP.jsonl --out FIG.png [--title TEXT]`: the latency–throughput figure
@@ -124,7 +125,25 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
              | tar x -C .gpu/flex/src`); the FlexLLMGen parts of the suite need it"
         );
     }
-    println!("carry `.gpu` (keep it under 64 MiB; `/.gpu/` in .git/info/exclude)");
+    // The working tree and the binaries no longer fit the device tool's 64 MiB together: the
+    // binaries also travel packed, to be unpacked there.
+    let pack = root.join(".gpu/pack");
+    std::fs::create_dir_all(&pack)?;
+    let packed = Command::new("sh")
+        .arg("-c")
+        .arg("tar cf - -C .gpu/bin . | xz -T0 -6 > .gpu/pack/bin.tar.xz")
+        .current_dir(root)
+        .status()
+        .is_ok_and(|s| s.success());
+    if packed {
+        println!(
+            "carry [\".gpu/pack\", \".gpu/flex\", \".gpu/anchors\"] and unpack there first: \
+             `mkdir -p .gpu/bin && tar xJf .gpu/pack/bin.tar.xz -C .gpu/bin` (`/.gpu/` is in \
+             .git/info/exclude)"
+        );
+    } else {
+        println!("carry `.gpu` (keep it under 64 MiB; packing needs tar and xz)");
+    }
     Ok(())
 }
 
