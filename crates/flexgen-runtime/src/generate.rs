@@ -240,6 +240,22 @@ impl<'m> Generator<'m> {
         Self::on(model, policy, Device::Cpu(budgets))
     }
 
+    /// A generator on the CPU that runs the model as a pipeline of `stages`: contiguous layer
+    /// ranges covering the model, each placing its weights, KV cache and activations by its own
+    /// policy, hidden states crossing from one stage to the next through an in-process link.
+    /// `policy` gives the block shape (`gpu_batch_size`, `num_gpu_batches`). Each stage's tiers
+    /// may hold `budgets`.
+    pub fn host_pipeline(
+        model: &'m Model,
+        policy: Policy,
+        stages: &[(std::ops::Range<u32>, Policy)],
+        budgets: Budgets,
+    ) -> Result<Self> {
+        policy.validate()?;
+        let stage = HostStage::pipeline(model, stages, budgets)?;
+        Ok(Self { model, policy, executor: Executor::Host(Box::new(stage)) })
+    }
+
     /// A generator on `device`. The weights are placed here; a policy that does not fit is
     /// refused before anything is allocated.
     pub fn on(model: &'m Model, policy: Policy, device: Device) -> Result<Self> {

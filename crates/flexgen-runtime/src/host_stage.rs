@@ -3,6 +3,7 @@
 //! is host memory under a budget, the disk tier is real), and each visit of the zig-zag moves
 //! what it needs between them, counting the bytes.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use flexgen_model::layers;
@@ -15,12 +16,22 @@ use crate::stage::{self, BlockInput, Feed, Picks, Stage};
 use crate::tiers::{self, ActStore, Budgets, KvStore, Traffic, WeightStore};
 use crate::{Result, RunStats};
 
-/// The tiered CPU executor of one model under one policy.
+/// The tiered CPU executor of one model: one stage over all layers, or a pipeline of stages
+/// over contiguous layer ranges, each under its own placement, whose hidden states cross from
+/// one to the next through an in-process link (what NCCL carries between GPUs).
 pub(crate) struct HostStage<'m> {
     model: &'m Model,
-    policy: Policy,
     device: Device,
     budgets: Budgets,
+    parts: Vec<Part>,
+}
+
+/// One stage of the pipeline: its layers, the policy its tensors are placed by, its weights.
+struct Part {
+    layers: Range<usize>,
+    /// The same range, as the memory plan takes it.
+    planned: Range<u32>,
+    policy: Policy,
     weights: WeightStore,
 }
 
@@ -28,21 +39,112 @@ impl<'m> HostStage<'m> {
     /// Places the weights on their tiers; a policy whose weights do not fit `budgets` is refused
     /// before anything is allocated.
     pub(crate) fn new(model: &'m Model, policy: &Policy, budgets: Budgets) -> Result<Self> {
-        let weights_only = memory::Capacity { max_prompt: 0, max_new: 0, sequences: Some(0) };
-        tiers::check(&Self::plan(model, policy, weights_only)?.totals(), &budgets)?;
-        let weights = WeightStore::build(
-            model,
-            &policy.placement.weights,
-            policy.offload_dir.as_deref(),
-            tiers::quant_spec(&policy.compress_weight),
-        )?;
-        Ok(Self { model, policy: policy.clone(), device: Device::Cpu, budgets, weights })
+        let all = 0..model.spec.num_layers;
+        Self::pipeline(model, &[(all, policy.clone())], budgets)
     }
 
-    /// The memory plan of `policy` on this stage, for all layers.
-    fn plan(model: &Model, policy: &Policy, c: memory::Capacity) -> Result<memory::MemoryPlan> {
-        let layers = 0..model.spec.num_layers;
+    /// A pipeline of `stages` (contiguous layer ranges covering the model, each with the policy
+    /// its weights, cache and activations are placed by; the block shape is the generator's).
+    /// Each stage's tiers may hold `budgets` (each stage has its own device).
+    pub(crate) fn pipeline(
+        model: &'m Model,
+        stages: &[(Range<u32>, Policy)],
+        budgets: Budgets,
+    ) -> Result<Self> {
+        let mut next = 0;
+        for (r, p) in stages {
+            p.validate()?;
+            if r.start != next || r.end <= r.start {
+                return Err(crate::Error::Config {
+                    field: "stages",
+                    message: format!(
+                        "stage layers {}..{} do not continue from layer {next}: stages must be \
+                         contiguous, non-empty ranges covering the model's {} layers in order",
+                        r.start, r.end, model.spec.num_layers
+                    ),
+                });
+            }
+            next = r.end;
+        }
+        if next != model.spec.num_layers {
+            return Err(crate::Error::Config {
+                field: "stages",
+                message: format!(
+                    "the stages end at layer {next}, the model has {}",
+                    model.spec.num_layers
+                ),
+            });
+        }
+        let weights_only = memory::Capacity { max_prompt: 0, max_new: 0, sequences: Some(0) };
+        let mut parts = Vec::with_capacity(stages.len());
+        for (r, p) in stages {
+            tiers::check(&Self::plan(model, p, weights_only, r.clone())?.totals(), &budgets)?;
+            let layers = r.start as usize..r.end as usize;
+            let weights = WeightStore::build(
+                &model.weights.layers[layers.clone()],
+                &p.placement.weights,
+                p.offload_dir.as_deref(),
+                tiers::quant_spec(&p.compress_weight),
+            )?;
+            parts.push(Part { layers, planned: r.clone(), policy: p.clone(), weights });
+        }
+        Ok(Self { model, device: Device::Cpu, budgets, parts })
+    }
+
+    /// The memory plan of `policy` for layers `layers` on a host stage.
+    fn plan(
+        model: &Model,
+        policy: &Policy,
+        c: memory::Capacity,
+        layers: Range<u32>,
+    ) -> Result<memory::MemoryPlan> {
         memory::plan(&model.spec, policy, c, layers, memory::Compute::Host)
+    }
+
+    /// One stage's layers over every micro-batch's hidden state, in the zig-zag block schedule:
+    /// a layer runs over every micro-batch before the next, while the next layer's weights are
+    /// loaded from their tiers on another thread.
+    fn run_part(
+        &self,
+        part: &Part,
+        templates: &[LayerWeights],
+        (kv, act): (&mut KvStore, &mut ActStore),
+        hidden: &mut [Tensor],
+        steps: &[layers::StepInputs<Cpu>],
+        traffic: &mut Traffic,
+    ) -> Result<()> {
+        let spec = &self.model.spec;
+        let n = templates.len();
+        let (mut current, t0) = part.weights.load(0, &templates[0], &self.device)?;
+        traffic.cpu_to_gpu += t0.cpu_to_gpu;
+        traffic.disk_read += t0.disk_read;
+        for j in 0..n {
+            let next = std::thread::scope(|scope| -> Result<Option<(LayerWeights, Traffic)>> {
+                let prefetch = (j + 1 < n).then(|| {
+                    scope.spawn(|| part.weights.load(j + 1, &templates[j + 1], &self.device))
+                });
+                for (k, x) in hidden.iter_mut().enumerate() {
+                    let past_kv = kv.gather(j, k, &self.device, traffic)?;
+                    let (y, new_kv) = layers::decoder_layer(
+                        &Cpu,
+                        spec,
+                        &current,
+                        x,
+                        past_kv.as_ref(),
+                        &steps[k],
+                    )?;
+                    kv.append(j, k, &new_kv, &self.device, traffic)?;
+                    *x = if j + 1 < n { act.round_trip(k, y, traffic)? } else { y };
+                }
+                prefetch.map(|h| h.join().expect("weight prefetch thread panicked")).transpose()
+            })?;
+            if let Some((w, t1)) = next {
+                current = w;
+                traffic.cpu_to_gpu += t1.cpu_to_gpu;
+                traffic.disk_read += t1.disk_read;
+            }
+        }
+        Ok(())
     }
 
     /// Embedding of micro-batch rows `ids` (`[b, t]`, row-major) at positions `past..past + t`,
@@ -70,32 +172,41 @@ impl Stage for HostStage<'_> {
         after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
     ) -> Result<()> {
         let spec = &self.model.spec;
-        let num_layers = self.model.weights.layers.len();
         let templates = &self.model.weights.layers;
         let n_batches = block.ids.len();
         let shapes: Vec<(usize, usize)> =
             (0..n_batches).map(|k| (block.rows(k), block.width)).collect();
         let max_len = block.width + block.steps;
-        // Check every tier before allocating the block's cache and activations.
+        // Check every stage's tiers before allocating the block's cache and activations.
         let capacity = memory::Capacity {
             max_prompt: block.width,
             max_new: block.steps,
             sequences: Some(shapes.iter().map(|s| s.0).sum()),
         };
-        let need = Self::plan(self.model, &self.policy, capacity)?.totals();
-        tiers::check(&need, &self.budgets)?;
+        let mut need = tiers::TierBytes::default();
         let sizes: Vec<usize> = shapes.iter().map(|s| s.0).collect();
-        let mut kv = KvStore::new(
-            num_layers,
-            &sizes,
-            max_len,
-            spec.num_kv_heads as usize,
-            spec.head_dim() as usize,
-            &self.policy,
-        )?;
-        let act = ActStore::new(&self.policy, &shapes, spec.hidden_size as usize)?;
+        let mut stores = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            let n = Self::plan(self.model, &part.policy, capacity, part.planned.clone())?.totals();
+            tiers::check(&n, &self.budgets)?;
+            // The report sums the stages (each a device of its own in a real pipeline).
+            need = tiers::TierBytes {
+                gpu: need.gpu + n.gpu,
+                cpu: need.cpu + n.cpu,
+                disk: need.disk + n.disk,
+            };
+            let kv = KvStore::new(
+                part.layers.len(),
+                &sizes,
+                max_len,
+                spec.num_kv_heads as usize,
+                spec.head_dim() as usize,
+                &part.policy,
+            )?;
+            stores.push((kv, ActStore::new(&part.policy, &shapes, spec.hidden_size as usize)?));
+        }
         let mut traffic = Traffic::default();
-        stats.direct_io = self.weights.direct_io();
+        stats.direct_io = self.parts.iter().find_map(|p| p.weights.direct_io());
         let mut input: Vec<Vec<u32>> = block.ids.clone();
         for step in 0..block.steps {
             let started = Instant::now();
@@ -107,44 +218,12 @@ impl Stage for HostStage<'_> {
                 hidden.push(x);
                 steps.push(inputs);
             }
-            // The zig-zag block schedule: a layer runs over every micro-batch before the next,
-            // while the next layer's weights are loaded from their tiers on another thread.
-            let (mut current, t0) = self.weights.load(0, &templates[0], &self.device)?;
-            traffic.cpu_to_gpu += t0.cpu_to_gpu;
-            traffic.disk_read += t0.disk_read;
-            for j in 0..num_layers {
-                let next =
-                    std::thread::scope(|scope| -> Result<Option<(LayerWeights, Traffic)>> {
-                        let prefetch = (j + 1 < num_layers).then(|| {
-                            scope
-                                .spawn(|| self.weights.load(j + 1, &templates[j + 1], &self.device))
-                        });
-                        for k in 0..n_batches {
-                            let past_kv = kv.gather(j, k, &self.device, &mut traffic)?;
-                            let (x, new_kv) = layers::decoder_layer(
-                                &Cpu,
-                                spec,
-                                &current,
-                                &hidden[k],
-                                past_kv.as_ref(),
-                                &steps[k],
-                            )?;
-                            kv.append(j, k, &new_kv, &self.device, &mut traffic)?;
-                            hidden[k] = if j + 1 < num_layers {
-                                act.round_trip(k, x, &mut traffic)?
-                            } else {
-                                x
-                            };
-                        }
-                        prefetch
-                            .map(|h| h.join().expect("weight prefetch thread panicked"))
-                            .transpose()
-                    })?;
-                if let Some((w, t1)) = next {
-                    current = w;
-                    traffic.cpu_to_gpu += t1.cpu_to_gpu;
-                    traffic.disk_read += t1.disk_read;
+            for (i, (part, (kv, act))) in self.parts.iter().zip(stores.iter_mut()).enumerate() {
+                if i > 0 {
+                    hidden = link(&hidden)?;
                 }
+                let templates = &templates[part.layers.clone()];
+                self.run_part(part, templates, (kv, act), &mut hidden, &steps, &mut traffic)?;
             }
             // LM head on the last position only.
             let mut picks = Vec::with_capacity(n_batches);
@@ -175,4 +254,26 @@ impl Stage for HostStage<'_> {
     fn finish(&self, _stats: &mut RunStats) -> Result<()> {
         Ok(())
     }
+}
+
+/// The in-process link between two stages: the micro-batches' hidden states cross a channel as
+/// bytes (what a device-to-device copy or NCCL carries between GPUs) and are rebuilt on the
+/// other side.
+fn link(hidden: &[Tensor]) -> Result<Vec<Tensor>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<usize>, Vec<u8>)>(hidden.len().max(1));
+    for x in hidden {
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tx.send((x.dims().to_vec(), bytes)).expect("the receiver is alive");
+    }
+    drop(tx);
+    rx.into_iter()
+        .map(|(shape, bytes)| {
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Ok(Tensor::from_vec(values, shape.as_slice(), &flexgen_tensor::Device::Cpu)?)
+        })
+        .collect()
 }

@@ -21,8 +21,8 @@
 
 use std::path::{Path, PathBuf};
 
+use flexgen_model::LayerWeights;
 use flexgen_model::layers::Kv;
-use flexgen_model::{LayerWeights, Model};
 use flexgen_policy::{Compression, Policy, Tier, TierShares};
 use flexgen_tensor::host::{DirectFile, align_up};
 use flexgen_tensor::quant::{self, Packed, QuantSpec, packed_len};
@@ -227,9 +227,9 @@ pub(crate) struct WeightStore {
 }
 
 impl WeightStore {
-    /// Splits the model's weights by `shares`; disk segments are written to `offload_dir`.
+    /// Splits the weights of `layers` by `shares`; disk segments are written to `offload_dir`.
     pub(crate) fn build(
-        model: &Model,
+        layers_in: &[LayerWeights],
         shares: &TierShares,
         offload_dir: Option<&Path>,
         compress: Option<QuantSpec>,
@@ -246,8 +246,8 @@ impl WeightStore {
             }
             _ => None,
         };
-        let mut layers = Vec::with_capacity(model.weights.layers.len());
-        for layer in &model.weights.layers {
+        let mut layers = Vec::with_capacity(layers_in.len());
+        for layer in layers_in {
             let mut stored = Vec::new();
             for t in layer.tensors() {
                 if let Some(q) = compress.filter(|_| t.rank() >= 2) {
