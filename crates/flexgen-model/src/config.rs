@@ -35,19 +35,21 @@ struct HfOptConfig {
     remove_final_layer_norm: bool,
 }
 
-/// The largest value each size field may take: beyond every published model by a wide margin,
-/// so that a damaged file is refused here instead of reaching an allocation.
-const BOUNDS: [(&str, u32); 9] = [
-    ("num_hidden_layers", 1024),
-    ("hidden_size", 65_536),
-    ("word_embed_proj_dim", 65_536),
-    ("num_attention_heads", 1024),
-    ("num_key_value_heads", 1024),
-    ("ffn_dim", 262_144),
-    ("intermediate_size", 262_144),
-    ("vocab_size", 4_194_304),
-    ("max_position_embeddings", 16_777_216),
-];
+/// The largest value each size field of config.json may take (`flexgen_policy::bounds`).
+const BOUNDS: [(&str, u32); 9] = {
+    use flexgen_policy::bounds::{FFN, HEADS, HIDDEN, LAYERS, POSITIONS, VOCAB};
+    [
+        ("num_hidden_layers", LAYERS),
+        ("hidden_size", HIDDEN),
+        ("word_embed_proj_dim", HIDDEN),
+        ("num_attention_heads", HEADS),
+        ("num_key_value_heads", HEADS),
+        ("ffn_dim", FFN),
+        ("intermediate_size", FFN),
+        ("vocab_size", VOCAB),
+        ("max_position_embeddings", POSITIONS),
+    ]
+};
 
 /// Refuses a size field above its bound, naming the file and field.
 fn check_bounds(path: &Path, fields: &[(&str, u32)]) -> Result<()> {
@@ -122,11 +124,13 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
         }
     }
     let c: HfOptConfig = serde_json::from_str(text).map_err(|e| err("(fields)", e.to_string()))?;
+    let proj = c.word_embed_proj_dim.unwrap_or(c.hidden_size);
     check_bounds(
         path,
         &[
             ("num_hidden_layers", c.num_hidden_layers),
             ("hidden_size", c.hidden_size),
+            ("word_embed_proj_dim", proj),
             ("num_attention_heads", c.num_attention_heads),
             ("ffn_dim", c.ffn_dim),
             ("vocab_size", c.vocab_size),
@@ -134,11 +138,6 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
         ],
     )?;
     debug_assert_eq!(c.model_type, model_type);
-    let proj = c.word_embed_proj_dim.unwrap_or(c.hidden_size);
-    check_bounds(path, &[("word_embed_proj_dim", proj)])?;
-    if proj == 0 {
-        return Err(err("word_embed_proj_dim", "must be positive".into()));
-    }
     if c.do_layer_norm_before && c.remove_final_layer_norm {
         return Err(err(
             "_remove_final_layer_norm",
@@ -168,6 +167,7 @@ pub fn spec_from_config_json(text: &str, path: &Path, name: &str) -> Result<Mode
     for (field, v) in [
         ("vocab_size", c.vocab_size),
         ("hidden_size", c.hidden_size),
+        ("word_embed_proj_dim", proj),
         ("num_hidden_layers", c.num_hidden_layers),
         ("ffn_dim", c.ffn_dim),
         ("max_position_embeddings", c.max_position_embeddings),

@@ -51,8 +51,8 @@ fn unsupported(spec: &ModelSpec, what: &str) -> Error {
 /// `LayerNorm`, the bias at `b`.
 ///
 /// # Safety
-/// As [`Gpu::layer_norm_raw`]: every address names device memory holding the elements the
-/// shapes imply, alive until the compute stream has run the kernel.
+/// As [`Gpu::norm_raw`]: every address names device memory holding the elements the shapes
+/// imply, alive until the compute stream has run the kernel.
 pub unsafe fn norm(
     g: &Gpu,
     spec: &ModelSpec,
@@ -62,22 +62,15 @@ pub unsafe fn norm(
     rows: usize,
     h: usize,
 ) -> Result<()> {
-    match spec.norm {
-        NormKind::LayerNorm { eps } => {
-            #[expect(clippy::cast_possible_truncation, reason = "an epsilon")]
-            let eps = eps as f32;
-            // SAFETY: the caller's contract.
-            unsafe { g.layer_norm_raw(x, w, b, y, rows, h, eps) }?;
-            Ok(())
-        }
-        NormKind::RmsNorm { eps } => {
-            #[expect(clippy::cast_possible_truncation, reason = "an epsilon")]
-            let eps = eps as f32;
-            // SAFETY: the caller's contract.
-            unsafe { g.rms_norm_raw(x, w, y, rows, h, eps) }?;
-            Ok(())
-        }
-    }
+    let (eps, bias) = match spec.norm {
+        NormKind::LayerNorm { eps } => (eps, Some(b)),
+        NormKind::RmsNorm { eps } => (eps, None),
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "an epsilon")]
+    let eps = eps as f32;
+    // SAFETY: the caller's contract.
+    unsafe { g.norm_raw(x, w, bias, y, rows, h, eps) }?;
+    Ok(())
 }
 
 /// Token embedding of `n` tokens (`ids`, and `pos` indices into the position table where the

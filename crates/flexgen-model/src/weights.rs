@@ -221,7 +221,7 @@ impl Weights {
             })
         };
         let opt = spec.family == Family::Opt;
-        let e = spec.embed_dim.map_or(h, |e| e as usize);
+        let e = spec.embed_width() as usize;
         let token_embedding = src.get(
             if opt { "decoder.embed_tokens.weight" } else { "embed_tokens.weight" },
             &[v, e],

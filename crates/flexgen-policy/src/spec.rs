@@ -129,6 +129,17 @@ pub struct ModelSpec {
     pub pad_token_id: Option<u32>,
 }
 
+/// The largest value each size may take: beyond every published model by a wide margin, so that
+/// a damaged file is refused where it is read instead of reaching an allocation.
+pub mod bounds {
+    pub const LAYERS: u32 = 1024;
+    pub const HIDDEN: u32 = 65_536;
+    pub const HEADS: u32 = 1024;
+    pub const FFN: u32 = 262_144;
+    pub const VOCAB: u32 = 4_194_304;
+    pub const POSITIONS: u32 = 16_777_216;
+}
+
 impl ModelSpec {
     /// Checks that the sizes describe a model the planner and runtime can size: every count
     /// positive and bounded, heads dividing the hidden size, query heads in whole groups of
@@ -141,14 +152,14 @@ impl ModelSpec {
             Err(crate::Error::invalid(format!("spec.{field}"), value, problem, fix))
         };
         for (field, v, max) in [
-            ("num_layers", self.num_layers, 1024),
-            ("hidden_size", self.hidden_size, 65_536),
-            ("num_heads", self.num_heads, 1024),
-            ("num_kv_heads", self.num_kv_heads, 1024),
-            ("ffn_size", self.ffn_size, 262_144),
-            ("vocab_size", self.vocab_size, 4_194_304),
-            ("max_positions", self.max_positions, 16_777_216),
-            ("embed_dim", self.embed_dim.unwrap_or(1), 65_536),
+            ("num_layers", self.num_layers, bounds::LAYERS),
+            ("hidden_size", self.hidden_size, bounds::HIDDEN),
+            ("num_heads", self.num_heads, bounds::HEADS),
+            ("num_kv_heads", self.num_kv_heads, bounds::HEADS),
+            ("ffn_size", self.ffn_size, bounds::FFN),
+            ("vocab_size", self.vocab_size, bounds::VOCAB),
+            ("max_positions", self.max_positions, bounds::POSITIONS),
+            ("embed_dim", self.embed_width(), bounds::HIDDEN),
         ] {
             if v == 0 || v > max {
                 return bad(field, &v, &format!("must be between 1 and {max}"));
@@ -188,6 +199,11 @@ impl ModelSpec {
             }
         }
         Ok(())
+    }
+
+    /// Width of the token embedding: `embed_dim` where it differs from the hidden size.
+    pub fn embed_width(&self) -> u32 {
+        self.embed_dim.unwrap_or(self.hidden_size)
     }
 
     /// Whether `token` ends a sequence (the EOS id or one of the further ones).
@@ -259,7 +275,7 @@ impl ModelSpec {
     pub fn table_params(&self) -> (u64, u64) {
         let h = u64::from(self.hidden_size);
         let v = u64::from(self.vocab_size);
-        let e = self.embed_dim.map_or(h, u64::from);
+        let e = u64::from(self.embed_width());
         let proj = if self.embed_dim.is_some() { e * h } else { 0 };
         let pos = match self.positions {
             PositionKind::Learned { offset } => {

@@ -28,11 +28,16 @@ pub(crate) struct HostStage<'m> {
 
 /// One stage of the pipeline: its layers, the policy its tensors are placed by, its weights.
 struct Part {
-    layers: Range<usize>,
-    /// The same range, as the memory plan takes it.
-    planned: Range<u32>,
+    layers: Range<u32>,
     policy: Policy,
     weights: WeightStore,
+}
+
+impl Part {
+    /// Its layers as indices into the model's.
+    fn indices(&self) -> Range<usize> {
+        self.layers.start as usize..self.layers.end as usize
+    }
 }
 
 impl<'m> HostStage<'m> {
@@ -79,14 +84,13 @@ impl<'m> HostStage<'m> {
         let mut parts = Vec::with_capacity(stages.len());
         for (r, p) in stages {
             tiers::check(&Self::plan(model, p, weights_only, r.clone())?.totals(), &budgets)?;
-            let layers = r.start as usize..r.end as usize;
             let weights = WeightStore::build(
-                &model.weights.layers[layers.clone()],
+                &model.weights.layers[r.start as usize..r.end as usize],
                 &p.placement.weights,
                 p.offload_dir.as_deref(),
                 tiers::quant_spec(&p.compress_weight),
             )?;
-            parts.push(Part { layers, planned: r.clone(), policy: p.clone(), weights });
+            parts.push(Part { layers: r.clone(), policy: p.clone(), weights });
         }
         Ok(Self { model, device: Device::Cpu, budgets, parts })
     }
@@ -187,7 +191,7 @@ impl Stage for HostStage<'_> {
         let sizes: Vec<usize> = shapes.iter().map(|s| s.0).collect();
         let mut stores = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
-            let n = Self::plan(self.model, &part.policy, capacity, part.planned.clone())?.totals();
+            let n = Self::plan(self.model, &part.policy, capacity, part.layers.clone())?.totals();
             tiers::check(&n, &self.budgets)?;
             // The report sums the stages (each a device of its own in a real pipeline).
             need = tiers::TierBytes {
@@ -196,7 +200,7 @@ impl Stage for HostStage<'_> {
                 disk: need.disk + n.disk,
             };
             let kv = KvStore::new(
-                part.layers.len(),
+                part.indices().len(),
                 &sizes,
                 max_len,
                 spec.num_kv_heads as usize,
@@ -222,7 +226,7 @@ impl Stage for HostStage<'_> {
                 if i > 0 {
                     hidden = link(&hidden)?;
                 }
-                let templates = &templates[part.layers.clone()];
+                let templates = &templates[part.indices()];
                 self.run_part(part, templates, (kv, act), &mut hidden, &steps, &mut traffic)?;
             }
             // LM head on the last position only.
@@ -256,24 +260,20 @@ impl Stage for HostStage<'_> {
     }
 }
 
-/// The in-process link between two stages: the micro-batches' hidden states cross a channel as
-/// bytes (what a device-to-device copy or NCCL carries between GPUs) and are rebuilt on the
-/// other side.
+/// The in-process link between two stages: each micro-batch's hidden state leaves one stage as
+/// bytes (what a device-to-device copy or NCCL carries between GPUs) and is rebuilt from them
+/// on the other side.
 fn link(hidden: &[Tensor]) -> Result<Vec<Tensor>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<usize>, Vec<u8>)>(hidden.len().max(1));
-    for x in hidden {
-        let values = x.flatten_all()?.to_vec1::<f32>()?;
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tx.send((x.dims().to_vec(), bytes)).expect("the receiver is alive");
-    }
-    drop(tx);
-    rx.into_iter()
-        .map(|(shape, bytes)| {
-            let values: Vec<f32> = bytes
+    hidden
+        .iter()
+        .map(|x| {
+            let sent: Vec<u8> =
+                x.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let values: Vec<f32> = sent
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            Ok(Tensor::from_vec(values, shape.as_slice(), &flexgen_tensor::Device::Cpu)?)
+            Ok(Tensor::from_vec(values, x.dims(), &flexgen_tensor::Device::Cpu)?)
         })
         .collect()
 }

@@ -133,8 +133,7 @@ fn table_elems(spec: &ModelSpec, layers: &Range<u32>) -> (u64, u64) {
     let last = if layers.end != spec.num_layers {
         0
     } else if spec.tie_embeddings && !holds_embedding {
-        let e = u64::from(spec.embed_dim.unwrap_or(spec.hidden_size));
-        last + u64::from(spec.vocab_size) * e
+        last + u64::from(spec.vocab_size) * u64::from(spec.embed_width())
     } else {
         last
     };

@@ -72,7 +72,7 @@ fn main() {
 
     let (lw, lb) = (rand(&[h], 4, 1.0), rand(&[h], 5, 0.5));
     let y =
-        gpu.layer_norm(&gx, &gpu.upload(&lw).unwrap(), &gpu.upload(&lb).unwrap(), 1e-5).unwrap();
+        gpu.norm(&gx, &gpu.upload(&lw).unwrap(), Some(&gpu.upload(&lb).unwrap()), 1e-5).unwrap();
     compare(
         "layer_norm",
         &gpu.download(&y).unwrap(),

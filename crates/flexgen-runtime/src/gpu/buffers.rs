@@ -200,6 +200,12 @@ impl CudaStage<'_> {
 }
 
 impl RunBuffers {
+    /// The attention output of GPU batch `kb`'s visit of `t` new positions: decode visits of odd
+    /// batches use the second one, so that a deferred visit's output survives the next visit.
+    pub(super) fn att_of(&self, kb: usize, t: usize) -> u64 {
+        if t == 1 && kb % 2 == 1 { addr(&self.att_odd) } else { addr(&self.att) }
+    }
+
     /// The family math's view of a visit's buffers (`x`: the hidden state of `rows` rows).
     /// `kb` names the GPU batch whose positions the rows hold; `inv_freq` the rotary table, if any.
     pub(super) fn visit(

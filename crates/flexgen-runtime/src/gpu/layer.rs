@@ -15,9 +15,6 @@ pub(super) struct Deferred {
     x: u64,
     rows: usize,
     past: usize,
-    /// The staging parity of the CPU attention and the visit's attention output.
-    p: usize,
-    att: u64,
     slot: usize,
 }
 
@@ -61,9 +58,7 @@ impl CudaStage<'_> {
         let (gr, all_rows) = (self.gpu_rows, b * nkv);
         let cpu_rows = all_rows - gr;
         let gr_all = gr; // GPU rows of a compressed cache
-        // Decode visits of odd GPU batches use the second attention output, so that a deferred
-        // visit's output survives the next visit.
-        let att = if t == 1 && kb % 2 == 1 { addr(&buf.att_odd) } else { addr(&buf.att) };
+        let att = buf.att_of(kb, t);
         let (qkv, q) = (addr(&buf.qkv), addr(&buf.q));
         let start = addr(&buf.start[kb]);
         let (kn, vn) = {
@@ -223,9 +218,8 @@ impl CudaStage<'_> {
         }
         if cpu_rows > 0 {
             if self.cpu_attention && t == 1 {
-                let p = kb % 2;
-                self.cpu_attention_issue(buf, p)?;
-                let rest = Deferred { j, kb, w, x, rows, past, p, att, slot };
+                self.cpu_attention_issue(buf, kb % 2)?;
+                let rest = Deferred { j, kb, w, x, rows, past, slot };
                 if defer {
                     return Ok(Some(rest));
                 }
@@ -280,9 +274,10 @@ impl CudaStage<'_> {
             found = self.homes(buf, d.j, d.kb, d.past)?;
             &found
         };
-        self.cpu_attention_finish(buf, homes, starts, d.past, (d.p, d.att))?;
+        let att = buf.att_of(d.kb, 1);
+        self.cpu_attention_finish(buf, homes, starts, d.past, (d.kb % 2, att))?;
         self.flush_disk(buf, d.j, d.kb, d.past, 1)?;
-        let visit = fused::Visit { att: d.att, ..buf.visit(d.x, d.rows, d.kb, None) };
+        let visit = fused::Visit { att, ..buf.visit(d.x, d.rows, d.kb, None) };
         let h = self.dims().0;
         // SAFETY: the layer arena at `d.w` stays staged until the layer's `freed` event, which
         // is recorded after every visit of the layer is finished; this executor's buffers.

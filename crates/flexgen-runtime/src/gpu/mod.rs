@@ -341,16 +341,13 @@ impl<'m> CudaStage<'m> {
             message: "a pre-norm model without its final norm".into(),
         })?;
         let final_norm = (up(&final_norm.weight)?, final_norm.bias.as_ref().map(up).transpose()?);
-        let inv_freq = match &spec.positions {
-            flexgen_policy::PositionKind::Rope { .. } => {
-                // f32, as Hugging Face multiplies positions by them.
-                #[expect(clippy::cast_possible_truncation, reason = "f32 as the reference")]
-                let f: Vec<f32> =
-                    spec.positions.inv_freq(spec.head_dim()).iter().map(|&f| f as f32).collect();
-                Some(gpu.stream.clone_htod(&f).map_err(drv)?)
-            }
-            flexgen_policy::PositionKind::Learned { .. } => None,
-        };
+        // f32, as Hugging Face multiplies positions by them; none for learned positions.
+        #[expect(clippy::cast_possible_truncation, reason = "f32 as the reference")]
+        let inv_freq: Vec<f32> =
+            spec.positions.inv_freq(spec.head_dim()).iter().map(|&f| f as f32).collect();
+        let inv_freq = (!inv_freq.is_empty())
+            .then(|| gpu.stream.clone_htod(&inv_freq).map_err(drv))
+            .transpose()?;
         let lm_head = w.lm_head.as_ref().map(up).transpose()?;
         let loaded = [new_event(&gpu)?, new_event(&gpu)?];
         let freed = [new_event(&gpu)?, new_event(&gpu)?];

@@ -289,7 +289,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// LayerNorm of `n` rows of `h` values: `x` → `y`.
+    /// The norm of `n` rows of `h` values, `x` → `y`: LayerNorm with weight `w` and bias `b`
+    /// where given, RMSNorm with weight `w` where not.
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -297,45 +298,14 @@ impl Gpu {
     /// compute stream has run the kernel; buffers a kernel writes must not be read or written
     /// by other work on other streams meanwhile.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
-    pub unsafe fn layer_norm_raw(
-        &self,
-        x: u64,
-        w: u64,
-        b: u64,
-        y: u64,
-        n: usize,
-        h: usize,
-        eps: f32,
-    ) -> Result<(), CudaError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.norm_raw(x, w, Some(b), y, (n, h), eps) }
-    }
-
-    /// RMSNorm of `n` rows of `h` values: `x` → `y` (weight `w`, no bias).
-    ///
-    /// # Safety
-    /// As [`Gpu::layer_norm_raw`].
-    pub unsafe fn rms_norm_raw(
-        &self,
-        x: u64,
-        w: u64,
-        y: u64,
-        n: usize,
-        h: usize,
-        eps: f32,
-    ) -> Result<(), CudaError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.norm_raw(x, w, None, y, (n, h), eps) }
-    }
-
-    /// The one norm kernel: LayerNorm with a bias, RMSNorm without.
-    unsafe fn norm_raw(
+    pub unsafe fn norm_raw(
         &self,
         x: u64,
         w: u64,
         b: Option<u64>,
         y: u64,
-        (n, h): (usize, usize),
+        n: usize,
+        h: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
         let (hi, rms) = (dim(h), i32::from(b.is_none()));
@@ -351,7 +321,7 @@ impl Gpu {
     /// of `g` and `u` `ld` apart and of `out` `ld_out` apart (in place where `out = g`).
     ///
     /// # Safety
-    /// As [`Gpu::layer_norm_raw`].
+    /// As [`Gpu::norm_raw`].
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
     pub unsafe fn silu_mul_raw(
         &self,

@@ -200,21 +200,22 @@ impl Gpu {
         Ok(out)
     }
 
-    /// LayerNorm over the last dimension.
-    pub fn layer_norm(
+    /// LayerNorm (with a bias) or RMSNorm (without) over the last dimension.
+    pub fn norm(
         &self,
         x: &GpuTensor,
         w: &GpuTensor,
-        b: &GpuTensor,
+        b: Option<&GpuTensor>,
         eps: f64,
     ) -> Result<GpuTensor, CudaError> {
         let h = *x.shape.last().expect("non-empty shape");
         let y = self.output(&x.shape)?;
         #[expect(clippy::cast_possible_truncation, reason = "eps is a small float")]
         let eps = eps as f32;
-        let (xa, wa, ba, ya) = (addr(&x.data), addr(&w.data), addr(&b.data), addr(&y.data));
-        // SAFETY: addresses of these tensors, whose shapes were checked above.
-        unsafe { self.layer_norm_raw(xa, wa, ba, ya, x.elem_count() / h, h, eps) }?;
+        let (xa, wa, ya) = (addr(&x.data), addr(&w.data), addr(&y.data));
+        let ba = b.map(|b| addr(&b.data));
+        // SAFETY: addresses of these tensors; y has x's shape.
+        unsafe { self.norm_raw(xa, wa, ba, ya, x.elem_count() / h, h, eps) }?;
         Ok(y)
     }
 
@@ -378,18 +379,11 @@ impl crate::backend::Backend for Gpu {
         b: &GpuTensor,
         eps: f64,
     ) -> Result<GpuTensor, CudaError> {
-        Gpu::layer_norm(self, x, w, b, eps)
+        self.norm(x, w, Some(b), eps)
     }
 
     fn rms_norm(&self, x: &GpuTensor, w: &GpuTensor, eps: f64) -> Result<GpuTensor, CudaError> {
-        let h = *x.shape.last().expect("non-empty shape");
-        let y = self.output(&x.shape)?;
-        #[expect(clippy::cast_possible_truncation, reason = "eps is a small float")]
-        let eps = eps as f32;
-        let (xa, wa, ya) = (addr(&x.data), addr(&w.data), addr(&y.data));
-        // SAFETY: addresses of these tensors; y has x's shape.
-        unsafe { self.rms_norm_raw(xa, wa, ya, x.elem_count() / h, h, eps) }?;
-        Ok(y)
+        self.norm(x, w, None, eps)
     }
 
     fn rotary(
