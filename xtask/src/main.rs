@@ -98,6 +98,7 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
         ("examples", "cuda_check"),
         ("examples", "gpu_check"),
         ("examples", "executor_check"),
+        ("examples", "host_attention_bench"),
         ("", "xtask"),
     ] {
         let to = dest.join(name);
@@ -139,7 +140,7 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
         println!(
             "carry [\".gpu/pack\", \".gpu/flex\", \".gpu/anchors\"] and unpack there first: \
              `mkdir -p .gpu/bin && tar xJf .gpu/pack/bin.tar.xz -C .gpu/bin` (`/.gpu/` is in \
-             .git/info/exclude)"
+             .gitignore)"
         );
     } else {
         println!("carry `.gpu` (keep it under 64 MiB; packing needs tar and xz)");

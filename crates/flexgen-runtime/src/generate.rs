@@ -180,6 +180,10 @@ pub struct HostTimes {
     pub cpu_attention_s: f64,
     /// Seconds blocked on the compute stream (before CPU attention, around disk cache rows).
     pub gpu_wait_s: f64,
+    /// Seconds the load stream spent copying weights to the GPU during the decode steps (events
+    /// around each layer's copies, from when the arena is free): with the bytes, the rate the
+    /// copies ran at inside the run.
+    pub decode_weight_copy_s: f64,
 }
 
 impl RunStats {

@@ -57,32 +57,6 @@ pub fn argmax(logits: &[f32]) -> u32 {
     u32::try_from(best).expect("vocabulary fits in u32")
 }
 
-/// `e^x` for `x ≤ 0` (0 below −87, where f32 underflows), within 2·10⁻⁷ of `f32::exp`: a
-/// polynomial the compiler vectorizes, where `f32::exp` is a library call per value (the
-/// tempered weights of a 50,000-token vocabulary were most of a sampled step's host time).
-#[inline]
-fn exp_nonpositive(x: f32) -> f32 {
-    // e^x = 2^n · e^r with n = round(x / ln 2) and r = x − n·ln 2 ∈ [−½ ln 2, ½ ln 2] (ln 2 in
-    // two parts, so r is exact to f32); e^r by its Taylor series to degree 7 (error below 10⁻⁸).
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding and subtracting it rounds to an integer
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let xc = if x < -87.0 { -87.0 } else { x };
-    let k = xc * std::f32::consts::LOG2_E + ROUND;
-    let n = k - ROUND;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // n as an integer without a conversion: k's low mantissa bits hold it (offset by ROUND's).
-    #[expect(clippy::cast_possible_wrap, clippy::cast_sign_loss, reason = "bit patterns")]
-    let scale = f32::from_bits(((k.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
-    if x < -87.0 { 0.0 } else { p * scale }
-}
-
 /// Tokens per chunk of the draw's running total.
 const DRAW_CHUNK: usize = 1024;
 
@@ -129,7 +103,7 @@ fn draw(
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let inv_t = 1.0 / temperature;
     w.clear();
-    w.extend(logits.iter().map(|&l| exp_nonpositive((l - max) * inv_t)));
+    w.extend(logits.iter().map(|&l| flexgen_tensor::math::exp_nonpositive((l - max) * inv_t)));
     let w = w.as_mut_slice();
     // Larger weight first; on ties the lower id first (a total order, so selections are exact).
     let before = |w: &[f32], a: usize, b: usize| w[b].total_cmp(&w[a]).then(a.cmp(&b));
@@ -204,21 +178,6 @@ mod tests {
 
     fn rng() -> rand_chacha::ChaCha8Rng {
         rand_chacha::ChaCha8Rng::seed_from_u64(7)
-    }
-
-    #[test]
-    fn the_fast_exponential_matches_the_library_one() {
-        let mut worst = 0f32;
-        for i in 0..=870_000 {
-            #[expect(clippy::cast_precision_loss, reason = "a test grid")]
-            let x = -(i as f32) * 1e-4;
-            let (got, want) = (exp_nonpositive(x), x.exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 2e-7, "relative error {worst}");
-        assert_eq!(exp_nonpositive(-88.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! CPU attention, and what `flexgen-profile` times as the CPU attention rate): each (sequence,
 //! head) row appends its new key and value at position `past`, then attends over positions
 //! `start..=past` of its row. Rows are split among threads. Where the processor has AVX2, FMA and
-//! F16C, a row is one pass over its keys and one over its values, 8 fp16 values converted and
-//! multiplied-added per instruction, with no f32 copy of the cache; elsewhere each thread
-//! converts a row's keys and values to f32 a cache-sized block at a time and runs vectorizable
-//! f32 loops. `examples/host_attention_bench.rs` times it.
+//! F16C, a row's query heads (up to four at a time: grouped-query attention has several per cache
+//! row) share one pass over its keys and one over its values, 8 fp16 values converted once and
+//! multiplied-added into every head's sums in registers, with no f32 copy of the cache; elsewhere
+//! each thread converts a row's keys and values to f32 a cache-sized block at a time and runs
+//! vectorizable f32 loops, head by head. `examples/host_attention_bench.rs` times it.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -46,16 +47,37 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+/// A thread's working memory, reused across rows: f32 blocks of keys and values (portable path)
+/// or the heads' f32 queries and value sums (AVX2 path), and the scores.
+#[derive(Default)]
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    scores: Vec<f32>,
+}
 
-/// `scores[i] ← exp(scores[i] − max)`; returns their sum.
-fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+/// `scores[i] ← exp(scores[i] − max)` with `max` their largest; returns their sum. Eight lanes
+/// for the maximum and the sum, so that the compiler vectorizes all three loops.
+fn softmax_numerators(scores: &mut [f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = scores.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in m.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
     }
-    sum
+    let max = chunks.remainder().iter().chain(&m).copied().fold(f32::NEG_INFINITY, f32::max);
+    for s in scores.iter_mut() {
+        *s = crate::math::exp_nonpositive(*s - max);
+    }
+    let mut acc = [0f32; 8];
+    let mut chunks = scores.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 /// One row's attention: `q` (already scaled, `hd`) over `keys` and `values` (the row's attended
@@ -64,25 +86,23 @@ fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
 fn row_portable(q: &[f16], keys: &[f16], values: &[f16], out: &mut [f16], scratch: &mut Scratch) {
     let hd = q.len();
     let n = keys.len() / hd;
-    let (kf, vf, scores, qf) = scratch;
-    qf.resize(hd, 0.0);
-    q.convert_to_f32_slice(qf);
+    let Scratch { a: kf, b: vf, scores } = scratch;
+    let mut qf = vec![0f32; hd];
+    q.convert_to_f32_slice(&mut qf);
     scores.resize(n, 0.0);
     // Keys and values are converted to f32 a block of positions at a time into a buffer that
     // stays in the core's L1/L2, so the cache row itself is read once, as fp16.
     let block = (BLOCK_VALUES / hd).max(1);
     kf.resize(block * hd, 0.0);
     vf.resize(block * hd, 0.0);
-    let mut m = f32::NEG_INFINITY;
     for (chunk, sc) in keys.chunks(block * hd).zip(scores.chunks_mut(block)) {
         let kb = &mut kf[..chunk.len()];
         chunk.convert_to_f32_slice(kb);
         for (s, k) in sc.iter_mut().zip(kb.chunks_exact(hd)) {
-            *s = dot(qf, k);
-            m = m.max(*s);
+            *s = dot(&qf, k);
         }
     }
-    let sum = softmax_numerators(scores, m);
+    let sum = softmax_numerators(scores);
     let mut acc = vec![0f32; hd];
     for (chunk, sc) in values.chunks(block * hd).zip(scores.chunks(block)) {
         let vb = &mut vf[..chunk.len()];
@@ -100,11 +120,6 @@ fn row_portable(q: &[f16], keys: &[f16], values: &[f16], out: &mut [f16], scratc
     out.convert_from_f32_slice(&acc);
 }
 
-/// Largest head dimension of the AVX2 path (its query and accumulator live in 32 registers' worth
-/// of stack).
-#[cfg(target_arch = "x86_64")]
-const AVX2_MAX_HD: usize = 256;
-
 /// Whether this processor runs the AVX2 path.
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -117,97 +132,217 @@ fn simd_available() -> bool {
     false
 }
 
-/// `row_portable`'s work with AVX2, FMA and F16C, for `hd` a multiple of 8 up to `AVX2_MAX_HD`:
-/// scores from fp16 keys converted 8 at a time into fused multiply-adds with the query, the
-/// softmax, then the values accumulated the same way. `scores` is resized here.
+/// Query heads a pass of the AVX2 path serves at once: their sums stay in registers.
+#[cfg(target_arch = "x86_64")]
+const AVX2_HEADS: usize = 4;
+
+/// Eight fp16 values at `p + 8·i` as f32.
 ///
 /// # Safety
-/// The processor must have AVX2, FMA and F16C (`simd_available`), and `hd % 8 == 0`,
-/// `hd <= AVX2_MAX_HD`.
+/// 8·(i+1) values behind `p`; the processor has F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8(p: *const f16, i: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps};
+    // SAFETY: as the caller promises; `loadu` reads unaligned.
+    #[expect(clippy::cast_ptr_alignment, reason = "an unaligned load")]
+    unsafe {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.add(8 * i).cast::<__m128i>()))
+    }
+}
+
+/// `N` heads' scores against every key: `scores[h·n + p] = qf[h] · keys[p]` (`qf` is `N × hd`
+/// f32, `keys` `n × hd`). Each key's 8-value pieces are converted once for all `N` heads; two
+/// sums per head keep the multiply-adds independent.
+///
+/// # Safety
+/// The processor has AVX2, FMA and F16C; `hd % 8 == 0`; `qf` holds `N·hd` values, `scores`
+/// `N·n`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_avx2(
-    q: &[f16],
-    keys: &[f16],
-    values: &[f16],
-    out: &mut [f16],
-    scores: &mut Vec<f32>,
-) {
+unsafe fn scores_avx2<const N: usize>(qf: &[f32], keys: &[f16], hd: usize, scores: &mut [f32]) {
     use std::arch::x86_64::{
-        __m128i, __m256, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm_loadu_si128, _mm_storeu_si128,
-        _mm256_add_ps, _mm256_castps256_ps128, _mm256_cvtph_ps, _mm256_cvtps_ph,
-        _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm256_add_ps, _mm256_castps256_ps128,
+        _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
     };
-    let hd = q.len();
-    let lanes = hd / 8;
-    debug_assert!(hd.is_multiple_of(8) && hd <= AVX2_MAX_HD);
-    let load8 = |p: *const f16, i: usize| -> __m256 {
-        // SAFETY: callers pass pointers with 8·(i+1) values behind them (hd per position);
-        // `loadu` reads unaligned.
-        #[expect(clippy::cast_ptr_alignment, reason = "an unaligned load")]
-        unsafe {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.add(8 * i).cast::<__m128i>()))
-        }
-    };
-    let mut qv = [_mm256_setzero_ps(); AVX2_MAX_HD / 8];
-    for (i, v) in qv.iter_mut().take(lanes).enumerate() {
-        *v = load8(q.as_ptr(), i);
-    }
-    scores.resize(keys.len() / hd, 0.0);
-    let mut m = f32::NEG_INFINITY;
-    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (lanes, n) = (hd / 8, keys.len() / hd);
+    debug_assert!(qf.len() >= N * hd && scores.len() >= N * n);
+    let q = qf.as_ptr();
+    for (p, k) in keys.chunks_exact(hd).enumerate() {
+        let (mut a0, mut a1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
         let mut i = 0;
+        // SAFETY (loads below): i + 1 < lanes, so 8·(i+2) ≤ hd values behind the key and behind
+        // each head's query.
         while i + 1 < lanes {
-            a0 = _mm256_fmadd_ps(load8(k.as_ptr(), i), qv[i], a0);
-            a1 = _mm256_fmadd_ps(load8(k.as_ptr(), i + 1), qv[i + 1], a1);
+            let (k0, k1) = unsafe { (load8(k.as_ptr(), i), load8(k.as_ptr(), i + 1)) };
+            for (h, (x0, x1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+                let (q0, q1) = unsafe {
+                    (
+                        _mm256_loadu_ps(q.add(h * hd + 8 * i)),
+                        _mm256_loadu_ps(q.add(h * hd + 8 * i + 8)),
+                    )
+                };
+                *x0 = _mm256_fmadd_ps(k0, q0, *x0);
+                *x1 = _mm256_fmadd_ps(k1, q1, *x1);
+            }
             i += 2;
         }
         if i < lanes {
-            a0 = _mm256_fmadd_ps(load8(k.as_ptr(), i), qv[i], a0);
+            // SAFETY: i < lanes.
+            let k0 = unsafe { load8(k.as_ptr(), i) };
+            for (h, x0) in a0.iter_mut().enumerate() {
+                // SAFETY: i < lanes.
+                let q0 = unsafe { _mm256_loadu_ps(q.add(h * hd + 8 * i)) };
+                *x0 = _mm256_fmadd_ps(k0, q0, *x0);
+            }
         }
-        let a = _mm256_add_ps(a0, a1);
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
-        let h = _mm_hadd_ps(h, h);
-        *s = _mm_cvtss_f32(_mm_hadd_ps(h, h));
-        m = m.max(*s);
-    }
-    let sum = softmax_numerators(scores, m);
-    let mut acc = [_mm256_setzero_ps(); AVX2_MAX_HD / 8];
-    for (s, v) in scores.iter().zip(values.chunks_exact(hd)) {
-        let w = _mm256_set1_ps(*s);
-        for (i, a) in acc.iter_mut().take(lanes).enumerate() {
-            *a = _mm256_fmadd_ps(load8(v.as_ptr(), i), w, *a);
-        }
-    }
-    let inv = _mm256_set1_ps(1.0 / sum);
-    for (i, a) in acc.iter().take(lanes).enumerate() {
-        let h = _mm256_cvtps_ph::<0>(_mm256_mul_ps(*a, inv)); // round to nearest even
-        // SAFETY: `out` holds hd = 8·lanes values; `storeu` writes unaligned.
-        #[expect(clippy::cast_ptr_alignment, reason = "an unaligned store")]
-        unsafe {
-            _mm_storeu_si128(out.as_mut_ptr().add(8 * i).cast::<__m128i>(), h);
+        for (h, (x0, x1)) in a0.iter().zip(&a1).enumerate() {
+            let a = _mm256_add_ps(*x0, *x1);
+            let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let s = _mm_hadd_ps(s, s);
+            scores[h * n + p] = _mm_cvtss_f32(_mm_hadd_ps(s, s));
         }
     }
 }
 
-/// One row's attention on the fastest path this processor and head dimension allow.
-fn row(
-    simd: bool,
+/// `N` heads' weighted sums of the values' 8-value pieces `lane0..lane0 + L`:
+/// `acc[h·hd + 8·l + …] = Σ_p scores[h·n + p] · values[p][8·(lane0 + l) + …]`. `N·L` sums stay
+/// in registers over all positions.
+///
+/// # Safety
+/// The processor has AVX2, FMA and F16C; `hd % 8 == 0`; `lane0 + L ≤ hd / 8`; `scores` holds
+/// `N·n` values, `acc` `N·hd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn values_avx2<const N: usize, const L: usize>(
+    scores: &[f32],
+    values: &[f16],
+    hd: usize,
+    lane0: usize,
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::{_mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+    let n = values.len() / hd;
+    debug_assert!(lane0 + L <= hd / 8 && scores.len() >= N * n && acc.len() >= N * hd);
+    let mut a = [[_mm256_setzero_ps(); L]; N];
+    for (p, v) in values.chunks_exact(hd).enumerate() {
+        let mut vv = [_mm256_setzero_ps(); L];
+        for (l, x) in vv.iter_mut().enumerate() {
+            // SAFETY: lane0 + l < hd / 8.
+            *x = unsafe { load8(v.as_ptr(), lane0 + l) };
+        }
+        for (h, ah) in a.iter_mut().enumerate() {
+            let w = _mm256_set1_ps(scores[h * n + p]);
+            for (x, y) in ah.iter_mut().zip(&vv) {
+                *x = _mm256_fmadd_ps(*y, w, *x);
+            }
+        }
+    }
+    for (h, ah) in a.iter().enumerate() {
+        for (l, x) in ah.iter().enumerate() {
+            // SAFETY: h·hd + 8·(lane0 + l) + 8 ≤ N·hd values in `acc`.
+            unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(h * hd + 8 * (lane0 + l)), *x) };
+        }
+    }
+}
+
+/// `N` query heads (`q`, `N × hd`, already scaled) attending one cache row (`keys`, `values`,
+/// `n × hd` each) into `out` (`N × hd`): one pass over the keys, the softmax per head, then one
+/// pass over the values per `8·8/N` of the head dimension (`N·L` = 8 sums in registers).
+///
+/// # Safety
+/// The processor has AVX2, FMA and F16C; `hd % 8 == 0`; `1 ≤ N ≤ 4`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn heads_avx2<const N: usize, const L: usize>(
     q: &[f16],
     keys: &[f16],
     values: &[f16],
     out: &mut [f16],
     scratch: &mut Scratch,
 ) {
+    let hd = q.len() / N;
+    let (lanes, n) = (hd / 8, keys.len() / hd);
+    let Scratch { a: qf, b: acc, scores } = scratch;
+    qf.resize(N * hd, 0.0);
+    q.convert_to_f32_slice(qf);
+    acc.resize(N * hd, 0.0);
+    scores.resize(N * n, 0.0);
+    // SAFETY: as this function's caller promises; the buffers are sized above.
+    unsafe { scores_avx2::<N>(qf, keys, hd, scores) };
+    let mut inv = [0f32; N];
+    for (h, i) in inv.iter_mut().enumerate() {
+        *i = 1.0 / softmax_numerators(&mut scores[h * n..(h + 1) * n]);
+    }
+    let mut lane = 0;
+    while lane + L <= lanes {
+        // SAFETY: lane + L ≤ lanes.
+        unsafe { values_avx2::<N, L>(scores, values, hd, lane, acc) };
+        lane += L;
+    }
+    while lane < lanes {
+        // SAFETY: lane < lanes.
+        unsafe { values_avx2::<N, 1>(scores, values, hd, lane, acc) };
+        lane += 1;
+    }
+    for ((o, a), i) in out.chunks_exact_mut(hd).zip(acc.chunks_exact_mut(hd)).zip(inv) {
+        for x in a.iter_mut() {
+            *x *= i;
+        }
+        o.convert_from_f32_slice(a); // round to nearest even
+    }
+}
+
+/// Every query head of one cache row (`q` and `out`: `rep × hd`), up to [`AVX2_HEADS`] per
+/// pass over the row.
+///
+/// # Safety
+/// The processor has AVX2, FMA and F16C; `hd % 8 == 0`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn row_heads_avx2(
+    q: &[f16],
+    keys: &[f16],
+    values: &[f16],
+    out: &mut [f16],
+    hd: usize,
+    scratch: &mut Scratch,
+) {
+    let per = AVX2_HEADS * hd;
+    for (qg, og) in q.chunks(per).zip(out.chunks_mut(per)) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            match qg.len() / hd {
+                4 => heads_avx2::<4, 2>(qg, keys, values, og, scratch),
+                3 => heads_avx2::<3, 2>(qg, keys, values, og, scratch),
+                2 => heads_avx2::<2, 4>(qg, keys, values, og, scratch),
+                _ => heads_avx2::<1, 8>(qg, keys, values, og, scratch),
+            }
+        }
+    }
+}
+
+/// Every query head of one cache row (`q` and `out`: `rep × hd`, the heads adjacent) on the
+/// fastest path this processor and head dimension allow.
+fn row(
+    simd: bool,
+    q: &[f16],
+    keys: &[f16],
+    values: &[f16],
+    out: &mut [f16],
+    hd: usize,
+    scratch: &mut Scratch,
+) {
     #[cfg(target_arch = "x86_64")]
-    if simd && q.len().is_multiple_of(8) && q.len() <= AVX2_MAX_HD {
+    if simd && hd.is_multiple_of(8) {
         // SAFETY: `simd` is true only where `simd_available()` said so; the shape is checked.
-        unsafe { row_avx2(q, keys, values, out, &mut scratch.2) };
+        unsafe { row_heads_avx2(q, keys, values, out, hd, scratch) };
         return;
     }
     let _ = simd;
-    row_portable(q, keys, values, out, scratch);
+    for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        row_portable(qh, keys, values, oh, scratch);
+    }
 }
 
 /// Decode attention of `d.rows` cache rows: `k_new`, `v_new` are `[rows, hd]`, `q` and `out`
@@ -258,29 +393,27 @@ fn decode_with(
         .zip(vcache.par_chunks_mut(per * cap * hd))
         .enumerate()
         .for_each(|(c, ((o, kc), vc))| {
-            let mut scratch = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut scratch = Scratch::default();
             for i in 0..o.len() / qw {
                 let r = c * per + i;
                 let seq = (d.row0 + r) / d.nkv;
                 let lo = usize::try_from(starts[seq]).unwrap_or(0).min(d.past);
                 let rows = r * hd..(r + 1) * hd;
-                // The new position first, then positions lo..=past of the row, for each of its
+                // The new position first, then positions lo..=past of the row for all of its
                 // query heads.
                 let new = (i * cap + d.past) * hd..(i * cap + d.past + 1) * hd;
                 kc[new.clone()].copy_from_slice(&k_new[rows.clone()]);
                 vc[new].copy_from_slice(&v_new[rows]);
                 let span = (i * cap + lo) * hd..(i * cap + d.past + 1) * hd;
-                for h in 0..rep {
-                    let qr = (r * rep + h) * hd..(r * rep + h + 1) * hd;
-                    row(
-                        simd,
-                        &q[qr],
-                        &kc[span.clone()],
-                        &vc[span.clone()],
-                        &mut o[(i * rep + h) * hd..(i * rep + h + 1) * hd],
-                        &mut scratch,
-                    );
-                }
+                row(
+                    simd,
+                    &q[r * qw..(r + 1) * qw],
+                    &kc[span.clone()],
+                    &vc[span],
+                    &mut o[i * qw..(i + 1) * qw],
+                    hd,
+                    &mut scratch,
+                );
             }
         });
 }
@@ -299,8 +432,13 @@ mod tests {
             for (cap, past, hd) in [(12, 9, 40), (300, 250, 40), (70, 69, 128), (30, 20, 36)] {
                 check(cap, past, hd, 1, simd);
             }
-            // Grouped-query attention: three query heads per cache row.
-            check(40, 33, 64, 3, simd);
+            // Grouped-query attention: 2, 3 and 4 query heads per cache row (one pass of the
+            // AVX2 path), 7 and 8 (two passes: 4 + 3 and 4 + 4); a head dimension of 40 leaves
+            // pieces outside the value pass's blocks.
+            for rep in [2, 3, 4, 7, 8] {
+                check(40, 33, 64, rep, simd);
+            }
+            check(70, 61, 40, 8, simd);
         }
     }
 

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cuda;
 pub mod host;
 pub mod host_attention;
+pub mod math;
 pub mod quant;
 
 pub use backend::{Backend, Cpu};

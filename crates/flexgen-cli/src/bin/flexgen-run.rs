@@ -785,6 +785,11 @@ fn report_cuda(
         (Some(p), Some(d)) => Some(seqs / (p + d)),
         _ => None,
     };
+    // The rate the weight copies ran at inside the decode steps (each step copies `per_pass`).
+    let copy_s = stats.host.decode_weight_copy_s;
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let in_run_h2d = (copy_s > 0.0 && per_pass > 0)
+        .then(|| (per_pass as f64 * stats.decode_steps.len() as f64) / copy_s);
     let mut steps = stats.decode_steps.clone();
     steps.sort_by(f64::total_cmp);
     let median_step = steps.get(steps.len() / 2).copied();
@@ -798,7 +803,9 @@ fn report_cuda(
             "host_s": {
                 "cpu_attention": stats.host.cpu_attention_s,
                 "gpu_wait": stats.host.gpu_wait_s,
+                "decode_weight_copy": copy_s,
             },
+            "decode_h2d_bytes_per_s": in_run_h2d,
             "gpu_bytes": {
                 "weights": bytes.weights, "staging": bytes.staging, "tables": bytes.tables,
                 "kv_cache": bytes.cache, "activations": bytes.activations, "total": bytes.total(),
@@ -865,6 +872,18 @@ fn report_cuda(
             err,
             "host: CPU attention {:.3} s, waiting for the GPU {:.3} s (the GPU idles during the first)",
             stats.host.cpu_attention_s, stats.host.gpu_wait_s
+        )?;
+    }
+    if let Some(rate) = in_run_h2d {
+        writeln!(
+            err,
+            "weight copies during decode: {:.3} s busy of {:.3} s, at {:.1} GB/s (alone: {})",
+            copy_s,
+            stats.decode_s,
+            rate / 1e9,
+            generator
+                .h2d_bytes_per_s
+                .map_or("not measured".into(), |r| format!("{:.1} GB/s", r / 1e9))
         )?;
     }
     if generator.disk_cache_bytes() > 0 {

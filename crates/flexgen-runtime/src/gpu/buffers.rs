@@ -179,11 +179,17 @@ impl CudaStage<'_> {
                 .map(|_| pinned(b * s.vocab_size as usize))
                 .collect::<Result<_>>()?,
             cpu_att: if self.cpu_attention {
-                // q, new k, new v, output: q and output have rep query rows per cache row.
+                // q, new k, new v, output: q and output have rep query rows per cache row. Mapped
+                // into the device's address space: the output goes back by a kernel's reads.
                 let rep = nh / nkv;
                 [rep, 1, 1, rep, rep, 1, 1, rep]
                     .into_iter()
-                    .map(|r| pinned(r * cpu_rows * hd))
+                    .map(|r| {
+                        let mut m = HostMem::new_f16((r * cpu_rows * hd).max(1)).map_err(cuda)?;
+                        m.zero_parallel();
+                        m.pin_mapped(&self.gpu.ctx).map_err(cuda)?;
+                        Ok(m)
+                    })
                     .collect::<Result<_>>()?
             } else {
                 Vec::new()

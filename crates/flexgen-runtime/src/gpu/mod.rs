@@ -152,6 +152,9 @@ pub struct CudaStage<'m> {
     cache_disk_io: Cell<(u64, u64)>,
     /// Host time inside the steps (CPU attention, waits on the compute stream).
     host_times: Cell<crate::generate::HostTimes>,
+    /// Timing events around each decode step's layer copies on the load stream, read at the
+    /// block's end into `host_times`.
+    copy_spans: RefCell<Vec<(CudaEvent, CudaEvent)>>,
     /// Hidden states between layers live on the GPU (else in pinned CPU memory).
     act_on_gpu: bool,
     embed: GpuTensor,
@@ -377,6 +380,7 @@ impl<'m> CudaStage<'m> {
             disk_rows,
             cache_disk_io: std::cell::Cell::new((0, 0)),
             host_times: std::cell::Cell::default(),
+            copy_spans: RefCell::default(),
             act_on_gpu,
             embed,
             pos_embed,

@@ -221,9 +221,10 @@ impl CudaStage<'_> {
         let max_new = input.steps;
         let passes = max_new * n_layers;
         if offloaded {
-            self.issue_load(0, 0, reader, &mut traffic)?;
+            // Copies of the decode steps' layers are timed (passes from `n_layers` on).
+            self.issue_load((0, 0), reader, &mut traffic, false)?;
             if passes > 1 {
-                self.issue_load(1 % n_layers, 1, reader, &mut traffic)?;
+                self.issue_load((1 % n_layers, 1), reader, &mut traffic, 1 >= n_layers)?;
             }
         }
         let mut pass = 0usize;
@@ -277,7 +278,8 @@ impl CudaStage<'_> {
                     // Prefetch two layers ahead into the arena just released; across the step
                     // boundary that is the next step's first layers.
                     if pass + 2 < passes {
-                        self.issue_load((pass + 2) % n_layers, slot, reader, &mut traffic)?;
+                        let p = pass + 2;
+                        self.issue_load((p % n_layers, slot), reader, &mut traffic, p >= n_layers)?;
                     }
                 }
                 pass += 1;
@@ -324,6 +326,7 @@ impl CudaStage<'_> {
             }
         }
         self.load.synchronize().map_err(drv)?;
+        self.account_copies()?;
         stats.tiers.traffic.cpu_to_gpu += traffic.cpu_to_gpu;
         stats.tiers.traffic.disk_read += traffic.disk_read;
         Ok(())

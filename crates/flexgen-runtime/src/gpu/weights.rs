@@ -285,27 +285,25 @@ impl CudaStage<'_> {
 
     /// Issues the copies of layer `j`'s CPU part, and its disk part once the reader has it, into
     /// staging arena `slot` on the load stream, after the layer that last used that arena has
-    /// been computed.
+    /// been computed. With `timed`, between two timing events kept in `copy_spans`.
     pub(super) fn issue_load(
         &self,
-        j: usize,
-        slot: usize,
+        (j, slot): (usize, usize),
         reader: Option<&Reader>,
         traffic: &mut Traffic,
+        timed: bool,
     ) -> Result<()> {
         self.load.wait(&self.freed[slot]).map_err(drv)?;
+        let started = if timed {
+            Some(flexgen_tensor::cuda::timing_event(&self.load).map_err(cuda)?)
+        } else {
+            None
+        };
         let stage = addr(&self.stage[slot]);
         if let Some(m) = &self.layers[j].cpu {
             let src = m.as_f16();
-            // SAFETY: the arena holds `len` elements and the layer that used it is done (`freed`).
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(
-                    at(stage, self.g_end),
-                    src,
-                    self.load.cu_stream(),
-                )
-            }
-            .map_err(drv)?;
+            // The arena holds `len` elements and the layer that used it is done (`freed`).
+            htod(&self.load, at(stage, self.g_end), src)?;
             traffic.cpu_to_gpu += 2 * src.len() as u64;
         }
         if let (Some(d), Some(r)) = (&self.disk, reader) {
@@ -315,22 +313,31 @@ impl CudaStage<'_> {
             })??;
             let elems = self.unit_len - self.c_end;
             let src = &d.ring[ring].as_f16()[..elems];
-            // SAFETY: the reader filled this ring buffer and touches it again only after
-            // `copied[ring]` fires.
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(
-                    at(stage, self.c_end),
-                    src,
-                    self.load.cu_stream(),
-                )
-            }
-            .map_err(drv)?;
+            // The reader filled this ring buffer and touches it again only after `copied[ring]`
+            // fires.
+            htod(&self.load, at(stage, self.c_end), src)?;
             d.copied[ring].record(&self.load).map_err(drv)?;
             let _ = r.free.send(ring);
             traffic.cpu_to_gpu += 2 * elems as u64;
             traffic.disk_read += d.slot_bytes as u64;
         }
         self.loaded[slot].record(&self.load).map_err(drv)?;
+        if let Some(t0) = started {
+            let t1 = flexgen_tensor::cuda::timing_event(&self.load).map_err(cuda)?;
+            self.copy_spans.borrow_mut().push((t0, t1));
+        }
+        Ok(())
+    }
+
+    /// Adds the timed copies' seconds to `host_times` once the load stream is idle.
+    pub(super) fn account_copies(&self) -> Result<()> {
+        let mut secs = 0.0;
+        for (t0, t1) in self.copy_spans.borrow_mut().drain(..) {
+            secs += f64::from(t0.elapsed_ms(&t1).map_err(drv)?) / 1e3;
+        }
+        let mut h = self.host_times.get();
+        h.decode_weight_copy_s += secs;
+        self.host_times.set(h);
         Ok(())
     }
 
@@ -345,16 +352,9 @@ impl CudaStage<'_> {
             st.wait(&self.loaded[slot]).map_err(drv)?;
             let dst = addr(&self.stage[slot]);
             if let Some(g) = &home.gpu {
+                // By the SMs: a copy engine would queue it behind the next layer's copy.
                 // SAFETY: the staging arena's first `g_end` units, from the resident part.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        dst,
-                        addr(g),
-                        2 * self.g_end,
-                        st.cu_stream(),
-                    )
-                }
-                .map_err(drv)?;
+                unsafe { self.gpu.copy_raw(addr(g), dst, 2 * self.g_end) }.map_err(cuda)?;
             }
             dst
         };
@@ -372,14 +372,9 @@ impl CudaStage<'_> {
         }
         // SAFETY: the vectors' bytes inside the stored arena, into their place in the fp16 one.
         unsafe {
-            cudarc::driver::result::memcpy_dtod_async(
-                at(out, p.vec_src.start),
-                stored + p.vectors.start as u64,
-                p.vectors.len(),
-                g.stream.cu_stream(),
-            )
+            g.copy_raw(stored + p.vectors.start as u64, at(out, p.vec_src.start), p.vectors.len())
         }
-        .map_err(drv)?;
+        .map_err(cuda)?;
         Ok(out)
     }
 }

@@ -317,6 +317,27 @@ impl Gpu {
         Ok(())
     }
 
+    /// Copies `bytes` from `src` to `dst` with the SMs, on the compute stream: device memory, or
+    /// mapped pinned host memory through its device address ([`super::HostMem::device_addr`]).
+    /// No copy engine serves it, so it never waits behind copies issued on other streams.
+    ///
+    /// # Safety
+    /// Both ranges must be valid for `bytes` on the device and must not overlap; nothing else
+    /// may write them until the compute stream has run the copy.
+    pub unsafe fn copy_raw(&self, src: u64, dst: u64, bytes: usize) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let n = i64::try_from(bytes).expect("a copy fits in i64");
+        let mut l = self.stream.launch_builder(&self.copy_bytes);
+        l.arg(&src).arg(&dst).arg(&n);
+        // A grid-stride loop: enough blocks to fill the device, 16 bytes per thread per round.
+        let cfg = grid(bytes.div_ceil(16).min(4096 * 256));
+        // SAFETY: as the caller promises; the kernel reads and writes only `bytes` bytes.
+        unsafe { l.launch(cfg)? };
+        Ok(())
+    }
+
     /// SwiGLU's product over `n` rows: `out[r, j] = silu(g[r, j]) · u[r, j]` for `j < f`, rows
     /// of `g` and `u` `ld` apart and of `out` `ld_out` apart (in place where `out = g`).
     ///

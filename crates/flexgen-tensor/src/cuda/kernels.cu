@@ -115,6 +115,22 @@ extern "C" __global__ void bias_act(half_t* y, const half_t* b, int cols, int re
     }
 }
 
+// Copies n bytes with the SMs (16 at a time where both addresses and n allow): device memory, or
+// mapped pinned host memory through its device address, on either side. A copy engine serves
+// copies in the order they were issued, so a copy the compute stream needs would wait behind the
+// weight stream's whole-layer copies; this one does not.
+struct alignas(16) bytes16 { unsigned long long lo, hi; };
+extern "C" __global__ void copy_bytes(const unsigned char* src, unsigned char* dst, long long n) {
+    long long i0 = blockIdx.x * (long long)blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    if ((((unsigned long long)src | (unsigned long long)dst | (unsigned long long)n) & 15) == 0) {
+        const bytes16* s = (const bytes16*)src;
+        bytes16* d = (bytes16*)dst;
+        for (long long i = i0; i < n / 16; i += step) d[i] = s[i];
+    } else {
+        for (long long i = i0; i < n; i += step) dst[i] = src[i];
+    }
+}
+
 // out = a + b, elementwise.
 extern "C" __global__ void add(const half_t* a, const half_t* b, half_t* out, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)

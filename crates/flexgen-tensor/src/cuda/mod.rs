@@ -148,6 +148,8 @@ pub fn alloc_pinned_f16(
 pub struct HostMem {
     map: memmap2::MmapMut,
     pinned: Option<Arc<CudaContext>>,
+    /// The device's address of the memory, where [`HostMem::pin_mapped`] mapped it.
+    device: Option<u64>,
 }
 
 // SAFETY: plain memory, uniquely owned; the registration is process-wide.
@@ -163,7 +165,7 @@ impl HostMem {
             .map_err(|e| CudaError::Host(format!("mapping {} bytes: {e}", len * 2)))?;
         // Huge pages make faulting and pinning far cheaper; where they are off this is a no-op.
         let _ = map.advise(memmap2::Advice::HugePage);
-        Ok(Self { map, pinned: None })
+        Ok(Self { map, pinned: None, device: None })
     }
 
     /// The values.
@@ -204,6 +206,29 @@ impl HostMem {
 
     /// Page-locks the memory so the GPU copies it at full link speed.
     pub fn pin(&mut self, ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
+        self.register(ctx, 0)
+    }
+
+    /// [`HostMem::pin`], and maps the memory into the device's address space, so that kernels
+    /// read and write it over the link ([`HostMem::device_addr`]): small transfers that then
+    /// need no copy engine.
+    pub fn pin_mapped(&mut self, ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
+        self.register(ctx, cudarc::driver::sys::CU_MEMHOSTREGISTER_DEVICEMAP)?;
+        let mut dev = 0;
+        // SAFETY: registered with DEVICEMAP just above; `dev` receives the address.
+        unsafe {
+            cudarc::driver::sys::cuMemHostGetDevicePointer_v2(
+                &raw mut dev,
+                self.map.as_mut_ptr().cast(),
+                0,
+            )
+            .result()?;
+        }
+        self.device = Some(dev);
+        Ok(())
+    }
+
+    fn register(&mut self, ctx: &Arc<CudaContext>, flags: u32) -> Result<(), CudaError> {
         if self.pinned.is_some() {
             return Ok(());
         }
@@ -213,12 +238,17 @@ impl HostMem {
             cudarc::driver::sys::cuMemHostRegister_v2(
                 self.map.as_mut_ptr().cast(),
                 self.map.len(),
-                0,
+                flags,
             )
             .result()?;
         }
         self.pinned = Some(ctx.clone());
         Ok(())
+    }
+
+    /// The device's address of memory pinned with [`HostMem::pin_mapped`].
+    pub fn device_addr(&self) -> Option<u64> {
+        self.device
     }
 
     /// Whether [`HostMem::pin`] succeeded.

@@ -61,6 +61,7 @@ pub struct Gpu {
     pub(super) silu_mul: CudaFunction,
     rotary: CudaFunction,
     repeat_heads: CudaFunction,
+    pub(super) copy_bytes: CudaFunction,
 }
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -126,6 +127,7 @@ impl Gpu {
             silu_mul: f("silu_mul")?,
             rotary: f("rotary")?,
             repeat_heads: f("repeat_heads")?,
+            copy_bytes: f("copy_bytes")?,
             _module: module,
             ctx,
             stream,
