@@ -11,7 +11,7 @@ fail=0; n=0
 # Logits of the executor against transformers' golden files, under four placements.
 # The Llama family (grouped-query attention, rotary positions, RMSNorm, SwiGLU; Qwen2's q/k/v
 # biases; a bf16 checkpoint) as well.
-for m in opt llama llama-bf16 mistral qwen2; do
+for m in opt opt-350m llama llama-bf16 mistral qwen2; do
   echo "== executor_check tiny-random-$m"
   "$B/executor_check" crates/flexgen-model/test_data/tiny-random-$m || fail=1
 done
@@ -93,6 +93,8 @@ check tiny --model crates/flexgen-model/test_data/tiny-random-opt --max-new-toke
 GPU_REF=1 check tiny-llama --model crates/flexgen-model/test_data/tiny-random-llama --max-new-tokens 16 \
   --prompt "Hello" --prompt "the quick brown fox jumps over" --prompt "a" --prompt "to be or not to be"
 check tiny-qwen2 --model crates/flexgen-model/test_data/tiny-random-qwen2 --max-new-tokens 16 \
+  --prompt "Hello" --prompt "the quick brown fox jumps over" --prompt "a" --prompt "to be or not to be"
+check tiny-opt-350m --model crates/flexgen-model/test_data/tiny-random-opt-350m --max-new-tokens 16 \
   --prompt "Hello" --prompt "the quick brown fox jumps over" --prompt "a" --prompt "to be or not to be"
 check opt-125m-random --model opt-125m --dummy random --seed 3 --prompt-len 12 --num-prompts 4 --max-new-tokens 8
 # Compressed cache. Against the CPU executor informational only (it quantizes f32 keys and values,

@@ -32,7 +32,7 @@ run() {
 }
 for part in "$@"; do case $part in
 check)
-  for m in opt llama llama-bf16 mistral qwen2; do
+  for m in opt opt-350m llama llama-bf16 mistral qwen2; do
     echo "== gpu_check tiny-random-$m"; $BIN/gpu_check crates/flexgen-model/test_data/tiny-random-$m
   done 2>&1 | tee $OUT/gpu_check.log | grep -E "==|FAIL|rel err" | head -60
   JOBS=8 bash xtask/scripts/gpu_executor_check.sh $BIN > $OUT/executor_check.log 2>&1; echo "executor check rc=$?"

@@ -6,7 +6,8 @@
 //! them, buffers, streams and copies. It calls [`attention_in`] for what comes before attention
 //! (norm, the q/k/v projection, and how the q/k/v split finishes it), [`attention_out_and_mlp`]
 //! for what comes after (output projection and residual, norm, MLP and residual), and
-//! [`embed`] and [`norm`] (the final norm) around the layers. A new family adds its arms here and its
+//! [`embed`] and [`norm`] (the final norm) around the layers. Post-norm layers (OPT-350M) norm
+//! the hidden state in place after each residual instead of the sublayer's input. A new family adds its arms here and its
 //! kernels in flexgen-tensor; the runtime does not change.
 
 use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind};
@@ -73,32 +74,59 @@ pub unsafe fn norm(
     Ok(())
 }
 
+/// The embedding tables on the device: tokens (`[vocab, e]`), learned positions (`[positions,
+/// h]`, where the family has them), and the projection from `e` to `h` (`[h, e]`, where the token
+/// embedding is narrower than the hidden state: OPT-350M).
+#[derive(Debug, Clone, Copy)]
+pub struct Tables {
+    pub tokens: u64,
+    pub positions: Option<u64>,
+    pub project_in: Option<u64>,
+}
+
 /// Token embedding of `n` tokens (`ids`, and `pos` indices into the position table where the
-/// family has a learned one) into `out [n, h]`.
+/// family has a learned one) into `out [n, h]`. With a projection, the `e`-wide token rows go
+/// to `scratch` (`[n, e]`) first.
 ///
 /// # Safety
 /// As [`Gpu::embed_raw`]: the tables hold every row an id or position names; every address names
-/// device memory alive until the compute stream has run the kernel.
-#[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
+/// device memory alive until the compute stream has run the kernels.
+#[expect(clippy::too_many_arguments, reason = "addresses and sizes of one step")]
 pub unsafe fn embed(
     g: &Gpu,
     spec: &ModelSpec,
     (ids, pos): (u64, u64),
-    tokens: u64,
-    positions: Option<u64>,
+    t: &Tables,
+    scratch: u64,
     out: u64,
     n: usize,
     h: usize,
 ) -> Result<()> {
     let table = match spec.positions {
-        PositionKind::Learned { .. } => Some(positions.ok_or_else(|| Error::Unsupported {
+        PositionKind::Learned { .. } => Some(t.positions.ok_or_else(|| Error::Unsupported {
             what: format!("{}: learned positions without a position table", spec.name),
         })?),
         // Rotary positions enter in the q/k/v split, not here.
         PositionKind::Rope { .. } => None,
     };
-    // SAFETY: the caller's contract.
-    unsafe { g.embed_raw(ids, pos, tokens, table, out, n, h) }?;
+    let Some(project_in) = t.project_in else {
+        // SAFETY: the caller's contract.
+        unsafe { g.embed_raw(ids, pos, t.tokens, table, out, n, h) }?;
+        return Ok(());
+    };
+    let e = spec.embed_width() as usize;
+    // SAFETY (every call below): the caller's contract; `scratch` holds n·e values. The
+    // positions first (the position indices looked up as ids), then the projected tokens added.
+    unsafe {
+        g.embed_raw(ids, pos, t.tokens, None, scratch, n, e)?;
+        let positioned = if let Some(p) = table {
+            g.embed_raw(pos, pos, p, None, out, n, h)?;
+            true
+        } else {
+            false
+        };
+        g.gemm(&Gemm::linear(n, h, e, scratch, project_in, out, positioned))?;
+    }
     Ok(())
 }
 
@@ -126,11 +154,17 @@ pub unsafe fn attention_in(
         PositionKind::Rope { .. } => Some((v.pos, v.inv_freq)),
     };
     let epilogue = QkvEpilogue { bias, rope };
-    let norm_w = (at(w, l.attn_norm_w.start), at(w, l.attn_norm_b.start));
+    // Pre-norm: the projection reads the normed input; post-norm: the hidden state itself.
+    let input = if spec.pre_norm {
+        let norm_w = (at(w, l.attn_norm_w.start), at(w, l.attn_norm_b.start));
+        // SAFETY: the caller's contract.
+        unsafe { norm(g, spec, norm_w, v.x, v.hn, v.rows, h) }?;
+        v.hn
+    } else {
+        v.x
+    };
     // SAFETY: the caller's contract.
-    unsafe { norm(g, spec, norm_w, v.x, v.hn, v.rows, h) }?;
-    // SAFETY: the caller's contract.
-    unsafe { g.gemm(&Gemm::linear(v.rows, wide, h, v.hn, at(w, l.qkv_w.start), v.qkv, false)) }?;
+    unsafe { g.gemm(&Gemm::linear(v.rows, wide, h, input, at(w, l.qkv_w.start), v.qkv, false)) }?;
     Ok(epilogue)
 }
 
@@ -147,24 +181,45 @@ pub unsafe fn attention_out_and_mlp(
     v: &Visit,
 ) -> Result<()> {
     let h = l.hidden;
-    let f = spec.ffn_size as usize;
     let rows = v.rows;
     let wq = |r: &std::ops::Range<usize>| at(w, r.start);
-    // A bias the family does not have is an empty range.
-    let bias = |y: u64, r: &std::ops::Range<usize>, cols: usize, relu: bool| {
-        if r.is_empty() && !relu {
-            return Ok(());
-        }
-        let b = if r.is_empty() { 0 } else { wq(r) };
-        // SAFETY: the caller's contract.
-        unsafe { g.bias_act_raw(y, b, rows, cols, relu) }
-    };
+    let (attn_norm, mlp_norm) =
+        ((wq(&l.attn_norm_w), wq(&l.attn_norm_b)), (wq(&l.mlp_norm_w), wq(&l.mlp_norm_b)));
     // SAFETY (every call below): the caller's contract.
     unsafe {
         g.gemm(&Gemm::linear(rows, h, h, v.att, wq(&l.o_w), v.x, true))?;
-        bias(v.x, &l.o_b, h, false)?;
-        norm(g, spec, (wq(&l.mlp_norm_w), wq(&l.mlp_norm_b)), v.x, v.hn, rows, h)?;
+        bias_act(g, w, rows, (v.x, &l.o_b, h), false)?;
+        if spec.pre_norm {
+            norm(g, spec, mlp_norm, v.x, v.hn, rows, h)?;
+        } else {
+            // Post-norm: the residual stream itself is normed (in place: the kernel reads a
+            // row's values before its own thread writes them), and the MLP reads it.
+            norm(g, spec, attn_norm, v.x, v.x, rows, h)?;
+        }
     }
+    let v = &Visit { hn: if spec.pre_norm { v.hn } else { v.x }, ..*v };
+    // SAFETY: the caller's contract.
+    unsafe { mlp(g, spec, l, w, v) }?;
+    if !spec.pre_norm {
+        // SAFETY: the caller's contract.
+        unsafe { norm(g, spec, mlp_norm, v.x, v.x, rows, h) }?;
+    }
+    Ok(())
+}
+
+/// The MLP of `v.hn` added to `v.x` (with its bias).
+///
+/// # Safety
+/// As [`attention_in`].
+unsafe fn mlp(g: &Gpu, spec: &ModelSpec, l: &LayerLayout, w: u64, v: &Visit) -> Result<()> {
+    let h = l.hidden;
+    let f = spec.ffn_size as usize;
+    let rows = v.rows;
+    let wq = |r: &std::ops::Range<usize>| at(w, r.start);
+    // SAFETY: the caller's contract.
+    let bias = |y: u64, r: &std::ops::Range<usize>, cols: usize, relu: bool| unsafe {
+        bias_act(g, w, rows, (y, r, cols), relu)
+    };
     match spec.mlp {
         MlpKind::Relu => {
             // SAFETY (every call below): the caller's contract.
@@ -195,4 +250,25 @@ pub unsafe fn attention_out_and_mlp(
             Ok(())
         }
     }
+}
+
+/// `y[r, c] += b[c]` over `rows` rows of `cols`, with `b` the layer range `r` of the arena at `w`
+/// (none where the range is empty: a bias the family does not have), then ReLU if `relu`.
+///
+/// # Safety
+/// As [`attention_in`].
+unsafe fn bias_act(
+    g: &Gpu,
+    w: u64,
+    rows: usize,
+    (y, r, cols): (u64, &std::ops::Range<usize>, usize),
+    relu: bool,
+) -> Result<()> {
+    if r.is_empty() && !relu {
+        return Ok(());
+    }
+    let b = if r.is_empty() { 0 } else { at(w, r.start) };
+    // SAFETY: the caller's contract.
+    unsafe { g.bias_act_raw(y, b, rows, cols, relu) }?;
+    Ok(())
 }

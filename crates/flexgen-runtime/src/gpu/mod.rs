@@ -162,7 +162,10 @@ pub struct CudaStage<'m> {
     /// The rotary inverse frequencies (`[hd/2]` f32) of a family with rotary positions.
     inv_freq: Option<CudaSlice<f32>>,
     /// The final norm's weight and, for `LayerNorm`, bias.
-    final_norm: (GpuTensor, Option<GpuTensor>),
+    /// The final norm (weight, bias) of a pre-norm model.
+    final_norm: Option<(GpuTensor, Option<GpuTensor>)>,
+    /// OPT-350M's projections of the token embedding to the hidden size and back.
+    project: Option<(GpuTensor, GpuTensor)>,
     lm_head: Option<GpuTensor>,
     layers: Vec<LayerHome>,
     disk: Option<DiskPart>,
@@ -250,16 +253,9 @@ impl<'m> CudaStage<'m> {
             ));
         }
         let spec = &model.spec;
-        if spec.embed_dim.is_some() || !spec.pre_norm {
-            return Err(Error::Config {
-                field: "model",
-                message: format!(
-                    "{}: the embedding projection and post-LayerNorm layers of OPT-350M run on \
-                     the CPU only (--device cpu); the CUDA executor's kernels for them are not \
-                     written yet",
-                    spec.name
-                ),
-            });
+        if spec.embed_width() > spec.hidden_size {
+            // The projection's input rows are staged in a buffer of hidden-state rows.
+            return Err(refuse("model", "token embeddings wider than the hidden state"));
         }
         let (rows, [gpu_rows, _, disk_rows]) = memory::cache_rows(spec, &policy);
         if disk_rows > 0 && policy.compress_cache.enabled {
@@ -339,11 +335,15 @@ impl<'m> CudaStage<'m> {
         let up = |t: &flexgen_tensor::Tensor| gpu.upload(t).map_err(cuda);
         let embed = up(&w.token_embedding)?;
         let pos_embed = w.position_embedding.as_ref().map(up).transpose()?;
-        let final_norm = w.final_norm.as_ref().ok_or_else(|| Error::Config {
-            field: "model",
-            message: "a pre-norm model without its final norm".into(),
-        })?;
-        let final_norm = (up(&final_norm.weight)?, final_norm.bias.as_ref().map(up).transpose()?);
+        let final_norm = w
+            .final_norm
+            .as_ref()
+            .map(|n| Ok::<_, Error>((up(&n.weight)?, n.bias.as_ref().map(up).transpose()?)))
+            .transpose()?;
+        let project = match (&w.project_in, &w.project_out) {
+            (Some(i), Some(o)) => Some((up(i)?, up(o)?)),
+            _ => None,
+        };
         // f32, as Hugging Face multiplies positions by them; none for learned positions.
         #[expect(clippy::cast_possible_truncation, reason = "f32 as the reference")]
         let inv_freq: Vec<f32> =
@@ -386,6 +386,7 @@ impl<'m> CudaStage<'m> {
             pos_embed,
             inv_freq,
             final_norm,
+            project,
             lm_head,
             layers: Vec::with_capacity(n_layers),
             disk: None,

@@ -61,11 +61,18 @@ impl CudaStage<'_> {
     /// Embeds GPU batch `kb`'s `n` input tokens into its hidden state.
     pub(super) fn embed_batch(&self, buf: &RunBuffers, kb: usize, n: usize) -> Result<()> {
         let h = self.dims().0;
-        let pos_table = self.pos_embed.as_ref().map(|p| addr(&p.data));
+        let tables = fused::Tables {
+            tokens: addr(&self.embed.data),
+            positions: self.pos_embed.as_ref().map(|p| addr(&p.data)),
+            project_in: self.project.as_ref().map(|(i, _)| addr(&i.data)),
+        };
         let x = addr(&buf.x[if self.act_on_gpu { kb } else { 0 }]);
-        let (ids, pos, tok) = (addr(&buf.ids[kb]), addr(&buf.pos[kb]), addr(&self.embed.data));
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { fused::embed(&self.gpu, &self.model.spec, (ids, pos), tok, pos_table, x, n, h) }?;
+        let (ids, pos, scratch) = (addr(&buf.ids[kb]), addr(&buf.pos[kb]), addr(&buf.hn));
+        // SAFETY: this executor's weights and buffers, sized for these shapes (`hn` holds n rows
+        // of h ≥ the embedding's width).
+        unsafe {
+            fused::embed(&self.gpu, &self.model.spec, (ids, pos), &tables, scratch, x, n, h)
+        }?;
         self.hidden_out(buf, kb, n * h, 0)
     }
 
@@ -92,16 +99,26 @@ impl CudaStage<'_> {
             unsafe { g.last_rows(x, addr(&buf.last), b, t, h) }.map_err(cuda)?;
             addr(&buf.last)
         };
-        let nw = addr(&self.final_norm.0.data);
-        let nb = self.final_norm.1.as_ref().map_or(0, |b| addr(&b.data));
-        // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { fused::norm(g, &self.model.spec, (nw, nb), xs, addr(&buf.hn), b, h) }?;
+        // The final norm (pre-norm models), the projection out (OPT-350M), the LM head.
+        let mut rows = xs;
+        if let Some((nw, nb)) = &self.final_norm {
+            let (nw, nb) = (addr(&nw.data), nb.as_ref().map_or(0, |b| addr(&b.data)));
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { fused::norm(g, &self.model.spec, (nw, nb), rows, addr(&buf.hn), b, h) }?;
+            rows = addr(&buf.hn);
+        }
+        let e = self.model.spec.embed_width() as usize;
+        if let Some((_, out)) = &self.project {
+            // Into `qkv` (b rows of h + 2·kv ≥ e values), apart from either source.
+            // SAFETY: this executor's weights and buffers, sized for these shapes.
+            unsafe { g.gemm(&Gemm::linear(b, e, h, rows, addr(&out.data), addr(&buf.qkv), false)) }
+                .map_err(cuda)?;
+            rows = addr(&buf.qkv);
+        }
         let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
         // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe {
-            g.gemm(&Gemm::linear(b, vocab, h, addr(&buf.hn), head, addr(&buf.logits), false))
-        }
-        .map_err(cuda)?;
+        unsafe { g.gemm(&Gemm::linear(b, vocab, e, rows, head, addr(&buf.logits), false)) }
+            .map_err(cuda)?;
         if logits {
             let dst = buf.logits_host[kb].ptr();
             let bytes = b * vocab * 2;
