@@ -415,3 +415,43 @@ fn a_temperature_that_is_not_a_finite_number_is_refused() {
         assert!(!o.status.success() && err.contains("--temperature"), "{t}: {err}");
     }
 }
+
+#[test]
+fn a_policy_with_pipeline_stages_runs_them_and_names_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = "version = 1\ngpu_batch_size = 2\nnum_gpu_batches = 2\ncpu_cache_compute = false\n\
+               pin_weight = false\n\n[placement.weights]\ngpu = 100.0\ncpu = 0.0\ndisk = 0.0\n\n\
+               [placement.kv_cache]\ngpu = 100.0\ncpu = 0.0\ndisk = 0.0\n\n\
+               [placement.activations]\ngpu = 100.0\ncpu = 0.0\ndisk = 0.0\n\n\
+               [compress_weight]\nenabled = false\nbits = 4\ngroup_size = 64\ngroup_dim = 0\n\n\
+               [compress_cache]\nenabled = false\nbits = 4\ngroup_size = 64\ngroup_dim = 2\n";
+    // The bundled model's 4 layers as two stages; the second keeps its weights, cache and
+    // activations on the CPU tier.
+    let stages = "\n[[stage]]\nlayers = [0, 2]\n\n[[stage]]\nlayers = [2, 4]\n\n\
+                  [stage.placement.weights]\ngpu = 0.0\ncpu = 100.0\ndisk = 0.0\n\n\
+                  [stage.placement.kv_cache]\ngpu = 0.0\ncpu = 100.0\ndisk = 0.0\n\n\
+                  [stage.placement.activations]\ngpu = 0.0\ncpu = 100.0\ndisk = 0.0\n";
+    let run = |policy: &str| {
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, policy).unwrap();
+        bin("flexgen-run")
+            .arg("--policy")
+            .arg(&path)
+            .args(["--prompt", "In the beginning", "--prompt", "Jesus wept"])
+            .args(["--max-new-tokens", "10", "--ignore-eos"])
+            .output()
+            .unwrap()
+    };
+    let want = run(one);
+    assert!(want.status.success(), "{}", text(&want).1);
+    let got = run(&format!("{one}{stages}"));
+    assert!(got.status.success(), "{}", text(&got).1);
+    assert_eq!(text(&got).0, text(&want).0, "two stages print one stage's text");
+    // Stages that stop short of the model, and stages out of order, are named.
+    let short = run(&format!("{one}\n[[stage]]\nlayers = [0, 3]\n"));
+    let (_, err) = text(&short);
+    assert!(!short.status.success() && err.contains("stage") && err.contains("at 4"), "{err}");
+    let gap = run(&format!("{one}\n[[stage]]\nlayers = [0, 2]\n\n[[stage]]\nlayers = [3, 4]\n"));
+    let (_, err) = text(&gap);
+    assert!(!gap.status.success() && err.contains("stage[1].layers"), "{err}");
+}

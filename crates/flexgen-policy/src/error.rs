@@ -32,6 +32,17 @@ impl Error {
         }
     }
 
+    /// Names the pipeline stage an invalid value belongs to (`stage[i].` before its field).
+    #[must_use]
+    pub fn in_stage(self, i: usize) -> Self {
+        match self {
+            Self::Invalid { field, value, problem, fix } => {
+                Self::Invalid { field: format!("stage[{i}].{field}"), value, problem, fix }
+            }
+            other => other,
+        }
+    }
+
     /// Wraps the error with the file it came from.
     #[must_use]
     pub fn with_path(self, path: &std::path::Path) -> Self {

@@ -12,7 +12,9 @@ mod spec;
 
 pub use error::{Error, Result};
 pub use hardware::{CpuProfile, DiskProfile, GpuProfile, HardwareProfile, PROFILE_VERSION};
-pub use policy::{Compression, POLICY_VERSION, Placement, Policy, Prediction, Tier, TierShares};
+pub use policy::{
+    Compression, POLICY_VERSION, Placement, Policy, Prediction, Stage, Tier, TierShares,
+};
 pub use spec::{Family, MlpKind, ModelSpec, NormKind, PositionKind, RopeScaling, Workload, bounds};
 
 use std::path::Path;

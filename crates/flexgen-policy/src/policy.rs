@@ -244,6 +244,22 @@ pub struct Prediction {
     pub planner_version: String,
 }
 
+/// One pipeline stage (`[[stage]]` in a policy file): a contiguous range of layers placed by its
+/// own shares. The block shape, compression, pinning and the rest are the policy's; the first
+/// stage holds the embeddings, the last the LM head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    /// The stage's first layer and one past its last: `layers = [0, 12]`.
+    pub layers: [u32; 2],
+    /// Where the stage keeps its weights, KV cache and activations; the policy's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// Whether the stage attends its CPU cache rows on the CPU; the policy's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cache_compute: Option<bool>,
+}
+
 /// A complete execution policy. Build one with [`Policy::default`] and the override methods, or
 /// read it with [`Policy::from_toml_file`]; both paths validate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,6 +283,10 @@ pub struct Policy {
     pub compress_cache: Compression,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction: Option<Prediction>,
+    /// Pipeline stages (`[[stage]]`) in layer order, together covering every layer; none: the
+    /// whole model is one stage placed by `placement`.
+    #[serde(default, rename = "stage", skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
 }
 
 impl Default for Policy {
@@ -282,11 +302,44 @@ impl Default for Policy {
             compress_weight: Compression::weights_default(),
             compress_cache: Compression::cache_default(),
             prediction: None,
+            stages: Vec::new(),
         }
     }
 }
 
 impl Policy {
+    /// Stage `i`'s own policy: this one with the stage's placement and CPU-attention choice, and
+    /// no stages.
+    ///
+    /// # Panics
+    /// If there is no stage `i`.
+    #[must_use]
+    pub fn stage_policy(&self, i: usize) -> Policy {
+        let s = &self.stages[i];
+        Policy {
+            placement: s.placement.unwrap_or(self.placement),
+            cpu_cache_compute: s.cpu_cache_compute.unwrap_or(self.cpu_cache_compute),
+            stages: Vec::new(),
+            prediction: None,
+            ..self.clone()
+        }
+    }
+
+    /// The pipeline as (layers, policy) per stage: the `[[stage]]` entries, or one stage of
+    /// `num_layers` layers placed by this policy. Whether the ranges cover the model is the
+    /// runtime's check (it knows the model).
+    pub fn pipeline(&self, num_layers: u32) -> Vec<(std::ops::Range<u32>, Policy)> {
+        if self.stages.is_empty() {
+            return vec![(0..num_layers, Policy { prediction: None, ..self.clone() })];
+        }
+        (0..self.stages.len())
+            .map(|i| {
+                let [a, b] = self.stages[i].layers;
+                (a..b, self.stage_policy(i))
+            })
+            .collect()
+    }
+
     /// Sequences per block: `gpu_batch_size * num_gpu_batches`.
     pub fn block_size(&self) -> usize {
         self.gpu_batch_size as usize * self.num_gpu_batches as usize
@@ -316,6 +369,38 @@ impl Policy {
                 0,
                 "a block needs at least one micro-batch",
                 "set it to 1 or more",
+            ));
+        }
+        for (i, stage) in self.stages.iter().enumerate() {
+            let [start, end] = stage.layers;
+            if start >= end {
+                return Err(Error::invalid(
+                    format!("stage[{i}].layers"),
+                    format!("[{start}, {end}]"),
+                    "a stage holds at least one layer",
+                    "write [first layer, one past the last], e.g. [0, 12]",
+                ));
+            }
+            if let Some(prev) = i.checked_sub(1).map(|p| self.stages[p].layers[1])
+                && prev != start
+            {
+                return Err(Error::invalid(
+                    format!("stage[{i}].layers"),
+                    format!("[{start}, {end}]"),
+                    format!("the stage before ends at layer {prev}"),
+                    "list the stages in layer order, each starting where the one before ends",
+                ));
+            }
+            self.stage_policy(i).validate().map_err(|e| e.in_stage(i))?;
+        }
+        if let Some(first) = self.stages.first()
+            && first.layers[0] != 0
+        {
+            return Err(Error::invalid(
+                "stage[0].layers",
+                format!("{:?}", first.layers),
+                "the first stage must start at layer 0",
+                "start it at 0",
             ));
         }
         self.placement.validate()?;
@@ -372,6 +457,43 @@ mod tests {
         let p = Policy::default();
         p.validate().unwrap();
         assert_eq!(Policy::from_toml_str(&p.to_toml()).unwrap(), p);
+    }
+
+    #[test]
+    fn stages_round_trip_and_each_is_validated_under_its_name() {
+        let mut p = Policy::default();
+        let cpu =
+            Placement { weights: TierShares::from_gpu_cpu(0.0, 100.0), ..Placement::all_gpu() };
+        p.stages = vec![
+            Stage { layers: [0, 3], placement: None, cpu_cache_compute: None },
+            Stage { layers: [3, 8], placement: Some(cpu), cpu_cache_compute: Some(true) },
+        ];
+        p.validate().unwrap();
+        assert_eq!(Policy::from_toml_str(&p.to_toml()).unwrap(), p);
+        let stages = p.pipeline(8);
+        assert_eq!(stages[0].0, 0..3);
+        assert_eq!(stages[0].1.placement, p.placement);
+        assert_eq!((stages[1].1.placement, stages[1].1.cpu_cache_compute), (cpu, true));
+        assert!(stages.iter().all(|(_, s)| s.stages.is_empty()));
+        assert_eq!(Policy::default().pipeline(8), vec![(0..8, Policy::default())]);
+        // Out of order, empty, not from layer 0, and a stage's own bad placement: each named.
+        for (stages, field) in [
+            (vec![[0, 3], [4, 8]], "stage[1].layers"),
+            (vec![[0, 3], [3, 3]], "stage[1].layers"),
+            (vec![[1, 8]], "stage[0].layers"),
+        ] {
+            let mut q = p.clone();
+            q.stages = stages
+                .into_iter()
+                .map(|layers| Stage { layers, placement: None, cpu_cache_compute: None })
+                .collect();
+            let Error::Invalid { field: f, .. } = q.validate().unwrap_err() else { panic!() };
+            assert_eq!(f, field);
+        }
+        let mut q = p.clone();
+        q.stages[1].placement.as_mut().unwrap().weights = TierShares::from_gpu_cpu(0.0, 60.0);
+        let Error::Invalid { field, .. } = q.validate().unwrap_err() else { panic!() };
+        assert!(field.starts_with("stage[1]."), "{field}");
     }
 
     #[test]

@@ -262,11 +262,25 @@ impl<'m> Generator<'m> {
 
     /// A generator on `device`. The weights are placed here; a policy that does not fit is
     /// refused before anything is allocated.
+    /// A policy with `[[stage]]` entries runs as that pipeline ([`Generator::host_pipeline`]) on
+    /// the CPU; on the GPU a policy is one stage so far.
     pub fn on(model: &'m Model, policy: Policy, device: Device) -> Result<Self> {
         policy.validate()?;
         let executor = match device {
+            Device::Cpu(budgets) if !policy.stages.is_empty() => {
+                let stages = policy.pipeline(model.spec.num_layers);
+                Executor::Host(Box::new(HostStage::pipeline(model, &stages, budgets)?))
+            }
             Device::Cpu(budgets) => {
                 Executor::Host(Box::new(HostStage::new(model, &policy, budgets)?))
+            }
+            Device::Cuda { .. } if !policy.stages.is_empty() => {
+                return Err(crate::Error::Config {
+                    field: "stage",
+                    message: "pipeline stages run on the CPU executor so far (--device cpu); on \
+                              the GPU, remove the [[stage]] entries to run one stage"
+                        .into(),
+                });
             }
             Device::Cuda { source, capacity } => {
                 Executor::Cuda(Box::new(CudaStage::new(model, policy.clone(), source, capacity)?))

@@ -61,9 +61,9 @@ impl<'m> HostStage<'m> {
             p.validate()?;
             if r.start != next || r.end <= r.start {
                 return Err(crate::Error::Config {
-                    field: "stages",
+                    field: "stage",
                     message: format!(
-                        "stage layers {}..{} do not continue from layer {next}: stages must be \
+                        "stage layers [{}, {}] do not continue from layer {next}: stages must be \
                          contiguous, non-empty ranges covering the model's {} layers in order",
                         r.start, r.end, model.spec.num_layers
                     ),
@@ -73,10 +73,11 @@ impl<'m> HostStage<'m> {
         }
         if next != model.spec.num_layers {
             return Err(crate::Error::Config {
-                field: "stages",
+                field: "stage",
                 message: format!(
-                    "the stages end at layer {next}, the model has {}",
-                    model.spec.num_layers
+                    "the stages end at layer {next}, the model has {} layers; end the last \
+                     stage's `layers` at {}",
+                    model.spec.num_layers, model.spec.num_layers
                 ),
             });
         }

@@ -109,6 +109,6 @@ fn stages_must_cover_the_layers_in_order() {
         let Err(e) = Generator::host_pipeline(&model, p.clone(), &bad, Budgets::default()) else {
             panic!("{bad:?} accepted")
         };
-        assert!(matches!(&e, Error::Config { field: "stages", .. }), "{bad:?}: {e}");
+        assert!(matches!(&e, Error::Config { field: "stage", .. }), "{bad:?}: {e}");
     }
 }
