@@ -294,34 +294,6 @@ unsafe fn heads_avx2<const N: usize, const L: usize>(
     }
 }
 
-/// Every query head of one cache row (`q` and `out`: `rep × hd`), up to [`AVX2_HEADS`] per
-/// pass over the row.
-///
-/// # Safety
-/// The processor has AVX2, FMA and F16C; `hd % 8 == 0`.
-#[cfg(target_arch = "x86_64")]
-unsafe fn row_heads_avx2(
-    q: &[f16],
-    keys: &[f16],
-    values: &[f16],
-    out: &mut [f16],
-    hd: usize,
-    scratch: &mut Scratch,
-) {
-    let per = AVX2_HEADS * hd;
-    for (qg, og) in q.chunks(per).zip(out.chunks_mut(per)) {
-        // SAFETY: as the caller promises.
-        unsafe {
-            match qg.len() / hd {
-                4 => heads_avx2::<4, 2>(qg, keys, values, og, scratch),
-                3 => heads_avx2::<3, 2>(qg, keys, values, og, scratch),
-                2 => heads_avx2::<2, 4>(qg, keys, values, og, scratch),
-                _ => heads_avx2::<1, 8>(qg, keys, values, og, scratch),
-            }
-        }
-    }
-}
-
 /// Every query head of one cache row (`q` and `out`: `rep × hd`, the heads adjacent) on the
 /// fastest path this processor and head dimension allow.
 fn row(
@@ -335,8 +307,19 @@ fn row(
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd && hd.is_multiple_of(8) {
-        // SAFETY: `simd` is true only where `simd_available()` said so; the shape is checked.
-        unsafe { row_heads_avx2(q, keys, values, out, hd, scratch) };
+        // Up to AVX2_HEADS query heads per pass over the row.
+        let per = AVX2_HEADS * hd;
+        for (qg, og) in q.chunks(per).zip(out.chunks_mut(per)) {
+            // SAFETY: `simd` is true only where `simd_available()` said so; hd % 8 == 0.
+            unsafe {
+                match qg.len() / hd {
+                    4 => heads_avx2::<4, 2>(qg, keys, values, og, scratch),
+                    3 => heads_avx2::<3, 2>(qg, keys, values, og, scratch),
+                    2 => heads_avx2::<2, 4>(qg, keys, values, og, scratch),
+                    _ => heads_avx2::<1, 8>(qg, keys, values, og, scratch),
+                }
+            }
+        }
         return;
     }
     let _ = simd;
