@@ -37,14 +37,14 @@ fn main() {
     times.sort_by(f64::total_cmp);
     let best = times[0];
     let values = (rows * cap * hd) as f64;
+    let checksum: f32 = out.iter().map(|x| x.to_f32()).sum();
+    // One line, so that `| head -1` does not cut a second one off.
     println!(
-        "{rows} rows × {cap} positions × {hd}, {rep} query heads per row, {} threads: best of {reps} {:.2} ms (median {:.2} ms), {:.2} GFLOP/s, {:.2} GB/s of cache read",
+        "{rows} rows × {cap} positions × {hd}, {rep} query heads per row, {} threads: best of {reps} {:.2} ms (median {:.2} ms), {:.2} GFLOP/s, {:.2} GB/s of cache read (checksum {checksum:.4})",
         rayon::current_num_threads(),
         best * 1e3,
         times[reps / 2] * 1e3,
         4.0 * values * rep as f64 / best / 1e9,
         2.0 * 2.0 * values / best / 1e9
     );
-    let checksum: f32 = out.iter().map(|x| x.to_f32()).sum();
-    println!("checksum {checksum:.4}");
 }
