@@ -114,8 +114,9 @@ impl PolicyArgs {
     /// The policy file (or the default) with the flags applied, validated.
     pub fn resolve(&self) -> anyhow::Result<Policy> {
         let mut p = match &self.policy {
-            // The error names the file; the context names the flag.
-            Some(path) => Policy::from_toml_file(path).with_context(|| {
+            // The error names the file; the context names the flag. Validated below, once the
+            // flags are applied.
+            Some(path) => Policy::parse_toml_file(path).with_context(|| {
                 format!(
                     "reading the policy (--policy){}",
                     mixed_up(path, "[gpu]", "flexgen-plan --hardware")

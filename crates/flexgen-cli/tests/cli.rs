@@ -455,3 +455,33 @@ fn a_policy_with_pipeline_stages_runs_them_and_names_a_bad_one() {
     let (_, err) = text(&gap);
     assert!(!gap.status.success() && err.contains("stage[1].layers"), "{err}");
 }
+
+#[test]
+fn offload_dir_on_the_command_line_completes_a_policy_file_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let off = dir.path().join("offload");
+    std::fs::create_dir(&off).unwrap();
+    let policy = dir.path().join("p.toml");
+    let mut p = flexgen_policy::Policy::default();
+    p.placement.weights = flexgen_policy::TierShares::from_gpu_cpu(50.0, 0.0);
+    p.offload_dir = Some(off.clone());
+    // Written with a disk share and then without its folder, as a user might share it.
+    let toml = p.to_toml();
+    let lines: Vec<&str> = toml.lines().filter(|l| !l.starts_with("offload_dir")).collect();
+    std::fs::write(&policy, lines.join("\n")).unwrap();
+    let run = |extra: &[&str]| {
+        bin("flexgen-run")
+            .arg("--policy")
+            .arg(&policy)
+            .args(["--prompt", "In the beginning", "--max-new-tokens", "2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("offload_dir"), "{err}");
+    let o = run(&["--offload-dir", off.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(std::fs::read_dir(&off).unwrap().count(), 0, "no offload file left");
+}

@@ -32,11 +32,12 @@ impl Error {
         }
     }
 
-    /// Names the pipeline stage an invalid value belongs to (`stage[i].` before its field).
+    /// Names the pipeline stage an invalid value belongs to (`stage[i].` before its field; not
+    /// before `offload_dir`, which every stage takes from the policy).
     #[must_use]
     pub fn in_stage(self, i: usize) -> Self {
         match self {
-            Self::Invalid { field, value, problem, fix } => {
+            Self::Invalid { field, value, problem, fix } if field != "offload_dir" => {
                 Self::Invalid { field: format!("stage[{i}].{field}"), value, problem, fix }
             }
             other => other,
