@@ -4,8 +4,9 @@ pub enum Error {
     /// A request cannot be run as given (too long, empty, needs a tokenizer, ...).
     #[error("request {index}: {message}")]
     Request { index: usize, message: String },
-    /// The generation settings are inconsistent.
-    #[error("generation settings: `{field}`: {message}")]
+    /// A setting (a policy key, a generation setting, the model, the offload folder) cannot be
+    /// run as given; `field` names it.
+    #[error("`{field}`: {message}")]
     Config { field: &'static str, message: String },
     /// A tier cannot hold what the policy puts there; nothing was allocated. The one capacity
     /// error of every device: the tier, both sizes, what the need is made of, and the policy
