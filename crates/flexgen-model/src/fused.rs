@@ -7,8 +7,8 @@
 //! (norm, the q/k/v projection, and how the q/k/v split finishes it), [`attention_out_and_mlp`]
 //! for what comes after (output projection and residual, norm, MLP and residual), and
 //! [`embed`] and [`norm`] (the final norm) around the layers. Post-norm layers (OPT-350M) norm
-//! the hidden state in place after each residual instead of the sublayer's input. A new family adds its arms here and its
-//! kernels in flexgen-tensor; the runtime does not change.
+//! the hidden state in place after each residual instead of the sublayer's input. A new family
+//! adds its arms here and its kernels in flexgen-tensor; the runtime does not change.
 
 use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind};
 use flexgen_tensor::cuda::Gpu;

@@ -32,12 +32,14 @@ impl Error {
         }
     }
 
-    /// Names the pipeline stage an invalid value belongs to (`stage[i].` before its field; not
-    /// before `offload_dir`, which every stage takes from the policy).
+    /// Names the pipeline stage an invalid value belongs to: `stage[i].` before the keys a stage
+    /// has (`placement…`, `cpu_cache_compute`); the others are the policy's own.
     #[must_use]
     pub fn in_stage(self, i: usize) -> Self {
         match self {
-            Self::Invalid { field, value, problem, fix } if field != "offload_dir" => {
+            Self::Invalid { field, value, problem, fix }
+                if field.starts_with("placement") || field == "cpu_cache_compute" =>
+            {
                 Self::Invalid { field: format!("stage[{i}].{field}"), value, problem, fix }
             }
             other => other,

@@ -371,38 +371,6 @@ impl Policy {
                 "set it to 1 or more",
             ));
         }
-        for (i, stage) in self.stages.iter().enumerate() {
-            let [start, end] = stage.layers;
-            if start >= end {
-                return Err(Error::invalid(
-                    format!("stage[{i}].layers"),
-                    format!("[{start}, {end}]"),
-                    "a stage holds at least one layer",
-                    "write [first layer, one past the last], e.g. [0, 12]",
-                ));
-            }
-            if let Some(prev) = i.checked_sub(1).map(|p| self.stages[p].layers[1])
-                && prev != start
-            {
-                return Err(Error::invalid(
-                    format!("stage[{i}].layers"),
-                    format!("[{start}, {end}]"),
-                    format!("the stage before ends at layer {prev}"),
-                    "list the stages in layer order, each starting where the one before ends",
-                ));
-            }
-            self.stage_policy(i).validate().map_err(|e| e.in_stage(i))?;
-        }
-        if let Some(first) = self.stages.first()
-            && first.layers[0] != 0
-        {
-            return Err(Error::invalid(
-                "stage[0].layers",
-                format!("{:?}", first.layers),
-                "the first stage must start at layer 0",
-                "start it at 0",
-            ));
-        }
         self.placement.validate()?;
         if self.placement.activations.single_tier().is_none() {
             return Err(Error::invalid(
@@ -421,6 +389,30 @@ impl Policy {
                 "the placement puts data on disk",
                 "set offload_dir to a folder on a fast disk, or give the disk share to gpu/cpu",
             ));
+        }
+        // After the policy's own keys, so that an error in them is not reported as a stage's.
+        for (i, stage) in self.stages.iter().enumerate() {
+            let [start, end] = stage.layers;
+            let want = i.checked_sub(1).map_or(0, |p| self.stages[p].layers[1]);
+            if start >= end || start != want {
+                let problem = if start >= end {
+                    "a stage holds at least one layer".to_string()
+                } else if i == 0 {
+                    "the first stage must start at layer 0".to_string()
+                } else {
+                    format!("the stage before ends at layer {want}")
+                };
+                return Err(Error::invalid(
+                    format!("stage[{i}].layers"),
+                    format!("[{start}, {end}]"),
+                    problem,
+                    format!(
+                        "write [first layer, one past the last], in layer order, this one \
+                         starting at {want}"
+                    ),
+                ));
+            }
+            self.stage_policy(i).validate().map_err(|e| e.in_stage(i))?;
         }
         Ok(())
     }

@@ -262,6 +262,7 @@ impl<'m> Generator<'m> {
 
     /// A generator on `device`. The weights are placed here; a policy that does not fit is
     /// refused before anything is allocated.
+    ///
     /// A policy with `[[stage]]` entries runs as that pipeline ([`Generator::host_pipeline`]) on
     /// the CPU; on the GPU a policy is one stage so far.
     pub fn on(model: &'m Model, policy: Policy, device: Device) -> Result<Self> {

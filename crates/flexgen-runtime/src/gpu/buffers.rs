@@ -87,12 +87,15 @@ impl CudaStage<'_> {
         let kv = (0..s.num_layers)
             .map(|_| (0..k).map(|_| Ok((f(gr * cap * hd)?, f(gr * cap * hd)?))).collect())
             .collect::<Result<Vec<Vec<_>>>>()?;
-        let pinned = |n: usize| -> Result<HostMem> {
+        // Pinned host memory of n values; `mapped`: also in the device's address space.
+        let host = |n: usize, mapped: bool| -> Result<HostMem> {
             let mut m = HostMem::new_f16(n.max(1)).map_err(cuda)?;
             m.zero_parallel();
-            m.pin(&self.gpu.ctx).map_err(cuda)?;
+            if mapped { m.pin_mapped(&self.gpu.ctx) } else { m.pin(&self.gpu.ctx) }
+                .map_err(cuda)?;
             Ok(m)
         };
+        let pinned = |n: usize| host(n, false);
         let (kvq_cpu, kvq_stage) = match self.cache_quant {
             Some((bits, group)) if cpu_rows > 0 => {
                 let q = CacheQuant { rows: cpu_rows, cap, hd, group, bits };
@@ -184,12 +187,7 @@ impl CudaStage<'_> {
                 let rep = nh / nkv;
                 [rep, 1, 1, rep, rep, 1, 1, rep]
                     .into_iter()
-                    .map(|r| {
-                        let mut m = HostMem::new_f16((r * cpu_rows * hd).max(1)).map_err(cuda)?;
-                        m.zero_parallel();
-                        m.pin_mapped(&self.gpu.ctx).map_err(cuda)?;
-                        Ok(m)
-                    })
+                    .map(|r| host(r * cpu_rows * hd, true))
                     .collect::<Result<_>>()?
             } else {
                 Vec::new()
