@@ -10,14 +10,16 @@
 #           (ACCEL_BATCHES, default "4 8"; weights on the GPU up to ACCEL_GPU_MEM, default 12GiB,
 #           leaving the rest of the cap to its cache and activations)
 #   ds      Llama-2-70B under a 48 GiB cap (DeepSpeed ZeRO-Inference's published shapes): fp16
-#           with the cache offloaded, and 4-bit weights
+#           with the cache offloaded, and 4-bit weights (DS="fp16 4bit"; JOB as for caps: the
+#           unbounded 4-bit plan is a 1,536-prompt block, longer than one call)
 # Usage, in the repository root: `bash xtask/scripts/gpu_llama.sh check|s9|caps|accel|ds ...`
-# BIN: stripped release binaries (default .gpu/bin). Logs go to $OUT (default /tmp).
+# BIN: stripped release binaries (default .gpu/bin). HW: the hardware profile to plan with
+# (default policies/hardware/h200.toml). Logs go to $OUT (default /tmp).
 set -o pipefail
 BIN=${BIN:-.gpu/bin}; OUT=${OUT:-/tmp}
 export PATH=$PWD/$BIN:$PATH
 T="/usr/bin/time -f process_wall=%es_maxRSS=%MKiB"
-HW=policies/hardware/h200.toml
+HW=${HW:-policies/hardware/h200.toml}  # the hardware profile the planner reads
 W="--prompt-len 512 --gen-len 32"
 # plan NAME MODEL PLAN-ARGS…: writes $OUT/NAME.toml and prints the planner's line
 plan() { local n=$1 m=$2; shift 2; flexgen-plan --hardware $HW --model $m $W "$@" --out $OUT/$n.toml 2>&1 | tail -1; }
@@ -52,8 +54,11 @@ accel)
     --batch ${ACCEL_BATCHES:-4 8} --prompt-len 512 --gen-len 32 --gpu-mem ${ACCEL_GPU_MEM:-12GiB} \
     --cpu-mem 110GiB > $OUT/accel.log 2>&1
   grep -E "RESULT|OOM|dispatched|built|Error" $OUT/accel.log | tail -6 ;;
-ds)
-  plan ds-fp16 llama-2-70b --no-compression --gpu-mem-limit 48GiB; run ds-fp16 llama-2-70b --gpu-mem-limit 48GiB
-  plan ds-4bit llama-2-70b --compress-weight --gpu-mem-limit 48GiB; run ds-4bit llama-2-70b --gpu-mem-limit 48GiB ;;
+ds) # DS (default "fp16 4bit"): which of the two; JOB: the planner's --num-prompts
+  for d in ${DS:-fp16 4bit}; do
+    case $d in fp16) f=--no-compression ;; 4bit) f=--compress-weight ;; *) echo "unknown DS $d"; exit 2 ;; esac
+    plan ds-$d llama-2-70b $f --gpu-mem-limit 48GiB ${JOB:+--num-prompts $JOB}
+    run ds-$d llama-2-70b --gpu-mem-limit 48GiB
+  done ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac; done

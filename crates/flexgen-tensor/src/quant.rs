@@ -114,7 +114,15 @@ pub fn quantize_line(x: &[f32], spec: QuantSpec, codes: &mut [u8], params: &mut 
     let levels = f32::from((1u16 << spec.bits) - 1);
     let pb = per_byte(spec.bits);
     let gb = spec.group / pb;
-    let mut q = vec![0u8; spec.group];
+    // One group's codes, on the stack for the usual group sizes (this runs once per group of
+    // every packed weight: an allocation each time was a third of packing's time).
+    let (mut stack, mut heap) = ([0u8; 256], Vec::new());
+    let q: &mut [u8] = if spec.group <= stack.len() {
+        &mut stack[..spec.group]
+    } else {
+        heap.resize(spec.group, 0);
+        &mut heap
+    };
     for ((chunk, codes), par) in
         x.chunks(spec.group).zip(codes.chunks_mut(gb)).zip(params.chunks_exact_mut(2))
     {

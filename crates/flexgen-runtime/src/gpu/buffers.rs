@@ -87,15 +87,14 @@ impl CudaStage<'_> {
         let kv = (0..s.num_layers)
             .map(|_| (0..k).map(|_| Ok((f(gr * cap * hd)?, f(gr * cap * hd)?))).collect())
             .collect::<Result<Vec<Vec<_>>>>()?;
-        // Pinned host memory of n values; `mapped`: also in the device's address space.
-        let host = |n: usize, mapped: bool| -> Result<HostMem> {
+        // Pinned host memory of n values, mapped into the device's address space: what goes
+        // to the GPU from it is read by kernels (`CudaStage::copy_from_host`), not copy engines.
+        let pinned = |n: usize| -> Result<HostMem> {
             let mut m = HostMem::new_f16(n.max(1)).map_err(cuda)?;
             m.zero_parallel();
-            if mapped { m.pin_mapped(&self.gpu.ctx) } else { m.pin(&self.gpu.ctx) }
-                .map_err(cuda)?;
+            m.pin_mapped(&self.gpu.ctx).map_err(cuda)?;
             Ok(m)
         };
-        let pinned = |n: usize| host(n, false);
         let (kvq_cpu, kvq_stage) = match self.cache_quant {
             Some((bits, group)) if cpu_rows > 0 => {
                 let q = CacheQuant { rows: cpu_rows, cap, hd, group, bits };
@@ -182,12 +181,11 @@ impl CudaStage<'_> {
                 .map(|_| pinned(b * s.vocab_size as usize))
                 .collect::<Result<_>>()?,
             cpu_att: if self.cpu_attention {
-                // q, new k, new v, output: q and output have rep query rows per cache row. Mapped
-                // into the device's address space: the output goes back by a kernel's reads.
+                // q, new k, new v, output: q and output have rep query rows per cache row.
                 let rep = nh / nkv;
                 [rep, 1, 1, rep, rep, 1, 1, rep]
                     .into_iter()
-                    .map(|r| host(r * cpu_rows * hd, true))
+                    .map(|r| pinned(r * cpu_rows * hd))
                     .collect::<Result<_>>()?
             } else {
                 Vec::new()

@@ -100,7 +100,7 @@ impl CudaStage<'_> {
                 let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
                 if past > 0 {
                     if !staged.cache {
-                        Self::copy_packed_in(buf, (j, kb), ps, st)?;
+                        self.copy_packed_in(buf, (j, kb), ps, st)?;
                     }
                     // SAFETY: this executor's weights and buffers, sized for these shapes.
                     unsafe { g.dequant_cache(stage[0], stage[2], kn_c, qc, (0, past)) }

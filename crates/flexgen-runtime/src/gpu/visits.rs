@@ -69,7 +69,7 @@ impl CudaStage<'_> {
         }
         let x = addr(&buf.x[slot % buf.x.len()]);
         if !staged {
-            htod(&self.gpu.stream, x, &buf.x_host[kb].as_f16()[..n])?;
+            self.copy_from_host(&self.gpu.stream, &buf.x_host[kb], x, Copy2d::contiguous(n * 2))?;
         }
         Ok(x)
     }
@@ -112,21 +112,14 @@ impl CudaStage<'_> {
         let row_bytes = cap * hd * 2;
         for &(off, n, hk, hv) in homes {
             for (src, dst) in [(hk, kn), (hv, vn)] {
-                // SAFETY: pinned source rows of `cap` positions; the working cache has as many.
-                unsafe {
-                    copy_2d(
-                        stream,
-                        Mem::Host(src.ptr().cast_const().cast()),
-                        Mem::Device(at(dst, off * cap * hd)),
-                        Copy2d {
-                            width: past * hd * 2,
-                            height: n,
-                            src_pitch: row_bytes,
-                            dst_pitch: row_bytes,
-                        },
-                    )
-                }
-                .map_err(cuda)?;
+                // Rows of `cap` positions on both sides.
+                let rows = Copy2d {
+                    width: past * hd * 2,
+                    height: n,
+                    src_pitch: row_bytes,
+                    dst_pitch: row_bytes,
+                };
+                self.copy_from_host(stream, src, at(dst, off * cap * hd), rows)?;
             }
         }
         Ok(())
@@ -151,11 +144,11 @@ impl CudaStage<'_> {
         self.mark.record(&self.gpu.stream).map_err(drv)?;
         c.wait(&self.mark).map_err(drv)?;
         if ahead.act {
-            htod(c, addr(&buf.x[slot]), &buf.x_host[kb].as_f16()[..n])?;
+            self.copy_from_host(c, &buf.x_host[kb], addr(&buf.x[slot]), Copy2d::contiguous(n * 2))?;
         }
         if ahead.cache {
             if self.cache_quant.is_some() {
-                Self::copy_packed_in(buf, (j, kb), &buf.kvq_stage[slot], c)?;
+                self.copy_packed_in(buf, (j, kb), &buf.kvq_stage[slot], c)?;
             } else {
                 let (k, v) = &buf.work[slot];
                 let homes = self.homes(buf, j, kb, past)?;
@@ -168,6 +161,7 @@ impl CudaStage<'_> {
     /// Copies (layer `j`, batch `kb`)'s packed CPU rows into the packed staging `stage` on
     /// `stream`.
     pub(super) fn copy_packed_in(
+        &self,
         buf: &RunBuffers,
         (j, kb): (usize, usize),
         stage: &PackedKv,
@@ -176,8 +170,26 @@ impl CudaStage<'_> {
         let ([sck, scv], [spk, spv]) = stage;
         let dst = [addr(sck), addr(scv), addr(spk), addr(spv)];
         for (host, dst) in buf.kvq_cpu[j][kb].iter().zip(dst) {
-            htod(stream, dst, host.as_f16())?;
+            self.copy_from_host(stream, host, dst, Copy2d::contiguous(host.as_f16().len() * 2))?;
         }
         Ok(())
+    }
+
+    /// Copies the rows of `c` from the start of pinned, mapped host memory `host` to `dst` on
+    /// `stream`, by a kernel reading over the link rather than a copy engine: these copies stage
+    /// what the next visit needs, and a copy engine would serve them only after the weight
+    /// stream's copy of a whole layer, issued before them (`Gpu::copy_sm`).
+    pub(super) fn copy_from_host(
+        &self,
+        stream: &CudaStream,
+        host: &HostMem,
+        dst: u64,
+        c: Copy2d,
+    ) -> Result<()> {
+        let src = host.device_addr().expect("the run buffers' host memory is mapped");
+        debug_assert!(c.src_pitch * (c.height.max(1) - 1) + c.width <= host.as_f16().len() * 2);
+        // SAFETY: the rows lie in `host` (checked above in debug builds); the callers' device
+        // buffers are sized for them and stream-ordered after their last reader.
+        unsafe { self.gpu.copy_sm(stream, src, dst, c) }.map_err(cuda)
     }
 }

@@ -317,23 +317,40 @@ impl Gpu {
         Ok(())
     }
 
-    /// Copies `bytes` from `src` to `dst` with the SMs, on the compute stream: device memory, or
-    /// mapped pinned host memory through its device address ([`super::HostMem::device_addr`]).
-    /// No copy engine serves it, so it never waits behind copies issued on other streams.
+    /// Copies `bytes` from `src` to `dst` with the SMs on the compute stream: [`Gpu::copy_sm`].
     ///
     /// # Safety
-    /// Both ranges must be valid for `bytes` on the device and must not overlap; nothing else
-    /// may write them until the compute stream has run the copy.
+    /// As [`Gpu::copy_sm`].
     pub unsafe fn copy_raw(&self, src: u64, dst: u64, bytes: usize) -> Result<(), CudaError> {
-        if bytes == 0 {
+        // SAFETY: as the caller promises.
+        unsafe { self.copy_sm(&self.stream, src, dst, Copy2d::contiguous(bytes)) }
+    }
+
+    /// Copies the rows of `c` from `src` to `dst` with the SMs, on `stream`: device memory, or
+    /// mapped pinned host memory through its device address ([`super::HostMem::device_addr`]).
+    /// No copy engine serves it, so it never waits behind copies issued on other streams (a
+    /// copy engine serves them in the order they were issued).
+    ///
+    /// # Safety
+    /// Both regions must be valid on the device for `c`'s rows and must not overlap; nothing
+    /// else may write them until `stream` has run the copy.
+    pub unsafe fn copy_sm(
+        &self,
+        stream: &super::CudaStream,
+        src: u64,
+        dst: u64,
+        c: Copy2d,
+    ) -> Result<(), CudaError> {
+        if c.width == 0 || c.height == 0 {
             return Ok(());
         }
-        let n = i64::try_from(bytes).expect("a copy fits in i64");
-        let mut l = self.stream.launch_builder(&self.copy_bytes);
-        l.arg(&src).arg(&dst).arg(&n);
+        let i = |v: usize| i64::try_from(v).expect("a copy fits in i64");
+        let (w, h, sp, dp) = (i(c.width), i(c.height), i(c.src_pitch), i(c.dst_pitch));
+        let mut l = stream.launch_builder(&self.copy_bytes);
+        l.arg(&src).arg(&dst).arg(&w).arg(&h).arg(&sp).arg(&dp);
         // A grid-stride loop: enough blocks to fill the device, 16 bytes per thread per round.
-        let cfg = grid(bytes.div_ceil(16).min(4096 * 256));
-        // SAFETY: as the caller promises; the kernel reads and writes only `bytes` bytes.
+        let cfg = grid((c.width * c.height).div_ceil(16).min(4096 * 256));
+        // SAFETY: as the caller promises; the kernel touches only the rows of `c`.
         unsafe { l.launch(cfg)? };
         Ok(())
     }

@@ -115,19 +115,28 @@ extern "C" __global__ void bias_act(half_t* y, const half_t* b, int cols, int re
     }
 }
 
-// Copies n bytes with the SMs (16 at a time where both addresses and n allow): device memory, or
-// mapped pinned host memory through its device address, on either side. A copy engine serves
-// copies in the order they were issued, so a copy the compute stream needs would wait behind the
-// weight stream's whole-layer copies; this one does not.
+// Copies `height` rows of `width` bytes (rows `spitch` and `dpitch` bytes apart) with the SMs,
+// 16 bytes at a time where addresses, width and pitches allow: device memory, or mapped pinned
+// host memory through its device address, on either side. A copy engine serves copies in the
+// order they were issued, so a copy the compute stream needs would wait behind the weight
+// stream's whole-layer copies; this one does not.
 struct alignas(16) bytes16 { unsigned long long lo, hi; };
-extern "C" __global__ void copy_bytes(const unsigned char* src, unsigned char* dst, long long n) {
+extern "C" __global__ void copy_bytes(const unsigned char* src, unsigned char* dst, long long width,
+                                      long long height, long long spitch, long long dpitch) {
     long long i0 = blockIdx.x * (long long)blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
-    if ((((unsigned long long)src | (unsigned long long)dst | (unsigned long long)n) & 15) == 0) {
-        const bytes16* s = (const bytes16*)src;
-        bytes16* d = (bytes16*)dst;
-        for (long long i = i0; i < n / 16; i += step) d[i] = s[i];
+    if ((((unsigned long long)src | (unsigned long long)dst | (unsigned long long)width |
+          (unsigned long long)spitch | (unsigned long long)dpitch) & 15) == 0) {
+        long long w = width / 16, n = w * height;
+        for (long long i = i0; i < n; i += step) {
+            long long r = i / w, c = i - r * w;
+            *(bytes16*)(dst + r * dpitch + c * 16) = *(const bytes16*)(src + r * spitch + c * 16);
+        }
     } else {
-        for (long long i = i0; i < n; i += step) dst[i] = src[i];
+        long long n = width * height;
+        for (long long i = i0; i < n; i += step) {
+            long long r = i / width, c = i - r * width;
+            dst[r * dpitch + c] = src[r * spitch + c];
+        }
     }
 }
 
