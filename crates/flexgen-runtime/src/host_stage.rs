@@ -4,6 +4,7 @@
 //! what it needs between them, counting the bytes.
 
 use std::ops::Range;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use flexgen_model::layers;
@@ -106,19 +107,20 @@ impl<'m> HostStage<'m> {
         memory::plan(&model.spec, policy, c, layers, memory::Compute::Host)
     }
 
-    /// One stage's layers over every micro-batch's hidden state, in the zig-zag block schedule:
-    /// a layer runs over every micro-batch before the next, while the next layer's weights are
-    /// loaded from their tiers on another thread.
+    /// One stage's layers over some micro-batches' hidden states, in the zig-zag block schedule:
+    /// a layer runs over each of them before the next, while the next layer's weights are loaded
+    /// from their tiers on another thread.
+    /// `hidden` holds micro-batches `first..`; `steps` every micro-batch's inputs.
     fn run_part(
         &self,
         part: &Part,
-        templates: &[LayerWeights],
         (kv, act): (&mut KvStore, &mut ActStore),
-        hidden: &mut [Tensor],
+        (first, hidden): (usize, &mut [Tensor]),
         steps: &[layers::StepInputs<Cpu>],
         traffic: &mut Traffic,
     ) -> Result<()> {
         let spec = &self.model.spec;
+        let templates = &self.model.weights.layers[part.indices()];
         let n = templates.len();
         let (mut current, t0) = part.weights.load(0, &templates[0], &self.device)?;
         traffic.cpu_to_gpu += t0.cpu_to_gpu;
@@ -128,7 +130,8 @@ impl<'m> HostStage<'m> {
                 let prefetch = (j + 1 < n).then(|| {
                     scope.spawn(|| part.weights.load(j + 1, &templates[j + 1], &self.device))
                 });
-                for (k, x) in hidden.iter_mut().enumerate() {
+                for (i, x) in hidden.iter_mut().enumerate() {
+                    let k = first + i;
                     let past_kv = kv.gather(j, k, &self.device, traffic)?;
                     let (y, new_kv) = layers::decoder_layer(
                         &Cpu,
@@ -169,6 +172,74 @@ impl<'m> HostStage<'m> {
     }
 }
 
+/// A group of micro-batches on its way through a pipeline: its index and hidden states.
+type Group = (usize, Vec<Tensor>);
+
+impl HostStage<'_> {
+    /// Every stage's layers over the micro-batches' hidden states (`hidden`, in order; `stores`:
+    /// each stage's cache and activations). One stage runs them in the zig-zag order. A pipeline
+    /// splits them into as many groups as it has stages (fewer with fewer micro-batches), runs
+    /// each stage on its own thread, and passes a group from one stage to the next through the
+    /// link as soon as the stage is done with it: group g runs on stage s while group g − 1 runs
+    /// on stage s + 1. A failed stage stops the others: its neighbours find the link closed, and
+    /// its own error is the one returned.
+    fn run_stages(
+        &self,
+        stores: &mut [(KvStore, ActStore)],
+        mut hidden: Vec<Tensor>,
+        steps: &[layers::StepInputs<Cpu>],
+        traffic: &mut Traffic,
+    ) -> Result<Vec<Tensor>> {
+        if let ([part], [(kv, act)]) = (&self.parts[..], &mut *stores) {
+            self.run_part(part, (kv, act), (0, &mut hidden), steps, traffic)?;
+            return Ok(hidden);
+        }
+        let n = hidden.len();
+        let groups = self.parts.len().min(n);
+        // Group g: micro-batches g·n/groups .. (g + 1)·n/groups.
+        let first = |g: usize| g * n / groups;
+        let (to_first, mut from_prev) = mpsc::channel::<Group>();
+        let mut out: Vec<Option<Vec<Tensor>>> = (0..groups).map(|_| None).collect();
+        let results = std::thread::scope(|s| {
+            let mut threads = Vec::with_capacity(self.parts.len());
+            for (i, (part, (kv, act))) in self.parts.iter().zip(stores.iter_mut()).enumerate() {
+                let (to_next, from_this) = mpsc::channel::<Group>();
+                let input = std::mem::replace(&mut from_prev, from_this);
+                threads.push(s.spawn(move || -> Result<Traffic> {
+                    let mut traffic = Traffic::default();
+                    for (g, mut x) in input {
+                        if i > 0 {
+                            x = link(&x)?;
+                        }
+                        self.run_part(part, (kv, act), (first(g), &mut x), steps, &mut traffic)?;
+                        if to_next.send((g, x)).is_err() {
+                            break; // a later stage failed: its error is returned
+                        }
+                    }
+                    Ok(traffic)
+                }));
+            }
+            let mut rest = hidden.into_iter();
+            for g in 0..groups {
+                let x: Vec<Tensor> = rest.by_ref().take(first(g + 1) - first(g)).collect();
+                if to_first.send((g, x)).is_err() {
+                    break; // the first stage failed
+                }
+            }
+            drop(to_first);
+            for (g, x) in from_prev {
+                out[g] = Some(x);
+            }
+            threads.into_iter().map(|t| t.join().expect("pipeline stage panicked")).collect()
+        });
+        let results: Vec<Result<Traffic>> = results;
+        for r in results {
+            traffic.add(r?);
+        }
+        Ok(out.into_iter().flat_map(|x| x.expect("every stage succeeded")).collect())
+    }
+}
+
 impl Stage for HostStage<'_> {
     fn run_block(
         &self,
@@ -177,7 +248,6 @@ impl Stage for HostStage<'_> {
         after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
     ) -> Result<()> {
         let spec = &self.model.spec;
-        let templates = &self.model.weights.layers;
         let n_batches = block.ids.len();
         let shapes: Vec<(usize, usize)> =
             (0..n_batches).map(|k| (block.rows(k), block.width)).collect();
@@ -223,13 +293,7 @@ impl Stage for HostStage<'_> {
                 hidden.push(x);
                 steps.push(inputs);
             }
-            for (i, (part, (kv, act))) in self.parts.iter().zip(stores.iter_mut()).enumerate() {
-                if i > 0 {
-                    hidden = link(&hidden)?;
-                }
-                let templates = &templates[part.indices()];
-                self.run_part(part, templates, (kv, act), &mut hidden, &steps, &mut traffic)?;
-            }
+            hidden = self.run_stages(&mut stores, hidden, &steps, &mut traffic)?;
             // LM head on the last position only.
             let mut picks = Vec::with_capacity(n_batches);
             for (k, x) in hidden.iter().enumerate() {

@@ -77,7 +77,7 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    fn add(&mut self, o: Traffic) {
+    pub(crate) fn add(&mut self, o: Traffic) {
         self.cpu_to_gpu += o.cpu_to_gpu;
         self.gpu_to_cpu += o.gpu_to_cpu;
         self.disk_read += o.disk_read;

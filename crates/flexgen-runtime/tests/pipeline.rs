@@ -112,3 +112,52 @@ fn stages_must_cover_the_layers_in_order() {
         assert!(matches!(&e, Error::Config { field: "stage", .. }), "{bad:?}: {e}");
     }
 }
+
+/// A stage that fails in the middle of a block (its weights' disk file cut short under it) stops
+/// the pipeline with its own error, naming the file; the other stages' threads end (no hang) and
+/// nothing is reported as generated.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_failing_stage_stops_the_pipeline_with_its_error() {
+    let model = load("models/opt-kjv");
+    let dir = tempfile::tempdir().unwrap();
+    let on_disk = Policy {
+        placement: Placement { weights: TierShares::from_gpu_cpu(0.0, 0.0), ..shape().placement },
+        offload_dir: Some(dir.path().to_path_buf()),
+        ..shape()
+    };
+    for failing in [0, 1, 2] {
+        let stages: Vec<(Range<u32>, Policy)> = [0..1, 1..3, 3..4]
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (r, if i == failing { on_disk.clone() } else { shape() }))
+            .collect();
+        let g = Generator::host_pipeline(&model, shape(), &stages, Budgets::default()).unwrap();
+        // The offload files are unlinked once open: reach them through this process's fds.
+        let cut = cut_open_files_under(dir.path());
+        assert!(!cut.is_empty(), "stage {failing} put its weights on disk");
+        let Err(e) = g.generate(&requests(), &config(), &mut |_| {}) else {
+            panic!("stage {failing}: a cut weight file went unnoticed")
+        };
+        let msg = e.to_string();
+        assert!(cut.iter().any(|f| msg.contains(f.as_str())), "stage {failing}: {msg}");
+    }
+}
+
+/// Truncates every file this process holds open under `dir` (unlinked or not) to one byte;
+/// their paths as the fd links name them.
+#[cfg(target_os = "linux")]
+fn cut_open_files_under(dir: &Path) -> Vec<String> {
+    let mut cut = Vec::new();
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+        let name = target.to_string_lossy().into_owned();
+        if !target.starts_with(dir) {
+            continue;
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(fd.path()).unwrap();
+        f.set_len(1).unwrap();
+        cut.push(name.trim_end_matches(" (deleted)").to_string());
+    }
+    cut
+}
