@@ -457,6 +457,55 @@ fn a_policy_with_pipeline_stages_runs_them_and_names_a_bad_one() {
 }
 
 #[test]
+fn planned_pipeline_stages_run_and_print_one_stages_text() {
+    let dir = tempfile::tempdir().unwrap();
+    // The H200 profile as a host with two of them.
+    let hw = std::fs::read_to_string(root().join("policies/hardware/h200.toml")).unwrap();
+    let two = dir.path().join("2xh200.toml");
+    std::fs::write(&two, hw.replace("[gpu]\n", "[gpu]\ncount = 2\n")).unwrap();
+    let kjv = root().join("crates/flexgen-model/models/opt-kjv");
+    let plan = |hw: &Path, stages: &str, out: &Path| {
+        bin("flexgen-plan")
+            .arg("--hardware")
+            .arg(hw)
+            .arg("--model")
+            .arg(&kjv)
+            .args(["--prompt-len", "8", "--gen-len", "10", "--max-batch", "2", "--stages", stages])
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let piped = dir.path().join("p2.toml");
+    let o = plan(&two, "2", &piped);
+    let (_, err) = text(&o);
+    assert!(o.status.success() && err.contains("2 stages"), "{err}");
+    let policy = flexgen_policy::Policy::from_toml_file(&piped).unwrap();
+    assert_eq!(policy.pipeline(4).len(), 2, "two [[stage]] entries over the 4 layers");
+    let run = |p: &Path| {
+        let o = bin("flexgen-run")
+            .arg("--policy")
+            .arg(p)
+            .args(["--prompt", "In the beginning", "--prompt", "Jesus wept"])
+            .args(["--max-new-tokens", "10", "--ignore-eos"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o).1);
+        text(&o).0
+    };
+    // The same policy without its stages prints the same text.
+    let mut flat = policy.clone();
+    flat.stages.clear();
+    let flat_path = dir.path().join("p1.toml");
+    flat.write_toml_file(&flat_path).unwrap();
+    assert_eq!(run(&piped), run(&flat_path));
+    // More stages than the profile's GPUs: named, with the fix.
+    let o = plan(&root().join("policies/hardware/h200.toml"), "2", &dir.path().join("x.toml"));
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("gpu.count = 1"), "{err}");
+}
+
+#[test]
 fn offload_dir_on_the_command_line_completes_a_policy_file_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let off = dir.path().join("offload");

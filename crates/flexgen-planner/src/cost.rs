@@ -71,6 +71,10 @@ pub struct Choice {
     pub cpu_attention: bool,
     /// Activations on the GPU (else on the CPU; `FlexGen` never puts them on disk).
     pub act_on_gpu: bool,
+    /// Blocks whose KV cache the layers keep at once: 1 on one GPU; a pipeline stage holds the
+    /// cache of every group of micro-batches in flight through the pipeline (one per stage)
+    /// while it computes one group at a time.
+    pub groups: u32,
 }
 
 impl Choice {
@@ -250,7 +254,9 @@ pub fn terms(
     // (`flexgen_runtime::memory::plan`; a test in flexgen-cli checks every kind of plan against it).
     // Token table, position table (learned positions only), final norm, an untied LM head.
     let embeddings = 2.0 * spec.embedding_params() as f64;
-    let resident = Lin::var(WG, l * w) + Lin::var(CG, l * kv_tok * full * bls);
+    // The cache of every group in flight (one on one GPU).
+    let held = l * kv_tok * full * bls * f64::from(choice.groups.max(1));
+    let resident = Lin::var(WG, l * w) + Lin::var(CG, held);
     // A compressed layer is expanded into one fp16 arena of a whole layer.
     let unpacked = if choice.compress_weight { w16 } else { 0.0 };
     let k = f64::from(choice.num_gpu_batches);
@@ -275,12 +281,12 @@ pub fn terms(
     let gpu = resident + Lin::c(unpacked + embeddings + hidden + scratch) + staged_cache;
     let gpu_streaming = 2.0 * w;
     let cpu = Lin::var(WC, l * w)
-        + Lin::var(CC, l * kv_tok * full * bls)
+        + Lin::var(CC, held)
         + Lin::c(hid_p * act_cpu)
         + Lin::var(WN, 2.0 * w_sub)
         + Lin::var(CN, 2.0 * kv_tok * full * b)
         + Lin::c(CPU_OVERHEAD_BYTES);
-    let disk = Lin::var(WN, l * w) + Lin::var(CN, l * kv_tok * full * bls);
+    let disk = Lin::var(WN, l * w) + Lin::var(CN, held);
     let head_s = n * bls * 2.0 * h1 * v / gemm;
     Terms {
         prefill,
@@ -359,6 +365,9 @@ mod tests {
                 gemm_flops_per_s: 1e12,
                 attention_flops_per_s: 1e11,
                 hbm_bytes_per_s: 1e11,
+                count: 1,
+                h2d_pinned_all_bytes_per_s: None,
+                p2p_bytes_per_s: None,
             }),
             cpu: CpuProfile {
                 model: "toy".into(),
@@ -385,6 +394,7 @@ mod tests {
 
     fn choice() -> Choice {
         Choice {
+            groups: 1,
             gpu_batch_size: 4,
             num_gpu_batches: 2,
             compress_weight: false,

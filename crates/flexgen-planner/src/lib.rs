@@ -8,6 +8,7 @@
 mod calibrate;
 pub mod cost;
 mod lp;
+mod pipeline;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,6 +19,7 @@ use flexgen_policy::{
 
 pub use calibrate::{Calibration, Observation, Phases, calibrate};
 pub use cost::{Choice, Lin, Margins, Terms};
+pub use pipeline::{plan_pipeline, split_layers};
 
 /// Errors from planning.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,9 @@ pub struct PlanOptions {
     pub keep: usize,
     /// The offload directory written into the policy when it uses the disk.
     pub offload_dir: Option<PathBuf>,
+    /// Blocks whose cache the layers hold at once (`Choice::groups`): 1, except for the stages
+    /// that [`plan_pipeline`] plans.
+    pub groups: u32,
 }
 
 impl Default for PlanOptions {
@@ -127,6 +132,7 @@ impl Default for PlanOptions {
             margins: Margins::default(),
             keep: 5,
             offload_dir: None,
+            groups: 1,
         }
     }
 }
@@ -229,6 +235,7 @@ pub fn plan(
                             let mut any = false;
                             for &k in nums {
                                 let choice = Choice {
+                                    groups: opts.groups,
                                     gpu_batch_size: b,
                                     num_gpu_batches: k,
                                     compress_weight: cw,
@@ -283,6 +290,7 @@ pub fn predict(
     let opts = PlanOptions { margins, ..PlanOptions::default() };
     let (hw, cap) = capacities(hw, &opts)?;
     let choice = Choice {
+        groups: 1,
         gpu_batch_size: policy.gpu_batch_size,
         num_gpu_batches: policy.num_gpu_batches,
         compress_weight: policy.compress_weight.enabled,
@@ -440,6 +448,7 @@ fn infeasible(
     let compress = |forced: Option<bool>| forced.unwrap_or(opts.allow_compression);
     let (cw, cc) = (compress(opts.compress_weight), compress(opts.compress_cache));
     let choice = Choice {
+        groups: opts.groups,
         gpu_batch_size: opts.gpu_batch_size.unwrap_or(1),
         num_gpu_batches: opts.num_gpu_batches.unwrap_or(1),
         compress_weight: cw,

@@ -26,6 +26,9 @@ fn machine(
             gemm_flops_per_s: 1e14,
             attention_flops_per_s: 5e13,
             hbm_bytes_per_s: 1e12,
+            count: 1,
+            h2d_pinned_all_bytes_per_s: None,
+            p2p_bytes_per_s: None,
         }),
         cpu: CpuProfile {
             model: "cpu".into(),

@@ -33,6 +33,40 @@ pub struct GpuProfile {
     /// Device-memory bandwidth: decode-time GEMMs and attention read weights and cache at this
     /// rate (they are memory-bound at small batch).
     pub hbm_bytes_per_s: f64,
+    /// How many GPUs like this one the host has (1 when absent): the most pipeline stages
+    /// `flexgen-plan --stages` plans for it.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u32,
+    /// Pinned host→device bytes per second of all `count` GPUs copying at once, summed: below
+    /// `count` times the one GPU's rate where the GPUs share the host's links. Absent: not shared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2d_pinned_all_bytes_per_s: Option<f64>,
+    /// GPU-to-GPU copy rate (hidden states between pipeline stages). Absent: through the host,
+    /// at the pinned device→host and host→device rates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p_bytes_per_s: Option<f64>,
+}
+
+/// The most GPUs a profile may list.
+pub const MAX_GPUS: u32 = 64;
+
+fn one() -> u32 {
+    1
+}
+
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if signature")]
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+impl GpuProfile {
+    /// The pinned host→device rate each of `n` GPUs copying at once gets.
+    pub fn h2d_pinned_each(&self, n: u32) -> f64 {
+        let alone = self.h2d_pinned_bytes_per_s;
+        self.h2d_pinned_all_bytes_per_s
+            .filter(|_| n > 1)
+            .map_or(alone, |all| alone.min(all / f64::from(n.min(self.count).max(1))))
+    }
 }
 
 /// The host.
@@ -101,6 +135,22 @@ impl HardwareProfile {
             ("disk.write_bytes_per_s", self.disk.write_bytes_per_s),
         ];
         if let Some(g) = &self.gpu {
+            if !(1..=MAX_GPUS).contains(&g.count) {
+                return Err(Error::invalid(
+                    "gpu.count",
+                    g.count,
+                    format!("a host has 1 to {MAX_GPUS} GPUs"),
+                    "write the number of GPUs like this one, or leave the key out for one",
+                ));
+            }
+            for (field, v) in [
+                ("gpu.h2d_pinned_all_bytes_per_s", g.h2d_pinned_all_bytes_per_s),
+                ("gpu.p2p_bytes_per_s", g.p2p_bytes_per_s),
+            ] {
+                if let Some(v) = v {
+                    rates.push((field, v));
+                }
+            }
             rates.extend([
                 ("gpu.h2d_pinned_bytes_per_s", g.h2d_pinned_bytes_per_s),
                 ("gpu.d2h_pinned_bytes_per_s", g.d2h_pinned_bytes_per_s),

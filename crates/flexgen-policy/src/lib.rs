@@ -11,7 +11,9 @@ mod policy;
 mod spec;
 
 pub use error::{Error, Result};
-pub use hardware::{CpuProfile, DiskProfile, GpuProfile, HardwareProfile, PROFILE_VERSION};
+pub use hardware::{
+    CpuProfile, DiskProfile, GpuProfile, HardwareProfile, MAX_GPUS, PROFILE_VERSION,
+};
 pub use policy::{
     Compression, POLICY_VERSION, Placement, Policy, Prediction, Stage, Tier, TierShares,
 };

@@ -19,6 +19,8 @@ pub struct GpuInventory {
     /// "gen5 x16" (current link; the max in parentheses when it differs).
     pub pcie: Option<String>,
     pub driver: Option<String>,
+    /// GPUs of device 0's model on this host (device 0 among them).
+    pub count: u32,
 }
 
 /// What NVML says about device 0, or why it could not say.
@@ -36,8 +38,13 @@ pub fn inventory() -> Result<GpuInventory, String> {
         }
         _ => None,
     };
+    let name = dev.name().unwrap_or_else(|_| "unknown".into());
+    let count = (0..nvml.device_count().unwrap_or(1))
+        .filter(|&i| nvml.device_by_index(i).and_then(|d| d.name()).is_ok_and(|n| n == name))
+        .count();
     Ok(GpuInventory {
-        name: dev.name().unwrap_or_else(|_| "unknown".into()),
+        count: u32::try_from(count).unwrap_or(1).clamp(1, flexgen_policy::MAX_GPUS),
+        name,
         memory_total_bytes: mem.total,
         memory_free_bytes: mem.free,
         pcie,
@@ -264,5 +271,8 @@ pub fn profile_section(inv: &GpuInventory, r: &GpuRates, mem_limit: Option<u64>)
         attention_flops_per_s: r.attention,
         // A copy reads and writes every byte; a GEMM streaming weights only reads.
         hbm_bytes_per_s: r.hbm,
+        count: inv.count,
+        h2d_pinned_all_bytes_per_s: None,
+        p2p_bytes_per_s: None,
     }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use flexgen_cli::{human_bytes, parse_bytes};
-use flexgen_planner::{Candidate, PlanOptions, plan, predict};
+use flexgen_planner::{Candidate, PlanOptions, plan_pipeline, predict};
 use flexgen_policy::{HardwareProfile, Placement, Policy, Workload};
 
 const LONG_ABOUT: &str = "\
@@ -30,6 +30,7 @@ Examples:
   flexgen-plan --hardware policies/hardware/t4-16gb.toml --model opt-30b --prompt-len 512 --gen-len 32 --out p.toml
   flexgen-plan --hardware hw.toml --model opt-175b --prompt-len 512 --gen-len 32 --explain
   flexgen-plan --hardware policies/hardware/h200.toml --model opt-30b --gpu-mem-limit 16GiB --no-compression --out p.toml
+  flexgen-plan --hardware 4xh200.toml --model llama-3.1-70b --prompt-len 512 --gen-len 32 --stages 4 --out p.toml
   flexgen-plan --hardware policies/hardware/t4-16gb.toml --model opt-30b --percent 20 80 0 100 0 100 \\
                --gpu-batch-size 48 --num-gpu-batches 3";
 
@@ -84,6 +85,11 @@ struct Cli {
     /// With --percent: evaluate CPU attention on.
     #[arg(long)]
     cpu_cache_compute: bool,
+    /// Pipeline stages, one GPU each (at most the profile's gpu.count): the layers split by
+    /// bytes, each stage planned on its share of the host, written as [[stage]] entries.
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "percent",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(flexgen_policy::MAX_GPUS)))]
+    stages: u32,
     /// Offload directory written into the policy when it uses the disk (default: the profile's).
     #[arg(long, value_name = "DIR")]
     offload_dir: Option<PathBuf>,
@@ -212,7 +218,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         print_candidate(&mut err, 1, &c)?;
         return Ok(());
     }
-    let plan = plan(&spec, &hw, &workload, &opts)
+    let plan = plan_pipeline(&spec, &hw, &workload, &opts, cli.stages)
         .with_context(|| format!("planning {} on {}", spec.name, hw.name))?;
     if cli.explain {
         writeln!(
@@ -231,12 +237,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let pred = plan.policy.prediction.as_ref().expect("plans carry a prediction");
             writeln!(
                 err,
-                "wrote {}: {:.2} tok/s predicted, percent {:?}, {}x{}, binding {} (solved in {:.3} s)",
+                "wrote {}: {:.2} tok/s predicted, percent {:?}, {}x{}{}, binding {} (solved in {:.3} s)",
                 path.display(),
                 pred.throughput_tokens_per_s,
                 plan.policy.placement.to_percent(),
                 plan.policy.gpu_batch_size,
                 plan.policy.num_gpu_batches,
+                match plan.policy.stages.len() {
+                    0 => String::new(),
+                    n => format!(", {n} stages"),
+                },
                 pred.binding,
                 plan.solve_s
             )?;
