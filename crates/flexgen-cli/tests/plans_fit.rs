@@ -99,3 +99,57 @@ fn every_planned_policy_fits_the_cuda_executors_memory_plans() {
         failures.join("\n")
     );
 }
+
+/// Every stage of a planned pipeline fits its GPU, and the stages together fit the host, by the
+/// runtime's memory plan of the stage's layers under its own placement with the whole block.
+#[test]
+fn every_planned_pipeline_stage_fits_its_gpu_and_the_stages_the_host() {
+    let (mut checked, mut failures) = (0, Vec::new());
+    for model in ["opt-30b", "opt-175b", "llama-3.1-70b"] {
+        let spec = flexgen_model::spec_by_name(model).expect("a catalog model");
+        for limit in [16 * GIB, 24 * GIB, 80 * GIB] {
+            let mut hw = profile("h200.toml");
+            hw.gpu.as_mut().expect("a GPU").count = 4;
+            for stages in [2, 4] {
+                for allow_compression in [false, true] {
+                    let opts = PlanOptions {
+                        gpu_mem_limit_bytes: Some(limit),
+                        allow_compression,
+                        keep: 1,
+                        ..PlanOptions::default()
+                    };
+                    let workload = Workload { prompt_len: 512, gen_len: 32, num_prompts: None };
+                    let Ok(p) =
+                        flexgen_planner::plan_pipeline(&spec, &hw, &workload, &opts, stages)
+                    else {
+                        continue;
+                    };
+                    let capacity = Capacity { max_prompt: 512, max_new: 32, sequences: None };
+                    let mut host = 0;
+                    for (layers, policy) in p.policy.pipeline(spec.num_layers) {
+                        let runtime =
+                            memory::plan(&spec, &policy, capacity, layers.clone(), Compute::Cuda)
+                                .expect("the executor plans every stage");
+                        host += runtime.cpu.total();
+                        checked += 1;
+                        if runtime.gpu.total() > limit {
+                            failures.push(format!(
+                                "{model} {stages} stages ({limit} B, compression \
+                                 {allow_compression}): stage {layers:?} needs {} B of GPU memory",
+                                runtime.gpu.total()
+                            ));
+                        }
+                    }
+                    if host > hw.cpu.memory_bytes.saturating_sub(2 * GIB) {
+                        failures.push(format!(
+                            "{model} {stages} stages ({limit} B, compression {allow_compression}): \
+                             the stages need {host} B of host memory"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 40, "only {checked} stages were checked");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

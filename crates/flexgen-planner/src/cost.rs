@@ -262,7 +262,9 @@ pub fn terms(
     let k = f64::from(choice.num_gpu_batches);
     // Hidden states: every micro-batch's on the GPU, or one staged from the CPU (two when the
     // next one is prefetched, with two or more micro-batches).
-    let hidden = 2.0 * s * h1 * b * if choice.act_on_gpu { k } else { k.min(2.0) };
+    // (A pipeline stage keeps every group's.)
+    let groups = f64::from(choice.groups.max(1));
+    let hidden = 2.0 * s * h1 * b * if choice.act_on_gpu { k * groups } else { k.min(2.0) };
     let kvw = f64::from(spec.num_kv_heads * spec.head_dim());
     let kv16 = 2.0 * kvw * 2.0; // K+V of one token in fp16
     // One micro-batch's prefill scratch: norms, q, context, attention output, fused qkv, scores,
@@ -282,7 +284,7 @@ pub fn terms(
     let gpu_streaming = 2.0 * w;
     let cpu = Lin::var(WC, l * w)
         + Lin::var(CC, held)
-        + Lin::c(hid_p * act_cpu)
+        + Lin::c(hid_p * act_cpu * groups)
         + Lin::var(WN, 2.0 * w_sub)
         + Lin::var(CN, 2.0 * kv_tok * full * b)
         + Lin::c(CPU_OVERHEAD_BYTES);
