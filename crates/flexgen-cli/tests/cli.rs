@@ -506,6 +506,92 @@ fn planned_pipeline_stages_run_and_print_one_stages_text() {
 }
 
 #[test]
+fn nproc_runs_the_pipeline_in_processes_and_names_a_failing_rank() {
+    let run = |extra: &[&str]| {
+        bin("flexgen-run")
+            .args(["--prompt", "In the beginning", "--prompt", "Jesus wept"])
+            .args(["--max-new-tokens", "10", "--ignore-eos", "--gpu-batch-size", "1"])
+            .args(["--num-gpu-batches", "2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let want = run(&[]);
+    assert!(want.status.success(), "{}", text(&want).1);
+    for n in ["2", "3", "4"] {
+        let started = std::time::Instant::now();
+        let got = run(&["--nproc", n]);
+        assert!(got.status.success(), "--nproc {n}: {}", text(&got).1);
+        assert_eq!(text(&got).0, text(&want).0, "--nproc {n} prints one process's text");
+        assert!(started.elapsed().as_secs() < 30, "--nproc {n}: {:?}", started.elapsed());
+    }
+    // A batch job over two processes writes what one process writes.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"a\", \"prompt\": \"And God said\", \"max_new_tokens\": 6}\n\
+                            {\"id\": \"b\", \"prompt\": \"Amen\", \"max_new_tokens\": 6}\n",
+    )
+    .unwrap();
+    let batch = |out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let o = bin("flexgen-run")
+            .arg("batch")
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&out)
+            .args(["--ignore-eos", "-q"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o).1);
+        let mut lines: Vec<String> =
+            std::fs::read_to_string(out).unwrap().lines().map(String::from).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(batch("two.jsonl", &["--nproc", "2"]), batch("one.jsonl", &[]));
+    // Stage 1's weights go to a folder that cannot be made: rank 0 names rank 1 and the path,
+    // and every process stops.
+    let blocker = dir.path().join("not-a-folder");
+    std::fs::write(&blocker, "").unwrap();
+    let mut p = flexgen_policy::Policy {
+        offload_dir: Some(blocker.join("offload")),
+        ..flexgen_policy::Policy::default()
+    };
+    let on_disk = flexgen_policy::Placement {
+        weights: flexgen_policy::TierShares::from_gpu_cpu(0.0, 0.0),
+        ..p.placement
+    };
+    p.stages = vec![
+        flexgen_policy::Stage { layers: [0, 2], placement: None, cpu_cache_compute: None },
+        flexgen_policy::Stage { layers: [2, 4], placement: Some(on_disk), cpu_cache_compute: None },
+    ];
+    let policy = dir.path().join("p.toml");
+    p.write_toml_file(&policy).unwrap();
+    let started = std::time::Instant::now();
+    let o = bin("flexgen-run")
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--prompt", "Amen", "--max-new-tokens", "4", "--nproc", "2"])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success(), "a failed rank went unnoticed");
+    assert!(err.contains("rank 1") && err.contains("not-a-folder"), "{err}");
+    assert!(started.elapsed().as_secs() < 30, "stopped after {:?}", started.elapsed());
+    // Ranks by hand: a rank outside the world is refused by name.
+    let o = bin("flexgen-run")
+        .args(["--rank", "2", "--world-size", "2", "--coordinator", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("--rank 2"), "{err}");
+}
+
+#[test]
 fn offload_dir_on_the_command_line_completes_a_policy_file_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let off = dir.path().join("offload");

@@ -28,6 +28,9 @@ pub enum Error {
     /// Reading or writing the offload directory failed.
     #[error("{}: {message}", path.display())]
     Io { path: std::path::PathBuf, message: String },
+    /// A rank of a pipeline over processes failed or stopped; `message` says how.
+    #[error("rank {rank}: {message}")]
+    Rank { rank: u32, message: String },
     /// The policy is invalid.
     #[error("policy: {0}")]
     Policy(#[from] flexgen_policy::Error),

@@ -290,6 +290,23 @@ impl<'m> Generator<'m> {
         Ok(Self { model, policy, executor })
     }
 
+    /// Rank 0 of a pipeline over processes (`spec.world_size` ranks, one stage each, joined over
+    /// TCP at `spec.coordinator`, where this rank listens): runs the first stage, the embedding,
+    /// the LM head and the schedule; the other ranks run [`serve_rank`]. The stages are the
+    /// policy's `[[stage]]` entries (one per rank) or, without any, the layers split evenly.
+    /// Returns once every rank has joined.
+    pub fn rank0(
+        model: &'m Model,
+        policy: Policy,
+        budgets: Budgets,
+        spec: &crate::RankSpec,
+    ) -> Result<Self> {
+        policy.validate()?;
+        let stages = rank_stages(model, &policy, spec);
+        let stage = HostStage::rank0(model, &stages, budgets, spec)?;
+        Ok(Self { model, policy, executor: Executor::Host(Box::new(stage)) })
+    }
+
     /// The model it runs.
     pub fn model(&self) -> &Model {
         self.model
@@ -323,4 +340,40 @@ impl<'m> Generator<'m> {
         let shape = (self.policy.gpu_batch_size as usize, self.policy.block_size());
         schedule::run(self.model, stage, shape, requests, config, on_event)
     }
+}
+
+/// Rank `spec.rank` > 0 of a pipeline over processes ([`Generator::rank0`]): joins the ring, runs
+/// its stage on everything that comes round, and returns once rank 0 is done; a failure here is
+/// reported round the ring to rank 0 and returned.
+pub fn serve_rank(
+    model: &Model,
+    policy: &Policy,
+    budgets: Budgets,
+    spec: &crate::RankSpec,
+) -> Result<()> {
+    policy.validate()?;
+    let stages = rank_stages(model, policy, spec);
+    HostStage::serve(model, &stages, budgets, spec)
+}
+
+/// The stages of a pipeline over processes: the policy's, or its layers split evenly over the
+/// ranks (the first ranks take one more where they do not divide).
+fn rank_stages(
+    model: &Model,
+    policy: &Policy,
+    spec: &crate::RankSpec,
+) -> Vec<(std::ops::Range<u32>, Policy)> {
+    if !policy.stages.is_empty() {
+        return policy.pipeline(model.spec.num_layers);
+    }
+    let (n, w) = (model.spec.num_layers, spec.world_size.max(1));
+    let mut start = 0;
+    (0..w)
+        .map(|r| {
+            let end = start + n / w + u32::from(r < n % w);
+            let range = start..end;
+            start = end;
+            (range, Policy { prediction: None, ..policy.clone() })
+        })
+        .collect()
 }

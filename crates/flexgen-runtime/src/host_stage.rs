@@ -13,6 +13,7 @@ use flexgen_policy::Policy;
 use flexgen_tensor::{Cpu, Device, Tensor};
 
 use crate::memory;
+use crate::ranks::{self, Group, Msg, RankSpec, Wire};
 use crate::stage::{self, BlockInput, Feed, Picks, Stage};
 use crate::tiers::{self, ActStore, Budgets, KvStore, Traffic, WeightStore};
 use crate::{Result, RunStats};
@@ -25,6 +26,9 @@ pub(crate) struct HostStage<'m> {
     device: Device,
     budgets: Budgets,
     parts: Vec<Part>,
+    /// On rank 0 of a pipeline over processes: the ring through the other ranks' stages, which
+    /// run after `parts` (its first stage).
+    ring: Option<Wire>,
 }
 
 /// One stage of the pipeline: its layers, the policy its tensors are placed by, its weights.
@@ -57,44 +61,119 @@ impl<'m> HostStage<'m> {
         stages: &[(Range<u32>, Policy)],
         budgets: Budgets,
     ) -> Result<Self> {
-        let mut next = 0;
-        for (r, p) in stages {
-            p.validate()?;
-            if r.start != next || r.end <= r.start {
-                return Err(crate::Error::Config {
-                    field: "stage",
-                    message: format!(
-                        "stage layers [{}, {}] do not continue from layer {next}: stages must be \
-                         contiguous, non-empty ranges covering the model's {} layers in order",
-                        r.start, r.end, model.spec.num_layers
-                    ),
-                });
+        check_stages(model, stages)?;
+        let parts = stages
+            .iter()
+            .map(|(r, p)| Self::part(model, r, p, budgets))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { model, device: Device::Cpu, budgets, parts, ring: None })
+    }
+
+    /// Rank 0 of a pipeline over processes, one stage each (`stages` has one per rank): builds
+    /// the first stage, then waits at the coordinator address until every rank has joined.
+    pub(crate) fn rank0(
+        model: &'m Model,
+        stages: &[(Range<u32>, Policy)],
+        budgets: Budgets,
+        spec: &RankSpec,
+    ) -> Result<Self> {
+        check_ranks(stages, spec)?;
+        check_stages(model, stages)?;
+        let part = Self::part(model, &stages[0].0, &stages[0].1, budgets)?;
+        let ring = ranks::coordinate(spec)?;
+        Ok(Self { model, device: Device::Cpu, budgets, parts: vec![part], ring: Some(ring) })
+    }
+
+    /// Rank r > 0 of a pipeline over processes: joins the ring, builds stage r, and runs it on
+    /// every group that comes round until rank 0 is done. A failure here goes round the ring
+    /// (rank 0 reports it) and is returned.
+    pub(crate) fn serve(
+        model: &'m Model,
+        stages: &[(Range<u32>, Policy)],
+        budgets: Budgets,
+        spec: &RankSpec,
+    ) -> Result<()> {
+        check_ranks(stages, spec)?;
+        let wire = ranks::join(spec)?;
+        let fail = |e: crate::Error| {
+            let _ = wire.send(&Msg::Failed { rank: spec.rank, message: e.to_string() });
+            e
+        };
+        check_stages(model, stages).map_err(fail)?;
+        let (r, p) = &stages[spec.rank as usize];
+        let part = Self::part(model, r, p, budgets).map_err(fail)?;
+        let me = Self { model, device: Device::Cpu, budgets, parts: Vec::new(), ring: None };
+        let mut stores = None;
+        let mut traffic = Traffic::default();
+        loop {
+            match wire.recv()? {
+                Msg::Block { sizes, max_len } => {
+                    let shapes: Vec<(usize, usize)> = sizes.iter().map(|&n| (n, 0)).collect();
+                    stores = Some(me.stores(&part, &shapes, max_len).map_err(fail)?);
+                    wire.send(&Msg::Block { sizes, max_len })?;
+                }
+                Msg::Group(mut g) => {
+                    let (kv, act) = stores.as_mut().ok_or_else(|| {
+                        fail(crate::Error::Config {
+                            field: "coordinator",
+                            message: "a group came before its block: rank 0 is not this \
+                                      flexgen's"
+                                .into(),
+                        })
+                    })?;
+                    let steps = g
+                        .starts
+                        .iter()
+                        .map(|st| step_inputs(&model.spec, st, g.past, g.t))
+                        .collect::<Result<Vec<_>>>()
+                        .map_err(fail)?;
+                    me.run_part(&part, (kv, act), (g.first, &mut g.hidden), &steps, &mut traffic)
+                        .map_err(fail)?;
+                    wire.send(&Msg::Group(g))?;
+                }
+                Msg::Failed { rank, message } => {
+                    let _ = wire.send(&Msg::Failed { rank, message: message.clone() });
+                    return Err(crate::Error::Rank { rank, message });
+                }
+                Msg::Done => {
+                    let _ = wire.send(&Msg::Done);
+                    return Ok(());
+                }
             }
-            next = r.end;
         }
-        if next != model.spec.num_layers {
-            return Err(crate::Error::Config {
-                field: "stage",
-                message: format!(
-                    "the stages end at layer {next}, the model has {} layers; end the last \
-                     stage's `layers` at {}",
-                    model.spec.num_layers, model.spec.num_layers
-                ),
-            });
-        }
+    }
+
+    /// A stage's weights on their tiers, checked against `budgets` first.
+    fn part(model: &Model, r: &Range<u32>, p: &Policy, budgets: Budgets) -> Result<Part> {
         let weights_only = memory::Capacity { max_prompt: 0, max_new: 0, sequences: Some(0) };
-        let mut parts = Vec::with_capacity(stages.len());
-        for (r, p) in stages {
-            tiers::check(&Self::plan(model, p, weights_only, r.clone())?.totals(), &budgets)?;
-            let weights = WeightStore::build(
-                &model.weights.layers[r.start as usize..r.end as usize],
-                &p.placement.weights,
-                p.offload_dir.as_deref(),
-                tiers::quant_spec(&p.compress_weight),
-            )?;
-            parts.push(Part { layers: r.clone(), policy: p.clone(), weights });
-        }
-        Ok(Self { model, device: Device::Cpu, budgets, parts })
+        tiers::check(&Self::plan(model, p, weights_only, r.clone())?.totals(), &budgets)?;
+        let weights = WeightStore::build(
+            &model.weights.layers[r.start as usize..r.end as usize],
+            &p.placement.weights,
+            p.offload_dir.as_deref(),
+            tiers::quant_spec(&p.compress_weight),
+        )?;
+        Ok(Part { layers: r.clone(), policy: p.clone(), weights })
+    }
+
+    /// A stage's cache and activations for a block of micro-batches of `shapes` (rows, width).
+    fn stores(
+        &self,
+        part: &Part,
+        shapes: &[(usize, usize)],
+        max_len: usize,
+    ) -> Result<(KvStore, ActStore)> {
+        let spec = &self.model.spec;
+        let sizes: Vec<usize> = shapes.iter().map(|s| s.0).collect();
+        let kv = KvStore::new(
+            part.indices().len(),
+            &sizes,
+            max_len,
+            spec.num_kv_heads as usize,
+            spec.head_dim() as usize,
+            &part.policy,
+        )?;
+        Ok((kv, ActStore::new(&part.policy, shapes, spec.hidden_size as usize)?))
     }
 
     /// The memory plan of `policy` for layers `layers` on a host stage.
@@ -110,7 +189,7 @@ impl<'m> HostStage<'m> {
     /// One stage's layers over some micro-batches' hidden states, in the zig-zag block schedule:
     /// a layer runs over each of them before the next, while the next layer's weights are loaded
     /// from their tiers on another thread.
-    /// `hidden` holds micro-batches `first..`; `steps` every micro-batch's inputs.
+    /// `hidden` holds micro-batches `first..`, `steps` their inputs.
     fn run_part(
         &self,
         part: &Part,
@@ -139,7 +218,7 @@ impl<'m> HostStage<'m> {
                         &current,
                         x,
                         past_kv.as_ref(),
-                        &steps[k],
+                        &steps[i],
                     )?;
                     kv.append(j, k, &new_kv, &self.device, traffic)?;
                     *x = if j + 1 < n { act.round_trip(k, y, traffic)? } else { y };
@@ -166,14 +245,59 @@ impl<'m> HostStage<'m> {
     ) -> Result<(Tensor, layers::StepInputs<Cpu>)> {
         let spec = &self.model.spec;
         let masks: Vec<Vec<bool>> = starts.iter().map(|&s| stage::mask(s, past + t)).collect();
-        let (pos, allowed) = layers::step_inputs(spec, &masks, t);
-        let step = layers::StepInputs::new(&Cpu, spec, &allowed, &pos)?;
+        let (pos, _) = layers::step_inputs(spec, &masks, t);
+        let step = step_inputs(spec, starts, past, t)?;
         Ok((layers::embed(&Cpu, &self.model.weights, ids, &pos, (starts.len(), t))?, step))
     }
 }
 
 /// A group of micro-batches on its way through a pipeline: its index and hidden states.
-type Group = (usize, Vec<Tensor>);
+type GroupOf = (usize, Vec<Tensor>);
+
+/// Where a step is: every micro-batch's rows' padding, and its `t` new positions after `past`.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    starts: &'a [Vec<usize>],
+    t: usize,
+    past: usize,
+}
+
+/// The attention mask and rotary tables of a step of `t` positions after `past`, for rows with
+/// `starts` padding positions.
+fn step_inputs(
+    spec: &flexgen_policy::ModelSpec,
+    starts: &[usize],
+    past: usize,
+    t: usize,
+) -> Result<layers::StepInputs<Cpu>> {
+    let masks: Vec<Vec<bool>> = starts.iter().map(|&s| stage::mask(s, past + t)).collect();
+    let (pos, allowed) = layers::step_inputs(spec, &masks, t);
+    Ok(layers::StepInputs::new(&Cpu, spec, &allowed, &pos)?)
+}
+
+fn unexpected(m: &Msg) -> crate::Error {
+    crate::Error::Config {
+        field: "coordinator",
+        message: format!(
+            "an unexpected message from the ring ({}): the ranks are not the same flexgen",
+            match m {
+                Msg::Block { .. } => "a block",
+                Msg::Group(_) => "a group",
+                Msg::Failed { .. } => "a failure",
+                Msg::Done => "the end",
+            }
+        ),
+    }
+}
+
+impl Drop for HostStage<'_> {
+    fn drop(&mut self) {
+        // The other ranks stop once the end has gone round.
+        if let Some(ring) = &self.ring {
+            let _ = ring.send(&Msg::Done);
+        }
+    }
+}
 
 impl HostStage<'_> {
     /// Every stage's layers over the micro-batches' hidden states (`hidden`, in order; `stores`:
@@ -188,30 +312,50 @@ impl HostStage<'_> {
         stores: &mut [(KvStore, ActStore)],
         mut hidden: Vec<Tensor>,
         steps: &[layers::StepInputs<Cpu>],
+        at: Step<'_>,
         traffic: &mut Traffic,
     ) -> Result<Vec<Tensor>> {
-        if let ([part], [(kv, act)]) = (&self.parts[..], &mut *stores) {
+        if let ([part], [(kv, act)], None) = (&self.parts[..], &mut *stores, &self.ring) {
             self.run_part(part, (kv, act), (0, &mut hidden), steps, traffic)?;
             return Ok(hidden);
         }
         let n = hidden.len();
-        let groups = self.parts.len().min(n);
+        let stages = self.parts.len() + self.ring.as_ref().map_or(0, |r| r.world() - 1);
+        let groups = stages.min(n);
         // Group g: micro-batches g·n/groups .. (g + 1)·n/groups.
         let first = |g: usize| g * n / groups;
-        let (to_first, mut from_prev) = mpsc::channel::<Group>();
+        let (to_first, mut from_prev) = mpsc::channel::<GroupOf>();
         let mut out: Vec<Option<Vec<Tensor>>> = (0..groups).map(|_| None).collect();
         let results = std::thread::scope(|s| {
             let mut threads = Vec::with_capacity(self.parts.len());
+            let last = self.parts.len() - 1;
             for (i, (part, (kv, act))) in self.parts.iter().zip(stores.iter_mut()).enumerate() {
-                let (to_next, from_this) = mpsc::channel::<Group>();
+                let (to_next, from_this) = mpsc::channel::<GroupOf>();
                 let input = std::mem::replace(&mut from_prev, from_this);
+                let ring = self.ring.as_ref().filter(|_| i == last);
                 threads.push(s.spawn(move || -> Result<Traffic> {
                     let mut traffic = Traffic::default();
                     for (g, mut x) in input {
                         if i > 0 {
                             x = link(&x)?;
                         }
-                        self.run_part(part, (kv, act), (first(g), &mut x), steps, &mut traffic)?;
+                        let (a, b) = (first(g), first(g + 1));
+                        let run =
+                            self.run_part(part, (kv, act), (a, &mut x), &steps[a..b], &mut traffic);
+                        if let Some(ring) = ring {
+                            // On round the other ranks; a failure here goes round too, so that
+                            // the receiving end below learns of it.
+                            if let Err(e) = run {
+                                let _ = ring.send(&Msg::Failed { rank: 0, message: e.to_string() });
+                                return Err(e);
+                            }
+                            let starts = at.starts[a..b].to_vec();
+                            let (t, past) = (at.t, at.past);
+                            let group = Group { g, first: a, t, past, starts, hidden: x };
+                            ring.send(&Msg::Group(group))?;
+                            continue;
+                        }
+                        run?;
                         if to_next.send((g, x)).is_err() {
                             break; // a later stage failed: its error is returned
                         }
@@ -227,15 +371,40 @@ impl HostStage<'_> {
                 }
             }
             drop(to_first);
-            for (g, x) in from_prev {
-                out[g] = Some(x);
+            let mut received = Ok(());
+            if let Some(ring) = &self.ring {
+                // The groups come back round from the last rank.
+                for _ in 0..groups {
+                    match ring.recv() {
+                        Ok(Msg::Group(g)) if g.g < groups => out[g.g] = Some(g.hidden),
+                        Ok(Msg::Failed { rank, message }) => {
+                            received = Err(crate::Error::Rank { rank, message });
+                            break;
+                        }
+                        Ok(other) => {
+                            received = Err(unexpected(&other));
+                            break;
+                        }
+                        Err(e) => {
+                            received = Err(e);
+                            break;
+                        }
+                    }
+                }
+            } else {
+                for (g, x) in from_prev {
+                    out[g] = Some(x);
+                }
             }
-            threads.into_iter().map(|t| t.join().expect("pipeline stage panicked")).collect()
+            let done: Vec<Result<Traffic>> =
+                threads.into_iter().map(|t| t.join().expect("pipeline stage panicked")).collect();
+            (done, received)
         });
-        let results: Vec<Result<Traffic>> = results;
+        let (results, received): (Vec<Result<Traffic>>, Result<()>) = results;
         for r in results {
             traffic.add(r?);
         }
+        received?;
         Ok(out.into_iter().flat_map(|x| x.expect("every stage succeeded")).collect())
     }
 }
@@ -259,7 +428,6 @@ impl Stage for HostStage<'_> {
             sequences: Some(shapes.iter().map(|s| s.0).sum()),
         };
         let mut need = tiers::TierBytes::default();
-        let sizes: Vec<usize> = shapes.iter().map(|s| s.0).collect();
         let mut stores = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             let n = Self::plan(self.model, &part.policy, capacity, part.layers.clone())?.totals();
@@ -270,15 +438,23 @@ impl Stage for HostStage<'_> {
                 cpu: need.cpu + n.cpu,
                 disk: need.disk + n.disk,
             };
-            let kv = KvStore::new(
-                part.indices().len(),
-                &sizes,
-                max_len,
-                spec.num_kv_heads as usize,
-                spec.head_dim() as usize,
-                &part.policy,
-            )?;
-            stores.push((kv, ActStore::new(&part.policy, &shapes, spec.hidden_size as usize)?));
+            stores.push(self.stores(part, &shapes, max_len)?);
+        }
+        // The other ranks' stages set up theirs; the block comes back round once they have.
+        if let Some(ring) = &self.ring {
+            let block = Msg::Block { sizes: shapes.iter().map(|s| s.0).collect(), max_len };
+            if let Err(e) = ring.send(&block) {
+                // The next rank stopped: what went round before it did says why.
+                return Err(match ring.recv() {
+                    Ok(Msg::Failed { rank, message }) => crate::Error::Rank { rank, message },
+                    _ => e,
+                });
+            }
+            match ring.recv()? {
+                Msg::Block { .. } => {}
+                Msg::Failed { rank, message } => return Err(crate::Error::Rank { rank, message }),
+                other => return Err(unexpected(&other)),
+            }
         }
         let mut traffic = Traffic::default();
         stats.direct_io = self.parts.iter().find_map(|p| p.weights.direct_io());
@@ -293,7 +469,8 @@ impl Stage for HostStage<'_> {
                 hidden.push(x);
                 steps.push(inputs);
             }
-            hidden = self.run_stages(&mut stores, hidden, &steps, &mut traffic)?;
+            let at = Step { starts: &block.starts, t, past };
+            hidden = self.run_stages(&mut stores, hidden, &steps, at, &mut traffic)?;
             // LM head on the last position only.
             let mut picks = Vec::with_capacity(n_batches);
             for (k, x) in hidden.iter().enumerate() {
@@ -323,6 +500,55 @@ impl Stage for HostStage<'_> {
     fn finish(&self, _stats: &mut RunStats) -> Result<()> {
         Ok(())
     }
+}
+
+/// Stages must be contiguous, non-empty layer ranges covering the model in order.
+fn check_stages(model: &Model, stages: &[(Range<u32>, Policy)]) -> Result<()> {
+    let mut next = 0;
+    for (r, p) in stages {
+        p.validate()?;
+        if r.start != next || r.end <= r.start {
+            return Err(crate::Error::Config {
+                field: "stage",
+                message: format!(
+                    "stage layers [{}, {}] do not continue from layer {next}: stages must be \
+                         contiguous, non-empty ranges covering the model's {} layers in order",
+                    r.start, r.end, model.spec.num_layers
+                ),
+            });
+        }
+        next = r.end;
+    }
+    if next != model.spec.num_layers {
+        return Err(crate::Error::Config {
+            field: "stage",
+            message: format!(
+                "the stages end at layer {next}, the model has {} layers; end the last \
+                     stage's `layers` at {}",
+                model.spec.num_layers, model.spec.num_layers
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A pipeline over processes has one stage per rank.
+fn check_ranks(stages: &[(Range<u32>, Policy)], spec: &RankSpec) -> Result<()> {
+    if stages.len() != spec.world_size as usize || spec.rank >= spec.world_size {
+        return Err(crate::Error::Config {
+            field: "stage",
+            message: format!(
+                "rank {} of {}: the policy has {} stages; a pipeline over processes runs one \
+                 stage per rank (give [[stage]] entries for {} ranks, or none to split the \
+                 layers evenly)",
+                spec.rank,
+                spec.world_size,
+                stages.len(),
+                spec.world_size
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The in-process link between two stages: each micro-batch's hidden state leaves one stage as

@@ -16,6 +16,7 @@ mod generate;
 mod gpu;
 mod host_stage;
 pub mod memory;
+mod ranks;
 mod sampling;
 mod schedule;
 mod stage;
@@ -25,8 +26,9 @@ mod tiers;
 pub use error::{Error, Result};
 pub use generate::{
     Completion, Device, Event, FinishReason, GenerationConfig, Generator, HostTimes, Prompt,
-    Request, RunStats,
+    Request, RunStats, serve_rank,
 };
 pub use gpu::{CudaStage, GpuCapacity, LayerSource};
+pub use ranks::RankSpec;
 pub use sampling::{Sampling, argmax, choose};
 pub use tiers::{Budgets, TierBytes, TierReport, Traffic, split_counts};

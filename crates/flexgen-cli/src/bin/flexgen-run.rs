@@ -134,6 +134,135 @@ struct DeviceArgs {
     /// Memory the GPU tier may use (e.g. 16GiB); a policy that needs more is refused up front.
     #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes, help_heading = "Policy")]
     gpu_mem_limit: Option<u64>,
+    /// Run the pipeline in N processes on this host, one stage each: this one (rank 0) and N − 1
+    /// it starts. The stages are the policy's [[stage]] entries, one per process, or the layers
+    /// split evenly. On the CPU executor so far.
+    #[arg(long, value_name = "N", help_heading = "Pipeline",
+          value_parser = clap::value_parser!(u32).range(2..=64), conflicts_with = "rank")]
+    nproc: Option<u32>,
+    /// This process's rank in a pipeline over processes started by hand (e.g. across hosts):
+    /// rank 0 owns the prompts and the output and listens at --coordinator; every rank gives
+    /// the same model, policy and --world-size.
+    #[arg(long, value_name = "R", help_heading = "Pipeline", requires_all = ["world_size", "coordinator"])]
+    rank: Option<u32>,
+    /// Processes in the pipeline (with --rank).
+    #[arg(long, value_name = "W", help_heading = "Pipeline", requires = "rank",
+          value_parser = clap::value_parser!(u32).range(2..=64))]
+    world_size: Option<u32>,
+    /// HOST:PORT where rank 0 listens and the other ranks join (with --rank).
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Pipeline", requires = "rank")]
+    coordinator: Option<String>,
+}
+
+impl DeviceArgs {
+    /// This process's place in a pipeline over processes, if it is in one.
+    fn rank_spec(&self) -> anyhow::Result<Option<flexgen_runtime::RankSpec>> {
+        let (Some(rank), Some(world_size), Some(coordinator)) =
+            (self.rank, self.world_size, self.coordinator.clone())
+        else {
+            return Ok(None);
+        };
+        if rank >= world_size {
+            bail!(
+                "--rank {rank} with --world-size {world_size}: ranks are 0 to {}",
+                world_size - 1
+            );
+        }
+        if self.device == DeviceKind::Cuda {
+            bail!(
+                "a pipeline over processes runs on the CPU executor so far: leave out --device \
+                 cuda, or run one process"
+            );
+        }
+        Ok(Some(flexgen_runtime::RankSpec { rank, world_size, coordinator }))
+    }
+}
+
+/// Rank r > 0 of a pipeline over processes: runs its stage until rank 0 is done, and prints
+/// nothing (rank 0 owns the output). `Ok(false)`: this process is not such a rank.
+fn serve_if_worker(
+    margs: &ModelArgs,
+    policy: &flexgen_policy::Policy,
+    dargs: &DeviceArgs,
+    seed: u64,
+) -> anyhow::Result<bool> {
+    let Some(spec) = dargs.rank_spec()?.filter(|s| s.rank > 0) else { return Ok(false) };
+    let model = load_model(margs, dargs.device, seed)?;
+    let budgets = Budgets { gpu_bytes: dargs.gpu_mem_limit, ..Budgets::default() };
+    flexgen_runtime::serve_rank(&model, policy, budgets, &spec).map_err(|e| match e {
+        // Another rank's failure, passed on: already named.
+        e @ flexgen_runtime::Error::Rank { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context(format!("rank {}", spec.rank)),
+    })?;
+    Ok(true)
+}
+
+/// `--nproc N`: starts ranks 1 … N − 1 as copies of this command (stdout discarded, stderr
+/// shown) and makes this process rank 0 of their pipeline, at a free loopback port. The children
+/// are waited for when the guard is dropped, and killed if they outlive rank 0 by a minute.
+fn launch(dargs: &mut DeviceArgs) -> anyhow::Result<Option<Children>> {
+    let Some(n) = dargs.nproc else { return Ok(None) };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port for the ranks")?
+        .port();
+    let coordinator = format!("127.0.0.1:{port}");
+    let exe = std::env::current_exe().context("finding this program to start the ranks")?;
+    // The command line less --nproc and its value.
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args_os().skip(1) {
+        if skip {
+            skip = false;
+            continue;
+        }
+        match a.to_str() {
+            Some("--nproc") => skip = true,
+            Some(t) if t.starts_with("--nproc=") => {}
+            _ => args.push(a),
+        }
+    }
+    let mut children = Children(Vec::new());
+    for rank in 1..n {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .args(["--rank", &rank.to_string(), "--world-size", &n.to_string()])
+            .args(["--coordinator", &coordinator])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        children.0.push((rank, child));
+    }
+    dargs.rank = Some(0);
+    dargs.world_size = Some(n);
+    dargs.coordinator = Some(coordinator);
+    Ok(Some(children))
+}
+
+/// Ranks this process started.
+struct Children(Vec<(u32, std::process::Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+        for (rank, c) in &mut self.0 {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    _ => {
+                        eprintln!("rank {rank} did not stop: killing it");
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Sampling options shared by the subcommands.
@@ -287,17 +416,36 @@ enum DummyKind {
 }
 
 fn main() -> ExitCode {
-    flexgen_cli::main_with(&Cli::parse(), |cli| match &cli.cmd {
+    let mut cli = Cli::parse();
+    let dargs = match &mut cli.cmd {
+        None => &mut cli.run.device,
+        Some(Cmd::Complete(a)) => &mut a.device,
+        Some(Cmd::Batch(a)) => &mut a.device,
+        Some(Cmd::Chat(a)) => &mut a.device,
+    };
+    let children = match launch(dargs) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = flexgen_cli::main_with(&cli, |cli| match &cli.cmd {
         None => run(&cli.run),
         Some(Cmd::Complete(args)) => run(args),
         Some(Cmd::Batch(args)) => run_batch(args),
         Some(Cmd::Chat(args)) => run_chat(args),
-    })
+    });
+    drop(children);
+    code
 }
 
 fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
     let policy = args.policy.resolve()?;
     args.sampling.sampling()?;
+    if serve_if_worker(&args.model, &policy, &args.device, args.sampling.seed)? {
+        return Ok(());
+    }
     let model = load_model(&args.model, args.device.device, args.sampling.seed)?;
     let job = flexgen_cli::batch::BatchJob {
         input: args.input.clone(),
@@ -354,6 +502,9 @@ fn run_batch(args: &BatchArgs) -> anyhow::Result<()> {
 
 fn run_chat(args: &ChatArgs) -> anyhow::Result<()> {
     let policy = args.policy.resolve()?;
+    if serve_if_worker(&args.model, &policy, &args.device, args.sampling.seed)? {
+        return Ok(());
+    }
     let model = load_model(&args.model, args.device.device, args.sampling.seed)?;
     if model.tokenizer.is_none() {
         bail!("chat needs a model with a tokenizer (with --dummy, give --tokenizer PATH)");
@@ -411,12 +562,21 @@ fn make_generator<'m>(
         DeviceKind::Cpu => "setting up the CPU executor",
         DeviceKind::Cuda => "setting up the CUDA executor",
     };
+    if let Some(spec) = dargs.rank_spec()? {
+        let budgets = Budgets { gpu_bytes: dargs.gpu_mem_limit, ..Budgets::default() };
+        return Generator::rank0(model, policy.clone(), budgets, &spec).with_context(|| {
+            format!("starting rank 0 of {} at {}", spec.world_size, spec.coordinator)
+        });
+    }
     Generator::on(model, policy.clone(), device).context(what)
 }
 
 fn run(cli: &RunArgs) -> anyhow::Result<()> {
     let policy = cli.policy.resolve()?;
     let sampling = cli.sampling.sampling()?;
+    if serve_if_worker(&cli.model, &policy, &cli.device, cli.sampling.seed)? {
+        return Ok(());
+    }
     let started = std::time::Instant::now();
     let model = load_model(&cli.model, cli.device.device, cli.sampling.seed)?;
     let load_s = started.elapsed().as_secs_f64();
@@ -474,7 +634,10 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         None => report_cpu(cli, &model, &policy, &requests, &stats, (load_s, started), &mut out),
     };
     // Pinned memory is returned far faster by the kernel at exit than by freeing it piecewise.
-    std::mem::forget(generator);
+    // (On the CPU the generator is dropped: a pipeline's rank 0 then tells the other ranks.)
+    if generator.cuda().is_some() {
+        std::mem::forget(generator);
+    }
     result
 }
 
