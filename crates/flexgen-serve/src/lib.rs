@@ -1,0 +1,477 @@
+//! `flexgen-serve`: an OpenAI-compatible HTTP server on the flexgen engine.
+//!
+//! One engine thread owns the model and the [`Generator`]; HTTP handlers (axum on tokio) turn
+//! requests into engine jobs. The engine takes the first waiting job, gathers every job that
+//! arrives within `batch_wait` (up to a block's worth of prompts), and runs them together through
+//! the one generate API: concurrent clients share blocks, which is where offloading's throughput
+//! comes from. A job whose requests the engine refuses (a prompt too long, say) fails alone: the
+//! batch is then run job by job.
+//!
+//! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST
+//! /v1/chat/completions`. Errors are `OpenAI`'s shape, `{"error": {"message", "type", "param"}}`,
+//! naming the field at fault.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use flexgen_model::Model;
+use flexgen_runtime::{Completion, FinishReason, GenerationConfig, Generator, Request, Sampling};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+mod template;
+
+pub use template::ChatTemplate;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The model's name in responses and `/v1/models`.
+    pub model_name: String,
+    /// Bearer token every request must carry (none: open).
+    pub api_key: Option<String>,
+    /// How long the engine waits for more jobs to share a block with the first.
+    pub batch_wait: Duration,
+    /// Prompts per block (the policy's): the engine stops gathering at this many.
+    pub block_size: usize,
+    /// The most new tokens a request may ask for.
+    pub max_tokens_limit: usize,
+}
+
+/// One engine job: requests, and where their completions go.
+struct Job {
+    requests: Vec<Request>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Completion>, String>>,
+}
+
+/// Gives a closure that builds a generator over the model it is lent the signature
+/// [`Engine::start`] needs (the generator borrows that model).
+pub fn generator_builder<F>(f: F) -> F
+where
+    F: for<'m> FnOnce(&'m Model) -> anyhow::Result<Generator<'m>>,
+{
+    f
+}
+
+/// The engine thread's inbox, and what it has done.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Job>,
+    counts: Arc<Counts>,
+}
+
+/// Requests answered and the generate calls they took (fewer calls than requests: requests
+/// shared blocks).
+#[derive(Debug, Default)]
+struct Counts {
+    requests: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl Engine {
+    /// Starts the engine thread: `load` makes the model, `build` its generator (both on that
+    /// thread, which owns them). Returns once both have succeeded, or with the first error.
+    pub fn start(
+        load: impl FnOnce() -> anyhow::Result<Model> + Send + 'static,
+        build: impl for<'m> FnOnce(&'m Model) -> anyhow::Result<Generator<'m>> + Send + 'static,
+        options: &ServeOptions,
+    ) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+        let (wait, block) = (options.batch_wait, options.block_size.max(1));
+        let counts = Arc::new(Counts::default());
+        let c = counts.clone();
+        std::thread::Builder::new().name("flexgen-engine".into()).spawn(move || {
+            let model = match load() {
+                Ok(m) => m,
+                Err(e) => return drop(ready_tx.send(Err(e))),
+            };
+            let generator = match build(&model) {
+                Ok(g) => g,
+                Err(e) => return drop(ready_tx.send(Err(e))),
+            };
+            let _ = ready_tx.send(Ok(()));
+            serve_jobs(&generator, &rx, wait, block, &c);
+        })?;
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the engine thread stopped while starting"))??;
+        Ok(Self { tx, counts })
+    }
+
+    /// Runs `requests` (in the next block with whatever else is waiting).
+    async fn run(&self, requests: Vec<Request>) -> Result<Vec<Completion>, ApiError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Job { requests, reply })
+            .map_err(|_| ApiError::server("the engine has stopped"))?;
+        done.await
+            .map_err(|_| ApiError::server("the engine stopped before answering"))?
+            .map_err(|m| ApiError::invalid(&m, None))
+    }
+}
+
+/// The engine loop: gather jobs into a block's worth, generate, answer each.
+fn serve_jobs(
+    generator: &Generator<'_>,
+    rx: &mpsc::Receiver<Job>,
+    wait: Duration,
+    block: usize,
+    counts: &Counts,
+) {
+    let config =
+        GenerationConfig { stop_on_eos: true, refill: true, ..GenerationConfig::default() };
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let deadline = Instant::now() + wait;
+        while jobs.iter().map(|j| j.requests.len()).sum::<usize>() < block {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let all: Vec<Request> = jobs.iter().flat_map(|j| j.requests.iter().cloned()).collect();
+        counts.requests.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        counts.calls.fetch_add(1, Ordering::Relaxed);
+        match generator.generate(&all, &config, &mut |_| {}) {
+            Ok((mut done, _)) => {
+                for j in jobs {
+                    let rest = done.split_off(j.requests.len());
+                    let _ = j.reply.send(Ok(done));
+                    done = rest;
+                }
+            }
+            // One job's request may be at fault: run each alone so that only it fails.
+            Err(_) if jobs.len() > 1 => {
+                counts.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                for j in jobs {
+                    let r = generator.generate(&j.requests, &config, &mut |_| {});
+                    let _ = j.reply.send(r.map(|(d, _)| d).map_err(|e| e.to_string()));
+                }
+            }
+            Err(e) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// An OpenAI-style error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(message: &str, param: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.to_string(),
+            kind: "invalid_request_error",
+            param,
+        }
+    }
+
+    fn server(message: &str) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.to_string(),
+            kind: "server_error",
+            param: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// What the handlers share.
+struct AppState {
+    engine: Engine,
+    options: ServeOptions,
+    template: ChatTemplate,
+}
+
+/// The server's routes over `engine`.
+pub fn router(engine: Engine, options: ServeOptions, template: ChatTemplate) -> axum::Router {
+    let state = Arc::new(AppState { engine, options, template });
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .with_state(state)
+}
+
+/// Liveness, and how many requests the engine has answered in how many generate calls.
+async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
+    let c = &s.engine.counts;
+    Json(json!({
+        "status": "ok",
+        "requests": c.requests.load(Ordering::Relaxed),
+        "generate_calls": c.calls.load(Ordering::Relaxed),
+    }))
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &state.options.api_key else { return Ok(()) };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: "missing or wrong API key: send `Authorization: Bearer KEY` with the key the \
+                  server was started with (--api-key)"
+            .into(),
+        kind: "invalid_request_error",
+        param: None,
+    })
+}
+
+async fn models(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{"id": s.options.model_name, "object": "model", "created": 0, "owned_by": "flexgen"}],
+    })))
+}
+
+/// One string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The sampling fields both endpoints take.
+#[derive(Debug, Deserialize)]
+struct Knobs {
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    stop: Option<OneOrMany>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    stream: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionBody {
+    #[allow(dead_code, reason = "accepted: one model is served")]
+    model: Option<String>,
+    prompt: OneOrMany,
+    #[serde(flatten)]
+    knobs: Knobs,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    #[allow(dead_code, reason = "accepted: one model is served")]
+    model: Option<String>,
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    knobs: Knobs,
+}
+
+/// Parses a JSON body, naming the field at fault.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(&format!("the request body is not a valid request: {e}"), None)
+    })
+}
+
+impl Knobs {
+    /// Engine requests for `prompts` with these settings (`OpenAI`'s defaults: 16 tokens,
+    /// temperature 1).
+    fn requests(&self, prompts: Vec<String>, limit: usize) -> Result<Vec<Request>, ApiError> {
+        if self.stream == Some(true) {
+            return Err(ApiError::invalid(
+                "stream: streamed responses are not served yet; leave `stream` out or false",
+                Some("stream"),
+            ));
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("n: one choice per prompt is served", Some("n")));
+        }
+        let max = self.max_tokens.unwrap_or(16);
+        if max == 0 || max > limit {
+            return Err(ApiError::invalid(
+                &format!("max_tokens {max}: give 1 to {limit}"),
+                Some("max_tokens"),
+            ));
+        }
+        let t = self.temperature.unwrap_or(1.0);
+        if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
+            return Err(ApiError::invalid(
+                &format!("temperature {t}: give 0 (greedy) to 2"),
+                Some("temperature"),
+            ));
+        }
+        if let Some(p) = self.top_p
+            && !(p.is_finite() && p > 0.0 && p <= 1.0)
+        {
+            return Err(ApiError::invalid(&format!("top_p {p}: give above 0 to 1"), Some("top_p")));
+        }
+        let stop = self.stop.as_ref().map(|s| match s {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        });
+        if stop.as_ref().is_some_and(|s| s.len() > 4 || s.iter().any(String::is_empty)) {
+            return Err(ApiError::invalid("stop: up to 4 non-empty strings", Some("stop")));
+        }
+        if prompts.is_empty() {
+            return Err(ApiError::invalid("prompt: give at least one", Some("prompt")));
+        }
+        let seed = self.seed.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() ^ u64::from(d.subsec_nanos()) << 20)
+        });
+        Ok(prompts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let sampling = if t == 0.0 {
+                    Sampling::Greedy
+                } else {
+                    Sampling::Random {
+                        temperature: t,
+                        top_k: None,
+                        top_p: self.top_p.filter(|&p| p < 1.0),
+                        seed: seed.wrapping_add(i as u64),
+                    }
+                };
+                Request {
+                    max_new_tokens: Some(max),
+                    stop: stop.clone(),
+                    sampling: Some(sampling),
+                    ..Request::text(p)
+                }
+            })
+            .collect())
+    }
+}
+
+fn finish(c: &Completion) -> &'static str {
+    match c.finish {
+        FinishReason::Length => "length",
+        FinishReason::Eos | FinishReason::Stop => "stop",
+    }
+}
+
+fn usage(done: &[Completion]) -> Value {
+    let p: usize = done.iter().map(|c| c.prompt_tokens.len()).sum();
+    let g: usize = done.iter().map(|c| c.tokens.len()).sum();
+    json!({"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g})
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn id(prefix: &str) -> String {
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{prefix}-{n:x}")
+}
+
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    let b: CompletionBody = parse(&body)?;
+    let requests = b.knobs.requests(b.prompt.into_vec(), s.options.max_tokens_limit)?;
+    let done = s.engine.run(requests).await?;
+    let choices: Vec<Value> = done
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({"text": c.text.clone().unwrap_or_default(), "index": i, "logprobs": null,
+                   "finish_reason": finish(c)})
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": id("cmpl"), "object": "text_completion", "created": now(),
+        "model": s.options.model_name, "choices": choices, "usage": usage(&done),
+    })))
+}
+
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&s, &headers)?;
+    let b: ChatBody = parse(&body)?;
+    if b.messages.is_empty() {
+        return Err(ApiError::invalid("messages: give at least one", Some("messages")));
+    }
+    if let Some(m) =
+        b.messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+    {
+        return Err(ApiError::invalid(
+            &format!("messages: role `{}`: give system, user or assistant", m.role),
+            Some("messages"),
+        ));
+    }
+    let turns: Vec<(String, String)> =
+        b.messages.into_iter().map(|m| (m.role, m.content)).collect();
+    let prompt = s.template.render(&turns).map_err(|e| ApiError::invalid(&e, Some("messages")))?;
+    let mut requests = b.knobs.requests(vec![prompt], s.options.max_tokens_limit)?;
+    // A reply ends where the template would start the next turn.
+    for r in &mut requests {
+        let mut stop = r.stop.take().unwrap_or_default();
+        stop.extend(s.template.turn_ends().iter().cloned());
+        r.stop = Some(stop);
+    }
+    let done = s.engine.run(requests).await?;
+    let c = &done[0];
+    Ok(Json(json!({
+        "id": id("chatcmpl"), "object": "chat.completion", "created": now(),
+        "model": s.options.model_name,
+        "choices": [{"index": 0, "finish_reason": finish(c),
+                     "message": {"role": "assistant", "content": c.text.clone().unwrap_or_default().trim()}}],
+        "usage": usage(&done),
+    })))
+}

@@ -1,0 +1,155 @@
+//! `flexgen-serve`: serves a model over an OpenAI-compatible HTTP API, concurrent requests
+//! sharing the engine's blocks.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use flexgen_cli::PolicyArgs;
+use flexgen_model::{DummyInit, Model};
+use flexgen_runtime::{Budgets, Device, Generator, GpuCapacity, LayerSource};
+
+use flexgen_serve::{ChatTemplate, Engine, ServeOptions, router};
+
+const LONG_ABOUT: &str = "\
+Serve a model over an OpenAI-compatible HTTP API: GET /health, GET /v1/models,
+POST /v1/completions (prompt or list of prompts, max_tokens, temperature, top_p, stop, seed) and
+POST /v1/chat/completions (messages, rendered with the model's chat_template from its
+tokenizer_config.json, or the original chatbot's format for models without one).
+
+One engine runs every request through the policy's block schedule: requests that arrive within
+--batch-wait-ms of each other share a block (up to gpu-batch-size × num-gpu-batches prompts), so
+many concurrent clients get offloading's throughput. Any OpenAI client works: point its base URL
+at http://HOST:PORT/v1.";
+
+const EXAMPLES: &str = "\
+Examples:
+  flexgen-serve --port 8000
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{\"prompt\": \"In the beginning\", \"max_tokens\": 16, \"temperature\": 0}'
+  flexgen-serve --model ~/models/Llama-3.1-8B-Instruct --device cuda --policy p.toml --api-key KEY";
+
+#[derive(Parser, Debug)]
+#[command(name = "flexgen-serve", version, about = "Serve a model over an OpenAI-compatible HTTP API.", long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
+struct Cli {
+    /// Hugging Face model directory; with --dummy, a spec name such as opt-30b. Default: the
+    /// bundled model.
+    #[arg(long, value_name = "PATH|NAME")]
+    model: Option<String>,
+    /// Dummy random weights of the named spec (for trying the API on large shapes), with
+    /// --tokenizer for text.
+    #[arg(long, requires = "model")]
+    dummy: bool,
+    /// With --dummy: a tokenizer.json, or a model directory holding one.
+    #[arg(long, value_name = "PATH", requires = "dummy")]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Compute device: cpu (the tiered executor) or cuda (GPU 0).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// Memory the GPU tier may use (e.g. 16GiB).
+    #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes)]
+    gpu_mem_limit: Option<u64>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every request.
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// How long a request waits for others to share its block, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    batch_wait_ms: u64,
+    /// The most tokens a request may generate (its `max_tokens`).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_tokens_limit: usize,
+    /// With --device cuda: the longest prompt in tokens the GPU buffers are sized for.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_prompt_tokens: usize,
+}
+
+fn main() -> ExitCode {
+    flexgen_cli::main_with(&Cli::parse(), serve)
+}
+
+fn serve(cli: &Cli) -> anyhow::Result<()> {
+    let policy = cli.policy.resolve()?;
+    let dir: Option<PathBuf> = if cli.dummy {
+        None
+    } else {
+        Some(cli.model.as_ref().map_or_else(flexgen_cli::bundled_model_dir, PathBuf::from))
+    };
+    let template = ChatTemplate::of_model_dir(dir.as_deref())?;
+    let cuda = cli.device == "cuda";
+    let model_name = match (&cli.model, &dir) {
+        (Some(m), None) => m.clone(),
+        (_, Some(d)) => {
+            d.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into())
+        }
+        (None, None) => "model".into(),
+    };
+    let options = ServeOptions {
+        model_name,
+        api_key: cli.api_key.clone(),
+        batch_wait: Duration::from_millis(cli.batch_wait_ms),
+        block_size: policy.block_size(),
+        max_tokens_limit: cli.max_tokens_limit,
+    };
+    let (name, dummy, tokenizer) = (cli.model.clone(), cli.dummy, cli.tokenizer.clone());
+    let load = move || -> anyhow::Result<Model> {
+        if dummy {
+            let name = name.context("--dummy needs --model NAME")?;
+            let spec = flexgen_model::spec_by_name(&name)?;
+            let init = DummyInit::Random { seed: 0 };
+            let m = if cuda { Model::dummy_tables(spec, init) } else { Model::dummy(spec, init) }?;
+            return match tokenizer {
+                Some(t) => m.with_tokenizer(&t).context("--tokenizer"),
+                None => Ok(m),
+            };
+        }
+        let dir = dir.expect("a directory without --dummy");
+        Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))
+    };
+    let (gpu_limit, max_prompt, max_new) =
+        (cli.gpu_mem_limit, cli.max_prompt_tokens, cli.max_tokens_limit);
+    let build = flexgen_serve::generator_builder(move |model: &Model| {
+        if model.tokenizer.is_none() {
+            anyhow::bail!("serving text needs a tokenizer: with --dummy, give --tokenizer PATH");
+        }
+        let device = if cuda {
+            Device::Cuda {
+                source: if dummy {
+                    LayerSource::Dummy(DummyInit::Random { seed: 0 })
+                } else {
+                    LayerSource::Loaded
+                },
+                capacity: GpuCapacity { max_prompt, max_new, gpu_limit },
+            }
+        } else {
+            Device::Cpu(Budgets { gpu_bytes: gpu_limit, ..Budgets::default() })
+        };
+        Generator::on(model, policy, device).context("setting up the engine")
+    });
+    let engine = Engine::start(load, build, &options)?;
+    let app = router(engine, options, template);
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        let addr = format!("{}:{}", cli.host, cli.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening at {addr} (--host, --port)"))?;
+        let bound = listener.local_addr()?;
+        eprintln!("flexgen-serve: listening on http://{bound} (OpenAI base URL http://{bound}/v1)");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("serving")
+    })
+}

@@ -1,0 +1,217 @@
+//! `flexgen-serve` as a client sees it: the binary on a free port, plain HTTP/1.1 requests.
+//! Completions equal the engine's own greedy output, concurrent clients sharing blocks get what
+//! each would get alone, chat prompts come from the model's template, and bad requests get
+//! OpenAI-style errors naming the field.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bundled() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model/models/opt-kjv")
+}
+
+/// Starts the server with `args` on a free port and waits for its address.
+fn start(args: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flexgen-serve"))
+        .args(["--port", "0", "--batch-wait-ms", "200"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    // Killed and waited for on drop, whatever happens below.
+    let mut server = Server { child, addr: String::new() };
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "the server stopped before listening");
+        if let Some(rest) = line.split("http://").nth(1) {
+            server.addr = rest.split_whitespace().next().unwrap().to_string();
+            // Keep draining its stderr so that it never blocks on a full pipe.
+            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+            return server;
+        }
+    }
+}
+
+/// One request; the status and the JSON body.
+fn call(
+    s: &Server,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    auth: Option<&str>,
+) -> (u16, Value) {
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    let body = body.unwrap_or("");
+    let auth = auth.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{auth}\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        s.addr,
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    let status: u16 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let json = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+fn complete(s: &Server, prompt: &str, tokens: u32) -> String {
+    let body = json!({"prompt": prompt, "max_tokens": tokens, "temperature": 0}).to_string();
+    let (status, v) = call(s, "POST", "/v1/completions", Some(&body), None);
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// The engine's own greedy text for `prompt`.
+fn engine_text(dir: &Path, prompt: &str, tokens: usize) -> String {
+    let model = flexgen_model::Model::load(dir).unwrap();
+    let g = flexgen_runtime::Generator::new(&model, flexgen_policy::Policy::default()).unwrap();
+    let config = flexgen_runtime::GenerationConfig {
+        max_new_tokens: tokens,
+        ..flexgen_runtime::GenerationConfig::default()
+    };
+    let (done, _) =
+        g.generate(&[flexgen_runtime::Request::text(prompt)], &config, &mut |_| {}).unwrap();
+    done[0].text.clone().unwrap()
+}
+
+const PROMPTS: [&str; 6] =
+    ["In the beginning", "Jesus wept", "And God said", "Blessed are the", "Amen", "The LORD is"];
+
+#[test]
+fn completions_equal_the_engine_and_concurrent_clients_share_blocks() {
+    let s = start(&["--gpu-batch-size", "2", "--num-gpu-batches", "2"]);
+    let (status, v) = call(&s, "GET", "/health", None, None);
+    assert_eq!((status, v["status"].as_str()), (200, Some("ok")));
+    let (status, v) = call(&s, "GET", "/v1/models", None, None);
+    assert_eq!((status, v["data"][0]["id"].as_str()), (200, Some("opt-kjv")));
+    let alone: Vec<String> = PROMPTS.iter().map(|p| complete(&s, p, 12)).collect();
+    assert_eq!(alone[0], engine_text(&bundled(), PROMPTS[0], 12));
+    // Six clients at once: their requests share blocks, and each gets what it got alone.
+    let calls =
+        |s: &Server| call(s, "GET", "/health", None, None).1["generate_calls"].as_u64().unwrap();
+    let before = calls(&s);
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let handles: Vec<_> = PROMPTS.iter().map(|p| sc.spawn(|| complete(&s, p, 12))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert!(
+        calls(&s) - before < 6,
+        "six concurrent requests took {} generate calls",
+        calls(&s) - before
+    );
+    // A list of prompts: a choice each, in order, with usage counted.
+    let body = json!({"prompt": PROMPTS[..3], "max_tokens": 12, "temperature": 0}).to_string();
+    let (status, v) = call(&s, "POST", "/v1/completions", Some(&body), None);
+    assert_eq!(status, 200);
+    for (i, c) in v["choices"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["text"].as_str().unwrap(), alone[i]);
+        assert_eq!(c["finish_reason"], "length");
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 36);
+    // Sampling with a seed repeats itself.
+    let body = json!({"prompt": "And", "max_tokens": 8, "temperature": 0.9, "seed": 7}).to_string();
+    let a = call(&s, "POST", "/v1/completions", Some(&body), None).1;
+    let b = call(&s, "POST", "/v1/completions", Some(&body), None).1;
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+}
+
+#[test]
+fn bad_requests_name_the_field_and_keys_are_checked() {
+    let s = start(&["--api-key", "sesame"]);
+    let (status, v) = call(&s, "GET", "/v1/models", None, None);
+    assert_eq!(status, 401, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--api-key"));
+    let key = Some("sesame");
+    for (body, param) in [
+        (r#"{"prompt": "x", "max_tokens": 0}"#, "max_tokens"),
+        (r#"{"prompt": "x", "max_tokens": 100000}"#, "max_tokens"),
+        (r#"{"prompt": "x", "temperature": -1}"#, "temperature"),
+        (r#"{"prompt": "x", "top_p": 0}"#, "top_p"),
+        (r#"{"prompt": "x", "n": 2}"#, "n"),
+        (r#"{"prompt": "x", "stream": true}"#, "stream"),
+        (r#"{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
+        (r#"{"prompt": []}"#, "prompt"),
+    ] {
+        let (status, v) = call(&s, "POST", "/v1/completions", Some(body), key);
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    for body in ["", "{", r#"{"prompt": 3}"#, r#"{"max_tokens": 3}"#, "[1, 2]"] {
+        let (status, v) = call(&s, "POST", "/v1/completions", Some(body), key);
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("not a valid request"), "{v}");
+    }
+    let body = r#"{"messages": [{"role": "wizard", "content": "hi"}]}"#;
+    let (status, v) = call(&s, "POST", "/v1/chat/completions", Some(body), key);
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("messages")), "{v}");
+    // A prompt longer than the model's positions fails alone, with the engine's reason.
+    let long = "And ".repeat(3000);
+    let body = json!({"prompt": long, "max_tokens": 4}).to_string();
+    let (status, v) = call(&s, "POST", "/v1/completions", Some(&body), key);
+    assert_eq!(status, 400, "{v}");
+    let (status, _) = call(&s, "GET", "/health", None, None);
+    assert_eq!(status, 200, "health needs no key");
+}
+
+#[test]
+fn chat_prompts_come_from_the_models_template() {
+    // The bundled model with a chat template of its own: the turns' contents joined.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(bundled()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+    }
+    let config = json!({"chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}",
+                        "bos_token": "", "eos_token": "</s>"});
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let s = start(&["--model", dir.path().to_str().unwrap()]);
+    let body = json!({"messages": [{"role": "system", "content": "In the"},
+                                   {"role": "user", "content": "beginning"}],
+                      "max_tokens": 10, "temperature": 0})
+    .to_string();
+    let (status, v) = call(&s, "POST", "/v1/chat/completions", Some(&body), None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    let want = engine_text(dir.path(), "In the beginning ", 10);
+    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), want.trim());
+    // A template that does not compile is refused at start-up, naming the file.
+    let bad = json!({"chat_template": "{% for %}"});
+    std::fs::write(dir.path().join("tokenizer_config.json"), bad.to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_flexgen-serve"))
+        .args(["--port", "0", "--model", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("tokenizer_config.json")
+            && err.contains("chat_template"),
+        "{err}"
+    );
+}
