@@ -8,8 +8,9 @@
 //! batch is then run job by job.
 //!
 //! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST
-//! /v1/chat/completions`. Errors are `OpenAI`'s shape, `{"error": {"message", "type", "param"}}`,
-//! naming the field at fault.
+//! /v1/chat/completions`, each of the last two also streamed (`"stream": true`: server-sent
+//! events of each request's text as the engine makes it, then `[DONE]`). Errors are `OpenAI`'s
+//! shape, `{"error": {"message", "type", "param"}}`, naming the field at fault.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,10 +46,19 @@ pub struct ServeOptions {
     pub max_tokens_limit: usize,
 }
 
-/// One engine job: requests, and where their completions go.
+/// One engine job: requests, where their completions go, and (streamed) where their tokens go
+/// as they come.
 struct Job {
     requests: Vec<Request>,
     reply: tokio::sync::oneshot::Sender<Result<Vec<Completion>, String>>,
+    tokens: Option<tokio::sync::mpsc::UnboundedSender<Piece>>,
+}
+
+/// A streamed job's progress: request `index` (within the job) printed `text`, or ended.
+#[derive(Debug)]
+enum Piece {
+    Text { index: usize, text: String },
+    End { index: usize, reason: FinishReason },
 }
 
 /// Gives a closure that builds a generator over the model it is lent the signature
@@ -110,7 +120,7 @@ impl Engine {
     async fn run(&self, requests: Vec<Request>) -> Result<Vec<Completion>, ApiError> {
         let (reply, done) = tokio::sync::oneshot::channel();
         self.tx
-            .send(Job { requests, reply })
+            .send(Job { requests, reply, tokens: None })
             .map_err(|_| ApiError::server("the engine has stopped"))?;
         done.await
             .map_err(|_| ApiError::server("the engine stopped before answering"))?
@@ -138,11 +148,10 @@ fn serve_jobs(
                 Err(_) => break,
             }
         }
-        let all: Vec<Request> = jobs.iter().flat_map(|j| j.requests.iter().cloned()).collect();
         counts.requests.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         counts.calls.fetch_add(1, Ordering::Relaxed);
-        match generator.generate(&all, &config, &mut |_| {}) {
-            Ok((mut done, _)) => {
+        match generate(generator, &config, &jobs) {
+            Ok(mut done) => {
                 for j in jobs {
                     let rest = done.split_off(j.requests.len());
                     let _ = j.reply.send(Ok(done));
@@ -153,8 +162,8 @@ fn serve_jobs(
             Err(_) if jobs.len() > 1 => {
                 counts.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
                 for j in jobs {
-                    let r = generator.generate(&j.requests, &config, &mut |_| {});
-                    let _ = j.reply.send(r.map(|(d, _)| d).map_err(|e| e.to_string()));
+                    let r = generate(generator, &config, std::slice::from_ref(&j));
+                    let _ = j.reply.send(r.map_err(|e| e.to_string()));
                 }
             }
             Err(e) => {
@@ -164,6 +173,40 @@ fn serve_jobs(
             }
         }
     }
+}
+
+/// One generate call over `jobs`' requests, their tokens sent to the jobs that stream them.
+fn generate(
+    generator: &Generator<'_>,
+    config: &GenerationConfig,
+    jobs: &[Job],
+) -> flexgen_runtime::Result<Vec<Completion>> {
+    let all: Vec<Request> = jobs.iter().flat_map(|j| j.requests.iter().cloned()).collect();
+    // Request r of the call is request i of job j.
+    let owners: Vec<(usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| (0..job.requests.len()).map(move |i| (j, i)))
+        .collect();
+    let mut on_event = |e: flexgen_runtime::Event<'_>| {
+        let (request, piece) = match e {
+            flexgen_runtime::Event::Token { request, text, .. } if !text.is_empty() => {
+                (request, Piece::Text { index: 0, text: text.to_string() })
+            }
+            flexgen_runtime::Event::Finished { request, reason } => {
+                (request, Piece::End { index: 0, reason })
+            }
+            _ => return,
+        };
+        let Some(&(j, index)) = owners.get(request) else { return };
+        if let Some(tx) = &jobs[j].tokens {
+            let _ = tx.send(match piece {
+                Piece::Text { text, .. } => Piece::Text { index, text },
+                Piece::End { reason, .. } => Piece::End { index, reason },
+            });
+        }
+    };
+    generator.generate(&all, config, &mut on_event).map(|(done, _)| done)
 }
 
 /// An OpenAI-style error response.
@@ -324,12 +367,6 @@ impl Knobs {
     /// Engine requests for `prompts` with these settings (`OpenAI`'s defaults: 16 tokens,
     /// temperature 1).
     fn requests(&self, prompts: Vec<String>, limit: usize) -> Result<Vec<Request>, ApiError> {
-        if self.stream == Some(true) {
-            return Err(ApiError::invalid(
-                "stream: streamed responses are not served yet; leave `stream` out or false",
-                Some("stream"),
-            ));
-        }
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n: one choice per prompt is served", Some("n")));
         }
@@ -392,8 +429,55 @@ impl Knobs {
     }
 }
 
+/// A streamed response: server-sent events, one per piece of text or end of a request, shaped
+/// by `shape` (told whether the piece is its request's first), then `[DONE]`, or an error event
+/// if the engine refused the job.
+fn stream_response(
+    engine: &Engine,
+    requests: Vec<Request>,
+    mut shape: impl FnMut(&Piece, bool) -> Value + Send + 'static,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, Sse};
+    let n = requests.len();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (reply, done) = tokio::sync::oneshot::channel();
+    engine
+        .tx
+        .send(Job { requests, reply, tokens: Some(tx) })
+        .map_err(|_| ApiError::server("the engine has stopped"))?;
+    let (events, mut out) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let mut started = vec![false; n];
+        // The pieces end when the engine drops the job, after its reply.
+        while let Some(p) = rx.recv().await {
+            let (Piece::Text { index, .. } | Piece::End { index, .. }) = &p;
+            let first = started.get_mut(*index).is_some_and(|s| !std::mem::replace(s, true));
+            let _ = events.send(shape(&p, first).to_string());
+        }
+        let last = match done.await {
+            Ok(Ok(_)) => "[DONE]".to_string(),
+            Ok(Err(m)) => {
+                json!({"error": {"message": m, "type": "invalid_request_error"}}).to_string()
+            }
+            Err(_) => json!({"error": {"message": "the engine stopped", "type": "server_error"}})
+                .to_string(),
+        };
+        let _ = events.send(last);
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        out.poll_recv(cx)
+            .map(|d| d.map(|d| Ok::<_, std::convert::Infallible>(Event::default().data(d))))
+    });
+    Ok(Sse::new(stream).into_response())
+}
+
 fn finish(c: &Completion) -> &'static str {
-    match c.finish {
+    finish_reason(c.finish)
+}
+
+/// `OpenAI`'s word for why a sequence ended.
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
         FinishReason::Length => "length",
         FinishReason::Eos | FinishReason::Stop => "stop",
     }
@@ -418,10 +502,21 @@ async fn completions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let b: CompletionBody = parse(&body)?;
     let requests = b.knobs.requests(b.prompt.into_vec(), s.options.max_tokens_limit)?;
+    if b.knobs.stream == Some(true) {
+        let (id, created, model) = (id("cmpl"), now(), s.options.model_name.clone());
+        return stream_response(&s.engine, requests, move |p, _| {
+            let (index, text, reason) = match p {
+                Piece::Text { index, text } => (*index, text.as_str(), None),
+                Piece::End { index, reason } => (*index, "", Some(finish_reason(*reason))),
+            };
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"text": text, "index": index, "logprobs": null, "finish_reason": reason}]})
+        });
+    }
     let done = s.engine.run(requests).await?;
     let choices: Vec<Value> = done
         .iter()
@@ -434,14 +529,15 @@ async fn completions(
     Ok(Json(json!({
         "id": id("cmpl"), "object": "text_completion", "created": now(),
         "model": s.options.model_name, "choices": choices, "usage": usage(&done),
-    })))
+    }))
+    .into_response())
 }
 
 async fn chat_completions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let b: ChatBody = parse(&body)?;
     if b.messages.is_empty() {
@@ -465,6 +561,20 @@ async fn chat_completions(
         stop.extend(s.template.turn_ends().iter().cloned());
         r.stop = Some(stop);
     }
+    if b.knobs.stream == Some(true) {
+        let (id, created, model) = (id("chatcmpl"), now(), s.options.model_name.clone());
+        return stream_response(&s.engine, requests, move |p, first| {
+            let (delta, reason) = match p {
+                Piece::Text { text, .. } if first => {
+                    (json!({"role": "assistant", "content": text}), None)
+                }
+                Piece::Text { text, .. } => (json!({"content": text}), None),
+                Piece::End { reason, .. } => (json!({}), Some(finish_reason(*reason))),
+            };
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
+        });
+    }
     let done = s.engine.run(requests).await?;
     let c = &done[0];
     Ok(Json(json!({
@@ -473,5 +583,6 @@ async fn chat_completions(
         "choices": [{"index": 0, "finish_reason": finish(c),
                      "message": {"role": "assistant", "content": c.text.clone().unwrap_or_default().trim()}}],
         "usage": usage(&done),
-    })))
+    }))
+    .into_response())
 }

@@ -50,6 +50,23 @@ fn start(args: &[&str]) -> Server {
     }
 }
 
+/// A streamed request: the `data:` payloads of its server-sent events, in order.
+fn stream(s: &Server, path: &str, body: &str) -> Vec<String> {
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(
+        c,
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        s.addr,
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    assert!(out.contains("text/event-stream"), "{out}");
+    out.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
 /// One request; the status and the JSON body.
 fn call(
     s: &Server,
@@ -132,6 +149,33 @@ fn completions_equal_the_engine_and_concurrent_clients_share_blocks() {
         assert_eq!(c["finish_reason"], "length");
     }
     assert_eq!(v["usage"]["completion_tokens"], 36);
+    // Streamed: the pieces add up to the same texts, each request ends with its reason, then
+    // [DONE].
+    let body = json!({"prompt": PROMPTS[..2], "max_tokens": 12, "temperature": 0, "stream": true});
+    let events = stream(&s, "/v1/completions", &body.to_string());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut texts = [String::new(), String::new()];
+    let mut ends = 0;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let c = &v["choices"][0];
+        let i = usize::try_from(c["index"].as_u64().unwrap()).unwrap();
+        texts[i].push_str(c["text"].as_str().unwrap());
+        if c["finish_reason"] == "length" {
+            ends += 1;
+        }
+    }
+    assert_eq!(
+        (texts[0].as_str(), texts[1].as_str(), ends),
+        (alone[0].as_str(), alone[1].as_str(), 2)
+    );
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+                      "temperature": 0, "stream": true});
+    let events = stream(&s, "/v1/chat/completions", &body.to_string());
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     // Sampling with a seed repeats itself.
     let body = json!({"prompt": "And", "max_tokens": 8, "temperature": 0.9, "seed": 7}).to_string();
     let a = call(&s, "POST", "/v1/completions", Some(&body), None).1;
@@ -152,7 +196,6 @@ fn bad_requests_name_the_field_and_keys_are_checked() {
         (r#"{"prompt": "x", "temperature": -1}"#, "temperature"),
         (r#"{"prompt": "x", "top_p": 0}"#, "top_p"),
         (r#"{"prompt": "x", "n": 2}"#, "n"),
-        (r#"{"prompt": "x", "stream": true}"#, "stream"),
         (r#"{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
         (r#"{"prompt": []}"#, "prompt"),
     ] {
