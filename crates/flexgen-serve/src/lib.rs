@@ -498,15 +498,53 @@ fn id(prefix: &str) -> String {
     format!("{prefix}-{n:x}")
 }
 
+/// The engine requests of a `/v1/completions` body (at most `limit` new tokens each), and
+/// whether it asks to be streamed; or the error naming the field at fault.
+pub fn completion_requests(body: &[u8], limit: usize) -> Result<(Vec<Request>, bool), ApiError> {
+    let b: CompletionBody = parse(body)?;
+    Ok((b.knobs.requests(b.prompt.into_vec(), limit)?, b.knobs.stream == Some(true)))
+}
+
+/// The engine request of a `/v1/chat/completions` body, its prompt rendered by `template`, and
+/// whether it asks to be streamed; or the error naming the field at fault.
+pub fn chat_requests(
+    body: &[u8],
+    template: &ChatTemplate,
+    limit: usize,
+) -> Result<(Vec<Request>, bool), ApiError> {
+    let b: ChatBody = parse(body)?;
+    if b.messages.is_empty() {
+        return Err(ApiError::invalid("messages: give at least one", Some("messages")));
+    }
+    if let Some(m) =
+        b.messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+    {
+        return Err(ApiError::invalid(
+            &format!("messages: role `{}`: give system, user or assistant", m.role),
+            Some("messages"),
+        ));
+    }
+    let turns: Vec<(String, String)> =
+        b.messages.into_iter().map(|m| (m.role, m.content)).collect();
+    let prompt = template.render(&turns).map_err(|e| ApiError::invalid(&e, Some("messages")))?;
+    let mut requests = b.knobs.requests(vec![prompt], limit)?;
+    // A reply ends where the template would start the next turn.
+    for r in &mut requests {
+        let mut stop = r.stop.take().unwrap_or_default();
+        stop.extend(template.turn_ends().iter().cloned());
+        r.stop = Some(stop);
+    }
+    Ok((requests, b.knobs.stream == Some(true)))
+}
+
 async fn completions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
-    let b: CompletionBody = parse(&body)?;
-    let requests = b.knobs.requests(b.prompt.into_vec(), s.options.max_tokens_limit)?;
-    if b.knobs.stream == Some(true) {
+    let (requests, streamed) = completion_requests(&body, s.options.max_tokens_limit)?;
+    if streamed {
         let (id, created, model) = (id("cmpl"), now(), s.options.model_name.clone());
         return stream_response(&s.engine, requests, move |p, _| {
             let (index, text, reason) = match p {
@@ -539,29 +577,8 @@ async fn chat_completions(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
-    let b: ChatBody = parse(&body)?;
-    if b.messages.is_empty() {
-        return Err(ApiError::invalid("messages: give at least one", Some("messages")));
-    }
-    if let Some(m) =
-        b.messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
-    {
-        return Err(ApiError::invalid(
-            &format!("messages: role `{}`: give system, user or assistant", m.role),
-            Some("messages"),
-        ));
-    }
-    let turns: Vec<(String, String)> =
-        b.messages.into_iter().map(|m| (m.role, m.content)).collect();
-    let prompt = s.template.render(&turns).map_err(|e| ApiError::invalid(&e, Some("messages")))?;
-    let mut requests = b.knobs.requests(vec![prompt], s.options.max_tokens_limit)?;
-    // A reply ends where the template would start the next turn.
-    for r in &mut requests {
-        let mut stop = r.stop.take().unwrap_or_default();
-        stop.extend(s.template.turn_ends().iter().cloned());
-        r.stop = Some(stop);
-    }
-    if b.knobs.stream == Some(true) {
+    let (requests, streamed) = chat_requests(&body, &s.template, s.options.max_tokens_limit)?;
+    if streamed {
         let (id, created, model) = (id("chatcmpl"), now(), s.options.model_name.clone());
         return stream_response(&s.engine, requests, move |p, first| {
             let (delta, reason) = match p {
