@@ -77,12 +77,47 @@ pub struct Engine {
     counts: Arc<Counts>,
 }
 
-/// Requests answered and the generate calls they took (fewer calls than requests: requests
-/// shared blocks).
+/// What the engine has done, for `/health` and `/metrics`: jobs answered and the generate calls
+/// they took (fewer calls than jobs: jobs shared blocks), jobs waiting, tokens, seconds
+/// generating, bytes moved between tiers, and the last call's block fill.
 #[derive(Debug, Default)]
 struct Counts {
     requests: AtomicU64,
     calls: AtomicU64,
+    queued: AtomicU64,
+    prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    /// Microseconds inside generate calls.
+    generate_us: AtomicU64,
+    cpu_to_gpu: AtomicU64,
+    gpu_to_cpu: AtomicU64,
+    disk_read: AtomicU64,
+    disk_write: AtomicU64,
+    /// Prompts of the last call per thousand of a block.
+    fill_permille: AtomicU64,
+}
+
+impl Counts {
+    fn record(
+        &self,
+        stats: &flexgen_runtime::RunStats,
+        seconds: f64,
+        prompts: usize,
+        block: usize,
+    ) {
+        let add = |c: &AtomicU64, v: u64| c.fetch_add(v, Ordering::Relaxed);
+        add(&self.prompt_tokens, stats.prompt_tokens as u64);
+        add(&self.generated_tokens, stats.generated_tokens as u64);
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "µs")]
+        add(&self.generate_us, (seconds * 1e6) as u64);
+        let t = stats.tiers.traffic;
+        add(&self.cpu_to_gpu, t.cpu_to_gpu);
+        add(&self.gpu_to_cpu, t.gpu_to_cpu);
+        add(&self.disk_read, t.disk_read);
+        add(&self.disk_write, t.disk_write);
+        let fill = (prompts.min(block) * 1000 / block.max(1)) as u64;
+        self.fill_permille.store(fill, Ordering::Relaxed);
+    }
 }
 
 impl Engine {
@@ -119,6 +154,7 @@ impl Engine {
     /// Runs `requests` (in the next block with whatever else is waiting).
     async fn run(&self, requests: Vec<Request>) -> Result<Vec<Completion>, ApiError> {
         let (reply, done) = tokio::sync::oneshot::channel();
+        self.counts.queued.fetch_add(1, Ordering::Relaxed);
         self.tx
             .send(Job { requests, reply, tokens: None })
             .map_err(|_| ApiError::server("the engine has stopped"))?;
@@ -148,9 +184,16 @@ fn serve_jobs(
                 Err(_) => break,
             }
         }
+        counts.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
         counts.requests.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         counts.calls.fetch_add(1, Ordering::Relaxed);
-        match generate(generator, &config, &jobs) {
+        let prompts = jobs.iter().map(|j| j.requests.len()).sum();
+        let started = Instant::now();
+        let result = generate(generator, &config, &jobs);
+        if let Ok((_, stats)) = &result {
+            counts.record(stats, started.elapsed().as_secs_f64(), prompts, block);
+        }
+        match result.map(|(done, _)| done) {
             Ok(mut done) => {
                 for j in jobs {
                     let rest = done.split_off(j.requests.len());
@@ -162,8 +205,17 @@ fn serve_jobs(
             Err(_) if jobs.len() > 1 => {
                 counts.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
                 for j in jobs {
+                    let started = Instant::now();
                     let r = generate(generator, &config, std::slice::from_ref(&j));
-                    let _ = j.reply.send(r.map_err(|e| e.to_string()));
+                    if let Ok((_, stats)) = &r {
+                        counts.record(
+                            stats,
+                            started.elapsed().as_secs_f64(),
+                            j.requests.len(),
+                            block,
+                        );
+                    }
+                    let _ = j.reply.send(r.map(|(d, _)| d).map_err(|e| e.to_string()));
                 }
             }
             Err(e) => {
@@ -180,7 +232,7 @@ fn generate(
     generator: &Generator<'_>,
     config: &GenerationConfig,
     jobs: &[Job],
-) -> flexgen_runtime::Result<Vec<Completion>> {
+) -> flexgen_runtime::Result<(Vec<Completion>, flexgen_runtime::RunStats)> {
     let all: Vec<Request> = jobs.iter().flat_map(|j| j.requests.iter().cloned()).collect();
     // Request r of the call is request i of job j.
     let owners: Vec<(usize, usize)> = jobs
@@ -206,7 +258,7 @@ fn generate(
             });
         }
     };
-    generator.generate(&all, config, &mut on_event).map(|(done, _)| done)
+    generator.generate(&all, config, &mut on_event)
 }
 
 /// An OpenAI-style error response.
@@ -257,6 +309,7 @@ pub fn router(engine: Engine, options: ServeOptions, template: ChatTemplate) -> 
     let state = Arc::new(AppState { engine, options, template });
     axum::Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -271,6 +324,75 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
         "requests": c.requests.load(Ordering::Relaxed),
         "generate_calls": c.calls.load(Ordering::Relaxed),
     }))
+}
+
+/// Prometheus metrics (text format 0.0.4).
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    use std::fmt::Write as _;
+    let c = &s.engine.counts;
+    let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    #[expect(clippy::cast_precision_loss, reason = "metrics")]
+    let (secs, fill) = (v(&c.generate_us) as f64 / 1e6, v(&c.fill_permille) as f64 / 1e3);
+    let mut out = String::new();
+    for (name, kind, help, value) in [
+        (
+            "flexgen_requests_total",
+            "counter",
+            "HTTP requests the engine answered",
+            v(&c.requests).to_string(),
+        ),
+        (
+            "flexgen_generate_calls_total",
+            "counter",
+            "generate calls (requests arriving together share one)",
+            v(&c.calls).to_string(),
+        ),
+        (
+            "flexgen_queue_depth",
+            "gauge",
+            "requests waiting for the engine",
+            v(&c.queued).to_string(),
+        ),
+        (
+            "flexgen_prompt_tokens_total",
+            "counter",
+            "prompt tokens prefilled",
+            v(&c.prompt_tokens).to_string(),
+        ),
+        (
+            "flexgen_generated_tokens_total",
+            "counter",
+            "tokens generated",
+            v(&c.generated_tokens).to_string(),
+        ),
+        (
+            "flexgen_generate_seconds_total",
+            "counter",
+            "seconds inside generate calls (tokens/s: rate of generated tokens over this)",
+            format!("{secs:.6}"),
+        ),
+        (
+            "flexgen_block_fill",
+            "gauge",
+            "prompts of the last generate call as a share of a block",
+            format!("{fill:.3}"),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+    out.push_str(
+        "# HELP flexgen_bytes_moved_total bytes moved between memory tiers (PCIe and disk)\n\
+                  # TYPE flexgen_bytes_moved_total counter\n",
+    );
+    for (dir, a) in [
+        ("cpu_to_gpu", &c.cpu_to_gpu),
+        ("gpu_to_cpu", &c.gpu_to_cpu),
+        ("disk_read", &c.disk_read),
+        ("disk_write", &c.disk_write),
+    ] {
+        let _ = writeln!(out, "flexgen_bytes_moved_total{{direction=\"{dir}\"}} {}", v(a));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -441,6 +563,7 @@ fn stream_response(
     let n = requests.len();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (reply, done) = tokio::sync::oneshot::channel();
+    engine.counts.queued.fetch_add(1, Ordering::Relaxed);
     engine
         .tx
         .send(Job { requests, reply, tokens: Some(tx) })

@@ -41,13 +41,15 @@ fn request_bodies_are_parsed_or_refused() {
         let _ = completion_requests(b, 1024);
     });
     let jinja = ChatTemplate::Jinja {
-        source: "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}\
+        source:
+            "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}\
                  {% if add_generation_prompt %}<assistant>{% endif %}"
-            .into(),
+                .into(),
         bos: "<s>".into(),
         eos: "</s>".into(),
     };
-    for (name, t) in [("chat body (chatbot)", ChatTemplate::Chatbot), ("chat body (jinja)", jinja)] {
+    for (name, t) in [("chat body (chatbot)", ChatTemplate::Chatbot), ("chat body (jinja)", jinja)]
+    {
         fuzz(name, 102, &chat_seeds(), |b| {
             let _ = chat_requests(b, &t, 1024);
         });

@@ -139,6 +139,21 @@ fn completions_equal_the_engine_and_concurrent_clients_share_blocks() {
         "six concurrent requests took {} generate calls",
         calls(&s) - before
     );
+    // Prometheus metrics count what was served.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut metrics = String::new();
+    c.read_to_string(&mut metrics).unwrap();
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!(value("flexgen_requests_total") >= 12.0, "{metrics}");
+    assert!(value("flexgen_generated_tokens_total") >= 144.0, "{metrics}");
+    assert!(value("flexgen_generate_seconds_total") > 0.0, "{metrics}");
+    assert!((0.0..=1.0).contains(&value("flexgen_block_fill")), "{metrics}");
+    assert_eq!(value("flexgen_queue_depth"), 0.0, "{metrics}");
+    assert!(metrics.contains("flexgen_bytes_moved_total{direction=\"cpu_to_gpu\"}"), "{metrics}");
     // A list of prompts: a choice each, in order, with usage counted.
     let body = json!({"prompt": PROMPTS[..3], "max_tokens": 12, "temperature": 0}).to_string();
     let (status, v) = call(&s, "POST", "/v1/completions", Some(&body), None);
