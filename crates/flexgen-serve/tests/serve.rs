@@ -50,12 +50,13 @@ fn start(args: &[&str]) -> Server {
     }
 }
 
-/// A streamed request: the `data:` payloads of its server-sent events, in order.
-fn stream(s: &Server, path: &str, body: &str) -> Vec<String> {
+/// One HTTP/1.1 request over a fresh connection: the whole raw response.
+fn raw(s: &Server, method: &str, path: &str, body: &str, auth: Option<&str>) -> String {
     let mut c = TcpStream::connect(&s.addr).unwrap();
+    let auth = auth.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
     write!(
         c,
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{auth}\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         s.addr,
         body.len()
@@ -63,6 +64,12 @@ fn stream(s: &Server, path: &str, body: &str) -> Vec<String> {
     .unwrap();
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A streamed request: the `data:` payloads of its server-sent events, in order.
+fn stream(s: &Server, path: &str, body: &str) -> Vec<String> {
+    let out = raw(s, "POST", path, body, None);
     assert!(out.contains("text/event-stream"), "{out}");
     out.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
 }
@@ -75,19 +82,7 @@ fn call(
     body: Option<&str>,
     auth: Option<&str>,
 ) -> (u16, Value) {
-    let mut c = TcpStream::connect(&s.addr).unwrap();
-    let body = body.unwrap_or("");
-    let auth = auth.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    write!(
-        c,
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{auth}\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        s.addr,
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
+    let out = raw(s, method, path, body.unwrap_or(""), auth);
     let status: u16 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     let json = out.split("\r\n\r\n").nth(1).unwrap_or("");
     (status, serde_json::from_str(json).unwrap_or(Value::Null))
@@ -140,10 +135,7 @@ fn completions_equal_the_engine_and_concurrent_clients_share_blocks() {
         calls(&s) - before
     );
     // Prometheus metrics count what was served.
-    let mut c = TcpStream::connect(&s.addr).unwrap();
-    write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut metrics = String::new();
-    c.read_to_string(&mut metrics).unwrap();
+    let metrics = raw(&s, "GET", "/metrics", "", None);
     let value = |name: &str| -> f64 {
         let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
