@@ -18,7 +18,7 @@ Serve a model over an OpenAI-compatible HTTP API: GET /health, GET /v1/models,
 POST /v1/completions (prompt or list of prompts, max_tokens, temperature, top_p, stop, seed),
 POST /v1/chat/completions (messages, rendered with the model's chat_template from its
 tokenizer_config.json, or the original chatbot's format for models without one), both streamed
-as server-sent events with "stream": true, and Prometheus metrics at GET /metrics.
+as server-sent events with \"stream\": true, and Prometheus metrics at GET /metrics.
 
 One engine runs every request through the policy's block schedule: requests that arrive within
 --batch-wait-ms of each other share a block (up to gpu-batch-size × num-gpu-batches prompts), so
