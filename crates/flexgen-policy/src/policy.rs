@@ -419,7 +419,7 @@ impl Policy {
 
     /// Parses and validates policy TOML.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let policy: Self = toml::from_str(text).map_err(|e| Error::Parse(e.to_string()))?;
+        let policy: Self = toml::from_str(text).map_err(parse_error)?;
         policy.validate()?;
         Ok(policy)
     }
@@ -433,9 +433,7 @@ impl Policy {
     /// overrides (a command line's `--offload-dir` may supply what the file lacks) and then
     /// calls [`Policy::validate`]; errors name the file.
     pub fn parse_toml_file(path: &Path) -> Result<Self> {
-        crate::read_toml_file(path, |text| {
-            toml::from_str(text).map_err(|e| Error::Parse(e.to_string()))
-        })
+        crate::read_toml_file(path, |text| toml::from_str(text).map_err(parse_error))
     }
 
     /// The policy as TOML.
@@ -449,9 +447,32 @@ impl Policy {
     }
 }
 
+/// A policy that does not parse; a missing key gets the fix (every key but the optional ones is
+/// required, so that nothing is left to a default the writer did not see).
+fn parse_error(e: toml::de::Error) -> Error {
+    let mut m = e.to_string();
+    if m.contains("missing field") {
+        m.push_str(
+            "every key of docs/policy-format.md is required except offload_dir, [prediction] \
+             and [[stage]]: copy the missing one from policies/default.toml",
+        );
+    }
+    Error::Parse(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_key_is_named_with_the_fix() {
+        let Err(e) = Policy::from_toml_str("version = 1\ngpu_batch_size = 4\n") else {
+            panic!("a policy of two keys accepted")
+        };
+        let m = e.to_string();
+        assert!(m.contains("num_gpu_batches") || m.contains("cpu_cache_compute"), "{m}");
+        assert!(m.contains("policies/default.toml"), "{m}");
+    }
 
     #[test]
     fn default_round_trips_and_validates() {
