@@ -419,7 +419,7 @@ impl Policy {
 
     /// Parses and validates policy TOML.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let policy: Self = toml::from_str(text).map_err(parse_error)?;
+        let policy: Self = toml::from_str(text).map_err(|e| parse_error(&e))?;
         policy.validate()?;
         Ok(policy)
     }
@@ -433,7 +433,7 @@ impl Policy {
     /// overrides (a command line's `--offload-dir` may supply what the file lacks) and then
     /// calls [`Policy::validate`]; errors name the file.
     pub fn parse_toml_file(path: &Path) -> Result<Self> {
-        crate::read_toml_file(path, |text| toml::from_str(text).map_err(parse_error))
+        crate::read_toml_file(path, |text| toml::from_str(text).map_err(|e| parse_error(&e)))
     }
 
     /// The policy as TOML.
@@ -449,7 +449,7 @@ impl Policy {
 
 /// A policy that does not parse; a missing key gets the fix (every key but the optional ones is
 /// required, so that nothing is left to a default the writer did not see).
-fn parse_error(e: toml::de::Error) -> Error {
+fn parse_error(e: &toml::de::Error) -> Error {
     let mut m = e.to_string();
     if m.contains("missing field") {
         m.push_str(
