@@ -95,6 +95,7 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
         ("", "flexgen-run"),
         ("", "flexgen-plan"),
         ("", "flexgen-profile"),
+        ("", "flexgen-serve"),
         ("examples", "cuda_check"),
         ("examples", "gpu_check"),
         ("examples", "executor_check"),
