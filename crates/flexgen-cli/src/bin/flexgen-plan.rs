@@ -30,7 +30,8 @@ Examples:
   flexgen-plan --hardware policies/hardware/t4-16gb.toml --model opt-30b --prompt-len 512 --gen-len 32 --out p.toml
   flexgen-plan --hardware hw.toml --model opt-175b --prompt-len 512 --gen-len 32 --explain
   flexgen-plan --hardware policies/hardware/h200.toml --model opt-30b --gpu-mem-limit 16GiB --no-compression --out p.toml
-  flexgen-plan --hardware 4xh200.toml --model llama-3.1-70b --prompt-len 512 --gen-len 32 --stages 4 --out p.toml
+  flexgen-profile --out host.toml && flexgen-plan --hardware host.toml --model llama-3.1-70b \\
+               --prompt-len 512 --gen-len 32 --stages 4 --out p.toml   # a host with 4 GPUs alike
   flexgen-plan --hardware policies/hardware/t4-16gb.toml --model opt-30b --percent 20 80 0 100 0 100 \\
                --gpu-batch-size 48 --num-gpu-batches 3";
 
