@@ -27,6 +27,7 @@ use flexgen_runtime::{Completion, FinishReason, GenerationConfig, Generator, Req
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+mod batch;
 mod template;
 
 pub use template::ChatTemplate;
@@ -44,6 +45,10 @@ pub struct ServeOptions {
     pub block_size: usize,
     /// The most new tokens a request may ask for.
     pub max_tokens_limit: usize,
+    /// The most requests waiting for the engine; more are refused with 429.
+    pub max_queue: usize,
+    /// The largest upload to `/v1/files`, in bytes (other bodies: 2 MiB).
+    pub max_upload_bytes: usize,
 }
 
 /// One engine job: requests, where their completions go, and (streamed) where their tokens go
@@ -151,10 +156,34 @@ impl Engine {
         Ok(Self { tx, counts })
     }
 
+    /// Runs `requests` from a thread outside the async runtime (the batch worker).
+    fn run_blocking(&self, requests: Vec<Request>) -> Result<Vec<Completion>, String> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.counts.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Job { requests, reply, tokens: None })
+            .map_err(|_| "the engine has stopped".to_string())?;
+        done.blocking_recv().map_err(|_| "the engine stopped before answering".to_string())?
+    }
+
+    /// Counts a new waiting job, or refuses it when `limit` are waiting already.
+    fn enqueue(&self, limit: usize) -> Result<(), ApiError> {
+        let before = self.counts.queued.fetch_add(1, Ordering::Relaxed);
+        if before >= limit as u64 {
+            self.counts.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!("{before} requests are waiting (--max-queue): retry later"),
+                kind: "rate_limit_error",
+                param: None,
+            });
+        }
+        Ok(())
+    }
+
     /// Runs `requests` (in the next block with whatever else is waiting).
     async fn run(&self, requests: Vec<Request>) -> Result<Vec<Completion>, ApiError> {
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.counts.queued.fetch_add(1, Ordering::Relaxed);
         self.tx
             .send(Job { requests, reply, tokens: None })
             .map_err(|_| ApiError::server("the engine has stopped"))?;
@@ -290,9 +319,16 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The error as `OpenAI`'s JSON body.
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}})
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}});
+        let body = self.body();
         (self.status, Json(body)).into_response()
     }
 }
@@ -302,18 +338,49 @@ struct AppState {
     engine: Engine,
     options: ServeOptions,
     template: ChatTemplate,
+    /// The batch API's state directory, when the server has one.
+    store: Option<batch::Store>,
 }
 
-/// The server's routes over `engine`.
-pub fn router(engine: Engine, options: ServeOptions, template: ChatTemplate) -> axum::Router {
-    let state = Arc::new(AppState { engine, options, template });
-    axum::Router::new()
+/// The server's routes over `engine`; with `state_dir`, the batch API too, its worker started
+/// here (resuming the batches a previous server left unfinished).
+pub fn router(
+    engine: Engine,
+    options: ServeOptions,
+    template: ChatTemplate,
+    state_dir: Option<&std::path::Path>,
+) -> anyhow::Result<axum::Router> {
+    let (store, bell) = match state_dir {
+        Some(d) => {
+            let (s, bell) = batch::Store::open(d)?;
+            (Some(s), Some(bell))
+        }
+        None => (None, None),
+    };
+    let upload_limit = options.max_upload_bytes;
+    let state = Arc::new(AppState { engine, options, template, store });
+    if let Some(bell) = bell {
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("flexgen-batches".into())
+            .spawn(move || batch::work(&st, &bell))?;
+    }
+    Ok(axum::Router::new()
+        .route(
+            "/v1/files",
+            post(batch::upload).layer(axum::extract::DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/v1/files/{id}", get(batch::file))
+        .route("/v1/files/{id}/content", get(batch::file_content))
+        .route("/v1/batches", post(batch::create).get(batch::list))
+        .route("/v1/batches/{id}", get(batch::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batch::cancel))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .with_state(state)
+        .with_state(state))
 }
 
 /// Liveness, and how many requests the engine has answered in how many generate calls.
@@ -401,7 +468,12 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
+    // Compared in time independent of where the bytes differ.
+    let same = given.is_some_and(|g| {
+        g.len() == key.len()
+            && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if same {
         return Ok(());
     }
     Err(ApiError {
@@ -563,7 +635,6 @@ fn stream_response(
     let n = requests.len();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (reply, done) = tokio::sync::oneshot::channel();
-    engine.counts.queued.fetch_add(1, Ordering::Relaxed);
     engine
         .tx
         .send(Job { requests, reply, tokens: Some(tx) })
@@ -669,6 +740,7 @@ async fn completions(
     let (requests, streamed) = completion_requests(&body, s.options.max_tokens_limit)?;
     if streamed {
         let (id, created, model) = (id("cmpl"), now(), s.options.model_name.clone());
+        s.engine.enqueue(s.options.max_queue)?;
         return stream_response(&s.engine, requests, move |p, _| {
             let (index, text, reason) = match p {
                 Piece::Text { index, text } => (*index, text.as_str(), None),
@@ -678,7 +750,13 @@ async fn completions(
                    "choices": [{"text": text, "index": index, "logprobs": null, "finish_reason": reason}]})
         });
     }
+    s.engine.enqueue(s.options.max_queue)?;
     let done = s.engine.run(requests).await?;
+    Ok(Json(completion_json(&done, &s.options.model_name)).into_response())
+}
+
+/// A `/v1/completions` response for `done`.
+fn completion_json(done: &[Completion], model: &str) -> Value {
     let choices: Vec<Value> = done
         .iter()
         .enumerate()
@@ -687,11 +765,21 @@ async fn completions(
                    "finish_reason": finish(c)})
         })
         .collect();
-    Ok(Json(json!({
+    json!({
         "id": id("cmpl"), "object": "text_completion", "created": now(),
-        "model": s.options.model_name, "choices": choices, "usage": usage(&done),
-    }))
-    .into_response())
+        "model": model, "choices": choices, "usage": usage(done),
+    })
+}
+
+/// A `/v1/chat/completions` response for `done` (one completion).
+fn chat_json(done: &[Completion], model: &str) -> Value {
+    let c = &done[0];
+    json!({
+        "id": id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
+        "choices": [{"index": 0, "finish_reason": finish(c),
+                     "message": {"role": "assistant", "content": c.text.clone().unwrap_or_default().trim()}}],
+        "usage": usage(done),
+    })
 }
 
 async fn chat_completions(
@@ -703,6 +791,7 @@ async fn chat_completions(
     let (requests, streamed) = chat_requests(&body, &s.template, s.options.max_tokens_limit)?;
     if streamed {
         let (id, created, model) = (id("chatcmpl"), now(), s.options.model_name.clone());
+        s.engine.enqueue(s.options.max_queue)?;
         return stream_response(&s.engine, requests, move |p, first| {
             let (delta, reason) = match p {
                 Piece::Text { text, .. } if first => {
@@ -715,14 +804,7 @@ async fn chat_completions(
                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
         });
     }
+    s.engine.enqueue(s.options.max_queue)?;
     let done = s.engine.run(requests).await?;
-    let c = &done[0];
-    Ok(Json(json!({
-        "id": id("chatcmpl"), "object": "chat.completion", "created": now(),
-        "model": s.options.model_name,
-        "choices": [{"index": 0, "finish_reason": finish(c),
-                     "message": {"role": "assistant", "content": c.text.clone().unwrap_or_default().trim()}}],
-        "usage": usage(&done),
-    }))
-    .into_response())
+    Ok(Json(chat_json(&done, &s.options.model_name)).into_response())
 }

@@ -69,6 +69,16 @@ struct Cli {
     /// The most tokens a request may generate (its `max_tokens`).
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_tokens_limit: usize,
+    /// Folder of the batch API's files and batches (/v1/files, /v1/batches); unfinished batches
+    /// resume when the server starts again with it. Without it the batch API is off.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The most requests waiting for the engine; more get 429.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_queue: usize,
+    /// The largest batch input upload (/v1/files), e.g. 200MiB; other bodies are limited to 2 MiB.
+    #[arg(long, value_name = "SIZE", value_parser = flexgen_cli::parse_bytes, default_value = "200MiB")]
+    max_upload: u64,
     /// With --device cuda: the longest prompt in tokens the GPU buffers are sized for.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_prompt_tokens: usize,
@@ -100,6 +110,8 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         batch_wait: Duration::from_millis(cli.batch_wait_ms),
         block_size: policy.block_size(),
         max_tokens_limit: cli.max_tokens_limit,
+        max_queue: cli.max_queue,
+        max_upload_bytes: usize::try_from(cli.max_upload).unwrap_or(usize::MAX),
     };
     let (name, dummy, tokenizer) = (cli.model.clone(), cli.dummy, cli.tokenizer.clone());
     let load = move || -> anyhow::Result<Model> {
@@ -137,7 +149,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         Generator::on(model, policy, device).context("setting up the engine")
     });
     let engine = Engine::start(load, build, &options)?;
-    let app = router(engine, options, template);
+    let app = router(engine, options, template, cli.state_dir.as_deref())?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         let addr = format!("{}:{}", cli.host, cli.port);

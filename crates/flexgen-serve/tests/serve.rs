@@ -265,3 +265,137 @@ fn chat_prompts_come_from_the_models_template() {
         "{err}"
     );
 }
+
+/// A multipart upload of `data` to `/v1/files` with purpose `batch`: the file's id.
+fn upload(s: &Server, data: &str) -> String {
+    let b = "flexgenboundary";
+    let form = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{data}\r\n--{b}--\r\n"
+    );
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(
+        c,
+        "POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={b}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    let v: Value = serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    v["id"].as_str().unwrap_or_else(|| panic!("{out}")).to_string()
+}
+
+/// Polls batch `id` until it is no longer in progress: its record.
+fn wait_batch(s: &Server, id: &str) -> Value {
+    for _ in 0..600 {
+        let (status, v) = call(s, "GET", &format!("/v1/batches/{id}"), None, None);
+        assert_eq!(status, 200, "{v}");
+        if !matches!(v["status"].as_str(), Some("in_progress" | "cancelling")) {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("batch {id} did not finish");
+}
+
+/// The lines of file `id`, by `custom_id`.
+fn results(s: &Server, id: &str) -> Vec<(String, Value)> {
+    let out = raw(s, "GET", &format!("/v1/files/{id}/content"), "", None);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    body.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["custom_id"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+fn batch_line(id: &str, prompt: &str, tokens: u32) -> String {
+    json!({"custom_id": id, "method": "POST", "url": "/v1/completions",
+           "body": {"prompt": prompt, "max_tokens": tokens, "temperature": 0}})
+    .to_string()
+}
+
+#[test]
+fn batches_run_on_the_engine_and_resume_after_a_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap().to_string();
+    let s = start(&["--state-dir", &dir, "--gpu-batch-size", "2", "--num-gpu-batches", "2"]);
+    let mut lines: Vec<String> =
+        PROMPTS.iter().enumerate().map(|(i, p)| batch_line(&format!("q{i}"), p, 10)).collect();
+    lines.push(json!({"custom_id": "bad", "body": {"prompt": "x", "max_tokens": 0}}).to_string());
+    lines.push("not json".into());
+    let file = upload(&s, &lines.join("\n"));
+    let body =
+        json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"});
+    let (status, b) = call(&s, "POST", "/v1/batches", Some(&body.to_string()), None);
+    assert_eq!(status, 200, "{b}");
+    let b = wait_batch(&s, b["id"].as_str().unwrap());
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(b["request_counts"], json!({"total": 8, "completed": 6, "failed": 2}));
+    let out = results(&s, b["output_file_id"].as_str().unwrap());
+    assert_eq!(out.len(), 6);
+    for (cid, v) in &out {
+        let i: usize = cid[1..].parse().unwrap();
+        assert_eq!(v["response"]["status_code"], 200);
+        let text = v["response"]["body"]["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(text, complete(&s, PROMPTS[i], 10), "{cid}");
+    }
+    let errors = results(&s, b["error_file_id"].as_str().unwrap());
+    assert_eq!(errors.iter().map(|e| e.0.as_str()).collect::<Vec<_>>().len(), 2, "{errors:?}");
+    let (status, list) = call(&s, "GET", "/v1/batches", None, None);
+    assert_eq!((status, list["data"][0]["id"].clone()), (200, b["id"].clone()));
+    let (status, _) = call(&s, "GET", "/v1/batches/batch_nope", None, None);
+    assert_eq!(status, 404);
+    let (status, v) = call(
+        &s,
+        "POST",
+        "/v1/batches",
+        Some(r#"{"input_file_id": "../x", "endpoint": "/v1/completions"}"#),
+        None,
+    );
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("input_file_id")), "{v}");
+    drop(s);
+
+    // A batch left in progress, one line already written: a restarted server finishes it and
+    // writes every other line once, the written one not again.
+    let root = state.path();
+    let input: Vec<String> =
+        PROMPTS[..3].iter().enumerate().map(|(i, p)| batch_line(&format!("r{i}"), p, 6)).collect();
+    std::fs::write(root.join("files/file-in.jsonl"), input.join("\n")).unwrap();
+    std::fs::write(root.join("files/file-in.json"), r#"{"id": "file-in", "object": "file"}"#)
+        .unwrap();
+    let kept = json!({"id": "batch_req_old", "custom_id": "r1", "response": {"status_code": 200, "body": {"kept": true}}, "error": null});
+    std::fs::write(root.join("files/file-out.jsonl"), format!("{kept}\n")).unwrap();
+    std::fs::write(root.join("files/file-err.jsonl"), "").unwrap();
+    let left = json!({"id": "batch_left", "object": "batch", "endpoint": "/v1/completions",
+                      "input_file_id": "file-in", "output_file_id": "file-out", "error_file_id": "file-err",
+                      "status": "in_progress", "created_at": 1,
+                      "request_counts": {"total": 3, "completed": 1, "failed": 0}});
+    std::fs::write(root.join("batches/batch_left.json"), left.to_string()).unwrap();
+    let s = start(&["--state-dir", &dir]);
+    let b = wait_batch(&s, "batch_left");
+    assert_eq!(b["status"], "completed", "{b}");
+    let out = results(&s, "file-out");
+    let ids: Vec<&str> = out.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    for want in ["r0", "r1", "r2"] {
+        assert_eq!(ids.iter().filter(|&&c| c == want).count(), 1, "{ids:?}");
+    }
+    assert_eq!(out[0].1["response"]["body"]["kept"], true, "the written line is left as it was");
+    assert_eq!(b["request_counts"]["completed"], 3);
+}
+
+#[test]
+fn without_a_state_dir_the_batch_api_says_how_to_turn_it_on_and_a_full_queue_says_429() {
+    let s = start(&["--max-queue", "0"]);
+    let (status, v) = call(&s, "GET", "/v1/batches", None, None);
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--state-dir"), "{v}");
+    let body = json!({"prompt": "Amen", "max_tokens": 2}).to_string();
+    let (status, v) = call(&s, "POST", "/v1/completions", Some(&body), None);
+    assert_eq!((status, v["error"]["type"].as_str()), (429, Some("rate_limit_error")), "{v}");
+}
