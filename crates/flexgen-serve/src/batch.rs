@@ -163,15 +163,25 @@ fn store(s: &AppState) -> Result<&Store, ApiError> {
     })
 }
 
+/// The JSON record of file or batch (`what`) `id`, at `path` in the store, or 404.
+fn record(
+    s: &AppState,
+    headers: &HeaderMap,
+    (what, id): (&str, &str),
+    path: fn(&Store, &str) -> PathBuf,
+) -> Result<Json<Value>, ApiError> {
+    authorize(s, headers)?;
+    let store = store(s)?;
+    let v = safe(id).then(|| Store::read_json(&path(store, id))).flatten();
+    v.map(Json).ok_or_else(|| not_found(what, id))
+}
+
 pub(crate) async fn file(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&s, &headers)?;
-    let store = store(&s)?;
-    let meta = safe(&id).then(|| Store::read_json(&store.file_meta(&id))).flatten();
-    meta.map(Json).ok_or_else(|| not_found("file", &id))
+    record(&s, &headers, ("file", &id), Store::file_meta)
 }
 
 pub(crate) async fn file_content(
@@ -232,10 +242,7 @@ pub(crate) async fn retrieve(
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&s, &headers)?;
-    let store = store(&s)?;
-    let b = safe(&id).then(|| Store::read_json(&store.batch_path(&id))).flatten();
-    b.map(Json).ok_or_else(|| not_found("batch", &id))
+    record(&s, &headers, ("batch", &id), Store::batch_path)
 }
 
 pub(crate) async fn list(
