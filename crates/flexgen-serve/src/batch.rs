@@ -356,7 +356,10 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
     store.save_batch(&b)?;
     let out = store.file_data(b["output_file_id"].as_str().unwrap_or_default());
     let err = store.file_data(b["error_file_id"].as_str().unwrap_or_default());
-    let seen: HashSet<String> = done_ids(&out).union(&done_ids(&err)).cloned().collect();
+    let (written, refused) = (done_ids(&out), done_ids(&err));
+    // Counted as lines are appended below, not by reading the files again.
+    let (mut completed, mut failed) = (written.len(), refused.len());
+    let seen: HashSet<String> = written.union(&refused).cloned().collect();
     let input =
         std::fs::read_to_string(store.file_data(b["input_file_id"].as_str().unwrap_or_default()))?;
     let endpoint = b["endpoint"].as_str().unwrap_or_default().to_string();
@@ -389,6 +392,7 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
                         &[json!({"id": new_id("batch_req_"), "custom_id": cid, "response": null,
                                           "error": {"code": "invalid_request", "message": m}})],
                     )?;
+                    failed += 1;
                 }
             }
         }
@@ -417,22 +421,9 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
                     "response": {"status_code": 400, "request_id": new_id("req_"), "body": e.body()}, "error": null})),
             }
         }
-        // The chunk's requests as one engine job (they share blocks); if the engine refuses it,
-        // line by line, so that only the line at fault fails.
-        let all: Vec<_> = runnable.iter().flat_map(|(_, r)| r.iter().cloned()).collect();
-        let results: Vec<Result<Vec<flexgen_runtime::Completion>, String>> = match state
-            .engine
-            .run_blocking(all)
-        {
-            Ok(mut done) => runnable
-                .iter()
-                .map(|(_, r)| {
-                    let rest = done.split_off(r.len());
-                    Ok(std::mem::replace(&mut done, rest))
-                })
-                .collect(),
-            Err(_) => runnable.iter().map(|(_, r)| state.engine.run_blocking(r.clone())).collect(),
-        };
+        // One engine job per line, all queued at once: the engine runs them in shared blocks,
+        // and a line it refuses fails alone.
+        let results = state.engine.run_all_blocking(runnable.iter().map(|(_, r)| r.clone()));
         for ((cid, _), result) in runnable.into_iter().zip(results) {
             let line = match result {
                 Ok(done) => {
@@ -455,11 +446,12 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
         }
         append(&out, &ok_lines)?;
         append(&err, &bad_lines)?;
+        (completed, failed) = (completed + ok_lines.len(), failed + bad_lines.len());
         let _guard = store.records.lock().expect("batch records");
         let cur = Store::read_json(&store.batch_path(&id)).unwrap_or_else(|| b.clone());
         b["status"] = cur["status"].clone();
-        b["request_counts"]["completed"] = json!(done_ids(&out).len());
-        b["request_counts"]["failed"] = json!(done_ids(&err).len());
+        b["request_counts"]["completed"] = json!(completed);
+        b["request_counts"]["failed"] = json!(failed);
         store.save_batch(&b)?;
     }
     let _guard = store.records.lock().expect("batch records");
@@ -469,7 +461,7 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
         b["status"] = json!(if cancelled { "cancelled" } else { "completed" });
         b[if cancelled { "cancelled_at" } else { "completed_at" }] = json!(now());
     }
-    b["request_counts"]["completed"] = json!(done_ids(&out).len());
-    b["request_counts"]["failed"] = json!(done_ids(&err).len());
+    b["request_counts"]["completed"] = json!(completed);
+    b["request_counts"]["failed"] = json!(failed);
     store.save_batch(&b)
 }

@@ -156,14 +156,28 @@ impl Engine {
         Ok(Self { tx, counts })
     }
 
-    /// Runs `requests` from a thread outside the async runtime (the batch worker).
-    fn run_blocking(&self, requests: Vec<Request>) -> Result<Vec<Completion>, String> {
-        let (reply, done) = tokio::sync::oneshot::channel();
-        self.counts.queued.fetch_add(1, Ordering::Relaxed);
-        self.tx
-            .send(Job { requests, reply, tokens: None })
-            .map_err(|_| "the engine has stopped".to_string())?;
-        done.blocking_recv().map_err(|_| "the engine stopped before answering".to_string())?
+    /// Runs each of `jobs` as a job of its own, all queued at once so that the engine gathers
+    /// them into shared blocks, from a thread outside the async runtime (the batch worker):
+    /// each job's completions or refusal, in order.
+    fn run_all_blocking(
+        &self,
+        jobs: impl Iterator<Item = Vec<Request>>,
+    ) -> Vec<Result<Vec<Completion>, String>> {
+        let waiting: Vec<_> = jobs
+            .map(|requests| {
+                let (reply, done) = tokio::sync::oneshot::channel();
+                self.counts.queued.fetch_add(1, Ordering::Relaxed);
+                self.tx.send(Job { requests, reply, tokens: None }).ok().map(|()| done)
+            })
+            .collect();
+        waiting
+            .into_iter()
+            .map(|done| {
+                done.ok_or_else(|| "the engine has stopped".to_string())?
+                    .blocking_recv()
+                    .map_err(|_| "the engine stopped before answering".to_string())?
+            })
+            .collect()
     }
 
     /// Counts a new waiting job, or refuses it when `limit` are waiting already.
@@ -215,14 +229,7 @@ fn serve_jobs(
         }
         counts.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
         counts.requests.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        counts.calls.fetch_add(1, Ordering::Relaxed);
-        let prompts = jobs.iter().map(|j| j.requests.len()).sum();
-        let started = Instant::now();
-        let result = generate(generator, &config, &jobs);
-        if let Ok((_, stats)) = &result {
-            counts.record(stats, started.elapsed().as_secs_f64(), prompts, block);
-        }
-        match result.map(|(done, _)| done) {
+        match generate(generator, &config, &jobs, (counts, block)) {
             Ok(mut done) => {
                 for j in jobs {
                     let rest = done.split_off(j.requests.len());
@@ -232,19 +239,9 @@ fn serve_jobs(
             }
             // One job's request may be at fault: run each alone so that only it fails.
             Err(_) if jobs.len() > 1 => {
-                counts.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
                 for j in jobs {
-                    let started = Instant::now();
-                    let r = generate(generator, &config, std::slice::from_ref(&j));
-                    if let Ok((_, stats)) = &r {
-                        counts.record(
-                            stats,
-                            started.elapsed().as_secs_f64(),
-                            j.requests.len(),
-                            block,
-                        );
-                    }
-                    let _ = j.reply.send(r.map(|(d, _)| d).map_err(|e| e.to_string()));
+                    let r = generate(generator, &config, std::slice::from_ref(&j), (counts, block));
+                    let _ = j.reply.send(r.map_err(|e| e.to_string()));
                 }
             }
             Err(e) => {
@@ -256,12 +253,14 @@ fn serve_jobs(
     }
 }
 
-/// One generate call over `jobs`' requests, their tokens sent to the jobs that stream them.
+/// One generate call over `jobs`' requests, their tokens sent to the jobs that stream them,
+/// counted in `counts` (with the block's fill of `block` prompts).
 fn generate(
     generator: &Generator<'_>,
     config: &GenerationConfig,
     jobs: &[Job],
-) -> flexgen_runtime::Result<(Vec<Completion>, flexgen_runtime::RunStats)> {
+    (counts, block): (&Counts, usize),
+) -> flexgen_runtime::Result<Vec<Completion>> {
     let all: Vec<Request> = jobs.iter().flat_map(|j| j.requests.iter().cloned()).collect();
     // Request r of the call is request i of job j.
     let owners: Vec<(usize, usize)> = jobs
@@ -287,7 +286,11 @@ fn generate(
             });
         }
     };
-    generator.generate(&all, config, &mut on_event)
+    counts.calls.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let (done, stats) = generator.generate(&all, config, &mut on_event)?;
+    counts.record(&stats, started.elapsed().as_secs_f64(), all.len(), block);
+    Ok(done)
 }
 
 /// An OpenAI-style error response.
