@@ -207,7 +207,6 @@ fn combine(
         pred.peak_cpu_bytes = bytes(best.iter().map(|c| c.peak_cpu_bytes).sum());
         pred.peak_disk_bytes = bytes(best.iter().map(|c| c.disk_bytes).sum());
         pred.binding = format!("stage {slowest}: {}", best[slowest].binding);
-        pred.model.clone_from(&spec.name);
     }
     let candidates = vec![crate::Candidate {
         tokens_per_s,

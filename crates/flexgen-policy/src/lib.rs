@@ -16,6 +16,7 @@ pub use hardware::{
 };
 pub use policy::{
     Compression, POLICY_VERSION, Placement, Policy, Prediction, Stage, Tier, TierShares,
+    check_stage_layers,
 };
 pub use spec::{Family, MlpKind, ModelSpec, NormKind, PositionKind, RopeScaling, Workload, bounds};
 

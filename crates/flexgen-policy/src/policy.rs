@@ -392,26 +392,8 @@ impl Policy {
         }
         // After the policy's own keys, so that an error in them is not reported as a stage's.
         for (i, stage) in self.stages.iter().enumerate() {
-            let [start, end] = stage.layers;
             let want = i.checked_sub(1).map_or(0, |p| self.stages[p].layers[1]);
-            if start >= end || start != want {
-                let problem = if start >= end {
-                    "a stage holds at least one layer".to_string()
-                } else if i == 0 {
-                    "the first stage must start at layer 0".to_string()
-                } else {
-                    format!("the stage before ends at layer {want}")
-                };
-                return Err(Error::invalid(
-                    format!("stage[{i}].layers"),
-                    format!("[{start}, {end}]"),
-                    problem,
-                    format!(
-                        "write [first layer, one past the last], in layer order, this one \
-                         starting at {want}"
-                    ),
-                ));
-            }
+            check_stage_layers(i, stage.layers, want)?;
             self.stage_policy(i).validate().map_err(|e| e.in_stage(i))?;
         }
         Ok(())
@@ -445,6 +427,30 @@ impl Policy {
     pub fn write_toml_file(&self, path: &Path) -> Result<()> {
         crate::write_file_atomic(path, &self.to_toml())
     }
+}
+
+/// Checks pipeline stage `i`'s layers `[start, end]`: at least one layer, starting at `want`,
+/// where the stage before ends (0 for the first). The one check of stage order, for a policy's
+/// `[[stage]]` entries and for the runtime's pipelines alike.
+pub fn check_stage_layers(i: usize, [start, end]: [u32; 2], want: u32) -> Result<()> {
+    if start < end && start == want {
+        return Ok(());
+    }
+    let problem = if start >= end {
+        "a stage holds at least one layer".to_string()
+    } else if i == 0 {
+        "the first stage must start at layer 0".to_string()
+    } else {
+        format!("the stage before ends at layer {want}")
+    };
+    Err(Error::invalid(
+        format!("stage[{i}].layers"),
+        format!("[{start}, {end}]"),
+        problem,
+        format!(
+            "write [first layer, one past the last], in layer order, this one starting at {want}"
+        ),
+    ))
 }
 
 /// A policy that does not parse; a missing key gets the fix (every key but the optional ones is

@@ -107,10 +107,9 @@ impl<'m> HostStage<'m> {
         let mut traffic = Traffic::default();
         loop {
             match wire.recv()? {
-                Msg::Block { sizes, max_len } => {
-                    let shapes: Vec<(usize, usize)> = sizes.iter().map(|&n| (n, 0)).collect();
+                Msg::Block { shapes, max_len } => {
                     stores = Some(me.stores(&part, &shapes, max_len).map_err(fail)?);
-                    wire.send(&Msg::Block { sizes, max_len })?;
+                    wire.send(&Msg::Block { shapes, max_len })?;
                 }
                 Msg::Group(mut g) => {
                     let (kv, act) = stores.as_mut().ok_or_else(|| {
@@ -124,7 +123,7 @@ impl<'m> HostStage<'m> {
                     let steps = g
                         .starts
                         .iter()
-                        .map(|st| step_inputs(&model.spec, st, g.past, g.t))
+                        .map(|st| step_inputs(&model.spec, st, g.past, g.t).map(|(_, s)| s))
                         .collect::<Result<Vec<_>>>()
                         .map_err(fail)?;
                     me.run_part(&part, (kv, act), (g.first, &mut g.hidden), &steps, &mut traffic)
@@ -243,10 +242,7 @@ impl<'m> HostStage<'m> {
         past: usize,
         t: usize,
     ) -> Result<(Tensor, layers::StepInputs<Cpu>)> {
-        let spec = &self.model.spec;
-        let masks: Vec<Vec<bool>> = starts.iter().map(|&s| stage::mask(s, past + t)).collect();
-        let (pos, _) = layers::step_inputs(spec, &masks, t);
-        let step = step_inputs(spec, starts, past, t)?;
+        let (pos, step) = step_inputs(&self.model.spec, starts, past, t)?;
         Ok((layers::embed(&Cpu, &self.model.weights, ids, &pos, (starts.len(), t))?, step))
     }
 }
@@ -262,17 +258,18 @@ struct Step<'a> {
     past: usize,
 }
 
-/// The attention mask and rotary tables of a step of `t` positions after `past`, for rows with
-/// `starts` padding positions.
+/// The position-table indices (`[rows, t]`, row-major) and the attention mask and rotary tables
+/// of a step of `t` positions after `past`, for rows with `starts` padding positions.
 fn step_inputs(
     spec: &flexgen_policy::ModelSpec,
     starts: &[usize],
     past: usize,
     t: usize,
-) -> Result<layers::StepInputs<Cpu>> {
+) -> Result<(Vec<u32>, layers::StepInputs<Cpu>)> {
     let masks: Vec<Vec<bool>> = starts.iter().map(|&s| stage::mask(s, past + t)).collect();
     let (pos, allowed) = layers::step_inputs(spec, &masks, t);
-    Ok(layers::StepInputs::new(&Cpu, spec, &allowed, &pos)?)
+    let step = layers::StepInputs::new(&Cpu, spec, &allowed, &pos)?;
+    Ok((pos, step))
 }
 
 fn unexpected(m: &Msg) -> crate::Error {
@@ -442,7 +439,7 @@ impl Stage for HostStage<'_> {
         }
         // The other ranks' stages set up theirs; the block comes back round once they have.
         if let Some(ring) = &self.ring {
-            let block = Msg::Block { sizes: shapes.iter().map(|s| s.0).collect(), max_len };
+            let block = Msg::Block { shapes: shapes.clone(), max_len };
             if let Err(e) = ring.send(&block) {
                 // The next rank stopped: what went round before it did says why.
                 return Err(match ring.recv() {
@@ -505,18 +502,10 @@ impl Stage for HostStage<'_> {
 /// Stages must be contiguous, non-empty layer ranges covering the model in order.
 fn check_stages(model: &Model, stages: &[(Range<u32>, Policy)]) -> Result<()> {
     let mut next = 0;
-    for (r, p) in stages {
+    for (i, (r, p)) in stages.iter().enumerate() {
         p.validate()?;
-        if r.start != next || r.end <= r.start {
-            return Err(crate::Error::Config {
-                field: "stage",
-                message: format!(
-                    "stage layers [{}, {}] do not continue from layer {next}: stages must be \
-                         contiguous, non-empty ranges covering the model's {} layers in order",
-                    r.start, r.end, model.spec.num_layers
-                ),
-            });
-        }
+        flexgen_policy::check_stage_layers(i, [r.start, r.end], next)
+            .map_err(|e| crate::Error::Config { field: "stage", message: e.to_string() })?;
         next = r.end;
     }
     if next != model.spec.num_layers {

@@ -37,8 +37,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_mins(2);
 /// What goes round the ring.
 #[derive(Debug)]
 pub(crate) enum Msg {
-    /// A new block: its micro-batches' row counts and longest context.
-    Block { sizes: Vec<usize>, max_len: usize },
+    /// A new block: its micro-batches' (rows, prompt width) and longest context.
+    Block { shapes: Vec<(usize, usize)>, max_len: usize },
     /// A group of micro-batches at one step.
     Group(Group),
     /// Rank `rank` failed.
@@ -103,11 +103,12 @@ const MAX_ITEMS: usize = 1 << 24;
 impl Msg {
     pub(crate) fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
         match self {
-            Msg::Block { sizes, max_len } => {
+            Msg::Block { shapes, max_len } => {
                 w.write_all(&[1])?;
-                put_u64(w, sizes.len())?;
-                for &s in sizes {
-                    put_u64(w, s)?;
+                put_u64(w, shapes.len())?;
+                for &(rows, width) in shapes {
+                    put_u64(w, rows)?;
+                    put_u64(w, width)?;
                 }
                 put_u64(w, *max_len)?;
             }
@@ -149,18 +150,14 @@ impl Msg {
         Ok(match kind[0] {
             1 => {
                 let n = get_len(r, MAX_ITEMS)?;
-                let sizes = (0..n).map(|_| get_len(r, MAX_ITEMS)).collect::<Result<_, _>>()?;
-                Msg::Block { sizes, max_len: get_len(r, MAX_ITEMS)? }
+                let shapes = (0..n)
+                    .map(|_| Ok((get_len(r, MAX_ITEMS)?, get_len(r, MAX_ITEMS)?)))
+                    .collect::<std::io::Result<_>>()?;
+                Msg::Block { shapes, max_len: get_len(r, MAX_ITEMS)? }
             }
             2 => {
-                let [g, first, t, past] =
-                    [(); 4].map(|()| get_len(r, MAX_ITEMS)).map(|v| v.unwrap_or(usize::MAX));
-                if [g, first, t, past].contains(&usize::MAX) {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "a damaged group header",
-                    ));
-                }
+                let (g, first) = (get_len(r, MAX_ITEMS)?, get_len(r, MAX_ITEMS)?);
+                let (t, past) = (get_len(r, MAX_ITEMS)?, get_len(r, MAX_ITEMS)?);
                 let n = get_len(r, MAX_ITEMS)?;
                 let mut starts = Vec::with_capacity(n.min(1024));
                 let mut hidden = Vec::with_capacity(n.min(1024));

@@ -155,6 +155,11 @@ struct DeviceArgs {
 }
 
 impl DeviceArgs {
+    /// The CPU executor's tier budgets: the GPU tier capped by --gpu-mem-limit.
+    fn budgets(&self) -> Budgets {
+        Budgets { gpu_bytes: self.gpu_mem_limit, ..Budgets::default() }
+    }
+
     /// This process's place in a pipeline over processes, if it is in one.
     fn rank_spec(&self) -> anyhow::Result<Option<flexgen_runtime::RankSpec>> {
         let (Some(rank), Some(world_size), Some(coordinator)) =
@@ -188,8 +193,7 @@ fn serve_if_worker(
 ) -> anyhow::Result<bool> {
     let Some(spec) = dargs.rank_spec()?.filter(|s| s.rank > 0) else { return Ok(false) };
     let model = load_model(margs, dargs.device, seed)?;
-    let budgets = Budgets { gpu_bytes: dargs.gpu_mem_limit, ..Budgets::default() };
-    flexgen_runtime::serve_rank(&model, policy, budgets, &spec).map_err(|e| match e {
+    flexgen_runtime::serve_rank(&model, policy, dargs.budgets(), &spec).map_err(|e| match e {
         // Another rank's failure, passed on: already named.
         e @ flexgen_runtime::Error::Rank { .. } => anyhow::Error::new(e),
         e => anyhow::Error::new(e).context(format!("rank {}", spec.rank)),
@@ -542,9 +546,7 @@ fn make_generator<'m>(
     (max_prompt, max_new): (usize, usize),
 ) -> anyhow::Result<Generator<'m>> {
     let device = match dargs.device {
-        DeviceKind::Cpu => {
-            Device::Cpu(Budgets { gpu_bytes: dargs.gpu_mem_limit, ..Budgets::default() })
-        }
+        DeviceKind::Cpu => Device::Cpu(dargs.budgets()),
         DeviceKind::Cuda => Device::Cuda {
             source: match margs.dummy {
                 Some(DummyKind::Ones) => LayerSource::Dummy(DummyInit::Ones),
@@ -563,10 +565,9 @@ fn make_generator<'m>(
         DeviceKind::Cuda => "setting up the CUDA executor",
     };
     if let Some(spec) = dargs.rank_spec()? {
-        let budgets = Budgets { gpu_bytes: dargs.gpu_mem_limit, ..Budgets::default() };
-        return Generator::rank0(model, policy.clone(), budgets, &spec).with_context(|| {
-            format!("starting rank 0 of {} at {}", spec.world_size, spec.coordinator)
-        });
+        return Generator::rank0(model, policy.clone(), dargs.budgets(), &spec).with_context(
+            || format!("starting rank 0 of {} at {}", spec.world_size, spec.coordinator),
+        );
     }
     Generator::on(model, policy.clone(), device).context(what)
 }

@@ -109,11 +109,16 @@ impl CudaStage<'_> {
         h.cpu_attention_s += t.elapsed().as_secs_f64();
         self.host_times.set(h);
         // Read over the link by a kernel on the compute stream, not by the host-to-device copy
-        // engine, where it would wait behind the weight stream's copy of a whole layer.
-        let src = buf.cpu_att[4 * p + 3].device_addr().expect("CPU attention staging is mapped");
-        // SAFETY: the output staging holds rep·n values, written above, and is written again
-        // only after the next issue into `p`, which follows this copy on the compute stream.
-        unsafe { self.gpu.copy_raw(src, at(att, gr * rep * hd), rep * n * 2) }.map_err(cuda)
+        // engine, where it would wait behind the weight stream's copy of a whole layer. The
+        // output staging holds rep·n values, written above, and is written again only after
+        // the next issue into `p`, which follows this copy on the compute stream.
+        let dst = at(att, gr * rep * hd);
+        self.copy_from_host(
+            &self.gpu.stream,
+            &buf.cpu_att[4 * p + 3],
+            dst,
+            Copy2d::contiguous(rep * n * 2),
+        )
     }
 
     /// The homes of (layer `j`, batch `kb`)'s off-GPU cache rows: (first row among the off-GPU
