@@ -5,7 +5,7 @@
 use flexgen_model::Model;
 use flexgen_policy::Policy;
 
-use crate::gpu::{CudaStage, GpuCapacity, LayerSource};
+use crate::gpu::{CudaPipeline, CudaStage, GpuCapacity, LayerSource};
 use crate::host_stage::HostStage;
 use crate::sampling::Sampling;
 use crate::stage::Stage;
@@ -224,6 +224,7 @@ impl Default for Device {
 enum Executor<'m> {
     Host(Box<HostStage<'m>>),
     Cuda(Box<CudaStage<'m>>),
+    CudaPipeline(Box<CudaPipeline<'m>>),
 }
 
 /// Runs a model under a policy on a device.
@@ -263,8 +264,9 @@ impl<'m> Generator<'m> {
     /// A generator on `device`. The weights are placed here; a policy that does not fit is
     /// refused before anything is allocated.
     ///
-    /// A policy with `[[stage]]` entries runs as that pipeline ([`Generator::host_pipeline`]) on
-    /// the CPU; on the GPU a policy is one stage so far.
+    /// A policy with `[[stage]]` entries runs as that pipeline: on the CPU as
+    /// [`Generator::host_pipeline`]; on the GPU each stage on its own thread, all on GPU 0, the
+    /// hidden states crossing by device-to-device copies.
     pub fn on(model: &'m Model, policy: Policy, device: Device) -> Result<Self> {
         policy.validate()?;
         let executor = match device {
@@ -275,13 +277,11 @@ impl<'m> Generator<'m> {
             Device::Cpu(budgets) => {
                 Executor::Host(Box::new(HostStage::new(model, &policy, budgets)?))
             }
-            Device::Cuda { .. } if !policy.stages.is_empty() => {
-                return Err(crate::Error::Config {
-                    field: "stage",
-                    message: "pipeline stages run on the CPU executor so far (--device cpu); on \
-                              the GPU, remove the [[stage]] entries to run one stage"
-                        .into(),
-                });
+            Device::Cuda { source, capacity } if !policy.stages.is_empty() => {
+                let stages = policy.pipeline(model.spec.num_layers);
+                Executor::CudaPipeline(Box::new(CudaPipeline::new(
+                    model, &stages, source, capacity,
+                )?))
             }
             Device::Cuda { source, capacity } => {
                 Executor::Cuda(Box::new(CudaStage::new(model, policy.clone(), source, capacity)?))
@@ -322,7 +322,7 @@ impl<'m> Generator<'m> {
     pub fn cuda(&self) -> Option<&CudaStage<'m>> {
         match &self.executor {
             Executor::Cuda(c) => Some(c),
-            Executor::Host(_) => None,
+            Executor::Host(_) | Executor::CudaPipeline(_) => None,
         }
     }
 
@@ -336,6 +336,7 @@ impl<'m> Generator<'m> {
         let stage: &dyn Stage = match &self.executor {
             Executor::Host(h) => h.as_ref(),
             Executor::Cuda(c) => c.as_ref(),
+            Executor::CudaPipeline(c) => c.as_ref(),
         };
         let shape = (self.policy.gpu_batch_size as usize, self.policy.block_size());
         schedule::run(self.model, stage, shape, requests, config, on_event)

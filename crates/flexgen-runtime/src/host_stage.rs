@@ -500,7 +500,7 @@ impl Stage for HostStage<'_> {
 }
 
 /// Stages must be contiguous, non-empty layer ranges covering the model in order.
-fn check_stages(model: &Model, stages: &[(Range<u32>, Policy)]) -> Result<()> {
+pub(crate) fn check_stages(model: &Model, stages: &[(Range<u32>, Policy)]) -> Result<()> {
     let mut next = 0;
     for (i, (r, p)) in stages.iter().enumerate() {
         p.validate()?;

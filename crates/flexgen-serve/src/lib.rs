@@ -780,7 +780,7 @@ fn chat_json(done: &[Completion], model: &str) -> Value {
     json!({
         "id": id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
         "choices": [{"index": 0, "finish_reason": finish(c),
-                     "message": {"role": "assistant", "content": c.text.clone().unwrap_or_default().trim()}}],
+                     "message": {"role": "assistant", "content": c.text.clone().unwrap_or_default().trim_start()}}],
         "usage": usage(done),
     })
 }
@@ -795,12 +795,19 @@ async fn chat_completions(
     if streamed {
         let (id, created, model) = (id("chatcmpl"), now(), s.options.model_name.clone());
         s.engine.enqueue(s.options.max_queue)?;
+        // The reply without the whitespace it starts with, as the whole reply (`chat_json`).
+        let mut spoken = false;
         return stream_response(&s.engine, requests, move |p, first| {
+            let mut said = |text: &str| {
+                let text = if spoken { text } else { text.trim_start() };
+                spoken |= !text.is_empty();
+                text.to_string()
+            };
             let (delta, reason) = match p {
                 Piece::Text { text, .. } if first => {
-                    (json!({"role": "assistant", "content": text}), None)
+                    (json!({"role": "assistant", "content": said(text)}), None)
                 }
-                Piece::Text { text, .. } => (json!({"content": text}), None),
+                Piece::Text { text, .. } => (json!({"content": said(text)}), None),
                 Piece::End { reason, .. } => (json!({}), Some(finish_reason(*reason))),
             };
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -399,3 +399,78 @@ fn without_a_state_dir_the_batch_api_says_how_to_turn_it_on_and_a_full_queue_say
     let (status, v) = call(&s, "POST", "/v1/completions", Some(&body), None);
     assert_eq!((status, v["error"]["type"].as_str()), (429, Some("rate_limit_error")), "{v}");
 }
+
+/// The Python that has the `openai` package: `FLEXGEN_OPENAI_PYTHON`, or the virtual environment
+/// `.ci/run` makes (`.ci/venv`). CI sets the variable, so there the client tests always run.
+fn openai_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FLEXGEN_OPENAI_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/venv/bin/python");
+    venv.exists().then_some(venv)
+}
+
+/// Runs a phase of `tests/openai_client.py`; its JSON report line.
+fn client(py: &Path, args: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = Command::new(py).arg(script).args(args).output().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "openai client {args:?}: {stdout}\n{stderr}");
+    eprintln!("openai client {:?}: {stdout}", &args[1..]);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+}
+
+fn skip_without_openai() -> Option<PathBuf> {
+    let py = openai_python();
+    if py.is_none() {
+        eprintln!(
+            "skipped: no Python with the openai package (python3 -m venv .ci/venv && \
+             .ci/venv/bin/pip install openai, or set FLEXGEN_OPENAI_PYTHON)"
+        );
+    }
+    py
+}
+
+#[test]
+fn the_openai_client_runs_completions_chat_and_a_batch_that_survives_sigkill() {
+    let Some(py) = skip_without_openai() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap().to_string();
+    let args = ["--state-dir", &dir, "--gpu-batch-size", "4", "--num-gpu-batches", "2"];
+    let s = start(&args);
+    let base = format!("http://{}/v1", s.addr);
+    client(&py, &[&base, "basic"]);
+    let lines = 200;
+    let sub = client(&py, &[&base, "submit", &lines.to_string()]);
+    let id = sub["batch"].as_str().unwrap().to_string();
+    // Killed (SIGKILL) once some lines are written, long before the last.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, b) = call(&s, "GET", &format!("/v1/batches/{id}"), None, None);
+        let done = b["request_counts"]["completed"].as_u64().unwrap_or(0);
+        if done >= 16 {
+            assert!(done < lines, "the batch ended before the kill: {b}");
+            eprintln!("killing the server with {done} of {lines} lines written");
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 300, "the batch makes no progress: {b}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(s); // Child::kill: SIGKILL
+    let s = start(&args);
+    let base = format!("http://{}/v1", s.addr);
+    let done = client(&py, &[&base, "finish", &id, &lines.to_string()]);
+    assert_eq!((done["lines"].as_u64(), done["distinct"].as_u64()), (Some(200), Some(200)));
+}
+
+#[test]
+fn five_hundred_concurrent_clients_are_all_answered_in_bounded_time() {
+    let Some(py) = skip_without_openai() else { return };
+    let s = start(&["--gpu-batch-size", "32", "--num-gpu-batches", "2", "--max-queue", "1000"]);
+    let base = format!("http://{}/v1", s.addr);
+    let t0 = std::time::Instant::now();
+    let v = client(&py, &[&base, "load", "500"]);
+    assert_eq!(v["statuses"], json!({"200": 500}), "{v}");
+    assert!(t0.elapsed().as_secs() < 600, "500 requests took {:?}", t0.elapsed());
+}

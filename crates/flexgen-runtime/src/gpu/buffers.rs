@@ -74,7 +74,8 @@ impl CudaStage<'_> {
                 let (cb, pv) = q.sizes();
                 // SAFETY: written by `quant_cache` before `dequant_cache` reads a position.
                 let u8s = |n: usize| unsafe { st.alloc::<u8>(n.max(1)) }.map_err(drv);
-                (0..s.num_layers)
+                self.range
+                    .clone()
                     .map(|_| {
                         (0..k)
                             .map(|_| Ok(([u8s(cb)?, u8s(cb)?], [f(pv)?, f(pv)?])))
@@ -84,7 +85,9 @@ impl CudaStage<'_> {
             }
             None => Vec::new(),
         };
-        let kv = (0..s.num_layers)
+        let kv = self
+            .range
+            .clone()
             .map(|_| (0..k).map(|_| Ok((f(gr * cap * hd)?, f(gr * cap * hd)?))).collect())
             .collect::<Result<Vec<Vec<_>>>>()?;
         // Pinned host memory of n values, mapped into the device's address space: what goes
@@ -99,7 +102,9 @@ impl CudaStage<'_> {
             Some((bits, group)) if cpu_rows > 0 => {
                 let q = CacheQuant { rows: cpu_rows, cap, hd, group, bits };
                 let (cb, pv) = q.sizes();
-                let host = (0..s.num_layers)
+                let host = self
+                    .range
+                    .clone()
                     .map(|_| {
                         (0..k)
                             .map(|_| {
@@ -124,15 +129,17 @@ impl CudaStage<'_> {
             let io =
                 |e: std::io::Error| Error::Io { path: dir.to_path_buf(), message: e.to_string() };
             std::fs::create_dir_all(dir).map_err(io)?;
-            let path = dir.join(format!("flexgen-kv-{}.bin", std::process::id()));
+            let path =
+                dir.join(format!("flexgen-kv-{}-{}.bin", std::process::id(), self.range.start));
             let file = DirectFile::create(&path).map_err(io)?;
-            let layers = s.num_layers as usize;
+            let layers = self.range.len();
             Some(DiskCache::new(file, (dr, cap, hd), (layers, k), pinned)?)
         } else {
             None
         };
         let kv_cpu = if host_rows > 0 && self.cache_quant.is_none() {
-            (0..s.num_layers)
+            self.range
+                .clone()
                 .map(|_| {
                     (0..k)
                         .map(|_| Ok((pinned(host_rows * cap * hd)?, pinned(host_rows * cap * hd)?)))

@@ -58,12 +58,15 @@ use crate::{Error, Result, RunStats, tiers::Traffic};
 mod buffers;
 mod cache;
 mod layer;
+mod pipeline;
 mod step;
 mod visits;
 mod weights;
 
 use buffers::{PackedKv, RunBuffers};
 use layer::Deferred;
+use pipeline::stopped;
+pub(crate) use pipeline::{CudaPipeline, Link};
 pub(crate) use visits::Prefetch;
 use visits::visit_order;
 use weights::Reader;
@@ -114,6 +117,8 @@ struct DiskPart {
 /// Runs greedy generation of token prompts on the GPU.
 pub struct CudaStage<'m> {
     model: &'m Model,
+    /// The model's layers this stage holds (all of them but in a pipeline).
+    range: std::ops::Range<u32>,
     policy: Policy,
     gpu: Gpu,
     load: Arc<CudaStream>,
@@ -157,7 +162,8 @@ pub struct CudaStage<'m> {
     copy_spans: RefCell<Vec<(CudaEvent, CudaEvent)>>,
     /// Hidden states between layers live on the GPU (else in pinned CPU memory).
     act_on_gpu: bool,
-    embed: GpuTensor,
+    /// The token embedding, with the first layer (and with the last, as a tied LM head).
+    embed: Option<GpuTensor>,
     pos_embed: Option<GpuTensor>,
     /// The rotary inverse frequencies (`[hd/2]` f32) of a family with rotary positions.
     inv_freq: Option<CudaSlice<f32>>,
@@ -224,6 +230,19 @@ impl<'m> CudaStage<'m> {
         source: LayerSource,
         capacity: GpuCapacity,
     ) -> Result<Self> {
+        let all = 0..model.spec.num_layers;
+        Self::part(model, policy, source, capacity, all)
+    }
+
+    /// The stage of a pipeline that holds layers `range` (the whole model: [`CudaStage::new`]):
+    /// the embedding with the first layer, the final norm and LM head with the last.
+    pub(crate) fn part(
+        model: &'m Model,
+        policy: Policy,
+        source: LayerSource,
+        capacity: GpuCapacity,
+        range: std::ops::Range<u32>,
+    ) -> Result<Self> {
         let started = Instant::now();
         policy.validate()?;
         let p = &policy.placement;
@@ -274,8 +293,10 @@ impl<'m> CudaStage<'m> {
             .then_some((policy.compress_cache.bits, policy.compress_cache.group_size as usize));
         let memory::Arena { layout, packed, unit_len, ends: [g_end, c_end] } =
             memory::arena(spec, &policy)?;
-        let n_layers = spec.num_layers as usize;
-        if matches!(source, LayerSource::Loaded) && model.weights.layers.len() != n_layers {
+        let n_layers = range.len();
+        if matches!(source, LayerSource::Loaded)
+            && model.weights.layers.len() != spec.num_layers as usize
+        {
             return Err(Error::Config {
                 field: "model",
                 message: "the model's layers were not loaded".into(),
@@ -299,13 +320,8 @@ impl<'m> CudaStage<'m> {
         let copy = gpu.ctx.new_stream().map_err(drv)?;
         let prefetch = Prefetch::of(&policy, gpu_rows, rows, disk_rows);
         // The one memory plan (the planner's tests hold the cost model to the same figures).
-        let plan = memory::plan(
-            spec,
-            &policy,
-            capacity.requests(),
-            0..spec.num_layers,
-            memory::Compute::Cuda,
-        )?;
+        let plan =
+            memory::plan(spec, &policy, capacity.requests(), range.clone(), memory::Compute::Cuda)?;
         let (bytes, host) = (plan.gpu, plan.cpu.total());
         if let Some(avail) = mem_available() {
             let avail = avail.saturating_sub(2 << 30);
@@ -333,15 +349,22 @@ impl<'m> CudaStage<'m> {
         }
         let w = &model.weights;
         let up = |t: &flexgen_tensor::Tensor| gpu.upload(t).map_err(cuda);
-        let embed = up(&w.token_embedding)?;
-        let pos_embed = w.position_embedding.as_ref().map(up).transpose()?;
+        // The tables of the ends this stage holds (`memory::plan` counts the same).
+        let (first, last) = (range.start == 0, range.end == spec.num_layers);
+        let embed = if first || (last && w.lm_head.is_none()) {
+            Some(up(&w.token_embedding)?)
+        } else {
+            None
+        };
+        let pos_embed = w.position_embedding.as_ref().filter(|_| first).map(up).transpose()?;
         let final_norm = w
             .final_norm
             .as_ref()
+            .filter(|_| last)
             .map(|n| Ok::<_, Error>((up(&n.weight)?, n.bias.as_ref().map(up).transpose()?)))
             .transpose()?;
         let project = match (&w.project_in, &w.project_out) {
-            (Some(i), Some(o)) => Some((up(i)?, up(o)?)),
+            (Some(i), Some(o)) if first || last => Some((up(i)?, up(o)?)),
             _ => None,
         };
         // f32, as Hugging Face multiplies positions by them; none for learned positions.
@@ -351,7 +374,7 @@ impl<'m> CudaStage<'m> {
         let inv_freq = (!inv_freq.is_empty())
             .then(|| gpu.stream.clone_htod(&inv_freq).map_err(drv))
             .transpose()?;
-        let lm_head = w.lm_head.as_ref().map(up).transpose()?;
+        let lm_head = w.lm_head.as_ref().filter(|_| last).map(up).transpose()?;
         let loaded = [new_event(&gpu)?, new_event(&gpu)?];
         let freed = [new_event(&gpu)?, new_event(&gpu)?];
         let staged = [new_event(&gpu)?, new_event(&gpu)?];
@@ -359,6 +382,7 @@ impl<'m> CudaStage<'m> {
         let cpu_in = [new_event(&gpu)?, new_event(&gpu)?];
         let mut this = Self {
             model,
+            range,
             policy,
             gpu,
             load,
@@ -438,7 +462,7 @@ impl<'m> CudaStage<'m> {
 
     /// Bytes of weights that cross PCIe for every pass over the layers.
     pub fn weight_bytes_per_pass(&self) -> u64 {
-        (self.unit_len - self.g_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
+        (self.unit_len - self.g_end) as u64 * 2 * self.range.len() as u64
     }
 
     /// KV-cache bytes a decode step at `past` positions moves: (over PCIe, read from disk). Off-GPU
@@ -448,7 +472,7 @@ impl<'m> CudaStage<'m> {
     pub fn cache_bytes_per_decode_step(&self, past: usize) -> (u64, u64) {
         let (_, _, nkv, hd) = self.dims();
         let off = self.policy.gpu_batch_size as usize * nkv - self.gpu_rows;
-        let times = u64::from(self.model.spec.num_layers) * u64::from(self.policy.num_gpu_batches);
+        let times = self.range.len() as u64 * u64::from(self.policy.num_gpu_batches);
         let pcie = match self.cache_quant {
             Some(_) => 2 * memory::packed_cache_bytes(&self.policy, off, self.cap(), hd),
             None if self.cpu_attention => (4 * off * hd * 2) as u64,
@@ -464,7 +488,7 @@ impl<'m> CudaStage<'m> {
 
     /// Bytes of weights read from disk for every pass over the layers.
     pub fn disk_bytes_per_pass(&self) -> u64 {
-        (self.unit_len - self.c_end) as u64 * 2 * u64::from(self.model.spec.num_layers)
+        (self.unit_len - self.c_end) as u64 * 2 * self.range.len() as u64
     }
 
     /// Bytes of KV cache held on disk.
@@ -472,7 +496,7 @@ impl<'m> CudaStage<'m> {
         let s = &self.model.spec;
         let cap = self.cap();
         let region = (cap * disk_pos_bytes(self.disk_rows, s.head_dim() as usize)) as u64;
-        u64::from(s.num_layers) * u64::from(self.policy.num_gpu_batches) * 2 * region
+        self.range.len() as u64 * u64::from(self.policy.num_gpu_batches) * 2 * region
     }
 
     /// Bytes of weights held on disk (the file's size).

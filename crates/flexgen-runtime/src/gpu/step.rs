@@ -11,6 +11,37 @@ impl Stage for CudaStage<'_> {
         stats: &mut RunStats,
         after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
     ) -> Result<()> {
+        self.run_linked(input, stats, after_step, &Link::default())
+    }
+
+    fn max_width(&self) -> Option<usize> {
+        Some(self.capacity.max_prompt)
+    }
+
+    fn finish(&self, stats: &mut RunStats) -> Result<()> {
+        let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
+        stats.tiers.required.gpu = (total - free) as u64;
+        stats.tiers.required.cpu = self.pinned_bytes + self.pageable_bytes;
+        stats.tiers.required.disk = self.disk_bytes() + self.disk_cache_bytes();
+        stats.host = self.host_times.take();
+        let (read, written) = self.cache_disk_io.take();
+        stats.tiers.traffic.disk_read += read;
+        stats.tiers.traffic.disk_write += written;
+        Ok(())
+    }
+}
+
+impl CudaStage<'_> {
+    /// Runs `block` on this stage's layers: from the embedding, or the hidden states `link.prev`
+    /// hands over, to the next tokens (which `after_step` gets and answers), or to `link.next`
+    /// (the feed then comes from `link.feed_in`).
+    pub(crate) fn run_linked(
+        &self,
+        input: &BlockInput,
+        stats: &mut RunStats,
+        after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        link: &Link<'_>,
+    ) -> Result<()> {
         let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
         if input.ids.len() > k || (0..input.ids.len()).any(|kb| input.rows(kb) > b) {
             return Err(Error::Config {
@@ -36,33 +67,16 @@ impl Stage for CudaStage<'_> {
         let passes = input.steps * self.layers.len();
         std::thread::scope(|s| -> Result<()> {
             let reader = self.disk.as_ref().map(|d| Reader::spawn(s, d, &self.gpu, passes));
-            self.run_block_on(input, &buf, reader.as_ref(), stats, after_step)
+            self.run_block_on(input, &buf, reader.as_ref(), stats, after_step, link)
         })
     }
 
-    fn max_width(&self) -> Option<usize> {
-        Some(self.capacity.max_prompt)
-    }
-
-    fn finish(&self, stats: &mut RunStats) -> Result<()> {
-        let (free, total) = self.gpu.ctx.mem_get_info().map_err(drv)?;
-        stats.tiers.required.gpu = (total - free) as u64;
-        stats.tiers.required.cpu = self.pinned_bytes + self.pageable_bytes;
-        stats.tiers.required.disk = self.disk_bytes() + self.disk_cache_bytes();
-        stats.host = self.host_times.take();
-        let (read, written) = self.cache_disk_io.take();
-        stats.tiers.traffic.disk_read += read;
-        stats.tiers.traffic.disk_write += written;
-        Ok(())
-    }
-}
-
-impl CudaStage<'_> {
     /// Embeds GPU batch `kb`'s `n` input tokens into its hidden state.
     pub(super) fn embed_batch(&self, buf: &RunBuffers, kb: usize, n: usize) -> Result<()> {
         let h = self.dims().0;
+        let embed = self.embed.as_ref().expect("the first stage holds the embedding");
         let tables = fused::Tables {
-            tokens: addr(&self.embed.data),
+            tokens: addr(&embed.data),
             positions: self.pos_embed.as_ref().map(|p| addr(&p.data)),
             project_in: self.project.as_ref().map(|(i, _)| addr(&i.data)),
         };
@@ -115,7 +129,8 @@ impl CudaStage<'_> {
                 .map_err(cuda)?;
             rows = addr(&buf.qkv);
         }
-        let head = addr(&self.lm_head.as_ref().unwrap_or(&self.embed).data);
+        let head = self.lm_head.as_ref().or(self.embed.as_ref()).expect("the last stage's head");
+        let head = addr(&head.data);
         // SAFETY: this executor's weights and buffers, sized for these shapes.
         unsafe { g.gemm(&Gemm::linear(b, vocab, e, rows, head, addr(&buf.logits), false)) }
             .map_err(cuda)?;
@@ -171,9 +186,13 @@ impl CudaStage<'_> {
         htod(st, addr(&buf.start[0]), &starts)?;
         let mut out = vec![0u32; b];
         for (tt, past) in [(t, 0), (1, t)] {
-            self.embed_batch(buf, 0, b * tt)?;
+            if self.range.start == 0 {
+                self.embed_batch(buf, 0, b * tt)?;
+            }
             self.layer(w, 0, 0, buf, &starts, b, tt, past, (0, Prefetch::default()), false)?;
-            self.next_tokens(buf, 0, (b, tt), &mut out, false)?;
+            if self.range.end == self.model.spec.num_layers {
+                self.next_tokens(buf, 0, (b, tt), &mut out, false)?;
+            }
         }
         self.freed[0].record(st).map_err(drv)?;
         st.synchronize().map_err(drv)?;
@@ -203,6 +222,7 @@ impl CudaStage<'_> {
         reader: Option<&Reader>,
         stats: &mut RunStats,
         after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        link: &Link<'_>,
     ) -> Result<()> {
         let spec = &self.model.spec;
         let vocab = spec.vocab_size as usize;
@@ -255,12 +275,17 @@ impl CudaStage<'_> {
         for step in 0..max_new {
             let started = Instant::now();
             let (tt, past) = if step == 0 { (t, 0) } else { (1, t + step - 1) };
-            for kb in 0..k {
-                self.embed_batch(buf, kb, b * tt)?;
+            let h = self.dims().0;
+            match link.prev {
+                None => {
+                    for kb in 0..k {
+                        self.embed_batch(buf, kb, b * tt)?;
+                    }
+                }
+                Some(prev) => self.take_hidden(buf, &prev.recv().map_err(|_| stopped())?)?,
             }
             // Visits (layer, batch) of this step: each stages the next one's inputs on the copy
             // stream (`Prefetch`), alternating between two buffers; the first is staged in place.
-            let h = self.dims().0;
             let ahead = self.prefetch.in_step(past);
             for j in 0..n_layers {
                 let slot = pass % 2;
@@ -301,28 +326,40 @@ impl CudaStage<'_> {
                 }
                 pass += 1;
             }
-            for (kb, toks) in host_tok.iter_mut().enumerate() {
-                self.next_tokens(buf, kb, (b, tt), toks, want_logits[kb])?;
-            }
-            st.synchronize().map_err(drv)?;
-            let picks: Vec<Picks> = (0..input.ids.len())
-                .map(|kb| {
-                    let host = buf.logits_host[kb].as_f16();
-                    let n = real_rows[kb];
-                    let logits = (0..n)
-                        .into_par_iter()
-                        .map(|r| {
-                            input.want_logits[kb][r].then(|| {
-                                let mut row = vec![0f32; vocab];
-                                host[r * vocab..(r + 1) * vocab].convert_to_f32_slice(&mut row);
-                                row
+            let feed = if let Some(feed_in) = link.feed_in {
+                // A stage before the last: hand the hidden states on, take the next tokens.
+                st.synchronize().map_err(drv)?;
+                let next = link.next.expect("a stage before the last has a next");
+                next.send(self.hidden_handoff(buf, b * tt * h)).map_err(|_| stopped())?;
+                feed_in.recv().map_err(|_| stopped())?
+            } else {
+                for (kb, toks) in host_tok.iter_mut().enumerate() {
+                    self.next_tokens(buf, kb, (b, tt), toks, want_logits[kb])?;
+                }
+                st.synchronize().map_err(drv)?;
+                let picks: Vec<Picks> = (0..input.ids.len())
+                    .map(|kb| {
+                        let host = buf.logits_host[kb].as_f16();
+                        let n = real_rows[kb];
+                        let logits = (0..n)
+                            .into_par_iter()
+                            .map(|r| {
+                                input.want_logits[kb][r].then(|| {
+                                    let mut row = vec![0f32; vocab];
+                                    host[r * vocab..(r + 1) * vocab].convert_to_f32_slice(&mut row);
+                                    row
+                                })
                             })
-                        })
-                        .collect();
-                    Picks { greedy: host_tok[kb][..n].to_vec(), logits }
-                })
-                .collect();
-            let feed = after_step(step, picks)?;
+                            .collect();
+                        Picks { greedy: host_tok[kb][..n].to_vec(), logits }
+                    })
+                    .collect();
+                let feed = after_step(step, picks)?;
+                for tx in link.feed_out {
+                    tx.send(feed.clone()).map_err(|_| stopped())?;
+                }
+                feed
+            };
             // The next step's inputs (none after the last step).
             if let Some(feed) = feed.as_ref().filter(|_| step + 1 < max_new) {
                 for kb in 0..k {

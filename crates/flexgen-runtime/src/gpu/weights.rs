@@ -84,7 +84,7 @@ impl CudaStage<'_> {
         self.fill_plain(source, j, range, out)
     }
 
-    /// Fills `out` with elements `range` of layer `j`'s fp16 arena.
+    /// Fills `out` with elements `range` of this stage's layer `j`'s fp16 arena.
     pub(super) fn fill_plain(
         &self,
         source: LayerSource,
@@ -94,12 +94,15 @@ impl CudaStage<'_> {
     ) -> Result<()> {
         match source {
             LayerSource::Dummy(init) => {
-                self.layout.fill_dummy(init, j, range, out);
+                self.layout.fill_dummy(init, self.range.start as usize + j, range, out);
                 Ok(())
             }
             LayerSource::Loaded => {
                 let mut whole = vec![f16::ZERO; self.layout.len];
-                self.layout.fill_from(&self.model.weights.layers[j], &mut whole)?;
+                self.layout.fill_from(
+                    &self.model.weights.layers[self.range.start as usize + j],
+                    &mut whole,
+                )?;
                 out.copy_from_slice(&whole[range]);
                 Ok(())
             }
@@ -115,7 +118,7 @@ impl CudaStage<'_> {
         disk_dir: Option<&std::path::Path>,
     ) -> Result<()> {
         let (len, g_end, c_end) = (self.unit_len, self.g_end, self.c_end);
-        let n_layers = self.model.spec.num_layers as usize;
+        let n_layers = self.range.len();
         let stream = self.gpu.stream.clone();
         let fill_started = Instant::now();
         // GPU parts: fill one pinned buffer while the other is copied.
@@ -223,7 +226,8 @@ impl CudaStage<'_> {
             message: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
-        let path = dir.join(format!("flexgen-weights-{}.bin", std::process::id()));
+        let path =
+            dir.join(format!("flexgen-weights-{}-{}.bin", std::process::id(), self.range.start));
         let file = DirectFile::create(&path).map_err(|e| io(&path, &e))?;
         let elems = self.unit_len - self.c_end;
         let slot_bytes = align_up(elems * 2);
@@ -235,7 +239,7 @@ impl CudaStage<'_> {
             ring.push(m);
             copied.push(new_event(&self.gpu)?);
         }
-        let n_layers = self.model.spec.num_layers as usize;
+        let n_layers = self.range.len();
         for j in 0..n_layers {
             let buf = ring[0].as_f16_mut();
             self.fill(source, j, self.c_end..self.unit_len, &mut buf[..elems])?;

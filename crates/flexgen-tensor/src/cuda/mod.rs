@@ -20,7 +20,7 @@ pub enum CudaError {
     #[error("CUDA library {0} not found (no NVIDIA driver/CUDA here, or not on the library path)")]
     Missing(&'static str),
     /// A driver call failed.
-    #[error("CUDA driver: {0}")]
+    #[error("CUDA driver: {0}{hint}", hint = driver_hint(.0))]
     Driver(#[from] cudarc::driver::DriverError),
     /// A cuBLAS call failed.
     #[error("cuBLAS: {0}")]
@@ -34,6 +34,20 @@ pub enum CudaError {
     /// The machine has no CUDA device with this ordinal.
     #[error("no CUDA device {ordinal} (found {count})")]
     NoDevice { ordinal: usize, count: i32 },
+}
+
+/// What to do about a driver error a user can act on.
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "thiserror passes fields by reference")]
+fn driver_hint(e: &cudarc::driver::DriverError) -> &'static str {
+    use cudarc::driver::sys::CUresult;
+    match e.0 {
+        CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+            ": the GPU ran out of memory. Another process may hold GPU memory (see nvidia-smi), \
+             or --gpu-mem-limit is above what is free; free the GPU, or lower the plan's GPU use \
+             (placement.weights.gpu, placement.kv_cache.gpu, gpu_batch_size or num_gpu_batches)"
+        }
+        _ => "",
+    }
 }
 
 /// Opens device `ordinal`, checking first that the driver and cuBLAS libraries can be loaded.
@@ -285,5 +299,16 @@ mod tests {
                 "{e}"
             ),
         }
+    }
+
+    #[test]
+    fn an_out_of_memory_driver_error_says_what_to_do() {
+        // The hint only: the driver error's own text comes from libcuda, absent here.
+        use cudarc::driver::{DriverError, sys::CUresult};
+        let oom = super::driver_hint(&DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+        for part in ["ran out of memory", "nvidia-smi", "--gpu-mem-limit", "gpu_batch_size"] {
+            assert!(oom.contains(part), "{part} missing: {oom}");
+        }
+        assert_eq!(super::driver_hint(&DriverError(CUresult::CUDA_ERROR_INVALID_VALUE)), "");
     }
 }
