@@ -397,7 +397,9 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
             }
         }
     }
-    for chunk in pending.chunks(block) {
+    // Chunks of as many lines as the engine takes in one call; lines are written, in input
+    // order, a block's worth at a time as they complete.
+    for chunk in pending.chunks(crate::CALL_BLOCKS * block) {
         // A cancellation lands between chunks.
         if let Some(cur) = Store::read_json(&store.batch_path(&id))
             && cur["status"] == "cancelling"
@@ -423,9 +425,10 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
         }
         // One engine job per line, all queued at once: the engine runs them in shared blocks,
         // and a line it refuses fails alone.
-        let results = state.engine.run_all_blocking(runnable.iter().map(|(_, r)| r.clone()));
-        for ((cid, _), result) in runnable.into_iter().zip(results) {
-            let line = match result {
+        let handles = state.engine.submit_all(runnable.iter().map(|(_, r)| r.clone()));
+        let n = runnable.len();
+        for (k, ((cid, _), pending)) in runnable.into_iter().zip(handles).enumerate() {
+            let line = match pending.wait() {
                 Ok(done) => {
                     let body = if endpoint == "/v1/completions" {
                         completion_json(&done, &state.options.model_name)
@@ -443,16 +446,27 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
             } else {
                 bad_lines.push(line);
             }
+            if ok_lines.len() + bad_lines.len() >= block || k + 1 == n {
+                append(&out, &ok_lines)?;
+                append(&err, &bad_lines)?;
+                (completed, failed) = (completed + ok_lines.len(), failed + bad_lines.len());
+                (ok_lines, bad_lines) = (Vec::new(), Vec::new());
+                let _guard = store.records.lock().expect("batch records");
+                let cur = Store::read_json(&store.batch_path(&id)).unwrap_or_else(|| b.clone());
+                b["status"] = cur["status"].clone();
+                b["request_counts"]["completed"] = json!(completed);
+                b["request_counts"]["failed"] = json!(failed);
+                store.save_batch(&b)?;
+            }
         }
-        append(&out, &ok_lines)?;
-        append(&err, &bad_lines)?;
-        (completed, failed) = (completed + ok_lines.len(), failed + bad_lines.len());
-        let _guard = store.records.lock().expect("batch records");
-        let cur = Store::read_json(&store.batch_path(&id)).unwrap_or_else(|| b.clone());
-        b["status"] = cur["status"].clone();
-        b["request_counts"]["completed"] = json!(completed);
-        b["request_counts"]["failed"] = json!(failed);
-        store.save_batch(&b)?;
+        // Lines refused before the engine, when no line ran.
+        if !bad_lines.is_empty() {
+            append(&err, &bad_lines)?;
+            failed += bad_lines.len();
+            let _guard = store.records.lock().expect("batch records");
+            b["request_counts"]["failed"] = json!(failed);
+            store.save_batch(&b)?;
+        }
     }
     let _guard = store.records.lock().expect("batch records");
     if b["status"] != "cancelled" {

@@ -55,8 +55,24 @@ pub struct ServeOptions {
 /// as they come.
 struct Job {
     requests: Vec<Request>,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<Completion>, String>>,
+    /// Taken when the job is answered (as soon as its last request completes).
+    reply: Option<tokio::sync::oneshot::Sender<Result<Vec<Completion>, String>>>,
     tokens: Option<tokio::sync::mpsc::UnboundedSender<Piece>>,
+}
+
+/// A queued job's answer, to wait for outside the async runtime.
+struct Pending {
+    sent: bool,
+    done: tokio::sync::oneshot::Receiver<Result<Vec<Completion>, String>>,
+}
+
+impl Pending {
+    fn wait(self) -> Result<Vec<Completion>, String> {
+        if !self.sent {
+            return Err("the engine has stopped".to_string());
+        }
+        self.done.blocking_recv().map_err(|_| "the engine stopped before answering".to_string())?
+    }
 }
 
 /// A streamed job's progress: request `index` (within the job) printed `text`, or ended.
@@ -98,7 +114,7 @@ struct Counts {
     gpu_to_cpu: AtomicU64,
     disk_read: AtomicU64,
     disk_write: AtomicU64,
-    /// Prompts of the last call per thousand of a block.
+    /// Prompts of the last call per thousand slots of the blocks it filled.
     fill_permille: AtomicU64,
 }
 
@@ -120,7 +136,8 @@ impl Counts {
         add(&self.gpu_to_cpu, t.gpu_to_cpu);
         add(&self.disk_read, t.disk_read);
         add(&self.disk_write, t.disk_write);
-        let fill = (prompts.min(block) * 1000 / block.max(1)) as u64;
+        let slots = prompts.div_ceil(block.max(1)).max(1) * block.max(1);
+        let fill = (prompts * 1000 / slots) as u64;
         self.fill_permille.store(fill, Ordering::Relaxed);
     }
 }
@@ -156,28 +173,17 @@ impl Engine {
         Ok(Self { tx, counts })
     }
 
-    /// Runs each of `jobs` as a job of its own, all queued at once so that the engine gathers
-    /// them into shared blocks, from a thread outside the async runtime (the batch worker):
-    /// each job's completions or refusal, in order.
-    fn run_all_blocking(
-        &self,
-        jobs: impl Iterator<Item = Vec<Request>>,
-    ) -> Vec<Result<Vec<Completion>, String>> {
-        let waiting: Vec<_> = jobs
-            .map(|requests| {
-                let (reply, done) = tokio::sync::oneshot::channel();
-                self.counts.queued.fetch_add(1, Ordering::Relaxed);
-                self.tx.send(Job { requests, reply, tokens: None }).ok().map(|()| done)
-            })
-            .collect();
-        waiting
-            .into_iter()
-            .map(|done| {
-                done.ok_or_else(|| "the engine has stopped".to_string())?
-                    .blocking_recv()
-                    .map_err(|_| "the engine stopped before answering".to_string())?
-            })
-            .collect()
+    /// Queues each of `jobs` as a job of its own, all at once, so that the engine gathers them
+    /// into shared calls; from a thread outside the async runtime (the batch worker): a handle
+    /// per job, in order, to wait for its completions or refusal.
+    fn submit_all(&self, jobs: impl Iterator<Item = Vec<Request>>) -> Vec<Pending> {
+        jobs.map(|requests| {
+            let (reply, done) = tokio::sync::oneshot::channel();
+            self.counts.queued.fetch_add(1, Ordering::Relaxed);
+            let sent = self.tx.send(Job { requests, reply: Some(reply), tokens: None }).is_ok();
+            Pending { sent, done }
+        })
+        .collect()
     }
 
     /// Counts a new waiting job, or refuses it when `limit` are waiting already.
@@ -199,13 +205,17 @@ impl Engine {
     async fn run(&self, requests: Vec<Request>) -> Result<Vec<Completion>, ApiError> {
         let (reply, done) = tokio::sync::oneshot::channel();
         self.tx
-            .send(Job { requests, reply, tokens: None })
+            .send(Job { requests, reply: Some(reply), tokens: None })
             .map_err(|_| ApiError::server("the engine has stopped"))?;
         done.await
             .map_err(|_| ApiError::server("the engine stopped before answering"))?
             .map_err(|m| ApiError::invalid(&m, None))
     }
 }
+
+/// Blocks of requests one generate call takes at most from jobs already waiting: a batch's
+/// 2,000 lines in a few calls; an online request that comes meanwhile waits for the call.
+pub(crate) const CALL_BLOCKS: usize = 16;
 
 /// The engine loop: gather jobs into a block's worth, generate, answer each.
 fn serve_jobs(
@@ -220,54 +230,74 @@ fn serve_jobs(
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let deadline = Instant::now() + wait;
-        while jobs.iter().map(|j| j.requests.len()).sum::<usize>() < block {
+        let gathered = |jobs: &[Job]| jobs.iter().map(|j| j.requests.len()).sum::<usize>();
+        while gathered(&jobs) < block {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
         }
+        // Jobs already waiting beyond the block (a batch's lines) join the call, up to
+        // CALL_BLOCKS blocks, so that the schedule refills the slots of finished sequences
+        // from them instead of running each block to its longest request.
+        while gathered(&jobs) < CALL_BLOCKS * block {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
         counts.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
         counts.requests.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        match generate(generator, &config, &jobs, (counts, block)) {
-            Ok(mut done) => {
-                for j in jobs {
-                    let rest = done.split_off(j.requests.len());
-                    let _ = j.reply.send(Ok(done));
-                    done = rest;
-                }
-            }
-            // One job's request may be at fault: run each alone so that only it fails.
-            Err(_) if jobs.len() > 1 => {
-                for j in jobs {
-                    let r = generate(generator, &config, std::slice::from_ref(&j), (counts, block));
-                    let _ = j.reply.send(r.map_err(|e| e.to_string()));
-                }
-            }
-            Err(e) => {
-                for j in jobs {
-                    let _ = j.reply.send(Err(e.to_string()));
-                }
+        let Err(e) = generate(generator, &config, &mut jobs, (counts, block)) else { continue };
+        let message = e.to_string();
+        let waiting = jobs.iter().filter(|j| j.reply.is_some()).count();
+        for j in jobs.iter_mut().filter(|j| j.reply.is_some()) {
+            // One job's request may be at fault: run each unanswered job alone so that only it
+            // fails.
+            let r = if waiting > 1 {
+                generate(generator, &config, std::slice::from_mut(j), (counts, block))
+                    .map_err(|e| e.to_string())
+            } else {
+                Err(message.clone())
+            };
+            if let (Err(m), Some(reply)) = (r, j.reply.take()) {
+                let _ = reply.send(Err(m));
             }
         }
     }
 }
 
-/// One generate call over `jobs`' requests, their tokens sent to the jobs that stream them,
-/// counted in `counts` (with the block's fill of `block` prompts).
+/// One generate call over `jobs`' requests, their tokens sent to the jobs that stream them, each
+/// job answered as soon as its last request completes (its stream then ends), counted in
+/// `counts` (with the blocks' fill of `block` prompts each).
 fn generate(
     generator: &Generator<'_>,
     config: &GenerationConfig,
-    jobs: &[Job],
+    jobs: &mut [Job],
     (counts, block): (&Counts, usize),
-) -> flexgen_runtime::Result<Vec<Completion>> {
-    let all: Vec<Request> = jobs.iter().flat_map(|j| j.requests.iter().cloned()).collect();
-    // Request r of the call is request i of job j.
-    let owners: Vec<(usize, usize)> = jobs
+) -> flexgen_runtime::Result<()> {
+    // Request r of the call is request i of job j; the call runs them longest first (the most
+    // new tokens, then the longest prompt), as `flexgen-run batch` does, so that a block's
+    // sequences end together and finished slots are refilled by shorter ones.
+    let mut owners: Vec<(usize, usize)> = jobs
         .iter()
         .enumerate()
         .flat_map(|(j, job)| (0..job.requests.len()).map(move |i| (j, i)))
         .collect();
+    owners.sort_by_key(|&(j, i)| {
+        let r = &jobs[j].requests[i];
+        let prompt = match &r.prompt {
+            flexgen_runtime::Prompt::Text(t) => t.len(),
+            flexgen_runtime::Prompt::Tokens(t) => t.len(),
+        };
+        let new = r.max_new_tokens.unwrap_or(config.max_new_tokens);
+        (std::cmp::Reverse(new), std::cmp::Reverse(prompt))
+    });
+    let all: Vec<Request> = owners.iter().map(|&(j, i)| jobs[j].requests[i].clone()).collect();
+    let mut slots: Vec<Vec<Option<Completion>>> =
+        jobs.iter().map(|j| vec![None; j.requests.len()]).collect();
+    let mut left: Vec<usize> = jobs.iter().map(|j| j.requests.len()).collect();
     let mut on_event = |e: flexgen_runtime::Event<'_>| {
         let (request, piece) = match e {
             flexgen_runtime::Event::Token { request, text, .. } if !text.is_empty() => {
@@ -275,6 +305,19 @@ fn generate(
             }
             flexgen_runtime::Event::Finished { request, reason } => {
                 (request, Piece::End { index: 0, reason })
+            }
+            flexgen_runtime::Event::Completed { request, completion } => {
+                let Some(&(j, i)) = owners.get(request) else { return };
+                slots[j][i] = Some(completion.clone());
+                left[j] -= 1;
+                if left[j] == 0 {
+                    jobs[j].tokens = None; // its stream ends
+                    let done = std::mem::take(&mut slots[j]).into_iter().flatten().collect();
+                    if let Some(reply) = jobs[j].reply.take() {
+                        let _ = reply.send(Ok(done));
+                    }
+                }
+                return;
             }
             _ => return,
         };
@@ -288,9 +331,15 @@ fn generate(
     };
     counts.calls.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    let (done, stats) = generator.generate(&all, config, &mut on_event)?;
+    let (_, stats) = generator.generate(&all, config, &mut on_event)?;
     counts.record(&stats, started.elapsed().as_secs_f64(), all.len(), block);
-    Ok(done)
+    // A job without requests completes with nothing.
+    for (j, job) in jobs.iter_mut().enumerate() {
+        if let Some(reply) = job.reply.take() {
+            let _ = reply.send(Ok(std::mem::take(&mut slots[j]).into_iter().flatten().collect()));
+        }
+    }
+    Ok(())
 }
 
 /// An OpenAI-style error response.
@@ -640,7 +689,7 @@ fn stream_response(
     let (reply, done) = tokio::sync::oneshot::channel();
     engine
         .tx
-        .send(Job { requests, reply, tokens: Some(tx) })
+        .send(Job { requests, reply: Some(reply), tokens: Some(tx) })
         .map_err(|_| ApiError::server("the engine has stopped"))?;
     let (events, mut out) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
