@@ -42,7 +42,7 @@ PY
   rm -f "$OUT/run.out"
   "$B/flexgen-run" batch $S4 --device ${DEVICE:-cuda} --input "$OUT/job.jsonl" --output "$OUT/run.out" --seed 3 -q 2>&1 | tee "$OUT/run.log" | grep -E "generation:|tok" | tail -3
   echo "=== flexgen-serve batch API"
-  start_server $S4 --state-dir "$OUT/state" --batch-wait-ms 50 || exit 1
+  start_server $S4 --state-dir "$OUT/state" --batch-wait-ms 50 --max-prompt-tokens ${MAX_PROMPT:-600} --max-tokens-limit 128 || exit 1
   python3 - localhost:$PORT "$OUT/openai.jsonl" "$OUT/run.log" <<'PY'
 import json, re, sys, time, urllib.request
 base, path = "http://" + sys.argv[1], sys.argv[2]
@@ -76,7 +76,7 @@ PY
   ;;
 chat)
   S1C=${ARGS:-"--model opt-30b --dummy random --tokenizer $KJV --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --compress-weight"}
-  start_server $S1C --batch-wait-ms ${WAIT_MS:-500} --max-queue 1000 || exit 1
+  start_server $S1C --batch-wait-ms ${WAIT_MS:-500} --max-queue 1000 --max-prompt-tokens 128 --max-tokens-limit 32 || exit 1
   python3 - localhost:$PORT ${CLIENTS:-64} <<'PY'
 import http.client, json, sys, threading, time
 host, port = sys.argv[1].split(":"); n = int(sys.argv[2])

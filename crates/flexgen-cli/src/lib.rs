@@ -113,7 +113,7 @@ fn parse_flag(s: &str) -> Result<bool, String> {
 impl PolicyArgs {
     /// The policy file (or the default) with the flags applied, validated.
     pub fn resolve(&self) -> anyhow::Result<Policy> {
-        let mut p = match &self.policy {
+        let p = match &self.policy {
             // The error names the file; the context names the flag. Validated below, once the
             // flags are applied.
             Some(path) => Policy::parse_toml_file(path).with_context(|| {
@@ -124,6 +124,15 @@ impl PolicyArgs {
             })?,
             None => Policy::default(),
         };
+        let origin = self
+            .policy
+            .as_ref()
+            .map_or_else(|| "the default policy".to_string(), |p| p.display().to_string());
+        self.apply(p, &origin)
+    }
+
+    /// `p` (from `origin`, for the error) with the flags applied, validated.
+    pub fn apply(&self, mut p: Policy, origin: &str) -> anyhow::Result<Policy> {
         if let Some(v) = &self.percent {
             let six: [f64; 6] = v.as_slice().try_into().context("--percent takes six numbers")?;
             p.placement = Placement::from_percent(six)?;
@@ -149,14 +158,26 @@ impl PolicyArgs {
         if let Some(v) = &self.offload_dir {
             p.offload_dir = Some(v.clone());
         }
-        let origin = self
-            .policy
-            .as_ref()
-            .map_or_else(|| "the default policy".to_string(), |p| p.display().to_string());
         p.validate()
             .with_context(|| format!("policy from {origin} with the command-line overrides"))?;
         Ok(p)
     }
+}
+
+/// The spec of `model`: a Hugging Face model directory (its config.json) or a catalog name.
+pub fn model_spec(model: &str) -> anyhow::Result<flexgen_policy::ModelSpec> {
+    let path = std::path::PathBuf::from(model);
+    if path.is_dir() {
+        let files = flexgen_model::resolve(&path)?;
+        let text = std::fs::read_to_string(&files.config)
+            .with_context(|| format!("reading {}", files.config.display()))?;
+        let name = files
+            .dir
+            .file_name()
+            .map_or_else(|| model.to_string(), |n| n.to_string_lossy().into_owned());
+        return Ok(flexgen_model::spec_from_config_json(&text, &files.config, &name)?);
+    }
+    Ok(flexgen_model::spec_by_name(model)?)
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.

@@ -48,6 +48,11 @@ struct Cli {
     tokenizer: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Plan the policy at start-up from this hardware profile (flexgen-profile's TOML), as
+    /// flexgen-plan does, for prompts of --max-prompt-tokens and --max-tokens-limit new tokens
+    /// under --gpu-mem-limit; the policy flags above then apply on top of the plan.
+    #[arg(long, value_name = "FILE", conflicts_with = "policy", help_heading = "Policy")]
+    profile: Option<PathBuf>,
     /// Compute device: cpu (the tiered executor) or cuda (GPU 0).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
@@ -84,16 +89,65 @@ struct Cli {
     max_prompt_tokens: usize,
 }
 
+/// The policy flexgen-plan would write for this model on `profile`, for the server's limits, with
+/// the policy flags applied.
+fn planned(
+    cli: &Cli,
+    profile: &std::path::Path,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<flexgen_policy::Policy> {
+    let hw = flexgen_policy::HardwareProfile::from_toml_file(profile)
+        .context("reading the hardware profile (--profile)")?;
+    let model = match dir {
+        Some(d) => d.to_string_lossy().into_owned(),
+        None => cli.model.clone().context("--dummy needs --model NAME")?,
+    };
+    let spec = flexgen_cli::model_spec(&model)?;
+    let workload = flexgen_policy::Workload {
+        prompt_len: u32::try_from(cli.max_prompt_tokens).context("--max-prompt-tokens")?,
+        gen_len: u32::try_from(cli.max_tokens_limit).context("--max-tokens-limit")?,
+        num_prompts: None,
+    };
+    let opts = flexgen_planner::PlanOptions {
+        gpu_mem_limit_bytes: cli.gpu_mem_limit,
+        offload_dir: cli.policy.offload_dir.clone(),
+        ..flexgen_planner::PlanOptions::default()
+    };
+    let plan = flexgen_planner::plan(&spec, &hw, &workload, &opts).with_context(|| {
+        format!(
+            "planning {} on {} for prompts of {} tokens and {} new (--max-prompt-tokens, \
+             --max-tokens-limit)",
+            spec.name, hw.name, workload.prompt_len, workload.gen_len
+        )
+    })?;
+    let p = &plan.policy;
+    let pred = p.prediction.as_ref().map_or(0.0, |x| x.throughput_tokens_per_s);
+    eprintln!(
+        "flexgen-serve: planned on {}: percent {:?}, {}x{}, compress weights {} cache {}, \
+         {pred:.2} tok/s predicted for full blocks",
+        hw.name,
+        p.placement.to_percent(),
+        p.gpu_batch_size,
+        p.num_gpu_batches,
+        p.compress_weight.enabled,
+        p.compress_cache.enabled
+    );
+    cli.policy.apply(plan.policy, &format!("the plan from {}", profile.display()))
+}
+
 fn main() -> ExitCode {
     flexgen_cli::main_with(&Cli::parse(), serve)
 }
 
 fn serve(cli: &Cli) -> anyhow::Result<()> {
-    let policy = cli.policy.resolve()?;
     let dir: Option<PathBuf> = if cli.dummy {
         None
     } else {
         Some(cli.model.as_ref().map_or_else(flexgen_cli::bundled_model_dir, PathBuf::from))
+    };
+    let policy = match &cli.profile {
+        Some(profile) => planned(cli, profile, dir.as_deref())?,
+        None => cli.policy.resolve()?,
     };
     let template = ChatTemplate::of_model_dir(dir.as_deref())?;
     let cuda = cli.device == "cuda";

@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 struct Server {
     child: Child,
     addr: String,
+    /// What it printed before listening.
+    banner: Vec<String>,
 }
 
 impl Drop for Server {
@@ -36,11 +38,12 @@ fn start(args: &[&str]) -> Server {
         .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
     // Killed and waited for on drop, whatever happens below.
-    let mut server = Server { child, addr: String::new() };
+    let mut server = Server { child, addr: String::new(), banner: Vec::new() };
     let mut line = String::new();
     loop {
         line.clear();
         assert!(err.read_line(&mut line).unwrap() > 0, "the server stopped before listening");
+        server.banner.push(line.trim_end().to_string());
         if let Some(rest) = line.split("http://").nth(1) {
             server.addr = rest.split_whitespace().next().unwrap().to_string();
             // Keep draining its stderr so that it never blocks on a full pipe.
@@ -473,4 +476,33 @@ fn five_hundred_concurrent_clients_are_all_answered_in_bounded_time() {
     let v = client(&py, &[&base, "load", "500"]);
     assert_eq!(v["statuses"], json!({"200": 500}), "{v}");
     assert!(t0.elapsed().as_secs() < 600, "500 requests took {:?}", t0.elapsed());
+}
+
+#[test]
+fn a_profile_plans_the_policy_at_start_up() {
+    let hw = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/hardware/t4-16gb.toml");
+    let hw = hw.to_str().unwrap();
+    let s = start(&["--profile", hw, "--max-prompt-tokens", "64", "--max-tokens-limit", "16"]);
+    // Limits beyond the model's positions are named.
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_flexgen-serve")).args(["--profile", hw]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--max-prompt-tokens"), "{err}");
+    let planned = s.banner.iter().find(|l| l.contains("planned on")).expect("a plan line");
+    assert!(planned.contains("tok/s predicted"), "{planned}");
+    assert!(!complete(&s, "In the beginning", 6).is_empty());
+    drop(s);
+    // A flag on top of the plan is applied; a policy file beside a profile is refused.
+    let limits = ["--max-prompt-tokens", "64", "--max-tokens-limit", "16"];
+    let s = start(
+        &[&["--profile", hw, "--gpu-batch-size", "3", "--num-gpu-batches", "1"], &limits[..]]
+            .concat(),
+    );
+    assert!(!complete(&s, "Jesus wept", 4).is_empty());
+    let out = Command::new(env!("CARGO_BIN_EXE_flexgen-serve"))
+        .args(["--profile", hw, "--policy", "p.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot be used with"), "{err}");
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use flexgen_cli::{human_bytes, parse_bytes};
+use flexgen_cli::{human_bytes, model_spec, parse_bytes};
 use flexgen_planner::{Candidate, PlanOptions, plan_pipeline, predict};
 use flexgen_policy::{HardwareProfile, Placement, Policy, Workload};
 
@@ -255,21 +255,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         None => std::io::stdout().lock().write_all(text.as_bytes())?,
     }
     Ok(())
-}
-
-fn model_spec(model: &str) -> anyhow::Result<flexgen_policy::ModelSpec> {
-    let path = PathBuf::from(model);
-    if path.is_dir() {
-        let files = flexgen_model::resolve(&path)?;
-        let text = std::fs::read_to_string(&files.config)
-            .with_context(|| format!("reading {}", files.config.display()))?;
-        let name = files
-            .dir
-            .file_name()
-            .map_or_else(|| model.to_string(), |n| n.to_string_lossy().into_owned());
-        return Ok(flexgen_model::spec_from_config_json(&text, &files.config, &name)?);
-    }
-    Ok(flexgen_model::spec_by_name(model)?)
 }
 
 fn print_candidate(out: &mut impl Write, rank: usize, c: &Candidate) -> std::io::Result<()> {

@@ -20,7 +20,7 @@ pub enum CudaError {
     #[error("CUDA library {0} not found (no NVIDIA driver/CUDA here, or not on the library path)")]
     Missing(&'static str),
     /// A driver call failed.
-    #[error("CUDA driver: {0}{hint}", hint = driver_hint(.0))]
+    #[error("CUDA driver: {hint}{0}", hint = driver_hint(.0))]
     Driver(#[from] cudarc::driver::DriverError),
     /// A cuBLAS call failed.
     #[error("cuBLAS: {0}")]
@@ -42,9 +42,9 @@ fn driver_hint(e: &cudarc::driver::DriverError) -> &'static str {
     use cudarc::driver::sys::CUresult;
     match e.0 {
         CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-            ": the GPU ran out of memory. Another process may hold GPU memory (see nvidia-smi), \
-             or --gpu-mem-limit is above what is free; free the GPU, or lower the plan's GPU use \
-             (placement.weights.gpu, placement.kv_cache.gpu, gpu_batch_size or num_gpu_batches)"
+            "the GPU ran out of memory. Another process may hold GPU memory (see nvidia-smi), or \
+             --gpu-mem-limit is above what is free; free the GPU, or lower the plan's GPU use \
+             (placement.weights.gpu, placement.kv_cache.gpu, gpu_batch_size or num_gpu_batches): "
         }
         _ => "",
     }
