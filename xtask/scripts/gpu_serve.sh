@@ -75,7 +75,17 @@ PY
   kill $SERVER; wait $SERVER 2>/dev/null
   ;;
 chat)
-  S1C=${ARGS:-"--model opt-30b --dummy random --tokenizer $KJV --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --compress-weight"}
+  # A word-level tokenizer over the whole vocabulary (t0 … t50271), so that every token of the
+  # dummy model prints text (the bundled tokenizer has 4,096 tokens).
+  python3 - "$OUT/wordlevel" <<'PY'
+import os, sys
+from tokenizers import Tokenizer, models, pre_tokenizers
+os.makedirs(sys.argv[1], exist_ok=True)
+t = Tokenizer(models.WordLevel({f"t{i}": i for i in range(50272)}, unk_token="t3"))
+t.pre_tokenizer = pre_tokenizers.Whitespace()
+t.save(os.path.join(sys.argv[1], "tokenizer.json"))
+PY
+  S1C=${ARGS:-"--model opt-30b --dummy random --tokenizer $OUT/wordlevel/tokenizer.json --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --compress-weight"}
   start_server $S1C --batch-wait-ms ${WAIT_MS:-500} --max-queue 1000 --max-prompt-tokens 128 --max-tokens-limit 32 || exit 1
   python3 - localhost:$PORT ${CLIENTS:-64} <<'PY'
 import http.client, json, sys, threading, time

@@ -180,6 +180,15 @@ pub fn model_spec(model: &str) -> anyhow::Result<flexgen_policy::ModelSpec> {
     Ok(flexgen_model::spec_by_name(model)?)
 }
 
+/// The values of dummy weights (`--dummy [ones|random]`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DummyKind {
+    /// Every weight 1 (`FlexGen`'s convention).
+    Ones,
+    /// Seeded pseudo-random values.
+    Random,
+}
+
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -214,8 +214,9 @@ impl Engine {
 }
 
 /// Blocks of requests one generate call takes at most from jobs already waiting: a batch's
-/// 2,000 lines in a few calls; an online request that comes meanwhile waits for the call.
-pub(crate) const CALL_BLOCKS: usize = 16;
+/// 2,000 lines in one or two calls (each call's last blocks cannot be refilled); an online
+/// request that comes meanwhile waits for the call.
+pub(crate) const CALL_BLOCKS: usize = 32;
 
 /// The engine loop: gather jobs into a block's worth, generate, answer each.
 fn serve_jobs(
@@ -242,7 +243,8 @@ fn serve_jobs(
         // CALL_BLOCKS blocks, so that the schedule refills the slots of finished sequences
         // from them instead of running each block to its longest request.
         while gathered(&jobs) < CALL_BLOCKS * block {
-            match rx.try_recv() {
+            // A batch's lines are queued back to back: a pause of 2 ms means its chunk is in.
+            match rx.recv_timeout(Duration::from_millis(2)) {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }

@@ -39,10 +39,10 @@ struct Cli {
     /// bundled model.
     #[arg(long, value_name = "PATH|NAME")]
     model: Option<String>,
-    /// Dummy random weights of the named spec (for trying the API on large shapes), with
-    /// --tokenizer for text.
-    #[arg(long, requires = "model")]
-    dummy: bool,
+    /// Dummy weights of the named spec (for trying the API on large shapes), with --tokenizer
+    /// for text: `ones` (FlexGen's convention, the default) or `random` (seeded), as in flexgen-run.
+    #[arg(long, value_name = "KIND", num_args = 0..=1, default_missing_value = "ones", requires = "model")]
+    dummy: Option<flexgen_cli::DummyKind>,
     /// With --dummy: a tokenizer.json, or a model directory holding one.
     #[arg(long, value_name = "PATH", requires = "dummy")]
     tokenizer: Option<PathBuf>,
@@ -140,7 +140,11 @@ fn main() -> ExitCode {
 }
 
 fn serve(cli: &Cli) -> anyhow::Result<()> {
-    let dir: Option<PathBuf> = if cli.dummy {
+    let dummy = cli.dummy.map(|k| match k {
+        flexgen_cli::DummyKind::Ones => DummyInit::Ones,
+        flexgen_cli::DummyKind::Random => DummyInit::Random { seed: 0 },
+    });
+    let dir: Option<PathBuf> = if dummy.is_some() {
         None
     } else {
         Some(cli.model.as_ref().map_or_else(flexgen_cli::bundled_model_dir, PathBuf::from))
@@ -167,12 +171,11 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         max_queue: cli.max_queue,
         max_upload_bytes: usize::try_from(cli.max_upload).unwrap_or(usize::MAX),
     };
-    let (name, dummy, tokenizer) = (cli.model.clone(), cli.dummy, cli.tokenizer.clone());
+    let (name, tokenizer) = (cli.model.clone(), cli.tokenizer.clone());
     let load = move || -> anyhow::Result<Model> {
-        if dummy {
+        if let Some(init) = dummy {
             let name = name.context("--dummy needs --model NAME")?;
             let spec = flexgen_model::spec_by_name(&name)?;
-            let init = DummyInit::Random { seed: 0 };
             let m = if cuda { Model::dummy_tables(spec, init) } else { Model::dummy(spec, init) }?;
             return match tokenizer {
                 Some(t) => m.with_tokenizer(&t).context("--tokenizer"),
@@ -190,11 +193,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         }
         let device = if cuda {
             Device::Cuda {
-                source: if dummy {
-                    LayerSource::Dummy(DummyInit::Random { seed: 0 })
-                } else {
-                    LayerSource::Loaded
-                },
+                source: dummy.map_or(LayerSource::Loaded, LayerSource::Dummy),
                 capacity: GpuCapacity { max_prompt, max_new, gpu_limit },
             }
         } else {

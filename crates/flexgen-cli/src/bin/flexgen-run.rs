@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 /// with the system allocator, which hands such blocks back to the kernel.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use flexgen_cli::{PolicyArgs, bundled_model_dir, human_bytes, peak_rss_bytes};
+use flexgen_cli::{DummyKind, PolicyArgs, bundled_model_dir, human_bytes, peak_rss_bytes};
 use flexgen_model::{DummyInit, Model};
 use flexgen_runtime::{
     Budgets, Device, Event, GenerationConfig, Generator, GpuCapacity, LayerSource, Request,
@@ -411,12 +411,6 @@ struct RunArgs {
 enum DeviceKind {
     Cpu,
     Cuda,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum DummyKind {
-    Ones,
-    Random,
 }
 
 fn main() -> ExitCode {
