@@ -100,6 +100,7 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
         ("examples", "gpu_check"),
         ("examples", "executor_check"),
         ("examples", "host_attention_bench"),
+        ("examples", "gemv4_bench"),
         ("", "xtask"),
     ] {
         let to = dest.join(name);

@@ -161,6 +161,82 @@ int main(int argc, char** argv) {
     }
 }
 
+/// The fused 4-bit product (`gemv4_dim0`: x × Wᵀ straight from W's codes) against x × the
+/// reference dequantization of W, with several row tiles, slices and a partial last group.
+#[test]
+fn gemv4_dim0_matches_x_times_the_dequantized_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_with(
+        dir.path(),
+        "static inline void atomicAdd(float* p, float v) { *p += v; }\n",
+        &["gemv4_dim0"],
+        r#"
+int main(int argc, char** argv) {
+    int outs = atoi(argv[1]), ins = atoi(argv[2]), gs = atoi(argv[3]), nb = atoi(argv[4]), per_slice = atoi(argv[5]);
+    auto codes = slurp(argv[6]); auto pb = slurp(argv[7]); auto xb = slurp(argv[8]);
+    codes.resize(codes.size() + 4, 0);
+    std::vector<half_t> params(pb.size() / 2); memcpy(params.data(), pb.data(), pb.size());
+    std::vector<half_t> x(xb.size() / 2); memcpy(x.data(), xb.data(), xb.size());
+    std::vector<float> y(nb * outs, 0.f);
+    int threads = (outs + gs - 1) / gs * (gs / 8), slices = (ins + per_slice - 1) / per_slice;
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+        int tile = std::min(8, nb - b0);
+        grid((threads + 255) / 256, slices, [&] { gemv4_dim0(codes.data(), params.data(), x.data() + b0 * ins, y.data() + b0 * outs, outs, ins, gs, tile, per_slice); });
+    }
+    FILE* f = fopen(argv[9], "wb"); fwrite(y.data(), 4, y.size(), f); fclose(f);
+}
+"#,
+    );
+    for (outs, ins, group, nb, per_slice) in [
+        (200, 40, 64, 3, 1),
+        (1000, 24, 32, 16, 7),
+        (130, 300, 64, 5, 64),
+        (64, 8, 64, 1, 8),
+        (77, 37, 16, 11, 3),
+        (2100, 20, 8, 2, 2),
+    ] {
+        let w = data(outs * ins, (outs * ins) as u64);
+        let p = quantize(&w, &[outs, ins], QuantSpec { bits: 4, group, dim: 0 });
+        let wq = dequantize(&p);
+        let x = data(nb * ins, 7 + nb as u64);
+        let mut want = vec![0f32; nb * outs];
+        for b in 0..nb {
+            for o in 0..outs {
+                want[b * outs + o] = (0..ins).map(|i| x[b * ins + i] * wq[o * ins + i]).sum();
+            }
+        }
+        let (c, pa, xs, o) = (
+            dir.path().join("codes"),
+            dir.path().join("params"),
+            dir.path().join("x"),
+            dir.path().join("out"),
+        );
+        write_bytes(&c, &p.data);
+        write_bytes(&pa, &params_bytes(&p.params));
+        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        write_bytes(&xs, &params_bytes(&xh));
+        let st = Command::new(&exe)
+            .args([outs, ins, group, nb, per_slice].map(|v| v.to_string()))
+            .args([&c, &pa, &xs, &o])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let got: Vec<f32> = std::fs::read(&o)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let label = format!("{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, slices of {per_slice}");
+        assert_eq!(got.len(), want.len(), "{label}");
+        // Sums of `ins` products in another order.
+        #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
+        let tol = 1e-5 * (ins as f32) * 16.0;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= tol, "{label}: value {i}: kernel {g}, reference {w}");
+        }
+    }
+}
+
 #[test]
 fn dequant_cache_matches_the_reference_on_both_paths() {
     let dir = tempfile::tempdir().unwrap();

@@ -684,6 +684,71 @@ impl Gpu {
         Ok(())
     }
 
+    /// `y` (fp32 `[nb, outs]`, zeroed here) = `x` (fp16 `[nb, ins]`) × Wᵀ for a linear layer's
+    /// weight W `[outs, ins]` given by its 4-bit codes and fp16 (min, scale) pairs in
+    /// `dequant_dim0`'s layout (groups of `group` outputs of one input, `group` a multiple of 8),
+    /// without an fp16 copy of W: row tiles of 8, each one kernel that splits the inputs over
+    /// enough thread blocks to fill the device.
+    ///
+    /// # Safety
+    /// Every address must name memory of this device that holds the elements the shapes imply
+    /// (`codes` 4-byte aligned) and stays alive until the compute stream has run the kernels;
+    /// `y` must not be read or written by other work on other streams meanwhile.
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
+    pub unsafe fn gemv4_dim0(
+        &self,
+        codes: u64,
+        params: u64,
+        x: u64,
+        y: u64,
+        nb: usize,
+        (outs, ins): (usize, usize),
+        group: usize,
+    ) -> Result<(), CudaError> {
+        assert!(
+            group.is_multiple_of(8) && codes.is_multiple_of(4),
+            "gemv4_dim0: group {group}, codes at {codes}"
+        );
+        let threads = outs.div_ceil(group) * (group / 8);
+        let out_blocks = threads.div_ceil(256);
+        // About four thread blocks per SM (132 on an H200) over the outputs and input slices.
+        let slices = 528usize.div_ceil(out_blocks).clamp(1, ins.max(1));
+        let per_slice = ins.div_ceil(slices).max(1);
+        let slices = ins.div_ceil(per_slice).max(1);
+        // SAFETY: `y` holds nb·outs fp32 values.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(y, 0, nb * outs * 4, self.stream.cu_stream())
+        }?;
+        let (o, i, g, ps) = (dim(outs), dim(ins), dim(group), dim(per_slice));
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(out_blocks).expect("outputs fit"),
+                u32::try_from(slices).expect("slices fit"),
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        for b0 in (0..nb).step_by(8) {
+            let tile = dim((nb - b0).min(8));
+            let (xt, yt) = (x + (b0 * ins * 2) as u64, y + (b0 * outs * 4) as u64);
+            let mut l = self.stream.launch_builder(&self.gemv4_dim0);
+            l.arg(&codes)
+                .arg(&params)
+                .arg(&xt)
+                .arg(&yt)
+                .arg(&o)
+                .arg(&i)
+                .arg(&g)
+                .arg(&tile)
+                .arg(&ps);
+            // SAFETY: thread words < ⌈outs/group⌉·group/8 and inputs < ins of the packed
+            // buffers; the tile's rows of x and y.
+            unsafe { l.launch(cfg)? };
+        }
+        Ok(())
+    }
+
     /// Dequantizes positions `p0..p0 + np` of a packed KV cache (`codes`, fp16 `params`; groups
     /// of `c.group` along the head dimension, see `kernels.cu`) into `out` `[rows, cap, hd]`.
     ///

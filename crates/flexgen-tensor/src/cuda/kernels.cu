@@ -376,6 +376,42 @@ extern "C" __global__ void dequant_dim0(const unsigned char* codes, const half_t
     }
 }
 
+// y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb (at most 8): a linear layer's product with its
+// weight W [outs, ins] read straight from the 4-bit codes of dequant_dim0's layout (groups of gs
+// outputs of one input column, an input's groups contiguous), with no fp16 copy of W. Thread t of
+// the grid's x dimension owns 8 neighbouring outputs (one 32-bit word of codes per input: a warp
+// reads 128 contiguous bytes per input); the y dimension splits the inputs into slices of
+// `per_slice`, each slice's partial sums added to the fp32 `y` [nb, outs] (zeroed first) with
+// atomicAdd. Needs gs % 8 == 0 and 4-byte aligned codes.
+extern "C" __global__ void gemv4_dim0(const unsigned char* codes, const half_t* params, const half_t* x,
+                                      float* y, int outs, int ins, int gs, int nb, int per_slice) {
+    int wpc = gs / 8;                       // code words per group
+    int chunks = (outs + gs - 1) / gs;
+    long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (t >= (long long)chunks * wpc) return;
+    int ch = (int)(t / wpc), k = (int)(t % wpc);
+    int o0 = ch * gs + 8 * k;
+    if (o0 >= outs) return;
+    int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
+    float acc[8][8];
+    for (int b = 0; b < 8; b++) for (int j = 0; j < 8; j++) acc[b][j] = 0.f;
+    const unsigned int* words = (const unsigned int*)codes;
+    for (int i = i0; i < i1; i++) {
+        long long g = (long long)i * chunks + ch;
+        unsigned int word = words[g * wpc + k];
+        float mn = h2f(params[2 * g]), sc = h2f(params[2 * g + 1]);
+        float v[8];
+        for (int j = 0; j < 8; j++) v[j] = mn + (float)((word >> (4 * j)) & 15u) * sc;
+        for (int b = 0; b < nb; b++) {
+            float xb = h2f(x[(long long)b * ins + i]);
+            for (int j = 0; j < 8; j++) acc[b][j] += xb * v[j];
+        }
+    }
+    int n = min(8, outs - o0);
+    for (int b = 0; b < nb; b++)
+        for (int j = 0; j < n; j++) atomicAdd(y + (long long)b * outs + o0 + j, acc[b][j]);
+}
+
 // ---- KV cache quantization (flexgen_tensor::quant with groups along the head dimension) ----
 // A packed cache of `rows` (sequence, head) rows holds, per row and position, ⌈hd/gs⌉ groups:
 // codes [rows, cap, groups·gs·bits/8] bytes and params [rows, cap, groups, 2] fp16 (min, scale).

@@ -1,0 +1,136 @@
+//! The fused 4-bit product (`Gpu::gemv4_dim0`: x × Wᵀ straight from W's packed codes) against
+//! cuBLAS's fp16 GEMM on the same shapes, and against today's path for a packed layer (dequantize
+//! W to fp16 with `dequant_dim0`, then the fp16 GEMM), for decode batches of 1 to 128 rows. First
+//! checks the fused kernel against the dequantize-then-GEMM result. Run on a GPU machine:
+//! `cargo run --release -p flexgen-tensor --example gemv4_bench`. Figures only, no verdict but
+//! the check (exit 1 if it fails).
+
+#![expect(clippy::print_stdout, reason = "a benchmark prints its table")]
+#![expect(clippy::cast_precision_loss, reason = "rates")]
+
+use std::time::Instant;
+
+use flexgen_tensor::cuda::Gpu;
+use flexgen_tensor::cuda::exec::{Gemm, addr};
+use flexgen_tensor::quant::{QuantSpec, quantize};
+use half::f16;
+
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut z = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            z = z.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (((z >> 40) as u32) as f32 / (1u32 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+fn half(v: &[f32]) -> Vec<f16> {
+    v.iter().map(|&x| f16::from_f32(x)).collect()
+}
+
+/// Milliseconds per call of `f` on the compute stream (median of 7 after a warm-up).
+fn time_ms(gpu: &Gpu, mut f: impl FnMut()) -> f64 {
+    f();
+    gpu.stream.synchronize().unwrap();
+    let mut v: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            gpu.stream.synchronize().unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[3]
+}
+
+fn main() {
+    let gpu = match Gpu::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("no GPU: {e}");
+            std::process::exit(2);
+        }
+    };
+    let s = gpu.stream.clone();
+    let group = 64;
+    // Check: a 4-bit 3000×1024 weight, 13 rows, fused against dequantize + fp16 GEMM.
+    let (outs, ins, nb) = (3000usize, 1024usize, 13usize);
+    let p =
+        quantize(&values(outs * ins, 1, 0.1), &[outs, ins], QuantSpec { bits: 4, group, dim: 0 });
+    let codes = s.clone_htod(&p.data).unwrap();
+    let params = s.clone_htod(&p.params).unwrap();
+    let x = s.clone_htod(&half(&values(nb * ins, 2, 1.0))).unwrap();
+    let w16 = s.alloc_zeros::<f16>(outs * ins).unwrap();
+    let y16 = s.alloc_zeros::<f16>(nb * outs).unwrap();
+    let y32 = s.alloc_zeros::<f32>(nb * outs).unwrap();
+    // SAFETY: buffers allocated above for these shapes.
+    unsafe {
+        gpu.dequant_dim0(addr(&codes), addr(&params), addr(&w16), outs, ins, group, 4).unwrap();
+        gpu.gemm(&Gemm::linear(nb, outs, ins, addr(&x), addr(&w16), addr(&y16), false)).unwrap();
+        gpu.gemv4_dim0(addr(&codes), addr(&params), addr(&x), addr(&y32), nb, (outs, ins), group)
+            .unwrap();
+    }
+    let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
+    let got = s.clone_dtoh(&y32).unwrap();
+    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max_err = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    let ok = max_err <= 1e-2 * max_ref;
+    println!(
+        "check {nb}×{ins} · ({outs}×{ins})ᵀ: max |fused − dequantize+GEMM| {max_err:.3e} of max {max_ref:.3e}: {}",
+        if ok { "ok" } else { "FAIL" }
+    );
+    // Timing: OPT-175B's fc1 and qkv, OPT-30B's fc1 (random codes: the kernel's time does not
+    // depend on them).
+    println!(
+        "| weight (outs × ins) | rows | fp16 GEMM ms | dequantize + GEMM ms | fused 4-bit ms | fused GB/s | fused / fp16 GEMM | fused / dequantize + GEMM |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, outs, ins) in [
+        ("OPT-175B fc1", 49152usize, 12288usize),
+        ("OPT-175B qkv", 36864, 12288),
+        ("OPT-30B fc1", 28672, 7168),
+    ] {
+        let n = outs * ins;
+        let codes = s
+            .clone_htod(
+                &values(n / 2, 3, 1.0)
+                    .iter()
+                    .map(|v| v.to_bits().to_le_bytes()[1])
+                    .collect::<Vec<u8>>(),
+            )
+            .unwrap();
+        let params = s.clone_htod(&half(&values(n / group * 2, 4, 0.01))).unwrap();
+        let w16 = s.clone_htod(&half(&values(n, 5, 0.02))).unwrap();
+        let x = s.clone_htod(&half(&values(128 * ins, 6, 1.0))).unwrap();
+        let y16 = s.alloc_zeros::<f16>(128 * outs).unwrap();
+        let y32 = s.alloc_zeros::<f32>(128 * outs).unwrap();
+        for nb in [1usize, 2, 4, 8, 16, 32, 64, 128] {
+            let (xa, wa, ya, y3) = (addr(&x), addr(&w16), addr(&y16), addr(&y32));
+            // SAFETY: buffers allocated above for these shapes.
+            let fp16 = time_ms(&gpu, || unsafe {
+                gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
+            });
+            let deq = time_ms(&gpu, || unsafe {
+                gpu.dequant_dim0(addr(&codes), addr(&params), wa, outs, ins, group, 4).unwrap();
+                gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
+            });
+            let fused = time_ms(&gpu, || unsafe {
+                gpu.gemv4_dim0(addr(&codes), addr(&params), xa, y3, nb, (outs, ins), group)
+                    .unwrap();
+            });
+            let bytes =
+                n as f64 / 2.0 + (n / group * 4) as f64 + (nb * (ins * 2 + outs * 4)) as f64;
+            println!(
+                "| {name} ({outs} × {ins}) | {nb} | {fp16:.3} | {deq:.3} | {fused:.3} | {:.0} | {:.2}× | {:.2}× |",
+                bytes / fused / 1e6,
+                fp16 / fused,
+                deq / fused
+            );
+        }
+    }
+    if !ok {
+        std::process::exit(1);
+    }
+}
