@@ -211,11 +211,23 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             .with_context(|| format!("listening at {addr} (--host, --port)"))?;
         let bound = listener.local_addr()?;
         eprintln!("flexgen-serve: listening on http://{bound} (OpenAI base URL http://{bound}/v1)");
+        // Ctrl-C or SIGTERM: stop taking connections, answer the requests in flight, exit 0.
+        // An unfinished batch resumes when the server starts again with its --state-dir.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
+            .with_graceful_shutdown(async move {
+                let name = tokio::select! {
+                    _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                    _ = term.recv() => "SIGTERM",
+                };
+                eprintln!(
+                    "flexgen-serve: {name}: no new connections; answering the requests in flight"
+                );
             })
             .await
-            .context("serving")
+            .context("serving")?;
+        eprintln!("flexgen-serve: stopped");
+        Ok(())
     })
 }

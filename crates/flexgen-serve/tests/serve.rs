@@ -506,3 +506,33 @@ fn a_profile_plans_the_policy_at_start_up() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cannot be used with"), "{err}");
 }
+
+#[test]
+fn sigterm_answers_the_requests_in_flight_then_exits_0() {
+    let mut s = start(&[]);
+    let addr = s.addr.clone();
+    // A long request, then SIGTERM while it generates.
+    let long = std::thread::spawn(move || {
+        let body = json!({"prompt": "In the beginning", "max_tokens": 200, "temperature": 0});
+        let mut c = TcpStream::connect(&addr).unwrap();
+        let body = body.to_string();
+        write!(
+            c,
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let out = long.join().unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "the request in flight is answered: {out}");
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert!(TcpStream::connect(&s.addr).is_err(), "no connections after the shutdown");
+}
