@@ -326,6 +326,15 @@ impl<'m> Generator<'m> {
         }
     }
 
+    /// Where it computes: `cpu` (the tiered executor, one stage or a pipeline) or `cuda` (one
+    /// stage, or a pipeline of CUDA stages).
+    pub fn backend(&self) -> &'static str {
+        match &self.executor {
+            Executor::Host(_) => "cpu",
+            Executor::Cuda(_) | Executor::CudaPipeline(_) => "cuda",
+        }
+    }
+
     /// Generates completions for `requests`, calling `on_event` as tokens come.
     pub fn generate(
         &self,

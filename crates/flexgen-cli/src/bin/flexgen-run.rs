@@ -621,16 +621,17 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
             writeln!(out, "[{i}] {prompt}{text}")?;
         }
     }
-    let result = match generator.cuda() {
-        Some(gpu) => {
-            let run = CudaRun { requests: &requests, load_s, setup_s, started, longest };
-            report_cuda(cli, &model, &policy, gpu, &stats, &run, &mut out)
-        }
-        None => report_cpu(cli, &model, &policy, &requests, &stats, (load_s, started), &mut out),
+    let result = if let Some(gpu) = generator.cuda() {
+        let run = CudaRun { requests: &requests, load_s, setup_s, started, longest };
+        report_cuda(cli, &model, &policy, gpu, &stats, &run, &mut out)
+    } else {
+        // The CPU executor, or a pipeline of CUDA stages (the tiers' figures, summed).
+        let (backend, run) = (generator.backend(), (load_s, started));
+        report_cpu(cli, backend, (&model, &policy), &requests, &stats, run, &mut out)
     };
     // Pinned memory is returned far faster by the kernel at exit than by freeing it piecewise.
     // (On the CPU the generator is dropped: a pipeline's rank 0 then tells the other ranks.)
-    if generator.cuda().is_some() {
+    if generator.backend() == "cuda" {
         std::mem::forget(generator);
     }
     result
@@ -646,17 +647,18 @@ fn prompt_tokens(model: &Model, r: &Request) -> usize {
     }
 }
 
-/// The text and JSON report of a run on the CPU executor.
+/// The text and JSON report of a run on the CPU executor, or of a pipeline of CUDA stages
+/// (`backend` "cuda": the GPU tier is the device's memory in use).
 fn report_cpu(
     cli: &RunArgs,
-    model: &Model,
-    p: &flexgen_policy::Policy,
+    backend: &str,
+    (model, p): (&Model, &flexgen_policy::Policy),
     requests: &[Request],
     stats: &flexgen_runtime::RunStats,
     (load_s, started): (f64, std::time::Instant),
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let mut report = common_report("cpu", model, p, requests, cli.max_new_tokens, stats, load_s);
+    let mut report = common_report(backend, model, p, requests, cli.max_new_tokens, stats, load_s);
     extend(
         &mut report,
         serde_json::json!({
@@ -677,7 +679,7 @@ fn report_cpu(
         return Ok(());
     }
     let mut err = std::io::stderr().lock();
-    writeln!(err, "\n{}", header(model, p, requests.len(), cli.max_new_tokens, "cpu"))?;
+    writeln!(err, "\n{}", header(model, p, requests.len(), cli.max_new_tokens, backend))?;
     let (need, moved) = (stats.tiers.required, stats.tiers.traffic);
     writeln!(
         err,
@@ -706,7 +708,11 @@ fn report_cpu(
         load_s
     )?;
     let peak = peak_rss_bytes().map_or_else(|| "unknown".into(), human_bytes);
-    write!(err, "peak memory: process RSS {peak} (CPU backend: the GPU tier is host memory)")?;
+    if backend == "cuda" {
+        write!(err, "peak memory: process RSS {peak}, GPU in use {}", human_bytes(need.gpu))?;
+    } else {
+        write!(err, "peak memory: process RSS {peak} (CPU backend: the GPU tier is host memory)")?;
+    }
     match p.prediction.as_ref() {
         Some(pred) => writeln!(
             err,
