@@ -104,7 +104,6 @@ impl<'m> HostStage<'m> {
         let part = Self::part(model, r, p, budgets).map_err(fail)?;
         let me = Self { model, device: Device::Cpu, budgets, parts: Vec::new(), ring: None };
         let mut stores = None;
-        let mut traffic = Traffic::default();
         loop {
             match wire.recv()? {
                 Msg::Block { shapes, max_len } => {
@@ -126,8 +125,10 @@ impl<'m> HostStage<'m> {
                         .map(|st| step_inputs(&model.spec, st, g.past, g.t).map(|(_, s)| s))
                         .collect::<Result<Vec<_>>>()
                         .map_err(fail)?;
-                    me.run_part(&part, (kv, act), (g.first, &mut g.hidden), &steps, &mut traffic)
+                    let mut moved = Traffic::default();
+                    me.run_part(&part, (kv, act), (g.first, &mut g.hidden), &steps, &mut moved)
                         .map_err(fail)?;
+                    g.traffic.add(moved);
                     wire.send(&Msg::Group(g))?;
                 }
                 Msg::Failed { rank, message } => {
@@ -323,6 +324,8 @@ impl HostStage<'_> {
         let first = |g: usize| g * n / groups;
         let (to_first, mut from_prev) = mpsc::channel::<GroupOf>();
         let mut out: Vec<Option<Vec<Tensor>>> = (0..groups).map(|_| None).collect();
+        // What the other ranks moved, reported with the groups that come back round.
+        let mut moved = Traffic::default();
         let results = std::thread::scope(|s| {
             let mut threads = Vec::with_capacity(self.parts.len());
             let last = self.parts.len() - 1;
@@ -348,7 +351,8 @@ impl HostStage<'_> {
                             }
                             let starts = at.starts[a..b].to_vec();
                             let (t, past) = (at.t, at.past);
-                            let group = Group { g, first: a, t, past, starts, hidden: x };
+                            let traffic = Traffic::default();
+                            let group = Group { g, first: a, t, past, starts, hidden: x, traffic };
                             ring.send(&Msg::Group(group))?;
                             continue;
                         }
@@ -373,7 +377,10 @@ impl HostStage<'_> {
                 // The groups come back round from the last rank.
                 for _ in 0..groups {
                     match ring.recv() {
-                        Ok(Msg::Group(g)) if g.g < groups => out[g.g] = Some(g.hidden),
+                        Ok(Msg::Group(g)) if g.g < groups => {
+                            moved.add(g.traffic);
+                            out[g.g] = Some(g.hidden);
+                        }
                         Ok(Msg::Failed { rank, message }) => {
                             received = Err(crate::Error::Rank { rank, message });
                             break;
@@ -402,6 +409,7 @@ impl HostStage<'_> {
             traffic.add(r?);
         }
         received?;
+        traffic.add(moved);
         Ok(out.into_iter().flat_map(|x| x.expect("every stage succeeded")).collect())
     }
 }

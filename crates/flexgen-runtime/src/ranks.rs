@@ -57,6 +57,9 @@ pub(crate) struct Group {
     pub past: usize,
     pub starts: Vec<Vec<usize>>,
     pub hidden: Vec<Tensor>,
+    /// The bytes the ranks after rank 0 moved between their tiers for this group (each adds its
+    /// own), so that rank 0 reports the whole pipeline's traffic.
+    pub traffic: crate::tiers::Traffic,
 }
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -133,6 +136,10 @@ impl Msg {
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
                     w.write_all(bytemuck::cast_slice(&values))?;
                 }
+                let t = &g.traffic;
+                for v in [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write] {
+                    w.write_all(&v.to_le_bytes())?;
+                }
             }
             Msg::Failed { rank, message } => {
                 w.write_all(&[3])?;
@@ -179,7 +186,16 @@ impl Msg {
                             .map_err(|e| std::io::Error::other(e.to_string()))?,
                     );
                 }
-                Msg::Group(Group { g, first, t, past, starts, hidden })
+                let mut counts = [0u64; 4];
+                for c in &mut counts {
+                    let mut b = [0u8; 8];
+                    r.read_exact(&mut b)?;
+                    *c = u64::from_le_bytes(b);
+                }
+                let [cpu_to_gpu, gpu_to_cpu, disk_read, disk_write] = counts;
+                let traffic =
+                    crate::tiers::Traffic { cpu_to_gpu, gpu_to_cpu, disk_read, disk_write };
+                Msg::Group(Group { g, first, t, past, starts, hidden, traffic })
             }
             3 => {
                 let rank = u32::try_from(get_len(r, u32::MAX as usize)?).unwrap_or(u32::MAX);

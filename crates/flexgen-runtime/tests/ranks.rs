@@ -32,8 +32,14 @@ fn free_port() -> String {
     l.local_addr().unwrap().to_string()
 }
 
-/// Rank 0's tokens (or error), and every other rank's result.
-type Outcome = (Result<Vec<Vec<u32>>, String>, Vec<Result<(), String>>);
+/// Rank 0's tokens and the bytes it reports moved between tiers (CPU→GPU, GPU→CPU, disk read,
+/// disk write), or its error; and every other rank's result.
+type Outcome = (Result<(Vec<Vec<u32>>, [u64; 4]), String>, Vec<Result<(), String>>);
+
+fn moved(t: &flexgen_runtime::RunStats) -> [u64; 4] {
+    let t = t.tiers.traffic;
+    [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write]
+}
 
 /// Runs `policy` over `world` ranks (threads).
 fn over_ranks(model: &Model, policy: &Policy, world: u32) -> Outcome {
@@ -50,7 +56,7 @@ fn over_ranks(model: &Model, policy: &Policy, world: u32) -> Outcome {
         let spec = RankSpec { rank: 0, world_size: world, coordinator: coordinator.clone() };
         let tokens = Generator::rank0(model, policy.clone(), Budgets::default(), &spec)
             .and_then(|g| g.generate(&requests(), &config(), &mut |_| {}))
-            .map(|(done, _)| done.into_iter().map(|c| c.tokens).collect())
+            .map(|(done, stats)| (done.into_iter().map(|c| c.tokens).collect(), moved(&stats)))
             .map_err(|e| e.to_string());
         let rest = workers.into_iter().map(|w| w.join().unwrap()).collect();
         (tokens, rest)
@@ -73,7 +79,7 @@ fn ranks_give_one_stages_tokens() {
         for world in [2, 3].into_iter().filter(|&w| w <= n) {
             // Layers split evenly.
             let (got, rest) = over_ranks(&model, &shape(), world);
-            assert_eq!(got.unwrap(), want, "{dir}: {world} ranks");
+            assert_eq!(got.unwrap().0, want, "{dir}: {world} ranks");
             assert!(rest.iter().all(Result::is_ok), "{dir}: {rest:?}");
         }
         // The policy's stages, the second with its cache and activations on the CPU tier.
@@ -88,8 +94,17 @@ fn ranks_give_one_stages_tokens() {
             },
         ];
         let (got, rest) = over_ranks(&model, &p, 2);
-        assert_eq!(got.unwrap(), want, "{dir}: the policy's stages");
+        let (tokens, over_ranks_moved) = got.unwrap();
+        assert_eq!(tokens, want, "{dir}: the policy's stages");
         assert!(rest.iter().all(Result::is_ok), "{dir}: {rest:?}");
+        // Rank 0 reports what rank 1's stage moved too: the bytes one process's pipeline of
+        // the same stages moves.
+        let (_, stats) = Generator::on(&model, p.clone(), flexgen_runtime::Device::default())
+            .unwrap()
+            .generate(&requests(), &config(), &mut |_| {})
+            .unwrap();
+        assert!(moved(&stats)[0] > 0, "the second stage's weights cross: {:?}", moved(&stats));
+        assert_eq!(over_ranks_moved, moved(&stats), "{dir}: rank 0's report of the traffic");
     }
 }
 
