@@ -549,19 +549,12 @@ fn check_ranks(stages: &[(Range<u32>, Policy)], spec: &RankSpec) -> Result<()> {
 }
 
 /// The in-process link between two stages: each micro-batch's hidden state leaves one stage as
-/// bytes (what a device-to-device copy or NCCL carries between GPUs) and is rebuilt from them
-/// on the other side.
+/// the bytes the TCP ring carries (what a device-to-device copy or NCCL carries between GPUs)
+/// and is rebuilt from them on the other side.
 fn link(hidden: &[Tensor]) -> Result<Vec<Tensor>> {
+    let io = |e: std::io::Error| crate::Error::Config { field: "stage", message: e.to_string() };
     hidden
         .iter()
-        .map(|x| {
-            let sent: Vec<u8> =
-                x.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let values: Vec<f32> = sent
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            Ok(Tensor::from_vec(values, x.dims(), &flexgen_tensor::Device::Cpu)?)
-        })
+        .map(|x| ranks::hidden_from(&ranks::hidden_bytes(x).map_err(io)?, x.dims()).map_err(io))
         .collect()
 }
