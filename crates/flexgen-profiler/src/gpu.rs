@@ -258,8 +258,84 @@ fn fill(
     Ok(buf)
 }
 
-/// The profile section for the planner.
-pub fn profile_section(inv: &GpuInventory, r: &GpuRates, mem_limit: Option<u64>) -> GpuProfile {
+/// The links between the host and several GPUs (issue 18): pinned host→device copies on every
+/// GPU at once, each GPU from its own thread, buffer and stream (the bytes of all of them per
+/// second of the slowest: where the GPUs share the host's links this is less than `count` times
+/// one GPU's rate), and device 0 → device 1 copies. Both `None` with one GPU.
+pub fn links(count: u32, mode: Mode) -> Result<(Option<f64>, Option<f64>), CudaError> {
+    if count < 2 {
+        return Ok((None, None));
+    }
+    let reps = if mode == Mode::Quick { 2 } else { 5 };
+    let bytes: usize = if mode == Mode::Quick { 256 << 20 } else { 1 << 30 };
+    let n = count as usize;
+    let barrier = std::sync::Barrier::new(n);
+    let secs: Vec<Result<f64, CudaError>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                let barrier = &barrier;
+                s.spawn(move || -> Result<f64, CudaError> {
+                    let setup = (|| {
+                        let ctx = cuda::open(i)?;
+                        let st = ctx.new_stream()?;
+                        let mut pinned = cuda::alloc_pinned(&ctx, bytes)?;
+                        pinned.as_mut_slice()?.fill(1);
+                        let mut dev: CudaSlice<u8> = st.alloc_zeros(bytes)?;
+                        st.memcpy_htod(&pinned, &mut dev)?;
+                        st.synchronize()?;
+                        Ok::<_, CudaError>((st, pinned, dev))
+                    })();
+                    // Every thread reaches the barrier, set up or not, so none waits forever.
+                    barrier.wait();
+                    let (st, pinned, mut dev) = setup?;
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        st.memcpy_htod(&pinned, &mut dev)?;
+                    }
+                    st.synchronize()?;
+                    Ok(t.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("a copy thread panicked")).collect()
+    });
+    let mut slowest = 0f64;
+    for r in secs {
+        slowest = slowest.max(r?);
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let all = (n * reps * bytes) as f64 / slowest;
+    // Device 0 → device 1 (peer access as the driver sets it up).
+    let (c0, c1) = (cuda::open(0)?, cuda::open(1)?);
+    let (s0, s1) = (c0.new_stream()?, c1.new_stream()?);
+    let src: CudaSlice<u8> = s0.alloc_zeros(bytes)?;
+    let dst: CudaSlice<u8> = s1.alloc_zeros(bytes)?;
+    s1.synchronize()?;
+    let (src_ptr, dst_ptr) =
+        (flexgen_tensor::cuda::exec::addr(&src), flexgen_tensor::cuda::exec::addr(&dst));
+    let peer = || -> Result<(), CudaError> {
+        // SAFETY: both buffers hold `bytes` and live until the stream is synchronized below.
+        unsafe { cuda::copy_peer(&s0, (dst_ptr, &c1), (src_ptr, &c0), bytes) }
+    };
+    peer()?;
+    s0.synchronize()?;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        peer()?;
+    }
+    s0.synchronize()?;
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let p2p = (reps * bytes) as f64 / t.elapsed().as_secs_f64();
+    Ok((Some(all), Some(p2p)))
+}
+
+/// The profile section for the planner (`links`: [`links`]' rates).
+pub fn profile_section(
+    inv: &GpuInventory,
+    r: &GpuRates,
+    mem_limit: Option<u64>,
+    (all, p2p): (Option<f64>, Option<f64>),
+) -> GpuProfile {
     GpuProfile {
         name: inv.name.clone(),
         memory_bytes: mem_limit.map_or(inv.memory_total_bytes, |l| l.min(inv.memory_total_bytes)),
@@ -272,7 +348,7 @@ pub fn profile_section(inv: &GpuInventory, r: &GpuRates, mem_limit: Option<u64>)
         // A copy reads and writes every byte; a GEMM streaming weights only reads.
         hbm_bytes_per_s: r.hbm,
         count: inv.count,
-        h2d_pinned_all_bytes_per_s: None,
-        p2p_bytes_per_s: None,
+        h2d_pinned_all_bytes_per_s: all,
+        p2p_bytes_per_s: p2p,
     }
 }

@@ -267,9 +267,11 @@ pub fn profile(opts: &Options, progress: &mut dyn FnMut(usize)) -> Result<Report
     progress(4);
     let (gpu_section, gpu_inventory, gpu_rates, no_gpu_reason) = match gpu::inventory() {
         Err(why) => (None, None, None, Some(why)),
-        Ok(ginv) => match gpu::rates(opts.mode) {
-            Ok((_ctx, r)) => (
-                Some(gpu::profile_section(&ginv, &r, opts.gpu_mem_limit_bytes)),
+        Ok(ginv) => match gpu::rates(opts.mode)
+            .and_then(|(_ctx, r)| Ok((r, gpu::links(ginv.count, opts.mode)?)))
+        {
+            Ok((r, links)) => (
+                Some(gpu::profile_section(&ginv, &r, opts.gpu_mem_limit_bytes, links)),
                 Some(ginv),
                 Some(r),
                 None,

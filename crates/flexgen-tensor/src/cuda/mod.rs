@@ -287,6 +287,30 @@ pub fn timing_event(stream: &Arc<CudaStream>) -> Result<CudaEvent, CudaError> {
     Ok(stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?)
 }
 
+/// Copies `bytes` from `src` on `src_ctx`'s device to `dst` on `dst_ctx`'s, in `stream`'s order.
+///
+/// # Safety
+/// Both regions must hold `bytes` on their devices and stay alive until the copy completes.
+pub unsafe fn copy_peer(
+    stream: &CudaStream,
+    (dst, dst_ctx): (u64, &CudaContext),
+    (src, src_ctx): (u64, &CudaContext),
+    bytes: usize,
+) -> Result<(), CudaError> {
+    // SAFETY: the caller's regions, on their own contexts.
+    unsafe {
+        cudarc::driver::result::memcpy_peer_async(
+            dst_ctx.cu_ctx(),
+            dst,
+            src_ctx.cu_ctx(),
+            src,
+            bytes,
+            stream.cu_stream(),
+        )
+    }?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
