@@ -10,7 +10,6 @@ use flexgen_tensor::cuda::exec::{AttnDims, CacheQuant, addr, at};
 use flexgen_tensor::quant::{QuantSpec, dequantize, quantize};
 use flexgen_tensor::{Device, Tensor};
 use half::f16;
-use std::time::Instant;
 
 fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     let n: usize = shape.iter().product();
@@ -237,22 +236,6 @@ impl ToVec for Tensor {
     }
 }
 
-/// Milliseconds per call of `f` on the compute stream (median of 5 after a warm-up).
-fn time_ms(gpu: &Gpu, mut f: impl FnMut()) -> f64 {
-    f();
-    gpu.stream.synchronize().unwrap();
-    let mut v: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            gpu.stream.synchronize().unwrap();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    v.sort_by(f64::total_cmp);
-    v[2]
-}
-
 /// Times the kernels a compressed OPT-30B decode step runs per layer (h 7168, 56 heads of 128,
 /// 544 positions, a GPU batch of 32): dequantizing the layer's 12·h² weights, dequantizing the
 /// past of a packed cache, packing one new position, and decode attention.
@@ -266,7 +249,7 @@ fn time_kernels(gpu: &Gpu) {
     let params = s.alloc_zeros::<f16>(elems / 64 * 2).unwrap();
     let out = s.alloc_zeros::<f16>(elems).unwrap();
     let mats = [(3 * h, h), (h, h), (4 * h, h), (h, 4 * h)];
-    let ms = time_ms(gpu, || {
+    let ms = gpu.time_ms(5, || {
         let mut off = 0;
         for (r, c) in mats {
             let (co, po) = (addr(&codes) + (off / 2) as u64, at(addr(&params), off / 32));
@@ -288,19 +271,19 @@ fn time_kernels(gpu: &Gpu) {
     let kv = s.alloc_zeros::<f16>(rows * cap * hd).unwrap();
     let ms =
         // SAFETY: buffers allocated above for these shapes.
-        time_ms(gpu, || unsafe { gpu.dequant_cache(addr(&cc), addr(&cp), addr(&kv), q, (0, 543)) }.unwrap());
+        gpu.time_ms(5, || unsafe { gpu.dequant_cache(addr(&cc), addr(&cp), addr(&kv), q, (0, 543)) }.unwrap());
     println!(
         "time dequant_cache, {rows} rows × 543 positions × {hd} (k or v of one layer, batch {b}): {ms:.3} ms"
     );
     let ms =
         // SAFETY: buffers allocated above for these shapes.
-        time_ms(gpu, || unsafe { gpu.quant_cache(addr(&kv), addr(&cc), addr(&cp), q, (543, 1)) }.unwrap());
+        gpu.time_ms(5, || unsafe { gpu.quant_cache(addr(&kv), addr(&cc), addr(&cp), q, (543, 1)) }.unwrap());
     println!("time quant_cache, one new position of {rows} rows: {ms:.3} ms");
     let qv = s.alloc_zeros::<f16>(rows * hd).unwrap();
     let start = s.alloc_zeros::<i32>(b).unwrap();
     let o = s.alloc_zeros::<f16>(rows * hd).unwrap();
     let d = AttnDims { b, t: 1, nh, nkv: nh, hd, cap, past: 543 };
-    let ms = time_ms(gpu, || {
+    let ms = gpu.time_ms(5, || {
         // SAFETY: buffers allocated above for these shapes.
         unsafe {
             gpu.attention_decode(

@@ -8,8 +8,6 @@
 #![expect(clippy::print_stdout, reason = "a benchmark prints its table")]
 #![expect(clippy::cast_precision_loss, reason = "rates")]
 
-use std::time::Instant;
-
 use flexgen_tensor::cuda::Gpu;
 use flexgen_tensor::cuda::exec::{Gemm, addr};
 use flexgen_tensor::quant::{QuantSpec, quantize};
@@ -27,22 +25,6 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 fn half(v: &[f32]) -> Vec<f16> {
     v.iter().map(|&x| f16::from_f32(x)).collect()
-}
-
-/// Milliseconds per call of `f` on the compute stream (median of 7 after a warm-up).
-fn time_ms(gpu: &Gpu, mut f: impl FnMut()) -> f64 {
-    f();
-    gpu.stream.synchronize().unwrap();
-    let mut v: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            gpu.stream.synchronize().unwrap();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    v.sort_by(f64::total_cmp);
-    v[3]
 }
 
 fn main() {
@@ -109,14 +91,14 @@ fn main() {
         for nb in [1usize, 2, 4, 8, 16, 32, 64, 128] {
             let (xa, wa, ya, y3) = (addr(&x), addr(&w16), addr(&y16), addr(&y32));
             // SAFETY: buffers allocated above for these shapes.
-            let fp16 = time_ms(&gpu, || unsafe {
+            let fp16 = &gpu.time_ms(7, || unsafe {
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
             });
-            let deq = time_ms(&gpu, || unsafe {
+            let deq = &gpu.time_ms(7, || unsafe {
                 gpu.dequant_dim0(addr(&codes), addr(&params), wa, outs, ins, group, 4).unwrap();
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
             });
-            let fused = time_ms(&gpu, || unsafe {
+            let fused = &gpu.time_ms(7, || unsafe {
                 gpu.gemv4_dim0(addr(&codes), addr(&params), xa, y3, nb, (outs, ins), group)
                     .unwrap();
             });

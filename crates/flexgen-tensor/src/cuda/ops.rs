@@ -95,6 +95,26 @@ pub(super) fn rows(n: usize) -> LaunchConfig {
 
 impl Gpu {
     /// Opens device `ordinal` and compiles the kernels for it.
+    /// Milliseconds per call of `f` on the compute stream: the median of `runs` after a
+    /// warm-up call (for the check and benchmark programs).
+    ///
+    /// # Panics
+    /// If the stream cannot be synchronized.
+    pub fn time_ms(&self, runs: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        self.stream.synchronize().expect("synchronizing the compute stream");
+        let mut v: Vec<f64> = (0..runs.max(1))
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                self.stream.synchronize().expect("synchronizing the compute stream");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
         // SAFETY: only tries to load the library.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
