@@ -536,3 +536,40 @@ fn sigterm_answers_the_requests_in_flight_then_exits_0() {
     assert!(status.success(), "exit status after SIGTERM: {status}");
     assert!(TcpStream::connect(&s.addr).is_err(), "no connections after the shutdown");
 }
+
+/// A metric's value from `/metrics`.
+fn metric(s: &Server, name: &str) -> f64 {
+    let out = raw(s, "GET", "/metrics", "", None);
+    out.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} in {out}"))
+}
+
+#[test]
+fn a_batchs_lines_share_one_engine_call_and_each_equals_its_own_completion() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap().to_string();
+    let s = start(&["--state-dir", &dir, "--gpu-batch-size", "2", "--num-gpu-batches", "2"]);
+    // 40 lines of mixed lengths: ten blocks of four, one call (at most 32 blocks).
+    let lines: Vec<String> = (0..40)
+        .map(|i| batch_line(&format!("l{i}"), PROMPTS[i % PROMPTS.len()], 2 + (i % 5) as u32 * 2))
+        .collect();
+    let file = upload(&s, &lines.join("\n"));
+    let body =
+        json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"});
+    let (status, b) = call(&s, "POST", "/v1/batches", Some(&body.to_string()), None);
+    assert_eq!(status, 200, "{b}");
+    let b = wait_batch(&s, b["id"].as_str().unwrap());
+    assert_eq!(b["request_counts"], json!({"total": 40, "completed": 40, "failed": 0}), "{b}");
+    let calls = metric(&s, "flexgen_generate_calls_total");
+    assert!(calls <= 2.0, "40 lines in {calls} engine calls");
+    // Run longest first and refilled, each line still gets its own greedy text.
+    let out = results(&s, b["output_file_id"].as_str().unwrap());
+    assert_eq!(out.len(), 40);
+    for (cid, v) in out.iter().filter(|(c, _)| ["l0", "l7", "l13", "l39"].contains(&c.as_str())) {
+        let i: usize = cid[1..].parse().unwrap();
+        let text = v["response"]["body"]["choices"][0]["text"].as_str().unwrap();
+        let tokens = 2 + (i % 5) as u32 * 2;
+        assert_eq!(text, complete(&s, PROMPTS[i % PROMPTS.len()], tokens), "{cid}");
+    }
+}
