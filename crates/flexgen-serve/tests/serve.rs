@@ -545,6 +545,9 @@ fn metric(s: &Server, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} in {out}"))
 }
 
+/// The `max_tokens` of the mixed-length batch's lines, by line number modulo 5.
+const LENGTHS: [u32; 5] = [2, 4, 6, 8, 10];
+
 #[test]
 fn a_batchs_lines_share_one_engine_call_and_each_equals_its_own_completion() {
     let state = tempfile::tempdir().unwrap();
@@ -552,7 +555,7 @@ fn a_batchs_lines_share_one_engine_call_and_each_equals_its_own_completion() {
     let s = start(&["--state-dir", &dir, "--gpu-batch-size", "2", "--num-gpu-batches", "2"]);
     // 40 lines of mixed lengths: ten blocks of four, one call (at most 32 blocks).
     let lines: Vec<String> = (0..40)
-        .map(|i| batch_line(&format!("l{i}"), PROMPTS[i % PROMPTS.len()], 2 + (i % 5) as u32 * 2))
+        .map(|i| batch_line(&format!("l{i}"), PROMPTS[i % PROMPTS.len()], LENGTHS[i % 5]))
         .collect();
     let file = upload(&s, &lines.join("\n"));
     let body =
@@ -569,7 +572,6 @@ fn a_batchs_lines_share_one_engine_call_and_each_equals_its_own_completion() {
     for (cid, v) in out.iter().filter(|(c, _)| ["l0", "l7", "l13", "l39"].contains(&c.as_str())) {
         let i: usize = cid[1..].parse().unwrap();
         let text = v["response"]["body"]["choices"][0]["text"].as_str().unwrap();
-        let tokens = 2 + (i % 5) as u32 * 2;
-        assert_eq!(text, complete(&s, PROMPTS[i % PROMPTS.len()], tokens), "{cid}");
+        assert_eq!(text, complete(&s, PROMPTS[i % PROMPTS.len()], LENGTHS[i % 5]), "{cid}");
     }
 }
