@@ -6,24 +6,11 @@
 use std::ops::Range;
 use std::path::Path;
 
-use flexgen_model::Model;
 use flexgen_policy::{Placement, Policy, Tier, TierShares};
-use flexgen_runtime::{Budgets, Error, GenerationConfig, Generator, Request};
+use flexgen_runtime::{Budgets, Error, Generator};
 
-fn load(dir: &str) -> Model {
-    Model::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model").join(dir)).unwrap()
-}
-
-fn requests() -> Vec<Request> {
-    ["In the beginning God created", "Jesus wept.", "And the earth was", "Amen"]
-        .iter()
-        .map(|p| Request::text(*p))
-        .collect()
-}
-
-fn config() -> GenerationConfig {
-    GenerationConfig { max_new_tokens: 8, stop_on_eos: false, ..GenerationConfig::default() }
-}
+mod common;
+use common::{config, load, requests};
 
 fn shape() -> Policy {
     Policy { gpu_batch_size: 2, num_gpu_batches: 2, ..Policy::default() }
@@ -51,7 +38,7 @@ fn placements(offload: &Path) -> Vec<Policy> {
 
 /// The greedy tokens, and the bytes read from disk.
 fn tokens(g: &Generator<'_>) -> (Vec<Vec<u32>>, u64) {
-    let (done, stats) = g.generate(&requests(), &config(), &mut |_| {}).unwrap();
+    let (done, stats) = g.generate(&requests(4), &config(), &mut |_| {}).unwrap();
     (done.into_iter().map(|c| c.tokens).collect(), stats.tiers.traffic.disk_read)
 }
 
@@ -136,7 +123,7 @@ fn a_failing_stage_stops_the_pipeline_with_its_error() {
         // The offload files are unlinked once open: reach them through this process's fds.
         let cut = cut_open_files_under(dir.path());
         assert!(!cut.is_empty(), "stage {failing} put its weights on disk");
-        let Err(e) = g.generate(&requests(), &config(), &mut |_| {}) else {
+        let Err(e) = g.generate(&requests(4), &config(), &mut |_| {}) else {
             panic!("stage {failing}: a cut weight file went unnoticed")
         };
         let msg = e.to_string();

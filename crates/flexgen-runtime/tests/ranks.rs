@@ -2,26 +2,12 @@
 //! loopback: the greedy tokens equal one stage's for 2 and 3 ranks, with the policy's stages or
 //! the layers split evenly; a rank that fails is named by rank 0, and no rank hangs.
 
-use std::path::Path;
-
 use flexgen_model::Model;
 use flexgen_policy::{Placement, Policy, Stage, TierShares};
-use flexgen_runtime::{Budgets, GenerationConfig, Generator, RankSpec, Request, serve_rank};
+use flexgen_runtime::{Budgets, Generator, RankSpec, serve_rank};
 
-fn load(dir: &str) -> Model {
-    Model::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model").join(dir)).unwrap()
-}
-
-fn requests() -> Vec<Request> {
-    ["In the beginning God created", "Jesus wept.", "And the earth was", "Amen", "Blessed are"]
-        .iter()
-        .map(|p| Request::text(*p))
-        .collect()
-}
-
-fn config() -> GenerationConfig {
-    GenerationConfig { max_new_tokens: 8, stop_on_eos: false, ..GenerationConfig::default() }
-}
+mod common;
+use common::{config, load, requests};
 
 fn shape() -> Policy {
     Policy { gpu_batch_size: 2, num_gpu_batches: 3, ..Policy::default() }
@@ -55,7 +41,7 @@ fn over_ranks(model: &Model, policy: &Policy, world: u32) -> Outcome {
             .collect();
         let spec = RankSpec { rank: 0, world_size: world, coordinator: coordinator.clone() };
         let tokens = Generator::rank0(model, policy.clone(), Budgets::default(), &spec)
-            .and_then(|g| g.generate(&requests(), &config(), &mut |_| {}))
+            .and_then(|g| g.generate(&requests(5), &config(), &mut |_| {}))
             .map(|(done, stats)| (done.into_iter().map(|c| c.tokens).collect(), moved(&stats)))
             .map_err(|e| e.to_string());
         let rest = workers.into_iter().map(|w| w.join().unwrap()).collect();
@@ -69,7 +55,7 @@ fn ranks_give_one_stages_tokens() {
         let model = load(dir);
         let want: Vec<Vec<u32>> = Generator::new(&model, shape())
             .unwrap()
-            .generate(&requests(), &config(), &mut |_| {})
+            .generate(&requests(5), &config(), &mut |_| {})
             .unwrap()
             .0
             .into_iter()
@@ -101,7 +87,7 @@ fn ranks_give_one_stages_tokens() {
         // the same stages moves.
         let (_, stats) = Generator::on(&model, p.clone(), flexgen_runtime::Device::default())
             .unwrap()
-            .generate(&requests(), &config(), &mut |_| {})
+            .generate(&requests(5), &config(), &mut |_| {})
             .unwrap();
         assert!(moved(&stats)[0] > 0, "the second stage's weights cross: {:?}", moved(&stats));
         assert_eq!(over_ranks_moved, moved(&stats), "{dir}: rank 0's report of the traffic");
