@@ -189,6 +189,16 @@ pub enum DummyKind {
     Random,
 }
 
+impl DummyKind {
+    /// The values it names, random ones drawn from `seed`.
+    pub fn init(self, seed: u64) -> flexgen_model::DummyInit {
+        match self {
+            DummyKind::Ones => flexgen_model::DummyInit::Ones,
+            DummyKind::Random => flexgen_model::DummyInit::Random { seed },
+        }
+    }
+}
+
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

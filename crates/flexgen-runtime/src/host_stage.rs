@@ -549,12 +549,12 @@ fn check_ranks(stages: &[(Range<u32>, Policy)], spec: &RankSpec) -> Result<()> {
 }
 
 /// The in-process link between two stages: each micro-batch's hidden state leaves one stage as
-/// the bytes the TCP ring carries (what a device-to-device copy or NCCL carries between GPUs)
+/// the values the TCP ring carries (what a device-to-device copy or NCCL carries between GPUs)
 /// and is rebuilt from them on the other side.
 fn link(hidden: &[Tensor]) -> Result<Vec<Tensor>> {
     let io = |e: std::io::Error| crate::Error::Config { field: "stage", message: e.to_string() };
     hidden
         .iter()
-        .map(|x| ranks::hidden_from(&ranks::hidden_bytes(x).map_err(io)?, x.dims()).map_err(io))
+        .map(|x| ranks::hidden_tensor(ranks::hidden_values(x).map_err(io)?, x.dims()).map_err(io))
         .collect()
 }

@@ -103,20 +103,16 @@ fn get_str(r: &mut impl Read) -> std::io::Result<String> {
 
 const MAX_ITEMS: usize = 1 << 24;
 
-/// A hidden state as the bytes that cross a link between stages (f32, little-endian): what the
-/// TCP ring and the in-process link carry.
-pub(crate) fn hidden_bytes(x: &Tensor) -> std::io::Result<Vec<u8>> {
-    let values = x
-        .flatten_all()
+/// A hidden state's values as they cross a link between stages (f32; the TCP ring sends their
+/// bytes in the host's order): what the ring and the in-process link carry.
+pub(crate) fn hidden_values(x: &Tensor) -> std::io::Result<Vec<f32>> {
+    x.flatten_all()
         .and_then(|f| f.to_vec1::<f32>())
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-/// The hidden state of shape `dims` that [`hidden_bytes`] made `bytes` of.
-pub(crate) fn hidden_from(bytes: &[u8], dims: &[usize]) -> std::io::Result<Tensor> {
-    let values: Vec<f32> =
-        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+/// The hidden state of shape `dims` made of `values` ([`hidden_values`] on the other side).
+pub(crate) fn hidden_tensor(values: Vec<f32>, dims: &[usize]) -> std::io::Result<Tensor> {
     Tensor::from_vec(values, dims, &flexgen_tensor::Device::Cpu)
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
@@ -148,7 +144,7 @@ impl Msg {
                     for &d in dims {
                         put_u64(w, d)?;
                     }
-                    w.write_all(&hidden_bytes(x)?)?;
+                    w.write_all(bytemuck::cast_slice(&hidden_values(x)?))?;
                 }
                 let t = &g.traffic;
                 for v in [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write] {
@@ -193,9 +189,9 @@ impl Msg {
                     let count = count.filter(|&c| c <= 1 << 32).ok_or_else(|| {
                         std::io::Error::new(std::io::ErrorKind::InvalidData, "a tensor too large")
                     })?;
-                    let mut bytes = vec![0u8; count * 4];
-                    r.read_exact(&mut bytes)?;
-                    hidden.push(hidden_from(&bytes, &dims)?);
+                    let mut values = vec![0f32; count];
+                    r.read_exact(bytemuck::cast_slice_mut(&mut values))?;
+                    hidden.push(hidden_tensor(values, &dims)?);
                 }
                 let mut counts = [0u64; 4];
                 for c in &mut counts {

@@ -423,11 +423,27 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
                     "response": {"status_code": 400, "request_id": new_id("req_"), "body": e.body()}, "error": null})),
             }
         }
+        // Appends the lines gathered so far and records the counts.
+        let mut flush = |ok: &mut Vec<Value>, bad: &mut Vec<Value>| -> std::io::Result<()> {
+            if ok.is_empty() && bad.is_empty() {
+                return Ok(());
+            }
+            append(&out, ok)?;
+            append(&err, bad)?;
+            (completed, failed) = (completed + ok.len(), failed + bad.len());
+            ok.clear();
+            bad.clear();
+            let _guard = store.records.lock().expect("batch records");
+            let cur = Store::read_json(&store.batch_path(&id)).unwrap_or_else(|| b.clone());
+            b["status"] = cur["status"].clone();
+            b["request_counts"]["completed"] = json!(completed);
+            b["request_counts"]["failed"] = json!(failed);
+            store.save_batch(&b)
+        };
         // One engine job per line, all queued at once: the engine runs them in shared blocks,
         // and a line it refuses fails alone.
         let handles = state.engine.submit_all(runnable.iter().map(|(_, r)| r.clone()));
-        let n = runnable.len();
-        for (k, ((cid, _), pending)) in runnable.into_iter().zip(handles).enumerate() {
+        for ((cid, _), pending) in runnable.into_iter().zip(handles) {
             let line = match pending.wait() {
                 Ok(done) => {
                     let body = if endpoint == "/v1/completions" {
@@ -446,27 +462,11 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
             } else {
                 bad_lines.push(line);
             }
-            if ok_lines.len() + bad_lines.len() >= block || k + 1 == n {
-                append(&out, &ok_lines)?;
-                append(&err, &bad_lines)?;
-                (completed, failed) = (completed + ok_lines.len(), failed + bad_lines.len());
-                (ok_lines, bad_lines) = (Vec::new(), Vec::new());
-                let _guard = store.records.lock().expect("batch records");
-                let cur = Store::read_json(&store.batch_path(&id)).unwrap_or_else(|| b.clone());
-                b["status"] = cur["status"].clone();
-                b["request_counts"]["completed"] = json!(completed);
-                b["request_counts"]["failed"] = json!(failed);
-                store.save_batch(&b)?;
+            if ok_lines.len() + bad_lines.len() >= block {
+                flush(&mut ok_lines, &mut bad_lines)?;
             }
         }
-        // Lines refused before the engine, when no line ran.
-        if !bad_lines.is_empty() {
-            append(&err, &bad_lines)?;
-            failed += bad_lines.len();
-            let _guard = store.records.lock().expect("batch records");
-            b["request_counts"]["failed"] = json!(failed);
-            store.save_batch(&b)?;
-        }
+        flush(&mut ok_lines, &mut bad_lines)?;
     }
     let _guard = store.records.lock().expect("batch records");
     if b["status"] != "cancelled" {

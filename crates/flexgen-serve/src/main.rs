@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use flexgen_cli::PolicyArgs;
-use flexgen_model::{DummyInit, Model};
+use flexgen_model::Model;
 use flexgen_runtime::{Budgets, Device, Generator, GpuCapacity, LayerSource};
 
 use flexgen_serve::{ChatTemplate, Engine, ServeOptions, router};
@@ -140,10 +140,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(cli: &Cli) -> anyhow::Result<()> {
-    let dummy = cli.dummy.map(|k| match k {
-        flexgen_cli::DummyKind::Ones => DummyInit::Ones,
-        flexgen_cli::DummyKind::Random => DummyInit::Random { seed: 0 },
-    });
+    let dummy = cli.dummy.map(|k| k.init(0));
     let dir: Option<PathBuf> = if dummy.is_some() {
         None
     } else {

@@ -304,6 +304,16 @@ fn wait_batch(s: &Server, id: &str) -> Value {
     panic!("batch {id} did not finish");
 }
 
+/// Uploads `lines` and runs them as a batch on `/v1/completions`: the ended batch's record.
+fn run_lines(s: &Server, lines: &[String]) -> Value {
+    let file = upload(s, &lines.join("\n"));
+    let body =
+        json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"});
+    let (status, b) = call(s, "POST", "/v1/batches", Some(&body.to_string()), None);
+    assert_eq!(status, 200, "{b}");
+    wait_batch(s, b["id"].as_str().unwrap())
+}
+
 /// The lines of file `id`, by `custom_id`.
 fn results(s: &Server, id: &str) -> Vec<(String, Value)> {
     let out = raw(s, "GET", &format!("/v1/files/{id}/content"), "", None);
@@ -331,12 +341,7 @@ fn batches_run_on_the_engine_and_resume_after_a_restart() {
         PROMPTS.iter().enumerate().map(|(i, p)| batch_line(&format!("q{i}"), p, 10)).collect();
     lines.push(json!({"custom_id": "bad", "body": {"prompt": "x", "max_tokens": 0}}).to_string());
     lines.push("not json".into());
-    let file = upload(&s, &lines.join("\n"));
-    let body =
-        json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"});
-    let (status, b) = call(&s, "POST", "/v1/batches", Some(&body.to_string()), None);
-    assert_eq!(status, 200, "{b}");
-    let b = wait_batch(&s, b["id"].as_str().unwrap());
+    let b = run_lines(&s, &lines);
     assert_eq!(b["status"], "completed", "{b}");
     assert_eq!(b["request_counts"], json!({"total": 8, "completed": 6, "failed": 2}));
     let out = results(&s, b["output_file_id"].as_str().unwrap());
@@ -557,12 +562,7 @@ fn a_batchs_lines_share_one_engine_call_and_each_equals_its_own_completion() {
     let lines: Vec<String> = (0..40)
         .map(|i| batch_line(&format!("l{i}"), PROMPTS[i % PROMPTS.len()], LENGTHS[i % 5]))
         .collect();
-    let file = upload(&s, &lines.join("\n"));
-    let body =
-        json!({"input_file_id": file, "endpoint": "/v1/completions", "completion_window": "24h"});
-    let (status, b) = call(&s, "POST", "/v1/batches", Some(&body.to_string()), None);
-    assert_eq!(status, 200, "{b}");
-    let b = wait_batch(&s, b["id"].as_str().unwrap());
+    let b = run_lines(&s, &lines);
     assert_eq!(b["request_counts"], json!({"total": 40, "completed": 40, "failed": 0}), "{b}");
     let calls = metric(&s, "flexgen_generate_calls_total");
     assert!(calls <= 2.0, "40 lines in {calls} engine calls");

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use flexgen_cli::{DummyKind, PolicyArgs, bundled_model_dir, human_bytes, peak_rss_bytes};
-use flexgen_model::{DummyInit, Model};
+use flexgen_model::Model;
 use flexgen_runtime::{
     Budgets, Device, Event, GenerationConfig, Generator, GpuCapacity, LayerSource, Request,
     Sampling,
@@ -542,11 +542,7 @@ fn make_generator<'m>(
     let device = match dargs.device {
         DeviceKind::Cpu => Device::Cpu(dargs.budgets()),
         DeviceKind::Cuda => Device::Cuda {
-            source: match margs.dummy {
-                Some(DummyKind::Ones) => LayerSource::Dummy(DummyInit::Ones),
-                Some(DummyKind::Random) => LayerSource::Dummy(DummyInit::Random { seed }),
-                None => LayerSource::Loaded,
-            },
+            source: margs.dummy.map_or(LayerSource::Loaded, |k| LayerSource::Dummy(k.init(seed))),
             capacity: GpuCapacity {
                 max_prompt: max_prompt.max(1),
                 max_new: max_new.max(1),
@@ -812,10 +808,7 @@ fn load_model(cli: &ModelArgs, device: DeviceKind, seed: u64) -> anyhow::Result<
     if let Some(kind) = cli.dummy {
         let name = cli.model.as_deref().context("--dummy needs --model NAME (e.g. opt-125m)")?;
         let spec = flexgen_model::spec_by_name(name)?;
-        let init = match kind {
-            DummyKind::Ones => DummyInit::Ones,
-            DummyKind::Random => DummyInit::Random { seed },
-        };
+        let init = kind.init(seed);
         // The CUDA executor fills the layers itself, in fp16, where the policy places them.
         let built = if device == DeviceKind::Cuda {
             Model::dummy_tables(spec, init)

@@ -102,10 +102,6 @@ impl<'m> CudaPipeline<'m> {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { stages })
     }
-
-    fn each<T>(&self, f: impl Fn(&CudaStage<'m>) -> T) -> Vec<T> {
-        self.stages.iter().map(|s| f(&s.lock().expect("a stage's lock"))).collect()
-    }
 }
 
 impl Stage for CudaPipeline<'_> {
@@ -172,24 +168,22 @@ impl Stage for CudaPipeline<'_> {
     }
 
     fn max_width(&self) -> Option<usize> {
-        self.each(Stage::max_width).into_iter().flatten().min()
+        self.stages.iter().filter_map(|s| s.lock().expect("a stage's lock").max_width()).min()
     }
 
     fn finish(&self, stats: &mut RunStats) -> Result<()> {
-        let mut total = RunStats::default();
+        let mut required = crate::tiers::TierBytes::default();
         for stage in &self.stages {
             let mut own = RunStats::default();
             stage.lock().expect("a stage's lock").finish(&mut own)?;
             // One GPU: its use is the device's, counted once.
-            total.tiers.required.gpu = own.tiers.required.gpu;
-            total.tiers.required.cpu += own.tiers.required.cpu;
-            total.tiers.required.disk += own.tiers.required.disk;
-            total.tiers.traffic.add(own.tiers.traffic);
-            total.host = own.host;
+            required.gpu = own.tiers.required.gpu;
+            required.cpu += own.tiers.required.cpu;
+            required.disk += own.tiers.required.disk;
+            stats.tiers.traffic.add(own.tiers.traffic);
+            stats.host = own.host;
         }
-        stats.tiers.required = total.tiers.required;
-        stats.tiers.traffic.add(total.tiers.traffic);
-        stats.host = total.host;
+        stats.tiers.required = required;
         Ok(())
     }
 }
