@@ -3,7 +3,8 @@
 # as CUDA stages on GPU 0, each on its own thread under its own placement, the hidden states
 # crossing by device-to-device (or pinned host) copies. The greedy tokens must equal the one-stage
 # CUDA run's under every placement and split. Usage: gpu_pipeline_check.sh [BIN_DIR] (DEVICE=cpu:
-# the same checks of the host pipeline, to try the script without a GPU)
+# the same checks of the host pipeline, to try the script without a GPU; RANKS=1: each pipeline
+# over processes instead, `--nproc` one per stage, with `--link ${LINK:-auto}`)
 B=${1:-target/release}
 fail=0
 D=$(mktemp -d)
@@ -43,7 +44,9 @@ check() { # name, "RANGES…" (one per pipeline, ';'-separated), then flexgen-ru
             w=$D/$BASHPID; mkdir -p $w
             stage_policy $w/p.toml "$ranges" "${later%|*}"
             label="$name [$ranges] first [$first] later [$later] $split"
-            if ! "$B/flexgen-run" "$@" --ignore-eos --device ${DEVICE:-cuda} --policy $w/p.toml --percent $first \
+            ranks=()
+            [ -n "$RANKS" ] && ranks=(--nproc $(wc -w <<< "$ranges") --link ${LINK:-auto})
+            if ! timeout 300 "$B/flexgen-run" "$@" "${ranks[@]}" --ignore-eos --device ${DEVICE:-cuda} --policy $w/p.toml --percent $first \
                  --cpu-cache-compute ${later#*|} $split --offload-dir $w/off > $w/out.txt 2> $w/err.txt; then
               echo "FAIL $label: $(tail -2 $w/err.txt | tr '\n' ' ')" >> $RESULTS
             elif ! cmp -s $ref $w/out.txt; then
@@ -67,6 +70,6 @@ check tiny-llama "0,1 1,2" --model crates/flexgen-model/test_data/tiny-random-ll
   --prompt "Hello" --prompt "the quick brown fox jumps over" --prompt "a" --prompt "to be or not to be"
 check opt-125m-random "0,4 4,8 8,12" --model opt-125m --dummy random --seed 3 --prompt-len 12 --num-prompts 4 --max-new-tokens 8
 grep -v '^OK' $RESULTS && fail=1
-echo "$(wc -l < $RESULTS) CUDA pipeline runs compared; $( [ $fail = 0 ] && echo ALL EQUAL || echo FAILURES )"
+echo "$(wc -l < $RESULTS) ${RANKS:+over-process }CUDA pipeline runs compared; $( [ $fail = 0 ] && echo ALL EQUAL || echo FAILURES )"
 rm -rf $D
 exit $fail

@@ -582,6 +582,21 @@ fn nproc_runs_the_pipeline_in_processes_and_names_a_failing_rank() {
     assert!(!o.status.success(), "a failed rank went unnoticed");
     assert!(err.contains("rank 1") && err.contains("not-a-folder"), "{err}");
     assert!(started.elapsed().as_secs() < 30, "stopped after {:?}", started.elapsed());
+    // Rank 0's own stage cannot be built: the ranks it started, waiting for it, stop at once
+    // (they were given a minute before).
+    p.placement = on_disk;
+    p.stages.clear();
+    p.write_toml_file(&policy).unwrap();
+    let started = std::time::Instant::now();
+    let o = bin("flexgen-run")
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--prompt", "Amen", "--max-new-tokens", "4", "--nproc", "3"])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("not-a-folder"), "{err}");
+    assert!(started.elapsed().as_secs() < 20, "stopped after {:?}", started.elapsed());
     // Ranks by hand: a rank outside the world is refused by name.
     let o = bin("flexgen-run")
         .args(["--rank", "2", "--world-size", "2", "--coordinator", "127.0.0.1:1"])

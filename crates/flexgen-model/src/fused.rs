@@ -38,6 +38,51 @@ pub struct Visit {
 /// How the q/k/v split finishes the projection as it moves q to its buffer and k, v to the
 /// cache: the bias to add, if any, and the rotation of q and k (positions, inverse
 /// frequencies), if the family rotates.
+/// A layer's weights for a visit: its fp16 arena ([`LayerLayout`]) and, where the stage runs the
+/// visit's products straight from packed 4-bit codes, where those are.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerWeights {
+    pub arena: u64,
+    pub packed: Option<Packed4>,
+}
+
+/// A layer's four matrices (q/k/v, o, fc1, fc2: [`crate::layout::PackedLayout::mats`]) as 4-bit
+/// codes and fp16 (min, scale) pairs, groups of `group` outputs of one input; `scratch` holds the
+/// visit's rows × the widest matrix's outputs as fp32.
+#[derive(Debug, Clone, Copy)]
+pub struct Packed4 {
+    pub mats: [(u64, u64); 4],
+    pub group: usize,
+    pub scratch: u64,
+}
+
+const QKV: usize = 0;
+const OUT: usize = 1;
+const FC1: usize = 2;
+const FC2: usize = 3;
+
+/// `gm` (a linear layer's product `y = x·Wᵀ`, `+ y` when it accumulates) with W matrix `m` of the
+/// layer: from its packed codes where `w` has them (the fused 4-bit product into the fp32
+/// scratch, then stored as fp16), else cuBLAS on the fp16 arena.
+///
+/// # Safety
+/// As [`attention_in`].
+unsafe fn product(g: &Gpu, w: &LayerWeights, m: usize, gm: &Gemm) -> Result<()> {
+    let Some(p) = &w.packed else {
+        // SAFETY: the caller's contract.
+        unsafe { g.gemm(gm) }?;
+        return Ok(());
+    };
+    debug_assert!(gm.batch == 1 && gm.ldc == gm.n, "a linear layer's contiguous output");
+    let (codes, params) = p.mats[m];
+    // SAFETY: the caller's contract; the scratch holds m·n fp32 values.
+    unsafe {
+        g.gemv4_dim0(codes, params, (gm.a, gm.lda), p.scratch, gm.m, (gm.n, gm.k), p.group)?;
+        g.store_f32(p.scratch, gm.c, gm.m * gm.n, gm.beta != 0.0)?;
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct QkvEpilogue {
     pub bias: Option<u64>,
@@ -140,12 +185,12 @@ pub unsafe fn attention_in(
     g: &Gpu,
     spec: &ModelSpec,
     l: &LayerLayout,
-    w: u64,
+    w: &LayerWeights,
     v: &Visit,
 ) -> Result<QkvEpilogue> {
     let h = l.hidden;
     let wide = h + 2 * l.kv;
-    let bias = (!l.qkv_b.is_empty()).then(|| at(w, l.qkv_b.start));
+    let bias = (!l.qkv_b.is_empty()).then(|| at(w.arena, l.qkv_b.start));
     let rope = match spec.positions {
         PositionKind::Learned { .. } => None,
         PositionKind::Rope { .. } if v.inv_freq == 0 => {
@@ -156,7 +201,7 @@ pub unsafe fn attention_in(
     let epilogue = QkvEpilogue { bias, rope };
     // Pre-norm: the projection reads the normed input; post-norm: the hidden state itself.
     let input = if spec.pre_norm {
-        let norm_w = (at(w, l.attn_norm_w.start), at(w, l.attn_norm_b.start));
+        let norm_w = (at(w.arena, l.attn_norm_w.start), at(w.arena, l.attn_norm_b.start));
         // SAFETY: the caller's contract.
         unsafe { norm(g, spec, norm_w, v.x, v.hn, v.rows, h) }?;
         v.hn
@@ -164,7 +209,14 @@ pub unsafe fn attention_in(
         v.x
     };
     // SAFETY: the caller's contract.
-    unsafe { g.gemm(&Gemm::linear(v.rows, wide, h, input, at(w, l.qkv_w.start), v.qkv, false)) }?;
+    unsafe {
+        product(
+            g,
+            w,
+            QKV,
+            &Gemm::linear(v.rows, wide, h, input, at(w.arena, l.qkv_w.start), v.qkv, false),
+        )
+    }?;
     Ok(epilogue)
 }
 
@@ -177,18 +229,18 @@ pub unsafe fn attention_out_and_mlp(
     g: &Gpu,
     spec: &ModelSpec,
     l: &LayerLayout,
-    w: u64,
+    w: &LayerWeights,
     v: &Visit,
 ) -> Result<()> {
     let h = l.hidden;
     let rows = v.rows;
-    let wq = |r: &std::ops::Range<usize>| at(w, r.start);
+    let wq = |r: &std::ops::Range<usize>| at(w.arena, r.start);
     let (attn_norm, mlp_norm) =
         ((wq(&l.attn_norm_w), wq(&l.attn_norm_b)), (wq(&l.mlp_norm_w), wq(&l.mlp_norm_b)));
     // SAFETY (every call below): the caller's contract.
     unsafe {
-        g.gemm(&Gemm::linear(rows, h, h, v.att, wq(&l.o_w), v.x, true))?;
-        bias_act(g, w, rows, (v.x, &l.o_b, h), false)?;
+        product(g, w, OUT, &Gemm::linear(rows, h, h, v.att, wq(&l.o_w), v.x, true))?;
+        bias_act(g, w.arena, rows, (v.x, &l.o_b, h), false)?;
         if spec.pre_norm {
             norm(g, spec, mlp_norm, v.x, v.hn, rows, h)?;
         } else {
@@ -211,22 +263,28 @@ pub unsafe fn attention_out_and_mlp(
 ///
 /// # Safety
 /// As [`attention_in`].
-unsafe fn mlp(g: &Gpu, spec: &ModelSpec, l: &LayerLayout, w: u64, v: &Visit) -> Result<()> {
+unsafe fn mlp(
+    g: &Gpu,
+    spec: &ModelSpec,
+    l: &LayerLayout,
+    w: &LayerWeights,
+    v: &Visit,
+) -> Result<()> {
     let h = l.hidden;
     let f = spec.ffn_size as usize;
     let rows = v.rows;
-    let wq = |r: &std::ops::Range<usize>| at(w, r.start);
+    let wq = |r: &std::ops::Range<usize>| at(w.arena, r.start);
     // SAFETY: the caller's contract.
     let bias = |y: u64, r: &std::ops::Range<usize>, cols: usize, relu: bool| unsafe {
-        bias_act(g, w, rows, (y, r, cols), relu)
+        bias_act(g, w.arena, rows, (y, r, cols), relu)
     };
     match spec.mlp {
         MlpKind::Relu => {
             // SAFETY (every call below): the caller's contract.
             unsafe {
-                g.gemm(&Gemm::linear(rows, f, h, v.hn, wq(&l.fc1_w), v.ffn, false))?;
+                product(g, w, FC1, &Gemm::linear(rows, f, h, v.hn, wq(&l.fc1_w), v.ffn, false))?;
                 bias(v.ffn, &l.fc1_b, f, true)?;
-                g.gemm(&Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true))?;
+                product(g, w, FC2, &Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true))?;
             }
             bias(v.x, &l.fc2_b, h, false)?;
             Ok(())
@@ -239,12 +297,22 @@ unsafe fn mlp(g: &Gpu, spec: &ModelSpec, l: &LayerLayout, w: u64, v: &Visit) -> 
             // reads those first ffn columns of each row.
             // SAFETY (every call below): the caller's contract (ffn holds rows × 2·ffn).
             unsafe {
-                g.gemm(&Gemm::linear(rows, 2 * f, h, v.hn, wq(&l.fc1_w), v.ffn, false))?;
+                product(
+                    g,
+                    w,
+                    FC1,
+                    &Gemm::linear(rows, 2 * f, h, v.hn, wq(&l.fc1_w), v.ffn, false),
+                )?;
                 g.silu_mul_raw(v.ffn, at(v.ffn, f), v.ffn, rows, f, 2 * f, 2 * f)?;
-                g.gemm(&Gemm {
-                    lda: 2 * f,
-                    ..Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true)
-                })?;
+                product(
+                    g,
+                    w,
+                    FC2,
+                    &Gemm {
+                        lda: 2 * f,
+                        ..Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true)
+                    },
+                )?;
             }
             bias(v.x, &l.fc2_b, h, false)?;
             Ok(())

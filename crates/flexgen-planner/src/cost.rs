@@ -5,7 +5,10 @@
 
 use std::ops::{Add, Mul};
 
-use flexgen_policy::{Compression, HardwareProfile, MlpKind, ModelSpec, Workload};
+use flexgen_policy::{
+    Compression, FUSED_DECODE_MAX_BATCHES, FUSED_DECODE_ROWS, HardwareProfile, MlpKind, ModelSpec,
+    Workload,
+};
 
 /// Index of each placement fraction in [`Lin::coef`].
 pub const WG: usize = 0;
@@ -190,6 +193,11 @@ pub fn terms(
     // the packed bytes, write the fp16 ones), and a compressed cache into an fp16 working area
     // that attention then reads: device-memory traffic, not arithmetic.
     let dequant_w = if choice.compress_weight { (w + w16) / hbm } else { 0.0 };
+    // Decode steps of small micro-batches read the packed codes straight instead
+    // (`Policy::fuses_decode`; the planner compresses to 4 bits in groups of 64).
+    let fused = choice.compress_weight
+        && choice.gpu_batch_size <= FUSED_DECODE_ROWS
+        && choice.num_gpu_batches <= FUSED_DECODE_MAX_BATCHES;
     let cache_read = 1.0 + if choice.compress_cache { 2.0 / rc } else { 0.0 };
 
     // Which copies cost compute time as well as link bandwidth. Weights stream ahead on their own
@@ -231,11 +239,13 @@ pub fn terms(
             "compute",
             // Decode GEMMs: FLOP-bound or, at small batch, bound by reading the fp16 weights from
             // device memory once per micro-batch. GPU attention reads the cache from device memory.
-            Lin::c(
+            Lin::c(if fused {
+                f64::from(choice.num_gpu_batches) * w / hbm
+            } else {
                 (bls * 2.0 * matrix_params / gemm)
                     .max(f64::from(choice.num_gpu_batches) * w16 / hbm)
-                    + dequant_w,
-            ) + (Lin::var(CG, 1.0) + off_c * (1.0 - attn_cpu))
+                    + dequant_w
+            }) + (Lin::var(CG, 1.0) + off_c * (1.0 - attn_cpu))
                 * (kv_tok * ctx * bls * cache_read / hbm)
                 + off_c * (attn_cpu * 4.0 * ctx * h1 * bls / cattn)
                 + decode_stream_copies,
@@ -257,8 +267,12 @@ pub fn terms(
     // The cache of every group in flight (one on one GPU).
     let held = l * kv_tok * full * bls * f64::from(choice.groups.max(1));
     let resident = Lin::var(WG, l * w) + Lin::var(CG, held);
-    // A compressed layer is expanded into one fp16 arena of a whole layer.
-    let unpacked = if choice.compress_weight { w16 } else { 0.0 };
+    // A compressed layer is expanded into one fp16 arena of a whole layer; the fused decode adds
+    // an fp32 output of a micro-batch's rows × the widest matrix.
+    let widest = (h1 + 2.0 * f64::from(spec.num_kv_heads * spec.head_dim()))
+        .max(spec.mlp_inner_width() as f64);
+    let unpacked =
+        if choice.compress_weight { w16 } else { 0.0 } + if fused { 4.0 * b * widest } else { 0.0 };
     let k = f64::from(choice.num_gpu_batches);
     // Hidden states: every micro-batch's on the GPU, or one staged from the CPU (two when the
     // next one is prefetched, with two or more micro-batches).

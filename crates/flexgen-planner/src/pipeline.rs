@@ -6,10 +6,13 @@
 //! The runtime splits a block's micro-batches into one group per stage and passes each group from
 //! stage to stage: group g runs on stage s while g − 1 runs on stage s + 1. Each stage holds the
 //! cache of every group and computes one group at a time, so a stage is planned with the group as
-//! its block (`Choice::groups` = stages). A step ends when the last group leaves the last stage
-//! (the schedule feeds the next tokens of the whole block at once), so a step takes the first
-//! group's way through every stage and then one slowest stage per further group:
-//! `Σ Tₛ + (S − 1) · max Tₛ`, plus the hidden states' crossings of the first group.
+//! its block (`Choice::groups` = stages). The prefill, one step, ends when the last group leaves
+//! the last stage: the first group's way through every stage and then one slowest stage per
+//! further group, `Σ Tₛ + (S − 1) · max Tₛ`. In decode each group's next tokens come as soon as
+//! it leaves the last stage, so the first stage starts the group's next step while the others
+//! finish this one: a step takes every group through the slowest stage, `S · max Tₛ`, unless one
+//! group's way through every stage is longer, `Σ Tₛ`. Plus the hidden states' crossings of a
+//! group.
 
 use std::ops::Range;
 
@@ -165,14 +168,13 @@ fn combine(
     let prompt = f64::from(workload.prompt_len);
     let steps = f64::from(workload.gen_len.saturating_sub(1));
     let crossings = (sf - 1.0) * blocks / link;
-    let pipelined = |t: Vec<f64>| {
-        let max = t.iter().copied().fold(0.0, f64::max);
-        t.iter().sum::<f64>() + (sf - 1.0) * max
-    };
-    let prefill = pipelined(best.iter().map(|c| c.prefill_s).collect())
-        + crossings * 2.0 * h * group * prompt;
+    let max = |t: &[f64]| t.iter().copied().fold(0.0, f64::max);
+    let filled = |t: Vec<f64>| t.iter().sum::<f64>() + (sf - 1.0) * max(&t);
+    let streamed = |t: Vec<f64>| (sf * max(&t)).max(t.iter().sum::<f64>());
+    let prefill =
+        filled(best.iter().map(|c| c.prefill_s).collect()) + crossings * 2.0 * h * group * prompt;
     let decode =
-        pipelined(best.iter().map(|c| c.decode_s).collect()) + crossings * 2.0 * h * group * steps;
+        streamed(best.iter().map(|c| c.decode_s).collect()) + crossings * 2.0 * h * group * steps;
     let sequences = workload.num_prompts.map_or(group * sf, f64::from);
     let tokens_per_s = sequences * f64::from(workload.gen_len) / (prefill + decode);
     let slowest = (0..s)

@@ -307,6 +307,16 @@ impl Default for Policy {
     }
 }
 
+/// Decode micro-batches of at most this many rows run their products straight from 4-bit packed
+/// weights ([`Policy::fuses_decode`])…
+pub const FUSED_DECODE_ROWS: u32 = 2;
+
+/// …when a block has at most this many of them: the dequantizing path expands a layer once for
+/// all its micro-batches, and on small products (OPT-6.7B's) the fused product is slower than
+/// cuBLAS fp16, so from about eight micro-batches on dequantizing wins (session 12: OPT-6.7B 4-bit
+/// 1×1 decode 97.8 tok/s fused against 57.5, 1×8 93.1 against 102.6).
+pub const FUSED_DECODE_MAX_BATCHES: u32 = 4;
+
 impl Policy {
     /// Stage `i`'s own policy: this one with the stage's placement and CPU-attention choice, and
     /// no stages.
@@ -343,6 +353,19 @@ impl Policy {
     /// Sequences per block: `gpu_batch_size * num_gpu_batches`.
     pub fn block_size(&self) -> usize {
         self.gpu_batch_size as usize * self.num_gpu_batches as usize
+    }
+
+    /// Whether the CUDA stage's decode steps run their products straight from the packed 4-bit
+    /// weights (the fused 4-bit product) rather than dequantizing each layer first: 4-bit
+    /// weights, micro-batches of at most [`FUSED_DECODE_ROWS`] rows, blocks of at most
+    /// [`FUSED_DECODE_MAX_BATCHES`] of them. The memory plan and the planner's cost follow it.
+    pub fn fuses_decode(&self) -> bool {
+        let c = &self.compress_weight;
+        c.enabled
+            && c.bits == 4
+            && c.group_size.is_multiple_of(8)
+            && self.gpu_batch_size <= FUSED_DECODE_ROWS
+            && self.num_gpu_batches <= FUSED_DECODE_MAX_BATCHES
     }
 
     /// Checks every field and the consistency between fields.

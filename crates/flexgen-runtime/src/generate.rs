@@ -5,7 +5,7 @@
 use flexgen_model::Model;
 use flexgen_policy::Policy;
 
-use crate::gpu::{CudaPipeline, CudaStage, GpuCapacity, LayerSource};
+use crate::gpu::{CudaPipeline, CudaRank, CudaStage, GpuCapacity, LayerSource};
 use crate::host_stage::HostStage;
 use crate::sampling::Sampling;
 use crate::stage::Stage;
@@ -225,6 +225,7 @@ enum Executor<'m> {
     Host(Box<HostStage<'m>>),
     Cuda(Box<CudaStage<'m>>),
     CudaPipeline(Box<CudaPipeline<'m>>),
+    CudaRank(Box<CudaRank<'m>>),
 }
 
 /// Runs a model under a policy on a device.
@@ -291,20 +292,43 @@ impl<'m> Generator<'m> {
     }
 
     /// Rank 0 of a pipeline over processes (`spec.world_size` ranks, one stage each, joined over
-    /// TCP at `spec.coordinator`, where this rank listens): runs the first stage, the embedding,
-    /// the LM head and the schedule; the other ranks run [`serve_rank`]. The stages are the
+    /// TCP at `spec.coordinator`, where this rank listens): runs the first stage and the
+    /// schedule; the other ranks run [`serve_rank`] on the same device kind. The stages are the
     /// policy's `[[stage]]` entries (one per rank) or, without any, the layers split evenly.
-    /// Returns once every rank has joined.
+    /// Returns once every rank has joined (and, on the GPU, built its stage).
+    ///
+    /// On the CPU rank 0 also holds the embedding and the LM head, and the micro-batches go
+    /// round the ring in groups. On the GPU each rank has a GPU (rank r: GPU r mod the GPUs it
+    /// sees), the last rank holds the LM head, and hidden states cross by NCCL or through host
+    /// memory (`spec.link`).
     pub fn rank0(
         model: &'m Model,
         policy: Policy,
-        budgets: Budgets,
+        device: Device,
         spec: &crate::RankSpec,
     ) -> Result<Self> {
         policy.validate()?;
         let stages = rank_stages(model, &policy, spec);
-        let stage = HostStage::rank0(model, &stages, budgets, spec)?;
-        Ok(Self { model, policy, executor: Executor::Host(Box::new(stage)) })
+        let executor = match device {
+            Device::Cpu(budgets) => {
+                Executor::Host(Box::new(HostStage::rank0(model, &stages, budgets, spec)?))
+            }
+            Device::Cuda { source, capacity } => Executor::CudaRank(Box::new(CudaRank::rank0(
+                model, &stages, source, capacity, spec,
+            )?)),
+        };
+        Ok(Self { model, policy, executor })
+    }
+
+    /// Rank 0 of a pipeline over processes: tells the other ranks that the run is over, so that
+    /// they exit (dropping the generator does the same; this is for a caller that leaves it to
+    /// the process's exit). Elsewhere, nothing.
+    pub fn stop_ranks(&self) {
+        match &self.executor {
+            Executor::Host(h) => h.stop_ranks(),
+            Executor::CudaRank(c) => c.stop_ranks(),
+            Executor::Cuda(_) | Executor::CudaPipeline(_) => {}
+        }
     }
 
     /// The model it runs.
@@ -322,7 +346,7 @@ impl<'m> Generator<'m> {
     pub fn cuda(&self) -> Option<&CudaStage<'m>> {
         match &self.executor {
             Executor::Cuda(c) => Some(c),
-            Executor::Host(_) | Executor::CudaPipeline(_) => None,
+            Executor::Host(_) | Executor::CudaPipeline(_) | Executor::CudaRank(_) => None,
         }
     }
 
@@ -331,7 +355,7 @@ impl<'m> Generator<'m> {
     pub fn backend(&self) -> &'static str {
         match &self.executor {
             Executor::Host(_) => "cpu",
-            Executor::Cuda(_) | Executor::CudaPipeline(_) => "cuda",
+            Executor::Cuda(_) | Executor::CudaPipeline(_) | Executor::CudaRank(_) => "cuda",
         }
     }
 
@@ -346,24 +370,31 @@ impl<'m> Generator<'m> {
             Executor::Host(h) => h.as_ref(),
             Executor::Cuda(c) => c.as_ref(),
             Executor::CudaPipeline(c) => c.as_ref(),
+            Executor::CudaRank(c) => c.as_ref(),
         };
         let shape = (self.policy.gpu_batch_size as usize, self.policy.block_size());
         schedule::run(self.model, stage, shape, requests, config, on_event)
     }
 }
 
-/// Rank `spec.rank` > 0 of a pipeline over processes ([`Generator::rank0`]): joins the ring, runs
-/// its stage on everything that comes round, and returns once rank 0 is done; a failure here is
-/// reported round the ring to rank 0 and returned.
+/// Rank `spec.rank` > 0 of a pipeline over processes ([`Generator::rank0`], on the same kind of
+/// device): joins the ring, runs its stage on everything that comes round, and returns once
+/// rank 0 is done; a failure here is reported round the ring to rank 0 and returned. On the
+/// GPU, rank 0 says what requests the stage is sized for (`capacity`'s lengths are not used).
 pub fn serve_rank(
     model: &Model,
     policy: &Policy,
-    budgets: Budgets,
+    device: Device,
     spec: &crate::RankSpec,
 ) -> Result<()> {
     policy.validate()?;
     let stages = rank_stages(model, policy, spec);
-    HostStage::serve(model, &stages, budgets, spec)
+    match device {
+        Device::Cpu(budgets) => HostStage::serve(model, &stages, budgets, spec),
+        Device::Cuda { source, capacity } => {
+            CudaRank::serve(model, &stages, source, capacity, spec)
+        }
+    }
 }
 
 /// The stages of a pipeline over processes: the policy's, or its layers split evenly over the

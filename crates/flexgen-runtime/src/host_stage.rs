@@ -95,10 +95,7 @@ impl<'m> HostStage<'m> {
     ) -> Result<()> {
         check_ranks(stages, spec)?;
         let wire = ranks::join(spec)?;
-        let fail = |e: crate::Error| {
-            let _ = wire.send(&Msg::Failed { rank: spec.rank, message: e.to_string() });
-            e
-        };
+        let fail = |e: crate::Error| wire.fail(e);
         check_stages(model, stages).map_err(fail)?;
         let (r, p) = &stages[spec.rank as usize];
         let part = Self::part(model, r, p, budgets).map_err(fail)?;
@@ -131,14 +128,12 @@ impl<'m> HostStage<'m> {
                     g.traffic.add(moved);
                     wire.send(&Msg::Group(g))?;
                 }
-                Msg::Failed { rank, message } => {
-                    let _ = wire.send(&Msg::Failed { rank, message: message.clone() });
-                    return Err(crate::Error::Rank { rank, message });
-                }
+                m @ Msg::Failed { .. } => return Err(wire.not_due(m)),
                 Msg::Done => {
                     let _ = wire.send(&Msg::Done);
                     return Ok(());
                 }
+                other => return Err(fail(other.unexpected())),
             }
         }
     }
@@ -273,27 +268,18 @@ fn step_inputs(
     Ok((pos, step))
 }
 
-fn unexpected(m: &Msg) -> crate::Error {
-    crate::Error::Config {
-        field: "coordinator",
-        message: format!(
-            "an unexpected message from the ring ({}): the ranks are not the same flexgen",
-            match m {
-                Msg::Block { .. } => "a block",
-                Msg::Group(_) => "a group",
-                Msg::Failed { .. } => "a failure",
-                Msg::Done => "the end",
-            }
-        ),
+impl HostStage<'_> {
+    /// Rank 0: the other ranks stop once the end has gone round.
+    pub(crate) fn stop_ranks(&self) {
+        if let Some(ring) = &self.ring {
+            let _ = ring.send(&Msg::Done);
+        }
     }
 }
 
 impl Drop for HostStage<'_> {
     fn drop(&mut self) {
-        // The other ranks stop once the end has gone round.
-        if let Some(ring) = &self.ring {
-            let _ = ring.send(&Msg::Done);
-        }
+        self.stop_ranks();
     }
 }
 
@@ -386,7 +372,7 @@ impl HostStage<'_> {
                             break;
                         }
                         Ok(other) => {
-                            received = Err(unexpected(&other));
+                            received = Err(other.unexpected());
                             break;
                         }
                         Err(e) => {
@@ -419,7 +405,7 @@ impl Stage for HostStage<'_> {
         &self,
         block: &BlockInput,
         stats: &mut RunStats,
-        after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        after_step: &mut dyn FnMut(usize, usize, Vec<Picks>) -> Result<Feed>,
     ) -> Result<()> {
         let spec = &self.model.spec;
         let n_batches = block.ids.len();
@@ -458,7 +444,7 @@ impl Stage for HostStage<'_> {
             match ring.recv()? {
                 Msg::Block { .. } => {}
                 Msg::Failed { rank, message } => return Err(crate::Error::Rank { rank, message }),
-                other => return Err(unexpected(&other)),
+                other => return Err(other.unexpected()),
             }
         }
         let mut traffic = Traffic::default();
@@ -491,7 +477,7 @@ impl Stage for HostStage<'_> {
                     .collect();
                 picks.push(Picks { greedy, logits });
             }
-            let feed = after_step(step, picks)?;
+            let feed = after_step(step, 0, picks)?;
             stage::record_step(stats, step, started.elapsed().as_secs_f64());
             match feed {
                 Some(next) => input = next,
@@ -530,7 +516,7 @@ pub(crate) fn check_stages(model: &Model, stages: &[(Range<u32>, Policy)]) -> Re
 }
 
 /// A pipeline over processes has one stage per rank.
-fn check_ranks(stages: &[(Range<u32>, Policy)], spec: &RankSpec) -> Result<()> {
+pub(crate) fn check_ranks(stages: &[(Range<u32>, Policy)], spec: &RankSpec) -> Result<()> {
     if stages.len() != spec.world_size as usize || spec.rank >= spec.world_size {
         return Err(crate::Error::Config {
             field: "stage",

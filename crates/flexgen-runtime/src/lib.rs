@@ -29,6 +29,6 @@ pub use generate::{
     Request, RunStats, serve_rank,
 };
 pub use gpu::{CudaStage, GpuCapacity, LayerSource};
-pub use ranks::RankSpec;
+pub use ranks::{RankLink, RankSpec};
 pub use sampling::{Sampling, argmax, choose};
 pub use tiers::{Budgets, TierBytes, TierReport, Traffic, split_counts};

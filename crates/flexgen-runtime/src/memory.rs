@@ -246,6 +246,17 @@ pub(crate) fn packed_cache_bytes(policy: &Policy, rows: usize, cap: usize, hd: u
     (codes + 2 * params) as u64
 }
 
+/// The fused 4-bit product's fp32 output for a decode micro-batch: rows × the widest matrix.
+pub(crate) fn fused_scratch_bytes(policy: &Policy, packed: Option<&PackedLayout>) -> u64 {
+    match packed {
+        Some(p) if policy.fuses_decode() => {
+            let widest = p.mats.iter().map(|m| m.rows).max().unwrap_or(0);
+            (policy.gpu_batch_size as usize * widest * 4) as u64
+        }
+        _ => 0,
+    }
+}
+
 /// Pinned CPU memory for the last positions' logits of every GPU batch.
 pub(crate) fn logits_host_bytes(spec: &ModelSpec, policy: &Policy) -> u64 {
     u64::from(policy.num_gpu_batches)
@@ -286,6 +297,7 @@ fn cuda(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> R
     if policy.compress_weight.enabled {
         staging += a.layout.bytes() as u64; // the dequantized arena
     }
+    staging += fused_scratch_bytes(policy, a.packed.as_ref());
     let pf = Prefetch::of(policy, gpu_rows, all_rows, disk_rows);
     let slots = Prefetch::slots(pf.cache) as u64;
     let cpu_rows_all = (all_rows - gpu_rows) as u64;
@@ -402,6 +414,30 @@ mod tests {
         c.compress_weight.enabled = true;
         let ratio = cuda_plan(&m, &c).cpu.total() as f64 / host as f64;
         assert!((0.26..0.30).contains(&ratio), "{ratio}");
+    }
+
+    /// The fused 4-bit decode's scratch is planned exactly where the stage takes that path: 4-bit
+    /// packed weights, micro-batches of at most two rows, at most four of them.
+    #[test]
+    fn the_fused_decode_scratch_is_planned_where_it_is_taken() {
+        let m = spec("opt-6.7b");
+        let staging = |b: u32, k: u32, bits: u8| {
+            let mut p = policy([100.0, 0.0, 100.0, 0.0, 100.0, 0.0], b, k);
+            p.compress_weight.enabled = true;
+            p.compress_weight.bits = bits;
+            (p.fuses_decode(), cuda_plan(&m, &p).gpu.staging)
+        };
+        // Against the 8-bit plan of the same shape (no fused path): OPT-6.7B's widest matrix is
+        // fc1's 16384 outputs (q/k/v: 12288), fp32 per row.
+        let extra = |b: u32, k: u32| {
+            let ((on, four), (off, eight)) = (staging(b, k, 4), staging(b, k, 8));
+            assert!(!off);
+            (on, four - eight)
+        };
+        assert_eq!(extra(1, 1), (true, 16_384 * 4), "one row's scratch");
+        assert_eq!(extra(2, 4), (true, 2 * 16_384 * 4));
+        assert_eq!(extra(4, 1), (false, 0), "four rows dequantize");
+        assert_eq!(extra(1, 8), (false, 0), "eight micro-batches dequantize");
     }
 
     #[test]

@@ -20,15 +20,35 @@ use std::time::{Duration, Instant};
 
 use flexgen_tensor::Tensor;
 
+use crate::stage::{BlockInput, Feed, Picks};
 use crate::{Error, Result};
 
 /// This process's place in a pipeline over processes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RankSpec {
     pub rank: u32,
     pub world_size: u32,
     /// `HOST:PORT` where rank 0 listens.
     pub coordinator: String,
+    /// How CUDA ranks pass hidden states (rank 0's choice holds for all).
+    pub link: RankLink,
+    /// Rank 0: a listener already bound at `coordinator` (a launcher that binds first and then
+    /// starts the ranks leaves no moment in which another process can take the port); `None`:
+    /// rank 0 binds it.
+    pub bound: Option<std::sync::Arc<TcpListener>>,
+}
+
+/// How CUDA ranks pass hidden states from one rank's GPU to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RankLink {
+    /// NCCL where every rank has a GPU of its own (rank 0 counts the GPUs of its host), NCCL
+    /// loads and every stage keeps its activations on the GPU; the ring otherwise.
+    #[default]
+    Auto,
+    /// Through host memory over the TCP ring (any placement; ranks may share a GPU).
+    Tcp,
+    /// NCCL send/recv between the GPUs (one GPU per rank; activations on the GPU).
+    Nccl,
 }
 
 /// How long rank 0 waits for every rank to join, and a rank for rank 0 to answer.
@@ -45,6 +65,28 @@ pub(crate) enum Msg {
     Failed { rank: u32, message: String },
     /// The run is over.
     Done,
+    /// CUDA ranks, rank 0 to the others once all have joined: the requests the stages are sized
+    /// for, and the NCCL links' ids (link r joins rank r to r + 1; none: hidden states cross
+    /// through host memory over the ring).
+    Setup { max_prompt: usize, max_new: usize, links: Vec<[u8; 128]> },
+    /// CUDA ranks: every rank has built its stage (goes round once after `Setup`).
+    Ready,
+    /// CUDA ranks: a block, from rank 0 on down the ranks.
+    Input(BlockInput),
+    /// CUDA ranks: a group's hidden states at a step, GPU batches `first..`, one's fp16 bytes
+    /// each.
+    Hidden { first: usize, parts: Vec<Vec<u8>> },
+    /// CUDA ranks: a group's hidden states follow over the NCCL link, GPU batches
+    /// `first..first + count`, `bytes` each.
+    Sent { first: usize, count: usize, bytes: usize },
+    /// CUDA ranks: the last rank's picks of a group at a step (micro-batches `first..`), to rank 0.
+    Picks { first: usize, picks: Vec<Picks> },
+    /// CUDA ranks: rank 0's answer after a step, on down the ranks.
+    Feed(Feed),
+    /// CUDA ranks: the bytes ranks 1 … r moved for a block, from rank r to r + 1 (the last rank
+    /// to rank 0) once the block is done: after everything else r sends for the block (rank 0
+    /// sends none moved).
+    Traffic(crate::tiers::Traffic),
 }
 
 /// A group of micro-batches on its way round the ring at step `step`: micro-batches
@@ -103,6 +145,35 @@ fn get_str(r: &mut impl Read) -> std::io::Result<String> {
 
 const MAX_ITEMS: usize = 1 << 24;
 
+fn put_u32s(w: &mut impl Write, v: &[u32]) -> std::io::Result<()> {
+    put_u64(w, v.len())?;
+    w.write_all(bytemuck::cast_slice(v))
+}
+
+fn get_u32s(r: &mut impl Read) -> std::io::Result<Vec<u32>> {
+    let mut v = vec![0u32; get_len(r, MAX_ITEMS)?];
+    r.read_exact(bytemuck::cast_slice_mut(&mut v))?;
+    Ok(v)
+}
+
+/// A one-byte flag (0: off).
+fn get_flag(r: &mut impl Read) -> std::io::Result<bool> {
+    let mut b = [0u8; 1];
+    r.read_exact(&mut b)?;
+    Ok(b[0] != 0)
+}
+
+fn get_traffic(r: &mut impl Read) -> std::io::Result<crate::tiers::Traffic> {
+    let mut counts = [0u64; 4];
+    for c in &mut counts {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        *c = u64::from_le_bytes(b);
+    }
+    let [cpu_to_gpu, gpu_to_cpu, disk_read, disk_write] = counts;
+    Ok(crate::tiers::Traffic { cpu_to_gpu, gpu_to_cpu, disk_read, disk_write })
+}
+
 /// A hidden state's values as they cross a link between stages (f32; the TCP ring sends their
 /// bytes in the host's order): what the ring and the in-process link carry.
 pub(crate) fn hidden_values(x: &Tensor) -> std::io::Result<Vec<f32>> {
@@ -118,6 +189,36 @@ pub(crate) fn hidden_tensor(values: Vec<f32>, dims: &[usize]) -> std::io::Result
 }
 
 impl Msg {
+    /// What it is, for messages.
+    fn what(&self) -> &'static str {
+        match self {
+            Msg::Block { .. } => "a block",
+            Msg::Group(_) => "a group",
+            Msg::Failed { .. } => "a failure",
+            Msg::Done => "the end",
+            Msg::Setup { .. } => "a CUDA rank's set-up",
+            Msg::Ready => "a CUDA rank's readiness",
+            Msg::Input(_) => "a CUDA block",
+            Msg::Hidden { .. } | Msg::Sent { .. } => "a CUDA hidden state",
+            Msg::Picks { .. } => "a CUDA step's picks",
+            Msg::Feed(_) => "a CUDA step's feed",
+            Msg::Traffic(_) => "a CUDA block's traffic",
+        }
+    }
+
+    /// The error for this message where another was due: the ranks run different programs or
+    /// devices.
+    pub(crate) fn unexpected(&self) -> Error {
+        Error::Config {
+            field: "coordinator",
+            message: format!(
+                "an unexpected message from the ring ({}): the ranks are not the same flexgen, or \
+                 not on the same --device (give every rank the same command line)",
+                self.what()
+            ),
+        }
+    }
+
     pub(crate) fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
         match self {
             Msg::Block { shapes, max_len } => {
@@ -157,6 +258,83 @@ impl Msg {
                 put_str(w, message)?;
             }
             Msg::Done => w.write_all(&[4])?,
+            Msg::Setup { max_prompt, max_new, links } => {
+                w.write_all(&[5])?;
+                put_u64(w, *max_prompt)?;
+                put_u64(w, *max_new)?;
+                put_u64(w, links.len())?;
+                for id in links {
+                    w.write_all(id)?;
+                }
+            }
+            Msg::Ready => w.write_all(&[6])?,
+            Msg::Input(b) => {
+                w.write_all(&[7])?;
+                for v in [b.width, b.steps, b.pad as usize, b.ids.len()] {
+                    put_u64(w, v)?;
+                }
+                for ((ids, starts), want) in b.ids.iter().zip(&b.starts).zip(&b.want_logits) {
+                    put_u32s(w, ids)?;
+                    put_u64(w, starts.len())?;
+                    for (&s, &l) in starts.iter().zip(want) {
+                        put_u64(w, s)?;
+                        w.write_all(&[u8::from(l)])?;
+                    }
+                }
+            }
+            Msg::Hidden { first, parts } => {
+                w.write_all(&[8])?;
+                put_u64(w, *first)?;
+                put_u64(w, parts.len())?;
+                for p in parts {
+                    put_u64(w, p.len())?;
+                    w.write_all(p)?;
+                }
+            }
+            Msg::Sent { first, count, bytes } => {
+                w.write_all(&[12])?;
+                put_u64(w, *first)?;
+                put_u64(w, *count)?;
+                put_u64(w, *bytes)?;
+            }
+            Msg::Picks { first, picks } => {
+                w.write_all(&[9])?;
+                put_u64(w, *first)?;
+                put_u64(w, picks.len())?;
+                for p in picks {
+                    put_u32s(w, &p.greedy)?;
+                    put_u64(w, p.logits.len())?;
+                    for l in &p.logits {
+                        match l {
+                            None => w.write_all(&[0])?,
+                            Some(v) => {
+                                w.write_all(&[1])?;
+                                put_u64(w, v.len())?;
+                                w.write_all(bytemuck::cast_slice(v))?;
+                            }
+                        }
+                    }
+                }
+            }
+            Msg::Feed(feed) => {
+                w.write_all(&[10])?;
+                match feed {
+                    None => w.write_all(&[0])?,
+                    Some(rows) => {
+                        w.write_all(&[1])?;
+                        put_u64(w, rows.len())?;
+                        for r in rows {
+                            put_u32s(w, r)?;
+                        }
+                    }
+                }
+            }
+            Msg::Traffic(t) => {
+                w.write_all(&[11])?;
+                for v in [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write] {
+                    w.write_all(&v.to_le_bytes())?;
+                }
+            }
         }
         w.flush()
     }
@@ -193,22 +371,84 @@ impl Msg {
                     r.read_exact(bytemuck::cast_slice_mut(&mut values))?;
                     hidden.push(hidden_tensor(values, &dims)?);
                 }
-                let mut counts = [0u64; 4];
-                for c in &mut counts {
-                    let mut b = [0u8; 8];
-                    r.read_exact(&mut b)?;
-                    *c = u64::from_le_bytes(b);
-                }
-                let [cpu_to_gpu, gpu_to_cpu, disk_read, disk_write] = counts;
-                let traffic =
-                    crate::tiers::Traffic { cpu_to_gpu, gpu_to_cpu, disk_read, disk_write };
-                Msg::Group(Group { g, first, t, past, starts, hidden, traffic })
+                Msg::Group(Group { g, first, t, past, starts, hidden, traffic: get_traffic(r)? })
             }
             3 => {
                 let rank = u32::try_from(get_len(r, u32::MAX as usize)?).unwrap_or(u32::MAX);
                 Msg::Failed { rank, message: get_str(r)? }
             }
             4 => Msg::Done,
+            5 => {
+                let (max_prompt, max_new) = (get_len(r, MAX_ITEMS)?, get_len(r, MAX_ITEMS)?);
+                let n = get_len(r, 1024)?;
+                let mut links = vec![[0u8; 128]; n];
+                for id in &mut links {
+                    r.read_exact(id)?;
+                }
+                Msg::Setup { max_prompt, max_new, links }
+            }
+            6 => Msg::Ready,
+            7 => {
+                let (width, steps) = (get_len(r, MAX_ITEMS)?, get_len(r, MAX_ITEMS)?);
+                let pad = u32::try_from(get_len(r, u32::MAX as usize)?).unwrap_or(u32::MAX);
+                let n = get_len(r, 1 << 16)?;
+                let (mut ids, mut starts, mut want_logits) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..n {
+                    ids.push(get_u32s(r)?);
+                    let rows = get_len(r, MAX_ITEMS)?;
+                    let (mut st, mut want) = (Vec::new(), Vec::new());
+                    for _ in 0..rows {
+                        st.push(get_len(r, MAX_ITEMS)?);
+                        want.push(get_flag(r)?);
+                    }
+                    starts.push(st);
+                    want_logits.push(want);
+                }
+                Msg::Input(BlockInput { ids, starts, want_logits, width, steps, pad })
+            }
+            8 => {
+                let first = get_len(r, 1 << 16)?;
+                let n = get_len(r, 1 << 16)?;
+                let mut parts = Vec::new();
+                for _ in 0..n {
+                    let mut p = vec![0u8; get_len(r, 1 << 36)?];
+                    r.read_exact(&mut p)?;
+                    parts.push(p);
+                }
+                Msg::Hidden { first, parts }
+            }
+            9 => {
+                let first = get_len(r, 1 << 16)?;
+                let n = get_len(r, 1 << 16)?;
+                let mut picks = Vec::new();
+                for _ in 0..n {
+                    let greedy = get_u32s(r)?;
+                    let rows = get_len(r, MAX_ITEMS)?;
+                    let mut logits = Vec::new();
+                    for _ in 0..rows {
+                        logits.push(if get_flag(r)? {
+                            let mut v = vec![0f32; get_len(r, 1 << 30)?];
+                            r.read_exact(bytemuck::cast_slice_mut(&mut v))?;
+                            Some(v)
+                        } else {
+                            None
+                        });
+                    }
+                    picks.push(Picks { greedy, logits });
+                }
+                Msg::Picks { first, picks }
+            }
+            10 => Msg::Feed(if get_flag(r)? {
+                let n = get_len(r, 1 << 16)?;
+                Some((0..n).map(|_| get_u32s(r)).collect::<std::io::Result<_>>()?)
+            } else {
+                None
+            }),
+            11 => Msg::Traffic(get_traffic(r)?),
+            12 => {
+                let (first, count) = (get_len(r, 1 << 16)?, get_len(r, 1 << 16)?);
+                Msg::Sent { first, count, bytes: get_len(r, 1 << 36)? }
+            }
             k => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -244,6 +484,25 @@ impl Wire {
         })
     }
 
+    /// Sends this rank's failure `e` round the ring (the next rank may have stopped: then the
+    /// send is lost) and returns it.
+    pub(crate) fn fail(&self, e: Error) -> Error {
+        let _ = self.send(&Msg::Failed { rank: self.rank, message: e.to_string() });
+        e
+    }
+
+    /// The error for `m` where another message was due: a failure that came round (passed on,
+    /// as every rank passes it on and stops), or the wrong message.
+    pub(crate) fn not_due(&self, m: Msg) -> Error {
+        match m {
+            Msg::Failed { rank, message } => {
+                let _ = self.send(&Msg::Failed { rank, message: message.clone() });
+                Error::Rank { rank, message }
+            }
+            other => other.unexpected(),
+        }
+    }
+
     /// Receives the next message from the previous rank; a closed link is the previous rank's
     /// failure.
     pub(crate) fn recv(&self) -> Result<Msg> {
@@ -260,8 +519,11 @@ impl Wire {
 /// up: the missing ranks are named), then closes the ring.
 pub(crate) fn coordinate(spec: &RankSpec) -> Result<Wire> {
     let world = spec.world_size;
-    let listener = TcpListener::bind(&spec.coordinator)
-        .map_err(io(&format!("listening at {}", spec.coordinator)))?;
+    let listener = match &spec.bound {
+        Some(l) => l.try_clone(),
+        None => TcpListener::bind(&spec.coordinator),
+    }
+    .map_err(io(&format!("listening at {}", spec.coordinator)))?;
     listener.set_nonblocking(true).map_err(io("listening"))?;
     let mut joined: Vec<Option<(TcpStream, String)>> = (0..world).map(|_| None).collect();
     let deadline = Instant::now() + JOIN_TIMEOUT;
@@ -369,4 +631,52 @@ pub(crate) fn join(spec: &RankSpec) -> Result<Wire> {
         rank,
         world,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(m: &Msg) -> Vec<u8> {
+        let mut v = Vec::new();
+        m.write(&mut v).unwrap();
+        v
+    }
+
+    /// Every CUDA rank's message reads back as written, and a cut one is an error.
+    #[test]
+    fn cuda_rank_messages_read_back() {
+        let block = BlockInput {
+            ids: vec![vec![1, 2, 3, 4], vec![5, 6]],
+            starts: vec![vec![0, 1], vec![0]],
+            want_logits: vec![vec![true, false], vec![false]],
+            width: 2,
+            steps: 7,
+            pad: 9,
+        };
+        let picks = vec![
+            Picks { greedy: vec![3, 4], logits: vec![Some(vec![0.5, -1.0]), None] },
+            Picks { greedy: vec![8], logits: vec![None] },
+        ];
+        let traffic =
+            crate::tiers::Traffic { cpu_to_gpu: 1, gpu_to_cpu: 2, disk_read: 3, disk_write: 4 };
+        let msgs = [
+            Msg::Setup { max_prompt: 512, max_new: 32, links: vec![[7u8; 128], [1u8; 128]] },
+            Msg::Ready,
+            Msg::Input(block),
+            Msg::Hidden { first: 2, parts: vec![vec![1, 2, 3], vec![4, 5, 6]] },
+            Msg::Sent { first: 1, count: 3, bytes: 4096 },
+            Msg::Picks { first: 4, picks },
+            Msg::Feed(Some(vec![vec![1, 2], vec![3]])),
+            Msg::Feed(None),
+            Msg::Traffic(traffic),
+        ];
+        for m in &msgs {
+            let b = bytes(m);
+            let back = Msg::read(&mut b.as_slice()).unwrap();
+            assert_eq!(bytes(&back), b, "{}", m.what());
+            assert_eq!(format!("{back:?}"), format!("{m:?}"));
+            assert!(Msg::read(&mut &b[..b.len() - 1]).is_err(), "{} cut short", m.what());
+        }
+    }
 }

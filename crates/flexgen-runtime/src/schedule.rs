@@ -225,68 +225,80 @@ fn run_block(
         BlockInput::new(&batches, want, steps, pad)
     };
     let mut generated = 0usize;
-    let mut after_step = |_step: usize, picks: Vec<Picks>| -> Result<Option<Vec<Vec<u32>>>> {
-        let rows: Vec<(u32, Option<Vec<f32>>)> =
-            picks.into_iter().flat_map(|p| p.greedy.into_iter().zip(p.logits)).collect();
-        // Each live sequence's token (its greedy pick, or a draw from its logits on its own
-        // stream) and, with a tokenizer, the text of its tokens so far, EOS left out: per
-        // sequence, in parallel (a draw and a decode are each O(vocabulary) or O(length)).
-        let chosen: Vec<(u32, Option<Result<String>>)> = block
-            .par_iter_mut()
-            .zip(&rows)
-            .map(|(s, (greedy, logits))| {
-                if s.finish.is_some() {
-                    return (*greedy, None);
-                }
-                let token = match (&s.sampling, logits) {
-                    (Sampling::Random { .. }, Some(row)) => {
-                        sampling::choose(row, &s.sampling, &mut s.rng)
+    let micro_batches = input.ids.len();
+    let mut after_step =
+        |_step: usize, first: usize, picks: Vec<Picks>| -> Result<Option<Vec<Vec<u32>>>> {
+            // Micro-batches first.. of the block (a pipeline's group; the whole block at once
+            // elsewhere); the block may end only once the step's last group is in.
+            let step_done = first + picks.len() >= micro_batches;
+            let lo = (first * batch_size).min(block.len());
+            let hi = ((first + picks.len()) * batch_size).min(block.len());
+            let rows: Vec<(u32, Option<Vec<f32>>)> =
+                picks.into_iter().flat_map(|p| p.greedy.into_iter().zip(p.logits)).collect();
+            let part = &mut block[lo..hi];
+            // Each live sequence's token (its greedy pick, or a draw from its logits on its own
+            // stream) and, with a tokenizer, the text of its tokens so far, EOS left out: per
+            // sequence, in parallel (a draw and a decode are each O(vocabulary) or O(length)).
+            let chosen: Vec<(u32, Option<Result<String>>)> = part
+                .par_iter_mut()
+                .zip(&rows)
+                .map(|(s, (greedy, logits))| {
+                    if s.finish.is_some() {
+                        return (*greedy, None);
                     }
-                    _ => *greedy,
-                };
-                // Without a per-step decode, the text is decoded once, when the sequence ends.
-                let last = s.generated.len() + 1 >= s.max_new || ends_at_eos(model, config, token);
-                let decode = config.stream_text || s.stream.has_stops() || last;
-                let text = model.tokenizer.as_ref().filter(|_| decode).map(|tok| {
-                    let mut ids = s.generated.clone();
-                    if !ends_at_eos(model, config, token) {
-                        ids.push(token);
+                    let token = match (&s.sampling, logits) {
+                        (Sampling::Random { .. }, Some(row)) => {
+                            sampling::choose(row, &s.sampling, &mut s.rng)
+                        }
+                        _ => *greedy,
+                    };
+                    // Without a per-step decode, the text is decoded once, when the sequence ends.
+                    let last =
+                        s.generated.len() + 1 >= s.max_new || ends_at_eos(model, config, token);
+                    let decode = config.stream_text || s.stream.has_stops() || last;
+                    let text = model.tokenizer.as_ref().filter(|_| decode).map(|tok| {
+                        let mut ids = s.generated.clone();
+                        if !ends_at_eos(model, config, token) {
+                            ids.push(token);
+                        }
+                        Ok(tok.decode(&ids)?)
+                    });
+                    (token, text)
+                })
+                .collect();
+            let mut feed = Vec::with_capacity(part.len().div_ceil(batch_size));
+            let mut rows = rows.into_iter().zip(chosen);
+            for mb in part.chunks_mut(batch_size) {
+                let mut next = Vec::with_capacity(mb.len());
+                for (s, ((_, logits), (token, text))) in mb.iter_mut().zip(rows.by_ref()) {
+                    if s.finish.is_some() {
+                        next.push(pad);
+                        continue;
                     }
-                    Ok(tok.decode(&ids)?)
-                });
-                (token, text)
-            })
-            .collect();
-        let mut feed = Vec::with_capacity(block.len().div_ceil(batch_size));
-        let mut rows = rows.into_iter().zip(chosen);
-        for mb in block.chunks_mut(batch_size) {
-            let mut next = Vec::with_capacity(mb.len());
-            for (s, ((_, logits), (token, text))) in mb.iter_mut().zip(rows.by_ref()) {
-                if s.finish.is_some() {
-                    next.push(pad);
-                    continue;
+                    let fed = config
+                        .forced
+                        .as_ref()
+                        .and_then(|f| f.get(s.request)?.get(s.generated.len()).copied())
+                        .unwrap_or(token);
+                    if let (Some(l), Some(row)) = (&mut s.logits, logits) {
+                        l.push(row);
+                    }
+                    let text = text.transpose()?;
+                    accept(model, s, (token, text.as_deref()), config, &mut generated, on_event);
+                    if s.finish.is_none() {
+                        s.fed.push(fed);
+                    }
+                    next.push(fed);
                 }
-                let fed = config
-                    .forced
-                    .as_ref()
-                    .and_then(|f| f.get(s.request)?.get(s.generated.len()).copied())
-                    .unwrap_or(token);
-                if let (Some(l), Some(row)) = (&mut s.logits, logits) {
-                    l.push(row);
-                }
-                let text = text.transpose()?;
-                accept(model, s, (token, text.as_deref()), config, &mut generated, on_event);
-                if s.finish.is_none() {
-                    s.fed.push(fed);
-                }
-                next.push(fed);
+                feed.push(next);
             }
-            feed.push(next);
-        }
-        let all_done = block.iter().all(|s| s.finish.is_some());
-        let cut = refill && worth_refilling(&block, block_size, max_width);
-        Ok((!all_done && !cut).then_some(feed))
-    };
+            if !step_done {
+                return Ok(Some(feed));
+            }
+            let all_done = block.iter().all(|s| s.finish.is_some());
+            let cut = refill && worth_refilling(&block, block_size, max_width);
+            Ok((!all_done && !cut).then_some(feed))
+        };
     stage.run_block(&input, stats, &mut after_step)?;
     stats.generated_tokens += generated;
     Ok(block)
@@ -348,12 +360,14 @@ mod tests {
     }
 
     /// A stage whose row `r` of micro-batch `k` picks `script[k][r][step]` (logits: one-hot
-    /// rows), recording every feed it is given and how many steps it ran.
+    /// rows), recording every feed it is given and how many steps it ran; with `groups` > 1 it
+    /// reports each step's picks in that many groups of micro-batches, as a pipeline does.
     struct Scripted {
         script: Vec<Vec<Vec<u32>>>,
         vocab: usize,
         feeds: RefCell<Vec<Vec<Vec<u32>>>>,
         steps: RefCell<usize>,
+        groups: usize,
     }
 
     impl Stage for Scripted {
@@ -361,7 +375,7 @@ mod tests {
             &self,
             block: &BlockInput,
             _stats: &mut RunStats,
-            after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+            after_step: &mut dyn FnMut(usize, usize, Vec<Picks>) -> Result<Feed>,
         ) -> Result<()> {
             for step in 0..block.steps {
                 *self.steps.borrow_mut() += 1;
@@ -382,11 +396,25 @@ mod tests {
                             .collect();
                         Picks { greedy, logits }
                     })
-                    .collect();
-                match after_step(step, picks)? {
-                    Some(feed) => self.feeds.borrow_mut().push(feed),
-                    None => break,
+                    .collect::<Vec<Picks>>();
+                let per = picks.len().div_ceil(self.groups.max(1)).max(1);
+                let (mut feed, mut ended, mut first) = (Vec::new(), false, 0);
+                let mut picks = picks.into_iter().peekable();
+                while picks.peek().is_some() {
+                    let group: Vec<Picks> = picks.by_ref().take(per).collect();
+                    let n = group.len();
+                    if let Some(part) = after_step(step, first, group)? {
+                        feed.extend(part);
+                    } else {
+                        assert!(picks.peek().is_none(), "a block ends at a step's last group");
+                        ended = true;
+                    }
+                    first += n;
                 }
+                if ended {
+                    break;
+                }
+                self.feeds.borrow_mut().push(feed);
             }
             Ok(())
         }
@@ -397,7 +425,46 @@ mod tests {
     }
 
     fn scripted(script: Vec<Vec<Vec<u32>>>) -> Scripted {
-        Scripted { script, vocab: 4096, feeds: RefCell::default(), steps: RefCell::default() }
+        Scripted {
+            script,
+            vocab: 4096,
+            feeds: RefCell::default(),
+            steps: RefCell::default(),
+            groups: 1,
+        }
+    }
+
+    /// A pipeline's groups: each step's picks reported group by group give the same tokens,
+    /// feeds and finish reasons as the whole step at once, and the block ends at the same step.
+    #[test]
+    fn picks_reported_in_groups_change_nothing() {
+        let model = tiny();
+        let eos = 2;
+        let script = vec![
+            vec![vec![7, eos, 9, 9, 9], vec![3, 4, 5, 6, 7]],
+            vec![vec![5, 6, 7, 8, 9], vec![eos, 1, 1, 1, 1]],
+            vec![vec![8, 8, eos, 8, 8], vec![9, 9, 9, 9, 9]],
+        ];
+        let requests: Vec<Request> =
+            (0..6).map(|i| Request::tokens(vec![2, 10 + i, 20 + i])).collect();
+        // One block of three micro-batches; then blocks of two, refilled (whose decision, taken
+        // at a step's last group, would differ if taken at an earlier one).
+        for (shape, refill) in [((2, 6), false), ((2, 4), true)] {
+            let config =
+                GenerationConfig { max_new_tokens: 4, refill, ..GenerationConfig::default() };
+            let mut outcomes = Vec::new();
+            for groups in [1, 2, 3] {
+                let stage = Scripted { groups, ..scripted(script.clone()) };
+                let (done, stats) =
+                    run(&model, &stage, shape, &requests, &config, &mut |_| {}).unwrap();
+                let tokens: Vec<(Vec<u32>, FinishReason)> =
+                    done.into_iter().map(|c| (c.tokens, c.finish)).collect();
+                outcomes.push((tokens, stats.generated_tokens, stage.feeds.take()));
+            }
+            assert_eq!(outcomes[0].0[0], (vec![7, eos], FinishReason::Eos));
+            assert_eq!(outcomes[1], outcomes[0], "two groups, refill {refill}");
+            assert_eq!(outcomes[2], outcomes[0], "three groups, refill {refill}");
+        }
     }
 
     #[test]
@@ -480,7 +547,7 @@ mod tests {
             &self,
             block: &BlockInput,
             _stats: &mut RunStats,
-            after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+            after_step: &mut dyn FnMut(usize, usize, Vec<Picks>) -> Result<Feed>,
         ) -> Result<()> {
             let w = block.width;
             let rows: Vec<Vec<u32>> = (0..block.ids.len())
@@ -501,7 +568,7 @@ mod tests {
                         logits: mb.iter().map(|_| None).collect(),
                     })
                     .collect();
-                match after_step(step, picks)? {
+                match after_step(step, 0, picks)? {
                     Some(feed) => last = feed,
                     None => break,
                 }

@@ -15,6 +15,7 @@ use crate::{Result, RunStats};
 
 /// One block of work: micro-batches of at most `gpu_batch_size` prompts each, left-padded to the
 /// block's longest prompt.
+#[derive(Debug, Clone)]
 pub(crate) struct BlockInput {
     /// Per micro-batch: its rows' token ids, row-major `[rows, width]` (padding first).
     pub ids: Vec<Vec<u32>>,
@@ -88,14 +89,17 @@ pub(crate) type Feed = Option<Vec<Vec<u32>>>;
 
 /// A device stage: runs blocks of micro-batches through the model's layers.
 pub(crate) trait Stage {
-    /// Runs `block`: the prefill, then decode steps, calling `after_step(step, picks)` after
-    /// each step (one [`Picks`] per micro-batch) and feeding what it returns. Adds the phase
+    /// Runs `block`: the prefill, then decode steps, calling `after_step(step, first, picks)`
+    /// after each step (one [`Picks`] per micro-batch from `first` on: the whole block at once,
+    /// or a pipeline's groups of micro-batches in order, each as soon as it is through) and
+    /// feeding what it returns for those micro-batches. `None` ends the block; it comes only
+    /// from a step's last group. Adds the phase
     /// times, decode step times and bytes moved to `stats`.
     fn run_block(
         &self,
         block: &BlockInput,
         stats: &mut RunStats,
-        after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        after_step: &mut dyn FnMut(usize, usize, Vec<Picks>) -> Result<Feed>,
     ) -> Result<()>;
 
     /// The widest block (prompt positions) this stage can run; `None`: any width.

@@ -4,7 +4,7 @@
 
 use flexgen_model::Model;
 use flexgen_policy::{Placement, Policy, Stage, TierShares};
-use flexgen_runtime::{Budgets, Generator, RankSpec, serve_rank};
+use flexgen_runtime::{Device, Generator, RankLink, RankSpec, serve_rank};
 
 mod common;
 use common::{config, load, requests};
@@ -27,20 +27,30 @@ fn moved(t: &flexgen_runtime::RunStats) -> [u64; 4] {
     [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write]
 }
 
+fn spec(rank: u32, world_size: u32, coordinator: &str) -> RankSpec {
+    RankSpec {
+        rank,
+        world_size,
+        coordinator: coordinator.into(),
+        link: RankLink::Auto,
+        bound: None,
+    }
+}
+
 /// Runs `policy` over `world` ranks (threads).
 fn over_ranks(model: &Model, policy: &Policy, world: u32) -> Outcome {
     let coordinator = free_port();
     std::thread::scope(|s| {
         let workers: Vec<_> = (1..world)
             .map(|rank| {
-                let spec = RankSpec { rank, world_size: world, coordinator: coordinator.clone() };
+                let spec = spec(rank, world, &coordinator);
                 s.spawn(move || {
-                    serve_rank(model, policy, Budgets::default(), &spec).map_err(|e| e.to_string())
+                    serve_rank(model, policy, Device::default(), &spec).map_err(|e| e.to_string())
                 })
             })
             .collect();
-        let spec = RankSpec { rank: 0, world_size: world, coordinator: coordinator.clone() };
-        let tokens = Generator::rank0(model, policy.clone(), Budgets::default(), &spec)
+        let spec = spec(0, world, &coordinator);
+        let tokens = Generator::rank0(model, policy.clone(), Device::default(), &spec)
             .and_then(|g| g.generate(&requests(5), &config(), &mut |_| {}))
             .map(|(done, stats)| (done.into_iter().map(|c| c.tokens).collect(), moved(&stats)))
             .map_err(|e| e.to_string());

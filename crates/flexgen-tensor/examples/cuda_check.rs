@@ -131,6 +131,7 @@ fn main() {
 
     check_dequant(&gpu, &mut failures);
     check_cache_quant(&gpu, &mut failures);
+    check_decode_attention(&gpu, &mut failures);
     if failures.is_empty() {
         println!("all GPU operations match the CPU within fp16 tolerance");
     } else {
@@ -224,6 +225,64 @@ fn check_cache_quant(gpu: &Gpu, failures: &mut Vec<String>) {
         let name = format!("dequant_cache {bits}-bit, hd {hd}, g {group}");
         let t = |v: Vec<f32>| Tensor::from_vec(v, (rows * cap, hd), &Device::Cpu).unwrap();
         compare(&name, &t(got), &t(want), failures);
+    }
+}
+
+/// Decode attention (`Gpu::attention_decode`) against a plain loop: heads of 128 and 64 values
+/// (the kernel's vector path, with grouped-query heads) and of 80 (value by value), rows with
+/// left padding.
+fn check_decode_attention(gpu: &Gpu, failures: &mut Vec<String>) {
+    let s_ = gpu.stream.clone();
+    for (hd, nh, nkv) in [(128usize, 4usize, 4usize), (64, 8, 2), (80, 2, 2)] {
+        let (b, cap, past) = (3usize, 300usize, 280usize);
+        let s = past + 1;
+        let starts = [0i32, 5, 117];
+        let rep = nh / nkv;
+        let q = rand(&[b * nh, hd], 31, 0.3).to_vec1_f32();
+        let k = rand(&[b * nkv, cap, hd], 32, 1.0).to_vec1_f32();
+        let v = rand(&[b * nkv, cap, hd], 33, 1.0).to_vec1_f32();
+        let half = |x: &[f32]| x.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+        let mut want = vec![0f32; b * nh * hd];
+        for r in 0..b * nh {
+            let (bi, kvr) = (r / nh, r / rep);
+            let lo = usize::try_from(starts[bi]).expect("a start");
+            let score = |j: usize| -> f32 {
+                (0..hd).map(|d| q[r * hd + d] * k[(kvr * cap + j) * hd + d]).sum()
+            };
+            let scores: Vec<f32> = (lo..s).map(score).collect();
+            let m = scores.iter().fold(f32::MIN, |a, &x| a.max(x));
+            let e: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
+            let total: f32 = e.iter().sum();
+            for d in 0..hd {
+                let o: f32 = (lo..s).zip(&e).map(|(j, p)| p * v[(kvr * cap + j) * hd + d]).sum();
+                want[r * hd + d] = o / total;
+            }
+        }
+        let (gq, gk, gv) = (
+            s_.clone_htod(&half(&q)).unwrap(),
+            s_.clone_htod(&half(&k)).unwrap(),
+            s_.clone_htod(&half(&v)).unwrap(),
+        );
+        let gs = s_.clone_htod(&starts).unwrap();
+        let go = s_.alloc_zeros::<f16>(b * nh * hd).unwrap();
+        let d = AttnDims { b, t: 1, nh, nkv, hd, cap, past };
+        // SAFETY: buffers allocated above for these shapes.
+        unsafe {
+            gpu.attention_decode(
+                addr(&gq),
+                addr(&gk),
+                addr(&gv),
+                cap,
+                addr(&gs),
+                addr(&go),
+                d,
+                0..b * nkv,
+            )
+        }
+        .unwrap();
+        let got: Vec<f32> = s_.clone_dtoh(&go).unwrap().iter().map(|x| x.to_f32()).collect();
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (b * nh, hd), &Device::Cpu).unwrap();
+        compare(&format!("attention_decode hd {hd} gqa {rep}"), &t(got), &t(want), failures);
     }
 }
 

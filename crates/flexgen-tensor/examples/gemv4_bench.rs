@@ -9,7 +9,7 @@
 #![expect(clippy::cast_precision_loss, reason = "rates")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{Gemm, addr};
+use flexgen_tensor::cuda::exec::{Gemm, addr, gemv4_plan};
 use flexgen_tensor::quant::{QuantSpec, quantize};
 use half::f16;
 
@@ -51,8 +51,16 @@ fn main() {
     unsafe {
         gpu.dequant_dim0(addr(&codes), addr(&params), addr(&w16), outs, ins, group, 4).unwrap();
         gpu.gemm(&Gemm::linear(nb, outs, ins, addr(&x), addr(&w16), addr(&y16), false)).unwrap();
-        gpu.gemv4_dim0(addr(&codes), addr(&params), addr(&x), addr(&y32), nb, (outs, ins), group)
-            .unwrap();
+        gpu.gemv4_dim0(
+            addr(&codes),
+            addr(&params),
+            (addr(&x), ins),
+            addr(&y32),
+            nb,
+            (outs, ins),
+            group,
+        )
+        .unwrap();
     }
     let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
     let got = s.clone_dtoh(&y32).unwrap();
@@ -66,13 +74,16 @@ fn main() {
     // Timing: OPT-175B's fc1 and qkv, OPT-30B's fc1 (random codes: the kernel's time does not
     // depend on them).
     println!(
-        "| weight (outs × ins) | rows | fp16 GEMM ms | dequantize + GEMM ms | fused 4-bit ms | fused GB/s | fused / fp16 GEMM | fused / dequantize + GEMM |"
+        "| weight (outs × ins) | rows | kernel (words/thread, inputs/slice) | fp16 GEMM ms | dequantize + GEMM ms | fused 4-bit ms | fused GB/s | fused / fp16 GEMM | fused / dequantize + GEMM |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (name, outs, ins) in [
         ("OPT-175B fc1", 49152usize, 12288usize),
         ("OPT-175B qkv", 36864, 12288),
         ("OPT-30B fc1", 28672, 7168),
+        ("OPT-6.7B qkv", 12288, 4096),
+        ("OPT-6.7B out", 4096, 4096),
+        ("OPT-6.7B fc2", 4096, 16384),
     ] {
         let n = outs * ins;
         let codes = s
@@ -99,13 +110,17 @@ fn main() {
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
             });
             let fused = &gpu.time_ms(7, || unsafe {
-                gpu.gemv4_dim0(addr(&codes), addr(&params), xa, y3, nb, (outs, ins), group)
+                gpu.gemv4_dim0(addr(&codes), addr(&params), (xa, ins), y3, nb, (outs, ins), group)
                     .unwrap();
             });
             let bytes =
                 n as f64 / 2.0 + (n / group * 4) as f64 + (nb * (ins * 2 + outs * 4)) as f64;
+            let plan = gemv4_plan(nb.min(8), (outs, ins), group, addr(&codes), 132);
             println!(
-                "| {name} ({outs} × {ins}) | {nb} | {fp16:.3} | {deq:.3} | {fused:.3} | {:.0} | {:.2}× | {:.2}× |",
+                "| {name} ({outs} × {ins}) | {nb} | {} ({}, {}) | {fp16:.3} | {deq:.3} | {fused:.3} | {:.0} | {:.2}× | {:.2}× |",
+                ["1-row", "2-row", "4-row", "8-row"][plan.kernel],
+                plan.words,
+                plan.per_slice,
                 bytes / fused / 1e6,
                 fp16 / fused,
                 deq / fused

@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use flexgen_tensor::cuda::exec::gemv4_plan;
 use flexgen_tensor::quant::{QuantSpec, dequantize, quantize};
 use half::f16;
 
@@ -162,36 +163,58 @@ int main(int argc, char** argv) {
 }
 
 /// The fused 4-bit product (`gemv4_dim0`: x × Wᵀ straight from W's codes) against x × the
-/// reference dequantization of W, with several row tiles, slices and a partial last group.
+/// reference dequantization of W, with several row tiles, slices and a partial last group: every
+/// kernel whose tile holds the rows and whose words per thread suit the group, and the one
+/// `gemv4_plan` picks among them.
 #[test]
 fn gemv4_dim0_matches_x_times_the_dequantized_weight() {
     let dir = tempfile::tempdir().unwrap();
     let exe = build_with(
         dir.path(),
-        "static inline void atomicAdd(float* p, float v) { *p += v; }\n",
-        &["gemv4_dim0"],
+        &format!(
+            "static inline void atomicAdd(float* p, float v) {{ *p += v; }}\n\
+             static inline float __int_as_float(int v) {{ float f; memcpy(&f, &v, 4); return f; }}\n\
+             #define __device__\n#define __forceinline__ inline\n{}",
+            [
+                section("template <int PER>\n__device__ __forceinline__ void load_per("),
+                section("__device__ __forceinline__ void x4("),
+                section("template <int NB, int U, int V>")
+            ]
+            .concat()
+        ),
+        &["gemv4_dim0_1", "gemv4_dim0_2", "gemv4_dim0_4", "gemv4_dim0_8"],
         r#"
 int main(int argc, char** argv) {
     int outs = atoi(argv[1]), ins = atoi(argv[2]), gs = atoi(argv[3]), nb = atoi(argv[4]), per_slice = atoi(argv[5]);
+    int kernel = atoi(argv[10]), words = atoi(argv[11]), ldx = atoi(argv[12]);
     auto codes = slurp(argv[6]); auto pb = slurp(argv[7]); auto xb = slurp(argv[8]);
-    codes.resize(codes.size() + 4, 0);
+    codes.resize(codes.size() + 16, 0);
     std::vector<half_t> params(pb.size() / 2); memcpy(params.data(), pb.data(), pb.size());
-    std::vector<half_t> x(xb.size() / 2); memcpy(x.data(), xb.data(), xb.size());
+    std::vector<half_t> xd(xb.size() / 2); memcpy(xd.data(), xb.data(), xb.size());
+    std::vector<half_t> x((size_t)nb * ldx, 0);  // rows ldx apart
+    for (int b = 0; b < nb; b++) for (int i = 0; i < ins; i++) x[(size_t)b * ldx + i] = xd[(size_t)b * ins + i];
     std::vector<float> y(nb * outs, 0.f);
-    int threads = (outs + gs - 1) / gs * (gs / 8), slices = (ins + per_slice - 1) / per_slice;
-    for (int b0 = 0; b0 < nb; b0 += 8) {
-        int tile = std::min(8, nb - b0);
-        grid((threads + 255) / 256, slices, [&] { gemv4_dim0(codes.data(), params.data(), x.data() + b0 * ins, y.data() + b0 * outs, outs, ins, gs, tile, per_slice); });
+    int threads = (outs + gs - 1) / gs * (gs / (8 * words)), slices = (ins + per_slice - 1) / per_slice;
+    decltype(&gemv4_dim0_1) kernels[] = {gemv4_dim0_1, gemv4_dim0_2, gemv4_dim0_4, gemv4_dim0_8};
+    const int tiles[] = {1, 2, 4, 8};
+    for (int b0 = 0; b0 < nb; b0 += tiles[kernel]) {
+        int tile = std::min(tiles[kernel], nb - b0);
+        auto k = kernels[kernel];
+        grid((threads + 255) / 256, slices, [&] { k((const unsigned char*)codes.data(), params.data(), x.data() + b0 * ldx, y.data() + b0 * outs, outs, ins, ldx, gs, tile, per_slice); });
     }
     FILE* f = fopen(argv[9], "wb"); fwrite(y.data(), 4, y.size(), f); fclose(f);
 }
 "#,
     );
+    let mut runs = [0usize; 4];
     for (outs, ins, group, nb, per_slice) in [
         (200, 40, 64, 3, 1),
         (1000, 24, 32, 16, 7),
         (130, 300, 64, 5, 64),
         (64, 8, 64, 1, 8),
+        (100, 70, 64, 1, 12),
+        (96, 33, 32, 2, 5),
+        (300, 50, 16, 2, 16),
         (77, 37, 16, 11, 3),
         (2100, 20, 8, 2, 2),
     ] {
@@ -215,26 +238,46 @@ int main(int argc, char** argv) {
         write_bytes(&pa, &params_bytes(&p.params));
         let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
         write_bytes(&xs, &params_bytes(&xh));
-        let st = Command::new(&exe)
-            .args([outs, ins, group, nb, per_slice].map(|v| v.to_string()))
-            .args([&c, &pa, &xs, &o])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let got: Vec<f32> = std::fs::read(&o)
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        // Every kernel that may run these rows (the plan's among them), as the plan slices them
+        // and as the case does.
+        let tile = nb.min(8);
+        let plan = gemv4_plan(tile, (outs, ins), group, 16, 2);
+        let mut kernels: Vec<(usize, usize, usize)> = [(0, 4), (1, 2), (2, 1), (3, 1)]
+            .into_iter()
+            .filter(|&(k, v)| [1, 2, 4, 8][k] >= tile.min(4) && group.is_multiple_of(8 * v))
+            .map(|(k, v)| (k, v, per_slice))
             .collect();
-        let label = format!("{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, slices of {per_slice}");
-        assert_eq!(got.len(), want.len(), "{label}");
-        // Sums of `ins` products in another order.
-        #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
-        let tol = 1e-5 * (ins as f32) * 16.0;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() <= tol, "{label}: value {i}: kernel {g}, reference {w}");
+        kernels.push((plan.kernel, plan.words, plan.per_slice));
+        for (kernel, words, per_slice) in kernels {
+            runs[kernel] += 1;
+            // x's rows apart by more than a row, for every other run (a SwiGLU's down
+            // projection reads the first half of each row).
+            let ldx = ins + (runs.iter().sum::<usize>() % 2) * 5;
+            let st = Command::new(&exe)
+                .args([outs, ins, group, nb, per_slice].map(|v| v.to_string()))
+                .args([&c, &pa, &xs, &o])
+                .args([kernel, words, ldx].map(|v| v.to_string()))
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let got: Vec<f32> = std::fs::read(&o)
+                .unwrap()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let label = format!(
+                "{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, slices of {per_slice}, kernel {kernel}, x rows {ldx} apart"
+            );
+            assert_eq!(got.len(), want.len(), "{label}");
+            // Sums of `ins` products in another order.
+            #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
+            let tol = 1e-5 * (ins as f32) * 16.0;
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= tol, "{label}: value {i}: kernel {g}, reference {w}");
+            }
         }
     }
+    assert!(runs.iter().all(|&n| n > 0), "every kernel ran: {runs:?}");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -136,7 +137,7 @@ struct DeviceArgs {
     gpu_mem_limit: Option<u64>,
     /// Run the pipeline in N processes on this host, one stage each: this one (rank 0) and N − 1
     /// it starts. The stages are the policy's [[stage]] entries, one per process, or the layers
-    /// split evenly. On the CPU executor so far.
+    /// split evenly. With --device cuda, rank r computes on GPU r mod the GPUs it sees.
     #[arg(long, value_name = "N", help_heading = "Pipeline",
           value_parser = clap::value_parser!(u32).range(2..=64), conflicts_with = "rank")]
     nproc: Option<u32>,
@@ -152,6 +153,23 @@ struct DeviceArgs {
     /// HOST:PORT where rank 0 listens and the other ranks join (with --rank).
     #[arg(long, value_name = "HOST:PORT", help_heading = "Pipeline", requires = "rank")]
     coordinator: Option<String>,
+    /// How CUDA ranks pass hidden states: `nccl` (GPU to GPU; one GPU per rank, activations on
+    /// the GPU), `tcp` (through host memory over the ranks' TCP ring; ranks may share a GPU), or
+    /// `auto` (NCCL where rank 0's host has a GPU per rank and every stage keeps its
+    /// activations on the GPU). Rank 0's choice holds for all.
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Pipeline")]
+    link: LinkKind,
+    /// `--nproc`: rank 0's listener, bound before the other ranks start.
+    #[arg(skip)]
+    bound: Option<std::sync::Arc<std::net::TcpListener>>,
+}
+
+/// `--link`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkKind {
+    Auto,
+    Tcp,
+    Nccl,
 }
 
 impl DeviceArgs {
@@ -173,13 +191,13 @@ impl DeviceArgs {
                 world_size - 1
             );
         }
-        if self.device == DeviceKind::Cuda {
-            bail!(
-                "a pipeline over processes runs on the CPU executor so far: leave out --device \
-                 cuda, or run one process"
-            );
-        }
-        Ok(Some(flexgen_runtime::RankSpec { rank, world_size, coordinator }))
+        let link = match self.link {
+            LinkKind::Auto => flexgen_runtime::RankLink::Auto,
+            LinkKind::Tcp => flexgen_runtime::RankLink::Tcp,
+            LinkKind::Nccl => flexgen_runtime::RankLink::Nccl,
+        };
+        let bound = self.bound.clone();
+        Ok(Some(flexgen_runtime::RankSpec { rank, world_size, coordinator, link, bound }))
     }
 }
 
@@ -193,7 +211,9 @@ fn serve_if_worker(
 ) -> anyhow::Result<bool> {
     let Some(spec) = dargs.rank_spec()?.filter(|s| s.rank > 0) else { return Ok(false) };
     let model = load_model(margs, dargs.device, seed)?;
-    flexgen_runtime::serve_rank(&model, policy, dargs.budgets(), &spec).map_err(|e| match e {
+    // Rank 0 says what the stage is sized for.
+    let device = device(margs, dargs, seed, (1, 1));
+    flexgen_runtime::serve_rank(&model, policy, device, &spec).map_err(|e| match e {
         // Another rank's failure, passed on: already named.
         e @ flexgen_runtime::Error::Rank { .. } => anyhow::Error::new(e),
         e => anyhow::Error::new(e).context(format!("rank {}", spec.rank)),
@@ -206,10 +226,9 @@ fn serve_if_worker(
 /// are waited for when the guard is dropped, and killed if they outlive rank 0 by a minute.
 fn launch(dargs: &mut DeviceArgs) -> anyhow::Result<Option<Children>> {
     let Some(n) = dargs.nproc else { return Ok(None) };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for the ranks")?
-        .port();
+    // Bound before the ranks start, and kept for rank 0: no other process can take the port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("listening for the ranks")?;
+    let port = listener.local_addr().context("listening for the ranks")?.port();
     let coordinator = format!("127.0.0.1:{port}");
     let exe = std::env::current_exe().context("finding this program to start the ranks")?;
     // The command line less --nproc and its value.
@@ -241,30 +260,47 @@ fn launch(dargs: &mut DeviceArgs) -> anyhow::Result<Option<Children>> {
     dargs.rank = Some(0);
     dargs.world_size = Some(n);
     dargs.coordinator = Some(coordinator);
+    dargs.bound = Some(std::sync::Arc::new(listener));
     Ok(Some(children))
 }
 
 /// Ranks this process started.
 struct Children(Vec<(u32, std::process::Child)>);
 
-impl Drop for Children {
-    fn drop(&mut self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
-        for (rank, c) in &mut self.0 {
+impl Children {
+    /// Waits for the ranks to stop: a minute after a run that succeeded (they stop once the end
+    /// has gone round), a few seconds after one that failed (a rank that has not heard of the
+    /// failure is waiting for rank 0), then kills those left.
+    fn finish(&mut self, succeeded: bool) {
+        let grace = if succeeded { Duration::from_mins(1) } else { Duration::from_secs(3) };
+        let deadline = std::time::Instant::now() + grace;
+        for (rank, mut c) in self.0.drain(..) {
             loop {
                 match c.try_wait() {
                     Ok(Some(_)) => break,
                     Ok(None) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        std::thread::sleep(Duration::from_millis(20));
                     }
                     _ => {
-                        eprintln!("rank {rank} did not stop: killing it");
+                        if succeeded {
+                            eprintln!("rank {rank} did not stop: killing it");
+                        }
                         let _ = c.kill();
                         let _ = c.wait();
                         break;
                     }
                 }
             }
+        }
+    }
+}
+
+impl Drop for Children {
+    /// Ranks not waited for (this process is leaving early): killed.
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -434,7 +470,10 @@ fn main() -> ExitCode {
         Some(Cmd::Batch(args)) => run_batch(args),
         Some(Cmd::Chat(args)) => run_chat(args),
     });
-    drop(children);
+    if let Some(mut c) = children {
+        // A failed rank 0 has said why; ranks that are still waiting for it are stopped at once.
+        c.finish(code == ExitCode::SUCCESS);
+    }
     code
 }
 
@@ -529,17 +568,15 @@ fn run_chat(args: &ChatArgs) -> anyhow::Result<()> {
     flexgen_cli::chat::run(&generator, &options, &mut stdin.lock(), &mut std::io::stdout())
 }
 
-/// The generator of `model` under `policy` on the chosen device; on the GPU sized for prompts of
-/// up to `capacity.0` tokens and `capacity.1` new tokens.
-fn make_generator<'m>(
-    model: &'m Model,
-    policy: &flexgen_policy::Policy,
+/// The chosen device; on the GPU sized for prompts of up to `max_prompt` tokens and `max_new`
+/// new tokens.
+fn device(
     margs: &ModelArgs,
     dargs: &DeviceArgs,
     seed: u64,
     (max_prompt, max_new): (usize, usize),
-) -> anyhow::Result<Generator<'m>> {
-    let device = match dargs.device {
+) -> Device {
+    match dargs.device {
         DeviceKind::Cpu => Device::Cpu(dargs.budgets()),
         DeviceKind::Cuda => Device::Cuda {
             source: margs.dummy.map_or(LayerSource::Loaded, |k| LayerSource::Dummy(k.init(seed))),
@@ -549,15 +586,28 @@ fn make_generator<'m>(
                 gpu_limit: dargs.gpu_mem_limit,
             },
         },
-    };
+    }
+}
+
+/// The generator of `model` under `policy` on the chosen device; on the GPU sized for prompts of
+/// up to `capacity.0` tokens and `capacity.1` new tokens.
+fn make_generator<'m>(
+    model: &'m Model,
+    policy: &flexgen_policy::Policy,
+    margs: &ModelArgs,
+    dargs: &DeviceArgs,
+    seed: u64,
+    capacity: (usize, usize),
+) -> anyhow::Result<Generator<'m>> {
+    let device = device(margs, dargs, seed, capacity);
     let what = match dargs.device {
         DeviceKind::Cpu => "setting up the CPU executor",
         DeviceKind::Cuda => "setting up the CUDA executor",
     };
     if let Some(spec) = dargs.rank_spec()? {
-        return Generator::rank0(model, policy.clone(), dargs.budgets(), &spec).with_context(
-            || format!("starting rank 0 of {} at {}", spec.world_size, spec.coordinator),
-        );
+        return Generator::rank0(model, policy.clone(), device, &spec).with_context(|| {
+            format!("starting rank 0 of {} at {}", spec.world_size, spec.coordinator)
+        });
     }
     Generator::on(model, policy.clone(), device).context(what)
 }
@@ -625,9 +675,10 @@ fn run(cli: &RunArgs) -> anyhow::Result<()> {
         let (backend, run) = (generator.backend(), (load_s, started));
         report_cpu(cli, backend, (&model, &policy), &requests, &stats, run, &mut out)
     };
-    // Pinned memory is returned far faster by the kernel at exit than by freeing it piecewise.
-    // (On the CPU the generator is dropped: a pipeline's rank 0 then tells the other ranks.)
+    // Pinned memory is returned far faster by the kernel at exit than by freeing it piecewise;
+    // a pipeline's rank 0 tells the other ranks first.
     if generator.backend() == "cuda" {
+        generator.stop_ranks();
         std::mem::forget(generator);
     }
     result

@@ -11,7 +11,7 @@ use super::*;
 pub(super) struct Deferred {
     j: usize,
     pub(super) kb: usize,
-    w: u64,
+    w: fused::LayerWeights,
     x: u64,
     rows: usize,
     past: usize,
@@ -37,7 +37,7 @@ impl CudaStage<'_> {
     #[expect(clippy::too_many_arguments, reason = "one layer's inputs")]
     pub(super) fn layer(
         &self,
-        w: u64,
+        w: fused::LayerWeights,
         j: usize,
         kb: usize,
         buf: &RunBuffers,
@@ -80,7 +80,7 @@ impl CudaStage<'_> {
             self.copy_homes_in(&homes, (kn, vn), past, st)?;
         }
         // SAFETY: a whole layer arena at `w`; this executor's buffers, sized for these shapes.
-        let epilogue = unsafe { fused::attention_in(g, &self.model.spec, l, w, &visit) }?;
+        let epilogue = unsafe { fused::attention_in(g, &self.model.spec, l, &w, &visit) }?;
         #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "1/√hd")]
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         if let Some((bits, group)) = self.cache_quant {
@@ -163,7 +163,7 @@ impl CudaStage<'_> {
                 }
             }
             // SAFETY: as `attention_in` above.
-            unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, w, &visit) }?;
+            unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, &w, &visit) }?;
             self.hidden_out(buf, kb, rows * h, slot)?;
             return Ok(None);
         }
@@ -252,7 +252,7 @@ impl CudaStage<'_> {
             self.flush_disk(buf, j, kb, past, t)?;
         }
         // SAFETY: as `attention_in` above.
-        unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, w, &visit) }?;
+        unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, &w, &visit) }?;
         self.hidden_out(buf, kb, rows * h, slot)?;
         Ok(None)
     }
@@ -282,7 +282,7 @@ impl CudaStage<'_> {
         // SAFETY: the layer arena at `d.w` stays staged until the layer's `freed` event, which
         // is recorded after every visit of the layer is finished; this executor's buffers.
         unsafe {
-            fused::attention_out_and_mlp(&self.gpu, &self.model.spec, &self.layout, d.w, &visit)
+            fused::attention_out_and_mlp(&self.gpu, &self.model.spec, &self.layout, &d.w, &visit)
         }?;
         self.hidden_out(buf, d.kb, d.rows * h, d.slot)
     }

@@ -43,7 +43,7 @@ use flexgen_tensor::cuda::exec::{
     AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
 };
 use flexgen_tensor::cuda::{
-    CudaError, CudaSlice, CudaStream, Gpu, GpuTensor, HostMem, PinnedHostSlice,
+    CudaError, CudaSlice, CudaStream, Gpu, GpuTensor, HostMem, NcclLink, PinnedHostSlice,
 };
 use flexgen_tensor::host::{DirectFile, align_up};
 use half::f16;
@@ -59,14 +59,16 @@ mod buffers;
 mod cache;
 mod layer;
 mod pipeline;
+mod ranks;
 mod step;
 mod visits;
 mod weights;
 
 use buffers::{PackedKv, RunBuffers};
 use layer::Deferred;
-use pipeline::stopped;
 pub(crate) use pipeline::{CudaPipeline, Link};
+use pipeline::{is_stopped, stopped};
+pub(crate) use ranks::CudaRank;
 pub(crate) use visits::Prefetch;
 use visits::visit_order;
 use weights::Reader;
@@ -138,6 +140,10 @@ pub struct CudaStage<'m> {
     unit_len: usize,
     /// With `compress_weight`: the fp16 arena each layer is dequantized into before use.
     unpacked: Option<CudaSlice<f16>>,
+    /// The fused 4-bit product's fp32 output, where decode steps take it
+    /// (`Policy::fuses_decode`; `FLEXGEN_FUSED4=0` in the environment turns it off:
+    /// `weights::fused_decode_on`).
+    fused_scratch: Option<CudaSlice<f32>>,
     /// The last layer packed at set-up (packing once serves its GPU, CPU and disk parts), by
     /// layer, or 0 for `ones` dummy layers (all alike).
     packed_memo: RefCell<Option<(usize, Vec<f16>)>>,
@@ -231,17 +237,19 @@ impl<'m> CudaStage<'m> {
         capacity: GpuCapacity,
     ) -> Result<Self> {
         let all = 0..model.spec.num_layers;
-        Self::part(model, policy, source, capacity, all)
+        Self::part(model, policy, source, capacity, all, 0)
     }
 
     /// The stage of a pipeline that holds layers `range` (the whole model: [`CudaStage::new`]):
-    /// the embedding with the first layer, the final norm and LM head with the last.
+    /// the embedding with the first layer, the final norm and LM head with the last; on GPU
+    /// `ordinal`.
     pub(crate) fn part(
         model: &'m Model,
         policy: Policy,
         source: LayerSource,
         capacity: GpuCapacity,
         range: std::ops::Range<u32>,
+        ordinal: usize,
     ) -> Result<Self> {
         let started = Instant::now();
         policy.validate()?;
@@ -310,7 +318,7 @@ impl<'m> CudaStage<'m> {
         } else {
             None
         };
-        let gpu = Gpu::new(0).map_err(cuda)?;
+        let gpu = Gpu::new(ordinal).map_err(cuda)?;
         // The executor orders its two streams with its own events.
         // SAFETY: every buffer below is used on the compute stream, except the staging arenas,
         // which the load stream writes only between `freed` and `loaded` events, and the visit
@@ -395,6 +403,7 @@ impl<'m> CudaStage<'m> {
             packed,
             unit_len,
             unpacked: None,
+            fused_scratch: None,
             packed_memo: std::cell::RefCell::new(None),
             g_end,
             c_end,

@@ -9,7 +9,7 @@ impl Stage for CudaStage<'_> {
         &self,
         input: &BlockInput,
         stats: &mut RunStats,
-        after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        after_step: &mut dyn FnMut(usize, usize, Vec<Picks>) -> Result<Feed>,
     ) -> Result<()> {
         self.run_linked(input, stats, after_step, &Link::default())
     }
@@ -39,7 +39,7 @@ impl CudaStage<'_> {
         &self,
         input: &BlockInput,
         stats: &mut RunStats,
-        after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        after_step: &mut dyn FnMut(usize, usize, Vec<Picks>) -> Result<Feed>,
         link: &Link<'_>,
     ) -> Result<()> {
         let (b, k) = (self.policy.gpu_batch_size as usize, self.policy.num_gpu_batches as usize);
@@ -64,7 +64,7 @@ impl CudaStage<'_> {
         }
         stats.direct_io = self.direct_io;
         let buf = self.run_buffers()?;
-        let passes = input.steps * self.layers.len();
+        let passes = input.steps * groups(k, link.groups).len() * self.layers.len();
         std::thread::scope(|s| -> Result<()> {
             let reader = self.disk.as_ref().map(|d| Reader::spawn(s, d, &self.gpu, passes));
             self.run_block_on(input, &buf, reader.as_ref(), stats, after_step, link)
@@ -169,23 +169,24 @@ impl CudaStage<'_> {
     pub(super) fn warm_up(&self, buf: &RunBuffers, t: usize) -> Result<()> {
         let b = self.policy.gpu_batch_size as usize;
         let st = &self.gpu.stream;
-        let w = if self.g_end == self.unit_len {
-            self.layer_weights(0, 0)?
-        } else {
+        if self.g_end < self.unit_len {
             // Only the resident and CPU parts: the disk tier is warmed by the reader itself.
             if let Some(m) = &self.layers[0].cpu {
                 htod(&self.load, at(addr(&self.stage[0]), self.g_end), m.as_f16())?;
             }
             self.loaded[0].record(&self.load).map_err(drv)?;
-            self.layer_weights(0, 0)?
-        };
+        }
+        let w = self.layer_weights(0, 0, false)?;
+        // A decode step of a stage that fuses its packed products runs them from the codes.
+        let w_decode =
+            if self.fused_scratch.is_some() { self.layer_weights(0, 0, true)? } else { w };
         let zeros = vec![0u32; b * t];
         let starts = vec![0i32; b];
         htod(st, addr(&buf.ids[0]), &zeros)?;
         htod(st, addr(&buf.pos[0]), &zeros)?;
         htod(st, addr(&buf.start[0]), &starts)?;
         let mut out = vec![0u32; b];
-        for (tt, past) in [(t, 0), (1, t)] {
+        for (tt, past, w) in [(t, 0, w), (1, t, w_decode)] {
             if self.range.start == 0 {
                 self.embed_batch(buf, 0, b * tt)?;
             }
@@ -221,7 +222,7 @@ impl CudaStage<'_> {
         buf: &RunBuffers,
         reader: Option<&Reader>,
         stats: &mut RunStats,
-        after_step: &mut dyn FnMut(usize, Vec<Picks>) -> Result<Feed>,
+        after_step: &mut dyn FnMut(usize, usize, Vec<Picks>) -> Result<Feed>,
         link: &Link<'_>,
     ) -> Result<()> {
         let spec = &self.model.spec;
@@ -256,12 +257,17 @@ impl CudaStage<'_> {
             row_starts.push(starts);
         }
         let max_new = input.steps;
-        let passes = max_new * n_layers;
+        // A pipeline's stages pass the block's GPU batches on in groups, so that group g runs on
+        // this stage while g − 1 runs on the next; each group visits the layers in the zig-zag
+        // order (weights not resident are streamed once per group and layer).
+        let groups = groups(k, link.groups);
+        let passes = max_new * groups.len() * n_layers;
         if offloaded {
-            // Copies of the decode steps' layers are timed (passes from `n_layers` on).
+            // Copies of the decode steps' layers are timed (passes after the prefill's).
+            let prefill = groups.len() * n_layers;
             self.issue_load((0, 0), reader, &mut traffic, false)?;
             if passes > 1 {
-                self.issue_load((1 % n_layers, 1), reader, &mut traffic, 1 >= n_layers)?;
+                self.issue_load((1 % n_layers, 1), reader, &mut traffic, 1 >= prefill)?;
             }
         }
         let mut pass = 0usize;
@@ -272,72 +278,115 @@ impl CudaStage<'_> {
             .enumerate()
             .map(|(kb, &n)| n > 0 && input.want_logits[kb].iter().any(|&w| w))
             .collect();
-        for step in 0..max_new {
+        // Each group's next inputs, once the schedule has answered its last step.
+        let set_inputs = |grp: &std::ops::Range<usize>, feed: &[Vec<u32>], step: usize| {
+            for kb in grp.clone() {
+                let n = real_rows[kb];
+                let toks: Vec<u32> = (0..b)
+                    .map(|r| if r < n { feed[kb - grp.start][r] } else { input.pad })
+                    .collect();
+                let pos: Vec<u32> = row_starts[kb]
+                    .iter()
+                    .flat_map(|&s| stage::positions(spec, s, t + step, 1))
+                    .collect();
+                htod(st, addr(&buf.ids[kb]), &toks)?;
+                htod(st, addr(&buf.pos[kb]), &pos)?;
+            }
+            Ok::<(), Error>(())
+        };
+        let mut ended = false;
+        // Decode steps take their products straight from packed 4-bit weights where the policy
+        // says so (`Policy::fuses_decode`; the scratch is allocated then).
+        let fuses = self.fused_scratch.is_some();
+        'steps: for step in 0..max_new {
             let started = Instant::now();
             let (tt, past) = if step == 0 { (t, 0) } else { (1, t + step - 1) };
             let h = self.dims().0;
-            match link.prev {
-                None => {
-                    for kb in 0..k {
-                        self.embed_batch(buf, kb, b * tt)?;
+            for grp in &groups {
+                // A stage before the last: the group's feed from the step before (the first stage
+                // embeds it; every one learns whether the block goes on).
+                if step > 0
+                    && let Some(feed_in) = link.feed_in
+                {
+                    let Some(feed) = feed_in.recv().map_err(|_| stopped())? else {
+                        ended = true;
+                        break 'steps;
+                    };
+                    set_inputs(grp, &feed, step - 1)?;
+                }
+                match link.prev {
+                    None => {
+                        for kb in grp.clone() {
+                            self.embed_batch(buf, kb, b * tt)?;
+                        }
+                    }
+                    Some(prev) => {
+                        self.take_hidden(buf, &prev.recv().map_err(|_| stopped())?, link.nccl)?;
                     }
                 }
-                Some(prev) => self.take_hidden(buf, &prev.recv().map_err(|_| stopped())?)?,
-            }
-            // Visits (layer, batch) of this step: each stages the next one's inputs on the copy
-            // stream (`Prefetch`), alternating between two buffers; the first is staged in place.
-            let ahead = self.prefetch.in_step(past);
-            for j in 0..n_layers {
-                let slot = pass % 2;
-                let w = self.layer_weights(j, slot)?;
-                // A deferred visit is finished once the next one is queued (CPU attention of
-                // batch kb beside the GPU's work on batch kb + 1).
-                let mut pending: Option<Deferred> = None;
-                let defer = tt == 1 && self.defers_cpu_attention();
-                for (kb, starts) in starts_host.iter().enumerate() {
-                    let (vs, first, next) = visit_order((j, kb), (n_layers, k));
-                    let staged = if first { Prefetch::default() } else { ahead };
-                    if staged != Prefetch::default() {
-                        st.wait(&self.staged[vs]).map_err(drv)?;
+                // Visits (layer, batch) of this group: each stages the next one's inputs on the
+                // copy stream (`Prefetch`), alternating between two buffers; the first is staged
+                // in place. A group of one batch stages no hidden state ahead (the next visit's
+                // input is this one's output).
+                let kg = grp.len();
+                let ahead = self.prefetch.in_step(past);
+                let ahead = Prefetch { act: ahead.act && kg >= 2, ..ahead };
+                for j in 0..n_layers {
+                    let slot = pass % 2;
+                    let w = self.layer_weights(j, slot, tt == 1 && fuses)?;
+                    // A deferred visit is finished once the next one is queued (CPU attention of
+                    // batch kb beside the GPU's work on batch kb + 1).
+                    let mut pending: Option<Deferred> = None;
+                    let defer = tt == 1 && self.defers_cpu_attention();
+                    for kb in grp.clone() {
+                        let starts = &starts_host[kb];
+                        let (vs, first, next) = visit_order((j, kb - grp.start), (n_layers, kg));
+                        let staged = if first { Prefetch::default() } else { ahead };
+                        if staged != Prefetch::default() {
+                            st.wait(&self.staged[vs]).map_err(drv)?;
+                        }
+                        if let Some((nj, nk)) = next {
+                            let at = (nj, nk + grp.start);
+                            self.prefetch_visit(buf, at, (b * tt * h, past), 1 - vs, ahead)?;
+                        }
+                        let rest =
+                            self.layer(w, j, kb, buf, starts, b, tt, past, (vs, staged), defer)?;
+                        if let Some(d) = pending.take() {
+                            let kd = d.kb;
+                            self.finish_visit(buf, &d, &starts_host[kd], None)?;
+                        }
+                        pending = rest;
                     }
-                    if let Some(next) = next {
-                        self.prefetch_visit(buf, next, (b * tt * h, past), 1 - vs)?;
-                    }
-                    let rest =
-                        self.layer(w, j, kb, buf, starts, b, tt, past, (vs, staged), defer)?;
                     if let Some(d) = pending.take() {
                         let kd = d.kb;
                         self.finish_visit(buf, &d, &starts_host[kd], None)?;
                     }
-                    pending = rest;
-                }
-                if let Some(d) = pending.take() {
-                    let kd = d.kb;
-                    self.finish_visit(buf, &d, &starts_host[kd], None)?;
-                }
-                if offloaded {
-                    self.freed[slot].record(st).map_err(drv)?;
-                    // Prefetch two layers ahead into the arena just released; across the step
-                    // boundary that is the next step's first layers.
-                    if pass + 2 < passes {
-                        let p = pass + 2;
-                        self.issue_load((p % n_layers, slot), reader, &mut traffic, p >= n_layers)?;
+                    if offloaded {
+                        self.freed[slot].record(st).map_err(drv)?;
+                        // Prefetch two layers ahead into the arena just released; across group
+                        // and step boundaries those are the next group's first layers.
+                        if pass + 2 < passes {
+                            let p = pass + 2;
+                            let timed = p >= groups.len() * n_layers;
+                            self.issue_load((p % n_layers, slot), reader, &mut traffic, timed)?;
+                        }
                     }
+                    pass += 1;
                 }
-                pass += 1;
-            }
-            let feed = if let Some(feed_in) = link.feed_in {
-                // A stage before the last: hand the hidden states on, take the next tokens.
-                st.synchronize().map_err(drv)?;
-                let next = link.next.expect("a stage before the last has a next");
-                next.send(self.hidden_handoff(buf, b * tt * h)).map_err(|_| stopped())?;
-                feed_in.recv().map_err(|_| stopped())?
-            } else {
-                for (kb, toks) in host_tok.iter_mut().enumerate() {
-                    self.next_tokens(buf, kb, (b, tt), toks, want_logits[kb])?;
+                if let Some(next) = link.next {
+                    // A stage before the last: hand the group's hidden states on.
+                    st.synchronize().map_err(drv)?;
+                    next.send(self.hidden_handoff(buf, grp.clone(), b * tt * h))
+                        .map_err(|_| stopped())?;
+                    continue;
+                }
+                for kb in grp.clone() {
+                    self.next_tokens(buf, kb, (b, tt), &mut host_tok[kb], want_logits[kb])?;
                 }
                 st.synchronize().map_err(drv)?;
-                let picks: Vec<Picks> = (0..input.ids.len())
+                let picks: Vec<Picks> = grp
+                    .clone()
+                    .filter(|&kb| kb < input.ids.len())
                     .map(|kb| {
                         let host = buf.logits_host[kb].as_f16();
                         let n = real_rows[kb];
@@ -354,29 +403,38 @@ impl CudaStage<'_> {
                         Picks { greedy: host_tok[kb][..n].to_vec(), logits }
                     })
                     .collect();
-                let feed = after_step(step, picks)?;
+                let feed = after_step(step, grp.start, picks)?;
                 for tx in link.feed_out {
                     tx.send(feed.clone()).map_err(|_| stopped())?;
                 }
-                feed
-            };
-            // The next step's inputs (none after the last step).
-            if let Some(feed) = feed.as_ref().filter(|_| step + 1 < max_new) {
-                for kb in 0..k {
-                    let n = real_rows[kb];
-                    let toks: Vec<u32> =
-                        (0..b).map(|r| if r < n { feed[kb][r] } else { input.pad }).collect();
-                    let pos: Vec<u32> = row_starts[kb]
-                        .iter()
-                        .flat_map(|&s| stage::positions(spec, s, t + step, 1))
-                        .collect();
-                    htod(st, addr(&buf.ids[kb]), &toks)?;
-                    htod(st, addr(&buf.pos[kb]), &pos)?;
+                match feed {
+                    // The next step's inputs (none after the last step).
+                    Some(feed) if step + 1 < max_new => set_inputs(grp, &feed, step)?,
+                    Some(_) => {}
+                    None => {
+                        ended = true;
+                        stage::record_step(stats, step, started.elapsed().as_secs_f64());
+                        break 'steps;
+                    }
                 }
             }
             stage::record_step(stats, step, started.elapsed().as_secs_f64());
-            if feed.is_none() {
-                break;
+        }
+        // A stage before the last takes the last step's feeds (the last stage sends one per
+        // group), unless the block ended before.
+        if let (Some(feed_in), false) = (link.feed_in, ended) {
+            for _ in &groups {
+                if feed_in.recv().map_err(|_| stopped())?.is_none() {
+                    break;
+                }
+            }
+        }
+        // Groups the stage before sent on after the block ended (it ran the next step's first
+        // groups while this one finished the step) are taken in and dropped, so that no link is
+        // left holding them (an NCCL send waits for its receive).
+        if let Some(prev) = link.prev {
+            while let Ok(h) = prev.recv() {
+                self.take_hidden(buf, &h, link.nccl)?;
             }
         }
         self.load.synchronize().map_err(drv)?;
@@ -385,4 +443,19 @@ impl CudaStage<'_> {
         stats.tiers.traffic.disk_read += traffic.disk_read;
         Ok(())
     }
+}
+
+/// The block's `k` GPU batches in `n` contiguous groups (at most one per batch, at least one),
+/// the first ones a batch larger where they do not divide.
+pub(super) fn groups(k: usize, n: usize) -> Vec<std::ops::Range<usize>> {
+    let n = n.clamp(1, k.max(1));
+    let mut start = 0;
+    (0..n)
+        .map(|g| {
+            let end = start + k / n + usize::from(g < k % n);
+            let r = start..end;
+            start = end;
+            r
+        })
+        .collect()
 }

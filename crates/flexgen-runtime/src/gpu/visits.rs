@@ -125,7 +125,7 @@ impl CudaStage<'_> {
         Ok(())
     }
 
-    /// Stages visit (layer `j`, batch `kb`)'s inputs that `Prefetch` names (its hidden state, `n`
+    /// Stages visit (layer `j`, batch `kb`)'s inputs that `ahead` names (its hidden state, `n`
     /// values, and the `past` positions of its CPU cache rows) into buffers `slot` on the copy
     /// stream, after everything issued so far on the compute stream — the visit that last used
     /// those buffers and the one that wrote that hidden state — then records `staged[slot]`.
@@ -135,8 +135,8 @@ impl CudaStage<'_> {
         (j, kb): (usize, usize),
         (n, past): (usize, usize),
         slot: usize,
+        ahead: Prefetch,
     ) -> Result<()> {
-        let ahead = self.prefetch.in_step(past);
         if ahead == Prefetch::default() {
             return Ok(());
         }

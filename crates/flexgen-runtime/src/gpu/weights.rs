@@ -203,6 +203,12 @@ impl CudaStage<'_> {
             // SAFETY: fully written by the dequantizing kernels and the vector copy before use.
             self.unpacked = Some(unsafe { stream.alloc::<f16>(self.layout.len) }.map_err(drv)?);
         }
+        let scratch = memory::fused_scratch_bytes(&self.policy, self.packed.as_ref()) / 4;
+        let scratch = usize::try_from(scratch).expect("a buffer the plan counted");
+        if scratch > 0 && fused_decode_on() {
+            // SAFETY: written by the fused product before each read.
+            self.fused_scratch = Some(unsafe { stream.alloc::<f32>(scratch) }.map_err(drv)?);
+        }
         *self.packed_memo.borrow_mut() = None;
         if g_end < len {
             for _ in 0..2 {
@@ -345,9 +351,16 @@ impl CudaStage<'_> {
         Ok(())
     }
 
-    /// The device address of layer `j`'s arena for this pass: its resident arena, or staging
-    /// arena `slot` once the copies have landed and the GPU part has been copied in.
-    pub(super) fn layer_weights(&self, j: usize, slot: usize) -> Result<u64> {
+    /// Layer `j`'s weights for this pass: its resident arena, or staging arena `slot` once the
+    /// copies have landed and the GPU part has been copied in. Packed, its matrices are
+    /// dequantized into the fp16 arena, or (`fused`, on a stage that fuses decode products) left
+    /// packed for the fused 4-bit product, only the vectors copied.
+    pub(super) fn layer_weights(
+        &self,
+        j: usize,
+        slot: usize,
+        fused: bool,
+    ) -> Result<fused::LayerWeights> {
         let home = &self.layers[j];
         let stored = if self.g_end == self.unit_len {
             addr(home.gpu.as_ref().expect("a resident layer"))
@@ -362,23 +375,48 @@ impl CudaStage<'_> {
             }
             dst
         };
-        let Some(p) = &self.packed else { return Ok(stored) };
+        let Some(p) = &self.packed else {
+            return Ok(fused::LayerWeights { arena: stored, packed: None });
+        };
         // Packed: dequantize every matrix into the fp16 arena, copy the vectors beside them.
         let out = addr(self.unpacked.as_ref().expect("allocated with the packed layout"));
         let g = &self.gpu;
-        for m in &p.mats {
-            let (codes, params) = (stored + m.codes.start as u64, stored + m.params.start as u64);
-            // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe {
-                g.dequant_dim0(codes, params, at(out, m.src.start), m.rows, m.cols, p.group, p.bits)
+        // Each matrix's codes and (min, scale) pairs in the stored arena.
+        let mats = p
+            .mats
+            .each_ref()
+            .map(|m| (stored + m.codes.start as u64, stored + m.params.start as u64));
+        let scratch = self.fused_scratch.as_ref().filter(|_| fused);
+        let packed = scratch.map(|s| fused::Packed4 { mats, group: p.group, scratch: addr(s) });
+        if packed.is_none() {
+            for (m, &(codes, params)) in p.mats.iter().zip(&mats) {
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe {
+                    g.dequant_dim0(
+                        codes,
+                        params,
+                        at(out, m.src.start),
+                        m.rows,
+                        m.cols,
+                        p.group,
+                        p.bits,
+                    )
+                }
+                .map_err(cuda)?;
             }
-            .map_err(cuda)?;
         }
         // SAFETY: the vectors' bytes inside the stored arena, into their place in the fp16 one.
         unsafe {
             g.copy_raw(stored + p.vectors.start as u64, at(out, p.vec_src.start), p.vectors.len())
         }
         .map_err(cuda)?;
-        Ok(out)
+        Ok(fused::LayerWeights { arena: out, packed })
     }
+}
+
+/// Whether decode steps that may take the fused 4-bit product do (`Policy::fuses_decode`):
+/// unless `FLEXGEN_FUSED4=0` is in the environment, which keeps the dequantizing path to measure
+/// the two side by side.
+fn fused_decode_on() -> bool {
+    std::env::var("FLEXGEN_FUSED4").map_or(true, |v| v != "0")
 }

@@ -684,66 +684,83 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y` (fp32 `[nb, outs]`, zeroed here) = `x` (fp16 `[nb, ins]`) × Wᵀ for a linear layer's
+    /// `y[i] = (accumulate ? y[i] : 0) + s[i]` for `n` fp32 values `s` into fp16 `y`.
+    ///
+    /// # Safety
+    /// `s` and `y` must name `n` values of this device's memory, alive until the compute stream
+    /// has run the kernel.
+    pub unsafe fn store_f32(
+        &self,
+        s: u64,
+        y: u64,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<(), CudaError> {
+        let (ni, acc) = (dim(n), i32::from(accumulate));
+        let mut l = self.stream.launch_builder(&self.store_f32);
+        l.arg(&s).arg(&y).arg(&ni).arg(&acc);
+        // SAFETY: a grid-stride loop over n values of both buffers.
+        unsafe { l.launch(LaunchConfig::for_num_elems(u32::try_from(n.max(1)).expect("fits")))? };
+        Ok(())
+    }
+
+    /// `y` (fp32 `[nb, outs]`, zeroed here) = `x` (fp16 `[nb, ins]`, row b at `x + b·ldx`) × Wᵀ for a linear layer's
     /// weight W `[outs, ins]` given by its 4-bit codes and fp16 (min, scale) pairs in
     /// `dequant_dim0`'s layout (groups of `group` outputs of one input, `group` a multiple of 8),
-    /// without an fp16 copy of W: row tiles of 8, each one kernel that splits the inputs over
-    /// enough thread blocks to fill the device.
+    /// without an fp16 copy of W: row tiles of at most 8, each one kernel ([`gemv4_plan`]) that
+    /// splits the inputs over enough thread blocks to fill the device.
     ///
     /// # Safety
     /// Every address must name memory of this device that holds the elements the shapes imply
-    /// (`codes` 4-byte aligned) and stays alive until the compute stream has run the kernels;
-    /// `y` must not be read or written by other work on other streams meanwhile.
+    /// (`codes` and `params` 4-byte aligned) and stays alive until the compute stream has run the
+    /// kernels; `y` must not be read or written by other work on other streams meanwhile.
     #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
     pub unsafe fn gemv4_dim0(
         &self,
         codes: u64,
         params: u64,
-        x: u64,
+        (x, ldx): (u64, usize),
         y: u64,
         nb: usize,
         (outs, ins): (usize, usize),
         group: usize,
     ) -> Result<(), CudaError> {
         assert!(
-            group.is_multiple_of(8) && codes.is_multiple_of(4),
-            "gemv4_dim0: group {group}, codes at {codes}"
+            group.is_multiple_of(8) && codes.is_multiple_of(4) && params.is_multiple_of(4),
+            "gemv4_dim0: group {group}, codes at {codes}, params at {params}"
         );
-        let threads = outs.div_ceil(group) * (group / 8);
-        let out_blocks = threads.div_ceil(256);
-        // About four thread blocks per SM (132 on an H200) over the outputs and input slices.
-        let slices = 528usize.div_ceil(out_blocks).clamp(1, ins.max(1));
-        let per_slice = ins.div_ceil(slices).max(1);
-        let slices = ins.div_ceil(per_slice).max(1);
         // SAFETY: `y` holds nb·outs fp32 values.
         unsafe {
             cudarc::driver::result::memset_d8_async(y, 0, nb * outs * 4, self.stream.cu_stream())
         }?;
-        let (o, i, g, ps) = (dim(outs), dim(ins), dim(group), dim(per_slice));
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32::try_from(out_blocks).expect("outputs fit"),
-                u32::try_from(slices).expect("slices fit"),
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         for b0 in (0..nb).step_by(8) {
-            let tile = dim((nb - b0).min(8));
-            let (xt, yt) = (x + (b0 * ins * 2) as u64, y + (b0 * outs * 4) as u64);
-            let mut l = self.stream.launch_builder(&self.gemv4_dim0);
+            let rows = (nb - b0).min(8);
+            let plan = gemv4_plan(rows, (outs, ins), group, codes, 132);
+            let (o, i, lx, g, ps, tile) =
+                (dim(outs), dim(ins), dim(ldx), dim(group), dim(plan.per_slice), dim(rows));
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    u32::try_from(plan.blocks).expect("outputs fit"),
+                    u32::try_from(plan.slices).expect("slices fit"),
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xt, yt) = (x + (b0 * ldx * 2) as u64, y + (b0 * outs * 4) as u64);
+            let mut l = self.stream.launch_builder(&self.gemv4_dim0[plan.kernel]);
             l.arg(&codes)
                 .arg(&params)
                 .arg(&xt)
                 .arg(&yt)
                 .arg(&o)
                 .arg(&i)
+                .arg(&lx)
                 .arg(&g)
                 .arg(&tile)
                 .arg(&ps);
-            // SAFETY: thread words < ⌈outs/group⌉·group/8 and inputs < ins of the packed
-            // buffers; the tile's rows of x and y.
+            // SAFETY: threads < ⌈outs/group⌉·group/(8·V) and inputs < ins of the packed buffers
+            // (V and the alignment it needs checked by the plan); the tile's rows of x and y.
             unsafe { l.launch(cfg)? };
         }
         Ok(())
@@ -854,4 +871,44 @@ impl Gpu {
         unsafe { l.launch(rows(n))? };
         Ok(())
     }
+}
+
+/// How [`Gpu::gemv4_dim0`] runs a tile of `rows` (1 to 8): the kernel (`gemv4_dim0_1`, `_2`, `_4`
+/// or `_8` of kernels.cu, index 0 to 3), thread blocks of 256 over the outputs, and the inputs'
+/// slices (`per_slice` inputs each, a multiple of 4) over the grid's y.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemv4Plan {
+    pub kernel: usize,
+    /// Code words each thread loads per input (V).
+    pub words: usize,
+    pub blocks: usize,
+    pub slices: usize,
+    pub per_slice: usize,
+}
+
+/// The [`Gemv4Plan`] for `rows` on a device of `sms` multiprocessors: the smallest kernel whose
+/// tile holds the rows; the 1- and 2-row kernels load 4 and 2 code words per thread where the
+/// weight is wide enough to keep the device busy that way (at least 32768 and 16384 outputs) and
+/// `group` and `codes` allow it (a multiple of 32 or 16 values, 16- or 8-byte aligned), else one
+/// word (the 4-row kernel). About four thread blocks per multiprocessor over outputs and slices,
+/// each slice at least 128 inputs (every slice adds its sums to each output atomically).
+pub fn gemv4_plan(
+    rows: usize,
+    (outs, ins): (usize, usize),
+    group: usize,
+    codes: u64,
+    sms: usize,
+) -> Gemv4Plan {
+    let fits = |v: usize| group.is_multiple_of(8 * v) && codes.is_multiple_of(4 * v as u64);
+    let (kernel, words) = match rows {
+        1 if outs >= 32768 && fits(4) => (0, 4),
+        1 | 2 if outs >= 16384 && fits(2) => (1, 2),
+        1..=4 => (2, 1),
+        _ => (3, 1),
+    };
+    let threads = outs.div_ceil(group) * (group / (8 * words));
+    let blocks = threads.div_ceil(256);
+    let slices = (4 * sms).div_ceil(blocks).clamp(1, (ins / 128).max(1));
+    let per_slice = ins.div_ceil(slices).next_multiple_of(4).max(4);
+    Gemv4Plan { kernel, words, blocks, slices: ins.div_ceil(per_slice).max(1), per_slice }
 }

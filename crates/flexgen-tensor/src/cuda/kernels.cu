@@ -259,13 +259,87 @@ extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, i
         sr[j] = f2h((j >= lo && j <= hi) ? __expf(h2f(sr[j]) - m) * inv : 0.f);
 }
 
+// PER fp16 values at p as floats: one 8-byte (PER 4) or 4-byte (PER 2) load (p aligned to it).
+template <int PER>
+__device__ __forceinline__ void load_per(const half_t* p, float* out) {
+    if (PER == 4) {
+        uint2 v = *(const uint2*)p;
+        out[0] = h2f((half_t)(v.x & 0xffffu)); out[1] = h2f((half_t)(v.x >> 16));
+        out[PER > 2 ? 2 : 0] = h2f((half_t)(v.y & 0xffffu)); out[PER > 3 ? 3 : 0] = h2f((half_t)(v.y >> 16));
+    } else if (PER == 2) {
+        unsigned int v = *(const unsigned int*)p;
+        out[0] = h2f((half_t)(v & 0xffffu)); out[PER > 1 ? 1 : 0] = h2f((half_t)(v >> 16));
+    } else {
+        for (int i = 0; i < PER; i++) out[i] = h2f(p[i]);
+    }
+}
+
+// decode_attention's two passes over the keys for a head of 32·PER values (lane l holds values
+// l·PER…, one vector load per row), U keys per warp at a time so that U rows' loads are in flight
+// before any is used: the scores of keys lo.. into sm, and (after the softmax) this warp's part
+// of Σ_j p_j·v_j into acc.
+#define DA_U 4
+template <int PER>
+__device__ __forceinline__ void da_scores(const half_t* K, const float* qv, float* sm, int lo, int s, int hd, int lane, int warp, int nw) {
+    int j = lo + warp;
+    for (; j + (DA_U - 1) * nw < s; j += DA_U * nw) {
+        float kv[DA_U][PER];
+#pragma unroll
+        for (int u = 0; u < DA_U; u++) load_per<PER>(K + (size_t)(j + u * nw) * hd + lane * PER, kv[u]);
+        float a[DA_U];
+#pragma unroll
+        for (int u = 0; u < DA_U; u++) {
+            a[u] = 0.f;
+#pragma unroll
+            for (int i = 0; i < PER; i++) a[u] += qv[i] * kv[u][i];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+            for (int u = 0; u < DA_U; u++) a[u] += __shfl_xor_sync(0xffffffff, a[u], o);
+        }
+        if (lane == 0)
+            for (int u = 0; u < DA_U; u++) sm[j + u * nw] = a[u];
+    }
+    for (; j < s; j += nw) {
+        float kv[PER];
+        load_per<PER>(K + (size_t)j * hd + lane * PER, kv);
+        float a = 0.f;
+        for (int i = 0; i < PER; i++) a += qv[i] * kv[i];
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+        if (lane == 0) sm[j] = a;
+    }
+}
+template <int PER>
+__device__ __forceinline__ void da_values(const half_t* V, const float* sm, float* acc, int lo, int s, int hd, int lane, int warp, int nw) {
+    int j = lo + warp;
+    for (; j + (DA_U - 1) * nw < s; j += DA_U * nw) {
+        float vv[DA_U][PER];
+#pragma unroll
+        for (int u = 0; u < DA_U; u++) load_per<PER>(V + (size_t)(j + u * nw) * hd + lane * PER, vv[u]);
+#pragma unroll
+        for (int u = 0; u < DA_U; u++) {
+            float p = sm[j + u * nw];
+#pragma unroll
+            for (int i = 0; i < PER; i++) acc[i] += p * vv[u][i];
+        }
+    }
+    for (; j < s; j += nw) {
+        float vv[PER];
+        load_per<PER>(V + (size_t)j * hd + lane * PER, vv);
+        float p = sm[j];
+        for (int i = 0; i < PER; i++) acc[i] += p * vv[i];
+    }
+}
+
 // Attention of one new token per sequence for the query (sequence, head) rows row0, row0 + 1, …:
 // q [rows, hd] (already scaled; row r at q + r·hd), caches of (sequence, kv head) rows, rep query
 // heads per kv head (grouped-query attention; query row r reads kv row r / rep), laid out
 // [.., cap, hd] from kv row row0 / rep, holding s positions, of which sequence bi sees
 // start[bi]..s-1; out row r at out + r·hd (heads merged).
 // One block (a few warps) per row; warps take keys in turn, each lane `per` contiguous values of
-// the head. Dynamic shared memory: s + warps·hd floats.
+// the head (hd of 64 or 128 with aligned caches: one vector load per row and lane, DA_U rows in
+// flight; other heads value by value). Dynamic shared memory: s + warps·hd floats.
 #define MAXPER 8
 extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, const half_t* vc, const int* start,
                                             half_t* out, int nh, int hd, int cap, int s, int row0, int rep) {
@@ -277,17 +351,25 @@ extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, c
     const half_t* qr = q + (size_t)bh * hd;
     const half_t* K = kc + (size_t)(blockIdx.x / rep) * cap * hd;
     const half_t* V = vc + (size_t)(blockIdx.x / rep) * cap * hd;
+    // The vector path: a whole number of values per lane, rows aligned to the lanes' loads.
+    int vec = (hd == 128 || hd == 64) && ((((unsigned long long)K) | ((unsigned long long)V)) & (2 * per - 1)) == 0;
     float qv[MAXPER];
 #pragma unroll
     for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; qv[i] = (i < per && d < hd) ? h2f(qr[d]) : 0.f; }
     int lo = start[bi];
-    for (int j = lo + warp; j < s; j += nw) {
-        const half_t* kr = K + (size_t)j * hd;
-        float acc = 0.f;
+    if (vec && per == 4) {
+        da_scores<4>(K, qv, sm, lo, s, hd, lane, warp, nw);
+    } else if (vec && per == 2) {
+        da_scores<2>(K, qv, sm, lo, s, hd, lane, warp, nw);
+    } else {
+        for (int j = lo + warp; j < s; j += nw) {
+            const half_t* kr = K + (size_t)j * hd;
+            float acc = 0.f;
 #pragma unroll
-        for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc += qv[i] * h2f(kr[d]); }
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-        if (lane == 0) sm[j] = acc;
+            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc += qv[i] * h2f(kr[d]); }
+            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+            if (lane == 0) sm[j] = acc;
+        }
     }
     __syncthreads();
     float m = -3.0e38f;
@@ -299,11 +381,17 @@ extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, c
     float acc[MAXPER];
 #pragma unroll
     for (int i = 0; i < MAXPER; i++) acc[i] = 0.f;
-    for (int j = lo + warp; j < s; j += nw) {
-        const half_t* vr = V + (size_t)j * hd;
-        float p = sm[j];
+    if (vec && per == 4) {
+        da_values<4>(V, sm, acc, lo, s, hd, lane, warp, nw);
+    } else if (vec && per == 2) {
+        da_values<2>(V, sm, acc, lo, s, hd, lane, warp, nw);
+    } else {
+        for (int j = lo + warp; j < s; j += nw) {
+            const half_t* vr = V + (size_t)j * hd;
+            float p = sm[j];
 #pragma unroll
-        for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc[i] += p * h2f(vr[d]); }
+            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc[i] += p * h2f(vr[d]); }
+        }
     }
     float* part = sm + s;
 #pragma unroll
@@ -376,40 +464,105 @@ extern "C" __global__ void dequant_dim0(const unsigned char* codes, const half_t
     }
 }
 
-// y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb (at most 8): a linear layer's product with its
-// weight W [outs, ins] read straight from the 4-bit codes of dequant_dim0's layout (groups of gs
+// Four fp16 values of x at p (n ≤ 4 of them real, the rest 0) as floats: one 8-byte load where p
+// is aligned and all four are real.
+__device__ __forceinline__ void x4(const half_t* p, int n, float* out) {
+    if (n >= 4 && (((unsigned long long)p) & 7) == 0) {
+        load_per<4>(p, out);
+    } else {
+        for (int j = 0; j < 4; j++) out[j] = j < n ? h2f(p[j]) : 0.f;
+    }
+}
+
+// y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ NB (NB at most 8; row b of x at x + b·ldx): a linear layer's product with
+// its weight W [outs, ins] read straight from the 4-bit codes of dequant_dim0's layout (groups of gs
 // outputs of one input column, an input's groups contiguous), with no fp16 copy of W. Thread t of
-// the grid's x dimension owns 8 neighbouring outputs (one 32-bit word of codes per input: a warp
-// reads 128 contiguous bytes per input); the y dimension splits the inputs into slices of
-// `per_slice`, each slice's partial sums added to the fp32 `y` [nb, outs] (zeroed first) with
-// atomicAdd. Needs gs % 8 == 0 and 4-byte aligned codes.
-extern "C" __global__ void gemv4_dim0(const unsigned char* codes, const half_t* params, const half_t* x,
-                                      float* y, int outs, int ins, int gs, int nb, int per_slice) {
+// the grid's x dimension owns 8·V neighbouring outputs of one group (V 32-bit words of codes per
+// input, one load: a warp reads 128·V contiguous bytes per input), U inputs' words, (min, scale)
+// pairs and x values loaded before any is used, so that U loads are in flight per thread. A code
+// q becomes a float exactly by the 2^23 trick (no integer conversion), and Σ_i x·(min + q·scale)
+// is split into Σ_i (x·scale)·q per output and Σ_i x·min per row. The y dimension splits the
+// inputs into slices of `per_slice` (a multiple of 4), each slice's partial sums added to the
+// fp32 `y` [nb, outs] (zeroed first) with atomicAdd. Needs gs % (8·V) == 0, codes aligned to
+// 4·V bytes, params to 4.
+template <int NB, int U, int V>
+__device__ __forceinline__ void gemv4_tile(const unsigned char* codes, const half_t* params, const half_t* x,
+                                           float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
     int wpc = gs / 8;                       // code words per group
+    int tpc = wpc / V;                      // threads per group
     int chunks = (outs + gs - 1) / gs;
     long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (t >= (long long)chunks * wpc) return;
-    int ch = (int)(t / wpc), k = (int)(t % wpc);
-    int o0 = ch * gs + 8 * k;
+    if (t >= (long long)chunks * tpc) return;
+    int ch = (int)(t / tpc), k = (int)(t % tpc);
+    int o0 = ch * gs + 8 * V * k;
     if (o0 >= outs) return;
     int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
-    float acc[8][8];
-    for (int b = 0; b < 8; b++) for (int j = 0; j < 8; j++) acc[b][j] = 0.f;
+    float acc[NB][8 * V], base[NB];
+    for (int b = 0; b < NB; b++) { base[b] = 0.f; for (int j = 0; j < 8 * V; j++) acc[b][j] = 0.f; }
     const unsigned int* words = (const unsigned int*)codes;
-    for (int i = i0; i < i1; i++) {
-        long long g = (long long)i * chunks + ch;
-        unsigned int word = words[g * wpc + k];
-        float mn = h2f(params[2 * g]), sc = h2f(params[2 * g + 1]);
-        float v[8];
-        for (int j = 0; j < 8; j++) v[j] = mn + (float)((word >> (4 * j)) & 15u) * sc;
-        for (int b = 0; b < nb; b++) {
-            float xb = h2f(x[(long long)b * ins + i]);
-            for (int j = 0; j < 8; j++) acc[b][j] += xb * v[j];
+    const unsigned int* pairs = (const unsigned int*)params;
+    for (int i = i0; i < i1; i += U) {
+        int n = min(U, i1 - i);
+        unsigned int w[U][V], p[U];
+        float xv[NB][U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            long long g = (long long)min(i + u, i1 - 1) * chunks + ch;
+            const unsigned int* src = words + g * wpc + V * k;
+            if (V == 4) {
+                uint4 v = *(const uint4*)src;
+                w[u][0] = v.x; w[u][V > 1 ? 1 : 0] = v.y; w[u][V > 2 ? 2 : 0] = v.z; w[u][V > 3 ? 3 : 0] = v.w;
+            } else if (V == 2) {
+                uint2 v = *(const uint2*)src;
+                w[u][0] = v.x; w[u][V > 1 ? 1 : 0] = v.y;
+            } else {
+                w[u][0] = src[0];
+            }
+            p[u] = pairs[g];
+        }
+        for (int b = 0; b < NB; b++) {
+            if (b >= nb) break;
+            for (int u0 = 0; u0 < U; u0 += 4) x4(x + (long long)b * ldx + i + u0, n - u0, &xv[b][u0]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (u >= n) break;
+            float mn = h2f((half_t)(p[u] & 0xffffu)), sc = h2f((half_t)(p[u] >> 16));
+            float q[8 * V];
+            for (int v = 0; v < V; v++)
+                for (int j = 0; j < 8; j++)
+                    q[8 * v + j] = __int_as_float(0x4B000000 | ((w[u][v] >> (4 * j)) & 15u)) - 8388608.f;
+            for (int b = 0; b < NB; b++) {
+                if (b >= nb) break;
+                base[b] += xv[b][u] * mn;
+                float xs = xv[b][u] * sc;
+                for (int j = 0; j < 8 * V; j++) acc[b][j] += xs * q[j];
+            }
         }
     }
-    int n = min(8, outs - o0);
-    for (int b = 0; b < nb; b++)
-        for (int j = 0; j < n; j++) atomicAdd(y + (long long)b * outs + o0 + j, acc[b][j]);
+    int n = min(8 * V, outs - o0);
+    for (int b = 0; b < NB && b < nb; b++)
+        for (int j = 0; j < n; j++) atomicAdd(y + (long long)b * outs + o0 + j, acc[b][j] + base[b]);
+}
+
+extern "C" __global__ void gemv4_dim0_1(const unsigned char* c, const half_t* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+    gemv4_tile<1, 4, 4>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+}
+extern "C" __global__ void gemv4_dim0_2(const unsigned char* c, const half_t* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+    gemv4_tile<2, 4, 2>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+}
+extern "C" __global__ void gemv4_dim0_4(const unsigned char* c, const half_t* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+    gemv4_tile<4, 4, 1>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+}
+extern "C" __global__ void gemv4_dim0_8(const unsigned char* c, const half_t* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+    gemv4_tile<8, 4, 1>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+}
+
+// y[i] = (accumulate ? y[i] : 0) + s[i] as fp16, i < n: a fused 4-bit product's fp32 result into
+// its fp16 destination (a residual added in place).
+extern "C" __global__ void store_f32(const float* s, half_t* y, int n, int accumulate) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        y[i] = f2h((accumulate ? h2f(y[i]) : 0.f) + s[i]);
 }
 
 // ---- KV cache quantization (flexgen_tensor::quant with groups along the head dimension) ----

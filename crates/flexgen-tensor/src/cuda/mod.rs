@@ -3,10 +3,12 @@
 //! The fp16 GEMMs here (cuBLAS, fp32 accumulation) are the ones the GPU backend computes with.
 
 pub mod exec;
+mod nccl;
 mod ops;
 
 use std::sync::Arc;
 
+pub use nccl::{LinkId, NcclLink, link_id};
 pub use ops::{Gpu, GpuTensor};
 
 use cudarc::cublas::CudaBlas;
@@ -31,6 +33,9 @@ pub enum CudaError {
     /// A host-side tensor could not be read or built.
     #[error("host tensor: {0}")]
     Host(String),
+    /// An NCCL call failed.
+    #[error("NCCL: {0}")]
+    Nccl(String),
     /// The machine has no CUDA device with this ordinal.
     #[error("no CUDA device {ordinal} (found {count})")]
     NoDevice { ordinal: usize, count: i32 },
@@ -50,12 +55,20 @@ fn driver_hint(e: &cudarc::driver::DriverError) -> &'static str {
     }
 }
 
+/// That the driver library can be loaded.
+fn driver_present() -> Result<(), CudaError> {
+    // SAFETY: only tries to dlopen the library.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(CudaError::Missing("libcuda"))
+    }
+}
+
 /// Opens device `ordinal`, checking first that the driver and cuBLAS libraries can be loaded.
 pub fn open(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
-    // SAFETY: these only try to dlopen the libraries.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(CudaError::Missing("libcuda"));
-    }
+    driver_present()?;
+    // SAFETY: only tries to dlopen the library.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
         return Err(CudaError::Missing("libcublas"));
     }
@@ -64,6 +77,18 @@ pub fn open(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
         return Err(CudaError::NoDevice { ordinal, count });
     }
     Ok(CudaContext::new(ordinal)?)
+}
+
+/// The CUDA devices this process can see (the driver library checked first).
+pub fn device_count() -> Result<usize, CudaError> {
+    driver_present()?;
+    Ok(usize::try_from(CudaContext::device_count()?).unwrap_or(0))
+}
+
+/// Whether the NCCL library can be loaded.
+pub fn nccl_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
 }
 
 /// cuBLAS bound to one stream.

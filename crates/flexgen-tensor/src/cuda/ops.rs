@@ -56,13 +56,15 @@ pub struct Gpu {
     pub(super) decode_attention: CudaFunction,
     pub(super) argmax_rows: CudaFunction,
     pub(super) dequant_dim0: CudaFunction,
-    pub(super) gemv4_dim0: CudaFunction,
+    /// `gemv4_dim0_{1,2,4,8}`: tiles of at most that many rows.
+    pub(super) gemv4_dim0: [CudaFunction; 4],
     pub(super) dequant_cache: CudaFunction,
     pub(super) quant_cache: CudaFunction,
     pub(super) silu_mul: CudaFunction,
     rotary: CudaFunction,
     repeat_heads: CudaFunction,
     pub(super) copy_bytes: CudaFunction,
+    pub(super) store_f32: CudaFunction,
 }
 
 const KERNELS: &str = include_str!("kernels.cu");
@@ -143,13 +145,19 @@ impl Gpu {
             decode_attention: f("decode_attention")?,
             argmax_rows: f("argmax_rows")?,
             dequant_dim0: f("dequant_dim0")?,
-            gemv4_dim0: f("gemv4_dim0")?,
+            gemv4_dim0: [
+                f("gemv4_dim0_1")?,
+                f("gemv4_dim0_2")?,
+                f("gemv4_dim0_4")?,
+                f("gemv4_dim0_8")?,
+            ],
             dequant_cache: f("dequant_cache")?,
             quant_cache: f("quant_cache")?,
             silu_mul: f("silu_mul")?,
             rotary: f("rotary")?,
             repeat_heads: f("repeat_heads")?,
             copy_bytes: f("copy_bytes")?,
+            store_f32: f("store_f32")?,
             _module: module,
             ctx,
             stream,
