@@ -100,19 +100,22 @@ check opt-125m-random --model opt-125m --dummy random --seed 3 --prompt-len 12 -
 # Compressed cache. Against the CPU executor informational only (it quantizes f32 keys and values,
 # the GPU fp16 ones, so a value near a code boundary may land in the next code and a near tie may
 # flip); the CUDA runs must agree with each other, wherever the packed rows live (GPU, pinned CPU,
-# mixed) and however the block is split.
+# mixed), whether the CPU rows attend on the GPU or on the cores (`--cpu-cache-compute`), and
+# however the block is split.
 for M in crates/flexgen-model/models/opt-kjv crates/flexgen-model/test_data/tiny-random-llama; do
 "$B/flexgen-run" --model $M --max-new-tokens 24 --ignore-eos \
   --prompt "In the beginning" --prompt "Jesus wept" --compress-cache > /tmp/ref.txt 2>/dev/null
 rm -f /tmp/gpu_cc_ref.txt
-for pol in "100 0 100 0 100 0" "100 0 0 100 100 0" "30 70 50 50 0 100"; do
+for pol in "100 0 100 0 100 0" "100 0 0 100 100 0" "30 70 50 50 0 100" "100 0 50 50 100 0"; do
+  for cores in "" "--cpu-cache-compute"; do
   for split in "${SPLITS[@]}"; do
     "$B/flexgen-run" --model $M --max-new-tokens 24 --ignore-eos \
-      --prompt "In the beginning" --prompt "Jesus wept" --compress-cache --device cuda --percent $pol $split > /tmp/gpu2.txt 2> /tmp/gpu.err \
-      || { echo "FAIL compressed cache $M [$pol $split]"; tail -3 /tmp/gpu.err; fail=1; continue; }
+      --prompt "In the beginning" --prompt "Jesus wept" --compress-cache --device cuda --percent $pol $cores $split > /tmp/gpu2.txt 2> /tmp/gpu.err \
+      || { echo "FAIL compressed cache $M [$pol $cores $split]"; tail -3 /tmp/gpu.err; fail=1; continue; }
     [ -f /tmp/gpu_cc_ref.txt ] || cp /tmp/gpu2.txt /tmp/gpu_cc_ref.txt
     if cmp -s /tmp/gpu_cc_ref.txt /tmp/gpu2.txt; then cuda=same; else cuda=DIFFERENT; fail=1; fi
-    echo "compressed cache $(basename $M) [$pol $split]: $cuda tokens as the first CUDA run; $(cmp -s /tmp/ref.txt /tmp/gpu2.txt && echo same as || echo differs from) the CPU executor"
+    echo "compressed cache $(basename $M) [$pol $cores $split]: $cuda tokens as the first CUDA run; $(cmp -s /tmp/ref.txt /tmp/gpu2.txt && echo same as || echo differs from) the CPU executor"
+  done
   done
 done
 done

@@ -114,6 +114,13 @@ pub fn compression_ratio(c: &Compression) -> f64 {
 /// 0.10–0.22 ms per visit.
 pub const VISIT_S: f64 = 0.15e-3;
 
+/// CPU attention's rate over a 4-bit packed cache as a fraction of its rate over fp16
+/// (`host_attention::decode_packed` against `decode`, `examples/host_attention_bench` with BITS 4
+/// and 0 on the 2-core development VM, 2026-12-02: 0.31 at one query head per row (0.46 in the
+/// best run), 0.57 at eight; docs/benchmarks.md). The runtime attends a packed cache on the cores
+/// with `cpu_cache_compute`; the search does not choose that yet (see `plan`).
+pub const PACKED_CPU_ATTENTION: f64 = 0.31;
+
 /// Host memory the process needs beyond the tensors (allocator, tokenizer, buffers).
 pub const CPU_OVERHEAD_BYTES: f64 = 1.0 * (1u64 << 30) as f64;
 
@@ -186,7 +193,10 @@ pub fn terms(
     let gemm = gpu.gemm_flops_per_s;
     let gattn = gpu.attention_flops_per_s;
     let hbm = gpu.hbm_bytes_per_s;
-    let cattn = hw.cpu.attention_flops_per_s;
+    // CPU attention over a packed cache expands it on the cores as it goes: fewer bytes, more
+    // arithmetic per FLOP counted.
+    let cattn = hw.cpu.attention_flops_per_s
+        * if choice.compress_cache { PACKED_CPU_ATTENTION } else { 1.0 };
     let off_w = Lin::var(WC, 1.0) + Lin::var(WN, 1.0);
     let off_c = Lin::var(CC, 1.0) + Lin::var(CN, 1.0);
     // The runtime expands a compressed layer into fp16 in device memory before its GEMMs (read
@@ -507,6 +517,27 @@ mod tests {
             (compute - (gemm + attn_gpu + cache + 256.0 * 8.0 / 2e9)).abs() < 1e-15,
             "{compute}"
         );
+    }
+
+    #[test]
+    fn cpu_attention_over_a_packed_cache_runs_at_the_packed_rate_and_moves_no_cache() {
+        let mut c = choice();
+        c.cpu_attention = true;
+        let x = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]; // cache on the CPU
+        let fp16 = terms(&spec(), &hw(), &WL, &c);
+        c.compress_cache = true;
+        let packed = terms(&spec(), &hw(), &WL, &c);
+        // Only the attention output comes back over PCIe, packed or not.
+        let out = 2.0 * 64.0 * 8.0 / 1e9;
+        assert!((term(&packed.decode, "cpu->gpu", &x) - out).abs() < 1e-12);
+        // The attention itself at the packed fraction of the CPU rate; everything else in the
+        // compute bound differs only by the smaller new K+V written back.
+        let attn = 4.0 * 12.5 * 64.0 * 8.0 / 1e10;
+        let kv = |t: &Terms| term(&t.decode, "gpu->cpu", &x);
+        let rest = |t: &Terms, a: f64| term(&t.decode, "compute", &x) - a - kv(t);
+        let (r16, rp) = (rest(&fp16, attn), rest(&packed, attn / PACKED_CPU_ATTENTION));
+        assert!((r16 - rp).abs() < 1e-15, "{r16} vs {rp}");
+        assert!(kv(&packed) < kv(&fp16));
     }
 
     #[test]

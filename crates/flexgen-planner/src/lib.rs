@@ -209,8 +209,9 @@ pub fn plan(
     let mut switches = Vec::new();
     for &cw in &flags(opts.compress_weight) {
         for &cc in &flags(opts.compress_cache) {
-            // A compressed cache is attended on the GPU by the runtime (as the original's
-            // compressed path is), so CPU attention is only a choice for an uncompressed one.
+            // CPU attention over a compressed cache (the cores expand the packed rows) runs in
+            // the CUDA executor but has not been measured on the GPU machine yet: the search
+            // leaves it to `--percent … --cpu-cache-compute` and to hand-written policies.
             let attention: &[bool] = if cc { &[false] } else { &[false, true] };
             for &cpu_attention in attention {
                 for act_on_gpu in [true, false] {

@@ -12,6 +12,8 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::quant::{QuantSpec, quantize_line};
+
 /// Shapes of one call.
 #[derive(Debug, Clone, Copy)]
 pub struct Dims {
@@ -401,6 +403,244 @@ fn decode_with(
         });
 }
 
+/// One k (or v) cache of packed rows, in place: codes `[rows, cap, groups · group]` (`bits` per
+/// value, two to a byte at 4 bits, padding code 0) and fp16 (min, scale) pairs `[rows, cap,
+/// groups]`, in groups of `group` along the head dimension: the CUDA executor's packed cache
+/// (`quant_cache`'s layout, `quant::quantize_line` per position).
+#[derive(Debug)]
+pub struct PackedRows<'a> {
+    pub codes: &'a mut [u8],
+    pub params: &'a mut [f16],
+}
+
+/// How a packed cache is quantized.
+#[derive(Debug, Clone, Copy)]
+pub struct Packing {
+    pub group: usize,
+    pub bits: u8,
+}
+
+impl Packing {
+    /// Code bytes and (min, scale) values of one position of one row.
+    pub fn per_position(&self, hd: usize) -> (usize, usize) {
+        let groups = hd.div_ceil(self.group);
+        (groups * self.group * usize::from(self.bits) / 8, 2 * groups)
+    }
+
+    fn spec(&self) -> QuantSpec {
+        QuantSpec { bits: self.bits, group: self.group, dim: 0 }
+    }
+}
+
+/// Positions of packed codes (`n` positions of `code_b` bytes) and their (min, scale) pairs
+/// expanded into `out` (`n × hd` fp16) as the GPU's `dequant_cache` does: `min + code · scale` with
+/// one rounding to f32 (a fused multiply-add), then to fp16 (nearest, ties to even).
+#[inline]
+fn expand(codes: &[u8], params: &[f16], hd: usize, p: Packing, out: &mut [f16], tmp: &mut [f32]) {
+    let (code_b, par) = p.per_position(hd);
+    let per = code_b * 8 / usize::from(p.bits); // codes per position, padding included
+    let tmp = &mut tmp[..per];
+    for ((c, pr), o) in
+        codes.chunks_exact(code_b).zip(params.chunks_exact(par)).zip(out.chunks_exact_mut(hd))
+    {
+        if p.bits == 4 {
+            for (pair, &byte) in tmp.chunks_exact_mut(2).zip(c) {
+                pair[0] = f32::from(byte & 15);
+                pair[1] = f32::from(byte >> 4);
+            }
+        } else {
+            for (t, &byte) in tmp.iter_mut().zip(c) {
+                *t = f32::from(byte);
+            }
+        }
+        for (g, mp) in tmp.chunks_exact_mut(p.group).zip(pr.chunks_exact(2)) {
+            let (m, s) = (mp[0].to_f32(), mp[1].to_f32());
+            for t in g.iter_mut() {
+                *t = t.mul_add(s, m);
+            }
+        }
+        o.convert_from_f32_slice(&tmp[..hd]);
+    }
+}
+
+/// [`expand`] of 4-bit codes with AVX2: eight codes (one 32-bit word) at a time become eight
+/// lanes by variable shifts, then `min + code · scale` by one multiply-add and fp16 by F16C's
+/// nearest-even conversion: the same values as [`expand`].
+///
+/// # Safety
+/// The processor has AVX2, FMA and F16C; `hd` and `group` are multiples of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn expand4_avx2(codes: &[u8], params: &[f16], hd: usize, group: usize, out: &mut [f16]) {
+    use std::arch::x86_64::{
+        __m128i, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_movehdup_ps, _mm_storeu_si128,
+        _mm256_and_si256, _mm256_broadcastss_ps, _mm256_cvtepi32_ps, _mm256_cvtps_ph,
+        _mm256_fmadd_ps, _mm256_set1_epi32, _mm256_setr_epi32, _mm256_srlv_epi32,
+    };
+    let (code_b, par) = Packing { group, bits: 4 }.per_position(hd);
+    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    let mask = _mm256_set1_epi32(15);
+    for ((c, pr), o) in
+        codes.chunks_exact(code_b).zip(params.chunks_exact(par)).zip(out.chunks_exact_mut(hd))
+    {
+        for (g, mp) in pr.chunks_exact(2).enumerate() {
+            // (min, scale) to f32 by F16C (a software conversion per value cost more than the
+            // expansion itself).
+            let pair = u32::from(mp[0].to_bits()) | (u32::from(mp[1].to_bits()) << 16);
+            #[expect(clippy::cast_possible_wrap, reason = "the pair's bits, as they are")]
+            let ms = _mm_cvtph_ps(_mm_cvtsi32_si128(pair as i32));
+            let (m, s) = (_mm256_broadcastss_ps(ms), _mm256_broadcastss_ps(_mm_movehdup_ps(ms)));
+            for e in (g * group..((g + 1) * group).min(hd)).step_by(8) {
+                let word = u32::from_le_bytes([c[e / 2], c[e / 2 + 1], c[e / 2 + 2], c[e / 2 + 3]]);
+                #[expect(clippy::cast_possible_wrap, reason = "the word's bits, as they are")]
+                let q = _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts),
+                    mask,
+                );
+                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, m);
+                // SAFETY: e + 8 ≤ hd values of this position's output.
+                #[expect(clippy::cast_ptr_alignment, reason = "an unaligned store")]
+                unsafe {
+                    _mm_storeu_si128(
+                        o.as_mut_ptr().add(e).cast::<__m128i>(),
+                        _mm256_cvtps_ph::<0>(v),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// [`expand`] compiled for AVX2 and FMA, so that the loops above become vector code (4-bit codes
+/// in groups of a multiple of 8 take [`expand4_avx2`]).
+///
+/// # Safety
+/// The processor has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn expand_avx2(
+    codes: &[u8],
+    params: &[f16],
+    hd: usize,
+    p: Packing,
+    out: &mut [f16],
+    tmp: &mut [f32],
+) {
+    if p.bits == 4 && hd.is_multiple_of(8) && p.group.is_multiple_of(8) {
+        // SAFETY: as this function's caller promises; hd and group checked above.
+        unsafe { expand4_avx2(codes, params, hd, p.group, out) };
+    } else {
+        expand(codes, params, hd, p, out, tmp);
+    }
+}
+
+/// Decode attention of `d.rows` packed cache rows (the CPU attention of a compressed cache): each
+/// row's new key and value (`k_new`, `v_new`, `[rows, hd]`) are quantized into position `d.past`
+/// of its packed home, and its query heads (`q`, `[rows · rep, hd]`) attend positions
+/// `start..past` expanded to fp16 as the GPU expands them and the new position as computed (as
+/// the GPU attends a packed cache: the past expanded, the new position exact), into `out`. Only
+/// the packed bytes are read from memory; each thread expands a row into a buffer that stays in
+/// its core's cache and runs [`decode`]'s arithmetic over it.
+#[expect(clippy::too_many_arguments, reason = "the buffers of one step")]
+pub fn decode_packed(
+    q: &[f16],
+    k_new: &[f16],
+    v_new: &[f16],
+    k: PackedRows<'_>,
+    v: PackedRows<'_>,
+    out: &mut [f16],
+    starts: &[i32],
+    d: Dims,
+    p: Packing,
+) {
+    decode_packed_with(simd_available(), q, (k_new, v_new), [k, v], out, starts, d, p);
+}
+
+/// `decode_packed`, on the AVX2 path only if `simd` (which must then be `simd_available()`).
+#[expect(clippy::too_many_arguments, reason = "the buffers of one step")]
+fn decode_packed_with(
+    simd: bool,
+    q: &[f16],
+    (k_new, v_new): (&[f16], &[f16]),
+    [k, v]: [PackedRows<'_>; 2],
+    out: &mut [f16],
+    starts: &[i32],
+    d: Dims,
+    p: Packing,
+) {
+    let (hd, cap, rep) = (d.hd, d.cap, d.rep.max(1));
+    let qw = rep * hd;
+    let (code_b, par) = p.per_position(hd);
+    assert!(matches!(p.bits, 4 | 8) && p.group >= 2 && p.group.is_multiple_of(2));
+    assert!(
+        q.len() >= d.rows * qw
+            && out.len() >= d.rows * qw
+            && k_new.len() >= d.rows * hd
+            && v_new.len() >= d.rows * hd
+            && k.codes.len() >= d.rows * cap * code_b
+            && v.codes.len() >= d.rows * cap * code_b
+            && k.params.len() >= d.rows * cap * par
+            && v.params.len() >= d.rows * cap * par
+    );
+    assert!(d.past < cap, "the new position fits the cache");
+    let per = d.rows.div_ceil(rayon::current_num_threads()).max(1);
+    let (rc, rp) = (cap * code_b, cap * par); // bytes and params of one row
+    out[..d.rows * qw]
+        .par_chunks_mut(per * qw)
+        .zip(k.codes.par_chunks_mut(per * rc).zip(k.params.par_chunks_mut(per * rp)))
+        .zip(v.codes.par_chunks_mut(per * rc).zip(v.params.par_chunks_mut(per * rp)))
+        .enumerate()
+        .for_each(|(c, ((o, (kc, kp)), (vc, vp)))| {
+            let mut scratch = Scratch::default();
+            let (mut kx, mut vx) = (Vec::new(), Vec::new());
+            let mut tmp = vec![0f32; code_b * 8 / usize::from(p.bits)];
+            let mut line = vec![0f32; hd];
+            for i in 0..o.len() / qw {
+                let r = c * per + i;
+                let seq = (d.row0 + r) / d.nkv;
+                let lo = usize::try_from(starts[seq]).unwrap_or(0).min(d.past);
+                let n = d.past + 1 - lo;
+                let rows = r * hd..(r + 1) * hd;
+                for ((codes, params), (new, x)) in [(&mut *kc, &mut *kp), (&mut *vc, &mut *vp)]
+                    .into_iter()
+                    .zip([(k_new, &mut kx), (v_new, &mut vx)])
+                {
+                    let (codes, params) =
+                        (&mut codes[i * rc..(i + 1) * rc], &mut params[i * rp..(i + 1) * rp]);
+                    x.resize(n * hd, f16::ZERO);
+                    let (cs, ps) =
+                        (&codes[lo * code_b..d.past * code_b], &params[lo * par..d.past * par]);
+                    #[cfg(target_arch = "x86_64")]
+                    if simd {
+                        // SAFETY: `simd` is true only where `simd_available()` said so.
+                        unsafe { expand_avx2(cs, ps, hd, p, &mut x[..(n - 1) * hd], &mut tmp) };
+                    } else {
+                        expand(cs, ps, hd, p, &mut x[..(n - 1) * hd], &mut tmp);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    expand(cs, ps, hd, p, &mut x[..(n - 1) * hd], &mut tmp);
+                    x[(n - 1) * hd..].copy_from_slice(&new[rows.clone()]);
+                    new[rows.clone()].convert_to_f32_slice(&mut line);
+                    quantize_line(
+                        &line,
+                        p.spec(),
+                        &mut codes[d.past * code_b..(d.past + 1) * code_b],
+                        &mut params[d.past * par..(d.past + 1) * par],
+                    );
+                }
+                row(
+                    simd,
+                    &q[r * qw..(r + 1) * qw],
+                    &kx,
+                    &vx,
+                    &mut o[i * qw..(i + 1) * qw],
+                    hd,
+                    &mut scratch,
+                );
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +662,115 @@ mod tests {
                 check(40, 33, 64, rep, simd);
             }
             check(70, 61, 40, 8, simd);
+        }
+    }
+
+    /// The packed cache's attention equals the fp16 one over the same cache expanded (the past as
+    /// the GPU expands it: `min + code · scale` rounded to fp16; the new position exact), the new
+    /// position is quantized into its home as `quantize_line` does, and nothing else changes.
+    #[test]
+    fn packed_rows_attend_as_their_expansion_and_store_the_new_position() {
+        let paths: &[bool] = if simd_available() { &[false, true] } else { &[false] };
+        for &simd in paths {
+            // 4 and 8 bits; a group that splits the head dimension in two, one with padding (hd
+            // 40 in groups of 32), grouped-query heads.
+            for (cap, past, hd, rep, group, bits) in [
+                (12, 9, 64, 1, 32, 4),
+                (70, 69, 128, 1, 64, 4),
+                (40, 33, 40, 3, 32, 4),
+                (30, 20, 64, 2, 64, 8),
+                (5, 0, 64, 1, 64, 4),
+            ] {
+                check_packed(cap, past, hd, rep, Packing { group, bits }, simd);
+            }
+        }
+    }
+
+    fn check_packed(cap: usize, past: usize, hd: usize, rep: usize, p: Packing, simd: bool) {
+        let (rows, nkv, row0) = (5, 2, 1);
+        let mut z = 777u64;
+        let mut rnd = |n: usize| -> Vec<f16> {
+            (0..n)
+                .map(|_| {
+                    z = z.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    #[expect(clippy::cast_precision_loss, reason = "test data")]
+                    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+                    f16::from_f32(u - 0.5)
+                })
+                .collect()
+        };
+        let (q, kn, vn) = (rnd(rows * rep * hd), rnd(rows * hd), rnd(rows * hd));
+        let (code_b, par) = p.per_position(hd);
+        // Homes filled by quantizing random positions, as the GPU's prefill does.
+        let pack = |x: &[f16]| {
+            let (mut c, mut pr) =
+                (vec![0u8; rows * cap * code_b], vec![f16::ZERO; rows * cap * par]);
+            for (slot, v) in x.chunks_exact(hd).enumerate() {
+                let f: Vec<f32> = v.iter().map(|h| h.to_f32()).collect();
+                quantize_line(
+                    &f,
+                    p.spec(),
+                    &mut c[slot * code_b..][..code_b],
+                    &mut pr[slot * par..][..par],
+                );
+            }
+            (c, pr)
+        };
+        let ((mut kc, mut kp), (mut vc, mut vp)) =
+            (pack(&rnd(rows * cap * hd)), pack(&rnd(rows * cap * hd)));
+        let (kc0, kp0, vc0, vp0) = (kc.clone(), kp.clone(), vc.clone(), vp.clone());
+        let starts = [0, 3, 5, 1];
+        let d = Dims { rows, hd, cap, past, nkv, rep, row0 };
+        let mut out = vec![f16::ZERO; rows * rep * hd];
+        decode_packed_with(
+            simd,
+            &q,
+            (&kn, &vn),
+            [
+                PackedRows { codes: &mut kc, params: &mut kp },
+                PackedRows { codes: &mut vc, params: &mut vp },
+            ],
+            &mut out,
+            &starts,
+            d,
+            p,
+        );
+        // The expansion by the reference formula, element by element.
+        let expand_ref = |c: &[u8], pr: &[f16]| -> Vec<f16> {
+            let mut x = vec![f16::ZERO; rows * cap * hd];
+            for slot in 0..rows * cap {
+                for e in 0..hd {
+                    let (g, k) = (e / p.group, e % p.group);
+                    let at = slot * code_b * 8 / usize::from(p.bits) + g * p.group + k;
+                    let code = if p.bits == 4 { (c[at / 2] >> (4 * (at % 2))) & 15 } else { c[at] };
+                    let (m, s) =
+                        (pr[slot * par + 2 * g].to_f32(), pr[slot * par + 2 * g + 1].to_f32());
+                    x[slot * hd + e] = f16::from_f32(f32::from(code).mul_add(s, m));
+                }
+            }
+            x
+        };
+        let (mut ke, mut ve) = (expand_ref(&kc0, &kp0), expand_ref(&vc0, &vp0));
+        let mut want = vec![f16::ZERO; rows * rep * hd];
+        decode_with(simd, &q, &kn, &vn, &mut ke, &mut ve, &mut want, &starts, d);
+        assert_eq!(out, want, "simd {simd}, hd {hd}, {p:?}: the expansion's attention");
+        // The new position stored as quantize_line stores it; every other position untouched.
+        for r in 0..rows {
+            for (new, (c, pr), (c0, pr0)) in
+                [(&kn, (&kc, &kp), (&kc0, &kp0)), (&vn, (&vc, &vp), (&vc0, &vp0))]
+            {
+                let f: Vec<f32> = new[r * hd..(r + 1) * hd].iter().map(|h| h.to_f32()).collect();
+                let (mut wc, mut wp) = (vec![0u8; code_b], vec![f16::ZERO; par]);
+                quantize_line(&f, p.spec(), &mut wc, &mut wp);
+                let slot = r * cap + past;
+                assert_eq!(&c[slot * code_b..][..code_b], &wc[..]);
+                assert_eq!(&pr[slot * par..][..par], &wp[..]);
+                for other in (0..cap).filter(|&x| x != past) {
+                    let s = r * cap + other;
+                    assert_eq!(&c[s * code_b..][..code_b], &c0[s * code_b..][..code_b]);
+                    assert_eq!(&pr[s * par..][..par], &pr0[s * par..][..par]);
+                }
+            }
         }
     }
 

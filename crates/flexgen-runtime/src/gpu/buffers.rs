@@ -149,8 +149,9 @@ impl CudaStage<'_> {
         } else {
             Vec::new()
         };
-        let ncap = if self.cpu_attention { t } else { cap };
-        // The working area: the CPU rows' new positions or cache, or every row when compressed.
+        // The working area: the CPU rows' new positions or cache, or every row when compressed
+        // (where CPU attention's new positions use the CPU rows' part of it).
+        let ncap = if self.cpu_attention && self.cache_quant.is_none() { t } else { cap };
         let work_rows = if self.cache_quant.is_some() { b * nkv } else { cpu_rows };
         let x_count = if self.act_on_gpu { k } else { Prefetch::slots(self.prefetch.act) };
         // Packed, the copy stream stages packed rows (above), not this fp16 working area.

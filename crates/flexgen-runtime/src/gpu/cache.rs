@@ -3,6 +3,7 @@
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
+use flexgen_tensor::host_attention::{Dims, PackedRows, Packing, decode_packed};
 
 impl CudaStage<'_> {
     /// Blocks until the compute stream is idle, counting the wait in `host_times`.
@@ -16,11 +17,16 @@ impl CudaStage<'_> {
     }
 
     /// Decode attention of the CPU rows on the CPU, first half: q and the new k/v of those rows
-    /// go to pinned staging `p` (of two) on the compute stream, and `cpu_in[p]` is recorded after
-    /// them. [`CudaStage::cpu_attention_finish`] does the rest; GPU work queued in between (the
-    /// next GPU batch's visit) runs while the cores compute. Only `(2·rep + 2) · rows · hd`
-    /// values cross PCIe.
-    pub(super) fn cpu_attention_issue(&self, buf: &RunBuffers, p: usize) -> Result<()> {
+    /// (`[cpu_rows, hd]` each at `new`) go to pinned staging `p` (of two) on the compute stream,
+    /// and `cpu_in[p]` is recorded after them. [`CudaStage::cpu_attention_finish`] does the rest;
+    /// GPU work queued in between (the next GPU batch's visit) runs while the cores compute. Only
+    /// `(2·rep + 2) · rows · hd` values cross PCIe.
+    pub(super) fn cpu_attention_issue(
+        &self,
+        buf: &RunBuffers,
+        p: usize,
+        new: (u64, u64),
+    ) -> Result<()> {
         let (_, nh, nkv, hd) = self.dims();
         let gr = self.gpu_rows;
         let b = self.policy.gpu_batch_size as usize;
@@ -30,11 +36,9 @@ impl CudaStage<'_> {
         let rep = nh / nkv;
         let n = cpu_rows * hd;
         let [qh, kh, vh] = [0, 1, 2].map(|i| buf.cpu_att[4 * p + i].ptr());
-        for (src, dst, len) in [
-            (at(addr(&buf.q), gr * rep * hd), qh, rep * n),
-            (addr(&buf.work[0].0), kh, n),
-            (addr(&buf.work[0].1), vh, n),
-        ] {
+        for (src, dst, len) in
+            [(at(addr(&buf.q), gr * rep * hd), qh, rep * n), (new.0, kh, n), (new.1, vh, n)]
+        {
             // SAFETY: len contiguous values into pinned staging of len, which the cores read
             // only after `cpu_in[p]` and which is not written again before they are done (the
             // next issue into `p` comes after this one's finish).
@@ -53,11 +57,13 @@ impl CudaStage<'_> {
 
     /// Decode attention of the CPU rows on the CPU, second half: once staging `p` has landed,
     /// the new position is appended to the CPU cache, every core computes the rows' attention
-    /// over the cache in place (fp16 values, fp32 arithmetic), and the output goes to the query
-    /// rows of `att` on the compute stream.
+    /// over the cache in place (fp16 values, fp32 arithmetic; a packed cache, (layer, batch)
+    /// `jk`'s, is expanded row by row on the cores), and the output goes to the query rows of
+    /// `att` on the compute stream.
     pub(super) fn cpu_attention_finish(
         &self,
         buf: &RunBuffers,
+        (j, kb): (usize, usize),
         homes: &[(usize, usize, &HostMem, &HostMem)],
         starts: &[i32],
         past: usize,
@@ -77,6 +83,31 @@ impl CudaStage<'_> {
         let mut h = self.host_times.get();
         h.gpu_wait_s += (t - waited).as_secs_f64();
         self.host_times.set(h);
+        if let Some((bits, group)) = self.cache_quant {
+            let (codes, params) = CacheQuant { rows: cpu_rows, cap, hd, group, bits }.sizes();
+            let [ck, cv, pk, pv] = &buf.kvq_cpu[j][kb];
+            // SAFETY: as below; the packed homes of this (layer, batch)'s CPU rows, `codes`
+            // bytes (held as fp16 pairs) and `params` values each, which nothing else touches
+            // until the next visit of this (layer, batch).
+            let (q, k_new, v_new, out, k, v) = unsafe {
+                (
+                    std::slice::from_raw_parts(qh.cast_const(), rep * n),
+                    std::slice::from_raw_parts(kh.cast_const(), n),
+                    std::slice::from_raw_parts(vh.cast_const(), n),
+                    std::slice::from_raw_parts_mut(oh, rep * n),
+                    PackedRows {
+                        codes: std::slice::from_raw_parts_mut(ck.ptr().cast::<u8>(), codes),
+                        params: std::slice::from_raw_parts_mut(pk.ptr(), params),
+                    },
+                    PackedRows {
+                        codes: std::slice::from_raw_parts_mut(cv.ptr().cast::<u8>(), codes),
+                        params: std::slice::from_raw_parts_mut(pv.ptr(), params),
+                    },
+                )
+            };
+            let d = Dims { rows: cpu_rows, hd, cap, past, nkv, rep, row0: gr };
+            decode_packed(q, k_new, v_new, k, v, out, starts, d, Packing { group, bits });
+        }
         for &(off, rows, hk, hv) in homes {
             let r = off * hd..(off + rows) * hd;
             let rq = rep * r.start..rep * r.end;
@@ -94,15 +125,7 @@ impl CudaStage<'_> {
                     std::slice::from_raw_parts_mut(hv.ptr(), rows * cap * hd),
                 )
             };
-            let d = flexgen_tensor::host_attention::Dims {
-                rows,
-                hd,
-                cap,
-                past,
-                nkv,
-                rep,
-                row0: gr + off,
-            };
+            let d = Dims { rows, hd, cap, past, nkv, rep, row0: gr + off };
             flexgen_tensor::host_attention::decode(q, k_new, v_new, kcache, vcache, out, starts, d);
         }
         let mut h = self.host_times.get();

@@ -86,7 +86,11 @@ impl CudaStage<'_> {
         if let Some((bits, group)) = self.cache_quant {
             // Every row packed (GPU rows in GPU memory, CPU rows in pinned memory): the past
             // positions are expanded into the working area, the new ones written there, attention
-            // reads it, then the new positions are packed back to each row's home.
+            // reads it, then the new positions are packed back to each row's home. With CPU
+            // attention a decode visit leaves the CPU rows packed where they are: their new
+            // positions go to the working area's CPU part (`[cpu_rows, 1, hd]`) and on to the
+            // cores, which pack them into their homes and attend there.
+            let cores = self.cpu_attention && t == 1 && cpu_rows > 0;
             let qg = CacheQuant { rows: gr_all, cap, hd, group, bits };
             let qc = CacheQuant { rows: cpu_rows, ..qg };
             let ([ck, cv], [pk, pv]) = &buf.kvq[j][kb];
@@ -95,7 +99,8 @@ impl CudaStage<'_> {
             unsafe { g.dequant_cache(addr(ck), addr(pk), kn, qg, (0, past)) }.map_err(cuda)?;
             // SAFETY: this executor's weights and buffers, sized for these shapes.
             unsafe { g.dequant_cache(addr(cv), addr(pv), vn, qg, (0, past)) }.map_err(cuda)?;
-            let packed_stage = buf.kvq_stage.get(slot % buf.kvq_stage.len().max(1));
+            let packed_stage =
+                buf.kvq_stage.get(slot % buf.kvq_stage.len().max(1)).filter(|_| !cores);
             if let Some(ps @ ([sck, scv], [spk, spv])) = packed_stage {
                 let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
                 if past > 0 {
@@ -110,11 +115,21 @@ impl CudaStage<'_> {
                         .map_err(cuda)?;
                 }
             }
-            let new = NewKv { gpu_rows: 0, k: kn, v: vn, cap, past };
+            let new = if cores {
+                NewKv { gpu_rows: gr_all, k: kn_c, v: vn_c, cap: 1, past: 0 }
+            } else {
+                NewKv { gpu_rows: 0, k: kn, v: vn, cap, past }
+            };
             // SAFETY: this executor's weights and buffers, sized for these shapes.
             unsafe { g.qkv_split(qkv, (epilogue.bias, epilogue.rope), q, kn, vn, new, d, scale) }
                 .map_err(cuda)?;
-            if t > 1 {
+            if cores {
+                if gr_all > 0 {
+                    // SAFETY: this executor's weights and buffers, sized for these shapes.
+                    unsafe { g.attention_decode(q, kn, vn, cap, start, att, d, 0..gr_all) }
+                        .map_err(cuda)?;
+                }
+            } else if t > 1 {
                 let (sc, cx) = (addr(&buf.scores), addr(&buf.ctx));
                 // SAFETY: this executor's weights and buffers, sized for these shapes.
                 unsafe { g.attention_prefill(q, kn, vn, cap, start, sc, cx, d, 0..all_rows) }
@@ -161,6 +176,15 @@ impl CudaStage<'_> {
                     }
                     .map_err(cuda)?;
                 }
+            }
+            if cores {
+                self.cpu_attention_issue(buf, kb % 2, (kn_c, vn_c))?;
+                let rest = Deferred { j, kb, w, x, rows, past, slot };
+                if defer {
+                    return Ok(Some(rest));
+                }
+                self.finish_visit(buf, &rest, starts, Some(&[]))?;
+                return Ok(None);
             }
             // SAFETY: as `attention_in` above.
             unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, &w, &visit) }?;
@@ -218,7 +242,7 @@ impl CudaStage<'_> {
         }
         if cpu_rows > 0 {
             if self.cpu_attention && t == 1 {
-                self.cpu_attention_issue(buf, kb % 2)?;
+                self.cpu_attention_issue(buf, kb % 2, (kn, vn))?;
                 let rest = Deferred { j, kb, w, x, rows, past, slot };
                 if defer {
                     return Ok(Some(rest));
@@ -268,14 +292,16 @@ impl CudaStage<'_> {
         homes: Option<&[(usize, usize, &HostMem, &HostMem)]>,
     ) -> Result<()> {
         let found;
-        let homes = if let Some(h) = homes {
+        let homes: &[(usize, usize, &HostMem, &HostMem)] = if let Some(h) = homes {
             h
+        } else if self.cache_quant.is_some() {
+            &[] // packed rows: `cpu_attention_finish` takes (layer, batch)'s homes itself
         } else {
             found = self.homes(buf, d.j, d.kb, d.past)?;
             &found
         };
         let att = buf.att_of(d.kb, 1);
-        self.cpu_attention_finish(buf, homes, starts, d.past, (d.kb % 2, att))?;
+        self.cpu_attention_finish(buf, (d.j, d.kb), homes, starts, d.past, (d.kb % 2, att))?;
         self.flush_disk(buf, d.j, d.kb, d.past, 1)?;
         let visit = fused::Visit { att, ..buf.visit(d.x, d.rows, d.kb, None) };
         let h = self.dims().0;

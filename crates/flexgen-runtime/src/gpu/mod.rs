@@ -222,9 +222,10 @@ fn drv(e: cudarc::driver::DriverError) -> Error {
 }
 
 /// Whether the off-GPU cache rows (of `rows` per (layer, batch), `gpu_rows` on the GPU) attend on
-/// the CPU. A compressed cache is attended on the GPU (as the original's compressed path is).
+/// the CPU in decode steps: fp16 rows in place, packed rows expanded on the cores
+/// (`host_attention::decode_packed`), so that only the new position crosses PCIe.
 fn cpu_attention(policy: &Policy, gpu_rows: usize, rows: usize) -> bool {
-    policy.cpu_cache_compute && gpu_rows < rows && !policy.compress_cache.enabled
+    policy.cpu_cache_compute && gpu_rows < rows
 }
 
 impl<'m> CudaStage<'m> {
@@ -483,8 +484,8 @@ impl<'m> CudaStage<'m> {
         let off = self.policy.gpu_batch_size as usize * nkv - self.gpu_rows;
         let times = self.range.len() as u64 * u64::from(self.policy.num_gpu_batches);
         let pcie = match self.cache_quant {
+            _ if self.cpu_attention => (4 * off * hd * 2) as u64,
             Some(_) => 2 * memory::packed_cache_bytes(&self.policy, off, self.cap(), hd),
-            None if self.cpu_attention => (4 * off * hd * 2) as u64,
             None => (2 * off * (past + 1) * hd * 2) as u64,
         };
         let disk = if self.cpu_attention || self.cache_quant.is_none() {
