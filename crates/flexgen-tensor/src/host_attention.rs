@@ -688,17 +688,7 @@ mod tests {
 
     fn check_packed(cap: usize, past: usize, hd: usize, rep: usize, p: Packing, simd: bool) {
         let (rows, nkv, row0) = (5, 2, 1);
-        let mut z = 777u64;
-        let mut rnd = |n: usize| -> Vec<f16> {
-            (0..n)
-                .map(|_| {
-                    z = z.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                    #[expect(clippy::cast_precision_loss, reason = "test data")]
-                    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
-                    f16::from_f32(u - 0.5)
-                })
-                .collect()
-        };
+        let mut rnd = values(777);
         let (q, kn, vn) = (rnd(rows * rep * hd), rnd(rows * hd), rnd(rows * hd));
         let (code_b, par) = p.per_position(hd);
         // Homes filled by quantizing random positions, as the GPU's prefill does.
@@ -774,10 +764,10 @@ mod tests {
         }
     }
 
-    fn check(cap: usize, past: usize, hd: usize, rep: usize, simd: bool) {
-        let (rows, nkv, row0) = (7, 3, 2);
-        let mut z = 12345u64;
-        let mut rnd = |n: usize| -> Vec<f16> {
+    /// Pseudo-random fp16 values in [−0.5, 0.5), `n` per call, from `seed`.
+    fn values(seed: u64) -> impl FnMut(usize) -> Vec<f16> {
+        let mut z = seed;
+        move |n| {
             (0..n)
                 .map(|_| {
                     z = z.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -786,7 +776,12 @@ mod tests {
                     f16::from_f32(u - 0.5)
                 })
                 .collect()
-        };
+        }
+    }
+
+    fn check(cap: usize, past: usize, hd: usize, rep: usize, simd: bool) {
+        let (rows, nkv, row0) = (7, 3, 2);
+        let mut rnd = values(12345);
         let (q, kn, vn) = (rnd(rows * rep * hd), rnd(rows * hd), rnd(rows * hd));
         let (mut kc, mut vc) = (rnd(rows * cap * hd), rnd(rows * cap * hd));
         let (k0, v0) = (kc.clone(), vc.clone());
