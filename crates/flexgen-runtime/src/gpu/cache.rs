@@ -144,9 +144,10 @@ impl CudaStage<'_> {
         )
     }
 
-    /// The homes of (layer `j`, batch `kb`)'s off-GPU cache rows: (first row among the off-GPU
-    /// rows, rows, k, v). CPU rows first, then disk rows, whose `past` positions are read into
-    /// their (row-major) staging first.
+    /// The homes of (layer `j`, batch `kb`)'s off-GPU fp16 cache rows: (first row among the
+    /// off-GPU rows, rows, k, v). CPU rows first, then disk rows, whose `past` positions are read
+    /// into their (row-major) staging first. None for a packed cache: its rows stay in `kvq_cpu`,
+    /// which their users take whole.
     pub(super) fn homes<'b>(
         &self,
         buf: &'b RunBuffers,
@@ -158,7 +159,7 @@ impl CudaStage<'_> {
         let b = self.policy.gpu_batch_size as usize;
         let host_rows = b * self.dims().2 - self.gpu_rows - self.disk_rows;
         let mut out = Vec::with_capacity(2);
-        if host_rows > 0 {
+        if host_rows > 0 && self.cache_quant.is_none() {
             let (k, v) = &buf.kv_cpu[j][kb];
             out.push((0, host_rows, k, v));
         }

@@ -68,12 +68,8 @@ impl CudaStage<'_> {
         let x = self.hidden_in(buf, kb, rows * h, slot, staged.act)?;
         let visit = fused::Visit { att, ..buf.visit(x, rows, kb, self.inv_freq.as_ref()) };
         let row_bytes = cap * hd * 2;
-        // The off-GPU rows' homes (CPU rows, then disk rows read into their staging).
-        let homes = if cpu_rows > 0 && self.cache_quant.is_none() {
-            self.homes(buf, j, kb, past)?
-        } else {
-            Vec::new()
-        };
+        // The off-GPU fp16 rows' homes (CPU rows, then disk rows read into their staging).
+        let homes = if cpu_rows > 0 { self.homes(buf, j, kb, past)? } else { Vec::new() };
         // Without CPU attention the off-GPU rows attend on the GPU: bring their past positions in
         // (unless the copy stream did).
         if !self.cpu_attention && past > 0 && !staged.cache {
@@ -178,13 +174,8 @@ impl CudaStage<'_> {
                 }
             }
             if cores {
-                self.cpu_attention_issue(buf, kb % 2, (kn_c, vn_c))?;
                 let rest = Deferred { j, kb, w, x, rows, past, slot };
-                if defer {
-                    return Ok(Some(rest));
-                }
-                self.finish_visit(buf, &rest, starts, Some(&[]))?;
-                return Ok(None);
+                return self.attend_on_cores(buf, (kn_c, vn_c), rest, defer, starts, &homes);
             }
             // SAFETY: as `attention_in` above.
             unsafe { fused::attention_out_and_mlp(g, &self.model.spec, l, &w, &visit) }?;
@@ -242,13 +233,8 @@ impl CudaStage<'_> {
         }
         if cpu_rows > 0 {
             if self.cpu_attention && t == 1 {
-                self.cpu_attention_issue(buf, kb % 2, (kn, vn))?;
                 let rest = Deferred { j, kb, w, x, rows, past, slot };
-                if defer {
-                    return Ok(Some(rest));
-                }
-                self.finish_visit(buf, &rest, starts, Some(&homes))?;
-                return Ok(None);
+                return self.attend_on_cores(buf, (kn, vn), rest, defer, starts, &homes);
             }
             // Store the new positions of the off-GPU rows into their homes.
             for &(off, n, hk, hv) in &homes {
@@ -281,6 +267,26 @@ impl CudaStage<'_> {
         Ok(None)
     }
 
+    /// A decode visit whose CPU rows attend on the cores, from where its GPU work stops: their
+    /// query and new k/v (at `new`, `[cpu_rows, hd]` each) are queued to the host, then the visit
+    /// is finished now, or returned to be finished once the next visit is queued (`defer`).
+    fn attend_on_cores(
+        &self,
+        buf: &RunBuffers,
+        new: (u64, u64),
+        rest: Deferred,
+        defer: bool,
+        starts: &[i32],
+        homes: &[(usize, usize, &HostMem, &HostMem)],
+    ) -> Result<Option<Deferred>> {
+        self.cpu_attention_issue(buf, rest.kb % 2, new)?;
+        if defer {
+            return Ok(Some(rest));
+        }
+        self.finish_visit(buf, &rest, starts, Some(homes))?;
+        Ok(None)
+    }
+
     /// The rest of visit `d`: its CPU rows' attention on the cores (their inputs' copies were
     /// queued), the output projection and MLP. `homes` are the rows' homes where the caller has
     /// them; a deferred visit (no disk rows) looks them up again.
@@ -292,10 +298,8 @@ impl CudaStage<'_> {
         homes: Option<&[(usize, usize, &HostMem, &HostMem)]>,
     ) -> Result<()> {
         let found;
-        let homes: &[(usize, usize, &HostMem, &HostMem)] = if let Some(h) = homes {
+        let homes = if let Some(h) = homes {
             h
-        } else if self.cache_quant.is_some() {
-            &[] // packed rows: `cpu_attention_finish` takes (layer, batch)'s homes itself
         } else {
             found = self.homes(buf, d.j, d.kb, d.past)?;
             &found
