@@ -51,8 +51,9 @@ head) rows between GPU, CPU and disk, with CPU attention under --cpu-cache-compu
 the GPU or the CPU. The report gives the memory held per tier, the bytes moved, and each decode
 step against the PCIe (and disk) roofline measured in the same process. Compressed weights travel
 packed and are dequantized on the GPU per layer; a compressed cache is packed on the GPU and CPU
-(not on disk) and attended on the GPU; KV-cache rows on disk are read ahead per layer and batch
-with direct I/O and only their new positions are written.";
+(not on disk) and attended on the GPU, or its CPU rows on the cores under --cpu-cache-compute;
+KV-cache rows on disk are read ahead per layer and batch with direct I/O and only their new
+positions are written.";
 
 const EXAMPLES: &str = "\
 Examples:
