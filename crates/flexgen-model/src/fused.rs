@@ -108,6 +108,24 @@ pub unsafe fn norm(
     rows: usize,
     h: usize,
 ) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { bias_norm(g, spec, (w, b), (x, None), y, rows, h) }
+}
+
+/// [`norm`] of `x + pre_bias` where a bias is given (`x` keeps the sum): a sublayer's output
+/// bias and the next norm in one kernel.
+///
+/// # Safety
+/// As [`norm`]; `pre_bias` names `h` values.
+unsafe fn bias_norm(
+    g: &Gpu,
+    spec: &ModelSpec,
+    (w, b): (u64, u64),
+    (x, pre_bias): (u64, Option<u64>),
+    y: u64,
+    rows: usize,
+    h: usize,
+) -> Result<()> {
     let (eps, bias) = match spec.norm {
         NormKind::LayerNorm { eps } => (eps, Some(b)),
         NormKind::RmsNorm { eps } => (eps, None),
@@ -115,7 +133,7 @@ pub unsafe fn norm(
     #[expect(clippy::cast_possible_truncation, reason = "an epsilon")]
     let eps = eps as f32;
     // SAFETY: the caller's contract.
-    unsafe { g.norm_raw(x, w, bias, y, rows, h, eps) }?;
+    unsafe { g.norm_raw(x, pre_bias, w, bias, y, rows, h, eps) }?;
     Ok(())
 }
 
@@ -240,13 +258,14 @@ pub unsafe fn attention_out_and_mlp(
     // SAFETY (every call below): the caller's contract.
     unsafe {
         product(g, w, OUT, &Gemm::linear(rows, h, h, v.att, wq(&l.o_w), v.x, true))?;
-        bias_act(g, w.arena, rows, (v.x, &l.o_b, h), false)?;
+        // The output projection's bias goes into the residual stream in the norm's kernel.
+        let o_b = (!l.o_b.is_empty()).then(|| wq(&l.o_b));
         if spec.pre_norm {
-            norm(g, spec, mlp_norm, v.x, v.hn, rows, h)?;
+            bias_norm(g, spec, mlp_norm, (v.x, o_b), v.hn, rows, h)?;
         } else {
             // Post-norm: the residual stream itself is normed (in place: the kernel reads a
             // row's values before its own thread writes them), and the MLP reads it.
-            norm(g, spec, attn_norm, v.x, v.x, rows, h)?;
+            bias_norm(g, spec, attn_norm, (v.x, o_b), v.x, rows, h)?;
         }
     }
     let v = &Visit { hn: if spec.pre_norm { v.hn } else { v.x }, ..*v };

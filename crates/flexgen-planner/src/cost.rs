@@ -114,12 +114,11 @@ pub fn compression_ratio(c: &Compression) -> f64 {
 /// 0.10–0.22 ms per visit.
 pub const VISIT_S: f64 = 0.15e-3;
 
-/// CPU attention's rate over a 4-bit packed cache as a fraction of its rate over fp16
-/// (`host_attention::decode_packed` against `decode`, `examples/host_attention_bench` with BITS 4
-/// and 0 on the 2-core development VM, 2026-12-02: 0.31 at one query head per row (0.46 in the
-/// best run), 0.57 at eight; docs/benchmarks.md). The runtime attends a packed cache on the cores
-/// with `cpu_cache_compute`; the search does not choose that yet (see `plan`).
-pub const PACKED_CPU_ATTENTION: f64 = 0.31;
+/// CPU attention's rate over a 4-bit packed cache as a fraction of the profiled (fp16) rate
+/// (H200 host, 16 cores, session 14: `host_attention_bench 1024 512 1 15 4` ran at 69.2 GFLOP/s
+/// against the profile's 80.8; in OPT-30B runs with the packed cache attended on the cores, the
+/// compute-bound decode step implied 66 GFLOP/s; docs/benchmarks.md).
+pub const PACKED_CPU_ATTENTION: f64 = 0.85;
 
 /// Host memory the process needs beyond the tensors (allocator, tokenizer, buffers).
 pub const CPU_OVERHEAD_BYTES: f64 = 1.0 * (1u64 << 30) as f64;

@@ -209,11 +209,7 @@ pub fn plan(
     let mut switches = Vec::new();
     for &cw in &flags(opts.compress_weight) {
         for &cc in &flags(opts.compress_cache) {
-            // CPU attention over a compressed cache (the cores expand the packed rows) runs in
-            // the CUDA executor but has not been measured on the GPU machine yet: the search
-            // leaves it to `--percent … --cpu-cache-compute` and to hand-written policies.
-            let attention: &[bool] = if cc { &[false] } else { &[false, true] };
-            for &cpu_attention in attention {
+            for cpu_attention in [false, true] {
                 for act_on_gpu in [true, false] {
                     switches.push((cw, cc, cpu_attention, act_on_gpu));
                 }

@@ -132,6 +132,7 @@ fn main() {
     check_dequant(&gpu, &mut failures);
     check_cache_quant(&gpu, &mut failures);
     check_decode_attention(&gpu, &mut failures);
+    check_bias_norm(&gpu, &mut failures);
     if failures.is_empty() {
         println!("all GPU operations match the CPU within fp16 tolerance");
     } else {
@@ -298,6 +299,55 @@ impl ToVec for Tensor {
 /// Times the kernels a compressed OPT-30B decode step runs per layer (h 7168, 56 heads of 128,
 /// 544 positions, a GPU batch of 32): dequantizing the layer's 12·h² weights, dequantizing the
 /// past of a packed cache, packing one new position, and decode attention.
+/// The norm with a pre-bias (`x += b`, then LayerNorm) against a plain f64 loop over the same fp16
+/// sum, and bit for bit against `bias_act` then the norm, at decode and prefill row counts and a
+/// row too wide for the registers (the kernel's loop).
+fn check_bias_norm(gpu: &Gpu, failures: &mut Vec<String>) {
+    let s = &gpu.stream;
+    for (n, h) in [(5usize, 256usize), (300, 4096), (3, 12288), (2, 20000)] {
+        let v = |seed, len, scale| -> Vec<f16> {
+            let t = rand(&[len], seed, scale);
+            t.to_vec1::<f32>().unwrap().into_iter().map(f16::from_f32).collect()
+        };
+        let (x, pb, w, b) = (v(11, n * h, 2.0), v(12, h, 0.5), v(13, h, 1.0), v(14, h, 0.2));
+        let (dpb, dw, db) =
+            (s.clone_htod(&pb).unwrap(), s.clone_htod(&w).unwrap(), s.clone_htod(&b).unwrap());
+        let (x1, x2) = (s.clone_htod(&x).unwrap(), s.clone_htod(&x).unwrap());
+        let (y1, y2) = (s.alloc_zeros::<f16>(n * h).unwrap(), s.alloc_zeros::<f16>(n * h).unwrap());
+        let (pa, wa, ba) = (addr(&dpb), addr(&dw), addr(&db));
+        // SAFETY: buffers allocated above for these shapes.
+        unsafe {
+            gpu.bias_act_raw(addr(&x1), pa, n, h, false).unwrap();
+            gpu.norm_raw(addr(&x1), None, wa, Some(ba), addr(&y1), n, h, 1e-5).unwrap();
+            gpu.norm_raw(addr(&x2), Some(pa), wa, Some(ba), addr(&y2), n, h, 1e-5).unwrap();
+        }
+        let (x1, x2) = (s.clone_dtoh(&x1).unwrap(), s.clone_dtoh(&x2).unwrap());
+        let (y1, y2) = (s.clone_dtoh(&y1).unwrap(), s.clone_dtoh(&y2).unwrap());
+        let same = x1 == x2 && y1 == y2;
+        let mut err = 0f64;
+        for r in 0..n {
+            let row: Vec<f64> = (0..h)
+                .map(|i| f64::from(f16::from_f32(x[r * h + i].to_f32() + pb[i].to_f32()).to_f32()))
+                .collect();
+            let m = row.iter().sum::<f64>() / h as f64;
+            let var = row.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / h as f64;
+            let inv = 1.0 / (var + 1e-5).sqrt();
+            for i in 0..h {
+                let want = (row[i] - m) * inv * f64::from(w[i].to_f32()) + f64::from(b[i].to_f32());
+                err = err.max((f64::from(y2[r * h + i].to_f32()) - want).abs());
+            }
+        }
+        let ok = same && err < 2e-2;
+        println!(
+            "bias + layer_norm {n}×{h}: same bits as bias_act then norm: {same}, max |gpu − f64| {err:.2e}  {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            failures.push(format!("bias + layer_norm {n}×{h}"));
+        }
+    }
+}
+
 fn time_kernels(gpu: &Gpu) {
     let (h, nh, hd, cap, b) = (7168usize, 56, 128, 544, 32);
     let s = &gpu.stream;
@@ -359,4 +409,45 @@ fn time_kernels(gpu: &Gpu) {
         .unwrap();
     });
     println!("time attention_decode, batch {b}, 544 positions: {ms:.3} ms");
+    time_row_kernels(gpu);
+}
+
+/// Times the per-row kernels of a decode step (a norm, a bias and activation) at decode and
+/// prefill row counts, 100 launches per timed call; the norm with the threads `norm_raw` picks
+/// and with 256.
+fn time_row_kernels(gpu: &Gpu) {
+    let s = &gpu.stream;
+    for (n, h) in [(64usize, 4096usize), (64, 7168), (64, 12288), (2048, 4096)] {
+        let x = s.alloc_zeros::<f16>(n * h * 4).unwrap();
+        let w = s.alloc_zeros::<f16>(h * 4).unwrap();
+        let picked =
+            if n >= 256 { 256 } else { h.div_ceil(8).next_multiple_of(32).clamp(128, 1024) };
+        for threads in [picked, 256] {
+            let ms = gpu.time_ms(5, || {
+                for _ in 0..100 {
+                    // SAFETY: buffers allocated above for these shapes.
+                    unsafe {
+                        gpu.norm_raw_threads(
+                            (addr(&x), None),
+                            addr(&w),
+                            Some(addr(&w)),
+                            addr(&x),
+                            (n, h),
+                            1e-5,
+                            threads,
+                        )
+                    }
+                    .unwrap();
+                }
+            });
+            println!("time layer_norm {n}×{h}, {threads} threads: {:.1} µs", ms * 10.0);
+        }
+        let ms = gpu.time_ms(5, || {
+            for _ in 0..100 {
+                // SAFETY: buffers allocated above for these shapes.
+                unsafe { gpu.bias_act_raw(addr(&x), addr(&w), n, 4 * h, true) }.unwrap();
+            }
+        });
+        println!("time bias_act {n}×{}: {:.1} µs", 4 * h, ms * 10.0);
+    }
 }

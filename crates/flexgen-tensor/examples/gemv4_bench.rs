@@ -1,7 +1,8 @@
-//! The fused 4-bit product (`Gpu::gemv4_dim0`: x × Wᵀ straight from W's packed codes) against
-//! cuBLAS's fp16 GEMM on the same shapes, and against today's path for a packed layer (dequantize
-//! W to fp16 with `dequant_dim0`, then the fp16 GEMM), for decode batches of 1 to 128 rows. First
-//! checks the fused kernel against the dequantize-then-GEMM result. Run on a GPU machine:
+//! The fused 4-bit products (`Gpu::gemv4_dim0`, scalar, and `Gpu::gemm4_tc`, on the tensor cores:
+//! x × Wᵀ straight from W's packed codes) against cuBLAS's fp16 GEMM on the same shapes, and
+//! against today's path for a packed layer (dequantize W to fp16 with `dequant_dim0`, then the
+//! fp16 GEMM), for decode batches of 1 to 128 rows. First checks both kernels against the
+//! dequantize-then-GEMM result. Run on a GPU machine:
 //! `cargo run --release -p flexgen-tensor --example gemv4_bench`. Figures only, no verdict but
 //! the check (exit 1 if it fails).
 
@@ -9,7 +10,7 @@
 #![expect(clippy::cast_precision_loss, reason = "rates")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{Gemm, addr, gemv4_plan};
+use flexgen_tensor::cuda::exec::{Gemm, addr, gemm4_tc_plan, gemv4_plan};
 use flexgen_tensor::quant::{QuantSpec, quantize};
 use half::f16;
 
@@ -37,46 +38,52 @@ fn main() {
     };
     let s = gpu.stream.clone();
     let group = 64;
-    // Check: a 4-bit 3000×1024 weight, 13 rows, fused against dequantize + fp16 GEMM.
-    let (outs, ins, nb) = (3000usize, 1024usize, 13usize);
-    let p =
-        quantize(&values(outs * ins, 1, 0.1), &[outs, ins], QuantSpec { bits: 4, group, dim: 0 });
-    let codes = s.clone_htod(&p.data).unwrap();
-    let params = s.clone_htod(&p.params).unwrap();
-    let x = s.clone_htod(&half(&values(nb * ins, 2, 1.0))).unwrap();
-    let w16 = s.alloc_zeros::<f16>(outs * ins).unwrap();
-    let y16 = s.alloc_zeros::<f16>(nb * outs).unwrap();
-    let y32 = s.alloc_zeros::<f32>(nb * outs).unwrap();
-    // SAFETY: buffers allocated above for these shapes.
-    unsafe {
-        gpu.dequant_dim0(addr(&codes), addr(&params), addr(&w16), outs, ins, group, 4).unwrap();
-        gpu.gemm(&Gemm::linear(nb, outs, ins, addr(&x), addr(&w16), addr(&y16), false)).unwrap();
-        gpu.gemv4_dim0(
-            addr(&codes),
-            addr(&params),
-            (addr(&x), ins),
-            addr(&y32),
-            nb,
-            (outs, ins),
-            group,
-        )
-        .unwrap();
+    // Checks: 4-bit weights, both kernels against dequantize + fp16 GEMM; a row count over one
+    // tile of the tensor-core kernel, inputs that end inside its step and inside an 8-value load.
+    let mut ok = true;
+    for (outs, ins, ldx, nb) in [(3000usize, 1024usize, 1024usize, 13usize), (3000, 1004, 1008, 70)]
+    {
+        let p = quantize(
+            &values(outs * ins, 1, 0.1),
+            &[outs, ins],
+            QuantSpec { bits: 4, group, dim: 0 },
+        );
+        let codes = s.clone_htod(&p.data).unwrap();
+        let params = s.clone_htod(&p.params).unwrap();
+        let x = s.clone_htod(&half(&values(nb * ldx, 2, 1.0))).unwrap();
+        let w16 = s.alloc_zeros::<f16>(outs * ins).unwrap();
+        let y16 = s.alloc_zeros::<f16>(nb * outs).unwrap();
+        let (y32, yt) =
+            (s.alloc_zeros::<f32>(nb * outs).unwrap(), s.alloc_zeros::<f32>(nb * outs).unwrap());
+        let (c, pr, xa) = (addr(&codes), addr(&params), addr(&x));
+        // SAFETY: buffers allocated above for these shapes.
+        let ran = unsafe {
+            gpu.dequant_dim0(c, pr, addr(&w16), outs, ins, group, 4).unwrap();
+            let gm =
+                Gemm { lda: ldx, ..Gemm::linear(nb, outs, ins, xa, addr(&w16), addr(&y16), false) };
+            gpu.gemm(&gm).unwrap();
+            gpu.gemv4_dim0(c, pr, (xa, ldx), addr(&y32), nb, (outs, ins), group).unwrap();
+            gpu.gemm4_tc(c, pr, (xa, ldx), addr(&yt), nb, (outs, ins), group).unwrap()
+        };
+        let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
+        let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (name, y) in [("scalar", &y32), ("tensor-core", &yt)] {
+            let got = s.clone_dtoh(y).unwrap();
+            let max_err = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+            let good = max_err <= 1e-2 * max_ref && (name == "scalar" || ran.is_some());
+            ok &= good;
+            println!(
+                "check {name} {nb}×{ins} · ({outs}×{ins})ᵀ: max |fused − dequantize+GEMM| {max_err:.3e} of max {max_ref:.3e}: {}",
+                if good { "ok" } else { "FAIL" }
+            );
+        }
     }
-    let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
-    let got = s.clone_dtoh(&y32).unwrap();
-    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let max_err = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-    let ok = max_err <= 1e-2 * max_ref;
-    println!(
-        "check {nb}×{ins} · ({outs}×{ins})ᵀ: max |fused − dequantize+GEMM| {max_err:.3e} of max {max_ref:.3e}: {}",
-        if ok { "ok" } else { "FAIL" }
-    );
     // Timing: OPT-175B's fc1 and qkv, OPT-30B's fc1 (random codes: the kernel's time does not
     // depend on them).
     println!(
-        "| weight (outs × ins) | rows | kernel (words/thread, inputs/slice) | fp16 GEMM ms | dequantize + GEMM ms | fused 4-bit ms | fused GB/s | fused / fp16 GEMM | fused / dequantize + GEMM |"
+        "| weight (outs × ins) | rows | kernel (words/thread, inputs/slice) | fp16 GEMM ms | dequantize + GEMM ms | fused 4-bit ms | fused GB/s | fused / fp16 GEMM | fused / dequantize + GEMM | tensor-core 4-bit ms (slices) | its GB/s | its / fp16 GEMM |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, outs, ins) in [
         ("OPT-175B fc1", 49152usize, 12288usize),
         ("OPT-175B qkv", 36864, 12288),
@@ -113,17 +120,26 @@ fn main() {
                 gpu.gemv4_dim0(addr(&codes), addr(&params), (xa, ins), y3, nb, (outs, ins), group)
                     .unwrap();
             });
+            let tc = &gpu.time_ms(7, || unsafe {
+                gpu.gemm4_tc(addr(&codes), addr(&params), (xa, ins), y3, nb, (outs, ins), group)
+                    .unwrap()
+                    .expect("a layout gemm4_tc takes");
+            });
             let bytes =
                 n as f64 / 2.0 + (n / group * 4) as f64 + (nb * (ins * 2 + outs * 4)) as f64;
             let plan = gemv4_plan(nb.min(8), (outs, ins), group, addr(&codes), 132);
+            let tplan = gemm4_tc_plan(nb.min(64), (outs, ins), 132);
             println!(
-                "| {name} ({outs} × {ins}) | {nb} | {} ({}, {}) | {fp16:.3} | {deq:.3} | {fused:.3} | {:.0} | {:.2}× | {:.2}× |",
+                "| {name} ({outs} × {ins}) | {nb} | {} ({}, {}) | {fp16:.3} | {deq:.3} | {fused:.3} | {:.0} | {:.2}× | {:.2}× | {tc:.3} ({}) | {:.0} | {:.2}× |",
                 ["1-row", "2-row", "4-row", "8-row"][plan.kernel],
                 plan.words,
                 plan.per_slice,
                 bytes / fused / 1e6,
                 fp16 / fused,
-                deq / fused
+                deq / fused,
+                tplan.slices,
+                bytes / tc / 1e6,
+                fp16 / tc
             );
         }
     }

@@ -490,13 +490,14 @@ unsafe fn expand4_avx2(codes: &[u8], params: &[f16], hd: usize, group: usize, ou
             #[expect(clippy::cast_possible_wrap, reason = "the pair's bits, as they are")]
             let ms = _mm_cvtph_ps(_mm_cvtsi32_si128(pair as i32));
             let (m, s) = (_mm256_broadcastss_ps(ms), _mm256_broadcastss_ps(_mm_movehdup_ps(ms)));
-            for e in (g * group..((g + 1) * group).min(hd)).step_by(8) {
-                let word = u32::from_le_bytes([c[e / 2], c[e / 2 + 1], c[e / 2 + 2], c[e / 2 + 3]]);
-                #[expect(clippy::cast_possible_wrap, reason = "the word's bits, as they are")]
-                let q = _mm256_and_si256(
-                    _mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts),
-                    mask,
-                );
+            let (lo, hi) = (g * group, ((g + 1) * group).min(hd));
+            assert!(hi / 2 <= c.len() && hi <= o.len());
+            let mut e = lo;
+            while e < hi {
+                // SAFETY: e + 8 ≤ hi, so bytes e/2 .. e/2 + 4 lie in this position's codes
+                // (checked above).
+                let word = unsafe { c.as_ptr().add(e / 2).cast::<i32>().read_unaligned() };
+                let q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), mask);
                 let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, m);
                 // SAFETY: e + 8 ≤ hd values of this position's output.
                 #[expect(clippy::cast_ptr_alignment, reason = "an unaligned store")]
@@ -506,6 +507,7 @@ unsafe fn expand4_avx2(codes: &[u8], params: &[f16], hd: usize, group: usize, ou
                         _mm256_cvtps_ph::<0>(v),
                     );
                 }
+                e += 8;
             }
         }
     }

@@ -6,7 +6,7 @@
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::ops::{grid, rows};
+use super::ops::{MANY_ROWS, grid, row_cols, rows};
 use super::{CudaError, Gpu, dim};
 
 /// The device address of a buffer (the executor manages its lifetime and stream order).
@@ -290,7 +290,9 @@ impl Gpu {
     }
 
     /// The norm of `n` rows of `h` values, `x` → `y`: LayerNorm with weight `w` and bias `b`
-    /// where given, RMSNorm with weight `w` where not.
+    /// where given, RMSNorm with weight `w` where not. With `pre_bias` (`[h]`), `x += pre_bias`
+    /// first (stored in `x` as fp16) and that sum is normed: a sublayer's output bias and the
+    /// next norm in one kernel.
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -301,6 +303,7 @@ impl Gpu {
     pub unsafe fn norm_raw(
         &self,
         x: u64,
+        pre_bias: Option<u64>,
         w: u64,
         b: Option<u64>,
         y: u64,
@@ -308,12 +311,39 @@ impl Gpu {
         h: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
+        // Many rows fill the device with 256 threads a row; a decode step's few rows get about
+        // eight values per thread, so that each block (and so the kernel) is short.
+        let threads =
+            if n >= MANY_ROWS { 256 } else { h.div_ceil(8).next_multiple_of(32).clamp(128, 1024) };
+        // SAFETY: as the caller promises.
+        unsafe { self.norm_raw_threads((x, pre_bias), w, b, y, (n, h), eps, threads) }
+    }
+
+    /// [`Gpu::norm_raw`] with `threads` threads per row (a multiple of 32, at most 1024): for
+    /// timing the choice `norm_raw` makes against others.
+    ///
+    /// # Safety
+    /// As [`Gpu::norm_raw`].
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
+    pub unsafe fn norm_raw_threads(
+        &self,
+        (x, pre_bias): (u64, Option<u64>),
+        w: u64,
+        b: Option<u64>,
+        y: u64,
+        (n, h): (usize, usize),
+        eps: f32,
+        threads: usize,
+    ) -> Result<(), CudaError> {
+        assert!(threads.is_multiple_of(32) && (32..=1024).contains(&threads));
         let (hi, rms) = (dim(h), i32::from(b.is_none()));
-        let b = b.unwrap_or(0);
+        let (b, pb) = (b.unwrap_or(0), pre_bias.unwrap_or(0));
         let mut l = self.stream.launch_builder(&self.layer_norm);
-        l.arg(&x).arg(&w).arg(&b).arg(&y).arg(&hi).arg(&eps).arg(&rms);
+        l.arg(&x).arg(&w).arg(&b).arg(&y).arg(&hi).arg(&eps).arg(&rms).arg(&pb);
+        let mut cfg = rows(n);
+        cfg.block_dim.0 = u32::try_from(threads).expect("at most 1024");
         // SAFETY: one block per row of h values (the kernel reads no bias for RMSNorm).
-        unsafe { l.launch(rows(n))? };
+        unsafe { l.launch(cfg)? };
         Ok(())
     }
 
@@ -374,8 +404,8 @@ impl Gpu {
         let (fi, ldi, ldo) = (dim(f), dim(ld), dim(ld_out));
         let mut l = self.stream.launch_builder(&self.silu_mul);
         l.arg(&g).arg(&u).arg(&out).arg(&fi).arg(&ldi).arg(&ldo);
-        // SAFETY: one block per row; each value is read before the same thread writes it.
-        unsafe { l.launch(rows(n))? };
+        // SAFETY: one thread per value; each value is read before the same thread writes it.
+        unsafe { l.launch(row_cols(n, f))? };
         Ok(())
     }
 
@@ -397,8 +427,8 @@ impl Gpu {
         let (ci, ri) = (dim(cols), i32::from(relu));
         let mut l = self.stream.launch_builder(&self.bias_act);
         l.arg(&y).arg(&b).arg(&ci).arg(&ri);
-        // SAFETY: one block per row of cols values; b holds cols values.
-        unsafe { l.launch(rows(n))? };
+        // SAFETY: one thread per value of n rows of cols; b holds cols values.
+        unsafe { l.launch(row_cols(n, cols))? };
         Ok(())
     }
 
@@ -444,9 +474,9 @@ impl Gpu {
             .arg(&new.v);
         l.arg(&gr).arg(&ncap).arg(&npast);
         l.arg(&t).arg(&nh).arg(&nkv).arg(&hd).arg(&cap).arg(&past).arg(&scale);
-        // SAFETY: one block per row of y; every write lands inside q, the caches or the new-row
+        // SAFETY: one thread per value of y; every write lands inside q, the caches or the new-row
         // buffers (positions checked above; the executor sizes the buffers by rows).
-        unsafe { l.launch(rows(d.b * d.t))? };
+        unsafe { l.launch(row_cols(d.b * d.t, d.nh * d.hd + 2 * d.nkv * d.hd))? };
         Ok(())
     }
 
@@ -766,6 +796,66 @@ impl Gpu {
         Ok(())
     }
 
+    /// `y[b, o] = Σ_i x[b, i] · W[o, i]` (fp32 `y [nb, outs]`, zeroed here) for `nb` rows of x
+    /// (row b at `x + b·ldx`) with W read from its 4-bit codes on the tensor cores (`gemm4_tc_*`
+    /// of kernels.cu: each warp expands 16 outputs × 16 inputs into an mma fragment as
+    /// `dequant_dim0` would write them), for micro-batches of more rows than `gemv4_dim0` serves
+    /// well; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
+    /// layout does not allow it: [`gemm4_tc_fits`].
+    ///
+    /// # Safety
+    /// As [`Gpu::gemv4_dim0`].
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
+    pub unsafe fn gemm4_tc(
+        &self,
+        codes: u64,
+        params: u64,
+        (x, ldx): (u64, usize),
+        y: u64,
+        nb: usize,
+        (outs, ins): (usize, usize),
+        group: usize,
+    ) -> Result<Option<()>, CudaError> {
+        if !gemm4_tc_fits((outs, group), (codes, params), (x, ldx)) || nb == 0 {
+            return Ok(None);
+        }
+        // SAFETY: `y` holds nb·outs fp32 values.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(y, 0, nb * outs * 4, self.stream.cu_stream())
+        }?;
+        for b0 in (0..nb).step_by(64) {
+            let rows = (nb - b0).min(64);
+            let plan = gemm4_tc_plan(rows, (outs, ins), 132);
+            let (o, i, lx, g, ps, tile) =
+                (dim(outs), dim(ins), dim(ldx), dim(group), dim(plan.per_slice), dim(rows));
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    u32::try_from(plan.blocks).expect("outputs fit"),
+                    u32::try_from(plan.slices).expect("slices fit"),
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xt, yt) = (x + (b0 * ldx * 2) as u64, y + (b0 * outs * 4) as u64);
+            let mut l = self.stream.launch_builder(&self.gemm4_tc[plan.kernel]);
+            l.arg(&codes)
+                .arg(&params)
+                .arg(&xt)
+                .arg(&yt)
+                .arg(&o)
+                .arg(&i)
+                .arg(&lx)
+                .arg(&g)
+                .arg(&tile)
+                .arg(&ps);
+            // SAFETY: blocks of 128 outputs within ⌈outs/group⌉·group coded ones, inputs < ins,
+            // the alignment the kernel needs checked by gemm4_tc_fits; the tile's rows of x, y.
+            unsafe { l.launch(cfg)? };
+        }
+        Ok(Some(()))
+    }
+
     /// Dequantizes positions `p0..p0 + np` of a packed KV cache (`codes`, fp16 `params`; groups
     /// of `c.group` along the head dimension, see `kernels.cu`) into `out` `[rows, cap, hd]`.
     ///
@@ -871,6 +961,49 @@ impl Gpu {
         unsafe { l.launch(rows(n))? };
         Ok(())
     }
+}
+
+/// Whether [`Gpu::gemm4_tc`] runs on a 4-bit weight of `outs` outputs in groups of `group`
+/// (16, 32, 64 or 128, with ⌈outs/group⌉·group a multiple of 32) whose codes are 16-byte
+/// aligned and pairs 4-byte aligned, with x 16-byte aligned and `ldx` a multiple of 8.
+pub fn gemm4_tc_fits(
+    (outs, group): (usize, usize),
+    (codes, params): (u64, u64),
+    (x, ldx): (u64, usize),
+) -> bool {
+    matches!(group, 16 | 32 | 64 | 128)
+        && outs.div_ceil(group).saturating_mul(group).is_multiple_of(32)
+        && codes.is_multiple_of(16)
+        && params.is_multiple_of(4)
+        && x.is_multiple_of(16)
+        && ldx.is_multiple_of(8)
+}
+
+/// How [`Gpu::gemm4_tc`] runs a tile of `rows` (1 to 64): the kernel (`gemm4_tc_1`, `_2`, `_4`,
+/// `_8` for 8, 16, 32, 64 rows; index 0 to 3), a block of 256 threads per 128 outputs, and the
+/// inputs in slices of `per_slice` (a multiple of 128) over the grid's y: about four blocks per
+/// multiprocessor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm4TcPlan {
+    pub kernel: usize,
+    pub blocks: usize,
+    pub slices: usize,
+    pub per_slice: usize,
+}
+
+/// The [`Gemm4TcPlan`] for `rows` on a device of `sms` multiprocessors.
+pub fn gemm4_tc_plan(rows: usize, (outs, ins): (usize, usize), sms: usize) -> Gemm4TcPlan {
+    let kernel = match rows {
+        0..=8 => 0,
+        9..=16 => 1,
+        17..=32 => 2,
+        _ => 3,
+    };
+    let blocks = outs.div_ceil(128);
+    let steps = ins.div_ceil(128).max(1);
+    let slices = (4 * sms).div_ceil(blocks).clamp(1, steps);
+    let per_slice = steps.div_ceil(slices) * 128;
+    Gemm4TcPlan { kernel, blocks, slices: ins.div_ceil(per_slice).max(1), per_slice }
 }
 
 /// How [`Gpu::gemv4_dim0`] runs a tile of `rows` (1 to 8): the kernel (`gemv4_dim0_1`, `_2`, `_4`

@@ -39,12 +39,61 @@ extern "C" __global__ void embed(const unsigned int* ids, const unsigned int* po
     }
 }
 
+// ROW_COLS: kernels over rows whose launch (ops.rs `row_cols`) gives a row one block of 256 threads
+// when there are many rows, or a block per 256 columns when there are few (a decode step's
+// micro-batch), so that either way the device is full; each thread strides over the columns.
+
+// Values of a row each thread of layer_norm holds in registers: rows of up to LN_PER · blockDim
+// values are read once, all loads in flight at once (a decode step's few rows leave most SMs idle,
+// so each block's latency is the kernel's); wider rows take the loop below. At most 1024 threads,
+// so at most 64 registers each.
+#define LN_PER 16
+
 // LayerNorm (rms = 0: mean and variance, weight and bias) or RMSNorm (rms != 0: root mean square,
-// weight only) of each row of h values; one block per row.
-extern "C" __global__ void layer_norm(const half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps, int rms) {
+// weight only) of each row of h values; one block per row. With `pb` (else null), x += pb first
+// (rounded to fp16 and stored, as bias_act would) and the sum is normed: a sublayer's output bias
+// and the next norm in one kernel. Both paths sum in the same order (thread i: values i,
+// i + blockDim, …), so they give the same bits. In place (y = x) is allowed.
+extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps, int rms, const half_t* pb) {
     __shared__ float sh[32];
-    const half_t* xr = x + (size_t)blockIdx.x * h;
+    half_t* xr = x + (size_t)blockIdx.x * h;
     half_t* yr = y + (size_t)blockIdx.x * h;
+    if (h <= LN_PER * (int)blockDim.x) {
+        float v[LN_PER];
+#pragma unroll
+        for (int k = 0; k < LN_PER; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            v[k] = i < h ? h2f(xr[i]) : 0.f;
+        }
+        if (pb) {
+#pragma unroll
+            for (int k = 0; k < LN_PER; k++) {
+                int i = threadIdx.x + k * blockDim.x;
+                if (i < h) { half_t s = f2h(v[k] + h2f(pb[i])); xr[i] = s; v[k] = h2f(s); }
+            }
+        }
+        float m = 0.f;
+        if (!rms) {
+            float s = 0.f;
+#pragma unroll
+            for (int k = 0; k < LN_PER; k++)
+                if (threadIdx.x + k * blockDim.x < h) s += v[k];
+            m = block_reduce(s, sh, false) / h;
+        }
+        float q = 0.f;
+#pragma unroll
+        for (int k = 0; k < LN_PER; k++)
+            if (threadIdx.x + k * blockDim.x < h) { float d = v[k] - m; q += d * d; }
+        float inv = rsqrtf(block_reduce(q, sh, false) / h + eps);
+#pragma unroll
+        for (int k = 0; k < LN_PER; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            if (i < h) yr[i] = f2h((v[k] - m) * inv * h2f(w[i]) + (rms ? 0.f : h2f(b[i])));
+        }
+        return;
+    }
+    if (pb)
+        for (int i = threadIdx.x; i < h; i += blockDim.x) xr[i] = f2h(h2f(xr[i]) + h2f(pb[i]));
     float mean = 0.f;
     if (!rms) {
         float s = 0.f;
@@ -93,22 +142,20 @@ extern "C" __global__ void repeat_heads(const half_t* x, half_t* y, int nkv, int
 
 // SwiGLU: out[r, j] = silu(g[r, j]) · u[r, j] for j < f, rows of g and u ld apart, of out ld_out
 // apart. In place (out = g, ld_out = ld) is allowed: each value is read before it is written, by
-// the same thread. One block per row.
+// the same thread. Rows by blockIdx.x, columns strided over the blockIdx.y blocks (ROW_COLS).
 extern "C" __global__ void silu_mul(const half_t* g, const half_t* u, half_t* out, int f, int ld, int ld_out) {
     size_t r = blockIdx.x;
-    const half_t* gr = g + r * ld;
-    const half_t* ur = u + r * ld;
-    half_t* o = out + r * ld_out;
-    for (int j = threadIdx.x; j < f; j += blockDim.x) {
-        float a = h2f(gr[j]);
-        o[j] = f2h(a / (1.f + __expf(-a)) * h2f(ur[j]));
+    for (int j = blockIdx.y * blockDim.x + threadIdx.x; j < f; j += gridDim.y * blockDim.x) {
+        float a = h2f(g[r * ld + j]);
+        out[r * ld_out + j] = f2h(a / (1.f + __expf(-a)) * h2f(u[r * ld + j]));
     }
 }
 
-// y[r, c] = act(y[r, c] + b[c]); act = ReLU when relu != 0. One block per row r.
+// y[r, c] = act(y[r, c] + b[c]); act = ReLU when relu != 0. Rows by blockIdx.x, columns strided
+// over the blockIdx.y blocks (ROW_COLS).
 extern "C" __global__ void bias_act(half_t* y, const half_t* b, int cols, int relu) {
     half_t* yr = y + (size_t)blockIdx.x * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < cols; c += gridDim.y * blockDim.x) {
         float v = h2f(yr[c]) + (b ? h2f(b[c]) : 0.f);
         if (relu && v < 0.f) v = 0.f;
         yr[c] = f2h(v);
@@ -199,8 +246,8 @@ extern "C" __global__ void slice_axis1(const half_t* x, half_t* y, int a, int n,
 // rotates q and k by their positions (pos [rows], inv_freq [hd/2]; no rotation when inv_freq is
 // null), writes q·scale to q [b, nh, t, hd], and k and v of (sequence, kv head) row r = bi·nkv +
 // head: rows r < gpu_rows into the caches [gpu_rows, cap, hd] at position past + (row % t), the
-// other rows into kn/vn [rows − gpu_rows, ncap, hd] at position npast + (row % t). One block per
-// row of y.
+// other rows into kn/vn [rows − gpu_rows, ncap, hd] at position npast + (row % t). Rows of y by
+// blockIdx.x, columns strided over the blockIdx.y blocks (ROW_COLS).
 extern "C" __global__ void qkv_split(const half_t* y, const half_t* bias, const unsigned int* pos, const float* inv_freq,
                                      half_t* q, half_t* kc, half_t* vc,
                                      half_t* kn, half_t* vn, int gpu_rows, int ncap, int npast,
@@ -209,7 +256,7 @@ extern "C" __global__ void qkv_split(const half_t* y, const half_t* bias, const 
     int h = nh * hd, kv = nkv * hd, w = h + 2 * kv, half = hd / 2;
     const half_t* yr = y + (size_t)row * w;
     unsigned int p = inv_freq ? pos[row] : 0;
-    for (int c = threadIdx.x; c < w; c += blockDim.x) {
+    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < w; c += gridDim.y * blockDim.x) {
         float v = h2f(yr[c]) + (bias ? h2f(bias[c]) : 0.f);
         if (inv_freq && c < h + kv) {
             int d = c % hd;
@@ -413,7 +460,17 @@ extern "C" __global__ void argmax_rows(const half_t* x, unsigned int* out, int c
     const half_t* xr = x + (size_t)blockIdx.x * cols;
     float best = -3.0e38f;
     int bi = 0;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) { float v = h2f(xr[c]); if (v > best) { best = v; bi = c; } }
+    // Eight loads in flight per thread, then compared in column order (the result of the plain
+    // loop below, which finishes the row).
+    int c = threadIdx.x, bd = blockDim.x;
+    for (; c + 7 * bd < cols; c += 8 * bd) {
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = h2f(xr[c + k * bd]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) if (v[k] > best) { best = v[k]; bi = c + k * bd; }
+    }
+    for (; c < cols; c += bd) { float v = h2f(xr[c]); if (v > best) { best = v; bi = c; } }
     sv[threadIdx.x] = best; si[threadIdx.x] = bi;
     __syncthreads();
     for (int st = blockDim.x / 2; st > 0; st >>= 1) {
@@ -664,4 +721,143 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
         }
         cr[byte] = (unsigned char)packed;
     }
+}
+// ---- The 4-bit product on tensor cores ----
+// y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ 8·NT, W read from dequant_dim0's 4-bit layout:
+// for input i the codes of outputs 0, 1, … are contiguous nibbles from code i·chunks·gs (chunks =
+// ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
+// adjacent from pair i·chunks. A block of 256 threads (8 warps) owns 128 outputs and a slice of
+// the inputs (blockIdx.y; its partial sums added to the fp32 y [nb, outs] with atomicAdd, as
+// gemv4's). Each step stages GT_K inputs' codes (64 bytes each, one 16-byte load per thread per
+// 32 inputs), their pairs and x's GT_K columns of every row in shared memory, the next step's
+// loads in flight in registers meanwhile; then each warp expands its 16 outputs × 16 inputs into
+// an mma A fragment (min + code · scale rounded to fp16, as dequant_dim0 writes it) and multiplies
+// it by every 8-row tile of x (mma.sync m16n8k16, fp32 sums). Needs gs ∈ {16, 32, 64, 128}, codes
+// and x 16-byte aligned, ldx and chunks·gs multiples of 8 (the host checks).
+#define GT_K 128
+#define GT_O 128
+
+__device__ __forceinline__ unsigned pack_h2(half_t lo, half_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+
+template <int NT>
+__device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
+                                              float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
+    __shared__ __align__(16) unsigned char cs[GT_K][GT_O / 2];     // codes: [input][output / 2]
+    __shared__ unsigned ps[GT_K][GT_O / 16];                       // pairs: [input][output group]
+    __shared__ __align__(16) half_t xs[8 * NT][GT_K + 8];          // x: [row][input], padded
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int chunks = (outs + gs - 1) / gs;
+    const long long per_input = (long long)chunks * gs / 2; // code bytes of one input
+    const int o_blk = blockIdx.x * GT_O;
+    const int gpb = GT_O / gs;                                // groups of the block's outputs
+    const int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) acc[n][j] = 0.f;
+    // Per step: codes 128 inputs × 64 bytes = 512 uint4 (2 per thread); x 8·NT rows × 128 inputs =
+    // NT·128 uint4 (NT/2 per thread, at least one thread-slot); pairs 128 × gpb ≤ 1024 (4 per thread).
+    uint4 rc[2], rx[(NT + 1) / 2];
+    unsigned rp[4];
+    auto load = [&](int k0) {
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            int e = tid + 256 * u, i = k0 + e / 4, part = e % 4;
+            rc[u] = make_uint4(0, 0, 0, 0);
+            if (i < i1 && o_blk + 32 * part < chunks * gs)
+                rc[u] = *(const uint4*)(codes + i * per_input + o_blk / 2 + 16 * part);
+        }
+#pragma unroll
+        for (int u = 0; u < (NT + 1) / 2; u++) {
+            int e = tid + 256 * u, r = e / (GT_K / 8), c8 = e % (GT_K / 8), i = k0 + 8 * c8;
+            rx[u] = make_uint4(0, 0, 0, 0);
+            if (r < 8 * NT && r < nb && i < i1) {
+                if (i + 8 <= i1) {
+                    rx[u] = *(const uint4*)(x + (long long)r * ldx + i);
+                } else {
+                    half_t v[8];
+                    for (int j = 0; j < 8; j++) v[j] = i + j < i1 ? x[(long long)r * ldx + i + j] : (half_t)0;
+                    rx[u] = make_uint4(pack_h2(v[0], v[1]), pack_h2(v[2], v[3]), pack_h2(v[4], v[5]), pack_h2(v[6], v[7]));
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int e = tid + 256 * u, i = k0 + e / gpb, q = e % gpb, ch = o_blk / gs + q;
+            rp[u] = 0;
+            if (e < GT_K * gpb && i < i1 && ch < chunks) rp[u] = pairs[(long long)i * chunks + ch];
+        }
+    };
+    auto store = [&]() {
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            int e = tid + 256 * u;
+            *(uint4*)&cs[e / 4][16 * (e % 4)] = rc[u];
+        }
+#pragma unroll
+        for (int u = 0; u < (NT + 1) / 2; u++) {
+            int e = tid + 256 * u, r = e / (GT_K / 8), c8 = e % (GT_K / 8);
+            if (r < 8 * NT) *(uint4*)&xs[r][8 * c8] = rx[u];
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int e = tid + 256 * u;
+            if (e < GT_K * gpb) ps[e / gpb][e % gpb] = rp[u];
+        }
+    };
+    // This warp's outputs: rows r0 = 16·warp + g and r0 + 8 of the block's 128, in one group.
+    const int r0 = 16 * warp + g, grp = r0 / gs, sh = 4 * (r0 & 1), b0 = r0 >> 1, b1 = (r0 + 8) >> 1;
+    if (i0 < i1) load(i0);
+    for (int k0 = i0; k0 < i1; k0 += GT_K) {
+        __syncthreads(); // the previous step's reads of shared memory are done
+        store();
+        __syncthreads();
+        if (k0 + GT_K < i1) load(k0 + GT_K); // in flight while this step computes
+#pragma unroll
+        for (int kb = 0; kb < GT_K; kb += 16) {
+            // A: W[r][kb + 2t + {0, 1}] and W[r][kb + 2t + 8 + {0, 1}] for r = r0, r0 + 8.
+            half_t w[2][4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int i = kb + 2 * t + (j & 1) + 8 * (j >> 1);
+                unsigned p = ps[i][grp];
+                float mn = h2f((half_t)(p & 0xffffu)), sc = h2f((half_t)(p >> 16));
+                w[0][j] = f2h(mn + (float)((cs[i][b0] >> sh) & 15) * sc);
+                w[1][j] = f2h(mn + (float)((cs[i][b1] >> sh) & 15) * sc);
+            }
+            unsigned a0 = pack_h2(w[0][0], w[0][1]), a1 = pack_h2(w[1][0], w[1][1]);
+            unsigned a2 = pack_h2(w[0][2], w[0][3]), a3 = pack_h2(w[1][2], w[1][3]);
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                // B: x[8n + g][kb + 2t + {0, 1}] and [kb + 2t + 8 + {0, 1}].
+                unsigned bb0 = *(const unsigned*)&xs[8 * n + g][kb + 2 * t];
+                unsigned bb1 = *(const unsigned*)&xs[8 * n + g][kb + 2 * t + 8];
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                    : "+f"(acc[n][0]), "+f"(acc[n][1]), "+f"(acc[n][2]), "+f"(acc[n][3])
+                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bb0), "r"(bb1));
+            }
+        }
+    }
+    // D: rows (outputs) r0, r0 + 8; columns (x rows) 8n + 2t + {0, 1}.
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int o = o_blk + r0 + 8 * (j >> 1), b = 8 * n + 2 * t + (j & 1);
+            if (o < outs && b < nb) atomicAdd(y + (long long)b * outs + o, acc[n][j]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+    gemm4_tc_tile<1>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+}
+extern "C" __global__ void __launch_bounds__(256) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+    gemm4_tc_tile<2>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+}
+extern "C" __global__ void __launch_bounds__(256) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+    gemm4_tc_tile<4>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+}
+extern "C" __global__ void __launch_bounds__(256) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+    gemm4_tc_tile<8>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }

@@ -58,6 +58,8 @@ pub struct Gpu {
     pub(super) dequant_dim0: CudaFunction,
     /// `gemv4_dim0_{1,2,4,8}`: tiles of at most that many rows.
     pub(super) gemv4_dim0: [CudaFunction; 4],
+    /// `gemm4_tc_{1,2,4,8}`: tiles of at most 8, 16, 32, 64 rows.
+    pub(super) gemm4_tc: [CudaFunction; 4],
     pub(super) dequant_cache: CudaFunction,
     pub(super) quant_cache: CudaFunction,
     pub(super) silu_mul: CudaFunction,
@@ -85,6 +87,25 @@ fn arch(major: i32, minor: i32) -> Option<&'static str> {
 pub(super) fn grid(n: usize) -> LaunchConfig {
     let blocks = u32::try_from(n.div_ceil(256).clamp(1, 1 << 30)).expect("clamped");
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Rows at or above which a row kernel gets one block per row (enough blocks to fill the device);
+/// below, one block per 256 columns of each row (`kernels.cu`, `ROW_COLS`).
+pub(super) const MANY_ROWS: usize = 256;
+
+/// The launch of a `ROW_COLS` kernel over `n` rows of `cols` (`kernels.cu`): `blockIdx.x` the row,
+/// `blockIdx.y` the block of 256 columns, one block per row from [`MANY_ROWS`] rows on.
+pub(super) fn row_cols(n: usize, cols: usize) -> LaunchConfig {
+    let col_blocks = if n >= MANY_ROWS { 1 } else { cols.div_ceil(256).max(1) };
+    LaunchConfig {
+        grid_dim: (
+            u32::try_from(n.max(1)).expect("rows fit in u32"),
+            u32::try_from(col_blocks).expect("columns fit in u32"),
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 pub(super) fn rows(n: usize) -> LaunchConfig {
@@ -151,6 +172,7 @@ impl Gpu {
                 f("gemv4_dim0_4")?,
                 f("gemv4_dim0_8")?,
             ],
+            gemm4_tc: [f("gemm4_tc_1")?, f("gemm4_tc_2")?, f("gemm4_tc_4")?, f("gemm4_tc_8")?],
             dequant_cache: f("dequant_cache")?,
             quant_cache: f("quant_cache")?,
             silu_mul: f("silu_mul")?,
@@ -247,7 +269,7 @@ impl Gpu {
         let (xa, wa, ya) = (addr(&x.data), addr(&w.data), addr(&y.data));
         let ba = b.map(|b| addr(&b.data));
         // SAFETY: addresses of these tensors; y has x's shape.
-        unsafe { self.norm_raw(xa, wa, ba, ya, x.elem_count() / h, h, eps) }?;
+        unsafe { self.norm_raw(xa, None, wa, ba, ya, x.elem_count() / h, h, eps) }?;
         Ok(y)
     }
 
@@ -545,8 +567,12 @@ mod tests {
             src.split("f(\"").skip(1).filter_map(|s| s.split('"').next()).collect();
         assert!(names.len() >= 18, "{names:?}");
         for n in names {
+            // `extern "C" __global__ void NAME(`, launch bounds possibly between.
+            let head = format!(" {n}(");
             assert!(
-                super::KERNELS.contains(&format!("__global__ void {n}(")),
+                super::KERNELS
+                    .lines()
+                    .any(|l| l.starts_with("extern \"C\" __global__ void") && l.contains(&head)),
                 "kernel {n} is loaded but not defined in kernels.cu"
             );
         }
