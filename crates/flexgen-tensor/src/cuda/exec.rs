@@ -801,7 +801,7 @@ impl Gpu {
     /// of kernels.cu: each warp expands 16 outputs × 16 inputs into an mma fragment as
     /// `dequant_dim0` would write them), for micro-batches of more rows than `gemv4_dim0` serves
     /// well; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
-    /// layout does not allow it: [`gemm4_tc_fits`].
+    /// layout does not allow it ([`gemm4_tc_fits`]) or the device has no mma.sync (before 8.0).
     ///
     /// # Safety
     /// As [`Gpu::gemv4_dim0`].
@@ -816,7 +816,8 @@ impl Gpu {
         (outs, ins): (usize, usize),
         group: usize,
     ) -> Result<Option<()>, CudaError> {
-        if !gemm4_tc_fits((outs, group), (codes, params), (x, ldx)) || nb == 0 {
+        if !self.tensor_cores || !gemm4_tc_fits((outs, group), (codes, params), (x, ldx)) || nb == 0
+        {
             return Ok(None);
         }
         // SAFETY: `y` holds nb·outs fp32 values.

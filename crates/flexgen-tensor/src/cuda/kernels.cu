@@ -831,10 +831,14 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
                 // B: x[8n + g][kb + 2t + {0, 1}] and [kb + 2t + 8 + {0, 1}].
                 unsigned bb0 = *(const unsigned*)&xs[8 * n + g][kb + 2 * t];
                 unsigned bb1 = *(const unsigned*)&xs[8 * n + g][kb + 2 * t + 8];
+#if __CUDA_ARCH__ >= 800
                 asm volatile(
                     "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                     : "+f"(acc[n][0]), "+f"(acc[n][1]), "+f"(acc[n][2]), "+f"(acc[n][3])
                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bb0), "r"(bb1));
+#else
+                __trap(); // no m16n8k16 before sm_80; the host does not launch it there
+#endif
             }
         }
     }

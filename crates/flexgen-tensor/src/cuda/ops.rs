@@ -58,8 +58,11 @@ pub struct Gpu {
     pub(super) dequant_dim0: CudaFunction,
     /// `gemv4_dim0_{1,2,4,8}`: tiles of at most that many rows.
     pub(super) gemv4_dim0: [CudaFunction; 4],
-    /// `gemm4_tc_{1,2,4,8}`: tiles of at most 8, 16, 32, 64 rows.
+    /// `gemm4_tc_{1,2,4,8}`: tiles of at most 8, 16, 32, 64 rows (they run from compute
+    /// capability 8.0 on: `tensor_cores`).
     pub(super) gemm4_tc: [CudaFunction; 4],
+    /// Whether the device has the mma.sync m16n8k16 fp16 instructions (compute capability ≥ 8.0).
+    pub(super) tensor_cores: bool,
     pub(super) dequant_cache: CudaFunction,
     pub(super) quant_cache: CudaFunction,
     pub(super) silu_mul: CudaFunction,
@@ -71,17 +74,19 @@ pub struct Gpu {
 
 const KERNELS: &str = include_str!("kernels.cu");
 
+/// The compute capabilities the kernels are compiled for, and NVRTC's name of each.
+const ARCHS: [((i32, i32), &str); 7] = [
+    ((7, 5), "compute_75"),
+    ((8, 0), "compute_80"),
+    ((8, 6), "compute_86"),
+    ((8, 9), "compute_89"),
+    ((9, 0), "compute_90"),
+    ((10, 0), "compute_100"),
+    ((12, 0), "compute_120"),
+];
+
 fn arch(major: i32, minor: i32) -> Option<&'static str> {
-    Some(match (major, minor) {
-        (7, 5) => "compute_75",
-        (8, 0) => "compute_80",
-        (8, 6) => "compute_86",
-        (8, 9) => "compute_89",
-        (9, 0) => "compute_90",
-        (10, 0) => "compute_100",
-        (12, 0) => "compute_120",
-        _ => return None,
-    })
+    ARCHS.iter().find(|(cc, _)| *cc == (major, minor)).map(|(_, name)| *name)
 }
 
 pub(super) fn grid(n: usize) -> LaunchConfig {
@@ -152,6 +157,7 @@ impl Gpu {
         let f = |name: &str| module.load_function(name);
         let stream = ctx.new_stream()?;
         Ok(Self {
+            tensor_cores: major >= 8,
             blas: CudaBlas::new(stream.clone())?,
             embed: f("embed")?,
             layer_norm: f("layer_norm")?,
@@ -558,6 +564,42 @@ impl crate::backend::Backend for Gpu {
 
 #[cfg(test)]
 mod tests {
+    /// kernels.cu compiles with NVRTC through to machine code for every architecture in
+    /// `ARCHS` (`xtask/scripts/nvrtc_check.py`, with a Python that has NVIDIA's
+    /// `nvidia-cuda-nvrtc` wheel: `FLEXGEN_NVRTC_PYTHON`, else `.ci/venv`'s). Without one the
+    /// test says so and passes: then a kernel that does not compile fails on the GPU machine only.
+    #[test]
+    fn kernels_compile_for_every_architecture() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let py = std::env::var_os("FLEXGEN_NVRTC_PYTHON")
+            .map_or_else(|| root.join("../../.ci/venv/bin/python"), std::path::PathBuf::from);
+        let has_nvrtc = std::process::Command::new(&py)
+            .args(["-m", "pip", "show", "-q", "nvidia-cuda-nvrtc"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_nvrtc {
+            eprintln!(
+                "skipped: no Python with nvidia-cuda-nvrtc ({}; python3 -m venv .ci/venv && \
+                 .ci/venv/bin/pip install nvidia-cuda-nvrtc, or set FLEXGEN_NVRTC_PYTHON)",
+                py.display()
+            );
+            return;
+        }
+        let script = root.join("../../xtask/scripts/nvrtc_check.py");
+        let src = root.join("src/cuda/kernels.cu");
+        let archs: Vec<&str> =
+            super::ARCHS.iter().map(|(_, n)| n.trim_start_matches("compute_")).collect();
+        let out =
+            std::process::Command::new(py).arg(script).arg(src).args(&archs).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "kernels.cu does not compile for every architecture:\n{text}"
+        );
+        assert_eq!(text.lines().filter(|l| l.contains(": ok")).count(), archs.len(), "{text}");
+    }
+
     /// Every kernel `Gpu::new` loads is defined in kernels.cu (a missing one fails on the GPU
     /// machine only, at start-up, as "named symbol not found").
     #[test]

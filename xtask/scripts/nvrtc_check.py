@@ -1,0 +1,63 @@
+"""Compiles a CUDA source with NVRTC for real GPU architectures, as the CUDA backend does at run
+time (there for the one device it opens, to PTX), here through to machine code (NVRTC's own
+PTX assembler), so that a kernel that does not compile, or uses an instruction an older GPU
+lacks, fails on a machine without a GPU. NVRTC comes from NVIDIA's `nvidia-cuda-nvrtc` wheel
+(pip install nvidia-cuda-nvrtc) or the library named by FLEXGEN_NVRTC_LIB.
+
+Usage: nvrtc_check.py FILE ARCH...   (ARCH as 75, 90: sm_75, sm_90); exit 1 on any error.
+Prints, per architecture, "ok" and the kernels that spill registers to local memory."""
+import ctypes
+import glob
+import os
+import re
+import sys
+
+
+def find_lib():
+    if os.environ.get("FLEXGEN_NVRTC_LIB"):
+        return os.environ["FLEXGEN_NVRTC_LIB"]
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec else []
+    libs = sorted(p for r in roots for p in glob.glob(os.path.join(r, "**", "libnvrtc.so.*"), recursive=True)
+                  if "builtins" not in p and "alt" not in p)
+    if not libs:
+        sys.exit("no libnvrtc: pip install nvidia-cuda-nvrtc, or set FLEXGEN_NVRTC_LIB")
+    return libs[-1]
+
+
+def main():
+    path, archs = sys.argv[1], sys.argv[2:]
+    lib = ctypes.CDLL(find_lib())
+    src = open(path, "rb").read()
+    failed = False
+    for arch in archs:
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(path).encode(), 0, None, None) == 0
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--ptxas-options=-v"]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        n = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        log = log.value.decode(errors="replace")
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        if rc != 0:
+            failed = True
+            errors = [l for l in log.splitlines() if "error" in l.lower()]
+            print(f"sm_{arch}: FAILED (nvrtc {rc})\n  " + "\n  ".join(errors[:10]))
+            continue
+        spills, fn = [], None
+        for line in log.splitlines():
+            m = re.search(r"Function properties for (\S+)", line)
+            if m:
+                fn = m.group(1)
+            m = re.search(r"(\d+) bytes spill stores", line)
+            if m and int(m.group(1)) > 0:
+                spills.append(f"{fn} ({m.group(1)} bytes)")
+        print(f"sm_{arch}: ok" + (f"; spills: {', '.join(spills)}" if spills else ""))
+    sys.exit(1 if failed else 0)
+
+
+main()
