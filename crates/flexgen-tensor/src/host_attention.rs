@@ -154,30 +154,163 @@ unsafe fn load8(p: *const f16, i: usize) -> std::arch::x86_64::__m256 {
     }
 }
 
+/// One cache row's keys (or values) as the AVX2 attention reads them: `n` positions of `hd` values,
+/// 8-value pieces as f32. With `PACKED` false, `fp16` holds all `n` positions; with it true, the
+/// first `n − 1` positions are 4-bit codes (`code_b` bytes per position, groups of `group` along
+/// the head dimension: a packed cache's home) with their (min, scale) pairs as f32 (`par` values
+/// per position) and `fp16` holds the last (the new position, exact). A packed piece is expanded where it is read, to the value
+/// [`expand`] would have stored: `min + code · scale` in one multiply-add, rounded to fp16.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Src<'a> {
+    fp16: &'a [f16],
+    codes: &'a [u8],
+    params: &'a [f32],
+    n: usize,
+    code_b: usize,
+    par: usize,
+    /// Where piece `i`'s (min, scale) pair starts in a position's `par` values (`hd ≤ 256`).
+    pair_at: [u16; 32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> Src<'a> {
+    /// A packed row's attended past (`codes`, and `params` as f32: its positions from the first
+    /// attended on) and its new position `new` (`hd` values).
+    fn packed(
+        new: &'a [f16],
+        (codes, params): (&'a [u8], &'a [f32]),
+        p: Packing,
+        hd: usize,
+    ) -> Self {
+        let (code_b, par) = p.per_position(hd);
+        let mut pair_at = [0u16; 32];
+        for (i, a) in pair_at.iter_mut().enumerate().take(hd / 8) {
+            *a = u16::try_from(2 * (8 * i / p.group)).expect("hd ≤ 256");
+        }
+        Src { fp16: new, codes, params, n: codes.len() / code_b + 1, code_b, par, pair_at }
+    }
+
+    fn fp16(values: &'a [f16], hd: usize) -> Self {
+        Src {
+            fp16: values,
+            codes: &[],
+            params: &[],
+            n: values.len() / hd,
+            code_b: 0,
+            par: 0,
+            pair_at: [0; 32],
+        }
+    }
+}
+
+/// Piece `i` (values `8i..8i + 8`) of position `p` of `src` as f32.
+///
+/// # Safety
+/// The processor has AVX2, FMA and F16C; `p < src.n`, `8i + 8 ≤ hd`, `hd % 8 == 0`; packed:
+/// 4-bit codes, `group % 8 == 0`, `src.codes` and `src.params` hold `n − 1` positions.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn piece<const PACKED: bool>(
+    src: &Src<'_>,
+    hd: usize,
+    p: usize,
+    i: usize,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::_mm256_cvtph_ps;
+    if !PACKED || p + 1 == src.n {
+        let (base, at) =
+            if PACKED { (src.fp16.as_ptr(), i) } else { (src.fp16.as_ptr(), p * hd / 8 + i) };
+        // SAFETY: as the caller promises.
+        return unsafe { load8(base, at) };
+    }
+    // SAFETY: as the caller promises.
+    unsafe { _mm256_cvtph_ps(packed_half(src, p, i)) }
+}
+
+/// Piece `i` of packed position `p` of `src` as the 8 fp16 values [`expand`] stores.
+///
+/// # Safety
+/// As [`piece`], with `p < src.n − 1` and `src` packed.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn packed_half(src: &Src<'_>, p: usize, i: usize) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::{
+        _mm256_and_si256, _mm256_broadcast_ss, _mm256_cvtepi32_ps, _mm256_cvtps_ph,
+        _mm256_fmadd_ps, _mm256_set1_epi32, _mm256_setr_epi32, _mm256_srlv_epi32,
+    };
+    // SAFETY: the caller's bounds: the word of codes 8i..8i + 8 and the (min, scale) pair of
+    // their group lie in position p's bytes.
+    unsafe {
+        let word = src.codes.as_ptr().add(p * src.code_b + 4 * i).cast::<i32>().read_unaligned();
+        let pair = src.params.as_ptr().add(p * src.par + usize::from(src.pair_at[i]));
+        let (m, s) = (_mm256_broadcast_ss(&*pair), _mm256_broadcast_ss(&*pair.add(1)));
+        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        let q = _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts),
+            _mm256_set1_epi32(15),
+        );
+        let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, m);
+        _mm256_cvtps_ph::<0>(v)
+    }
+}
+
+/// The packed positions of `src` (all but its last) expanded into `out` (`(n − 1) · hd` fp16), as
+/// [`expand`] does.
+///
+/// # Safety
+/// As [`packed_half`] for every packed position and piece.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn expand4_avx2(src: &Src<'_>, hd: usize, out: &mut [f16]) {
+    use std::arch::x86_64::{__m128i, _mm_storeu_si128};
+    assert!(out.len() >= (src.n - 1) * hd);
+    for p in 0..src.n - 1 {
+        for i in 0..hd / 8 {
+            // SAFETY: as the caller promises; 8i + 8 ≤ hd values of position p's output.
+            #[expect(clippy::cast_ptr_alignment, reason = "an unaligned store")]
+            unsafe {
+                _mm_storeu_si128(
+                    out.as_mut_ptr().add(p * hd + 8 * i).cast::<__m128i>(),
+                    packed_half(src, p, i),
+                );
+            }
+        }
+    }
+}
+
 /// `N` heads' scores against every key: `scores[h·n + p] = qf[h] · keys[p]` (`qf` is `N × hd`
-/// f32, `keys` `n × hd`). Each key's 8-value pieces are converted once for all `N` heads; two
-/// sums per head keep the multiply-adds independent.
+/// f32, `keys` `n` positions, [`Src`]). Each key's 8-value pieces are read once for all `N`
+/// heads; two sums per head keep the multiply-adds independent.
 ///
 /// # Safety
 /// The processor has AVX2, FMA and F16C; `hd % 8 == 0`; `qf` holds `N·hd` values, `scores`
-/// `N·n`.
+/// `N·n`; `keys` as [`piece`] needs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scores_avx2<const N: usize>(qf: &[f32], keys: &[f16], hd: usize, scores: &mut [f32]) {
+unsafe fn scores_avx2<const N: usize, const PACKED: bool>(
+    qf: &[f32],
+    keys: &Src<'_>,
+    hd: usize,
+    scores: &mut [f32],
+) {
     use std::arch::x86_64::{
         _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm256_add_ps, _mm256_castps256_ps128,
         _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
     };
-    let (lanes, n) = (hd / 8, keys.len() / hd);
+    let (lanes, n) = (hd / 8, keys.n);
     debug_assert!(qf.len() >= N * hd && scores.len() >= N * n);
     let q = qf.as_ptr();
-    for (p, k) in keys.chunks_exact(hd).enumerate() {
+    for p in 0..n {
         let (mut a0, mut a1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
         let mut i = 0;
         // SAFETY (loads below): i + 1 < lanes, so 8·(i+2) ≤ hd values behind the key and behind
         // each head's query.
         while i + 1 < lanes {
-            let (k0, k1) = unsafe { (load8(k.as_ptr(), i), load8(k.as_ptr(), i + 1)) };
+            let (k0, k1) =
+                unsafe { (piece::<PACKED>(keys, hd, p, i), piece::<PACKED>(keys, hd, p, i + 1)) };
             for (h, (x0, x1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
                 let (q0, q1) = unsafe {
                     (
@@ -192,7 +325,7 @@ unsafe fn scores_avx2<const N: usize>(qf: &[f32], keys: &[f16], hd: usize, score
         }
         if i < lanes {
             // SAFETY: i < lanes.
-            let k0 = unsafe { load8(k.as_ptr(), i) };
+            let k0 = unsafe { piece::<PACKED>(keys, hd, p, i) };
             for (h, x0) in a0.iter_mut().enumerate() {
                 // SAFETY: i < lanes.
                 let q0 = unsafe { _mm256_loadu_ps(q.add(h * hd + 8 * i)) };
@@ -214,25 +347,25 @@ unsafe fn scores_avx2<const N: usize>(qf: &[f32], keys: &[f16], hd: usize, score
 ///
 /// # Safety
 /// The processor has AVX2, FMA and F16C; `hd % 8 == 0`; `lane0 + L ≤ hd / 8`; `scores` holds
-/// `N·n` values, `acc` `N·hd`.
+/// `N·n` values, `acc` `N·hd`; `values` as [`piece`] needs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn values_avx2<const N: usize, const L: usize>(
+unsafe fn values_avx2<const N: usize, const L: usize, const PACKED: bool>(
     scores: &[f32],
-    values: &[f16],
+    values: &Src<'_>,
     hd: usize,
     lane0: usize,
     acc: &mut [f32],
 ) {
     use std::arch::x86_64::{_mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps};
-    let n = values.len() / hd;
+    let n = values.n;
     debug_assert!(lane0 + L <= hd / 8 && scores.len() >= N * n && acc.len() >= N * hd);
     let mut a = [[_mm256_setzero_ps(); L]; N];
-    for (p, v) in values.chunks_exact(hd).enumerate() {
+    for p in 0..n {
         let mut vv = [_mm256_setzero_ps(); L];
         for (l, x) in vv.iter_mut().enumerate() {
             // SAFETY: lane0 + l < hd / 8.
-            *x = unsafe { load8(v.as_ptr(), lane0 + l) };
+            *x = unsafe { piece::<PACKED>(values, hd, p, lane0 + l) };
         }
         for (h, ah) in a.iter_mut().enumerate() {
             let w = _mm256_set1_ps(scores[h * n + p]);
@@ -257,22 +390,21 @@ unsafe fn values_avx2<const N: usize, const L: usize>(
 /// The processor has AVX2, FMA and F16C; `hd % 8 == 0`; `1 ≤ N ≤ 4`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn heads_avx2<const N: usize, const L: usize>(
+unsafe fn heads_avx2<const N: usize, const L: usize, const PACKED: bool>(
     q: &[f16],
-    keys: &[f16],
-    values: &[f16],
+    (keys, values): (&Src<'_>, &Src<'_>),
     out: &mut [f16],
     scratch: &mut Scratch,
 ) {
     let hd = q.len() / N;
-    let (lanes, n) = (hd / 8, keys.len() / hd);
+    let (lanes, n) = (hd / 8, keys.n);
     let Scratch { a: qf, b: acc, scores } = scratch;
     qf.resize(N * hd, 0.0);
     q.convert_to_f32_slice(qf);
     acc.resize(N * hd, 0.0);
     scores.resize(N * n, 0.0);
     // SAFETY: as this function's caller promises; the buffers are sized above.
-    unsafe { scores_avx2::<N>(qf, keys, hd, scores) };
+    unsafe { scores_avx2::<N, PACKED>(qf, keys, hd, scores) };
     let mut inv = [0f32; N];
     for (h, i) in inv.iter_mut().enumerate() {
         *i = 1.0 / softmax_numerators(&mut scores[h * n..(h + 1) * n]);
@@ -280,12 +412,12 @@ unsafe fn heads_avx2<const N: usize, const L: usize>(
     let mut lane = 0;
     while lane + L <= lanes {
         // SAFETY: lane + L ≤ lanes.
-        unsafe { values_avx2::<N, L>(scores, values, hd, lane, acc) };
+        unsafe { values_avx2::<N, L, PACKED>(scores, values, hd, lane, acc) };
         lane += L;
     }
     while lane < lanes {
         // SAFETY: lane < lanes.
-        unsafe { values_avx2::<N, 1>(scores, values, hd, lane, acc) };
+        unsafe { values_avx2::<N, 1, PACKED>(scores, values, hd, lane, acc) };
         lane += 1;
     }
     for ((o, a), i) in out.chunks_exact_mut(hd).zip(acc.chunks_exact_mut(hd)).zip(inv) {
@@ -293,6 +425,33 @@ unsafe fn heads_avx2<const N: usize, const L: usize>(
             *x *= i;
         }
         o.convert_from_f32_slice(a); // round to nearest even
+    }
+}
+
+/// Every query head of one cache row (`q` and `out`: `rep × hd`, the heads adjacent) over `keys`
+/// and `values` ([`Src`]), up to `AVX2_HEADS` query heads per pass over the row.
+///
+/// # Safety
+/// The processor has AVX2, FMA and F16C; `hd % 8 == 0`; the sources as [`piece`] needs.
+#[cfg(target_arch = "x86_64")]
+unsafe fn row_avx2<const PACKED: bool>(
+    q: &[f16],
+    kv: (&Src<'_>, &Src<'_>),
+    out: &mut [f16],
+    hd: usize,
+    scratch: &mut Scratch,
+) {
+    let per = AVX2_HEADS * hd;
+    for (qg, og) in q.chunks(per).zip(out.chunks_mut(per)) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            match qg.len() / hd {
+                4 => heads_avx2::<4, 2, PACKED>(qg, kv, og, scratch),
+                3 => heads_avx2::<3, 2, PACKED>(qg, kv, og, scratch),
+                2 => heads_avx2::<2, 4, PACKED>(qg, kv, og, scratch),
+                _ => heads_avx2::<1, 8, PACKED>(qg, kv, og, scratch),
+            }
+        }
     }
 }
 
@@ -309,19 +468,9 @@ fn row(
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd && hd.is_multiple_of(8) {
-        // Up to AVX2_HEADS query heads per pass over the row.
-        let per = AVX2_HEADS * hd;
-        for (qg, og) in q.chunks(per).zip(out.chunks_mut(per)) {
-            // SAFETY: `simd` is true only where `simd_available()` said so; hd % 8 == 0.
-            unsafe {
-                match qg.len() / hd {
-                    4 => heads_avx2::<4, 2>(qg, keys, values, og, scratch),
-                    3 => heads_avx2::<3, 2>(qg, keys, values, og, scratch),
-                    2 => heads_avx2::<2, 4>(qg, keys, values, og, scratch),
-                    _ => heads_avx2::<1, 8>(qg, keys, values, og, scratch),
-                }
-            }
-        }
+        let (k, v) = (Src::fp16(keys, hd), Src::fp16(values, hd));
+        // SAFETY: `simd` is true only where `simd_available()` said so; hd % 8 == 0.
+        unsafe { row_avx2::<false>(q, (&k, &v), out, hd, scratch) };
         return;
     }
     let _ = simd;
@@ -463,58 +612,9 @@ fn expand(codes: &[u8], params: &[f16], hd: usize, p: Packing, out: &mut [f16], 
     }
 }
 
-/// [`expand`] of 4-bit codes with AVX2: eight codes (one 32-bit word) at a time become eight
-/// lanes by variable shifts, then `min + code · scale` by one multiply-add and fp16 by F16C's
-/// nearest-even conversion: the same values as [`expand`].
-///
-/// # Safety
-/// The processor has AVX2, FMA and F16C; `hd` and `group` are multiples of 8.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn expand4_avx2(codes: &[u8], params: &[f16], hd: usize, group: usize, out: &mut [f16]) {
-    use std::arch::x86_64::{
-        __m128i, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_movehdup_ps, _mm_storeu_si128,
-        _mm256_and_si256, _mm256_broadcastss_ps, _mm256_cvtepi32_ps, _mm256_cvtps_ph,
-        _mm256_fmadd_ps, _mm256_set1_epi32, _mm256_setr_epi32, _mm256_srlv_epi32,
-    };
-    let (code_b, par) = Packing { group, bits: 4 }.per_position(hd);
-    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    let mask = _mm256_set1_epi32(15);
-    for ((c, pr), o) in
-        codes.chunks_exact(code_b).zip(params.chunks_exact(par)).zip(out.chunks_exact_mut(hd))
-    {
-        for (g, mp) in pr.chunks_exact(2).enumerate() {
-            // (min, scale) to f32 by F16C (a software conversion per value cost more than the
-            // expansion itself).
-            let pair = u32::from(mp[0].to_bits()) | (u32::from(mp[1].to_bits()) << 16);
-            #[expect(clippy::cast_possible_wrap, reason = "the pair's bits, as they are")]
-            let ms = _mm_cvtph_ps(_mm_cvtsi32_si128(pair as i32));
-            let (m, s) = (_mm256_broadcastss_ps(ms), _mm256_broadcastss_ps(_mm_movehdup_ps(ms)));
-            let (lo, hi) = (g * group, ((g + 1) * group).min(hd));
-            assert!(hi / 2 <= c.len() && hi <= o.len());
-            let mut e = lo;
-            while e < hi {
-                // SAFETY: e + 8 ≤ hi, so bytes e/2 .. e/2 + 4 lie in this position's codes
-                // (checked above).
-                let word = unsafe { c.as_ptr().add(e / 2).cast::<i32>().read_unaligned() };
-                let q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), mask);
-                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, m);
-                // SAFETY: e + 8 ≤ hd values of this position's output.
-                #[expect(clippy::cast_ptr_alignment, reason = "an unaligned store")]
-                unsafe {
-                    _mm_storeu_si128(
-                        o.as_mut_ptr().add(e).cast::<__m128i>(),
-                        _mm256_cvtps_ph::<0>(v),
-                    );
-                }
-                e += 8;
-            }
-        }
-    }
-}
-
-/// [`expand`] compiled for AVX2 and FMA, so that the loops above become vector code (4-bit codes
-/// in groups of a multiple of 8 take [`expand4_avx2`]).
+/// [`expand`] compiled for AVX2 and FMA, so that its loops become vector code (the rows
+/// `decode_packed` does not attend straight from their codes: 8-bit, or groups or head dimensions
+/// that are not multiples of 8).
 ///
 /// # Safety
 /// The processor has AVX2, FMA and F16C.
@@ -528,12 +628,7 @@ unsafe fn expand_avx2(
     out: &mut [f16],
     tmp: &mut [f32],
 ) {
-    if p.bits == 4 && hd.is_multiple_of(8) && p.group.is_multiple_of(8) {
-        // SAFETY: as this function's caller promises; hd and group checked above.
-        unsafe { expand4_avx2(codes, params, hd, p.group, out) };
-    } else {
-        expand(codes, params, hd, p, out, tmp);
-    }
+    expand(codes, params, hd, p, out, tmp);
 }
 
 /// Decode attention of `d.rows` packed cache rows (the CPU attention of a compressed cache): each
@@ -585,6 +680,17 @@ fn decode_packed_with(
             && v.params.len() >= d.rows * cap * par
     );
     assert!(d.past < cap, "the new position fits the cache");
+    // 4-bit rows whose pieces hold whole code words, attended in one pass (at most AVX2_HEADS
+    // query heads), are attended straight from their codes: the AVX2 path expands each piece
+    // where it reads it. Others are expanded into a buffer first (more passes would expand the
+    // row again each time).
+    let packed4 = cfg!(target_arch = "x86_64")
+        && simd
+        && p.bits == 4
+        && hd.is_multiple_of(8)
+        && hd <= 256
+        && p.group.is_multiple_of(8);
+    let fused = packed4 && rep <= AVX2_HEADS;
     let per = d.rows.div_ceil(rayon::current_num_threads()).max(1);
     let (rc, rp) = (cap * code_b, cap * par); // bytes and params of one row
     out[..d.rows * qw]
@@ -596,6 +702,7 @@ fn decode_packed_with(
             let mut scratch = Scratch::default();
             let (mut kx, mut vx) = (Vec::new(), Vec::new());
             let mut tmp = vec![0f32; code_b * 8 / usize::from(p.bits)];
+            let (mut kms, mut vms) = (Vec::new(), Vec::new());
             let mut line = vec![0f32; hd];
             for i in 0..o.len() / qw {
                 let r = c * per + i;
@@ -603,15 +710,60 @@ fn decode_packed_with(
                 let lo = usize::try_from(starts[seq]).unwrap_or(0).min(d.past);
                 let n = d.past + 1 - lo;
                 let rows = r * hd..(r + 1) * hd;
-                for ((codes, params), (new, x)) in [(&mut *kc, &mut *kp), (&mut *vc, &mut *vp)]
+                let (qr, or) = (&q[r * qw..(r + 1) * qw], &mut o[i * qw..(i + 1) * qw]);
+                // The new position into its home (the attended past ends before it).
+                for ((codes, params), new) in
+                    [(&mut *kc, &mut *kp), (&mut *vc, &mut *vp)].into_iter().zip([k_new, v_new])
+                {
+                    new[rows.clone()].convert_to_f32_slice(&mut line);
+                    let at = i * rc + d.past * code_b;
+                    let pt = i * rp + d.past * par;
+                    quantize_line(
+                        &line,
+                        p.spec(),
+                        &mut codes[at..at + code_b],
+                        &mut params[pt..pt + par],
+                    );
+                }
+                // The attended past's codes and pairs in this part's slices.
+                let (cr, pr) = (
+                    i * rc + lo * code_b..i * rc + d.past * code_b,
+                    i * rp + lo * par..i * rp + d.past * par,
+                );
+                #[cfg(target_arch = "x86_64")]
+                if packed4 {
+                    // The pairs as f32 once per row (F16C, eight at a time), not once per piece.
+                    for (ms, ps) in [(&mut kms, &kp[pr.clone()]), (&mut vms, &vp[pr.clone()])] {
+                        ms.resize(ps.len(), 0.0);
+                        ps.convert_to_f32_slice(ms);
+                    }
+                    let kv = (
+                        Src::packed(&k_new[rows.clone()], (&kc[cr.clone()], &kms), p, hd),
+                        Src::packed(&v_new[rows.clone()], (&vc[cr.clone()], &vms), p, hd),
+                    );
+                    // SAFETY (both): `packed4` needs `simd` (true only where `simd_available()`
+                    // said so), 4-bit codes, hd and group multiples of 8; the sources hold n − 1
+                    // packed positions and the new one.
+                    if fused {
+                        unsafe { row_avx2::<true>(qr, (&kv.0, &kv.1), or, hd, &mut scratch) };
+                    } else {
+                        for ((src, new), x) in
+                            [(&kv.0, k_new), (&kv.1, v_new)].into_iter().zip([&mut kx, &mut vx])
+                        {
+                            x.resize(n * hd, f16::ZERO);
+                            unsafe { expand4_avx2(src, hd, x) };
+                            x[(n - 1) * hd..].copy_from_slice(&new[rows.clone()]);
+                        }
+                        row(simd, qr, &kx, &vx, or, hd, &mut scratch);
+                    }
+                    continue;
+                }
+                for ((codes, params), (new, x)) in [(&*kc, &*kp), (&*vc, &*vp)]
                     .into_iter()
                     .zip([(k_new, &mut kx), (v_new, &mut vx)])
                 {
-                    let (codes, params) =
-                        (&mut codes[i * rc..(i + 1) * rc], &mut params[i * rp..(i + 1) * rp]);
                     x.resize(n * hd, f16::ZERO);
-                    let (cs, ps) =
-                        (&codes[lo * code_b..d.past * code_b], &params[lo * par..d.past * par]);
+                    let (cs, ps) = (&codes[cr.clone()], &params[pr.clone()]);
                     #[cfg(target_arch = "x86_64")]
                     if simd {
                         // SAFETY: `simd` is true only where `simd_available()` said so.
@@ -622,23 +774,8 @@ fn decode_packed_with(
                     #[cfg(not(target_arch = "x86_64"))]
                     expand(cs, ps, hd, p, &mut x[..(n - 1) * hd], &mut tmp);
                     x[(n - 1) * hd..].copy_from_slice(&new[rows.clone()]);
-                    new[rows.clone()].convert_to_f32_slice(&mut line);
-                    quantize_line(
-                        &line,
-                        p.spec(),
-                        &mut codes[d.past * code_b..(d.past + 1) * code_b],
-                        &mut params[d.past * par..(d.past + 1) * par],
-                    );
                 }
-                row(
-                    simd,
-                    &q[r * qw..(r + 1) * qw],
-                    &kx,
-                    &vx,
-                    &mut o[i * qw..(i + 1) * qw],
-                    hd,
-                    &mut scratch,
-                );
+                row(simd, qr, &kx, &vx, or, hd, &mut scratch);
             }
         });
 }
@@ -675,13 +812,14 @@ mod tests {
         let paths: &[bool] = if simd_available() { &[false, true] } else { &[false] };
         for &simd in paths {
             // 4 and 8 bits; a group that splits the head dimension in two, one with padding (hd
-            // 40 in groups of 32), grouped-query heads.
+            // 40 in groups of 32), grouped-query heads (8: more than one pass over a row).
             for (cap, past, hd, rep, group, bits) in [
                 (12, 9, 64, 1, 32, 4),
                 (70, 69, 128, 1, 64, 4),
                 (40, 33, 40, 3, 32, 4),
                 (30, 20, 64, 2, 64, 8),
                 (5, 0, 64, 1, 64, 4),
+                (40, 33, 64, 8, 32, 4),
             ] {
                 check_packed(cap, past, hd, rep, Packing { group, bits }, simd);
             }

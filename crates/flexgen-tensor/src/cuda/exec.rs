@@ -4,7 +4,7 @@
 //! compute stream. The kernels are those of `kernels.cu`; each writes every element of its output.
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::ops::{MANY_ROWS, grid, row_cols, rows};
 use super::{CudaError, Gpu, dim};
@@ -759,26 +759,52 @@ impl Gpu {
             group.is_multiple_of(8) && codes.is_multiple_of(4) && params.is_multiple_of(4),
             "gemv4_dim0: group {group}, codes at {codes}, params at {params}"
         );
+        let tiles = |rows| {
+            let plan = gemv4_plan(rows, (outs, ins), group, codes, 132);
+            (&self.gemv4_dim0[plan.kernel], plan.blocks, plan.slices, plan.per_slice)
+        };
+        // SAFETY: threads < ⌈outs/group⌉·group/(8·V) and inputs < ins of the packed buffers
+        // (V and the alignment it needs checked by the plan); the caller's buffers.
+        unsafe { self.product4((codes, params), (x, ldx), y, nb, (outs, ins), group, (8, tiles)) }
+    }
+
+    /// The launches of a 4-bit product kernel (`gemv4_dim0_*`, `gemm4_tc_*`: the same
+    /// parameters): `y` zeroed, then the rows in tiles of at most `tile` rows, each tile the
+    /// kernel, blocks, slices and inputs per slice that `plan` gives for its rows.
+    ///
+    /// # Safety
+    /// As [`Gpu::gemv4_dim0`]; `plan`'s kernels read and write only inside the shapes given.
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one product")]
+    unsafe fn product4<'k>(
+        &self,
+        (codes, params): (u64, u64),
+        (x, ldx): (u64, usize),
+        y: u64,
+        nb: usize,
+        (outs, ins): (usize, usize),
+        group: usize,
+        (tile, plan): (usize, impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize)),
+    ) -> Result<(), CudaError> {
         // SAFETY: `y` holds nb·outs fp32 values.
         unsafe {
             cudarc::driver::result::memset_d8_async(y, 0, nb * outs * 4, self.stream.cu_stream())
         }?;
-        for b0 in (0..nb).step_by(8) {
-            let rows = (nb - b0).min(8);
-            let plan = gemv4_plan(rows, (outs, ins), group, codes, 132);
-            let (o, i, lx, g, ps, tile) =
-                (dim(outs), dim(ins), dim(ldx), dim(group), dim(plan.per_slice), dim(rows));
+        for b0 in (0..nb).step_by(tile) {
+            let rows = (nb - b0).min(tile);
+            let (f, blocks, slices, per_slice) = plan(rows);
+            let (o, i, lx, g, ps, tr) =
+                (dim(outs), dim(ins), dim(ldx), dim(group), dim(per_slice), dim(rows));
             let cfg = LaunchConfig {
                 grid_dim: (
-                    u32::try_from(plan.blocks).expect("outputs fit"),
-                    u32::try_from(plan.slices).expect("slices fit"),
+                    u32::try_from(blocks).expect("outputs fit"),
+                    u32::try_from(slices).expect("slices fit"),
                     1,
                 ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
             let (xt, yt) = (x + (b0 * ldx * 2) as u64, y + (b0 * outs * 4) as u64);
-            let mut l = self.stream.launch_builder(&self.gemv4_dim0[plan.kernel]);
+            let mut l = self.stream.launch_builder(f);
             l.arg(&codes)
                 .arg(&params)
                 .arg(&xt)
@@ -787,10 +813,9 @@ impl Gpu {
                 .arg(&i)
                 .arg(&lx)
                 .arg(&g)
-                .arg(&tile)
+                .arg(&tr)
                 .arg(&ps);
-            // SAFETY: threads < ⌈outs/group⌉·group/(8·V) and inputs < ins of the packed buffers
-            // (V and the alignment it needs checked by the plan); the tile's rows of x and y.
+            // SAFETY: as the caller promises; the tile's rows of x and y.
             unsafe { l.launch(cfg)? };
         }
         Ok(())
@@ -820,40 +845,15 @@ impl Gpu {
         {
             return Ok(None);
         }
-        // SAFETY: `y` holds nb·outs fp32 values.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(y, 0, nb * outs * 4, self.stream.cu_stream())
-        }?;
-        for b0 in (0..nb).step_by(64) {
-            let rows = (nb - b0).min(64);
+        let tiles = |rows| {
             let plan = gemm4_tc_plan(rows, (outs, ins), 132);
-            let (o, i, lx, g, ps, tile) =
-                (dim(outs), dim(ins), dim(ldx), dim(group), dim(plan.per_slice), dim(rows));
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    u32::try_from(plan.blocks).expect("outputs fit"),
-                    u32::try_from(plan.slices).expect("slices fit"),
-                    1,
-                ),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (xt, yt) = (x + (b0 * ldx * 2) as u64, y + (b0 * outs * 4) as u64);
-            let mut l = self.stream.launch_builder(&self.gemm4_tc[plan.kernel]);
-            l.arg(&codes)
-                .arg(&params)
-                .arg(&xt)
-                .arg(&yt)
-                .arg(&o)
-                .arg(&i)
-                .arg(&lx)
-                .arg(&g)
-                .arg(&tile)
-                .arg(&ps);
-            // SAFETY: blocks of 128 outputs within ⌈outs/group⌉·group coded ones, inputs < ins,
-            // the alignment the kernel needs checked by gemm4_tc_fits; the tile's rows of x, y.
-            unsafe { l.launch(cfg)? };
-        }
+            (&self.gemm4_tc[plan.kernel], plan.blocks, plan.slices, plan.per_slice)
+        };
+        // SAFETY: blocks of 128 outputs within ⌈outs/group⌉·group coded ones, inputs < ins, the
+        // alignment the kernel needs checked by gemm4_tc_fits; the caller's buffers.
+        unsafe {
+            self.product4((codes, params), (x, ldx), y, nb, (outs, ins), group, (64, tiles))
+        }?;
         Ok(Some(()))
     }
 
