@@ -125,6 +125,9 @@ fn scaled(hw: &HardwareProfile, f: &[f64]) -> HardwareProfile {
         g.hbm_bytes_per_s *= f[4];
     }
     h.cpu.attention_flops_per_s *= f[5];
+    if let Some(r) = h.cpu.packed_attention_flops_per_s.as_mut() {
+        *r *= f[5]; // the same path's rate over packed rows
+    }
     h.cpu.gemm_flops_per_s *= f[6];
     h.disk.read_bytes_per_s *= f[7];
     h.disk.write_bytes_per_s *= f[8];

@@ -114,8 +114,8 @@ pub fn compression_ratio(c: &Compression) -> f64 {
 /// 0.10–0.22 ms per visit.
 pub const VISIT_S: f64 = 0.15e-3;
 
-/// CPU attention's rate over a 4-bit packed cache as a fraction of the profiled (fp16) rate
-/// (H200 host, 16 cores, session 14: `host_attention_bench 1024 512 1 15 4` ran at 69.2 GFLOP/s
+/// CPU attention's rate over a 4-bit packed cache as a fraction of the profiled (fp16) rate, for
+/// profiles that do not give it (`cpu.packed_attention_flops_per_s`) (H200 host, 16 cores, session 14: `host_attention_bench 1024 512 1 15 4` ran at 69.2 GFLOP/s
 /// against the profile's 80.8; in OPT-30B runs with the packed cache attended on the cores, the
 /// compute-bound decode step implied 66 GFLOP/s; docs/benchmarks.md).
 pub const PACKED_CPU_ATTENTION: f64 = 0.85;
@@ -193,9 +193,14 @@ pub fn terms(
     let gattn = gpu.attention_flops_per_s;
     let hbm = gpu.hbm_bytes_per_s;
     // CPU attention over a packed cache expands it on the cores as it goes: fewer bytes, more
-    // arithmetic per FLOP counted.
-    let cattn = hw.cpu.attention_flops_per_s
-        * if choice.compress_cache { PACKED_CPU_ATTENTION } else { 1.0 };
+    // arithmetic per FLOP counted. Its own rate where the profile measured it.
+    let cattn = if choice.compress_cache {
+        hw.cpu
+            .packed_attention_flops_per_s
+            .unwrap_or(hw.cpu.attention_flops_per_s * PACKED_CPU_ATTENTION)
+    } else {
+        hw.cpu.attention_flops_per_s
+    };
     let off_w = Lin::var(WC, 1.0) + Lin::var(WN, 1.0);
     let off_c = Lin::var(CC, 1.0) + Lin::var(CN, 1.0);
     // The runtime expands a compressed layer into fp16 in device memory before its GEMMs (read
@@ -400,6 +405,7 @@ mod tests {
                 memory_bytes: 1 << 34,
                 gemm_flops_per_s: 1e10,
                 attention_flops_per_s: 1e10,
+                packed_attention_flops_per_s: None,
             },
             disk: DiskProfile {
                 path: "/tmp".into(),
@@ -537,6 +543,12 @@ mod tests {
         let (r16, rp) = (rest(&fp16, attn), rest(&packed, attn / PACKED_CPU_ATTENTION));
         assert!((r16 - rp).abs() < 1e-15, "{r16} vs {rp}");
         assert!(kv(&packed) < kv(&fp16));
+        // A profile that measured the packed rate is planned with it, whatever the fp16 one.
+        let mut measured = hw();
+        measured.cpu.packed_attention_flops_per_s = Some(2.5e10);
+        let own = terms(&spec(), &measured, &WL, &c);
+        let ro = rest(&own, 4.0 * 12.5 * 64.0 * 8.0 / 2.5e10);
+        assert!((r16 - ro).abs() < 1e-15, "{r16} vs {ro}");
     }
 
     #[test]

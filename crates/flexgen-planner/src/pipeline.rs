@@ -63,6 +63,9 @@ fn host_share(hw: &HardwareProfile, stages: u32) -> HardwareProfile {
     h.cpu.memory_bytes = div(h.cpu.memory_bytes);
     h.cpu.gemm_flops_per_s /= s;
     h.cpu.attention_flops_per_s /= s;
+    if let Some(r) = h.cpu.packed_attention_flops_per_s.as_mut() {
+        *r /= s;
+    }
     h.disk.capacity_bytes = div(h.disk.capacity_bytes);
     h.disk.read_bytes_per_s /= s;
     h.disk.write_bytes_per_s /= s;

@@ -36,6 +36,7 @@ fn machine(
             memory_bytes: cpu_gib << 30,
             gemm_flops_per_s: 1e12,
             attention_flops_per_s: 5e10,
+            packed_attention_flops_per_s: None,
         },
         disk: DiskProfile {
             path: "/tmp/offload".into(),

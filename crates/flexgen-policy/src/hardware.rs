@@ -81,6 +81,10 @@ pub struct CpuProfile {
     pub gemm_flops_per_s: f64,
     /// Rate of the CPU attention path (decode attention over the cache in host memory).
     pub attention_flops_per_s: f64,
+    /// The same over a 4-bit packed cache (read straight from its codes). Profiles from before
+    /// it was measured have none: the planner then assumes a fixed fraction of the fp16 rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed_attention_flops_per_s: Option<f64>,
 }
 
 /// The offload directory's disk.
@@ -131,6 +135,10 @@ impl HardwareProfile {
         let mut rates = vec![
             ("cpu.gemm_flops_per_s", self.cpu.gemm_flops_per_s),
             ("cpu.attention_flops_per_s", self.cpu.attention_flops_per_s),
+            (
+                "cpu.packed_attention_flops_per_s",
+                self.cpu.packed_attention_flops_per_s.unwrap_or(1.0),
+            ),
             ("disk.read_bytes_per_s", self.disk.read_bytes_per_s),
             ("disk.write_bytes_per_s", self.disk.write_bytes_per_s),
         ];

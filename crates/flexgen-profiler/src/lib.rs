@@ -164,22 +164,27 @@ pub(crate) struct CpuAttention {
 }
 
 impl CpuAttention {
-    pub(crate) fn new(mode: Mode) -> Self {
-        use half::f16;
+    /// The probe's shape: rows of `s` positions and one new one.
+    fn new_dims(mode: Mode) -> flexgen_tensor::host_attention::Dims {
         let (rows, s, hd) = match mode {
             Mode::Quick => (512, 512, 128),
             Mode::Full => (2048, 1024, 128),
         };
-        let cap = s + 1;
-        let d = flexgen_tensor::host_attention::Dims {
+        flexgen_tensor::host_attention::Dims {
             rows,
             hd,
-            cap,
+            cap: s + 1,
             past: s,
             nkv: 1,
             rep: 1,
             row0: 0,
-        };
+        }
+    }
+
+    pub(crate) fn new(mode: Mode) -> Self {
+        use half::f16;
+        let d = Self::new_dims(mode);
+        let (rows, cap, hd) = (d.rows, d.cap, d.hd);
         Self {
             k: vec![f16::from_f32(0.01); rows * cap * hd],
             v: vec![f16::ONE; rows * cap * hd],
@@ -201,6 +206,48 @@ impl CpuAttention {
     }
 }
 
+/// [`CpuAttention`]'s rows as a 4-bit packed cache (groups of 64 along the head dimension, as the
+/// CUDA executor packs one): `host_attention::decode_packed`, counted with the same FLOPs.
+pub(crate) struct PackedCpuAttention {
+    codes: [Vec<u8>; 2],
+    params: [Vec<half::f16>; 2],
+    q: Vec<half::f16>,
+    out: Vec<half::f16>,
+    starts: Vec<i32>,
+    d: flexgen_tensor::host_attention::Dims,
+    p: flexgen_tensor::host_attention::Packing,
+}
+
+impl PackedCpuAttention {
+    pub(crate) fn new(mode: Mode) -> Self {
+        use half::f16;
+        let d = CpuAttention::new_dims(mode);
+        let p = flexgen_tensor::host_attention::Packing { group: 64, bits: 4 };
+        let (code_b, par) = p.per_position(d.hd);
+        let codes: Vec<u8> =
+            (0..d.rows * d.cap * code_b).map(|i| (i * 37).to_le_bytes()[0]).collect();
+        let params: Vec<f16> = (0..d.rows * d.cap * par)
+            .map(|i| f16::from_f32(if i % 2 == 0 { -0.1 } else { 0.01 }))
+            .collect();
+        Self {
+            codes: [codes.clone(), codes],
+            params: [params.clone(), params],
+            q: vec![f16::from_f32(0.1); d.rows * d.hd],
+            out: vec![f16::ZERO; d.rows * d.hd],
+            starts: vec![0i32; d.rows],
+            d,
+            p,
+        }
+    }
+
+    pub(crate) fn run(&mut self) {
+        use flexgen_tensor::host_attention::{PackedRows, decode_packed};
+        let Self { codes: [ck, cv], params: [pk, pv], q, out, starts, d, p } = self;
+        let (k, v) = (PackedRows { codes: ck, params: pk }, PackedRows { codes: cv, params: pv });
+        decode_packed(q, q, q, k, v, out, starts, *d, *p);
+    }
+}
+
 /// Rate of decode attention on the CPU (FLOP/s), [`CpuAttention`] alone on every core.
 pub fn cpu_attention_flops(mode: Mode) -> Result<f64> {
     let mut a = CpuAttention::new(mode);
@@ -211,6 +258,20 @@ pub fn cpu_attention_flops(mode: Mode) -> Result<f64> {
         Ok((t.elapsed().as_secs_f64(), ()))
     })?;
     Ok(a.flops() / secs)
+}
+
+/// Rate of decode attention on the CPU over a 4-bit packed cache (FLOP/s, counted as over fp16
+/// rows), [`PackedCpuAttention`] alone on every core.
+pub fn cpu_packed_attention_flops(mode: Mode) -> Result<f64> {
+    let mut a = PackedCpuAttention::new(mode);
+    a.run();
+    let secs = best_of(mode.reps().max(2), || {
+        let t = Instant::now();
+        a.run();
+        Ok((t.elapsed().as_secs_f64(), ()))
+    })?;
+    let d = a.d;
+    Ok(4.0 * (d.rows * d.cap * d.hd) as f64 / secs)
 }
 
 /// The name of the probe's temporary file in `dir` (removed as soon as it is opened).
@@ -262,6 +323,7 @@ pub fn profile(opts: &Options, progress: &mut dyn FnMut(usize)) -> Result<Report
     let gemm = cpu_gemm_flops(opts.mode)?;
     progress(2);
     let attn = cpu_attention_flops(opts.mode)?;
+    let packed_attn = cpu_packed_attention_flops(opts.mode)?;
     progress(3);
     let (write, read, direct) = disk_bandwidth(&opts.offload_dir, opts.mode)?;
     progress(4);
@@ -295,6 +357,7 @@ pub fn profile(opts: &Options, progress: &mut dyn FnMut(usize)) -> Result<Report
             memory_bytes: inv.memory_available_bytes,
             gemm_flops_per_s: gemm,
             attention_flops_per_s: attn,
+            packed_attention_flops_per_s: Some(packed_attn),
         },
         disk: DiskProfile {
             path: opts.offload_dir.clone(),

@@ -131,9 +131,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     )?;
     writeln!(
         err,
-        "CPU GEMM {:.1} GFLOP/s, CPU attention {:.1} GFLOP/s",
+        "CPU GEMM {:.1} GFLOP/s, CPU attention {:.1} GFLOP/s (over a 4-bit cache {:.1})",
         profile.cpu.gemm_flops_per_s / 1e9,
-        profile.cpu.attention_flops_per_s / 1e9
+        profile.cpu.attention_flops_per_s / 1e9,
+        profile.cpu.packed_attention_flops_per_s.unwrap_or(0.0) / 1e9
     )?;
     writeln!(
         err,
