@@ -742,8 +742,10 @@ __device__ __forceinline__ unsigned pack_h2(half_t lo, half_t hi) { return (unsi
 template <int NT>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
-    __shared__ __align__(16) unsigned char cs[GT_K][GT_O / 2];     // codes: [input][output / 2]
-    __shared__ unsigned ps[GT_K][GT_O / 16];                       // pairs: [input][output group]
+    // Rows padded so that the four inputs a warp's lanes read at once (t = 0..3: inputs 2t apart)
+    // fall in different banks: codes 80 bytes a row (16-byte aligned), pairs 9 words.
+    __shared__ __align__(16) unsigned char cs[GT_K][GT_O / 2 + 16]; // codes: [input][output / 2]
+    __shared__ unsigned ps[GT_K][GT_O / 16 + 1];                    // pairs: [input][output group]
     __shared__ __align__(16) half_t xs[8 * NT][GT_K + 8];          // x: [row][input], padded
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int chunks = (outs + gs - 1) / gs;
