@@ -1,0 +1,54 @@
+#!/bin/bash
+# The first device call of a session on the GPU machine: the checks every change to the CUDA path
+# must pass and the few figures each session re-reads, in one call, every log packed into
+# $OUT/first_call.tgz (a call returns a handful of files; a tarball keeps every log).
+# Usage (after unpacking .gpu/pack/bin.tar.xz into BIN_DIR): gpu_first_call.sh [BIN_DIR]
+#   PARTS   which parts to run, in order (default "check bench executor pipeline ranks s4"):
+#           check     cuda_check (kernels against the CPU, then kernel timings)
+#           bench     gemv4_bench (the 4-bit products: checks, then timings) and
+#                     host_attention_bench at 1,024 × 1 and 64 × 8, fp16 and 4-bit packed
+#           executor  gpu_executor_check.sh (every placement's tokens; JOBS at a time, default 8)
+#           pipeline  gpu_pipeline_check.sh with RANKS=1 LINK=tcp (in-process and over-process)
+#           ranks     gpu_ranks_check.sh
+#           s4        OPT-6.7B all on the GPU, 64×1, prompt 512, 32 new tokens, twice
+# Each part's wall time and exit status go to times.txt; the script's status is 1 if any failed.
+B=$(cd "${1:-.gpu/bin}" && pwd) || exit 2
+export PATH="$B:$PATH" NCCL_NVLS_ENABLE=0
+LOGS=$(mktemp -d)
+OUT=${OUT:-/tmp}
+fail=0
+t() { # name, time limit (s), command...
+  local n=$1 lim=$2; shift 2
+  local s; s=$(date +%s)
+  timeout "$lim" "$@" > "$LOGS/$n.log" 2>&1
+  local rc=$?
+  echo "$n rc=$rc $(( $(date +%s) - s )) s" >> "$LOGS/times.txt"
+  [ $rc -eq 0 ] || fail=1
+}
+pack() { tar czf "$OUT/first_call.tgz" -C "$LOGS" . ; }
+trap pack EXIT
+git log --oneline -1 > "$LOGS/commit.txt" 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOGS/commit.txt" 2>&1
+for part in ${PARTS:-check bench executor pipeline ranks s4}; do
+  case $part in
+    check) t cuda_check 120 "$B/cuda_check" ;;
+    bench)
+      t gemv4 180 "$B/gemv4_bench"
+      for a in "1024 512 1 15 0" "1024 512 1 15 4" "64 512 8 15 0" "64 512 8 15 4"; do
+        t "hab_${a// /_}" 60 "$B/host_attention_bench" $a
+      done ;;
+    executor) JOBS=${JOBS:-8} t executor 300 bash xtask/scripts/gpu_executor_check.sh "$B" ;;
+    pipeline) JOBS=${JOBS:-8} RANKS=1 LINK=tcp t pipeline 240 bash xtask/scripts/gpu_pipeline_check.sh "$B" ;;
+    ranks) t ranks 120 bash xtask/scripts/gpu_ranks_check.sh "$B" ;;
+    s4)
+      for r in a b; do
+        t "s4$r" 90 "$B/flexgen-run" --device cuda --model opt-6.7b --dummy --percent 100 0 100 0 100 0 \
+          --gpu-batch-size 64 --num-gpu-batches 1 --prompt-len 512 --max-new-tokens 32 --json
+      done ;;
+    *) echo "unknown part $part (check bench executor pipeline ranks s4)" >&2; fail=1 ;;
+  esac
+done
+cat "$LOGS/times.txt"
+tail -n 1 "$LOGS"/executor.log "$LOGS"/pipeline.log 2>/dev/null
+grep -h '"decode_tokens_per_s"' "$LOGS"/s4?.log 2>/dev/null
+exit $fail
