@@ -124,9 +124,8 @@ fn scaled(hw: &HardwareProfile, f: &[f64]) -> HardwareProfile {
         g.attention_flops_per_s *= f[3];
         g.hbm_bytes_per_s *= f[4];
     }
-    h.cpu.attention_flops_per_s *= f[5];
-    if let Some(r) = h.cpu.packed_attention_flops_per_s.as_mut() {
-        *r *= f[5]; // the same path's rate over packed rows
+    for r in h.cpu.attention_rates_mut() {
+        *r *= f[5];
     }
     h.cpu.gemm_flops_per_s *= f[6];
     h.disk.read_bytes_per_s *= f[7];

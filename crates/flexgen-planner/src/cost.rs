@@ -115,9 +115,10 @@ pub fn compression_ratio(c: &Compression) -> f64 {
 pub const VISIT_S: f64 = 0.15e-3;
 
 /// CPU attention's rate over a 4-bit packed cache as a fraction of the profiled (fp16) rate, for
-/// profiles that do not give it (`cpu.packed_attention_flops_per_s`) (H200 host, 16 cores, session 14: `host_attention_bench 1024 512 1 15 4` ran at 69.2 GFLOP/s
-/// against the profile's 80.8; in OPT-30B runs with the packed cache attended on the cores, the
-/// compute-bound decode step implied 66 GFLOP/s; docs/benchmarks.md).
+/// profiles that do not give it (`cpu.packed_attention_flops_per_s`). H200 host, 16 cores,
+/// session 14: `host_attention_bench 1024 512 1 15 4` ran at 69.2 GFLOP/s against the profile's
+/// 80.8; in OPT-30B runs with the packed cache attended on the cores, the compute-bound decode
+/// step implied 66 GFLOP/s (docs/benchmarks.md).
 pub const PACKED_CPU_ATTENTION: f64 = 0.85;
 
 /// Host memory the process needs beyond the tensors (allocator, tokenizer, buffers).

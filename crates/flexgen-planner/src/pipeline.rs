@@ -62,8 +62,7 @@ fn host_share(hw: &HardwareProfile, stages: u32) -> HardwareProfile {
     let div = |v: u64| v / u64::from(stages);
     h.cpu.memory_bytes = div(h.cpu.memory_bytes);
     h.cpu.gemm_flops_per_s /= s;
-    h.cpu.attention_flops_per_s /= s;
-    if let Some(r) = h.cpu.packed_attention_flops_per_s.as_mut() {
+    for r in h.cpu.attention_rates_mut() {
         *r /= s;
     }
     h.disk.capacity_bytes = div(h.disk.capacity_bytes);

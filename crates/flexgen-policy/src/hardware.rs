@@ -87,6 +87,15 @@ pub struct CpuProfile {
     pub packed_attention_flops_per_s: Option<f64>,
 }
 
+impl CpuProfile {
+    /// The CPU attention rates the profile has (fp16, and over a packed cache where measured), to
+    /// scale together: they are one path's.
+    pub fn attention_rates_mut(&mut self) -> impl Iterator<Item = &mut f64> {
+        std::iter::once(&mut self.attention_flops_per_s)
+            .chain(self.packed_attention_flops_per_s.as_mut())
+    }
+}
+
 /// The offload directory's disk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,13 +144,12 @@ impl HardwareProfile {
         let mut rates = vec![
             ("cpu.gemm_flops_per_s", self.cpu.gemm_flops_per_s),
             ("cpu.attention_flops_per_s", self.cpu.attention_flops_per_s),
-            (
-                "cpu.packed_attention_flops_per_s",
-                self.cpu.packed_attention_flops_per_s.unwrap_or(1.0),
-            ),
             ("disk.read_bytes_per_s", self.disk.read_bytes_per_s),
             ("disk.write_bytes_per_s", self.disk.write_bytes_per_s),
         ];
+        if let Some(v) = self.cpu.packed_attention_flops_per_s {
+            rates.push(("cpu.packed_attention_flops_per_s", v));
+        }
         if let Some(g) = &self.gpu {
             if !(1..=MAX_GPUS).contains(&g.count) {
                 return Err(Error::invalid(

@@ -197,7 +197,7 @@ impl CpuAttention {
 
     /// FLOPs of one call.
     pub(crate) fn flops(&self) -> f64 {
-        4.0 * (self.d.rows * self.d.cap * self.d.hd) as f64
+        attention_flops(&self.d)
     }
 
     pub(crate) fn run(&mut self) {
@@ -248,30 +248,40 @@ impl PackedCpuAttention {
     }
 }
 
+/// FLOPs of one decode attention call over `d`'s rows (the planner's measure: 4·rows·s·hd).
+fn attention_flops(d: &flexgen_tensor::host_attention::Dims) -> f64 {
+    4.0 * (d.rows * d.cap * d.hd) as f64
+}
+
+/// The rate (FLOP/s) of `run`, a decode attention call over `d`'s rows: once to warm up (pages
+/// touched, threads started), then the best of the mode's repetitions.
+fn attention_rate(
+    mode: Mode,
+    d: &flexgen_tensor::host_attention::Dims,
+    mut run: impl FnMut(),
+) -> Result<f64> {
+    run();
+    let secs = best_of(mode.reps().max(2), || {
+        let t = Instant::now();
+        run();
+        Ok((t.elapsed().as_secs_f64(), ()))
+    })?;
+    Ok(attention_flops(d) / secs)
+}
+
 /// Rate of decode attention on the CPU (FLOP/s), [`CpuAttention`] alone on every core.
 pub fn cpu_attention_flops(mode: Mode) -> Result<f64> {
     let mut a = CpuAttention::new(mode);
-    a.run(); // warm-up: pages touched, threads started
-    let secs = best_of(mode.reps().max(2), || {
-        let t = Instant::now();
-        a.run();
-        Ok((t.elapsed().as_secs_f64(), ()))
-    })?;
-    Ok(a.flops() / secs)
+    let d = a.d;
+    attention_rate(mode, &d, || a.run())
 }
 
 /// Rate of decode attention on the CPU over a 4-bit packed cache (FLOP/s, counted as over fp16
 /// rows), [`PackedCpuAttention`] alone on every core.
 pub fn cpu_packed_attention_flops(mode: Mode) -> Result<f64> {
     let mut a = PackedCpuAttention::new(mode);
-    a.run();
-    let secs = best_of(mode.reps().max(2), || {
-        let t = Instant::now();
-        a.run();
-        Ok((t.elapsed().as_secs_f64(), ()))
-    })?;
     let d = a.d;
-    Ok(4.0 * (d.rows * d.cap * d.hd) as f64 / secs)
+    attention_rate(mode, &d, || a.run())
 }
 
 /// The name of the probe's temporary file in `dir` (removed as soon as it is opened).

@@ -6,7 +6,7 @@
 #![expect(clippy::print_stdout, reason = "a check program prints its table")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{AttnDims, CacheQuant, addr, at};
+use flexgen_tensor::cuda::exec::{AttnDims, CacheQuant, addr, at, norm_threads};
 use flexgen_tensor::quant::{QuantSpec, dequantize, quantize};
 use flexgen_tensor::{Device, Tensor};
 use half::f16;
@@ -420,8 +420,7 @@ fn time_row_kernels(gpu: &Gpu) {
     for (n, h) in [(64usize, 4096usize), (64, 7168), (64, 12288), (2048, 4096)] {
         let x = s.alloc_zeros::<f16>(n * h * 4).unwrap();
         let w = s.alloc_zeros::<f16>(h * 4).unwrap();
-        let picked =
-            if n >= 256 { 256 } else { h.div_ceil(8).next_multiple_of(32).clamp(128, 1024) };
+        let picked = norm_threads(n, h);
         for threads in [picked, 256] {
             let ms = gpu.time_ms(5, || {
                 for _ in 0..100 {

@@ -158,8 +158,9 @@ unsafe fn load8(p: *const f16, i: usize) -> std::arch::x86_64::__m256 {
 /// 8-value pieces as f32. With `PACKED` false, `fp16` holds all `n` positions; with it true, the
 /// first `n − 1` positions are 4-bit codes (`code_b` bytes per position, groups of `group` along
 /// the head dimension: a packed cache's home) with their (min, scale) pairs as f32 (`par` values
-/// per position) and `fp16` holds the last (the new position, exact). A packed piece is expanded where it is read, to the value
-/// [`expand`] would have stored: `min + code · scale` in one multiply-add, rounded to fp16.
+/// per position) and `fp16` holds the last (the new position, exact). A packed piece is expanded
+/// where it is read, to the value [`expand`] would have stored: `min + code · scale` in one
+/// multiply-add, rounded to fp16.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Src<'a> {
@@ -220,10 +221,10 @@ unsafe fn piece<const PACKED: bool>(
 ) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::_mm256_cvtph_ps;
     if !PACKED || p + 1 == src.n {
-        let (base, at) =
-            if PACKED { (src.fp16.as_ptr(), i) } else { (src.fp16.as_ptr(), p * hd / 8 + i) };
+        // A packed row's `fp16` is its last position alone.
+        let at = if PACKED { i } else { p * hd / 8 + i };
         // SAFETY: as the caller promises.
-        return unsafe { load8(base, at) };
+        return unsafe { load8(src.fp16.as_ptr(), at) };
     }
     // SAFETY: as the caller promises.
     unsafe { _mm256_cvtph_ps(packed_half(src, p, i)) }
@@ -730,49 +731,50 @@ fn decode_packed_with(
                     i * rc + lo * code_b..i * rc + d.past * code_b,
                     i * rp + lo * par..i * rp + d.past * par,
                 );
+                // 4-bit rows on the AVX2 path are read from their codes (`Src`), the pairs
+                // converted to f32 once per row (F16C, eight at a time), not once per piece.
                 #[cfg(target_arch = "x86_64")]
-                if packed4 {
-                    // The pairs as f32 once per row (F16C, eight at a time), not once per piece.
+                let srcs = if packed4 {
                     for (ms, ps) in [(&mut kms, &kp[pr.clone()]), (&mut vms, &vp[pr.clone()])] {
                         ms.resize(ps.len(), 0.0);
                         ps.convert_to_f32_slice(ms);
                     }
-                    let kv = (
+                    Some([
                         Src::packed(&k_new[rows.clone()], (&kc[cr.clone()], &kms), p, hd),
                         Src::packed(&v_new[rows.clone()], (&vc[cr.clone()], &vms), p, hd),
-                    );
-                    // SAFETY (both): `packed4` needs `simd` (true only where `simd_available()`
-                    // said so), 4-bit codes, hd and group multiples of 8; the sources hold n − 1
-                    // packed positions and the new one.
-                    if fused {
-                        unsafe { row_avx2::<true>(qr, (&kv.0, &kv.1), or, hd, &mut scratch) };
-                    } else {
-                        for ((src, new), x) in
-                            [(&kv.0, k_new), (&kv.1, v_new)].into_iter().zip([&mut kx, &mut vx])
-                        {
-                            x.resize(n * hd, f16::ZERO);
-                            unsafe { expand4_avx2(src, hd, x) };
-                            x[(n - 1) * hd..].copy_from_slice(&new[rows.clone()]);
-                        }
-                        row(simd, qr, &kx, &vx, or, hd, &mut scratch);
-                    }
+                    ])
+                } else {
+                    None
+                };
+                // SAFETY (the unsafe calls on `srcs` below): `packed4` needs `simd` (true only
+                // where `simd_available()` said so), 4-bit codes, hd and group multiples of 8;
+                // the sources hold n − 1 packed positions and the new one.
+                #[cfg(target_arch = "x86_64")]
+                if fused && let Some([k, v]) = &srcs {
+                    unsafe { row_avx2::<true>(qr, (k, v), or, hd, &mut scratch) };
                     continue;
                 }
-                for ((codes, params), (new, x)) in [(&*kc, &*kp), (&*vc, &*vp)]
+                // Otherwise each row's past is expanded into a buffer, its new position after it.
+                for (j, ((codes, params), (new, x))) in [(&*kc, &*kp), (&*vc, &*vp)]
                     .into_iter()
                     .zip([(k_new, &mut kx), (v_new, &mut vx)])
+                    .enumerate()
                 {
                     x.resize(n * hd, f16::ZERO);
                     let (cs, ps) = (&codes[cr.clone()], &params[pr.clone()]);
+                    let past = &mut x[..(n - 1) * hd];
                     #[cfg(target_arch = "x86_64")]
-                    if simd {
+                    if let Some(srcs) = &srcs {
+                        // SAFETY: as for `srcs` above.
+                        unsafe { expand4_avx2(&srcs[j], hd, past) };
+                    } else if simd {
                         // SAFETY: `simd` is true only where `simd_available()` said so.
-                        unsafe { expand_avx2(cs, ps, hd, p, &mut x[..(n - 1) * hd], &mut tmp) };
+                        unsafe { expand_avx2(cs, ps, hd, p, past, &mut tmp) };
                     } else {
-                        expand(cs, ps, hd, p, &mut x[..(n - 1) * hd], &mut tmp);
+                        expand(cs, ps, hd, p, past, &mut tmp);
                     }
                     #[cfg(not(target_arch = "x86_64"))]
-                    expand(cs, ps, hd, p, &mut x[..(n - 1) * hd], &mut tmp);
+                    expand(cs, ps, hd, p, past, &mut tmp);
                     x[(n - 1) * hd..].copy_from_slice(&new[rows.clone()]);
                 }
                 row(simd, qr, &kx, &vx, or, hd, &mut scratch);

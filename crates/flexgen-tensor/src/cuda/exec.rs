@@ -311,12 +311,8 @@ impl Gpu {
         h: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
-        // Many rows fill the device with 256 threads a row; a decode step's few rows get about
-        // eight values per thread, so that each block (and so the kernel) is short.
-        let threads =
-            if n >= MANY_ROWS { 256 } else { h.div_ceil(8).next_multiple_of(32).clamp(128, 1024) };
         // SAFETY: as the caller promises.
-        unsafe { self.norm_raw_threads((x, pre_bias), w, b, y, (n, h), eps, threads) }
+        unsafe { self.norm_raw_threads((x, pre_bias), w, b, y, (n, h), eps, norm_threads(n, h)) }
     }
 
     /// [`Gpu::norm_raw`] with `threads` threads per row (a multiple of 32, at most 1024): for
@@ -962,6 +958,13 @@ impl Gpu {
         unsafe { l.launch(rows(n))? };
         Ok(())
     }
+}
+
+/// Threads per row [`Gpu::norm_raw`] gives `n` rows of `h` values: many rows fill the device with
+/// 256 threads a row; a decode step's few rows get about eight values per thread, so that each
+/// block (and so the kernel) is short.
+pub fn norm_threads(n: usize, h: usize) -> usize {
+    if n >= MANY_ROWS { 256 } else { h.div_ceil(8).next_multiple_of(32).clamp(128, 1024) }
 }
 
 /// Whether [`Gpu::gemm4_tc`] runs on a 4-bit weight of `outs` outputs in groups of `group`
