@@ -10,7 +10,9 @@
 #           executor  gpu_executor_check.sh (every placement's tokens; JOBS at a time, default 8)
 #           pipeline  gpu_pipeline_check.sh with RANKS=1 LINK=tcp (in-process and over-process)
 #           ranks     gpu_ranks_check.sh
-#           s4        OPT-6.7B all on the GPU, 64×1, prompt 512, 32 new tokens, twice
+#           s4        OPT-6.7B all on the GPU, 64×1, prompt 512, 32 new tokens, twice (and once
+#                     between with FLEXGEN_LT=0)
+#           s3        OPT-175B, 4-bit weights and cache all on the GPU, 32×1 (not by default)
 # Each part's wall time and exit status go to times.txt; the script's status is 1 if any failed.
 B=$(cd "${1:-.gpu/bin}" && pwd) || exit 2
 export PATH="$B:$PATH" NCCL_NVLS_ENABLE=0
@@ -41,14 +43,21 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
     pipeline) JOBS=${JOBS:-8} RANKS=1 LINK=tcp t pipeline 240 bash xtask/scripts/gpu_pipeline_check.sh "$B" ;;
     ranks) t ranks 120 bash xtask/scripts/gpu_ranks_check.sh "$B" ;;
     s4)
-      for r in a b; do
-        t "s4$r" 90 "$B/flexgen-run" --device cuda --model opt-6.7b --dummy --percent 100 0 100 0 100 0 \
-          --gpu-batch-size 64 --num-gpu-batches 1 --prompt-len 512 --max-new-tokens 32 --json
+      # a and b as shipped; c with cuBLASLt's fused bias epilogue off (FLEXGEN_LT=0), between them.
+      for r in a c b; do
+        lt=1; [ $r = c ] && lt=0
+        FLEXGEN_LT=$lt t "s4$r" 90 "$B/flexgen-run" --device cuda --model opt-6.7b --dummy \
+          --percent 100 0 100 0 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --prompt-len 512 \
+          --max-new-tokens 32 --json
       done ;;
-    *) echo "unknown part $part (check bench executor pipeline ranks s4)" >&2; fail=1 ;;
+    s3)
+      t s3 240 "$B/flexgen-run" --device cuda --model opt-175b --dummy --percent 100 0 100 0 100 0 \
+        --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight --compress-cache --prompt-len 512 \
+        --max-new-tokens 32 --json ;;
+    *) echo "unknown part $part (check bench executor pipeline ranks s4 s3)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"
 tail -n 1 "$LOGS"/executor.log "$LOGS"/pipeline.log 2>/dev/null
-grep -h '"decode_tokens_per_s"' "$LOGS"/s4?.log 2>/dev/null
+grep -H '"decode_tokens_per_s"' "$LOGS"/s[34]*.log 2>/dev/null
 exit $fail

@@ -57,6 +57,8 @@ pub struct Packed4 {
 }
 
 const QKV: usize = 0;
+/// Rows up to which a packed product takes `gemv4_dim0` rather than `gemm4_tc`.
+const GEMV4_ROWS: usize = 2;
 const OUT: usize = 1;
 const FC1: usize = 2;
 const FC2: usize = 3;
@@ -75,9 +77,16 @@ unsafe fn product(g: &Gpu, w: &LayerWeights, m: usize, gm: &Gemm) -> Result<()> 
     };
     debug_assert!(gm.batch == 1 && gm.ldc == gm.n, "a linear layer's contiguous output");
     let (codes, params) = p.mats[m];
+    let x = (gm.a, gm.lda);
     // SAFETY: the caller's contract; the scratch holds m·n fp32 values.
     unsafe {
-        g.gemv4_dim0(codes, params, (gm.a, gm.lda), p.scratch, gm.m, (gm.n, gm.k), p.group)?;
+        // More than two rows on the tensor cores where the device and layout allow; else (and
+        // for one or two rows, where it is the faster) the CUDA-core product.
+        let tc = gm.m > GEMV4_ROWS
+            && g.gemm4_tc(codes, params, x, p.scratch, gm.m, (gm.n, gm.k), p.group)?.is_some();
+        if !tc {
+            g.gemv4_dim0(codes, params, x, p.scratch, gm.m, (gm.n, gm.k), p.group)?;
+        }
         g.store_f32(p.scratch, gm.c, gm.m * gm.n, gm.beta != 0.0)?;
     }
     Ok(())
@@ -293,20 +302,15 @@ unsafe fn mlp(
     let f = spec.ffn_size as usize;
     let rows = v.rows;
     let wq = |r: &std::ops::Range<usize>| at(w.arena, r.start);
-    // SAFETY: the caller's contract.
-    let bias = |y: u64, r: &std::ops::Range<usize>, cols: usize, relu: bool| unsafe {
-        bias_act(g, w.arena, rows, (y, r, cols), relu)
-    };
     match spec.mlp {
         MlpKind::Relu => {
             // SAFETY (every call below): the caller's contract.
             unsafe {
-                product(g, w, FC1, &Gemm::linear(rows, f, h, v.hn, wq(&l.fc1_w), v.ffn, false))?;
-                bias(v.ffn, &l.fc1_b, f, true)?;
-                product(g, w, FC2, &Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true))?;
+                let fc1 = Gemm::linear(rows, f, h, v.hn, wq(&l.fc1_w), v.ffn, false);
+                product_bias(g, w, (FC1, &fc1), &l.fc1_b, true)?;
+                let fc2 = Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true);
+                product_bias(g, w, (FC2, &fc2), &l.fc2_b, false)
             }
-            bias(v.x, &l.fc2_b, h, false)?;
-            Ok(())
         }
         MlpKind::SwiGlu => {
             if !l.fc1_b.is_empty() {
@@ -323,39 +327,39 @@ unsafe fn mlp(
                     &Gemm::linear(rows, 2 * f, h, v.hn, wq(&l.fc1_w), v.ffn, false),
                 )?;
                 g.silu_mul_raw(v.ffn, at(v.ffn, f), v.ffn, rows, f, 2 * f, 2 * f)?;
-                product(
-                    g,
-                    w,
-                    FC2,
-                    &Gemm {
-                        lda: 2 * f,
-                        ..Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true)
-                    },
-                )?;
+                let down =
+                    Gemm { lda: 2 * f, ..Gemm::linear(rows, h, f, v.ffn, wq(&l.fc2_w), v.x, true) };
+                product_bias(g, w, (FC2, &down), &l.fc2_b, false)
             }
-            bias(v.x, &l.fc2_b, h, false)?;
-            Ok(())
         }
     }
 }
 
-/// `y[r, c] += b[c]` over `rows` rows of `cols`, with `b` the layer range `r` of the arena at `w`
-/// (none where the range is empty: a bias the family does not have), then ReLU if `relu`.
+/// [`product`] of W matrix `m`, then `y[r, c] += b[c]` with `b` the layer range `bias` of the
+/// arena (none where the range is empty: a bias the family does not have) and ReLU if `relu`: in
+/// the GEMM's epilogue where the weight is fp16 and has a bias ([`Gpu::gemm_bias`]), else a
+/// row kernel after the product.
 ///
 /// # Safety
 /// As [`attention_in`].
-unsafe fn bias_act(
+unsafe fn product_bias(
     g: &Gpu,
-    w: u64,
-    rows: usize,
-    (y, r, cols): (u64, &std::ops::Range<usize>, usize),
+    w: &LayerWeights,
+    (m, gm): (usize, &Gemm),
+    bias: &std::ops::Range<usize>,
     relu: bool,
 ) -> Result<()> {
-    if r.is_empty() && !relu {
-        return Ok(());
+    let b = if bias.is_empty() { 0 } else { at(w.arena, bias.start) };
+    // SAFETY (both branches): the caller's contract; the bias range holds gm.n values.
+    unsafe {
+        if w.packed.is_none() && b != 0 {
+            g.gemm_bias(gm, b, relu)?;
+            return Ok(());
+        }
+        product(g, w, m, gm)?;
+        if b != 0 || relu {
+            g.bias_act_raw(gm.c, b, gm.m, gm.n, relu)?;
+        }
     }
-    let b = if r.is_empty() { 0 } else { at(w, r.start) };
-    // SAFETY: the caller's contract.
-    unsafe { g.bias_act_raw(y, b, rows, cols, relu) }?;
     Ok(())
 }

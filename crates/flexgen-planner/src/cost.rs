@@ -121,6 +121,29 @@ pub const VISIT_S: f64 = 0.15e-3;
 /// step implied 66 GFLOP/s (docs/benchmarks.md).
 pub const PACKED_CPU_ATTENTION: f64 = 0.85;
 
+/// The rate of the fused 4-bit product (bytes of packed weights read per second) as a fraction
+/// of the profiled HBM bandwidth, for a decode micro-batch of `rows` (at most
+/// `FUSED_DECODE_ROWS`): `gemv4_dim0` for one or two rows, `gemm4_tc` above. Measured by
+/// `gemv4_bench` on the H200 (session 15, OPT-175B's fc1: 1,989 and 1,318 GB/s by `gemv4_dim0`
+/// at one and two rows; 1,422, 1,351, 1,136 and 913 GB/s by `gemm4_tc` at 8, 16, 32 and 64,
+/// against the profile's 4.03 TB/s; docs/benchmarks.md).
+pub fn fused4_hbm_share(rows: f64) -> f64 {
+    match rows {
+        r if r <= 1.0 => 0.49,
+        r if r <= 2.0 => 0.33,
+        r if r <= 8.0 => 0.35,
+        r if r <= 16.0 => 0.34,
+        r if r <= 32.0 => 0.28,
+        _ => 0.23,
+    }
+}
+
+/// The rate of decode attention over a 4-bit cache in GPU memory read straight from its codes
+/// (`attention_decode_q4`), in bytes of codes per second, as a fraction of the profiled HBM
+/// bandwidth. Measured by `cuda_check` on the H200 (session 15: OPT-175B's shape, 3,072 rows ×
+/// 528 positions, 1,286 GB/s against the profile's 4.03 TB/s).
+pub const Q4_ATTENTION_HBM_SHARE: f64 = 0.32;
+
 /// Host memory the process needs beyond the tensors (allocator, tokenizer, buffers).
 pub const CPU_OVERHEAD_BYTES: f64 = 1.0 * (1u64 << 30) as f64;
 
@@ -213,7 +236,11 @@ pub fn terms(
     let fused = choice.compress_weight
         && choice.gpu_batch_size <= FUSED_DECODE_ROWS
         && choice.num_gpu_batches <= FUSED_DECODE_MAX_BATCHES;
+    // Bytes moved per byte of cache attended on the GPU: an fp16 cache is read once; a packed
+    // one in GPU memory is read straight from its codes at decode (at its own rate); packed rows
+    // brought from the CPU are expanded first (read, write and read again in fp16).
     let cache_read = 1.0 + if choice.compress_cache { 2.0 / rc } else { 0.0 };
+    let gpu_cache_read = if choice.compress_cache { 1.0 / Q4_ATTENTION_HBM_SHARE } else { 1.0 };
 
     // Which copies cost compute time as well as link bandwidth. Weights stream ahead on their own
     // stream. A copy stream stages the next micro-batch's inputs while the current one computes:
@@ -255,13 +282,13 @@ pub fn terms(
             // Decode GEMMs: FLOP-bound or, at small batch, bound by reading the fp16 weights from
             // device memory once per micro-batch. GPU attention reads the cache from device memory.
             Lin::c(if fused {
-                f64::from(choice.num_gpu_batches) * w / hbm
+                f64::from(choice.num_gpu_batches) * w / (hbm * fused4_hbm_share(b))
             } else {
                 (bls * 2.0 * matrix_params / gemm)
                     .max(f64::from(choice.num_gpu_batches) * w16 / hbm)
                     + dequant_w
-            }) + (Lin::var(CG, 1.0) + off_c * (1.0 - attn_cpu))
-                * (kv_tok * ctx * bls * cache_read / hbm)
+            }) + (Lin::var(CG, gpu_cache_read) + off_c * ((1.0 - attn_cpu) * cache_read))
+                * (kv_tok * ctx * bls / hbm)
                 + off_c * (attn_cpu * 4.0 * ctx * h1 * bls / cattn)
                 + decode_stream_copies,
         ),

@@ -308,8 +308,9 @@ impl Default for Policy {
 }
 
 /// Decode micro-batches of at most this many rows run their products straight from 4-bit packed
-/// weights ([`Policy::fuses_decode`])…
-pub const FUSED_DECODE_ROWS: u32 = 2;
+/// weights ([`Policy::fuses_decode`]; one or two rows on the CUDA cores, more on the tensor cores,
+/// 64 a launch)…
+pub const FUSED_DECODE_ROWS: u32 = 64;
 
 /// …when a block has at most this many of them: the dequantizing path expands a layer once for
 /// all its micro-batches, and on small products (OPT-6.7B's) the fused product is slower than

@@ -6,7 +6,7 @@
 #![expect(clippy::print_stdout, reason = "a check program prints its table")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{AttnDims, CacheQuant, addr, at, norm_threads};
+use flexgen_tensor::cuda::exec::{AttnDims, CacheQuant, Gemm, addr, at, norm_threads};
 use flexgen_tensor::quant::{QuantSpec, dequantize, quantize};
 use flexgen_tensor::{Device, Tensor};
 use half::f16;
@@ -133,6 +133,7 @@ fn main() {
     check_cache_quant(&gpu, &mut failures);
     check_decode_attention(&gpu, &mut failures);
     check_bias_norm(&gpu, &mut failures);
+    check_gemm_bias(&gpu, &mut failures);
     if failures.is_empty() {
         println!("all GPU operations match the CPU within fp16 tolerance");
     } else {
@@ -284,7 +285,114 @@ fn check_decode_attention(gpu: &Gpu, failures: &mut Vec<String>) {
         let got: Vec<f32> = s_.clone_dtoh(&go).unwrap().iter().map(|x| x.to_f32()).collect();
         let t = |v: Vec<f32>| Tensor::from_vec(v, (b * nh, hd), &Device::Cpu).unwrap();
         compare(&format!("attention_decode hd {hd} gqa {rep}"), &t(got), &t(want), failures);
+        if hd != 80 {
+            let (direct, expanded) = q4_and_expanded(gpu, (&gq, &gk, &gv, &gs), d);
+            let name = format!("attention_decode_q4 hd {hd} gqa {rep} (against expanded)");
+            compare(&name, &t(direct), &t(expanded), failures);
+        }
     }
+    time_q4_attention(gpu);
+}
+
+type Dev<T> = flexgen_tensor::cuda::CudaSlice<T>;
+
+/// Packs positions 0..past of `k`, `v` (4 bits, groups of 64), then attends once from the codes
+/// (`attention_decode_q4`, the new position from `k`, `v`) and once over the cache expanded by
+/// `dequant_cache` into a copy of `k`, `v`: the two outputs.
+fn q4_and_expanded(
+    gpu: &Gpu,
+    (q, k, v, starts): (&Dev<f16>, &Dev<f16>, &Dev<f16>, &Dev<i32>),
+    d: AttnDims,
+) -> (Vec<f32>, Vec<f32>) {
+    let s = &gpu.stream;
+    let rows = d.b * d.nkv;
+    let c = CacheQuant { rows, cap: d.cap, hd: d.hd, group: 64, bits: 4 };
+    let (cb, pb) = c.sizes();
+    let (kc, vc) = (s.alloc_zeros::<u8>(cb).unwrap(), s.alloc_zeros::<u8>(cb).unwrap());
+    let (kp, vp) = (s.alloc_zeros::<f16>(pb).unwrap(), s.alloc_zeros::<f16>(pb).unwrap());
+    let (ke, ve) = (s.clone_dtod(k).unwrap(), s.clone_dtod(v).unwrap());
+    let (o1, o2) = (
+        s.alloc_zeros::<f16>(d.b * d.nh * d.hd).unwrap(),
+        s.alloc_zeros::<f16>(d.b * d.nh * d.hd).unwrap(),
+    );
+    // SAFETY: buffers allocated above for these shapes.
+    unsafe {
+        gpu.quant_cache(addr(k), addr(&kc), addr(&kp), c, (0, d.past)).unwrap();
+        gpu.quant_cache(addr(v), addr(&vc), addr(&vp), c, (0, d.past)).unwrap();
+        gpu.dequant_cache(addr(&kc), addr(&kp), addr(&ke), c, (0, d.past)).unwrap();
+        gpu.dequant_cache(addr(&vc), addr(&vp), addr(&ve), c, (0, d.past)).unwrap();
+        gpu.attention_decode(
+            addr(q),
+            addr(&ke),
+            addr(&ve),
+            d.cap,
+            addr(starts),
+            addr(&o1),
+            d,
+            0..rows,
+        )
+        .unwrap();
+        let packed = [addr(&kc), addr(&kp), addr(&vc), addr(&vp)];
+        gpu.attention_decode_q4(
+            addr(q),
+            packed,
+            (addr(k), addr(v)),
+            d.cap,
+            addr(starts),
+            addr(&o2),
+            d,
+            (0..rows, 64),
+        )
+        .unwrap();
+    }
+    let f = |o: &Dev<f16>| s.clone_dtoh(o).unwrap().iter().map(|x| x.to_f32()).collect();
+    (f(&o2), f(&o1))
+}
+
+/// Times decode attention over a 4-bit cache at OPT-175B's shape (32 sequences, 96 heads of 128,
+/// 528 positions): from the codes, against expanding K and V then attending.
+fn time_q4_attention(gpu: &Gpu) {
+    let s = &gpu.stream;
+    let (b, nh, hd, cap, past) = (32usize, 96usize, 128usize, 544usize, 527usize);
+    let rows = b * nh;
+    let c = CacheQuant { rows, cap, hd, group: 64, bits: 4 };
+    let (cb, pb) = c.sizes();
+    let (kc, kp) = (s.alloc_zeros::<u8>(cb).unwrap(), s.alloc_zeros::<f16>(pb).unwrap());
+    let (kn, vn) = (
+        s.alloc_zeros::<f16>(rows * cap * hd).unwrap(),
+        s.alloc_zeros::<f16>(rows * cap * hd).unwrap(),
+    );
+    let q = s.alloc_zeros::<f16>(rows * hd).unwrap();
+    let o = s.alloc_zeros::<f16>(rows * hd).unwrap();
+    let st = s.alloc_zeros::<i32>(b).unwrap();
+    let d = AttnDims { b, t: 1, nh, nkv: nh, hd, cap, past };
+    let packed = [addr(&kc), addr(&kp), addr(&kc), addr(&kp)];
+    // SAFETY (both): buffers allocated above for these shapes.
+    let direct = gpu.time_ms(10, || unsafe {
+        gpu.attention_decode_q4(
+            addr(&q),
+            packed,
+            (addr(&kn), addr(&vn)),
+            cap,
+            addr(&st),
+            addr(&o),
+            d,
+            (0..rows, 64),
+        )
+        .unwrap();
+    });
+    let expanded = gpu.time_ms(10, || unsafe {
+        gpu.dequant_cache(addr(&kc), addr(&kp), addr(&kn), c, (0, past)).unwrap();
+        gpu.dequant_cache(addr(&kc), addr(&kp), addr(&vn), c, (0, past)).unwrap();
+        gpu.attention_decode(addr(&q), addr(&kn), addr(&vn), cap, addr(&st), addr(&o), d, 0..rows)
+            .unwrap();
+    });
+    let gb = 2.0 * (cb + 2 * pb) as f64 * (past as f64 / cap as f64) / 1e9;
+    println!(
+        "time decode attention, 4-bit cache, {rows} rows × {} positions × {hd}: from the codes {direct:.3} ms ({:.0} GB/s of codes), expanded first {expanded:.3} ms",
+        past + 1,
+        gb / direct * 1e3
+    );
 }
 
 trait ToVec {
@@ -345,6 +453,81 @@ fn check_bias_norm(gpu: &Gpu, failures: &mut Vec<String>) {
         if !ok {
             failures.push(format!("bias + layer_norm {n}×{h}"));
         }
+    }
+}
+
+/// `Gpu::gemm_bias` (cuBLASLt's bias and ReLU epilogue, accumulating into the output or not)
+/// against an f64 loop and against the GEMM then `bias_act_raw`; then, at OPT-6.7B's MLP shapes
+/// for 64 rows, the time of each.
+fn check_gemm_bias(gpu: &Gpu, failures: &mut Vec<String>) {
+    let s = &gpu.stream;
+    let v = |seed, len, scale| -> Vec<f16> {
+        let t = rand(&[len], seed, scale);
+        t.to_vec1::<f32>().unwrap().into_iter().map(f16::from_f32).collect()
+    };
+    let cases = [
+        (64usize, 4096usize, 1024usize, true, false),
+        (64, 1024, 4096, false, true),
+        (7, 1000, 256, true, true),
+        (300, 512, 256, false, false),
+    ];
+    for (m, n, k, relu, acc) in cases {
+        let (x, w, b, c0) =
+            (v(21, m * k, 1.0), v(22, n * k, 0.05), v(23, n, 0.5), v(24, m * n, 1.0));
+        let (dx, dw, db) =
+            (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap(), s.clone_htod(&b).unwrap());
+        let (y1, y2) = (s.clone_htod(&c0).unwrap(), s.clone_htod(&c0).unwrap());
+        let g = |y| Gemm::linear(m, n, k, addr(&dx), addr(&dw), y, acc);
+        // SAFETY: buffers allocated above for these shapes.
+        unsafe {
+            gpu.gemm_bias(&g(addr(&y1)), addr(&db), relu).unwrap();
+            gpu.gemm(&g(addr(&y2))).unwrap();
+            gpu.bias_act_raw(addr(&y2), addr(&db), m, n, relu).unwrap();
+        }
+        let (y1, y2) = (s.clone_dtoh(&y1).unwrap(), s.clone_dtoh(&y2).unwrap());
+        let (mut err, mut err2, mut top) = (0f64, 0f64, 0f64);
+        for r in 0..m {
+            for o in 0..n {
+                let mut want = f64::from(b[o].to_f32())
+                    + if acc { f64::from(c0[r * n + o].to_f32()) } else { 0.0 };
+                for i in 0..k {
+                    want += f64::from(x[r * k + i].to_f32()) * f64::from(w[o * k + i].to_f32());
+                }
+                if relu {
+                    want = want.max(0.0);
+                }
+                top = top.max(want.abs());
+                err = err.max((f64::from(y1[r * n + o].to_f32()) - want).abs());
+                err2 = err2.max((f64::from(y2[r * n + o].to_f32()) - want).abs());
+            }
+        }
+        let ok = err <= 1e-2 * top.max(1.0) && err <= 2.0 * err2 + 1e-3 * top;
+        println!(
+            "gemm_bias {m}×{k}·({n}×{k})ᵀ relu {relu} accumulate {acc}: max |gpu − f64| {err:.2e} (GEMM then bias_act {err2:.2e}) of max {top:.2e}  {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            failures.push(format!("gemm_bias {m}×{n}×{k}"));
+        }
+    }
+    for (n, k, relu, acc) in [(16384usize, 4096usize, true, false), (4096, 16384, false, true)] {
+        let m = 64;
+        let (x, w, y) = (
+            s.alloc_zeros::<f16>(m * k).unwrap(),
+            s.alloc_zeros::<f16>(n * k).unwrap(),
+            s.alloc_zeros::<f16>(m * n).unwrap(),
+        );
+        let b = s.alloc_zeros::<f16>(n).unwrap();
+        let g = Gemm::linear(m, n, k, addr(&x), addr(&w), addr(&y), acc);
+        // SAFETY (both): buffers allocated above for these shapes.
+        let fused = gpu.time_ms(20, || unsafe { gpu.gemm_bias(&g, addr(&b), relu) }.unwrap());
+        let apart = gpu.time_ms(20, || unsafe {
+            gpu.gemm(&g).unwrap();
+            gpu.bias_act_raw(addr(&y), addr(&b), m, n, relu).unwrap();
+        });
+        println!(
+            "time gemm_bias {m}×{k}·({n}×{k})ᵀ relu {relu}: {fused:.4} ms; GEMM then bias_act {apart:.4} ms"
+        );
     }
 }
 

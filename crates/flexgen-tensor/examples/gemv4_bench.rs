@@ -10,7 +10,7 @@
 #![expect(clippy::cast_precision_loss, reason = "rates")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{Gemm, addr, gemm4_tc_plan, gemv4_plan};
+use flexgen_tensor::cuda::exec::{Gemm, addr, gemv4_plan};
 use flexgen_tensor::quant::{QuantSpec, quantize};
 use half::f16;
 
@@ -128,7 +128,7 @@ fn main() {
             let bytes =
                 n as f64 / 2.0 + (n / group * 4) as f64 + (nb * (ins * 2 + outs * 4)) as f64;
             let plan = gemv4_plan(nb.min(8), (outs, ins), group, addr(&codes), 132);
-            let tplan = gemm4_tc_plan(nb.min(64), (outs, ins), 132);
+            let tplan = gpu.gemm4_tc_plan(nb.min(64), (outs, ins));
             println!(
                 "| {name} ({outs} × {ins}) | {nb} | {} ({}, {}) | {fp16:.3} | {deq:.3} | {fused:.3} | {:.0} | {:.2}× | {:.2}× | {tc:.3} ({}) | {:.0} | {:.2}× |",
                 ["1-row", "2-row", "4-row", "8-row"][plan.kernel],

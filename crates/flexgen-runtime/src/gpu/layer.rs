@@ -91,12 +91,27 @@ impl CudaStage<'_> {
             let qc = CacheQuant { rows: cpu_rows, ..qg };
             let ([ck, cv], [pk, pv]) = &buf.kvq[j][kb];
             let (kn_c, vn_c) = (at(kn, gr_all * cap * hd), at(vn, gr_all * cap * hd));
-            // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe { g.dequant_cache(addr(ck), addr(pk), kn, qg, (0, past)) }.map_err(cuda)?;
-            // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe { g.dequant_cache(addr(cv), addr(pv), vn, qg, (0, past)) }.map_err(cuda)?;
             let packed_stage =
                 buf.kvq_stage.get(slot % buf.kvq_stage.len().max(1)).filter(|_| !cores);
+            // A decode step whose attending rows are all in GPU memory reads their codes straight
+            // (`attention_decode_q4`); otherwise the past positions are expanded first.
+            let direct = t == 1 && packed_stage.is_none() && Gpu::attention_q4_fits(qg);
+            if !direct {
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.dequant_cache(addr(ck), addr(pk), kn, qg, (0, past)) }.map_err(cuda)?;
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.dequant_cache(addr(cv), addr(pv), vn, qg, (0, past)) }.map_err(cuda)?;
+            }
+            let packed = [addr(ck), addr(pk), addr(cv), addr(pv)];
+            // SAFETY (when called): this executor's buffers; rows 0..n of the packed cache and
+            // the working area, the new position written by the q/k/v split.
+            let attend = |n: usize| unsafe {
+                if direct {
+                    g.attention_decode_q4(q, packed, (kn, vn), cap, start, att, d, (0..n, group))
+                } else {
+                    g.attention_decode(q, kn, vn, cap, start, att, d, 0..n)
+                }
+            };
             if let Some(ps @ ([sck, scv], [spk, spv])) = packed_stage {
                 let stage = [addr(sck), addr(scv), addr(spk), addr(spv)];
                 if past > 0 {
@@ -121,9 +136,7 @@ impl CudaStage<'_> {
                 .map_err(cuda)?;
             if cores {
                 if gr_all > 0 {
-                    // SAFETY: this executor's weights and buffers, sized for these shapes.
-                    unsafe { g.attention_decode(q, kn, vn, cap, start, att, d, 0..gr_all) }
-                        .map_err(cuda)?;
+                    attend(gr_all).map_err(cuda)?;
                 }
             } else if t > 1 {
                 let (sc, cx) = (addr(&buf.scores), addr(&buf.ctx));
@@ -133,9 +146,7 @@ impl CudaStage<'_> {
                 // SAFETY: this executor's weights and buffers, sized for these shapes.
                 unsafe { g.merge_heads_raw(cx, att, d) }.map_err(cuda)?;
             } else {
-                // SAFETY: this executor's weights and buffers, sized for these shapes.
-                unsafe { g.attention_decode(q, kn, vn, cap, start, att, d, 0..all_rows) }
-                    .map_err(cuda)?;
+                attend(all_rows).map_err(cuda)?;
             }
             // SAFETY: this executor's weights and buffers, sized for these shapes.
             unsafe { g.quant_cache(kn, addr(ck), addr(pk), qg, (past, t)) }.map_err(cuda)?;

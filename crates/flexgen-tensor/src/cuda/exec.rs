@@ -174,6 +174,12 @@ impl Gemm {
     }
 }
 
+/// Whether GEMMs with a bias take cuBLASLt's fused epilogue (`FLEXGEN_LT=0` turns it off).
+fn lt_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLEXGEN_LT").map_or(true, |v| v != "0"))
+}
+
 pub(super) fn i64_of(v: usize) -> i64 {
     i64::try_from(v).expect("stride fits in i64")
 }
@@ -259,6 +265,34 @@ impl Gpu {
         // SAFETY: the executor sizes every buffer for the shapes it passes; all live on this
         // device and are ordered on the compute stream the handle is bound to.
         unsafe { gemm_raw(&self.blas, g) }
+    }
+
+    /// `g` (one GEMM) with `bias` (`g.n` fp16 values) added to each row of its product, then
+    /// ReLU where `relu`: `c = act(a·op(b) + beta·c + bias)`. One cuBLASLt kernel with the bias
+    /// and activation in its epilogue where cuBLASLt is here and has an algorithm for the shape
+    /// (and `FLEXGEN_LT` is not `0` in the environment, to compare), else the GEMM then
+    /// [`Gpu::bias_act_raw`] (the product rounded to fp16 before the bias is added).
+    ///
+    /// # Safety
+    /// As [`Gpu::gemm`]; `bias` must name `g.n` fp16 values of this device.
+    pub unsafe fn gemm_bias(&self, g: &Gemm, bias: u64, relu: bool) -> Result<(), CudaError> {
+        if let Some(lt) = self.lt.as_ref().filter(|_| lt_enabled()) {
+            // SAFETY: the caller's contract.
+            if unsafe { lt.gemm_bias(g, bias, relu) }? {
+                return Ok(());
+            }
+        }
+        // SAFETY: the caller's contract; `c` holds m rows of ldc ≥ n.
+        unsafe {
+            self.gemm(g)?;
+            if g.ldc == g.n {
+                self.bias_act_raw(g.c, bias, g.m, g.n, relu)
+            } else {
+                (0..g.m).try_for_each(|r| {
+                    self.bias_act_raw(g.c + (r * g.ldc * 2) as u64, bias, 1, g.n, relu)
+                })
+            }
+        }
     }
 
     /// Token (+ position) embedding of `n` tokens: `ids`, `pos` (u32 on the device) → `out [n, h]`.
@@ -640,6 +674,62 @@ impl Gpu {
         Ok(())
     }
 
+    /// Whether [`Gpu::attention_decode_q4`] reads a packed cache of this layout: 4-bit codes,
+    /// heads of 64 or 128 values, groups a multiple of a lane's values (hd/8).
+    pub fn attention_q4_fits(c: CacheQuant) -> bool {
+        c.bits == 4 && matches!(c.hd, 64 | 128) && c.group.is_multiple_of(c.hd / 8)
+    }
+
+    /// [`Gpu::attention_decode`] of query rows `rows_` (kv rows from 0) over a 4-bit packed
+    /// cache read straight from its codes (`packed` = k codes, k pairs, v codes, v pairs, in
+    /// `quant_cache`'s layout for `cap` positions, groups of `group`): positions `0..d.past` from
+    /// the codes, the new one (`d.past`) from the fp16 working areas `work` (`[rows, cap, hd]`,
+    /// where the q/k/v split wrote it). The same result as expanding the cache with
+    /// `dequant_cache` into `work` and calling `attention_decode`, up to rounding (the values are
+    /// not rounded to fp16 on the way).
+    ///
+    /// # Safety
+    /// As [`Gpu::attention_decode`]; the layout must be one [`Gpu::attention_q4_fits`] accepts.
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
+    pub unsafe fn attention_decode_q4(
+        &self,
+        q: u64,
+        packed: [u64; 4],
+        (kn, vn): (u64, u64),
+        cap: usize,
+        start: u64,
+        out: u64,
+        d: AttnDims,
+        (rows_, group): (std::ops::Range<usize>, usize),
+    ) -> Result<(), CudaError> {
+        assert!(d.t == 1, "one query");
+        assert!(d.nkv > 0 && d.nh.is_multiple_of(d.nkv), "query heads in whole groups");
+        let fits = Self::attention_q4_fits(CacheQuant { rows: 0, cap, hd: d.hd, group, bits: 4 });
+        assert!(fits, "attention_decode_q4: head {} in groups of {group}", d.hd);
+        assert_eq!(rows_.start, 0, "attention_decode_q4 reads kv rows from 0");
+        if rows_.is_empty() {
+            return Ok(());
+        }
+        let rep = d.nh / d.nkv;
+        let s = d.past + 1;
+        let warps = 4;
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(rows_.len() * rep).expect("fits"), 1, 1),
+            block_dim: (32 * u32::try_from(warps).expect("4"), 1, 1),
+            shared_mem_bytes: u32::try_from((s + warps * d.hd) * 4).expect("fits"),
+        };
+        let (nh, hd, capi, si, repi, gs) =
+            (dim(d.nh), dim(d.hd), dim(cap), dim(s), dim(rep), dim(group));
+        let row0 = 0i32;
+        let [kc, kp, vc, vp] = packed;
+        let mut l = self.stream.launch_builder(&self.decode_attention_q4);
+        l.arg(&q).arg(&kc).arg(&kp).arg(&vc).arg(&vp).arg(&kn).arg(&vn).arg(&start).arg(&out);
+        l.arg(&nh).arg(&hd).arg(&capi).arg(&si).arg(&row0).arg(&repi).arg(&gs);
+        // SAFETY: one block per query row; reads s ≤ cap positions of its kv row.
+        unsafe { l.launch(cfg)? };
+        Ok(())
+    }
+
     /// Row `t − 1` of each of `b` sequences of `x [b, t, h]` → `y [b, h]`.
     ///
     /// # Safety
@@ -756,7 +846,7 @@ impl Gpu {
             "gemv4_dim0: group {group}, codes at {codes}, params at {params}"
         );
         let tiles = |rows| {
-            let plan = gemv4_plan(rows, (outs, ins), group, codes, 132);
+            let plan = gemv4_plan(rows, (outs, ins), group, codes, self.sms);
             (&self.gemv4_dim0[plan.kernel], plan.blocks, plan.slices, plan.per_slice)
         };
         // SAFETY: threads < ⌈outs/group⌉·group/(8·V) and inputs < ins of the packed buffers
@@ -842,15 +932,20 @@ impl Gpu {
             return Ok(None);
         }
         let tiles = |rows| {
-            let plan = gemm4_tc_plan(rows, (outs, ins), 132);
+            let plan = self.gemm4_tc_plan(rows, (outs, ins));
             (&self.gemm4_tc[plan.kernel], plan.blocks, plan.slices, plan.per_slice)
         };
-        // SAFETY: blocks of 128 outputs within ⌈outs/group⌉·group coded ones, inputs < ins, the
+        // SAFETY: blocks of 256 outputs within ⌈outs/group⌉·group coded ones, inputs < ins, the
         // alignment the kernel needs checked by gemm4_tc_fits; the caller's buffers.
         unsafe {
             self.product4((codes, params), (x, ldx), y, nb, (outs, ins), group, (64, tiles))
         }?;
         Ok(Some(()))
+    }
+
+    /// The [`Gemm4TcPlan`] [`Gpu::gemm4_tc`] takes for a tile of `rows` on this device.
+    pub fn gemm4_tc_plan(&self, rows: usize, (outs, ins): (usize, usize)) -> Gemm4TcPlan {
+        gemm4_tc_plan(rows, (outs, ins), self.gemm4_tc_wave[gemm4_tc_kernel(rows)])
     }
 
     /// Dequantizes positions `p0..p0 + np` of a packed KV cache (`codes`, fp16 `params`; groups
@@ -984,9 +1079,8 @@ pub fn gemm4_tc_fits(
 }
 
 /// How [`Gpu::gemm4_tc`] runs a tile of `rows` (1 to 64): the kernel (`gemm4_tc_1`, `_2`, `_4`,
-/// `_8` for 8, 16, 32, 64 rows; index 0 to 3), a block of 256 threads per 128 outputs, and the
-/// inputs in slices of `per_slice` (a multiple of 128) over the grid's y: about four blocks per
-/// multiprocessor.
+/// `_8` for 8, 16, 32, 64 rows; index 0 to 3), a block of 256 threads per 256 outputs, and the
+/// inputs in slices of `per_slice` (a multiple of 64) over the grid's y.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gemm4TcPlan {
     pub kernel: usize,
@@ -995,19 +1089,35 @@ pub struct Gemm4TcPlan {
     pub per_slice: usize,
 }
 
-/// The [`Gemm4TcPlan`] for `rows` on a device of `sms` multiprocessors.
-pub fn gemm4_tc_plan(rows: usize, (outs, ins): (usize, usize), sms: usize) -> Gemm4TcPlan {
-    let kernel = match rows {
+/// The kernel index of [`Gemm4TcPlan`] for a tile of `rows`.
+pub fn gemm4_tc_kernel(rows: usize) -> usize {
+    match rows {
         0..=8 => 0,
         9..=16 => 1,
         17..=32 => 2,
         _ => 3,
-    };
-    let blocks = outs.div_ceil(128);
-    let steps = ins.div_ceil(128).max(1);
-    let slices = (4 * sms).div_ceil(blocks).clamp(1, steps);
-    let per_slice = steps.div_ceil(slices) * 128;
-    Gemm4TcPlan { kernel, blocks, slices: ins.div_ceil(per_slice).max(1), per_slice }
+    }
+}
+
+/// The [`Gemm4TcPlan`] for `rows` on a device where `wave` blocks of the kernel run at once
+/// (blocks per multiprocessor × multiprocessors): the fewest slices among those that give the
+/// least time in whole waves (a last wave that is mostly empty costs as much as a full one),
+/// a block's time counted as its 64-input steps plus its sums added to the output (each slice
+/// adds 256 × `rows` of them; taken as an eighth of a step per row: session 15, 39 slices of
+/// OPT-175B's fc1 at 32 rows ran slower than 2).
+pub fn gemm4_tc_plan(rows: usize, (outs, ins): (usize, usize), wave: usize) -> Gemm4TcPlan {
+    let blocks = outs.div_ceil(256);
+    let steps = ins.div_ceil(64).max(1);
+    let wave = wave.max(1);
+    let cost = |sl: usize| (blocks * sl).div_ceil(wave) * (8 * steps.div_ceil(sl) + rows);
+    let best = (1..=steps.min(64)).min_by_key(|&sl| (cost(sl), sl)).unwrap_or(1);
+    let per_slice = steps.div_ceil(best) * 64;
+    Gemm4TcPlan {
+        kernel: gemm4_tc_kernel(rows),
+        blocks,
+        slices: ins.div_ceil(per_slice).max(1),
+        per_slice,
+    }
 }
 
 /// How [`Gpu::gemv4_dim0`] runs a tile of `rows` (1 to 8): the kernel (`gemv4_dim0_1`, `_2`, `_4`

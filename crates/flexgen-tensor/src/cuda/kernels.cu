@@ -321,18 +321,26 @@ __device__ __forceinline__ void load_per(const half_t* p, float* out) {
     }
 }
 
+// The rows decode_attention reads: an fp16 cache [.., hd]; load<PER> gives lane `lane`'s PER
+// values of row j as floats.
+struct F16Rows {
+    const half_t* p;
+    int hd;
+    template <int PER>
+    __device__ __forceinline__ void load(int j, int lane, float* out) const { load_per<PER>(p + (size_t)j * hd + lane * PER, out); }
+};
 // decode_attention's two passes over the keys for a head of 32·PER values (lane l holds values
 // l·PER…, one vector load per row), U keys per warp at a time so that U rows' loads are in flight
 // before any is used: the scores of keys lo.. into sm, and (after the softmax) this warp's part
 // of Σ_j p_j·v_j into acc.
 #define DA_U 4
-template <int PER>
-__device__ __forceinline__ void da_scores(const half_t* K, const float* qv, float* sm, int lo, int s, int hd, int lane, int warp, int nw) {
+template <int PER, class Rows>
+__device__ __forceinline__ void da_scores(const Rows& K, const float* qv, float* sm, int lo, int s, int lane, int warp, int nw) {
     int j = lo + warp;
     for (; j + (DA_U - 1) * nw < s; j += DA_U * nw) {
         float kv[DA_U][PER];
 #pragma unroll
-        for (int u = 0; u < DA_U; u++) load_per<PER>(K + (size_t)(j + u * nw) * hd + lane * PER, kv[u]);
+        for (int u = 0; u < DA_U; u++) K.template load<PER>(j + u * nw, lane, kv[u]);
         float a[DA_U];
 #pragma unroll
         for (int u = 0; u < DA_U; u++) {
@@ -350,20 +358,20 @@ __device__ __forceinline__ void da_scores(const half_t* K, const float* qv, floa
     }
     for (; j < s; j += nw) {
         float kv[PER];
-        load_per<PER>(K + (size_t)j * hd + lane * PER, kv);
+        K.template load<PER>(j, lane, kv);
         float a = 0.f;
         for (int i = 0; i < PER; i++) a += qv[i] * kv[i];
         for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
         if (lane == 0) sm[j] = a;
     }
 }
-template <int PER>
-__device__ __forceinline__ void da_values(const half_t* V, const float* sm, float* acc, int lo, int s, int hd, int lane, int warp, int nw) {
+template <int PER, class Rows>
+__device__ __forceinline__ void da_values(const Rows& V, const float* sm, float* acc, int lo, int s, int lane, int warp, int nw) {
     int j = lo + warp;
     for (; j + (DA_U - 1) * nw < s; j += DA_U * nw) {
         float vv[DA_U][PER];
 #pragma unroll
-        for (int u = 0; u < DA_U; u++) load_per<PER>(V + (size_t)(j + u * nw) * hd + lane * PER, vv[u]);
+        for (int u = 0; u < DA_U; u++) V.template load<PER>(j + u * nw, lane, vv[u]);
 #pragma unroll
         for (int u = 0; u < DA_U; u++) {
             float p = sm[j + u * nw];
@@ -373,9 +381,37 @@ __device__ __forceinline__ void da_values(const half_t* V, const float* sm, floa
     }
     for (; j < s; j += nw) {
         float vv[PER];
-        load_per<PER>(V + (size_t)j * hd + lane * PER, vv);
+        V.template load<PER>(j, lane, vv);
         float p = sm[j];
         for (int i = 0; i < PER; i++) acc[i] += p * vv[i];
+    }
+}
+
+// The softmax of the scores sm[lo..s) in place (exponentials, the largest subtracted); returns
+// their sum. Every thread of the block calls it.
+__device__ __forceinline__ float da_softmax(float* sm, float* red, int lo, int s) {
+    __syncthreads();
+    float m = -3.0e38f;
+    for (int j = lo + threadIdx.x; j < s; j += blockDim.x) m = fmaxf(m, sm[j]);
+    m = block_reduce(m, red, true);
+    float sum = 0.f;
+    for (int j = lo + threadIdx.x; j < s; j += blockDim.x) { float e = __expf(sm[j] - m); sm[j] = e; sum += e; }
+    return block_reduce(sum, red, false);
+}
+
+// The warps' parts acc (lane l's `per` ≤ N values from l·per) of the row summed through shared
+// memory `part` [warps, hd], divided by sum, into out [hd]. (N a constant, so that acc stays in
+// registers.)
+template <int N>
+__device__ __forceinline__ void da_finish(const float* acc, int per, float* part, float sum, half_t* out, int hd, int lane, int warp, int nw) {
+#pragma unroll
+    for (int i = 0; i < N; i++) { int d = lane * per + i; if (i < per && d < hd) part[warp * hd + d] = acc[i]; }
+    __syncthreads();
+    float inv = 1.f / sum;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.f;
+        for (int w = 0; w < nw; w++) v += part[w * hd + d];
+        out[d] = f2h(v * inv);
     }
 }
 
@@ -404,52 +440,153 @@ extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, c
 #pragma unroll
     for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; qv[i] = (i < per && d < hd) ? h2f(qr[d]) : 0.f; }
     int lo = start[bi];
+    const F16Rows kr{K, hd}, vr{V, hd};
     if (vec && per == 4) {
-        da_scores<4>(K, qv, sm, lo, s, hd, lane, warp, nw);
+        da_scores<4>(kr, qv, sm, lo, s, lane, warp, nw);
     } else if (vec && per == 2) {
-        da_scores<2>(K, qv, sm, lo, s, hd, lane, warp, nw);
+        da_scores<2>(kr, qv, sm, lo, s, lane, warp, nw);
     } else {
         for (int j = lo + warp; j < s; j += nw) {
-            const half_t* kr = K + (size_t)j * hd;
+            const half_t* k = K + (size_t)j * hd;
             float acc = 0.f;
 #pragma unroll
-            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc += qv[i] * h2f(kr[d]); }
+            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc += qv[i] * h2f(k[d]); }
             for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
             if (lane == 0) sm[j] = acc;
         }
     }
-    __syncthreads();
-    float m = -3.0e38f;
-    for (int j = lo + threadIdx.x; j < s; j += blockDim.x) m = fmaxf(m, sm[j]);
-    m = block_reduce(m, red, true);
-    float sum = 0.f;
-    for (int j = lo + threadIdx.x; j < s; j += blockDim.x) { float e = __expf(sm[j] - m); sm[j] = e; sum += e; }
-    sum = block_reduce(sum, red, false);
+    float sum = da_softmax(sm, red, lo, s);
     float acc[MAXPER];
 #pragma unroll
     for (int i = 0; i < MAXPER; i++) acc[i] = 0.f;
     if (vec && per == 4) {
-        da_values<4>(V, sm, acc, lo, s, hd, lane, warp, nw);
+        da_values<4>(vr, sm, acc, lo, s, lane, warp, nw);
     } else if (vec && per == 2) {
-        da_values<2>(V, sm, acc, lo, s, hd, lane, warp, nw);
+        da_values<2>(vr, sm, acc, lo, s, lane, warp, nw);
     } else {
         for (int j = lo + warp; j < s; j += nw) {
-            const half_t* vr = V + (size_t)j * hd;
+            const half_t* v = V + (size_t)j * hd;
             float p = sm[j];
 #pragma unroll
-            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc[i] += p * h2f(vr[d]); }
+            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc[i] += p * h2f(v[d]); }
         }
     }
-    float* part = sm + s;
+    da_finish<MAXPER>(acc, per, sm + s, sum, out + (size_t)bh * hd, hd, lane, warp, nw);
+}
+
+// decode_attention over a 4-bit packed cache (quant_cache's layout: per (kv row, position)
+// code_b bytes of codes and `groups` (min, scale) pairs), read straight from its codes: positions
+// 0..s−2 packed, the newest (s − 1) from the fp16 working areas kn/vn ([.., cap, hd], where the
+// q/k/v split wrote it). A value is min + code·scale, so a lane's part of a score is
+// min·Σq + scale·Σ q·code and its part of Σ p·v is Σ p·min + (p·scale)·code: one fma per value
+// (the values are not rounded to fp16 first, as dequant_cache's are: the same result up to
+// rounding). Eight lanes share a position (V = hd/8 values each: one 8- or 4-byte load of codes,
+// one of its pair), so a warp takes four positions at a time, and Q4_U such sets are loaded
+// (kept packed in registers) before any is used. The newest position is the first warp's first
+// eight lanes'. hd 64 or 128, gs a multiple of V (the host checks). Dynamic shared memory:
+// s + warps·hd floats.
+#define Q4_U 8
+struct Q4Raw {
+    uint2 c; // V codes (V = 8: c.x only)
+    unsigned p; // (min, scale)
+};
+template <int V>
+__device__ __forceinline__ Q4Raw q4_load(const unsigned char* codes, const half_t* params, int j, int part, int code_b, int groups, int gs) {
+    int d0 = part * V;
+    Q4Raw r;
+    r.p = *(const unsigned int*)(params + ((size_t)j * groups + d0 / gs) * 2);
+    const unsigned char* c = codes + (size_t)j * code_b + d0 / 2;
+    if (V == 16) r.c = *(const uint2*)c;
+    else r.c = make_uint2(*(const unsigned*)c, 0);
+    return r;
+}
+__device__ __forceinline__ float q4_code(const Q4Raw& r, int i) { return (float)(((i < 8 ? r.c.x : r.c.y) >> (4 * (i % 8))) & 15); }
+template <int V>
+__device__ __forceinline__ void q4_attend(const half_t* qr, const unsigned char* kc, const half_t* kp, const half_t* kf,
+                                          const unsigned char* vc, const half_t* vp, const half_t* vf, int lo, int s,
+                                          int gs, float* sm, float* red, half_t* out) {
+    const int hd = 8 * V, groups = (hd + gs - 1) / gs, code_b = groups * gs / 2;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int sub = lane >> 3, part = lane & 7, past = s - 1;
+    const bool fresh = warp == 0 && sub == 0; // the lanes that take the newest position
+    float qv[V], qsum = 0.f;
 #pragma unroll
-    for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) part[warp * hd + d] = acc[i]; }
-    __syncthreads();
-    float inv = 1.f / sum;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float v = 0.f;
-        for (int w = 0; w < nw; w++) v += part[w * hd + d];
-        out[(size_t)bh * hd + d] = f2h(v * inv);
+    for (int i = 0; i < V; i++) { qv[i] = h2f(qr[part * V + i]); qsum += qv[i]; }
+    for (int j0 = lo + 4 * warp; j0 < past; j0 += 4 * nw * Q4_U) {
+        Q4Raw r[Q4_U];
+#pragma unroll
+        for (int u = 0; u < Q4_U; u++) {
+            int j = j0 + 4 * nw * u + sub;
+            r[u] = j < past ? q4_load<V>(kc, kp, j, part, code_b, groups, gs) : Q4Raw{make_uint2(0, 0), 0};
+        }
+#pragma unroll
+        for (int u = 0; u < Q4_U; u++) {
+            float a = 0.f;
+#pragma unroll
+            for (int i = 0; i < V; i++) a += qv[i] * q4_code(r[u], i);
+            a = h2f((half_t)(r[u].p & 0xffffu)) * qsum + h2f((half_t)(r[u].p >> 16)) * a;
+            for (int o = 1; o < 8; o <<= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+            int j = j0 + 4 * nw * u + sub;
+            if (part == 0 && j < past) sm[j] = a;
+        }
     }
+    if (fresh) {
+        float a = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; i++) a += qv[i] * h2f(kf[part * V + i]);
+        for (int o = 1; o < 8; o <<= 1) a += __shfl_xor_sync(0xffu, a, o);
+        if (part == 0) sm[past] = a;
+    }
+    float sum = da_softmax(sm, red, lo, s);
+    float acc[V], accm = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; i++) acc[i] = 0.f;
+    for (int j0 = lo + 4 * warp; j0 < past; j0 += 4 * nw * Q4_U) {
+        Q4Raw r[Q4_U];
+#pragma unroll
+        for (int u = 0; u < Q4_U; u++) {
+            int j = j0 + 4 * nw * u + sub;
+            r[u] = j < past ? q4_load<V>(vc, vp, j, part, code_b, groups, gs) : Q4Raw{make_uint2(0, 0), 0};
+        }
+#pragma unroll
+        for (int u = 0; u < Q4_U; u++) {
+            int j = j0 + 4 * nw * u + sub;
+            float p = j < past ? sm[j] : 0.f;
+            float ps = p * h2f((half_t)(r[u].p >> 16));
+            accm += p * h2f((half_t)(r[u].p & 0xffffu));
+#pragma unroll
+            for (int i = 0; i < V; i++) acc[i] += ps * q4_code(r[u], i);
+        }
+    }
+    if (fresh) {
+        float p = sm[past];
+#pragma unroll
+        for (int i = 0; i < V; i++) acc[i] += p * h2f(vf[part * V + i]);
+    }
+    // The four positions' sums of each part; lanes 0..7 then hold values part·V… of this warp's.
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        acc[i] += accm;
+        acc[i] += __shfl_xor_sync(0xffffffff, acc[i], 8);
+        acc[i] += __shfl_xor_sync(0xffffffff, acc[i], 16);
+    }
+    da_finish<V>(acc, V, sm + s, sum, out, hd, lane, warp, nw);
+}
+extern "C" __global__ void decode_attention_q4(const half_t* q, const unsigned char* kc, const half_t* kp,
+                                               const unsigned char* vc, const half_t* vp, const half_t* kn,
+                                               const half_t* vn, const int* start, half_t* out, int nh, int hd,
+                                               int cap, int s, int row0, int rep, int gs) {
+    extern __shared__ float sm[];
+    __shared__ float red[32];
+    int bh = row0 + blockIdx.x, bi = bh / nh;
+    const int groups = (hd + gs - 1) / gs, code_b = groups * gs / 2;
+    const size_t kv = blockIdx.x / rep;
+    const size_t cb = kv * cap * code_b, pb = kv * cap * groups * 2, fr = (kv * cap + s - 1) * hd;
+    const half_t* qr = q + (size_t)bh * hd;
+    half_t* o = out + (size_t)bh * hd;
+    int lo = start[bi];
+    if (hd == 128) q4_attend<16>(qr, kc + cb, kp + pb, kn + fr, vc + cb, vp + pb, vn + fr, lo, s, gs, sm, red, o);
+    else q4_attend<8>(qr, kc + cb, kp + pb, kn + fr, vc + cb, vp + pb, vn + fr, lo, s, gs, sm, red, o);
 }
 
 // out[row] = the index of the largest value of x[row, 0..cols] (the lowest index among equals).
@@ -726,50 +863,73 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ 8·NT, W read from dequant_dim0's 4-bit layout:
 // for input i the codes of outputs 0, 1, … are contiguous nibbles from code i·chunks·gs (chunks =
 // ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
-// adjacent from pair i·chunks. A block of 256 threads (8 warps) owns 128 outputs and a slice of
+// adjacent from pair i·chunks. A block of 256 threads (8 warps, 32 outputs each: two m16 tiles that share each B fragment) owns 256 outputs and a slice of
 // the inputs (blockIdx.y; its partial sums added to the fp32 y [nb, outs] with atomicAdd, as
-// gemv4's). Each step stages GT_K inputs' codes (64 bytes each, one 16-byte load per thread per
-// 32 inputs), their pairs and x's GT_K columns of every row in shared memory, the next step's
-// loads in flight in registers meanwhile; then each warp expands its 16 outputs × 16 inputs into
-// an mma A fragment (min + code · scale rounded to fp16, as dequant_dim0 writes it) and multiplies
-// it by every 8-row tile of x (mma.sync m16n8k16, fp32 sums). Needs gs ∈ {16, 32, 64, 128}, codes
-// and x 16-byte aligned, ldx and chunks·gs multiples of 8 (the host checks).
-#define GT_K 128
-#define GT_O 128
+// gemv4's). Each step stages GT_K inputs in shared memory, the next step's loads in flight in
+// registers meanwhile: the codes with four inputs' bytes of one byte column interleaved in a word,
+// the pairs by group then input, x by row then input. The sum over inputs is taken in an order of
+// our choosing: the mma's k = 2t, 2t + 1, 2t + 8, 2t + 9 (lane t of a quad) are the step's inputs
+// 4t … 4t + 3, and fragment rows g and g + 8 are the outputs 2g and 2g + 1 of a tile's 16 (the
+// two nibbles of one byte). So one 4-byte load gives a lane the codes of all its A fragment, one
+// 16-byte load its four inputs' pairs and one 8-byte load per 8 rows its B fragment; the codes
+// become fp16 by the 0x6400 trick and min + code · scale is one fp16x2 fma, rounded once as
+// dequant_dim0 rounds it. mma.sync m16n8k16, fp32 sums. Needs gs ∈ {16, 32, 64, 128}, codes and
+// x 16-byte aligned, ldx and chunks·gs multiples of 8 (the host checks).
+#define GT_K 64
+#define GT_O 256
 
 __device__ __forceinline__ unsigned pack_h2(half_t lo, half_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+// Two codes (bits 0–3 and 16–19 of q) as fp16 values min + code · scale, each half of sc and mn
+// the scale and min of its input.
+__device__ __forceinline__ unsigned dequant2(unsigned q, unsigned sc, unsigned mn) {
+    unsigned v = (q & 0x000F000Fu) | 0x64006400u, d; // 1024 + code, exactly
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(v), "r"(0x64006400u));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(v) : "r"(d), "r"(sc), "r"(mn));
+    return v;
+}
 
 template <int NT>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
-    // Rows padded so that the four inputs a warp's lanes read at once (t = 0..3: inputs 2t apart)
-    // fall in different banks: codes 80 bytes a row (16-byte aligned), pairs 9 words.
-    __shared__ __align__(16) unsigned char cs[GT_K][GT_O / 2 + 16]; // codes: [input][output / 2]
-    __shared__ unsigned ps[GT_K][GT_O / 16 + 1];                    // pairs: [input][output group]
-    __shared__ __align__(16) half_t xs[8 * NT][GT_K + 8];          // x: [row][input], padded
+    // Rows padded so that a warp's loads fall in different banks: codes 136 words a quad of
+    // inputs (lanes t read quads t: 8t + g), x 80 values a row (8-byte loads: 8g + 2t).
+    __shared__ __align__(16) unsigned cs[GT_K / 4][GT_O / 2 + 8]; // codes: [input quad][byte column]
+    __shared__ __align__(16) unsigned ps[GT_O / 16][GT_K + 4];    // pairs: [group][input]
+    __shared__ __align__(16) half_t xs[8 * NT][GT_K + 16];         // x: [row][input]
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int chunks = (outs + gs - 1) / gs;
     const long long per_input = (long long)chunks * gs / 2; // code bytes of one input
     const int o_blk = blockIdx.x * GT_O;
     const int gpb = GT_O / gs;                                // groups of the block's outputs
     const int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
-    float acc[NT][4];
+    float acc[NT][2][4];
 #pragma unroll
-    for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) acc[n][j] = 0.f;
-    // Per step: codes 128 inputs × 64 bytes = 512 uint4 (2 per thread); x 8·NT rows × 128 inputs =
-    // NT·128 uint4 (NT/2 per thread, at least one thread-slot); pairs 128 × gpb ≤ 1024 (4 per thread).
-    uint4 rc[2], rx[(NT + 1) / 2];
+    for (int n = 0; n < NT; n++) for (int m = 0; m < 2; m++) for (int j = 0; j < 4; j++) acc[n][m][j] = 0.f;
+    // Per step: codes of 16 input quads × 16 eight-byte column blocks (one unit per thread, four
+    // 8-byte loads: the quad's inputs; 16 lanes read 128 contiguous bytes of an input); x 8·NT
+    // rows × 64 inputs = 64·NT uint4 (at least one thread-slot each); pairs 64 × gpb ≤ 1024 (4 per
+    // thread).
+    const int cq = tid >> 4, cb = tid & 15; // this thread's code quad and column block
+    constexpr int XU = NT < 4 ? 1 : NT / 4;
+    uint2 rc[4];
+    uint4 rx[XU];
     unsigned rp[4];
+    const int lg = __ffs(gpb) - 1; // gpb is a power of two
+    const bool cols = o_blk + 16 * cb < chunks * gs;
     auto load = [&](int k0) {
+        const unsigned char* cr = codes + (long long)(k0 + 4 * cq) * per_input + o_blk / 2 + 8 * cb;
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            int e = tid + 256 * u, i = k0 + e / 4, part = e % 4;
-            rc[u] = make_uint4(0, 0, 0, 0);
-            if (i < i1 && o_blk + 32 * part < chunks * gs)
-                rc[u] = *(const uint4*)(codes + i * per_input + o_blk / 2 + 16 * part);
+        for (int j = 0; j < 4; j++) {
+            rc[j] = make_uint2(0, 0);
+            if (k0 + 4 * cq + j < i1 && cols) rc[j] = *(const uint2*)(cr + j * per_input);
         }
 #pragma unroll
-        for (int u = 0; u < (NT + 1) / 2; u++) {
+        for (int u = 0; u < XU; u++) {
             int e = tid + 256 * u, r = e / (GT_K / 8), c8 = e % (GT_K / 8), i = k0 + 8 * c8;
             rx[u] = make_uint4(0, 0, 0, 0);
             if (r < 8 * NT && r < nb && i < i1) {
@@ -784,30 +944,36 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
         }
 #pragma unroll
         for (int u = 0; u < 4; u++) {
-            int e = tid + 256 * u, i = k0 + e / gpb, q = e % gpb, ch = o_blk / gs + q;
+            int e = tid + 256 * u, i = k0 + (e >> lg), ch = o_blk / gs + (e & (gpb - 1));
             rp[u] = 0;
             if (e < GT_K * gpb && i < i1 && ch < chunks) rp[u] = pairs[(long long)i * chunks + ch];
         }
     };
     auto store = [&]() {
+        // Transpose the quad's 4 inputs × 8 byte columns: word c = the column's bytes of inputs 0..3.
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            int e = tid + 256 * u;
-            *(uint4*)&cs[e / 4][16 * (e % 4)] = rc[u];
+        for (int h = 0; h < 2; h++) {
+            unsigned r0 = h ? rc[0].y : rc[0].x, r1 = h ? rc[1].y : rc[1].x;
+            unsigned r2 = h ? rc[2].y : rc[2].x, r3 = h ? rc[3].y : rc[3].x;
+            unsigned a = prmt(r0, r1, 0x5140), b = prmt(r0, r1, 0x7362);
+            unsigned c = prmt(r2, r3, 0x5140), d = prmt(r2, r3, 0x7362);
+            *(uint4*)&cs[cq][8 * cb + 4 * h] =
+                make_uint4(prmt(a, c, 0x5410), prmt(a, c, 0x7632), prmt(b, d, 0x5410), prmt(b, d, 0x7632));
         }
 #pragma unroll
-        for (int u = 0; u < (NT + 1) / 2; u++) {
+        for (int u = 0; u < XU; u++) {
             int e = tid + 256 * u, r = e / (GT_K / 8), c8 = e % (GT_K / 8);
             if (r < 8 * NT) *(uint4*)&xs[r][8 * c8] = rx[u];
         }
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             int e = tid + 256 * u;
-            if (e < GT_K * gpb) ps[e / gpb][e % gpb] = rp[u];
+            if (e < GT_K * gpb) ps[e & (gpb - 1)][e >> lg] = rp[u];
         }
     };
-    // This warp's outputs: rows r0 = 16·warp + g and r0 + 8 of the block's 128, in one group.
-    const int r0 = 16 * warp + g, grp = r0 / gs, sh = 4 * (r0 & 1), b0 = r0 >> 1, b1 = (r0 + 8) >> 1;
+    // This warp's outputs: 32·warp … + 31 of the block's 256, two tiles of 16 (each in one group);
+    // lane g's byte column in tile m: 16·warp + 8m + g.
+    const int grp0 = 32 * warp / gs, grp1 = (32 * warp + 16) / gs, col = 16 * warp + g;
     if (i0 < i1) load(i0);
     for (int k0 = i0; k0 < i1; k0 += GT_K) {
         __syncthreads(); // the previous step's reads of shared memory are done
@@ -816,52 +982,60 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
         if (k0 + GT_K < i1) load(k0 + GT_K); // in flight while this step computes
 #pragma unroll
         for (int kb = 0; kb < GT_K; kb += 16) {
-            // A: W[r][kb + 2t + {0, 1}] and W[r][kb + 2t + 8 + {0, 1}] for r = r0, r0 + 8.
-            half_t w[2][4];
+            // The step's inputs kb + 4t + j (j = 0..3): codes byte j of one word, pairs p.x … p.w.
+            unsigned a[2][4];
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                int i = kb + 2 * t + (j & 1) + 8 * (j >> 1);
-                unsigned p = ps[i][grp];
-                float mn = h2f((half_t)(p & 0xffffu)), sc = h2f((half_t)(p >> 16));
-                w[0][j] = f2h(mn + (float)((cs[i][b0] >> sh) & 15) * sc);
-                w[1][j] = f2h(mn + (float)((cs[i][b1] >> sh) & 15) * sc);
+            for (int m = 0; m < 2; m++) {
+                unsigned w = cs[kb / 4 + t][col + 8 * m];
+                uint4 p = *(const uint4*)&ps[m ? grp1 : grp0][kb + 4 * t];
+                unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
+                unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
+                unsigned q01 = prmt(w, 0, 0x4140), q23 = prmt(w, 0, 0x4342); // bytes to bits 0–7, 16–23
+                // A: a0/a2 row g (low nibbles) at k 2t, 2t+1 / 2t+8, 2t+9; a1/a3 row g + 8 (high).
+                a[m][0] = dequant2(q01, sc01, mn01);
+                a[m][1] = dequant2(q01 >> 4, sc01, mn01);
+                a[m][2] = dequant2(q23, sc23, mn23);
+                a[m][3] = dequant2(q23 >> 4, sc23, mn23);
             }
-            unsigned a0 = pack_h2(w[0][0], w[0][1]), a1 = pack_h2(w[1][0], w[1][1]);
-            unsigned a2 = pack_h2(w[0][2], w[0][3]), a3 = pack_h2(w[1][2], w[1][3]);
 #pragma unroll
             for (int n = 0; n < NT; n++) {
-                // B: x[8n + g][kb + 2t + {0, 1}] and [kb + 2t + 8 + {0, 1}].
-                unsigned bb0 = *(const unsigned*)&xs[8 * n + g][kb + 2 * t];
-                unsigned bb1 = *(const unsigned*)&xs[8 * n + g][kb + 2 * t + 8];
+                // B: x[8n + g][kb + 4t … kb + 4t + 3].
+                uint2 bb = *(const uint2*)&xs[8 * n + g][kb + 4 * t];
+#pragma unroll
+                for (int m = 0; m < 2; m++) {
 #if __CUDA_ARCH__ >= 800
-                asm volatile(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                    : "+f"(acc[n][0]), "+f"(acc[n][1]), "+f"(acc[n][2]), "+f"(acc[n][3])
-                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bb0), "r"(bb1));
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                        : "+f"(acc[n][m][0]), "+f"(acc[n][m][1]), "+f"(acc[n][m][2]), "+f"(acc[n][m][3])
+                        : "r"(a[m][0]), "r"(a[m][1]), "r"(a[m][2]), "r"(a[m][3]), "r"(bb.x), "r"(bb.y));
 #else
-                __trap(); // no m16n8k16 before sm_80; the host does not launch it there
+                    __trap(); // no m16n8k16 before sm_80; the host does not launch it there
 #endif
+                }
             }
         }
     }
-    // D: rows (outputs) r0, r0 + 8; columns (x rows) 8n + 2t + {0, 1}.
+    // D: in tile m, rows g and g + 8 are outputs 2g and 2g + 1; columns (x rows) 8n + 2t + {0, 1}.
 #pragma unroll
     for (int n = 0; n < NT; n++) {
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            int o = o_blk + r0 + 8 * (j >> 1), b = 8 * n + 2 * t + (j & 1);
-            if (o < outs && b < nb) atomicAdd(y + (long long)b * outs + o, acc[n][j]);
+        for (int m = 0; m < 2; m++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int o = o_blk + 32 * warp + 16 * m + 2 * g + (j >> 1), b = 8 * n + 2 * t + (j & 1);
+                if (o < outs && b < nb) atomicAdd(y + (long long)b * outs + o, acc[n][m][j]);
+            }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(256, 3) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<1>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
-extern "C" __global__ void __launch_bounds__(256) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(256, 3) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<2>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
-extern "C" __global__ void __launch_bounds__(256) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(256, 3) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<4>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
 extern "C" __global__ void __launch_bounds__(256) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {

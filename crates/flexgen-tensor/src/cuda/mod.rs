@@ -3,6 +3,7 @@
 //! The fp16 GEMMs here (cuBLAS, fp32 accumulation) are the ones the GPU backend computes with.
 
 pub mod exec;
+mod lt;
 mod nccl;
 mod ops;
 
@@ -27,6 +28,9 @@ pub enum CudaError {
     /// A cuBLAS call failed.
     #[error("cuBLAS: {0}")]
     Blas(#[from] cudarc::cublas::result::CublasError),
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt: {0}")]
+    BlasLt(cudarc::cublaslt::result::CublasError),
     /// NVRTC could not compile the kernels.
     #[error("compiling the CUDA kernels: {0}")]
     Compile(String),

@@ -42,6 +42,8 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub(super) blas: CudaBlas,
+    /// cuBLASLt, for GEMMs with their bias (and ReLU) fused (`None` without the library).
+    pub(super) lt: Option<super::lt::Lt>,
     _module: Arc<CudaModule>,
     pub(super) embed: CudaFunction,
     pub(super) layer_norm: CudaFunction,
@@ -54,6 +56,7 @@ pub struct Gpu {
     pub(super) qkv_split: CudaFunction,
     pub(super) causal_softmax: CudaFunction,
     pub(super) decode_attention: CudaFunction,
+    pub(super) decode_attention_q4: CudaFunction,
     pub(super) argmax_rows: CudaFunction,
     pub(super) dequant_dim0: CudaFunction,
     /// `gemv4_dim0_{1,2,4,8}`: tiles of at most that many rows.
@@ -63,6 +66,10 @@ pub struct Gpu {
     pub(super) gemm4_tc: [CudaFunction; 4],
     /// Whether the device has the mma.sync m16n8k16 fp16 instructions (compute capability ≥ 8.0).
     pub(super) tensor_cores: bool,
+    /// The device's multiprocessors.
+    pub(super) sms: usize,
+    /// Blocks of each `gemm4_tc` kernel that run at once on the device (a wave).
+    pub(super) gemm4_tc_wave: [usize; 4],
     pub(super) dequant_cache: CudaFunction,
     pub(super) quant_cache: CudaFunction,
     pub(super) silu_mul: CudaFunction,
@@ -156,9 +163,23 @@ impl Gpu {
         let module = ctx.load_module(ptx)?;
         let f = |name: &str| module.load_function(name);
         let stream = ctx.new_stream()?;
+        let sms = usize::try_from(ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )?)
+        .unwrap_or(1)
+        .max(1);
+        let gemm4_tc = [f("gemm4_tc_1")?, f("gemm4_tc_2")?, f("gemm4_tc_4")?, f("gemm4_tc_8")?];
+        let mut gemm4_tc_wave = [sms; 4];
+        for (w, k) in gemm4_tc_wave.iter_mut().zip(&gemm4_tc) {
+            let per_sm = k.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?;
+            *w = sms * usize::try_from(per_sm).unwrap_or(1).max(1);
+        }
         Ok(Self {
             tensor_cores: major >= 8,
+            sms,
+            gemm4_tc_wave,
             blas: CudaBlas::new(stream.clone())?,
+            lt: super::lt::Lt::new(&stream, major)?,
             embed: f("embed")?,
             layer_norm: f("layer_norm")?,
             bias_act: f("bias_act")?,
@@ -170,6 +191,7 @@ impl Gpu {
             qkv_split: f("qkv_split")?,
             causal_softmax: f("causal_softmax")?,
             decode_attention: f("decode_attention")?,
+            decode_attention_q4: f("decode_attention_q4")?,
             argmax_rows: f("argmax_rows")?,
             dequant_dim0: f("dequant_dim0")?,
             gemv4_dim0: [
@@ -178,7 +200,7 @@ impl Gpu {
                 f("gemv4_dim0_4")?,
                 f("gemv4_dim0_8")?,
             ],
-            gemm4_tc: [f("gemm4_tc_1")?, f("gemm4_tc_2")?, f("gemm4_tc_4")?, f("gemm4_tc_8")?],
+            gemm4_tc,
             dequant_cache: f("dequant_cache")?,
             quant_cache: f("quant_cache")?,
             silu_mul: f("silu_mul")?,
