@@ -174,10 +174,22 @@ impl Gemm {
     }
 }
 
-/// Whether GEMMs with a bias take cuBLASLt's fused epilogue (`FLEXGEN_LT=0` turns it off).
-fn lt_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLEXGEN_LT").map_or(true, |v| v != "0"))
+/// Which single GEMMs take cuBLASLt rather than cuBLAS (to compare them: `FLEXGEN_LT=0` none,
+/// `FLEXGEN_LT=bias` those with a bias in the epilogue, else all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LtUse {
+    Off,
+    Bias,
+    All,
+}
+
+fn lt_use() -> LtUse {
+    static USE: std::sync::OnceLock<LtUse> = std::sync::OnceLock::new();
+    *USE.get_or_init(|| match std::env::var("FLEXGEN_LT").as_deref() {
+        Ok("0") => LtUse::Off,
+        Ok("bias") => LtUse::Bias,
+        _ => LtUse::All,
+    })
 }
 
 pub(super) fn i64_of(v: usize) -> i64 {
@@ -254,7 +266,9 @@ pub unsafe fn gemm_raw(blas: &cudarc::cublas::CudaBlas, g: &Gemm) -> Result<(), 
 }
 
 impl Gpu {
-    /// Runs `g` on the compute stream (fp32 accumulation).
+    /// Runs `g` on the compute stream (fp32 accumulation): a single GEMM through cuBLASLt (the
+    /// algorithm its heuristic picks for the shape, kept) unless `FLEXGEN_LT` is `0` or `bias`
+    /// in the environment, batched ones and shapes cuBLASLt has no algorithm for through cuBLAS.
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -262,6 +276,12 @@ impl Gpu {
     /// compute stream has run the kernel; buffers a kernel writes must not be read or written
     /// by other work on other streams meanwhile.
     pub unsafe fn gemm(&self, g: &Gemm) -> Result<(), CudaError> {
+        if let Some(lt) = self.lt.as_ref().filter(|_| g.batch == 1 && lt_use() == LtUse::All) {
+            // SAFETY: the caller's contract.
+            if unsafe { lt.gemm(g, None) }? {
+                return Ok(());
+            }
+        }
         // SAFETY: the executor sizes every buffer for the shapes it passes; all live on this
         // device and are ordered on the compute stream the handle is bound to.
         unsafe { gemm_raw(&self.blas, g) }
@@ -276,9 +296,9 @@ impl Gpu {
     /// # Safety
     /// As [`Gpu::gemm`]; `bias` must name `g.n` fp16 values of this device.
     pub unsafe fn gemm_bias(&self, g: &Gemm, bias: u64, relu: bool) -> Result<(), CudaError> {
-        if let Some(lt) = self.lt.as_ref().filter(|_| lt_enabled()) {
+        if let Some(lt) = self.lt.as_ref().filter(|_| lt_use() != LtUse::Off) {
             // SAFETY: the caller's contract.
-            if unsafe { lt.gemm_bias(g, bias, relu) }? {
+            if unsafe { lt.gemm(g, Some((bias, relu))) }? {
                 return Ok(());
             }
         }

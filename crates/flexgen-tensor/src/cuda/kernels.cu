@@ -500,6 +500,16 @@ __device__ __forceinline__ Q4Raw q4_load(const unsigned char* codes, const half_
     else r.c = make_uint2(*(const unsigned*)c, 0);
     return r;
 }
+// The Q4_U positions j0 + 4·nw·u + sub (u < Q4_U) of this lane's set, packed; zeros from `past` on.
+template <int V>
+__device__ __forceinline__ void q4_load_set(const unsigned char* codes, const half_t* params, int j0, int nw, int sub, int past,
+                                            int part, int code_b, int groups, int gs, Q4Raw* r) {
+#pragma unroll
+    for (int u = 0; u < Q4_U; u++) {
+        int j = j0 + 4 * nw * u + sub;
+        r[u] = j < past ? q4_load<V>(codes, params, j, part, code_b, groups, gs) : Q4Raw{make_uint2(0, 0), 0};
+    }
+}
 __device__ __forceinline__ float q4_code(const Q4Raw& r, int i) { return (float)(((i < 8 ? r.c.x : r.c.y) >> (4 * (i % 8))) & 15); }
 template <int V>
 __device__ __forceinline__ void q4_attend(const half_t* qr, const unsigned char* kc, const half_t* kp, const half_t* kf,
@@ -514,11 +524,7 @@ __device__ __forceinline__ void q4_attend(const half_t* qr, const unsigned char*
     for (int i = 0; i < V; i++) { qv[i] = h2f(qr[part * V + i]); qsum += qv[i]; }
     for (int j0 = lo + 4 * warp; j0 < past; j0 += 4 * nw * Q4_U) {
         Q4Raw r[Q4_U];
-#pragma unroll
-        for (int u = 0; u < Q4_U; u++) {
-            int j = j0 + 4 * nw * u + sub;
-            r[u] = j < past ? q4_load<V>(kc, kp, j, part, code_b, groups, gs) : Q4Raw{make_uint2(0, 0), 0};
-        }
+        q4_load_set<V>(kc, kp, j0, nw, sub, past, part, code_b, groups, gs, r);
 #pragma unroll
         for (int u = 0; u < Q4_U; u++) {
             float a = 0.f;
@@ -543,11 +549,7 @@ __device__ __forceinline__ void q4_attend(const half_t* qr, const unsigned char*
     for (int i = 0; i < V; i++) acc[i] = 0.f;
     for (int j0 = lo + 4 * warp; j0 < past; j0 += 4 * nw * Q4_U) {
         Q4Raw r[Q4_U];
-#pragma unroll
-        for (int u = 0; u < Q4_U; u++) {
-            int j = j0 + 4 * nw * u + sub;
-            r[u] = j < past ? q4_load<V>(vc, vp, j, part, code_b, groups, gs) : Q4Raw{make_uint2(0, 0), 0};
-        }
+        q4_load_set<V>(vc, vp, j0, nw, sub, past, part, code_b, groups, gs, r);
 #pragma unroll
         for (int u = 0; u < Q4_U; u++) {
             int j = j0 + 4 * nw * u + sub;

@@ -1,7 +1,7 @@
-//! GEMMs with a fused epilogue through cuBLASLt: `y = x·Wᵀ (+ y) + b`, then ReLU where asked, in
-//! one kernel (an MLP's first product with its bias and activation; its second with its bias and
-//! the residual). Each shape's descriptors and the algorithm cuBLASLt's heuristic picks for it
-//! are made once and kept; a call only sets the bias address.
+//! GEMMs through cuBLASLt: `y = x·Wᵀ (+ y)`, with a bias and ReLU where asked in the epilogue
+//! (an MLP's first product with its bias and activation in one kernel; its second with its bias
+//! and the residual). Each shape's descriptors and the algorithm cuBLASLt's heuristic picks for
+//! it are made once and kept; a call only sets the bias address.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -39,7 +39,8 @@ struct Key {
     ldc: usize,
     b_t: bool,
     accumulate: bool,
-    relu: bool,
+    /// The epilogue: none (0), the bias (1), the bias then ReLU (2).
+    epilogue: u8,
     align: [u32; 4],
 }
 
@@ -142,22 +143,24 @@ impl Lt {
         };
         let transa = i32::from(key.b_t); // cublasOperation_t: CUBLAS_OP_N 0, CUBLAS_OP_T 1
         set(Desc::CUBLASLT_MATMUL_DESC_TRANSA, (&raw const transa).cast(), size_of_val(&transa))?;
-        let epilogue = if key.relu {
-            cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS
-        } else {
-            cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        let epilogue = match key.epilogue {
+            0 => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            1 => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            _ => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
         };
         set(
             Desc::CUBLASLT_MATMUL_DESC_EPILOGUE,
             (&raw const epilogue).cast(),
             size_of_val(&epilogue),
         )?;
-        let bias_type = f16;
-        set(
-            Desc::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-            (&raw const bias_type).cast(),
-            size_of_val(&bias_type),
-        )?;
+        if key.epilogue > 0 {
+            let bias_type = f16;
+            set(
+                Desc::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                (&raw const bias_type).cast(),
+                size_of_val(&bias_type),
+            )?;
+        }
         let pref = lt::create_matmul_pref().map_err(err)?;
         let picked = (|| {
             let ws = self.workspace.len();
@@ -213,19 +216,19 @@ impl Lt {
         }))
     }
 
-    /// `g` (one GEMM, not batched) with `bias` (`g.n` fp16 values) added to each row of the
-    /// product and ReLU after where `relu`: `c = act(a·op(b) + beta·c + bias)` on the stream the
-    /// handle is bound to. `Ok(false)` (nothing launched) where cuBLASLt has no algorithm for it.
+    /// `g` (one GEMM, not batched), with `bias` = (`g.n` fp16 values, `relu`) added to each row
+    /// of the product and ReLU after where given: `c = act(a·op(b) + beta·c + bias)` on the
+    /// stream the handle is bound to. `Ok(false)` (nothing launched) where cuBLASLt has no
+    /// algorithm for it.
     ///
     /// # Safety
-    /// As [`super::exec::gemm_raw`]; `bias` must name `g.n` fp16 values of this device.
-    pub(super) unsafe fn gemm_bias(
+    /// As [`super::exec::gemm_raw`]; a bias must name `g.n` fp16 values of this device.
+    pub(super) unsafe fn gemm(
         &self,
         g: &Gemm,
-        bias: u64,
-        relu: bool,
+        bias: Option<(u64, bool)>,
     ) -> Result<bool, CudaError> {
-        assert_eq!(g.batch, 1, "gemm_bias: one GEMM");
+        assert_eq!(g.batch, 1, "cuBLASLt: one GEMM");
         let key = Key {
             m: g.m,
             n: g.n,
@@ -235,7 +238,7 @@ impl Lt {
             ldc: g.ldc,
             b_t: g.b_t,
             accumulate: g.beta != 0.0,
-            relu,
+            epilogue: bias.map_or(0, |(_, relu)| 1 + u8::from(relu)),
             align: [alignment(g.b), alignment(g.a), alignment(g.c), alignment(g.c)],
         };
         let mut plans = self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -244,16 +247,18 @@ impl Lt {
             Entry::Vacant(e) => e.insert(self.plan(&key)?),
         };
         let Some(p) = p else { return Ok(false) };
-        // SAFETY: the attribute is a device address.
-        unsafe {
-            lt::set_matmul_desc_attribute(
-                p.desc,
-                Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                (&raw const bias).cast(),
-                size_of_val(&bias),
-            )
+        if let Some((bias, _)) = bias {
+            // SAFETY: the attribute is a device address.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    p.desc,
+                    Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&raw const bias).cast(),
+                    size_of_val(&bias),
+                )
+            }
+            .map_err(err)?;
         }
-        .map_err(err)?;
         let (alpha, beta) = (1.0f32, g.beta);
         let [w, x, y] = p.layouts;
         // SAFETY: the caller's operands; the plan's descriptors; the workspace is this handle's.
