@@ -10,8 +10,8 @@
 #           executor  gpu_executor_check.sh (every placement's tokens; JOBS at a time, default 8)
 #           pipeline  gpu_pipeline_check.sh with RANKS=1 LINK=tcp (in-process and over-process)
 #           ranks     gpu_ranks_check.sh
-#           s4        OPT-6.7B all on the GPU, 64×1, prompt 512, 32 new tokens, twice (and
-#                     between with FLEXGEN_LT=bias and FLEXGEN_LT=0)
+#           s4        OPT-6.7B all on the GPU, 64×1, prompt 512, 32 new tokens, twice with
+#                     FLEXGEN_LT=all, between them as shipped and with FLEXGEN_LT=0
 #           s3        OPT-175B, 4-bit weights and cache all on the GPU, 32×1 (not by default)
 # Each part's wall time and exit status go to times.txt; the script's status is 1 if any failed.
 B=$(cd "${1:-.gpu/bin}" && pwd) || exit 2
@@ -43,9 +43,9 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
     pipeline) JOBS=${JOBS:-8} RANKS=1 LINK=tcp t pipeline 240 bash xtask/scripts/gpu_pipeline_check.sh "$B" ;;
     ranks) t ranks 120 bash xtask/scripts/gpu_ranks_check.sh "$B" ;;
     s4)
-      # a and b as shipped (every single GEMM through cuBLASLt); between them d with cuBLASLt for
-      # the GEMMs with a bias only (FLEXGEN_LT=bias) and c with cuBLAS only (FLEXGEN_LT=0).
-      for r in a:1 d:bias c:0 b:1; do
+      # a and b with every single GEMM through cuBLASLt (FLEXGEN_LT=all); between them d as
+      # shipped (cuBLASLt for the GEMMs with a bias) and c with cuBLAS only (FLEXGEN_LT=0).
+      for r in a:all d:bias c:0 b:all; do
         FLEXGEN_LT=${r#*:} t "s4${r%%:*}" 90 "$B/flexgen-run" --device cuda --model opt-6.7b --dummy \
           --percent 100 0 100 0 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --prompt-len 512 \
           --max-new-tokens 32 --json

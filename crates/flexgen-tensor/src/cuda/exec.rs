@@ -174,8 +174,8 @@ impl Gemm {
     }
 }
 
-/// Which single GEMMs take cuBLASLt rather than cuBLAS (to compare them: `FLEXGEN_LT=0` none,
-/// `FLEXGEN_LT=bias` those with a bias in the epilogue, else all).
+/// Which single GEMMs take cuBLASLt rather than cuBLAS: those with a bias in the epilogue (the
+/// default), all (`FLEXGEN_LT=all`) or none (`FLEXGEN_LT=0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LtUse {
     Off,
@@ -187,8 +187,8 @@ fn lt_use() -> LtUse {
     static USE: std::sync::OnceLock<LtUse> = std::sync::OnceLock::new();
     *USE.get_or_init(|| match std::env::var("FLEXGEN_LT").as_deref() {
         Ok("0") => LtUse::Off,
-        Ok("bias") => LtUse::Bias,
-        _ => LtUse::All,
+        Ok("all") => LtUse::All,
+        _ => LtUse::Bias,
     })
 }
 
@@ -266,9 +266,9 @@ pub unsafe fn gemm_raw(blas: &cudarc::cublas::CudaBlas, g: &Gemm) -> Result<(), 
 }
 
 impl Gpu {
-    /// Runs `g` on the compute stream (fp32 accumulation): a single GEMM through cuBLASLt (the
-    /// algorithm its heuristic picks for the shape, kept) unless `FLEXGEN_LT` is `0` or `bias`
-    /// in the environment, batched ones and shapes cuBLASLt has no algorithm for through cuBLAS.
+    /// Runs `g` on the compute stream (fp32 accumulation) through cuBLAS, or with `FLEXGEN_LT=all`
+    /// in the environment a single GEMM through cuBLASLt (the algorithm its heuristic picks for
+    /// the shape, kept; cuBLAS where it has none).
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
