@@ -12,7 +12,7 @@
 
 use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind};
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{Gemm, at};
+use flexgen_tensor::cuda::exec::{Gemm, Weight4, at};
 
 use crate::layout::LayerLayout;
 use crate::{Error, Result};
@@ -77,15 +77,15 @@ unsafe fn product(g: &Gpu, w: &LayerWeights, m: usize, gm: &Gemm) -> Result<()> 
     };
     debug_assert!(gm.batch == 1 && gm.ldc == gm.n, "a linear layer's contiguous output");
     let (codes, params) = p.mats[m];
+    let w = Weight4 { codes, params, outs: gm.n, ins: gm.k, group: p.group };
     let x = (gm.a, gm.lda);
     // SAFETY: the caller's contract; the scratch holds m·n fp32 values.
     unsafe {
         // More than two rows on the tensor cores where the device and layout allow; else (and
         // for one or two rows, where it is the faster) the CUDA-core product.
-        let tc = gm.m > GEMV4_ROWS
-            && g.gemm4_tc(codes, params, x, p.scratch, gm.m, (gm.n, gm.k), p.group)?.is_some();
+        let tc = gm.m > GEMV4_ROWS && g.gemm4_tc(w, x, p.scratch, gm.m)?.is_some();
         if !tc {
-            g.gemv4_dim0(codes, params, x, p.scratch, gm.m, (gm.n, gm.k), p.group)?;
+            g.gemv4_dim0(w, x, p.scratch, gm.m)?;
         }
         g.store_f32(p.scratch, gm.c, gm.m * gm.n, gm.beta != 0.0)?;
     }

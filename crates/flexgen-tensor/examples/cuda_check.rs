@@ -341,7 +341,7 @@ fn q4_and_expanded(
             addr(starts),
             addr(&o2),
             d,
-            (0..rows, 64),
+            (rows, 64),
         )
         .unwrap();
     }
@@ -377,7 +377,7 @@ fn time_q4_attention(gpu: &Gpu) {
             addr(&st),
             addr(&o),
             d,
-            (0..rows, 64),
+            (rows, 64),
         )
         .unwrap();
     });

@@ -10,7 +10,7 @@
 #![expect(clippy::cast_precision_loss, reason = "rates")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{Gemm, addr, gemv4_plan};
+use flexgen_tensor::cuda::exec::{Gemm, Weight4, addr, gemv4_plan};
 use flexgen_tensor::quant::{QuantSpec, quantize};
 use half::f16;
 
@@ -56,14 +56,15 @@ fn main() {
         let (y32, yt) =
             (s.alloc_zeros::<f32>(nb * outs).unwrap(), s.alloc_zeros::<f32>(nb * outs).unwrap());
         let (c, pr, xa) = (addr(&codes), addr(&params), addr(&x));
+        let wt = Weight4 { codes: c, params: pr, outs, ins, group };
         // SAFETY: buffers allocated above for these shapes.
         let ran = unsafe {
             gpu.dequant_dim0(c, pr, addr(&w16), outs, ins, group, 4).unwrap();
             let gm =
                 Gemm { lda: ldx, ..Gemm::linear(nb, outs, ins, xa, addr(&w16), addr(&y16), false) };
             gpu.gemm(&gm).unwrap();
-            gpu.gemv4_dim0(c, pr, (xa, ldx), addr(&y32), nb, (outs, ins), group).unwrap();
-            gpu.gemm4_tc(c, pr, (xa, ldx), addr(&yt), nb, (outs, ins), group).unwrap()
+            gpu.gemv4_dim0(wt, (xa, ldx), addr(&y32), nb).unwrap();
+            gpu.gemm4_tc(wt, (xa, ldx), addr(&yt), nb).unwrap()
         };
         let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
         let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -108,6 +109,7 @@ fn main() {
         let y32 = s.alloc_zeros::<f32>(128 * outs).unwrap();
         for nb in [1usize, 2, 4, 8, 16, 32, 64, 128] {
             let (xa, wa, ya, y3) = (addr(&x), addr(&w16), addr(&y16), addr(&y32));
+            let wt = Weight4 { codes: addr(&codes), params: addr(&params), outs, ins, group };
             // SAFETY: buffers allocated above for these shapes.
             let fp16 = &gpu.time_ms(7, || unsafe {
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
@@ -117,13 +119,10 @@ fn main() {
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
             });
             let fused = &gpu.time_ms(7, || unsafe {
-                gpu.gemv4_dim0(addr(&codes), addr(&params), (xa, ins), y3, nb, (outs, ins), group)
-                    .unwrap();
+                gpu.gemv4_dim0(wt, (xa, ins), y3, nb).unwrap();
             });
             let tc = &gpu.time_ms(7, || unsafe {
-                gpu.gemm4_tc(addr(&codes), addr(&params), (xa, ins), y3, nb, (outs, ins), group)
-                    .unwrap()
-                    .expect("a layout gemm4_tc takes");
+                gpu.gemm4_tc(wt, (xa, ins), y3, nb).unwrap().expect("a layout gemm4_tc takes");
             });
             let bytes =
                 n as f64 / 2.0 + (n / group * 4) as f64 + (nb * (ins * 2 + outs * 4)) as f64;

@@ -107,7 +107,7 @@ impl CudaStage<'_> {
             // the working area, the new position written by the q/k/v split.
             let attend = |n: usize| unsafe {
                 if direct {
-                    g.attention_decode_q4(q, packed, (kn, vn), cap, start, att, d, (0..n, group))
+                    g.attention_decode_q4(q, packed, (kn, vn), cap, start, att, d, (n, group))
                 } else {
                     g.attention_decode(q, kn, vn, cap, start, att, d, 0..n)
                 }

@@ -129,6 +129,18 @@ pub unsafe fn copy_2d(
     Ok(())
 }
 
+/// A linear layer's 4-bit weight W `[outs, ins]` in device memory, in `dequant_dim0`'s layout:
+/// its codes and fp16 (min, scale) pairs, in groups of `group` outputs of one input. What the
+/// fused 4-bit products ([`Gpu::gemv4_dim0`], [`Gpu::gemm4_tc`]) read.
+#[derive(Debug, Clone, Copy)]
+pub struct Weight4 {
+    pub codes: u64,
+    pub params: u64,
+    pub outs: usize,
+    pub ins: usize,
+    pub group: usize,
+}
+
 /// One row-major fp16 GEMM (batched when `batch` > 1): `c[m, n] = a[m, k] · op(b) + beta·c`,
 /// where `b` is `[n, k]` used transposed (`b_t`) or `[k, n]`; `ld*` are row strides and
 /// `s*` the strides between batch entries, in elements.
@@ -293,25 +305,23 @@ impl Gpu {
     /// (and `FLEXGEN_LT` is not `0` in the environment, to compare), else the GEMM then
     /// [`Gpu::bias_act_raw`] (the product rounded to fp16 before the bias is added).
     ///
+    /// # Panics
+    /// If the output's rows are not contiguous (`g.ldc ≠ g.n`).
+    ///
     /// # Safety
     /// As [`Gpu::gemm`]; `bias` must name `g.n` fp16 values of this device.
     pub unsafe fn gemm_bias(&self, g: &Gemm, bias: u64, relu: bool) -> Result<(), CudaError> {
+        assert_eq!(g.ldc, g.n, "gemm_bias: a contiguous output");
         if let Some(lt) = self.lt.as_ref().filter(|_| lt_use() != LtUse::Off) {
             // SAFETY: the caller's contract.
             if unsafe { lt.gemm(g, Some((bias, relu))) }? {
                 return Ok(());
             }
         }
-        // SAFETY: the caller's contract; `c` holds m rows of ldc ≥ n.
+        // SAFETY: the caller's contract; `c` holds m rows of n.
         unsafe {
             self.gemm(g)?;
-            if g.ldc == g.n {
-                self.bias_act_raw(g.c, bias, g.m, g.n, relu)
-            } else {
-                (0..g.m).try_for_each(|r| {
-                    self.bias_act_raw(g.c + (r * g.ldc * 2) as u64, bias, 1, g.n, relu)
-                })
-            }
+            self.bias_act_raw(g.c, bias, g.m, g.n, relu)
         }
     }
 
@@ -675,15 +685,7 @@ impl Gpu {
         if rows_.is_empty() {
             return Ok(());
         }
-        let rep = d.nh / d.nkv;
-        let s = d.past + 1;
-        let warps = 4;
-        let shared = u32::try_from((s + warps * d.hd) * 4).expect("fits");
-        let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(rows_.len() * rep).expect("fits"), 1, 1),
-            block_dim: (32 * u32::try_from(warps).expect("4"), 1, 1),
-            shared_mem_bytes: shared,
-        };
+        let (cfg, rep, s) = decode_attention_launch(rows_.len(), d);
         let (nh, hd, capi, si) = (dim(d.nh), dim(d.hd), dim(cap), dim(s));
         let (row0, repi) = (dim(rows_.start * rep), dim(rep));
         let mut l = self.stream.launch_builder(&self.decode_attention);
@@ -700,7 +702,7 @@ impl Gpu {
         c.bits == 4 && matches!(c.hd, 64 | 128) && c.group.is_multiple_of(c.hd / 8)
     }
 
-    /// [`Gpu::attention_decode`] of query rows `rows_` (kv rows from 0) over a 4-bit packed
+    /// [`Gpu::attention_decode`] of the kv rows `0..rows` over a 4-bit packed
     /// cache read straight from its codes (`packed` = k codes, k pairs, v codes, v pairs, in
     /// `quant_cache`'s layout for `cap` positions, groups of `group`): positions `0..d.past` from
     /// the codes, the new one (`d.past`) from the fp16 working areas `work` (`[rows, cap, hd]`,
@@ -720,31 +722,22 @@ impl Gpu {
         start: u64,
         out: u64,
         d: AttnDims,
-        (rows_, group): (std::ops::Range<usize>, usize),
+        (rows, group): (usize, usize),
     ) -> Result<(), CudaError> {
         assert!(d.t == 1, "one query");
         assert!(d.nkv > 0 && d.nh.is_multiple_of(d.nkv), "query heads in whole groups");
         let fits = Self::attention_q4_fits(CacheQuant { rows: 0, cap, hd: d.hd, group, bits: 4 });
         assert!(fits, "attention_decode_q4: head {} in groups of {group}", d.hd);
-        assert_eq!(rows_.start, 0, "attention_decode_q4 reads kv rows from 0");
-        if rows_.is_empty() {
+        if rows == 0 {
             return Ok(());
         }
-        let rep = d.nh / d.nkv;
-        let s = d.past + 1;
-        let warps = 4;
-        let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(rows_.len() * rep).expect("fits"), 1, 1),
-            block_dim: (32 * u32::try_from(warps).expect("4"), 1, 1),
-            shared_mem_bytes: u32::try_from((s + warps * d.hd) * 4).expect("fits"),
-        };
+        let (cfg, rep, s) = decode_attention_launch(rows, d);
         let (nh, hd, capi, si, repi, gs) =
             (dim(d.nh), dim(d.hd), dim(cap), dim(s), dim(rep), dim(group));
-        let row0 = 0i32;
         let [kc, kp, vc, vp] = packed;
         let mut l = self.stream.launch_builder(&self.decode_attention_q4);
         l.arg(&q).arg(&kc).arg(&kp).arg(&vc).arg(&vp).arg(&kn).arg(&vn).arg(&start).arg(&out);
-        l.arg(&nh).arg(&hd).arg(&capi).arg(&si).arg(&row0).arg(&repi).arg(&gs);
+        l.arg(&nh).arg(&hd).arg(&capi).arg(&si).arg(&repi).arg(&gs);
         // SAFETY: one block per query row; reads s ≤ cap positions of its kv row.
         unsafe { l.launch(cfg)? };
         Ok(())
@@ -840,27 +833,23 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y` (fp32 `[nb, outs]`, zeroed here) = `x` (fp16 `[nb, ins]`, row b at `x + b·ldx`) × Wᵀ for a linear layer's
-    /// weight W `[outs, ins]` given by its 4-bit codes and fp16 (min, scale) pairs in
-    /// `dequant_dim0`'s layout (groups of `group` outputs of one input, `group` a multiple of 8),
-    /// without an fp16 copy of W: row tiles of at most 8, each one kernel ([`gemv4_plan`]) that
-    /// splits the inputs over enough thread blocks to fill the device.
+    /// `y` (fp32 `[nb, outs]`, zeroed here) = `x` (fp16 `[nb, ins]`, row b at `x + b·ldx`) × Wᵀ
+    /// for a 4-bit weight `w` (`group` a multiple of 8), without an fp16 copy of W: row tiles of
+    /// at most 8, each one kernel ([`gemv4_plan`]) that splits the inputs over enough thread
+    /// blocks to fill the device.
     ///
     /// # Safety
     /// Every address must name memory of this device that holds the elements the shapes imply
     /// (`codes` and `params` 4-byte aligned) and stays alive until the compute stream has run the
     /// kernels; `y` must not be read or written by other work on other streams meanwhile.
-    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
     pub unsafe fn gemv4_dim0(
         &self,
-        codes: u64,
-        params: u64,
+        w: Weight4,
         (x, ldx): (u64, usize),
         y: u64,
         nb: usize,
-        (outs, ins): (usize, usize),
-        group: usize,
     ) -> Result<(), CudaError> {
+        let Weight4 { codes, params, outs, ins, group } = w;
         assert!(
             group.is_multiple_of(8) && codes.is_multiple_of(4) && params.is_multiple_of(4),
             "gemv4_dim0: group {group}, codes at {codes}, params at {params}"
@@ -871,7 +860,7 @@ impl Gpu {
         };
         // SAFETY: threads < ⌈outs/group⌉·group/(8·V) and inputs < ins of the packed buffers
         // (V and the alignment it needs checked by the plan); the caller's buffers.
-        unsafe { self.product4((codes, params), (x, ldx), y, nb, (outs, ins), group, (8, tiles)) }
+        unsafe { self.product4(w, (x, ldx), y, nb, (8, tiles)) }
     }
 
     /// The launches of a 4-bit product kernel (`gemv4_dim0_*`, `gemm4_tc_*`: the same
@@ -880,17 +869,15 @@ impl Gpu {
     ///
     /// # Safety
     /// As [`Gpu::gemv4_dim0`]; `plan`'s kernels read and write only inside the shapes given.
-    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one product")]
     unsafe fn product4<'k>(
         &self,
-        (codes, params): (u64, u64),
+        w: Weight4,
         (x, ldx): (u64, usize),
         y: u64,
         nb: usize,
-        (outs, ins): (usize, usize),
-        group: usize,
         (tile, plan): (usize, impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize)),
     ) -> Result<(), CudaError> {
+        let Weight4 { codes, params, outs, ins, group } = w;
         // SAFETY: `y` holds nb·outs fp32 values.
         unsafe {
             cudarc::driver::result::memset_d8_async(y, 0, nb * outs * 4, self.stream.cu_stream())
@@ -929,24 +916,21 @@ impl Gpu {
 
     /// `y[b, o] = Σ_i x[b, i] · W[o, i]` (fp32 `y [nb, outs]`, zeroed here) for `nb` rows of x
     /// (row b at `x + b·ldx`) with W read from its 4-bit codes on the tensor cores (`gemm4_tc_*`
-    /// of kernels.cu: each warp expands 16 outputs × 16 inputs into an mma fragment as
+    /// of kernels.cu: each warp expands two tiles of 16 outputs × 16 inputs into mma fragments as
     /// `dequant_dim0` would write them), for micro-batches of more rows than `gemv4_dim0` serves
     /// well; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
     /// layout does not allow it ([`gemm4_tc_fits`]) or the device has no mma.sync (before 8.0).
     ///
     /// # Safety
     /// As [`Gpu::gemv4_dim0`].
-    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one kernel")]
     pub unsafe fn gemm4_tc(
         &self,
-        codes: u64,
-        params: u64,
+        w: Weight4,
         (x, ldx): (u64, usize),
         y: u64,
         nb: usize,
-        (outs, ins): (usize, usize),
-        group: usize,
     ) -> Result<Option<()>, CudaError> {
+        let Weight4 { codes, params, outs, ins, group } = w;
         if !self.tensor_cores || !gemm4_tc_fits((outs, group), (codes, params), (x, ldx)) || nb == 0
         {
             return Ok(None);
@@ -957,9 +941,7 @@ impl Gpu {
         };
         // SAFETY: blocks of 256 outputs within ⌈outs/group⌉·group coded ones, inputs < ins, the
         // alignment the kernel needs checked by gemm4_tc_fits; the caller's buffers.
-        unsafe {
-            self.product4((codes, params), (x, ldx), y, nb, (outs, ins), group, (64, tiles))
-        }?;
+        unsafe { self.product4(w, (x, ldx), y, nb, (64, tiles)) }?;
         Ok(Some(()))
     }
 
@@ -1073,6 +1055,19 @@ impl Gpu {
         unsafe { l.launch(rows(n))? };
         Ok(())
     }
+}
+
+/// The launch of a decode attention kernel over `rows` kv rows (`d.nh / d.nkv` query rows each, a
+/// block of four warps per query row, shared memory for the `d.past + 1` scores and each warp's
+/// part of the output), with the query heads per kv head and the positions attended.
+fn decode_attention_launch(rows: usize, d: AttnDims) -> (LaunchConfig, usize, usize) {
+    let (rep, s, warps) = (d.nh / d.nkv, d.past + 1, 4);
+    let cfg = LaunchConfig {
+        grid_dim: (u32::try_from(rows * rep).expect("fits"), 1, 1),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: u32::try_from((s + warps as usize * d.hd) * 4).expect("fits"),
+    };
+    (cfg, rep, s)
 }
 
 /// Threads per row [`Gpu::norm_raw`] gives `n` rows of `h` values: many rows fill the device with

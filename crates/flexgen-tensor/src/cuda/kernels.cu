@@ -321,26 +321,18 @@ __device__ __forceinline__ void load_per(const half_t* p, float* out) {
     }
 }
 
-// The rows decode_attention reads: an fp16 cache [.., hd]; load<PER> gives lane `lane`'s PER
-// values of row j as floats.
-struct F16Rows {
-    const half_t* p;
-    int hd;
-    template <int PER>
-    __device__ __forceinline__ void load(int j, int lane, float* out) const { load_per<PER>(p + (size_t)j * hd + lane * PER, out); }
-};
 // decode_attention's two passes over the keys for a head of 32·PER values (lane l holds values
 // l·PER…, one vector load per row), U keys per warp at a time so that U rows' loads are in flight
 // before any is used: the scores of keys lo.. into sm, and (after the softmax) this warp's part
 // of Σ_j p_j·v_j into acc.
 #define DA_U 4
-template <int PER, class Rows>
-__device__ __forceinline__ void da_scores(const Rows& K, const float* qv, float* sm, int lo, int s, int lane, int warp, int nw) {
+template <int PER>
+__device__ __forceinline__ void da_scores(const half_t* K, const float* qv, float* sm, int lo, int s, int hd, int lane, int warp, int nw) {
     int j = lo + warp;
     for (; j + (DA_U - 1) * nw < s; j += DA_U * nw) {
         float kv[DA_U][PER];
 #pragma unroll
-        for (int u = 0; u < DA_U; u++) K.template load<PER>(j + u * nw, lane, kv[u]);
+        for (int u = 0; u < DA_U; u++) load_per<PER>(K + (size_t)(j + u * nw) * hd + lane * PER, kv[u]);
         float a[DA_U];
 #pragma unroll
         for (int u = 0; u < DA_U; u++) {
@@ -358,20 +350,20 @@ __device__ __forceinline__ void da_scores(const Rows& K, const float* qv, float*
     }
     for (; j < s; j += nw) {
         float kv[PER];
-        K.template load<PER>(j, lane, kv);
+        load_per<PER>(K + (size_t)j * hd + lane * PER, kv);
         float a = 0.f;
         for (int i = 0; i < PER; i++) a += qv[i] * kv[i];
         for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
         if (lane == 0) sm[j] = a;
     }
 }
-template <int PER, class Rows>
-__device__ __forceinline__ void da_values(const Rows& V, const float* sm, float* acc, int lo, int s, int lane, int warp, int nw) {
+template <int PER>
+__device__ __forceinline__ void da_values(const half_t* V, const float* sm, float* acc, int lo, int s, int hd, int lane, int warp, int nw) {
     int j = lo + warp;
     for (; j + (DA_U - 1) * nw < s; j += DA_U * nw) {
         float vv[DA_U][PER];
 #pragma unroll
-        for (int u = 0; u < DA_U; u++) V.template load<PER>(j + u * nw, lane, vv[u]);
+        for (int u = 0; u < DA_U; u++) load_per<PER>(V + (size_t)(j + u * nw) * hd + lane * PER, vv[u]);
 #pragma unroll
         for (int u = 0; u < DA_U; u++) {
             float p = sm[j + u * nw];
@@ -381,7 +373,7 @@ __device__ __forceinline__ void da_values(const Rows& V, const float* sm, float*
     }
     for (; j < s; j += nw) {
         float vv[PER];
-        V.template load<PER>(j, lane, vv);
+        load_per<PER>(V + (size_t)j * hd + lane * PER, vv);
         float p = sm[j];
         for (int i = 0; i < PER; i++) acc[i] += p * vv[i];
     }
@@ -440,17 +432,16 @@ extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, c
 #pragma unroll
     for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; qv[i] = (i < per && d < hd) ? h2f(qr[d]) : 0.f; }
     int lo = start[bi];
-    const F16Rows kr{K, hd}, vr{V, hd};
     if (vec && per == 4) {
-        da_scores<4>(kr, qv, sm, lo, s, lane, warp, nw);
+        da_scores<4>(K, qv, sm, lo, s, hd, lane, warp, nw);
     } else if (vec && per == 2) {
-        da_scores<2>(kr, qv, sm, lo, s, lane, warp, nw);
+        da_scores<2>(K, qv, sm, lo, s, hd, lane, warp, nw);
     } else {
         for (int j = lo + warp; j < s; j += nw) {
-            const half_t* k = K + (size_t)j * hd;
+            const half_t* kr = K + (size_t)j * hd;
             float acc = 0.f;
 #pragma unroll
-            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc += qv[i] * h2f(k[d]); }
+            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc += qv[i] * h2f(kr[d]); }
             for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
             if (lane == 0) sm[j] = acc;
         }
@@ -460,15 +451,15 @@ extern "C" __global__ void decode_attention(const half_t* q, const half_t* kc, c
 #pragma unroll
     for (int i = 0; i < MAXPER; i++) acc[i] = 0.f;
     if (vec && per == 4) {
-        da_values<4>(vr, sm, acc, lo, s, lane, warp, nw);
+        da_values<4>(V, sm, acc, lo, s, hd, lane, warp, nw);
     } else if (vec && per == 2) {
-        da_values<2>(vr, sm, acc, lo, s, lane, warp, nw);
+        da_values<2>(V, sm, acc, lo, s, hd, lane, warp, nw);
     } else {
         for (int j = lo + warp; j < s; j += nw) {
-            const half_t* v = V + (size_t)j * hd;
+            const half_t* vr = V + (size_t)j * hd;
             float p = sm[j];
 #pragma unroll
-            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc[i] += p * h2f(v[d]); }
+            for (int i = 0; i < MAXPER; i++) { int d = lane * per + i; if (i < per && d < hd) acc[i] += p * h2f(vr[d]); }
         }
     }
     da_finish<MAXPER>(acc, per, sm + s, sum, out + (size_t)bh * hd, hd, lane, warp, nw);
@@ -577,10 +568,10 @@ __device__ __forceinline__ void q4_attend(const half_t* qr, const unsigned char*
 extern "C" __global__ void decode_attention_q4(const half_t* q, const unsigned char* kc, const half_t* kp,
                                                const unsigned char* vc, const half_t* vp, const half_t* kn,
                                                const half_t* vn, const int* start, half_t* out, int nh, int hd,
-                                               int cap, int s, int row0, int rep, int gs) {
+                                               int cap, int s, int rep, int gs) {
     extern __shared__ float sm[];
     __shared__ float red[32];
-    int bh = row0 + blockIdx.x, bi = bh / nh;
+    int bh = blockIdx.x, bi = bh / nh;
     const int groups = (hd + gs - 1) / gs, code_b = groups * gs / 2;
     const size_t kv = blockIdx.x / rep;
     const size_t cb = kv * cap * code_b, pb = kv * cap * groups * 2, fr = (kv * cap + s - 1) * hd;

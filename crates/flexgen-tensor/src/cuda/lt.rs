@@ -41,7 +41,8 @@ struct Key {
     accumulate: bool,
     /// The epilogue: none (0), the bias (1), the bias then ReLU (2).
     epilogue: u8,
-    align: [u32; 4],
+    /// Of W, x and the output (cuBLASLt's A, B, and C = D).
+    align: [u32; 3],
 }
 
 /// One shape's descriptors and algorithm.
@@ -187,7 +188,7 @@ impl Lt {
                 ),
                 (
                     Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                    (&raw const key.align[3]).cast(),
+                    (&raw const key.align[2]).cast(),
                     4,
                 ),
             ];
@@ -239,7 +240,7 @@ impl Lt {
             b_t: g.b_t,
             accumulate: g.beta != 0.0,
             epilogue: bias.map_or(0, |(_, relu)| 1 + u8::from(relu)),
-            align: [alignment(g.b), alignment(g.a), alignment(g.c), alignment(g.c)],
+            align: [alignment(g.b), alignment(g.a), alignment(g.c)],
         };
         let mut plans = self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let p = match plans.entry(key) {
