@@ -17,13 +17,33 @@ const KERNELS: &str = include_str!("../src/cuda/kernels.cu");
 /// The text of kernels.cu from `signature` to the closing brace of what it opens.
 fn section(signature: &str) -> &'static str {
     let start = KERNELS.find(signature).unwrap_or_else(|| panic!("{signature} in kernels.cu"));
-    let end = KERNELS[start..].find("\n}\n").expect("the closing brace") + start + 3;
-    &KERNELS[start..end]
+    &KERNELS[start..section_end(start)]
+}
+
+/// Where the top-level brace opened after `start` closes (past its line).
+fn section_end(start: usize) -> usize {
+    KERNELS[start..].find("\n}\n").expect("the closing brace") + start + 3
+}
+
+/// Where the line that declares kernel `name` starts.
+fn kernel_start(name: &str) -> usize {
+    let at = KERNELS
+        .match_indices(&format!(" {name}("))
+        .map(|(i, _)| KERNELS[..i].rfind('\n').map_or(0, |l| l + 1))
+        .find(|&l| KERNELS[l..].starts_with("extern \"C\" __global__ void"));
+    at.unwrap_or_else(|| panic!("kernel {name} in kernels.cu"))
 }
 
 /// The text of kernel `name`.
 fn kernel(name: &str) -> &'static str {
-    section(&format!("extern \"C\" __global__ void {name}("))
+    let start = kernel_start(name);
+    &KERNELS[start..section_end(start)]
+}
+
+/// The text of kernels.cu from `from` through the end of kernel `last` (the helpers between).
+fn span(from: &str, last: &str) -> &'static str {
+    let start = KERNELS.find(from).unwrap_or_else(|| panic!("{from} in kernels.cu"));
+    &KERNELS[start..section_end(kernel_start(last))]
 }
 
 const PRELUDE: &str = r#"
@@ -55,6 +75,170 @@ template <class F> static void grid(unsigned gx, unsigned gy, F f) {
     blockDim = {256, 1, 1}; gridDim = {gx, gy, 1};
     for (unsigned by = 0; by < gy; by++) for (unsigned bx = 0; bx < gx; bx++)
         for (unsigned tx = 0; tx < 256; tx++) { blockIdx = {bx, by, 0}; threadIdx = {tx, 0, 0}; f(); }
+}
+"#;
+
+/// What kernels that share data between threads need on top of [`PRELUDE`]: shared memory,
+/// `__syncthreads`, warp shuffles and the tensor-core primitives of kernels.cu (`prmt`,
+/// `sub_f16x2`, `fma_f16x2`, `mma_16816`) with the meaning the PTX ISA gives them, and
+/// `grid_warps`, which runs each thread of a block as a fiber.
+const WARP_PRELUDE: &str = r#"
+#include <ucontext.h>
+#include <cmath>
+#include <functional>
+#include <map>
+#define __device__
+#define __forceinline__ inline
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __CUDA_ARCH__ 800
+#define __expf expf
+static inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+static inline int __ffs(int v) { return __builtin_ffs(v); }
+static inline void atomicAdd(float* p, float v) { *p += v; }
+// Every thread of a block is a fiber; the block's fibers run in turn on one OS thread, each until
+// it waits at a barrier (a barrier some threads never reach is reported as a deadlock rather than
+// hanging).
+namespace emu {
+struct Fiber { ucontext_t ctx; std::vector<char> stack; bool done; };
+static std::vector<Fiber> fibers;
+static ucontext_t sched;
+static int cur;
+static unsigned long long progress;
+static const std::function<void()>* body;
+static std::vector<float> dyn_smem;
+struct Bar { int count = 0; unsigned gen = 0; };
+static Bar block_bar;
+struct Warp { std::map<unsigned, Bar> bars; unsigned long long slot[32]; unsigned a[32][4]; uint2 b[32]; };
+static std::vector<Warp> warps;
+static void yield() { swapcontext(&fibers[cur].ctx, &sched); }
+static void wait(Bar& b, int n) {
+    unsigned g = b.gen;
+    progress++;
+    if (++b.count == n) { b.count = 0; b.gen++; return; }
+    while (b.gen == g) yield();
+}
+static void entry() { (*body)(); fibers[cur].done = true; progress++; swapcontext(&fibers[cur].ctx, &sched); }
+}
+static inline void __syncthreads() { emu::wait(emu::block_bar, blockDim.x); }
+static inline emu::Warp& this_warp() { return emu::warps[threadIdx.x >> 5]; }
+template <class T> static T __shfl_xor_sync(unsigned mask, T v, int o) {
+    emu::Warp& w = this_warp();
+    unsigned lane = threadIdx.x & 31;
+    if (!(mask >> lane & 1) || !(mask >> (lane ^ o) & 1)) { fprintf(stderr, "shuffle outside its mask\n"); exit(3); }
+    memcpy(&w.slot[lane], &v, sizeof(T));
+    emu::wait(w.bars[mask], __builtin_popcount(mask));
+    T r; memcpy(&r, &w.slot[lane ^ o], sizeof(T));
+    emu::wait(w.bars[mask], __builtin_popcount(mask));
+    return r;
+}
+// PTX prmt.b32 (default mode): byte i of the result is byte sel[4i..4i+2] of {b, a}, its sign
+// replicated where bit 4i + 3 is set.
+static inline unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned long long ab = (unsigned long long)b << 32 | a;
+    unsigned d = 0;
+    for (int i = 0; i < 4; i++) {
+        unsigned s = sel >> (4 * i) & 15, byte = ab >> (8 * (s & 7)) & 255;
+        if (s & 8) byte = byte & 128 ? 255 : 0;
+        d |= byte << (8 * i);
+    }
+    return d;
+}
+static inline _Float16 hlo(unsigned v, int h) { unsigned short u = v >> (16 * h); _Float16 f; memcpy(&f, &u, 2); return f; }
+static inline unsigned hpack(_Float16 lo, _Float16 hi) { unsigned short a, b; memcpy(&a, &lo, 2); memcpy(&b, &hi, 2); return a | (unsigned)b << 16; }
+// fp16x2 arithmetic rounded once to nearest (the exact result in double, then to fp16).
+static inline unsigned sub_f16x2(unsigned a, unsigned b) {
+    _Float16 r[2];
+    for (int h = 0; h < 2; h++) r[h] = (_Float16)((double)hlo(a, h) - (double)hlo(b, h));
+    return hpack(r[0], r[1]);
+}
+static inline unsigned fma_f16x2(unsigned a, unsigned b, unsigned c) {
+    _Float16 r[2];
+    for (int h = 0; h < 2; h++) r[h] = (_Float16)((double)hlo(a, h) * (double)hlo(b, h) + (double)hlo(c, h));
+    return hpack(r[0], r[1]);
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, D = A·B + D, from the PTX ISA's fragment
+// layouts (lane = 4g + t): A a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
+// B b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g); D d0, d1 (g, 2t..2t+1), d2, d3 (g+8, 2t..).
+static inline void mma_16816(float* d, const unsigned* a, uint2 b) {
+    emu::Warp& w = this_warp();
+    unsigned lane = threadIdx.x & 31;
+    memcpy(w.a[lane], a, 16);
+    w.b[lane] = b;
+    emu::wait(w.bars[0xffffffffu], 32);
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; l++) {
+        int g = l >> 2, t = l & 3;
+        for (int h = 0; h < 2; h++) {
+            A[g][2 * t + h] = (float)hlo(w.a[l][0], h);
+            A[g + 8][2 * t + h] = (float)hlo(w.a[l][1], h);
+            A[g][2 * t + 8 + h] = (float)hlo(w.a[l][2], h);
+            A[g + 8][2 * t + 8 + h] = (float)hlo(w.a[l][3], h);
+            B[2 * t + h][g] = (float)hlo(w.b[l].x, h);
+            B[2 * t + 8 + h][g] = (float)hlo(w.b[l].y, h);
+        }
+    }
+    emu::wait(w.bars[0xffffffffu], 32);
+    int g = lane >> 2, t = lane & 3;
+    for (int j = 0; j < 4; j++) {
+        int r = g + 8 * (j >> 1), c = 2 * t + (j & 1);
+        double s = 0;
+        for (int k = 0; k < 16; k++) s += (double)A[r][k] * B[k][c];
+        d[j] += (float)s;
+    }
+}
+// Runs every thread of a grid of gx × gy blocks of `threads` (a multiple of 32), `smem` floats of
+// dynamic shared memory each.
+template <class F> static void grid_warps(unsigned gx, unsigned gy, unsigned threads, size_t smem, F f) {
+    const std::function<void()> fn = f;
+    emu::body = &fn;
+    blockDim = {threads, 1, 1}; gridDim = {gx, gy, 1};
+    emu::fibers.resize(threads);
+    for (auto& fb : emu::fibers) fb.stack.resize(1 << 18);
+    for (unsigned by = 0; by < gy; by++) for (unsigned bx = 0; bx < gx; bx++) {
+        blockIdx = {bx, by, 0};
+        emu::dyn_smem.assign(smem, NAN);
+        emu::warps.assign(threads / 32, emu::Warp{});
+        emu::block_bar = {};
+        for (unsigned i = 0; i < threads; i++) {
+            auto& fb = emu::fibers[i];
+            fb.done = false;
+            getcontext(&fb.ctx);
+            fb.ctx.uc_stack.ss_sp = fb.stack.data();
+            fb.ctx.uc_stack.ss_size = fb.stack.size();
+            fb.ctx.uc_link = nullptr;
+            makecontext(&fb.ctx, emu::entry, 0);
+        }
+        // The warps in an order of their own for each block, each run as far as it can go
+        // before the next runs: a warp that gets ahead of the others where a barrier is missing
+        // overwrites shared memory they have still to read.
+        std::vector<unsigned> order(threads / 32);
+        for (unsigned w = 0; w < order.size(); w++) order[w] = w;
+        unsigned z = 7919u * (bx + 1) + 104729u * by;
+        for (unsigned w = order.size(); w > 1; w--) { z = z * 1103515245u + 12345u; std::swap(order[w - 1], order[(z >> 8) % w]); }
+        for (;;) {
+            bool live = false;
+            unsigned long long before = emu::progress;
+            for (unsigned w : order) {
+                for (;;) {
+                    unsigned long long at = emu::progress;
+                    bool any = false;
+                    for (unsigned i = 32 * w; i < 32 * w + 32; i++) {
+                        if (emu::fibers[i].done) continue;
+                        live = any = true;
+                        emu::cur = i;
+                        threadIdx = {i, 0, 0};
+                        swapcontext(&emu::sched, &emu::fibers[i].ctx);
+                    }
+                    if (!any || emu::progress == at) break;
+                }
+            }
+            if (!live) break;
+            if (emu::progress == before) { fprintf(stderr, "deadlock: block (%u, %u) waits at a barrier some threads never reach\n", bx, by); exit(4); }
+        }
+    }
 }
 "#;
 
@@ -460,6 +644,217 @@ int main(int argc, char** argv) {
                 "silu row {r} {j}: {got} vs {want}"
             );
             assert_eq!(g_out[r * 2 * f + f + j], g_in[r * 2 * f + f + j], "up untouched");
+        }
+    }
+}
+
+/// [`build_with`] for kernels that share data between threads: [`WARP_PRELUDE`] and `before`
+/// ahead of `kernels` (any text of kernels.cu), its dynamic shared memory the runner's.
+fn build_warps(dir: &Path, before: &str, kernels: &str, main: &str) -> std::path::PathBuf {
+    let kernels =
+        kernels.replace("extern __shared__ float sm[];", "float* sm = emu::dyn_smem.data();");
+    build_with(dir, &format!("{WARP_PRELUDE}{before}{kernels}"), &[], main)
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// The tensor-core 4-bit product (`gemm4_tc_*`: mma fragments expanded straight from W's codes)
+/// against x × the reference dequantization of W: every row tile (8, 16, 32, 64 rows, and the
+/// partial tiles of 70 rows), every group size it takes, a last block of outputs and a last step
+/// of inputs that are partial, several input slices, x's rows apart by more than a row; each
+/// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once.
+#[test]
+fn gemm4_tc_matches_x_times_the_dequantized_weight() {
+    use flexgen_tensor::cuda::exec::gemm4_tc_plan;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_warps(
+        dir.path(),
+        "",
+        span("#define GT_K", "gemm4_tc_8"),
+        r#"
+int main(int argc, char** argv) {
+    int outs = atoi(argv[1]), ins = atoi(argv[2]), gs = atoi(argv[3]), nb = atoi(argv[4]), ldx = atoi(argv[5]);
+    int kernel = atoi(argv[6]), blocks = atoi(argv[7]), slices = atoi(argv[8]), per_slice = atoi(argv[9]);
+    auto codes = slurp(argv[10]); auto pb = slurp(argv[11]); auto xb = slurp(argv[12]);
+    std::vector<unsigned> pairs(pb.size() / 4); memcpy(pairs.data(), pb.data(), pb.size());
+    std::vector<half_t> xd(xb.size() / 2); memcpy(xd.data(), xb.data(), xb.size());
+    std::vector<half_t> x((size_t)nb * ldx, 0x7e00);  // NaN between rows: never read
+    for (int b = 0; b < nb; b++) for (int i = 0; i < ins; i++) x[(size_t)b * ldx + i] = xd[(size_t)b * ins + i];
+    std::vector<float> y((size_t)nb * outs, 0.f);
+    decltype(&gemm4_tc_1) kernels[] = {gemm4_tc_1, gemm4_tc_2, gemm4_tc_4, gemm4_tc_8};
+    auto k = kernels[kernel];
+    grid_warps(blocks, slices, 256, 0, [&] { k(codes.data(), pairs.data(), x.data(), y.data(), outs, ins, ldx, gs, nb, per_slice); });
+    FILE* f = fopen(argv[13], "wb"); fwrite(y.data(), 4, y.size(), f); fclose(f);
+}
+"#,
+    );
+    let mut runs = [0usize; 4];
+    for (outs, ins, group, nb, wave) in [
+        (256, 64, 64, 8, 1),
+        (300, 200, 32, 13, 40),
+        (200, 130, 16, 32, 2),
+        (512, 256, 128, 3, 64),
+        (96, 70, 32, 70, 6),
+        (160, 100, 64, 24, 1000),
+    ] {
+        let w = data(outs * ins, (outs * ins) as u64);
+        let p = quantize(&w, &[outs, ins], QuantSpec { bits: 4, group, dim: 0 });
+        let wq = dequantize(&p);
+        let x = data(nb * ins, 11 + nb as u64);
+        let ldx = ins.next_multiple_of(8) + 8;
+        let f = |n: &str| dir.path().join(n);
+        write_bytes(&f("codes"), &p.data);
+        write_bytes(&f("pairs"), &params_bytes(&p.params));
+        let mut got = Vec::new();
+        for b0 in (0..nb).step_by(64) {
+            let rows = (nb - b0).min(64);
+            let plan = gemm4_tc_plan(rows, (outs, ins), wave);
+            runs[plan.kernel] += 1;
+            write_bytes(&f("x"), &f16_bytes(&x[b0 * ins..(b0 + rows) * ins]));
+            let st = Command::new(&exe)
+                .args([outs, ins, group, rows, ldx].map(|v| v.to_string()))
+                .args(
+                    [plan.kernel, plan.blocks, plan.slices, plan.per_slice].map(|v| v.to_string()),
+                )
+                .args([f("codes"), f("pairs"), f("x"), f("y")])
+                .status()
+                .unwrap();
+            assert!(st.success(), "the harness failed: {outs} outputs, {rows} rows, {plan:?}");
+            got.extend(read_f32(&f("y")));
+        }
+        let label = format!("{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, wave {wave}");
+        assert_eq!(got.len(), nb * outs, "{label}");
+        #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
+        let tol = 1e-5 * (ins as f32) * 16.0;
+        for b in 0..nb {
+            for o in 0..outs {
+                let want: f32 = (0..ins).map(|i| x[b * ins + i] * wq[o * ins + i]).sum();
+                let g = got[b * outs + o];
+                assert!(
+                    (g - want).abs() <= tol,
+                    "{label}: row {b} output {o}: kernel {g}, reference {want}"
+                );
+            }
+        }
+    }
+    assert!(runs.iter().all(|&n| n > 0), "every kernel ran: {runs:?}");
+}
+
+/// Decode attention with the warps' shuffles and shared memory: `decode_attention` over an fp16
+/// cache (heads of 128 and 64 on the vector paths, 40 value by value) and `decode_attention_q4`
+/// over the 4-bit cache read from its codes (heads of 128 and 64, groups of a lane's values and
+/// more), each with grouped-query attention (2 query heads per kv head) and sequences that see
+/// different first positions, against softmax(q·Kᵀ)·V in f64 over the reference dequantization.
+#[test]
+fn decode_attention_kernels_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_warps(
+        dir.path(),
+        section("__device__ float block_reduce("),
+        span(
+            "template <int PER>\n__device__ __forceinline__ void load_per(",
+            "decode_attention_q4",
+        ),
+        r"
+int main(int argc, char** argv) {
+    int b = atoi(argv[1]), nh = atoi(argv[2]), rep = atoi(argv[3]), hd = atoi(argv[4]), cap = atoi(argv[5]);
+    int s = atoi(argv[6]), gs = atoi(argv[7]), q4 = atoi(argv[8]);
+    auto rd = [](const char* p) { auto v = slurp(p); std::vector<half_t> h(v.size() / 2); memcpy(h.data(), v.data(), v.size()); return h; };
+    auto q = rd(argv[9]), kf = rd(argv[10]), vf = rd(argv[11]);
+    auto kc = slurp(argv[12]), vc = slurp(argv[14]);
+    auto kp = rd(argv[13]), vp = rd(argv[15]);
+    auto sb = slurp(argv[16]);
+    std::vector<int> start(b); memcpy(start.data(), sb.data(), 4 * b);
+    std::vector<half_t> out((size_t)b * nh * hd, 0);
+    size_t smem = s + 4 * hd;
+    if (q4)
+        grid_warps(b * nh, 1, 128, smem, [&] { decode_attention_q4(q.data(), kc.data(), kp.data(), vc.data(), vp.data(), kf.data(), vf.data(), start.data(), out.data(), nh, hd, cap, s, rep, gs); });
+    else
+        grid_warps(b * nh, 1, 128, smem, [&] { decode_attention(q.data(), kf.data(), vf.data(), start.data(), out.data(), nh, hd, cap, s, 0, rep); });
+    dump(argv[17], out);
+}
+",
+    );
+    for (hd, group, q4) in [
+        (128, 64, true),
+        (64, 8, true),
+        (128, 16, true),
+        (128, 0, false),
+        (64, 0, false),
+        (40, 0, false),
+    ] {
+        let (b, nh, rep, cap, s) = (3, 4, 2, 45, 41);
+        let kv_rows = b * nh / rep;
+        let f = |n: &str| dir.path().join(n);
+        let q = data(b * nh * hd, 3);
+        let q: Vec<f32> = q.iter().map(|v| f16::from_f32(v * 0.2).to_f32()).collect();
+        let (kf, vf) = (data(kv_rows * cap * hd, 5), data(kv_rows * cap * hd, 6));
+        let starts = [0i32, 7, 39];
+        // The cache as the kernel sees it: packed positions 0..s−1 dequantized, the newest fp16.
+        let (kd, vd) = if q4 {
+            let spec = QuantSpec { bits: 4, group, dim: 2 };
+            let (pk, pv) = (
+                quantize(&kf, &[kv_rows, cap, hd], spec),
+                quantize(&vf, &[kv_rows, cap, hd], spec),
+            );
+            write_bytes(&f("kc"), &pk.data);
+            write_bytes(&f("kp"), &params_bytes(&pk.params));
+            write_bytes(&f("vc"), &pv.data);
+            write_bytes(&f("vp"), &params_bytes(&pv.params));
+            let (mut kd, mut vd) = (dequantize(&pk), dequantize(&pv));
+            for r in 0..kv_rows {
+                let at = (r * cap + s - 1) * hd;
+                kd[at..at + hd].copy_from_slice(&kf[at..at + hd]);
+                vd[at..at + hd].copy_from_slice(&vf[at..at + hd]);
+            }
+            (kd, vd)
+        } else {
+            for n in ["kc", "kp", "vc", "vp"] {
+                write_bytes(&f(n), &[0; 4]);
+            }
+            (kf.clone(), vf.clone())
+        };
+        write_bytes(&f("q"), &f16_bytes(&q));
+        write_bytes(&f("kf"), &f16_bytes(&kf));
+        write_bytes(&f("vf"), &f16_bytes(&vf));
+        write_bytes(&f("start"), &starts.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        let st = Command::new(&exe)
+            .args([b, nh, rep, hd, cap, s, group, usize::from(q4)].map(|v| v.to_string()))
+            .args(["q", "kf", "vf", "kc", "kp", "vc", "vp", "start", "out"].map(f))
+            .status()
+            .unwrap();
+        let label = format!(
+            "head {hd}, {}",
+            if q4 { format!("4-bit cache in groups of {group}") } else { "fp16 cache".into() }
+        );
+        assert!(st.success(), "{label}: the harness failed");
+        let got = read_f16(&f("out"));
+        for row in 0..b * nh {
+            let (bi, kv) = (row / nh, row / rep);
+            let lo = usize::try_from(starts[bi]).unwrap();
+            let qr = &q[row * hd..(row + 1) * hd];
+            let at = |j: usize| (kv * cap + j) * hd;
+            let scores: Vec<f64> = (lo..s)
+                .map(|j| (0..hd).map(|d| f64::from(qr[d]) * f64::from(kd[at(j) + d])).sum())
+                .collect();
+            let m = scores.iter().copied().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = scores.iter().map(|v| (v - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..hd {
+                let want: f64 =
+                    (lo..s).map(|j| e[j - lo] * f64::from(vd[at(j) + d])).sum::<f64>() / sum;
+                let g = f64::from(got[row * hd + d]);
+                assert!(
+                    (g - want).abs() <= 2e-3 * want.abs().max(1.0),
+                    "{label}: row {row} value {d}: kernel {g}, reference {want}"
+                );
+            }
         }
     }
 }

@@ -853,6 +853,34 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
     }
 }
 // ---- The 4-bit product on tensor cores ----
+// The PTX instructions of the tensor-core product, one function each (the emulation test in CI
+// replaces exactly these with C++ of the same meaning): byte permute, fp16x2 subtract and fused
+// multiply-add (rounded to nearest), and D += A·B of one m16n8k16 mma (fp16 in, fp32 sums).
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+__device__ __forceinline__ unsigned sub_f16x2(unsigned a, unsigned b) {
+    unsigned d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ unsigned fma_f16x2(unsigned a, unsigned b, unsigned c) {
+    unsigned d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, uint2 b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+#else
+    __trap(); // no m16n8k16 before sm_80; the host does not launch it there
+#endif
+}
+
 // y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ 8·NT, W read from dequant_dim0's 4-bit layout:
 // for input i the codes of outputs 0, 1, … are contiguous nibbles from code i·chunks·gs (chunks =
 // ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
@@ -872,18 +900,11 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 #define GT_O 256
 
 __device__ __forceinline__ unsigned pack_h2(half_t lo, half_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
-__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
-    unsigned d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
 // Two codes (bits 0–3 and 16–19 of q) as fp16 values min + code · scale, each half of sc and mn
 // the scale and min of its input.
 __device__ __forceinline__ unsigned dequant2(unsigned q, unsigned sc, unsigned mn) {
-    unsigned v = (q & 0x000F000Fu) | 0x64006400u, d; // 1024 + code, exactly
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(v), "r"(0x64006400u));
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(v) : "r"(d), "r"(sc), "r"(mn));
-    return v;
+    unsigned v = (q & 0x000F000Fu) | 0x64006400u; // 1024 + code, exactly
+    return fma_f16x2(sub_f16x2(v, 0x64006400u), sc, mn);
 }
 
 template <int NT>
@@ -995,16 +1016,7 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
                 // B: x[8n + g][kb + 4t … kb + 4t + 3].
                 uint2 bb = *(const uint2*)&xs[8 * n + g][kb + 4 * t];
 #pragma unroll
-                for (int m = 0; m < 2; m++) {
-#if __CUDA_ARCH__ >= 800
-                    asm volatile(
-                        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                        : "+f"(acc[n][m][0]), "+f"(acc[n][m][1]), "+f"(acc[n][m][2]), "+f"(acc[n][m][3])
-                        : "r"(a[m][0]), "r"(a[m][1]), "r"(a[m][2]), "r"(a[m][3]), "r"(bb.x), "r"(bb.y));
-#else
-                    __trap(); // no m16n8k16 before sm_80; the host does not launch it there
-#endif
-                }
+                for (int m = 0; m < 2; m++) mma_16816(acc[n][m], a[m], bb);
             }
         }
     }
