@@ -5,7 +5,8 @@
 # Usage (after unpacking .gpu/pack/bin.tar.xz into BIN_DIR): gpu_first_call.sh [BIN_DIR]
 #   PARTS   which parts to run, in order (default "check bench executor pipeline ranks s4"):
 #           check     cuda_check (kernels against the CPU, then kernel timings)
-#           bench     gemv4_bench (the 4-bit products: checks, then timings) and
+#           gemv4     gemv4_bench alone (the 4-bit products: checks, then timings)
+#           bench     gemv4_bench and
 #                     host_attention_bench at 1,024 × 1 and 64 × 8, fp16 and 4-bit packed
 #           executor  gpu_executor_check.sh (every placement's tokens; JOBS at a time, default 8)
 #           pipeline  gpu_pipeline_check.sh with RANKS=1 LINK=tcp (in-process and over-process)
@@ -34,6 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOGS/co
 for part in ${PARTS:-check bench executor pipeline ranks s4}; do
   case $part in
     check) t cuda_check 120 "$B/cuda_check" ;;
+    gemv4) t gemv4 180 "$B/gemv4_bench" ;;
     bench)
       t gemv4 180 "$B/gemv4_bench"
       for a in "1024 512 1 15 0" "1024 512 1 15 4" "64 512 8 15 0" "64 512 8 15 4"; do
@@ -54,7 +56,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       t s3 240 "$B/flexgen-run" --device cuda --model opt-175b --dummy --percent 100 0 100 0 100 0 \
         --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight --compress-cache --prompt-len 512 \
         --max-new-tokens 32 --json ;;
-    *) echo "unknown part $part (check bench executor pipeline ranks s4 s3)" >&2; fail=1 ;;
+    *) echo "unknown part $part (check gemv4 bench executor pipeline ranks s4 s3)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"

@@ -5,7 +5,8 @@ lacks, fails on a machine without a GPU. NVRTC comes from NVIDIA's `nvidia-cuda-
 (pip install nvidia-cuda-nvrtc) or the library named by FLEXGEN_NVRTC_LIB.
 
 Usage: nvrtc_check.py FILE ARCH...   (ARCH as 75, 90: sm_75, sm_90); exit 1 on any error.
-Prints, per architecture, "ok" and the kernels that spill registers to local memory."""
+Prints, per architecture, "ok" and the kernels that spill registers to local memory; with
+NVRTC_SHOW=name, what ptxas reports of the kernels whose names contain it."""
 import ctypes
 import glob
 import os
@@ -57,6 +58,14 @@ def main():
             if m and int(m.group(1)) > 0:
                 spills.append(f"{fn} ({m.group(1)} bytes)")
         print(f"sm_{arch}: ok" + (f"; spills: {', '.join(spills)}" if spills else ""))
+        # NVRTC_SHOW=name: ptxas's registers, shared memory and spills of the kernels so named.
+        show = os.environ.get("NVRTC_SHOW")
+        if show:
+            for line in log.splitlines():
+                if "ptxas info" in line and ("Used" in line or "Compiling" in line) or "spill" in line:
+                    fn = (re.search(r"'(\S+)'", line) or [None, fn])[1] if "Compiling" in line else fn
+                    if fn and show in fn:
+                        print("  " + line.strip())
     sys.exit(1 if failed else 0)
 
 

@@ -80,7 +80,8 @@ template <class F> static void grid(unsigned gx, unsigned gy, F f) {
 
 /// What kernels that share data between threads need on top of [`PRELUDE`]: shared memory,
 /// `__syncthreads`, warp shuffles and the tensor-core primitives of kernels.cu (`prmt`,
-/// `sub_f16x2`, `fma_f16x2`, `mma_16816`) with the meaning the PTX ISA gives them, and
+/// `sub_f16x2`, `fma_f16x2`, `mma_16816`, the `cp_async` copies) with the meaning the PTX ISA
+/// gives them, and
 /// `grid_warps`, which runs each thread of a block as a fiber.
 const WARP_PRELUDE: &str = r#"
 #include <ucontext.h>
@@ -94,6 +95,7 @@ const WARP_PRELUDE: &str = r#"
 #define __launch_bounds__(...)
 #define __CUDA_ARCH__ 800
 #define __expf expf
+using std::max;
 static inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 static inline int __ffs(int v) { return __builtin_ffs(v); }
@@ -189,6 +191,30 @@ static inline void mma_16816(float* d, const unsigned* a, uint2 b) {
         d[j] += (float)s;
     }
 }
+// cp.async: each thread's copies are held until a cp_async_wait lets their group land, so that a
+// read of a stage before its wait sees what was there before.
+namespace emu {
+struct Copy { void* dst; const void* src; int n, size; };
+static std::vector<std::vector<std::vector<Copy>>> landing; // [thread][group]
+static std::vector<std::vector<Copy>> issued;                // [thread]: not yet in a group
+}
+static inline void cp_async16(void* dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({dst, src, n, 16}); }
+static inline void cp_async4(void* dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({dst, src, n, 4}); }
+static inline void cp_async_commit() {
+    emu::landing[threadIdx.x].push_back(emu::issued[threadIdx.x]);
+    emu::issued[threadIdx.x].clear();
+}
+template <int N> static void cp_async_wait() {
+    auto& l = emu::landing[threadIdx.x];
+    while (l.size() > N) {
+        for (auto& c : l.front()) {
+            if (c.n < 0 || c.n > c.size) { fprintf(stderr, "cp.async of %d bytes into %d\n", c.n, c.size); exit(5); }
+            memcpy(c.dst, c.src, c.n);
+            memset((char*)c.dst + c.n, 0, c.size - c.n);
+        }
+        l.erase(l.begin());
+    }
+}
 // Runs every thread of a grid of gx × gy blocks of `threads` (a multiple of 32), `smem` floats of
 // dynamic shared memory each.
 template <class F> static void grid_warps(unsigned gx, unsigned gy, unsigned threads, size_t smem, F f) {
@@ -202,6 +228,8 @@ template <class F> static void grid_warps(unsigned gx, unsigned gy, unsigned thr
         emu::dyn_smem.assign(smem, NAN);
         emu::warps.assign(threads / 32, emu::Warp{});
         emu::block_bar = {};
+        emu::landing.assign(threads, {});
+        emu::issued.assign(threads, {});
         for (unsigned i = 0; i < threads; i++) {
             auto& fb = emu::fibers[i];
             fb.done = false;
@@ -689,7 +717,7 @@ int main(int argc, char** argv) {
     std::vector<float> y((size_t)nb * outs, 0.f);
     decltype(&gemm4_tc_1) kernels[] = {gemm4_tc_1, gemm4_tc_2, gemm4_tc_4, gemm4_tc_8};
     auto k = kernels[kernel];
-    grid_warps(blocks, slices, 256, 0, [&] { k(codes.data(), pairs.data(), x.data(), y.data(), outs, ins, ldx, gs, nb, per_slice); });
+    grid_warps(blocks, slices, 128, 0, [&] { k(codes.data(), pairs.data(), x.data(), y.data(), outs, ins, ldx, gs, nb, per_slice); });
     FILE* f = fopen(argv[13], "wb"); fwrite(y.data(), 4, y.size(), f); fclose(f);
 }
 "#,

@@ -860,12 +860,12 @@ impl Gpu {
         };
         // SAFETY: threads < ⌈outs/group⌉·group/(8·V) and inputs < ins of the packed buffers
         // (V and the alignment it needs checked by the plan); the caller's buffers.
-        unsafe { self.product4(w, (x, ldx), y, nb, (8, tiles)) }
+        unsafe { self.product4(w, (x, ldx), y, nb, (8, 256, tiles)) }
     }
 
     /// The launches of a 4-bit product kernel (`gemv4_dim0_*`, `gemm4_tc_*`: the same
     /// parameters): `y` zeroed, then the rows in tiles of at most `tile` rows, each tile the
-    /// kernel, blocks, slices and inputs per slice that `plan` gives for its rows.
+    /// kernel, blocks (of `threads`), slices and inputs per slice that `plan` gives for its rows.
     ///
     /// # Safety
     /// As [`Gpu::gemv4_dim0`]; `plan`'s kernels read and write only inside the shapes given.
@@ -875,7 +875,7 @@ impl Gpu {
         (x, ldx): (u64, usize),
         y: u64,
         nb: usize,
-        (tile, plan): (usize, impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize)),
+        (tile, threads, plan): (usize, u32, impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize)),
     ) -> Result<(), CudaError> {
         let Weight4 { codes, params, outs, ins, group } = w;
         // SAFETY: `y` holds nb·outs fp32 values.
@@ -893,7 +893,7 @@ impl Gpu {
                     u32::try_from(slices).expect("slices fit"),
                     1,
                 ),
-                block_dim: (256, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
             let (xt, yt) = (x + (b0 * ldx * 2) as u64, y + (b0 * outs * 4) as u64);
@@ -916,8 +916,8 @@ impl Gpu {
 
     /// `y[b, o] = Σ_i x[b, i] · W[o, i]` (fp32 `y [nb, outs]`, zeroed here) for `nb` rows of x
     /// (row b at `x + b·ldx`) with W read from its 4-bit codes on the tensor cores (`gemm4_tc_*`
-    /// of kernels.cu: each warp expands two tiles of 16 outputs × 16 inputs into mma fragments as
-    /// `dequant_dim0` would write them), for micro-batches of more rows than `gemv4_dim0` serves
+    /// of kernels.cu: each warp expands four tiles of 16 outputs × 16 inputs into mma fragments as
+    /// `dequant_dim0` would write them, from codes a ring of cp.async stages brings in), for micro-batches of more rows than `gemv4_dim0` serves
     /// well; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
     /// layout does not allow it ([`gemm4_tc_fits`]) or the device has no mma.sync (before 8.0).
     ///
@@ -941,7 +941,7 @@ impl Gpu {
         };
         // SAFETY: blocks of 256 outputs within ⌈outs/group⌉·group coded ones, inputs < ins, the
         // alignment the kernel needs checked by gemm4_tc_fits; the caller's buffers.
-        unsafe { self.product4(w, (x, ldx), y, nb, (64, tiles)) }?;
+        unsafe { self.product4(w, (x, ldx), y, nb, (64, GEMM4_TC_THREADS, tiles)) }?;
         Ok(Some(()))
     }
 
@@ -1093,8 +1093,11 @@ pub fn gemm4_tc_fits(
         && ldx.is_multiple_of(8)
 }
 
+/// Threads of a `gemm4_tc_*` block (four warps of 64 outputs).
+pub const GEMM4_TC_THREADS: u32 = 128;
+
 /// How [`Gpu::gemm4_tc`] runs a tile of `rows` (1 to 64): the kernel (`gemm4_tc_1`, `_2`, `_4`,
-/// `_8` for 8, 16, 32, 64 rows; index 0 to 3), a block of 256 threads per 256 outputs, and the
+/// `_8` for 8, 16, 32, 64 rows; index 0 to 3), a block of [`GEMM4_TC_THREADS`] per 256 outputs, and the
 /// inputs in slices of `per_slice` (a multiple of 64) over the grid's y.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gemm4TcPlan {

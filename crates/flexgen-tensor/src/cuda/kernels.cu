@@ -855,7 +855,8 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // ---- The 4-bit product on tensor cores ----
 // The PTX instructions of the tensor-core product, one function each (the emulation test in CI
 // replaces exactly these with C++ of the same meaning): byte permute, fp16x2 subtract and fused
-// multiply-add (rounded to nearest), and D += A·B of one m16n8k16 mma (fp16 in, fp32 sums).
+// multiply-add (rounded to nearest), D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), and the
+// asynchronous copies to shared memory.
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
@@ -881,23 +882,64 @@ __device__ __forceinline__ void mma_16816(float* d, const unsigned* a, uint2 b) 
 #endif
 }
 
+// cp.async: n (0 to 16, or 0 or 4) bytes from global src to shared dst, the rest of the 16 (4)
+// zeroed, in flight until a cp_async_wait; commit closes the copies issued since the last one
+// into a group, and wait<N> returns when at most N groups are still in flight. The source is
+// read only where n > 0 (it must still be a valid address).
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int n) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int n) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 // y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ 8·NT, W read from dequant_dim0's 4-bit layout:
 // for input i the codes of outputs 0, 1, … are contiguous nibbles from code i·chunks·gs (chunks =
 // ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
-// adjacent from pair i·chunks. A block of 256 threads (8 warps, 32 outputs each: two m16 tiles that share each B fragment) owns 256 outputs and a slice of
-// the inputs (blockIdx.y; its partial sums added to the fp32 y [nb, outs] with atomicAdd, as
-// gemv4's). Each step stages GT_K inputs in shared memory, the next step's loads in flight in
-// registers meanwhile: the codes with four inputs' bytes of one byte column interleaved in a word,
-// the pairs by group then input, x by row then input. The sum over inputs is taken in an order of
-// our choosing: the mma's k = 2t, 2t + 1, 2t + 8, 2t + 9 (lane t of a quad) are the step's inputs
-// 4t … 4t + 3, and fragment rows g and g + 8 are the outputs 2g and 2g + 1 of a tile's 16 (the
-// two nibbles of one byte). So one 4-byte load gives a lane the codes of all its A fragment, one
-// 16-byte load its four inputs' pairs and one 8-byte load per 8 rows its B fragment; the codes
-// become fp16 by the 0x6400 trick and min + code · scale is one fp16x2 fma, rounded once as
-// dequant_dim0 rounds it. mma.sync m16n8k16, fp32 sums. Needs gs ∈ {16, 32, 64, 128}, codes and
-// x 16-byte aligned, ldx and chunks·gs multiples of 8 (the host checks).
-#define GT_K 64
+// adjacent from pair i·chunks. A block of 128 threads (4 warps of 64 outputs) owns GT_O = 256
+// outputs and a slice of the inputs (blockIdx.y; its partial sums added to the fp32 y [nb, outs]
+// with atomicAdd, as gemv4's). The inputs go through shared memory GT_K at a time in a ring of
+// GT_S stages filled by cp.async, GT_S − 1 stages in flight while one is used: the codes as they
+// lie in memory (a row of 128 bytes per input), the pairs by group then input, x by row then
+// input; the 16-byte chunks of a code row and of an x row are placed with an XOR of the row so
+// that the warps' reads below fall in distinct banks.
+// The sum over inputs is taken in an order of our choosing: the mma's k = 2t, 2t + 1, 2t + 8,
+// 2t + 9 (lane t of a quad) are the 16 inputs' 4t … 4t + 3. Lane g of a quad owns one 4-byte word
+// of each code row, word w = 8·warp + g: the bytes m = 0..3 of the word are the A fragments'
+// row g of four m16 tiles (outputs 8w + 2m: low nibbles, and 8w + 2m + 1, high: row g + 8). So
+// four 4-byte loads (inputs 4t … 4t + 3) give a lane its A fragments of four tiles, one 16-byte
+// load its inputs' pairs (its eight outputs lie in one group), one 8-byte load per 8 rows its B
+// fragment; a prmt brings two inputs' bytes of a tile together, the codes become fp16 by the
+// 0x6400 trick and min + code · scale is one fp16x2 fma, rounded once as dequant_dim0 rounds
+// it. mma.sync m16n8k16, fp32 sums. Needs gs ∈ {16, 32, 64, 128}, chunks·gs a multiple of 32,
+// codes and x 16-byte aligned, ldx a multiple of 8 (the host checks).
+#define GT_K 32
 #define GT_O 256
+#define GT_S 4
 
 __device__ __forceinline__ unsigned pack_h2(half_t lo, half_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 // Two codes (bits 0–3 and 16–19 of q) as fp16 values min + code · scale, each half of sc and mn
@@ -910,101 +952,65 @@ __device__ __forceinline__ unsigned dequant2(unsigned q, unsigned sc, unsigned m
 template <int NT>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
-    // Rows padded so that a warp's loads fall in different banks: codes 136 words a quad of
-    // inputs (lanes t read quads t: 8t + g), x 80 values a row (8-byte loads: 8g + 2t).
-    __shared__ __align__(16) unsigned cs[GT_K / 4][GT_O / 2 + 8]; // codes: [input quad][byte column]
-    __shared__ __align__(16) unsigned ps[GT_O / 16][GT_K + 4];    // pairs: [group][input]
-    __shared__ __align__(16) half_t xs[8 * NT][GT_K + 16];         // x: [row][input]
+    __shared__ __align__(16) unsigned cs[GT_S][GT_K][GT_O / 8];      // codes: [stage][input][word]
+    __shared__ __align__(16) unsigned ps[GT_S][GT_O / 16][GT_K + 4]; // pairs: [stage][group][input]
+    __shared__ __align__(16) half_t xs[GT_S][8 * NT][GT_K];          // x: [stage][row][input]
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int chunks = (outs + gs - 1) / gs;
-    const long long per_input = (long long)chunks * gs / 2; // code bytes of one input
+    const int chunks = (outs + gs - 1) / gs, coded = chunks * gs;
+    const long long per_input = (long long)coded / 2; // code bytes of one input
     const int o_blk = blockIdx.x * GT_O;
-    const int gpb = GT_O / gs;                                // groups of the block's outputs
+    const int gpb = GT_O / gs, lg = __ffs(gpb) - 1; // groups of the block's outputs (a power of two)
     const int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
-    float acc[NT][2][4];
-#pragma unroll
-    for (int n = 0; n < NT; n++) for (int m = 0; m < 2; m++) for (int j = 0; j < 4; j++) acc[n][m][j] = 0.f;
-    // Per step: codes of 16 input quads × 16 eight-byte column blocks (one unit per thread, four
-    // 8-byte loads: the quad's inputs; 16 lanes read 128 contiguous bytes of an input); x 8·NT
-    // rows × 64 inputs = 64·NT uint4 (at least one thread-slot each); pairs 64 × gpb ≤ 1024 (4 per
-    // thread).
-    const int cq = tid >> 4, cb = tid & 15; // this thread's code quad and column block
-    constexpr int XU = NT < 4 ? 1 : NT / 4;
-    uint2 rc[4];
-    uint4 rx[XU];
-    unsigned rp[4];
-    const int lg = __ffs(gpb) - 1; // gpb is a power of two
-    const bool cols = o_blk + 16 * cb < chunks * gs;
-    auto load = [&](int k0) {
-        const unsigned char* cr = codes + (long long)(k0 + 4 * cq) * per_input + o_blk / 2 + 8 * cb;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            rc[j] = make_uint2(0, 0);
-            if (k0 + 4 * cq + j < i1 && cols) rc[j] = *(const uint2*)(cr + j * per_input);
+    const int steps = i1 > i0 ? (i1 - i0 + GT_K - 1) / GT_K : 0;
+    // Stage `step`'s copies: code chunk c (32 outputs) of row r at chunk c ^ 2·(r/4 mod 4), x
+    // chunk c (8 inputs) of row r at c ^ (r & 2); zeros past the slice, the coded outputs and nb.
+    auto issue = [&](int step) {
+        const int st = step % GT_S, k0 = i0 + step * GT_K;
+        for (int e = tid; e < GT_K * 8; e += 128) {
+            int r = e >> 3, c = e & 7, i = k0 + r, o = o_blk + 32 * c;
+            bool ok = i < i1 && o < coded;
+            cp_async16(&cs[st][r][4 * (c ^ (2 * ((r >> 2) & 3)))], ok ? codes + i * per_input + o / 2 : codes, ok ? 16 : 0);
         }
-#pragma unroll
-        for (int u = 0; u < XU; u++) {
-            int e = tid + 256 * u, r = e / (GT_K / 8), c8 = e % (GT_K / 8), i = k0 + 8 * c8;
-            rx[u] = make_uint4(0, 0, 0, 0);
-            if (r < 8 * NT && r < nb && i < i1) {
-                if (i + 8 <= i1) {
-                    rx[u] = *(const uint4*)(x + (long long)r * ldx + i);
-                } else {
-                    half_t v[8];
-                    for (int j = 0; j < 8; j++) v[j] = i + j < i1 ? x[(long long)r * ldx + i + j] : (half_t)0;
-                    rx[u] = make_uint4(pack_h2(v[0], v[1]), pack_h2(v[2], v[3]), pack_h2(v[4], v[5]), pack_h2(v[6], v[7]));
-                }
-            }
+        for (int e = tid; e < GT_K * gpb; e += 128) {
+            int r = e >> lg, grp = e & (gpb - 1), i = k0 + r, ch = o_blk / gs + grp;
+            bool ok = i < i1 && ch < chunks;
+            cp_async4(&ps[st][grp][r], ok ? pairs + (long long)i * chunks + ch : pairs, ok ? 4 : 0);
         }
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int e = tid + 256 * u, i = k0 + (e >> lg), ch = o_blk / gs + (e & (gpb - 1));
-            rp[u] = 0;
-            if (e < GT_K * gpb && i < i1 && ch < chunks) rp[u] = pairs[(long long)i * chunks + ch];
+        for (int e = tid; e < 8 * NT * (GT_K / 8); e += 128) {
+            int r = e / (GT_K / 8), c = e % (GT_K / 8), i = k0 + 8 * c;
+            int n = r < nb ? 2 * max(0, min(8, i1 - i)) : 0;
+            cp_async16(&xs[st][r][8 * (c ^ (r & 2))], n ? x + (long long)r * ldx + i : x, n);
         }
     };
-    auto store = [&]() {
-        // Transpose the quad's 4 inputs × 8 byte columns: word c = the column's bytes of inputs 0..3.
+    float acc[NT][4][4];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            unsigned r0 = h ? rc[0].y : rc[0].x, r1 = h ? rc[1].y : rc[1].x;
-            unsigned r2 = h ? rc[2].y : rc[2].x, r3 = h ? rc[3].y : rc[3].x;
-            unsigned a = prmt(r0, r1, 0x5140), b = prmt(r0, r1, 0x7362);
-            unsigned c = prmt(r2, r3, 0x5140), d = prmt(r2, r3, 0x7362);
-            *(uint4*)&cs[cq][8 * cb + 4 * h] =
-                make_uint4(prmt(a, c, 0x5410), prmt(a, c, 0x7632), prmt(b, d, 0x5410), prmt(b, d, 0x7632));
-        }
+    for (int n = 0; n < NT; n++) for (int m = 0; m < 4; m++) for (int j = 0; j < 4; j++) acc[n][m][j] = 0.f;
+    const int w = 8 * warp + g, grp = 8 * w / gs; // this lane's code word and its outputs' group
 #pragma unroll
-        for (int u = 0; u < XU; u++) {
-            int e = tid + 256 * u, r = e / (GT_K / 8), c8 = e % (GT_K / 8);
-            if (r < 8 * NT) *(uint4*)&xs[r][8 * c8] = rx[u];
-        }
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int e = tid + 256 * u;
-            if (e < GT_K * gpb) ps[e & (gpb - 1)][e >> lg] = rp[u];
-        }
-    };
-    // This warp's outputs: 32·warp … + 31 of the block's 256, two tiles of 16 (each in one group);
-    // lane g's byte column in tile m: 16·warp + 8m + g.
-    const int grp0 = 32 * warp / gs, grp1 = (32 * warp + 16) / gs, col = 16 * warp + g;
-    if (i0 < i1) load(i0);
-    for (int k0 = i0; k0 < i1; k0 += GT_K) {
-        __syncthreads(); // the previous step's reads of shared memory are done
-        store();
-        __syncthreads();
-        if (k0 + GT_K < i1) load(k0 + GT_K); // in flight while this step computes
+    for (int st = 0; st < GT_S - 1; st++) {
+        if (st < steps) issue(st);
+        cp_async_commit();
+    }
+    for (int step = 0; step < steps; step++) {
+        cp_async_wait<GT_S - 2>(); // this thread's copies of stage `step` are done
+        __syncthreads();           // everyone's are, and the stage refilled next was used up
+        if (step + GT_S - 1 < steps) issue(step + GT_S - 1);
+        cp_async_commit();
+        const int st = step % GT_S;
 #pragma unroll
         for (int kb = 0; kb < GT_K; kb += 16) {
-            // The step's inputs kb + 4t + j (j = 0..3): codes byte j of one word, pairs p.x … p.w.
-            unsigned a[2][4];
+            // Inputs kb + 4t + j (j = 0..3): code rows (whose r/4 mod 4 is t), pairs p.x … p.w.
+            unsigned cw[4];
 #pragma unroll
-            for (int m = 0; m < 2; m++) {
-                unsigned w = cs[kb / 4 + t][col + 8 * m];
-                uint4 p = *(const uint4*)&ps[m ? grp1 : grp0][kb + 4 * t];
-                unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
-                unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
-                unsigned q01 = prmt(w, 0, 0x4140), q23 = prmt(w, 0, 0x4342); // bytes to bits 0–7, 16–23
+            for (int j = 0; j < 4; j++) cw[j] = cs[st][kb + 4 * t + j][4 * ((w >> 2) ^ (2 * t)) + (w & 3)];
+            uint4 p = *(const uint4*)&ps[st][grp][kb + 4 * t];
+            unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
+            unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
+            unsigned a[4][4];
+#pragma unroll
+            for (int m = 0; m < 4; m++) {
+                // Byte m of inputs 4t, 4t + 1 (and 4t + 2, 4t + 3) to bits 0–7 and 16–23.
+                unsigned q01 = prmt(cw[0], cw[1], 0x4400 + 0x1111 * m), q23 = prmt(cw[2], cw[3], 0x4400 + 0x1111 * m);
                 // A: a0/a2 row g (low nibbles) at k 2t, 2t+1 / 2t+8, 2t+9; a1/a3 row g + 8 (high).
                 a[m][0] = dequant2(q01, sc01, mn01);
                 a[m][1] = dequant2(q01 >> 4, sc01, mn01);
@@ -1014,35 +1020,37 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
 #pragma unroll
             for (int n = 0; n < NT; n++) {
                 // B: x[8n + g][kb + 4t … kb + 4t + 3].
-                uint2 bb = *(const uint2*)&xs[8 * n + g][kb + 4 * t];
+                const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
+                uint2 bb = *(const uint2*)&xs[st][r][8 * (c ^ (r & 2)) + (4 * t & 7)];
 #pragma unroll
-                for (int m = 0; m < 2; m++) mma_16816(acc[n][m], a[m], bb);
+                for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bb);
             }
         }
     }
-    // D: in tile m, rows g and g + 8 are outputs 2g and 2g + 1; columns (x rows) 8n + 2t + {0, 1}.
+    // D: in tile m, rows g and g + 8 are outputs 8w + 2m and 8w + 2m + 1; columns (x rows)
+    // 8n + 2t + {0, 1}.
 #pragma unroll
     for (int n = 0; n < NT; n++) {
 #pragma unroll
-        for (int m = 0; m < 2; m++) {
+        for (int m = 0; m < 4; m++) {
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                int o = o_blk + 32 * warp + 16 * m + 2 * g + (j >> 1), b = 8 * n + 2 * t + (j & 1);
+                int o = o_blk + 8 * w + 2 * m + (j >> 1), b = 8 * n + 2 * t + (j & 1);
                 if (o < outs && b < nb) atomicAdd(y + (long long)b * outs + o, acc[n][m][j]);
             }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(128, 4) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<1>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
-extern "C" __global__ void __launch_bounds__(256, 3) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(128, 4) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<2>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
-extern "C" __global__ void __launch_bounds__(256, 3) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(128, 4) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<4>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
-extern "C" __global__ void __launch_bounds__(256) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<8>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }

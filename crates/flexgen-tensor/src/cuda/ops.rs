@@ -171,7 +171,11 @@ impl Gpu {
         let gemm4_tc = [f("gemm4_tc_1")?, f("gemm4_tc_2")?, f("gemm4_tc_4")?, f("gemm4_tc_8")?];
         let mut gemm4_tc_wave = [sms; 4];
         for (w, k) in gemm4_tc_wave.iter_mut().zip(&gemm4_tc) {
-            let per_sm = k.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?;
+            let per_sm = k.occupancy_max_active_blocks_per_multiprocessor(
+                super::exec::GEMM4_TC_THREADS,
+                0,
+                None,
+            )?;
             *w = sms * usize::try_from(per_sm).unwrap_or(1).max(1);
         }
         Ok(Self {
