@@ -80,8 +80,8 @@ template <class F> static void grid(unsigned gx, unsigned gy, F f) {
 
 /// What kernels that share data between threads need on top of [`PRELUDE`]: shared memory,
 /// `__syncthreads`, warp shuffles and the tensor-core primitives of kernels.cu (`prmt`,
-/// `sub_f16x2`, `fma_f16x2`, `mma_16816`, the `cp_async` copies) with the meaning the PTX ISA
-/// gives them, and
+/// `sub_f16x2`, `fma_f16x2`, `mma_16816`, `smem_u32` and the `cp_async` copies, `red_add4`)
+/// with the meaning the PTX ISA gives them, and
 /// `grid_warps`, which runs each thread of a block as a fiber.
 const WARP_PRELUDE: &str = r#"
 #include <ucontext.h>
@@ -198,8 +198,14 @@ struct Copy { void* dst; const void* src; int n, size; };
 static std::vector<std::vector<std::vector<Copy>>> landing; // [thread][group]
 static std::vector<std::vector<Copy>> issued;                // [thread]: not yet in a group
 }
-static inline void cp_async16(void* dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({dst, src, n, 16}); }
-static inline void cp_async4(void* dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({dst, src, n, 4}); }
+// Shared-space addresses: offsets from an anchor among the kernels' static shared arrays (all
+// in this program's data, well within ±2 GiB of it).
+namespace emu { static char anchor; }
+static inline unsigned smem_u32(const void* p) { return (unsigned)((const char*)p - &emu::anchor); }
+static inline void* smem_ptr(unsigned a) { return &emu::anchor + (int)a; }
+static inline void cp_async16(unsigned dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({smem_ptr(dst), src, n, 16}); }
+static inline void cp_async4(unsigned dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({smem_ptr(dst), src, n, 4}); }
+static inline void red_add4(float* p, float a, float b, float c, float d) { p[0] += a; p[1] += b; p[2] += c; p[3] += d; }
 static inline void cp_async_commit() {
     emu::landing[threadIdx.x].push_back(emu::issued[threadIdx.x]);
     emu::issued[threadIdx.x].clear();
@@ -728,7 +734,7 @@ int main(int argc, char** argv) {
         (300, 200, 32, 13, 40),
         (200, 130, 16, 32, 2),
         (512, 256, 128, 3, 64),
-        (96, 70, 32, 70, 6),
+        (90, 70, 32, 70, 6),
         (160, 100, 64, 24, 1000),
     ] {
         let w = data(outs * ins, (outs * ins) as u64);

@@ -882,8 +882,8 @@ __device__ __forceinline__ void mma_16816(float* d, const unsigned* a, uint2 b) 
 #endif
 }
 
-// cp.async: n (0 to 16, or 0 or 4) bytes from global src to shared dst, the rest of the 16 (4)
-// zeroed, in flight until a cp_async_wait; commit closes the copies issued since the last one
+// cp.async: n (0 to 16, or 0 or 4) bytes from global src to shared dst (a shared-space address,
+// smem_u32 of a pointer to shared memory), the rest of the 16 (4) zeroed, in flight until a cp_async_wait; commit closes the copies issued since the last one
 // into a group, and wait<N> returns when at most N groups are still in flight. The source is
 // read only where n > 0 (it must still be a valid address).
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -891,16 +891,16 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int n) {
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 #else
     __trap();
 #endif
 }
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, int n) {
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, int n) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 #else
     __trap();
 #endif
@@ -908,6 +908,14 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, int n) {
 __device__ __forceinline__ void cp_async_commit() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// p[0..3] += a, b, c, d (p 16-byte aligned): one vector reduction from sm_90, four before.
+__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+#else
+    atomicAdd(p, a); atomicAdd(p + 1, b); atomicAdd(p + 2, c); atomicAdd(p + 3, d);
 #endif
 }
 template <int N>
@@ -939,7 +947,9 @@ __device__ __forceinline__ void cp_async_wait() {
 // codes and x 16-byte aligned, ldx a multiple of 8 (the host checks).
 #define GT_K 32
 #define GT_O 256
+#ifndef GT_S
 #define GT_S 4
+#endif
 
 __device__ __forceinline__ unsigned pack_h2(half_t lo, half_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 // Two codes (bits 0–3 and 16–19 of q) as fp16 values min + code · scale, each half of sc and mn
@@ -962,24 +972,38 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     const int gpb = GT_O / gs, lg = __ffs(gpb) - 1; // groups of the block's outputs (a power of two)
     const int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
     const int steps = i1 > i0 ? (i1 - i0 + GT_K - 1) / GT_K : 0;
-    // Stage `step`'s copies: code chunk c (32 outputs) of row r at chunk c ^ 2·(r/4 mod 4), x
-    // chunk c (8 inputs) of row r at c ^ (r & 2); zeros past the slice, the coded outputs and nb.
+    // Stage `step`'s copies, each thread's the same every step (so that their addresses are a
+    // multiply-add from the step): code chunk c (32 outputs) of row r at chunk c ^ 2·(r/4 mod 4)
+    // (rows tid/8 and tid/8 + 16, chunk tid mod 8); pairs e = tid + 128u as (row e/gpb, group
+    // e mod gpb); x chunk c (8 inputs) of row r at c ^ (r & 2) (e = tid + 128u: row e/4, chunk
+    // e mod 4). Zeros past the slice, the coded outputs and nb. Shared addresses in bytes.
+    constexpr unsigned CS_STAGE = GT_K * GT_O / 2, PS_STAGE = GT_O / 16 * (GT_K + 4) * 4, XS_STAGE = 8 * NT * GT_K * 2;
+    const unsigned cs0 = smem_u32(cs), ps0 = smem_u32(ps), xs0 = smem_u32(xs);
+    const int cr = tid >> 3, cc = tid & 7, ch0 = o_blk / gs;
+    const bool c_cols = o_blk + 32 * cc < coded;
+    const unsigned char* c_src = codes + (long long)(i0 + cr) * per_input + o_blk / 2 + 16 * cc;
+    const unsigned c_dst = cs0 + cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)));
+    constexpr int XU = NT < 4 ? 1 : NT / 4;
     auto issue = [&](int step) {
         const int st = step % GT_S, k0 = i0 + step * GT_K;
-        for (int e = tid; e < GT_K * 8; e += 128) {
-            int r = e >> 3, c = e & 7, i = k0 + r, o = o_blk + 32 * c;
-            bool ok = i < i1 && o < coded;
-            cp_async16(&cs[st][r][4 * (c ^ (2 * ((r >> 2) & 3)))], ok ? codes + i * per_input + o / 2 : codes, ok ? 16 : 0);
+        const long long adv = (long long)step * GT_K * per_input;
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            bool ok = c_cols && k0 + cr + 16 * u < i1;
+            cp_async16(c_dst + st * CS_STAGE + u * 16 * (GT_O / 2), ok ? c_src + adv + 16 * u * per_input : codes, ok ? 16 : 0);
         }
-        for (int e = tid; e < GT_K * gpb; e += 128) {
-            int r = e >> lg, grp = e & (gpb - 1), i = k0 + r, ch = o_blk / gs + grp;
-            bool ok = i < i1 && ch < chunks;
-            cp_async4(&ps[st][grp][r], ok ? pairs + (long long)i * chunks + ch : pairs, ok ? 4 : 0);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int e = tid + 128 * u, r = e >> lg, grp = e & (gpb - 1), i = k0 + r;
+            bool ok = i < i1 && ch0 + grp < chunks;
+            if (e < GT_K * gpb)
+                cp_async4(ps0 + st * PS_STAGE + (grp * (GT_K + 4) + r) * 4, ok ? pairs + (long long)i * chunks + ch0 + grp : pairs, ok ? 4 : 0);
         }
-        for (int e = tid; e < 8 * NT * (GT_K / 8); e += 128) {
-            int r = e / (GT_K / 8), c = e % (GT_K / 8), i = k0 + 8 * c;
+#pragma unroll
+        for (int u = 0; u < XU; u++) {
+            int e = tid + 128 * u, r = e >> 2, c = e & 3, i = k0 + 8 * c;
             int n = r < nb ? 2 * max(0, min(8, i1 - i)) : 0;
-            cp_async16(&xs[st][r][8 * (c ^ (r & 2))], n ? x + (long long)r * ldx + i : x, n);
+            if (r < 8 * NT) cp_async16(xs0 + st * XS_STAGE + r * (GT_K * 2) + 16 * (c ^ (r & 2)), n ? x + (long long)r * ldx + i : x, n);
         }
     };
     float acc[NT][4][4];
@@ -1028,15 +1052,24 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
         }
     }
     // D: in tile m, rows g and g + 8 are outputs 8w + 2m and 8w + 2m + 1; columns (x rows)
-    // 8n + 2t + {0, 1}.
+    // 8n + 2t + {0, 1}. So a lane holds eight adjacent outputs of each of its rows: two
+    // 4-value adds where they lie whole inside y and 16-byte aligned.
+    const int o = o_blk + 8 * w;
 #pragma unroll
     for (int n = 0; n < NT; n++) {
 #pragma unroll
-        for (int m = 0; m < 4; m++) {
+        for (int h = 0; h < 2; h++) {
+            const int b = 8 * n + 2 * t + h;
+            if (b >= nb) continue;
+            float v[8];
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                int o = o_blk + 8 * w + 2 * m + (j >> 1), b = 8 * n + 2 * t + (j & 1);
-                if (o < outs && b < nb) atomicAdd(y + (long long)b * outs + o, acc[n][m][j]);
+            for (int m = 0; m < 4; m++) { v[2 * m] = acc[n][m][h]; v[2 * m + 1] = acc[n][m][2 + h]; }
+            float* yr = y + (long long)b * outs + o;
+            if (o + 8 <= outs && (outs & 3) == 0) {
+                red_add4(yr, v[0], v[1], v[2], v[3]);
+                red_add4(yr + 4, v[4], v[5], v[6], v[7]);
+            } else {
+                for (int k = 0; k < 8; k++) if (o + k < outs) atomicAdd(yr + k, v[k]);
             }
         }
     }

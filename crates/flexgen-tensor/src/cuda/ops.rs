@@ -157,7 +157,14 @@ impl Gpu {
         }
         let ctx = super::open(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
-        let opts = cudarc::nvrtc::CompileOptions { arch: arch(major, minor), ..Default::default() };
+        // FLEXGEN_NVRTC_DEFINES="NAME=VALUE …": a kernel's tuning constants overridden (the ones
+        // kernels.cu leaves to `#ifndef`), for measuring variants without a rebuild.
+        let defines = std::env::var("FLEXGEN_NVRTC_DEFINES").unwrap_or_default();
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: arch(major, minor),
+            options: defines.split_whitespace().map(|d| format!("-D{d}")).collect(),
+            ..Default::default()
+        };
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
             .map_err(|e| CudaError::Compile(e.to_string()))?;
         let module = ctx.load_module(ptx)?;
