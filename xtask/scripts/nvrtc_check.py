@@ -37,6 +37,8 @@ def main():
         prog = ctypes.c_void_p()
         assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(path).encode(), 0, None, None) == 0
         opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--ptxas-options=-v"]
+        # FLEXGEN_NVRTC_DEFINES="NAME=VALUE …": as the executor passes them.
+        opts += [f"-D{d}".encode() for d in os.environ.get("FLEXGEN_NVRTC_DEFINES", "").split()]
         rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         n = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))

@@ -702,15 +702,23 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// against x × the reference dequantization of W: every row tile (8, 16, 32, 64 rows, and the
 /// partial tiles of 70 rows), every group size it takes, a last block of outputs and a last step
 /// of inputs that are partial, several input slices, x's rows apart by more than a row; each
-/// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once.
+/// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once; stages of 32 inputs and
+/// of 64.
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
+    for inputs_a_stage in [32, 64] {
+        gemm4_tc_case(inputs_a_stage);
+    }
+}
+
+/// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage.
+fn gemm4_tc_case(inputs_a_stage: usize) {
     use flexgen_tensor::cuda::exec::gemm4_tc_plan;
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
-        "",
-        span("#define GT_K", "gemm4_tc_8"),
+        &format!("#define GT_K {inputs_a_stage}\n"),
+        span("#ifndef GT_K", "gemm4_tc_8"),
         r#"
 int main(int argc, char** argv) {
     int outs = atoi(argv[1]), ins = atoi(argv[2]), gs = atoi(argv[3]), nb = atoi(argv[4]), ldx = atoi(argv[5]);
@@ -762,7 +770,9 @@ int main(int argc, char** argv) {
             assert!(st.success(), "the harness failed: {outs} outputs, {rows} rows, {plan:?}");
             got.extend(read_f32(&f("y")));
         }
-        let label = format!("{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, wave {wave}");
+        let label = format!(
+            "{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, wave {wave}, {inputs_a_stage} inputs a stage"
+        );
         assert_eq!(got.len(), nb * outs, "{label}");
         #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
         let tol = 1e-5 * (ins as f32) * 16.0;

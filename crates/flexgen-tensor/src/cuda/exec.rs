@@ -875,7 +875,11 @@ impl Gpu {
         (x, ldx): (u64, usize),
         y: u64,
         nb: usize,
-        (tile, threads, plan): (usize, u32, impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize)),
+        (tile, threads, plan): (
+            usize,
+            u32,
+            impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize),
+        ),
     ) -> Result<(), CudaError> {
         let Weight4 { codes, params, outs, ins, group } = w;
         // SAFETY: `y` holds nb·outs fp32 values.

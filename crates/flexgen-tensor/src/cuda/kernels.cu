@@ -931,7 +931,8 @@ __device__ __forceinline__ void cp_async_wait() {
 // adjacent from pair i·chunks. A block of 128 threads (4 warps of 64 outputs) owns GT_O = 256
 // outputs and a slice of the inputs (blockIdx.y; its partial sums added to the fp32 y [nb, outs]
 // with atomicAdd, as gemv4's). The inputs go through shared memory GT_K at a time in a ring of
-// GT_S stages filled by cp.async, GT_S − 1 stages in flight while one is used: the codes as they
+// S stages filled by cp.async, S − 1 in flight while one is used (GT_S: 4 of 32 inputs; of 64,
+// 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=64" to choose 64): the codes as they
 // lie in memory (a row of 128 bytes per input), the pairs by group then input, x by row then
 // input; the 16-byte chunks of a code row and of an x row are placed with an XOR of the row so
 // that the warps' reads below fall in distinct banks.
@@ -945,11 +946,14 @@ __device__ __forceinline__ void cp_async_wait() {
 // 0x6400 trick and min + code · scale is one fp16x2 fma, rounded once as dequant_dim0 rounds
 // it. mma.sync m16n8k16, fp32 sums. Needs gs ∈ {16, 32, 64, 128}, chunks·gs a multiple of 32,
 // codes and x 16-byte aligned, ldx a multiple of 8 (the host checks).
-#define GT_K 32
-#define GT_O 256
-#ifndef GT_S
-#define GT_S 4
+#ifndef GT_K
+#define GT_K 32 // 32 or 64
 #endif
+#define GT_O 256
+// Stages of the ring: as many as fit in 48 KB of static shared memory.
+#define GT_S(nt) (GT_K == 32 ? 4 : (nt) == 8 ? 2 : 3)
+// The XOR that places x chunk c of row r (GT_K / 8 chunks a row).
+#define GT_XSW(r) (GT_K == 32 ? ((r) & 2) : 2 * ((r) & 3))
 
 __device__ __forceinline__ unsigned pack_h2(half_t lo, half_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 // Two codes (bits 0–3 and 16–19 of q) as fp16 values min + code · scale, each half of sc and mn
@@ -962,9 +966,10 @@ __device__ __forceinline__ unsigned dequant2(unsigned q, unsigned sc, unsigned m
 template <int NT>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
-    __shared__ __align__(16) unsigned cs[GT_S][GT_K][GT_O / 8];      // codes: [stage][input][word]
-    __shared__ __align__(16) unsigned ps[GT_S][GT_O / 16][GT_K + 4]; // pairs: [stage][group][input]
-    __shared__ __align__(16) half_t xs[GT_S][8 * NT][GT_K];          // x: [stage][row][input]
+    constexpr int S = GT_S(NT);
+    __shared__ __align__(16) unsigned cs[S][GT_K][GT_O / 8]; // codes: [stage][input][word]
+    __shared__ __align__(16) unsigned ps[S][GT_O / 16][GT_K]; // pairs: [stage][group][input]
+    __shared__ __align__(16) half_t xs[S][8 * NT][GT_K];     // x: [stage][row][input]
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int chunks = (outs + gs - 1) / gs, coded = chunks * gs;
     const long long per_input = (long long)coded / 2; // code bytes of one input
@@ -977,33 +982,33 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     // (rows tid/8 and tid/8 + 16, chunk tid mod 8); pairs e = tid + 128u as (row e/gpb, group
     // e mod gpb); x chunk c (8 inputs) of row r at c ^ (r & 2) (e = tid + 128u: row e/4, chunk
     // e mod 4). Zeros past the slice, the coded outputs and nb. Shared addresses in bytes.
-    constexpr unsigned CS_STAGE = GT_K * GT_O / 2, PS_STAGE = GT_O / 16 * (GT_K + 4) * 4, XS_STAGE = 8 * NT * GT_K * 2;
+    constexpr unsigned CS_STAGE = GT_K * GT_O / 2, PS_STAGE = GT_O / 16 * GT_K * 4, XS_STAGE = 8 * NT * GT_K * 2;
     const unsigned cs0 = smem_u32(cs), ps0 = smem_u32(ps), xs0 = smem_u32(xs);
     const int cr = tid >> 3, cc = tid & 7, ch0 = o_blk / gs;
     const bool c_cols = o_blk + 32 * cc < coded;
     const unsigned char* c_src = codes + (long long)(i0 + cr) * per_input + o_blk / 2 + 16 * cc;
     const unsigned c_dst = cs0 + cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)));
-    constexpr int XU = NT < 4 ? 1 : NT / 4;
+    constexpr int XC = GT_K / 8, XU = (8 * NT * XC + 127) / 128; // x chunks a row, copies a thread
     auto issue = [&](int step) {
-        const int st = step % GT_S, k0 = i0 + step * GT_K;
+        const int st = step % S, k0 = i0 + step * GT_K;
         const long long adv = (long long)step * GT_K * per_input;
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
+        for (int u = 0; u < GT_K / 16; u++) {
             bool ok = c_cols && k0 + cr + 16 * u < i1;
             cp_async16(c_dst + st * CS_STAGE + u * 16 * (GT_O / 2), ok ? c_src + adv + 16 * u * per_input : codes, ok ? 16 : 0);
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < GT_K / 8; u++) {
             int e = tid + 128 * u, r = e >> lg, grp = e & (gpb - 1), i = k0 + r;
             bool ok = i < i1 && ch0 + grp < chunks;
             if (e < GT_K * gpb)
-                cp_async4(ps0 + st * PS_STAGE + (grp * (GT_K + 4) + r) * 4, ok ? pairs + (long long)i * chunks + ch0 + grp : pairs, ok ? 4 : 0);
+                cp_async4(ps0 + st * PS_STAGE + (grp * GT_K + r) * 4, ok ? pairs + (long long)i * chunks + ch0 + grp : pairs, ok ? 4 : 0);
         }
 #pragma unroll
         for (int u = 0; u < XU; u++) {
-            int e = tid + 128 * u, r = e >> 2, c = e & 3, i = k0 + 8 * c;
+            int e = tid + 128 * u, r = e / XC, c = e % XC, i = k0 + 8 * c;
             int n = r < nb ? 2 * max(0, min(8, i1 - i)) : 0;
-            if (r < 8 * NT) cp_async16(xs0 + st * XS_STAGE + r * (GT_K * 2) + 16 * (c ^ (r & 2)), n ? x + (long long)r * ldx + i : x, n);
+            if (r < 8 * NT) cp_async16(xs0 + st * XS_STAGE + r * (GT_K * 2) + 16 * (c ^ GT_XSW(r)), n ? x + (long long)r * ldx + i : x, n);
         }
     };
     float acc[NT][4][4];
@@ -1011,16 +1016,16 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     for (int n = 0; n < NT; n++) for (int m = 0; m < 4; m++) for (int j = 0; j < 4; j++) acc[n][m][j] = 0.f;
     const int w = 8 * warp + g, grp = 8 * w / gs; // this lane's code word and its outputs' group
 #pragma unroll
-    for (int st = 0; st < GT_S - 1; st++) {
+    for (int st = 0; st < S - 1; st++) {
         if (st < steps) issue(st);
         cp_async_commit();
     }
     for (int step = 0; step < steps; step++) {
-        cp_async_wait<GT_S - 2>(); // this thread's copies of stage `step` are done
+        cp_async_wait<S - 2>(); // this thread's copies of stage `step` are done
         __syncthreads();           // everyone's are, and the stage refilled next was used up
-        if (step + GT_S - 1 < steps) issue(step + GT_S - 1);
+        if (step + S - 1 < steps) issue(step + S - 1);
         cp_async_commit();
-        const int st = step % GT_S;
+        const int st = step % S;
 #pragma unroll
         for (int kb = 0; kb < GT_K; kb += 16) {
             // Inputs kb + 4t + j (j = 0..3): code rows (whose r/4 mod 4 is t), pairs p.x … p.w.
@@ -1045,7 +1050,7 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             for (int n = 0; n < NT; n++) {
                 // B: x[8n + g][kb + 4t … kb + 4t + 3].
                 const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
-                uint2 bb = *(const uint2*)&xs[st][r][8 * (c ^ (r & 2)) + (4 * t & 7)];
+                uint2 bb = *(const uint2*)&xs[st][r][8 * (c ^ GT_XSW(r)) + (4 * t & 7)];
 #pragma unroll
                 for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bb);
             }
