@@ -950,6 +950,10 @@ __device__ __forceinline__ void cp_async_wait() {
 #define GT_K 32 // 32 or 64
 #endif
 #define GT_O 256
+// Blocks per multiprocessor the kernels of up to 32 rows are compiled for (registers allowing).
+#ifndef GT_MINB
+#define GT_MINB 4
+#endif
 // Stages of the ring: as many as fit in 48 KB of static shared memory.
 #define GT_S(nt) (GT_K == 32 ? 4 : (nt) == 8 ? 2 : 3)
 // The XOR that places x chunk c of row r (GT_K / 8 chunks a row).
@@ -1080,13 +1084,13 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 4) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<1>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
-extern "C" __global__ void __launch_bounds__(128, 4) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<2>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
-extern "C" __global__ void __launch_bounds__(128, 4) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<4>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
