@@ -57,8 +57,6 @@ pub struct Packed4 {
 }
 
 const QKV: usize = 0;
-/// Rows up to which a packed product takes `gemv4_dim0` rather than `gemm4_tc`.
-const GEMV4_ROWS: usize = 2;
 const OUT: usize = 1;
 const FC1: usize = 2;
 const FC2: usize = 3;
@@ -81,9 +79,9 @@ unsafe fn product(g: &Gpu, w: &LayerWeights, m: usize, gm: &Gemm) -> Result<()> 
     let x = (gm.a, gm.lda);
     // SAFETY: the caller's contract; the scratch holds m·n fp32 values.
     unsafe {
-        // More than two rows on the tensor cores where the device and layout allow; else (and
-        // for one or two rows, where it is the faster) the CUDA-core product.
-        let tc = gm.m > GEMV4_ROWS && g.gemm4_tc(w, x, p.scratch, gm.m)?.is_some();
+        // On the tensor cores where the device and layout allow (the faster from one row on:
+        // session 16's gemv4_bench), else the CUDA-core product.
+        let tc = g.gemm4_tc(w, x, p.scratch, gm.m)?.is_some();
         if !tc {
             g.gemv4_dim0(w, x, p.scratch, gm.m)?;
         }

@@ -123,18 +123,15 @@ pub const PACKED_CPU_ATTENTION: f64 = 0.85;
 
 /// The rate of the fused 4-bit product (bytes of packed weights read per second) as a fraction
 /// of the profiled HBM bandwidth, for a decode micro-batch of `rows` (at most
-/// `FUSED_DECODE_ROWS`): `gemv4_dim0` for one or two rows, `gemm4_tc` above. Measured by
-/// `gemv4_bench` on the H200 (session 15, OPT-175B's fc1: 1,989 and 1,318 GB/s by `gemv4_dim0`
-/// at one and two rows; 1,422, 1,351, 1,136 and 913 GB/s by `gemm4_tc` at 8, 16, 32 and 64,
+/// `FUSED_DECODE_ROWS`): `gemm4_tc`. Measured by `gemv4_bench` on the H200 (session 16, OPT-175B's
+/// fc1: 2,211, 2,270, 2,261, 2,210, 1,978, 1,536 and 1,074 GB/s at 1, 2, 4, 8, 16, 32 and 64 rows,
 /// against the profile's 4.03 TB/s; docs/benchmarks.md).
 pub fn fused4_hbm_share(rows: f64) -> f64 {
     match rows {
-        r if r <= 1.0 => 0.49,
-        r if r <= 2.0 => 0.33,
-        r if r <= 8.0 => 0.35,
-        r if r <= 16.0 => 0.34,
-        r if r <= 32.0 => 0.28,
-        _ => 0.23,
+        r if r <= 8.0 => 0.55,
+        r if r <= 16.0 => 0.49,
+        r if r <= 32.0 => 0.38,
+        _ => 0.27,
     }
 }
 
