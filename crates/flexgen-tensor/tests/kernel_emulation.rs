@@ -380,6 +380,35 @@ int main(int argc, char** argv) {
     }
 }
 
+/// A 4-bit product's case: W `[outs, ins]` packed in groups of `group` outputs (written to
+/// `codes` and `pairs` in `dir`), `nb` rows of x (`seed`), and x × the reference dequantization
+/// of W (`want [nb, outs]`, f32 sums).
+struct ProductCase {
+    x: Vec<f32>,
+    want: Vec<f32>,
+}
+
+fn product_case(
+    dir: &Path,
+    (outs, ins, group): (usize, usize, usize),
+    nb: usize,
+    seed: u64,
+) -> ProductCase {
+    let w = data(outs * ins, (outs * ins) as u64);
+    let p = quantize(&w, &[outs, ins], QuantSpec { bits: 4, group, dim: 0 });
+    let wq = dequantize(&p);
+    let x = data(nb * ins, seed);
+    let mut want = vec![0f32; nb * outs];
+    for b in 0..nb {
+        for o in 0..outs {
+            want[b * outs + o] = (0..ins).map(|i| x[b * ins + i] * wq[o * ins + i]).sum();
+        }
+    }
+    write_bytes(&dir.join("codes"), &p.data);
+    write_bytes(&dir.join("pairs"), &params_bytes(&p.params));
+    ProductCase { x, want }
+}
+
 /// The fused 4-bit product (`gemv4_dim0`: x × Wᵀ straight from W's codes) against x × the
 /// reference dequantization of W, with several row tiles, slices and a partial last group: every
 /// kernel whose tile holds the rows and whose words per thread suit the group, and the one
@@ -436,24 +465,14 @@ int main(int argc, char** argv) {
         (77, 37, 16, 11, 3),
         (2100, 20, 8, 2, 2),
     ] {
-        let w = data(outs * ins, (outs * ins) as u64);
-        let p = quantize(&w, &[outs, ins], QuantSpec { bits: 4, group, dim: 0 });
-        let wq = dequantize(&p);
-        let x = data(nb * ins, 7 + nb as u64);
-        let mut want = vec![0f32; nb * outs];
-        for b in 0..nb {
-            for o in 0..outs {
-                want[b * outs + o] = (0..ins).map(|i| x[b * ins + i] * wq[o * ins + i]).sum();
-            }
-        }
+        let ProductCase { x, want } =
+            product_case(dir.path(), (outs, ins, group), nb, 7 + nb as u64);
         let (c, pa, xs, o) = (
             dir.path().join("codes"),
-            dir.path().join("params"),
+            dir.path().join("pairs"),
             dir.path().join("x"),
             dir.path().join("out"),
         );
-        write_bytes(&c, &p.data);
-        write_bytes(&pa, &params_bytes(&p.params));
         let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
         write_bytes(&xs, &params_bytes(&xh));
         // Every kernel that may run these rows (the plan's among them), as the plan slices them
@@ -745,14 +764,10 @@ int main(int argc, char** argv) {
         (90, 70, 32, 70, 6),
         (160, 100, 64, 24, 1000),
     ] {
-        let w = data(outs * ins, (outs * ins) as u64);
-        let p = quantize(&w, &[outs, ins], QuantSpec { bits: 4, group, dim: 0 });
-        let wq = dequantize(&p);
-        let x = data(nb * ins, 11 + nb as u64);
+        let ProductCase { x, want } =
+            product_case(dir.path(), (outs, ins, group), nb, 11 + nb as u64);
         let ldx = ins.next_multiple_of(8) + 8;
         let f = |n: &str| dir.path().join(n);
-        write_bytes(&f("codes"), &p.data);
-        write_bytes(&f("pairs"), &params_bytes(&p.params));
         let mut got = Vec::new();
         for b0 in (0..nb).step_by(64) {
             let rows = (nb - b0).min(64);
@@ -776,15 +791,9 @@ int main(int argc, char** argv) {
         assert_eq!(got.len(), nb * outs, "{label}");
         #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
         let tol = 1e-5 * (ins as f32) * 16.0;
-        for b in 0..nb {
-            for o in 0..outs {
-                let want: f32 = (0..ins).map(|i| x[b * ins + i] * wq[o * ins + i]).sum();
-                let g = got[b * outs + o];
-                assert!(
-                    (g - want).abs() <= tol,
-                    "{label}: row {b} output {o}: kernel {g}, reference {want}"
-                );
-            }
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let (b, o) = (i / outs, i % outs);
+            assert!((g - w).abs() <= tol, "{label}: row {b} output {o}: kernel {g}, reference {w}");
         }
     }
     assert!(runs.iter().all(|&n| n > 0), "every kernel ran: {runs:?}");
