@@ -409,6 +409,16 @@ fn product_case(
     ProductCase { x, want }
 }
 
+/// A product's outputs against the reference: sums of `ins` products taken in another order.
+fn assert_sums_close(label: &str, got: &[f32], want: &[f32], ins: usize) {
+    assert_eq!(got.len(), want.len(), "{label}: sizes");
+    #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
+    let tol = 1e-5 * (ins as f32) * 16.0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol, "{label}: value {i}: kernel {g}, reference {w}");
+    }
+}
+
 /// The fused 4-bit product (`gemv4_dim0`: x × Wᵀ straight from W's codes) against x × the
 /// reference dequantization of W, with several row tiles, slices and a partial last group: every
 /// kernel whose tile holds the rows and whose words per thread suit the group, and the one
@@ -507,11 +517,7 @@ int main(int argc, char** argv) {
             );
             assert_eq!(got.len(), want.len(), "{label}");
             // Sums of `ins` products in another order.
-            #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
-            let tol = 1e-5 * (ins as f32) * 16.0;
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= tol, "{label}: value {i}: kernel {g}, reference {w}");
-            }
+            assert_sums_close(&label, &got, &want, ins);
         }
     }
     assert!(runs.iter().all(|&n| n > 0), "every kernel ran: {runs:?}");
@@ -789,12 +795,7 @@ int main(int argc, char** argv) {
             "{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, wave {wave}, {inputs_a_stage} inputs a stage"
         );
         assert_eq!(got.len(), nb * outs, "{label}");
-        #[expect(clippy::cast_precision_loss, reason = "a tolerance")]
-        let tol = 1e-5 * (ins as f32) * 16.0;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let (b, o) = (i / outs, i % outs);
-            assert!((g - w).abs() <= tol, "{label}: row {b} output {o}: kernel {g}, reference {w}");
-        }
+        assert_sums_close(&label, &got, &want, ins);
     }
     assert!(runs.iter().all(|&n| n > 0), "every kernel ran: {runs:?}");
 }
