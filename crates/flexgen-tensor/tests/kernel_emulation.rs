@@ -724,8 +724,8 @@ fn read_f32(path: &Path) -> Vec<f32> {
 }
 
 /// The tensor-core 4-bit product (`gemm4_tc_*`: mma fragments expanded straight from W's codes)
-/// against x × the reference dequantization of W: every row tile (8, 16, 32, 64 rows, and the
-/// partial tiles of 70 rows), every group size it takes, a last block of outputs and a last step
+/// against x × the reference dequantization of W: every row tile (8, 16, 32, 64 rows, one and two
+/// rows as decode takes them, and the partial tiles of 70 rows), every group size it takes, a last block of outputs and a last step
 /// of inputs that are partial, several input slices, x's rows apart by more than a row; each
 /// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once; stages of 32 inputs and
 /// of 64.
@@ -769,6 +769,8 @@ int main(int argc, char** argv) {
         (512, 256, 128, 3, 64),
         (90, 70, 32, 70, 6),
         (160, 100, 64, 24, 1000),
+        (64, 48, 64, 1, 3),
+        (320, 96, 32, 2, 100),
     ] {
         let ProductCase { x, want } =
             product_case(dir.path(), (outs, ins, group), nb, 11 + nb as u64);
