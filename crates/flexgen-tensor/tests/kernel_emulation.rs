@@ -914,3 +914,97 @@ int main(int argc, char** argv) {
         }
     }
 }
+
+/// `layer_norm` (its block reductions through shuffles and shared memory) on both of its paths,
+/// rows held in registers and rows too wide for them, as LayerNorm and as RMSNorm, with and without
+/// a bias added to the residual first, against an f64 reference of the fp16 input; and
+/// `argmax_rows`' tree over 256 threads, ties going to the lowest column.
+#[test]
+fn layer_norm_and_argmax_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_warps(
+        dir.path(),
+        &format!(
+            "#define rsqrtf(v) (1.f / sqrtf(v))\n{}",
+            section("__device__ float block_reduce(")
+        ),
+        &format!("#define LN_PER 16\n{}{}", kernel("layer_norm"), kernel("argmax_rows")),
+        r#"
+int main(int argc, char** argv) {
+    int rows = atoi(argv[1]), h = atoi(argv[2]), threads = atoi(argv[3]), rms = atoi(argv[4]), pre = atoi(argv[5]);
+    auto rd = [](const char* p) { auto v = slurp(p); std::vector<half_t> r(v.size() / 2); memcpy(r.data(), v.data(), v.size()); return r; };
+    auto x = rd(argv[6]), w = rd(argv[7]), b = rd(argv[8]), pb = rd(argv[9]);
+    std::vector<half_t> y((size_t)rows * h, 0);
+    grid_warps(rows, 1, threads, 0, [&] { layer_norm(x.data(), w.data(), b.data(), y.data(), h, 1e-5f, rms, pre ? pb.data() : nullptr); });
+    dump(argv[10], y);
+    dump(argv[11], x);
+    auto t = rd(argv[13]);
+    std::vector<unsigned> idx(rows);
+    grid_warps(rows, 1, 256, 0, [&] { argmax_rows(t.data(), idx.data(), h); });
+    FILE* f = fopen(argv[12], "wb"); fwrite(idx.data(), 4, idx.size(), f); fclose(f);
+}
+"#,
+    );
+    // (rows, h, threads): in registers (h ≤ 16·threads) and past them.
+    for (rows, h, threads, rms, pre) in [
+        (3, 300, 128, false, false),
+        (2, 300, 128, true, true),
+        (2, 4000, 128, false, true),
+        (3, 2500, 64, true, false),
+    ] {
+        let f = |n: &str| dir.path().join(n);
+        let x = data(rows * h, 21 + h as u64);
+        let (w, b, pb) = (data(h, 22), data(h, 23), data(h, 24));
+        // argmax's rows: the largest value at three columns (two held by one thread, 256 apart,
+        // and the row's last), the first of them to be found.
+        let mut t = data(rows * h, 25);
+        for r in 0..rows {
+            for c in [h - 1, 7 + 3 * r, 263 + 3 * r] {
+                t[r * h + c] = 9.0;
+            }
+        }
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b), ("pb", &pb), ("t", &t)] {
+            write_bytes(&f(name), &f16_bytes(v));
+        }
+        let st = Command::new(&exe)
+            .args([rows, h, threads, usize::from(rms), usize::from(pre)].map(|v| v.to_string()))
+            .args(["x", "w", "b", "pb", "y", "x2", "idx", "t"].map(f))
+            .status()
+            .unwrap();
+        let label = format!("{rows} rows of {h}, {threads} threads, rms {rms}, pre-bias {pre}");
+        assert!(st.success(), "{label}: the harness failed");
+        let (y, x2) = (read_f16(&f("y")), read_f16(&f("x2")));
+        let idx: Vec<u32> = std::fs::read(f("idx"))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        for r in 0..rows {
+            // The residual after the bias, rounded to fp16 as the kernel stores it.
+            let xr: Vec<f64> = (0..h)
+                .map(|i| {
+                    let v = x[r * h + i] + if pre { pb[i] } else { 0.0 };
+                    f64::from(if pre { f16::from_f32(v).to_f32() } else { v })
+                })
+                .collect();
+            for i in 0..h {
+                assert_eq!(f64::from(x2[r * h + i]), xr[i], "{label}: row {r} residual {i}");
+            }
+            #[expect(clippy::cast_precision_loss, reason = "row widths")]
+            let n = h as f64;
+            let mean = if rms { 0.0 } else { xr.iter().sum::<f64>() / n };
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+            let inv = 1.0 / (var + 1e-5).sqrt();
+            for i in 0..h {
+                let want = (xr[i] - mean) * inv * f64::from(w[i])
+                    + if rms { 0.0 } else { f64::from(b[i]) };
+                let got = f64::from(y[r * h + i]);
+                assert!(
+                    (got - want).abs() <= 2e-3 * want.abs().max(1.0),
+                    "{label}: row {r} value {i}: kernel {got}, reference {want}"
+                );
+            }
+            assert_eq!(idx[r] as usize, 7 + 3 * r, "{label}: row {r} argmax, the first of three");
+        }
+    }
+}
