@@ -1008,3 +1008,69 @@ int main(int argc, char** argv) {
         }
     }
 }
+
+/// `quant_cache` (a warp per group, its min and max through shuffles) writes exactly the codes
+/// and (min, scale) pairs of `quant::quantize` for the positions it is given, and nothing else.
+#[test]
+fn quant_cache_matches_the_reference_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_warps(
+        dir.path(),
+        &[
+            section("__device__ __forceinline__ half_t f16_down("),
+            section("__device__ __forceinline__ half_t f16_up("),
+        ]
+        .concat(),
+        kernel("quant_cache"),
+        r#"
+int main(int argc, char** argv) {
+    int rows = atoi(argv[1]), cap = atoi(argv[2]), hd = atoi(argv[3]), gs = atoi(argv[4]), bits = atoi(argv[5]);
+    int p0 = atoi(argv[6]), np = atoi(argv[7]);
+    auto xb = slurp(argv[8]);
+    std::vector<half_t> x(xb.size() / 2); memcpy(x.data(), xb.data(), xb.size());
+    int groups = (hd + gs - 1) / gs;
+    std::vector<unsigned char> codes((size_t)rows * cap * groups * gs * bits / 8, 0);
+    std::vector<half_t> params((size_t)rows * cap * groups * 2, 0);
+    long long warps = (long long)rows * np * groups;
+    grid_warps((unsigned)((warps * 32 + 255) / 256), 1, 256, 0, [&] {
+        quant_cache(x.data(), codes.data(), params.data(), rows, cap, hd, gs, bits, p0, np); });
+    FILE* f = fopen(argv[9], "wb"); fwrite(codes.data(), 1, codes.size(), f); fclose(f);
+    dump(argv[10], params);
+}
+"#,
+    );
+    let (p0, np) = (2, 4);
+    for (rows, cap, hd, group, bits) in
+        [(3, 7, 40, 16, 4u8), (3, 7, 40, 16, 8), (2, 9, 128, 64, 4), (4, 7, 36, 64, 4)]
+    {
+        let f = |n: &str| dir.path().join(n);
+        let x = data(rows * cap * hd, 31 + (rows * cap * hd) as u64);
+        write_bytes(&f("x"), &f16_bytes(&x));
+        let st = Command::new(&exe)
+            .args([rows, cap, hd, group, usize::from(bits), p0, np].map(|v| v.to_string()))
+            .args(["x", "codes", "params"].map(f))
+            .status()
+            .unwrap();
+        let label = format!("{rows} rows × {cap} × {hd}, group {group}, {bits}-bit");
+        assert!(st.success(), "{label}: the harness failed");
+        let want = quantize(&x, &[rows, cap, hd], QuantSpec { bits, group, dim: 2 });
+        let (codes, params) =
+            (std::fs::read(f("codes")).unwrap(), std::fs::read(f("params")).unwrap());
+        let (groups, pb) = (hd.div_ceil(group), params_bytes(&want.params));
+        let (code_b, pair_b) = (groups * group * usize::from(bits) / 8, groups * 4);
+        assert_eq!((codes.len(), params.len()), (want.data.len(), pb.len()), "{label}: sizes");
+        for slot in 0..rows * cap {
+            let inside = (p0..p0 + np).contains(&(slot % cap));
+            let (c, p) = (slot * code_b..(slot + 1) * code_b, slot * pair_b..(slot + 1) * pair_b);
+            if inside {
+                assert_eq!(codes[c.clone()], want.data[c], "{label}: slot {slot} codes");
+                assert_eq!(params[p.clone()], pb[p], "{label}: slot {slot} pairs");
+            } else {
+                assert!(
+                    codes[c].iter().chain(&params[p]).all(|&b| b == 0),
+                    "{label}: slot {slot} untouched"
+                );
+            }
+        }
+    }
+}
