@@ -1074,3 +1074,84 @@ int main(int argc, char** argv) {
         }
     }
 }
+
+/// The prefill softmaxes with their block reductions: `causal_softmax` (left padding from each
+/// sequence's first position, causality from `past`, a query that sees no key all zeros, rows
+/// from `row0`) and `masked_softmax` (scale and an additive fp32 mask shared by the heads),
+/// against f64 references.
+#[test]
+fn prefill_softmaxes_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_warps(
+        dir.path(),
+        section("__device__ float block_reduce("),
+        &[kernel("causal_softmax"), kernel("masked_softmax")].concat(),
+        r"
+int main(int argc, char** argv) {
+    int nh = atoi(argv[1]), t = atoi(argv[2]), cols = atoi(argv[3]), past = atoi(argv[4]), row0 = atoi(argv[5]), rows = atoi(argv[6]);
+    auto rd = [](const char* p) { auto v = slurp(p); std::vector<half_t> r(v.size() / 2); memcpy(r.data(), v.data(), v.size()); return r; };
+    auto s = rd(argv[7]);
+    auto sb = slurp(argv[8]);
+    std::vector<int> start(sb.size() / 4); memcpy(start.data(), sb.data(), sb.size());
+    auto s2 = s;
+    grid_warps(rows * t, 1, 128, 0, [&] { causal_softmax(s.data(), start.data(), nh, t, cols, past, row0); });
+    dump(argv[9], s);
+    // masked_softmax over the same scores as [sequences = rows / nh, nh heads, t queries, cols].
+    auto mb = slurp(argv[10]);
+    std::vector<float> bias(mb.size() / 4); memcpy(bias.data(), mb.data(), mb.size());
+    grid_warps(rows * t, 1, 64, 0, [&] { masked_softmax(s2.data(), bias.data(), nh, t, cols, 0.5f); });
+    dump(argv[11], s2);
+}
+",
+    );
+    // Rows of (sequence, head) from row0 = 2: sequences 1 and 2 of nh = 2 heads.
+    let (nh, t, cols, past, row0, rows) = (2usize, 3usize, 300usize, 297usize, 2usize, 4usize);
+    let starts = [0i32, 5, 299];
+    let f = |n: &str| dir.path().join(n);
+    let s = data(rows * t * cols, 41);
+    let bias: Vec<f32> =
+        data(rows / nh * t * cols, 42).iter().map(|v| if *v > 0.6 { -1e4 } else { *v }).collect();
+    write_bytes(&f("s"), &f16_bytes(&s));
+    write_bytes(&f("start"), &starts.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    write_bytes(&f("bias"), &bias.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    let st = Command::new(&exe)
+        .args([nh, t, cols, past, row0, rows].map(|v| v.to_string()))
+        .args(["s", "start", "out", "bias", "out2"].map(f))
+        .status()
+        .unwrap();
+    assert!(st.success(), "the harness failed");
+    let softmax = |v: Vec<(usize, f64)>| -> Vec<(usize, f64)> {
+        let m = v.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+        let e: Vec<(usize, f64)> = v.iter().map(|&(j, x)| (j, (x - m).exp())).collect();
+        let sum: f64 = e.iter().map(|p| p.1).sum();
+        e.into_iter().map(|(j, x)| (j, x / sum)).collect()
+    };
+    let check = |label: &str, got: &[f32], row: usize, want: Vec<(usize, f64)>| {
+        let mut full = vec![0f64; cols];
+        for (j, p) in want {
+            full[j] = p;
+        }
+        for (j, w) in full.iter().enumerate() {
+            let g = f64::from(got[row * cols + j]);
+            assert!(
+                (g - w).abs() <= 1e-3 * w.max(1e-2),
+                "{label}: row {row} key {j}: kernel {g}, reference {w}"
+            );
+        }
+    };
+    let (out, out2) = (read_f16(&f("out")), read_f16(&f("out2")));
+    for row in 0..rows * t {
+        let (qi, bi) = (row % t, (row0 + row / t) / nh);
+        let (lo, hi) = (usize::try_from(starts[bi]).unwrap(), past + qi);
+        let seen: Vec<(usize, f64)> =
+            (lo..=hi.min(cols - 1)).map(|j| (j, f64::from(s[row * cols + j]))).collect();
+        check("causal_softmax", &out, row, if seen.is_empty() { seen } else { softmax(seen) });
+        let (q, seq) = (row % t, row / (nh * t));
+        let masked = (0..cols)
+            .map(|j| {
+                (j, f64::from(s[row * cols + j]) * 0.5 + f64::from(bias[(seq * t + q) * cols + j]))
+            })
+            .collect();
+        check("masked_softmax", &out2, row, softmax(masked));
+    }
+}
