@@ -1155,3 +1155,108 @@ int main(int argc, char** argv) {
         check("masked_softmax", &out2, row, softmax(masked));
     }
 }
+
+/// The data-movement kernels (threads share nothing): `copy_bytes` on its 16-byte path and its
+/// byte path, `bias_act` with ReLU over column blocks, `swap12`, `repeat_heads`, `cat_axis1`,
+/// `slice_axis1` and `embed` with a position table, against plain index arithmetic.
+#[test]
+fn data_movement_kernels_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_with(
+        dir.path(),
+        "struct alignas(16) bytes16 { unsigned long long lo, hi; };\n",
+        &["copy_bytes", "bias_act", "swap12", "repeat_heads", "cat_axis1", "slice_axis1", "embed"],
+        r#"
+int main(int argc, char** argv) {
+    auto xb = slurp(argv[1]);
+    std::vector<half_t> x(xb.size() / 2); memcpy(x.data(), xb.data(), xb.size());
+    // copy_bytes: 5 rows of 48 bytes, pitches 64 → 80 (16-byte path), then 5 rows of 37 bytes
+    // from an odd offset (byte path).
+    std::vector<unsigned char> src(xb.begin(), xb.end()), d16(400, 0), d1(400, 0);
+    grid(2, 1, [&] { copy_bytes(src.data(), d16.data(), 48, 5, 64, 80); });
+    grid(2, 1, [&] { copy_bytes(src.data() + 3, d1.data() + 1, 37, 5, 41, 50); });
+    FILE* f = fopen(argv[2], "wb"); fwrite(d16.data(), 1, d16.size(), f); fwrite(d1.data(), 1, d1.size(), f); fclose(f);
+    // bias_act over 3 rows of 600 columns in 2 column blocks of 256 (striding), with ReLU.
+    std::vector<half_t> y(x.begin(), x.begin() + 1800), b(x.begin() + 1800, x.begin() + 2400);
+    grid(3, 2, [&] { bias_act(y.data(), b.data(), 600, 1); });
+    dump(argv[3], y);
+    // swap12 of [2, 3, 4, 5] → [2, 4, 3, 5].
+    std::vector<half_t> s(120, 0);
+    grid(24, 1, [&] { swap12(x.data(), s.data(), 2, 3, 4, 5); });
+    dump(argv[4], s);
+    // repeat_heads: [2, 3, 4, 5] with each of the 3 heads twice → [2, 6, 4, 5].
+    std::vector<half_t> r(240, 0);
+    grid(48, 1, [&] { repeat_heads(x.data(), r.data(), 3, 2, 4, 5); });
+    dump(argv[5], r);
+    // cat_axis1 of [3, 2, 5] and [3, 4, 5]; slice_axis1 of positions 1..4 of [3, 6, 5].
+    std::vector<half_t> c(90, 0), sl(45, 0);
+    grid(18, 1, [&] { cat_axis1(x.data(), x.data() + 30, c.data(), 3, 2, 4, 5); });
+    grid(9, 1, [&] { slice_axis1(x.data(), sl.data(), 3, 6, 1, 3, 5); });
+    dump(argv[6], c); dump(argv[7], sl);
+    // embed: 4 rows of width 300 from a 10-token table, positions from a 12-row table.
+    unsigned ids[4] = {3, 9, 0, 3}, pos[4] = {11, 0, 5, 2};
+    std::vector<half_t> e(1200, 0);
+    grid(4, 1, [&] { embed(ids, pos, x.data(), x.data() + 3000, e.data(), 300, 1); });
+    dump(argv[8], e);
+}
+"#,
+    );
+    let f = |n: &str| dir.path().join(n);
+    let x = data(8000, 51);
+    let xb = f16_bytes(&x);
+    write_bytes(&f("x"), &xb);
+    let st = Command::new(&exe)
+        .args(["x", "copy", "bias", "swap", "rep", "cat", "slice", "embed"].map(f))
+        .status()
+        .unwrap();
+    assert!(st.success(), "the harness failed");
+    let copy = std::fs::read(f("copy")).unwrap();
+    let (d16, d1) = copy.split_at(400);
+    for (r, c) in (0..5).flat_map(|r| (0..80).map(move |c| (r, c))) {
+        let want = if c < 48 { xb[r * 64 + c] } else { 0 };
+        assert_eq!(d16[r * 80 + c], want, "copy_bytes 16-byte path: row {r} byte {c}");
+    }
+    for (r, c) in (0..5).flat_map(|r| (0..50).map(move |c| (r, c))) {
+        let want = if (1..38).contains(&c) { xb[3 + r * 41 + c - 1] } else { 0 };
+        assert_eq!(d1[r * 50 + c], want, "copy_bytes byte path: row {r} byte {c}");
+    }
+    let h = |v: f32| f16::from_f32(v).to_f32();
+    let bias = read_f16(&f("bias"));
+    for i in 0..1800 {
+        assert_eq!(bias[i], h((x[i] + x[1800 + i % 600]).max(0.0)), "bias_act {i}");
+    }
+    let swap = read_f16(&f("swap"));
+    let rep = read_f16(&f("rep"));
+    for (p, q, r, d) in (0..120).map(|i| (i / 60, i / 20 % 3, i / 5 % 4, i % 5)) {
+        assert_eq!(swap[((p * 4 + r) * 3 + q) * 5 + d], x[((p * 3 + q) * 4 + r) * 5 + d], "swap12");
+        for k in 0..2 {
+            assert_eq!(
+                rep[((p * 6 + q * 2 + k) * 4 + r) * 5 + d],
+                x[((p * 3 + q) * 4 + r) * 5 + d],
+                "repeat_heads"
+            );
+        }
+    }
+    let (cat, slice) = (read_f16(&f("cat")), read_f16(&f("slice")));
+    for (p, i, d) in (0..90).map(|j| (j / 30, j / 5 % 6, j % 5)) {
+        let want = if i < 2 { x[(p * 2 + i) * 5 + d] } else { x[30 + (p * 4 + i - 2) * 5 + d] };
+        assert_eq!(cat[(p * 6 + i) * 5 + d], want, "cat_axis1 {p} {i} {d}");
+    }
+    for (p, i, d) in (0..45).map(|j| (j / 15, j / 5 % 3, j % 5)) {
+        assert_eq!(
+            slice[(p * 3 + i) * 5 + d],
+            x[(p * 6 + 1 + i) * 5 + d],
+            "slice_axis1 {p} {i} {d}"
+        );
+    }
+    let emb = read_f16(&f("embed"));
+    for (row, (id, pos)) in [(3, 11), (9, 0), (0, 5), (3, 2)].into_iter().enumerate() {
+        for i in 0..300 {
+            assert_eq!(
+                emb[row * 300 + i],
+                h(x[id * 300 + i] + x[3000 + pos * 300 + i]),
+                "embed row {row} {i}"
+            );
+        }
+    }
+}
