@@ -6,6 +6,8 @@
 #   PARTS   which parts to run, in order (default "check bench executor pipeline ranks s4"):
 #           check     cuda_check (kernels against the CPU, then kernel timings)
 #           gemv4     gemv4_bench alone (the 4-bit products: checks, then timings)
+#           variants  gemv4_bench under each of VARIANTS (FLEXGEN_NVRTC_DEFINES values, `;` apart)
+#           ncu       Nsight Compute on gemm4_tc at 1 and 32 rows
 #           bench     gemv4_bench and
 #                     host_attention_bench at 1,024 × 1 and 64 × 8, fp16 and 4-bit packed
 #           executor  gpu_executor_check.sh (every placement's tokens; JOBS at a time, default 8)
@@ -36,6 +38,18 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
   case $part in
     check) t cuda_check 120 "$B/cuda_check" ;;
     gemv4) t gemv4 180 "$B/gemv4_bench" ;;
+    variants)
+      # gemv4_bench once per kernels.cu tuning (VARIANTS: FLEXGEN_NVRTC_DEFINES values, `;` apart).
+      IFS=';' read -ra vs <<< "${VARIANTS:-GT_MINB=5}"
+      for v in "${vs[@]}"; do
+        FLEXGEN_NVRTC_DEFINES="$v" t "gemv4_${v// /_}" 120 "$B/gemv4_bench"
+      done ;;
+    ncu)
+      # Nsight Compute on the tensor-core 4-bit product at 1 row (gemm4_tc_1, its second launch in
+      # gemv4_bench) and 32 rows (gemm4_tc_4, its first): stalls, pipes, instructions.
+      NCU=(ncu --clock-control none --set full --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum")
+      t ncu_tc1 150 "${NCU[@]}" -k regex:gemm4_tc_1 -s 2 -c 1 "$B/gemv4_bench"
+      t ncu_tc4 150 "${NCU[@]}" -k regex:gemm4_tc_4 -s 1 -c 1 "$B/gemv4_bench" ;;
     bench)
       t gemv4 180 "$B/gemv4_bench"
       for a in "1024 512 1 15 0" "1024 512 1 15 4" "64 512 8 15 0" "64 512 8 15 4"; do
@@ -56,7 +70,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       t s3 240 "$B/flexgen-run" --device cuda --model opt-175b --dummy --percent 100 0 100 0 100 0 \
         --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight --compress-cache --prompt-len 512 \
         --max-new-tokens 32 --json ;;
-    *) echo "unknown part $part (check gemv4 bench executor pipeline ranks s4 s3)" >&2; fail=1 ;;
+    *) echo "unknown part $part (check gemv4 variants ncu bench executor pipeline ranks s4 s3)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"
