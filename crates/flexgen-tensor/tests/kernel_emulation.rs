@@ -1158,14 +1158,29 @@ int main(int argc, char** argv) {
 
 /// The data-movement kernels (threads share nothing): `copy_bytes` on its 16-byte path and its
 /// byte path, `bias_act` with ReLU over column blocks, `swap12`, `repeat_heads`, `cat_axis1`,
-/// `slice_axis1` and `embed` with a position table, against plain index arithmetic.
+/// `slice_axis1` and `embed` with a position table; `add`, `store_f32` (plain and accumulated) and
+/// `rotary`; against plain index arithmetic and f32 references.
 #[test]
 fn data_movement_kernels_match_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let exe = build_with(
         dir.path(),
-        "struct alignas(16) bytes16 { unsigned long long lo, hi; };\n",
-        &["copy_bytes", "bias_act", "swap12", "repeat_heads", "cat_axis1", "slice_axis1", "embed"],
+        &format!(
+            "struct alignas(16) bytes16 {{ unsigned long long lo, hi; }};\n#define __device__\n#define __forceinline__ inline\n{}",
+            section("__device__ __forceinline__ float rotate(")
+        ),
+        &[
+            "copy_bytes",
+            "bias_act",
+            "swap12",
+            "repeat_heads",
+            "cat_axis1",
+            "slice_axis1",
+            "embed",
+            "add",
+            "store_f32",
+            "rotary",
+        ],
         r#"
 int main(int argc, char** argv) {
     auto xb = slurp(argv[1]);
@@ -1198,6 +1213,18 @@ int main(int argc, char** argv) {
     std::vector<half_t> e(1200, 0);
     grid(4, 1, [&] { embed(ids, pos, x.data(), x.data() + 3000, e.data(), 300, 1); });
     dump(argv[8], e);
+    // add of 700 values; store_f32 of 700 sums, plain and accumulated into fp16.
+    std::vector<half_t> ad(700, 0), st0(700, 0), st1(x.begin(), x.begin() + 700);
+    std::vector<float> sums(700);
+    for (int i = 0; i < 700; i++) sums[i] = h2f(x[2000 + i]) * 3.f;
+    grid(2, 1, [&] { add(x.data(), x.data() + 700, ad.data(), 700); });
+    grid(2, 1, [&] { store_f32(sums.data(), st0.data(), 700, 0); });
+    grid(2, 1, [&] { store_f32(sums.data(), st1.data(), 700, 1); });
+    dump(argv[9], ad); dump(argv[10], st0); dump(argv[11], st1);
+    // rotary of x [2, 3, 4, 16] by tables [2, 1, 4, 16].
+    std::vector<half_t> ro(384, 0);
+    grid(24, 1, [&] { rotary(x.data(), x.data() + 4000, x.data() + 4200, ro.data(), 3, 4, 16); });
+    dump(argv[12], ro);
 }
 "#,
     );
@@ -1207,6 +1234,7 @@ int main(int argc, char** argv) {
     write_bytes(&f("x"), &xb);
     let st = Command::new(&exe)
         .args(["x", "copy", "bias", "swap", "rep", "cat", "slice", "embed"].map(f))
+        .args(["add", "st0", "st1", "rot"].map(f))
         .status()
         .unwrap();
     assert!(st.success(), "the harness failed");
@@ -1258,5 +1286,24 @@ int main(int argc, char** argv) {
                 "embed row {row} {i}"
             );
         }
+    }
+    let (add, st0, st1) = (read_f16(&f("add")), read_f16(&f("st0")), read_f16(&f("st1")));
+    for i in 0..700 {
+        let sum = x[2000 + i] * 3.0;
+        assert_eq!(add[i], h(x[i] + x[700 + i]), "add {i}");
+        assert_eq!(st0[i], h(sum), "store_f32 {i}");
+        assert_eq!(st1[i], h(x[i] + sum), "store_f32 accumulated {i}");
+    }
+    // Hugging Face's rotate_half: the first half's partner is d + 8 (negated), the second's d − 8.
+    let rot = read_f16(&f("rot"));
+    for (row, d) in (0..384).map(|i| (i / 16, i % 16)) {
+        let (bi, ti) = (row / 12, row % 4);
+        let (c, s) = (x[4000 + (bi * 4 + ti) * 16 + d], x[4200 + (bi * 4 + ti) * 16 + d]);
+        let (v, p) = (x[row * 16 + d], x[row * 16 + (d + 8) % 16]);
+        let want = if d < 8 { v * c - p * s } else { v * c + p * s };
+        assert!(
+            (rot[row * 16 + d] - want).abs() <= 2e-3 * want.abs().max(1.0),
+            "rotary row {row} {d}"
+        );
     }
 }
