@@ -1307,3 +1307,37 @@ int main(int argc, char** argv) {
         );
     }
 }
+
+/// Every kernel of kernels.cu runs in one of the tests above: a new kernel needs its emulation
+/// (or its name here, with the reason it cannot have one).
+#[test]
+fn every_kernel_is_emulated() {
+    let tests = include_str!("kernel_emulation.rs");
+    let (mut missing, mut names) = (Vec::new(), Vec::new());
+    for line in KERNELS.lines().filter(|l| l.starts_with("extern \"C\" __global__ void")) {
+        // Past `__launch_bounds__(…)`, where it is given.
+        let line = line.find("__launch_bounds__(").map_or(line, |at| {
+            let close = line[at..].find(')').expect("launch bounds closed") + at;
+            &line[close + 1..]
+        });
+        let name = line[..line.find('(').expect("a kernel's parameters")]
+            .rsplit(' ')
+            .next()
+            .expect("a kernel's name");
+        // The name in a harness or a kernel list, as a whole word.
+        let launched = tests.match_indices(name).any(|(at, _)| {
+            let next = tests[at + name.len()..].chars().next().unwrap_or(' ');
+            let prev = tests[..at].chars().next_back().unwrap_or(' ');
+            !(next.is_alphanumeric() || next == '_' || prev.is_alphanumeric() || prev == '_')
+        });
+        if !launched {
+            missing.push(name.to_string());
+        }
+        names.push(name.to_string());
+    }
+    assert!(missing.is_empty(), "kernels no emulation test runs: {missing:?}");
+    for k in ["gemm4_tc_8", "decode_attention_q4", "layer_norm", "embed"] {
+        assert!(names.iter().any(|n| n == k), "{k} among the kernels found: {names:?}");
+    }
+    assert!(names.len() >= 25, "{names:?}");
+}
