@@ -983,9 +983,9 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     const int steps = i1 > i0 ? (i1 - i0 + GT_K - 1) / GT_K : 0;
     // Stage `step`'s copies, each thread's the same every step (so that their addresses are a
     // multiply-add from the step): code chunk c (32 outputs) of row r at chunk c ^ 2·(r/4 mod 4)
-    // (rows tid/8 and tid/8 + 16, chunk tid mod 8); pairs e = tid + 128u as (row e/gpb, group
-    // e mod gpb); x chunk c (8 inputs) of row r at c ^ (r & 2) (e = tid + 128u: row e/4, chunk
-    // e mod 4). Zeros past the slice, the coded outputs and nb. Shared addresses in bytes.
+    // (rows tid/8 + 16u, chunk tid mod 8); pairs e = tid + 128u as (row e/gpb, group e mod gpb);
+    // x chunk c (8 inputs) of row r at c ^ GT_XSW(r) (e = tid + 128u: row e/XC, chunk e mod XC).
+    // Zeros past the slice, the coded outputs and nb. Shared addresses in bytes.
     constexpr unsigned CS_STAGE = GT_K * GT_O / 2, PS_STAGE = GT_O / 16 * GT_K * 4, XS_STAGE = 8 * NT * GT_K * 2;
     const unsigned cs0 = smem_u32(cs), ps0 = smem_u32(ps), xs0 = smem_u32(xs);
     const int cr = tid >> 3, cc = tid & 7, ch0 = o_blk / gs;
