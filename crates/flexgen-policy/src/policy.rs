@@ -308,8 +308,8 @@ impl Default for Policy {
 }
 
 /// Decode micro-batches of at most this many rows run their products straight from 4-bit packed
-/// weights ([`Policy::fuses_decode`]; one or two rows on the CUDA cores, more on the tensor cores,
-/// 64 a launch)…
+/// weights ([`Policy::fuses_decode`]; on the tensor cores from `sm_80`, on the CUDA cores before; 64
+/// a launch)…
 pub const FUSED_DECODE_ROWS: u32 = 64;
 
 /// …when a block has at most this many of them: the dequantizing path expands a layer once for

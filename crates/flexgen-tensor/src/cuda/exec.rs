@@ -921,8 +921,8 @@ impl Gpu {
     /// `y[b, o] = Σ_i x[b, i] · W[o, i]` (fp32 `y [nb, outs]`, zeroed here) for `nb` rows of x
     /// (row b at `x + b·ldx`) with W read from its 4-bit codes on the tensor cores (`gemm4_tc_*`
     /// of kernels.cu: each warp expands four tiles of 16 outputs × 16 inputs into mma fragments as
-    /// `dequant_dim0` would write them, from codes a ring of cp.async stages brings in), for micro-batches of more rows than `gemv4_dim0` serves
-    /// well; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
+    /// `dequant_dim0` would write them, from codes a ring of cp.async stages brings in), faster
+    /// than `gemv4_dim0` from one row on; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
     /// layout does not allow it ([`gemm4_tc_fits`]) or the device has no mma.sync (before 8.0).
     ///
     /// # Safety

@@ -959,7 +959,6 @@ __device__ __forceinline__ void cp_async_wait() {
 // The XOR that places x chunk c of row r (GT_K / 8 chunks a row).
 #define GT_XSW(r) (GT_K == 32 ? ((r) & 2) : 2 * ((r) & 3))
 
-__device__ __forceinline__ unsigned pack_h2(half_t lo, half_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 // Two codes (bits 0–3 and 16–19 of q) as fp16 values min + code · scale, each half of sc and mn
 // the scale and min of its input.
 __device__ __forceinline__ unsigned dequant2(unsigned q, unsigned sc, unsigned mn) {
