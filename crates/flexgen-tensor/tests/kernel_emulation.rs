@@ -67,8 +67,20 @@ static std::vector<unsigned char> slurp(const char* p) {
     int c; while ((c = fgetc(f)) != EOF) v.push_back((unsigned char)c);
     fclose(f); return v;
 }
+static std::vector<half_t> slurp_halves(const char* p) {
+    auto v = slurp(p);
+    std::vector<half_t> h(v.size() / 2);
+    memcpy(h.data(), v.data(), v.size());
+    return h;
+}
 static void dump(const char* p, const std::vector<half_t>& v) {
     FILE* f = fopen(p, "wb"); fwrite(v.data(), 2, v.size(), f); fclose(f);
+}
+// nb rows of ins fp16 values (the bytes of `packed`, rows adjacent) laid ldx apart, `fill` between.
+static std::vector<half_t> rows_apart(const std::vector<unsigned char>& packed, int nb, int ins, int ldx, half_t fill) {
+    std::vector<half_t> x((size_t)nb * ldx, fill);
+    for (int b = 0; b < nb; b++) memcpy(&x[(size_t)b * ldx], &packed[(size_t)b * ins * 2], (size_t)ins * 2);
+    return x;
 }
 // Runs every thread of a grid of gx × gy blocks of 256.
 template <class F> static void grid(unsigned gx, unsigned gy, F f) {
@@ -352,8 +364,7 @@ fn dequant_dim0_matches_the_reference() {
         r"
 int main(int argc, char** argv) {
     int rows = atoi(argv[1]), cols = atoi(argv[2]), gs = atoi(argv[3]), bits = atoi(argv[4]);
-    auto codes = slurp(argv[5]); auto pb = slurp(argv[6]);
-    std::vector<half_t> params(pb.size() / 2); memcpy(params.data(), pb.data(), pb.size());
+    auto codes = slurp(argv[5]); auto params = slurp_halves(argv[6]);
     std::vector<half_t> out(rows * cols, 0);
     grid(3, 1, [&] { dequant_dim0(codes.data(), params.data(), out.data(), rows, cols, gs, bits); });
     dump(argv[7], out);
@@ -444,12 +455,9 @@ fn gemv4_dim0_matches_x_times_the_dequantized_weight() {
 int main(int argc, char** argv) {
     int outs = atoi(argv[1]), ins = atoi(argv[2]), gs = atoi(argv[3]), nb = atoi(argv[4]), per_slice = atoi(argv[5]);
     int kernel = atoi(argv[10]), words = atoi(argv[11]), ldx = atoi(argv[12]);
-    auto codes = slurp(argv[6]); auto pb = slurp(argv[7]); auto xb = slurp(argv[8]);
+    auto codes = slurp(argv[6]); auto params = slurp_halves(argv[7]); auto xb = slurp(argv[8]);
     codes.resize(codes.size() + 16, 0);
-    std::vector<half_t> params(pb.size() / 2); memcpy(params.data(), pb.data(), pb.size());
-    std::vector<half_t> xd(xb.size() / 2); memcpy(xd.data(), xb.data(), xb.size());
-    std::vector<half_t> x((size_t)nb * ldx, 0);  // rows ldx apart
-    for (int b = 0; b < nb; b++) for (int i = 0; i < ins; i++) x[(size_t)b * ldx + i] = xd[(size_t)b * ins + i];
+    auto x = rows_apart(xb, nb, ins, ldx, 0);
     std::vector<float> y(nb * outs, 0.f);
     int threads = (outs + gs - 1) / gs * (gs / (8 * words)), slices = (ins + per_slice - 1) / per_slice;
     decltype(&gemv4_dim0_1) kernels[] = {gemv4_dim0_1, gemv4_dim0_2, gemv4_dim0_4, gemv4_dim0_8};
@@ -533,8 +541,7 @@ fn dequant_cache_matches_the_reference_on_both_paths() {
 int main(int argc, char** argv) {
     int rows = atoi(argv[1]), cap = atoi(argv[2]), hd = atoi(argv[3]), gs = atoi(argv[4]), bits = atoi(argv[5]);
     int p0 = atoi(argv[6]), np = atoi(argv[7]);
-    auto codes = slurp(argv[8]); auto pb = slurp(argv[9]);
-    std::vector<half_t> params(pb.size() / 2); memcpy(params.data(), pb.data(), pb.size());
+    auto codes = slurp(argv[8]); auto params = slurp_halves(argv[9]);
     for (int vec = 0; vec < 2; vec++) {
         std::vector<half_t> out(rows * cap * hd, 0);
         grid(2, rows, [&] { dequant_cache(codes.data(), params.data(), out.data(), rows, cap, hd, gs, bits, p0, np, vec); });
@@ -750,9 +757,7 @@ int main(int argc, char** argv) {
     int kernel = atoi(argv[6]), blocks = atoi(argv[7]), slices = atoi(argv[8]), per_slice = atoi(argv[9]);
     auto codes = slurp(argv[10]); auto pb = slurp(argv[11]); auto xb = slurp(argv[12]);
     std::vector<unsigned> pairs(pb.size() / 4); memcpy(pairs.data(), pb.data(), pb.size());
-    std::vector<half_t> xd(xb.size() / 2); memcpy(xd.data(), xb.data(), xb.size());
-    std::vector<half_t> x((size_t)nb * ldx, 0x7e00);  // NaN between rows: never read
-    for (int b = 0; b < nb; b++) for (int i = 0; i < ins; i++) x[(size_t)b * ldx + i] = xd[(size_t)b * ins + i];
+    auto x = rows_apart(xb, nb, ins, ldx, 0x7e00);  // NaN between rows: never read
     std::vector<float> y((size_t)nb * outs, 0.f);
     decltype(&gemm4_tc_1) kernels[] = {gemm4_tc_1, gemm4_tc_2, gemm4_tc_4, gemm4_tc_8};
     auto k = kernels[kernel];
@@ -821,10 +826,9 @@ fn decode_attention_kernels_match_the_reference() {
 int main(int argc, char** argv) {
     int b = atoi(argv[1]), nh = atoi(argv[2]), rep = atoi(argv[3]), hd = atoi(argv[4]), cap = atoi(argv[5]);
     int s = atoi(argv[6]), gs = atoi(argv[7]), q4 = atoi(argv[8]);
-    auto rd = [](const char* p) { auto v = slurp(p); std::vector<half_t> h(v.size() / 2); memcpy(h.data(), v.data(), v.size()); return h; };
-    auto q = rd(argv[9]), kf = rd(argv[10]), vf = rd(argv[11]);
+    auto q = slurp_halves(argv[9]), kf = slurp_halves(argv[10]), vf = slurp_halves(argv[11]);
     auto kc = slurp(argv[12]), vc = slurp(argv[14]);
-    auto kp = rd(argv[13]), vp = rd(argv[15]);
+    auto kp = slurp_halves(argv[13]), vp = slurp_halves(argv[15]);
     auto sb = slurp(argv[16]);
     std::vector<int> start(b); memcpy(start.data(), sb.data(), 4 * b);
     std::vector<half_t> out((size_t)b * nh * hd, 0);
@@ -932,13 +936,12 @@ fn layer_norm_and_argmax_match_the_reference() {
         r#"
 int main(int argc, char** argv) {
     int rows = atoi(argv[1]), h = atoi(argv[2]), threads = atoi(argv[3]), rms = atoi(argv[4]), pre = atoi(argv[5]);
-    auto rd = [](const char* p) { auto v = slurp(p); std::vector<half_t> r(v.size() / 2); memcpy(r.data(), v.data(), v.size()); return r; };
-    auto x = rd(argv[6]), w = rd(argv[7]), b = rd(argv[8]), pb = rd(argv[9]);
+    auto x = slurp_halves(argv[6]), w = slurp_halves(argv[7]), b = slurp_halves(argv[8]), pb = slurp_halves(argv[9]);
     std::vector<half_t> y((size_t)rows * h, 0);
     grid_warps(rows, 1, threads, 0, [&] { layer_norm(x.data(), w.data(), b.data(), y.data(), h, 1e-5f, rms, pre ? pb.data() : nullptr); });
     dump(argv[10], y);
     dump(argv[11], x);
-    auto t = rd(argv[13]);
+    auto t = slurp_halves(argv[13]);
     std::vector<unsigned> idx(rows);
     grid_warps(rows, 1, 256, 0, [&] { argmax_rows(t.data(), idx.data(), h); });
     FILE* f = fopen(argv[12], "wb"); fwrite(idx.data(), 4, idx.size(), f); fclose(f);
@@ -1026,8 +1029,7 @@ fn quant_cache_matches_the_reference_bit_for_bit() {
 int main(int argc, char** argv) {
     int rows = atoi(argv[1]), cap = atoi(argv[2]), hd = atoi(argv[3]), gs = atoi(argv[4]), bits = atoi(argv[5]);
     int p0 = atoi(argv[6]), np = atoi(argv[7]);
-    auto xb = slurp(argv[8]);
-    std::vector<half_t> x(xb.size() / 2); memcpy(x.data(), xb.data(), xb.size());
+    auto x = slurp_halves(argv[8]);
     int groups = (hd + gs - 1) / gs;
     std::vector<unsigned char> codes((size_t)rows * cap * groups * gs * bits / 8, 0);
     std::vector<half_t> params((size_t)rows * cap * groups * 2, 0);
@@ -1089,8 +1091,7 @@ fn prefill_softmaxes_match_the_reference() {
         r"
 int main(int argc, char** argv) {
     int nh = atoi(argv[1]), t = atoi(argv[2]), cols = atoi(argv[3]), past = atoi(argv[4]), row0 = atoi(argv[5]), rows = atoi(argv[6]);
-    auto rd = [](const char* p) { auto v = slurp(p); std::vector<half_t> r(v.size() / 2); memcpy(r.data(), v.data(), v.size()); return r; };
-    auto s = rd(argv[7]);
+    auto s = slurp_halves(argv[7]);
     auto sb = slurp(argv[8]);
     std::vector<int> start(sb.size() / 4); memcpy(start.data(), sb.data(), sb.size());
     auto s2 = s;
@@ -1183,8 +1184,8 @@ fn data_movement_kernels_match_the_reference() {
         ],
         r#"
 int main(int argc, char** argv) {
+    auto x = slurp_halves(argv[1]);
     auto xb = slurp(argv[1]);
-    std::vector<half_t> x(xb.size() / 2); memcpy(x.data(), xb.data(), xb.size());
     // copy_bytes: 5 rows of 48 bytes, pitches 64 → 80 (16-byte path), then 5 rows of 37 bytes
     // from an odd offset (byte path).
     std::vector<unsigned char> src(xb.begin(), xb.end()), d16(400, 0), d1(400, 0);
