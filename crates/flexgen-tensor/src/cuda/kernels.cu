@@ -961,57 +961,91 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Two codes (bits 0–3 and 16–19 of q) as fp16 values min + code · scale, each half of sc and mn
 // the scale and min of its input.
-__device__ __forceinline__ unsigned dequant2(unsigned q, unsigned sc, unsigned mn) {
+__device__ __forceinline__ unsigned dequant2_lo(unsigned q, unsigned sc, unsigned mn) {
     unsigned v = (q & 0x000F000Fu) | 0x64006400u; // 1024 + code, exactly
     return fma_f16x2(sub_f16x2(v, 0x64006400u), sc, mn);
+}
+// The same of the codes in bits 4–7 and 20–23, without a shift: 64 + code, as 64's unit in the
+// last place is 1/16.
+__device__ __forceinline__ unsigned dequant2_hi(unsigned q, unsigned sc, unsigned mn) {
+    unsigned v = (q & 0x00F000F0u) | 0x54005400u; // 64 + code, exactly
+    return fma_f16x2(sub_f16x2(v, 0x54005400u), sc, mn);
 }
 
 template <int NT>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
     constexpr int S = GT_S(NT);
-    __shared__ __align__(16) unsigned cs[S][GT_K][GT_O / 8]; // codes: [stage][input][word]
-    __shared__ __align__(16) unsigned ps[S][GT_O / 16][GT_K]; // pairs: [stage][group][input]
-    __shared__ __align__(16) half_t xs[S][8 * NT][GT_K];     // x: [stage][row][input]
+    // A stage of the ring, in bytes: the codes [input][word] (GT_K × GT_O / 8 words), the pairs
+    // [group][input] (room for GT_O / 16 groups), x [row][input] (8·NT × GT_K halves).
+    constexpr unsigned CS = GT_K * GT_O / 2, PS = GT_O / 16 * GT_K * 4, XS = 8 * NT * GT_K * 2, STAGE = CS + PS + XS;
+    __shared__ __align__(16) unsigned char ring[S][STAGE];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int chunks = (outs + gs - 1) / gs, coded = chunks * gs;
     const long long per_input = (long long)coded / 2; // code bytes of one input
     const int o_blk = blockIdx.x * GT_O;
     const int gpb = GT_O / gs, lg = __ffs(gpb) - 1; // groups of the block's outputs (a power of two)
     const int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
-    const int steps = i1 > i0 ? (i1 - i0 + GT_K - 1) / GT_K : 0;
-    // Stage `step`'s copies, each thread's the same every step (so that their addresses are a
-    // multiply-add from the step): code chunk c (32 outputs) of row r at chunk c ^ 2·(r/4 mod 4)
-    // (rows tid/8 + 16u, chunk tid mod 8); pairs e = tid + 128u as (row e/gpb, group e mod gpb);
-    // x chunk c (8 inputs) of row r at c ^ GT_XSW(r) (e = tid + 128u: row e/XC, chunk e mod XC).
-    // Zeros past the slice, the coded outputs and nb. Shared addresses in bytes.
-    constexpr unsigned CS_STAGE = GT_K * GT_O / 2, PS_STAGE = GT_O / 16 * GT_K * 4, XS_STAGE = 8 * NT * GT_K * 2;
-    const unsigned cs0 = smem_u32(cs), ps0 = smem_u32(ps), xs0 = smem_u32(xs);
+    const int steps = i1 > i0 ? (i1 - i0 + GT_K - 1) / GT_K : 0, full = i1 > i0 ? (i1 - i0) / GT_K : 0;
+    // Each thread's copies are the same every step, at addresses that move by a fixed amount a
+    // step: code chunk cc (32 outputs) of rows cr + 16u at chunk cc ^ 2·(cr/4 mod 4) (cr = tid/8,
+    // cc = tid mod 8); the pairs of group pg of rows pr + u·(128/gpb) (pg = tid mod gpb, pr =
+    // tid/gpb, while below GT_K); x chunk xc (8 inputs) of rows xr + u·(128/XC) at chunk
+    // xc ^ GT_XSW(xr) (xc = tid mod XC, xr = tid/XC, while below 8·NT). A copy of size 0 (past
+    // the coded outputs, the groups or nb) fills zeros. A step past whole steps (the slice's last,
+    // short one) is copied input by input with zeros past the slice (`issue_tail`).
+    const unsigned ring0 = smem_u32(ring);
     const int cr = tid >> 3, cc = tid & 7, ch0 = o_blk / gs;
-    const bool c_cols = o_blk + 32 * cc < coded;
-    const unsigned char* c_src = codes + (long long)(i0 + cr) * per_input + o_blk / 2 + 16 * cc;
-    const unsigned c_dst = cs0 + cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)));
+    const bool c_ok = o_blk + 32 * cc < coded;
+    const unsigned c_dst = cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)));
+    const unsigned char* c_src = c_ok ? codes + (long long)(i0 + cr) * per_input + o_blk / 2 + 16 * cc : codes;
+    const long long c_step = c_ok ? GT_K * per_input : 0, c_u = c_ok ? 16 * per_input : 0;
+    const int pg = tid & (gpb - 1), pr = tid >> lg, p_rows = 128 >> lg; // p_rows: rows apart of u and u + 1
+    const bool p_ok = ch0 + pg < chunks;
+    const int p_n = pr >= GT_K ? 0 : (GT_K - pr + p_rows - 1) / p_rows; // this thread's pair copies
+    const unsigned p_dst = CS + (pg * GT_K + pr) * 4;
+    const unsigned* p_src = p_ok ? pairs + (long long)(i0 + pr) * chunks + ch0 + pg : pairs;
+    const long long p_step = p_ok ? (long long)GT_K * chunks : 0, p_u = p_ok ? (long long)p_rows * chunks : 0;
     constexpr int XC = GT_K / 8, XU = (8 * NT * XC + 127) / 128; // x chunks a row, copies a thread
-    auto issue = [&](int step) {
-        const int st = step % S, k0 = i0 + step * GT_K;
-        const long long adv = (long long)step * GT_K * per_input;
+    const int xc = tid % XC, xr = tid / XC;
+    const unsigned x_dst = CS + PS + xr * (GT_K * 2) + 16 * (xc ^ GT_XSW(xr));
+    const half_t* x_src = x + (long long)xr * ldx + i0 + 8 * xc;
+    auto issue = [&](int step, unsigned stage) {
+        if (step < full) {
+#pragma unroll
+            for (int u = 0; u < GT_K / 16; u++) cp_async16(stage + c_dst + u * 16 * (GT_O / 2), c_src + u * c_u, c_ok ? 16 : 0);
+            c_src += c_step;
+#pragma unroll
+            for (int u = 0; u < GT_K / 8; u++)
+                if (u < p_n) cp_async4(stage + p_dst + u * p_rows * 4, p_src + u * p_u, p_ok ? 4 : 0);
+            p_src += p_step;
+#pragma unroll
+            for (int u = 0; u < XU; u++) {
+                const int r = xr + u * (128 / XC);
+                if (r < 8 * NT) {
+                    const bool ok = r < nb;
+                    cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, ok ? x_src + (long long)u * (128 / XC) * ldx : x, ok ? 16 : 0);
+                }
+            }
+            x_src += GT_K;
+            return;
+        }
+        const int k0 = i0 + step * GT_K; // the short step: every copy checked
 #pragma unroll
         for (int u = 0; u < GT_K / 16; u++) {
-            bool ok = c_cols && k0 + cr + 16 * u < i1;
-            cp_async16(c_dst + st * CS_STAGE + u * 16 * (GT_O / 2), ok ? c_src + adv + 16 * u * per_input : codes, ok ? 16 : 0);
+            const bool ok = c_ok && k0 + cr + 16 * u < i1;
+            cp_async16(stage + c_dst + u * 16 * (GT_O / 2), ok ? c_src + u * c_u : codes, ok ? 16 : 0);
         }
 #pragma unroll
         for (int u = 0; u < GT_K / 8; u++) {
-            int e = tid + 128 * u, r = e >> lg, grp = e & (gpb - 1), i = k0 + r;
-            bool ok = i < i1 && ch0 + grp < chunks;
-            if (e < GT_K * gpb)
-                cp_async4(ps0 + st * PS_STAGE + (grp * GT_K + r) * 4, ok ? pairs + (long long)i * chunks + ch0 + grp : pairs, ok ? 4 : 0);
+            const bool ok = p_ok && k0 + pr + u * p_rows < i1;
+            if (u < p_n) cp_async4(stage + p_dst + u * p_rows * 4, ok ? p_src + u * p_u : pairs, ok ? 4 : 0);
         }
 #pragma unroll
         for (int u = 0; u < XU; u++) {
-            int e = tid + 128 * u, r = e / XC, c = e % XC, i = k0 + 8 * c;
-            int n = r < nb ? 2 * max(0, min(8, i1 - i)) : 0;
-            if (r < 8 * NT) cp_async16(xs0 + st * XS_STAGE + r * (GT_K * 2) + 16 * (c ^ GT_XSW(r)), n ? x + (long long)r * ldx + i : x, n);
+            const int r = xr + u * (128 / XC), i = k0 + 8 * xc;
+            const int n = r < nb ? 2 * max(0, min(8, i1 - i)) : 0;
+            if (r < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, n ? x_src + (long long)u * (128 / XC) * ldx : x, n);
         }
     };
     float acc[NT][4][4];
@@ -1020,22 +1054,27 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     const int w = 8 * warp + g, grp = 8 * w / gs; // this lane's code word and its outputs' group
 #pragma unroll
     for (int st = 0; st < S - 1; st++) {
-        if (st < steps) issue(st);
+        if (st < steps) issue(st, ring0 + st * STAGE);
         cp_async_commit();
     }
+    int st = 0, fill = S - 1; // the stage used, the stage filled next
     for (int step = 0; step < steps; step++) {
         cp_async_wait<S - 2>(); // this thread's copies of stage `step` are done
         __syncthreads();           // everyone's are, and the stage refilled next was used up
-        if (step + S - 1 < steps) issue(step + S - 1);
+        if (step + S - 1 < steps) issue(step + S - 1, ring0 + fill * STAGE);
         cp_async_commit();
-        const int st = step % S;
+        fill = fill == S - 1 ? 0 : fill + 1;
+        const unsigned* cs = (const unsigned*)ring[st];
+        const unsigned* ps = (const unsigned*)(ring[st] + CS);
+        const half_t* xs = (const half_t*)(ring[st] + CS + PS);
+        st = st == S - 1 ? 0 : st + 1;
 #pragma unroll
         for (int kb = 0; kb < GT_K; kb += 16) {
             // Inputs kb + 4t + j (j = 0..3): code rows (whose r/4 mod 4 is t), pairs p.x … p.w.
             unsigned cw[4];
 #pragma unroll
-            for (int j = 0; j < 4; j++) cw[j] = cs[st][kb + 4 * t + j][4 * ((w >> 2) ^ (2 * t)) + (w & 3)];
-            uint4 p = *(const uint4*)&ps[st][grp][kb + 4 * t];
+            for (int j = 0; j < 4; j++) cw[j] = cs[(kb + 4 * t + j) * (GT_O / 8) + 4 * ((w >> 2) ^ (2 * t)) + (w & 3)];
+            uint4 p = *(const uint4*)&ps[grp * GT_K + kb + 4 * t];
             unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
             unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
             unsigned a[4][4];
@@ -1044,16 +1083,16 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
                 // Byte m of inputs 4t, 4t + 1 (and 4t + 2, 4t + 3) to bits 0–7 and 16–23.
                 unsigned q01 = prmt(cw[0], cw[1], 0x4400 + 0x1111 * m), q23 = prmt(cw[2], cw[3], 0x4400 + 0x1111 * m);
                 // A: a0/a2 row g (low nibbles) at k 2t, 2t+1 / 2t+8, 2t+9; a1/a3 row g + 8 (high).
-                a[m][0] = dequant2(q01, sc01, mn01);
-                a[m][1] = dequant2(q01 >> 4, sc01, mn01);
-                a[m][2] = dequant2(q23, sc23, mn23);
-                a[m][3] = dequant2(q23 >> 4, sc23, mn23);
+                a[m][0] = dequant2_lo(q01, sc01, mn01);
+                a[m][1] = dequant2_hi(q01, sc01, mn01);
+                a[m][2] = dequant2_lo(q23, sc23, mn23);
+                a[m][3] = dequant2_hi(q23, sc23, mn23);
             }
 #pragma unroll
             for (int n = 0; n < NT; n++) {
                 // B: x[8n + g][kb + 4t … kb + 4t + 3].
                 const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
-                uint2 bb = *(const uint2*)&xs[st][r][8 * (c ^ GT_XSW(r)) + (4 * t & 7)];
+                uint2 bb = *(const uint2*)&xs[r * GT_K + 8 * (c ^ GT_XSW(r)) + (4 * t & 7)];
 #pragma unroll
                 for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bb);
             }
