@@ -40,6 +40,13 @@ fn kernel(name: &str) -> &'static str {
     &KERNELS[start..section_end(start)]
 }
 
+/// kernels.cu's `codes_lo` and `codes_hi` (4-bit codes as fp16 integers), which the tensor-core
+/// kernels share.
+fn codes_as_halves() -> &'static str {
+    let at = |s: &str| KERNELS.find(s).unwrap_or_else(|| panic!("{s} in kernels.cu"));
+    &KERNELS[at("// The codes in bits 0–3")..at("// PER fp16 values at p")]
+}
+
 /// The text of kernels.cu from `from` through the end of kernel `last` (the helpers between).
 fn span(from: &str, last: &str) -> &'static str {
     let start = KERNELS.find(from).unwrap_or_else(|| panic!("{from} in kernels.cu"));
@@ -145,6 +152,16 @@ template <class T> static T __shfl_xor_sync(unsigned mask, T v, int o) {
     memcpy(&w.slot[lane], &v, sizeof(T));
     emu::wait(w.bars[mask], __builtin_popcount(mask));
     T r; memcpy(&r, &w.slot[lane ^ o], sizeof(T));
+    emu::wait(w.bars[mask], __builtin_popcount(mask));
+    return r;
+}
+template <class T> static T __shfl_sync(unsigned mask, T v, int src) {
+    emu::Warp& w = this_warp();
+    unsigned lane = threadIdx.x & 31;
+    if (!(mask >> lane & 1) || !(mask >> (src & 31) & 1)) { fprintf(stderr, "shuffle outside its mask\n"); exit(3); }
+    memcpy(&w.slot[lane], &v, sizeof(T));
+    emu::wait(w.bars[mask], __builtin_popcount(mask));
+    T r; memcpy(&r, &w.slot[src & 31], sizeof(T));
     emu::wait(w.bars[mask], __builtin_popcount(mask));
     return r;
 }
@@ -749,7 +766,7 @@ fn gemm4_tc_case(inputs_a_stage: usize) {
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
-        &format!("#define GT_K {inputs_a_stage}\n"),
+        &format!("#define GT_K {inputs_a_stage}\n{}", codes_as_halves()),
         span("#ifndef GT_K", "gemm4_tc_8"),
         r#"
 int main(int argc, char** argv) {
@@ -818,10 +835,7 @@ fn decode_attention_kernels_match_the_reference() {
     let exe = build_warps(
         dir.path(),
         section("__device__ float block_reduce("),
-        span(
-            "template <int PER>\n__device__ __forceinline__ void load_per(",
-            "decode_attention_q4",
-        ),
+        span("// The codes in bits 0–3", "decode_attention_q4"),
         r"
 int main(int argc, char** argv) {
     int b = atoi(argv[1]), nh = atoi(argv[2]), rep = atoi(argv[3]), hd = atoi(argv[4]), cap = atoi(argv[5]);
@@ -843,6 +857,10 @@ int main(int argc, char** argv) {
     );
     for (hd, group, q4) in [
         (128, 64, true),
+        (128, 32, true),
+        (128, 128, true),
+        (64, 64, true),
+        (64, 16, true),
         (64, 8, true),
         (128, 16, true),
         (128, 0, false),
@@ -911,7 +929,7 @@ int main(int argc, char** argv) {
                     (lo..s).map(|j| e[j - lo] * f64::from(vd[at(j) + d])).sum::<f64>() / sum;
                 let g = f64::from(got[row * hd + d]);
                 assert!(
-                    (g - want).abs() <= 2e-3 * want.abs().max(1.0),
+                    (g - want).abs() <= 6e-4 * want.abs().max(1.0),
                     "{label}: row {row} value {d}: kernel {g}, reference {want}"
                 );
             }

@@ -306,6 +306,85 @@ extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, i
         sr[j] = f2h((j >= lo && j <= hi) ? __expf(h2f(sr[j]) - m) * inv : 0.f);
 }
 
+// ---- Tensor-core and asynchronous-copy primitives ----
+// The PTX instructions of the tensor-core kernels (the 4-bit product, decode attention over a 4-bit cache), one function each (the emulation test in CI
+// replaces exactly these with C++ of the same meaning): byte permute, fp16x2 subtract and fused
+// multiply-add (rounded to nearest), D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), and the
+// asynchronous copies to shared memory.
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+__device__ __forceinline__ unsigned sub_f16x2(unsigned a, unsigned b) {
+    unsigned d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ unsigned fma_f16x2(unsigned a, unsigned b, unsigned c) {
+    unsigned d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, uint2 b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+#else
+    __trap(); // no m16n8k16 before sm_80; the host does not launch it there
+#endif
+}
+
+// cp.async: n (0 to 16, or 0 or 4) bytes from global src to shared dst (a shared-space address,
+// smem_u32 of a pointer to shared memory), the rest of the 16 (4) zeroed, in flight until a cp_async_wait; commit closes the copies issued since the last one
+// into a group, and wait<N> returns when at most N groups are still in flight. The source is
+// read only where n > 0 (it must still be a valid address).
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, int n) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// p[0..3] += a, b, c, d (p 16-byte aligned): one vector reduction from sm_90, four before.
+__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+#else
+    atomicAdd(p, a); atomicAdd(p + 1, b); atomicAdd(p + 2, c); atomicAdd(p + 3, d);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// The codes in bits 0–3 and 16–19 of q as exact fp16x2 integers (1024 + code less 1024), and
+// those in bits 4–7 and 20–23 without a shift (64 + code less 64, as 64's unit in the last place
+// is 1/16).
+__device__ __forceinline__ unsigned codes_lo(unsigned q) { return sub_f16x2((q & 0x000F000Fu) | 0x64006400u, 0x64006400u); }
+__device__ __forceinline__ unsigned codes_hi(unsigned q) { return sub_f16x2((q & 0x00F000F0u) | 0x54005400u, 0x54005400u); }
+
 // PER fp16 values at p as floats: one 8-byte (PER 4) or 4-byte (PER 2) load (p aligned to it).
 template <int PER>
 __device__ __forceinline__ void load_per(const half_t* p, float* out) {
@@ -565,6 +644,165 @@ __device__ __forceinline__ void q4_attend(const half_t* qr, const unsigned char*
     }
     da_finish<V>(acc, V, sm + s, sum, out, hd, lane, warp, nw);
 }
+// decode_attention_q4 on the tensor cores, for heads of HD = 64 or 128 values in G = HD/gs ≤ 4
+// whole groups (from sm_80). A warp takes 16 positions at a time; the codes go into m16n8k16
+// products as exact small integers in fp16, and the groups' mins and scales are applied to the
+// products' fp32 sums, so no value is rounded to fp16 on the way (as q4_attend).
+// Keys: rows = positions g and g + 8 (lane g, t), k = the head's values, columns = the groups:
+// lane t holds bytes t·HD/8 … of each row's codes, and k tile kk takes its bytes 2kk and 2kk + 1
+// (values t·HD/4 + 4kk + 0..3), with B = q where the column is the values' group and 0 elsewhere;
+// so C[pos][j] = Σ_{d in group j} q_d·code_d and a score is Σ_j min_j·Σ_{group j} q + scale_j·C[pos][j].
+// Values: rows = the head's values, k = 16 positions, columns (2j, 2j + 1) = the fp16 high and
+// low parts of 64·p·scale_j (their sum that to about 22 bits; 64 keeps the low parts normal); lane (g, t) holds positions
+// 4t … 4t + 3, bytes g·HD/16 …, and m tile kk takes their byte kk (values g·HD/8 + 2kk, + 1).
+// Σ p·min_j is summed apart. The newest position (s − 1) comes from the fp16 kf/vf.
+#define Q4T_U 2
+template <int HD>
+__device__ __forceinline__ void q4_attend_tc(const half_t* qr, const unsigned char* kc, const half_t* kp, const half_t* kf,
+                                             const unsigned char* vc, const half_t* vp, const half_t* vf, int lo, int s,
+                                             int gs, float* sm, float* red, half_t* out) {
+    constexpr int CB = HD / 2, KT = HD / 16, KW = HD / 32, VW = HD / 64; // code bytes a position; tiles; words a lane
+    const int G = HD / gs;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, g = lane >> 2, t = lane & 3;
+    const int past = s - 1, first = lo & ~15;
+    // Σ q over each group (every lane), and lane t's B fragments of q.
+    float qs[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < HD / 32; i++) {
+        const int d = lane * (HD / 32) + i;
+        const float v = h2f(qr[d]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) qs[j] += d / gs == j ? v : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        for (int o = 16; o > 0; o >>= 1) qs[j] += __shfl_xor_sync(0xffffffff, qs[j], o);
+    unsigned bq[KT][2];
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++) {
+        const int d = t * (HD / 4) + 4 * kk;
+        const bool in = d / gs == g;
+        bq[kk][0] = in ? (unsigned)qr[d] | (unsigned)qr[d + 2] << 16 : 0u;
+        bq[kk][1] = in ? (unsigned)qr[d + 1] | (unsigned)qr[d + 3] << 16 : 0u;
+    }
+    const float qa = 2 * t < G ? qs[2 * t] : 0.f, qb = 2 * t + 1 < G ? qs[2 * t + 1] : 0.f;
+    for (int b0 = first + 16 * warp; b0 < past; b0 += 16 * nw * Q4T_U) {
+        unsigned kw[Q4T_U][2][KW], pk[Q4T_U][2][2];
+#pragma unroll
+        for (int u = 0; u < Q4T_U; u++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int j = b0 + 16 * nw * u + g + 8 * r;
+                const bool ok = j < past;
+                const unsigned* c = (const unsigned*)(kc + (size_t)j * CB + t * (HD / 8));
+#pragma unroll
+                for (int w = 0; w < KW; w++) kw[u][r][w] = 0u;
+                if (ok) {
+                    if (KW == 4) { uint4 v = *(const uint4*)c; kw[u][r][0] = v.x; kw[u][r][1] = v.y; kw[u][r][KW > 2 ? 2 : 0] = v.z; kw[u][r][KW > 3 ? 3 : 0] = v.w; }
+                    else { uint2 v = *(const uint2*)c; kw[u][r][0] = v.x; kw[u][r][1] = v.y; }
+                }
+                const unsigned* p = (const unsigned*)(kp + (size_t)j * G * 2);
+                pk[u][r][0] = ok && 2 * t < G ? p[2 * t] : 0u;
+                pk[u][r][1] = ok && 2 * t + 1 < G ? p[2 * t + 1] : 0u;
+            }
+#pragma unroll
+        for (int u = 0; u < Q4T_U; u++) {
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int kk = 0; kk < KT; kk++) {
+                // Bytes 2kk, 2kk + 1 of each row to bits 0–7 and 16–23.
+                const unsigned sel = (kk & 1) ? 0x3322 : 0x1100;
+                const unsigned x0 = prmt(kw[u][0][kk >> 1], 0u, sel), x1 = prmt(kw[u][1][kk >> 1], 0u, sel);
+                const unsigned a[4] = {codes_lo(x0), codes_lo(x1), codes_hi(x0), codes_hi(x1)};
+                mma_16816(c, a, make_uint2(bq[kk][0], bq[kk][1]));
+            }
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const unsigned pa = pk[u][r][0], pb = pk[u][r][1];
+                float a = h2f((half_t)(pa & 0xffffu)) * qa + h2f((half_t)(pa >> 16)) * c[2 * r];
+                a += h2f((half_t)(pb & 0xffffu)) * qb + h2f((half_t)(pb >> 16)) * c[2 * r + 1];
+                a += __shfl_xor_sync(0xffffffff, a, 1);
+                a += __shfl_xor_sync(0xffffffff, a, 2);
+                const int j = b0 + 16 * nw * u + g + 8 * r;
+                if (t == 0 && j >= lo && j < past) sm[j] = a;
+            }
+        }
+    }
+    if (warp == 0) {
+        float a = 0.f;
+#pragma unroll
+        for (int i = 0; i < HD / 32; i++) a += h2f(qr[lane * (HD / 32) + i]) * h2f(kf[lane * (HD / 32) + i]);
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+        if (lane == 0) sm[past] = a;
+    }
+    const float sum = da_softmax(sm, red, lo, s);
+    // Values. Column g of B: the high (g even) or low part of p·scale of group g/2.
+    float acc[KT][4], accm = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++) for (int i = 0; i < 4; i++) acc[kk][i] = 0.f;
+    const int jg = g >> 1;
+    for (int b0 = first + 16 * warp; b0 < past; b0 += 16 * nw * Q4T_U) {
+        unsigned vw[Q4T_U][4][2], pv[Q4T_U][4];
+        float pp[Q4T_U][4];
+#pragma unroll
+        for (int u = 0; u < Q4T_U; u++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int j = b0 + 16 * nw * u + 4 * t + i;
+                const bool ok = j < past;
+                const unsigned char* c = vc + (size_t)j * CB + g * (HD / 16);
+                vw[u][i][0] = vw[u][i][1] = 0u;
+                if (ok) {
+                    if (VW == 2) { uint2 v = *(const uint2*)c; vw[u][i][0] = v.x; vw[u][i][1] = v.y; }
+                    else vw[u][i][0] = *(const unsigned*)c;
+                }
+                pv[u][i] = ok && jg < G ? *(const unsigned*)(vp + ((size_t)j * G + jg) * 2) : 0u;
+                pp[u][i] = ok && j >= lo ? sm[j] : 0.f;
+            }
+#pragma unroll
+        for (int u = 0; u < Q4T_U; u++) {
+            unsigned short bh[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float ps = pp[u][i] * h2f((half_t)(pv[u][i] >> 16)) * 64.f; // 2⁶: the low parts stay normal
+                const half_t hi = f2h(ps);
+                bh[i] = (g & 1) ? f2h(ps - h2f(hi)) : hi;
+                if ((g & 1) == 0) accm += pp[u][i] * h2f((half_t)(pv[u][i] & 0xffffu));
+            }
+            const uint2 b = make_uint2((unsigned)bh[0] | (unsigned)bh[1] << 16, (unsigned)bh[2] | (unsigned)bh[3] << 16);
+#pragma unroll
+            for (int kk = 0; kk < KT; kk++) {
+                // Byte kk of positions 4t, 4t + 1 (and 4t + 2, 4t + 3) to bits 0–7 and 16–23.
+                const int w = kk >> 2;
+                const unsigned sel = 0x4400 + 0x1111 * (kk & 3);
+                const unsigned q01 = prmt(vw[u][0][w], vw[u][1][w], sel), q23 = prmt(vw[u][2][w], vw[u][3][w], sel);
+                const unsigned a[4] = {codes_lo(q01), codes_hi(q01), codes_lo(q23), codes_hi(q23)};
+                mma_16816(acc[kk], a, b);
+            }
+        }
+    }
+    // Σ p·min of group jg over this warp's positions (lanes 8·jg hold it), then each value's sum
+    // from the lane whose t is its group, into part [warps, HD].
+    accm += __shfl_xor_sync(0xffffffff, accm, 1);
+    accm += __shfl_xor_sync(0xffffffff, accm, 2);
+    const float mt = __shfl_sync(0xffffffff, accm, 8 * t);
+    float* part = sm + s;
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++) {
+        const int d = g * (HD / 8) + 2 * kk;
+        if (d / gs == t) {
+            part[warp * HD + d] = (acc[kk][0] + acc[kk][1]) * (1.f / 64) + mt;
+            part[warp * HD + d + 1] = (acc[kk][2] + acc[kk][3]) * (1.f / 64) + mt;
+        }
+    }
+    __syncthreads();
+    const float inv = 1.f / sum, pn = sm[past];
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float v = pn * h2f(vf[d]);
+        for (int w = 0; w < nw; w++) v += part[w * HD + d];
+        out[d] = f2h(v * inv);
+    }
+}
 extern "C" __global__ void decode_attention_q4(const half_t* q, const unsigned char* kc, const half_t* kp,
                                                const unsigned char* vc, const half_t* vp, const half_t* kn,
                                                const half_t* vn, const int* start, half_t* out, int nh, int hd,
@@ -578,6 +816,13 @@ extern "C" __global__ void decode_attention_q4(const half_t* q, const unsigned c
     const half_t* qr = q + (size_t)bh * hd;
     half_t* o = out + (size_t)bh * hd;
     int lo = start[bi];
+#if __CUDA_ARCH__ >= 800
+    if (hd % gs == 0 && hd / gs <= 4) { // whole groups, at most four: on the tensor cores
+        if (hd == 128) q4_attend_tc<128>(qr, kc + cb, kp + pb, kn + fr, vc + cb, vp + pb, vn + fr, lo, s, gs, sm, red, o);
+        else q4_attend_tc<64>(qr, kc + cb, kp + pb, kn + fr, vc + cb, vp + pb, vn + fr, lo, s, gs, sm, red, o);
+        return;
+    }
+#endif
     if (hd == 128) q4_attend<16>(qr, kc + cb, kp + pb, kn + fr, vc + cb, vp + pb, vn + fr, lo, s, gs, sm, red, o);
     else q4_attend<8>(qr, kc + cb, kp + pb, kn + fr, vc + cb, vp + pb, vn + fr, lo, s, gs, sm, red, o);
 }
@@ -852,79 +1097,6 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
         cr[byte] = (unsigned char)packed;
     }
 }
-// ---- The 4-bit product on tensor cores ----
-// The PTX instructions of the tensor-core product, one function each (the emulation test in CI
-// replaces exactly these with C++ of the same meaning): byte permute, fp16x2 subtract and fused
-// multiply-add (rounded to nearest), D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), and the
-// asynchronous copies to shared memory.
-__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
-    unsigned d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
-__device__ __forceinline__ unsigned sub_f16x2(unsigned a, unsigned b) {
-    unsigned d;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-__device__ __forceinline__ unsigned fma_f16x2(unsigned a, unsigned b, unsigned c) {
-    unsigned d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, uint2 b) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
-#else
-    __trap(); // no m16n8k16 before sm_80; the host does not launch it there
-#endif
-}
-
-// cp.async: n (0 to 16, or 0 or 4) bytes from global src to shared dst (a shared-space address,
-// smem_u32 of a pointer to shared memory), the rest of the 16 (4) zeroed, in flight until a cp_async_wait; commit closes the copies issued since the last one
-// into a group, and wait<N> returns when at most N groups are still in flight. The source is
-// read only where n > 0 (it must still be a valid address).
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int n) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-#else
-    __trap();
-#endif
-}
-__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, int n) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-#else
-    __trap();
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-// p[0..3] += a, b, c, d (p 16-byte aligned): one vector reduction from sm_90, four before.
-__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float d) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
-#else
-    atomicAdd(p, a); atomicAdd(p + 1, b); atomicAdd(p + 2, c); atomicAdd(p + 3, d);
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
 // y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ 8·NT, W read from dequant_dim0's 4-bit layout:
 // for input i the codes of outputs 0, 1, … are contiguous nibbles from code i·chunks·gs (chunks =
 // ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
@@ -959,18 +1131,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // The XOR that places x chunk c of row r (GT_K / 8 chunks a row).
 #define GT_XSW(r) (GT_K == 32 ? ((r) & 2) : 2 * ((r) & 3))
 
-// Two codes (bits 0–3 and 16–19 of q) as fp16 values min + code · scale, each half of sc and mn
-// the scale and min of its input.
-__device__ __forceinline__ unsigned dequant2_lo(unsigned q, unsigned sc, unsigned mn) {
-    unsigned v = (q & 0x000F000Fu) | 0x64006400u; // 1024 + code, exactly
-    return fma_f16x2(sub_f16x2(v, 0x64006400u), sc, mn);
-}
-// The same of the codes in bits 4–7 and 20–23, without a shift: 64 + code, as 64's unit in the
-// last place is 1/16.
-__device__ __forceinline__ unsigned dequant2_hi(unsigned q, unsigned sc, unsigned mn) {
-    unsigned v = (q & 0x00F000F0u) | 0x54005400u; // 64 + code, exactly
-    return fma_f16x2(sub_f16x2(v, 0x54005400u), sc, mn);
-}
+// Two codes (bits 0–3 and 16–19 of q; for _hi, 4–7 and 20–23) as fp16 values min + code · scale,
+// each half of sc and mn the scale and min of its input.
+__device__ __forceinline__ unsigned dequant2_lo(unsigned q, unsigned sc, unsigned mn) { return fma_f16x2(codes_lo(q), sc, mn); }
+__device__ __forceinline__ unsigned dequant2_hi(unsigned q, unsigned sc, unsigned mn) { return fma_f16x2(codes_hi(q), sc, mn); }
 
 template <int NT>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
