@@ -6,7 +6,8 @@
 #   PARTS   which parts to run, in order (default "check bench executor pipeline ranks s4"):
 #           check     cuda_check (kernels against the CPU, then kernel timings)
 #           gemv4     gemv4_bench alone (the 4-bit products: checks, then timings)
-#           variants  gemv4_bench under each of VARIANTS (FLEXGEN_NVRTC_DEFINES values, `;` apart)
+#           variants  gemv4_bench and cuda_check under each of VARIANTS (FLEXGEN_NVRTC_DEFINES
+#                     values, `;` apart)
 #           ncu       Nsight Compute on gemm4_tc at 1 and 32 rows
 #           bench     gemv4_bench and
 #                     host_attention_bench at 1,024 × 1 and 64 × 8, fp16 and 4-bit packed
@@ -16,6 +17,8 @@
 #           s4        OPT-6.7B all on the GPU, 64×1, prompt 512, 32 new tokens, twice with
 #                     FLEXGEN_LT=all, between them as shipped and with FLEXGEN_LT=0
 #           s3        OPT-175B, 4-bit weights and cache all on the GPU, 32×1 (not by default)
+#           ncu_s3    S3 with 2 new tokens under Nsight Compute, every kernel's time (one metric,
+#                     clocks as they run) in ncu_s3.csv: where a decode step goes (not by default)
 # Each part's wall time and exit status go to times.txt; the script's status is 1 if any failed.
 B=$(cd "${1:-.gpu/bin}" && pwd) || exit 2
 export PATH="$B:$PATH" NCCL_NVLS_ENABLE=0
@@ -43,6 +46,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       IFS=';' read -ra vs <<< "${VARIANTS:-GT_MINB=5}"
       for v in "${vs[@]}"; do
         FLEXGEN_NVRTC_DEFINES="$v" t "gemv4_${v// /_}" 120 "$B/gemv4_bench"
+        FLEXGEN_NVRTC_DEFINES="$v" t "check_${v// /_}" 120 "$B/cuda_check"
       done ;;
     ncu)
       # Nsight Compute on the tensor-core 4-bit product at 1 row (gemm4_tc_1, its second launch in
@@ -70,7 +74,12 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       t s3 240 "$B/flexgen-run" --device cuda --model opt-175b --dummy --percent 100 0 100 0 100 0 \
         --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight --compress-cache --prompt-len 512 \
         --max-new-tokens 32 --json ;;
-    *) echo "unknown part $part (check gemv4 variants ncu bench executor pipeline ranks s4 s3)" >&2; fail=1 ;;
+    ncu_s3)
+      t ncu_s3 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+        --log-file "$LOGS/ncu_s3.csv" "$B/flexgen-run" --device cuda --model opt-175b --dummy \
+        --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight \
+        --compress-cache --prompt-len 512 --max-new-tokens 2 --json ;;
+    *) echo "unknown part $part (check gemv4 variants ncu bench executor pipeline ranks s4 s3 ncu_s3)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"

@@ -318,6 +318,11 @@ pub const FUSED_DECODE_ROWS: u32 = 64;
 /// 1×1 decode 97.8 tok/s fused against 57.5, 1×8 93.1 against 102.6).
 pub const FUSED_DECODE_MAX_BATCHES: u32 = 4;
 
+/// The rows [`FUSED_DECODE_ROWS`] comes down to for 4-bit groups other than 64 and 128: the
+/// CUDA-core product alone serves them, and from 8 rows on it is slower than dequantizing first
+/// (session 17's `gemv4_bench`: OPT-175B's fc1 at 8 rows 1.05 ms against 0.93).
+pub const FUSED_DECODE_OTHER_GROUP_ROWS: u32 = 4;
+
 impl Policy {
     /// Stage `i`'s own policy: this one with the stage's placement and CPU-attention choice, and
     /// no stages.
@@ -359,13 +364,22 @@ impl Policy {
     /// Whether the CUDA stage's decode steps run their products straight from the packed 4-bit
     /// weights (the fused 4-bit product) rather than dequantizing each layer first: 4-bit
     /// weights, micro-batches of at most [`FUSED_DECODE_ROWS`] rows, blocks of at most
-    /// [`FUSED_DECODE_MAX_BATCHES`] of them. The memory plan and the planner's cost follow it.
+    /// [`FUSED_DECODE_MAX_BATCHES`] of them, in groups of 64 or 128 (the tensor-core product's:
+    /// a warp's outputs share their scales); other groups of a multiple of 8 only up to
+    /// [`FUSED_DECODE_OTHER_GROUP_ROWS`] rows, where the CUDA-core product keeps up. The memory
+    /// plan and the planner's cost follow it.
     pub fn fuses_decode(&self) -> bool {
         let c = &self.compress_weight;
+        let rows = if matches!(c.group_size, 64 | 128) {
+            FUSED_DECODE_ROWS
+        } else if c.group_size.is_multiple_of(8) {
+            FUSED_DECODE_OTHER_GROUP_ROWS
+        } else {
+            0
+        };
         c.enabled
             && c.bits == 4
-            && c.group_size.is_multiple_of(8)
-            && self.gpu_batch_size <= FUSED_DECODE_ROWS
+            && self.gpu_batch_size <= rows
             && self.num_gpu_batches <= FUSED_DECODE_MAX_BATCHES
     }
 

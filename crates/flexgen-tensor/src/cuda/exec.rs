@@ -920,8 +920,9 @@ impl Gpu {
 
     /// `y[b, o] = Σ_i x[b, i] · W[o, i]` (fp32 `y [nb, outs]`, zeroed here) for `nb` rows of x
     /// (row b at `x + b·ldx`) with W read from its 4-bit codes on the tensor cores (`gemm4_tc_*`
-    /// of kernels.cu: each warp expands four tiles of 16 outputs × 16 inputs into mma fragments as
-    /// `dequant_dim0` would write them, from codes a ring of cp.async stages brings in), faster
+    /// of kernels.cu: each warp takes four tiles of 16 outputs × 16 inputs of codes as exact fp16
+    /// integers against x times the inputs' scales, from codes a ring of cp.async stages brings
+    /// in, and adds x times the mins after), faster
     /// than `gemv4_dim0` from one row on; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
     /// layout does not allow it ([`gemm4_tc_fits`]) or the device has no mma.sync (before 8.0).
     ///
@@ -1082,14 +1083,15 @@ pub fn norm_threads(n: usize, h: usize) -> usize {
 }
 
 /// Whether [`Gpu::gemm4_tc`] runs on a 4-bit weight of `outs` outputs in groups of `group`
-/// (16, 32, 64 or 128, with ⌈outs/group⌉·group a multiple of 32) whose codes are 16-byte
-/// aligned and pairs 4-byte aligned, with x 16-byte aligned and `ldx` a multiple of 8.
+/// (64 or 128, so that a warp's 64 outputs share their scales; with ⌈outs/group⌉·group a multiple
+/// of 32) whose codes are 16-byte aligned and pairs 4-byte aligned, with x 16-byte aligned and
+/// `ldx` a multiple of 8.
 pub fn gemm4_tc_fits(
     (outs, group): (usize, usize),
     (codes, params): (u64, u64),
     (x, ldx): (u64, usize),
 ) -> bool {
-    matches!(group, 16 | 32 | 64 | 128)
+    matches!(group, 64 | 128)
         && outs.div_ceil(group).saturating_mul(group).is_multiple_of(32)
         && codes.is_multiple_of(16)
         && params.is_multiple_of(4)

@@ -382,8 +382,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // The codes in bits 0–3 and 16–19 of q as exact fp16x2 integers (1024 + code less 1024), and
 // those in bits 4–7 and 20–23 without a shift (64 + code less 64, as 64's unit in the last place
 // is 1/16).
-__device__ __forceinline__ unsigned codes_lo(unsigned q) { return sub_f16x2((q & 0x000F000Fu) | 0x64006400u, 0x64006400u); }
-__device__ __forceinline__ unsigned codes_hi(unsigned q) { return sub_f16x2((q & 0x00F000F0u) | 0x54005400u, 0x54005400u); }
+__device__ __forceinline__ unsigned raw_lo(unsigned q) { return (q & 0x000F000Fu) | 0x64006400u; } // 1024 + code
+__device__ __forceinline__ unsigned raw_hi(unsigned q) { return (q & 0x00F000F0u) | 0x54005400u; } // 64 + code
+__device__ __forceinline__ unsigned codes_lo(unsigned q) { return sub_f16x2(raw_lo(q), 0x64006400u); }
+__device__ __forceinline__ unsigned codes_hi(unsigned q) { return sub_f16x2(raw_hi(q), 0x54005400u); }
 
 // PER fp16 values at p as floats: one 8-byte (PER 4) or 4-byte (PER 2) load (p aligned to it).
 template <int PER>
@@ -656,7 +658,9 @@ __device__ __forceinline__ void q4_attend(const half_t* qr, const unsigned char*
 // low parts of 64·p·scale_j (their sum that to about 22 bits; 64 keeps the low parts normal); lane (g, t) holds positions
 // 4t … 4t + 3, bytes g·HD/16 …, and m tile kk takes their byte kk (values g·HD/8 + 2kk, + 1).
 // Σ p·min_j is summed apart. The newest position (s − 1) comes from the fp16 kf/vf.
-#define Q4T_U 2
+#ifndef Q4T_U
+#define Q4T_U 2 // 16-position sets a warp loads before using any
+#endif
 template <int HD>
 __device__ __forceinline__ void q4_attend_tc(const half_t* qr, const unsigned char* kc, const half_t* kp, const half_t* kf,
                                              const unsigned char* vc, const half_t* vp, const half_t* vf, int lo, int s,
@@ -1113,28 +1117,32 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // of each code row, word w = 8·warp + g: the bytes m = 0..3 of the word are the A fragments'
 // row g of four m16 tiles (outputs 8w + 2m: low nibbles, and 8w + 2m + 1, high: row g + 8). So
 // four 4-byte loads (inputs 4t … 4t + 3) give a lane its A fragments of four tiles, one 16-byte
-// load its inputs' pairs (its eight outputs lie in one group), one 8-byte load per 8 rows its B
-// fragment; a prmt brings two inputs' bytes of a tile together, the codes become fp16 by the
-// 0x6400 trick and min + code · scale is one fp16x2 fma, rounded once as dequant_dim0 rounds
-// it. mma.sync m16n8k16, fp32 sums. Needs gs ∈ {16, 32, 64, 128}, chunks·gs a multiple of 32,
+// load its inputs' pairs, one 8-byte load per 8 rows its B fragment; a prmt brings two inputs'
+// bytes of a tile together and one lop3 makes them fp16 offset + code, exactly (1024 + code for
+// low nibbles, 64 + code for high ones, without a shift). The scales and mins go to x instead:
+// as a warp's 64 outputs lie in one group (gs ≥ 64), W·x = Σ (x·scale)·code + Σ x·min, so B is
+// x·scale (one fp16x2 multiply per 8 rows and 4 inputs) and two more mma with A of ones sum
+// x·scale and x·min over the inputs for the epilogue, which takes the offsets' share off
+// (1024 or 64 times Σ x·scale) and adds Σ x·min. Each product of a code and x·scale is exact
+// and the sums fp32 (x·scale and x·min rounded to fp16 once each, where dequant_dim0 rounds
+// min + code·scale once). mma.sync m16n8k16. Needs gs ∈ {64, 128}, chunks·gs a multiple of 32,
 // codes and x 16-byte aligned, ldx a multiple of 8 (the host checks).
 #ifndef GT_K
 #define GT_K 32 // 32 or 64
 #endif
 #define GT_O 256
-// Blocks per multiprocessor the kernels of up to 32 rows are compiled for (registers allowing).
+// Blocks per multiprocessor the kernels of up to 16 rows (GT_MINB) and of 32 (GT_MINB4) are
+// compiled for (registers allowing: at four, the 32-row kernel would spill).
 #ifndef GT_MINB
 #define GT_MINB 4
+#endif
+#ifndef GT_MINB4
+#define GT_MINB4 3
 #endif
 // Stages of the ring: as many as fit in 48 KB of static shared memory.
 #define GT_S(nt) (GT_K == 32 ? 4 : (nt) == 8 ? 2 : 3)
 // The XOR that places x chunk c of row r (GT_K / 8 chunks a row).
 #define GT_XSW(r) (GT_K == 32 ? ((r) & 2) : 2 * ((r) & 3))
-
-// Two codes (bits 0–3 and 16–19 of q; for _hi, 4–7 and 20–23) as fp16 values min + code · scale,
-// each half of sc and mn the scale and min of its input.
-__device__ __forceinline__ unsigned dequant2_lo(unsigned q, unsigned sc, unsigned mn) { return fma_f16x2(codes_lo(q), sc, mn); }
-__device__ __forceinline__ unsigned dequant2_hi(unsigned q, unsigned sc, unsigned mn) { return fma_f16x2(codes_hi(q), sc, mn); }
 
 template <int NT>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
@@ -1212,9 +1220,12 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             if (r < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, n ? x_src + (long long)u * (128 / XC) * ldx : x, n);
         }
     };
-    float acc[NT][4][4];
+    // acc: Σ (x·scale)·(offset + code) per output; corr: Σ x·scale (j = 0, 1) and Σ x·min (2, 3)
+    // over all the tile's rows (A of ones in rows 0–7, then in rows 8–15).
+    float acc[NT][4][4], corr[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; n++) for (int m = 0; m < 4; m++) for (int j = 0; j < 4; j++) acc[n][m][j] = 0.f;
+    for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) { corr[n][j] = 0.f; for (int m = 0; m < 4; m++) acc[n][m][j] = 0.f; }
+    const unsigned ones_top[4] = {0x3C003C00u, 0u, 0x3C003C00u, 0u}, ones_bottom[4] = {0u, 0x3C003C00u, 0u, 0x3C003C00u};
     const int w = 8 * warp + g, grp = 8 * w / gs; // this lane's code word and its outputs' group
 #pragma unroll
     for (int st = 0; st < S - 1; st++) {
@@ -1239,26 +1250,31 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
 #pragma unroll
             for (int j = 0; j < 4; j++) cw[j] = cs[(kb + 4 * t + j) * (GT_O / 8) + 4 * ((w >> 2) ^ (2 * t)) + (w & 3)];
             uint4 p = *(const uint4*)&ps[grp * GT_K + kb + 4 * t];
-            unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
-            unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
+            const unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
+            const unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
             unsigned a[4][4];
 #pragma unroll
             for (int m = 0; m < 4; m++) {
                 // Byte m of inputs 4t, 4t + 1 (and 4t + 2, 4t + 3) to bits 0–7 and 16–23.
-                unsigned q01 = prmt(cw[0], cw[1], 0x4400 + 0x1111 * m), q23 = prmt(cw[2], cw[3], 0x4400 + 0x1111 * m);
-                // A: a0/a2 row g (low nibbles) at k 2t, 2t+1 / 2t+8, 2t+9; a1/a3 row g + 8 (high).
-                a[m][0] = dequant2_lo(q01, sc01, mn01);
-                a[m][1] = dequant2_hi(q01, sc01, mn01);
-                a[m][2] = dequant2_lo(q23, sc23, mn23);
-                a[m][3] = dequant2_hi(q23, sc23, mn23);
+                const unsigned q01 = prmt(cw[0], cw[1], 0x4400 + 0x1111 * m), q23 = prmt(cw[2], cw[3], 0x4400 + 0x1111 * m);
+                // A: a0/a2 row g (low nibbles, 1024 + code) at k 2t, 2t+1 / 2t+8, 2t+9; a1/a3 row g + 8
+                // (high nibbles, 64 + code).
+                a[m][0] = raw_lo(q01);
+                a[m][1] = raw_hi(q01);
+                a[m][2] = raw_lo(q23);
+                a[m][3] = raw_hi(q23);
             }
 #pragma unroll
             for (int n = 0; n < NT; n++) {
-                // B: x[8n + g][kb + 4t … kb + 4t + 3].
+                // B: x[8n + g][kb + 4t … kb + 4t + 3], times the inputs' scales (bs) and mins (bm).
                 const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
-                uint2 bb = *(const uint2*)&xs[r * GT_K + 8 * (c ^ GT_XSW(r)) + (4 * t & 7)];
+                const uint2 bb = *(const uint2*)&xs[r * GT_K + 8 * (c ^ GT_XSW(r)) + (4 * t & 7)];
+                const uint2 bs = make_uint2(fma_f16x2(bb.x, sc01, 0x80008000u), fma_f16x2(bb.y, sc23, 0x80008000u));
+                const uint2 bm = make_uint2(fma_f16x2(bb.x, mn01, 0x80008000u), fma_f16x2(bb.y, mn23, 0x80008000u));
 #pragma unroll
-                for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bb);
+                for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bs);
+                mma_16816(corr[n], ones_top, bs);
+                mma_16816(corr[n], ones_bottom, bm);
             }
         }
     }
@@ -1272,9 +1288,11 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
         for (int h = 0; h < 2; h++) {
             const int b = 8 * n + 2 * t + h;
             if (b >= nb) continue;
+            // The offsets' share (1024 or 64 times Σ x·scale) off, Σ x·min on.
+            const float sx = corr[n][h], mx = corr[n][2 + h];
             float v[8];
 #pragma unroll
-            for (int m = 0; m < 4; m++) { v[2 * m] = acc[n][m][h]; v[2 * m + 1] = acc[n][m][2 + h]; }
+            for (int m = 0; m < 4; m++) { v[2 * m] = acc[n][m][h] - 1024.f * sx + mx; v[2 * m + 1] = acc[n][m][2 + h] - 64.f * sx + mx; }
             float* yr = y + (long long)b * outs + o;
             if (o + 8 <= outs && (outs & 3) == 0) {
                 red_add4(yr, v[0], v[1], v[2], v[3]);
@@ -1292,7 +1310,7 @@ extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsi
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<2>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
-extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
+extern "C" __global__ void __launch_bounds__(128, GT_MINB4) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
     gemm4_tc_tile<4>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
