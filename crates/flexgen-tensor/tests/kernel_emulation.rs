@@ -451,7 +451,7 @@ fn assert_sums_close(label: &str, got: &[f32], want: &[f32], ins: usize) {
 }
 
 /// [`assert_sums_close`] for `gemm4_tc`, which rounds x·scale and x·min to fp16 (2⁻¹¹ each, as
-/// dequantization rounds min + code·scale once): on top, 2⁻¹⁰ of Σ_i |x_i| times `reach` per row.
+/// dequantization rounds min + code·scale once): on top, 2⁻¹⁰ of `Σ_i |x_i|` times `reach` per row.
 fn assert_scaled_sums_close(label: &str, got: &[f32], case: &ProductCase, ins: usize) {
     assert_eq!(got.len(), case.want.len(), "{label}: sizes");
     let outs = got.len() / (case.x.len() / ins);
