@@ -35,7 +35,7 @@ t() { # name, time limit (s), command...
 }
 pack() { tar czf "$OUT/first_call.tgz" -C "$LOGS" . ; }
 trap pack EXIT
-git log --oneline -1 > "$LOGS/commit.txt" 2>/dev/null
+{ echo "binaries built from $(cat "$B/BUILT_FROM" 2>/dev/null || echo '?')"; git log --oneline -1; } > "$LOGS/commit.txt" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOGS/commit.txt" 2>&1
 for part in ${PARTS:-check bench executor pipeline ranks s4}; do
   case $part in

@@ -109,6 +109,19 @@ fn stage_gpu(root: &Path) -> anyhow::Result<()> {
         let ok = Command::new("strip").arg(&to).status().is_ok_and(|s| s.success());
         println!("{}{}", to.display(), if ok { "" } else { " (not stripped: no `strip`)" });
     }
+    // What the binaries were built from (the device's copy of the tree may carry a stale git
+    // HEAD): the commit and whether the tree differed from it.
+    let described = Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown (no git)".to_owned(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
+    std::fs::write(dest.join("BUILT_FROM"), format!("{described}\n"))?;
     // The anchor scripts (xtask/anchors) go where gpu_suite.sh looks for them.
     for (name, dir) in [
         ("flexllmgen.sh", ".gpu/flex"),
