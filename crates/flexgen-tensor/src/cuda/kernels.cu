@@ -379,9 +379,6 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// v, where `zero` is 0 at run time but not to the compiler (a kernel argument's sign bit, say),
-// so that the constant stays in a register rather than being rebuilt before each use.
-__device__ __forceinline__ unsigned opaque(unsigned v, unsigned zero) { return v | zero; }
 // The codes in bits 0–3 and 16–19 of q as exact fp16x2 integers (1024 + code less 1024), and
 // those in bits 4–7 and 20–23 without a shift (64 + code less 64, as 64's unit in the last place
 // is 1/16).
@@ -1228,10 +1225,10 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     float acc[NT][4][4], corr[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) { corr[n][j] = 0.f; for (int m = 0; m < 4; m++) acc[n][m][j] = 0.f; }
-    // The constants of the lop3s and the ones' fragments in registers the compiler may not
-    // rematerialize (it would rebuild them before every use: an instruction each).
-    const unsigned zero = (unsigned)gs >> 31; // gs > 0
-    const unsigned k1024 = opaque(0x64006400u, zero), k64 = opaque(0x54005400u, zero), one = opaque(0x3C003C00u, zero);
+    // The constants of the lop3s and the ones' fragments in registers the compiler cannot rebuild
+    // (it would, before every use: an instruction each): `zero` is 0 (gs > 0) but not to ptxas.
+    const unsigned zero = (unsigned)gs >> 31;
+    const unsigned k1024 = 0x64006400u | zero, k64 = 0x54005400u | zero, one = 0x3C003C00u | zero;
     const unsigned ones_top[4] = {one, zero, one, zero}, ones_bottom[4] = {zero, one, zero, one};
     const int w = 8 * warp + g, grp = 8 * w / gs; // this lane's code word and its outputs' group
 #pragma unroll
