@@ -659,7 +659,7 @@ __device__ __forceinline__ void q4_attend(const half_t* qr, const unsigned char*
 // 4t … 4t + 3, bytes g·HD/16 …, and m tile kk takes their byte kk (values g·HD/8 + 2kk, + 1).
 // Σ p·min_j is summed apart. The newest position (s − 1) comes from the fp16 kf/vf.
 #ifndef Q4T_U
-#define Q4T_U 2 // 16-position sets a warp loads before using any
+#define Q4T_U 1 // 16-position sets a warp loads before using any (2 and 4 were slower, session 17)
 #endif
 template <int HD>
 __device__ __forceinline__ void q4_attend_tc(const half_t* qr, const unsigned char* kc, const half_t* kp, const half_t* kf,
@@ -1132,19 +1132,19 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 #endif
 #define GT_O 256
 // Blocks per multiprocessor the kernels of up to 16 rows (GT_MINB) and of 32 (GT_MINB4) are
-// compiled for (registers allowing: at four, the 32-row kernel would spill).
+// compiled for (registers allowing).
 #ifndef GT_MINB
 #define GT_MINB 4
 #endif
 #ifndef GT_MINB4
-#define GT_MINB4 3
+#define GT_MINB4 4
 #endif
 // Stages of the ring: as many as fit in 48 KB of static shared memory.
 #define GT_S(nt) (GT_K == 32 ? 4 : (nt) == 8 ? 2 : 3)
 // The XOR that places x chunk c of row r (GT_K / 8 chunks a row).
 #define GT_XSW(r) (GT_K == 32 ? ((r) & 2) : 2 * ((r) & 3))
 
-template <int NT>
+template <int NT, bool SCALE_X>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
     constexpr int S = GT_S(NT);
@@ -1230,6 +1230,7 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     const unsigned zero = (unsigned)gs >> 31;
     const unsigned k1024 = 0x64006400u | zero, k64 = 0x54005400u | zero, one = 0x3C003C00u | zero;
     const unsigned ones_top[4] = {one, zero, one, zero}, ones_bottom[4] = {zero, one, zero, one};
+    const unsigned f1024 = 0x64006400u, f64 = 0x54005400u; // the offsets as fp16x2
     const int w = 8 * warp + g, grp = 8 * w / gs; // this lane's code word and its outputs' group
 #pragma unroll
     for (int st = 0; st < S - 1; st++) {
@@ -1267,12 +1268,23 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
                 a[m][1] = (q01 & 0x00F000F0u) | k64;
                 a[m][2] = (q23 & 0x000F000Fu) | k1024;
                 a[m][3] = (q23 & 0x00F000F0u) | k64;
+                if (!SCALE_X) { // min + code·scale, rounded once as dequant_dim0 rounds it
+                    a[m][0] = fma_f16x2(sub_f16x2(a[m][0], f1024), sc01, mn01);
+                    a[m][1] = fma_f16x2(sub_f16x2(a[m][1], f64), sc01, mn01);
+                    a[m][2] = fma_f16x2(sub_f16x2(a[m][2], f1024), sc23, mn23);
+                    a[m][3] = fma_f16x2(sub_f16x2(a[m][3], f64), sc23, mn23);
+                }
             }
 #pragma unroll
             for (int n = 0; n < NT; n++) {
                 // B: x[8n + g][kb + 4t … kb + 4t + 3], times the inputs' scales (bs) and mins (bm).
                 const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
                 const uint2 bb = *(const uint2*)&xs[r * GT_K + 8 * (c ^ GT_XSW(r)) + (4 * t & 7)];
+                if (!SCALE_X) {
+#pragma unroll
+                    for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bb);
+                    continue;
+                }
                 const uint2 bs = make_uint2(fma_f16x2(bb.x, sc01, 0x80008000u), fma_f16x2(bb.y, sc23, 0x80008000u));
                 const uint2 bm = make_uint2(fma_f16x2(bb.x, mn01, 0x80008000u), fma_f16x2(bb.y, mn23, 0x80008000u));
 #pragma unroll
@@ -1309,14 +1321,14 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
 }
 
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
-    gemm4_tc_tile<1>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+    gemm4_tc_tile<1, true>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
-    gemm4_tc_tile<2>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+    gemm4_tc_tile<2, true>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
 extern "C" __global__ void __launch_bounds__(128, GT_MINB4) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
-    gemm4_tc_tile<4>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+    gemm4_tc_tile<4, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
-    gemm4_tc_tile<8>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+    gemm4_tc_tile<8, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
 }
