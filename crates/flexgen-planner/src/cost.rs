@@ -123,23 +123,23 @@ pub const PACKED_CPU_ATTENTION: f64 = 0.85;
 
 /// The rate of the fused 4-bit product (bytes of packed weights read per second) as a fraction
 /// of the profiled HBM bandwidth, for a decode micro-batch of `rows` (at most
-/// `FUSED_DECODE_ROWS`): `gemm4_tc`. Measured by `gemv4_bench` on the H200 (session 16, OPT-175B's
-/// fc1: 2,211, 2,270, 2,261, 2,210, 1,978, 1,536 and 1,074 GB/s at 1, 2, 4, 8, 16, 32 and 64 rows,
+/// `FUSED_DECODE_ROWS`): `gemm4_tc`. Measured by `gemv4_bench` on the H200 (session 17, OPT-175B's
+/// fc1: 3,055, 3,061, 3,001, 2,963, 2,340, 1,925 and 1,394 GB/s at 1, 2, 4, 8, 16, 32 and 64 rows,
 /// against the profile's 4.03 TB/s; docs/benchmarks.md).
 pub fn fused4_hbm_share(rows: f64) -> f64 {
     match rows {
-        r if r <= 8.0 => 0.55,
-        r if r <= 16.0 => 0.49,
-        r if r <= 32.0 => 0.38,
-        _ => 0.27,
+        r if r <= 8.0 => 0.73,
+        r if r <= 16.0 => 0.58,
+        r if r <= 32.0 => 0.48,
+        _ => 0.35,
     }
 }
 
 /// The rate of decode attention over a 4-bit cache in GPU memory read straight from its codes
 /// (`attention_decode_q4`), in bytes of codes per second, as a fraction of the profiled HBM
-/// bandwidth. Measured by `cuda_check` on the H200 (session 15: OPT-175B's shape, 3,072 rows ×
-/// 528 positions, 1,286 GB/s against the profile's 4.03 TB/s).
-pub const Q4_ATTENTION_HBM_SHARE: f64 = 0.32;
+/// bandwidth. Measured by `cuda_check` on the H200 (session 17, on the tensor cores: OPT-175B's
+/// shape, 3,072 rows × 528 positions, 2,181 GB/s against the profile's 4.03 TB/s).
+pub const Q4_ATTENTION_HBM_SHARE: f64 = 0.54;
 
 /// Host memory the process needs beyond the tensors (allocator, tokenizer, buffers).
 pub const CPU_OVERHEAD_BYTES: f64 = 1.0 * (1u64 << 30) as f64;
