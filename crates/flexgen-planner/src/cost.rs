@@ -5,10 +5,7 @@
 
 use std::ops::{Add, Mul};
 
-use flexgen_policy::{
-    Compression, FUSED_DECODE_MAX_BATCHES, FUSED_DECODE_ROWS, HardwareProfile, MlpKind, ModelSpec,
-    Workload,
-};
+use flexgen_policy::{Compression, HardwareProfile, MlpKind, ModelSpec, Policy, Workload};
 
 /// Index of each placement fraction in [`Lin::coef`].
 pub const WG: usize = 0;
@@ -229,10 +226,12 @@ pub fn terms(
     // that attention then reads: device-memory traffic, not arithmetic.
     let dequant_w = if choice.compress_weight { (w + w16) / hbm } else { 0.0 };
     // Decode steps of small micro-batches read the packed codes straight instead
-    // (`Policy::fuses_decode`; the planner compresses to 4 bits in groups of 64).
-    let fused = choice.compress_weight
-        && choice.gpu_batch_size <= FUSED_DECODE_ROWS
-        && choice.num_gpu_batches <= FUSED_DECODE_MAX_BATCHES;
+    // (`Policy::fuses_decode`, of the planner's compression: 4 bits in groups of 64).
+    let fused = Policy::fuses_decode_with(
+        &Compression { enabled: choice.compress_weight, ..Compression::weights_default() },
+        choice.gpu_batch_size,
+        choice.num_gpu_batches,
+    );
     // Bytes moved per byte of cache attended on the GPU: an fp16 cache is read once; a packed
     // one in GPU memory is read straight from its codes at decode (at its own rate); packed rows
     // brought from the CPU are expanded first (read, write and read again in fp16).

@@ -369,7 +369,12 @@ impl Policy {
     /// [`FUSED_DECODE_OTHER_GROUP_ROWS`] rows, where the CUDA-core product keeps up. The memory
     /// plan and the planner's cost follow it.
     pub fn fuses_decode(&self) -> bool {
-        let c = &self.compress_weight;
+        Self::fuses_decode_with(&self.compress_weight, self.gpu_batch_size, self.num_gpu_batches)
+    }
+
+    /// [`Policy::fuses_decode`] of a policy with this weight compression and block shape (the
+    /// planner asks it of the shapes it weighs).
+    pub fn fuses_decode_with(c: &Compression, gpu_batch_size: u32, num_gpu_batches: u32) -> bool {
         let rows = if matches!(c.group_size, 64 | 128) {
             FUSED_DECODE_ROWS
         } else if c.group_size.is_multiple_of(8) {
@@ -379,8 +384,8 @@ impl Policy {
         };
         c.enabled
             && c.bits == 4
-            && self.gpu_batch_size <= rows
-            && self.num_gpu_batches <= FUSED_DECODE_MAX_BATCHES
+            && gpu_batch_size <= rows
+            && num_gpu_batches <= FUSED_DECODE_MAX_BATCHES
     }
 
     /// Checks every field and the consistency between fields.
@@ -620,6 +625,26 @@ mod tests {
         p.compress_cache.bits = 3;
         let Error::Invalid { field, .. } = p.validate().unwrap_err() else { panic!() };
         assert_eq!(field, "compress_cache.bits");
+    }
+
+    #[test]
+    fn decode_reads_the_codes_straight_in_groups_the_tensor_core_product_takes() {
+        let c = |group_size, bits| Compression { enabled: true, bits, group_size, group_dim: 0 };
+        let fuses = |cw: Compression, rows| Policy::fuses_decode_with(&cw, rows, 1);
+        for group in [64, 128] {
+            assert!(fuses(c(group, 4), FUSED_DECODE_ROWS), "group {group}");
+            assert!(!fuses(c(group, 4), FUSED_DECODE_ROWS + 1), "group {group}");
+        }
+        for group in [16, 32, 256] {
+            assert!(fuses(c(group, 4), FUSED_DECODE_OTHER_GROUP_ROWS), "group {group}");
+            assert!(!fuses(c(group, 4), FUSED_DECODE_OTHER_GROUP_ROWS + 1), "group {group}");
+        }
+        assert!(!fuses(c(30, 4), 1), "groups of a multiple of 8 only");
+        assert!(!fuses(c(64, 8), 1), "4-bit codes only");
+        assert!(!fuses(Compression { enabled: false, ..c(64, 4) }, 1), "compressed weights only");
+        assert!(!Policy::fuses_decode_with(&c(64, 4), 32, FUSED_DECODE_MAX_BATCHES + 1));
+        let p = Policy { compress_weight: c(64, 4), gpu_batch_size: 32, ..Policy::default() };
+        assert!(p.fuses_decode());
     }
 
     #[test]
