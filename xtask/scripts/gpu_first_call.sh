@@ -18,7 +18,8 @@
 #                     FLEXGEN_LT=all, between them as shipped and with FLEXGEN_LT=0
 #           s3        OPT-175B, 4-bit weights and cache all on the GPU, 32×1 (not by default)
 #           ncu_s3    S3 with 2 new tokens under Nsight Compute, every kernel's time (one metric,
-#                     clocks as they run) in ncu_s3.csv: where a decode step goes (not by default)
+#                     clocks as they run) in ncu_s3.csv: where a decode step goes (not by default;
+#                     `python3 xtask/scripts/ncu_step.py ncu_s3.csv` sums the last step by kernel)
 # Each part's wall time and exit status go to times.txt; the script's status is 1 if any failed.
 B=$(cd "${1:-.gpu/bin}" && pwd) || exit 2
 export PATH="$B:$PATH" NCCL_NVLS_ENABLE=0
