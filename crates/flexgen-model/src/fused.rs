@@ -48,7 +48,8 @@ pub struct LayerWeights {
 
 /// A layer's four matrices (q/k/v, o, fc1, fc2: [`crate::layout::PackedLayout::mats`]) as 4-bit
 /// codes and fp16 (min, scale) pairs, groups of `group` outputs of one input; `scratch` holds the
-/// visit's rows × the widest matrix's outputs as fp32.
+/// visit's rows × the widest matrix's outputs as fp32, all zeros between products (each product
+/// sums into it and its store clears it again).
 #[derive(Debug, Clone, Copy)]
 pub struct Packed4 {
     pub mats: [(u64, u64); 4],
@@ -81,11 +82,12 @@ unsafe fn product(g: &Gpu, w: &LayerWeights, m: usize, gm: &Gemm) -> Result<()> 
     unsafe {
         // On the tensor cores where the device and layout allow (the faster from one row on:
         // session 16's gemv4_bench), else the CUDA-core product.
-        let tc = g.gemm4_tc(w, x, p.scratch, gm.m)?.is_some();
+        // The scratch holds zeros between products (allocated so, cleared by the store).
+        let tc = g.gemm4_tc(w, x, (p.scratch, true), gm.m)?.is_some();
         if !tc {
-            g.gemv4_dim0(w, x, p.scratch, gm.m)?;
+            g.gemv4_dim0(w, x, (p.scratch, true), gm.m)?;
         }
-        g.store_f32(p.scratch, gm.c, gm.m * gm.n, gm.beta != 0.0)?;
+        g.store_f32(p.scratch, gm.c, gm.m * gm.n, (gm.beta != 0.0, true))?;
     }
     Ok(())
 }

@@ -63,8 +63,8 @@ fn main() {
             let gm =
                 Gemm { lda: ldx, ..Gemm::linear(nb, outs, ins, xa, addr(&w16), addr(&y16), false) };
             gpu.gemm(&gm).unwrap();
-            gpu.gemv4_dim0(wt, (xa, ldx), addr(&y32), nb).unwrap();
-            gpu.gemm4_tc(wt, (xa, ldx), addr(&yt), nb).unwrap()
+            gpu.gemv4_dim0(wt, (xa, ldx), (addr(&y32), false), nb).unwrap();
+            gpu.gemm4_tc(wt, (xa, ldx), (addr(&yt), false), nb).unwrap()
         };
         let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
         let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -119,10 +119,12 @@ fn main() {
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
             });
             let fused = &gpu.time_ms(7, || unsafe {
-                gpu.gemv4_dim0(wt, (xa, ins), y3, nb).unwrap();
+                gpu.gemv4_dim0(wt, (xa, ins), (y3, false), nb).unwrap();
             });
             let tc = &gpu.time_ms(7, || unsafe {
-                gpu.gemm4_tc(wt, (xa, ins), y3, nb).unwrap().expect("a layout gemm4_tc takes");
+                gpu.gemm4_tc(wt, (xa, ins), (y3, false), nb)
+                    .unwrap()
+                    .expect("a layout gemm4_tc takes");
             });
             let bytes =
                 n as f64 / 2.0 + (n / group * 4) as f64 + (nb * (ins * 2 + outs * 4)) as f64;

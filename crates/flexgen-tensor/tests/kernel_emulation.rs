@@ -1207,8 +1207,8 @@ int main(int argc, char** argv) {
 
 /// The data-movement kernels (threads share nothing): `copy_bytes` on its 16-byte path and its
 /// byte path, `bias_act` with ReLU over column blocks, `swap12`, `repeat_heads`, `cat_axis1`,
-/// `slice_axis1` and `embed` with a position table; `add`, `store_f32` (plain and accumulated) and
-/// `rotary`; against plain index arithmetic and f32 references.
+/// `slice_axis1` and `embed` with a position table; `add`, `store_f32` (plain, and accumulated
+/// with its sums cleared) and `rotary`; against plain index arithmetic and f32 references.
 #[test]
 fn data_movement_kernels_match_the_reference() {
     let dir = tempfile::tempdir().unwrap();
@@ -1262,13 +1262,14 @@ int main(int argc, char** argv) {
     std::vector<half_t> e(1200, 0);
     grid(4, 1, [&] { embed(ids, pos, x.data(), x.data() + 3000, e.data(), 300, 1); });
     dump(argv[8], e);
-    // add of 700 values; store_f32 of 700 sums, plain and accumulated into fp16.
+    // add of 700 values; store_f32 of 700 sums, plain, then accumulated into fp16 and cleared.
     std::vector<half_t> ad(700, 0), st0(700, 0), st1(x.begin(), x.begin() + 700);
     std::vector<float> sums(700);
     for (int i = 0; i < 700; i++) sums[i] = h2f(x[2000 + i]) * 3.f;
     grid(2, 1, [&] { add(x.data(), x.data() + 700, ad.data(), 700); });
-    grid(2, 1, [&] { store_f32(sums.data(), st0.data(), 700, 0); });
-    grid(2, 1, [&] { store_f32(sums.data(), st1.data(), 700, 1); });
+    grid(2, 1, [&] { store_f32(sums.data(), st0.data(), 700, 0, 0); });
+    grid(2, 1, [&] { store_f32(sums.data(), st1.data(), 700, 1, 1); });
+    for (int i = 0; i < 700; i++) if (sums[i] != 0.f) { fprintf(stderr, "store_f32 left sum %d\n", i); exit(7); }
     dump(argv[9], ad); dump(argv[10], st0); dump(argv[11], st1);
     // rotary of x [2, 3, 4, 16] by tables [2, 1, 4, 16].
     std::vector<half_t> ro(384, 0);

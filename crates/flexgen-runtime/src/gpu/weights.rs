@@ -206,8 +206,9 @@ impl CudaStage<'_> {
         let scratch = memory::fused_scratch_bytes(&self.policy, self.packed.as_ref()) / 4;
         let scratch = usize::try_from(scratch).expect("a buffer the plan counted");
         if scratch > 0 && fused_decode_on() {
-            // SAFETY: written by the fused product before each read.
-            self.fused_scratch = Some(unsafe { stream.alloc::<f32>(scratch) }.map_err(drv)?);
+            // Zeros, as every fused product leaves it (`store_f32` clears what it reads), so that
+            // the products need not zero it first.
+            self.fused_scratch = Some(stream.alloc_zeros::<f32>(scratch).map_err(drv)?);
         }
         *self.packed_memo.borrow_mut() = None;
         if g_end < len {

@@ -813,7 +813,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y[i] = (accumulate ? y[i] : 0) + s[i]` for `n` fp32 values `s` into fp16 `y`.
+    /// `y[i] = (accumulate ? y[i] : 0) + s[i]` for `n` fp32 values `s` into fp16 `y`, and
+    /// `s[i] = 0` after where `clear` (so that the next 4-bit product into `s` need not zero it:
+    /// one launch fewer a product).
     ///
     /// # Safety
     /// `s` and `y` must name `n` values of this device's memory, alive until the compute stream
@@ -823,20 +825,21 @@ impl Gpu {
         s: u64,
         y: u64,
         n: usize,
-        accumulate: bool,
+        (accumulate, clear): (bool, bool),
     ) -> Result<(), CudaError> {
-        let (ni, acc) = (dim(n), i32::from(accumulate));
+        let (ni, acc, clr) = (dim(n), i32::from(accumulate), i32::from(clear));
         let mut l = self.stream.launch_builder(&self.store_f32);
-        l.arg(&s).arg(&y).arg(&ni).arg(&acc);
+        l.arg(&s).arg(&y).arg(&ni).arg(&acc).arg(&clr);
         // SAFETY: a grid-stride loop over n values of both buffers.
         unsafe { l.launch(LaunchConfig::for_num_elems(u32::try_from(n.max(1)).expect("fits")))? };
         Ok(())
     }
 
-    /// `y` (fp32 `[nb, outs]`, zeroed here) = `x` (fp16 `[nb, ins]`, row b at `x + b·ldx`) × Wᵀ
-    /// for a 4-bit weight `w` (`group` a multiple of 8), without an fp16 copy of W: row tiles of
-    /// at most 8, each one kernel ([`gemv4_plan`]) that splits the inputs over enough thread
-    /// blocks to fill the device.
+    /// `y` (fp32 `[nb, outs]`, zeroed here unless `zeroed` says it holds zeros already, as a
+    /// scratch that [`Gpu::store_f32`] clears does) = `x` (fp16 `[nb, ins]`, row b at
+    /// `x + b·ldx`) × Wᵀ for a 4-bit weight `w` (`group` a multiple of 8), without an fp16 copy of
+    /// W: row tiles of at most 8, each one kernel ([`gemv4_plan`]) that splits the inputs over
+    /// enough thread blocks to fill the device.
     ///
     /// # Safety
     /// Every address must name memory of this device that holds the elements the shapes imply
@@ -846,7 +849,7 @@ impl Gpu {
         &self,
         w: Weight4,
         (x, ldx): (u64, usize),
-        y: u64,
+        y: (u64, bool),
         nb: usize,
     ) -> Result<(), CudaError> {
         let Weight4 { codes, params, outs, ins, group } = w;
@@ -864,7 +867,7 @@ impl Gpu {
     }
 
     /// The launches of a 4-bit product kernel (`gemv4_dim0_*`, `gemm4_tc_*`: the same
-    /// parameters): `y` zeroed, then the rows in tiles of at most `tile` rows, each tile the
+    /// parameters): `y` zeroed (unless it holds zeros already), then the rows in tiles of at most `tile` rows, each tile the
     /// kernel, blocks (of `threads`), slices and inputs per slice that `plan` gives for its rows.
     ///
     /// # Safety
@@ -873,7 +876,7 @@ impl Gpu {
         &self,
         w: Weight4,
         (x, ldx): (u64, usize),
-        y: u64,
+        (y, zeroed): (u64, bool),
         nb: usize,
         (tile, threads, plan): (
             usize,
@@ -882,10 +885,17 @@ impl Gpu {
         ),
     ) -> Result<(), CudaError> {
         let Weight4 { codes, params, outs, ins, group } = w;
-        // SAFETY: `y` holds nb·outs fp32 values.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(y, 0, nb * outs * 4, self.stream.cu_stream())
-        }?;
+        if !zeroed {
+            // SAFETY: `y` holds nb·outs fp32 values.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    y,
+                    0,
+                    nb * outs * 4,
+                    self.stream.cu_stream(),
+                )
+            }?;
+        }
         for b0 in (0..nb).step_by(tile) {
             let rows = (nb - b0).min(tile);
             let (f, blocks, slices, per_slice) = plan(rows);
@@ -918,7 +928,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y[b, o] = Σ_i x[b, i] · W[o, i]` (fp32 `y [nb, outs]`, zeroed here) for `nb` rows of x
+    /// `y[b, o] = Σ_i x[b, i] · W[o, i]` (fp32 `y [nb, outs]`, zeroed here unless it holds zeros
+    /// already, as for [`Gpu::gemv4_dim0`]) for `nb` rows of x
     /// (row b at `x + b·ldx`) with W read from its 4-bit codes on the tensor cores (`gemm4_tc_*`
     /// of kernels.cu: each warp takes four tiles of 16 outputs × 16 inputs of codes as exact fp16
     /// integers against x times the inputs' scales, from codes a ring of cp.async stages brings
@@ -932,7 +943,7 @@ impl Gpu {
         &self,
         w: Weight4,
         (x, ldx): (u64, usize),
-        y: u64,
+        y: (u64, bool),
         nb: usize,
     ) -> Result<Option<()>, CudaError> {
         let Weight4 { codes, params, outs, ins, group } = w;

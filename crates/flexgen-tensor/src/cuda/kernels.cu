@@ -996,9 +996,12 @@ extern "C" __global__ void gemv4_dim0_8(const unsigned char* c, const half_t* p,
 
 // y[i] = (accumulate ? y[i] : 0) + s[i] as fp16, i < n: a fused 4-bit product's fp32 result into
 // its fp16 destination (a residual added in place).
-extern "C" __global__ void store_f32(const float* s, half_t* y, int n, int accumulate) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        y[i] = f2h((accumulate ? h2f(y[i]) : 0.f) + s[i]);
+extern "C" __global__ void store_f32(float* s, half_t* y, int n, int accumulate, int clear) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float v = s[i];
+        if (clear) s[i] = 0.f;
+        y[i] = f2h((accumulate ? h2f(y[i]) : 0.f) + v);
+    }
 }
 
 // ---- KV cache quantization (flexgen_tensor::quant with groups along the head dimension) ----
