@@ -69,9 +69,31 @@ const FC2: usize = 3;
 /// # Safety
 /// As [`attention_in`].
 unsafe fn product(g: &Gpu, w: &LayerWeights, m: usize, gm: &Gemm) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { product_then(g, w, m, gm, (0, false)) }
+}
+
+/// [`product`], then `y[r, c] += b[c]` (`b` the bias's device address, or 0 for none) and ReLU
+/// if `relu`: in the fused product's store where the weight is packed, else a row kernel after
+/// the product.
+///
+/// # Safety
+/// As [`attention_in`]; `b` (unless 0) holds `gm.n` values.
+unsafe fn product_then(
+    g: &Gpu,
+    w: &LayerWeights,
+    m: usize,
+    gm: &Gemm,
+    (b, relu): (u64, bool),
+) -> Result<()> {
     let Some(p) = &w.packed else {
         // SAFETY: the caller's contract.
-        unsafe { g.gemm(gm) }?;
+        unsafe {
+            g.gemm(gm)?;
+            if b != 0 || relu {
+                g.bias_act_raw(gm.c, b, gm.m, gm.n, relu)?;
+            }
+        }
         return Ok(());
     };
     debug_assert!(gm.batch == 1 && gm.ldc == gm.n, "a linear layer's contiguous output");
@@ -87,7 +109,8 @@ unsafe fn product(g: &Gpu, w: &LayerWeights, m: usize, gm: &Gemm) -> Result<()> 
         if !tc {
             g.gemv4_dim0(w, x, (p.scratch, true), gm.m)?;
         }
-        g.store_f32(p.scratch, gm.c, gm.m * gm.n, (gm.beta != 0.0, true))?;
+        let sums = (gm.beta != 0.0, true);
+        g.store_f32((p.scratch, gm.c), (gm.m * gm.n, gm.n), sums, (b, relu))?;
     }
     Ok(())
 }
@@ -337,8 +360,8 @@ unsafe fn mlp(
 
 /// [`product`] of W matrix `m`, then `y[r, c] += b[c]` with `b` the layer range `bias` of the
 /// arena (none where the range is empty: a bias the family does not have) and ReLU if `relu`: in
-/// the GEMM's epilogue where the weight is fp16 and has a bias ([`Gpu::gemm_bias`]), else a
-/// row kernel after the product.
+/// the GEMM's epilogue where the weight is fp16 and has a bias ([`Gpu::gemm_bias`]), in the
+/// fused product's store where it is packed, else a row kernel after the product.
 ///
 /// # Safety
 /// As [`attention_in`].
@@ -356,10 +379,6 @@ unsafe fn product_bias(
             g.gemm_bias(gm, b, relu)?;
             return Ok(());
         }
-        product(g, w, m, gm)?;
-        if b != 0 || relu {
-            g.bias_act_raw(gm.c, b, gm.m, gm.n, relu)?;
-        }
+        product_then(g, w, m, gm, (b, relu))
     }
-    Ok(())
 }

@@ -1207,8 +1207,8 @@ int main(int argc, char** argv) {
 
 /// The data-movement kernels (threads share nothing): `copy_bytes` on its 16-byte path and its
 /// byte path, `bias_act` with ReLU over column blocks, `swap12`, `repeat_heads`, `cat_axis1`,
-/// `slice_axis1` and `embed` with a position table; `add`, `store_f32` (plain, and accumulated
-/// with its sums cleared) and `rotary`; against plain index arithmetic and f32 references.
+/// `slice_axis1` and `embed` with a position table; `add`, `store_f32` (plain, accumulated with
+/// its sums cleared, and accumulated then biased and ReLU'd) and `rotary`; against plain index arithmetic and f32 references.
 #[test]
 fn data_movement_kernels_match_the_reference() {
     let dir = tempfile::tempdir().unwrap();
@@ -1267,9 +1267,13 @@ int main(int argc, char** argv) {
     std::vector<float> sums(700);
     for (int i = 0; i < 700; i++) sums[i] = h2f(x[2000 + i]) * 3.f;
     grid(2, 1, [&] { add(x.data(), x.data() + 700, ad.data(), 700); });
-    grid(2, 1, [&] { store_f32(sums.data(), st0.data(), 700, 0, 0); });
-    grid(2, 1, [&] { store_f32(sums.data(), st1.data(), 700, 1, 1); });
+    // Then (st2) accumulated with a bias of 70 columns and ReLU in the same pass.
+    std::vector<half_t> st2(x.begin(), x.begin() + 700), bias70(x.begin() + 1800, x.begin() + 1870);
+    grid(2, 1, [&] { store_f32(sums.data(), st0.data(), 700, 0, 0, nullptr, 1, 0); });
+    grid(2, 1, [&] { store_f32(sums.data(), st2.data(), 700, 1, 0, bias70.data(), 70, 1); });
+    grid(2, 1, [&] { store_f32(sums.data(), st1.data(), 700, 1, 1, nullptr, 1, 0); });
     for (int i = 0; i < 700; i++) if (sums[i] != 0.f) { fprintf(stderr, "store_f32 left sum %d\n", i); exit(7); }
+    st1.insert(st1.end(), st2.begin(), st2.end());
     dump(argv[9], ad); dump(argv[10], st0); dump(argv[11], st1);
     // rotary of x [2, 3, 4, 16] by tables [2, 1, 4, 16].
     std::vector<half_t> ro(384, 0);
@@ -1343,6 +1347,8 @@ int main(int argc, char** argv) {
         assert_eq!(add[i], h(x[i] + x[700 + i]), "add {i}");
         assert_eq!(st0[i], h(sum), "store_f32 {i}");
         assert_eq!(st1[i], h(x[i] + sum), "store_f32 accumulated {i}");
+        let then = (h(x[i] + sum) + x[1800 + i % 70]).max(0.0);
+        assert_eq!(st1[700 + i], h(then), "store_f32 accumulated, then bias and ReLU {i}");
     }
     // Hugging Face's rotate_half: the first half's partner is d + 8 (negated), the second's d − 8.
     let rot = read_f16(&f("rot"));

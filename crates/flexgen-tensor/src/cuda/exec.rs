@@ -813,23 +813,25 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y[i] = (accumulate ? y[i] : 0) + s[i]` for `n` fp32 values `s` into fp16 `y`, and
-    /// `s[i] = 0` after where `clear` (so that the next 4-bit product into `s` need not zero it:
-    /// one launch fewer a product).
+    /// `y[i] = (accumulate ? y[i] : 0) + s[i]` for `n` fp32 values `s` into fp16 `y` (rows of
+    /// `cols`), and `s[i] = 0` after where `clear` (so that the next 4-bit product into `s` need
+    /// not zero it: one launch fewer a product); then, where `bias` is not 0 or `relu`,
+    /// [`Gpu::bias_act_raw`]'s step on the stored value in the same pass (the same two roundings).
     ///
     /// # Safety
-    /// `s` and `y` must name `n` values of this device's memory, alive until the compute stream
-    /// has run the kernel.
+    /// `s` and `y` must name `n` values of this device's memory and `bias` (unless 0) `cols`,
+    /// alive until the compute stream has run the kernel.
     pub unsafe fn store_f32(
         &self,
-        s: u64,
-        y: u64,
-        n: usize,
+        (s, y): (u64, u64),
+        (n, cols): (usize, usize),
         (accumulate, clear): (bool, bool),
+        (bias, relu): (u64, bool),
     ) -> Result<(), CudaError> {
         let (ni, acc, clr) = (dim(n), i32::from(accumulate), i32::from(clear));
+        let (ci, ri) = (dim(cols.max(1)), i32::from(relu));
         let mut l = self.stream.launch_builder(&self.store_f32);
-        l.arg(&s).arg(&y).arg(&ni).arg(&acc).arg(&clr);
+        l.arg(&s).arg(&y).arg(&ni).arg(&acc).arg(&clr).arg(&bias).arg(&ci).arg(&ri);
         // SAFETY: a grid-stride loop over n values of both buffers.
         unsafe { l.launch(LaunchConfig::for_num_elems(u32::try_from(n.max(1)).expect("fits")))? };
         Ok(())

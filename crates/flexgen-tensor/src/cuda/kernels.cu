@@ -995,12 +995,21 @@ extern "C" __global__ void gemv4_dim0_8(const unsigned char* c, const half_t* p,
 }
 
 // y[i] = (accumulate ? y[i] : 0) + s[i] as fp16, i < n: a fused 4-bit product's fp32 result into
-// its fp16 destination (a residual added in place).
-extern "C" __global__ void store_f32(float* s, half_t* y, int n, int accumulate, int clear) {
+// its fp16 destination (a residual added in place); s[i] = 0 after where `clear`. Then, where b
+// (a bias of `cols` values, row-major y) or relu is given, bias_act's step on that fp16 value
+// (rounded twice, as the two kernels one after the other would).
+extern "C" __global__ void store_f32(float* s, half_t* y, int n, int accumulate, int clear, const half_t* b,
+                                     int cols, int relu) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float v = s[i];
         if (clear) s[i] = 0.f;
-        y[i] = f2h((accumulate ? h2f(y[i]) : 0.f) + v);
+        half_t o = f2h((accumulate ? h2f(y[i]) : 0.f) + v);
+        if (b || relu) {
+            float w = h2f(o) + (b ? h2f(b[i % cols]) : 0.f);
+            if (relu && w < 0.f) w = 0.f;
+            o = f2h(w);
+        }
+        y[i] = o;
     }
 }
 
