@@ -1133,7 +1133,7 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // bytes of a tile together and one lop3 makes them fp16 offset + code, exactly (1024 + code for
 // low nibbles, 64 + code for high ones, without a shift). The scales and mins go to x instead:
 // as a warp's 64 outputs lie in one group (gs ≥ 64), W·x = Σ (x·scale)·code + Σ x·min, so B is
-// x·scale (one fp16x2 multiply per 8 rows and 4 inputs) and two more mma with A of ones sum
+// x·scale (one fp16x2 multiply per 8 rows and 4 inputs) and two more mma with A all ones sum
 // x·scale and x·min over the inputs for the epilogue, which takes the offsets' share off
 // (1024 or 64 times Σ x·scale) and adds Σ x·min. Each product of a code and x·scale is exact
 // and the sums fp32 (x·scale and x·min rounded to fp16 once each, where dequant_dim0 rounds
@@ -1232,16 +1232,16 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             if (r < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, n ? x_src + (long long)u * (128 / XC) * ldx : x, n);
         }
     };
-    // acc: Σ (x·scale)·(offset + code) per output; corr: Σ x·scale (j = 0, 1) and Σ x·min (2, 3)
-    // over all the tile's rows (A of ones in rows 0–7, then in rows 8–15).
-    float acc[NT][4][4], corr[NT][4];
+    // acc: Σ (x·scale)·(offset + code) per output; corr and corm: Σ x·scale and Σ x·min over the
+    // inputs (an mma with A all ones: every row the same, j = 0, 1 the lane's two columns).
+    float acc[NT][4][4], corr[NT][4], corm[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) { corr[n][j] = 0.f; for (int m = 0; m < 4; m++) acc[n][m][j] = 0.f; }
+    for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) { corr[n][j] = corm[n][j] = 0.f; for (int m = 0; m < 4; m++) acc[n][m][j] = 0.f; }
     // The constants of the lop3s and the ones' fragments in registers the compiler cannot rebuild
     // (it would, before every use: an instruction each): `zero` is 0 (gs > 0) but not to ptxas.
     const unsigned zero = (unsigned)gs >> 31;
     const unsigned k1024 = 0x64006400u | zero, k64 = 0x54005400u | zero, one = 0x3C003C00u | zero;
-    const unsigned ones_top[4] = {one, zero, one, zero}, ones_bottom[4] = {zero, one, zero, one};
+    const unsigned ones[4] = {one, one, one, one};
     const unsigned f1024 = 0x64006400u, f64 = 0x54005400u; // the offsets as fp16x2
     const int w = 8 * warp + g, grp = 8 * w / gs; // this lane's code word and its outputs' group
 #pragma unroll
@@ -1301,8 +1301,8 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
                 const uint2 bm = make_uint2(fma_f16x2(bb.x, mn01, 0x80008000u), fma_f16x2(bb.y, mn23, 0x80008000u));
 #pragma unroll
                 for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bs);
-                mma_16816(corr[n], ones_top, bs);
-                mma_16816(corr[n], ones_bottom, bm);
+                mma_16816(corr[n], ones, bs);
+                mma_16816(corm[n], ones, bm);
             }
         }
     }
@@ -1317,7 +1317,7 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             const int b = 8 * n + 2 * t + h;
             if (b >= nb) continue;
             // The offsets' share (1024 or 64 times Σ x·scale) off, Σ x·min on.
-            const float sx = corr[n][h], mx = corr[n][2 + h];
+            const float sx = corr[n][h], mx = corm[n][h];
             float v[8];
 #pragma unroll
             for (int m = 0; m < 4; m++) { v[2 * m] = acc[n][m][h] - 1024.f * sx + mx; v[2 * m + 1] = acc[n][m][2 + h] - 64.f * sx + mx; }
