@@ -869,8 +869,9 @@ impl Gpu {
     }
 
     /// The launches of a 4-bit product kernel (`gemv4_dim0_*`, `gemm4_tc_*`: the same
-    /// parameters): `y` zeroed (unless it holds zeros already), then the rows in tiles of at most `tile` rows, each tile the
-    /// kernel, blocks (of `threads`), slices and inputs per slice that `plan` gives for its rows.
+    /// parameters): `y` zeroed (unless it holds zeros already), then the rows in tiles of at most
+    /// `tile` rows, each tile the kernel, blocks (of `threads`), slices and inputs per slice that
+    /// `plan` gives for its rows.
     ///
     /// # Safety
     /// As [`Gpu::gemv4_dim0`]; `plan`'s kernels read and write only inside the shapes given.
@@ -931,12 +932,12 @@ impl Gpu {
     }
 
     /// `y[b, o] = Σ_i x[b, i] · W[o, i]` (fp32 `y [nb, outs]`, zeroed here unless it holds zeros
-    /// already, as for [`Gpu::gemv4_dim0`]) for `nb` rows of x
-    /// (row b at `x + b·ldx`) with W read from its 4-bit codes on the tensor cores (`gemm4_tc_*`
-    /// of kernels.cu: each warp takes four tiles of 16 outputs × 16 inputs of codes as exact fp16
-    /// integers against x times the inputs' scales, from codes a ring of cp.async stages brings
-    /// in, and adds x times the mins after), faster
-    /// than `gemv4_dim0` from one row on; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
+    /// already, as for [`Gpu::gemv4_dim0`]) for `nb` rows of x (row b at `x + b·ldx`) with W read
+    /// from its 4-bit codes on the tensor cores (`gemm4_tc_*` of kernels.cu: codes a ring of
+    /// cp.async stages brings in; each warp takes four tiles of 16 outputs × 16 inputs, for up to
+    /// 16 rows as exact fp16 integers against x times the inputs' scales with x times the mins
+    /// added after, for more rows expanded to min + code·scale), faster than `gemv4_dim0` from one
+    /// row on; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
     /// layout does not allow it ([`gemm4_tc_fits`]) or the device has no mma.sync (before 8.0).
     ///
     /// # Safety
