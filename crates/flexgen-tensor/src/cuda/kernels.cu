@@ -1131,14 +1131,17 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // four 4-byte loads (inputs 4t … 4t + 3) give a lane its A fragments of four tiles, one 16-byte
 // load its inputs' pairs, one 8-byte load per 8 rows its B fragment; a prmt brings two inputs'
 // bytes of a tile together and one lop3 makes them fp16 offset + code, exactly (1024 + code for
-// low nibbles, 64 + code for high ones, without a shift). The scales and mins go to x instead:
-// as a warp's 64 outputs lie in one group (gs ≥ 64), W·x = Σ (x·scale)·code + Σ x·min, so B is
-// x·scale (one fp16x2 multiply per 8 rows and 4 inputs) and two more mma with A all ones sum
-// x·scale and x·min over the inputs for the epilogue, which takes the offsets' share off
-// (1024 or 64 times Σ x·scale) and adds Σ x·min. Each product of a code and x·scale is exact
-// and the sums fp32 (x·scale and x·min rounded to fp16 once each, where dequant_dim0 rounds
-// min + code·scale once). mma.sync m16n8k16. Needs gs ∈ {64, 128}, chunks·gs a multiple of 32,
-// codes and x 16-byte aligned, ldx a multiple of 8 (the host checks).
+// low nibbles, 64 + code for high ones, without a shift). Tiles of up to 16 rows (SCALE_X) give
+// the scales and mins to x instead: as a warp's 64 outputs lie in one group (gs ≥ 64),
+// W·x = Σ (x·scale)·code + Σ x·min, so B is x·scale (one fp16x2 multiply per 8 rows and 4
+// inputs) and two more mma with A all ones sum x·scale and x·min over the inputs for the
+// epilogue, which takes the offsets' share off (1024 or 64 times Σ x·scale) and adds Σ x·min.
+// Each product of a code and x·scale is exact and the sums fp32 (x·scale and x·min rounded to
+// fp16 once each, where dequant_dim0 rounds min + code·scale once). Tiles of 32 and 64 rows,
+// where those extra mma cost more than they save, expand A to min + code·scale (the offset
+// taken off, one fp16x2 fma: rounded once as dequant_dim0 rounds it) against x. mma.sync
+// m16n8k16. Needs gs ∈ {64, 128}, chunks·gs a multiple of 32, codes and x 16-byte aligned, ldx
+// a multiple of 8 (the host checks).
 #ifndef GT_K
 #define GT_K 32 // 32 or 64
 #endif
