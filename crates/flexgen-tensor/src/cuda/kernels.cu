@@ -307,10 +307,11 @@ extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, i
 }
 
 // ---- Tensor-core and asynchronous-copy primitives ----
-// The PTX instructions of the tensor-core kernels (the 4-bit product, decode attention over a 4-bit cache), one function each (the emulation test in CI
-// replaces exactly these with C++ of the same meaning): byte permute, fp16x2 subtract and fused
-// multiply-add (rounded to nearest), D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), and the
-// asynchronous copies to shared memory.
+// The PTX instructions of the tensor-core kernels (the 4-bit product, decode attention over a
+// 4-bit cache), one function each (the emulation test in CI replaces exactly these with C++ of
+// the same meaning): byte permute, fp16x2 subtract and fused multiply-add (rounded to nearest),
+// D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), and the asynchronous copies to shared
+// memory.
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
@@ -337,9 +338,10 @@ __device__ __forceinline__ void mma_16816(float* d, const unsigned* a, uint2 b) 
 }
 
 // cp.async: n (0 to 16, or 0 or 4) bytes from global src to shared dst (a shared-space address,
-// smem_u32 of a pointer to shared memory), the rest of the 16 (4) zeroed, in flight until a cp_async_wait; commit closes the copies issued since the last one
-// into a group, and wait<N> returns when at most N groups are still in flight. The source is
-// read only where n > 0 (it must still be a valid address).
+// smem_u32 of a pointer to shared memory), the rest of the 16 (4) zeroed, in flight until a
+// cp_async_wait; commit closes the copies issued since the last one into a group, and wait<N>
+// returns when at most N groups are still in flight. The source is read only where n > 0 (it
+// must still be a valid address).
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -702,8 +704,13 @@ __device__ __forceinline__ void q4_attend_tc(const half_t* qr, const unsigned ch
 #pragma unroll
                 for (int w = 0; w < KW; w++) kw[u][r][w] = 0u;
                 if (ok) {
-                    if (KW == 4) { uint4 v = *(const uint4*)c; kw[u][r][0] = v.x; kw[u][r][1] = v.y; kw[u][r][KW > 2 ? 2 : 0] = v.z; kw[u][r][KW > 3 ? 3 : 0] = v.w; }
-                    else { uint2 v = *(const uint2*)c; kw[u][r][0] = v.x; kw[u][r][1] = v.y; }
+                    if (KW == 4) {
+                        const uint4 v = *(const uint4*)c;
+                        kw[u][r][0] = v.x; kw[u][r][1] = v.y; kw[u][r][KW > 2 ? 2 : 0] = v.z; kw[u][r][KW > 3 ? 3 : 0] = v.w;
+                    } else {
+                        const uint2 v = *(const uint2*)c;
+                        kw[u][r][0] = v.x; kw[u][r][1] = v.y;
+                    }
                 }
                 const unsigned* p = (const unsigned*)(kp + (size_t)j * G * 2);
                 pk[u][r][0] = ok && 2 * t < G ? p[2 * t] : 0u;
