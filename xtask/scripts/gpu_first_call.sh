@@ -43,7 +43,8 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
     check) t cuda_check 120 "$B/cuda_check" ;;
     gemv4) t gemv4 180 "$B/gemv4_bench" ;;
     variants)
-      # gemv4_bench once per kernels.cu tuning (VARIANTS: FLEXGEN_NVRTC_DEFINES values, `;` apart).
+      # gemv4_bench and cuda_check once per kernels.cu tuning (VARIANTS: FLEXGEN_NVRTC_DEFINES
+      # values, `;` apart).
       IFS=';' read -ra vs <<< "${VARIANTS:-GT_MINB=5}"
       for v in "${vs[@]}"; do
         FLEXGEN_NVRTC_DEFINES="$v" t "gemv4_${v// /_}" 120 "$B/gemv4_bench"

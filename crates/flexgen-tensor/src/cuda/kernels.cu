@@ -153,13 +153,16 @@ extern "C" __global__ void silu_mul(const half_t* g, const half_t* u, half_t* ou
 
 // y[r, c] = act(y[r, c] + b[c]); act = ReLU when relu != 0. Rows by blockIdx.x, columns strided
 // over the blockIdx.y blocks (ROW_COLS).
+// bias_act's step on one value of column c (store_f32 takes it too).
+__device__ __forceinline__ half_t bias_act1(half_t y, const half_t* b, int c, int relu) {
+    float v = h2f(y) + (b ? h2f(b[c]) : 0.f);
+    if (relu && v < 0.f) v = 0.f;
+    return f2h(v);
+}
 extern "C" __global__ void bias_act(half_t* y, const half_t* b, int cols, int relu) {
     half_t* yr = y + (size_t)blockIdx.x * cols;
-    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < cols; c += gridDim.y * blockDim.x) {
-        float v = h2f(yr[c]) + (b ? h2f(b[c]) : 0.f);
-        if (relu && v < 0.f) v = 0.f;
-        yr[c] = f2h(v);
-    }
+    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < cols; c += gridDim.y * blockDim.x)
+        yr[c] = bias_act1(yr[c], b, c, relu);
 }
 
 // Copies `height` rows of `width` bytes (rows `spitch` and `dpitch` bytes apart) with the SMs,
@@ -383,9 +386,10 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // The codes in bits 0–3 and 16–19 of q as exact fp16x2 integers (1024 + code less 1024), and
 // those in bits 4–7 and 20–23 without a shift (64 + code less 64, as 64's unit in the last place
-// is 1/16).
-__device__ __forceinline__ unsigned raw_lo(unsigned q) { return (q & 0x000F000Fu) | 0x64006400u; } // 1024 + code
-__device__ __forceinline__ unsigned raw_hi(unsigned q) { return (q & 0x00F000F0u) | 0x54005400u; } // 64 + code
+// is 1/16). raw_* leave the offset on; `k` is the offset's bits (0x64006400, 0x54005400), passed
+// by a caller that keeps them in a register.
+__device__ __forceinline__ unsigned raw_lo(unsigned q, unsigned k = 0x64006400u) { return (q & 0x000F000Fu) | k; } // 1024 + code
+__device__ __forceinline__ unsigned raw_hi(unsigned q, unsigned k = 0x54005400u) { return (q & 0x00F000F0u) | k; } // 64 + code
 __device__ __forceinline__ unsigned codes_lo(unsigned q) { return sub_f16x2(raw_lo(q), 0x64006400u); }
 __device__ __forceinline__ unsigned codes_hi(unsigned q) { return sub_f16x2(raw_hi(q), 0x54005400u); }
 
@@ -1010,13 +1014,8 @@ extern "C" __global__ void store_f32(float* s, half_t* y, int n, int accumulate,
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float v = s[i];
         if (clear) s[i] = 0.f;
-        half_t o = f2h((accumulate ? h2f(y[i]) : 0.f) + v);
-        if (b || relu) {
-            float w = h2f(o) + (b ? h2f(b[i % cols]) : 0.f);
-            if (relu && w < 0.f) w = 0.f;
-            o = f2h(w);
-        }
-        y[i] = o;
+        const half_t o = f2h((accumulate ? h2f(y[i]) : 0.f) + v);
+        y[i] = b || relu ? bias_act1(o, b, i % cols, relu) : o;
     }
 }
 
@@ -1187,7 +1186,7 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     // tid/gpb, while below GT_K); x chunk xc (8 inputs) of rows xr + u·(128/XC) at chunk
     // xc ^ GT_XSW(xr) (xc = tid mod XC, xr = tid/XC, while below 8·NT). A copy of size 0 (past
     // the coded outputs, the groups or nb) fills zeros. A step past whole steps (the slice's last,
-    // short one) is copied input by input with zeros past the slice (`issue_tail`).
+    // short one) has every copy checked, with zeros past the slice.
     const unsigned ring0 = smem_u32(ring);
     const int cr = tid >> 3, cc = tid & 7, ch0 = o_blk / gs;
     const bool c_ok = o_blk + 32 * cc < coded;
@@ -1286,10 +1285,10 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
                 const unsigned q01 = prmt(cw[0], cw[1], 0x4400 + 0x1111 * m), q23 = prmt(cw[2], cw[3], 0x4400 + 0x1111 * m);
                 // A: a0/a2 row g (low nibbles, 1024 + code) at k 2t, 2t+1 / 2t+8, 2t+9; a1/a3 row g + 8
                 // (high nibbles, 64 + code).
-                a[m][0] = (q01 & 0x000F000Fu) | k1024;
-                a[m][1] = (q01 & 0x00F000F0u) | k64;
-                a[m][2] = (q23 & 0x000F000Fu) | k1024;
-                a[m][3] = (q23 & 0x00F000F0u) | k64;
+                a[m][0] = raw_lo(q01, k1024);
+                a[m][1] = raw_hi(q01, k64);
+                a[m][2] = raw_lo(q23, k1024);
+                a[m][3] = raw_hi(q23, k64);
                 if (!SCALE_X) { // min + code·scale, rounded once as dequant_dim0 rounds it
                     a[m][0] = fma_f16x2(sub_f16x2(a[m][0], f1024), sc01, mn01);
                     a[m][1] = fma_f16x2(sub_f16x2(a[m][1], f64), sc01, mn01);
