@@ -17,7 +17,8 @@
 #           s4        OPT-6.7B all on the GPU, 64×1, prompt 512, 32 new tokens, twice with
 #                     FLEXGEN_LT=all, between them as shipped and with FLEXGEN_LT=0
 #           s3        OPT-175B, 4-bit weights and cache all on the GPU, 32×1 (not by default)
-#           ncu_s3    S3 with 2 new tokens under Nsight Compute, every kernel's time (one metric,
+#           ncu_attn  Nsight Compute's full set on S3's decode attention and 32-row products
+#           ncu_s3    S3's shape with 4 layers and 2 new tokens under Nsight Compute, every kernel's time (one metric,
 #                     clocks as they run) in ncu_s3.csv: where a decode step goes (not by default;
 #                     `python3 xtask/scripts/ncu_step.py ncu_s3.csv` sums the last step by kernel)
 # Each part's wall time and exit status go to times.txt; the script's status is 1 if any failed.
@@ -38,6 +39,19 @@ pack() { tar czf "$OUT/first_call.tgz" -C "$LOGS" . ; }
 trap pack EXIT
 { echo "binaries built from $(cat "$B/BUILT_FROM" 2>/dev/null || echo '?')"; git log --oneline -1; } > "$LOGS/commit.txt" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOGS/commit.txt" 2>&1
+# OPT-175B's layers, four of them, as a config.json alone (flexgen-run --dummy takes its shape):
+# the same kernels a layer, and ncu's time per launch spent on 24 times fewer launches.
+opt175_4() {
+  mkdir -p "$LOGS/opt-175b-4"
+  python3 -c 'import json, sys; json.dump({"architectures": ["OPTForCausalLM"], "model_type": "opt",
+    "hidden_size": 12288, "ffn_dim": 49152, "num_attention_heads": 96, "num_hidden_layers": 4,
+    "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 12288,
+    "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
+    "torch_dtype": "float16", "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
+    open(sys.argv[1], "w"))' "$LOGS/opt-175b-4/config.json"
+}
+S3_4=(--device cuda --model "$LOGS/opt-175b-4" --dummy --percent 100 0 100 0 100 0 --gpu-batch-size 32
+  --num-gpu-batches 1 --compress-weight --compress-cache --prompt-len 512 --max-new-tokens 2 --json)
 for part in ${PARTS:-check bench executor pipeline ranks s4}; do
   case $part in
     check) t cuda_check 120 "$B/cuda_check" ;;
@@ -77,11 +91,17 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
         --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight --compress-cache --prompt-len 512 \
         --max-new-tokens 32 --json ;;
     ncu_s3)
+      opt175_4
       t ncu_s3 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-        --log-file "$LOGS/ncu_s3.csv" "$B/flexgen-run" --device cuda --model opt-175b --dummy \
-        --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight \
-        --compress-cache --prompt-len 512 --max-new-tokens 2 --json ;;
-    *) echo "unknown part $part (check gemv4 variants ncu bench executor pipeline ranks s4 s3 ncu_s3)" >&2; fail=1 ;;
+        --log-file "$LOGS/ncu_s3.csv" "$B/flexgen-run" "${S3_4[@]}" ;;
+    ncu_attn)
+      # Nsight Compute's full set on one decode step's attention over the packed cache and its
+      # 32-row products (gemm4_tc_4: qkv, out, fc1, fc2 of the first decode layer), at S3's shape.
+      opt175_4
+      NCU=(ncu --clock-control none --set full)
+      t ncu_attn 200 "${NCU[@]}" -k regex:decode_attention_q4 -c 1 "$B/flexgen-run" "${S3_4[@]}"
+      t ncu_s3tc4 250 "${NCU[@]}" -k regex:gemm4_tc_4 -s 16 -c 4 "$B/flexgen-run" "${S3_4[@]}" ;;
+    *) echo "unknown part $part (check gemv4 variants ncu bench executor pipeline ranks s4 s3 ncu_s3 ncu_attn)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"

@@ -164,9 +164,20 @@ impl PolicyArgs {
     }
 }
 
-/// The spec of `model`: a Hugging Face model directory (its config.json) or a catalog name.
+/// The spec of `model`: a Hugging Face model directory (its config.json; the weights need not be
+/// there, so a config alone gives a shape to plan or to run with dummy weights) or a catalog name.
 pub fn model_spec(model: &str) -> anyhow::Result<flexgen_policy::ModelSpec> {
     let path = std::path::PathBuf::from(model);
+    let config = path.join("config.json");
+    if config.is_file() {
+        let text = std::fs::read_to_string(&config)
+            .with_context(|| format!("reading {}", config.display()))?;
+        let name = std::fs::canonicalize(&path)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| model.to_string());
+        return Ok(flexgen_model::spec_from_config_json(&text, &config, &name)?);
+    }
     if path.is_dir() {
         let files = flexgen_model::resolve(&path)?;
         let text = std::fs::read_to_string(&files.config)

@@ -114,7 +114,8 @@ or with --on-error skip goes to the errors file with its line number and error."
 /// Model selection shared by the subcommands.
 #[derive(Args, Debug, Clone)]
 struct ModelArgs {
-    /// Hugging Face model directory or cache entry; with --dummy, a spec name such as opt-30b.
+    /// Hugging Face model directory or cache entry; with --dummy, a spec name such as opt-30b or a
+    /// directory with a config.json alone (any shape: e.g. opt-175b's with num_hidden_layers 4).
     /// Default: the bundled model.
     #[arg(long, value_name = "PATH|NAME")]
     model: Option<String>,
@@ -861,7 +862,7 @@ fn calibration_record(
 fn load_model(cli: &ModelArgs, device: DeviceKind, seed: u64) -> anyhow::Result<Model> {
     if let Some(kind) = cli.dummy {
         let name = cli.model.as_deref().context("--dummy needs --model NAME (e.g. opt-125m)")?;
-        let spec = flexgen_model::spec_by_name(name)?;
+        let spec = flexgen_cli::model_spec(name)?;
         let init = kind.init(seed);
         // The CUDA executor fills the layers itself, in fp16, where the policy places them.
         let built = if device == DeviceKind::Cuda {
