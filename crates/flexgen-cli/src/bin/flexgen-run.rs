@@ -115,7 +115,7 @@ or with --on-error skip goes to the errors file with its line number and error."
 #[derive(Args, Debug, Clone)]
 struct ModelArgs {
     /// Hugging Face model directory or cache entry; with --dummy, a spec name such as opt-30b or a
-    /// directory with a config.json alone (any shape: e.g. opt-175b's with num_hidden_layers 4).
+    /// directory with a config.json alone (any shape, e.g. OPT-175B's with fewer layers).
     /// Default: the bundled model.
     #[arg(long, value_name = "PATH|NAME")]
     model: Option<String>,
