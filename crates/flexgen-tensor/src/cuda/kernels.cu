@@ -818,7 +818,12 @@ __device__ __forceinline__ void q4_attend_tc(const half_t* qr, const unsigned ch
         out[d] = f2h(v * inv);
     }
 }
-extern "C" __global__ void decode_attention_q4(const half_t* q, const unsigned char* kc, const half_t* kp,
+// Blocks a multiprocessor is compiled to hold (registers allowing; FLEXGEN_NVRTC_DEFINES=Q4_MINB=8
+// keeps to 64 registers).
+#ifndef Q4_MINB
+#define Q4_MINB 1
+#endif
+extern "C" __global__ void __launch_bounds__(128, Q4_MINB) decode_attention_q4(const half_t* q, const unsigned char* kc, const half_t* kp,
                                                const unsigned char* vc, const half_t* vp, const half_t* kn,
                                                const half_t* vn, const int* start, half_t* out, int nh, int hd,
                                                int cap, int s, int rep, int gs) {
