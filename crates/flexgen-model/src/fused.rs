@@ -12,7 +12,7 @@
 
 use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind};
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{Gemm, Weight4, at};
+use flexgen_tensor::cuda::exec::{Gemm, Store4, Weight4, at};
 
 use crate::layout::LayerLayout;
 use crate::{Error, Result};
@@ -49,12 +49,15 @@ pub struct LayerWeights {
 /// A layer's four matrices (q/k/v, o, fc1, fc2: [`crate::layout::PackedLayout::mats`]) as 4-bit
 /// codes and fp16 (min, scale) pairs, groups of `group` outputs of one input; `scratch` holds the
 /// visit's rows × the widest matrix's outputs as fp32, all zeros between products (each product
-/// sums into it and its store clears it again).
+/// sums into it and its store clears it again), and `done` the zeroed counters of the store the
+/// tensor-core product folds in (`gemm4_tc_done_len` of the widest matrix's outputs; 0: no
+/// folded store).
 #[derive(Debug, Clone, Copy)]
 pub struct Packed4 {
     pub mats: [(u64, u64); 4],
     pub group: usize,
     pub scratch: u64,
+    pub done: u64,
 }
 
 const QKV: usize = 0;
@@ -104,13 +107,20 @@ unsafe fn product_then(
     unsafe {
         // On the tensor cores where the device and layout allow (the faster from one row on:
         // session 16's gemv4_bench), else the CUDA-core product.
-        // The scratch holds zeros between products (allocated so, cleared by the store).
-        let tc = g.gemm4_tc(w, x, (p.scratch, true), gm.m)?.is_some();
-        if !tc {
+        // The scratch holds zeros between products (allocated so, cleared by the store). The
+        // tensor-core product stores its sums itself where the layout allows.
+        let accumulate = gm.beta != 0.0;
+        let store = Some(Store4 { out: gm.c, bias: b, accumulate, relu, done: p.done });
+        let store = store.filter(|_| p.done != 0);
+        let stored = if let Some(stored) = g.gemm4_tc(w, x, (p.scratch, true), gm.m, store)? {
+            stored
+        } else {
             g.gemv4_dim0(w, x, (p.scratch, true), gm.m)?;
+            false
+        };
+        if !stored {
+            g.store_f32((p.scratch, gm.c), (gm.m * gm.n, gm.n), (accumulate, true), (b, relu))?;
         }
-        let sums = (gm.beta != 0.0, true);
-        g.store_f32((p.scratch, gm.c), (gm.m * gm.n, gm.n), sums, (b, relu))?;
     }
     Ok(())
 }

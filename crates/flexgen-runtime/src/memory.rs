@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use flexgen_model::{LayerLayout, PackedLayout, layer_shapes};
 use flexgen_policy::{ModelSpec, Policy, Tier};
-use flexgen_tensor::cuda::exec::CacheQuant;
+use flexgen_tensor::cuda::exec::{CacheQuant, gemm4_tc_done_len};
 use flexgen_tensor::host::align_up;
 use flexgen_tensor::quant::{QuantSpec, packed_len};
 
@@ -246,15 +246,21 @@ pub(crate) fn packed_cache_bytes(policy: &Policy, rows: usize, cap: usize, hd: u
     (codes + 2 * params) as u64
 }
 
-/// The fused 4-bit product's fp32 output for a decode micro-batch: rows × the widest matrix.
+/// The fused 4-bit product's fp32 output for a decode micro-batch (rows × the widest matrix),
+/// then the `u32` counters of the store folded into the tensor-core product.
 pub(crate) fn fused_scratch_bytes(policy: &Policy, packed: Option<&PackedLayout>) -> u64 {
     match packed {
         Some(p) if policy.fuses_decode() => {
             let widest = p.mats.iter().map(|m| m.rows).max().unwrap_or(0);
-            (policy.gpu_batch_size as usize * widest * 4) as u64
+            (fused_sums_len(policy, p) + gemm4_tc_done_len(widest)) as u64 * 4
         }
         _ => 0,
     }
+}
+
+/// The fp32 sums that [`fused_scratch_bytes`] starts with (its counters after them).
+pub(crate) fn fused_sums_len(policy: &Policy, p: &PackedLayout) -> usize {
+    policy.gpu_batch_size as usize * p.mats.iter().map(|m| m.rows).max().unwrap_or(0)
 }
 
 /// Pinned CPU memory for the last positions' logits of every GPU batch.

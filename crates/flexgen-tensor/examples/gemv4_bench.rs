@@ -10,7 +10,7 @@
 #![expect(clippy::cast_precision_loss, reason = "rates")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{Gemm, Weight4, addr, gemv4_plan};
+use flexgen_tensor::cuda::exec::{Gemm, Store4, Weight4, addr, gemm4_tc_done_len, gemv4_plan};
 use flexgen_tensor::quant::{QuantSpec, quantize};
 use half::f16;
 
@@ -64,7 +64,7 @@ fn main() {
                 Gemm { lda: ldx, ..Gemm::linear(nb, outs, ins, xa, addr(&w16), addr(&y16), false) };
             gpu.gemm(&gm).unwrap();
             gpu.gemv4_dim0(wt, (xa, ldx), (addr(&y32), false), nb).unwrap();
-            gpu.gemm4_tc(wt, (xa, ldx), (addr(&yt), false), nb).unwrap()
+            gpu.gemm4_tc(wt, (xa, ldx), (addr(&yt), false), nb, None).unwrap()
         };
         let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
         let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -78,13 +78,14 @@ fn main() {
                 if good { "ok" } else { "FAIL" }
             );
         }
+        ok &= check_store(&gpu, wt, (xa, ldx), nb);
     }
     // Timing: OPT-175B's fc1 and qkv, OPT-30B's fc1 (random codes: the kernel's time does not
     // depend on them).
     println!(
-        "| weight (outs × ins) | rows | kernel (words/thread, inputs/slice) | fp16 GEMM ms | dequantize + GEMM ms | fused 4-bit ms | fused GB/s | fused / fp16 GEMM | fused / dequantize + GEMM | tensor-core 4-bit ms (slices) | its GB/s | its / fp16 GEMM |"
+        "| weight (outs × ins) | rows | kernel (words/thread, inputs/slice) | fp16 GEMM ms | dequantize + GEMM ms | fused 4-bit ms | fused GB/s | fused / fp16 GEMM | fused / dequantize + GEMM | tensor-core 4-bit ms (slices) | its GB/s | its / fp16 GEMM | with its store ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, outs, ins) in [
         ("OPT-175B fc1", 49152usize, 12288usize),
         ("OPT-175B qkv", 36864, 12288),
@@ -107,6 +108,8 @@ fn main() {
         let x = s.clone_htod(&half(&values(128 * ins, 6, 1.0))).unwrap();
         let y16 = s.alloc_zeros::<f16>(128 * outs).unwrap();
         let y32 = s.alloc_zeros::<f32>(128 * outs).unwrap();
+        let bias = s.clone_htod(&half(&values(outs, 7, 0.1))).unwrap();
+        let done = s.alloc_zeros::<u32>(gemm4_tc_done_len(outs)).unwrap();
         for nb in [1usize, 2, 4, 8, 16, 32, 64, 128] {
             let (xa, wa, ya, y3) = (addr(&x), addr(&w16), addr(&y16), addr(&y32));
             let wt = Weight4 { codes: addr(&codes), params: addr(&params), outs, ins, group };
@@ -122,16 +125,28 @@ fn main() {
                 gpu.gemv4_dim0(wt, (xa, ins), (y3, false), nb).unwrap();
             });
             let tc = &gpu.time_ms(7, || unsafe {
-                gpu.gemm4_tc(wt, (xa, ins), (y3, false), nb)
+                gpu.gemm4_tc(wt, (xa, ins), (y3, false), nb, None)
                     .unwrap()
                     .expect("a layout gemm4_tc takes");
+            });
+            // With its store folded in (y left zeroed by each run: the first run's store clears
+            // what the run above left), as decode runs it: bias, ReLU.
+            let store = Store4 {
+                out: ya,
+                bias: addr(&bias),
+                accumulate: false,
+                relu: true,
+                done: addr(&done),
+            };
+            let tcs = &gpu.time_ms(7, || unsafe {
+                gpu.gemm4_tc(wt, (xa, ins), (y3, true), nb, Some(store)).unwrap();
             });
             let bytes =
                 n as f64 / 2.0 + (n / group * 4) as f64 + (nb * (ins * 2 + outs * 4)) as f64;
             let plan = gemv4_plan(nb.min(8), (outs, ins), group, addr(&codes), 132);
             let tplan = gpu.gemm4_tc_plan(nb.min(64), (outs, ins));
             println!(
-                "| {name} ({outs} × {ins}) | {nb} | {} ({}, {}) | {fp16:.3} | {deq:.3} | {fused:.3} | {:.0} | {:.2}× | {:.2}× | {tc:.3} ({}) | {:.0} | {:.2}× |",
+                "| {name} ({outs} × {ins}) | {nb} | {} ({}, {}) | {fp16:.3} | {deq:.3} | {fused:.3} | {:.0} | {:.2}× | {:.2}× | {tc:.3} ({}) | {:.0} | {:.2}× | {tcs:.3} |",
                 ["1-row", "2-row", "4-row", "8-row"][plan.kernel],
                 plan.words,
                 plan.per_slice,
@@ -147,4 +162,53 @@ fn main() {
     if !ok {
         std::process::exit(1);
     }
+}
+
+/// `gemm4_tc` with its store folded in (into an fp16 output holding values, accumulated, with a
+/// bias and ReLU), twice in a row, against the product alone then `store_f32`: the same fp16
+/// values up to the fp32 sums' order, y and the counters left zeroed.
+fn check_store(gpu: &Gpu, wt: Weight4, (xa, ldx): (u64, usize), nb: usize) -> bool {
+    let s = &gpu.stream;
+    let outs = wt.outs;
+    let old = half(&values(nb * outs, 8, 1.0));
+    let bias = s.clone_htod(&half(&values(outs, 9, 0.5))).unwrap();
+    let (want, got) = (s.clone_htod(&old).unwrap(), s.clone_htod(&old).unwrap());
+    let (y, y2) =
+        (s.alloc_zeros::<f32>(nb * outs).unwrap(), s.alloc_zeros::<f32>(nb * outs).unwrap());
+    let done = s.alloc_zeros::<u32>(gemm4_tc_done_len(outs)).unwrap();
+    let store = Store4 {
+        out: addr(&got),
+        bias: addr(&bias),
+        accumulate: true,
+        relu: true,
+        done: addr(&done),
+    };
+    // SAFETY: buffers allocated above for these shapes.
+    let stored = unsafe {
+        for _ in 0..2 {
+            gpu.gemm4_tc(wt, (xa, ldx), (addr(&y), true), nb, None).unwrap();
+            gpu.store_f32(
+                (addr(&y), addr(&want)),
+                (nb * outs, outs),
+                (true, true),
+                (addr(&bias), true),
+            )
+            .unwrap();
+        }
+        (0..2).all(|_| {
+            gpu.gemm4_tc(wt, (xa, ldx), (addr(&y2), true), nb, Some(store)).unwrap() == Some(true)
+        })
+    };
+    let (want, got) = (s.clone_dtoh(&want).unwrap(), s.clone_dtoh(&got).unwrap());
+    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+    let max_err =
+        got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g.to_f32() - w.to_f32()).abs()));
+    let y_zero = s.clone_dtoh(&y2).unwrap().iter().all(|&v| v == 0.0);
+    let done_zero = s.clone_dtoh(&done).unwrap().iter().all(|&v| v == 0);
+    let good = stored && max_err <= 2e-3 * max_ref && y_zero && done_zero;
+    println!(
+        "check tensor-core with its store, {nb} rows × {outs}, twice: max |folded − store_f32| {max_err:.3e} of max {max_ref:.3e}, sums cleared {y_zero}, counters back to 0 {done_zero}: {}",
+        if good { "ok" } else { "FAIL" }
+    );
+    good
 }

@@ -119,6 +119,12 @@ static inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 static inline int __ffs(int v) { return __builtin_ffs(v); }
 static inline void atomicAdd(float* p, float v) { *p += v; }
+static inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p += v; return o; }
+static inline void __threadfence() {}
+struct float4 { float x, y, z, w; };
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+static inline float4 __ldcg(const float4* p) { return *p; }
+static inline void __stcg(float4* p, float4 v) { *p = v; }
 // Every thread of a block is a fiber; the block's fibers run in turn on one OS thread, each until
 // it waits at a barrier (a barrier some threads never reach is reported as a deadlock rather than
 // hanging).
@@ -796,7 +802,11 @@ fn gemm4_tc_case(inputs_a_stage: usize) {
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
-        &format!("#define GT_K {inputs_a_stage}\n{}", codes_as_halves()),
+        &format!(
+            "#define GT_K {inputs_a_stage}\n{}{}",
+            codes_as_halves(),
+            section("__device__ __forceinline__ half_t bias_act1(")
+        ),
         span("#ifndef GT_K", "gemm4_tc_8"),
         r#"
 int main(int argc, char** argv) {
@@ -808,12 +818,25 @@ int main(int argc, char** argv) {
     std::vector<float> y((size_t)nb * outs, 0.f);
     decltype(&gemm4_tc_1) kernels[] = {gemm4_tc_1, gemm4_tc_2, gemm4_tc_4, gemm4_tc_8};
     auto k = kernels[kernel];
-    grid_warps(blocks, slices, 128, 0, [&] { k(codes.data(), pairs.data(), x.data(), y.data(), outs, ins, ldx, gs, nb, per_slice); });
+    grid_warps(blocks, slices, 128, 0, [&] { k(codes.data(), pairs.data(), x.data(), y.data(), outs, ins, ldx, gs, nb, per_slice, nullptr, nullptr, 0, nullptr); });
     FILE* f = fopen(argv[13], "wb"); fwrite(y.data(), 4, y.size(), f); fclose(f);
+    // Again with the store folded in (outs a multiple of 4): into the fp16 `old` values
+    // (accumulated, the bias, ReLU), then the output, and how many sums (to be cleared) and
+    // counters are left.
+    if (outs % 4) return 0;
+    auto out = slurp_halves(argv[14]); auto bias = slurp_halves(argv[15]);
+    std::vector<float> y2((size_t)nb * outs, 0.f);
+    std::vector<unsigned> done(blocks, 0u);
+    grid_warps(blocks, slices, 128, 0, [&] { k(codes.data(), pairs.data(), x.data(), y2.data(), outs, ins, ldx, gs, nb, per_slice, out.data(), bias.data(), 3, done.data()); });
+    dump(argv[16], out);
+    unsigned left = 0;
+    for (float v : y2) left += v != 0.f;
+    for (unsigned d : done) left += d != 0;
+    printf("%u\n", left);
 }
 "#,
     );
-    let mut runs = [0usize; 4];
+    let (mut runs, mut stored_runs) = ([0usize; 4], 0);
     for (outs, ins, group, nb, wave) in [
         (256, 64, 64, 8, 1),
         (300, 200, 64, 13, 40),
@@ -836,16 +859,35 @@ int main(int argc, char** argv) {
             let plan = gemm4_tc_plan(rows, (outs, ins), wave);
             runs[plan.kernel] += 1;
             write_bytes(&f("x"), &f16_bytes(&x[b0 * ins..(b0 + rows) * ins]));
-            let st = Command::new(&exe)
+            let old: Vec<f32> =
+                (0..rows * outs).map(|i| ((i * 37 % 101) as f32 - 50.0) / 8.0).collect();
+            let bias: Vec<f32> = (0..outs).map(|c| ((c * 13 % 29) as f32 - 14.0) / 4.0).collect();
+            write_bytes(&f("old"), &f16_bytes(&old));
+            write_bytes(&f("bias"), &f16_bytes(&bias));
+            let run = Command::new(&exe)
                 .args([outs, ins, group, rows, ldx].map(|v| v.to_string()))
                 .args(
                     [plan.kernel, plan.blocks, plan.slices, plan.per_slice].map(|v| v.to_string()),
                 )
-                .args([f("codes"), f("pairs"), f("x"), f("y")])
-                .status()
+                .args([f("codes"), f("pairs"), f("x"), f("y"), f("old"), f("bias"), f("out")])
+                .output()
                 .unwrap();
-            assert!(st.success(), "the harness failed: {outs} outputs, {rows} rows, {plan:?}");
+            let what = format!("{outs} outputs, {rows} rows, {plan:?}");
+            assert!(run.status.success(), "the harness failed: {what}");
             let got = read_f32(&f("y"));
+            if outs % 4 == 0 {
+                // The folded store: store_f32's two roundings of the same sums, nothing left.
+                let left = String::from_utf8_lossy(&run.stdout);
+                assert_eq!(left.trim(), "0", "{what}: sums or counters left after the store");
+                let stored = read_f16(&f("out"));
+                for (i, (&s, &o)) in got.iter().zip(&old).enumerate() {
+                    let sum = f16::from_f32(f16::from_f32(o).to_f32() + s).to_f32();
+                    let want =
+                        f16::from_f32((sum + f16::from_f32(bias[i % outs]).to_f32()).max(0.0));
+                    assert_eq!(stored[i].to_bits(), want.to_f32().to_bits(), "{what}: stored {i}");
+                }
+                stored_runs += 1;
+            }
             let (want, x) = (&case.want[b0 * outs..][..rows * outs], &x[b0 * ins..][..rows * ins]);
             let label = format!("{label}, rows {b0}..{}", b0 + rows);
             if plan.kernel < 2 {
@@ -857,6 +899,7 @@ int main(int argc, char** argv) {
         }
     }
     assert!(runs.iter().all(|&n| n > 0), "every kernel ran: {runs:?}");
+    assert!(stored_runs > 0, "the folded store ran");
 }
 
 /// Decode attention with the warps' shuffles and shared memory: `decode_attention` over an fp16

@@ -206,8 +206,8 @@ impl CudaStage<'_> {
         let scratch = memory::fused_scratch_bytes(&self.policy, self.packed.as_ref()) / 4;
         let scratch = usize::try_from(scratch).expect("a buffer the plan counted");
         if scratch > 0 && fused_decode_on() {
-            // Zeros, as every fused product leaves it (`store_f32` clears what it reads), so that
-            // the products need not zero it first.
+            // Zeros, as every fused product leaves it (its store clears what it reads and sets
+            // its counters back), so that the products need not zero it first.
             self.fused_scratch = Some(stream.alloc_zeros::<f32>(scratch).map_err(drv)?);
         }
         *self.packed_memo.borrow_mut() = None;
@@ -388,7 +388,18 @@ impl CudaStage<'_> {
             .each_ref()
             .map(|m| (stored + m.codes.start as u64, stored + m.params.start as u64));
         let scratch = self.fused_scratch.as_ref().filter(|_| fused);
-        let packed = scratch.map(|s| fused::Packed4 { mats, group: p.group, scratch: addr(s) });
+        let sums = memory::fused_sums_len(&self.policy, p) as u64;
+        let packed = scratch.map(|s| fused::Packed4 {
+            mats,
+            group: p.group,
+            scratch: addr(s),
+            // FLEXGEN_FUSED4_STORE=0: the product's store as a kernel of its own (to compare).
+            done: if std::env::var("FLEXGEN_FUSED4_STORE").is_ok_and(|v| v == "0") {
+                0
+            } else {
+                addr(s) + 4 * sums
+            },
+        });
         if packed.is_none() {
             for (m, &(codes, params)) in p.mats.iter().zip(&mats) {
                 // SAFETY: this executor's weights and buffers, sized for these shapes.

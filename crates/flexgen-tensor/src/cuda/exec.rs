@@ -141,6 +141,25 @@ pub struct Weight4 {
     pub group: usize,
 }
 
+/// Where [`Gpu::gemm4_tc`] stores its fp32 sums itself, as [`Gpu::store_f32`] would (`out[r, c] =
+/// (accumulate ? out[r, c] : 0) + y[r, c]`, then the bias and ReLU, y cleared): `out` fp16
+/// `[nb, outs]`, `bias` (0 for none) `outs` values, and `done` zeroed `u32` counters, one per
+/// block of [`GEMM4_TC_OUTPUTS`] outputs ([`gemm4_tc_done_len`]), that each product leaves zeroed
+/// again.
+#[derive(Debug, Clone, Copy)]
+pub struct Store4 {
+    pub out: u64,
+    pub bias: u64,
+    pub accumulate: bool,
+    pub relu: bool,
+    pub done: u64,
+}
+
+/// The `u32` counters [`Store4::done`] needs for products of up to `outs` outputs.
+pub fn gemm4_tc_done_len(outs: usize) -> usize {
+    outs.div_ceil(GEMM4_TC_OUTPUTS)
+}
+
 /// One row-major fp16 GEMM (batched when `batch` > 1): `c[m, n] = a[m, k] · op(b) + beta·c`,
 /// where `b` is `[n, k]` used transposed (`b_t`) or `[k, n]`; `ld*` are row strides and
 /// `s*` the strides between batch entries, in elements.
@@ -865,13 +884,15 @@ impl Gpu {
         };
         // SAFETY: threads < ⌈outs/group⌉·group/(8·V) and inputs < ins of the packed buffers
         // (V and the alignment it needs checked by the plan); the caller's buffers.
-        unsafe { self.product4(w, (x, ldx), y, nb, (8, 256, tiles)) }
+        unsafe { self.product4(w, (x, ldx), y, nb, (8, 256, tiles), None) }
     }
 
     /// The launches of a 4-bit product kernel (`gemv4_dim0_*`, `gemm4_tc_*`: the same
     /// parameters): `y` zeroed (unless it holds zeros already), then the rows in tiles of at most
     /// `tile` rows, each tile the kernel, blocks (of `threads`), slices and inputs per slice that
-    /// `plan` gives for its rows.
+    /// `plan` gives for its rows. `store` (`gemm4_tc_*` only, which take four more parameters):
+    /// the fp16 output, bias, flags and counters of the store folded into the kernel, each tile
+    /// its rows of the output (all 0: no store).
     ///
     /// # Safety
     /// As [`Gpu::gemv4_dim0`]; `plan`'s kernels read and write only inside the shapes given.
@@ -886,6 +907,7 @@ impl Gpu {
             u32,
             impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize),
         ),
+        store: Option<(u64, u64, i32, u64)>,
     ) -> Result<(), CudaError> {
         let Weight4 { codes, params, outs, ins, group } = w;
         if !zeroed {
@@ -925,7 +947,13 @@ impl Gpu {
                 .arg(&g)
                 .arg(&tr)
                 .arg(&ps);
-            // SAFETY: as the caller promises; the tile's rows of x and y.
+            let st = store.map(|(out, bias, flags, done)| {
+                (if out == 0 { 0 } else { out + (b0 * outs * 2) as u64 }, bias, flags, done)
+            });
+            if let Some((out, bias, flags, done)) = &st {
+                l.arg(out).arg(bias).arg(flags).arg(done);
+            }
+            // SAFETY: as the caller promises; the tile's rows of x and y (and of the output).
             unsafe { l.launch(cfg)? };
         }
         Ok(())
@@ -939,16 +967,20 @@ impl Gpu {
     /// added after, for more rows expanded to min + code·scale), faster than `gemv4_dim0` from one
     /// row on; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
     /// layout does not allow it ([`gemm4_tc_fits`]) or the device has no mma.sync (before 8.0).
+    /// With `store`, the kernel also stores y into its fp16 output where the layout allows (outs a
+    /// multiple of 4, the output 8-byte aligned): `Some(true)`, y left zeroed; else `Some(false)`,
+    /// the sums in y for the caller to store.
     ///
     /// # Safety
-    /// As [`Gpu::gemv4_dim0`].
+    /// As [`Gpu::gemv4_dim0`]; `store`'s buffers as [`Store4`] says.
     pub unsafe fn gemm4_tc(
         &self,
         w: Weight4,
         (x, ldx): (u64, usize),
         y: (u64, bool),
         nb: usize,
-    ) -> Result<Option<()>, CudaError> {
+        store: Option<Store4>,
+    ) -> Result<Option<bool>, CudaError> {
         let Weight4 { codes, params, outs, ins, group } = w;
         if !self.tensor_cores || !gemm4_tc_fits((outs, group), (codes, params), (x, ldx)) || nb == 0
         {
@@ -960,8 +992,13 @@ impl Gpu {
         };
         // SAFETY: blocks of 256 outputs within ⌈outs/group⌉·group coded ones, inputs < ins, the
         // alignment the kernel needs checked by gemm4_tc_fits; the caller's buffers.
-        unsafe { self.product4(w, (x, ldx), y, nb, (64, GEMM4_TC_THREADS, tiles)) }?;
-        Ok(Some(()))
+        let store = store.filter(|s| outs.is_multiple_of(4) && s.out.is_multiple_of(8));
+        let args = store.map_or((0, 0, 0, 0), |s| {
+            (s.out, s.bias, i32::from(s.accumulate) | i32::from(s.relu) << 1, s.done)
+        });
+        // SAFETY: as above; the store's buffers as the caller promises.
+        unsafe { self.product4(w, (x, ldx), y, nb, (64, GEMM4_TC_THREADS, tiles), Some(args)) }?;
+        Ok(Some(store.is_some()))
     }
 
     /// The [`Gemm4TcPlan`] [`Gpu::gemm4_tc`] takes for a tile of `rows` on this device.
@@ -1116,6 +1153,9 @@ pub fn gemm4_tc_fits(
 /// Threads of a `gemm4_tc_*` block (four warps of 64 outputs).
 pub const GEMM4_TC_THREADS: u32 = 128;
 
+/// Outputs of a `gemm4_tc_*` block (`GT_O`).
+pub const GEMM4_TC_OUTPUTS: usize = 256;
+
 /// How [`Gpu::gemm4_tc`] runs a tile of `rows` (1 to 64): the kernel (`gemm4_tc_1`, `_2`, `_4`,
 /// `_8` for 8, 16, 32, 64 rows; index 0 to 3), a block of [`GEMM4_TC_THREADS`] per 256 outputs, and the
 /// inputs in slices of `per_slice` (a multiple of 64) over the grid's y.
@@ -1144,7 +1184,7 @@ pub fn gemm4_tc_kernel(rows: usize) -> usize {
 /// adds 256 × `rows` of them; taken as an eighth of a step per row: session 15, 39 slices of
 /// OPT-175B's fc1 at 32 rows ran slower than 2).
 pub fn gemm4_tc_plan(rows: usize, (outs, ins): (usize, usize), wave: usize) -> Gemm4TcPlan {
-    let blocks = outs.div_ceil(256);
+    let blocks = outs.div_ceil(GEMM4_TC_OUTPUTS);
     let steps = ins.div_ceil(64).max(1);
     let wave = wave.max(1);
     let cost = |sl: usize| (blocks * sl).div_ceil(wave) * (8 * steps.div_ceil(sl) + rows);

@@ -1157,6 +1157,58 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 #define GT_K 32 // 32 or 64
 #endif
 #define GT_O 256
+// store_f32 folded into the product (where `done` is given): the block that adds the last slice's
+// sums to a column of GT_O outputs (`done[blockIdx.x]` counts the column's finished slices, each
+// after a fence that makes its sums visible) stores the column's rows into `out` (fp16 [nb, outs];
+// flags bit 0: accumulate into it, bit 1: ReLU; `bias` of outs values or null), as store_f32
+// would, clears them in y and sets its count back to 0 for the next product. Needs outs a
+// multiple of 4 and `out` 8-byte aligned (the host checks).
+struct Store4 {
+    half_t* out;
+    const half_t* bias;
+    int flags;
+    unsigned* done;
+};
+__device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o_blk, const Store4& st4) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(st4.done + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int accumulate = st4.flags & 1, relu = (st4.flags >> 1) & 1, quads = GT_O / 4;
+    // Eight quads of four values a thread at a time: their loads all issued before any store.
+    for (int i0 = threadIdx.x; i0 < nb * quads; i0 += 8 * blockDim.x) {
+        float4 v[8];
+        uint2 h[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = i0 + u * blockDim.x, b = i / quads, c = o_blk + 4 * (i % quads);
+            const bool in = i < nb * quads && c < outs;
+            const long long at = (long long)b * outs + c;
+            v[u] = in ? __ldcg((const float4*)(y + at)) : make_float4(0.f, 0.f, 0.f, 0.f);
+            h[u] = in && accumulate ? *(const uint2*)(st4.out + at) : make_uint2(0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = i0 + u * blockDim.x, b = i / quads, c = o_blk + 4 * (i % quads);
+            if (i >= nb * quads || c >= outs) continue;
+            const long long at = (long long)b * outs + c;
+            __stcg((float4*)(y + at), make_float4(0.f, 0.f, 0.f, 0.f));
+            const float s[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+            const half_t old[4] = {(half_t)(h[u].x & 0xffffu), (half_t)(h[u].x >> 16), (half_t)(h[u].y & 0xffffu), (half_t)(h[u].y >> 16)};
+            half_t r[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const half_t o = f2h((accumulate ? h2f(old[k]) : 0.f) + s[k]);
+                r[k] = st4.bias || relu ? bias_act1(o, st4.bias, c + k, relu) : o;
+            }
+            *(uint2*)(st4.out + at) = make_uint2((unsigned)r[0] | (unsigned)r[1] << 16, (unsigned)r[2] | (unsigned)r[3] << 16);
+        }
+    }
+    if (threadIdx.x == 0) st4.done[blockIdx.x] = 0;
+}
 // Blocks per multiprocessor the kernels of up to 16 rows (GT_MINB) and of 32 (GT_MINB4) are
 // compiled for (registers allowing).
 #ifndef GT_MINB
@@ -1172,7 +1224,8 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 
 template <int NT, bool SCALE_X>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
-                                              float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice) {
+                                              float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice,
+                                              const Store4& st4) {
     constexpr int S = GT_S(NT);
     // A stage of the ring, in bytes: the codes [input][word] (GT_K × GT_O / 8 words), the pairs
     // [group][input] (room for GT_O / 16 groups), x [row][input] (8·NT × GT_K halves).
@@ -1344,17 +1397,22 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             }
         }
     }
+    if (st4.done) gemm4_tc_store(y, outs, nb, o_blk, st4);
 }
 
-extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
-    gemm4_tc_tile<1, true>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
+                                                                                half_t* out, const half_t* bias, int flags, unsigned* done) {
+    gemm4_tc_tile<1, true>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
-extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
-    gemm4_tc_tile<2, true>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
+                                                                                half_t* out, const half_t* bias, int flags, unsigned* done) {
+    gemm4_tc_tile<2, true>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
-extern "C" __global__ void __launch_bounds__(128, GT_MINB4) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
-    gemm4_tc_tile<4, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+extern "C" __global__ void __launch_bounds__(128, GT_MINB4) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
+                                                                                half_t* out, const half_t* bias, int flags, unsigned* done) {
+    gemm4_tc_tile<4, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
-extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps) {
-    gemm4_tc_tile<8, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps);
+extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
+                                                                                half_t* out, const half_t* bias, int flags, unsigned* done) {
+    gemm4_tc_tile<8, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
