@@ -434,15 +434,16 @@ mod tests {
             (p.fuses_decode(), cuda_plan(&m, &p).gpu.staging)
         };
         // Against the 8-bit plan of the same shape (no fused path): OPT-6.7B's widest matrix is
-        // fc1's 16384 outputs (q/k/v: 12288), fp32 per row.
+        // fc1's 16384 outputs (q/k/v: 12288), fp32 per row, then a u32 counter per 256 outputs.
         let extra = |b: u32, k: u32| {
             let ((on, four), (off, eight)) = (staging(b, k, 4), staging(b, k, 8));
             assert!(!off);
             (on, four - eight)
         };
-        assert_eq!(extra(1, 1), (true, 16_384 * 4), "one row's scratch");
-        assert_eq!(extra(2, 4), (true, 2 * 16_384 * 4));
-        assert_eq!(extra(64, 1), (true, 64 * 16_384 * 4), "64 rows on the tensor cores");
+        let counters = 16_384 / 256 * 4;
+        assert_eq!(extra(1, 1), (true, 16_384 * 4 + counters), "one row's scratch");
+        assert_eq!(extra(2, 4), (true, 2 * 16_384 * 4 + counters));
+        assert_eq!(extra(64, 1), (true, 64 * 16_384 * 4 + counters), "64 rows, tensor cores");
         assert_eq!(extra(65, 1), (false, 0), "65 rows dequantize");
         assert_eq!(extra(1, 8), (false, 0), "eight micro-batches dequantize");
     }
