@@ -8,6 +8,7 @@
 #           gemv4     gemv4_bench alone (the 4-bit products: checks, then timings)
 #           variants  gemv4_bench and cuda_check under each of VARIANTS (FLEXGEN_NVRTC_DEFINES
 #                     values, `;` apart)
+#           envs      cuda_check under each of ENVS (environments, `;` apart)
 #           ncu       Nsight Compute on gemm4_tc at 1 and 32 rows
 #           bench     gemv4_bench and
 #                     host_attention_bench at 1,024 × 1 and 64 × 8, fp16 and 4-bit packed
@@ -65,6 +66,14 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
         FLEXGEN_NVRTC_DEFINES="$v" t "gemv4_${v// /_}" 120 "$B/gemv4_bench"
         FLEXGEN_NVRTC_DEFINES="$v" t "check_${v// /_}" 120 "$B/cuda_check"
       done ;;
+    envs)
+      # cuda_check once per environment (ENVS: `;` apart, each "NAME=VALUE ..."), e.g.
+      # ENVS="FLEXGEN_Q4_WARPS=8;FLEXGEN_Q4_WARPS=2" for the attention's timing line.
+      IFS=';' read -ra es <<< "${ENVS:-FLEXGEN_Q4_WARPS=8}"
+      for e in "${es[@]}"; do
+        read -ra kv <<< "$e"
+        t "check_${e// /_}" 120 env "${kv[@]}" "$B/cuda_check"
+      done ;;
     ncu)
       # Nsight Compute on the tensor-core 4-bit product at 1 row (gemm4_tc_1, its second launch in
       # gemv4_bench) and 32 rows (gemm4_tc_4, its first): stalls, pipes, instructions.
@@ -107,7 +116,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       NCU=(ncu --clock-control none --set full)
       t ncu_attn 200 "${NCU[@]}" -k regex:decode_attention_q4 -c 1 "$B/flexgen-run" "${S3_4[@]}"
       t ncu_s3tc4 250 "${NCU[@]}" -k regex:gemm4_tc_4 -s 16 -c 4 "$B/flexgen-run" "${S3_4[@]}" ;;
-    *) echo "unknown part $part (check gemv4 variants ncu bench executor pipeline ranks s4 s3 s3b ncu_s3 ncu_attn)" >&2; fail=1 ;;
+    *) echo "unknown part $part (check gemv4 variants envs ncu bench executor pipeline ranks s4 s3 s3b ncu_s3 ncu_attn)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"

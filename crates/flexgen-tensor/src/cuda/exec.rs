@@ -704,7 +704,7 @@ impl Gpu {
         if rows_.is_empty() {
             return Ok(());
         }
-        let (cfg, rep, s) = decode_attention_launch(rows_.len(), d);
+        let (cfg, rep, s) = decode_attention_launch(rows_.len(), d, 4);
         let (nh, hd, capi, si) = (dim(d.nh), dim(d.hd), dim(cap), dim(s));
         let (row0, repi) = (dim(rows_.start * rep), dim(rep));
         let mut l = self.stream.launch_builder(&self.decode_attention);
@@ -750,7 +750,7 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let (cfg, rep, s) = decode_attention_launch(rows, d);
+        let (cfg, rep, s) = decode_attention_launch(rows, d, q4_attention_warps());
         let (nh, hd, capi, si, repi, gs) =
             (dim(d.nh), dim(d.hd), dim(cap), dim(s), dim(rep), dim(group));
         let [kc, kp, vc, vp] = packed;
@@ -1116,14 +1116,23 @@ impl Gpu {
 /// The launch of a decode attention kernel over `rows` kv rows (`d.nh / d.nkv` query rows each, a
 /// block of four warps per query row, shared memory for the `d.past + 1` scores and each warp's
 /// part of the output), with the query heads per kv head and the positions attended.
-fn decode_attention_launch(rows: usize, d: AttnDims) -> (LaunchConfig, usize, usize) {
-    let (rep, s, warps) = (d.nh / d.nkv, d.past + 1, 4);
+fn decode_attention_launch(rows: usize, d: AttnDims, warps: usize) -> (LaunchConfig, usize, usize) {
+    let (rep, s) = (d.nh / d.nkv, d.past + 1);
     let cfg = LaunchConfig {
         grid_dim: (u32::try_from(rows * rep).expect("fits"), 1, 1),
-        block_dim: (32 * warps, 1, 1),
-        shared_mem_bytes: u32::try_from((s + warps as usize * d.hd) * 4).expect("fits"),
+        block_dim: (u32::try_from(32 * warps).expect("fits"), 1, 1),
+        shared_mem_bytes: u32::try_from((s + warps * d.hd) * 4).expect("fits"),
     };
     (cfg, rep, s)
+}
+
+/// Warps of a `decode_attention_q4` block: 4, or `FLEXGEN_Q4_WARPS` (1 to 32) to compare.
+fn q4_attention_warps() -> usize {
+    static WARPS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WARPS.get_or_init(|| {
+        let v = std::env::var("FLEXGEN_Q4_WARPS").ok().and_then(|v| v.parse().ok());
+        v.filter(|w| (1..=32).contains(w)).unwrap_or(4)
+    })
 }
 
 /// Threads per row [`Gpu::norm_raw`] gives `n` rows of `h` values: many rows fill the device with

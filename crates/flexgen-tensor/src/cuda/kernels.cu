@@ -818,12 +818,17 @@ __device__ __forceinline__ void q4_attend_tc(const half_t* qr, const unsigned ch
         out[d] = f2h(v * inv);
     }
 }
-// Blocks a multiprocessor is compiled to hold (registers allowing; FLEXGEN_NVRTC_DEFINES=Q4_MINB=8
-// keeps to 64 registers).
-#ifndef Q4_MINB
-#define Q4_MINB 1
+// To compare: FLEXGEN_NVRTC_DEFINES=Q4_MINB=8 compiles for eight blocks a multiprocessor (of
+// Q4_MAXT threads, default 128: 64 registers); without it the compiler chooses (72 at sm_90).
+#ifdef Q4_MINB
+#ifndef Q4_MAXT
+#define Q4_MAXT 128
 #endif
-extern "C" __global__ void __launch_bounds__(128, Q4_MINB) decode_attention_q4(const half_t* q, const unsigned char* kc, const half_t* kp,
+#define Q4_BOUNDS __launch_bounds__(Q4_MAXT, Q4_MINB)
+#else
+#define Q4_BOUNDS
+#endif
+extern "C" __global__ void Q4_BOUNDS decode_attention_q4(const half_t* q, const unsigned char* kc, const half_t* kp,
                                                const unsigned char* vc, const half_t* vp, const half_t* kn,
                                                const half_t* vn, const int* start, half_t* out, int nh, int hd,
                                                int cap, int s, int rep, int gs) {
