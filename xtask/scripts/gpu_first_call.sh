@@ -36,8 +36,9 @@ t() { # name, time limit (s), command...
   local rc=$?
   echo "$n rc=$rc $(( $(date +%s) - s )) s" >> "$LOGS/times.txt"
   [ $rc -eq 0 ] || fail=1
+  pack # after every part: a call cut at its time limit still returns the logs so far
 }
-pack() { tar czf "$OUT/first_call.tgz" -C "$LOGS" . ; }
+pack() { tar czf "$OUT/first_call.tgz.part" -C "$LOGS" . && mv "$OUT/first_call.tgz.part" "$OUT/first_call.tgz"; }
 trap pack EXIT
 { echo "binaries built from $(cat "$B/BUILT_FROM" 2>/dev/null || echo '?')"; git log --oneline -1; } > "$LOGS/commit.txt" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOGS/commit.txt" 2>&1
