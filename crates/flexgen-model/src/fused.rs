@@ -35,15 +35,22 @@ pub struct Visit {
     pub inv_freq: u64,
 }
 
-/// How the q/k/v split finishes the projection as it moves q to its buffer and k, v to the
-/// cache: the bias to add, if any, and the rotation of q and k (positions, inverse
-/// frequencies), if the family rotates.
-/// A layer's weights for a visit: its fp16 arena ([`LayerLayout`]) and, where the stage runs the
-/// visit's products straight from packed 4-bit codes, where those are.
+/// A layer's weights for a visit: its fp16 arena ([`LayerLayout`]: the matrices are read there),
+/// the address its vectors' layout offsets count from (the arena's own, or, for a packed layer,
+/// where the stored copy puts the same fp16 vectors: [`LayerWeights::vector`]) and, where the
+/// stage runs the visit's products straight from packed 4-bit codes, where those are.
 #[derive(Debug, Clone, Copy)]
 pub struct LayerWeights {
     pub arena: u64,
+    pub vectors: u64,
     pub packed: Option<Packed4>,
+}
+
+impl LayerWeights {
+    /// The address of the vector (a norm's weight, a bias) at `r` of the layout.
+    pub fn vector(&self, r: &std::ops::Range<usize>) -> u64 {
+        self.vectors.wrapping_add(2 * r.start as u64)
+    }
 }
 
 /// A layer's four matrices (q/k/v, o, fc1, fc2: [`crate::layout::PackedLayout::mats`]) as 4-bit
@@ -125,6 +132,9 @@ unsafe fn product_then(
     Ok(())
 }
 
+/// How the q/k/v split finishes the projection as it moves q to its buffer and k, v to the
+/// cache: the bias to add, if any, and the rotation of q and k (positions, inverse
+/// frequencies), if the family rotates.
 #[derive(Debug, Clone, Copy)]
 pub struct QkvEpilogue {
     pub bias: Option<u64>,
@@ -250,7 +260,7 @@ pub unsafe fn attention_in(
 ) -> Result<QkvEpilogue> {
     let h = l.hidden;
     let wide = h + 2 * l.kv;
-    let bias = (!l.qkv_b.is_empty()).then(|| at(w.arena, l.qkv_b.start));
+    let bias = (!l.qkv_b.is_empty()).then(|| w.vector(&l.qkv_b));
     let rope = match spec.positions {
         PositionKind::Learned { .. } => None,
         PositionKind::Rope { .. } if v.inv_freq == 0 => {
@@ -261,7 +271,7 @@ pub unsafe fn attention_in(
     let epilogue = QkvEpilogue { bias, rope };
     // Pre-norm: the projection reads the normed input; post-norm: the hidden state itself.
     let input = if spec.pre_norm {
-        let norm_w = (at(w.arena, l.attn_norm_w.start), at(w.arena, l.attn_norm_b.start));
+        let norm_w = (w.vector(&l.attn_norm_w), w.vector(&l.attn_norm_b));
         // SAFETY: the caller's contract.
         unsafe { norm(g, spec, norm_w, v.x, v.hn, v.rows, h) }?;
         v.hn
@@ -295,13 +305,14 @@ pub unsafe fn attention_out_and_mlp(
     let h = l.hidden;
     let rows = v.rows;
     let wq = |r: &std::ops::Range<usize>| at(w.arena, r.start);
+    let vq = |r: &std::ops::Range<usize>| w.vector(r);
     let (attn_norm, mlp_norm) =
-        ((wq(&l.attn_norm_w), wq(&l.attn_norm_b)), (wq(&l.mlp_norm_w), wq(&l.mlp_norm_b)));
+        ((vq(&l.attn_norm_w), vq(&l.attn_norm_b)), (vq(&l.mlp_norm_w), vq(&l.mlp_norm_b)));
     // SAFETY (every call below): the caller's contract.
     unsafe {
         product(g, w, OUT, &Gemm::linear(rows, h, h, v.att, wq(&l.o_w), v.x, true))?;
         // The output projection's bias goes into the residual stream in the norm's kernel.
-        let o_b = (!l.o_b.is_empty()).then(|| wq(&l.o_b));
+        let o_b = (!l.o_b.is_empty()).then(|| vq(&l.o_b));
         if spec.pre_norm {
             bias_norm(g, spec, mlp_norm, (v.x, o_b), v.hn, rows, h)?;
         } else {
@@ -382,7 +393,7 @@ unsafe fn product_bias(
     bias: &std::ops::Range<usize>,
     relu: bool,
 ) -> Result<()> {
-    let b = if bias.is_empty() { 0 } else { at(w.arena, bias.start) };
+    let b = if bias.is_empty() { 0 } else { w.vector(bias) };
     // SAFETY (both branches): the caller's contract; the bias range holds gm.n values.
     unsafe {
         if w.packed.is_none() && b != 0 {

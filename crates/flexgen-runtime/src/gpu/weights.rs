@@ -355,7 +355,7 @@ impl CudaStage<'_> {
     /// Layer `j`'s weights for this pass: its resident arena, or staging arena `slot` once the
     /// copies have landed and the GPU part has been copied in. Packed, its matrices are
     /// dequantized into the fp16 arena, or (`fused`, on a stage that fuses decode products) left
-    /// packed for the fused 4-bit product, only the vectors copied.
+    /// packed for the fused 4-bit product; its vectors are read where they are stored.
     pub(super) fn layer_weights(
         &self,
         j: usize,
@@ -377,9 +377,9 @@ impl CudaStage<'_> {
             dst
         };
         let Some(p) = &self.packed else {
-            return Ok(fused::LayerWeights { arena: stored, packed: None });
+            return Ok(fused::LayerWeights { arena: stored, vectors: stored, packed: None });
         };
-        // Packed: dequantize every matrix into the fp16 arena, copy the vectors beside them.
+        // Packed: dequantize every matrix into the fp16 arena (unless fused).
         let out = addr(self.unpacked.as_ref().expect("allocated with the packed layout"));
         let g = &self.gpu;
         // Each matrix's codes and (min, scale) pairs in the stored arena.
@@ -393,12 +393,7 @@ impl CudaStage<'_> {
             mats,
             group: p.group,
             scratch: addr(s),
-            // FLEXGEN_FUSED4_STORE=0: the product's store as a kernel of its own (to compare).
-            done: if std::env::var("FLEXGEN_FUSED4_STORE").is_ok_and(|v| v == "0") {
-                0
-            } else {
-                addr(s) + 4 * sums
-            },
+            done: if folded_store_on() { addr(s) + 4 * sums } else { 0 },
         });
         if packed.is_none() {
             for (m, &(codes, params)) in p.mats.iter().zip(&mats) {
@@ -417,12 +412,10 @@ impl CudaStage<'_> {
                 .map_err(cuda)?;
             }
         }
-        // SAFETY: the vectors' bytes inside the stored arena, into their place in the fp16 one.
-        unsafe {
-            g.copy_raw(stored + p.vectors.start as u64, at(out, p.vec_src.start), p.vectors.len())
-        }
-        .map_err(cuda)?;
-        Ok(fused::LayerWeights { arena: out, packed })
+        // The vectors are read where the stored arena holds them, in fp16 as in the unpacked
+        // one: layout offset o of the vectors at stored + vectors.start + 2·(o − vec_src.start).
+        let vectors = (stored + p.vectors.start as u64).wrapping_sub(2 * p.vec_src.start as u64);
+        Ok(fused::LayerWeights { arena: out, vectors, packed })
     }
 }
 
@@ -431,4 +424,11 @@ impl CudaStage<'_> {
 /// the two side by side.
 fn fused_decode_on() -> bool {
     std::env::var("FLEXGEN_FUSED4").map_or(true, |v| v != "0")
+}
+
+/// Whether the tensor-core 4-bit product stores its own sums: unless `FLEXGEN_FUSED4_STORE=0`,
+/// which runs the store as a kernel of its own to compare (read once).
+fn folded_store_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLEXGEN_FUSED4_STORE").map_or(true, |v| v != "0"))
 }
