@@ -53,18 +53,28 @@ impl LayerWeights {
     }
 }
 
-/// A layer's four matrices (q/k/v, o, fc1, fc2: [`crate::layout::PackedLayout::mats`]) as 4-bit
-/// codes and fp16 (min, scale) pairs, groups of `group` outputs of one input; `scratch` holds the
-/// visit's rows × the widest matrix's outputs as fp32, all zeros between products (each product
-/// sums into it and its store clears it again), and `done` the zeroed counters of the store the
-/// tensor-core product folds in (`gemm4_tc_done_len` of the widest matrix's outputs; 0: no
-/// folded store).
+/// A layer's four matrices (q/k/v, o, fc1, fc2: [`crate::layout::PackedLayout::mats`]) as
+/// `bits`-bit codes and fp16 (min, scale) pairs, groups of `group` outputs of one input, and how
+/// the products use them.
 #[derive(Debug, Clone, Copy)]
 pub struct Packed4 {
     pub mats: [(u64, u64); 4],
     pub group: usize,
-    pub scratch: u64,
-    pub done: u64,
+    pub bits: u8,
+    pub how: PackedUse,
+}
+
+/// How a visit's products read a packed layer's matrices.
+#[derive(Debug, Clone, Copy)]
+pub enum PackedUse {
+    /// Each matrix dequantized to fp16 into `buf` (room for the widest) just before its product,
+    /// which runs on cuBLAS: no fp16 copy of the whole layer.
+    Expand { buf: u64 },
+    /// Straight from the 4-bit codes: `scratch` holds the visit's rows × the widest matrix's
+    /// outputs as fp32, all zeros between products (each product sums into it and its store
+    /// clears it again), and `done` the zeroed counters of the store the tensor-core product
+    /// folds in (`gemm4_tc_done_len` of the widest matrix's outputs; 0: no folded store).
+    Fused { scratch: u64, done: u64 },
 }
 
 const QKV: usize = 0;
@@ -84,8 +94,9 @@ unsafe fn product(g: &Gpu, w: &LayerWeights, m: usize, gm: &Gemm) -> Result<()> 
 }
 
 /// [`product`], then `y[r, c] += b[c]` (`b` the bias's device address, or 0 for none) and ReLU
-/// if `relu`: in the fused product's store where the weight is packed, else a row kernel after
-/// the product.
+/// if `relu`: in the fused product's store where the products read the codes, in the GEMM's
+/// epilogue where the weight is fp16 (or expanded to it) and has a bias ([`Gpu::gemm_bias`]),
+/// else a row kernel after the product.
 ///
 /// # Safety
 /// As [`attention_in`]; `b` (unless 0) holds `gm.n` values.
@@ -96,15 +107,33 @@ unsafe fn product_then(
     gm: &Gemm,
     (b, relu): (u64, bool),
 ) -> Result<()> {
-    let Some(p) = &w.packed else {
-        // SAFETY: the caller's contract.
-        unsafe {
-            g.gemm(gm)?;
-            if b != 0 || relu {
-                g.bias_act_raw(gm.c, b, gm.m, gm.n, relu)?;
+    let (p, scratch, done) = match &w.packed {
+        Some(p @ Packed4 { how: PackedUse::Fused { scratch, done }, .. }) => (p, *scratch, *done),
+        packed => {
+            let expanded;
+            let gm = if let Some(Packed4 { how: PackedUse::Expand { buf }, .. }) = packed {
+                let p = packed.as_ref().expect("matched");
+                let (codes, params) = p.mats[m];
+                // SAFETY: the caller's contract; `buf` holds the widest matrix in fp16.
+                unsafe { g.dequant_dim0(codes, params, *buf, gm.n, gm.k, p.group, p.bits) }?;
+                expanded = Gemm { b: *buf, ..*gm };
+                &expanded
+            } else {
+                gm
+            };
+            // SAFETY: the caller's contract.
+            unsafe {
+                if b != 0 {
+                    g.gemm_bias(gm, b, relu)?;
+                } else {
+                    g.gemm(gm)?;
+                    if relu {
+                        g.bias_act_raw(gm.c, 0, gm.m, gm.n, relu)?;
+                    }
+                }
             }
+            return Ok(());
         }
-        return Ok(());
     };
     debug_assert!(gm.batch == 1 && gm.ldc == gm.n, "a linear layer's contiguous output");
     let (codes, params) = p.mats[m];
@@ -117,16 +146,16 @@ unsafe fn product_then(
         // The scratch holds zeros between products (allocated so, cleared by the store). The
         // tensor-core product stores its sums itself where the layout allows.
         let accumulate = gm.beta != 0.0;
-        let store = Some(Store4 { out: gm.c, bias: b, accumulate, relu, done: p.done });
-        let store = store.filter(|_| p.done != 0);
-        let stored = if let Some(stored) = g.gemm4_tc(w, x, (p.scratch, true), gm.m, store)? {
+        let store = Some(Store4 { out: gm.c, bias: b, accumulate, relu, done });
+        let store = store.filter(|_| done != 0);
+        let stored = if let Some(stored) = g.gemm4_tc(w, x, (scratch, true), gm.m, store)? {
             stored
         } else {
-            g.gemv4_dim0(w, x, (p.scratch, true), gm.m)?;
+            g.gemv4_dim0(w, x, (scratch, true), gm.m)?;
             false
         };
         if !stored {
-            g.store_f32((p.scratch, gm.c), (gm.m * gm.n, gm.n), (accumulate, true), (b, relu))?;
+            g.store_f32((scratch, gm.c), (gm.m * gm.n, gm.n), (accumulate, true), (b, relu))?;
         }
     }
     Ok(())
@@ -379,10 +408,8 @@ unsafe fn mlp(
     }
 }
 
-/// [`product`] of W matrix `m`, then `y[r, c] += b[c]` with `b` the layer range `bias` of the
-/// arena (none where the range is empty: a bias the family does not have) and ReLU if `relu`: in
-/// the GEMM's epilogue where the weight is fp16 and has a bias ([`Gpu::gemm_bias`]), in the
-/// fused product's store where it is packed, else a row kernel after the product.
+/// [`product_then`] of W matrix `m` with `b` the layer range `bias` of the arena (none where the
+/// range is empty: a bias the family does not have) and ReLU if `relu`.
 ///
 /// # Safety
 /// As [`attention_in`].
@@ -394,12 +421,6 @@ unsafe fn product_bias(
     relu: bool,
 ) -> Result<()> {
     let b = if bias.is_empty() { 0 } else { w.vector(bias) };
-    // SAFETY (both branches): the caller's contract; the bias range holds gm.n values.
-    unsafe {
-        if w.packed.is_none() && b != 0 {
-            g.gemm_bias(gm, b, relu)?;
-            return Ok(());
-        }
-        product_then(g, w, m, gm, (b, relu))
-    }
+    // SAFETY: the caller's contract; the bias range holds gm.n values.
+    unsafe { product_then(g, w, m, gm, (b, relu)) }
 }

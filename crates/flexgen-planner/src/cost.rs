@@ -305,12 +305,13 @@ pub fn terms(
     // The cache of every group in flight (one on one GPU).
     let held = l * kv_tok * full * bls * f64::from(choice.groups.max(1));
     let resident = Lin::var(WG, l * w) + Lin::var(CG, held);
-    // A compressed layer is expanded into one fp16 arena of a whole layer; the fused decode adds
-    // an fp32 output of a micro-batch's rows × the widest matrix.
+    // A compressed layer's matrices are expanded one at a time into an fp16 buffer of the widest
+    // (q/k/v or fc1: that many outputs of h inputs); the fused decode adds an fp32 output of a
+    // micro-batch's rows × the widest matrix and a counter per 256 of its outputs.
     let widest = (h1 + 2.0 * f64::from(spec.num_kv_heads * spec.head_dim()))
         .max(spec.mlp_inner_width() as f64);
-    let unpacked =
-        if choice.compress_weight { w16 } else { 0.0 } + if fused { 4.0 * b * widest } else { 0.0 };
+    let unpacked = if choice.compress_weight { 2.0 * h1 * widest } else { 0.0 }
+        + if fused { 4.0 * b * widest + 4.0 * (widest / 256.0).ceil() } else { 0.0 };
     let k = f64::from(choice.num_gpu_batches);
     // Hidden states: every micro-batch's on the GPU, or one staged from the CPU (two when the
     // next one is prefetched, with two or more micro-batches).

@@ -246,6 +246,12 @@ pub(crate) fn packed_cache_bytes(policy: &Policy, rows: usize, cap: usize, hd: u
     (codes + 2 * params) as u64
 }
 
+/// fp16 values of the buffer a packed layer's matrices are dequantized into, one before each
+/// product (prefill, and decode where the products do not read the codes): the widest matrix.
+pub(crate) fn expand_len(p: &PackedLayout) -> usize {
+    p.mats.iter().map(|m| m.rows * m.cols).max().unwrap_or(0)
+}
+
 /// The fused 4-bit product's fp32 output for a decode micro-batch (rows × the widest matrix),
 /// then the `u32` counters of the store folded into the tensor-core product.
 pub(crate) fn fused_scratch_bytes(policy: &Policy, packed: Option<&PackedLayout>) -> u64 {
@@ -300,8 +306,8 @@ fn cuda(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> R
     let compressed = policy.compress_cache.enabled;
     // GPU.
     let mut staging = if g_end < unit_len { 4 * unit_len as u64 } else { 0 };
-    if policy.compress_weight.enabled {
-        staging += a.layout.bytes() as u64; // the dequantized arena
+    if let Some(p) = &a.packed {
+        staging += 2 * expand_len(p) as u64; // one matrix dequantized at a time
     }
     staging += fused_scratch_bytes(policy, a.packed.as_ref());
     let pf = Prefetch::of(policy, gpu_rows, all_rows, disk_rows);

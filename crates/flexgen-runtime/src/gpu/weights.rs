@@ -199,9 +199,12 @@ impl CudaStage<'_> {
             self.write_disk_tier(source, dir)?;
             self.setup_times.disk_write_s = t.elapsed().as_secs_f64();
         }
-        if self.packed.is_some() {
-            // SAFETY: fully written by the dequantizing kernels and the vector copy before use.
-            self.unpacked = Some(unsafe { stream.alloc::<f16>(self.layout.len) }.map_err(drv)?);
+        if let Some(p) = &self.packed {
+            // One matrix at a time, the widest: each fully written by its dequantizing kernel
+            // before its product reads it.
+            let len = memory::expand_len(p);
+            // SAFETY: as above.
+            self.unpacked = Some(unsafe { stream.alloc::<f16>(len) }.map_err(drv)?);
         }
         let scratch = memory::fused_scratch_bytes(&self.policy, self.packed.as_ref()) / 4;
         let scratch = usize::try_from(scratch).expect("a buffer the plan counted");
@@ -379,9 +382,9 @@ impl CudaStage<'_> {
         let Some(p) = &self.packed else {
             return Ok(fused::LayerWeights { arena: stored, vectors: stored, packed: None });
         };
-        // Packed: dequantize every matrix into the fp16 arena (unless fused).
-        let out = addr(self.unpacked.as_ref().expect("allocated with the packed layout"));
-        let g = &self.gpu;
+        // Packed: each matrix dequantized before its product into the one fp16 buffer, or
+        // (fused) read from its codes.
+        let buf = addr(self.unpacked.as_ref().expect("allocated with the packed layout"));
         // Each matrix's codes and (min, scale) pairs in the stored arena.
         let mats = p
             .mats
@@ -389,33 +392,16 @@ impl CudaStage<'_> {
             .map(|m| (stored + m.codes.start as u64, stored + m.params.start as u64));
         let scratch = self.fused_scratch.as_ref().filter(|_| fused);
         let sums = memory::fused_sums_len(&self.policy, p) as u64;
-        let packed = scratch.map(|s| fused::Packed4 {
-            mats,
-            group: p.group,
+        let how = scratch.map_or(fused::PackedUse::Expand { buf }, |s| fused::PackedUse::Fused {
             scratch: addr(s),
             done: if folded_store_on() { addr(s) + 4 * sums } else { 0 },
         });
-        if packed.is_none() {
-            for (m, &(codes, params)) in p.mats.iter().zip(&mats) {
-                // SAFETY: this executor's weights and buffers, sized for these shapes.
-                unsafe {
-                    g.dequant_dim0(
-                        codes,
-                        params,
-                        at(out, m.src.start),
-                        m.rows,
-                        m.cols,
-                        p.group,
-                        p.bits,
-                    )
-                }
-                .map_err(cuda)?;
-            }
-        }
+        let packed = Some(fused::Packed4 { mats, group: p.group, bits: p.bits, how });
         // The vectors are read where the stored arena holds them, in fp16 as in the unpacked
         // one: layout offset o of the vectors at stored + vectors.start + 2·(o − vec_src.start).
         let vectors = (stored + p.vectors.start as u64).wrapping_sub(2 * p.vec_src.start as u64);
-        Ok(fused::LayerWeights { arena: out, vectors, packed })
+        // The matrices are read from `packed` alone: no fp16 arena.
+        Ok(fused::LayerWeights { arena: 0, vectors, packed })
     }
 }
 
