@@ -80,7 +80,7 @@ fn main() {
         }
         ok &= check_store(&gpu, wt, (xa, ldx), nb);
     }
-    // Timing: OPT-175B's fc1 and qkv, OPT-30B's fc1 (random codes: the kernel's time does not
+    // Timing: OPT-175B's four matrices, OPT-30B's fc1, OPT-6.7B's (random codes: the kernel's time does not
     // depend on them).
     println!(
         "| weight (outs × ins) | rows | kernel (words/thread, inputs/slice) | fp16 GEMM ms | dequantize + GEMM ms | fused 4-bit ms | fused GB/s | fused / fp16 GEMM | fused / dequantize + GEMM | tensor-core 4-bit ms (slices) | its GB/s | its / fp16 GEMM | with its store ms |"
@@ -89,6 +89,8 @@ fn main() {
     for (name, outs, ins) in [
         ("OPT-175B fc1", 49152usize, 12288usize),
         ("OPT-175B qkv", 36864, 12288),
+        ("OPT-175B out", 12288, 12288),
+        ("OPT-175B fc2", 12288, 49152),
         ("OPT-30B fc1", 28672, 7168),
         ("OPT-6.7B qkv", 12288, 4096),
         ("OPT-6.7B out", 4096, 4096),
