@@ -202,7 +202,8 @@ fn check_cache_quant(gpu: &Gpu, failures: &mut Vec<String>) {
         let codes = s.alloc_zeros::<u8>(cb).unwrap();
         let params = s.alloc_zeros::<f16>(pv).unwrap();
         // SAFETY: buffers allocated above for these shapes.
-        unsafe { gpu.quant_cache(addr(&gx), addr(&codes), addr(&params), q, (0, cap)) }.unwrap();
+        unsafe { gpu.quant_cache(&[(addr(&gx), addr(&codes), addr(&params))], q, (0, cap)) }
+            .unwrap();
         let same = s.clone_dtoh(&codes).unwrap() == want.data
             && s.clone_dtoh(&params).unwrap() == want.params;
         let name = format!("quant_cache {bits}-bit, hd {hd}, group {group}");
@@ -317,8 +318,8 @@ fn q4_and_expanded(
     );
     // SAFETY: buffers allocated above for these shapes.
     unsafe {
-        gpu.quant_cache(addr(k), addr(&kc), addr(&kp), c, (0, d.past)).unwrap();
-        gpu.quant_cache(addr(v), addr(&vc), addr(&vp), c, (0, d.past)).unwrap();
+        let kv = [(addr(k), addr(&kc), addr(&kp)), (addr(v), addr(&vc), addr(&vp))];
+        gpu.quant_cache(&kv, c, (0, d.past)).unwrap();
         gpu.dequant_cache(addr(&kc), addr(&kp), addr(&ke), c, (0, d.past)).unwrap();
         gpu.dequant_cache(addr(&vc), addr(&vp), addr(&ve), c, (0, d.past)).unwrap();
         gpu.attention_decode(
@@ -569,7 +570,7 @@ fn time_kernels(gpu: &Gpu) {
     );
     let ms =
         // SAFETY: buffers allocated above for these shapes.
-        gpu.time_ms(5, || unsafe { gpu.quant_cache(addr(&kv), addr(&cc), addr(&cp), q, (543, 1)) }.unwrap());
+        gpu.time_ms(5, || unsafe { gpu.quant_cache(&[(addr(&kv), addr(&cc), addr(&cp))], q, (543, 1)) }.unwrap());
     println!("time quant_cache, one new position of {rows} rows: {ms:.3} ms");
     let qv = s.alloc_zeros::<f16>(rows * hd).unwrap();
     let start = s.alloc_zeros::<i32>(b).unwrap();

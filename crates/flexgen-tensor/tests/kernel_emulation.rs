@@ -1129,11 +1129,16 @@ int main(int argc, char** argv) {
     int groups = (hd + gs - 1) / gs;
     std::vector<unsigned char> codes((size_t)rows * cap * groups * gs * bits / 8, 0);
     std::vector<half_t> params((size_t)rows * cap * groups * 2, 0);
+    // The second cache of the launch (blockIdx.y 1): x reversed.
+    std::vector<half_t> x1(x.rbegin(), x.rend());
+    auto codes1 = codes; auto params1 = params;
     long long warps = (long long)rows * np * groups;
-    grid_warps((unsigned)((warps * 32 + 255) / 256), 1, 256, 0, [&] {
-        quant_cache(x.data(), codes.data(), params.data(), rows, cap, hd, gs, bits, p0, np); });
+    grid_warps((unsigned)((warps * 32 + 255) / 256), 2, 256, 0, [&] {
+        quant_cache(x.data(), codes.data(), params.data(), x1.data(), codes1.data(), params1.data(), rows, cap, hd, gs, bits, p0, np); });
     FILE* f = fopen(argv[9], "wb"); fwrite(codes.data(), 1, codes.size(), f); fclose(f);
     dump(argv[10], params);
+    f = fopen(argv[11], "wb"); fwrite(codes1.data(), 1, codes1.size(), f); fclose(f);
+    dump(argv[12], params1);
 }
 "#,
     );
@@ -1146,28 +1151,36 @@ int main(int argc, char** argv) {
         write_bytes(&f("x"), &f16_bytes(&x));
         let st = Command::new(&exe)
             .args([rows, cap, hd, group, usize::from(bits), p0, np].map(|v| v.to_string()))
-            .args(["x", "codes", "params"].map(f))
+            .args(["x", "codes", "params", "codes1", "params1"].map(f))
             .status()
             .unwrap();
-        let label = format!("{rows} rows × {cap} × {hd}, group {group}, {bits}-bit");
-        assert!(st.success(), "{label}: the harness failed");
-        let want = quantize(&x, &[rows, cap, hd], QuantSpec { bits, group, dim: 2 });
-        let (codes, params) =
-            (std::fs::read(f("codes")).unwrap(), std::fs::read(f("params")).unwrap());
-        let (groups, pb) = (hd.div_ceil(group), params_bytes(&want.params));
-        let (code_b, pair_b) = (groups * group * usize::from(bits) / 8, groups * 4);
-        assert_eq!((codes.len(), params.len()), (want.data.len(), pb.len()), "{label}: sizes");
-        for slot in 0..rows * cap {
-            let inside = (p0..p0 + np).contains(&(slot % cap));
-            let (c, p) = (slot * code_b..(slot + 1) * code_b, slot * pair_b..(slot + 1) * pair_b);
-            if inside {
-                assert_eq!(codes[c.clone()], want.data[c], "{label}: slot {slot} codes");
-                assert_eq!(params[p.clone()], pb[p], "{label}: slot {slot} pairs");
-            } else {
-                assert!(
-                    codes[c].iter().chain(&params[p]).all(|&b| b == 0),
-                    "{label}: slot {slot} untouched"
-                );
+        assert!(st.success(), "{rows} rows × {cap} × {hd}: the harness failed");
+        // The launch's two caches: x, and x reversed (blockIdx.y 1).
+        let reversed: Vec<f32> = x.iter().rev().copied().collect();
+        for (x, (codes, params), which) in
+            [(&x, ("codes", "params"), "first"), (&reversed, ("codes1", "params1"), "second")]
+        {
+            let label = format!("{rows} rows × {cap} × {hd}, group {group}, {bits}-bit, {which}");
+            let want = quantize(x, &[rows, cap, hd], QuantSpec { bits, group, dim: 2 });
+            let (codes, params) =
+                (std::fs::read(f(codes)).unwrap(), std::fs::read(f(params)).unwrap());
+            let (groups, pb) = (hd.div_ceil(group), params_bytes(&want.params));
+            let (code_b, pair_b) = (groups * group * usize::from(bits) / 8, groups * 4);
+            let sizes = (want.data.len(), pb.len());
+            assert_eq!((codes.len(), params.len()), sizes, "{label}: sizes");
+            for slot in 0..rows * cap {
+                let inside = (p0..p0 + np).contains(&(slot % cap));
+                let c = slot * code_b..(slot + 1) * code_b;
+                let p = slot * pair_b..(slot + 1) * pair_b;
+                if inside {
+                    assert_eq!(codes[c.clone()], want.data[c], "{label}: slot {slot} codes");
+                    assert_eq!(params[p.clone()], pb[p], "{label}: slot {slot} pairs");
+                } else {
+                    assert!(
+                        codes[c].iter().chain(&params[p]).all(|&b| b == 0),
+                        "{label}: slot {slot} untouched"
+                    );
+                }
             }
         }
     }

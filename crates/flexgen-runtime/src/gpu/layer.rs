@@ -148,17 +148,13 @@ impl CudaStage<'_> {
             } else {
                 attend(all_rows).map_err(cuda)?;
             }
+            let kv = [(kn, addr(ck), addr(pk)), (vn, addr(cv), addr(pv))];
             // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe { g.quant_cache(kn, addr(ck), addr(pk), qg, (past, t)) }.map_err(cuda)?;
-            // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe { g.quant_cache(vn, addr(cv), addr(pv), qg, (past, t)) }.map_err(cuda)?;
+            unsafe { g.quant_cache(&kv, qg, (past, t)) }.map_err(cuda)?;
             if let Some(([sck, scv], [spk, spv])) = packed_stage {
+                let kv = [(kn_c, addr(sck), addr(spk)), (vn_c, addr(scv), addr(spv))];
                 // SAFETY: this executor's weights and buffers, sized for these shapes.
-                unsafe { g.quant_cache(kn_c, addr(sck), addr(spk), qc, (past, t)) }
-                    .map_err(cuda)?;
-                // SAFETY: this executor's weights and buffers, sized for these shapes.
-                unsafe { g.quant_cache(vn_c, addr(scv), addr(spv), qc, (past, t)) }
-                    .map_err(cuda)?;
+                unsafe { g.quant_cache(&kv, qc, (past, t)) }.map_err(cuda)?;
                 // Only the new positions go back to the CPU rows' home.
                 let groups = hd.div_ceil(group);
                 let code_b = groups * group * usize::from(bits) / 8; // per (row, position)

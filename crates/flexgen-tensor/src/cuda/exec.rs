@@ -1053,8 +1053,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// Quantizes positions `p0..p0 + np` of `x` `[rows, cap, hd]` into a packed KV cache, exactly
-    /// as `flexgen_tensor::quant` does.
+    /// Quantizes positions `p0..p0 + np` of `x` `[rows, cap, hd]` into a packed KV cache
+    /// (`codes`, `params`), exactly as `flexgen_tensor::quant` does, for each `(x, codes, params)`
+    /// of `caches` (k and v: one launch).
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -1063,12 +1064,16 @@ impl Gpu {
     /// by other work on other streams meanwhile.
     pub unsafe fn quant_cache(
         &self,
-        x: u64,
-        codes: u64,
-        params: u64,
+        caches: &[(u64, u64, u64)],
         c: CacheQuant,
         (p0, np): (usize, usize),
     ) -> Result<(), CudaError> {
+        assert!(caches.len() <= 2, "k and v at most");
+        let (Some(&(x, codes, params)), Some(&(x1, codes1, params1))) =
+            (caches.first(), caches.last())
+        else {
+            return Ok(()); // no cache
+        };
         if np == 0 || c.rows == 0 {
             return Ok(()); // nothing to do (and a grid of no blocks is invalid)
         }
@@ -1078,10 +1083,11 @@ impl Gpu {
         let (r, cap, hd, gs, b, p0i, npi) =
             (dim(c.rows), dim(c.cap), dim(c.hd), dim(c.group), i32::from(c.bits), dim(p0), dim(np));
         let mut l = self.stream.launch_builder(&self.quant_cache);
-        l.arg(&x).arg(&codes).arg(&params).arg(&r).arg(&cap).arg(&hd).arg(&gs).arg(&b);
-        l.arg(&p0i).arg(&npi);
+        l.arg(&x).arg(&codes).arg(&params).arg(&x1).arg(&codes1).arg(&params1);
+        l.arg(&r).arg(&cap).arg(&hd).arg(&gs).arg(&b).arg(&p0i).arg(&npi);
+        let sets = u32::try_from(caches.len()).expect("fits");
         let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(warps.div_ceil(8)).expect("fits"), 1, 1),
+            grid_dim: (u32::try_from(warps.div_ceil(8)).expect("fits"), sets, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

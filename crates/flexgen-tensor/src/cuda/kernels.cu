@@ -1087,9 +1087,12 @@ extern "C" __global__ void dequant_cache(const unsigned char* codes, const half_
 
 // Quantizes positions p0 ≤ p < p0 + np of x (fp16 [rows, cap, hd]) into the packed cache, exactly
 // as flexgen_tensor::quant does (min rounded down and scale rounded up to fp16, codes rounded to
-// nearest, padding of the last group with code 0). One warp per group.
+// nearest, padding of the last group with code 0). One warp per group. blockIdx.y 1 takes a
+// second cache of the same shape (x1, codes1, params1: v beside k, one launch for both).
 extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, half_t* params,
+                                       const half_t* x1, unsigned char* codes1, half_t* params1,
                                        int rows, int cap, int hd, int gs, int bits, int p0, int np) {
+    if (blockIdx.y) { x = x1; codes = codes1; params = params1; }
     int groups = (hd + gs - 1) / gs, per = groups * gs;
     long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
