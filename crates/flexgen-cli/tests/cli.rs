@@ -366,6 +366,33 @@ fn dummy_weights_take_a_tokenizer_for_text_prompts_and_batch_jobs() {
     assert!(!o.status.success() && err.contains("/nonexistent/tok.json"), "{err}");
 }
 
+/// `--dummy` runs any shape a config.json alone gives (here the bundled model's with two layers),
+/// and a broken config.json is named.
+#[test]
+fn dummy_weights_take_the_shape_of_a_config_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let kjv = root().join("crates/flexgen-model/models/opt-kjv/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(kjv).unwrap()).unwrap();
+    config["num_hidden_layers"] = 2.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let o = bin("flexgen-run")
+        .args(["--model"])
+        .arg(dir.path())
+        .args(["--dummy", "--prompt-len", "4", "--max-new-tokens", "2", "--json"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["calibration"]["spec"]["num_layers"], 2, "{report}");
+    assert_eq!(report["generated_tokens"], 2, "{report}");
+    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"opt\"").unwrap();
+    let o = bin("flexgen-run").args(["--model"]).arg(dir.path()).arg("--dummy").output().unwrap();
+    let err = text(&o).1;
+    assert!(!o.status.success() && err.contains("config.json"), "{err}");
+}
+
 #[test]
 fn a_batch_line_longer_than_the_model_is_named_or_skipped() {
     let dir = tempfile::tempdir().unwrap();
