@@ -53,8 +53,10 @@ opt175_4() {
     "torch_dtype": "float16", "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
     open(sys.argv[1], "w"))' "$LOGS/opt-175b-4/config.json"
 }
-S3_4=(--device cuda --model "$LOGS/opt-175b-4" --dummy --percent 100 0 100 0 100 0 --gpu-batch-size 32
-  --num-gpu-batches 1 --compress-weight --compress-cache --prompt-len 512 --max-new-tokens 2 --json)
+# S3's policy and workload (the model and new tokens after them).
+S3=(--device cuda --dummy --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1
+  --compress-weight --compress-cache --prompt-len 512 --json)
+S3_4=("${S3[@]}" --model "$LOGS/opt-175b-4" --max-new-tokens 2)
 for part in ${PARTS:-check bench executor pipeline ranks s4}; do
   case $part in
     check) t cuda_check 120 "$B/cuda_check" ;;
@@ -98,14 +100,10 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
           --max-new-tokens 32 --json
       done ;;
     s3)
-      t s3 240 "$B/flexgen-run" --device cuda --model opt-175b --dummy --percent 100 0 100 0 100 0 \
-        --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight --compress-cache --prompt-len 512 \
-        --max-new-tokens 32 --json ;;
+      t s3 240 "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32 ;;
     s3b)
       # S3 with each 4-bit product's store as a kernel of its own (as before session 18).
-      FLEXGEN_FUSED4_STORE=0 t s3b 240 "$B/flexgen-run" --device cuda --model opt-175b --dummy \
-        --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --compress-weight \
-        --compress-cache --prompt-len 512 --max-new-tokens 32 --json ;;
+      FLEXGEN_FUSED4_STORE=0 t s3b 240 "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32 ;;
     ncu_s3)
       opt175_4
       t ncu_s3 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \

@@ -107,33 +107,20 @@ unsafe fn product_then(
     gm: &Gemm,
     (b, relu): (u64, bool),
 ) -> Result<()> {
-    let (p, scratch, done) = match &w.packed {
-        Some(p @ Packed4 { how: PackedUse::Fused { scratch, done }, .. }) => (p, *scratch, *done),
-        packed => {
-            let expanded;
-            let gm = if let Some(Packed4 { how: PackedUse::Expand { buf }, .. }) = packed {
-                let p = packed.as_ref().expect("matched");
+    let (p, scratch, done) = match w.packed {
+        // SAFETY (both): the caller's contract.
+        None => return unsafe { gemm_then(g, gm, (b, relu)) },
+        Some(p) => match p.how {
+            PackedUse::Fused { scratch, done } => (p, scratch, done),
+            PackedUse::Expand { buf } => {
                 let (codes, params) = p.mats[m];
                 // SAFETY: the caller's contract; `buf` holds the widest matrix in fp16.
-                unsafe { g.dequant_dim0(codes, params, *buf, gm.n, gm.k, p.group, p.bits) }?;
-                expanded = Gemm { b: *buf, ..*gm };
-                &expanded
-            } else {
-                gm
-            };
-            // SAFETY: the caller's contract.
-            unsafe {
-                if b != 0 {
-                    g.gemm_bias(gm, b, relu)?;
-                } else {
-                    g.gemm(gm)?;
-                    if relu {
-                        g.bias_act_raw(gm.c, 0, gm.m, gm.n, relu)?;
-                    }
+                unsafe {
+                    g.dequant_dim0(codes, params, buf, gm.n, gm.k, p.group, p.bits)?;
+                    return gemm_then(g, &Gemm { b: buf, ..*gm }, (b, relu));
                 }
             }
-            return Ok(());
-        }
+        },
     };
     debug_assert!(gm.batch == 1 && gm.ldc == gm.n, "a linear layer's contiguous output");
     let (codes, params) = p.mats[m];
@@ -156,6 +143,26 @@ unsafe fn product_then(
         };
         if !stored {
             g.store_f32((scratch, gm.c), (gm.m * gm.n, gm.n), (accumulate, true), (b, relu))?;
+        }
+    }
+    Ok(())
+}
+
+/// The fp16 GEMM `gm`, then the bias `b` (0 for none) and ReLU if `relu`: in cuBLASLt's epilogue
+/// where there is a bias ([`Gpu::gemm_bias`]), else a row kernel after the product.
+///
+/// # Safety
+/// As [`attention_in`]; `b` (unless 0) holds `gm.n` values.
+unsafe fn gemm_then(g: &Gpu, gm: &Gemm, (b, relu): (u64, bool)) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if b != 0 {
+            g.gemm_bias(gm, b, relu)?;
+        } else {
+            g.gemm(gm)?;
+            if relu {
+                g.bias_act_raw(gm.c, 0, gm.m, gm.n, relu)?;
+            }
         }
     }
     Ok(())

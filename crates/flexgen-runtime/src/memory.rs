@@ -257,8 +257,7 @@ pub(crate) fn expand_len(p: &PackedLayout) -> usize {
 pub(crate) fn fused_scratch_bytes(policy: &Policy, packed: Option<&PackedLayout>) -> u64 {
     match packed {
         Some(p) if policy.fuses_decode() => {
-            let widest = p.mats.iter().map(|m| m.rows).max().unwrap_or(0);
-            (fused_sums_len(policy, p) + gemm4_tc_done_len(widest)) as u64 * 4
+            (fused_sums_len(policy, p) + gemm4_tc_done_len(widest_outputs(p))) as u64 * 4
         }
         _ => 0,
     }
@@ -266,7 +265,12 @@ pub(crate) fn fused_scratch_bytes(policy: &Policy, packed: Option<&PackedLayout>
 
 /// The fp32 sums that [`fused_scratch_bytes`] starts with (its counters after them).
 pub(crate) fn fused_sums_len(policy: &Policy, p: &PackedLayout) -> usize {
-    policy.gpu_batch_size as usize * p.mats.iter().map(|m| m.rows).max().unwrap_or(0)
+    policy.gpu_batch_size as usize * widest_outputs(p)
+}
+
+/// Outputs of a packed layer's widest matrix.
+fn widest_outputs(p: &PackedLayout) -> usize {
+    p.mats.iter().map(|m| m.rows).max().unwrap_or(0)
 }
 
 /// Pinned CPU memory for the last positions' logits of every GPU batch.

@@ -138,8 +138,9 @@ pub struct CudaStage<'m> {
     packed: Option<PackedLayout>,
     /// fp16 units of the stored arena: `layout.len`, or half the packed bytes.
     unit_len: usize,
-    /// With `compress_weight`: the fp16 arena each layer is dequantized into before use.
-    unpacked: Option<CudaSlice<f16>>,
+    /// With `compress_weight`: the fp16 buffer (the widest matrix) each packed matrix is
+    /// dequantized into just before its product.
+    expanded: Option<CudaSlice<f16>>,
     /// The fused 4-bit product's fp32 output, where decode steps take it
     /// (`Policy::fuses_decode`; `FLEXGEN_FUSED4=0` in the environment turns it off:
     /// `weights::fused_decode_on`).
@@ -403,7 +404,7 @@ impl<'m> CudaStage<'m> {
             layout,
             packed,
             unit_len,
-            unpacked: None,
+            expanded: None,
             fused_scratch: None,
             packed_memo: std::cell::RefCell::new(None),
             g_end,

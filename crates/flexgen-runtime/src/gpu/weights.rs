@@ -204,7 +204,7 @@ impl CudaStage<'_> {
             // before its product reads it.
             let len = memory::expand_len(p);
             // SAFETY: as above.
-            self.unpacked = Some(unsafe { stream.alloc::<f16>(len) }.map_err(drv)?);
+            self.expanded = Some(unsafe { stream.alloc::<f16>(len) }.map_err(drv)?);
         }
         let scratch = memory::fused_scratch_bytes(&self.policy, self.packed.as_ref()) / 4;
         let scratch = usize::try_from(scratch).expect("a buffer the plan counted");
@@ -356,9 +356,10 @@ impl CudaStage<'_> {
     }
 
     /// Layer `j`'s weights for this pass: its resident arena, or staging arena `slot` once the
-    /// copies have landed and the GPU part has been copied in. Packed, its matrices are
-    /// dequantized into the fp16 arena, or (`fused`, on a stage that fuses decode products) left
-    /// packed for the fused 4-bit product; its vectors are read where they are stored.
+    /// copies have landed and the GPU part has been copied in. Packed, each matrix is dequantized
+    /// into the one fp16 buffer just before its product, or (`fused`, on a stage that fuses decode
+    /// products) read as codes by the fused 4-bit product; its vectors are read where they are
+    /// stored.
     pub(super) fn layer_weights(
         &self,
         j: usize,
@@ -384,7 +385,7 @@ impl CudaStage<'_> {
         };
         // Packed: each matrix dequantized before its product into the one fp16 buffer, or
         // (fused) read from its codes.
-        let buf = addr(self.unpacked.as_ref().expect("allocated with the packed layout"));
+        let buf = addr(self.expanded.as_ref().expect("allocated with the packed layout"));
         // Each matrix's codes and (min, scale) pairs in the stored arena.
         let mats = p
             .mats
@@ -397,8 +398,8 @@ impl CudaStage<'_> {
             done: if folded_store_on() { addr(s) + 4 * sums } else { 0 },
         });
         let packed = Some(fused::Packed4 { mats, group: p.group, bits: p.bits, how });
-        // The vectors are read where the stored arena holds them, in fp16 as in the unpacked
-        // one: layout offset o of the vectors at stored + vectors.start + 2·(o − vec_src.start).
+        // The vectors are read where the stored arena holds them, in fp16 as in the fp16
+        // layout: layout offset o of the vectors at stored + vectors.start + 2·(o − vec_src.start).
         let vectors = (stored + p.vectors.start as u64).wrapping_sub(2 * p.vec_src.start as u64);
         // The matrices are read from `packed` alone: no fp16 arena.
         Ok(fused::LayerWeights { arena: 0, vectors, packed })

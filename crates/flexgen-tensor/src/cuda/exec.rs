@@ -1120,7 +1120,7 @@ impl Gpu {
 }
 
 /// The launch of a decode attention kernel over `rows` kv rows (`d.nh / d.nkv` query rows each, a
-/// block of four warps per query row, shared memory for the `d.past + 1` scores and each warp's
+/// block of `warps` warps per query row, shared memory for the `d.past + 1` scores and each warp's
 /// part of the output), with the query heads per kv head and the positions attended.
 fn decode_attention_launch(rows: usize, d: AttnDims, warps: usize) -> (LaunchConfig, usize, usize) {
     let (rep, s) = (d.nh / d.nkv, d.past + 1);
