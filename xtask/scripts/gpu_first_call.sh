@@ -19,6 +19,7 @@
 #                     FLEXGEN_LT=all, between them as shipped and with FLEXGEN_LT=0
 #           s3        OPT-175B, 4-bit weights and cache all on the GPU, 32×1 (not by default)
 #           s3b       s3 with FLEXGEN_FUSED4_STORE=0 (each 4-bit product's store a kernel of its own)
+#           s3envs    s3 once under each of S3ENVS (environments, `;` apart, each "NAME=VALUE ...")
 #           ncu_attn  Nsight Compute's full set on S3's decode attention and 32-row products
 #           ncu_s3    S3's shape with 4 layers and 2 new tokens under Nsight Compute, every kernel's time (one metric,
 #                     clocks as they run) in ncu_s3.csv: where a decode step goes (not by default;
@@ -104,6 +105,12 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
     s3b)
       # S3 with each 4-bit product's store as a kernel of its own (as before session 18).
       FLEXGEN_FUSED4_STORE=0 t s3b 240 "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32 ;;
+    s3envs)
+      IFS=';' read -ra es <<< "${S3ENVS:-FLEXGEN_SPLIT_PACK=0}"
+      for e in "${es[@]}"; do
+        read -ra kv <<< "$e"
+        t "s3_${e// /_}" 240 env "${kv[@]}" "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32
+      done ;;
     ncu_s3)
       opt175_4
       t ncu_s3 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
@@ -115,7 +122,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       NCU=(ncu --clock-control none --set full)
       t ncu_attn 200 "${NCU[@]}" -k regex:decode_attention_q4 -c 1 "$B/flexgen-run" "${S3_4[@]}"
       t ncu_s3tc4 250 "${NCU[@]}" -k regex:gemm4_tc_4 -s 16 -c 4 "$B/flexgen-run" "${S3_4[@]}" ;;
-    *) echo "unknown part $part (check gemv4 variants envs ncu bench executor pipeline ranks s4 s3 s3b ncu_s3 ncu_attn)" >&2; fail=1 ;;
+    *) echo "unknown part $part (check gemv4 variants envs ncu bench executor pipeline ranks s4 s3 s3b s3envs ncu_s3 ncu_attn)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"

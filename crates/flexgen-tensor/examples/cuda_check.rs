@@ -6,7 +6,9 @@
 #![expect(clippy::print_stdout, reason = "a check program prints its table")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{AttnDims, CacheQuant, Gemm, addr, at, norm_threads};
+use flexgen_tensor::cuda::exec::{
+    AttnDims, CacheQuant, Gemm, NewKv, SplitPack, addr, at, norm_threads,
+};
 use flexgen_tensor::quant::{QuantSpec, dequantize, quantize};
 use flexgen_tensor::{Device, Tensor};
 use half::f16;
@@ -131,6 +133,7 @@ fn main() {
 
     check_dequant(&gpu, &mut failures);
     check_cache_quant(&gpu, &mut failures);
+    check_split_pack(&gpu, &mut failures);
     check_decode_attention(&gpu, &mut failures);
     check_bias_norm(&gpu, &mut failures);
     check_gemm_bias(&gpu, &mut failures);
@@ -228,6 +231,76 @@ fn check_cache_quant(gpu: &Gpu, failures: &mut Vec<String>) {
         let name = format!("dequant_cache {bits}-bit, hd {hd}, g {group}");
         let t = |v: Vec<f32>| Tensor::from_vec(v, (rows * cap, hd), &Device::Cpu).unwrap();
         compare(&name, &t(got), &t(want), failures);
+    }
+}
+
+/// `qkv_split` packing the new positions of the first cache rows itself (`SplitPack`: 4 bits,
+/// groups of 64): the same bytes as `quant` gives for the fp16 k and v it writes, at those
+/// positions only; heads of 128 and 64 values, one new position and three.
+fn check_split_pack(gpu: &Gpu, failures: &mut Vec<String>) {
+    for (hd, t) in [(128usize, 1usize), (64, 3)] {
+        let (b, nh, cap, past) = (5usize, 4usize, 9usize, 2usize);
+        let (w, rows, qrows) = (3 * nh * hd, b * nh, b * nh - 3);
+        let d = AttnDims { b, t, nh, nkv: nh, hd, cap, past };
+        let quant = CacheQuant { rows: qrows, cap, hd, group: 64, bits: 4 };
+        let half =
+            |v: Tensor| -> Vec<f16> { v.to_vec1_f32().into_iter().map(f16::from_f32).collect() };
+        let s = &gpu.stream;
+        let y = s.clone_htod(&half(rand(&[b * t * w], 40 + hd as u64, 2.0))).unwrap();
+        let bias = s.clone_htod(&half(rand(&[w], 41, 0.5))).unwrap();
+        let q = s.alloc_zeros::<f16>(b * nh * t * hd).unwrap();
+        let (kn, vn) = (
+            s.alloc_zeros::<f16>(rows * cap * hd).unwrap(),
+            s.alloc_zeros::<f16>(rows * cap * hd).unwrap(),
+        );
+        let (cb, pv) = quant.sizes();
+        let (kq, vq) = (s.alloc_zeros::<u8>(cb).unwrap(), s.alloc_zeros::<u8>(cb).unwrap());
+        let (kp, vp) = (s.alloc_zeros::<f16>(pv).unwrap(), s.alloc_zeros::<f16>(pv).unwrap());
+        let new = NewKv { gpu_rows: 0, k: addr(&kn), v: addr(&vn), cap, past };
+        let packs = SplitPack { k: (addr(&kq), addr(&kp)), v: (addr(&vq), addr(&vp)), quant };
+        // SAFETY: buffers allocated above for these shapes.
+        unsafe {
+            gpu.qkv_split(
+                addr(&y),
+                (Some(addr(&bias)), None),
+                addr(&q),
+                0,
+                0,
+                new,
+                Some(packs),
+                d,
+                0.125,
+            )
+        }
+        .unwrap();
+        let mut same = true;
+        for (x, codes, pairs) in [(&kn, &kq, &kp), (&vn, &vq, &vp)] {
+            let x: Vec<f32> = s.clone_dtoh(x).unwrap().into_iter().map(f16::to_f32).collect();
+            let want = quantize(
+                &x[..qrows * cap * hd],
+                &[qrows, cap, hd],
+                QuantSpec { bits: 4, group: 64, dim: 2 },
+            );
+            let (codes, pairs) = (s.clone_dtoh(codes).unwrap(), s.clone_dtoh(pairs).unwrap());
+            let (code_b, pair_v) = (hd / 2, hd / 64 * 2);
+            for slot in 0..qrows * cap {
+                let (c, p) =
+                    (slot * code_b..(slot + 1) * code_b, slot * pair_v..(slot + 1) * pair_v);
+                same &= if (past..past + t).contains(&(slot % cap)) {
+                    codes[c.clone()] == want.data[c] && pairs[p.clone()] == want.params[p]
+                } else {
+                    codes[c].iter().all(|&v| v == 0) && pairs[p].iter().all(|v| v.to_f32() == 0.0)
+                };
+            }
+        }
+        let name = format!("qkv_split packing, hd {hd}, t {t}");
+        println!(
+            "{name:<28} {}",
+            if same { "same bytes as the CPU  ok" } else { "FAIL: bytes differ" }
+        );
+        if !same {
+            failures.push(name);
+        }
     }
 }
 

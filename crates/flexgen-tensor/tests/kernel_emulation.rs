@@ -34,6 +34,14 @@ fn kernel_start(name: &str) -> usize {
     at.unwrap_or_else(|| panic!("kernel {name} in kernels.cu"))
 }
 
+/// kernels.cu's line `#define NAME …`.
+fn define(name: &str) -> &'static str {
+    let line = KERNELS
+        .lines()
+        .find(|l| l.strip_prefix("#define ").is_some_and(|r| r.starts_with(&format!("{name} "))));
+    line.unwrap_or_else(|| panic!("#define {name} in kernels.cu"))
+}
+
 /// The text of kernel `name`.
 fn kernel(name: &str) -> &'static str {
     let start = kernel_start(name);
@@ -645,15 +653,10 @@ fn f16_bytes(v: &[f32]) -> Vec<u8> {
 #[test]
 fn qkv_split_with_rotation_and_silu_mul_match_the_reference() {
     let dir = tempfile::tempdir().unwrap();
-    let before = format!(
-        "#include <cmath>\n#define __device__\n#define __forceinline__ inline\n\
-         #define __expf expf\n{}",
-        device_fn("rotate")
-    );
-    let exe = build_with(
+    let exe = build_warps(
         dir.path(),
-        &before,
-        &["qkv_split", "silu_mul"],
+        &qkv_split_helpers(),
+        &[kernel("qkv_split"), kernel("silu_mul")].concat(),
         r"
 int main(int argc, char** argv) {
     int b = 3, t = 5, nh = 4, nkv = 2, hd = 16, cap = 12, past = 4, gr = 3, ncap = 12, npast = 4;
@@ -664,8 +667,9 @@ int main(int argc, char** argv) {
     std::vector<float> inv(fb.size() / 4); memcpy(inv.data(), fb.data(), fb.size());
     std::vector<half_t> q(b * nh * t * hd, 0), kc(gr * cap * hd, 0), vc(gr * cap * hd, 0);
     std::vector<half_t> kn((b * nkv - gr) * ncap * hd, 0), vn((b * nkv - gr) * ncap * hd, 0);
-    grid(b * t, 1, [&] { qkv_split(y.data(), bias.data(), pos.data(), inv.data(), q.data(), kc.data(), vc.data(),
-                                   kn.data(), vn.data(), gr, ncap, npast, t, nh, nkv, hd, cap, past, 0.25f); });
+    grid_warps(b * t, 1, 256, 0, [&] { qkv_split(y.data(), bias.data(), pos.data(), inv.data(), q.data(), kc.data(), vc.data(),
+                                   kn.data(), vn.data(), gr, ncap, npast, t, nh, nkv, hd, cap, past, 0.25f,
+                                   nullptr, nullptr, nullptr, nullptr, 0); });
     dump(argv[5], q); dump(argv[6], kc); dump(argv[7], vc); dump(argv[8], kn); dump(argv[9], vn);
     // SwiGLU in place over rows of [gate | up], f = 24.
     int rows = 7, f = 24;
@@ -762,6 +766,102 @@ int main(int argc, char** argv) {
                 "silu row {r} {j}: {got} vs {want}"
             );
             assert_eq!(g_out[r * 2 * f + f + j], g_in[r * 2 * f + f + j], "up untouched");
+        }
+    }
+}
+
+/// The quantizer's rounding helpers, which `quant_cache` and `qkv_split` share.
+fn quant_helpers() -> String {
+    [
+        section("__device__ __forceinline__ half_t f16_down("),
+        section("__device__ __forceinline__ half_t f16_up("),
+        section("__device__ __forceinline__ void quant_pair("),
+        section("__device__ __forceinline__ unsigned quant_code("),
+    ]
+    .concat()
+}
+
+/// What `qkv_split` calls: `rotate`, `qkv_value` and [`quant_helpers`].
+fn qkv_split_helpers() -> String {
+    [device_fn("rotate"), device_fn("qkv_value"), &quant_helpers()].concat()
+}
+
+/// `qkv_split` packing the new k and v of the first `qrows` cache rows itself (4 bits, groups of
+/// 64; OPT's bias, no rotation): its codes and (min, scale) pairs equal `quant::quantize`'s of the
+/// fp16 values it writes, at the new positions only, for rows written to the caches (`gpu_rows`)
+/// and to the new-row buffers alike; heads of 64 and of 128 values.
+#[test]
+fn qkv_split_packs_the_new_positions_as_the_quantizer_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_warps(
+        dir.path(),
+        &qkv_split_helpers(),
+        kernel("qkv_split"),
+        r#"
+int main(int argc, char** argv) {
+    int b = atoi(argv[1]), t = atoi(argv[2]), nh = atoi(argv[3]), hd = atoi(argv[4]), cap = atoi(argv[5]);
+    int past = atoi(argv[6]), gr = atoi(argv[7]), qrows = atoi(argv[8]), nkv = nh;
+    auto y = slurp_halves(argv[9]); auto bias = slurp_halves(argv[10]);
+    std::vector<half_t> q((size_t)b * nh * t * hd, 0), kc((size_t)gr * cap * hd, 0), vc = kc;
+    std::vector<half_t> kn((size_t)(b * nkv - gr) * cap * hd, 0), vn = kn;
+    std::vector<unsigned char> kq((size_t)qrows * cap * hd / 2, 0), vq = kq;
+    std::vector<half_t> kp((size_t)qrows * cap * hd / 64 * 2, 0), vp = kp;
+    grid_warps(b * t, 1, 256, 0, [&] { qkv_split(y.data(), bias.data(), nullptr, nullptr, q.data(), kc.data(), vc.data(),
+        kn.data(), vn.data(), gr, cap, past, t, nh, nkv, hd, cap, past, 0.125f, kq.data(), kp.data(), vq.data(), vp.data(), qrows); });
+    dump(argv[11], kc); dump(argv[12], vc); dump(argv[13], kn); dump(argv[14], vn);
+    FILE* f = fopen(argv[15], "wb"); fwrite(kq.data(), 1, kq.size(), f); fclose(f);
+    f = fopen(argv[16], "wb"); fwrite(vq.data(), 1, vq.size(), f); fclose(f);
+    dump(argv[17], kp); dump(argv[18], vp);
+}
+"#,
+    );
+    // (sequences, positions, heads, head width, cap, past, rows in the caches, rows packed)
+    for (b, t, nh, hd, cap, past, gr, qrows) in
+        [(3, 1, 2, 64, 6, 3, 0, 6), (2, 3, 3, 128, 7, 2, 0, 4), (2, 2, 2, 64, 5, 1, 3, 3)]
+    {
+        let label = format!("{b}×{t}, {nh} heads of {hd}, {gr} cache rows, {qrows} packed");
+        let w = 3 * nh * hd;
+        let y = data(b * t * w, 11 + hd as u64);
+        let bias = data(w, 5);
+        let f = |n: &str| dir.path().join(n);
+        write_bytes(&f("y"), &f16_bytes(&y));
+        write_bytes(&f("bias"), &f16_bytes(&bias));
+        let st = Command::new(&exe)
+            .args([b, t, nh, hd, cap, past, gr, qrows].map(|v| v.to_string()))
+            .args(["y", "bias", "kc", "vc", "kn", "vn", "kq", "vq", "kp", "vp"].map(f))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{label}: the harness failed");
+        let spec = QuantSpec { bits: 4, group: 64, dim: 2 };
+        let row_vals = hd * cap;
+        for (which, cache, new, codes, pairs) in
+            [("k", "kc", "kn", "kq", "kp"), ("v", "vc", "vn", "vq", "vp")]
+        {
+            // The fp16 rows the split wrote: cache rows first, then the new-row buffers'.
+            let mut x = read_f16(&f(cache));
+            x.extend(read_f16(&f(new)));
+            let want = quantize(&x[..qrows * row_vals], &[qrows, cap, hd], spec);
+            let (codes, pairs) =
+                (std::fs::read(f(codes)).unwrap(), std::fs::read(f(pairs)).unwrap());
+            let pb = params_bytes(&want.params);
+            let (code_b, pair_b) = (hd / 2, hd / 64 * 4);
+            for slot in 0..qrows * cap {
+                let c = slot * code_b..(slot + 1) * code_b;
+                let p = slot * pair_b..(slot + 1) * pair_b;
+                if (past..past + t).contains(&(slot % cap)) {
+                    assert_eq!(
+                        codes[c.clone()],
+                        want.data[c],
+                        "{label}: {which} slot {slot} codes"
+                    );
+                    assert_eq!(pairs[p.clone()], pb[p], "{label}: {which} slot {slot} pairs");
+                    let v = &x[slot * hd..(slot + 1) * hd];
+                    assert!(v.iter().any(|&v| v != 0.0), "{label}: {which} slot {slot} written");
+                } else {
+                    let untouched = codes[c].iter().chain(&pairs[p]).all(|&b| b == 0);
+                    assert!(untouched, "{label}: {which} slot {slot} untouched");
+                }
+            }
         }
     }
 }
@@ -1028,7 +1128,7 @@ fn layer_norm_and_argmax_match_the_reference() {
             "#define rsqrtf(v) (1.f / sqrtf(v))\n{}",
             section("__device__ float block_reduce(")
         ),
-        &format!("#define LN_PER 16\n{}{}", kernel("layer_norm"), kernel("argmax_rows")),
+        &format!("{}\n{}{}", define("LN_PER"), kernel("layer_norm"), kernel("argmax_rows")),
         r#"
 int main(int argc, char** argv) {
     int rows = atoi(argv[1]), h = atoi(argv[2]), threads = atoi(argv[3]), rms = atoi(argv[4]), pre = atoi(argv[5]);
@@ -1044,7 +1144,7 @@ int main(int argc, char** argv) {
 }
 "#,
     );
-    // (rows, h, threads): in registers (h ≤ 16·threads) and past them.
+    // (rows, h, threads): in registers (h ≤ LN_PER·threads, LN_PER = 12) and past them.
     for (rows, h, threads, rms, pre) in [
         (3, 300, 128, false, false),
         (2, 300, 128, true, true),
@@ -1115,11 +1215,7 @@ fn quant_cache_matches_the_reference_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
-        &[
-            section("__device__ __forceinline__ half_t f16_down("),
-            section("__device__ __forceinline__ half_t f16_up("),
-        ]
-        .concat(),
+        &quant_helpers(),
         kernel("quant_cache"),
         r#"
 int main(int argc, char** argv) {

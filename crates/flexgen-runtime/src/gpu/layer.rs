@@ -131,9 +131,17 @@ impl CudaStage<'_> {
             } else {
                 NewKv { gpu_rows: 0, k: kn, v: vn, cap, past }
             };
+            // The split packs the GPU rows' new positions itself where it can.
+            let packs = (Gpu::split_packs(qg) && split_pack_on()).then_some(SplitPack {
+                k: (addr(ck), addr(pk)),
+                v: (addr(cv), addr(pv)),
+                quant: qg,
+            });
             // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe { g.qkv_split(qkv, (epilogue.bias, epilogue.rope), q, kn, vn, new, d, scale) }
-                .map_err(cuda)?;
+            unsafe {
+                g.qkv_split(qkv, (epilogue.bias, epilogue.rope), q, kn, vn, new, packs, d, scale)
+            }
+            .map_err(cuda)?;
             if cores {
                 if gr_all > 0 {
                     attend(gr_all).map_err(cuda)?;
@@ -148,9 +156,11 @@ impl CudaStage<'_> {
             } else {
                 attend(all_rows).map_err(cuda)?;
             }
-            let kv = [(kn, addr(ck), addr(pk)), (vn, addr(cv), addr(pv))];
-            // SAFETY: this executor's weights and buffers, sized for these shapes.
-            unsafe { g.quant_cache(&kv, qg, (past, t)) }.map_err(cuda)?;
+            if packs.is_none() {
+                let kv = [(kn, addr(ck), addr(pk)), (vn, addr(cv), addr(pv))];
+                // SAFETY: this executor's weights and buffers, sized for these shapes.
+                unsafe { g.quant_cache(&kv, qg, (past, t)) }.map_err(cuda)?;
+            }
             if let Some(([sck, scv], [spk, spv])) = packed_stage {
                 let kv = [(kn_c, addr(sck), addr(spk)), (vn_c, addr(scv), addr(spv))];
                 // SAFETY: this executor's weights and buffers, sized for these shapes.
@@ -194,7 +204,7 @@ impl CudaStage<'_> {
         let (ncap, npast) = if self.cpu_attention { (t, 0) } else { (cap, past) };
         let new = NewKv { gpu_rows: gr, k: kn, v: vn, cap: ncap, past: npast };
         // SAFETY: this executor's weights and buffers, sized for these shapes.
-        unsafe { g.qkv_split(qkv, (epilogue.bias, epilogue.rope), q, kc, vc, new, d, scale) }
+        unsafe { g.qkv_split(qkv, (epilogue.bias, epilogue.rope), q, kc, vc, new, None, d, scale) }
             .map_err(cuda)?;
         if t > 1 {
             // SAFETY: this executor's weights and buffers, sized for these shapes.
@@ -323,4 +333,12 @@ impl CudaStage<'_> {
         }?;
         self.hidden_out(buf, d.kb, d.rows * h, d.slot)
     }
+}
+
+/// Whether the q/k/v split packs a compressed cache's new positions itself
+/// ([`Gpu::split_packs`]): unless `FLEXGEN_SPLIT_PACK=0`, which packs them with `quant_cache`
+/// after attention to compare (read once).
+fn split_pack_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLEXGEN_SPLIT_PACK").map_or(true, |v| v != "0"))
 }

@@ -40,7 +40,7 @@ use cudarc::driver::CudaEvent;
 use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout, fused};
 use flexgen_policy::{Policy, Tier};
 use flexgen_tensor::cuda::exec::{
-    AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, addr, at, copy_2d,
+    AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, SplitPack, addr, at, copy_2d,
 };
 use flexgen_tensor::cuda::{
     CudaError, CudaSlice, CudaStream, Gpu, GpuTensor, HostMem, NcclLink, PinnedHostSlice,

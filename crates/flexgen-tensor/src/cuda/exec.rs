@@ -54,6 +54,17 @@ pub struct CacheQuant {
     pub bits: u8,
 }
 
+/// The packed caches into which [`Gpu::qkv_split`] also packs the new k and v of cache rows
+/// `0..quant.rows` (codes and (min, scale) pairs of `k` and of `v`, laid out as
+/// [`Gpu::quant_cache`] lays them out), where [`Gpu::split_packs`] allows: so no `quant_cache`
+/// launch follows.
+#[derive(Debug, Clone, Copy)]
+pub struct SplitPack {
+    pub k: (u64, u64),
+    pub v: (u64, u64),
+    pub quant: CacheQuant,
+}
+
 impl CacheQuant {
     /// Bytes of codes and fp16 values of parameters of the whole cache.
     pub fn sizes(&self) -> (usize, usize) {
@@ -515,7 +526,9 @@ impl Gpu {
     /// q and k by `rope` = (positions `[b·t]` u32, inverse frequencies `[hd/2]` f32) where given): q·`scale` to
     /// `q [b, nh, t, hd]`; k and v of the first `new.gpu_rows` (sequence, head) rows to positions
     /// `past..past + t` of the caches `[gpu_rows, cap, hd]`, of the other rows to positions
-    /// `new.past..new.past + t` of `new.k`/`new.v` (`[rows − gpu_rows, new.cap, hd]`).
+    /// `new.past..new.past + t` of `new.k`/`new.v` (`[rows − gpu_rows, new.cap, hd]`). With
+    /// `packs`, the new positions of cache rows `0..packs.quant.rows` are also packed into its
+    /// caches at `past..past + t`, as [`Gpu::quant_cache`] would pack them.
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -531,10 +544,17 @@ impl Gpu {
         kc: u64,
         vc: u64,
         new: NewKv,
+        packs: Option<SplitPack>,
         d: AttnDims,
         scale: f32,
     ) -> Result<(), CudaError> {
         assert!(d.past + d.t <= d.cap, "the cache holds every position");
+        assert!(d.hd.is_multiple_of(2), "two values a thread");
+        if let Some(p) = packs {
+            assert!(Self::split_packs(p.quant), "4 bits in groups of 64 of heads of 64·n values");
+            assert!(p.quant.hd == d.hd && p.quant.cap == d.cap, "the packed caches' shape");
+            assert!(p.quant.rows <= d.b * d.nkv, "packed rows among the visit's");
+        }
         assert!(new.past + d.t <= new.cap.max(d.t), "the new-row buffer holds every position");
         let (t, nh, nkv, hd, cap, past) =
             (dim(d.t), dim(d.nh), dim(d.nkv), dim(d.hd), dim(d.cap), dim(d.past));
@@ -553,9 +573,14 @@ impl Gpu {
             .arg(&new.v);
         l.arg(&gr).arg(&ncap).arg(&npast);
         l.arg(&t).arg(&nh).arg(&nkv).arg(&hd).arg(&cap).arg(&past).arg(&scale);
-        // SAFETY: one thread per value of y; every write lands inside q, the caches or the new-row
-        // buffers (positions checked above; the executor sizes the buffers by rows).
-        unsafe { l.launch(row_cols(d.b * d.t, d.nh * d.hd + 2 * d.nkv * d.hd))? };
+        let ((kq, kp), (vq, vp), qrows) =
+            packs.map_or(((0, 0), (0, 0), 0), |p| (p.k, p.v, dim(p.quant.rows)));
+        l.arg(&kq).arg(&kp).arg(&vq).arg(&vp).arg(&qrows);
+        let pairs = (d.nh + 2 * d.nkv) * d.hd / 2;
+        // SAFETY: one thread per two values of y; every write lands inside q, the caches, the
+        // new-row buffers or the packed caches (positions checked above; the executor sizes the
+        // buffers by rows).
+        unsafe { l.launch(row_cols(d.b * d.t, pairs))? };
         Ok(())
     }
 
@@ -713,6 +738,13 @@ impl Gpu {
         // SAFETY: one block per query row; reads s ≤ cap positions of its kv row.
         unsafe { l.launch(cfg)? };
         Ok(())
+    }
+
+    /// Whether [`Gpu::qkv_split`] packs the new positions into a packed cache of this layout
+    /// itself ([`SplitPack`]): 4-bit codes in groups of 64 along heads of a multiple of 64
+    /// values, so that a warp's 64 columns are one group.
+    pub fn split_packs(c: CacheQuant) -> bool {
+        c.bits == 4 && c.group == 64 && c.hd.is_multiple_of(64)
     }
 
     /// Whether [`Gpu::attention_decode_q4`] reads a packed cache of this layout: 4-bit codes,

@@ -47,7 +47,7 @@ extern "C" __global__ void embed(const unsigned int* ids, const unsigned int* po
 // values are read once, all loads in flight at once (a decode step's few rows leave most SMs idle,
 // so each block's latency is the kernel's); wider rows take the loop below. At most 1024 threads,
 // so at most 64 registers each.
-#define LN_PER 16
+#define LN_PER 12
 
 // LayerNorm (rms = 0: mean and variance, weight and bias) or RMSNorm (rms != 0: root mean square,
 // weight only) of each row of h values; one block per row. With `pb` (else null), x += pb first
@@ -60,10 +60,15 @@ extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const h
     half_t* yr = y + (size_t)blockIdx.x * h;
     if (h <= LN_PER * (int)blockDim.x) {
         float v[LN_PER];
+        // The weight and bias loaded with x, ahead of the reductions (two fp16 a register).
+        unsigned wb[LN_PER / 2], bb[LN_PER / 2];
 #pragma unroll
         for (int k = 0; k < LN_PER; k++) {
             int i = threadIdx.x + k * blockDim.x;
             v[k] = i < h ? h2f(xr[i]) : 0.f;
+            const unsigned wi = i < h ? (unsigned)w[i] : 0u, bi = i < h && !rms ? (unsigned)b[i] : 0u;
+            wb[k / 2] = k % 2 ? wb[k / 2] | wi << 16 : wi;
+            bb[k / 2] = k % 2 ? bb[k / 2] | bi << 16 : bi;
         }
         if (pb) {
 #pragma unroll
@@ -88,7 +93,8 @@ extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const h
 #pragma unroll
         for (int k = 0; k < LN_PER; k++) {
             int i = threadIdx.x + k * blockDim.x;
-            if (i < h) yr[i] = f2h((v[k] - m) * inv * h2f(w[i]) + (rms ? 0.f : h2f(b[i])));
+            const half_t wk = (half_t)(wb[k / 2] >> (16 * (k % 2))), bk = (half_t)(bb[k / 2] >> (16 * (k % 2)));
+            if (i < h) yr[i] = f2h((v[k] - m) * inv * h2f(wk) + (rms ? 0.f : h2f(bk)));
         }
         return;
     }
@@ -245,46 +251,92 @@ extern "C" __global__ void slice_axis1(const half_t* x, half_t* y, int a, int n,
 
 // ---- Fused operations of the offloading executor ----
 
+__device__ __forceinline__ half_t f16_down(float x) {
+    half_t h = f2h(x);
+    if (h2f(h) > x) h = (h == 0) ? (half_t)0x8001 : ((h & 0x8000) ? h + 1 : h - 1);
+    return h;
+}
+__device__ __forceinline__ half_t f16_up(float x) { // x >= 0
+    half_t h = f2h(x);
+    if (h2f(h) < x) h = h + 1;
+    return h;
+}
+// The (min, scale) of a group whose values lie in [lo, hi], and a value's code: as
+// flexgen_tensor::quant rounds them (min rounded down and scale rounded up to fp16, codes rounded
+// to nearest). quant_cache and qkv_split's packing share them.
+__device__ __forceinline__ void quant_pair(float lo, float hi, float levels, half_t* mn, half_t* sc) {
+    *mn = f16_down(lo);
+    *sc = f16_up((hi - h2f(*mn)) / levels);
+}
+__device__ __forceinline__ unsigned quant_code(float v, float m, float s, float levels) {
+    return s > 0.f ? (unsigned)(int)fminf(fmaxf(roundf((v - m) / s), 0.f), levels) : 0u;
+}
+
+// Value c of row yr of the q/k/v projection: + bias, and q and k rotated by position p
+// (inv_freq null: none).
+__device__ __forceinline__ float qkv_value(const half_t* yr, const half_t* bias, const float* inv_freq, unsigned p,
+                                           int c, int h, int kv, int hd) {
+    float v = h2f(yr[c]) + (bias ? h2f(bias[c]) : 0.f);
+    if (inv_freq && c < h + kv) {
+        const int half = hd / 2, d = c % hd;
+        const int pc = c - d + (d < half ? d + half : d - half);
+        const float pv = h2f(yr[pc]) + (bias ? h2f(bias[pc]) : 0.f);
+        float cs, sn;
+        sincosf((float)p * inv_freq[d % half], &sn, &cs);
+        v = rotate(v, pv, d, hd, cs, sn);
+    }
+    return v;
+}
+
 // y: the [rows = b·t, h + 2·kv] output of the fused q/k/v GEMM. Adds the bias (none when null),
 // rotates q and k by their positions (pos [rows], inv_freq [hd/2]; no rotation when inv_freq is
 // null), writes q·scale to q [b, nh, t, hd], and k and v of (sequence, kv head) row r = bi·nkv +
 // head: rows r < gpu_rows into the caches [gpu_rows, cap, hd] at position past + (row % t), the
-// other rows into kn/vn [rows − gpu_rows, ncap, hd] at position npast + (row % t). Rows of y by
-// blockIdx.x, columns strided over the blockIdx.y blocks (ROW_COLS).
+// other rows into kn/vn [rows − gpu_rows, ncap, hd] at position npast + (row % t). Two adjacent
+// values a thread (hd even), rows of y by blockIdx.x, pairs of columns strided over the
+// blockIdx.y blocks (ROW_COLS). With `kq` (else null), rows r < qrows are also packed to 4 bits
+// into the packed caches (kq, kp) and (vq, vp) [qrows, cap, hd] at position past + (row % t), as
+// quant_cache packs them, in groups of 64 values: a warp's 64 columns are one group of one head
+// (hd a multiple of 64), each lane's two values one byte.
 extern "C" __global__ void qkv_split(const half_t* y, const half_t* bias, const unsigned int* pos, const float* inv_freq,
                                      half_t* q, half_t* kc, half_t* vc,
                                      half_t* kn, half_t* vn, int gpu_rows, int ncap, int npast,
-                                     int t, int nh, int nkv, int hd, int cap, int past, float scale) {
-    int row = blockIdx.x, bi = row / t, ti = row % t;
-    int h = nh * hd, kv = nkv * hd, w = h + 2 * kv, half = hd / 2;
+                                     int t, int nh, int nkv, int hd, int cap, int past, float scale,
+                                     unsigned char* kq, half_t* kp, unsigned char* vq, half_t* vp, int qrows) {
+    const int row = blockIdx.x, bi = row / t, ti = row % t;
+    const int h = nh * hd, kv = nkv * hd, w = h + 2 * kv;
     const half_t* yr = y + (size_t)row * w;
-    unsigned int p = inv_freq ? pos[row] : 0;
-    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < w; c += gridDim.y * blockDim.x) {
-        float v = h2f(yr[c]) + (bias ? h2f(bias[c]) : 0.f);
-        if (inv_freq && c < h + kv) {
-            int d = c % hd;
-            int pc = c - d + (d < half ? d + half : d - half);
-            float pv = h2f(yr[pc]) + (bias ? h2f(bias[pc]) : 0.f);
-            float c, sn;
-            sincosf((float)p * inv_freq[d % half], &sn, &c);
-            v = rotate(v, pv, d, hd, c, sn);
-        }
+    const unsigned int p = inv_freq ? pos[row] : 0;
+    for (int c = 2 * (blockIdx.y * blockDim.x + threadIdx.x); c < w; c += 2 * gridDim.y * blockDim.x) {
+        const float v0 = qkv_value(yr, bias, inv_freq, p, c, h, kv, hd);
+        const float v1 = qkv_value(yr, bias, inv_freq, p, c + 1, h, kv, hd);
+        const int d = c % hd;
         if (c < h) {
-            int hh = c / hd, d = c % hd;
-            q[(((size_t)bi * nh + hh) * t + ti) * hd + d] = f2h(v * scale);
-        } else {
-            int c2 = c - h;
-            bool is_v = c2 >= kv;
-            if (is_v) c2 -= kv;
-            int hh = c2 / hd, d = c2 % hd;
-            int r = bi * nkv + hh;
-            if (r < gpu_rows) {
-                half_t* dst = is_v ? vc : kc;
-                dst[((size_t)r * cap + past + ti) * hd + d] = f2h(v);
-            } else {
-                half_t* dst = is_v ? vn : kn;
-                dst[((size_t)(r - gpu_rows) * ncap + npast + ti) * hd + d] = f2h(v);
+            *(unsigned*)(q + (((size_t)bi * nh + c / hd) * t + ti) * hd + d) = (unsigned)f2h(v0 * scale) | (unsigned)f2h(v1 * scale) << 16;
+            continue;
+        }
+        const int c2 = c - h, is_v = c2 >= kv, r = bi * nkv + (c2 - is_v * kv) / hd;
+        half_t* dst = r < gpu_rows ? (is_v ? vc : kc) + ((size_t)r * cap + past + ti) * hd + d
+                                   : (is_v ? vn : kn) + ((size_t)(r - gpu_rows) * ncap + npast + ti) * hd + d;
+        const half_t h0 = f2h(v0), h1 = f2h(v1);
+        *(unsigned*)dst = (unsigned)h0 | (unsigned)h1 << 16;
+        if (kq && r < qrows) { // the whole warp: one group of one head of one row
+            const float a = h2f(h0), b = h2f(h1);
+            float lo = fminf(a, b), hi = fmaxf(a, b);
+            for (int o = 16; o > 0; o >>= 1) {
+                lo = fminf(lo, __shfl_xor_sync(0xffffffff, lo, o));
+                hi = fmaxf(hi, __shfl_xor_sync(0xffffffff, hi, o));
             }
+            half_t mn, sc;
+            quant_pair(lo, hi, 15.f, &mn, &sc);
+            const float m = h2f(mn), s = h2f(sc);
+            const size_t slot = (size_t)r * cap + past + ti;
+            if ((threadIdx.x & 31) == 0) {
+                half_t* pr = (is_v ? vp : kp) + 2 * (slot * (hd / 64) + d / 64);
+                pr[0] = mn;
+                pr[1] = sc;
+            }
+            (is_v ? vq : kq)[slot * (hd / 2) + d / 2] = (unsigned char)(quant_code(a, m, s, 15.f) | quant_code(b, m, s, 15.f) << 4);
         }
     }
 }
@@ -1033,16 +1085,6 @@ extern "C" __global__ void store_f32(float* s, half_t* y, int n, int accumulate,
 // A packed cache of `rows` (sequence, head) rows holds, per row and position, ⌈hd/gs⌉ groups:
 // codes [rows, cap, groups·gs·bits/8] bytes and params [rows, cap, groups, 2] fp16 (min, scale).
 
-__device__ __forceinline__ half_t f16_down(float x) {
-    half_t h = f2h(x);
-    if (h2f(h) > x) h = (h == 0) ? (half_t)0x8001 : ((h & 0x8000) ? h + 1 : h - 1);
-    return h;
-}
-__device__ __forceinline__ half_t f16_up(float x) { // x >= 0
-    half_t h = f2h(x);
-    if (h2f(h) < x) h = h + 1;
-    return h;
-}
 
 // out[r, p, d] (fp16 [rows, cap, hd]) for positions p0 ≤ p < p0 + np, from the packed cache.
 // One thread per 8 values of one (row, position); rows along the grid's y. With `vec` (the host
@@ -1114,8 +1156,8 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
         hi = fmaxf(hi, __shfl_xor_sync(0xffffffff, hi, o));
     }
     float levels = (float)((1 << bits) - 1);
-    half_t mn = f16_down(lo);
-    half_t sc = f16_up((hi - h2f(mn)) / levels);
+    half_t mn, sc;
+    quant_pair(lo, hi, levels, &mn, &sc);
     float m = h2f(mn), s = h2f(sc);
     long long g = slot * groups + c;
     if (lane == 0) { params[2 * g] = mn; params[2 * g + 1] = sc; }
@@ -1126,8 +1168,7 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
         for (int j = 0; j < step; j++) {
             int k = byte * step + j, d = c * gs + k;
             float v = d < hd ? h2f(xr[d]) : m;
-            int q = s > 0.f ? (int)fminf(fmaxf(roundf((v - m) / s), 0.f), levels) : 0;
-            packed |= (unsigned int)q << (4 * j * (bits == 4));
+            packed |= quant_code(v, m, s, levels) << (4 * j * (bits == 4));
         }
         cr[byte] = (unsigned char)packed;
     }
