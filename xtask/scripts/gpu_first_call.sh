@@ -20,6 +20,7 @@
 #           s3        OPT-175B, 4-bit weights and cache all on the GPU, 32×1 (not by default)
 #           s3b       s3 with FLEXGEN_FUSED4_STORE=0 (each 4-bit product's store a kernel of its own)
 #           s3envs    s3 once under each of S3ENVS (environments, `;` apart, each "NAME=VALUE ...")
+#           s4envs    S4 (as shipped) once under each of S4ENVS, the same way
 #           ncu_attn  Nsight Compute's full set on S3's decode attention and 32-row products
 #           ncu_s3    S3's shape with 4 layers and 2 new tokens under Nsight Compute, every kernel's time (one metric,
 #                     clocks as they run) in ncu_s3.csv: where a decode step goes (not by default;
@@ -58,6 +59,8 @@ opt175_4() {
 S3=(--device cuda --dummy --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1
   --compress-weight --compress-cache --prompt-len 512 --json)
 S3_4=("${S3[@]}" --model "$LOGS/opt-175b-4" --max-new-tokens 2)
+S4=(--device cuda --model opt-6.7b --dummy --percent 100 0 100 0 100 0 --gpu-batch-size 64
+  --num-gpu-batches 1 --prompt-len 512 --max-new-tokens 32 --json)
 for part in ${PARTS:-check bench executor pipeline ranks s4}; do
   case $part in
     check) t cuda_check 120 "$B/cuda_check" ;;
@@ -96,9 +99,13 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       # a and b with every single GEMM through cuBLASLt (FLEXGEN_LT=all); between them d as
       # shipped (cuBLASLt for the GEMMs with a bias) and c with cuBLAS only (FLEXGEN_LT=0).
       for r in a:all d:bias c:0 b:all; do
-        FLEXGEN_LT=${r#*:} t "s4${r%%:*}" 90 "$B/flexgen-run" --device cuda --model opt-6.7b --dummy \
-          --percent 100 0 100 0 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --prompt-len 512 \
-          --max-new-tokens 32 --json
+        FLEXGEN_LT=${r#*:} t "s4${r%%:*}" 90 "$B/flexgen-run" "${S4[@]}"
+      done ;;
+    s4envs)
+      IFS=';' read -ra es <<< "${S4ENVS:-FLEXGEN_LT=0}"
+      for e in "${es[@]}"; do
+        read -ra kv <<< "$e"
+        t "s4_${e// /_}" 90 env "${kv[@]}" "$B/flexgen-run" "${S4[@]}"
       done ;;
     s3)
       t s3 240 "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32 ;;
@@ -122,7 +129,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       NCU=(ncu --clock-control none --set full)
       t ncu_attn 200 "${NCU[@]}" -k regex:decode_attention_q4 -c 1 "$B/flexgen-run" "${S3_4[@]}"
       t ncu_s3tc4 250 "${NCU[@]}" -k regex:gemm4_tc_4 -s 16 -c 4 "$B/flexgen-run" "${S3_4[@]}" ;;
-    *) echo "unknown part $part (check gemv4 variants envs ncu bench executor pipeline ranks s4 s3 s3b s3envs ncu_s3 ncu_attn)" >&2; fail=1 ;;
+    *) echo "unknown part $part (check gemv4 variants envs ncu bench executor pipeline ranks s4 s4envs s3 s3b s3envs ncu_s3 ncu_attn)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"

@@ -1122,10 +1122,12 @@ int main(int argc, char** argv) {
 #[test]
 fn layer_norm_and_argmax_match_the_reference() {
     let dir = tempfile::tempdir().unwrap();
+    let ln_per = format!("#define LN_PER {}", flexgen_tensor::cuda::exec::LN_PER);
+    assert_eq!(define("LN_PER"), ln_per, "exec.rs's LN_PER is kernels.cu's");
     let exe = build_warps(
         dir.path(),
         &format!(
-            "#define rsqrtf(v) (1.f / sqrtf(v))\n{}",
+            "#define rsqrtf(v) (1.f / sqrtf(v))\n#define LN_PREFETCH 1\n{}",
             section("__device__ float block_reduce(")
         ),
         &format!("{}\n{}{}", define("LN_PER"), kernel("layer_norm"), kernel("argmax_rows")),

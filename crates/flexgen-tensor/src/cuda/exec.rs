@@ -1173,11 +1173,18 @@ fn q4_attention_warps() -> usize {
     })
 }
 
+/// Values a thread of `layer_norm` holds in registers (kernels.cu's `LN_PER`): a row of up to
+/// `LN_PER` × its threads is read once.
+pub const LN_PER: usize = 12;
+
 /// Threads per row [`Gpu::norm_raw`] gives `n` rows of `h` values: many rows fill the device with
-/// 256 threads a row; a decode step's few rows get about eight values per thread, so that each
-/// block (and so the kernel) is short.
+/// 256 threads a row, or as many more as hold a row in registers ([`LN_PER`] values a thread); a
+/// decode step's few rows get about eight values per thread, so that each block (and so the
+/// kernel) is short.
 pub fn norm_threads(n: usize, h: usize) -> usize {
-    if n >= MANY_ROWS { 256 } else { h.div_ceil(8).next_multiple_of(32).clamp(128, 1024) }
+    let per = if n >= MANY_ROWS { LN_PER } else { 8 };
+    let least = if n >= MANY_ROWS { 256 } else { 128 };
+    h.div_ceil(per).next_multiple_of(32).clamp(least, 1024)
 }
 
 /// Whether [`Gpu::gemm4_tc`] runs on a 4-bit weight of `outs` outputs in groups of `group`

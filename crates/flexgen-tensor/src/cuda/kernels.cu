@@ -46,8 +46,13 @@ extern "C" __global__ void embed(const unsigned int* ids, const unsigned int* po
 // Values of a row each thread of layer_norm holds in registers: rows of up to LN_PER · blockDim
 // values are read once, all loads in flight at once (a decode step's few rows leave most SMs idle,
 // so each block's latency is the kernel's); wider rows take the loop below. At most 1024 threads,
-// so at most 64 registers each.
+// so at most 64 registers each. exec.rs's LN_PER is the same number (its threads per row).
+// LN_PREFETCH 0 (FLEXGEN_NVRTC_DEFINES) reads the weight and bias after the reductions instead of
+// with the row, to compare.
 #define LN_PER 12
+#ifndef LN_PREFETCH
+#define LN_PREFETCH 1
+#endif
 
 // LayerNorm (rms = 0: mean and variance, weight and bias) or RMSNorm (rms != 0: root mean square,
 // weight only) of each row of h values; one block per row. With `pb` (else null), x += pb first
@@ -66,7 +71,7 @@ extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const h
         for (int k = 0; k < LN_PER; k++) {
             int i = threadIdx.x + k * blockDim.x;
             v[k] = i < h ? h2f(xr[i]) : 0.f;
-            const unsigned wi = i < h ? (unsigned)w[i] : 0u, bi = i < h && !rms ? (unsigned)b[i] : 0u;
+            const unsigned wi = LN_PREFETCH && i < h ? (unsigned)w[i] : 0u, bi = LN_PREFETCH && i < h && !rms ? (unsigned)b[i] : 0u;
             wb[k / 2] = k % 2 ? wb[k / 2] | wi << 16 : wi;
             bb[k / 2] = k % 2 ? bb[k / 2] | bi << 16 : bi;
         }
@@ -93,8 +98,10 @@ extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const h
 #pragma unroll
         for (int k = 0; k < LN_PER; k++) {
             int i = threadIdx.x + k * blockDim.x;
-            const half_t wk = (half_t)(wb[k / 2] >> (16 * (k % 2))), bk = (half_t)(bb[k / 2] >> (16 * (k % 2)));
-            if (i < h) yr[i] = f2h((v[k] - m) * inv * h2f(wk) + (rms ? 0.f : h2f(bk)));
+            if (i >= h) continue;
+            const half_t wk = LN_PREFETCH ? (half_t)(wb[k / 2] >> (16 * (k % 2))) : w[i];
+            const half_t bk = rms ? (half_t)0 : LN_PREFETCH ? (half_t)(bb[k / 2] >> (16 * (k % 2))) : b[i];
+            yr[i] = f2h((v[k] - m) * inv * h2f(wk) + (rms ? 0.f : h2f(bk)));
         }
         return;
     }
