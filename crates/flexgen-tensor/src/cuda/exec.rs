@@ -1173,6 +1173,10 @@ fn q4_attention_warps() -> usize {
     })
 }
 
+/// The most device memory a [`Gpu`]'s cuBLASLt handle takes as its workspace (on Hopper; 4 MiB
+/// before): the memory plan counts it.
+pub const LT_WORKSPACE_MAX: usize = 32 << 20;
+
 /// Values a thread of `layer_norm` holds in registers (kernels.cu's `LN_PER`): a row of up to
 /// `LN_PER` × its threads is read once.
 pub const LN_PER: usize = 12;

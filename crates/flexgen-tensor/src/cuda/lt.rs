@@ -18,9 +18,10 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use super::CudaError;
 use super::exec::Gemm;
 
-/// Workspace cuBLASLt may use: NVIDIA's recommendation for Hopper (32 MiB), 4 MiB before.
+/// Workspace cuBLASLt may use: NVIDIA's recommendation for Hopper (32 MiB,
+/// [`super::exec::LT_WORKSPACE_MAX`]), 4 MiB before.
 fn workspace_bytes(major: i32) -> usize {
-    if major >= 9 { 32 << 20 } else { 4 << 20 }
+    if major >= 9 { super::exec::LT_WORKSPACE_MAX } else { 4 << 20 }
 }
 
 /// The largest power of two (at most 256) that divides `a`: the alignment cuBLASLt is told.
