@@ -1117,26 +1117,39 @@ int main(int argc, char** argv) {
 
 /// `layer_norm` (its block reductions through shuffles and shared memory) on both of its paths,
 /// rows held in registers and rows too wide for them, as LayerNorm and as RMSNorm, with and without
-/// a bias added to the residual first, against an f64 reference of the fp16 input; and
-/// `argmax_rows`' tree over 256 threads, ties going to the lowest column.
+/// a bias added to the residual first, against an f64 reference of the fp16 input, and
+/// `layer_norm_rows` (the many-rows kernel: more values a thread, the weights read late) giving
+/// the same bits; and `argmax_rows`' tree over 256 threads, ties going to the lowest column.
 #[test]
 fn layer_norm_and_argmax_match_the_reference() {
+    use flexgen_tensor::cuda::exec::{LN_PER, LN_PER_ROWS};
     let dir = tempfile::tempdir().unwrap();
-    let ln_per = format!("#define LN_PER {}", flexgen_tensor::cuda::exec::LN_PER);
-    assert_eq!(define("LN_PER"), ln_per, "exec.rs's LN_PER is kernels.cu's");
+    for (name, n) in [("LN_PER", LN_PER), ("LN_PER_ROWS", LN_PER_ROWS)] {
+        assert_eq!(define(name), format!("#define {name} {n}"), "exec.rs's {name} is kernels.cu's");
+    }
     let exe = build_warps(
         dir.path(),
         &format!(
-            "#define rsqrtf(v) (1.f / sqrtf(v))\n#define LN_PREFETCH 1\n{}",
+            "#define rsqrtf(v) (1.f / sqrtf(v))\n#define LN_PREFETCH 1\n{}\n{}\n{}",
+            define("LN_PER"),
+            define("LN_PER_ROWS"),
             section("__device__ float block_reduce(")
         ),
-        &format!("{}\n{}{}", define("LN_PER"), kernel("layer_norm"), kernel("argmax_rows")),
+        &format!(
+            "{}{}{}{}",
+            section("template <int PER, bool PREFETCH>"),
+            kernel("layer_norm"),
+            kernel("layer_norm_rows"),
+            kernel("argmax_rows")
+        ),
         r#"
 int main(int argc, char** argv) {
     int rows = atoi(argv[1]), h = atoi(argv[2]), threads = atoi(argv[3]), rms = atoi(argv[4]), pre = atoi(argv[5]);
     auto x = slurp_halves(argv[6]), w = slurp_halves(argv[7]), b = slurp_halves(argv[8]), pb = slurp_halves(argv[9]);
-    std::vector<half_t> y((size_t)rows * h, 0);
+    std::vector<half_t> y((size_t)rows * h, 0), x1 = x, y1 = y;
     grid_warps(rows, 1, threads, 0, [&] { layer_norm(x.data(), w.data(), b.data(), y.data(), h, 1e-5f, rms, pre ? pb.data() : nullptr); });
+    grid_warps(rows, 1, threads, 0, [&] { layer_norm_rows(x1.data(), w.data(), b.data(), y1.data(), h, 1e-5f, rms, pre ? pb.data() : nullptr); });
+    if (x1 != x || y1 != y) { fprintf(stderr, "layer_norm_rows differs from layer_norm\n"); return 4; }
     dump(argv[10], y);
     dump(argv[11], x);
     auto t = slurp_halves(argv[13]);
@@ -1146,10 +1159,12 @@ int main(int argc, char** argv) {
 }
 "#,
     );
-    // (rows, h, threads): in registers (h ≤ LN_PER·threads, LN_PER = 12) and past them.
+    // (rows, h, threads): in registers (h ≤ 12·threads, and ≤ 16·threads for layer_norm_rows)
+    // and past them (one kernel or both).
     for (rows, h, threads, rms, pre) in [
         (3, 300, 128, false, false),
         (2, 300, 128, true, true),
+        (2, 2000, 128, false, true),
         (2, 4000, 128, false, true),
         (3, 2500, 64, true, false),
     ] {

@@ -428,7 +428,8 @@ impl Gpu {
         assert!(threads.is_multiple_of(32) && (32..=1024).contains(&threads));
         let (hi, rms) = (dim(h), i32::from(b.is_none()));
         let (b, pb) = (b.unwrap_or(0), pre_bias.unwrap_or(0));
-        let mut l = self.stream.launch_builder(&self.layer_norm);
+        let f = if n >= MANY_ROWS { &self.layer_norm_rows } else { &self.layer_norm };
+        let mut l = self.stream.launch_builder(f);
         l.arg(&x).arg(&w).arg(&b).arg(&y).arg(&hi).arg(&eps).arg(&rms).arg(&pb);
         let mut cfg = rows(n);
         cfg.block_dim.0 = u32::try_from(threads).expect("at most 1024");
@@ -1181,14 +1182,20 @@ pub const LT_WORKSPACE_MAX: usize = 32 << 20;
 /// `LN_PER` × its threads is read once.
 pub const LN_PER: usize = 12;
 
+/// [`LN_PER`] of `layer_norm_rows`, the kernel [`Gpu::norm_raw`] takes for 256 rows
+/// and more (kernels.cu's `LN_PER_ROWS`).
+pub const LN_PER_ROWS: usize = 16;
+
 /// Threads per row [`Gpu::norm_raw`] gives `n` rows of `h` values: many rows fill the device with
-/// 256 threads a row, or as many more as hold a row in registers ([`LN_PER`] values a thread); a
-/// decode step's few rows get about eight values per thread, so that each block (and so the
-/// kernel) is short.
+/// 256 threads a row, or as many more as hold a row in registers ([`LN_PER_ROWS`] values a
+/// thread); a decode step's few rows get about eight values per thread, so that each block (and
+/// so the kernel) is short.
 pub fn norm_threads(n: usize, h: usize) -> usize {
-    let per = if n >= MANY_ROWS { LN_PER } else { 8 };
-    let least = if n >= MANY_ROWS { 256 } else { 128 };
-    h.div_ceil(per).next_multiple_of(32).clamp(least, 1024)
+    if n >= MANY_ROWS {
+        h.div_ceil(LN_PER_ROWS).next_multiple_of(32).clamp(256, 1024)
+    } else {
+        h.div_ceil(8).next_multiple_of(32).clamp(128, 1024)
+    }
 }
 
 /// Whether [`Gpu::gemm4_tc`] runs on a 4-bit weight of `outs` outputs in groups of `group`

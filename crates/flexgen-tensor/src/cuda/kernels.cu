@@ -46,10 +46,13 @@ extern "C" __global__ void embed(const unsigned int* ids, const unsigned int* po
 // Values of a row each thread of layer_norm holds in registers: rows of up to LN_PER · blockDim
 // values are read once, all loads in flight at once (a decode step's few rows leave most SMs idle,
 // so each block's latency is the kernel's); wider rows take the loop below. At most 1024 threads,
-// so at most 64 registers each. exec.rs's LN_PER is the same number (its threads per row).
-// LN_PREFETCH 0 (FLEXGEN_NVRTC_DEFINES) reads the weight and bias after the reductions instead of
-// with the row, to compare.
+// so at most 64 registers each: with the weight and bias loaded ahead (LN_PREFETCH; 0, through
+// FLEXGEN_NVRTC_DEFINES, reads them after the reductions instead, to compare) 12 values fit.
+// layer_norm_rows, for many rows (a prefill), holds LN_PER_ROWS = 16 and loads them after:
+// there other blocks hide the latency. exec.rs's LN_PER and LN_PER_ROWS are the same numbers
+// (its threads per row).
 #define LN_PER 12
+#define LN_PER_ROWS 16
 #ifndef LN_PREFETCH
 #define LN_PREFETCH 1
 #endif
@@ -58,26 +61,27 @@ extern "C" __global__ void embed(const unsigned int* ids, const unsigned int* po
 // weight only) of each row of h values; one block per row. With `pb` (else null), x += pb first
 // (rounded to fp16 and stored, as bias_act would) and the sum is normed: a sublayer's output bias
 // and the next norm in one kernel. Both paths sum in the same order (thread i: values i,
-// i + blockDim, …), so they give the same bits. In place (y = x) is allowed.
-extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps, int rms, const half_t* pb) {
+// i + blockDim, …), so they give the same bits, as do both kernels. In place (y = x) is allowed.
+template <int PER, bool PREFETCH>
+__device__ __forceinline__ void layer_norm_row(half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps, int rms, const half_t* pb) {
     __shared__ float sh[32];
     half_t* xr = x + (size_t)blockIdx.x * h;
     half_t* yr = y + (size_t)blockIdx.x * h;
-    if (h <= LN_PER * (int)blockDim.x) {
-        float v[LN_PER];
+    if (h <= PER * (int)blockDim.x) {
+        float v[PER];
         // The weight and bias loaded with x, ahead of the reductions (two fp16 a register).
-        unsigned wb[LN_PER / 2], bb[LN_PER / 2];
+        unsigned wb[PER / 2], bb[PER / 2];
 #pragma unroll
-        for (int k = 0; k < LN_PER; k++) {
+        for (int k = 0; k < PER; k++) {
             int i = threadIdx.x + k * blockDim.x;
             v[k] = i < h ? h2f(xr[i]) : 0.f;
-            const unsigned wi = LN_PREFETCH && i < h ? (unsigned)w[i] : 0u, bi = LN_PREFETCH && i < h && !rms ? (unsigned)b[i] : 0u;
+            const unsigned wi = PREFETCH && i < h ? (unsigned)w[i] : 0u, bi = PREFETCH && i < h && !rms ? (unsigned)b[i] : 0u;
             wb[k / 2] = k % 2 ? wb[k / 2] | wi << 16 : wi;
             bb[k / 2] = k % 2 ? bb[k / 2] | bi << 16 : bi;
         }
         if (pb) {
 #pragma unroll
-            for (int k = 0; k < LN_PER; k++) {
+            for (int k = 0; k < PER; k++) {
                 int i = threadIdx.x + k * blockDim.x;
                 if (i < h) { half_t s = f2h(v[k] + h2f(pb[i])); xr[i] = s; v[k] = h2f(s); }
             }
@@ -86,21 +90,21 @@ extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const h
         if (!rms) {
             float s = 0.f;
 #pragma unroll
-            for (int k = 0; k < LN_PER; k++)
+            for (int k = 0; k < PER; k++)
                 if (threadIdx.x + k * blockDim.x < h) s += v[k];
             m = block_reduce(s, sh, false) / h;
         }
         float q = 0.f;
 #pragma unroll
-        for (int k = 0; k < LN_PER; k++)
+        for (int k = 0; k < PER; k++)
             if (threadIdx.x + k * blockDim.x < h) { float d = v[k] - m; q += d * d; }
         float inv = rsqrtf(block_reduce(q, sh, false) / h + eps);
 #pragma unroll
-        for (int k = 0; k < LN_PER; k++) {
+        for (int k = 0; k < PER; k++) {
             int i = threadIdx.x + k * blockDim.x;
             if (i >= h) continue;
-            const half_t wk = LN_PREFETCH ? (half_t)(wb[k / 2] >> (16 * (k % 2))) : w[i];
-            const half_t bk = rms ? (half_t)0 : LN_PREFETCH ? (half_t)(bb[k / 2] >> (16 * (k % 2))) : b[i];
+            const half_t wk = PREFETCH ? (half_t)(wb[k / 2] >> (16 * (k % 2))) : w[i];
+            const half_t bk = rms ? (half_t)0 : PREFETCH ? (half_t)(bb[k / 2] >> (16 * (k % 2))) : b[i];
             yr[i] = f2h((v[k] - m) * inv * h2f(wk) + (rms ? 0.f : h2f(bk)));
         }
         return;
@@ -118,6 +122,12 @@ extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const h
     float inv = rsqrtf(block_reduce(v, sh, false) / h + eps);
     for (int i = threadIdx.x; i < h; i += blockDim.x)
         yr[i] = f2h((h2f(xr[i]) - mean) * inv * h2f(w[i]) + (rms ? 0.f : h2f(b[i])));
+}
+extern "C" __global__ void __launch_bounds__(1024) layer_norm(half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps, int rms, const half_t* pb) {
+    layer_norm_row<LN_PER, LN_PREFETCH != 0>(x, w, b, y, h, eps, rms, pb);
+}
+extern "C" __global__ void __launch_bounds__(1024) layer_norm_rows(half_t* x, const half_t* w, const half_t* b, half_t* y, int h, float eps, int rms, const half_t* pb) {
+    layer_norm_row<LN_PER_ROWS, false>(x, w, b, y, h, eps, rms, pb);
 }
 
 // Rotary position embedding (Hugging Face's rotate_half convention) of value d of a head of hd
