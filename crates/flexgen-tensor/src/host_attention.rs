@@ -519,9 +519,9 @@ fn decode_with(
             && k_new.len() >= d.rows * hd
     );
     assert!(d.past < cap, "the new position fits the cache");
-    // Rows in as many parts as the pool has threads, on rayon's standing pool (no threads are
-    // started per call: the CUDA executor calls this once per layer and micro-batch).
-    let per = d.rows.div_ceil(rayon::current_num_threads()).max(1);
+    // Rows in parts on rayon's standing pool (no threads are started per call: the CUDA
+    // executor calls this once per layer and micro-batch).
+    let per = rows_per_part(d.rows);
     out[..d.rows * qw]
         .par_chunks_mut(per * qw)
         .zip(kcache.par_chunks_mut(per * cap * hd))
@@ -551,6 +551,24 @@ fn decode_with(
                 );
             }
         });
+}
+
+/// Rows of each part the cores attend in parallel: `PARTS_PER_THREAD` parts a thread of rayon's
+/// pool, so that a thread the run's other work delays (the CUDA driver, the thread that
+/// orchestrates the stage) leaves its later parts to the others instead of holding up the call.
+/// `FLEXGEN_CPU_ATTN_PARTS` (parts a thread; 1 splits the rows once per thread, as before
+/// session 19) compares.
+fn rows_per_part(rows: usize) -> usize {
+    const PARTS_PER_THREAD: usize = 4;
+    static PARTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let parts = *PARTS.get_or_init(|| {
+        std::env::var("FLEXGEN_CPU_ATTN_PARTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(PARTS_PER_THREAD)
+    });
+    rows.div_ceil(rayon::current_num_threads() * parts).max(1)
 }
 
 /// One k (or v) cache of packed rows, in place: codes `[rows, cap, groups · group]` (`bits` per
@@ -692,7 +710,7 @@ fn decode_packed_with(
         && hd <= 256
         && p.group.is_multiple_of(8);
     let fused = packed4 && rep <= AVX2_HEADS;
-    let per = d.rows.div_ceil(rayon::current_num_threads()).max(1);
+    let per = rows_per_part(d.rows);
     let (rc, rp) = (cap * code_b, cap * par); // bytes and params of one row
     out[..d.rows * qw]
         .par_chunks_mut(per * qw)
