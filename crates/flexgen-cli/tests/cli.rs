@@ -268,29 +268,33 @@ fn profile_then_plan_on_a_machine_without_gpu() {
     assert!(err.contains("has no GPU"), "{err}");
 }
 
-/// Issue 8's calibration goal, on the runs measured on the H200 and committed under docs/runs
-/// (S3 and S4 on the fused 4-bit kernels, sessions 19 and 15; session 5: copy-stream prefetch; the
-/// session-3 runs predate it but
-/// copy no cache or activations from the CPU): the cost model refit to them predicts every run
-/// within ±10 % of its measured time (issue 8 asks ±15 %), over seven kinds of policy. The profile
-/// refit to the *other* runs (leave-one-out) must stay within ±20 %: the first 12×6 CPU-attention
-/// run is +16.4 % (docs/benchmarks.md gives each figure). A change to the cost model that breaks
-/// the fit fails here: without the per-visit cost (`VISIT_S`) the 8×48 run is −12.4 % refit.
+/// Issue 8's and issue 20's calibration goal, on the runs measured on the H200 and committed under
+/// docs/runs (S3 and S4 on the fused 4-bit kernels, sessions 19 and 15; S2nc, OPT-30B fp16 under
+/// 16 GiB with CPU attention, session 19; session 5: copy-stream prefetch; the session-3 runs
+/// predate it but copy no cache or activations from the CPU): the cost model refit to them
+/// predicts every run within ±10 % of its measured time (issue 8 asks ±15 %), over seven kinds
+/// of policy, and the profile refit to the *other* runs (leave-one-out) within ±15 % (issue 20).
+/// Session 19's S2nc runs replace session 5's two of the same policy, whose CPU attention ran at a
+/// third of the profiled rate (rows split once per thread); with those the refit scaled all CPU
+/// attention down and the new runs fell 63–110 % out (docs/benchmarks.md gives each figure).
 #[test]
 fn calibrate_on_the_h200_runs_predicts_within_15_percent() {
     let s3 = root().join("docs/runs/2026-11-29");
     let s5 = root().join("docs/runs/2026-11-29-s5");
+    let s19 = root().join("docs/runs/2026-12-03-s19");
     let mut runs: Vec<_> =
         ["s1c", "s1cc-32x2", "s1cc-128x2"].map(|r| s3.join(format!("{r}.json"))).to_vec();
-    for r in ["s2-plan14", "s2-s4policy", "s2-no-compression", "sw30-24x1", "sw30-12x6"] {
+    for r in ["s2-plan14", "s2-s4policy", "sw30-24x1"] {
         runs.push(s5.join(format!("{r}.json")));
     }
     // S4 on the session-15 runtime, S3 on session 19's (its 4-bit products and attention read
     // the codes straight on the tensor cores and store their own sums, its q/k/v split packs the
-    // cache; session 5's sw175-32x1
-    // ran the dequantizing path the model no longer plans for 32 rows).
+    // cache; session 5's sw175-32x1 ran the dequantizing path the model no longer plans for 32
+    // rows), and session 19's S2nc.
     runs.push(root().join("docs/runs/2026-12-03-s15/call5/s4a.json"));
-    runs.push(root().join("docs/runs/2026-12-03-s19/call2/s3.json"));
+    runs.push(s19.join("call2/s3.json"));
+    runs.push(s19.join("call5/s2nc_1.json"));
+    runs.push(s19.join("call6/s2nc_3.json"));
     let out_toml = std::env::temp_dir().join(format!("flexgen-cal-{}.toml", std::process::id()));
     let o = bin("flexgen-plan")
         .arg("--calibrate")
@@ -308,7 +312,7 @@ fn calibrate_on_the_h200_runs_predicts_within_15_percent() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         let pct = |i: usize| cells[i].trim_end_matches(" %").parse::<f64>().unwrap();
         let (refit, left_out) = (pct(6), pct(8));
-        assert!(refit.abs() <= 10.0 && left_out.abs() <= 20.0, "{line}\n{stdout}");
+        assert!(refit.abs() <= 10.0 && left_out.abs() <= 15.0, "{line}\n{stdout}");
         checked += 1;
     }
     assert_eq!(checked, 10, "{stdout}");
