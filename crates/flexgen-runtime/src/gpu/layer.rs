@@ -340,5 +340,5 @@ impl CudaStage<'_> {
 /// after attention to compare (read once).
 fn split_pack_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLEXGEN_SPLIT_PACK").map_or(true, |v| v != "0"))
+    knob_on("FLEXGEN_SPLIT_PACK", &ON)
 }

@@ -214,6 +214,12 @@ pub struct SetupTimes {
     pub total_s: f64,
 }
 
+/// Whether a measuring knob leaves its path on: unless `var=0` is in the environment (read once,
+/// into `cell`).
+fn knob_on(var: &str, cell: &'static std::sync::OnceLock<bool>) -> bool {
+    *cell.get_or_init(|| std::env::var(var).map_or(true, |v| v != "0"))
+}
+
 fn cuda(e: CudaError) -> Error {
     Error::Model(flexgen_model::Error::Gpu(e))
 }

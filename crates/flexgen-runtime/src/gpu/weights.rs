@@ -417,5 +417,5 @@ fn fused_decode_on() -> bool {
 /// which runs the store as a kernel of its own to compare (read once).
 fn folded_store_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLEXGEN_FUSED4_STORE").map_or(true, |v| v != "0"))
+    knob_on("FLEXGEN_FUSED4_STORE", &ON)
 }
