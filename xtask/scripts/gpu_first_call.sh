@@ -41,6 +41,16 @@ t() { # name, time limit (s), command...
   pack # after every part: a call cut at its time limit still returns the logs so far
 }
 pack() { tar czf "$OUT/first_call.tgz.part" -C "$LOGS" . && mv "$OUT/first_call.tgz.part" "$OUT/first_call.tgz"; }
+under_each() { # environments (`;` apart, each "NAME=VALUE ..."), log prefix, time limit (s), command...
+  local list=$1 prefix=$2 lim=$3 es e kv name i; shift 3
+  IFS=';' read -ra es <<< "$list"
+  for e in "${es[@]}"; do
+    read -ra kv <<< "$e"
+    name="${prefix}_${e// /_}" i=2
+    while [ -e "$LOGS/$name.log" ]; do name="${prefix}_${e// /_}_$i" i=$((i + 1)); done # a repeat keeps both logs
+    t "$name" "$lim" env "${kv[@]}" "$@"
+  done
+}
 trap pack EXIT
 { echo "binaries built from $(cat "$B/BUILT_FROM" 2>/dev/null || echo '?')"; git log --oneline -1; } > "$LOGS/commit.txt" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOGS/commit.txt" 2>&1
@@ -76,11 +86,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
     envs)
       # cuda_check once per environment (ENVS: `;` apart, each "NAME=VALUE ..."), e.g.
       # ENVS="FLEXGEN_Q4_WARPS=8;FLEXGEN_Q4_WARPS=2" for the attention's timing line.
-      IFS=';' read -ra es <<< "${ENVS:-FLEXGEN_Q4_WARPS=8}"
-      for e in "${es[@]}"; do
-        read -ra kv <<< "$e"
-        t "check_${e// /_}" 120 env "${kv[@]}" "$B/cuda_check"
-      done ;;
+      under_each "${ENVS:-FLEXGEN_Q4_WARPS=8}" check 120 "$B/cuda_check" ;;
     ncu)
       # Nsight Compute on the tensor-core 4-bit product at 1 row (gemm4_tc_1, its second launch in
       # gemv4_bench) and 32 rows (gemm4_tc_4, its first): stalls, pipes, instructions.
@@ -102,22 +108,14 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
         FLEXGEN_LT=${r#*:} t "s4${r%%:*}" 90 "$B/flexgen-run" "${S4[@]}"
       done ;;
     s4envs)
-      IFS=';' read -ra es <<< "${S4ENVS:-FLEXGEN_LT=0}"
-      for e in "${es[@]}"; do
-        read -ra kv <<< "$e"
-        t "s4_${e// /_}" 90 env "${kv[@]}" "$B/flexgen-run" "${S4[@]}"
-      done ;;
+      under_each "${S4ENVS:-FLEXGEN_LT=0}" s4 90 "$B/flexgen-run" "${S4[@]}" ;;
     s3)
       t s3 240 "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32 ;;
     s3b)
       # S3 with each 4-bit product's store as a kernel of its own (as before session 18).
       FLEXGEN_FUSED4_STORE=0 t s3b 240 "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32 ;;
     s3envs)
-      IFS=';' read -ra es <<< "${S3ENVS:-FLEXGEN_SPLIT_PACK=0}"
-      for e in "${es[@]}"; do
-        read -ra kv <<< "$e"
-        t "s3_${e// /_}" 240 env "${kv[@]}" "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32
-      done ;;
+      under_each "${S3ENVS:-FLEXGEN_SPLIT_PACK=0}" s3 240 "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32 ;;
     ncu_s3)
       opt175_4
       t ncu_s3 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \

@@ -1102,7 +1102,6 @@ extern "C" __global__ void store_f32(float* s, half_t* y, int n, int accumulate,
 // A packed cache of `rows` (sequence, head) rows holds, per row and position, ⌈hd/gs⌉ groups:
 // codes [rows, cap, groups·gs·bits/8] bytes and params [rows, cap, groups, 2] fp16 (min, scale).
 
-
 // out[r, p, d] (fp16 [rows, cap, hd]) for positions p0 ≤ p < p0 + np, from the packed cache.
 // One thread per 8 values of one (row, position); rows along the grid's y. With `vec` (the host
 // checked: group and hd multiples of 8, codes and out aligned) the 8 codes are one 32-bit (4-bit)
