@@ -66,20 +66,31 @@ check() { # name, then flexgen-run arguments shared by both executors
   echo "checked $name: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
 }
 # Compressed weights: the CUDA executor's packed arenas against the CPU executor's packed tensors
-# (the bundled model's weights are fp16, so both quantize the same values).
-checkc() {
+# (the weights are fp16 values, bundled or dummy, so both quantize the same values).
+checkc() { # name, then flexgen-run arguments shared by both executors
+  local name=$1; shift
   if ! "$B/flexgen-run" "$@" --ignore-eos --compress-weight > /tmp/ref.txt 2> /tmp/ref.err; then
-    echo "FAIL compressed: CPU executor"; tail -3 /tmp/ref.err; fail=1; return
+    echo "FAIL compressed $name: CPU executor"; tail -3 /tmp/ref.err; fail=1; return
   fi
   for pol in "100 0 100 0 100 0" "0 100 100 0 100 0" "30 40 100 0 100 0"; do
     for split in "${SPLITS[@]}"; do
-      one "compressed [$pol $split]" "$@" --compress-weight --percent $pol $split
+      one "compressed $name [$pol $split]" "$@" --compress-weight --percent $pol $split
     done
   done
   wait
-  echo "checked compressed weights: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
+  echo "checked compressed weights, $name: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
 }
-checkc --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
+# A two-layer OPT shape whose fc1 and fc2 (40,960 × 2,048 and 2,048 × 40,960) are larger than the
+# dequantizing buffer: each is dequantized and multiplied in two slices of outputs.
+WIDE=$(mktemp -d)
+python3 -c 'import json, sys; json.dump({"architectures": ["OPTForCausalLM"], "model_type": "opt",
+  "hidden_size": 2048, "ffn_dim": 40960, "num_attention_heads": 16, "num_hidden_layers": 2,
+  "vocab_size": 1000, "max_position_embeddings": 256, "word_embed_proj_dim": 2048,
+  "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
+  "torch_dtype": "float16", "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
+  open(sys.argv[1], "w"))' "$WIDE/config.json"
+checkc sliced --model "$WIDE" --dummy random --seed 4 --prompt-len 12 --num-prompts 4 --max-new-tokens 8
+checkc bundled --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
   --prompt "In the beginning" --prompt "And God said, Let there be light: and there was light" \
   --prompt "Jesus wept" --prompt "The LORD is my shepherd; I shall not want"
 check bundled --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \

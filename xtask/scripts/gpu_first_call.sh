@@ -21,6 +21,8 @@
 #           s3b       s3 with FLEXGEN_FUSED4_STORE=0 (each 4-bit product's store a kernel of its own)
 #           s3envs    s3 once under each of S3ENVS (environments, `;` apart, each "NAME=VALUE ...")
 #           s4envs    S4 (as shipped) once under each of S4ENVS, the same way
+#           s10       OPT-175B under a 15 GiB cap (S10), prompt 512, 32 new tokens, once under each
+#                     policy file of S10POLICIES (paths, space apart; default .gpu/pack/s10*.toml)
 #           ncu_attn  Nsight Compute's full set on S3's decode attention and 32-row products
 #           ncu_s3    S3's shape with 4 layers and 2 new tokens under Nsight Compute, every kernel's time (one metric,
 #                     clocks as they run) in ncu_s3.csv: where a decode step goes (not by default;
@@ -109,6 +111,11 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       done ;;
     s4envs)
       under_each "${S4ENVS:-FLEXGEN_LT=0}" s4 90 "$B/flexgen-run" "${S4[@]}" ;;
+    s10)
+      for p in ${S10POLICIES:-.gpu/pack/s10*.toml}; do
+        t "s10_$(basename "$p" .toml)" 300 "$B/flexgen-run" --device cuda --model opt-175b --dummy \
+          --policy "$p" --gpu-mem-limit 15GiB --prompt-len 512 --max-new-tokens 32 --json
+      done ;;
     s3)
       t s3 240 "$B/flexgen-run" "${S3[@]}" --model opt-175b --max-new-tokens 32 ;;
     s3b)
@@ -127,10 +134,10 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       NCU=(ncu --clock-control none --set full)
       t ncu_attn 200 "${NCU[@]}" -k regex:decode_attention_q4 -c 1 "$B/flexgen-run" "${S3_4[@]}"
       t ncu_s3tc4 250 "${NCU[@]}" -k regex:gemm4_tc_4 -s 16 -c 4 "$B/flexgen-run" "${S3_4[@]}" ;;
-    *) echo "unknown part $part (check gemv4 variants envs ncu bench executor pipeline ranks s4 s4envs s3 s3b s3envs ncu_s3 ncu_attn)" >&2; fail=1 ;;
+    *) echo "unknown part $part (check gemv4 variants envs ncu bench executor pipeline ranks s4 s4envs s10 s3 s3b s3envs ncu_s3 ncu_attn)" >&2; fail=1 ;;
   esac
 done
 cat "$LOGS/times.txt"
 tail -n 1 "$LOGS"/executor.log "$LOGS"/pipeline.log 2>/dev/null
-grep -H '"decode_tokens_per_s"' "$LOGS"/s[34]*.log 2>/dev/null
+grep -H '"decode_tokens_per_s"\|"total_tokens_per_s"\|"predicted_tokens_per_s"' "$LOGS"/s[134]*.log 2>/dev/null
 exit $fail

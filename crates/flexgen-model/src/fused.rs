@@ -10,7 +10,7 @@
 //! the hidden state in place after each residual instead of the sublayer's input. A new family
 //! adds its arms here and its kernels in flexgen-tensor; the runtime does not change.
 
-use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind};
+use flexgen_policy::{MlpKind, ModelSpec, NormKind, PositionKind, expand_slice_outputs};
 use flexgen_tensor::cuda::Gpu;
 use flexgen_tensor::cuda::exec::{Gemm, Store4, Weight4, at};
 
@@ -67,8 +67,9 @@ pub struct Packed4 {
 /// How a visit's products read a packed layer's matrices.
 #[derive(Debug, Clone, Copy)]
 pub enum PackedUse {
-    /// Each matrix dequantized to fp16 into `buf` (room for the widest) just before its product,
-    /// which runs on cuBLAS: no fp16 copy of the whole layer.
+    /// Each matrix dequantized to fp16 into `buf` a slice of its outputs at a time
+    /// ([`expand_slice_outputs`]; room for the largest slice), each slice just before its
+    /// product, which runs on cuBLAS: no fp16 copy of the layer, nor of a whole large matrix.
     Expand { buf: u64 },
     /// Straight from the 4-bit codes: `scratch` holds the visit's rows × the widest matrix's
     /// outputs as fp32, all zeros between products (each product sums into it and its store
@@ -113,12 +114,8 @@ unsafe fn product_then(
         Some(p) => match p.how {
             PackedUse::Fused { scratch, done } => (p, scratch, done),
             PackedUse::Expand { buf } => {
-                let (codes, params) = p.mats[m];
-                // SAFETY: the caller's contract; `buf` holds the widest matrix in fp16.
-                unsafe {
-                    g.dequant_dim0(codes, params, buf, gm.n, gm.k, p.group, p.bits)?;
-                    return gemm_then(g, &Gemm { b: buf, ..*gm }, (b, relu));
-                }
+                // SAFETY: the caller's contract.
+                return unsafe { expanded_product(g, p, m, buf, gm, (b, relu)) };
             }
         },
     };
@@ -148,6 +145,39 @@ unsafe fn product_then(
     Ok(())
 }
 
+/// [`product_then`] of packed matrix `m` of `p` through fp16 `buf`: each slice of its outputs
+/// ([`expand_slice_outputs`]) dequantized there, then multiplied into the same columns of the
+/// output (rows `gm.ldc` apart), with the same columns of the bias.
+///
+/// # Safety
+/// As [`product_then`]; `buf` holds the largest slice of a matrix of the layer in fp16.
+unsafe fn expanded_product(
+    g: &Gpu,
+    p: Packed4,
+    m: usize,
+    buf: u64,
+    gm: &Gemm,
+    (b, relu): (u64, bool),
+) -> Result<()> {
+    debug_assert!(gm.batch == 1 && gm.b_t, "a linear layer's product x·Wᵀ");
+    let (codes, params) = p.mats[m];
+    let per = expand_slice_outputs(gm.n, gm.k, p.group);
+    let mut o0 = 0;
+    while o0 < gm.n {
+        let o1 = (o0 + per).min(gm.n);
+        let slice = Gemm { b: buf, ldb: gm.k, n: o1 - o0, c: at(gm.c, o0), ..*gm };
+        let bias = if b == 0 { 0 } else { at(b, o0) };
+        // SAFETY: the caller's contract; the slice's outputs are columns o0..o1 of the output
+        // and of the bias, and `buf` holds (o1 − o0)·k values.
+        unsafe {
+            g.dequant_dim0(codes, params, buf, (gm.n, gm.k), o0..o1, p.group, p.bits)?;
+            gemm_then(g, &slice, (bias, relu))?;
+        }
+        o0 = o1;
+    }
+    Ok(())
+}
+
 /// The fp16 GEMM `gm`, then the bias `b` (0 for none) and ReLU if `relu`: in cuBLASLt's epilogue
 /// where there is a bias ([`Gpu::gemm_bias`]), else a row kernel after the product.
 ///
@@ -161,7 +191,7 @@ unsafe fn gemm_then(g: &Gpu, gm: &Gemm, (b, relu): (u64, bool)) -> Result<()> {
         } else {
             g.gemm(gm)?;
             if relu {
-                g.bias_act_raw(gm.c, 0, gm.m, gm.n, relu)?;
+                g.bias_act_raw(gm.c, 0, (gm.m, gm.n, gm.ldc), relu)?;
             }
         }
     }

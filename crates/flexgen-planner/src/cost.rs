@@ -5,7 +5,9 @@
 
 use std::ops::{Add, Mul};
 
-use flexgen_policy::{Compression, HardwareProfile, MlpKind, ModelSpec, Policy, Workload};
+use flexgen_policy::{
+    Compression, HardwareProfile, MlpKind, ModelSpec, Policy, Workload, expand_slice_outputs,
+};
 
 /// Index of each placement fraction in [`Lin::coef`].
 pub const WG: usize = 0;
@@ -305,12 +307,17 @@ pub fn terms(
     // The cache of every group in flight (one on one GPU).
     let held = l * kv_tok * full * bls * f64::from(choice.groups.max(1));
     let resident = Lin::var(WG, l * w) + Lin::var(CG, held);
-    // A compressed layer's matrices are expanded one at a time into an fp16 buffer of the widest
-    // (q/k/v or fc1: that many outputs of h inputs); the fused decode adds an fp32 output of a
-    // micro-batch's rows × the widest matrix and a counter per 256 of its outputs.
-    let widest = (h1 + 2.0 * f64::from(spec.num_kv_heads * spec.head_dim()))
-        .max(spec.mlp_inner_width() as f64);
-    let unpacked = if choice.compress_weight { 2.0 * h1 * widest } else { 0.0 }
+    // A compressed layer's matrices are expanded a slice of outputs at a time into an fp16
+    // buffer of the largest slice (`expand_slice_outputs`); the fused decode adds an fp32 output
+    // of a micro-batch's rows × the widest matrix (q/k/v or fc1: that many outputs of h inputs)
+    // and a counter per 256 of its outputs.
+    let (hu, kvu) = (spec.hidden_size as usize, (spec.num_kv_heads * spec.head_dim()) as usize);
+    let inner = usize::try_from(spec.mlp_inner_width()).expect("a layer's width");
+    let mats = [(hu + 2 * kvu, hu), (hu, hu), (inner, hu), (hu, spec.ffn_size as usize)];
+    let group = Compression::weights_default().group_size as usize;
+    let slice = mats.iter().map(|&(o, i)| expand_slice_outputs(o, i, group) * i).max();
+    let widest = (hu + 2 * kvu).max(inner) as f64;
+    let unpacked = if choice.compress_weight { 2.0 * slice.unwrap_or(0) as f64 } else { 0.0 }
         + if fused { 4.0 * b * widest + 4.0 * (widest / 256.0).ceil() } else { 0.0 };
     let k = f64::from(choice.num_gpu_batches);
     // Hidden states: every micro-batch's on the GPU, or one staged from the CPU (two when the

@@ -323,6 +323,22 @@ pub const FUSED_DECODE_MAX_BATCHES: u32 = 4;
 /// (session 17's `gemv4_bench`: OPT-175B's fc1 at 8 rows 1.05 ms against 0.93).
 pub const FUSED_DECODE_OTHER_GROUP_ROWS: u32 = 4;
 
+/// fp16 values of the CUDA stage's buffer for one dequantized slice of a packed matrix (128 MiB):
+/// a matrix larger than that is dequantized and multiplied a slice of its outputs at a time, so
+/// that a small GPU does not give a whole matrix (OPT-175B's fc1: 1.2 GB) to the buffer.
+pub const EXPAND_SLICE_VALUES: usize = 64 << 20;
+
+/// Outputs per slice of a packed `[outs, ins]` matrix whose groups run over `group` outputs:
+/// all of them where they fit [`EXPAND_SLICE_VALUES`], else the fewest slices that fit, made
+/// equal and rounded up to whole groups (at least one group). The memory plan and the planner
+/// size the buffer by it; the CUDA stage slices its products by it.
+pub fn expand_slice_outputs(outs: usize, ins: usize, group: usize) -> usize {
+    let group = group.max(1);
+    let most = (EXPAND_SLICE_VALUES / ins.max(1) / group).max(1) * group;
+    let slices = outs.div_ceil(most).max(1);
+    outs.div_ceil(slices).next_multiple_of(group).min(outs)
+}
+
 impl Policy {
     /// Stage `i`'s own policy: this one with the stage's placement and CPU-attention choice, and
     /// no stages.
@@ -511,6 +527,32 @@ fn parse_error(e: &toml::de::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn expand_slices_fit_the_buffer_cover_the_matrix_and_start_on_groups() {
+        for (outs, ins, group) in [
+            (49_152usize, 12_288usize, 64usize), // OPT-175B fc1: ten slices
+            (12_288, 49_152, 64),
+            (36_864, 12_288, 64),
+            (16_384, 4_096, 64), // OPT-6.7B fc1: exactly one slice
+            (50, 3, 64),
+            (1_000_000, 1_000, 32),
+            (7, 40_000_000, 64), // one group wider than the buffer: a group a slice
+        ] {
+            let per = expand_slice_outputs(outs, ins, group);
+            assert!(per > 0 && per <= outs, "{outs}×{ins}: {per}");
+            assert!(
+                per == outs || per.is_multiple_of(group),
+                "{outs}×{ins}: {per} not whole groups"
+            );
+            assert!(per * ins <= EXPAND_SLICE_VALUES || per <= group, "{outs}×{ins}: {per}");
+            let slices = outs.div_ceil(per);
+            // Equal slices: the last one is not a sliver.
+            assert!(outs - (slices - 1) * per + group >= per.min(outs) / 2, "{outs}×{ins}");
+        }
+        assert_eq!(expand_slice_outputs(49_152, 12_288, 64), 4_928);
+        assert_eq!(expand_slice_outputs(16_384, 4_096, 64), 16_384);
+    }
+
     use super::*;
 
     #[test]

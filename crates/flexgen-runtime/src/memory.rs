@@ -11,7 +11,7 @@
 use std::ops::Range;
 
 use flexgen_model::{LayerLayout, PackedLayout, layer_shapes};
-use flexgen_policy::{ModelSpec, Policy, Tier};
+use flexgen_policy::{ModelSpec, Policy, Tier, expand_slice_outputs};
 use flexgen_tensor::cuda::exec::{CacheQuant, LT_WORKSPACE_MAX, gemm4_tc_done_len};
 use flexgen_tensor::host::align_up;
 use flexgen_tensor::quant::{QuantSpec, packed_len};
@@ -246,10 +246,11 @@ pub(crate) fn packed_cache_bytes(policy: &Policy, rows: usize, cap: usize, hd: u
     (codes + 2 * params) as u64
 }
 
-/// fp16 values of the buffer a packed layer's matrices are dequantized into, one before each
-/// product (prefill, and decode where the products do not read the codes): the widest matrix.
+/// fp16 values of the buffer a packed layer's matrices are dequantized into, a slice of outputs
+/// before each product of it (prefill, and decode where the products do not read the codes): the
+/// largest slice ([`expand_slice_outputs`]).
 pub(crate) fn expand_len(p: &PackedLayout) -> usize {
-    p.mats.iter().map(|m| m.rows * m.cols).max().unwrap_or(0)
+    p.mats.iter().map(|m| expand_slice_outputs(m.rows, m.cols, p.group) * m.cols).max().unwrap_or(0)
 }
 
 /// The fused 4-bit product's fp32 output for a decode micro-batch (rows × the widest matrix),
@@ -311,7 +312,7 @@ fn cuda(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> R
     // GPU.
     let mut staging = if g_end < unit_len { 4 * unit_len as u64 } else { 0 };
     if let Some(p) = &a.packed {
-        staging += 2 * expand_len(p) as u64; // one matrix dequantized at a time
+        staging += 2 * expand_len(p) as u64; // one slice of a matrix dequantized at a time
     }
     staging += fused_scratch_bytes(policy, a.packed.as_ref());
     let pf = Prefetch::of(policy, gpu_rows, all_rows, disk_rows);
@@ -433,6 +434,26 @@ mod tests {
         c.compress_weight.enabled = true;
         let ratio = cuda_plan(&m, &c).cpu.total() as f64 / host as f64;
         assert!((0.26..0.30).contains(&ratio), "{ratio}");
+    }
+
+    /// S10 (OPT-175B 4-bit under a 15 GiB cap, session 18's 8×4 plan): its run reported 3.25 GB
+    /// of staging with fc1 dequantized whole; a slice of outputs at a time, the largest slice
+    /// (q/k/v's 5,312 of 36,864 outputs) takes fc1's place.
+    #[test]
+    fn large_matrices_are_dequantized_a_slice_at_a_time() {
+        let m = spec("opt-175b");
+        let mut p = policy([7.9, 92.1, 0.0, 100.0, 100.0, 0.0], 8, 4);
+        p.compress_weight.enabled = true;
+        p.compress_cache.enabled = true;
+        p.cpu_cache_compute = true;
+        let reported: u64 = 3_248_603_904; // docs/runs/2026-12-03-s18/call2/s10.json
+        let (fc1, slice) = (49_152 * 12_288 * 2, 5_312 * 12_288 * 2);
+        assert_eq!(cuda_plan(&m, &p).gpu.staging, reported - fc1 + slice);
+        let packed = arena(&m, &p).unwrap().packed.unwrap();
+        assert_eq!(expand_len(&packed), 5_312 * 12_288);
+        // A model whose matrices fit the buffer expands each whole, as before.
+        let small = LayerLayout::new(&spec("opt-1.3b")).unwrap().packed(4, 64);
+        assert_eq!(expand_len(&small), 8_192 * 2_048);
     }
 
     /// The fused 4-bit decode's scratch is planned exactly where the stage takes that path: 4-bit

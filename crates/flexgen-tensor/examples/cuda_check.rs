@@ -147,7 +147,9 @@ fn main() {
 }
 
 /// The weight-dequantizing kernel against `quant::dequantize`: 4 and 8 bits, rows that the
-/// group does not divide, and codes at an odd byte offset (the kernel's unaligned path).
+/// group does not divide, and codes at an odd byte offset (the kernel's unaligned path); the
+/// matrix as two slices of rows (the first ending at row 128), each written where the whole
+/// matrix has it.
 fn check_dequant(gpu: &Gpu, failures: &mut Vec<String>) {
     for (bits, rows, cols, offset) in [(4u8, 200, 37, 0), (8, 130, 19, 0), (4, 128, 33, 1)] {
         let spec = QuantSpec { bits, group: 64, dim: 0 };
@@ -159,19 +161,25 @@ fn check_dequant(gpu: &Gpu, failures: &mut Vec<String>) {
         let codes = gpu.stream.clone_htod(&codes).unwrap();
         let params = gpu.stream.clone_htod(&p.params).unwrap();
         let out = gpu.stream.alloc_zeros::<f16>(rows * cols).unwrap();
-        // SAFETY: buffers allocated above for these shapes.
-        unsafe {
-            gpu.dequant_dim0(
-                addr(&codes) + offset as u64,
-                addr(&params),
-                addr(&out),
-                rows,
-                cols,
-                64,
-                bits,
-            )
+        for slice in [0..128.min(rows), 128.min(rows)..rows] {
+            if slice.is_empty() {
+                continue;
+            }
+            let dst = at(addr(&out), slice.start * cols);
+            // SAFETY: buffers allocated above for these shapes.
+            unsafe {
+                gpu.dequant_dim0(
+                    addr(&codes) + offset as u64,
+                    addr(&params),
+                    dst,
+                    (rows, cols),
+                    slice,
+                    64,
+                    bits,
+                )
+            }
+            .unwrap();
         }
-        .unwrap();
         let got: Vec<f32> =
             gpu.stream.clone_dtoh(&out).unwrap().into_iter().map(f16::to_f32).collect();
         let name = format!("dequant dim 0, {bits}-bit, {rows}×{cols}, +{offset} B");
@@ -499,7 +507,7 @@ fn check_bias_norm(gpu: &Gpu, failures: &mut Vec<String>) {
         let (pa, wa, ba) = (addr(&dpb), addr(&dw), addr(&db));
         // SAFETY: buffers allocated above for these shapes.
         unsafe {
-            gpu.bias_act_raw(addr(&x1), pa, n, h, false).unwrap();
+            gpu.bias_act_raw(addr(&x1), pa, (n, h, h), false).unwrap();
             gpu.norm_raw(addr(&x1), None, wa, Some(ba), addr(&y1), n, h, 1e-5).unwrap();
             gpu.norm_raw(addr(&x2), Some(pa), wa, Some(ba), addr(&y2), n, h, 1e-5).unwrap();
         }
@@ -530,8 +538,9 @@ fn check_bias_norm(gpu: &Gpu, failures: &mut Vec<String>) {
     }
 }
 
-/// `Gpu::gemm_bias` (cuBLASLt's bias and ReLU epilogue, accumulating into the output or not)
-/// against an f64 loop and against the GEMM then `bias_act_raw`; then, at OPT-6.7B's MLP shapes
+/// `Gpu::gemm_bias` (cuBLASLt's bias and ReLU epilogue, accumulating into the output or not,
+/// into contiguous rows or rows `pad` values longer: a slice of a wider output) against an f64
+/// loop and against the GEMM then `bias_act_raw`, the padding left as it was; then, at OPT-6.7B's MLP shapes
 /// for 64 rows, the time of each.
 fn check_gemm_bias(gpu: &Gpu, failures: &mut Vec<String>) {
     let s = &gpu.stream;
@@ -540,30 +549,34 @@ fn check_gemm_bias(gpu: &Gpu, failures: &mut Vec<String>) {
         t.to_vec1::<f32>().unwrap().into_iter().map(f16::from_f32).collect()
     };
     let cases = [
-        (64usize, 4096usize, 1024usize, true, false),
-        (64, 1024, 4096, false, true),
-        (7, 1000, 256, true, true),
-        (300, 512, 256, false, false),
+        (64usize, 4096usize, 1024usize, true, false, 0usize),
+        (64, 1024, 4096, false, true, 0),
+        (7, 1000, 256, true, true, 0),
+        (300, 512, 256, false, false, 0),
+        (64, 1024, 512, true, false, 3072),
+        (200, 512, 256, false, true, 64),
     ];
-    for (m, n, k, relu, acc) in cases {
+    for (m, n, k, relu, acc, pad) in cases {
+        let ld = n + pad;
         let (x, w, b, c0) =
-            (v(21, m * k, 1.0), v(22, n * k, 0.05), v(23, n, 0.5), v(24, m * n, 1.0));
+            (v(21, m * k, 1.0), v(22, n * k, 0.05), v(23, n, 0.5), v(24, m * ld, 1.0));
         let (dx, dw, db) =
             (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap(), s.clone_htod(&b).unwrap());
         let (y1, y2) = (s.clone_htod(&c0).unwrap(), s.clone_htod(&c0).unwrap());
-        let g = |y| Gemm::linear(m, n, k, addr(&dx), addr(&dw), y, acc);
+        let g = |y| Gemm { ldc: ld, ..Gemm::linear(m, n, k, addr(&dx), addr(&dw), y, acc) };
         // SAFETY: buffers allocated above for these shapes.
         unsafe {
             gpu.gemm_bias(&g(addr(&y1)), addr(&db), relu).unwrap();
             gpu.gemm(&g(addr(&y2))).unwrap();
-            gpu.bias_act_raw(addr(&y2), addr(&db), m, n, relu).unwrap();
+            gpu.bias_act_raw(addr(&y2), addr(&db), (m, n, ld), relu).unwrap();
         }
         let (y1, y2) = (s.clone_dtoh(&y1).unwrap(), s.clone_dtoh(&y2).unwrap());
         let (mut err, mut err2, mut top) = (0f64, 0f64, 0f64);
+        let kept = (0..m).all(|r| (n..ld).all(|o| y1[r * ld + o] == c0[r * ld + o]));
         for r in 0..m {
             for o in 0..n {
                 let mut want = f64::from(b[o].to_f32())
-                    + if acc { f64::from(c0[r * n + o].to_f32()) } else { 0.0 };
+                    + if acc { f64::from(c0[r * ld + o].to_f32()) } else { 0.0 };
                 for i in 0..k {
                     want += f64::from(x[r * k + i].to_f32()) * f64::from(w[o * k + i].to_f32());
                 }
@@ -571,13 +584,13 @@ fn check_gemm_bias(gpu: &Gpu, failures: &mut Vec<String>) {
                     want = want.max(0.0);
                 }
                 top = top.max(want.abs());
-                err = err.max((f64::from(y1[r * n + o].to_f32()) - want).abs());
-                err2 = err2.max((f64::from(y2[r * n + o].to_f32()) - want).abs());
+                err = err.max((f64::from(y1[r * ld + o].to_f32()) - want).abs());
+                err2 = err2.max((f64::from(y2[r * ld + o].to_f32()) - want).abs());
             }
         }
-        let ok = err <= 1e-2 * top.max(1.0) && err <= 2.0 * err2 + 1e-3 * top;
+        let ok = kept && err <= 1e-2 * top.max(1.0) && err <= 2.0 * err2 + 1e-3 * top;
         println!(
-            "gemm_bias {m}×{k}·({n}×{k})ᵀ relu {relu} accumulate {acc}: max |gpu − f64| {err:.2e} (GEMM then bias_act {err2:.2e}) of max {top:.2e}  {}",
+            "gemm_bias {m}×{k}·({n}×{k})ᵀ relu {relu} accumulate {acc} rows of {ld}, padding kept {kept}: max |gpu − f64| {err:.2e} (GEMM then bias_act {err2:.2e}) of max {top:.2e}  {}",
             if ok { "ok" } else { "FAIL" }
         );
         if !ok {
@@ -597,7 +610,7 @@ fn check_gemm_bias(gpu: &Gpu, failures: &mut Vec<String>) {
         let fused = gpu.time_ms(20, || unsafe { gpu.gemm_bias(&g, addr(&b), relu) }.unwrap());
         let apart = gpu.time_ms(20, || unsafe {
             gpu.gemm(&g).unwrap();
-            gpu.bias_act_raw(addr(&y), addr(&b), m, n, relu).unwrap();
+            gpu.bias_act_raw(addr(&y), addr(&b), (m, n, n), relu).unwrap();
         });
         println!(
             "time gemm_bias {m}×{k}·({n}×{k})ᵀ relu {relu}: {fused:.4} ms; GEMM then bias_act {apart:.4} ms"
@@ -620,7 +633,8 @@ fn time_kernels(gpu: &Gpu) {
         for (r, c) in mats {
             let (co, po) = (addr(&codes) + (off / 2) as u64, at(addr(&params), off / 32));
             // SAFETY: buffers allocated above for these shapes.
-            unsafe { gpu.dequant_dim0(co, po, at(addr(&out), off), r, c, 64, bits) }.unwrap();
+            unsafe { gpu.dequant_dim0(co, po, at(addr(&out), off), (r, c), 0..r, 64, bits) }
+                .unwrap();
             off += r * c;
         }
     });
@@ -701,7 +715,7 @@ fn time_row_kernels(gpu: &Gpu) {
         let ms = gpu.time_ms(5, || {
             for _ in 0..100 {
                 // SAFETY: buffers allocated above for these shapes.
-                unsafe { gpu.bias_act_raw(addr(&x), addr(&w), n, 4 * h, true) }.unwrap();
+                unsafe { gpu.bias_act_raw(addr(&x), addr(&w), (n, 4 * h, 4 * h), true) }.unwrap();
             }
         });
         println!("time bias_act {n}×{}: {:.1} µs", 4 * h, ms * 10.0);

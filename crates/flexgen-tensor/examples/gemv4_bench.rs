@@ -59,7 +59,7 @@ fn main() {
         let wt = Weight4 { codes: c, params: pr, outs, ins, group };
         // SAFETY: buffers allocated above for these shapes.
         let ran = unsafe {
-            gpu.dequant_dim0(c, pr, addr(&w16), outs, ins, group, 4).unwrap();
+            gpu.dequant_dim0(c, pr, addr(&w16), (outs, ins), 0..outs, group, 4).unwrap();
             let gm =
                 Gemm { lda: ldx, ..Gemm::linear(nb, outs, ins, xa, addr(&w16), addr(&y16), false) };
             gpu.gemm(&gm).unwrap();
@@ -120,7 +120,8 @@ fn main() {
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
             });
             let deq = &gpu.time_ms(7, || unsafe {
-                gpu.dequant_dim0(addr(&codes), addr(&params), wa, outs, ins, group, 4).unwrap();
+                gpu.dequant_dim0(addr(&codes), addr(&params), wa, (outs, ins), 0..outs, group, 4)
+                    .unwrap();
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
             });
             let fused = &gpu.time_ms(7, || unsafe {

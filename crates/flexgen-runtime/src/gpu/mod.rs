@@ -138,8 +138,9 @@ pub struct CudaStage<'m> {
     packed: Option<PackedLayout>,
     /// fp16 units of the stored arena: `layout.len`, or half the packed bytes.
     unit_len: usize,
-    /// With `compress_weight`: the fp16 buffer (the widest matrix) each packed matrix is
-    /// dequantized into just before its product.
+    /// With `compress_weight`: the fp16 buffer (the largest slice of a matrix:
+    /// `memory::expand_len`) each packed matrix is dequantized into, a slice of outputs at a
+    /// time, just before that slice's product.
     expanded: Option<CudaSlice<f16>>,
     /// The fused 4-bit product's fp32 output, where decode steps take it
     /// (`Policy::fuses_decode`; `FLEXGEN_FUSED4=0` in the environment turns it off:

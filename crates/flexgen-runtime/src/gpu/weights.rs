@@ -200,8 +200,8 @@ impl CudaStage<'_> {
             self.setup_times.disk_write_s = t.elapsed().as_secs_f64();
         }
         if let Some(p) = &self.packed {
-            // One matrix at a time, the widest: each fully written by its dequantizing kernel
-            // before its product reads it.
+            // One slice of a matrix at a time, the largest: each fully written by its
+            // dequantizing kernel before its product reads it.
             let len = memory::expand_len(p);
             // SAFETY: as above.
             self.expanded = Some(unsafe { stream.alloc::<f16>(len) }.map_err(drv)?);

@@ -333,25 +333,22 @@ impl Gpu {
     /// ReLU where `relu`: `c = act(a·op(b) + beta·c + bias)`. One cuBLASLt kernel with the bias
     /// and activation in its epilogue where cuBLASLt is here and has an algorithm for the shape
     /// (and `FLEXGEN_LT` is not `0` in the environment, to compare), else the GEMM then
-    /// [`Gpu::bias_act_raw`] (the product rounded to fp16 before the bias is added).
-    ///
-    /// # Panics
-    /// If the output's rows are not contiguous (`g.ldc ≠ g.n`).
+    /// [`Gpu::bias_act_raw`] (the product rounded to fp16 before the bias is added). The output's
+    /// rows may be `g.ldc > g.n` apart (a slice of a wider output's columns).
     ///
     /// # Safety
     /// As [`Gpu::gemm`]; `bias` must name `g.n` fp16 values of this device.
     pub unsafe fn gemm_bias(&self, g: &Gemm, bias: u64, relu: bool) -> Result<(), CudaError> {
-        assert_eq!(g.ldc, g.n, "gemm_bias: a contiguous output");
         if let Some(lt) = self.lt.as_ref().filter(|_| lt_use() != LtUse::Off) {
             // SAFETY: the caller's contract.
             if unsafe { lt.gemm(g, Some((bias, relu))) }? {
                 return Ok(());
             }
         }
-        // SAFETY: the caller's contract; `c` holds m rows of n.
+        // SAFETY: the caller's contract; `c` holds m rows of n, ldc apart.
         unsafe {
             self.gemm(g)?;
-            self.bias_act_raw(g.c, bias, g.m, g.n, relu)
+            self.bias_act_raw(g.c, bias, (g.m, g.n, g.ldc), relu)
         }
     }
 
@@ -500,7 +497,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// `y[r, c] += b[c]` over `n` rows of `cols`, then ReLU if `relu`.
+    /// `y[r, c] += b[c]` over `n` rows of `cols` (`ld` values apart: `cols` where contiguous),
+    /// then ReLU if `relu`.
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -511,13 +509,13 @@ impl Gpu {
         &self,
         y: u64,
         b: u64,
-        n: usize,
-        cols: usize,
+        (n, cols, ld): (usize, usize, usize),
         relu: bool,
     ) -> Result<(), CudaError> {
-        let (ci, ri) = (dim(cols), i32::from(relu));
+        assert!(ld >= cols, "bias_act: rows {ld} apart hold {cols} values");
+        let (ci, li, ri) = (dim(cols), dim(ld), i32::from(relu));
         let mut l = self.stream.launch_builder(&self.bias_act);
-        l.arg(&y).arg(&b).arg(&ci).arg(&ri);
+        l.arg(&y).arg(&b).arg(&ci).arg(&li).arg(&ri);
         // SAFETY: one thread per value of n rows of cols; b holds cols values.
         unsafe { l.launch(row_cols(n, cols))? };
         Ok(())
@@ -837,8 +835,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// Dequantizes a `[rows, cols]` matrix packed by `flexgen_tensor::quant` along dimension 0
-    /// (`codes`, fp16 `params` pairs) into fp16 `out`.
+    /// Dequantizes rows `slice` of a `[rows, cols]` matrix packed by `flexgen_tensor::quant`
+    /// along dimension 0 (`codes`, fp16 `params` pairs) into fp16 `out` (`[slice.len(), cols]`):
+    /// `0..rows` for the whole matrix; a slice starts at a multiple of `group`.
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -851,17 +850,22 @@ impl Gpu {
         codes: u64,
         params: u64,
         out: u64,
-        rows_: usize,
-        cols: usize,
+        (rows_, cols): (usize, usize),
+        slice: std::ops::Range<usize>,
         group: usize,
         bits: u8,
     ) -> Result<(), CudaError> {
+        assert!(
+            slice.start.is_multiple_of(group) && slice.start < slice.end && slice.end <= rows_,
+            "dequant_dim0: rows {slice:?} of {rows_} in groups of {group}"
+        );
         let (r, c, g, b) = (dim(rows_), dim(cols), dim(group), i32::from(bits));
+        let (r0, r1) = (dim(slice.start), dim(slice.end));
         let mut l = self.stream.launch_builder(&self.dequant_dim0);
-        l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&c).arg(&g).arg(&b);
-        // SAFETY: grid-stride over the ⌈rows/group⌉·cols groups; the packed buffers hold every
-        // group and `out` every row of every column.
-        unsafe { l.launch(grid(rows_.div_ceil(group) * cols))? };
+        l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&c).arg(&g).arg(&b).arg(&r0).arg(&r1);
+        // SAFETY: grid-stride over the slice's groups; the packed buffers hold every group and
+        // `out` every row of the slice (checked above).
+        unsafe { l.launch(grid(slice.len().div_ceil(group) * cols))? };
         Ok(())
     }
 

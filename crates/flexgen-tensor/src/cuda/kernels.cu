@@ -182,8 +182,8 @@ __device__ __forceinline__ half_t bias_act1(half_t y, const half_t* b, int c, in
     if (relu && v < 0.f) v = 0.f;
     return f2h(v);
 }
-extern "C" __global__ void bias_act(half_t* y, const half_t* b, int cols, int relu) {
-    half_t* yr = y + (size_t)blockIdx.x * cols;
+extern "C" __global__ void bias_act(half_t* y, const half_t* b, int cols, int ld, int relu) {
+    half_t* yr = y + (size_t)blockIdx.x * ld;
     for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < cols; c += gridDim.y * blockDim.x)
         yr[c] = bias_act1(yr[c], b, c, relu);
 }
@@ -955,19 +955,22 @@ extern "C" __global__ void argmax_rows(const half_t* x, unsigned int* out, int c
 // out[r, c] of a row-major [rows, cols] fp16 matrix from `bits`-bit codes grouped along the rows
 // (flexgen_tensor::quant with dim 0): group g = c·⌈rows/gs⌉ + r/gs holds rows r of column c, value
 // k = r % gs at code g·gs + k (4-bit: two per byte, the even one in the low nibble); params holds
-// (min, scale) fp16 per group. One thread per group, neighbouring threads on neighbouring columns
-// of the same rows (so each output row is written coalesced); a thread reads its group's codes
-// as 32-bit words when they are aligned (8 codes a word at 4 bits, 4 at 8 bits).
+// (min, scale) fp16 per group. Only rows r0..r1 (r0 a multiple of gs) are written, as the
+// [r1 − r0, cols] matrix `out`: a slice of the outputs of a linear layer's weight. One thread per
+// group, neighbouring threads on neighbouring columns of the same rows (so each output row is
+// written coalesced); a thread reads its group's codes as 32-bit words when they are aligned (8
+// codes a word at 4 bits, 4 at 8 bits).
 extern "C" __global__ void dequant_dim0(const unsigned char* codes, const half_t* params, half_t* out,
-                                        int rows, int cols, int gs, int bits) {
+                                        int rows, int cols, int gs, int bits, int r0, int r1) {
     long long chunks = (rows + gs - 1) / gs;
-    long long n = chunks * cols;
+    long long ch0 = r0 / gs;
+    long long n = ((r1 - r0 + gs - 1) / gs) * cols;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < n; t += (long long)gridDim.x * blockDim.x) {
-        long long c = t % cols, ch = t / cols;
+        long long c = t % cols, ch = ch0 + t / cols;
         long long g = c * chunks + ch;
         float mn = h2f(params[2 * g]), sc = h2f(params[2 * g + 1]);
-        int r0 = (int)ch * gs, len = min(gs, rows - r0);
-        half_t* o = out + (long long)r0 * cols + c;
+        int gr = (int)ch * gs, len = min(gs, r1 - gr);
+        half_t* o = out + (long long)(gr - r0) * cols + c;
         long long first = g * gs; // code index of the group's first value
         const unsigned char* p = codes + first * bits / 8;
         int per_word = 32 / bits;

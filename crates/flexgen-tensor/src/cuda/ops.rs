@@ -333,7 +333,7 @@ impl Gpu {
             // A null bias adds nothing; the kernel checks.
             // SAFETY: addresses of these tensors, whose shapes were checked above.
             unsafe {
-                self.bias_act_raw(addr(&y.data), b.map_or(0, |b| addr(&b.data)), m, n, relu)
+                self.bias_act_raw(addr(&y.data), b.map_or(0, |b| addr(&b.data)), (m, n, n), relu)
             }?;
         }
         Ok(y)
