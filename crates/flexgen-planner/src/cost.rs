@@ -7,6 +7,7 @@ use std::ops::{Add, Mul};
 
 use flexgen_policy::{
     Compression, HardwareProfile, MlpKind, ModelSpec, Policy, Workload, expand_slice_outputs,
+    prefill_scores_len,
 };
 
 /// Index of each placement fraction in [`Lin::coef`].
@@ -178,7 +179,6 @@ pub fn terms(
     let gpu = hw.gpu.as_ref().expect("the planner checks for a GPU first");
     let h1 = f64::from(spec.hidden_size);
     let h2 = f64::from(spec.ffn_size);
-    let nh = f64::from(spec.num_heads);
     let v = f64::from(spec.vocab_size);
     let s = f64::from(workload.prompt_len);
     let n = f64::from(workload.gen_len);
@@ -327,9 +327,15 @@ pub fn terms(
     let hidden = 2.0 * s * h1 * b * if choice.act_on_gpu { k * groups } else { k.min(2.0) };
     let kvw = f64::from(spec.num_kv_heads * spec.head_dim());
     let kv16 = 2.0 * kvw * 2.0; // K+V of one token in fp16
-    // One micro-batch's prefill scratch: norms, q, context, attention output, fused qkv, scores,
-    // MLP, plus the last position's hidden state and logits.
-    let scratch = 2.0 * b * (s * (5.0 * h1 + 2.0 * kvw) + nh * s * s + s * h2 + h1 + v);
+    // One micro-batch's prefill scratch: norms, q, context, attention output, fused qkv, MLP,
+    // the last position's hidden state and logits; and the scores of as many cache rows as fit
+    // their buffer (`prefill_scores_len`).
+    let (nkv, su) = (spec.num_kv_heads as usize, workload.prompt_len as usize);
+    let scores = prefill_scores_len(
+        choice.gpu_batch_size as usize * nkv,
+        spec.num_heads as usize / nkv * su * su,
+    );
+    let scratch = 2.0 * b * (s * (5.0 * h1 + 2.0 * kvw) + s * h2 + h1 + v) + 2.0 * scores as f64;
     // Off-GPU cache rows on their way in: a compressed cache expands into an fp16 working area
     // of the whole micro-batch and stages the packed rows twice (prefetched); an fp16 one stages
     // the rows twice for GPU attention, or only the prompt's new rows for CPU attention.

@@ -339,6 +339,19 @@ pub fn expand_slice_outputs(outs: usize, ins: usize, group: usize) -> usize {
     outs.div_ceil(slices).next_multiple_of(group).min(outs)
 }
 
+/// fp16 values of the CUDA stage's prefill attention scores buffer at most (64 MiB): prefill
+/// attends as many cache rows at a time as fit, so that the scores (quadratic in the prompt:
+/// OPT-175B's 8 × 96 heads over 2,048 positions would take 6.4 GB) stay small next to a layer.
+pub const PREFILL_SCORES_VALUES: usize = 32 << 20;
+
+/// Values of the prefill scores buffer for `rows` cache rows of `per_row` scores each: all of
+/// them where they fit [`PREFILL_SCORES_VALUES`], else as many whole rows as fit (at least one).
+/// The memory plan and the planner size it by this; the CUDA stage attends that many rows at a
+/// time.
+pub fn prefill_scores_len(rows: usize, per_row: usize) -> usize {
+    rows.min((PREFILL_SCORES_VALUES / per_row.max(1)).max(1)) * per_row
+}
+
 impl Policy {
     /// Stage `i`'s own policy: this one with the stage's placement and CPU-attention choice, and
     /// no stages.
@@ -528,7 +541,7 @@ fn parse_error(e: &toml::de::Error) -> Error {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn expand_slices_fit_the_buffer_cover_the_matrix_and_start_on_groups() {
+    fn expand_slices_and_prefill_score_rows_fit_their_buffers() {
         for (outs, ins, group) in [
             (49_152usize, 12_288usize, 64usize), // OPT-175B fc1: ten slices
             (12_288, 49_152, 64),
@@ -550,6 +563,10 @@ mod tests {
             assert!(outs - (slices - 1) * per + group >= per.min(outs) / 2, "{outs}×{ins}");
         }
         assert_eq!(expand_slice_outputs(49_152, 12_288, 64), 4_928);
+        // Prefill scores: OPT-175B, 8 sequences × 96 heads of 512 × 512 scores: 128 rows at once.
+        assert_eq!(prefill_scores_len(768, 512 * 512), 128 * 512 * 512);
+        assert_eq!(prefill_scores_len(4, 1000), 4000, "all rows where they fit");
+        assert_eq!(prefill_scores_len(3, PREFILL_SCORES_VALUES * 2), PREFILL_SCORES_VALUES * 2);
         assert_eq!(expand_slice_outputs(16_384, 4_096, 64), 16_384);
     }
 

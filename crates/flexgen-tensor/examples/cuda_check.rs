@@ -135,6 +135,7 @@ fn main() {
     check_cache_quant(&gpu, &mut failures);
     check_split_pack(&gpu, &mut failures);
     check_decode_attention(&gpu, &mut failures);
+    check_prefill_attention(&gpu, &mut failures);
     check_bias_norm(&gpu, &mut failures);
     check_gemm_bias(&gpu, &mut failures);
     if failures.is_empty() {
@@ -309,6 +310,47 @@ fn check_split_pack(gpu: &Gpu, failures: &mut Vec<String>) {
         if !same {
             failures.push(name);
         }
+    }
+}
+
+/// Prefill attention (`Gpu::attention_prefill`) with room in its scores for a few cache rows at a
+/// time against room for all of them: the same context, whether the rows come in one call or two
+/// (as the CUDA stage attends GPU rows and the others apart), with left padding and grouped-query
+/// heads.
+fn check_prefill_attention(gpu: &Gpu, failures: &mut Vec<String>) {
+    let s_ = gpu.stream.clone();
+    let (b, t, nh, nkv, hd, cap) = (3usize, 20usize, 8usize, 2usize, 64usize, 24usize);
+    let (rows, m) = (b * nkv, nh / nkv * t);
+    let half = |x: Tensor| {
+        let v: Vec<f16> = x.to_vec1_f32().into_iter().map(f16::from_f32).collect();
+        s_.clone_htod(&v).unwrap()
+    };
+    let (q, k, v) = (
+        half(rand(&[b * nh * t * hd], 41, 0.3)),
+        half(rand(&[rows * cap * hd], 42, 1.0)),
+        half(rand(&[rows * cap * hd], 43, 1.0)),
+    );
+    let starts = s_.clone_htod(&[0i32, 3, 11]).unwrap();
+    let d = AttnDims { b, t, nh, nkv, hd, cap, past: 0 };
+    let scores = s_.alloc_zeros::<f16>(rows * m * t).unwrap();
+    let run = |room_rows: usize, split: usize| {
+        let ctx = s_.alloc_zeros::<f16>(b * nh * t * hd).unwrap();
+        let room = (addr(&scores), room_rows * m * t);
+        for r in [0..split, split..rows] {
+            let (kr, vr) = (at(addr(&k), r.start * cap * hd), at(addr(&v), r.start * cap * hd));
+            // SAFETY: buffers allocated above for these shapes.
+            unsafe {
+                gpu.attention_prefill(addr(&q), kr, vr, cap, addr(&starts), room, addr(&ctx), d, r)
+            }
+            .unwrap();
+        }
+        let got: Vec<f32> = s_.clone_dtoh(&ctx).unwrap().iter().map(|x| x.to_f32()).collect();
+        Tensor::from_vec(got, (b * nh * t, hd), &Device::Cpu).unwrap()
+    };
+    let whole = run(rows, 0);
+    for (room, split) in [(2, 0), (1, 0), (4, 3), (2, 5)] {
+        let name = format!("attention_prefill, scores {room} rows at a time, calls at row {split}");
+        compare(&name, &run(room, split), &whole, failures);
     }
 }
 

@@ -164,7 +164,8 @@ impl CudaStage<'_> {
             hn: f(rows * h)?,
             qkv: f(rows * (h + 2 * nkv * hd))?,
             q: f(rows * h)?,
-            scores: f(b * nh * t * t)?,
+            // Prefill attends as many cache rows at a time as this holds.
+            scores: f(prefill_scores_len(b * nkv, nh / nkv * t * t))?,
             ctx: f(rows * h)?,
             att: f(rows * h)?,
             att_odd: f(b * h)?,

@@ -147,7 +147,7 @@ impl CudaStage<'_> {
                     attend(gr_all).map_err(cuda)?;
                 }
             } else if t > 1 {
-                let (sc, cx) = (addr(&buf.scores), addr(&buf.ctx));
+                let (sc, cx) = ((addr(&buf.scores), buf.scores.len()), addr(&buf.ctx));
                 // SAFETY: this executor's weights and buffers, sized for these shapes.
                 unsafe { g.attention_prefill(q, kn, vn, cap, start, sc, cx, d, 0..all_rows) }
                     .map_err(cuda)?;
@@ -215,7 +215,7 @@ impl CudaStage<'_> {
                     vc,
                     cap,
                     start,
-                    addr(&buf.scores),
+                    (addr(&buf.scores), buf.scores.len()),
                     addr(&buf.ctx),
                     d,
                     0..gr,
@@ -230,7 +230,7 @@ impl CudaStage<'_> {
                     vn,
                     ncap,
                     start,
-                    addr(&buf.scores),
+                    (addr(&buf.scores), buf.scores.len()),
                     addr(&buf.ctx),
                     d,
                     gr..all_rows,

@@ -586,9 +586,13 @@ impl Gpu {
     /// Prefill attention of the (sequence, kv head) cache rows `rows` (with their `nh / nkv` query
     /// heads each) over caches laid out
     /// `[rows.len(), stride, hd]` (relative to `rows.start`) that hold `past + t` positions:
-    /// scores by a batched GEMM into `scores` (`rows.len()·t·(past + t)` values), the causal,
-    /// left-padding softmax (`start[b]` = first real position), the context into
-    /// `ctx [b, nh, t, hd]` at those rows. [`Gpu::merge_heads_raw`] then merges the heads.
+    /// scores by a batched GEMM into `scores` (an address and its room in values: as many rows
+    /// at a time as it holds, each row's `nh / nkv · t · (past + t)`), the causal, left-padding
+    /// softmax (`start[b]` = first real position), the context into `ctx [b, nh, t, hd]` at
+    /// those rows. [`Gpu::merge_heads_raw`] then merges the heads.
+    ///
+    /// # Panics
+    /// If `scores` has no room for one row's scores.
     ///
     /// # Safety
     /// Every address must name memory of this device (or, where the kernel says so, mapped
@@ -603,7 +607,7 @@ impl Gpu {
         vc: u64,
         stride: usize,
         start: u64,
-        scores: u64,
+        (scores, room): (u64, usize),
         ctx: u64,
         d: AttnDims,
         rows_: std::ops::Range<usize>,
@@ -611,12 +615,50 @@ impl Gpu {
         assert!(d.nkv > 0 && d.nh.is_multiple_of(d.nkv), "query heads in whole groups");
         let rep = d.nh / d.nkv;
         let s = d.past + d.t;
+        // The rep query heads of one kv row are adjacent in q [b, nh, t, hd]: one GEMM of
+        // rep·t query rows per kv row.
+        let m = rep * d.t;
+        let per = room / (m * s).max(1);
+        assert!(per > 0, "attention_prefill: {room} values of scores hold no row of {m}×{s}");
+        let mut r0 = rows_.start;
+        while r0 < rows_.end {
+            let r1 = (r0 + per).min(rows_.end);
+            let (k, v) = (
+                at(kc, (r0 - rows_.start) * stride * d.hd),
+                at(vc, (r0 - rows_.start) * stride * d.hd),
+            );
+            // SAFETY: the caller's contract, for rows r0..r1 of its rows; the scores hold them.
+            unsafe {
+                self.attention_prefill_rows(q, (k, v), stride, start, scores, ctx, d, r0..r1)
+            }?;
+            r0 = r1;
+        }
+        Ok(())
+    }
+
+    /// [`Gpu::attention_prefill`] of rows whose scores all fit `scores` at once (`kc`, `vc` at
+    /// `rows.start`).
+    ///
+    /// # Safety
+    /// As [`Gpu::attention_prefill`].
+    #[expect(clippy::too_many_arguments, reason = "addresses and sizes of one attention")]
+    unsafe fn attention_prefill_rows(
+        &self,
+        q: u64,
+        (kc, vc): (u64, u64),
+        stride: usize,
+        start: u64,
+        scores: u64,
+        ctx: u64,
+        d: AttnDims,
+        rows_: std::ops::Range<usize>,
+    ) -> Result<(), CudaError> {
+        let rep = d.nh / d.nkv;
+        let s = d.past + d.t;
         let n = rows_.len();
         if n == 0 {
             return Ok(());
         }
-        // The rep query heads of one kv row are adjacent in q [b, nh, t, hd]: one GEMM of
-        // rep·t query rows per kv row.
         let m = rep * d.t;
         let (q, ctx) = (at(q, rows_.start * m * d.hd), at(ctx, rows_.start * m * d.hd));
         // SAFETY: the caller's addresses, at the caller's shapes (this fn's contract).
