@@ -22,9 +22,9 @@ one() { # label, then flexgen-run arguments: one CUDA run compared with /tmp/ref
     out=$(mktemp); err=$(mktemp)
     label=$1; shift
     if ! "$B/flexgen-run" "$@" --ignore-eos --device cuda --offload-dir "/tmp/flexgen-check-$BASHPID" > "$out" 2> "$err"; then
-      echo "FAIL $label: CUDA executor: $(tail -2 "$err" | tr '\n' ' ')" >> "$RESULTS"
+      echo "FAIL $label: CUDA executor: $(tail -2 "$err" | tr '\n' ' ')" | tee -a "$RESULTS"
     elif ! cmp -s /tmp/ref.txt "$out"; then
-      echo "DIFF $label: $(diff /tmp/ref.txt "$out" | head -4 | tr '\n' ' ')" >> "$RESULTS"
+      echo "DIFF $label: $(diff /tmp/ref.txt "$out" | head -4 | tr '\n' ' ')" | tee -a "$RESULTS"
     else
       echo "OK $label" >> "$RESULTS"
     fi
@@ -80,16 +80,17 @@ checkc() { # name, then flexgen-run arguments shared by both executors
   wait
   echo "checked compressed weights, $name: $(wc -l < /tmp/ref.txt) sequences"; head -2 /tmp/ref.txt | cut -c1-150
 }
-# A two-layer OPT shape whose fc1 and fc2 (40,960 × 2,048 and 2,048 × 40,960) are larger than the
+# A one-layer OPT shape whose fc1 and fc2 (34,816 × 2,048 and 2,048 × 34,816) are larger than the
 # dequantizing buffer: each is dequantized and multiplied in two slices of outputs.
 WIDE=$(mktemp -d)
 python3 -c 'import json, sys; json.dump({"architectures": ["OPTForCausalLM"], "model_type": "opt",
-  "hidden_size": 2048, "ffn_dim": 40960, "num_attention_heads": 16, "num_hidden_layers": 2,
+  "hidden_size": 2048, "ffn_dim": 34816, "num_attention_heads": 16, "num_hidden_layers": 1,
   "vocab_size": 1000, "max_position_embeddings": 256, "word_embed_proj_dim": 2048,
   "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
   "torch_dtype": "float16", "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
   open(sys.argv[1], "w"))' "$WIDE/config.json"
-checkc sliced --model "$WIDE" --dummy random --seed 4 --prompt-len 12 --num-prompts 4 --max-new-tokens 8
+checkc sliced --model "$WIDE" --dummy random --seed 4 --prompt-len 12 --num-prompts 4 --max-new-tokens 6
+echo "sliced: $(grep -c '^OK compressed sliced' "$RESULTS") of 9 CUDA runs equal so far"
 checkc bundled --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
   --prompt "In the beginning" --prompt "And God said, Let there be light: and there was light" \
   --prompt "Jesus wept" --prompt "The LORD is my shepherd; I shall not want"

@@ -100,7 +100,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       for a in "1024 512 1 15 0" "1024 512 1 15 4" "64 512 8 15 0" "64 512 8 15 4"; do
         t "hab_${a// /_}" 60 "$B/host_attention_bench" $a
       done ;;
-    executor) JOBS=${JOBS:-8} t executor 300 bash xtask/scripts/gpu_executor_check.sh "$B" ;;
+    executor) JOBS=${JOBS:-8} t executor 480 bash xtask/scripts/gpu_executor_check.sh "$B" ;;
     pipeline) JOBS=${JOBS:-8} RANKS=1 LINK=tcp t pipeline 240 bash xtask/scripts/gpu_pipeline_check.sh "$B" ;;
     ranks) t ranks 120 bash xtask/scripts/gpu_ranks_check.sh "$B" ;;
     s4)
