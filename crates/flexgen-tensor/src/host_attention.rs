@@ -557,16 +557,19 @@ fn decode_with(
 /// pool, so that a thread the run's other work delays (the CUDA driver, the thread that
 /// orchestrates the stage) leaves its later parts to the others instead of holding up the call.
 /// `FLEXGEN_CPU_ATTN_PARTS` (parts a thread; 1 splits the rows once per thread, as before
-/// session 19) compares.
+/// session 19) compares; a value that is not a positive integer is named on stderr and left out.
 fn rows_per_part(rows: usize) -> usize {
     const PARTS_PER_THREAD: usize = 4;
     static PARTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let parts = *PARTS.get_or_init(|| {
-        std::env::var("FLEXGEN_CPU_ATTN_PARTS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n > 0)
-            .unwrap_or(PARTS_PER_THREAD)
+        let Ok(v) = std::env::var("FLEXGEN_CPU_ATTN_PARTS") else { return PARTS_PER_THREAD };
+        v.trim().parse().ok().filter(|&n: &usize| n > 0).unwrap_or_else(|| {
+            eprintln!(
+                "warning: FLEXGEN_CPU_ATTN_PARTS={v:?} is not a positive integer (parts a thread); \
+                 using {PARTS_PER_THREAD}"
+            );
+            PARTS_PER_THREAD
+        })
     });
     rows.div_ceil(rayon::current_num_threads() * parts).max(1)
 }
