@@ -83,12 +83,7 @@ checkc() { # name, then flexgen-run arguments shared by both executors
 # A one-layer OPT shape whose fc1 and fc2 (34,816 × 2,048 and 2,048 × 34,816) are larger than the
 # dequantizing buffer: each is dequantized and multiplied in two slices of outputs.
 WIDE=$(mktemp -d)
-python3 -c 'import json, sys; json.dump({"architectures": ["OPTForCausalLM"], "model_type": "opt",
-  "hidden_size": 2048, "ffn_dim": 34816, "num_attention_heads": 16, "num_hidden_layers": 1,
-  "vocab_size": 1000, "max_position_embeddings": 256, "word_embed_proj_dim": 2048,
-  "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
-  "torch_dtype": "float16", "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
-  open(sys.argv[1], "w"))' "$WIDE/config.json"
+python3 "$(dirname "$0")/opt_config.py" "$WIDE" 2048 34816 16 1 1000 256
 checkc sliced --model "$WIDE" --dummy random --seed 4 --prompt-len 12 --num-prompts 4 --max-new-tokens 6
 echo "sliced: $(grep -c '^OK compressed sliced' "$RESULTS") of 9 CUDA runs equal so far"
 checkc bundled --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \

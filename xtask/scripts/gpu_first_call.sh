@@ -59,13 +59,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOGS/co
 # OPT-175B's layers, four of them, as a config.json alone (flexgen-run --dummy takes its shape):
 # the same kernels a layer, and ncu's time per launch spent on 24 times fewer launches.
 opt175_4() {
-  mkdir -p "$LOGS/opt-175b-4"
-  python3 -c 'import json, sys; json.dump({"architectures": ["OPTForCausalLM"], "model_type": "opt",
-    "hidden_size": 12288, "ffn_dim": 49152, "num_attention_heads": 96, "num_hidden_layers": 4,
-    "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 12288,
-    "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
-    "torch_dtype": "float16", "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
-    open(sys.argv[1], "w"))' "$LOGS/opt-175b-4/config.json"
+  python3 xtask/scripts/opt_config.py "$LOGS/opt-175b-4" 12288 49152 96 4 50272 2048
 }
 # S3's policy and workload (the model and new tokens after them).
 S3=(--device cuda --dummy --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1
