@@ -273,7 +273,7 @@ fn profile_then_plan_on_a_machine_without_gpu() {
 /// 16 GiB with CPU attention, session 19; the planner's S2 plans of session 20, 4-bit 24×3 with
 /// the cache split between GPU and CPU and fp16 24×3; session 5: copy-stream prefetch; the session-3 runs
 /// predate it but copy no cache or activations from the CPU): the cost model refit to them
-/// predicts every run within ±10 % of its measured time (issue 8 asks ±15 %), over seven kinds
+/// predicts every run within ±10 % of its measured time (issue 8 asks ±15 %), over eight kinds
 /// of policy, and the profile refit to the *other* runs (leave-one-out) within ±15 % (issue 20).
 /// Session 19's S2nc runs replace session 5's two of the same policy, whose CPU attention ran at a
 /// third of the profiled rate (rows split once per thread); with those the refit scaled all CPU
