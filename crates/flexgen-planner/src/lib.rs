@@ -476,6 +476,19 @@ fn infeasible(
         )
     };
     let t = cost::terms(spec, hw, workload, &choice);
+    Error::Infeasible {
+        model: spec.name.clone(),
+        profile: hw.name.clone(),
+        settings,
+        shortfalls: shortfalls(&t, cc, cap),
+        fix: fix.to_string(),
+    }
+}
+
+/// What keeps a choice's terms `t` (`cc`: a compressed cache) from fitting `cap`: each tier whose
+/// least share, with everything else off it, is more than it offers; all tiers together; or, where
+/// none of those is short, that no one split fits every tier at once.
+fn shortfalls(t: &Terms, cc: bool, cap: lp::Capacity) -> Vec<Shortfall> {
     // Everything off the GPU: on disk, except a compressed cache, which only the CPU holds.
     let on_disk = [0.0, 0.0, 1.0, 0.0, f64::from(u8::from(cc)), f64::from(u8::from(!cc))];
     let mut shortfalls = Vec::new();
@@ -507,13 +520,54 @@ fn infeasible(
     if shortfalls.is_empty() {
         shortfalls.push(Shortfall::no_split(cap.gpu + cap.cpu + cap.disk));
     }
-    Error::Infeasible {
-        model: spec.name.clone(),
-        profile: hw.name.clone(),
-        settings,
-        shortfalls,
-        fix: fix.to_string(),
+    shortfalls
+}
+
+/// A block shape one step larger than a plan's, with the plan's other choices: what the cost model
+/// predicts for it, or why no placement fits it (`--explain` prints these, so that a user sees
+/// what holds the block back).
+#[derive(Debug, Clone)]
+pub struct Larger {
+    pub gpu_batch_size: u32,
+    pub num_gpu_batches: u32,
+    pub outcome: std::result::Result<Candidate, String>,
+}
+
+/// The shapes one step larger than `best`'s in the planner's grid, one more micro-batch and the
+/// next micro-batch size (unless `opts` fixes that one), each with `best`'s switches.
+pub fn larger_blocks(
+    spec: &ModelSpec,
+    hw: &HardwareProfile,
+    workload: &Workload,
+    opts: &PlanOptions,
+    best: &Choice,
+) -> Result<Vec<Larger>> {
+    let (hw, cap) = capacities(hw, opts)?;
+    let fixed = opts.fixed_placement.map(|p| fractions_of(&p));
+    let next = |grid: &[u32], v: u32| grid.iter().copied().find(|&g| g > v);
+    let mut shapes = Vec::new();
+    if opts.num_gpu_batches.is_none()
+        && let Some(k) = next(&NUM_BATCHES, best.num_gpu_batches)
+    {
+        shapes.push((best.gpu_batch_size, k));
     }
+    if opts.gpu_batch_size.is_none()
+        && let Some(b) = next(&BATCHES, best.gpu_batch_size).filter(|&b| b <= opts.max_batch)
+    {
+        shapes.push((b, best.num_gpu_batches));
+    }
+    Ok(shapes
+        .into_iter()
+        .map(|(b, k)| {
+            let choice = Choice { gpu_batch_size: b, num_gpu_batches: k, ..*best };
+            let outcome =
+                evaluate_choice(spec, &hw, workload, &choice, cap, fixed).ok_or_else(|| {
+                    let t = cost::terms(spec, &hw, workload, &choice);
+                    describe(&shortfalls(&t, choice.compress_cache, cap))
+                });
+            Larger { gpu_batch_size: b, num_gpu_batches: k, outcome }
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -214,3 +214,32 @@ fn a_fused_decode_skips_the_expansion() {
     policy.gpu_batch_size = 128;
     assert!(!policy.fuses_decode(), "128-row micro-batches dequantize");
 }
+
+/// `--explain`'s larger blocks: one more micro-batch and the next micro-batch size, with the plan's
+/// other choices. Each is predicted slower than the plan or refused with the tier it overfills;
+/// on the T4 profile OPT-30B's next blocks need more CPU memory than the host has.
+#[test]
+fn the_next_larger_blocks_are_slower_or_do_not_fit() {
+    let hw = profile("t4-16gb");
+    let spec = spec_by_name("opt-30b").unwrap();
+    let opts = PlanOptions::default();
+    let plan = plan(&spec, &hw, &PAPER, &opts).unwrap();
+    let best = &plan.candidates[0];
+    let larger = flexgen_planner::larger_blocks(&spec, &hw, &PAPER, &opts, &best.choice).unwrap();
+    let (b, k) = (best.choice.gpu_batch_size, best.choice.num_gpu_batches);
+    assert_eq!(larger.len(), 2, "one more micro-batch and the next size");
+    assert!(larger[0].gpu_batch_size == b && larger[0].num_gpu_batches > k);
+    assert!(larger[1].gpu_batch_size > b && larger[1].num_gpu_batches == k);
+    for l in &larger {
+        match &l.outcome {
+            Ok(c) => assert!(c.tokens_per_s <= best.tokens_per_s, "{l:?}"),
+            Err(why) => assert!(why.contains("CPU needs"), "{why}"),
+        }
+    }
+    assert!(larger.iter().any(|l| l.outcome.is_err()), "{larger:?}");
+    // A fixed micro-batch count leaves only the larger micro-batch.
+    let fixed = PlanOptions { num_gpu_batches: Some(k), ..PlanOptions::default() };
+    let only = flexgen_planner::larger_blocks(&spec, &hw, &PAPER, &fixed, &best.choice).unwrap();
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].num_gpu_batches, k);
+}

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use flexgen_cli::{human_bytes, model_spec, parse_bytes};
-use flexgen_planner::{Candidate, PlanOptions, plan_pipeline, predict};
+use flexgen_planner::{Candidate, PlanOptions, larger_blocks, plan_pipeline, predict};
 use flexgen_policy::{HardwareProfile, Placement, Policy, Workload};
 
 const LONG_ABOUT: &str = "\
@@ -97,7 +97,9 @@ struct Cli {
     /// Write the policy here (TOML); without it the policy is printed.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
-    /// Print the best candidates, their predicted throughput and the binding resource.
+    /// Print the best candidates, their predicted throughput and the binding resource, then the
+    /// next larger blocks with the best one's other choices: how fast they would be, or which
+    /// tier they overfill (what holds the block back).
     #[arg(long)]
     explain: bool,
 }
@@ -229,6 +231,31 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         )?;
         for (i, c) in plan.candidates.iter().enumerate() {
             print_candidate(&mut err, i + 1, c)?;
+        }
+        if let (1, Some(best)) = (cli.stages, plan.candidates.first()) {
+            // What holds the block back: the next larger shapes with #1's other choices.
+            let larger = larger_blocks(&spec, &hw, &workload, &opts, &best.choice)
+                .context("weighing larger blocks")?;
+            if !larger.is_empty() {
+                writeln!(err, "larger blocks with #1's other choices:")?;
+            }
+            for l in larger {
+                let (b, k) = (l.gpu_batch_size, l.num_gpu_batches);
+                match l.outcome {
+                    Ok(c) => writeln!(
+                        err,
+                        "  {b}x{k}: {:.3} tok/s, weights {:.1} % on the GPU and {:.1} % on disk, \
+                         binds {} | peak GPU {} CPU {}",
+                        c.tokens_per_s,
+                        c.fractions[0] * 100.0,
+                        c.fractions[2] * 100.0,
+                        c.binding,
+                        human(c.peak_gpu_bytes),
+                        human(c.peak_cpu_bytes)
+                    )?,
+                    Err(why) => writeln!(err, "  {b}x{k}: does not fit: {why}")?,
+                }
+            }
         }
     }
     let text = plan.policy.to_toml();
