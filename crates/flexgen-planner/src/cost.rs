@@ -7,7 +7,7 @@ use std::ops::{Add, Mul};
 
 use flexgen_policy::{
     Compression, HardwareProfile, MlpKind, ModelSpec, Policy, Workload, expand_slice_outputs,
-    prefill_scores_len,
+    micro_batch_scores_len,
 };
 
 /// Index of each placement fraction in [`Lin::coef`].
@@ -330,11 +330,8 @@ pub fn terms(
     // One micro-batch's prefill scratch: norms, q, context, attention output, fused qkv, MLP,
     // the last position's hidden state and logits; and the scores of as many cache rows as fit
     // their buffer (`prefill_scores_len`).
-    let (nkv, su) = (spec.num_kv_heads as usize, workload.prompt_len as usize);
-    let scores = prefill_scores_len(
-        choice.gpu_batch_size as usize * nkv,
-        spec.num_heads as usize / nkv * su * su,
-    );
+    let scores =
+        micro_batch_scores_len(spec, choice.gpu_batch_size as usize, workload.prompt_len as usize);
     let scratch = 2.0 * b * (s * (5.0 * h1 + 2.0 * kvw) + s * h2 + h1 + v) + 2.0 * scores as f64;
     // Off-GPU cache rows on their way in: a compressed cache expands into an fp16 working area
     // of the whole micro-batch and stages the packed rows twice (prefetched); an fp16 one stages

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::{Error, ModelSpec, Result};
 
 /// Version of the policy file format this build reads and writes.
 pub const POLICY_VERSION: u32 = 1;
@@ -346,10 +346,17 @@ pub const PREFILL_SCORES_VALUES: usize = 32 << 20;
 
 /// Values of the prefill scores buffer for `rows` cache rows of `per_row` scores each: all of
 /// them where they fit [`PREFILL_SCORES_VALUES`], else as many whole rows as fit (at least one).
-/// The memory plan and the planner size it by this; the CUDA stage attends that many rows at a
-/// time.
+/// The CUDA stage attends that many rows at a time.
 pub fn prefill_scores_len(rows: usize, per_row: usize) -> usize {
     rows.min((PREFILL_SCORES_VALUES / per_row.max(1)).max(1)) * per_row
+}
+
+/// [`prefill_scores_len`] of a micro-batch of `gpu_batch_size` sequences of `prompt` positions
+/// of `spec`: a cache row per (sequence, kv head), its query heads' `prompt × prompt` scores. The
+/// memory plan, the planner and the CUDA stage's buffer all take the size from here.
+pub fn micro_batch_scores_len(spec: &ModelSpec, gpu_batch_size: usize, prompt: usize) -> usize {
+    let nkv = spec.num_kv_heads as usize;
+    prefill_scores_len(gpu_batch_size * nkv, spec.num_heads as usize / nkv * prompt * prompt)
 }
 
 impl Policy {

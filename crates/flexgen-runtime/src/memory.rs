@@ -11,7 +11,7 @@
 use std::ops::Range;
 
 use flexgen_model::{LayerLayout, PackedLayout, layer_shapes};
-use flexgen_policy::{ModelSpec, Policy, Tier, expand_slice_outputs, prefill_scores_len};
+use flexgen_policy::{ModelSpec, Policy, Tier, expand_slice_outputs, micro_batch_scores_len};
 use flexgen_tensor::cuda::exec::{CacheQuant, LT_WORKSPACE_MAX, gemm4_tc_done_len};
 use flexgen_tensor::host::align_up;
 use flexgen_tensor::quant::{QuantSpec, packed_len};
@@ -325,9 +325,7 @@ fn cuda(spec: &ModelSpec, policy: &Policy, c: Capacity, layers: Range<u32>) -> R
     } else {
         slots * 2 * cpu_rows_all * capu * hdu
     };
-    let (nkv, tu) = (spec.num_kv_heads as usize, c.max_prompt);
-    let per_row = (spec.num_heads as usize / nkv) * tu * tu;
-    let scores = prefill_scores_len(policy.gpu_batch_size as usize * nkv, per_row) as u64;
+    let scores = micro_batch_scores_len(spec, policy.gpu_batch_size as usize, c.max_prompt) as u64;
     let scratch = rows * h * 4 // hn, q, ctx, att
         + rows * (h + 2 * kvw)
         + scores
@@ -420,9 +418,8 @@ mod tests {
     /// Bytes the prefill scores of `b` sequences of 512 positions take less than all of them at
     /// once (the plan before `prefill_scores_len`), in fp16.
     fn scores_cut(spec: &ModelSpec, b: usize) -> u64 {
-        let (nh, nkv) = (spec.num_heads as usize, spec.num_kv_heads as usize);
-        let all = b * nh * 512 * 512;
-        let held = prefill_scores_len(b * nkv, nh / nkv * 512 * 512);
+        let all = b * spec.num_heads as usize * 512 * 512;
+        let held = micro_batch_scores_len(spec, b, 512);
         assert!(held < all && held <= flexgen_policy::PREFILL_SCORES_VALUES);
         2 * (all - held) as u64
     }

@@ -165,7 +165,7 @@ impl CudaStage<'_> {
             qkv: f(rows * (h + 2 * nkv * hd))?,
             q: f(rows * h)?,
             // Prefill attends as many cache rows at a time as this holds.
-            scores: f(prefill_scores_len(b * nkv, nh / nkv * t * t))?,
+            scores: f(micro_batch_scores_len(s, b, t))?,
             ctx: f(rows * h)?,
             att: f(rows * h)?,
             att_odd: f(b * h)?,

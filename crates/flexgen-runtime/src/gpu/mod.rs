@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
 use flexgen_model::{DummyInit, LayerLayout, Model, PackedLayout, fused};
-use flexgen_policy::{Policy, Tier, prefill_scores_len};
+use flexgen_policy::{Policy, Tier, micro_batch_scores_len};
 use flexgen_tensor::cuda::exec::{
     AttnDims, CacheQuant, Copy2d, Gemm, Mem, NewKv, SplitPack, addr, at, copy_2d,
 };

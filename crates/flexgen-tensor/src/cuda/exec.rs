@@ -613,6 +613,9 @@ impl Gpu {
         rows_: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
         assert!(d.nkv > 0 && d.nh.is_multiple_of(d.nkv), "query heads in whole groups");
+        if rows_.is_empty() {
+            return Ok(());
+        }
         let rep = d.nh / d.nkv;
         let s = d.past + d.t;
         // The rep query heads of one kv row are adjacent in q [b, nh, t, hd]: one GEMM of
@@ -636,8 +639,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// [`Gpu::attention_prefill`] of rows whose scores all fit `scores` at once (`kc`, `vc` at
-    /// `rows.start`).
+    /// [`Gpu::attention_prefill`] of rows (at least one) whose scores all fit `scores` at once
+    /// (`kc`, `vc` at `rows.start`).
     ///
     /// # Safety
     /// As [`Gpu::attention_prefill`].
@@ -656,9 +659,6 @@ impl Gpu {
         let rep = d.nh / d.nkv;
         let s = d.past + d.t;
         let n = rows_.len();
-        if n == 0 {
-            return Ok(());
-        }
         let m = rep * d.t;
         let (q, ctx) = (at(q, rows_.start * m * d.hd), at(ctx, rows_.start * m * d.hd));
         // SAFETY: the caller's addresses, at the caller's shapes (this fn's contract).
