@@ -27,4 +27,4 @@ open(sys.argv[2], "w").write(s.replace(old, '"   cp.async.cg.shared.global [%0],
 PY
 "$nvcc" -O3 -std=c++17 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -o "$build/marlin_bench" \
   "$here/marlin_anchor.cu" "$build/marlin_cuda_kernel.cu" -lcublas
-"$build/marlin_bench"
+[ "${MARLIN_RUN:-1}" = 0 ] || "$build/marlin_bench" # MARLIN_RUN=0: build only

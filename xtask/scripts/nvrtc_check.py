@@ -6,7 +6,7 @@ lacks, fails on a machine without a GPU. NVRTC comes from NVIDIA's `nvidia-cuda-
 
 Usage: nvrtc_check.py FILE ARCH...   (ARCH as 75, 90: sm_75, sm_90); exit 1 on any error.
 Prints, per architecture, "ok" and the kernels that spill registers to local memory; with
-NVRTC_SHOW=name, what ptxas reports of the kernels whose names contain it."""
+NVRTC_SHOW=name, what ptxas reports of the kernels whose names contain it; with NVRTC_CUBIN=FILE, the machine code in FILE."""
 import ctypes
 import glob
 import os
@@ -45,8 +45,8 @@ def main():
         log = ctypes.create_string_buffer(n.value)
         lib.nvrtcGetProgramLog(prog, log)
         log = log.value.decode(errors="replace")
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
         if rc != 0:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
             failed = True
             errors = [l for l in log.splitlines() if "error" in l.lower()]
             print(f"sm_{arch}: FAILED (nvrtc {rc})\n  " + "\n  ".join(errors[:10]))
@@ -60,6 +60,13 @@ def main():
             if m and int(m.group(1)) > 0:
                 spills.append(f"{fn} ({m.group(1)} bytes)")
         print(f"sm_{arch}: ok" + (f"; spills: {', '.join(spills)}" if spills else ""))
+        # NVRTC_CUBIN=FILE: the machine code written out (of the last architecture), for a
+        # disassembler (cuobjdump -sass FILE).
+        if os.environ.get("NVRTC_CUBIN"):
+            lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+            cubin = ctypes.create_string_buffer(n.value)
+            lib.nvrtcGetCUBIN(prog, cubin)
+            open(os.environ["NVRTC_CUBIN"], "wb").write(cubin.raw)
         # NVRTC_SHOW=name: ptxas's registers, shared memory and spills of the kernels so named.
         show = os.environ.get("NVRTC_SHOW")
         if show:
@@ -68,6 +75,7 @@ def main():
                     fn = (re.search(r"'(\S+)'", line) or [None, fn])[1] if "Compiling" in line else fn
                     if fn and show in fn:
                         print("  " + line.strip())
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
     sys.exit(1 if failed else 0)
 
 

@@ -1291,6 +1291,10 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o
 // The XOR that places x chunk c of row r (GT_K / 8 chunks a row).
 #define GT_XSW(r) (GT_K == 32 ? ((r) & 2) : 2 * ((r) & 3))
 
+// A value the compiler must keep as it is (it cannot see through the empty asm): a copy's fixed
+// offsets stay in registers instead of being rebuilt from the thread index every step.
+__device__ __forceinline__ unsigned kept(unsigned v) { asm volatile("" : "+r"(v)); return v; }
+__device__ __forceinline__ long long kept(long long v) { asm volatile("" : "+l"(v)); return v; }
 template <int NT, bool SCALE_X>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice,
@@ -1310,44 +1314,56 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     // Each thread's copies are the same every step, at addresses that move by a fixed amount a
     // step: code chunk cc (32 outputs) of rows cr + 16u at chunk cc ^ 2·(cr/4 mod 4) (cr = tid/8,
     // cc = tid mod 8); the pairs of group pg of rows pr + u·(128/gpb) (pg = tid mod gpb, pr =
-    // tid/gpb, while below GT_K); x chunk xc (8 inputs) of rows xr + u·(128/XC) at chunk
-    // xc ^ GT_XSW(xr) (xc = tid mod XC, xr = tid/XC, while below 8·NT). A copy of size 0 (past
-    // the coded outputs, the groups or nb) fills zeros. A step past whole steps (the slice's last,
-    // short one) has every copy checked, with zeros past the slice.
+    // tid/gpb, while below GT_K: at most ⌈GT_K/32⌉ of them, as gpb ≤ 4); x chunk xc (8 inputs) of
+    // rows xr + u·(128/XC) at chunk xc ^ GT_XSW(xr) (xc = tid mod XC, xr = tid/XC, while below
+    // 8·NT). A copy of size 0 (past the coded outputs, the groups or nb) fills zeros, its source
+    // kept inside the buffer (row 0 for x). A whole step's copies take only their moving sources
+    // from registers (`issue_full`: the rest fixed before the loop, so that the compiler need not
+    // rebuild it every step); a step past whole steps (the slice's last, short one) has every copy
+    // checked, with zeros past the slice.
     const unsigned ring0 = smem_u32(ring);
     const int cr = tid >> 3, cc = tid & 7, ch0 = o_blk / gs;
     const bool c_ok = o_blk + 32 * cc < coded;
-    const unsigned c_dst = cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)));
+    const int c_n = kept(c_ok ? 16u : 0u);
+    const unsigned c_dst = kept((unsigned)(cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)))));
     const unsigned char* c_src = c_ok ? codes + (long long)(i0 + cr) * per_input + o_blk / 2 + 16 * cc : codes;
-    const long long c_step = c_ok ? GT_K * per_input : 0, c_u = c_ok ? 16 * per_input : 0;
+    const long long c_step = kept(c_ok ? GT_K * per_input : 0), c_u = kept(c_ok ? 16 * per_input : 0);
     const int pg = tid & (gpb - 1), pr = tid >> lg, p_rows = 128 >> lg; // p_rows: rows apart of u and u + 1
     const bool p_ok = ch0 + pg < chunks;
-    const int p_n = pr >= GT_K ? 0 : (GT_K - pr + p_rows - 1) / p_rows; // this thread's pair copies
-    const unsigned p_dst = CS + (pg * GT_K + pr) * 4;
+    const int p_n4 = kept(p_ok ? 4u : 0u);
+    constexpr int PU = (GT_K + 31) / 32; // pair copies a thread at most (p_rows ≥ 32)
+    const unsigned p_dst = kept(CS + (pg * GT_K + pr) * 4);
     const unsigned* p_src = p_ok ? pairs + (long long)(i0 + pr) * chunks + ch0 + pg : pairs;
-    const long long p_step = p_ok ? (long long)GT_K * chunks : 0, p_u = p_ok ? (long long)p_rows * chunks : 0;
+    const long long p_step = kept(p_ok ? (long long)GT_K * chunks : 0), p_u = p_ok ? (long long)p_rows * chunks : 0;
     constexpr int XC = GT_K / 8, XU = (8 * NT * XC + 127) / 128; // x chunks a row, copies a thread
     const int xc = tid % XC, xr = tid / XC;
-    const unsigned x_dst = CS + PS + xr * (GT_K * 2) + 16 * (xc ^ GT_XSW(xr));
-    const half_t* x_src = x + (long long)xr * ldx + i0 + 8 * xc;
+    const unsigned x_dst = kept(CS + PS + xr * (GT_K * 2) + 16 * (xc ^ GT_XSW(xr)));
+    const half_t* x_src[XU];
+    int x_n[XU];
+#pragma unroll
+    for (int u = 0; u < XU; u++) {
+        const int r = xr + u * (128 / XC);
+        x_src[u] = x + (long long)(r < nb ? r : 0) * ldx + i0 + 8 * xc;
+        x_n[u] = kept(r < 8 * NT && r < nb ? 16u : 0u);
+    }
+    auto issue_full = [&](unsigned stage) {
+        const unsigned char* cs = c_src;
+#pragma unroll
+        for (int u = 0; u < GT_K / 16; u++, cs += c_u) cp_async16(stage + c_dst + u * 16 * (GT_O / 2), cs, c_n);
+        c_src += c_step;
+#pragma unroll
+        for (int u = 0; u < PU; u++)
+            if (pr + u * p_rows < GT_K) cp_async4(stage + p_dst + u * p_rows * 4, p_src + u * p_u, p_n4);
+        p_src += p_step;
+#pragma unroll
+        for (int u = 0; u < XU; u++) {
+            if (xr + u * (128 / XC) < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, x_src[u], x_n[u]);
+            x_src[u] += GT_K;
+        }
+    };
     auto issue = [&](int step, unsigned stage) {
         if (step < full) {
-#pragma unroll
-            for (int u = 0; u < GT_K / 16; u++) cp_async16(stage + c_dst + u * 16 * (GT_O / 2), c_src + u * c_u, c_ok ? 16 : 0);
-            c_src += c_step;
-#pragma unroll
-            for (int u = 0; u < GT_K / 8; u++)
-                if (u < p_n) cp_async4(stage + p_dst + u * p_rows * 4, p_src + u * p_u, p_ok ? 4 : 0);
-            p_src += p_step;
-#pragma unroll
-            for (int u = 0; u < XU; u++) {
-                const int r = xr + u * (128 / XC);
-                if (r < 8 * NT) {
-                    const bool ok = r < nb;
-                    cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, ok ? x_src + (long long)u * (128 / XC) * ldx : x, ok ? 16 : 0);
-                }
-            }
-            x_src += GT_K;
+            issue_full(stage);
             return;
         }
         const int k0 = i0 + step * GT_K; // the short step: every copy checked
@@ -1357,15 +1373,15 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             cp_async16(stage + c_dst + u * 16 * (GT_O / 2), ok ? c_src + u * c_u : codes, ok ? 16 : 0);
         }
 #pragma unroll
-        for (int u = 0; u < GT_K / 8; u++) {
+        for (int u = 0; u < PU; u++) {
             const bool ok = p_ok && k0 + pr + u * p_rows < i1;
-            if (u < p_n) cp_async4(stage + p_dst + u * p_rows * 4, ok ? p_src + u * p_u : pairs, ok ? 4 : 0);
+            if (pr + u * p_rows < GT_K) cp_async4(stage + p_dst + u * p_rows * 4, ok ? p_src + u * p_u : pairs, ok ? 4 : 0);
         }
 #pragma unroll
         for (int u = 0; u < XU; u++) {
             const int r = xr + u * (128 / XC), i = k0 + 8 * xc;
-            const int n = r < nb ? 2 * max(0, min(8, i1 - i)) : 0;
-            if (r < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, n ? x_src + (long long)u * (128 / XC) * ldx : x, n);
+            const int n = x_n[u] ? 2 * max(0, min(8, i1 - i)) : 0;
+            if (r < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, n ? x_src[u] : x, n);
         }
     };
     // acc: Σ (x·scale)·(offset + code) per output; corr and corm: Σ x·scale and Σ x·min over the
