@@ -1237,13 +1237,14 @@ struct Store4 {
     int flags;
     unsigned* done;
 };
-__device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o_blk, const Store4& st4) {
-    __shared__ int last;
+// `last`: a word of shared memory the block no longer reads (the product's ring, after its last
+// step: a static variable of its own would take the 48 KB that GT_K=64's ring fills).
+__device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o_blk, const Store4& st4, volatile int* last) {
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(st4.done + blockIdx.x, 1u) == gridDim.y - 1;
+    if (threadIdx.x == 0) *last = atomicAdd(st4.done + blockIdx.x, 1u) == gridDim.y - 1;
     __syncthreads();
-    if (!last) return;
+    if (!*last) return;
     __threadfence();
     const int accumulate = st4.flags & 1, relu = (st4.flags >> 1) & 1, quads = GT_O / 4;
     // Eight quads of four values a thread at a time: their loads all issued before any store.
@@ -1482,7 +1483,7 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             }
         }
     }
-    if (st4.done) gemm4_tc_store(y, outs, nb, o_blk, st4);
+    if (st4.done) gemm4_tc_store(y, outs, nb, o_blk, st4, (volatile int*)ring[0]);
 }
 
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
