@@ -333,6 +333,9 @@ pub const EXPAND_SLICE_VALUES: usize = 64 << 20;
 /// equal and rounded up to whole groups (at least one group). The memory plan and the planner
 /// size the buffer by it; the CUDA stage slices its products by it.
 pub fn expand_slice_outputs(outs: usize, ins: usize, group: usize) -> usize {
+    if outs.saturating_mul(ins) <= EXPAND_SLICE_VALUES {
+        return outs.max(1); // whole, also where its outputs are not whole groups
+    }
     let group = group.max(1);
     let most = (EXPAND_SLICE_VALUES / ins.max(1) / group).max(1) * group;
     let slices = outs.div_ceil(most).max(1);

@@ -901,16 +901,16 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// rows as decode takes them, and the partial tiles of 70 rows), every group size it takes, a last
 /// block of outputs and a last step
 /// of inputs that are partial, several input slices, x's rows apart by more than a row; each
-/// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once; stages of 32 inputs and
-/// of 64.
+/// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once; each tile's own stages
+/// (`GT_K` 0, as built) and every tile's of 32 inputs and of 64.
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
-    for inputs_a_stage in [32, 64] {
+    for inputs_a_stage in [0, 32, 64] {
         gemm4_tc_case(inputs_a_stage);
     }
 }
 
-/// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage.
+/// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's own).
 fn gemm4_tc_case(inputs_a_stage: usize) {
     use flexgen_tensor::cuda::exec::gemm4_tc_plan;
     let dir = tempfile::tempdir().unwrap();

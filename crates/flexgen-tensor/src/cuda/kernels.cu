@@ -1197,9 +1197,9 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
 // adjacent from pair i·chunks. A block of 128 threads (4 warps of 64 outputs) owns GT_O = 256
 // outputs and a slice of the inputs (blockIdx.y; its partial sums added to the fp32 y [nb, outs]
-// with atomicAdd, as gemv4's). The inputs go through shared memory GT_K at a time in a ring of
-// S stages filled by cp.async, S − 1 in flight while one is used (GT_S: 4 of 32 inputs; of 64,
-// 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=64" to choose 64): the codes as they
+// with atomicAdd, as gemv4's). The inputs go through shared memory K at a time (GT_K_OF) in a ring
+// of S stages filled by cp.async, S − 1 in flight while one is used (GT_S: 4 of 32 inputs; of 64,
+// 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=32" or 64 sets every tile's): the codes as they
 // lie in memory (a row of 128 bytes per input), the pairs by group then input, x by row then
 // input; the 16-byte chunks of a code row and of an x row are placed with an XOR of the row so
 // that the warps' reads below fall in distinct banks.
@@ -1222,8 +1222,11 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // m16n8k16. Needs gs ∈ {64, 128}, chunks·gs a multiple of 32, codes and x 16-byte aligned, ldx
 // a multiple of 8 (the host checks).
 #ifndef GT_K
-#define GT_K 32 // 32 or 64
+#define GT_K 0 // 32 or 64 for every tile; 0: each tile's own (GT_K_OF)
 #endif
+// Inputs a stage of the tile of 8·nt rows: 64 (three stages) up to 32 rows, 32 (four) for 64 rows,
+// where two stages of 64 ran 7 % slower (session 21; 1 to 32 rows 1–3 % faster with 64).
+#define GT_K_OF(nt) (GT_K ? GT_K : (nt) == 8 ? 32 : 64)
 #define GT_O 256
 // store_f32 folded into the product (where `done` is given): the block that adds the last slice's
 // sums to a column of GT_O outputs (`done[blockIdx.x]` counts the column's finished slices, each
@@ -1238,7 +1241,8 @@ struct Store4 {
     unsigned* done;
 };
 // `last`: a word of shared memory the block no longer reads (the product's ring, after its last
-// step: a static variable of its own would take the 48 KB that GT_K=64's ring fills).
+// step: a static variable of its own would take the 48 KB that the 32-row tile's ring of 64-input
+// stages fills).
 __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o_blk, const Store4& st4, volatile int* last) {
     __threadfence();
     __syncthreads();
@@ -1288,9 +1292,9 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o
 #define GT_MINB4 3
 #endif
 // Stages of the ring: as many as fit in 48 KB of static shared memory.
-#define GT_S(nt) (GT_K == 32 ? 4 : (nt) == 8 ? 2 : 3)
-// The XOR that places x chunk c of row r (GT_K / 8 chunks a row).
-#define GT_XSW(r) (GT_K == 32 ? ((r) & 2) : 2 * ((r) & 3))
+#define GT_S(k, nt) ((k) == 32 ? 4 : (nt) == 8 ? 2 : 3)
+// The XOR that places x chunk c of row r (k / 8 chunks a row).
+#define GT_XSW(k, r) ((k) == 32 ? ((r) & 2) : 2 * ((r) & 3))
 
 // A value the compiler must keep as it is (it cannot see through the empty asm): a copy's fixed
 // offsets stay in registers instead of being rebuilt from the thread index every step.
@@ -1300,10 +1304,10 @@ template <int NT, bool SCALE_X>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice,
                                               const Store4& st4) {
-    constexpr int S = GT_S(NT);
-    // A stage of the ring, in bytes: the codes [input][word] (GT_K × GT_O / 8 words), the pairs
-    // [group][input] (room for GT_O / 16 groups), x [row][input] (8·NT × GT_K halves).
-    constexpr unsigned CS = GT_K * GT_O / 2, PS = GT_O / 16 * GT_K * 4, XS = 8 * NT * GT_K * 2, STAGE = CS + PS + XS;
+    constexpr int K = GT_K_OF(NT), S = GT_S(K, NT);
+    // A stage of the ring, in bytes: the codes [input][word] (K × GT_O / 8 words), the pairs
+    // [group][input] (room for GT_O / 16 groups), x [row][input] (8·NT × K halves).
+    constexpr unsigned CS = K * GT_O / 2, PS = GT_O / 16 * K * 4, XS = 8 * NT * K * 2, STAGE = CS + PS + XS;
     __shared__ __align__(16) unsigned char ring[S][STAGE];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int chunks = (outs + gs - 1) / gs, coded = chunks * gs;
@@ -1311,12 +1315,12 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     const int o_blk = blockIdx.x * GT_O;
     const int gpb = GT_O / gs, lg = __ffs(gpb) - 1; // groups of the block's outputs (a power of two)
     const int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
-    const int steps = i1 > i0 ? (i1 - i0 + GT_K - 1) / GT_K : 0, full = i1 > i0 ? (i1 - i0) / GT_K : 0;
+    const int steps = i1 > i0 ? (i1 - i0 + K - 1) / K : 0, full = i1 > i0 ? (i1 - i0) / K : 0;
     // Each thread's copies are the same every step, at addresses that move by a fixed amount a
     // step: code chunk cc (32 outputs) of rows cr + 16u at chunk cc ^ 2·(cr/4 mod 4) (cr = tid/8,
     // cc = tid mod 8); the pairs of group pg of rows pr + u·(128/gpb) (pg = tid mod gpb, pr =
-    // tid/gpb, while below GT_K: at most ⌈GT_K/32⌉ of them, as gpb ≤ 4); x chunk xc (8 inputs) of
-    // rows xr + u·(128/XC) at chunk xc ^ GT_XSW(xr) (xc = tid mod XC, xr = tid/XC, while below
+    // tid/gpb, while below K: at most ⌈K/32⌉ of them, as gpb ≤ 4); x chunk xc (8 inputs) of
+    // rows xr + u·(128/XC) at chunk xc ^ GT_XSW(K, xr) (xc = tid mod XC, xr = tid/XC, while below
     // 8·NT). A copy of size 0 (past the coded outputs, the groups or nb) fills zeros, its source
     // kept inside the buffer (row 0 for x). A whole step's copies take only their moving sources
     // from registers (`issue_full`: the rest fixed before the loop, so that the compiler need not
@@ -1328,17 +1332,17 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     const int c_n = kept(c_ok ? 16u : 0u);
     const unsigned c_dst = kept((unsigned)(cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)))));
     const unsigned char* c_src = c_ok ? codes + (long long)(i0 + cr) * per_input + o_blk / 2 + 16 * cc : codes;
-    const long long c_step = kept(c_ok ? GT_K * per_input : 0), c_u = kept(c_ok ? 16 * per_input : 0);
+    const long long c_step = kept(c_ok ? K * per_input : 0), c_u = kept(c_ok ? 16 * per_input : 0);
     const int pg = tid & (gpb - 1), pr = tid >> lg, p_rows = 128 >> lg; // p_rows: rows apart of u and u + 1
     const bool p_ok = ch0 + pg < chunks;
     const int p_n4 = kept(p_ok ? 4u : 0u);
-    constexpr int PU = (GT_K + 31) / 32; // pair copies a thread at most (p_rows ≥ 32)
-    const unsigned p_dst = kept(CS + (pg * GT_K + pr) * 4);
+    constexpr int PU = (K + 31) / 32; // pair copies a thread at most (p_rows ≥ 32)
+    const unsigned p_dst = kept(CS + (pg * K + pr) * 4);
     const unsigned* p_src = p_ok ? pairs + (long long)(i0 + pr) * chunks + ch0 + pg : pairs;
-    const long long p_step = kept(p_ok ? (long long)GT_K * chunks : 0), p_u = p_ok ? (long long)p_rows * chunks : 0;
-    constexpr int XC = GT_K / 8, XU = (8 * NT * XC + 127) / 128; // x chunks a row, copies a thread
+    const long long p_step = kept(p_ok ? (long long)K * chunks : 0), p_u = p_ok ? (long long)p_rows * chunks : 0;
+    constexpr int XC = K / 8, XU = (8 * NT * XC + 127) / 128; // x chunks a row, copies a thread
     const int xc = tid % XC, xr = tid / XC;
-    const unsigned x_dst = kept(CS + PS + xr * (GT_K * 2) + 16 * (xc ^ GT_XSW(xr)));
+    const unsigned x_dst = kept(CS + PS + xr * (K * 2) + 16 * (xc ^ GT_XSW(K, xr)));
     const half_t* x_src[XU];
     int x_n[XU];
 #pragma unroll
@@ -1350,16 +1354,16 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     auto issue_full = [&](unsigned stage) {
         const unsigned char* cs = c_src;
 #pragma unroll
-        for (int u = 0; u < GT_K / 16; u++, cs += c_u) cp_async16(stage + c_dst + u * 16 * (GT_O / 2), cs, c_n);
+        for (int u = 0; u < K / 16; u++, cs += c_u) cp_async16(stage + c_dst + u * 16 * (GT_O / 2), cs, c_n);
         c_src += c_step;
 #pragma unroll
         for (int u = 0; u < PU; u++)
-            if (pr + u * p_rows < GT_K) cp_async4(stage + p_dst + u * p_rows * 4, p_src + u * p_u, p_n4);
+            if (pr + u * p_rows < K) cp_async4(stage + p_dst + u * p_rows * 4, p_src + u * p_u, p_n4);
         p_src += p_step;
 #pragma unroll
         for (int u = 0; u < XU; u++) {
-            if (xr + u * (128 / XC) < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, x_src[u], x_n[u]);
-            x_src[u] += GT_K;
+            if (xr + u * (128 / XC) < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * K * 2, x_src[u], x_n[u]);
+            x_src[u] += K;
         }
     };
     auto issue = [&](int step, unsigned stage) {
@@ -1367,22 +1371,22 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             issue_full(stage);
             return;
         }
-        const int k0 = i0 + step * GT_K; // the short step: every copy checked
+        const int k0 = i0 + step * K; // the short step: every copy checked
 #pragma unroll
-        for (int u = 0; u < GT_K / 16; u++) {
+        for (int u = 0; u < K / 16; u++) {
             const bool ok = c_ok && k0 + cr + 16 * u < i1;
             cp_async16(stage + c_dst + u * 16 * (GT_O / 2), ok ? c_src + u * c_u : codes, ok ? 16 : 0);
         }
 #pragma unroll
         for (int u = 0; u < PU; u++) {
             const bool ok = p_ok && k0 + pr + u * p_rows < i1;
-            if (pr + u * p_rows < GT_K) cp_async4(stage + p_dst + u * p_rows * 4, ok ? p_src + u * p_u : pairs, ok ? 4 : 0);
+            if (pr + u * p_rows < K) cp_async4(stage + p_dst + u * p_rows * 4, ok ? p_src + u * p_u : pairs, ok ? 4 : 0);
         }
 #pragma unroll
         for (int u = 0; u < XU; u++) {
             const int r = xr + u * (128 / XC), i = k0 + 8 * xc;
             const int n = x_n[u] ? 2 * max(0, min(8, i1 - i)) : 0;
-            if (r < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * GT_K * 2, n ? x_src[u] : x, n);
+            if (r < 8 * NT) cp_async16(stage + x_dst + u * (128 / XC) * K * 2, n ? x_src[u] : x, n);
         }
     };
     // acc: Σ (x·scale)·(offset + code) per output; corr and corm: Σ x·scale and Σ x·min over the
@@ -1414,12 +1418,12 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
         const half_t* xs = (const half_t*)(ring[st] + CS + PS);
         st = st == S - 1 ? 0 : st + 1;
 #pragma unroll
-        for (int kb = 0; kb < GT_K; kb += 16) {
+        for (int kb = 0; kb < K; kb += 16) {
             // Inputs kb + 4t + j (j = 0..3): code rows (whose r/4 mod 4 is t), pairs p.x … p.w.
             unsigned cw[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) cw[j] = cs[(kb + 4 * t + j) * (GT_O / 8) + 4 * ((w >> 2) ^ (2 * t)) + (w & 3)];
-            uint4 p = *(const uint4*)&ps[grp * GT_K + kb + 4 * t];
+            uint4 p = *(const uint4*)&ps[grp * K + kb + 4 * t];
             const unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
             const unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
             unsigned a[4][4];
@@ -1444,7 +1448,7 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             for (int n = 0; n < NT; n++) {
                 // B: x[8n + g][kb + 4t … kb + 4t + 3], times the inputs' scales (bs) and mins (bm).
                 const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
-                const uint2 bb = *(const uint2*)&xs[r * GT_K + 8 * (c ^ GT_XSW(r)) + (4 * t & 7)];
+                const uint2 bb = *(const uint2*)&xs[r * K + 8 * (c ^ GT_XSW(K, r)) + (4 * t & 7)];
                 if (!SCALE_X) {
 #pragma unroll
                     for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bb);
