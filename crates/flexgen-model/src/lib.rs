@@ -39,11 +39,25 @@ pub struct Model {
     pub tokenizer: Option<Tokenizer>,
     /// The directory it was loaded from; `None` for dummy weights.
     pub dir: Option<PathBuf>,
+    /// Its files, where its decoder layers are read when asked ([`Model::load_tables`]).
+    store: Option<weights::SafetensorsStore>,
 }
 
 impl Model {
     /// Loads a Hugging Face model directory, cache entry or snapshot, without network access.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::open(path, true)
+    }
+
+    /// As [`Model::load`], but the decoder layers stay in the files (memory-mapped; every
+    /// tensor's name, shape and dtype checked now) until an executor reads one with
+    /// [`Model::layer`]: the CUDA executor places each layer in fp16 or packed form itself, so
+    /// that a large model never exists as f32 tensors in host memory.
+    pub fn load_tables(path: &Path) -> Result<Self> {
+        Self::open(path, false)
+    }
+
+    fn open(path: &Path, with_layers: bool) -> Result<Self> {
         let files = resolve(path)?;
         let text = std::fs::read_to_string(&files.config)
             .map_err(|source| Error::Io { path: files.config.clone(), source })?;
@@ -53,19 +67,45 @@ impl Model {
             .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
         let spec = spec_from_config_json(&text, &files.config, &name)?;
         let store = SafetensorsStore::open_files(&files.weights)?;
-        let weights = Weights::from_safetensors(&spec, &store)?;
+        let weights = if with_layers {
+            Weights::from_safetensors(&spec, &store)?
+        } else {
+            Weights::tables_from_safetensors(&spec, &store)?
+        };
         let tokenizer = match &files.tokenizer {
             Some(p) => Some(Tokenizer::for_spec(p, &spec)?),
             None => None,
         };
         tracing::info!(model = %spec.name, params = spec.total_params(), "loaded");
-        Ok(Self { spec, weights, tokenizer, dir: Some(files.dir) })
+        let store = (!with_layers).then_some(store);
+        Ok(Self { spec, weights, tokenizer, dir: Some(files.dir), store })
+    }
+
+    /// Decoder layer `i`: the loaded one, or read from the files now ([`Model::load_tables`]).
+    /// `None` where the model has neither (dummy tables: the executor fills the layers itself)
+    /// or no layer `i`.
+    pub fn layer(&self, i: u32) -> Result<Option<LayerWeights>> {
+        if i >= self.spec.num_layers {
+            return Ok(None);
+        }
+        if let Some(l) = self.weights.layers.get(i as usize) {
+            return Ok(Some(l.clone()));
+        }
+        match &self.store {
+            Some(store) => Weights::layer_from_safetensors(&self.spec, store, i).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether [`Model::layer`] has every decoder layer to give.
+    pub fn has_layers(&self) -> bool {
+        self.store.is_some() || self.weights.layers.len() == self.spec.num_layers as usize
     }
 
     /// A model of `spec` with dummy weights and no tokenizer.
     pub fn dummy(spec: ModelSpec, init: DummyInit) -> Result<Self> {
         let weights = Weights::dummy(&spec, init)?;
-        Ok(Self { spec, weights, tokenizer: None, dir: None })
+        Ok(Self { spec, weights, tokenizer: None, dir: None, store: None })
     }
 
     /// A model of `spec` whose decoder layers are not built: dummy tables only (see
@@ -73,7 +113,7 @@ impl Model {
     /// [`LayerLayout::fill_dummy`] where they are placed.
     pub fn dummy_tables(spec: ModelSpec, init: DummyInit) -> Result<Self> {
         let weights = Weights::dummy_tables(&spec, init)?;
-        Ok(Self { spec, weights, tokenizer: None, dir: None })
+        Ok(Self { spec, weights, tokenizer: None, dir: None, store: None })
     }
 
     /// This model with the tokenizer of `path` (a `tokenizer.json`, or a directory holding one):

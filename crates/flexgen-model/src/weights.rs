@@ -187,6 +187,31 @@ impl Weights {
     }
 }
 
+/// A norm's weight (and bias, for LayerNorm) called `name` from `src`.
+fn norm(spec: &ModelSpec, src: &mut dyn TensorSource, name: &str) -> Result<Norm> {
+    let h = spec.hidden_size as usize;
+    Ok(Norm {
+        weight: src.get(&format!("{name}.weight"), &[h])?,
+        bias: match spec.norm {
+            NormKind::LayerNorm { .. } => Some(src.get(&format!("{name}.bias"), &[h])?),
+            NormKind::RmsNorm { .. } => None,
+        },
+    })
+}
+
+/// A linear layer's `[out, inp]` weight (and bias) called `name` from `src`.
+fn linear(
+    src: &mut dyn TensorSource,
+    name: &str,
+    (out, inp): (usize, usize),
+    bias: bool,
+) -> Result<Linear> {
+    Ok(Linear {
+        weight: src.get(&format!("{name}.weight"), &[out, inp])?,
+        bias: if bias { Some(src.get(&format!("{name}.bias"), &[out])?) } else { None },
+    })
+}
+
 /// Where tensors come from while [`Weights`] are built.
 trait TensorSource {
     /// The tensor called `name` (Hugging Face naming, without the `model.` prefix), which must have
@@ -199,27 +224,6 @@ impl Weights {
     fn build(spec: &ModelSpec, src: &mut dyn TensorSource, with_layers: bool) -> Result<Self> {
         let h = spec.hidden_size as usize;
         let v = spec.vocab_size as usize;
-        let f = spec.ffn_size as usize;
-        let kv = (spec.num_kv_heads * spec.head_dim()) as usize;
-        let norm = |src: &mut dyn TensorSource, name: &str| -> Result<Norm> {
-            Ok(Norm {
-                weight: src.get(&format!("{name}.weight"), &[h])?,
-                bias: match spec.norm {
-                    NormKind::LayerNorm { .. } => Some(src.get(&format!("{name}.bias"), &[h])?),
-                    NormKind::RmsNorm { .. } => None,
-                },
-            })
-        };
-        let linear = |src: &mut dyn TensorSource,
-                      name: &str,
-                      (out, inp): (usize, usize),
-                      bias: bool|
-         -> Result<Linear> {
-            Ok(Linear {
-                weight: src.get(&format!("{name}.weight"), &[out, inp])?,
-                bias: if bias { Some(src.get(&format!("{name}.bias"), &[out])?) } else { None },
-            })
-        };
         let opt = spec.family == Family::Opt;
         let e = spec.embed_width() as usize;
         let token_embedding = src.get(
@@ -235,39 +239,13 @@ impl Weights {
             )?),
             PositionKind::Rope { .. } => None,
         };
-        let (b, qkv_b) = (spec.bias, spec.bias || spec.qkv_bias);
         let mut layers = Vec::with_capacity(spec.num_layers as usize);
         for i in 0..if with_layers { spec.num_layers } else { 0 } {
-            let p = if opt { format!("decoder.layers.{i}") } else { format!("layers.{i}") };
-            let mlp = match (spec.mlp, opt) {
-                (MlpKind::Relu, _) => Mlp::Relu {
-                    fc1: linear(src, &format!("{p}.fc1"), (f, h), b)?,
-                    fc2: linear(src, &format!("{p}.fc2"), (h, f), b)?,
-                },
-                (MlpKind::SwiGlu, _) => Mlp::SwiGlu {
-                    gate: linear(src, &format!("{p}.mlp.gate_proj"), (f, h), b)?,
-                    up: linear(src, &format!("{p}.mlp.up_proj"), (f, h), b)?,
-                    down: linear(src, &format!("{p}.mlp.down_proj"), (h, f), b)?,
-                },
-            };
-            let (attn_norm, mlp_norm, o) = if opt {
-                ("self_attn_layer_norm", "final_layer_norm", "out_proj")
-            } else {
-                ("input_layernorm", "post_attention_layernorm", "o_proj")
-            };
-            layers.push(LayerWeights {
-                attn_norm: norm(src, &format!("{p}.{attn_norm}"))?,
-                q: linear(src, &format!("{p}.self_attn.q_proj"), (h, h), qkv_b)?,
-                k: linear(src, &format!("{p}.self_attn.k_proj"), (kv, h), qkv_b)?,
-                v: linear(src, &format!("{p}.self_attn.v_proj"), (kv, h), qkv_b)?,
-                o: linear(src, &format!("{p}.self_attn.{o}"), (h, h), b)?,
-                mlp_norm: norm(src, &format!("{p}.{mlp_norm}"))?,
-                mlp,
-            });
+            layers.push(Self::build_layer(spec, src, i)?);
         }
         let final_norm = spec
             .pre_norm
-            .then(|| norm(src, if opt { "decoder.final_layer_norm" } else { "norm" }))
+            .then(|| norm(spec, src, if opt { "decoder.final_layer_norm" } else { "norm" }))
             .transpose()?;
         let project_out =
             spec.embed_dim.map(|_| src.get("decoder.project_out.weight", &[e, h])).transpose()?;
@@ -284,10 +262,68 @@ impl Weights {
         })
     }
 
+    /// Decoder layer `i` of `spec` from `src`, by the family's tensor names.
+    fn build_layer(spec: &ModelSpec, src: &mut dyn TensorSource, i: u32) -> Result<LayerWeights> {
+        let h = spec.hidden_size as usize;
+        let f = spec.ffn_size as usize;
+        let kv = (spec.num_kv_heads * spec.head_dim()) as usize;
+        let opt = spec.family == Family::Opt;
+        let (b, qkv_b) = (spec.bias, spec.bias || spec.qkv_bias);
+        let p = if opt { format!("decoder.layers.{i}") } else { format!("layers.{i}") };
+        let mlp = match (spec.mlp, opt) {
+            (MlpKind::Relu, _) => Mlp::Relu {
+                fc1: linear(src, &format!("{p}.fc1"), (f, h), b)?,
+                fc2: linear(src, &format!("{p}.fc2"), (h, f), b)?,
+            },
+            (MlpKind::SwiGlu, _) => Mlp::SwiGlu {
+                gate: linear(src, &format!("{p}.mlp.gate_proj"), (f, h), b)?,
+                up: linear(src, &format!("{p}.mlp.up_proj"), (f, h), b)?,
+                down: linear(src, &format!("{p}.mlp.down_proj"), (h, f), b)?,
+            },
+        };
+        let (attn_norm, mlp_norm, o) = if opt {
+            ("self_attn_layer_norm", "final_layer_norm", "out_proj")
+        } else {
+            ("input_layernorm", "post_attention_layernorm", "o_proj")
+        };
+        Ok(LayerWeights {
+            attn_norm: norm(spec, src, &format!("{p}.{attn_norm}"))?,
+            q: linear(src, &format!("{p}.self_attn.q_proj"), (h, h), qkv_b)?,
+            k: linear(src, &format!("{p}.self_attn.k_proj"), (kv, h), qkv_b)?,
+            v: linear(src, &format!("{p}.self_attn.v_proj"), (kv, h), qkv_b)?,
+            o: linear(src, &format!("{p}.self_attn.{o}"), (h, h), b)?,
+            mlp_norm: norm(spec, src, &format!("{p}.{mlp_norm}"))?,
+            mlp,
+        })
+    }
+
     /// Reads the weights of `spec` from safetensors files.
     pub fn from_safetensors(spec: &ModelSpec, store: &SafetensorsStore) -> Result<Self> {
         let mut src = store;
         Self::build(spec, &mut src, true)
+    }
+
+    /// Reads the embeddings, final norm and LM head of `spec` from safetensors files, with no
+    /// decoder layers (`layers` is empty), after checking that every layer's tensors are there
+    /// with their names, shapes and dtypes: [`Weights::layer_from_safetensors`] reads a layer
+    /// when it is needed.
+    pub fn tables_from_safetensors(spec: &ModelSpec, store: &SafetensorsStore) -> Result<Self> {
+        let mut check = Checked(store);
+        for i in 0..spec.num_layers {
+            Self::build_layer(spec, &mut check, i)?;
+        }
+        let mut src = store;
+        Self::build(spec, &mut src, false)
+    }
+
+    /// Decoder layer `i` of `spec` from safetensors files, as f32 tensors.
+    pub fn layer_from_safetensors(
+        spec: &ModelSpec,
+        store: &SafetensorsStore,
+        i: u32,
+    ) -> Result<LayerWeights> {
+        let mut src = store;
+        Self::build_layer(spec, &mut src, i)
     }
 
     /// Dummy weights for `spec` without any file.
@@ -493,14 +529,17 @@ impl SafetensorsStore {
     }
 }
 
-impl TensorSource for &SafetensorsStore {
-    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let Some((full, (file, dtype, found, range))) = self.find(name) else {
+impl SafetensorsStore {
+    /// The tensor called `name`, checked to have `shape` and a dtype that converts to f32: its
+    /// full name, file and entry.
+    fn locate(&self, name: &str, shape: &[usize]) -> Result<(&str, &Path, &Entry)> {
+        let Some((full, entry)) = self.find(name) else {
             return Err(Error::MissingTensor {
                 name: format!("model.{name}"),
                 searched: self.file_list(),
             });
         };
+        let (file, dtype, found, _) = entry;
         let path = &self.files[*file].0;
         if found != shape {
             return Err(Error::Shape {
@@ -510,6 +549,30 @@ impl TensorSource for &SafetensorsStore {
                 found: found.clone(),
             });
         }
+        if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(Error::Dtype {
+                name: full.into(),
+                path: path.clone(),
+                dtype: format!("{dtype:?}"),
+            });
+        }
+        Ok((full, path, entry))
+    }
+}
+
+/// A source that only checks each tensor ([`SafetensorsStore::locate`]) and gives an empty one.
+struct Checked<'a>(&'a SafetensorsStore);
+
+impl TensorSource for Checked<'_> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.0.locate(name, shape)?;
+        Ok(Tensor::from_vec(Vec::<f32>::new(), &[0], &Device::Cpu)?)
+    }
+}
+
+impl TensorSource for &SafetensorsStore {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (full, path, (file, dtype, _, range)) = self.locate(name, shape)?;
         let bytes = &self.files[*file].1[range.clone()];
         let data: Vec<f32> = match dtype {
             Dtype::F32 => bytes
@@ -527,7 +590,7 @@ impl TensorSource for &SafetensorsStore {
             other => {
                 return Err(Error::Dtype {
                     name: full.into(),
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     dtype: format!("{other:?}"),
                 });
             }

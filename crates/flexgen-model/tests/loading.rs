@@ -160,6 +160,67 @@ fn missing_tensor_is_named() {
     }
 }
 
+/// `Model::load_tables` (the CUDA executor's load): the same tables, every layer read on request
+/// equal to the eagerly loaded one tensor for tensor, for each family of the test models.
+#[test]
+fn layers_read_on_request_equal_the_loaded_ones() {
+    for name in ["tiny-random-opt", "tiny-random-opt-350m", "tiny-random-llama-bf16"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("test_data").join(name);
+        let (eager, lazy) = (Model::load(&dir).unwrap(), Model::load_tables(&dir).unwrap());
+        assert!(lazy.weights.layers.is_empty(), "{name}: no layer is read at load");
+        assert!(lazy.has_layers() && eager.has_layers(), "{name}");
+        let flat = |t: &flexgen_tensor::Tensor| -> Vec<f32> {
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        assert_eq!(
+            flat(&eager.weights.token_embedding),
+            flat(&lazy.weights.token_embedding),
+            "{name}"
+        );
+        for i in 0..eager.spec.num_layers {
+            let (a, b) = (eager.layer(i).unwrap().unwrap(), lazy.layer(i).unwrap().unwrap());
+            let (ta, tb) = (a.tensors(), b.tensors());
+            assert_eq!(ta.len(), tb.len(), "{name} layer {i}");
+            for (x, y) in ta.iter().zip(&tb) {
+                assert_eq!((x.dims(), flat(x)), (y.dims(), flat(y)), "{name} layer {i}");
+            }
+        }
+        assert!(lazy.layer(eager.spec.num_layers).unwrap().is_none(), "{name}: past the last");
+    }
+    let dummy = Model::dummy_tables(spec_by_name("opt-125m").unwrap(), DummyInit::Ones).unwrap();
+    assert!(!dummy.has_layers() && dummy.layer(0).unwrap().is_none());
+}
+
+/// A broken layer tensor is refused when the model is opened, not when its layer is placed.
+#[test]
+fn load_tables_checks_every_layer_tensor_up_front() {
+    let mut all = tiny_tensors();
+    let t = all.iter_mut().find(|t| t.0 == "model.decoder.layers.1.fc1.weight").unwrap();
+    t.2 = vec![t.2[1], t.2[0]]; // transposed
+    let dir = model_dir(&all);
+    match Model::load_tables(dir.path()) {
+        Err(Error::Shape { name, .. }) => assert_eq!(name, "model.decoder.layers.1.fc1.weight"),
+        other => panic!("{:?}", other.err()),
+    }
+    let missing: Vec<_> =
+        tiny_tensors().into_iter().filter(|t| t.0 != "model.decoder.layers.1.fc2.bias").collect();
+    let dir = model_dir(&missing);
+    match Model::load_tables(dir.path()) {
+        Err(Error::MissingTensor { name, .. }) => {
+            assert_eq!(name, "model.decoder.layers.1.fc2.bias")
+        }
+        other => panic!("{:?}", other.err()),
+    }
+    let mut bad_dtype = tiny_tensors();
+    let t = bad_dtype.iter_mut().find(|t| t.0 == "model.decoder.layers.0.fc2.bias").unwrap();
+    t.1 = Dtype::I32;
+    let dir = model_dir(&bad_dtype);
+    match Model::load_tables(dir.path()) {
+        Err(Error::Dtype { name, .. }) => assert_eq!(name, "model.decoder.layers.0.fc2.bias"),
+        other => panic!("{:?}", other.err()),
+    }
+}
+
 #[test]
 fn wrong_shape_names_tensor_file_and_both_shapes() {
     let mut all = tiny_tensors();

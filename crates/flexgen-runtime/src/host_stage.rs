@@ -140,6 +140,13 @@ impl<'m> HostStage<'m> {
 
     /// A stage's weights on their tiers, checked against `budgets` first.
     fn part(model: &Model, r: &Range<u32>, p: &Policy, budgets: Budgets) -> Result<Part> {
+        if model.weights.layers.len() != model.spec.num_layers as usize {
+            return Err(crate::Error::Config {
+                field: "model",
+                message: "the host stage computes on the model's layers in memory, and these                           were left in the files (Model::load_tables, Model::dummy_tables: for                           the CUDA executor); load it with Model::load or Model::dummy"
+                    .into(),
+            });
+        }
         let weights_only = memory::Capacity { max_prompt: 0, max_new: 0, sequences: Some(0) };
         tiers::check(&Self::plan(model, p, weights_only, r.clone())?.totals(), &budgets)?;
         let weights = WeightStore::build(

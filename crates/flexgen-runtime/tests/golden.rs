@@ -260,3 +260,15 @@ fn any_of_several_eos_ids_ends_a_sequence() {
     assert_eq!(done[0].tokens, p.greedy[..5]);
     assert_eq!(done[0].finish, flexgen_runtime::FinishReason::Eos);
 }
+
+/// A model whose layers were left in its files (the CUDA executor's load) is refused by the host
+/// stage with an error that says how to load it, not a panic.
+#[test]
+fn the_host_stage_refuses_a_model_whose_layers_are_in_its_files() {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model/test_data/tiny-random-opt");
+    let model = Model::load_tables(&dir).unwrap();
+    let err = Generator::new(&model, policy(1, 1)).err().expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("model") && text.contains("Model::load"), "{text}");
+}

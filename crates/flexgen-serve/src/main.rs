@@ -180,7 +180,9 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             };
         }
         let dir = dir.expect("a directory without --dummy");
-        Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))
+        // On CUDA each layer is read from the files as it is placed (no f32 copy in memory).
+        let loaded = if cuda { Model::load_tables(&dir) } else { Model::load(&dir) };
+        loaded.with_context(|| format!("loading model {}", dir.display()))
     };
     let (gpu_limit, max_prompt, max_new) =
         (cli.gpu_mem_limit, cli.max_prompt_tokens, cli.max_tokens_limit);

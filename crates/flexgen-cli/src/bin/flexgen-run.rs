@@ -885,7 +885,11 @@ fn load_model(cli: &ModelArgs, device: DeviceKind, seed: u64) -> anyhow::Result<
             spec.name
         );
     }
-    Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))
+    // The CUDA executor reads each layer from the files as it places it: no f32 copy of the
+    // model in host memory.
+    let loaded =
+        if device == DeviceKind::Cuda { Model::load_tables(&dir) } else { Model::load(&dir) };
+    loaded.with_context(|| format!("loading model {}", dir.display()))
 }
 
 fn requests(cli: &RunArgs, model: &Model, block: usize) -> anyhow::Result<Vec<Request>> {

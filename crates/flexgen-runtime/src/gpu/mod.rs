@@ -76,7 +76,7 @@ use weights::Reader;
 /// Where the weights come from: a loaded model's layers, or dummy values made in place.
 #[derive(Debug, Clone, Copy)]
 pub enum LayerSource {
-    /// `model.weights.layers`.
+    /// The model's layers ([`Model::layer`]: loaded, or read from its files when placed).
     Loaded,
     /// [`LayerLayout::fill_dummy`] values, never materialized as f32.
     Dummy(DummyInit),
@@ -311,9 +311,7 @@ impl<'m> CudaStage<'m> {
         let memory::Arena { layout, packed, unit_len, ends: [g_end, c_end] } =
             memory::arena(spec, &policy)?;
         let n_layers = range.len();
-        if matches!(source, LayerSource::Loaded)
-            && model.weights.layers.len() != spec.num_layers as usize
-        {
+        if matches!(source, LayerSource::Loaded) && !model.has_layers() {
             return Err(Error::Config {
                 field: "model",
                 message: "the model's layers were not loaded".into(),

@@ -98,11 +98,14 @@ impl CudaStage<'_> {
                 Ok(())
             }
             LayerSource::Loaded => {
+                // The loaded layer, or read from the model's files now (`Model::load_tables`).
+                let i = self.range.start + u32::try_from(j).expect("a layer index");
+                let layer = self.model.layer(i)?.ok_or_else(|| Error::Config {
+                    field: "model",
+                    message: "the model's layers were not loaded".into(),
+                })?;
                 let mut whole = vec![f16::ZERO; self.layout.len];
-                self.layout.fill_from(
-                    &self.model.weights.layers[self.range.start as usize + j],
-                    &mut whole,
-                )?;
+                self.layout.fill_from(&layer, &mut whole)?;
                 out.copy_from_slice(&whole[range]);
                 Ok(())
             }
