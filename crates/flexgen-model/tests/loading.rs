@@ -207,7 +207,7 @@ fn load_tables_checks_every_layer_tensor_up_front() {
     let dir = model_dir(&missing);
     match Model::load_tables(dir.path()) {
         Err(Error::MissingTensor { name, .. }) => {
-            assert_eq!(name, "model.decoder.layers.1.fc2.bias")
+            assert_eq!(name, "model.decoder.layers.1.fc2.bias");
         }
         other => panic!("{:?}", other.err()),
     }
