@@ -901,7 +901,8 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// rows as decode takes them, and the partial tiles of 70 rows), every group size it takes, a last
 /// block of outputs and a last step
 /// of inputs that are partial, several input slices, x's rows apart by more than a row; each
-/// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once; each tile's own stages
+/// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once and in stripes
+/// (`gemm4_tc_stripes`) over `wave` and over 3 blocks; each tile's own stages
 /// (`GT_K` 0, as built) and every tile's of 32 inputs and of 64.
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
@@ -912,7 +913,7 @@ fn gemm4_tc_matches_x_times_the_dequantized_weight() {
 
 /// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's own).
 fn gemm4_tc_case(inputs_a_stage: usize) {
-    use flexgen_tensor::cuda::exec::gemm4_tc_plan;
+    use flexgen_tensor::cuda::exec::{gemm4_tc_plan, gemm4_tc_stripes};
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
@@ -940,7 +941,7 @@ int main(int argc, char** argv) {
     if (outs % 4) return 0;
     auto out = slurp_halves(argv[14]); auto bias = slurp_halves(argv[15]);
     std::vector<float> y2((size_t)nb * outs, 0.f);
-    std::vector<unsigned> done(blocks, 0u);
+    std::vector<unsigned> done((outs + 255) / 256, 0u);  // a counter per column of 256 outputs
     grid_warps(blocks, slices, 128, 0, [&] { k(codes.data(), pairs.data(), x.data(), y2.data(), outs, ins, ldx, gs, nb, per_slice, out.data(), bias.data(), 3, done.data()); });
     dump(argv[16], out);
     unsigned left = 0;
@@ -968,9 +969,18 @@ int main(int argc, char** argv) {
         let label = format!(
             "{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, wave {wave}, {inputs_a_stage} inputs a stage"
         );
-        for b0 in (0..nb).step_by(64) {
+        for (b0, plan) in (0..nb).step_by(64).flat_map(|b0| {
             let rows = (nb - b0).min(64);
-            let plan = gemm4_tc_plan(rows, (outs, ins), wave);
+            // As planned, and in stripes over as many blocks as the wave and over 3 (several
+            // columns a block, and columns split between blocks mid-way).
+            [
+                gemm4_tc_plan(rows, (outs, ins), wave),
+                gemm4_tc_stripes(rows, (outs, ins), wave),
+                gemm4_tc_stripes(rows, (outs, ins), 3),
+            ]
+            .map(|p| (b0, p))
+        }) {
+            let rows = (nb - b0).min(64);
             runs[plan.kernel] += 1;
             write_bytes(&f("x"), &f16_bytes(&x[b0 * ins..(b0 + rows) * ins]));
             let old: Vec<f32> =

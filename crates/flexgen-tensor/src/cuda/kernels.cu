@@ -1195,9 +1195,10 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ 8·NT, W read from dequant_dim0's 4-bit layout:
 // for input i the codes of outputs 0, 1, … are contiguous nibbles from code i·chunks·gs (chunks =
 // ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
-// adjacent from pair i·chunks. A block of 128 threads (4 warps of 64 outputs) owns GT_O = 256
-// outputs and a slice of the inputs (blockIdx.y; its partial sums added to the fp32 y [nb, outs]
-// with atomicAdd, as gemv4's). The inputs go through shared memory K at a time (GT_K_OF) in a ring
+// adjacent from pair i·chunks. A block of 128 threads (4 warps of 64 outputs) takes GT_O = 256
+// outputs and a slice of the inputs at a time (a segment: blockIdx.x's column and blockIdx.y's
+// slice, or its stripe's segments, gemm4_tc_tile), its partial sums added to the fp32 y
+// [nb, outs] with atomicAdd, as gemv4's. The inputs go through shared memory K at a time (GT_K_OF) in a ring
 // of S stages filled by cp.async, S − 1 in flight while one is used (GT_S: 4 of 32 inputs; of 64,
 // 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=32" or 64 sets every tile's): the codes as they
 // lie in memory (a row of 128 bytes per input), the pairs by group then input, x by row then
@@ -1243,10 +1244,13 @@ struct Store4 {
 // `last`: a word of shared memory the block no longer reads (the product's ring, after its last
 // step: a static variable of its own would take the 48 KB that the 32-row tile's ring of 64-input
 // stages fills).
-__device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o_blk, const Store4& st4, volatile int* last) {
+// `col`: the column's index (its counter), `n` of its `total` 64-input chunks added by this block.
+__device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int col, unsigned n, unsigned total,
+                                               const Store4& st4, volatile int* last) {
+    const int o_blk = col * GT_O;
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) *last = atomicAdd(st4.done + blockIdx.x, 1u) == gridDim.y - 1;
+    if (threadIdx.x == 0) *last = atomicAdd(st4.done + col, n) + n == total;
     __syncthreads();
     if (!*last) return;
     __threadfence();
@@ -1280,7 +1284,7 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o
             *(uint2*)(st4.out + at) = make_uint2((unsigned)r[0] | (unsigned)r[1] << 16, (unsigned)r[2] | (unsigned)r[3] << 16);
         }
     }
-    if (threadIdx.x == 0) st4.done[blockIdx.x] = 0;
+    if (threadIdx.x == 0) st4.done[col] = 0;
 }
 // Blocks per multiprocessor the kernels of up to 16 rows (GT_MINB) and of 32 (GT_MINB4) are
 // compiled for (registers allowing). 32 rows at three (138 registers at sm_90, not 128): S3's
@@ -1300,10 +1304,12 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int o
 // offsets stay in registers instead of being rebuilt from the thread index every step.
 __device__ __forceinline__ unsigned kept(unsigned v) { asm volatile("" : "+r"(v)); return v; }
 __device__ __forceinline__ long long kept(long long v) { asm volatile("" : "+l"(v)); return v; }
+// One segment of a block's work: column `col` (outputs col·GT_O …) over inputs [i0, i1), its
+// sums added to y, and (with `done`) the column stored by whichever segment adds its last chunk.
 template <int NT, bool SCALE_X>
-__device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
-                                              float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice,
-                                              const Store4& st4) {
+__device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const unsigned* pairs, const half_t* x,
+                                             float* y, int outs, int ldx, int gs, int nb, int col, int i0, int i1,
+                                             unsigned chunks_here, unsigned chunks_all, const Store4& st4) {
     constexpr int K = GT_K_OF(NT), S = GT_S(K, NT);
     // A stage of the ring, in bytes: the codes [input][word] (K × GT_O / 8 words), the pairs
     // [group][input] (room for GT_O / 16 groups), x [row][input] (8·NT × K halves).
@@ -1312,9 +1318,8 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int chunks = (outs + gs - 1) / gs, coded = chunks * gs;
     const long long per_input = (long long)coded / 2; // code bytes of one input
-    const int o_blk = blockIdx.x * GT_O;
+    const int o_blk = col * GT_O;
     const int gpb = GT_O / gs, lg = __ffs(gpb) - 1; // groups of the block's outputs (a power of two)
-    const int i0 = blockIdx.y * per_slice, i1 = min(ins, i0 + per_slice);
     const int steps = i1 > i0 ? (i1 - i0 + K - 1) / K : 0, full = i1 > i0 ? (i1 - i0) / K : 0;
     // Each thread's copies are the same every step, at addresses that move by a fixed amount a
     // step: code chunk cc (32 outputs) of rows cr + 16u at chunk cc ^ 2·(cr/4 mod 4) (cr = tid/8,
@@ -1487,7 +1492,36 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
             }
         }
     }
-    if (st4.done) gemm4_tc_store(y, outs, nb, o_blk, st4, (volatile int*)ring[0]);
+    if (st4.done) gemm4_tc_store(y, outs, nb, col, chunks_here, chunks_all, st4, (volatile int*)ring[0]);
+}
+
+// The block's work as units of (column of GT_O outputs, chunk of 64 inputs), in column order:
+// with per_slice > 0 (a multiple of 64), column blockIdx.x's inputs from blockIdx.y·per_slice
+// (one segment); with per_slice = 0, stripes: the columns' units split evenly between the
+// gridDim.x blocks, each running its units one column's segment at a time (Marlin's partition:
+// every block the same work, each column's sums added by as few blocks as that allows).
+template <int NT, bool SCALE_X>
+__device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
+                                              float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice,
+                                              const Store4& st4) {
+    const int kc = (ins + 63) / 64, cols = (outs + GT_O - 1) / GT_O; // units: cols·kc < 2^31 (the host checks)
+    if (per_slice > 0) {
+        const int k0 = min(kc, (int)blockIdx.y * (per_slice / 64)), k1 = min(kc, k0 + per_slice / 64);
+        if (k0 < k1)
+            gemm4_tc_seg<NT, SCALE_X>(codes, pairs, x, y, outs, ldx, gs, nb, blockIdx.x, 64 * k0, min(ins, 64 * k1),
+                                      (unsigned)(k1 - k0), (unsigned)kc, st4);
+        return;
+    }
+    const long long units = (long long)cols * kc;
+    int u0 = (int)(units * blockIdx.x / gridDim.x);
+    const int u1 = (int)(units * (blockIdx.x + 1) / gridDim.x);
+    while (u0 < u1) {
+        const int col = u0 / kc, k0 = u0 - col * kc, k1 = min(kc, k0 + (u1 - u0));
+        __syncthreads(); // the ring (and the store's word) no longer read by the last segment
+        gemm4_tc_seg<NT, SCALE_X>(codes, pairs, x, y, outs, ldx, gs, nb, col, 64 * k0, min(ins, 64 * k1),
+                                  (unsigned)(k1 - k0), (unsigned)kc, st4);
+        u0 += k1 - k0;
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
