@@ -902,23 +902,27 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// block of outputs and a last step
 /// of inputs that are partial, several input slices, x's rows apart by more than a row; each
 /// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once and in stripes
-/// (`gemm4_tc_stripes`) over `wave` and over 3 blocks; each tile's own stages
+/// (`gemm4_tc_stripes`, the kernels built with `GT_STRIPES=1`) over `wave` and over 3 blocks;
+/// each tile's own stages
 /// (`GT_K` 0, as built) and every tile's of 32 inputs and of 64.
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     for inputs_a_stage in [0, 32, 64] {
-        gemm4_tc_case(inputs_a_stage);
+        gemm4_tc_case(inputs_a_stage, false);
     }
+    gemm4_tc_case(0, true);
 }
 
-/// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's own).
-fn gemm4_tc_case(inputs_a_stage: usize) {
+/// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's
+/// own), in slices as planned or (`stripes`, built with `GT_STRIPES=1`) in stripes.
+fn gemm4_tc_case(inputs_a_stage: usize, stripes: bool) {
     use flexgen_tensor::cuda::exec::{gemm4_tc_plan, gemm4_tc_stripes};
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
         &format!(
-            "#define GT_K {inputs_a_stage}\n{}{}",
+            "#define GT_K {inputs_a_stage}\n#define GT_STRIPES {}\n{}{}",
+            u8::from(stripes),
             codes_as_halves(),
             section("__device__ __forceinline__ half_t bias_act1(")
         ),
@@ -971,14 +975,18 @@ int main(int argc, char** argv) {
         );
         for (b0, plan) in (0..nb).step_by(64).flat_map(|b0| {
             let rows = (nb - b0).min(64);
-            // As planned, and in stripes over as many blocks as the wave and over 3 (several
+            // As planned; in stripes over as many blocks as the wave and over 3 (several
             // columns a block, and columns split between blocks mid-way).
-            [
-                gemm4_tc_plan(rows, (outs, ins), wave),
-                gemm4_tc_stripes(rows, (outs, ins), wave),
-                gemm4_tc_stripes(rows, (outs, ins), 3),
-            ]
-            .map(|p| (b0, p))
+            if stripes {
+                vec![
+                    gemm4_tc_stripes(rows, (outs, ins), wave),
+                    gemm4_tc_stripes(rows, (outs, ins), 3),
+                ]
+            } else {
+                vec![gemm4_tc_plan(rows, (outs, ins), wave)]
+            }
+            .into_iter()
+            .map(move |p| (b0, p))
         }) {
             let rows = (nb - b0).min(64);
             runs[plan.kernel] += 1;

@@ -1335,8 +1335,9 @@ pub fn gemm4_tc_stripes(rows: usize, (outs, ins): (usize, usize), wave: usize) -
     }
 }
 
-/// `FLEXGEN_GT_STRIPES=1`: `gemm4_tc` in stripes ([`gemm4_tc_stripes`]), to compare.
-fn gemm4_tc_stripes_on() -> bool {
+/// `FLEXGEN_GT_STRIPES=1`: `gemm4_tc` in stripes ([`gemm4_tc_stripes`]; its kernels built with
+/// `GT_STRIPES=1`), to compare.
+pub(super) fn gemm4_tc_stripes_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("FLEXGEN_GT_STRIPES").is_ok_and(|v| v == "1"))
 }

@@ -1496,23 +1496,22 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
 }
 
 // The block's work as units of (column of GT_O outputs, chunk of 64 inputs), in column order:
-// with per_slice > 0 (a multiple of 64), column blockIdx.x's inputs from blockIdx.y·per_slice
-// (one segment); with per_slice = 0, stripes: the columns' units split evenly between the
-// gridDim.x blocks, each running its units one column's segment at a time (Marlin's partition:
-// every block the same work, each column's sums added by as few blocks as that allows).
+// column blockIdx.x's inputs from blockIdx.y·per_slice (per_slice a multiple of 64; one
+// segment), or, built with GT_STRIPES=1 (the host's FLEXGEN_GT_STRIPES=1, to compare), stripes:
+// all columns' units split evenly between the gridDim.x blocks, each running its units one
+// column's segment at a time (Marlin's partition: every block the same work, each column's sums
+// added by as few blocks as that allows).
+#ifndef GT_STRIPES
+#define GT_STRIPES 0
+#endif
 template <int NT, bool SCALE_X>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice,
                                               const Store4& st4) {
-    const int kc = (ins + 63) / 64, cols = (outs + GT_O - 1) / GT_O; // units: cols·kc < 2^31 (the host checks)
-    if (per_slice > 0) {
-        const int k0 = min(kc, (int)blockIdx.y * (per_slice / 64)), k1 = min(kc, k0 + per_slice / 64);
-        if (k0 < k1)
-            gemm4_tc_seg<NT, SCALE_X>(codes, pairs, x, y, outs, ldx, gs, nb, blockIdx.x, 64 * k0, min(ins, 64 * k1),
-                                      (unsigned)(k1 - k0), (unsigned)kc, st4);
-        return;
-    }
-    const long long units = (long long)cols * kc;
+    const int kc = (ins + 63) / 64;
+#if GT_STRIPES
+    // units: cols·kc < 2^31 (the host checks)
+    const long long units = (long long)((outs + GT_O - 1) / GT_O) * kc;
     int u0 = (int)(units * blockIdx.x / gridDim.x);
     const int u1 = (int)(units * (blockIdx.x + 1) / gridDim.x);
     while (u0 < u1) {
@@ -1522,6 +1521,12 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
                                   (unsigned)(k1 - k0), (unsigned)kc, st4);
         u0 += k1 - k0;
     }
+#else
+    const int k0 = min(kc, (int)blockIdx.y * (per_slice / 64)), k1 = min(kc, k0 + per_slice / 64);
+    if (k0 < k1)
+        gemm4_tc_seg<NT, SCALE_X>(codes, pairs, x, y, outs, ldx, gs, nb, blockIdx.x, 64 * k0, min(ins, 64 * k1),
+                                  (unsigned)(k1 - k0), (unsigned)kc, st4);
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
