@@ -38,10 +38,12 @@ fn main() {
     };
     let s = gpu.stream.clone();
     let group = 64;
-    // Checks: 4-bit weights, both kernels against dequantize + fp16 GEMM; a row count over one
-    // tile of the tensor-core kernel, inputs that end inside its step and inside an 8-value load.
+    // Checks: 4-bit weights, both kernels against dequantize + fp16 GEMM; every tile of the
+    // tensor-core kernel (13 rows: 16; 32 rows; 70 rows: 64 then 8), inputs that end inside its
+    // step and inside an 8-value load.
     let mut ok = true;
-    for (outs, ins, ldx, nb) in [(3000usize, 1024usize, 1024usize, 13usize), (3000, 1004, 1008, 70)]
+    for (outs, ins, ldx, nb) in
+        [(3000usize, 1024usize, 1024usize, 13usize), (3000, 1004, 1008, 32), (3000, 1004, 1008, 70)]
     {
         let p = quantize(
             &values(outs * ins, 1, 0.1),
