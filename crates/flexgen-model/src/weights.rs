@@ -220,23 +220,28 @@ trait TensorSource {
 }
 
 impl Weights {
-    /// Builds the weights of `spec` from `src`, by the family's tensor names.
+    /// Builds the weights of `spec` from `src`, by the family's tensor names; without the layers
+    /// (for the CUDA executor, which computes in fp16), the embedding-sized tables kept in fp16:
+    /// the values it uploads, in half the host memory.
     fn build(spec: &ModelSpec, src: &mut dyn TensorSource, with_layers: bool) -> Result<Self> {
+        let table = |t: Tensor| -> Result<Tensor> {
+            Ok(if with_layers { t } else { t.to_dtype(flexgen_tensor::DType::F16)? })
+        };
         let h = spec.hidden_size as usize;
         let v = spec.vocab_size as usize;
         let opt = spec.family == Family::Opt;
         let e = spec.embed_width() as usize;
-        let token_embedding = src.get(
+        let token_embedding = table(src.get(
             if opt { "decoder.embed_tokens.weight" } else { "embed_tokens.weight" },
             &[v, e],
-        )?;
+        )?)?;
         let project_in =
             spec.embed_dim.map(|_| src.get("decoder.project_in.weight", &[h, e])).transpose()?;
         let position_embedding = match spec.positions {
-            PositionKind::Learned { offset } => Some(src.get(
+            PositionKind::Learned { offset } => Some(table(src.get(
                 "decoder.embed_positions.weight",
                 &[(spec.max_positions + offset) as usize, h],
-            )?),
+            )?)?),
             PositionKind::Rope { .. } => None,
         };
         let mut layers = Vec::with_capacity(spec.num_layers as usize);
@@ -249,8 +254,11 @@ impl Weights {
             .transpose()?;
         let project_out =
             spec.embed_dim.map(|_| src.get("decoder.project_out.weight", &[e, h])).transpose()?;
-        let lm_head =
-            if spec.tie_embeddings { None } else { Some(src.get("lm_head.weight", &[v, e])?) };
+        let lm_head = if spec.tie_embeddings {
+            None
+        } else {
+            Some(table(src.get("lm_head.weight", &[v, e])?)?)
+        };
         Ok(Self {
             token_embedding,
             position_embedding,
