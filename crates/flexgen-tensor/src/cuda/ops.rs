@@ -232,8 +232,19 @@ impl Gpu {
         })
     }
 
-    /// Copies a CPU tensor (any float dtype) to the device as fp16, converting on all cores.
+    /// Copies a CPU tensor (any float dtype) to the device as fp16, converting on all cores (an
+    /// fp16 tensor as it is).
     pub fn upload(&self, t: &Tensor) -> Result<GpuTensor, CudaError> {
+        if t.dtype() == crate::DType::F16 {
+            let host: Vec<f16> = t
+                .flatten_all()
+                .and_then(|f| f.to_vec1::<f16>())
+                .map_err(|e| CudaError::Host(e.to_string()))?;
+            return Ok(GpuTensor {
+                data: self.stream.clone_htod(&host)?,
+                shape: t.dims().to_vec(),
+            });
+        }
         let values: Vec<f32> = t
             .flatten_all()
             .and_then(|f| f.to_dtype(crate::DType::F32))
