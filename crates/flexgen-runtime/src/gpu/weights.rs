@@ -413,7 +413,8 @@ impl CudaStage<'_> {
 /// unless `FLEXGEN_FUSED4=0` is in the environment, which keeps the dequantizing path to measure
 /// the two side by side.
 fn fused_decode_on() -> bool {
-    std::env::var("FLEXGEN_FUSED4").map_or(true, |v| v != "0")
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    knob_on("FLEXGEN_FUSED4", &ON)
 }
 
 /// Whether the tensor-core 4-bit product stores its own sums: unless `FLEXGEN_FUSED4_STORE=0`,
