@@ -6,6 +6,8 @@
 #   PARTS   which parts to run, in order (default "check bench executor pipeline ranks s4"):
 #           check     cuda_check (kernels against the CPU, then kernel timings)
 #           gemv4     gemv4_bench alone (the 4-bit products: checks, then timings)
+#           engine    gpu_engine_check.sh equal (the CLI on CUDA against the CPU: bundled and tiny
+#                     models, several placements; logs in engine/)
 #           gemv4envs gemv4_bench once under each of GEMV4ENVS (environments, `;` apart; default
 #                     FLEXGEN_GT_STRIPES=1)
 #           marlin    Marlin's 4-bit product built and timed beside cuBLAS (marlin_anchor.sh; MARLIN:
@@ -75,6 +77,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
   case $part in
     check) t cuda_check 120 "$B/cuda_check" ;;
     gemv4) t gemv4 180 "$B/gemv4_bench" ;;
+    engine) t engine 300 env BIN="$B" OUT="$LOGS/engine" bash xtask/scripts/gpu_engine_check.sh equal ;;
     gemv4envs) under_each "${GEMV4ENVS:-FLEXGEN_GT_STRIPES=1}" gemv4 180 "$B/gemv4_bench" ;;
     marlin) t marlin 300 bash xtask/scripts/marlin_anchor.sh "${MARLIN:-.gpu/pack/marlin}" ;;
     variants)
