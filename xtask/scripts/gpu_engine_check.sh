@@ -14,7 +14,8 @@
 # default .gpu/bin; OUT: logs, default /tmp/engine).
 set -o pipefail
 BIN=${BIN:-.gpu/bin}; OUT=${OUT:-/tmp/engine}; mkdir -p "$OUT"
-export PATH=$PWD/$BIN:$PATH
+case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac # an absolute BIN as it is
+export PATH=$BIN:$PATH
 KJV=crates/flexgen-model/models/opt-kjv
 TINY=crates/flexgen-model/test_data/tiny-random-opt
 fail=0
