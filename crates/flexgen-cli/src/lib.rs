@@ -67,6 +67,29 @@ pub fn bundled_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model/models/opt-kjv")
 }
 
+/// A model directory loaded for its device: on CUDA the decoder layers stay in the files until
+/// the executor places each one (`Model::load_tables`: no f32 copy of the model in host memory),
+/// on the CPU whole (`Model::load`).
+pub fn load_model_dir(dir: &std::path::Path, cuda: bool) -> anyhow::Result<flexgen_model::Model> {
+    let loaded =
+        if cuda { flexgen_model::Model::load_tables(dir) } else { flexgen_model::Model::load(dir) };
+    loaded.with_context(|| format!("loading model {}", dir.display()))
+}
+
+/// Dummy weights of `spec` for its device: on CUDA the tables alone, the executor filling the
+/// layers itself, in fp16, where the policy places them (`Model::dummy_tables`).
+pub fn dummy_model(
+    spec: flexgen_policy::ModelSpec,
+    init: flexgen_model::DummyInit,
+    cuda: bool,
+) -> flexgen_model::Result<flexgen_model::Model> {
+    if cuda {
+        flexgen_model::Model::dummy_tables(spec, init)
+    } else {
+        flexgen_model::Model::dummy(spec, init)
+    }
+}
+
 /// Policy flags. Each one overrides the same field of `--policy FILE` (or of the default policy).
 #[derive(Debug, Clone, Args)]
 pub struct PolicyArgs {

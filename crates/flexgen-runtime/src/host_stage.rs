@@ -143,7 +143,9 @@ impl<'m> HostStage<'m> {
         if model.weights.layers.len() != model.spec.num_layers as usize {
             return Err(crate::Error::Config {
                 field: "model",
-                message: "the host stage computes on the model's layers in memory, and these                           were left in the files (Model::load_tables, Model::dummy_tables: for                           the CUDA executor); load it with Model::load or Model::dummy"
+                message: "the host stage computes on the model's layers in memory, and these were \
+                          left in the files (Model::load_tables, Model::dummy_tables: for the \
+                          CUDA executor); load it with Model::load or Model::dummy"
                     .into(),
             });
         }

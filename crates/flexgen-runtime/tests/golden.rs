@@ -271,4 +271,5 @@ fn the_host_stage_refuses_a_model_whose_layers_are_in_its_files() {
     let err = Generator::new(&model, policy(1, 1)).err().expect("refused");
     let text = err.to_string();
     assert!(text.contains("model") && text.contains("Model::load"), "{text}");
+    assert!(!text.contains("  "), "one sentence, not a source line's indentation: {text}");
 }

@@ -173,16 +173,14 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         if let Some(init) = dummy {
             let name = name.context("--dummy needs --model NAME")?;
             let spec = flexgen_model::spec_by_name(&name)?;
-            let m = if cuda { Model::dummy_tables(spec, init) } else { Model::dummy(spec, init) }?;
+            let m = flexgen_cli::dummy_model(spec, init, cuda)?;
             return match tokenizer {
                 Some(t) => m.with_tokenizer(&t).context("--tokenizer"),
                 None => Ok(m),
             };
         }
         let dir = dir.expect("a directory without --dummy");
-        // On CUDA each layer is read from the files as it is placed (no f32 copy in memory).
-        let loaded = if cuda { Model::load_tables(&dir) } else { Model::load(&dir) };
-        loaded.with_context(|| format!("loading model {}", dir.display()))
+        flexgen_cli::load_model_dir(&dir, cuda)
     };
     let (gpu_limit, max_prompt, max_new) =
         (cli.gpu_mem_limit, cli.max_prompt_tokens, cli.max_tokens_limit);

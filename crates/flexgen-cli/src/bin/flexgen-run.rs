@@ -864,13 +864,8 @@ fn load_model(cli: &ModelArgs, device: DeviceKind, seed: u64) -> anyhow::Result<
         let name = cli.model.as_deref().context("--dummy needs --model NAME (e.g. opt-125m)")?;
         let spec = flexgen_cli::model_spec(name)?;
         let init = kind.init(seed);
-        // The CUDA executor fills the layers itself, in fp16, where the policy places them.
-        let built = if device == DeviceKind::Cuda {
-            Model::dummy_tables(spec, init)
-        } else {
-            Model::dummy(spec, init)
-        };
-        let model = built.with_context(|| format!("building dummy weights for {name}"))?;
+        let model = flexgen_cli::dummy_model(spec, init, device == DeviceKind::Cuda)
+            .with_context(|| format!("building dummy weights for {name}"))?;
         return match &cli.tokenizer {
             Some(t) => model.with_tokenizer(t).context("--tokenizer"),
             None => Ok(model),
@@ -885,11 +880,7 @@ fn load_model(cli: &ModelArgs, device: DeviceKind, seed: u64) -> anyhow::Result<
             spec.name
         );
     }
-    // The CUDA executor reads each layer from the files as it places it: no f32 copy of the
-    // model in host memory.
-    let loaded =
-        if device == DeviceKind::Cuda { Model::load_tables(&dir) } else { Model::load(&dir) };
-    loaded.with_context(|| format!("loading model {}", dir.display()))
+    flexgen_cli::load_model_dir(&dir, device == DeviceKind::Cuda)
 }
 
 fn requests(cli: &RunArgs, model: &Model, block: usize) -> anyhow::Result<Vec<Request>> {

@@ -129,6 +129,23 @@ pub(super) fn rows(n: usize) -> LaunchConfig {
     }
 }
 
+/// `values` rounded to fp16, on all cores.
+fn to_f16(values: &[f32]) -> Vec<f16> {
+    let mut host = vec![f16::ZERO; values.len()];
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let chunk = values.len().div_ceil(threads).max(1 << 16);
+    std::thread::scope(|scope| {
+        for (src, dst) in values.chunks(chunk).zip(host.chunks_mut(chunk)) {
+            scope.spawn(move || {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = f16::from_f32(*s);
+                }
+            });
+        }
+    });
+    host
+}
+
 impl Gpu {
     /// Opens device `ordinal` and compiles the kernels for it.
     /// Milliseconds per call of `f` on the compute stream: the median of `runs` after a
@@ -235,33 +252,15 @@ impl Gpu {
     /// Copies a CPU tensor (any float dtype) to the device as fp16, converting on all cores (an
     /// fp16 tensor as it is).
     pub fn upload(&self, t: &Tensor) -> Result<GpuTensor, CudaError> {
-        if t.dtype() == crate::DType::F16 {
-            let host: Vec<f16> = t
-                .flatten_all()
-                .and_then(|f| f.to_vec1::<f16>())
-                .map_err(|e| CudaError::Host(e.to_string()))?;
-            return Ok(GpuTensor {
-                data: self.stream.clone_htod(&host)?,
-                shape: t.dims().to_vec(),
-            });
+        let host = if t.dtype() == crate::DType::F16 {
+            t.flatten_all().and_then(|f| f.to_vec1::<f16>())
+        } else {
+            t.flatten_all()
+                .and_then(|f| f.to_dtype(crate::DType::F32))
+                .and_then(|f| f.to_vec1())
+                .map(|values: Vec<f32>| to_f16(&values))
         }
-        let values: Vec<f32> = t
-            .flatten_all()
-            .and_then(|f| f.to_dtype(crate::DType::F32))
-            .and_then(|f| f.to_vec1::<f32>())
-            .map_err(|e| CudaError::Host(e.to_string()))?;
-        let mut host = vec![f16::ZERO; values.len()];
-        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let chunk = values.len().div_ceil(threads).max(1 << 16);
-        std::thread::scope(|scope| {
-            for (src, dst) in values.chunks(chunk).zip(host.chunks_mut(chunk)) {
-                scope.spawn(move || {
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d = f16::from_f32(*s);
-                    }
-                });
-            }
-        });
+        .map_err(|e| CudaError::Host(e.to_string()))?;
         Ok(GpuTensor { data: self.stream.clone_htod(&host)?, shape: t.dims().to_vec() })
     }
 
