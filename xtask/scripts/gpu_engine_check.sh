@@ -41,14 +41,23 @@ with open(sys.argv[1],"w") as f:
     if i%4==3: l["stop"]=["and"]; l["temperature"]=0.7
     f.write(json.dumps(l)+"\n")
 EOF
-  # The bundled model must give every request's tokens on both devices. The tiny random model's
-  # near-uniform distributions put sampled draws at CDF boundaries that fp16 and f32 logits
-  # straddle: there its greedy requests must be equal to the CPU's, and every request equal
-  # across the CUDA runs (the count of sampled requests equal to the CPU's is printed).
+  # The bundled model must give every request's tokens on both devices and in every CUDA run.
+  # The tiny random model's near-uniform distributions put greedy choices at near ties and sampled
+  # draws at CDF boundaries that fp16 and f32 arithmetic straddle (request 14's third token: a
+  # top-2 margin of 0.0055 at 4.44, 1.4 fp16 steps, by `cargo run --release -p flexgen-model
+  # --example top_logits $TINY "Thou shalt notThou shalt notThou shalt not" 2980 475`): there
+  # its greedy requests must be equal in every CUDA run (the same greedy tokens under every
+  # placement), and the requests that differ from the CPU's or from the first CUDA run are listed.
   n=0
+  # The ids whose lines differ between two canon files.
+  ids_differing() { python3 -c "
+import sys
+a,b=(dict(l.split(' ',1) for l in open(f)) for f in sys.argv[1:3])
+print(' '.join(sorted((k for k in a.keys()|b.keys() if a.get(k)!=b.get(k)),key=int)) or 'none')
+" "$1" "$2"; }
   for model in $KJV $TINY; do
     only=; [ $model = $TINY ] && only=greedy
-    rm -f "$OUT/ref.jsonl" "$OUT/gpu0.txt"
+    rm -f "$OUT/ref.jsonl" "$OUT/gpu0.txt" "$OUT/gpu0-greedy.txt"
     flexgen-run batch --model $model --input "$OUT/equal.jsonl" --output "$OUT/ref.jsonl" --seed 7 --gpu-batch-size 4 --num-gpu-batches 2 -q 2> "$OUT/ref.err" || { echo "FAIL cpu $model"; tail -3 "$OUT/ref.err"; fail=1; continue; }
     canon "$OUT/ref.jsonl" $only > "$OUT/ref.txt"
     canon "$OUT/ref.jsonl" > "$OUT/ref-all.txt"
@@ -60,12 +69,19 @@ EOF
         fi
         canon "$OUT/gpu.jsonl" $only > "$OUT/gpu.txt"
         canon "$OUT/gpu.jsonl" > "$OUT/gpu-all.txt"
-        [ -f "$OUT/gpu0.txt" ] || cp "$OUT/gpu-all.txt" "$OUT/gpu0.txt"
-        same=$(cmp -s "$OUT/gpu0.txt" "$OUT/gpu-all.txt" && echo "same as the first CUDA run" || { fail=1; echo "DIFFERENT from the first CUDA run"; })
-        if cmp -s "$OUT/ref.txt" "$OUT/gpu.txt"; then echo "OK $model [$pol $split] ($same)"; else echo "DIFF $model [$pol $split] ($same)"; diff "$OUT/ref.txt" "$OUT/gpu.txt" | head -4; fail=1; fi
+        canon "$OUT/gpu.jsonl" greedy > "$OUT/gpu-greedy.txt"
+        cp "$OUT/gpu-all.txt" "$OUT/run$n.txt"
+        [ -f "$OUT/gpu0.txt" ] || { cp "$OUT/gpu-all.txt" "$OUT/gpu0.txt"; cp "$OUT/gpu-greedy.txt" "$OUT/gpu0-greedy.txt"; }
+        # Greedy requests must equal the first CUDA run's (any model); every request on the
+        # bundled model (whose `ref.txt` holds them all).
+        if [ -z "$only" ]; then cmp -s "$OUT/gpu0.txt" "$OUT/gpu-all.txt"; else cmp -s "$OUT/gpu0-greedy.txt" "$OUT/gpu-greedy.txt"; fi || fail=1
+        same="ids differing from the first CUDA run: $(ids_differing "$OUT/gpu0.txt" "$OUT/gpu-all.txt")"
+        if cmp -s "$OUT/ref.txt" "$OUT/gpu.txt"; then echo "OK $model [$pol $split] ($same)"
+        elif [ -n "$only" ]; then echo "NEAR $model [$pol $split] (greedy ids differing from the CPU: $(ids_differing "$OUT/ref.txt" "$OUT/gpu.txt"); $same)"
+        else echo "DIFF $model [$pol $split] ($same)"; diff "$OUT/ref.txt" "$OUT/gpu.txt" | head -4; fail=1; fi
       done
     done
-    echo "--- $model: $(wc -l < "$OUT/ref-all.txt") requests, $(comm -12 "$OUT/ref-all.txt" "$OUT/gpu-all.txt" | wc -l) equal to the CPU's in every field, $(wc -l < "$OUT/ref.txt") required to be; finish reasons: $(awk '{print $NF}' "$OUT/ref-all.txt" | sort | uniq -c | tr '\n' ' ')"
+    echo "--- $model: $(wc -l < "$OUT/ref-all.txt") requests, those of the last run differing from the CPU's: $(ids_differing "$OUT/ref-all.txt" "$OUT/gpu-all.txt"); finish reasons: $(awk '{print $NF}' "$OUT/ref-all.txt" | sort | uniq -c | tr '\n' ' ')"
     head -3 "$OUT/ref-all.txt" | cut -c1-160
   done
   echo "$n CUDA batch runs compared; $( [ $fail = 0 ] && echo ALL EQUAL || echo FAILURES )"

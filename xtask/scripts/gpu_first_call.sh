@@ -8,8 +8,8 @@
 #           gemv4     gemv4_bench alone (the 4-bit products: checks, then timings)
 #           engine    gpu_engine_check.sh equal (the CLI on CUDA against the CPU: bundled and tiny
 #                     models, several placements; logs in engine/)
-#           gemv4envs gemv4_bench once under each of GEMV4ENVS (environments, `;` apart; default
-#                     FLEXGEN_GT_STRIPES=1)
+#           gemv4envs gemv4_bench once under each of GEMV4ENVS (environments, `;` apart, e.g.
+#                     "FLEXGEN_NVRTC_DEFINES=GT_K=32")
 #           marlin    Marlin's 4-bit product built and timed beside cuBLAS (marlin_anchor.sh; MARLIN:
 #                     the folder of its marlin_cuda_kernel.cu, default .gpu/pack/marlin)
 #           variants  gemv4_bench and cuda_check under each of VARIANTS (FLEXGEN_NVRTC_DEFINES
@@ -78,7 +78,7 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
     check) t cuda_check 120 "$B/cuda_check" ;;
     gemv4) t gemv4 180 "$B/gemv4_bench" ;;
     engine) t engine 300 env BIN="$B" OUT="$LOGS/engine" bash xtask/scripts/gpu_engine_check.sh equal ;;
-    gemv4envs) under_each "${GEMV4ENVS:-FLEXGEN_GT_STRIPES=1}" gemv4 180 "$B/gemv4_bench" ;;
+    gemv4envs) under_each "${GEMV4ENVS:?gemv4envs needs GEMV4ENVS}" gemv4 180 "$B/gemv4_bench" ;;
     marlin) t marlin 300 bash xtask/scripts/marlin_anchor.sh "${MARLIN:-.gpu/pack/marlin}" ;;
     variants)
       # gemv4_bench and cuda_check once per kernels.cu tuning (VARIANTS: FLEXGEN_NVRTC_DEFINES

@@ -899,30 +899,30 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// The tensor-core 4-bit product (`gemm4_tc_*`: mma fragments expanded straight from W's codes)
 /// against x × the reference dequantization of W: every row tile (8, 16, 32, 64 rows, one and two
 /// rows as decode takes them, and the partial tiles of 70 rows), every group size it takes, a last
-/// block of outputs and a last step
-/// of inputs that are partial, several input slices, x's rows apart by more than a row; each
-/// tile as `gemm4_tc_plan` runs it on a device of `wave` blocks at once and in stripes
-/// (`gemm4_tc_stripes`, the kernels built with `GT_STRIPES=1`) over `wave` and over 3 blocks;
-/// each tile's own stages
-/// (`GT_K` 0, as built) and every tile's of 32 inputs and of 64.
+/// block of outputs and a last step of inputs that are partial, several input slices, x's rows
+/// apart by more than a row; each tile as `gemm4_tc_plan` runs it on a device of `wave` blocks
+/// at once; each tile's own stages (`GT_K` 0, as built) and every tile's of 32 inputs and of 64;
+/// and the 16- and 32-row tiles each the other way (`GT_SX2=0`: codes expanded; `GT_SX4=1`: the
+/// scales and mins given to x).
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     for inputs_a_stage in [0, 32, 64] {
-        gemm4_tc_case(inputs_a_stage, false);
+        gemm4_tc_case(inputs_a_stage, (true, false));
     }
-    gemm4_tc_case(0, true);
+    gemm4_tc_case(0, (false, true));
 }
 
 /// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's
-/// own), in slices as planned or (`stripes`, built with `GT_STRIPES=1`) in stripes.
-fn gemm4_tc_case(inputs_a_stage: usize, stripes: bool) {
-    use flexgen_tensor::cuda::exec::{gemm4_tc_plan, gemm4_tc_stripes};
+/// own) and whether the 16- and 32-row tiles give the scales to x (`GT_SX2`, `GT_SX4`).
+fn gemm4_tc_case(inputs_a_stage: usize, (sx2, sx4): (bool, bool)) {
+    use flexgen_tensor::cuda::exec::gemm4_tc_plan;
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
         &format!(
-            "#define GT_K {inputs_a_stage}\n#define GT_STRIPES {}\n{}{}",
-            u8::from(stripes),
+            "#define GT_K {inputs_a_stage}\n#define GT_SX2 {}\n#define GT_SX4 {}\n{}{}",
+            u8::from(sx2),
+            u8::from(sx4),
             codes_as_halves(),
             section("__device__ __forceinline__ half_t bias_act1(")
         ),
@@ -973,21 +973,8 @@ int main(int argc, char** argv) {
         let label = format!(
             "{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, wave {wave}, {inputs_a_stage} inputs a stage"
         );
-        for (b0, plan) in (0..nb).step_by(64).flat_map(|b0| {
-            let rows = (nb - b0).min(64);
-            // As planned; in stripes over as many blocks as the wave and over 3 (several
-            // columns a block, and columns split between blocks mid-way).
-            if stripes {
-                vec![
-                    gemm4_tc_stripes(rows, (outs, ins), wave),
-                    gemm4_tc_stripes(rows, (outs, ins), 3),
-                ]
-            } else {
-                vec![gemm4_tc_plan(rows, (outs, ins), wave)]
-            }
-            .into_iter()
-            .map(move |p| (b0, p))
-        }) {
+        for b0 in (0..nb).step_by(64) {
+            let plan = gemm4_tc_plan((nb - b0).min(64), (outs, ins), wave);
             let rows = (nb - b0).min(64);
             runs[plan.kernel] += 1;
             write_bytes(&f("x"), &f16_bytes(&x[b0 * ins..(b0 + rows) * ins]));
@@ -1022,10 +1009,10 @@ int main(int argc, char** argv) {
             }
             let (want, x) = (&case.want[b0 * outs..][..rows * outs], &x[b0 * ins..][..rows * ins]);
             let label = format!("{label}, rows {b0}..{}", b0 + rows);
-            if plan.kernel < 2 {
+            if [true, sx2, sx4, false][plan.kernel] {
                 assert_scaled_sums_close(&label, (&got, want), x, ins, case.reach);
             } else {
-                // 32 and 64 rows expand min + code·scale as the reference does.
+                // Codes expanded to min + code·scale as the reference does.
                 assert_sums_close(&label, &got, want, ins);
             }
         }

@@ -105,6 +105,9 @@ struct LayerHome {
     cpu: Option<HostMem>,
 }
 
+/// The error of a stage asked to place a model's own layers where none were loaded.
+const LAYERS_NOT_LOADED: &str = "the model's layers were not loaded";
+
 /// The disk parts of every layer (elements `c_end..len`): layer `j` at `j · slot_bytes`.
 struct DiskPart {
     file: DirectFile,
@@ -146,9 +149,9 @@ pub struct CudaStage<'m> {
     /// (`Policy::fuses_decode`; `FLEXGEN_FUSED4=0` in the environment turns it off:
     /// `weights::fused_decode_on`).
     fused_scratch: Option<CudaSlice<f32>>,
-    /// The last layer packed at set-up (packing once serves its GPU, CPU and disk parts), by
-    /// layer, or 0 for `ones` dummy layers (all alike).
-    packed_memo: RefCell<Option<(usize, Vec<f16>)>>,
+    /// The last layer built whole at set-up (packed, or read from the model's files: built once
+    /// for its GPU, CPU and disk parts), by layer, or 0 for packed `ones` dummy layers (all alike).
+    layer_memo: RefCell<Option<(usize, Vec<f16>)>>,
     /// Units of each stored arena resident on the GPU (`0..g_end`), in CPU memory
     /// (`g_end..c_end`); the rest is on disk.
     g_end: usize,
@@ -312,10 +315,7 @@ impl<'m> CudaStage<'m> {
             memory::arena(spec, &policy)?;
         let n_layers = range.len();
         if matches!(source, LayerSource::Loaded) && !model.has_layers() {
-            return Err(Error::Config {
-                field: "model",
-                message: "the model's layers were not loaded".into(),
-            });
+            return Err(Error::Config { field: "model", message: LAYERS_NOT_LOADED.into() });
         }
         let disk_dir = if c_end < unit_len {
             Some(policy.offload_dir.clone().ok_or_else(|| Error::Config {
@@ -411,7 +411,7 @@ impl<'m> CudaStage<'m> {
             unit_len,
             expanded: None,
             fused_scratch: None,
-            packed_memo: std::cell::RefCell::new(None),
+            layer_memo: std::cell::RefCell::new(None),
             g_end,
             c_end,
             gpu_rows,

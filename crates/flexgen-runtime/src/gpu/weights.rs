@@ -58,7 +58,9 @@ impl Reader {
 
 impl CudaStage<'_> {
     /// Fills `out` with units `range` of layer `j`'s stored arena (fp16 values, or the packed
-    /// bytes two to a unit).
+    /// bytes two to a unit). A layer that must be built whole (packed, or read from the model's
+    /// files) is built once and kept until another layer is asked for: `place_weights` asks for
+    /// a layer's parts one after another.
     pub(super) fn fill(
         &self,
         source: LayerSource,
@@ -66,22 +68,30 @@ impl CudaStage<'_> {
         range: std::ops::Range<usize>,
         out: &mut [f16],
     ) -> Result<()> {
-        if let Some(p) = &self.packed {
-            // `ones` dummy layers are all alike: one packing serves every layer.
-            let key = if matches!(source, LayerSource::Dummy(DummyInit::Ones)) { 0 } else { j };
-            let mut memo = self.packed_memo.borrow_mut();
-            if memo.as_ref().is_none_or(|(l, _)| *l != key) {
-                let mut arena = vec![f16::ZERO; self.layout.len];
-                self.fill_plain(source, j, 0..self.layout.len, &mut arena)?;
-                let mut units = vec![f16::ZERO; p.len / 2];
-                p.pack(&arena, bytemuck::cast_slice_mut(&mut units));
-                *memo = Some((key, units));
-            }
-            let (_, units) = memo.as_ref().expect("filled above");
-            out.copy_from_slice(&units[range]);
-            return Ok(());
+        if self.packed.is_none() && matches!(source, LayerSource::Dummy(_)) {
+            // Dummy values are made for any range directly.
+            return self.fill_plain(source, j, range, out);
         }
-        self.fill_plain(source, j, range, out)
+        // `ones` dummy layers are all alike: one packing serves every layer.
+        let key = if matches!(source, LayerSource::Dummy(DummyInit::Ones)) { 0 } else { j };
+        let mut memo = self.layer_memo.borrow_mut();
+        if memo.as_ref().is_none_or(|(l, _)| *l != key) {
+            *memo = None; // the last layer's memory back before this one's is taken
+            let mut arena = vec![f16::ZERO; self.layout.len];
+            self.fill_plain(source, j, 0..self.layout.len, &mut arena)?;
+            let units = match &self.packed {
+                Some(p) => {
+                    let mut units = vec![f16::ZERO; p.len / 2];
+                    p.pack(&arena, bytemuck::cast_slice_mut(&mut units));
+                    units
+                }
+                None => arena,
+            };
+            *memo = Some((key, units));
+        }
+        let (_, units) = memo.as_ref().expect("filled above");
+        out.copy_from_slice(&units[range]);
+        Ok(())
     }
 
     /// Fills `out` with elements `range` of this stage's layer `j`'s fp16 arena.
@@ -102,8 +112,11 @@ impl CudaStage<'_> {
                 let i = self.range.start + u32::try_from(j).expect("a layer index");
                 let layer = self.model.layer(i)?.ok_or_else(|| Error::Config {
                     field: "model",
-                    message: "the model's layers were not loaded".into(),
+                    message: LAYERS_NOT_LOADED.into(),
                 })?;
+                if range == (0..self.layout.len) {
+                    return Ok(self.layout.fill_from(&layer, out)?);
+                }
                 let mut whole = vec![f16::ZERO; self.layout.len];
                 self.layout.fill_from(&layer, &mut whole)?;
                 out.copy_from_slice(&whole[range]);
@@ -112,9 +125,12 @@ impl CudaStage<'_> {
         }
     }
 
-    /// Fills every layer's GPU, CPU and disk parts. CPU parts are filled on all cores and pinned
-    /// by a second thread, one layer behind; GPU parts go through two pinned buffers. Measures
-    /// the pinned copy and direct-read bandwidths when layers are offloaded.
+    /// Fills every layer's GPU, CPU and disk parts, one layer at a time (a packed layer, or one
+    /// read from the model's files, is built once for its three parts). GPU parts go through two
+    /// pinned buffers, each copied while the next layer is filled; CPU parts are filled on all
+    /// cores and pinned by a second thread, one layer behind; disk parts are written with direct
+    /// I/O through a pinned buffer. Measures the pinned copy and direct-read bandwidths when
+    /// layers are offloaded.
     pub(super) fn place_weights(
         &mut self,
         source: LayerSource,
@@ -124,83 +140,98 @@ impl CudaStage<'_> {
         let n_layers = self.range.len();
         let stream = self.gpu.stream.clone();
         let fill_started = Instant::now();
-        // GPU parts: fill one pinned buffer while the other is copied.
-        if g_end > 0 {
-            let mut host_stage: Vec<PinnedHostSlice<f16>> = (0..2)
+        let mut disk = disk_dir.map(|dir| self.open_disk_tier(dir)).transpose()?;
+        let mut disk_write_s = 0.0;
+        // GPU parts: one pinned buffer filled while the other is copied.
+        let mut host_stage: Vec<PinnedHostSlice<f16>> = if g_end > 0 {
+            (0..2)
                 .map(|_| flexgen_tensor::cuda::alloc_pinned_f16(&self.gpu.ctx, g_end).map_err(cuda))
-                .collect::<Result<_>>()?;
-            let copied = [new_event(&self.gpu)?, new_event(&self.gpu)?];
-            for j in 0..n_layers {
-                let slot = j % 2;
-                copied[slot].synchronize().map_err(drv)?;
-                let buf = host_stage[slot].as_mut_slice().map_err(drv)?;
-                self.fill(source, j, 0..g_end, buf)?;
-                // SAFETY: written by the copy below before any use.
-                let dev = unsafe { stream.alloc::<f16>(g_end) }.map_err(drv)?;
-                // SAFETY: `buf` is pinned and stays alive and unwritten until `copied[slot]`.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(
-                        addr(&dev),
-                        &buf[..],
-                        stream.cu_stream(),
-                    )
-                }
-                .map_err(drv)?;
-                copied[slot].record(&stream).map_err(drv)?;
-                self.layers.push(LayerHome { gpu: Some(dev), cpu: None });
-            }
-            stream.synchronize().map_err(drv)?;
+                .collect::<Result<_>>()?
         } else {
-            self.layers.extend((0..n_layers).map(|_| LayerHome { gpu: None, cpu: None }));
-        }
-        // CPU parts: fill (all cores, first touch) and pin (driver, one layer behind) overlap.
-        if c_end > g_end {
-            let pin = self.policy.pin_weight;
-            let ctx = self.gpu.ctx.clone();
-            let (tx, rx) = mpsc::sync_channel::<(usize, HostMem)>(1);
-            let mut pin_s = 0.0;
-            let parts = std::thread::scope(|s| -> Result<Vec<(usize, HostMem)>> {
-                let pinner = s.spawn(move || -> Result<(Vec<(usize, HostMem)>, f64)> {
-                    let mut done = Vec::new();
-                    let mut secs = 0.0;
-                    for (j, mut m) in rx {
-                        let t = Instant::now();
-                        if pin {
-                            m.pin(&ctx).map_err(cuda)?;
-                        }
-                        secs += t.elapsed().as_secs_f64();
-                        done.push((j, m));
+            Vec::new()
+        };
+        let copied = [new_event(&self.gpu)?, new_event(&self.gpu)?];
+        let pin = self.policy.pin_weight;
+        let ctx = self.gpu.ctx.clone();
+        let (tx, rx) = mpsc::sync_channel::<(usize, HostMem)>(1);
+        let placed = std::thread::scope(|s| -> Result<(Vec<(usize, HostMem)>, f64)> {
+            // CPU parts pinned (by the driver) one layer behind their fill.
+            let pinner = s.spawn(move || -> Result<(Vec<(usize, HostMem)>, f64)> {
+                let mut done = Vec::new();
+                let mut secs = 0.0;
+                for (j, mut m) in rx {
+                    let t = Instant::now();
+                    if pin {
+                        m.pin(&ctx).map_err(cuda)?;
                     }
-                    Ok((done, secs))
-                });
+                    secs += t.elapsed().as_secs_f64();
+                    done.push((j, m));
+                }
+                Ok((done, secs))
+            });
+            let filled = (|| -> Result<()> {
                 for j in 0..n_layers {
-                    let mut m = HostMem::new_f16(c_end - g_end).map_err(cuda)?;
-                    self.fill(source, j, g_end..c_end, m.as_f16_mut())?;
-                    if tx.send((j, m)).is_err() {
-                        break; // the pinner failed; its error is returned below
+                    let mut home = LayerHome { gpu: None, cpu: None };
+                    if g_end > 0 {
+                        let slot = j % 2;
+                        copied[slot].synchronize().map_err(drv)?;
+                        let buf = host_stage[slot].as_mut_slice().map_err(drv)?;
+                        self.fill(source, j, 0..g_end, buf)?;
+                        // SAFETY: written by the copy below before any use.
+                        let dev = unsafe { stream.alloc::<f16>(g_end) }.map_err(drv)?;
+                        // SAFETY: `buf` is pinned and stays alive and unwritten until
+                        // `copied[slot]`.
+                        unsafe {
+                            cudarc::driver::result::memcpy_htod_async(
+                                addr(&dev),
+                                &buf[..],
+                                stream.cu_stream(),
+                            )
+                        }
+                        .map_err(drv)?;
+                        copied[slot].record(&stream).map_err(drv)?;
+                        home.gpu = Some(dev);
+                    }
+                    self.layers.push(home);
+                    if c_end > g_end {
+                        let mut m = HostMem::new_f16(c_end - g_end).map_err(cuda)?;
+                        self.fill(source, j, g_end..c_end, m.as_f16_mut())?;
+                        if tx.send((j, m)).is_err() {
+                            return Ok(()); // the pinner failed; its error is returned below
+                        }
+                    }
+                    if let Some(d) = &mut disk {
+                        let t = Instant::now();
+                        self.write_disk_part(source, j, d)?;
+                        disk_write_s += t.elapsed().as_secs_f64();
                     }
                 }
-                drop(tx);
-                let (done, secs) = pinner.join().expect("pinning thread")?;
-                pin_s = secs;
-                Ok(done)
-            })?;
-            self.setup_times.pin_s = pin_s;
-            for (j, m) in parts {
-                let bytes = 2 * (c_end - g_end) as u64;
-                if m.is_pinned() {
-                    self.pinned_bytes += bytes;
-                } else {
-                    self.pageable_bytes += bytes;
-                }
-                self.layers[j].cpu = Some(m);
+                Ok(())
+            })();
+            drop(tx);
+            let pinned = pinner.join().expect("pinning thread");
+            filled?;
+            pinned
+        });
+        // The GPU parts' copies done before their pinned buffers are freed, on error as well.
+        stream.synchronize().map_err(drv)?;
+        let (cpu_parts, pin_s) = placed?;
+        self.setup_times.pin_s = pin_s;
+        for (j, m) in cpu_parts {
+            let bytes = 2 * (c_end - g_end) as u64;
+            if m.is_pinned() {
+                self.pinned_bytes += bytes;
+            } else {
+                self.pageable_bytes += bytes;
             }
+            self.layers[j].cpu = Some(m);
         }
-        self.setup_times.fill_s = fill_started.elapsed().as_secs_f64();
-        if let Some(dir) = disk_dir {
+        *self.layer_memo.borrow_mut() = None;
+        self.setup_times.fill_s = fill_started.elapsed().as_secs_f64() - disk_write_s;
+        if let Some(d) = disk {
             let t = Instant::now();
-            self.write_disk_tier(source, dir)?;
-            self.setup_times.disk_write_s = t.elapsed().as_secs_f64();
+            self.probe_disk_tier(d)?;
+            self.setup_times.disk_write_s = disk_write_s + t.elapsed().as_secs_f64();
         }
         if let Some(p) = &self.packed {
             // One slice of a matrix at a time, the largest: each fully written by its
@@ -216,7 +247,6 @@ impl CudaStage<'_> {
             // its counters back), so that the products need not zero it first.
             self.fused_scratch = Some(stream.alloc_zeros::<f32>(scratch).map_err(drv)?);
         }
-        *self.packed_memo.borrow_mut() = None;
         if g_end < len {
             for _ in 0..2 {
                 // SAFETY: every staging arena is fully written before each use.
@@ -227,23 +257,14 @@ impl CudaStage<'_> {
         Ok(())
     }
 
-    /// Writes every layer's disk part to one file in `dir` with direct I/O, and times direct
-    /// reads of it.
-    pub(super) fn write_disk_tier(
-        &mut self,
-        source: LayerSource,
-        dir: &std::path::Path,
-    ) -> Result<()> {
-        let io = |path: &std::path::Path, e: &std::io::Error| Error::Io {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
+    /// Creates the file in `dir` that holds every layer's disk part (written with direct I/O),
+    /// and its ring of three pinned buffers.
+    fn open_disk_tier(&self, dir: &std::path::Path) -> Result<DiskPart> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
         let path =
             dir.join(format!("flexgen-weights-{}-{}.bin", std::process::id(), self.range.start));
-        let file = DirectFile::create(&path).map_err(|e| io(&path, &e))?;
-        let elems = self.unit_len - self.c_end;
-        let slot_bytes = align_up(elems * 2);
+        let file = DirectFile::create(&path).map_err(|e| io_error(&path, &e))?;
+        let slot_bytes = align_up((self.unit_len - self.c_end) * 2);
         let mut ring = Vec::new();
         let mut copied = Vec::new();
         for _ in 0..3 {
@@ -252,25 +273,37 @@ impl CudaStage<'_> {
             ring.push(m);
             copied.push(new_event(&self.gpu)?);
         }
-        let n_layers = self.range.len();
-        for j in 0..n_layers {
-            let buf = ring[0].as_f16_mut();
-            self.fill(source, j, self.c_end..self.unit_len, &mut buf[..elems])?;
-            file.write_aligned((j * slot_bytes) as u64, ring[0].as_bytes_mut())
-                .map_err(|e| io(&path, &e))?;
-        }
-        // Time direct reads of up to three layers' parts (the page cache cannot serve them).
+        Ok(DiskPart { file, slot_bytes, layers: self.range.len(), ring, copied })
+    }
+
+    /// Writes layer `j`'s disk part to its slot of the disk tier's file.
+    fn write_disk_part(&self, source: LayerSource, j: usize, d: &mut DiskPart) -> Result<()> {
+        let elems = self.unit_len - self.c_end;
+        self.fill(source, j, self.c_end..self.unit_len, &mut d.ring[0].as_f16_mut()[..elems])?;
+        d.file
+            .write_aligned((j * d.slot_bytes) as u64, d.ring[0].as_bytes_mut())
+            .map_err(|e| io_error(d.file.path(), &e))
+    }
+
+    /// Times direct reads of up to three layers' disk parts (the page cache cannot serve them),
+    /// and keeps the disk tier.
+    fn probe_disk_tier(&mut self, mut d: DiskPart) -> Result<()> {
         let t = Instant::now();
-        let probe = n_layers.min(3);
+        let probe = d.layers.min(3);
         for j in 0..probe {
-            read_parallel(&file, (j * slot_bytes) as u64, ring[j % 3].as_bytes_mut(), READ_THREADS)
-                .map_err(|e| io(&path, &e))?;
+            read_parallel(
+                &d.file,
+                (j * d.slot_bytes) as u64,
+                d.ring[j % 3].as_bytes_mut(),
+                READ_THREADS,
+            )
+            .map_err(|e| io_error(d.file.path(), &e))?;
         }
         #[expect(clippy::cast_precision_loss, reason = "a rate")]
-        let rate = (probe * slot_bytes) as f64 / t.elapsed().as_secs_f64();
+        let rate = (probe * d.slot_bytes) as f64 / t.elapsed().as_secs_f64();
         self.disk_bytes_per_s = Some(rate);
-        self.direct_io = Some(file.is_direct());
-        self.disk = Some(DiskPart { file, slot_bytes, layers: n_layers, ring, copied });
+        self.direct_io = Some(d.file.is_direct());
+        self.disk = Some(d);
         Ok(())
     }
 
@@ -422,4 +455,9 @@ fn fused_decode_on() -> bool {
 fn folded_store_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     knob_on("FLEXGEN_FUSED4_STORE", &ON)
+}
+
+/// An I/O error on `path`.
+fn io_error(path: &std::path::Path, e: &std::io::Error) -> Error {
+    Error::Io { path: path.to_path_buf(), message: e.to_string() }
 }

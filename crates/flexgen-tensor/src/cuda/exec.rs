@@ -1086,14 +1086,8 @@ impl Gpu {
     }
 
     /// The [`Gemm4TcPlan`] [`Gpu::gemm4_tc`] takes for a tile of `rows` on this device.
-    /// In stripes ([`gemm4_tc_stripes`]) with `FLEXGEN_GT_STRIPES=1`, to compare.
     pub fn gemm4_tc_plan(&self, rows: usize, (outs, ins): (usize, usize)) -> Gemm4TcPlan {
-        let wave = self.gemm4_tc_wave[gemm4_tc_kernel(rows)];
-        if gemm4_tc_stripes_on() {
-            gemm4_tc_stripes(rows, (outs, ins), wave)
-        } else {
-            gemm4_tc_plan(rows, (outs, ins), wave)
-        }
+        gemm4_tc_plan(rows, (outs, ins), self.gemm4_tc_wave[gemm4_tc_kernel(rows)])
     }
 
     /// Dequantizes positions `p0..p0 + np` of a packed KV cache (`codes`, fp16 `params`; groups
@@ -1280,8 +1274,7 @@ pub const GEMM4_TC_OUTPUTS: usize = 256;
 
 /// How [`Gpu::gemm4_tc`] runs a tile of `rows` (1 to 64): the kernel (`gemm4_tc_1`, `_2`, `_4`,
 /// `_8` for 8, 16, 32, 64 rows; index 0 to 3), a block of [`GEMM4_TC_THREADS`] per 256 outputs, and the
-/// inputs in slices of `per_slice` (a multiple of 64) over the grid's y; or, with `per_slice` 0,
-/// `blocks` in stripes over all of it ([`gemm4_tc_stripes`]).
+/// inputs in slices of `per_slice` (a multiple of 64) over the grid's y.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gemm4TcPlan {
     pub kernel: usize,
@@ -1319,27 +1312,6 @@ pub fn gemm4_tc_plan(rows: usize, (outs, ins): (usize, usize), wave: usize) -> G
         slices: ins.div_ceil(per_slice).max(1),
         per_slice,
     }
-}
-
-/// The [`Gemm4TcPlan`] in stripes: `wave` blocks (fewer where there are fewer units), each taking
-/// an equal share of the (column of 256 outputs, 64 inputs) units in column order, as Marlin
-/// partitions its product (`per_slice` 0 tells the kernel). Every block does the same work,
-/// and each column's sums are added by as few blocks as that allows.
-pub fn gemm4_tc_stripes(rows: usize, (outs, ins): (usize, usize), wave: usize) -> Gemm4TcPlan {
-    let units = outs.div_ceil(GEMM4_TC_OUTPUTS) * ins.div_ceil(64);
-    Gemm4TcPlan {
-        kernel: gemm4_tc_kernel(rows),
-        blocks: wave.clamp(1, units.max(1)),
-        slices: 1,
-        per_slice: 0,
-    }
-}
-
-/// `FLEXGEN_GT_STRIPES=1`: `gemm4_tc` in stripes ([`gemm4_tc_stripes`]; its kernels built with
-/// `GT_STRIPES=1`), to compare.
-pub(super) fn gemm4_tc_stripes_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLEXGEN_GT_STRIPES").is_ok_and(|v| v == "1"))
 }
 
 /// How [`Gpu::gemv4_dim0`] runs a tile of `rows` (1 to 8): the kernel (`gemv4_dim0_1`, `_2`, `_4`

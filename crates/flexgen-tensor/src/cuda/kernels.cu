@@ -1196,8 +1196,8 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // for input i the codes of outputs 0, 1, … are contiguous nibbles from code i·chunks·gs (chunks =
 // ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
 // adjacent from pair i·chunks. A block of 128 threads (4 warps of 64 outputs) takes GT_O = 256
-// outputs and a slice of the inputs at a time (a segment: blockIdx.x's column and blockIdx.y's
-// slice, or its stripe's segments, gemm4_tc_tile), its partial sums added to the fp32 y
+// outputs and a slice of the inputs (a segment: blockIdx.x's column and blockIdx.y's slice,
+// gemm4_tc_tile), its partial sums added to the fp32 y
 // [nb, outs] with atomicAdd, as gemv4's. The inputs go through shared memory K at a time (GT_K_OF) in a ring
 // of S stages filled by cp.async, S − 1 in flight while one is used (GT_S: 4 of 32 inputs; of 64,
 // 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=32" or 64 sets every tile's): the codes as they
@@ -1294,6 +1294,14 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int c
 #endif
 #ifndef GT_MINB4
 #define GT_MINB4 3
+#endif
+// Whether the 16-row tile (GT_SX2) and the 32-row tile (GT_SX4) give the scales and mins to x
+// (SCALE_X, above) rather than expanding the codes.
+#ifndef GT_SX2
+#define GT_SX2 1
+#endif
+#ifndef GT_SX4
+#define GT_SX4 0
 #endif
 // Stages of the ring: as many as fit in 48 KB of static shared memory.
 #define GT_S(k, nt) ((k) == 32 ? 4 : (nt) == 8 ? 2 : 3)
@@ -1495,38 +1503,18 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     if (st4.done) gemm4_tc_store(y, outs, nb, col, chunks_here, chunks_all, st4, (volatile int*)ring[0]);
 }
 
-// The block's work as units of (column of GT_O outputs, chunk of 64 inputs), in column order:
-// column blockIdx.x's inputs from blockIdx.y·per_slice (per_slice a multiple of 64; one
-// segment), or, built with GT_STRIPES=1 (the host's FLEXGEN_GT_STRIPES=1, to compare), stripes:
-// all columns' units split evenly between the gridDim.x blocks, each running its units one
-// column's segment at a time (Marlin's partition: every block the same work, each column's sums
-// added by as few blocks as that allows).
-#ifndef GT_STRIPES
-#define GT_STRIPES 0
-#endif
+// The block's work: column blockIdx.x (outputs blockIdx.x·GT_O …) over the inputs of slice
+// blockIdx.y (per_slice of them, a multiple of 64), one segment. (Marlin's partition, every block
+// an equal share of all (column, 64 inputs) units, ran slower at 1 to 64 rows in session 22, call 1.)
 template <int NT, bool SCALE_X>
 __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const unsigned* pairs, const half_t* x,
                                               float* y, int outs, int ins, int ldx, int gs, int nb, int per_slice,
                                               const Store4& st4) {
     const int kc = (ins + 63) / 64;
-#if GT_STRIPES
-    // units: cols·kc < 2^31 (the host checks)
-    const long long units = (long long)((outs + GT_O - 1) / GT_O) * kc;
-    int u0 = (int)(units * blockIdx.x / gridDim.x);
-    const int u1 = (int)(units * (blockIdx.x + 1) / gridDim.x);
-    while (u0 < u1) {
-        const int col = u0 / kc, k0 = u0 - col * kc, k1 = min(kc, k0 + (u1 - u0));
-        __syncthreads(); // the ring (and the store's word) no longer read by the last segment
-        gemm4_tc_seg<NT, SCALE_X>(codes, pairs, x, y, outs, ldx, gs, nb, col, 64 * k0, min(ins, 64 * k1),
-                                  (unsigned)(k1 - k0), (unsigned)kc, st4);
-        u0 += k1 - k0;
-    }
-#else
     const int k0 = min(kc, (int)blockIdx.y * (per_slice / 64)), k1 = min(kc, k0 + per_slice / 64);
     if (k0 < k1)
         gemm4_tc_seg<NT, SCALE_X>(codes, pairs, x, y, outs, ldx, gs, nb, blockIdx.x, 64 * k0, min(ins, 64 * k1),
                                   (unsigned)(k1 - k0), (unsigned)kc, st4);
-#endif
 }
 
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
@@ -1535,11 +1523,11 @@ extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsi
 }
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
                                                                                 half_t* out, const half_t* bias, int flags, unsigned* done) {
-    gemm4_tc_tile<2, true>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
+    gemm4_tc_tile<2, GT_SX2>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
 extern "C" __global__ void __launch_bounds__(128, GT_MINB4) gemm4_tc_4(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
                                                                                 half_t* out, const half_t* bias, int flags, unsigned* done) {
-    gemm4_tc_tile<4, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
+    gemm4_tc_tile<4, GT_SX4>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
 extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
                                                                                 half_t* out, const half_t* bias, int flags, unsigned* done) {

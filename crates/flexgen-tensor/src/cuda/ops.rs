@@ -178,11 +178,7 @@ impl Gpu {
         // FLEXGEN_NVRTC_DEFINES="NAME=VALUE …": a kernel's tuning constants overridden (the ones
         // kernels.cu leaves to `#ifndef`), for measuring variants without a rebuild.
         let defines = std::env::var("FLEXGEN_NVRTC_DEFINES").unwrap_or_default();
-        let mut options: Vec<String> =
-            defines.split_whitespace().map(|d| format!("-D{d}")).collect();
-        if super::exec::gemm4_tc_stripes_on() {
-            options.push("-DGT_STRIPES=1".into()); // the kernels the stripes' plans need
-        }
+        let options: Vec<String> = defines.split_whitespace().map(|d| format!("-D{d}")).collect();
         let opts = cudarc::nvrtc::CompileOptions {
             arch: arch(major, minor),
             options,
