@@ -902,27 +902,29 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// block of outputs and a last step of inputs that are partial, several input slices, x's rows
 /// apart by more than a row; each tile as `gemm4_tc_plan` runs it on a device of `wave` blocks
 /// at once; each tile's own stages (`GT_K` 0, as built) and every tile's of 32 inputs and of 64;
-/// and the 16- and 32-row tiles each the other way (`GT_SX2=0`: codes expanded; `GT_SX4=1`: the
-/// scales and mins given to x).
+/// and the 8-, 16- and 32-row tiles each the other way (`GT_SX1=0`: codes expanded; `GT_SX2=1`,
+/// `GT_SX4=1`: the scales and mins given to x).
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     for inputs_a_stage in [0, 32, 64] {
-        gemm4_tc_case(inputs_a_stage, (true, false));
+        gemm4_tc_case(inputs_a_stage, [true, false, false]);
     }
-    gemm4_tc_case(0, (false, true));
+    gemm4_tc_case(0, [false, true, true]);
 }
 
 /// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's
-/// own) and whether the 16- and 32-row tiles give the scales to x (`GT_SX2`, `GT_SX4`).
-fn gemm4_tc_case(inputs_a_stage: usize, (sx2, sx4): (bool, bool)) {
+/// own) and whether the 8-, 16- and 32-row tiles give the scales to x (`GT_SX1`, `GT_SX2`,
+/// `GT_SX4`).
+fn gemm4_tc_case(inputs_a_stage: usize, scale_x: [bool; 3]) {
     use flexgen_tensor::cuda::exec::gemm4_tc_plan;
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
         &format!(
-            "#define GT_K {inputs_a_stage}\n#define GT_SX2 {}\n#define GT_SX4 {}\n{}{}",
-            u8::from(sx2),
-            u8::from(sx4),
+            "#define GT_K {inputs_a_stage}\n#define GT_SX1 {}\n#define GT_SX2 {}\n#define GT_SX4 {}\n{}{}",
+            u8::from(scale_x[0]),
+            u8::from(scale_x[1]),
+            u8::from(scale_x[2]),
             codes_as_halves(),
             section("__device__ __forceinline__ half_t bias_act1(")
         ),
@@ -1009,7 +1011,7 @@ int main(int argc, char** argv) {
             }
             let (want, x) = (&case.want[b0 * outs..][..rows * outs], &x[b0 * ins..][..rows * ins]);
             let label = format!("{label}, rows {b0}..{}", b0 + rows);
-            if [true, sx2, sx4, false][plan.kernel] {
+            if scale_x.get(plan.kernel) == Some(&true) {
                 assert_scaled_sums_close(&label, (&got, want), x, ins, case.reach);
             } else {
                 // Codes expanded to min + code·scale as the reference does.

@@ -1042,7 +1042,7 @@ impl Gpu {
     /// already, as for [`Gpu::gemv4_dim0`]) for `nb` rows of x (row b at `x + b·ldx`) with W read
     /// from its 4-bit codes on the tensor cores (`gemm4_tc_*` of kernels.cu: codes a ring of
     /// cp.async stages brings in; each warp takes four tiles of 16 outputs × 16 inputs, for up to
-    /// 16 rows as exact fp16 integers against x times the inputs' scales with x times the mins
+    /// 8 rows as exact fp16 integers against x times the inputs' scales with x times the mins
     /// added after, for more rows expanded to min + code·scale), faster than `gemv4_dim0` from one
     /// row on; row tiles of at most 64 ([`gemm4_tc_plan`]). `None` (nothing launched) where the
     /// layout does not allow it ([`gemm4_tc_fits`]) or the device has no mma.sync (before 8.0).

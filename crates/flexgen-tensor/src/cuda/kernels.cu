@@ -1211,13 +1211,13 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // four 4-byte loads (inputs 4t … 4t + 3) give a lane its A fragments of four tiles, one 16-byte
 // load its inputs' pairs, one 8-byte load per 8 rows its B fragment; a prmt brings two inputs'
 // bytes of a tile together and one lop3 makes them fp16 offset + code, exactly (1024 + code for
-// low nibbles, 64 + code for high ones, without a shift). Tiles of up to 16 rows (SCALE_X) give
+// low nibbles, 64 + code for high ones, without a shift). Tiles of up to 8 rows (SCALE_X) give
 // the scales and mins to x instead: as a warp's 64 outputs lie in one group (gs ≥ 64),
 // W·x = Σ (x·scale)·code + Σ x·min, so B is x·scale (one fp16x2 multiply per 8 rows and 4
 // inputs) and two more mma with A all ones sum x·scale and x·min over the inputs for the
 // epilogue, which takes the offsets' share off (1024 or 64 times Σ x·scale) and adds Σ x·min.
 // Each product of a code and x·scale is exact and the sums fp32 (x·scale and x·min rounded to
-// fp16 once each, where dequant_dim0 rounds min + code·scale once). Tiles of 32 and 64 rows,
+// fp16 once each, where dequant_dim0 rounds min + code·scale once). Tiles of 16 to 64 rows,
 // where those extra mma cost more than they save, expand A to min + code·scale (the offset
 // taken off, one fp16x2 fma: rounded once as dequant_dim0 rounds it) against x. mma.sync
 // m16n8k16. Needs gs ∈ {64, 128}, chunks·gs a multiple of 32, codes and x 16-byte aligned, ldx
@@ -1295,10 +1295,14 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int c
 #ifndef GT_MINB4
 #define GT_MINB4 3
 #endif
-// Whether the 16-row tile (GT_SX2) and the 32-row tile (GT_SX4) give the scales and mins to x
-// (SCALE_X, above) rather than expanding the codes.
+// Whether the 8-, 16- and 32-row tiles (GT_SX1, GT_SX2, GT_SX4) give the scales and mins to x
+// (SCALE_X, above) rather than expanding the codes. 16 rows expanded ran 2–9 % faster on the
+// H200 (session 22, call 2; 32 rows with SCALE_X up to 30 % slower, S3 450 tok/s against 569).
+#ifndef GT_SX1
+#define GT_SX1 1
+#endif
 #ifndef GT_SX2
-#define GT_SX2 1
+#define GT_SX2 0
 #endif
 #ifndef GT_SX4
 #define GT_SX4 0
@@ -1519,7 +1523,7 @@ __device__ __forceinline__ void gemm4_tc_tile(const unsigned char* codes, const 
 
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_1(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
                                                                                 half_t* out, const half_t* bias, int flags, unsigned* done) {
-    gemm4_tc_tile<1, true>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
+    gemm4_tc_tile<1, GT_SX1>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
 extern "C" __global__ void __launch_bounds__(128, GT_MINB) gemm4_tc_2(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
                                                                                 half_t* out, const half_t* bias, int flags, unsigned* done) {
