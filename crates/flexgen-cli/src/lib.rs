@@ -67,24 +67,24 @@ pub fn bundled_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model/models/opt-kjv")
 }
 
-/// A model directory loaded for its device: on CUDA the decoder layers stay in the files until
-/// the executor places each one (`Model::load_tables`: no f32 copy of the model in host memory),
-/// on the CPU whole (`Model::load`).
+/// A model directory loaded for its device: on CUDA its tensors stay in the files until the
+/// executor uploads the tables and places each layer (`Model::open_lazy`: no f32 copy of the
+/// model in host memory, and no tables kept there), on the CPU whole (`Model::load`).
 pub fn load_model_dir(dir: &std::path::Path, cuda: bool) -> anyhow::Result<flexgen_model::Model> {
     let loaded =
-        if cuda { flexgen_model::Model::load_tables(dir) } else { flexgen_model::Model::load(dir) };
+        if cuda { flexgen_model::Model::open_lazy(dir) } else { flexgen_model::Model::load(dir) };
     loaded.with_context(|| format!("loading model {}", dir.display()))
 }
 
-/// Dummy weights of `spec` for its device: on CUDA the tables alone, the executor filling the
-/// layers itself, in fp16, where the policy places them (`Model::dummy_tables`).
+/// Dummy weights of `spec` for its device: on CUDA made by the executor, the tables when it
+/// uploads them and the layers in fp16 where the policy places them (`Model::dummy_lazy`).
 pub fn dummy_model(
     spec: flexgen_policy::ModelSpec,
     init: flexgen_model::DummyInit,
     cuda: bool,
 ) -> flexgen_model::Result<flexgen_model::Model> {
     if cuda {
-        flexgen_model::Model::dummy_tables(spec, init)
+        flexgen_model::Model::dummy_lazy(spec, init)
     } else {
         flexgen_model::Model::dummy(spec, init)
     }

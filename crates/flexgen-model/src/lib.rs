@@ -35,12 +35,17 @@ use flexgen_tensor::Tensor;
 /// A model ready to run: its spec, weights and (for real checkpoints) tokenizer.
 pub struct Model {
     pub spec: ModelSpec,
+    /// The weights in memory; for a lazy model ([`Model::open_lazy`], [`Model::dummy_lazy`])
+    /// empty placeholders: its tables come from [`Model::tables`] and its layers from
+    /// [`Model::layer`].
     pub weights: Weights,
     pub tokenizer: Option<Tokenizer>,
     /// The directory it was loaded from; `None` for dummy weights.
     pub dir: Option<PathBuf>,
-    /// Its files, where its decoder layers are read when asked ([`Model::load_tables`]).
+    /// Its files, where a lazy model's tables and decoder layers are read when asked.
     store: Option<weights::SafetensorsStore>,
+    /// A lazy dummy model's values.
+    lazy_dummy: Option<DummyInit>,
 }
 
 impl Model {
@@ -49,15 +54,16 @@ impl Model {
         Self::open(path, true)
     }
 
-    /// As [`Model::load`], but the decoder layers stay in the files (memory-mapped; every
-    /// tensor's name, shape and dtype checked now) until an executor reads one with
-    /// [`Model::layer`]: the CUDA executor places each layer in fp16 or packed form itself, so
-    /// that a large model never exists as f32 tensors in host memory.
-    pub fn load_tables(path: &Path) -> Result<Self> {
+    /// As [`Model::load`], but every tensor stays in the files (memory-mapped; each one's name,
+    /// shape and dtype checked now) until an executor asks for the tables ([`Model::tables`],
+    /// in fp16) or a layer ([`Model::layer`]): the CUDA executor uploads the tables and places
+    /// each layer in fp16 or packed form itself, so that a large model never exists as f32
+    /// tensors in host memory, and its tables are not kept there once uploaded.
+    pub fn open_lazy(path: &Path) -> Result<Self> {
         Self::open(path, false)
     }
 
-    fn open(path: &Path, with_layers: bool) -> Result<Self> {
+    fn open(path: &Path, eager: bool) -> Result<Self> {
         let files = resolve(path)?;
         let text = std::fs::read_to_string(&files.config)
             .map_err(|source| Error::Io { path: files.config.clone(), source })?;
@@ -67,23 +73,42 @@ impl Model {
             .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
         let spec = spec_from_config_json(&text, &files.config, &name)?;
         let store = SafetensorsStore::open_files(&files.weights)?;
-        let weights = if with_layers {
+        let weights = if eager {
             Weights::from_safetensors(&spec, &store)?
         } else {
-            Weights::tables_from_safetensors(&spec, &store)?
+            Weights::check_safetensors(&spec, &store)?
         };
         let tokenizer = match &files.tokenizer {
             Some(p) => Some(Tokenizer::for_spec(p, &spec)?),
             None => None,
         };
         tracing::info!(model = %spec.name, params = spec.total_params(), "loaded");
-        let store = (!with_layers).then_some(store);
-        Ok(Self { spec, weights, tokenizer, dir: Some(files.dir), store })
+        let store = (!eager).then_some(store);
+        Ok(Self { spec, weights, tokenizer, dir: Some(files.dir), store, lazy_dummy: None })
     }
 
-    /// Decoder layer `i`: the loaded one, or read from the files now ([`Model::load_tables`]).
-    /// `None` where the model has neither (dummy tables: the executor fills the layers itself)
-    /// or no layer `i`.
+    /// Whether the weights are made when an executor asks ([`Model::open_lazy`],
+    /// [`Model::dummy_lazy`]) rather than held in [`Model::weights`].
+    pub fn is_lazy(&self) -> bool {
+        self.store.is_some() || self.lazy_dummy.is_some()
+    }
+
+    /// The embeddings, final norm and LM head (no layers): those held, or for a lazy model read
+    /// from the files or made now, in fp16, for the caller to upload and drop.
+    pub fn tables(&self) -> Result<std::borrow::Cow<'_, Weights>> {
+        use std::borrow::Cow;
+        match (&self.store, self.lazy_dummy) {
+            (Some(store), _) => {
+                Ok(Cow::Owned(Weights::tables_from_safetensors(&self.spec, store)?))
+            }
+            (None, Some(init)) => Ok(Cow::Owned(Weights::dummy_tables(&self.spec, init)?)),
+            (None, None) => Ok(Cow::Borrowed(&self.weights)),
+        }
+    }
+
+    /// Decoder layer `i`: the loaded one, or read from the files now ([`Model::open_lazy`]).
+    /// `None` where the model has neither (a lazy dummy model: the executor fills the layers
+    /// itself) or no layer `i`.
     pub fn layer(&self, i: u32) -> Result<Option<LayerWeights>> {
         if i >= self.spec.num_layers {
             return Ok(None);
@@ -105,15 +130,15 @@ impl Model {
     /// A model of `spec` with dummy weights and no tokenizer.
     pub fn dummy(spec: ModelSpec, init: DummyInit) -> Result<Self> {
         let weights = Weights::dummy(&spec, init)?;
-        Ok(Self { spec, weights, tokenizer: None, dir: None, store: None })
+        Ok(Self { spec, weights, tokenizer: None, dir: None, store: None, lazy_dummy: None })
     }
 
-    /// A model of `spec` whose decoder layers are not built: dummy tables only (see
-    /// [`Weights::dummy_tables`]); the CUDA executor fills the layers with
-    /// [`LayerLayout::fill_dummy`] where they are placed.
-    pub fn dummy_tables(spec: ModelSpec, init: DummyInit) -> Result<Self> {
-        let weights = Weights::dummy_tables(&spec, init)?;
-        Ok(Self { spec, weights, tokenizer: None, dir: None, store: None })
+    /// A lazy model of `spec` with dummy weights: nothing is made until an executor asks for the
+    /// tables ([`Model::tables`], see [`Weights::dummy_tables`]); the CUDA executor fills the
+    /// layers with [`LayerLayout::fill_dummy`] where they are placed.
+    pub fn dummy_lazy(spec: ModelSpec, init: DummyInit) -> Result<Self> {
+        let weights = Weights::placeholder(&spec)?;
+        Ok(Self { spec, weights, tokenizer: None, dir: None, store: None, lazy_dummy: Some(init) })
     }
 
     /// This model with the tokenizer of `path` (a `tokenizer.json`, or a directory holding one):
@@ -134,6 +159,12 @@ impl Model {
     /// Logits at every position of left-padded `ids` (`mask[b][t]` = real token), computed in one
     /// pass without a cache. The reference path that the runtime's cached generation must match.
     pub fn forward_all(&self, ids: &[Vec<u32>], mask: &[Vec<bool>]) -> Result<Tensor> {
+        if self.is_lazy() {
+            return Err(Error::Unsupported {
+                what: "the reference pass of a lazy model (its weights are read when an executor                        places them): load it with Model::load or Model::dummy"
+                    .into(),
+            });
+        }
         forward_all_on(&flexgen_tensor::Cpu, &self.spec, &self.weights, ids, mask)
     }
 }

@@ -311,17 +311,36 @@ impl Weights {
         Self::build(spec, &mut src, true)
     }
 
-    /// Reads the embeddings, final norm and LM head of `spec` from safetensors files, with no
-    /// decoder layers (`layers` is empty), after checking that every layer's tensors are there
-    /// with their names, shapes and dtypes: [`Weights::layer_from_safetensors`] reads a layer
-    /// when it is needed.
+    /// Reads the embeddings, final norm and LM head of `spec` from safetensors files, in fp16,
+    /// with no decoder layers (`layers` is empty): [`Weights::layer_from_safetensors`] reads a
+    /// layer when it is needed.
     pub fn tables_from_safetensors(spec: &ModelSpec, store: &SafetensorsStore) -> Result<Self> {
-        let mut check = Checked(store);
-        for i in 0..spec.num_layers {
-            Self::build_layer(spec, &mut check, i)?;
-        }
         let mut src = store;
         Self::build(spec, &mut src, false)
+    }
+
+    /// Checks that every tensor of `spec` is in the files with its name, shape and dtype, reading
+    /// none: the weights of a model whose tensors are read when an executor places them. Its
+    /// tables are empty placeholders and it has no layers.
+    pub(crate) fn check_safetensors(spec: &ModelSpec, store: &SafetensorsStore) -> Result<Self> {
+        Self::build(spec, &mut Checked(store), true).map(Self::without_layers)
+    }
+
+    /// The weights of a model whose tables and layers are made when an executor places them:
+    /// empty placeholder tables, no layers.
+    pub(crate) fn placeholder(spec: &ModelSpec) -> Result<Self> {
+        struct Empty;
+        impl TensorSource for Empty {
+            fn get(&mut self, _: &str, _: &[usize]) -> Result<Tensor> {
+                Ok(Tensor::from_vec(Vec::<f32>::new(), &[0], &Device::Cpu)?)
+            }
+        }
+        Self::build(spec, &mut Empty, false)
+    }
+
+    fn without_layers(mut self) -> Self {
+        self.layers.clear();
+        self
     }
 
     /// Decoder layer `i` of `spec` from safetensors files, as f32 tensors.

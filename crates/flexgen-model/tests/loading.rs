@@ -160,20 +160,27 @@ fn missing_tensor_is_named() {
     }
 }
 
-/// `Model::load_tables` (the CUDA executor's load): the same tables, every layer read on request
-/// equal to the eagerly loaded one tensor for tensor, for each family of the test models.
+/// `Model::open_lazy` (the CUDA executor's load): nothing read at open; the tables on request are
+/// the loaded ones rounded to fp16 once, and every layer read on request equals the eagerly
+/// loaded one tensor for tensor, for each family of the test models; the same for a lazy dummy
+/// model's tables. A lazy model has no reference pass.
 #[test]
 fn layers_read_on_request_equal_the_loaded_ones() {
     for name in ["tiny-random-opt", "tiny-random-opt-350m", "tiny-random-llama-bf16"] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("test_data").join(name);
-        let (eager, lazy) = (Model::load(&dir).unwrap(), Model::load_tables(&dir).unwrap());
+        let (eager, lazy) = (Model::load(&dir).unwrap(), Model::open_lazy(&dir).unwrap());
         assert!(lazy.weights.layers.is_empty(), "{name}: no layer is read at load");
+        assert_eq!(lazy.weights.token_embedding.elem_count(), 0, "{name}: nor a table");
         assert!(lazy.has_layers() && eager.has_layers(), "{name}");
+        assert!(lazy.is_lazy() && !eager.is_lazy(), "{name}");
+        assert!(lazy.forward_all(&[vec![2, 100]], &[vec![true; 2]]).is_err(), "{name}");
         let flat = |t: &flexgen_tensor::Tensor| -> Vec<f32> {
             t.flatten_all().unwrap().to_vec1().unwrap()
         };
         // The tables in fp16, the values the CUDA executor uploads: the f32 ones rounded once.
-        let lazy_embed = &lazy.weights.token_embedding;
+        let tables = lazy.tables().unwrap();
+        assert!(tables.layers.is_empty(), "{name}: the tables alone");
+        let lazy_embed = &tables.token_embedding;
         assert_eq!(lazy_embed.dtype(), flexgen_tensor::DType::F16, "{name}");
         let rounded: Vec<f32> = flat(&eager.weights.token_embedding)
             .iter()
@@ -194,25 +201,37 @@ fn layers_read_on_request_equal_the_loaded_ones() {
         }
         assert!(lazy.layer(eager.spec.num_layers).unwrap().is_none(), "{name}: past the last");
     }
-    let dummy = Model::dummy_tables(spec_by_name("opt-125m").unwrap(), DummyInit::Ones).unwrap();
-    assert!(!dummy.has_layers() && dummy.layer(0).unwrap().is_none());
+    let spec = spec_by_name("opt-125m").unwrap();
+    let init = DummyInit::Random { seed: 3 };
+    let dummy = Model::dummy_lazy(spec.clone(), init).unwrap();
+    assert!(!dummy.has_layers() && dummy.layer(0).unwrap().is_none() && dummy.is_lazy());
+    let (made, held) = (dummy.tables().unwrap(), Model::dummy(spec, init).unwrap());
+    let as_f32 = |t: &flexgen_tensor::Tensor| -> Vec<f32> {
+        t.to_dtype(flexgen_tensor::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let rounded: Vec<f32> = as_f32(&held.weights.token_embedding)
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect();
+    assert_eq!(as_f32(&made.token_embedding), rounded, "the dummy tables on request");
+    assert!(matches!(held.tables().unwrap(), std::borrow::Cow::Borrowed(_)), "held: no copy");
 }
 
-/// A broken layer tensor is refused when the model is opened, not when its layer is placed.
+/// A broken layer or table tensor is refused when a lazy model is opened, not when it is placed.
 #[test]
-fn load_tables_checks_every_layer_tensor_up_front() {
+fn open_lazy_checks_every_tensor_up_front() {
     let mut all = tiny_tensors();
     let t = all.iter_mut().find(|t| t.0 == "model.decoder.layers.1.fc1.weight").unwrap();
     t.2 = vec![t.2[1], t.2[0]]; // transposed
     let dir = model_dir(&all);
-    match Model::load_tables(dir.path()) {
+    match Model::open_lazy(dir.path()) {
         Err(Error::Shape { name, .. }) => assert_eq!(name, "model.decoder.layers.1.fc1.weight"),
         other => panic!("{:?}", other.err()),
     }
     let missing: Vec<_> =
         tiny_tensors().into_iter().filter(|t| t.0 != "model.decoder.layers.1.fc2.bias").collect();
     let dir = model_dir(&missing);
-    match Model::load_tables(dir.path()) {
+    match Model::open_lazy(dir.path()) {
         Err(Error::MissingTensor { name, .. }) => {
             assert_eq!(name, "model.decoder.layers.1.fc2.bias");
         }
@@ -222,8 +241,16 @@ fn load_tables_checks_every_layer_tensor_up_front() {
     let t = bad_dtype.iter_mut().find(|t| t.0 == "model.decoder.layers.0.fc2.bias").unwrap();
     t.1 = Dtype::I32;
     let dir = model_dir(&bad_dtype);
-    match Model::load_tables(dir.path()) {
+    match Model::open_lazy(dir.path()) {
         Err(Error::Dtype { name, .. }) => assert_eq!(name, "model.decoder.layers.0.fc2.bias"),
+        other => panic!("{:?}", other.err()),
+    }
+    let mut bad_table = tiny_tensors();
+    let t = bad_table.iter_mut().find(|t| t.0 == "model.decoder.embed_tokens.weight").unwrap();
+    t.2 = vec![t.2[1], t.2[0]]; // transposed
+    let dir = model_dir(&bad_table);
+    match Model::open_lazy(dir.path()) {
+        Err(Error::Shape { name, .. }) => assert_eq!(name, "model.decoder.embed_tokens.weight"),
         other => panic!("{:?}", other.err()),
     }
 }

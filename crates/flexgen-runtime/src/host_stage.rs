@@ -143,9 +143,10 @@ impl<'m> HostStage<'m> {
         if model.weights.layers.len() != model.spec.num_layers as usize {
             return Err(crate::Error::Config {
                 field: "model",
-                message: "the host stage computes on the model's layers in memory, and these were \
-                          left in the files (Model::load_tables, Model::dummy_tables: for the \
-                          CUDA executor); load it with Model::load or Model::dummy"
+                message: "the host stage computes on the model's weights in memory, and these \
+                          are made when an executor places them (Model::open_lazy, \
+                          Model::dummy_lazy: for the CUDA executor); load it with Model::load or \
+                          Model::dummy"
                     .into(),
             });
         }

@@ -267,7 +267,7 @@ fn any_of_several_eos_ids_ends_a_sequence() {
 fn the_host_stage_refuses_a_model_whose_layers_are_in_its_files() {
     let dir =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../flexgen-model/test_data/tiny-random-opt");
-    let model = Model::load_tables(&dir).unwrap();
+    let model = Model::open_lazy(&dir).unwrap();
     let err = Generator::new(&model, policy(1, 1)).err().expect("refused");
     let text = err.to_string();
     assert!(text.contains("model") && text.contains("Model::load"), "{text}");

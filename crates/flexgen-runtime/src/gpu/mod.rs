@@ -362,10 +362,17 @@ impl<'m> CudaStage<'m> {
         if bytes.total() > available {
             return Err(Self::refusal(&bytes, available, capacity.gpu_limit.is_some()));
         }
-        let w = &model.weights;
-        let up = |t: &flexgen_tensor::Tensor| gpu.upload(t).map_err(cuda);
-        // The tables of the ends this stage holds (`memory::plan` counts the same).
+        // The tables of the ends this stage holds (`memory::plan` counts the same): held by the
+        // model, or (a lazy model) read or made now and dropped once uploaded, before the layers
+        // are placed. A middle stage holds none (and reads none).
         let (first, last) = (range.start == 0, range.end == spec.num_layers);
+        let tables = if first || last {
+            model.tables()?
+        } else {
+            std::borrow::Cow::Borrowed(&model.weights)
+        };
+        let w = &*tables;
+        let up = |t: &flexgen_tensor::Tensor| gpu.upload(t).map_err(cuda);
         let embed = if first || (last && w.lm_head.is_none()) {
             Some(up(&w.token_embedding)?)
         } else {
@@ -390,6 +397,7 @@ impl<'m> CudaStage<'m> {
             .then(|| gpu.stream.clone_htod(&inv_freq).map_err(drv))
             .transpose()?;
         let lm_head = w.lm_head.as_ref().filter(|_| last).map(up).transpose()?;
+        drop(tables);
         let loaded = [new_event(&gpu)?, new_event(&gpu)?];
         let freed = [new_event(&gpu)?, new_event(&gpu)?];
         let staged = [new_event(&gpu)?, new_event(&gpu)?];

@@ -108,7 +108,7 @@ impl CudaStage<'_> {
                 Ok(())
             }
             LayerSource::Loaded => {
-                // The loaded layer, or read from the model's files now (`Model::load_tables`).
+                // The loaded layer, or read from the model's files now (`Model::open_lazy`).
                 let i = self.range.start + u32::try_from(j).expect("a layer index");
                 let layer = self.model.layer(i)?.ok_or_else(|| Error::Config {
                     field: "model",
