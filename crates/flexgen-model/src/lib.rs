@@ -161,7 +161,8 @@ impl Model {
     pub fn forward_all(&self, ids: &[Vec<u32>], mask: &[Vec<bool>]) -> Result<Tensor> {
         if self.is_lazy() {
             return Err(Error::Unsupported {
-                what: "the reference pass of a lazy model (its weights are read when an executor                        places them): load it with Model::load or Model::dummy"
+                what: "the reference pass of a lazy model (its weights are read when an executor \
+                       places them): load it with Model::load or Model::dummy"
                     .into(),
             });
         }
