@@ -507,6 +507,12 @@ mod tests {
         for bits in [4u8, 8] {
             let p = l.packed(bits, 64);
             assert!(p.len < l.bytes() * usize::from(bits) / 12, "packed is smaller");
+            // The planner's matrices (`ModelSpec::layer_matrices`) are these.
+            for s in specs() {
+                let shapes =
+                    LayerLayout::new(&s).unwrap().packed(bits, 64).mats.map(|m| (m.rows, m.cols));
+                assert_eq!(shapes, s.layer_matrices(), "{}", s.name);
+            }
             let mut bytes = vec![0u8; p.len];
             p.pack(&arena, &mut bytes);
             let back = p.unpack(&bytes, l.len);

@@ -311,12 +311,10 @@ pub fn terms(
     // buffer of the largest slice (`expand_slice_outputs`); the fused decode adds an fp32 output
     // of a micro-batch's rows × the widest matrix (q/k/v or fc1: that many outputs of h inputs)
     // and a counter per 256 of its outputs.
-    let (hu, kvu) = (spec.hidden_size as usize, (spec.num_kv_heads * spec.head_dim()) as usize);
-    let inner = usize::try_from(spec.mlp_inner_width()).expect("a layer's width");
-    let mats = [(hu + 2 * kvu, hu), (hu, hu), (inner, hu), (hu, spec.ffn_size as usize)];
+    let mats = spec.layer_matrices();
     let group = Compression::weights_default().group_size as usize;
     let slice = mats.iter().map(|&(o, i)| expand_slice_outputs(o, i, group) * i).max();
-    let widest = (hu + 2 * kvu).max(inner) as f64;
+    let widest = mats.iter().map(|&(o, _)| o).max().unwrap_or(0) as f64;
     let unpacked = if choice.compress_weight { 2.0 * slice.unwrap_or(0) as f64 } else { 0.0 }
         + if fused { 4.0 * b * widest + 4.0 * (widest / 256.0).ceil() } else { 0.0 };
     let k = f64::from(choice.num_gpu_batches);

@@ -259,6 +259,16 @@ impl ModelSpec {
         2 * h * h + 2 * h * kv + mlp
     }
 
+    /// (outputs, inputs) of a decoder layer's four matrices as the executors pack them
+    /// (`flexgen_model::PackedLayout::mats`): q, k and v as one, the attention output, the MLP's
+    /// first (gate and up as one for SwiGLU) and its second.
+    pub fn layer_matrices(&self) -> [(usize, usize); 4] {
+        let h = self.hidden_size as usize;
+        let kv = (self.num_kv_heads * self.head_dim()) as usize;
+        let inner = usize::try_from(self.mlp_inner_width()).expect("a layer's width");
+        [(h + 2 * kv, h), (h, h), (inner, h), (h, self.ffn_size as usize)]
+    }
+
     /// Values per token of the MLP's inner activations: ffn, or 2·ffn for SwiGLU (gate and up,
     /// computed by one GEMM).
     pub fn mlp_inner_width(&self) -> u64 {
