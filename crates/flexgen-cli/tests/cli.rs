@@ -185,6 +185,36 @@ fn plan_writes_a_policy_that_run_accepts() {
     assert!(o.status.success(), "{}", text(&o).1);
 }
 
+/// `--cpu-mem-limit` plans for less host memory than the profile's: OPT-175B under 15 GiB on
+/// the H200 host, whose plan fills the host (0.85 of it), fits under 0.85 of the limit instead.
+#[test]
+fn plan_keeps_its_host_memory_under_a_cpu_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let peak_cpu = |limit: Option<&str>| {
+        let out = dir.path().join("p.toml");
+        let mut cmd = bin("flexgen-plan");
+        cmd.arg("--hardware").arg(root().join("policies/hardware/h200.toml")).args([
+            "--model",
+            "opt-175b",
+            "--prompt-len",
+            "512",
+            "--gen-len",
+            "32",
+            "--gpu-mem-limit",
+            "15GiB",
+        ]);
+        if let Some(l) = limit {
+            cmd.args(["--cpu-mem-limit", l]);
+        }
+        let o = cmd.arg("--out").arg(&out).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o).1);
+        flexgen_policy::Policy::from_toml_file(&out).unwrap().prediction.unwrap().peak_cpu_bytes
+    };
+    let (whole, limited) = (peak_cpu(None), peak_cpu(Some("100GB")));
+    assert!(whole > 85_000_000_000, "the unlimited plan uses more than the limit allows: {whole}");
+    assert!(limited <= 85_000_000_000, "{limited}");
+}
+
 #[test]
 fn plan_for_a_model_too_big_says_by_how_much() {
     let dir = tempfile::tempdir().unwrap();

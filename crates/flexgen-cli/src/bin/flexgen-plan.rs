@@ -62,6 +62,11 @@ struct Cli {
     /// Use at most this much GPU memory, e.g. 16GiB to plan for a T4-class card on a larger one.
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
     gpu_mem_limit: Option<u64>,
+    /// Use at most this much CPU memory (of the profile's), e.g. 100GB to leave room for other
+    /// jobs on a shared host, or to see what a smaller host would get. The plan keeps its margin
+    /// (0.85) under it.
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    cpu_mem_limit: Option<u64>,
     /// Do not consider 4-bit compression.
     #[arg(long)]
     no_compression: bool,
@@ -166,12 +171,15 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     // The error names the file; the context names the flag.
-    let hw = HardwareProfile::from_toml_file(&cli.hardware).with_context(|| {
+    let mut hw = HardwareProfile::from_toml_file(&cli.hardware).with_context(|| {
         format!(
             "reading the hardware profile (--hardware){}",
             flexgen_cli::mixed_up(&cli.hardware, "[placement]", "flexgen-run --policy")
         )
     })?;
+    if let Some(limit) = cli.cpu_mem_limit {
+        hw.cpu.memory_bytes = hw.cpu.memory_bytes.min(limit);
+    }
     if !cli.calibrate.is_empty() {
         return run_calibrate(cli, &hw);
     }
