@@ -11,8 +11,11 @@ fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("test_data/tiny-random-opt")
 }
 
-/// (name, dtype, shape, bytes) of every tensor of the tiny model.
-fn tiny_tensors() -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+/// Tensors as (name, dtype, shape, bytes).
+type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Every tensor of the tiny model.
+fn tiny_tensors() -> Tensors {
     let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut v: Vec<_> = st
@@ -221,38 +224,35 @@ fn layers_read_on_request_equal_the_loaded_ones() {
 /// A broken layer or table tensor is refused when a lazy model is opened, not when it is placed.
 #[test]
 fn open_lazy_checks_every_tensor_up_front() {
-    let mut all = tiny_tensors();
-    let t = all.iter_mut().find(|t| t.0 == "model.decoder.layers.1.fc1.weight").unwrap();
-    t.2 = vec![t.2[1], t.2[0]]; // transposed
-    let dir = model_dir(&all);
-    match Model::open_lazy(dir.path()) {
-        Err(Error::Shape { name, .. }) => assert_eq!(name, "model.decoder.layers.1.fc1.weight"),
-        other => panic!("{:?}", other.err()),
-    }
-    let missing: Vec<_> =
-        tiny_tensors().into_iter().filter(|t| t.0 != "model.decoder.layers.1.fc2.bias").collect();
-    let dir = model_dir(&missing);
-    match Model::open_lazy(dir.path()) {
-        Err(Error::MissingTensor { name, .. }) => {
-            assert_eq!(name, "model.decoder.layers.1.fc2.bias");
+    // The error of opening the tiny model with `edit` applied to its tensors.
+    let refused = |edit: &dyn Fn(&mut Tensors)| -> Error {
+        let mut tensors = tiny_tensors();
+        edit(&mut tensors);
+        let dir = model_dir(&tensors);
+        Model::open_lazy(dir.path()).err().expect("refused at open")
+    };
+    let transpose = |name: &'static str| {
+        move |all: &mut Tensors| {
+            let t = all.iter_mut().find(|t| t.0 == name).unwrap();
+            t.2 = vec![t.2[1], t.2[0]];
         }
-        other => panic!("{:?}", other.err()),
+    };
+    for name in ["model.decoder.layers.1.fc1.weight", "model.decoder.embed_tokens.weight"] {
+        match refused(&transpose(name)) {
+            Error::Shape { name: n, .. } => assert_eq!(n, name),
+            other => panic!("{other:?}"),
+        }
     }
-    let mut bad_dtype = tiny_tensors();
-    let t = bad_dtype.iter_mut().find(|t| t.0 == "model.decoder.layers.0.fc2.bias").unwrap();
-    t.1 = Dtype::I32;
-    let dir = model_dir(&bad_dtype);
-    match Model::open_lazy(dir.path()) {
-        Err(Error::Dtype { name, .. }) => assert_eq!(name, "model.decoder.layers.0.fc2.bias"),
-        other => panic!("{:?}", other.err()),
+    match refused(&|all| all.retain(|t| t.0 != "model.decoder.layers.1.fc2.bias")) {
+        Error::MissingTensor { name, .. } => assert_eq!(name, "model.decoder.layers.1.fc2.bias"),
+        other => panic!("{other:?}"),
     }
-    let mut bad_table = tiny_tensors();
-    let t = bad_table.iter_mut().find(|t| t.0 == "model.decoder.embed_tokens.weight").unwrap();
-    t.2 = vec![t.2[1], t.2[0]]; // transposed
-    let dir = model_dir(&bad_table);
-    match Model::open_lazy(dir.path()) {
-        Err(Error::Shape { name, .. }) => assert_eq!(name, "model.decoder.embed_tokens.weight"),
-        other => panic!("{:?}", other.err()),
+    let to_i32 = |all: &mut Tensors| {
+        all.iter_mut().find(|t| t.0 == "model.decoder.layers.0.fc2.bias").unwrap().1 = Dtype::I32;
+    };
+    match refused(&to_i32) {
+        Error::Dtype { name, .. } => assert_eq!(name, "model.decoder.layers.0.fc2.bias"),
+        other => panic!("{other:?}"),
     }
 }
 
