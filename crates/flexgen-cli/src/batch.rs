@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -421,27 +421,37 @@ impl BatchJob {
     }
 }
 
-/// The ids already in `output`, after cutting off a torn last line. A complete line that is not
-/// valid output is an error naming the line (the file is not ours, or was edited).
-pub fn resume_output(output: &Path) -> anyhow::Result<HashSet<String>> {
-    let mut done = HashSet::new();
-    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(output) else {
-        return Ok(done);
+/// Cuts a torn last line off the JSONL file `path` (the bytes after its last newline: a process
+/// killed while writing it), so that the next line appended starts a line of its own. Returns
+/// the file's whole lines and how many bytes were cut; no file is no lines.
+pub fn cut_torn_line(path: &Path) -> std::io::Result<(Vec<u8>, usize)> {
+    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(path) else {
+        return Ok((Vec::new(), 0));
     };
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes)?;
     let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if whole < bytes.len() {
-        eprintln!(
-            "{}: cutting a torn last line ({} bytes) left by an interrupted run",
-            output.display(),
-            bytes.len() - whole
-        );
+    let cut = bytes.len() - whole;
+    if cut > 0 {
         f.set_len(whole as u64)?;
         f.sync_all()?;
-        f.seek(std::io::SeekFrom::End(0))?;
+        bytes.truncate(whole);
     }
-    for (i, line) in bytes[..whole].split(|&b| b == b'\n').enumerate() {
+    Ok((bytes, cut))
+}
+
+/// The ids already in `output`, after cutting off a torn last line. A complete line that is not
+/// valid output is an error naming the line (the file is not ours, or was edited).
+pub fn resume_output(output: &Path) -> anyhow::Result<HashSet<String>> {
+    let mut done = HashSet::new();
+    let (bytes, cut) = cut_torn_line(output)?;
+    if cut > 0 {
+        eprintln!(
+            "{}: cut a torn last line ({cut} bytes) left by an interrupted run",
+            output.display()
+        );
+    }
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         if line.is_empty() {
             continue;
         }

@@ -4,7 +4,8 @@
 //! One worker thread runs batches in the order they were created, a block's worth of lines per
 //! engine job, appending each result line to the output (or error) file and syncing it before the
 //! counts move on. A restarted server resumes every batch that was not finished, skipping the
-//! `custom_id`s its output and error files already hold: nothing is lost or written twice.
+//! `custom_id`s its output and error files already hold after cutting a torn last line (a server
+//! killed mid-append): nothing is lost or written twice.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -317,14 +318,19 @@ pub(crate) fn work(state: &AppState, bell: &mpsc::Receiver<()>) {
     }
 }
 
-/// The `custom_id`s a result file already holds.
-fn done_ids(path: &Path) -> HashSet<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+/// The `custom_id`s a result file already holds, after cutting off a torn last line (a server
+/// killed while appending): the lines appended next start lines of their own, and the torn
+/// line's request runs again.
+fn done_ids(path: &Path) -> std::io::Result<HashSet<String>> {
+    let (bytes, cut) = flexgen_cli::batch::cut_torn_line(path)?;
+    if cut > 0 {
+        tracing::warn!(path = %path.display(), bytes = cut, "cut a torn last line");
+    }
+    Ok(String::from_utf8_lossy(&bytes)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| v["custom_id"].as_str().map(String::from))
-        .collect()
+        .collect())
 }
 
 /// Appends `lines` to `path` and syncs it.
@@ -356,7 +362,7 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
     store.save_batch(&b)?;
     let out = store.file_data(b["output_file_id"].as_str().unwrap_or_default());
     let err = store.file_data(b["error_file_id"].as_str().unwrap_or_default());
-    let (written, refused) = (done_ids(&out), done_ids(&err));
+    let (written, refused) = (done_ids(&out)?, done_ids(&err)?);
     // Counted as lines are appended below, not by reading the files again.
     let (mut completed, mut failed) = (written.len(), refused.len());
     let seen: HashSet<String> = written.union(&refused).cloned().collect();
@@ -478,4 +484,34 @@ fn run_batch(state: &AppState, store: &Store, mut b: Value) -> std::io::Result<(
     b["request_counts"]["completed"] = json!(completed);
     b["request_counts"]["failed"] = json!(failed);
     store.save_batch(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server killed while appending leaves a torn last line: resuming cuts it (its request
+    /// runs again), so the next lines appended are whole lines of their own.
+    #[test]
+    fn a_torn_last_line_is_cut_before_lines_are_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let whole = json!({"custom_id": "line-0", "response": {"status_code": 200}});
+        std::fs::write(&path, format!("{whole}\n{{\"custom_id\": \"line-1\", \"resp")).unwrap();
+        let done = done_ids(&path).unwrap();
+        assert_eq!(done, HashSet::from(["line-0".to_string()]));
+        append(&path, &[json!({"custom_id": "line-1"}), json!({"custom_id": "line-2"})]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("every line whole JSON"))
+            .map(|v| v["custom_id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["line-0", "line-1", "line-2"]);
+        // A complete line that lost only its newline is cut as well (it would glue to the next).
+        std::fs::write(&path, format!("{whole}\n{whole}")).unwrap();
+        assert_eq!(done_ids(&path).unwrap().len(), 1);
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with('\n'));
+        assert!(done_ids(&dir.path().join("missing.jsonl")).unwrap().is_empty());
+    }
 }
