@@ -194,7 +194,8 @@ impl Scratch {
     }
 }
 
-fn io_err(path: &Path, e: &std::io::Error) -> Error {
+/// An I/O error on `path`.
+pub(crate) fn io_err(path: &Path, e: &std::io::Error) -> Error {
     Error::Io { path: PathBuf::from(path), message: e.to_string() }
 }
 

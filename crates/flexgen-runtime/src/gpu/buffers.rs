@@ -126,8 +126,7 @@ impl CudaStage<'_> {
         let host_rows = cpu_rows - dr; // rows whose home is pinned CPU memory
         let disk_cache = if dr > 0 {
             let dir = self.policy.offload_dir.as_deref().expect("checked in new");
-            let io =
-                |e: std::io::Error| Error::Io { path: dir.to_path_buf(), message: e.to_string() };
+            let io = |e: std::io::Error| io_err(dir, &e);
             std::fs::create_dir_all(dir).map_err(io)?;
             let path =
                 dir.join(format!("flexgen-kv-{}-{}.bin", std::process::id(), self.range.start));

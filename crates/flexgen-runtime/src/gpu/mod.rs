@@ -53,7 +53,8 @@ use rayon::prelude::*;
 use crate::disk::{DiskCache, READ_THREADS, disk_pos_bytes, read_parallel};
 use crate::memory;
 use crate::stage::{self, BlockInput, Feed, Picks, Stage};
-use crate::{Error, Result, RunStats, tiers::Traffic};
+use crate::tiers::{Traffic, io_err};
+use crate::{Error, Result, RunStats};
 
 mod buffers;
 mod cache;

@@ -41,9 +41,8 @@ impl Reader {
                     let out =
                         unsafe { std::slice::from_raw_parts_mut(ring[i].0 as *mut u8, ring[i].1) };
                     let j = pass % n_layers;
-                    read_parallel(&d.file, (j * d.slot_bytes) as u64, out, READ_THREADS).map_err(
-                        |e| Error::Io { path: d.file.path().to_path_buf(), message: e.to_string() },
-                    )?;
+                    read_parallel(&d.file, (j * d.slot_bytes) as u64, out, READ_THREADS)
+                        .map_err(|e| io_err(d.file.path(), &e))?;
                     Ok(i)
                 })();
                 let failed = r.is_err();
@@ -68,9 +67,10 @@ impl CudaStage<'_> {
         range: std::ops::Range<usize>,
         out: &mut [f16],
     ) -> Result<()> {
-        if self.packed.is_none() && matches!(source, LayerSource::Dummy(_)) {
+        if let (None, LayerSource::Dummy(init)) = (&self.packed, source) {
             // Dummy values are made for any range directly.
-            return self.fill_plain(source, j, range, out);
+            self.layout.fill_dummy(init, self.range.start as usize + j, range, out);
+            return Ok(());
         }
         // `ones` dummy layers are all alike: one packing serves every layer.
         let key = if matches!(source, LayerSource::Dummy(DummyInit::Ones)) { 0 } else { j };
@@ -78,7 +78,7 @@ impl CudaStage<'_> {
         if memo.as_ref().is_none_or(|(l, _)| *l != key) {
             *memo = None; // the last layer's memory back before this one's is taken
             let mut arena = vec![f16::ZERO; self.layout.len];
-            self.fill_plain(source, j, 0..self.layout.len, &mut arena)?;
+            self.fill_arena(source, j, &mut arena)?;
             let units = match &self.packed {
                 Some(p) => {
                     let mut units = vec![f16::ZERO; p.len / 2];
@@ -94,17 +94,11 @@ impl CudaStage<'_> {
         Ok(())
     }
 
-    /// Fills `out` with elements `range` of this stage's layer `j`'s fp16 arena.
-    pub(super) fn fill_plain(
-        &self,
-        source: LayerSource,
-        j: usize,
-        range: std::ops::Range<usize>,
-        out: &mut [f16],
-    ) -> Result<()> {
+    /// Fills `out` with this stage's layer `j`'s whole fp16 arena.
+    fn fill_arena(&self, source: LayerSource, j: usize, out: &mut [f16]) -> Result<()> {
         match source {
             LayerSource::Dummy(init) => {
-                self.layout.fill_dummy(init, self.range.start as usize + j, range, out);
+                self.layout.fill_dummy(init, self.range.start as usize + j, 0..out.len(), out);
                 Ok(())
             }
             LayerSource::Loaded => {
@@ -114,13 +108,7 @@ impl CudaStage<'_> {
                     field: "model",
                     message: LAYERS_NOT_LOADED.into(),
                 })?;
-                if range == (0..self.layout.len) {
-                    return Ok(self.layout.fill_from(&layer, out)?);
-                }
-                let mut whole = vec![f16::ZERO; self.layout.len];
-                self.layout.fill_from(&layer, &mut whole)?;
-                out.copy_from_slice(&whole[range]);
-                Ok(())
+                Ok(self.layout.fill_from(&layer, out)?)
             }
         }
     }
@@ -260,10 +248,10 @@ impl CudaStage<'_> {
     /// Creates the file in `dir` that holds every layer's disk part (written with direct I/O),
     /// and its ring of three pinned buffers.
     fn open_disk_tier(&self, dir: &std::path::Path) -> Result<DiskPart> {
-        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, &e))?;
         let path =
             dir.join(format!("flexgen-weights-{}-{}.bin", std::process::id(), self.range.start));
-        let file = DirectFile::create(&path).map_err(|e| io_error(&path, &e))?;
+        let file = DirectFile::create(&path).map_err(|e| io_err(&path, &e))?;
         let slot_bytes = align_up((self.unit_len - self.c_end) * 2);
         let mut ring = Vec::new();
         let mut copied = Vec::new();
@@ -282,7 +270,7 @@ impl CudaStage<'_> {
         self.fill(source, j, self.c_end..self.unit_len, &mut d.ring[0].as_f16_mut()[..elems])?;
         d.file
             .write_aligned((j * d.slot_bytes) as u64, d.ring[0].as_bytes_mut())
-            .map_err(|e| io_error(d.file.path(), &e))
+            .map_err(|e| io_err(d.file.path(), &e))
     }
 
     /// Times direct reads of up to three layers' disk parts (the page cache cannot serve them),
@@ -297,7 +285,7 @@ impl CudaStage<'_> {
                 d.ring[j % 3].as_bytes_mut(),
                 READ_THREADS,
             )
-            .map_err(|e| io_error(d.file.path(), &e))?;
+            .map_err(|e| io_err(d.file.path(), &e))?;
         }
         #[expect(clippy::cast_precision_loss, reason = "a rate")]
         let rate = (probe * d.slot_bytes) as f64 / t.elapsed().as_secs_f64();
@@ -455,9 +443,4 @@ fn fused_decode_on() -> bool {
 fn folded_store_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     knob_on("FLEXGEN_FUSED4_STORE", &ON)
-}
-
-/// An I/O error on `path`.
-fn io_error(path: &std::path::Path, e: &std::io::Error) -> Error {
-    Error::Io { path: path.to_path_buf(), message: e.to_string() }
 }

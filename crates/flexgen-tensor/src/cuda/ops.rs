@@ -178,10 +178,9 @@ impl Gpu {
         // FLEXGEN_NVRTC_DEFINES="NAME=VALUE …": a kernel's tuning constants overridden (the ones
         // kernels.cu leaves to `#ifndef`), for measuring variants without a rebuild.
         let defines = std::env::var("FLEXGEN_NVRTC_DEFINES").unwrap_or_default();
-        let options: Vec<String> = defines.split_whitespace().map(|d| format!("-D{d}")).collect();
         let opts = cudarc::nvrtc::CompileOptions {
             arch: arch(major, minor),
-            options,
+            options: defines.split_whitespace().map(|d| format!("-D{d}")).collect(),
             ..Default::default()
         };
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
