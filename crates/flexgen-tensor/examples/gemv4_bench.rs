@@ -37,7 +37,17 @@ fn main() {
         }
     };
     let s = gpu.stream.clone();
-    let group = 64;
+    // GEMV4_GROUP=128: the codes' groups of 128 inputs (one (min, scale) pair each, as a policy's
+    // `compress_weight.group_size = 128` makes them); FlexGen's 64 by default.
+    let group = match std::env::var("GEMV4_GROUP").as_deref() {
+        Err(_) | Ok("64") => 64,
+        Ok("128") => 128,
+        Ok(v) => {
+            println!("GEMV4_GROUP={v}: the fused products take groups of 64 or 128");
+            std::process::exit(2);
+        }
+    };
+    println!("groups of {group} inputs");
     // Checks: 4-bit weights, both kernels against dequantize + fp16 GEMM; every tile of the
     // tensor-core kernel (13 rows: 16; 32 rows; 70 rows: 64 then 8), inputs that end inside its
     // step and inside an 8-value load.

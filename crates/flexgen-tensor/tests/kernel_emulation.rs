@@ -883,8 +883,12 @@ int main(int argc, char** argv) {
 /// [`build_with`] for kernels that share data between threads: [`WARP_PRELUDE`] and `before`
 /// ahead of `kernels` (any text of kernels.cu), its dynamic shared memory the runner's.
 fn build_warps(dir: &Path, before: &str, kernels: &str, main: &str) -> std::path::PathBuf {
-    let kernels =
-        kernels.replace("extern __shared__ float sm[];", "float* sm = emu::dyn_smem.data();");
+    let kernels = kernels
+        .replace("extern __shared__ float sm[];", "float* sm = emu::dyn_smem.data();")
+        .replace(
+            "extern __shared__ __align__(16) unsigned char gt_ring[];",
+            "static __align__(16) unsigned char gt_ring[GT_RING(NT)];",
+        );
     build_with(dir, &format!("{WARP_PRELUDE}{before}{kernels}"), &[], main)
 }
 
@@ -902,26 +906,28 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// block of outputs and a last step of inputs that are partial, several input slices, x's rows
 /// apart by more than a row; each tile as `gemm4_tc_plan` runs it on a device of `wave` blocks
 /// at once; each tile's own stages (`GT_K` 0, as built) and every tile's of 32 inputs and of 64;
-/// and the 8-, 16- and 32-row tiles each the other way (`GT_SX1=0`: codes expanded; `GT_SX2=1`,
-/// `GT_SX4=1`: the scales and mins given to x).
+/// rings of four stages, the 64-row tile's of 64 inputs (`GT_STAGES=4`, `GT_K8=64`); and the 8-,
+/// 16- and 32-row tiles each the other way (`GT_SX1=0`: codes expanded; `GT_SX2=1`, `GT_SX4=1`:
+/// the scales and mins given to x).
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     for inputs_a_stage in [0, 32, 64] {
-        gemm4_tc_case(inputs_a_stage, [true, false, false]);
+        gemm4_tc_case(inputs_a_stage, [true, false, false], "");
     }
-    gemm4_tc_case(0, [false, true, true]);
+    gemm4_tc_case(0, [true, false, false], "#define GT_STAGES 4\n#define GT_K8 64\n");
+    gemm4_tc_case(0, [false, true, true], "");
 }
 
 /// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's
 /// own) and whether the 8-, 16- and 32-row tiles give the scales to x (`GT_SX1`, `GT_SX2`,
-/// `GT_SX4`).
-fn gemm4_tc_case(inputs_a_stage: usize, scale_x: [bool; 3]) {
+/// `GT_SX4`); `defines`: more `#define` lines.
+fn gemm4_tc_case(inputs_a_stage: usize, scale_x: [bool; 3], defines: &str) {
     use flexgen_tensor::cuda::exec::gemm4_tc_plan;
     let dir = tempfile::tempdir().unwrap();
     let exe = build_warps(
         dir.path(),
         &format!(
-            "#define GT_K {inputs_a_stage}\n#define GT_SX1 {}\n#define GT_SX2 {}\n#define GT_SX4 {}\n{}{}",
+            "{defines}#define GT_K {inputs_a_stage}\n#define GT_SX1 {}\n#define GT_SX2 {}\n#define GT_SX4 {}\n{}{}",
             u8::from(scale_x[0]),
             u8::from(scale_x[1]),
             u8::from(scale_x[2]),
@@ -967,13 +973,16 @@ int main(int argc, char** argv) {
         (160, 100, 64, 24, 1000),
         (64, 48, 64, 1, 3),
         (320, 96, 128, 2, 100),
+        // One slice of many steps: every stage of the ring filled and refilled.
+        (256, 648, 64, 40, 1),
+        (256, 520, 128, 20, 1),
     ] {
         let case = product_case(dir.path(), (outs, ins, group), nb, 11 + nb as u64);
         let x = &case.x;
         let ldx = ins.next_multiple_of(8) + 8;
         let f = |n: &str| dir.path().join(n);
         let label = format!(
-            "{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, wave {wave}, {inputs_a_stage} inputs a stage"
+            "{nb}×{ins} · ({outs}×{ins})ᵀ, group {group}, wave {wave}, {inputs_a_stage} inputs a stage {defines:?}"
         );
         for b0 in (0..nb).step_by(64) {
             let plan = gemm4_tc_plan((nb - b0).min(64), (outs, ins), wave);

@@ -959,7 +959,7 @@ impl Gpu {
         );
         let tiles = |rows| {
             let plan = gemv4_plan(rows, (outs, ins), group, codes, self.sms);
-            (&self.gemv4_dim0[plan.kernel], plan.blocks, plan.slices, plan.per_slice)
+            (&self.gemv4_dim0[plan.kernel], plan.blocks, plan.slices, plan.per_slice, 0)
         };
         // SAFETY: threads < ⌈outs/group⌉·group/(8·V) and inputs < ins of the packed buffers
         // (V and the alignment it needs checked by the plan); the caller's buffers.
@@ -969,7 +969,7 @@ impl Gpu {
     /// The launches of a 4-bit product kernel (`gemv4_dim0_*`, `gemm4_tc_*`: the same
     /// parameters): `y` zeroed (unless it holds zeros already), then the rows in tiles of at most
     /// `tile` rows, each tile the kernel, blocks (of `threads`), slices and inputs per slice that
-    /// `plan` gives for its rows. `store` (`gemm4_tc_*` only, which take four more parameters):
+    /// `plan` gives for its rows (and the bytes of dynamic shared memory a block takes). `store` (`gemm4_tc_*` only, which take four more parameters):
     /// the fp16 output, bias, flags and counters of the store folded into the kernel, each tile
     /// its rows of the output (all 0: no store).
     ///
@@ -984,7 +984,7 @@ impl Gpu {
         (tile, threads, plan): (
             usize,
             u32,
-            impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize),
+            impl Fn(usize) -> (&'k CudaFunction, usize, usize, usize, u32),
         ),
         store: Option<(u64, u64, i32, u64)>,
     ) -> Result<(), CudaError> {
@@ -1002,7 +1002,7 @@ impl Gpu {
         }
         for b0 in (0..nb).step_by(tile) {
             let rows = (nb - b0).min(tile);
-            let (f, blocks, slices, per_slice) = plan(rows);
+            let (f, blocks, slices, per_slice, smem) = plan(rows);
             let (o, i, lx, g, ps, tr) =
                 (dim(outs), dim(ins), dim(ldx), dim(group), dim(per_slice), dim(rows));
             let cfg = LaunchConfig {
@@ -1012,7 +1012,7 @@ impl Gpu {
                     1,
                 ),
                 block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: smem,
             };
             let (xt, yt) = (x + (b0 * ldx * 2) as u64, y + (b0 * outs * 4) as u64);
             let mut l = self.stream.launch_builder(f);
@@ -1072,7 +1072,8 @@ impl Gpu {
         }
         let tiles = |rows| {
             let plan = self.gemm4_tc_plan(rows, (outs, ins));
-            (&self.gemm4_tc[plan.kernel], plan.blocks, plan.slices, plan.per_slice)
+            let k = plan.kernel;
+            (&self.gemm4_tc[k], plan.blocks, plan.slices, plan.per_slice, self.gemm4_tc_ring[k])
         };
         // SAFETY: blocks of 256 outputs within ⌈outs/group⌉·group coded ones, inputs < ins, the
         // alignment the kernel needs checked by gemm4_tc_fits; the caller's buffers.

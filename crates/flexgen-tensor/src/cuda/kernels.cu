@@ -1200,7 +1200,8 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // gemm4_tc_tile), its partial sums added to the fp32 y
 // [nb, outs] with atomicAdd, as gemv4's. The inputs go through shared memory K at a time (GT_K_OF) in a ring
 // of S stages filled by cp.async, S − 1 in flight while one is used (GT_S: 4 of 32 inputs; of 64,
-// 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=32" or 64 sets every tile's): the codes as they
+// 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=32" or 64 sets every tile's, GT_K8 the 64-row
+// tile's, GT_STAGES every tile's stages), in dynamic shared memory (GT_RING bytes): the codes as they
 // lie in memory (a row of 128 bytes per input), the pairs by group then input, x by row then
 // input; the 16-byte chunks of a code row and of an x row are placed with an XOR of the row so
 // that the warps' reads below fall in distinct banks.
@@ -1226,8 +1227,13 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 #define GT_K 0 // 32 or 64 for every tile; 0: each tile's own (GT_K_OF)
 #endif
 // Inputs a stage of the tile of 8·nt rows: 64 (three stages) up to 32 rows, 32 (four) for 64 rows,
-// where two stages of 64 ran 7 % slower (session 21; 1 to 32 rows 1–3 % faster with 64).
-#define GT_K_OF(nt) (GT_K ? GT_K : (nt) == 8 ? 32 : 64)
+// where two stages of 64 ran 7 % slower (session 21; 1 to 32 rows 1–3 % faster with 64), and
+// three or four stages of 64 (GT_K8=64 GT_STAGES=3 or 4) 3–11 % slower on OPT-30B's and
+// OPT-175B's matrices (session 23, call 3).
+#ifndef GT_K8
+#define GT_K8 32
+#endif
+#define GT_K_OF(nt) (GT_K ? GT_K : (nt) == 8 ? GT_K8 : 64)
 #define GT_O 256
 // store_f32 folded into the product (where `done` is given): the block that adds the last slice's
 // sums to a column of GT_O outputs (`done[blockIdx.x]` counts the column's finished slices, each
@@ -1242,8 +1248,7 @@ struct Store4 {
     unsigned* done;
 };
 // `last`: a word of shared memory the block no longer reads (the product's ring, after its last
-// step: a static variable of its own would take the 48 KB that the 32-row tile's ring of 64-input
-// stages fills).
+// step: a variable of its own would add to the shared memory the ring takes).
 // `col`: the column's index (its counter), `n` of its `total` 64-input chunks added by this block.
 __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int col, unsigned n, unsigned total,
                                                const Store4& st4, volatile int* last) {
@@ -1307,8 +1312,16 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int c
 #ifndef GT_SX4
 #define GT_SX4 0
 #endif
-// Stages of the ring: as many as fit in 48 KB of static shared memory.
-#define GT_S(k, nt) ((k) == 32 ? 4 : (nt) == 8 ? 2 : 3)
+// Stages of the ring (GT_STAGES: every tile's), its bytes a stage (the codes, the pairs, x) and in
+// all: the block's dynamic shared memory, which the host reads from `gemm4_tc_ring` below. Four
+// stages for 1 to 32 rows (GT_STAGES=4) measured within noise at 32 rows and up to 12 % slower at
+// 16 (session 23, call 3).
+#ifndef GT_STAGES
+#define GT_STAGES 0
+#endif
+#define GT_S(k, nt) (GT_STAGES ? GT_STAGES : (k) == 32 ? 4 : (nt) == 8 ? 2 : 3)
+#define GT_STAGE_BYTES(k, nt) ((k) * GT_O / 2 + GT_O / 16 * (k) * 4 + 8 * (nt) * (k) * 2)
+#define GT_RING(nt) (GT_S(GT_K_OF(nt), nt) * GT_STAGE_BYTES(GT_K_OF(nt), nt))
 // The XOR that places x chunk c of row r (k / 8 chunks a row).
 #define GT_XSW(k, r) ((k) == 32 ? ((r) & 2) : 2 * ((r) & 3))
 
@@ -1326,7 +1339,9 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     // A stage of the ring, in bytes: the codes [input][word] (K × GT_O / 8 words), the pairs
     // [group][input] (room for GT_O / 16 groups), x [row][input] (8·NT × K halves).
     constexpr unsigned CS = K * GT_O / 2, PS = GT_O / 16 * K * 4, XS = 8 * NT * K * 2, STAGE = CS + PS + XS;
-    __shared__ __align__(16) unsigned char ring[S][STAGE];
+    static_assert(S * STAGE == GT_RING(NT), "the ring the host gives");
+    extern __shared__ __align__(16) unsigned char gt_ring[];
+    unsigned char(*ring)[STAGE] = reinterpret_cast<unsigned char(*)[STAGE]>(gt_ring);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int chunks = (outs + gs - 1) / gs, coded = chunks * gs;
     const long long per_input = (long long)coded / 2; // code bytes of one input
@@ -1537,3 +1552,5 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned c
                                                                                 half_t* out, const half_t* bias, int flags, unsigned* done) {
     gemm4_tc_tile<8, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
+// The bytes of each tile's ring (the dynamic shared memory of gemm4_tc_1, _2, _4, _8).
+extern "C" __constant__ unsigned gemm4_tc_ring[4] = {GT_RING(1), GT_RING(2), GT_RING(4), GT_RING(8)};

@@ -71,6 +71,9 @@ pub struct Gpu {
     pub(super) sms: usize,
     /// Blocks of each `gemm4_tc` kernel that run at once on the device (a wave).
     pub(super) gemm4_tc_wave: [usize; 4],
+    /// The bytes of each `gemm4_tc` kernel's ring (its dynamic shared memory), as kernels.cu's
+    /// `gemm4_tc_ring` gives them for the defines it was built with.
+    pub(super) gemm4_tc_ring: [u32; 4],
     pub(super) dequant_cache: CudaFunction,
     pub(super) quant_cache: CudaFunction,
     pub(super) silu_mul: CudaFunction,
@@ -194,11 +197,25 @@ impl Gpu {
         .unwrap_or(1)
         .max(1);
         let gemm4_tc = [f("gemm4_tc_1")?, f("gemm4_tc_2")?, f("gemm4_tc_4")?, f("gemm4_tc_8")?];
+        let ring_bytes = module.get_global("gemm4_tc_ring", &stream)?;
+        let mut bytes = [0u8; 16];
+        if ring_bytes.len() != bytes.len() {
+            return Err(CudaError::Compile("kernels.cu's gemm4_tc_ring is not 4 values".into()));
+        }
+        stream.memcpy_dtoh(&ring_bytes, &mut bytes)?;
+        let gemm4_tc_ring: [u32; 4] = std::array::from_fn(|i| {
+            u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+        });
         let mut gemm4_tc_wave = [sms; 4];
-        for (w, k) in gemm4_tc_wave.iter_mut().zip(&gemm4_tc) {
+        for ((w, k), &ring) in gemm4_tc_wave.iter_mut().zip(&gemm4_tc).zip(&gemm4_tc_ring) {
+            // Rings above the 48 KB a block gets unasked.
+            k.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                i32::try_from(ring).unwrap_or(i32::MAX),
+            )?;
             let per_sm = k.occupancy_max_active_blocks_per_multiprocessor(
                 super::exec::GEMM4_TC_THREADS,
-                0,
+                ring as usize,
                 None,
             )?;
             *w = sms * usize::try_from(per_sm).unwrap_or(1).max(1);
@@ -207,6 +224,7 @@ impl Gpu {
             tensor_cores: major >= 8,
             sms,
             gemm4_tc_wave,
+            gemm4_tc_ring,
             blas: CudaBlas::new(stream.clone())?,
             lt: super::lt::Lt::new(&stream, major)?,
             embed: f("embed")?,
