@@ -2,7 +2,8 @@
 # On the GPU machine (issue 18): CUDA stages over processes, the cases the token check
 # (`RANKS=1 gpu_pipeline_check.sh`) does not cover. (1) `--link nccl` with two ranks on one GPU:
 # NCCL refuses two ranks on one device, so the run must stop with NCCL's reason, exit 1 and no
-# hang. (2) A rank whose stage cannot be built is named by rank 0 and no rank hangs. (3) Speed:
+# hang. (2) A rank whose stage cannot be built is named by rank 0 and no rank hangs. (4) The
+# report's memory counts every rank's (rank 1's weights on disk: disk bytes above 0). (3) Speed:
 # OPT-6.7B (dummy), all on the GPU, prompt 512, gen 32, 64×2: one process, and two ranks over the
 # TCP ring (hidden states through host memory) on the same GPU, and two stages in one process. Usage: gpu_ranks_check.sh [BIN_DIR]
 B=${1:-target/release}
@@ -26,6 +27,13 @@ timeout 180 "$B/flexgen-run" "${P[@]}" --nproc 2 --policy $D/p.toml --offload-di
 echo "exit $rc after $(( $(date +%s) - start )) s"; tail -3 $D/2.err
 if [ $rc = 0 ] || [ $rc = 124 ] || ! grep -q "rank 1" $D/2.err; then echo "FAIL (2)"; fail=1; fi
 sleep 2; if pgrep -f "flexgen-run.*$D" > /dev/null; then echo "FAIL (2): a rank outlived rank 0"; fail=1; fi
+
+echo "== (4) the report counts every rank: rank 1's weights on disk, two ranks over the TCP ring"
+# (2)'s policy: rank 1's layers [2, 4) on disk, rank 0's on the GPU.
+timeout 180 "$B/flexgen-run" "${P[@]}" --nproc 2 --link tcp --policy $D/p.toml --offload-dir $D/off4 --json > $D/4.out 2> $D/4.err; rc=$?
+disk=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tier_bytes"]["disk"])' $D/4.out 2>/dev/null)
+echo "exit $rc; tier_bytes.disk ${disk:-?}"
+if [ $rc != 0 ] || [ "${disk:-0}" -le 0 ]; then echo "FAIL (4): $(tail -3 $D/4.err | tr '\n' ' ')"; fail=1; fi
 
 echo "== (3) speed: OPT-6.7B all on the GPU, 64x2, prompt 512, gen 32"
 S=(--model opt-6.7b --dummy --prompt-len 512 --num-prompts 128 --max-new-tokens 32 --ignore-eos --device cuda

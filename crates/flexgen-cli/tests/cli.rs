@@ -642,6 +642,27 @@ fn nproc_runs_the_pipeline_in_processes_and_names_a_failing_rank() {
         flexgen_policy::Stage { layers: [2, 4], placement: Some(on_disk), cpu_cache_compute: None },
     ];
     let policy = dir.path().join("p.toml");
+    // With a folder that can be made: the report's memory over two processes is the two stages'
+    // in one (rank 1's weights on disk counted by rank 0).
+    let ok_policy = dir.path().join("ok.toml");
+    flexgen_policy::Policy { offload_dir: Some(dir.path().join("offload")), ..p.clone() }
+        .write_toml_file(&ok_policy)
+        .unwrap();
+    let tiers = |extra: &[&str]| {
+        let o = bin("flexgen-run")
+            .arg("--policy")
+            .arg(&ok_policy)
+            .args(["--prompt", "Amen", "--max-new-tokens", "4", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o).1);
+        let v: serde_json::Value = serde_json::from_str(&text(&o).0).unwrap();
+        v["tier_bytes"].clone()
+    };
+    let one = tiers(&[]);
+    assert!(one["disk"].as_u64().unwrap() > 0, "{one}");
+    assert_eq!(tiers(&["--nproc", "2"]), one);
     p.write_toml_file(&policy).unwrap();
     let started = std::time::Instant::now();
     let o = bin("flexgen-run")

@@ -29,6 +29,9 @@ pub(crate) struct HostStage<'m> {
     /// On rank 0 of a pipeline over processes: the ring through the other ranks' stages, which
     /// run after `parts` (its first stage).
     ring: Option<Wire>,
+    /// On rank 0 of a pipeline over processes: the other ranks' stages (layers, policy), whose
+    /// memory the report counts with its own.
+    rest: Vec<(Range<u32>, Policy)>,
 }
 
 /// One stage of the pipeline: its layers, the policy its tensors are placed by, its weights.
@@ -66,7 +69,7 @@ impl<'m> HostStage<'m> {
             .iter()
             .map(|(r, p)| Self::part(model, r, p, budgets))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { model, device: Device::Cpu, budgets, parts, ring: None })
+        Ok(Self { model, device: Device::Cpu, budgets, parts, ring: None, rest: Vec::new() })
     }
 
     /// Rank 0 of a pipeline over processes, one stage each (`stages` has one per rank): builds
@@ -81,7 +84,8 @@ impl<'m> HostStage<'m> {
         check_stages(model, stages)?;
         let part = Self::part(model, &stages[0].0, &stages[0].1, budgets)?;
         let ring = ranks::coordinate(spec)?;
-        Ok(Self { model, device: Device::Cpu, budgets, parts: vec![part], ring: Some(ring) })
+        let rest = stages[1..].to_vec();
+        Ok(Self { model, device: Device::Cpu, budgets, parts: vec![part], ring: Some(ring), rest })
     }
 
     /// Rank r > 0 of a pipeline over processes: joins the ring, builds stage r, and runs it on
@@ -99,7 +103,14 @@ impl<'m> HostStage<'m> {
         check_stages(model, stages).map_err(fail)?;
         let (r, p) = &stages[spec.rank as usize];
         let part = Self::part(model, r, p, budgets).map_err(fail)?;
-        let me = Self { model, device: Device::Cpu, budgets, parts: Vec::new(), ring: None };
+        let me = Self {
+            model,
+            device: Device::Cpu,
+            budgets,
+            parts: Vec::new(),
+            ring: None,
+            rest: Vec::new(),
+        };
         let mut stores = None;
         loop {
             match wire.recv()? {
@@ -430,16 +441,23 @@ impl Stage for HostStage<'_> {
         };
         let mut need = tiers::TierBytes::default();
         let mut stores = Vec::with_capacity(self.parts.len());
-        for part in &self.parts {
-            let n = Self::plan(self.model, &part.policy, capacity, part.layers.clone())?.totals();
-            tiers::check(&n, &self.budgets)?;
-            // The report sums the stages (each a device of its own in a real pipeline).
+        // The report sums the stages (each a device of its own in a real pipeline), the other
+        // ranks' too (each checks its own against the budgets).
+        let mut add = |policy: &Policy, layers: &Range<u32>| -> Result<tiers::TierBytes> {
+            let n = Self::plan(self.model, policy, capacity, layers.clone())?.totals();
             need = tiers::TierBytes {
                 gpu: need.gpu + n.gpu,
                 cpu: need.cpu + n.cpu,
                 disk: need.disk + n.disk,
             };
+            Ok(n)
+        };
+        for part in &self.parts {
+            tiers::check(&add(&part.policy, &part.layers)?, &self.budgets)?;
             stores.push(self.stores(part, &shapes, max_len)?);
+        }
+        for (layers, policy) in &self.rest {
+            add(policy, layers)?;
         }
         // The other ranks' stages set up theirs; the block comes back round once they have.
         if let Some(ring) = &self.ring {

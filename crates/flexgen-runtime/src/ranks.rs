@@ -87,6 +87,20 @@ pub(crate) enum Msg {
     /// to rank 0) once the block is done: after everything else r sends for the block (rank 0
     /// sends none moved).
     Traffic(crate::tiers::Traffic),
+    /// CUDA ranks, at the end of a `generate` call: rank 0's request (empty) goes down the
+    /// ranks, each adds its own, and the last sends the list back to rank 0, which reports the
+    /// whole pipeline's memory.
+    Usage(Vec<RankUsage>),
+}
+
+/// What a CUDA rank holds at the end of a `generate` call: on its GPU (`gpu`, the ordinal: ranks
+/// that share a GPU read the same device's use), in its process's host memory and on disk, and
+/// the bytes it moved outside the blocks (the cache's disk reads and writes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RankUsage {
+    pub gpu: usize,
+    pub required: crate::tiers::TierBytes,
+    pub traffic: crate::tiers::Traffic,
 }
 
 /// A group of micro-batches on its way round the ring at step `step`: micro-batches
@@ -163,6 +177,13 @@ fn get_flag(r: &mut impl Read) -> std::io::Result<bool> {
     Ok(b[0] != 0)
 }
 
+fn put_traffic(w: &mut impl Write, t: &crate::tiers::Traffic) -> std::io::Result<()> {
+    for v in [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write] {
+        w.write_all(&v.to_le_bytes())?;
+    }
+    Ok(())
+}
+
 fn get_traffic(r: &mut impl Read) -> std::io::Result<crate::tiers::Traffic> {
     let mut counts = [0u64; 4];
     for c in &mut counts {
@@ -203,6 +224,7 @@ impl Msg {
             Msg::Picks { .. } => "a CUDA step's picks",
             Msg::Feed(_) => "a CUDA step's feed",
             Msg::Traffic(_) => "a CUDA block's traffic",
+            Msg::Usage(_) => "the CUDA ranks' memory",
         }
     }
 
@@ -247,10 +269,7 @@ impl Msg {
                     }
                     w.write_all(bytemuck::cast_slice(&hidden_values(x)?))?;
                 }
-                let t = &g.traffic;
-                for v in [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write] {
-                    w.write_all(&v.to_le_bytes())?;
-                }
+                put_traffic(w, &g.traffic)?;
             }
             Msg::Failed { rank, message } => {
                 w.write_all(&[3])?;
@@ -331,8 +350,17 @@ impl Msg {
             }
             Msg::Traffic(t) => {
                 w.write_all(&[11])?;
-                for v in [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write] {
-                    w.write_all(&v.to_le_bytes())?;
+                put_traffic(w, t)?;
+            }
+            Msg::Usage(ranks) => {
+                w.write_all(&[13])?;
+                put_u64(w, ranks.len())?;
+                for u in ranks {
+                    put_u64(w, u.gpu)?;
+                    for v in [u.required.gpu, u.required.cpu, u.required.disk] {
+                        w.write_all(&v.to_le_bytes())?;
+                    }
+                    put_traffic(w, &u.traffic)?;
                 }
             }
         }
@@ -445,6 +473,22 @@ impl Msg {
                 None
             }),
             11 => Msg::Traffic(get_traffic(r)?),
+            13 => {
+                let n = get_len(r, 1 << 16)?;
+                let mut ranks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let gpu = get_len(r, 1 << 16)?;
+                    let mut b = [0u64; 3];
+                    for v in &mut b {
+                        let mut x = [0u8; 8];
+                        r.read_exact(&mut x)?;
+                        *v = u64::from_le_bytes(x);
+                    }
+                    let required = crate::tiers::TierBytes { gpu: b[0], cpu: b[1], disk: b[2] };
+                    ranks.push(RankUsage { gpu, required, traffic: get_traffic(r)? });
+                }
+                Msg::Usage(ranks)
+            }
             12 => {
                 let (first, count) = (get_len(r, 1 << 16)?, get_len(r, 1 << 16)?);
                 Msg::Sent { first, count, bytes: get_len(r, 1 << 36)? }
@@ -670,6 +714,15 @@ mod tests {
             Msg::Feed(Some(vec![vec![1, 2], vec![3]])),
             Msg::Feed(None),
             Msg::Traffic(traffic),
+            Msg::Usage(Vec::new()),
+            Msg::Usage(vec![
+                RankUsage {
+                    gpu: 1,
+                    required: crate::tiers::TierBytes { gpu: 5, cpu: 6, disk: 7 },
+                    traffic,
+                },
+                RankUsage::default(),
+            ]),
         ];
         for m in &msgs {
             let b = bytes(m);

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use flexgen_tensor::cuda::{device_count, link_id, nccl_present};
 
 use super::pipeline::{Handoff, check_shapes, first_error};
-use crate::ranks::{self, Msg, RankLink, RankSpec, Wire};
+use crate::ranks::{self, Msg, RankLink, RankSpec, RankUsage, Wire};
 
 /// This process's stage of a pipeline of CUDA ranks.
 pub(crate) struct CudaRank<'m> {
@@ -187,6 +187,10 @@ impl<'m> CudaRank<'m> {
                         me.wire.send(&Msg::Input(block.clone()))?;
                     }
                     me.serve_block(&block)?;
+                }
+                Msg::Usage(mut ranks) => {
+                    ranks.push(me.usage(gpu)?);
+                    me.wire.send(&Msg::Usage(ranks))?;
                 }
                 Msg::Done => {
                     let _ = me.wire.send(&Msg::Done);
@@ -394,12 +398,45 @@ impl Stage for CudaRank<'_> {
         self.stage.lock().expect("a stage's lock").max_width()
     }
 
+    /// Rank 0's stage, then the other ranks' memory and bytes moved (`Msg::Usage` round the
+    /// ring), so that the report covers the whole pipeline.
     fn finish(&self, stats: &mut RunStats) -> Result<()> {
-        self.stage.lock().expect("a stage's lock").finish(stats)
+        self.stage.lock().expect("a stage's lock").finish(stats)?;
+        if self.broken.load(Ordering::Relaxed) {
+            return Ok(()); // the other ranks have stopped
+        }
+        self.wire.send(&Msg::Usage(Vec::new()))?;
+        match self.wire.recv()? {
+            Msg::Usage(ranks) => add_usage(stats, &ranks),
+            m => return Err(self.wire.not_due(m)),
+        }
+        Ok(())
     }
 }
 
+/// Adds the other ranks' usage to rank 0's `stats` (rank 0's GPU is ordinal 0): host memory,
+/// disk and bytes moved add up; a GPU's use counts once, the largest reading of the ranks on it
+/// (each reads the whole device's).
+fn add_usage(stats: &mut RunStats, ranks: &[RankUsage]) {
+    let mut gpus = std::collections::BTreeMap::from([(0usize, stats.tiers.required.gpu)]);
+    for u in ranks {
+        let g = gpus.entry(u.gpu).or_default();
+        *g = (*g).max(u.required.gpu);
+        stats.tiers.required.cpu += u.required.cpu;
+        stats.tiers.required.disk += u.required.disk;
+        stats.tiers.traffic.add(u.traffic);
+    }
+    stats.tiers.required.gpu = gpus.values().sum();
+}
+
 impl CudaRank<'_> {
+    /// This rank's [`RankUsage`] (on GPU `gpu`): what its stage's `finish` reports.
+    fn usage(&self, gpu: usize) -> Result<RankUsage> {
+        let mut own = RunStats::default();
+        self.stage.lock().expect("a stage's lock").finish(&mut own)?;
+        Ok(RankUsage { gpu, required: own.tiers.required, traffic: own.tiers.traffic })
+    }
+
     /// Rank 0: the other ranks stop once the end has gone round.
     pub(crate) fn stop_ranks(&self) {
         if self.wire.rank == 0 {
@@ -411,5 +448,28 @@ impl CudaRank<'_> {
 impl Drop for CudaRank<'_> {
     fn drop(&mut self) {
         self.stop_ranks();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiers::{TierBytes, Traffic};
+
+    /// Ranks on their own GPUs add their devices' use; ranks that share rank 0's GPU (or
+    /// another's) count it once, at the largest reading; host memory, disk and bytes moved add.
+    #[test]
+    fn the_ranks_usage_adds_up_each_gpu_once() {
+        let mut stats = RunStats::default();
+        stats.tiers.required = TierBytes { gpu: 100, cpu: 10, disk: 1 };
+        stats.tiers.traffic.disk_read = 5;
+        let rank = |gpu, g, c, d| RankUsage {
+            gpu,
+            required: TierBytes { gpu: g, cpu: c, disk: d },
+            traffic: Traffic { disk_read: 1, disk_write: 2, ..Traffic::default() },
+        };
+        add_usage(&mut stats, &[rank(1, 40, 20, 2), rank(0, 120, 30, 3), rank(1, 50, 40, 4)]);
+        assert_eq!(stats.tiers.required, TierBytes { gpu: 120 + 50, cpu: 100, disk: 10 });
+        assert_eq!((stats.tiers.traffic.disk_read, stats.tiers.traffic.disk_write), (8, 6));
     }
 }
