@@ -969,9 +969,10 @@ impl Gpu {
     /// The launches of a 4-bit product kernel (`gemv4_dim0_*`, `gemm4_tc_*`: the same
     /// parameters): `y` zeroed (unless it holds zeros already), then the rows in tiles of at most
     /// `tile` rows, each tile the kernel, blocks (of `threads`), slices and inputs per slice that
-    /// `plan` gives for its rows (and the bytes of dynamic shared memory a block takes). `store` (`gemm4_tc_*` only, which take four more parameters):
-    /// the fp16 output, bias, flags and counters of the store folded into the kernel, each tile
-    /// its rows of the output (all 0: no store).
+    /// `plan` gives for its rows (and the bytes of dynamic shared memory a block takes). `store`
+    /// (`gemm4_tc_*` only, which take four more parameters): the fp16 output, bias, flags and
+    /// counters of the store folded into the kernel, each tile its rows of the output (all 0: no
+    /// store).
     ///
     /// # Safety
     /// As [`Gpu::gemv4_dim0`]; `plan`'s kernels read and write only inside the shapes given.

@@ -208,11 +208,20 @@ impl Gpu {
         });
         let mut gemm4_tc_wave = [sms; 4];
         for ((w, k), &ring) in gemm4_tc_wave.iter_mut().zip(&gemm4_tc).zip(&gemm4_tc_ring) {
-            // Rings above the 48 KB a block gets unasked.
-            k.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                i32::try_from(ring).unwrap_or(i32::MAX),
-            )?;
+            // A ring above the 48 KB a block gets unasked (only with FLEXGEN_NVRTC_DEFINES'
+            // GT_STAGES or GT_K: the built-in rings fit in 48 KB).
+            if ring > 48 << 10 {
+                k.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    i32::try_from(ring).unwrap_or(i32::MAX),
+                )
+                .map_err(|e| {
+                    CudaError::Compile(format!(
+                        "gemm4_tc's ring of {ring} bytes of shared memory, more than this GPU \
+                         gives a block? (FLEXGEN_NVRTC_DEFINES' GT_STAGES or GT_K): {e}"
+                    ))
+                })?;
+            }
             let per_sm = k.occupancy_max_active_blocks_per_multiprocessor(
                 super::exec::GEMM4_TC_THREADS,
                 ring as usize,
