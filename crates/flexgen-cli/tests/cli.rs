@@ -663,6 +663,30 @@ fn nproc_runs_the_pipeline_in_processes_and_names_a_failing_rank() {
     let one = tiers(&[]);
     assert!(one["disk"].as_u64().unwrap() > 0, "{one}");
     assert_eq!(tiers(&["--nproc", "2"]), one);
+    // A block too large for rank 1's stage (three layers, where rank 0's one fits) is refused
+    // before it runs, as one process refuses it (rank 1 used to run it past the budget).
+    let lopsided = dir.path().join("lopsided.toml");
+    let stage = |layers| flexgen_policy::Stage { layers, placement: None, cpu_cache_compute: None };
+    flexgen_policy::Policy {
+        stages: vec![stage([0, 1]), stage([1, 4])],
+        ..flexgen_policy::Policy::default()
+    }
+    .write_toml_file(&lopsided)
+    .unwrap();
+    let refused = |extra: &[&str]| {
+        let o = bin("flexgen-run")
+            .arg("--policy")
+            .arg(&lopsided)
+            .args(["--prompt-len", "200", "--num-prompts", "16", "--gpu-batch-size", "16"])
+            .args(["--max-new-tokens", "32", "--gpu-mem-limit", "70MB"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{extra:?}: ran past the budget");
+        let err = text(&o).1;
+        err.lines().find(|l| l.contains("the GPU tier needs")).map(String::from).unwrap_or(err)
+    };
+    assert_eq!(refused(&["--nproc", "2"]), refused(&[]));
     p.write_toml_file(&policy).unwrap();
     let started = std::time::Instant::now();
     let o = bin("flexgen-run")

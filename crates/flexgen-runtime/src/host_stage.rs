@@ -441,8 +441,9 @@ impl Stage for HostStage<'_> {
         };
         let mut need = tiers::TierBytes::default();
         let mut stores = Vec::with_capacity(self.parts.len());
-        // The report sums the stages (each a device of its own in a real pipeline), the other
-        // ranks' too (each checks its own against the budgets).
+        // Each stage checked against the budgets, the other ranks' too (every rank has the same
+        // command line; they do not check their blocks); the report sums the stages (each a
+        // device of its own in a real pipeline).
         let mut add = |policy: &Policy, layers: &Range<u32>| -> Result<tiers::TierBytes> {
             let n = Self::plan(self.model, policy, capacity, layers.clone())?.totals();
             need = tiers::TierBytes {
@@ -457,7 +458,7 @@ impl Stage for HostStage<'_> {
             stores.push(self.stores(part, &shapes, max_len)?);
         }
         for (layers, policy) in &self.rest {
-            add(policy, layers)?;
+            tiers::check(&add(policy, layers)?, &self.budgets)?;
         }
         // The other ranks' stages set up theirs; the block comes back round once they have.
         if let Some(ring) = &self.ring {
