@@ -3,8 +3,9 @@
 //! against today's path for a packed layer (dequantize W to fp16 with `dequant_dim0`, then the
 //! fp16 GEMM), for decode batches of 1 to 128 rows. First checks both kernels against the
 //! dequantize-then-GEMM result. Run on a GPU machine:
-//! `cargo run --release -p flexgen-tensor --example gemv4_bench`. Figures only, no verdict but
-//! the check (exit 1 if it fails).
+//! `cargo run --release -p flexgen-tensor --example gemv4_bench` (`GEMV4_GROUP=128`: groups of
+//! 128 inputs, Marlin's size, instead of FlexGen's 64). Figures only, no verdict but the check
+//! (exit 1 if it fails).
 
 #![expect(clippy::print_stdout, reason = "a benchmark prints its table")]
 #![expect(clippy::cast_precision_loss, reason = "rates")]
