@@ -15,7 +15,7 @@
 #           variants  gemv4_bench and cuda_check under each of VARIANTS (FLEXGEN_NVRTC_DEFINES
 #                     values, `;` apart)
 #           envs      cuda_check under each of ENVS (environments, `;` apart)
-#           ncu       Nsight Compute on gemm4_tc at 1 and 32 rows
+#           ncu       Nsight Compute on gemm4_tc at 1, 32 and 64 rows (OPT-175B fc1)
 #           bench     gemv4_bench and
 #                     host_attention_bench at 1,024 × 1 and 64 × 8, fp16 and 4-bit packed
 #           executor  gpu_executor_check.sh (every placement's tokens; JOBS at a time, default 8)
@@ -93,11 +93,11 @@ for part in ${PARTS:-check bench executor pipeline ranks s4}; do
       # ENVS="FLEXGEN_Q4_WARPS=8;FLEXGEN_Q4_WARPS=2" for the attention's timing line.
       under_each "${ENVS:-FLEXGEN_Q4_WARPS=8}" check 120 "$B/cuda_check" ;;
     ncu)
-      # Nsight Compute on the tensor-core 4-bit product at 1 row (gemm4_tc_1, its second launch in
-      # gemv4_bench) and 32 rows (gemm4_tc_4, its first): stalls, pipes, instructions.
+      # Nsight Compute on the tensor-core 4-bit product at OPT-175B fc1's shape, 1, 32 and 64 rows
+      # (gemm4_tc_1, _4, _8: each kernel's sixth launch in gemv4_bench, after its five in the
+      # checks): stalls, pipes, instructions.
       NCU=(ncu --clock-control none --set full --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum")
-      t ncu_tc1 150 "${NCU[@]}" -k regex:gemm4_tc_1 -s 2 -c 1 "$B/gemv4_bench"
-      t ncu_tc4 150 "${NCU[@]}" -k regex:gemm4_tc_4 -s 1 -c 1 "$B/gemv4_bench" ;;
+      for k in 1 4 8; do t "ncu_tc$k" 150 "${NCU[@]}" -k "regex:gemm4_tc_$k" -s 5 -c 1 "$B/gemv4_bench"; done ;;
     bench)
       t gemv4 180 "$B/gemv4_bench"
       for a in "1024 512 1 15 0" "1024 512 1 15 4" "64 512 8 15 0" "64 512 8 15 4"; do
