@@ -641,7 +641,10 @@ fn nproc_runs_the_pipeline_in_processes_and_names_a_failing_rank() {
         flexgen_policy::Stage { layers: [0, 2], placement: None, cpu_cache_compute: None },
         flexgen_policy::Stage { layers: [2, 4], placement: Some(on_disk), cpu_cache_compute: None },
     ];
-    let policy = dir.path().join("p.toml");
+    // `flexgen-run --policy FILE ARGS…`.
+    let run_policy = |policy: &Path, args: &[&str]| {
+        bin("flexgen-run").arg("--policy").arg(policy).args(args).output().unwrap()
+    };
     // With a folder that can be made: the report's memory over two processes is the two stages'
     // in one (rank 1's weights on disk counted by rank 0).
     let ok_policy = dir.path().join("ok.toml");
@@ -649,13 +652,8 @@ fn nproc_runs_the_pipeline_in_processes_and_names_a_failing_rank() {
         .write_toml_file(&ok_policy)
         .unwrap();
     let tiers = |extra: &[&str]| {
-        let o = bin("flexgen-run")
-            .arg("--policy")
-            .arg(&ok_policy)
-            .args(["--prompt", "Amen", "--max-new-tokens", "4", "--json"])
-            .args(extra)
-            .output()
-            .unwrap();
+        let args = [&["--prompt", "Amen", "--max-new-tokens", "4", "--json"], extra].concat();
+        let o = run_policy(&ok_policy, &args);
         assert!(o.status.success(), "{}", text(&o).1);
         let v: serde_json::Value = serde_json::from_str(&text(&o).0).unwrap();
         v["tier_bytes"].clone()
@@ -674,27 +672,23 @@ fn nproc_runs_the_pipeline_in_processes_and_names_a_failing_rank() {
     .write_toml_file(&lopsided)
     .unwrap();
     let refused = |extra: &[&str]| {
-        let o = bin("flexgen-run")
-            .arg("--policy")
-            .arg(&lopsided)
-            .args(["--prompt-len", "200", "--num-prompts", "16", "--gpu-batch-size", "16"])
-            .args(["--max-new-tokens", "32", "--gpu-mem-limit", "70MB"])
-            .args(extra)
-            .output()
-            .unwrap();
+        let args = [
+            &["--prompt-len", "200", "--num-prompts", "16", "--gpu-batch-size", "16"][..],
+            &["--max-new-tokens", "32", "--gpu-mem-limit", "70MB"],
+            extra,
+        ]
+        .concat();
+        let o = run_policy(&lopsided, &args);
         assert!(!o.status.success(), "{extra:?}: ran past the budget");
         let err = text(&o).1;
         err.lines().find(|l| l.contains("the GPU tier needs")).map(String::from).unwrap_or(err)
     };
     assert_eq!(refused(&["--nproc", "2"]), refused(&[]));
+    // The folder cannot be made: rank 1 fails as described above.
+    let policy = dir.path().join("p.toml");
     p.write_toml_file(&policy).unwrap();
     let started = std::time::Instant::now();
-    let o = bin("flexgen-run")
-        .arg("--policy")
-        .arg(&policy)
-        .args(["--prompt", "Amen", "--max-new-tokens", "4", "--nproc", "2"])
-        .output()
-        .unwrap();
+    let o = run_policy(&policy, &["--prompt", "Amen", "--max-new-tokens", "4", "--nproc", "2"]);
     let (_, err) = text(&o);
     assert!(!o.status.success(), "a failed rank went unnoticed");
     assert!(err.contains("rank 1") && err.contains("not-a-folder"), "{err}");
@@ -705,12 +699,7 @@ fn nproc_runs_the_pipeline_in_processes_and_names_a_failing_rank() {
     p.stages.clear();
     p.write_toml_file(&policy).unwrap();
     let started = std::time::Instant::now();
-    let o = bin("flexgen-run")
-        .arg("--policy")
-        .arg(&policy)
-        .args(["--prompt", "Amen", "--max-new-tokens", "4", "--nproc", "3"])
-        .output()
-        .unwrap();
+    let o = run_policy(&policy, &["--prompt", "Amen", "--max-new-tokens", "4", "--nproc", "3"]);
     let (_, err) = text(&o);
     assert!(!o.status.success() && err.contains("not-a-folder"), "{err}");
     assert!(started.elapsed().as_secs() < 20, "stopped after {:?}", started.elapsed());

@@ -177,21 +177,27 @@ fn get_flag(r: &mut impl Read) -> std::io::Result<bool> {
     Ok(b[0] != 0)
 }
 
-fn put_traffic(w: &mut impl Write, t: &crate::tiers::Traffic) -> std::io::Result<()> {
-    for v in [t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write] {
-        w.write_all(&v.to_le_bytes())?;
-    }
-    Ok(())
+/// Byte counts, unbounded (unlike `put_u64`'s lengths).
+fn put_counts(w: &mut impl Write, counts: &[u64]) -> std::io::Result<()> {
+    counts.iter().try_for_each(|v| w.write_all(&v.to_le_bytes()))
 }
 
-fn get_traffic(r: &mut impl Read) -> std::io::Result<crate::tiers::Traffic> {
-    let mut counts = [0u64; 4];
+fn get_counts<const N: usize>(r: &mut impl Read) -> std::io::Result<[u64; N]> {
+    let mut counts = [0u64; N];
     for c in &mut counts {
         let mut b = [0u8; 8];
         r.read_exact(&mut b)?;
         *c = u64::from_le_bytes(b);
     }
-    let [cpu_to_gpu, gpu_to_cpu, disk_read, disk_write] = counts;
+    Ok(counts)
+}
+
+fn put_traffic(w: &mut impl Write, t: &crate::tiers::Traffic) -> std::io::Result<()> {
+    put_counts(w, &[t.cpu_to_gpu, t.gpu_to_cpu, t.disk_read, t.disk_write])
+}
+
+fn get_traffic(r: &mut impl Read) -> std::io::Result<crate::tiers::Traffic> {
+    let [cpu_to_gpu, gpu_to_cpu, disk_read, disk_write] = get_counts(r)?;
     Ok(crate::tiers::Traffic { cpu_to_gpu, gpu_to_cpu, disk_read, disk_write })
 }
 
@@ -357,9 +363,7 @@ impl Msg {
                 put_u64(w, ranks.len())?;
                 for u in ranks {
                     put_u64(w, u.gpu)?;
-                    for v in [u.required.gpu, u.required.cpu, u.required.disk] {
-                        w.write_all(&v.to_le_bytes())?;
-                    }
+                    put_counts(w, &[u.required.gpu, u.required.cpu, u.required.disk])?;
                     put_traffic(w, &u.traffic)?;
                 }
             }
@@ -473,25 +477,20 @@ impl Msg {
                 None
             }),
             11 => Msg::Traffic(get_traffic(r)?),
+            12 => {
+                let (first, count) = (get_len(r, 1 << 16)?, get_len(r, 1 << 16)?);
+                Msg::Sent { first, count, bytes: get_len(r, 1 << 36)? }
+            }
             13 => {
                 let n = get_len(r, 1 << 16)?;
                 let mut ranks = Vec::with_capacity(n);
                 for _ in 0..n {
                     let gpu = get_len(r, 1 << 16)?;
-                    let mut b = [0u64; 3];
-                    for v in &mut b {
-                        let mut x = [0u8; 8];
-                        r.read_exact(&mut x)?;
-                        *v = u64::from_le_bytes(x);
-                    }
-                    let required = crate::tiers::TierBytes { gpu: b[0], cpu: b[1], disk: b[2] };
+                    let [g, c, d] = get_counts(r)?;
+                    let required = crate::tiers::TierBytes { gpu: g, cpu: c, disk: d };
                     ranks.push(RankUsage { gpu, required, traffic: get_traffic(r)? });
                 }
                 Msg::Usage(ranks)
-            }
-            12 => {
-                let (first, count) = (get_len(r, 1 << 16)?, get_len(r, 1 << 16)?);
-                Msg::Sent { first, count, bytes: get_len(r, 1 << 36)? }
             }
             k => {
                 return Err(std::io::Error::new(
