@@ -4,14 +4,17 @@
 //! fp16 GEMM), for decode batches of 1 to 128 rows. First checks both kernels against the
 //! dequantize-then-GEMM result. Run on a GPU machine:
 //! `cargo run --release -p flexgen-tensor --example gemv4_bench` (`GEMV4_GROUP=128`: groups of
-//! 128 inputs, Marlin's size, instead of FlexGen's 64). Figures only, no verdict but the check
-//! (exit 1 if it fails).
+//! 128 inputs, Marlin's size, instead of FlexGen's 64; `FLEXGEN_NVRTC_DEFINES=GT_TC=1`: the
+//! tensor-core kernel built for `gemm4_tc_layout`'s layout, which the checks then give it).
+//! Figures only, no verdict but the check (exit 1 if it fails).
 
 #![expect(clippy::print_stdout, reason = "a benchmark prints its table")]
 #![expect(clippy::cast_precision_loss, reason = "rates")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{Gemm, Store4, Weight4, addr, gemm4_tc_done_len, gemv4_plan};
+use flexgen_tensor::cuda::exec::{
+    Gemm, Store4, Weight4, addr, gemm4_tc_done_len, gemm4_tc_layout, gemv4_plan,
+};
 use flexgen_tensor::quant::{QuantSpec, quantize};
 use half::f16;
 
@@ -49,6 +52,14 @@ fn main() {
         }
     };
     println!("groups of {group} inputs");
+    // Kernels built with GT_TC=1 read W in the tensor-core layout: the checks convert it (the
+    // timings' random codes need no conversion: their shapes' inputs are multiples of 16, where
+    // the layouts are the same size).
+    let tc_layout = std::env::var("FLEXGEN_NVRTC_DEFINES")
+        .is_ok_and(|d| d.split_whitespace().any(|v| v == "GT_TC=1"));
+    if tc_layout {
+        println!("tensor-core kernel on the tensor-core layout (GT_TC=1)");
+    }
     // Checks: 4-bit weights, both kernels against dequantize + fp16 GEMM; every tile of the
     // tensor-core kernel (13 rows: 16; 32 rows; 70 rows: 64 then 8), inputs that end inside its
     // step and inside an 8-value load.
@@ -70,6 +81,15 @@ fn main() {
             (s.alloc_zeros::<f32>(nb * outs).unwrap(), s.alloc_zeros::<f32>(nb * outs).unwrap());
         let (c, pr, xa) = (addr(&codes), addr(&params), addr(&x));
         let wt = Weight4 { codes: c, params: pr, outs, ins, group };
+        let tc_w = tc_layout.then(|| {
+            let (tc, tp) = gemm4_tc_layout(&p.data, &p.params, (outs, ins), group);
+            (s.clone_htod(&tc).unwrap(), s.clone_htod(&tp).unwrap())
+        });
+        let wtc = tc_w.as_ref().map_or(wt, |(tc, tp)| Weight4 {
+            codes: addr(tc),
+            params: addr(tp),
+            ..wt
+        });
         // SAFETY: buffers allocated above for these shapes.
         let ran = unsafe {
             gpu.dequant_dim0(c, pr, addr(&w16), (outs, ins), 0..outs, group, 4).unwrap();
@@ -77,7 +97,7 @@ fn main() {
                 Gemm { lda: ldx, ..Gemm::linear(nb, outs, ins, xa, addr(&w16), addr(&y16), false) };
             gpu.gemm(&gm).unwrap();
             gpu.gemv4_dim0(wt, (xa, ldx), (addr(&y32), false), nb).unwrap();
-            gpu.gemm4_tc(wt, (xa, ldx), (addr(&yt), false), nb, None).unwrap()
+            gpu.gemm4_tc(wtc, (xa, ldx), (addr(&yt), false), nb, None).unwrap()
         };
         let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
         let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -91,7 +111,7 @@ fn main() {
                 if good { "ok" } else { "FAIL" }
             );
         }
-        ok &= check_store(&gpu, wt, (xa, ldx), nb);
+        ok &= check_store(&gpu, wtc, (xa, ldx), nb);
     }
     // Timing: OPT-175B's four matrices, OPT-30B's fc1, OPT-6.7B's (random codes: the kernel's time does not
     // depend on them).

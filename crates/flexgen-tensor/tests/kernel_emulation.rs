@@ -246,6 +246,20 @@ static std::vector<std::vector<Copy>> issued;                // [thread]: not ye
 namespace emu { static char anchor; }
 static inline unsigned smem_u32(const void* p) { return (unsigned)((const char*)p - &emu::anchor); }
 static inline void* smem_ptr(unsigned a) { return &emu::anchor + (int)a; }
+// ldmatrix (.x4, .x2): lane 8j + r gives the address of row r of matrix j (16 bytes, aligned);
+// lane 4g + t receives row g's halves 2t, 2t + 1 of matrix j in d[j].
+static inline void ldsm(unsigned* d, unsigned a, int nm) {
+    emu::Warp& w = this_warp();
+    unsigned lane = threadIdx.x & 31;
+    w.slot[lane] = a;
+    emu::wait(w.bars[0xffffffffu], 32);
+    for (int l = 0; l < 8 * nm; l++) if (w.slot[l] % 16) { fprintf(stderr, "ldmatrix row address %llu not 16-byte aligned\n", w.slot[l]); exit(3); }
+    unsigned g = lane >> 2, t = lane & 3;
+    for (int j = 0; j < nm; j++) memcpy(&d[j], (const char*)smem_ptr((unsigned)w.slot[8 * j + g]) + 4 * t, 4);
+    emu::wait(w.bars[0xffffffffu], 32);
+}
+static inline void ldsm_x4(unsigned* d, unsigned a) { ldsm(d, a, 4); }
+static inline void ldsm_x2(unsigned* d, unsigned a) { ldsm(d, a, 2); }
 static inline void cp_async16(unsigned dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({smem_ptr(dst), src, n, 16}); }
 static inline void cp_async4(unsigned dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({smem_ptr(dst), src, n, 4}); }
 static inline void red_add4(float* p, float a, float b, float c, float d) { p[0] += a; p[1] += b; p[2] += c; p[3] += d; }
@@ -444,6 +458,8 @@ struct ProductCase {
     want: Vec<f32>,
     /// The largest |min| + 15·|scale| of W's groups: how far a weight's parts reach.
     reach: f32,
+    /// W packed (`dequant_dim0`'s layout, as written to `codes` and `pairs`).
+    packed: flexgen_tensor::quant::Packed,
 }
 
 fn product_case(
@@ -465,7 +481,7 @@ fn product_case(
     write_bytes(&dir.join("codes"), &p.data);
     write_bytes(&dir.join("pairs"), &params_bytes(&p.params));
     let reach = p.params.chunks(2).map(|m| m[0].to_f32().abs() + 15.0 * m[1].to_f32().abs());
-    ProductCase { x, want, reach: reach.fold(0.0, f32::max) }
+    ProductCase { x, want, reach: reach.fold(0.0, f32::max), packed: p }
 }
 
 /// A product's outputs against the reference: sums of `ins` products taken in another order.
@@ -916,6 +932,11 @@ fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     }
     gemm4_tc_case(0, [true, false, false], "#define GT_STAGES 4\n#define GT_K8 64\n");
     gemm4_tc_case(0, [false, true, true], "");
+    // The tensor-core layout (GT_TC), each tile both ways, 32 and 64 inputs a stage.
+    gemm4_tc_case(0, [true, false, false], "#define GT_TC 1\n");
+    gemm4_tc_case(0, [false, true, true], "#define GT_TC 1\n");
+    gemm4_tc_case(32, [true, false, false], "#define GT_TC 1\n");
+    gemm4_tc_case(64, [false, false, false], "#define GT_TC 1\n");
 }
 
 /// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's
@@ -978,6 +999,17 @@ int main(int argc, char** argv) {
         (256, 520, 128, 20, 1),
     ] {
         let case = product_case(dir.path(), (outs, ins, group), nb, 11 + nb as u64);
+        if defines.contains("GT_TC 1") {
+            // W in the tensor-core layout instead of dequant_dim0's.
+            let (codes, pairs) = flexgen_tensor::cuda::exec::gemm4_tc_layout(
+                &case.packed.data,
+                &case.packed.params,
+                (outs, ins),
+                group,
+            );
+            write_bytes(&dir.path().join("codes"), &codes);
+            write_bytes(&dir.path().join("pairs"), &params_bytes(&pairs));
+        }
         let x = &case.x;
         let ldx = ins.next_multiple_of(8) + 8;
         let f = |n: &str| dir.path().join(n);

@@ -1268,6 +1268,61 @@ pub fn gemm4_tc_fits(
         && ldx.is_multiple_of(8)
 }
 
+/// W's 4-bit codes and (min, scale) pairs in the layout `gemm4_tc_*` read when kernels.cu is built
+/// with `GT_TC=1` (see there), from `dequant_dim0`'s (`quant::quantize` with 4 bits along dim 0):
+/// per 16 inputs (the last padded with zero codes and pairs), per 8 outputs, per lane of a quad,
+/// the 16 code bytes and the 16 bytes of pairs that lane expands, in the mma's order.
+/// `(outs, ins)`: W's shape; `group`: its groups' size. The same bytes as `dequant_dim0`'s layout,
+/// plus the padding.
+///
+/// # Panics
+/// If `codes` or `params` is shorter than `dequant_dim0`'s layout of that shape holds.
+pub fn gemm4_tc_layout(
+    codes: &[u8],
+    params: &[half::f16],
+    (outs, ins): (usize, usize),
+    group: usize,
+) -> (Vec<u8>, Vec<half::f16>) {
+    let chunks = outs.div_ceil(group);
+    let per_input = chunks * group / 2;
+    let kqs = ins.div_ceil(16);
+    assert!(codes.len() >= ins * per_input && params.len() >= 2 * ins * chunks, "W's layout");
+    let mut tc = vec![0u8; kqs * 16 * per_input];
+    let mut tp = vec![half::f16::ZERO; kqs * 16 * chunks * 2];
+    for kq in 0..kqs {
+        for t in 0..4 {
+            // Inputs a = 2t, b, c = 2t + 8, d of the 16 (j odd: c and d), bytes m = 0..3.
+            for j in 0..4 {
+                for bb in 0..4 {
+                    let i = 16 * kq + 2 * t + 8 * (j & 1) + (bb >> 1);
+                    if i >= ins {
+                        continue;
+                    }
+                    let m = 2 * (j >> 1) + (bb & 1);
+                    for w in 0..per_input / 4 {
+                        tc[((kq * (per_input / 4) + w) * 4 + t) * 16 + 4 * j + bb] =
+                            codes[i * per_input + 4 * w + m];
+                    }
+                }
+            }
+            // Words q: the mins of a, b; their scales; the mins of c, d; their scales.
+            for q in 0..4 {
+                for h in 0..2 {
+                    let i = 16 * kq + 2 * t + 8 * (q >> 1) + h;
+                    if i >= ins {
+                        continue;
+                    }
+                    for ch in 0..chunks {
+                        tp[(((kq * chunks + ch) * 4 + t) * 4 + q) * 2 + h] =
+                            params[2 * (i * chunks + ch) + (q & 1)];
+                    }
+                }
+            }
+        }
+    }
+    (tc, tp)
+}
+
 /// Threads of a `gemm4_tc_*` block (four warps of 64 outputs).
 pub const GEMM4_TC_THREADS: u32 = 128;
 

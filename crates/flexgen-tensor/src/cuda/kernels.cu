@@ -408,6 +408,23 @@ __device__ __forceinline__ void mma_16816(float* d, const unsigned* a, uint2 b) 
     __trap(); // no m16n8k16 before sm_80; the host does not launch it there
 #endif
 }
+// ldmatrix .x4 (.x2): four (two) 8×8 fp16 matrices from shared memory, lane 8j + r giving the
+// shared-space address of row r of matrix j (16 bytes; .x2: lanes 0–15); lane 4g + t receives
+// row g's values 2t, 2t + 1 of matrix j in d[j].
+__device__ __forceinline__ void ldsm_x4(unsigned* d, unsigned a) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(a));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void ldsm_x2(unsigned* d, unsigned a) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(d[0]), "=r"(d[1]) : "r"(a));
+#else
+    __trap();
+#endif
+}
 
 // cp.async: n (0 to 16, or 0 or 4) bytes from global src to shared dst (a shared-space address,
 // smem_u32 of a pointer to shared memory), the rest of the 16 (4) zeroed, in flight until a
@@ -1322,9 +1339,34 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int c
 #define GT_S(k, nt) (GT_STAGES ? GT_STAGES : (k) == 32 ? 4 : (nt) == 8 ? 2 : 3)
 #define GT_STAGE_BYTES(k, nt) ((k) * GT_O / 2 + GT_O / 16 * (k) * 4 + 8 * (nt) * (k) * 2)
 #define GT_RING(nt) (GT_S(GT_K_OF(nt), nt) * GT_STAGE_BYTES(GT_K_OF(nt), nt))
-// The XOR that places x chunk c of row r (k / 8 chunks a row).
+// GT_TC=1: W in the tensor-core layout (`gemm4_tc_layout` of exec.rs, made from dequant_dim0's
+// by the host) instead: per 16 inputs kq (16·kq …, the last padded with zeros), per word w of 8
+// outputs (8w …), per lane t of a quad, 16 bytes: the four 4-byte words a lane expands into its A
+// fragments with no byte permute, the mma's own k order (inputs 2t, 2t + 1, 2t + 8, 2t + 9 of
+// the 16: a, b, c, d): bytes (a, 0), (a, 1), (b, 0), (b, 1); (c, 0), (c, 1), (d, 0), (d, 1); the
+// same for bytes 2 and 3, where byte (i, m) is input i's codes of outputs 8w + 2m, 8w + 2m + 1
+// (tile m's rows g and g + 8: its bytes 1 and 3 a shift away); the pairs per kq, per group,
+// per t as four words: the mins of a and b, their scales, the mins of c and d, their scales. x
+// comes to the B fragments by ldmatrix (a chunk of 8 inputs of 8 rows a matrix).
+#ifndef GT_TC
+#define GT_TC 0
+#endif
+// The XOR that places x chunk c of row r (k / 8 chunks a row): under GT_TC such that the 8 rows
+// of an ldmatrix matrix fall in distinct banks.
+#if GT_TC
+#define GT_XSW(k, r) ((k) == 32 ? (((r) >> 1) & 3) : ((r) & 7))
+#else
 #define GT_XSW(k, r) ((k) == 32 ? ((r) & 2) : 2 * ((r) & 3))
+#endif
 
+// A copy of pairs into the ring: 16 bytes (GT_TC) or 4.
+__device__ __forceinline__ void gt_pair_copy(unsigned dst, const void* src, int n) {
+#if GT_TC
+    cp_async16(dst, src, n);
+#else
+    cp_async4(dst, src, n);
+#endif
+}
 // A value the compiler must keep as it is (it cannot see through the empty asm): a copy's fixed
 // offsets stay in registers instead of being rebuilt from the thread index every step.
 __device__ __forceinline__ unsigned kept(unsigned v) { asm volatile("" : "+r"(v)); return v; }
@@ -1359,18 +1401,39 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     // rebuild it every step); a step past whole steps (the slice's last, short one) has every copy
     // checked, with zeros past the slice.
     const unsigned ring0 = smem_u32(ring);
-    const int cr = tid >> 3, cc = tid & 7, ch0 = o_blk / gs;
+    const int ch0 = o_blk / gs;
+#if GT_TC
+    // GT_TC: the column's 2048 bytes of a kq lie together; thread tid copies 16 of them, word
+    // tid/4's (cr: its first input less the kq's, 0).
+    const int cr = 0;
+    const bool c_ok = o_blk + 8 * (tid >> 2) < coded;
+    const unsigned c_dst = kept((unsigned)(16 * tid));
+    const unsigned char* c_src = c_ok ? codes + (long long)i0 * per_input + 8LL * o_blk + 16 * tid : codes;
+#else
+    const int cr = tid >> 3, cc = tid & 7;
     const bool c_ok = o_blk + 32 * cc < coded;
-    const int c_n = kept(c_ok ? 16u : 0u);
     const unsigned c_dst = kept((unsigned)(cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)))));
     const unsigned char* c_src = c_ok ? codes + (long long)(i0 + cr) * per_input + o_blk / 2 + 16 * cc : codes;
+#endif
+    const int c_n = kept(c_ok ? 16u : 0u);
     const long long c_step = kept(c_ok ? K * per_input : 0), c_u = kept(c_ok ? 16 * per_input : 0);
+#if GT_TC
+    // GT_TC: the pairs of a kq's gpb groups lie together (64 bytes a group); thread tid < K/16 ·
+    // gpb · 4 copies 16 bytes, of kq tid/(4·gpb) (pr: its first input less the stage's).
+    const int pr = 16 * (tid / (4 * gpb)), p_in = tid < K / 4 * gpb, p_rows = K;
+    const bool p_ok = p_in && ch0 + ((tid >> 2) & (gpb - 1)) < chunks;
+    const int p_n4 = kept(p_ok ? 16u : 0u);
+    constexpr int PU = 1;
+    const unsigned p_dst = kept(CS + 16 * tid);
+    const unsigned* p_src = p_ok ? pairs + (long long)(i0 + pr) * chunks + 16 * ch0 + 4 * (tid & (4 * gpb - 1)) : pairs;
+#else
     const int pg = tid & (gpb - 1), pr = tid >> lg, p_rows = 128 >> lg; // p_rows: rows apart of u and u + 1
     const bool p_ok = ch0 + pg < chunks;
     const int p_n4 = kept(p_ok ? 4u : 0u);
     constexpr int PU = (K + 31) / 32; // pair copies a thread at most (p_rows ≥ 32)
     const unsigned p_dst = kept(CS + (pg * K + pr) * 4);
     const unsigned* p_src = p_ok ? pairs + (long long)(i0 + pr) * chunks + ch0 + pg : pairs;
+#endif
     const long long p_step = kept(p_ok ? (long long)K * chunks : 0), p_u = p_ok ? (long long)p_rows * chunks : 0;
     constexpr int XC = K / 8, XU = (8 * NT * XC + 127) / 128; // x chunks a row, copies a thread
     const int xc = tid % XC, xr = tid / XC;
@@ -1390,7 +1453,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
         c_src += c_step;
 #pragma unroll
         for (int u = 0; u < PU; u++)
-            if (pr + u * p_rows < K) cp_async4(stage + p_dst + u * p_rows * 4, p_src + u * p_u, p_n4);
+            if (pr + u * p_rows < K) gt_pair_copy(stage + p_dst + u * p_rows * 4, p_src + u * p_u, p_n4);
         p_src += p_step;
 #pragma unroll
         for (int u = 0; u < XU; u++) {
@@ -1412,7 +1475,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
 #pragma unroll
         for (int u = 0; u < PU; u++) {
             const bool ok = p_ok && k0 + pr + u * p_rows < i1;
-            if (pr + u * p_rows < K) cp_async4(stage + p_dst + u * p_rows * 4, ok ? p_src + u * p_u : pairs, ok ? 4 : 0);
+            if (pr + u * p_rows < K) gt_pair_copy(stage + p_dst + u * p_rows * 4, ok ? p_src + u * p_u : pairs, ok ? p_n4 : 0);
         }
 #pragma unroll
         for (int u = 0; u < XU; u++) {
@@ -1438,6 +1501,13 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
         if (st < steps) issue(st, ring0 + st * STAGE);
         cp_async_commit();
     }
+#if GT_TC
+    // ldmatrix's addresses: lane 8j + r gives row r of matrix j, x's row 8·(n + j/2) + r (the
+    // .x2 of an odd last tile: row r) and chunk kb/8 + j mod 2 of its inputs; the swizzle is the
+    // same for every n.
+    const int lr = lane & 7, lj = lane >> 3, x_sw = GT_XSW(K, lr);
+    const unsigned x_row4 = (8 * (lj >> 1) + lr) * K * 2, x_row2 = lr * K * 2;
+#endif
     int st = 0, fill = S - 1; // the stage used, the stage filled next
     for (int step = 0; step < steps; step++) {
         cp_async_wait<S - 2>(); // this thread's copies of stage `step` are done
@@ -1445,24 +1515,37 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
         if (step + S - 1 < steps) issue(step + S - 1, ring0 + fill * STAGE);
         cp_async_commit();
         fill = fill == S - 1 ? 0 : fill + 1;
-        const unsigned* cs = (const unsigned*)ring[st];
-        const unsigned* ps = (const unsigned*)(ring[st] + CS);
-        const half_t* xs = (const half_t*)(ring[st] + CS + PS);
+        const unsigned char* sb = ring[st];
+        const unsigned xs_a = ring0 + st * STAGE + CS + PS; // x's shared-space address
         st = st == S - 1 ? 0 : st + 1;
 #pragma unroll
         for (int kb = 0; kb < K; kb += 16) {
+#if GT_TC
+            // The lane's 16 code bytes and its group's pairs of kq = kb/16.
+            const uint4 cv = *(const uint4*)(sb + (kb >> 4) * (GT_O * 8) + 64 * w + 16 * t);
+            const uint4 p = *(const uint4*)(sb + CS + ((kb >> 4) * gpb + grp) * 64 + 16 * t);
+            const unsigned mn01 = p.x, sc01 = p.y, mn23 = p.z, sc23 = p.w;
+            const unsigned cw[4] = {cv.x, cv.y, cv.z, cv.w};
+#else
             // Inputs kb + 4t + j (j = 0..3): code rows (whose r/4 mod 4 is t), pairs p.x … p.w.
+            const unsigned* cs = (const unsigned*)sb;
             unsigned cw[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) cw[j] = cs[(kb + 4 * t + j) * (GT_O / 8) + 4 * ((w >> 2) ^ (2 * t)) + (w & 3)];
-            uint4 p = *(const uint4*)&ps[grp * K + kb + 4 * t];
+            uint4 p = *(const uint4*)((const unsigned*)(sb + CS) + grp * K + kb + 4 * t);
             const unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
             const unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
+#endif
             unsigned a[4][4];
 #pragma unroll
             for (int m = 0; m < 4; m++) {
+#if GT_TC
+                // Tile m's bytes of inputs a, b (c, d) to bits 0–7 and 16–23: a shift for m odd.
+                const unsigned q01 = cw[2 * (m >> 1)] >> (8 * (m & 1)), q23 = cw[2 * (m >> 1) + 1] >> (8 * (m & 1));
+#else
                 // Byte m of inputs 4t, 4t + 1 (and 4t + 2, 4t + 3) to bits 0–7 and 16–23.
                 const unsigned q01 = prmt(cw[0], cw[1], 0x4400 + 0x1111 * m), q23 = prmt(cw[2], cw[3], 0x4400 + 0x1111 * m);
+#endif
                 // A: a0/a2 row g (low nibbles, 1024 + code) at k 2t, 2t+1 / 2t+8, 2t+9; a1/a3 row g + 8
                 // (high nibbles, 64 + code).
                 a[m][0] = raw_lo(q01, k1024);
@@ -1476,15 +1559,13 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                     a[m][3] = fma_f16x2(sub_f16x2(a[m][3], f64), sc23, mn23);
                 }
             }
-#pragma unroll
-            for (int n = 0; n < NT; n++) {
-                // B: x[8n + g][kb + 4t … kb + 4t + 3], times the inputs' scales (bs) and mins (bm).
-                const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
-                const uint2 bb = *(const uint2*)&xs[r * K + 8 * (c ^ GT_XSW(K, r)) + (4 * t & 7)];
+            // Row tile n's products with B = bb: x[8n + g] at the inputs of a0/a1 and a2/a3, times
+            // the inputs' scales (bs) and mins (bm) under SCALE_X.
+            auto tile = [&](int n, uint2 bb) {
                 if (!SCALE_X) {
 #pragma unroll
                     for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bb);
-                    continue;
+                    return;
                 }
                 const uint2 bs = make_uint2(fma_f16x2(bb.x, sc01, 0x80008000u), fma_f16x2(bb.y, sc23, 0x80008000u));
                 const uint2 bm = make_uint2(fma_f16x2(bb.x, mn01, 0x80008000u), fma_f16x2(bb.y, mn23, 0x80008000u));
@@ -1492,7 +1573,30 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                 for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bs);
                 mma_16816(corr[n], ones, bs);
                 mma_16816(corm[n], ones, bm);
+            };
+#if GT_TC
+            const unsigned xo = 16 * (((kb >> 3) + (lj & 1)) ^ x_sw);
+#pragma unroll
+            for (int n = 0; n < NT; n += 2) {
+                unsigned d[4];
+                if (n + 1 < NT) {
+                    ldsm_x4(d, xs_a + n * 16 * K + x_row4 + xo);
+                    tile(n, make_uint2(d[0], d[1]));
+                    tile(n + 1, make_uint2(d[2], d[3]));
+                } else {
+                    ldsm_x2(d, xs_a + n * 16 * K + x_row2 + xo);
+                    tile(n, make_uint2(d[0], d[1]));
+                }
             }
+#else
+            const half_t* xs = (const half_t*)(sb + CS + PS);
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                // B: x[8n + g][kb + 4t … kb + 4t + 3].
+                const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
+                tile(n, *(const uint2*)&xs[r * K + 8 * (c ^ GT_XSW(K, r)) + (4 * t & 7)]);
+            }
+#endif
         }
     }
     // D: in tile m, rows g and g + 8 are outputs 8w + 2m and 8w + 2m + 1; columns (x rows)
