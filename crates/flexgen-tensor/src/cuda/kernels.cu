@@ -1317,6 +1317,10 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int c
 #ifndef GT_MINB4
 #define GT_MINB4 3
 #endif
+// The same for 64 rows (GT_MINB8): two, its 128 sums a thread taking 208 registers.
+#ifndef GT_MINB8
+#define GT_MINB8 2
+#endif
 // Whether the 8-, 16- and 32-row tiles (GT_SX1, GT_SX2, GT_SX4) give the scales and mins to x
 // (SCALE_X, above) rather than expanding the codes. 16 rows expanded ran 2–9 % faster on the
 // H200 (session 22, call 2; 32 rows with SCALE_X up to 30 % slower, S3 450 tok/s against 569).
@@ -1652,7 +1656,7 @@ extern "C" __global__ void __launch_bounds__(128, GT_MINB4) gemm4_tc_4(const uns
                                                                                 half_t* out, const half_t* bias, int flags, unsigned* done) {
     gemm4_tc_tile<4, GT_SX4>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
-extern "C" __global__ void __launch_bounds__(128, 2) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
+extern "C" __global__ void __launch_bounds__(128, GT_MINB8) gemm4_tc_8(const unsigned char* c, const unsigned* p, const half_t* x, float* y, int outs, int ins, int ldx, int gs, int nb, int ps,
                                                                                 half_t* out, const half_t* bias, int flags, unsigned* done) {
     gemm4_tc_tile<8, false>(c, p, x, y, outs, ins, ldx, gs, nb, ps, Store4{out, bias, flags, done});
 }
