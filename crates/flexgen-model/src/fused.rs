@@ -61,6 +61,8 @@ pub struct Packed4 {
     pub mats: [(u64, u64); 4],
     pub group: usize,
     pub bits: u8,
+    /// In the tensor-core order (`crate::layout::PackedLayout::tc`).
+    pub tc: bool,
     pub how: PackedUse,
 }
 
@@ -121,7 +123,7 @@ unsafe fn product_then(
     };
     debug_assert!(gm.batch == 1 && gm.ldc == gm.n, "a linear layer's contiguous output");
     let (codes, params) = p.mats[m];
-    let w = Weight4 { codes, params, outs: gm.n, ins: gm.k, group: p.group };
+    let w = Weight4 { codes, params, outs: gm.n, ins: gm.k, group: p.group, tc: p.tc };
     let x = (gm.a, gm.lda);
     // SAFETY: the caller's contract; the scratch holds m·n fp32 values.
     unsafe {
@@ -170,7 +172,11 @@ unsafe fn expanded_product(
         // SAFETY: the caller's contract; the slice's outputs are columns o0..o1 of the output
         // and of the bias, and `buf` holds (o1 − o0)·k values.
         unsafe {
-            g.dequant_dim0(codes, params, buf, (gm.n, gm.k), o0..o1, p.group, p.bits)?;
+            if p.tc {
+                g.dequant_tc((codes, params, buf), (gm.n, gm.k), o0..o1, p.group)?;
+            } else {
+                g.dequant_dim0(codes, params, buf, (gm.n, gm.k), o0..o1, p.group, p.bits)?;
+            }
             gemm_then(g, &slice, (bias, relu))?;
         }
         o0 = o1;

@@ -258,13 +258,20 @@ pub struct PackedMatrix {
 }
 
 /// A layer's arena with its four matrices quantized (groups along dimension 0, the output rows,
-/// as `flexgen_tensor::quant` lays them out) and its vectors kept in fp16: the bytes that the
-/// tiers hold and PCIe carries when `compress_weight` is on. Dequantizing every matrix into its
-/// `src` range and copying `vectors` to `vec_src` gives back the (quantized) fp16 arena.
+/// as `flexgen_tensor::quant` lays them out, or in its tensor-core order) and its vectors kept in
+/// fp16: the bytes that the tiers hold and PCIe carries when `compress_weight` is on.
+/// Dequantizing every matrix into its `src` range and copying `vectors` to `vec_src` gives back
+/// the (quantized) fp16 arena.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackedLayout {
     pub bits: u8,
     pub group: usize,
+    /// Whether the matrices' codes and pairs are in the tensor-core order
+    /// (`flexgen_tensor::quant::TcOrder`, the same bytes permuted: what the GPU's tensor-core
+    /// product reads), else in `quantize`'s. [`LayerLayout::packed`] sets it where the order
+    /// applies to every matrix (4 bits, groups of 64 or 128, inputs a multiple of 16); a device
+    /// without that product clears it.
+    pub tc: bool,
     /// q/k/v, o, fc1, fc2.
     pub mats: [PackedMatrix; 4],
     /// Bytes of the fp16 vectors (the arena's tail from the first LayerNorm weight).
@@ -301,7 +308,15 @@ impl LayerLayout {
         ];
         let vec_src = self.attn_norm_w.start..self.len;
         let vectors = take(2 * vec_src.len());
-        PackedLayout { bits, group, mats, vectors, vec_src, len: at }
+        let tc = bits == 4 && mats.iter().all(|m| m.tc_order(group).is_some());
+        PackedLayout { bits, group, tc, mats, vectors, vec_src, len: at }
+    }
+}
+
+impl PackedMatrix {
+    /// Its tensor-core order in groups of `group`, where that applies.
+    pub fn tc_order(&self, group: usize) -> Option<flexgen_tensor::quant::TcOrder> {
+        flexgen_tensor::quant::TcOrder::new((self.rows, self.cols), group)
     }
 }
 
@@ -323,7 +338,11 @@ impl PackedLayout {
             let src = &arena[m.src.clone()];
             let chunks = m.rows.div_ceil(g);
             let (code_b, par_b) = (chunks * gb, chunks * 4); // per column
-            let per = m.cols.div_ceil(threads);
+            // In the tensor-core order each thread's columns are whole runs of 16, whose bytes
+            // lie where their dim-0 bytes would (permuted among themselves).
+            let order = m.tc_order(g).filter(|_| self.tc);
+            let per =
+                m.cols.div_ceil(threads).next_multiple_of(if order.is_some() { 16 } else { 1 });
             let (codes, rest) = out[m.codes.start..].split_at_mut(m.codes.len());
             let params = &mut rest[m.params.start - m.codes.end..][..m.params.len()];
             std::thread::scope(|s| {
@@ -336,6 +355,7 @@ impl PackedLayout {
                         let mut row = vec![0f32; w];
                         let mut lines = vec![0f32; w * g];
                         let mut par = [f16::ZERO; 2];
+                        let mut group_codes = vec![0u8; gb];
                         for ch in 0..chunks {
                             let len = g.min(m.rows - ch * g);
                             for k in 0..len {
@@ -346,15 +366,25 @@ impl PackedLayout {
                                 }
                             }
                             for i in 0..w {
-                                quantize_line(
-                                    &lines[i * g..i * g + len],
-                                    spec,
-                                    &mut codes[i * code_b + ch * gb..][..gb],
-                                    &mut par,
-                                );
-                                let at = i * par_b + ch * 4;
-                                params[at..at + 2].copy_from_slice(&par[0].to_le_bytes());
-                                params[at + 2..at + 4].copy_from_slice(&par[1].to_le_bytes());
+                                let line = &lines[i * g..i * g + len];
+                                let Some(o) = order else {
+                                    let codes = &mut codes[i * code_b + ch * gb..][..gb];
+                                    quantize_line(line, spec, codes, &mut par);
+                                    let at = i * par_b + ch * 4;
+                                    params[at..at + 2].copy_from_slice(&par[0].to_le_bytes());
+                                    params[at + 2..at + 4].copy_from_slice(&par[1].to_le_bytes());
+                                    continue;
+                                };
+                                // Where the order puts them, less the thread's first byte.
+                                quantize_line(line, spec, &mut group_codes, &mut par);
+                                let (col, base) = (c0 + i, c0 * code_b);
+                                for (k, &b) in group_codes.iter().enumerate() {
+                                    codes[o.code_byte(col, ch * gb + k) - base] = b;
+                                }
+                                for (k, v) in par.iter().enumerate() {
+                                    let at = 2 * o.param(col, ch, k) - c0 * par_b;
+                                    params[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                                }
                             }
                         }
                     });
@@ -373,14 +403,19 @@ impl PackedLayout {
         use flexgen_tensor::quant::{Packed, QuantSpec, dequantize};
         let mut arena = vec![f16::ZERO; arena_len];
         for m in &self.mats {
-            let params = packed[m.params.clone()]
+            let params: Vec<f16> = packed[m.params.clone()]
                 .chunks_exact(2)
                 .map(|c| f16::from_le_bytes([c[0], c[1]]))
                 .collect();
+            let codes = &packed[m.codes.clone()];
+            let (data, params) = match m.tc_order(self.group).filter(|_| self.tc) {
+                Some(o) => o.permute(codes, &params, true),
+                None => (codes.to_vec(), params),
+            };
             let p = Packed {
                 shape: vec![m.rows, m.cols],
                 spec: QuantSpec { bits: self.bits, group: self.group, dim: 0 },
-                data: packed[m.codes.clone()].to_vec(),
+                data,
                 params,
             };
             for (d, v) in arena[m.src.clone()].iter_mut().zip(dequantize(&p)) {
@@ -513,9 +548,30 @@ mod tests {
                     LayerLayout::new(&s).unwrap().packed(bits, 64).mats.map(|m| (m.rows, m.cols));
                 assert_eq!(shapes, s.layer_matrices(), "{}", s.name);
             }
+            // 4 bits in groups of 64 on OPT-125M's shapes: the tensor-core order, whose bytes are
+            // the dim-0 layout's permuted (and unpack the same).
+            assert_eq!(p.tc, bits == 4);
+            let dim0 = PackedLayout { tc: false, ..p.clone() };
             let mut bytes = vec![0u8; p.len];
-            p.pack(&arena, &mut bytes);
-            let back = p.unpack(&bytes, l.len);
+            dim0.pack(&arena, &mut bytes);
+            if p.tc {
+                let mut tc = vec![0u8; p.len];
+                p.pack(&arena, &mut tc);
+                assert_ne!(tc, bytes, "permuted");
+                assert_eq!(p.unpack(&tc, l.len), dim0.unpack(&bytes, l.len));
+                for m in &p.mats {
+                    let params: Vec<f16> = tc[m.params.clone()]
+                        .chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                        .collect();
+                    let (codes, params) =
+                        m.tc_order(64).unwrap().permute(&tc[m.codes.clone()], &params, true);
+                    assert_eq!(codes, &bytes[m.codes.clone()], "codes at {:?}", m.src);
+                    let want: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    assert_eq!(want, &bytes[m.params.clone()], "pairs at {:?}", m.src);
+                }
+            }
+            let back = dim0.unpack(&bytes, l.len);
             for m in &p.mats {
                 let x: Vec<f32> = arena[m.src.clone()].iter().map(|v| v.to_f32()).collect();
                 let want = dequantize(&quantize(

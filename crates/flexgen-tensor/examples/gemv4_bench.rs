@@ -4,18 +4,16 @@
 //! fp16 GEMM), for decode batches of 1 to 128 rows. First checks both kernels against the
 //! dequantize-then-GEMM result. Run on a GPU machine:
 //! `cargo run --release -p flexgen-tensor --example gemv4_bench` (`GEMV4_GROUP=128`: groups of
-//! 128 inputs, Marlin's size, instead of FlexGen's 64; `FLEXGEN_NVRTC_DEFINES=GT_TC=1`: the
-//! tensor-core kernel built for `gemm4_tc_layout`'s layout, which the checks then give it).
-//! Figures only, no verdict but the check (exit 1 if it fails).
+//! 128 inputs, Marlin's size, instead of FlexGen's 64). The tensor-core kernel reads W in the
+//! tensor-core order (`quant::TcOrder`), the others `quantize`'s layout. Figures only, no verdict
+//! but the check (exit 1 if it fails).
 
 #![expect(clippy::print_stdout, reason = "a benchmark prints its table")]
 #![expect(clippy::cast_precision_loss, reason = "rates")]
 
 use flexgen_tensor::cuda::Gpu;
-use flexgen_tensor::cuda::exec::{
-    Gemm, Store4, Weight4, addr, gemm4_tc_done_len, gemm4_tc_layout, gemv4_plan,
-};
-use flexgen_tensor::quant::{QuantSpec, quantize};
+use flexgen_tensor::cuda::exec::{Gemm, Store4, Weight4, addr, gemm4_tc_done_len, gemv4_plan};
+use flexgen_tensor::quant::{QuantSpec, TcOrder, quantize};
 use half::f16;
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -52,20 +50,13 @@ fn main() {
         }
     };
     println!("groups of {group} inputs");
-    // Kernels built with GT_TC=1 read W in the tensor-core layout: the checks convert it (the
-    // timings' random codes need no conversion: their shapes' inputs are multiples of 16, where
-    // the layouts are the same size).
-    let tc_layout = std::env::var("FLEXGEN_NVRTC_DEFINES")
-        .is_ok_and(|d| d.split_whitespace().any(|v| v == "GT_TC=1"));
-    if tc_layout {
-        println!("tensor-core kernel on the tensor-core layout (GT_TC=1)");
-    }
-    // Checks: 4-bit weights, both kernels against dequantize + fp16 GEMM; every tile of the
+    // Checks: 4-bit weights, both kernels against dequantize + fp16 GEMM (the tensor-core one on
+    // W in its order, which `dequant_tc` expands the same as `dequant_dim0`); every tile of the
     // tensor-core kernel (13 rows: 16; 32 rows; 70 rows: 64 then 8), inputs that end inside its
-    // step and inside an 8-value load.
+    // step.
     let mut ok = true;
     for (outs, ins, ldx, nb) in
-        [(3000usize, 1024usize, 1024usize, 13usize), (3000, 1004, 1008, 32), (3000, 1004, 1008, 70)]
+        [(3000usize, 1024usize, 1024usize, 13usize), (3000, 1008, 1016, 32), (3000, 1008, 1016, 70)]
     {
         let p = quantize(
             &values(outs * ins, 1, 0.1),
@@ -80,25 +71,33 @@ fn main() {
         let (y32, yt) =
             (s.alloc_zeros::<f32>(nb * outs).unwrap(), s.alloc_zeros::<f32>(nb * outs).unwrap());
         let (c, pr, xa) = (addr(&codes), addr(&params), addr(&x));
-        let wt = Weight4 { codes: c, params: pr, outs, ins, group };
-        let tc_w = tc_layout.then(|| {
-            let (tc, tp) = gemm4_tc_layout(&p.data, &p.params, (outs, ins), group);
-            (s.clone_htod(&tc).unwrap(), s.clone_htod(&tp).unwrap())
-        });
-        let wtc = tc_w.as_ref().map_or(wt, |(tc, tp)| Weight4 {
-            codes: addr(tc),
-            params: addr(tp),
-            ..wt
-        });
+        let wt = Weight4 { codes: c, params: pr, outs, ins, group, tc: false };
+        let order = TcOrder::new((outs, ins), group).expect("the tensor-core order applies");
+        let (tc, tp) = order.permute(&p.data, &p.params, false);
+        let (tc, tp) = (s.clone_htod(&tc).unwrap(), s.clone_htod(&tp).unwrap());
+        let wtc = Weight4 { codes: addr(&tc), params: addr(&tp), tc: true, ..wt };
+        let w16tc = s.alloc_zeros::<f16>(outs * ins).unwrap();
         // SAFETY: buffers allocated above for these shapes.
         let ran = unsafe {
             gpu.dequant_dim0(c, pr, addr(&w16), (outs, ins), 0..outs, group, 4).unwrap();
+            // The same values from the tensor-core order, in two slices of outputs.
+            let half = outs / 2 / group * group;
+            gpu.dequant_tc((addr(&tc), addr(&tp), addr(&w16tc)), (outs, ins), 0..half, group)
+                .unwrap();
+            let rest = addr(&w16tc) + (half * ins * 2) as u64;
+            gpu.dequant_tc((addr(&tc), addr(&tp), rest), (outs, ins), half..outs, group).unwrap();
             let gm =
                 Gemm { lda: ldx, ..Gemm::linear(nb, outs, ins, xa, addr(&w16), addr(&y16), false) };
             gpu.gemm(&gm).unwrap();
             gpu.gemv4_dim0(wt, (xa, ldx), (addr(&y32), false), nb).unwrap();
             gpu.gemm4_tc(wtc, (xa, ldx), (addr(&yt), false), nb, None).unwrap()
         };
+        let same = s.clone_dtoh(&w16).unwrap() == s.clone_dtoh(&w16tc).unwrap();
+        ok &= same;
+        println!(
+            "check dequant_tc {outs}×{ins}, two slices, against dequant_dim0: {}",
+            if same { "the same values" } else { "FAIL" }
+        );
         let want: Vec<f32> = s.clone_dtoh(&y16).unwrap().iter().map(|v| v.to_f32()).collect();
         let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         for (name, y) in [("scalar", &y32), ("tensor-core", &yt)] {
@@ -147,7 +146,10 @@ fn main() {
         let done = s.alloc_zeros::<u32>(gemm4_tc_done_len(outs)).unwrap();
         for nb in [1usize, 2, 4, 8, 16, 32, 64, 128] {
             let (xa, wa, ya, y3) = (addr(&x), addr(&w16), addr(&y16), addr(&y32));
-            let wt = Weight4 { codes: addr(&codes), params: addr(&params), outs, ins, group };
+            let wt =
+                Weight4 { codes: addr(&codes), params: addr(&params), outs, ins, group, tc: false };
+            // The tensor-core product on the same random bytes, taken as that order.
+            let wtc = Weight4 { tc: true, ..wt };
             // SAFETY: buffers allocated above for these shapes.
             let fp16 = &gpu.time_ms(7, || unsafe {
                 gpu.gemm(&Gemm::linear(nb, outs, ins, xa, wa, ya, false)).unwrap();
@@ -161,7 +163,7 @@ fn main() {
                 gpu.gemv4_dim0(wt, (xa, ins), (y3, false), nb).unwrap();
             });
             let tc = &gpu.time_ms(7, || unsafe {
-                gpu.gemm4_tc(wt, (xa, ins), (y3, false), nb, None)
+                gpu.gemm4_tc(wtc, (xa, ins), (y3, false), nb, None)
                     .unwrap()
                     .expect("a layout gemm4_tc takes");
             });
@@ -175,7 +177,7 @@ fn main() {
                 done: addr(&done),
             };
             let tcs = &gpu.time_ms(7, || unsafe {
-                gpu.gemm4_tc(wt, (xa, ins), (y3, true), nb, Some(store)).unwrap();
+                gpu.gemm4_tc(wtc, (xa, ins), (y3, true), nb, Some(store)).unwrap();
             });
             let bytes =
                 n as f64 / 2.0 + (n / group * 4) as f64 + (nb * (ins * 2 + outs * 4)) as f64;

@@ -264,10 +264,113 @@ pub fn scale_of(p: &Packed, index: usize) -> f32 {
     p.params[2 * g + 1].to_f32()
 }
 
+/// The tensor-core order of a 4-bit weight `[outs, ins]` packed along dimension 0 (groups of
+/// `group` outputs; [`quantize`]'s layout: input i's codes for outputs 0, 1, … from byte
+/// i·coded/2, coded = ⌈outs/group⌉·group, and its groups' (min, scale) pairs from pair
+/// i·⌈outs/group⌉): the same bytes permuted into the order the GPU's tensor-core product
+/// (`gemm4_tc_*` of kernels.cu) reads, so that a lane loads the codes it expands and their pairs
+/// with one 16-byte load each and needs no byte permutes. Per 16 inputs (kq), per 8 outputs
+/// (word w), per lane t of a quad (of the mma's k order: inputs a = 2t, b = 2t + 1, c = 2t + 8,
+/// d = 2t + 9 of the 16), 16 code bytes: (a, 0), (a, 1), (b, 0), (b, 1); (c, 0), (c, 1), (d, 0),
+/// (d, 1); then the same with bytes 2 and 3, where byte (i, m) is input i's byte 4w + m (outputs
+/// 8w + 2m and 8w + 2m + 1). The pairs per kq, per group, per t: four 4-byte words, the mins of
+/// a and b, their scales, the mins of c and d, their scales. Only for `ins` a multiple of 16
+/// and groups of 64 or 128 ([`TcOrder::new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcOrder {
+    ins: usize,
+    /// Code bytes of one input (coded/2).
+    per_input: usize,
+    /// Groups of one input (⌈outs/group⌉).
+    chunks: usize,
+}
+
+impl TcOrder {
+    /// The order of a `[outs, ins]` weight in groups of `group`, where it applies.
+    pub fn new((outs, ins): (usize, usize), group: usize) -> Option<Self> {
+        let chunks = outs.div_ceil(group);
+        (matches!(group, 64 | 128) && ins.is_multiple_of(16) && outs > 0).then_some(Self {
+            ins,
+            per_input: chunks * group / 2,
+            chunks,
+        })
+    }
+
+    /// Where dim-0 code byte `b` of input `i` (byte `i·coded/2 + b`) lies in this order.
+    pub fn code_byte(&self, i: usize, b: usize) -> usize {
+        let (kq, r, w, m) = (i / 16, i % 16, b / 4, b % 4);
+        let j = 2 * (m >> 1) + usize::from(r >= 8);
+        let bb = 2 * (r % 2) + (m & 1);
+        ((kq * (self.per_input / 4) + w) * 4 + (r % 8) / 2) * 16 + 4 * j + bb
+    }
+
+    /// Where dim-0 parameter `2·(i·chunks + ch) + k` (group `ch` of input `i`; k 0: its min, 1:
+    /// its scale) lies in this order, in fp16 values.
+    pub fn param(&self, i: usize, ch: usize, k: usize) -> usize {
+        let (kq, r) = (i / 16, i % 16);
+        let q = 2 * usize::from(r >= 8) + k;
+        (((kq * self.chunks + ch) * 4 + (r % 8) / 2) * 4 + q) * 2 + r % 2
+    }
+
+    /// Dim-0 `codes` and `params` in this order (`back`: this order's back to dim 0's).
+    ///
+    /// # Panics
+    /// If they are not the lengths of the weight's dim-0 layout.
+    pub fn permute(&self, codes: &[u8], params: &[f16], back: bool) -> (Vec<u8>, Vec<f16>) {
+        assert_eq!(codes.len(), self.ins * self.per_input, "the weight's code bytes");
+        assert_eq!(params.len(), 2 * self.ins * self.chunks, "the weight's pairs");
+        let (mut c, mut p) = (vec![0u8; codes.len()], vec![f16::ZERO; params.len()]);
+        for i in 0..self.ins {
+            for b in 0..self.per_input {
+                let (d0, tc) = (i * self.per_input + b, self.code_byte(i, b));
+                if back { c[d0] = codes[tc] } else { c[tc] = codes[d0] }
+            }
+            for ch in 0..self.chunks {
+                for k in 0..2 {
+                    let (d0, tc) = (2 * (i * self.chunks + ch) + k, self.param(i, ch, k));
+                    if back { p[d0] = params[tc] } else { p[tc] = params[d0] }
+                }
+            }
+        }
+        (c, p)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The tensor-core order is a permutation of the dim-0 layout's bytes and pairs (every
+    /// position taken once), `permute` back undoes it, and it applies where it should.
+    #[test]
+    fn the_tensor_core_order_permutes_and_comes_back() {
+        for (outs, ins, group) in [(256, 32, 64), (300, 48, 128), (200, 16, 64)] {
+            let o = TcOrder::new((outs, ins), group).unwrap();
+            let (per_input, chunks) = (outs.div_ceil(group) * group / 2, outs.div_ceil(group));
+            let mut seen = vec![false; ins * per_input];
+            for i in 0..ins {
+                for b in 0..per_input {
+                    assert!(!std::mem::replace(&mut seen[o.code_byte(i, b)], true), "{i}, {b}");
+                }
+            }
+            let mut seen_p = vec![false; 2 * ins * chunks];
+            for i in 0..ins {
+                for ch in 0..chunks {
+                    for k in 0..2 {
+                        assert!(!std::mem::replace(&mut seen_p[o.param(i, ch, k)], true));
+                    }
+                }
+            }
+            let codes: Vec<u8> = (0..ins * per_input).map(|v| (v * 7 % 251).to_le_bytes()[0]).collect();
+            let params: Vec<f16> = (0..2 * ins * chunks).map(|v| f16::from_f32(v as f32)).collect();
+            let (c, p) = o.permute(&codes, &params, false);
+            assert_ne!(c, codes);
+            assert_eq!(o.permute(&c, &p, true), (codes, params));
+        }
+        assert!(TcOrder::new((256, 40), 64).is_none(), "inputs not a multiple of 16");
+        assert!(TcOrder::new((256, 32), 32).is_none(), "groups of 32");
+    }
 
     /// The first, group-by-group implementation: `quantize` must give the same bytes.
     fn quantize_reference(x: &[f32], shape: &[usize], spec: QuantSpec) -> Packed {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use flexgen_tensor::cuda::exec::gemv4_plan;
-use flexgen_tensor::quant::{QuantSpec, dequantize, quantize};
+use flexgen_tensor::quant::{QuantSpec, TcOrder, dequantize, quantize};
 use half::f16;
 
 const KERNELS: &str = include_str!("../src/cuda/kernels.cu");
@@ -524,6 +524,62 @@ fn assert_scaled_sums_close(
 /// reference dequantization of W, with several row tiles, slices and a partial last group: every
 /// kernel whose tile holds the rows and whose words per thread suit the group, and the one
 /// `gemv4_plan` picks among them.
+/// `dequant_tc` (a 4-bit weight in the tensor-core order) against `dequant_dim0` of the same
+/// weight in `quantize`'s layout, bit for bit: whole matrices and slices of rows (from a
+/// multiple of the group; the last to the end), groups of 64 and 128, rows not a multiple of 8.
+#[test]
+fn dequant_tc_matches_dequant_dim0() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(
+        dir.path(),
+        &["dequant_dim0", "dequant_tc"],
+        r#"
+int main(int argc, char** argv) {
+    int rows = atoi(argv[1]), cols = atoi(argv[2]), gs = atoi(argv[3]), r0 = atoi(argv[4]), r1 = atoi(argv[5]);
+    auto codes = slurp(argv[6]); auto params = slurp_halves(argv[7]);
+    auto tc = slurp(argv[8]); auto tp = slurp(argv[9]);
+    std::vector<unsigned> pairs(tp.size() / 4); memcpy(pairs.data(), tp.data(), tp.size());
+    std::vector<half_t> want((r1 - r0) * cols, 0), got((r1 - r0) * cols, 0x7e00);
+    grid(3, 1, [&] { dequant_dim0(codes.data(), params.data(), want.data(), rows, cols, gs, 4, r0, r1); });
+    grid(2, 1, [&] { dequant_tc(tc.data(), pairs.data(), got.data(), rows, cols, gs, r0, r1); });
+    size_t bad = 0;
+    for (size_t i = 0; i < got.size(); i++) bad += got[i] != want[i];
+    printf("%zu\n", bad);
+}
+"#,
+    );
+    for (rows, cols, group, (r0, r1)) in [
+        (200, 48, 64, (0, 200)),
+        (256, 32, 128, (0, 256)),
+        (200, 48, 64, (64, 128)),
+        (200, 48, 64, (128, 200)),
+        (300, 16, 128, (128, 300)),
+        (1000, 80, 64, (448, 1000)),
+    ] {
+        let x = data(rows * cols, (rows * cols) as u64 + 3);
+        let p = quantize(&x, &[rows, cols], QuantSpec { bits: 4, group, dim: 0 });
+        let (tc, tp) =
+            TcOrder::new((rows, cols), group).unwrap().permute(&p.data, &p.params, false);
+        let f = |n: &str| dir.path().join(n);
+        write_bytes(&f("codes"), &p.data);
+        write_bytes(&f("params"), &params_bytes(&p.params));
+        write_bytes(&f("tc"), &tc);
+        write_bytes(&f("tp"), &params_bytes(&tp));
+        let run = Command::new(&exe)
+            .args([rows, cols, group, r0, r1].map(|v| v.to_string()))
+            .args([f("codes"), f("params"), f("tc"), f("tp")])
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "the harness failed");
+        let bad = String::from_utf8_lossy(&run.stdout);
+        assert_eq!(
+            bad.trim(),
+            "0",
+            "{rows}×{cols}, group {group}, rows {r0}..{r1}: values that differ"
+        );
+    }
+}
+
 #[test]
 fn gemv4_dim0_matches_x_times_the_dequantized_weight() {
     let dir = tempfile::tempdir().unwrap();
@@ -932,11 +988,6 @@ fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     }
     gemm4_tc_case(0, [true, false, false], "#define GT_STAGES 4\n#define GT_K8 64\n");
     gemm4_tc_case(0, [false, true, true], "");
-    // The tensor-core layout (GT_TC), each tile both ways, 32 and 64 inputs a stage.
-    gemm4_tc_case(0, [true, false, false], "#define GT_TC 1\n");
-    gemm4_tc_case(0, [false, true, true], "#define GT_TC 1\n");
-    gemm4_tc_case(32, [true, false, false], "#define GT_TC 1\n");
-    gemm4_tc_case(64, [false, false, false], "#define GT_TC 1\n");
 }
 
 /// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's
@@ -987,29 +1038,23 @@ int main(int argc, char** argv) {
     let (mut runs, mut stored_runs) = ([0usize; 4], 0);
     for (outs, ins, group, nb, wave) in [
         (256, 64, 64, 8, 1),
-        (300, 200, 64, 13, 40),
-        (200, 130, 128, 32, 2),
+        (300, 208, 64, 13, 40),
+        (200, 144, 128, 32, 2),
         (512, 256, 128, 3, 64),
-        (90, 70, 64, 70, 6),
-        (160, 100, 64, 24, 1000),
+        (90, 80, 64, 70, 6),
+        (160, 112, 64, 24, 1000),
         (64, 48, 64, 1, 3),
         (320, 96, 128, 2, 100),
         // One slice of many steps: every stage of the ring filled and refilled.
-        (256, 648, 64, 40, 1),
-        (256, 520, 128, 20, 1),
+        (256, 656, 64, 40, 1),
+        (256, 528, 128, 20, 1),
     ] {
         let case = product_case(dir.path(), (outs, ins, group), nb, 11 + nb as u64);
-        if defines.contains("GT_TC 1") {
-            // W in the tensor-core layout instead of dequant_dim0's.
-            let (codes, pairs) = flexgen_tensor::cuda::exec::gemm4_tc_layout(
-                &case.packed.data,
-                &case.packed.params,
-                (outs, ins),
-                group,
-            );
-            write_bytes(&dir.path().join("codes"), &codes);
-            write_bytes(&dir.path().join("pairs"), &params_bytes(&pairs));
-        }
+        // W in the tensor-core order, which the kernel reads.
+        let order = TcOrder::new((outs, ins), group).expect("the order applies");
+        let (codes, pairs) = order.permute(&case.packed.data, &case.packed.params, false);
+        write_bytes(&dir.path().join("codes"), &codes);
+        write_bytes(&dir.path().join("pairs"), &params_bytes(&pairs));
         let x = &case.x;
         let ldx = ins.next_multiple_of(8) + 8;
         let f = |n: &str| dir.path().join(n);

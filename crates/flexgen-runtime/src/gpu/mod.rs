@@ -312,7 +312,7 @@ impl<'m> CudaStage<'m> {
             .compress_cache
             .enabled
             .then_some((policy.compress_cache.bits, policy.compress_cache.group_size as usize));
-        let memory::Arena { layout, packed, unit_len, ends: [g_end, c_end] } =
+        let memory::Arena { layout, mut packed, unit_len, ends: [g_end, c_end] } =
             memory::arena(spec, &policy)?;
         let n_layers = range.len();
         if matches!(source, LayerSource::Loaded) && !model.has_layers() {
@@ -327,6 +327,11 @@ impl<'m> CudaStage<'m> {
             None
         };
         let gpu = Gpu::new(ordinal).map_err(cuda)?;
+        if let Some(p) = packed.as_mut() {
+            // The tensor-core order only where the device runs the product that reads it (the
+            // same bytes: the memory plan holds either way).
+            p.tc &= gpu.tensor_cores();
+        }
         // The executor orders its two streams with its own events.
         // SAFETY: every buffer below is used on the compute stream, except the staging arenas,
         // which the load stream writes only between `freed` and `loaded` events, and the visit

@@ -421,7 +421,7 @@ impl CudaStage<'_> {
             scratch: addr(s),
             done: if folded_store_on() { addr(s) + 4 * sums } else { 0 },
         });
-        let packed = Some(fused::Packed4 { mats, group: p.group, bits: p.bits, how });
+        let packed = Some(fused::Packed4 { mats, group: p.group, bits: p.bits, tc: p.tc, how });
         // The vectors are read where the stored arena holds them, in fp16 as in the fp16
         // layout: layout offset o of the vectors at stored + vectors.start + 2·(o − vec_src.start).
         let vectors = (stored + p.vectors.start as u64).wrapping_sub(2 * p.vec_src.start as u64);

@@ -140,9 +140,10 @@ pub unsafe fn copy_2d(
     Ok(())
 }
 
-/// A linear layer's 4-bit weight W `[outs, ins]` in device memory, in `dequant_dim0`'s layout:
-/// its codes and fp16 (min, scale) pairs, in groups of `group` outputs of one input. What the
-/// fused 4-bit products ([`Gpu::gemv4_dim0`], [`Gpu::gemm4_tc`]) read.
+/// A linear layer's 4-bit weight W `[outs, ins]` in device memory: its codes and fp16
+/// (min, scale) pairs, in groups of `group` outputs of one input, in `dequant_dim0`'s layout or,
+/// with `tc`, in the tensor-core order ([`crate::quant::TcOrder`]). What the fused 4-bit
+/// products read: [`Gpu::gemm4_tc`] the tensor-core order, [`Gpu::gemv4_dim0`] the other.
 #[derive(Debug, Clone, Copy)]
 pub struct Weight4 {
     pub codes: u64,
@@ -150,6 +151,7 @@ pub struct Weight4 {
     pub outs: usize,
     pub ins: usize,
     pub group: usize,
+    pub tc: bool,
 }
 
 /// Where [`Gpu::gemm4_tc`] stores its fp32 sums itself, as [`Gpu::store_f32`] would (`out[r, c] =
@@ -911,6 +913,39 @@ impl Gpu {
         Ok(())
     }
 
+    /// [`Gpu::dequant_dim0`] for a 4-bit weight `[rows, cols]` (outputs, inputs) in the tensor-core
+    /// order ([`crate::quant::TcOrder`], which `gemm4_tc` reads): rows `slice` into fp16 `out`
+    /// (`[slice.len(), cols]`), each value as `dequant_dim0` makes it.
+    ///
+    /// # Safety
+    /// As [`Gpu::dequant_dim0`]; `codes` and `params` 16-byte aligned, `out` 4-byte aligned.
+    pub unsafe fn dequant_tc(
+        &self,
+        (codes, params, out): (u64, u64, u64),
+        (rows_, cols): (usize, usize),
+        slice: std::ops::Range<usize>,
+        group: usize,
+    ) -> Result<(), CudaError> {
+        assert!(
+            crate::quant::TcOrder::new((rows_, cols), group).is_some()
+                && slice.start.is_multiple_of(group)
+                && slice.start < slice.end
+                && slice.end <= rows_
+                && codes.is_multiple_of(16)
+                && params.is_multiple_of(16)
+                && out.is_multiple_of(4),
+            "dequant_tc: rows {slice:?} of {rows_} × {cols} in groups of {group}"
+        );
+        let (r, c, g) = (dim(rows_), dim(cols), dim(group));
+        let (r0, r1) = (dim(slice.start), dim(slice.end));
+        let mut l = self.stream.launch_builder(&self.dequant_tc);
+        l.arg(&codes).arg(&params).arg(&out).arg(&r).arg(&c).arg(&g).arg(&r0).arg(&r1);
+        // SAFETY: grid-stride over the slice's words of 8 rows × 16 columns × 4 lanes, inside
+        // the weight's packed buffers and `out`'s rows of the slice (checked above).
+        unsafe { l.launch(grid(slice.len().div_ceil(8) * cols / 4))? };
+        Ok(())
+    }
+
     /// `y[i] = (accumulate ? y[i] : 0) + s[i]` for `n` fp32 values `s` into fp16 `y` (rows of
     /// `cols`), and `s[i] = 0` after where `clear` (so that the next 4-bit product into `s` need
     /// not zero it: one launch fewer a product); then, where `bias` is not 0 or `relu`,
@@ -952,7 +987,13 @@ impl Gpu {
         y: (u64, bool),
         nb: usize,
     ) -> Result<(), CudaError> {
-        let Weight4 { codes, params, outs, ins, group } = w;
+        let Weight4 { codes, params, outs, ins, group, tc } = w;
+        if tc {
+            return Err(CudaError::Host(format!(
+                "gemv4_dim0 reads dequant_dim0's layout, not the tensor-core order of this \
+                 {outs} × {ins} weight (gemm4_tc did not take it: x at {x}, {ldx} apart)"
+            )));
+        }
         assert!(
             group.is_multiple_of(8) && codes.is_multiple_of(4) && params.is_multiple_of(4),
             "gemv4_dim0: group {group}, codes at {codes}, params at {params}"
@@ -989,7 +1030,7 @@ impl Gpu {
         ),
         store: Option<(u64, u64, i32, u64)>,
     ) -> Result<(), CudaError> {
-        let Weight4 { codes, params, outs, ins, group } = w;
+        let Weight4 { codes, params, outs, ins, group, .. } = w;
         if !zeroed {
             // SAFETY: `y` holds nb·outs fp32 values.
             unsafe {
@@ -1061,11 +1102,12 @@ impl Gpu {
         nb: usize,
         store: Option<Store4>,
     ) -> Result<Option<bool>, CudaError> {
-        let Weight4 { codes, params, outs, ins, group } = w;
+        let Weight4 { codes, params, outs, ins, group, tc } = w;
         // The kernel counts (column, 64-input) units in an int.
         let units = outs.div_ceil(GEMM4_TC_OUTPUTS).saturating_mul(ins.div_ceil(64));
         if !self.tensor_cores
-            || !gemm4_tc_fits((outs, group), (codes, params), (x, ldx))
+            || !tc
+            || !gemm4_tc_fits((outs, ins, group), (codes, params), (x, ldx))
             || nb == 0
             || units >= i32::MAX as usize
         {
@@ -1085,6 +1127,12 @@ impl Gpu {
         // SAFETY: as above; the store's buffers as the caller promises.
         unsafe { self.product4(w, (x, ldx), y, nb, (64, GEMM4_TC_THREADS, tiles), Some(args)) }?;
         Ok(Some(store.is_some()))
+    }
+
+    /// Whether this device runs [`Gpu::gemm4_tc`] (mma.sync: compute capability 8.0 on), so that
+    /// 4-bit weights meant for it are best kept in the tensor-core order.
+    pub fn tensor_cores(&self) -> bool {
+        self.tensor_cores
     }
 
     /// The [`Gemm4TcPlan`] [`Gpu::gemm4_tc`] takes for a tile of `rows` on this device.
@@ -1251,76 +1299,20 @@ pub fn norm_threads(n: usize, h: usize) -> usize {
     }
 }
 
-/// Whether [`Gpu::gemm4_tc`] runs on a 4-bit weight of `outs` outputs in groups of `group`
-/// (64 or 128, so that a warp's 64 outputs share their scales; with ⌈outs/group⌉·group a multiple
-/// of 32) whose codes are 16-byte aligned and pairs 4-byte aligned, with x 16-byte aligned and
-/// `ldx` a multiple of 8.
+/// Whether [`Gpu::gemm4_tc`] runs on a 4-bit weight `[outs, ins]` in groups of `group` (64 or
+/// 128, so that a warp's 64 outputs share their scales; `ins` a multiple of 16: the tensor-core
+/// order applies, [`crate::quant::TcOrder::new`]) whose codes and pairs are 16-byte aligned, with
+/// x 16-byte aligned and `ldx` a multiple of 8.
 pub fn gemm4_tc_fits(
-    (outs, group): (usize, usize),
+    (outs, ins, group): (usize, usize, usize),
     (codes, params): (u64, u64),
     (x, ldx): (u64, usize),
 ) -> bool {
-    matches!(group, 64 | 128)
-        && outs.div_ceil(group).saturating_mul(group).is_multiple_of(32)
+    crate::quant::TcOrder::new((outs, ins), group).is_some()
         && codes.is_multiple_of(16)
-        && params.is_multiple_of(4)
+        && params.is_multiple_of(16)
         && x.is_multiple_of(16)
         && ldx.is_multiple_of(8)
-}
-
-/// W's 4-bit codes and (min, scale) pairs in the layout `gemm4_tc_*` read when kernels.cu is built
-/// with `GT_TC=1` (see there), from `dequant_dim0`'s (`quant::quantize` with 4 bits along dim 0):
-/// per 16 inputs (the last padded with zero codes and pairs), per 8 outputs, per lane of a quad,
-/// the 16 code bytes and the 16 bytes of pairs that lane expands, in the mma's order.
-/// `(outs, ins)`: W's shape; `group`: its groups' size. The same bytes as `dequant_dim0`'s layout,
-/// plus the padding.
-///
-/// # Panics
-/// If `codes` or `params` is shorter than `dequant_dim0`'s layout of that shape holds.
-pub fn gemm4_tc_layout(
-    codes: &[u8],
-    params: &[half::f16],
-    (outs, ins): (usize, usize),
-    group: usize,
-) -> (Vec<u8>, Vec<half::f16>) {
-    let chunks = outs.div_ceil(group);
-    let per_input = chunks * group / 2;
-    let kqs = ins.div_ceil(16);
-    assert!(codes.len() >= ins * per_input && params.len() >= 2 * ins * chunks, "W's layout");
-    let mut tc = vec![0u8; kqs * 16 * per_input];
-    let mut tp = vec![half::f16::ZERO; kqs * 16 * chunks * 2];
-    for kq in 0..kqs {
-        for t in 0..4 {
-            // Inputs a = 2t, b, c = 2t + 8, d of the 16 (j odd: c and d), bytes m = 0..3.
-            for j in 0..4 {
-                for bb in 0..4 {
-                    let i = 16 * kq + 2 * t + 8 * (j & 1) + (bb >> 1);
-                    if i >= ins {
-                        continue;
-                    }
-                    let m = 2 * (j >> 1) + (bb & 1);
-                    for w in 0..per_input / 4 {
-                        tc[((kq * (per_input / 4) + w) * 4 + t) * 16 + 4 * j + bb] =
-                            codes[i * per_input + 4 * w + m];
-                    }
-                }
-            }
-            // Words q: the mins of a, b; their scales; the mins of c, d; their scales.
-            for q in 0..4 {
-                for h in 0..2 {
-                    let i = 16 * kq + 2 * t + 8 * (q >> 1) + h;
-                    if i >= ins {
-                        continue;
-                    }
-                    for ch in 0..chunks {
-                        tp[(((kq * chunks + ch) * 4 + t) * 4 + q) * 2 + h] =
-                            params[2 * (i * chunks + ch) + (q & 1)];
-                    }
-                }
-            }
-        }
-    }
-    (tc, tp)
 }
 
 /// Threads of a `gemm4_tc_*` block (four warps of 64 outputs).

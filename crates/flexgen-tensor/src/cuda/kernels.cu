@@ -1010,6 +1010,42 @@ extern "C" __global__ void dequant_dim0(const unsigned char* codes, const half_t
     }
 }
 
+// dequant_dim0 for a 4-bit weight [outs, ins] in the tensor-core order (gemm4_tc's: ins a
+// multiple of 16, gs 64 or 128): rows (outputs) r0..r1 (r0 a multiple of gs) written as the
+// [r1 − r0, ins] matrix `out`, each value min + code·scale rounded as dequant_dim0 rounds it. One
+// thread per 16 code bytes (a lane t's of word w and 16 inputs kq: 4 inputs of 8 outputs), lanes
+// t then kq neighbouring, so that a warp writes 128 adjacent inputs of each of its 8 rows; two
+// 4-byte stores a row (inputs 2t, 2t + 1 and 2t + 8, 2t + 9 of the kq).
+extern "C" __global__ void dequant_tc(const unsigned char* codes, const unsigned* pairs, half_t* out,
+                                      int outs, int ins, int gs, int r0, int r1) {
+    const long long chunks = (outs + gs - 1) / gs, words = chunks * gs / 8, kqs = ins / 16;
+    const long long w0 = r0 / 8, n = ((r1 + 7) / 8 - w0) * kqs * 4;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        const int t = (int)(e & 3);
+        const long long kq = (e >> 2) % kqs, w = w0 + (e >> 2) / kqs;
+        const uint4 cv = *(const uint4*)(codes + ((kq * words + w) * 4 + t) * 16);
+        const uint4 p = *(const uint4*)(pairs + ((kq * chunks + 8 * w / gs) * 4 + t) * 4);
+        const unsigned cw[4] = {cv.x, cv.y, cv.z, cv.w};
+        // Inputs 2t, 2t + 1 (h = 0) and 2t + 8, 2t + 9 (h = 1): their mins and scales.
+        const float mn[2][2] = {{h2f(p.x & 0xffff), h2f(p.x >> 16)}, {h2f(p.z & 0xffff), h2f(p.z >> 16)}};
+        const float sc[2][2] = {{h2f(p.y & 0xffff), h2f(p.y >> 16)}, {h2f(p.w & 0xffff), h2f(p.w >> 16)}};
+        for (int m = 0; m < 4; m++) {
+            for (int h = 0; h < 2; h++) {
+                // Byte m of the two inputs: bits 0–7 and 16–23 of the word, after the shift.
+                const unsigned q = cw[2 * (m >> 1) + h] >> (8 * (m & 1));
+                for (int hi = 0; hi < 2; hi++) {
+                    const long long o = 8 * w + 2 * m + hi;
+                    if (o >= r1) continue;
+                    const int s = 4 * hi;
+                    const half_t v0 = f2h(mn[h][0] + (float)((q >> s) & 15) * sc[h][0]);
+                    const half_t v1 = f2h(mn[h][1] + (float)((q >> (16 + s)) & 15) * sc[h][1]);
+                    *(unsigned*)(out + (o - r0) * ins + 16 * kq + 2 * t + 8 * h) = (unsigned)v0 | (unsigned)v1 << 16;
+                }
+            }
+        }
+    }
+}
+
 // Four fp16 values of x at p (n ≤ 4 of them real, the rest 0) as floats: one 8-byte load where p
 // is aligned and all four are real.
 __device__ __forceinline__ void x4(const half_t* p, int n, float* out) {
@@ -1209,37 +1245,42 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
         cr[byte] = (unsigned char)packed;
     }
 }
-// y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ 8·NT, W read from dequant_dim0's 4-bit layout:
-// for input i the codes of outputs 0, 1, … are contiguous nibbles from code i·chunks·gs (chunks =
-// ⌈outs/gs⌉; the even output in the low nibble) and the (min, scale) pairs of its groups are
-// adjacent from pair i·chunks. A block of 128 threads (4 warps of 64 outputs) takes GT_O = 256
-// outputs and a slice of the inputs (a segment: blockIdx.x's column and blockIdx.y's slice,
-// gemm4_tc_tile), its partial sums added to the fp32 y
-// [nb, outs] with atomicAdd, as gemv4's. The inputs go through shared memory K at a time (GT_K_OF) in a ring
-// of S stages filled by cp.async, S − 1 in flight while one is used (GT_S: 4 of 32 inputs; of 64,
-// 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=32" or 64 sets every tile's, GT_K8 the 64-row
-// tile's, GT_STAGES every tile's stages), in dynamic shared memory (GT_RING bytes): the codes as they
-// lie in memory (a row of 128 bytes per input), the pairs by group then input, x by row then
-// input; the 16-byte chunks of a code row and of an x row are placed with an XOR of the row so
-// that the warps' reads below fall in distinct banks.
-// The sum over inputs is taken in an order of our choosing: the mma's k = 2t, 2t + 1, 2t + 8,
-// 2t + 9 (lane t of a quad) are the 16 inputs' 4t … 4t + 3. Lane g of a quad owns one 4-byte word
-// of each code row, word w = 8·warp + g: the bytes m = 0..3 of the word are the A fragments'
-// row g of four m16 tiles (outputs 8w + 2m: low nibbles, and 8w + 2m + 1, high: row g + 8). So
-// four 4-byte loads (inputs 4t … 4t + 3) give a lane its A fragments of four tiles, one 16-byte
-// load its inputs' pairs, one 8-byte load per 8 rows its B fragment; a prmt brings two inputs'
-// bytes of a tile together and one lop3 makes them fp16 offset + code, exactly (1024 + code for
-// low nibbles, 64 + code for high ones, without a shift). Tiles of up to 8 rows (SCALE_X) give
-// the scales and mins to x instead: as a warp's 64 outputs lie in one group (gs ≥ 64),
-// W·x = Σ (x·scale)·code + Σ x·min, so B is x·scale (one fp16x2 multiply per 8 rows and 4
-// inputs) and two more mma with A all ones sum x·scale and x·min over the inputs for the
+// y[b, o] += Σ_i x[b, i] · W[o, i] for b < nb ≤ 8·NT, W's 4-bit codes and (min, scale) pairs
+// in the tensor-core order (flexgen_tensor::quant::TcOrder: dequant_dim0's bytes permuted): per
+// 16 inputs kq, per word w of 8 outputs (8w …), per lane t of a quad, 16 code bytes, the four
+// 4-byte words the lane expands into its A fragments, in the mma's own k order (inputs a = 2t,
+// b = 2t + 1, c = 2t + 8, d = 2t + 9 of the 16): bytes (a, 0), (a, 1), (b, 0), (b, 1); (c, 0),
+// (c, 1), (d, 0), (d, 1); the same for bytes 2 and 3, where byte (i, m) is input i's codes of
+// outputs 8w + 2m (low nibble) and 8w + 2m + 1 (high); the pairs per kq, per group, per t as
+// four words: the mins of a and b, their scales, the mins of c and d, their scales. A block of
+// 128 threads (4 warps of 64 outputs) takes GT_O = 256 outputs and a slice of the inputs (a
+// segment: blockIdx.x's column and blockIdx.y's slice, gemm4_tc_tile), its partial sums added
+// to the fp32 y [nb, outs] with atomicAdd, as gemv4's. The inputs go through shared memory K at
+// a time (GT_K_OF) in a ring of S stages filled by cp.async, S − 1 in flight while one is used
+// (GT_S: 4 of 32 inputs; of 64, 3, or 2 for 64 rows; FLEXGEN_NVRTC_DEFINES="GT_K=32" or 64 sets
+// every tile's, GT_K8 the 64-row tile's, GT_STAGES every tile's stages), in dynamic shared
+// memory (GT_RING bytes): the codes and pairs as they lie in memory (a kq's 2048 code bytes of
+// the block's outputs lie together, and its groups' pairs), x by row then input, the 16-byte
+// chunks of an x row placed with an XOR of the row (GT_XSW) so that the 8 rows of an ldmatrix
+// matrix fall in distinct banks.
+// Lane g of a quad owns word w = 8·warp + g: one 16-byte load gives it the codes of its A
+// fragments of four m16 tiles (tile m: outputs 8w + 2m, low nibbles, in row g; 8w + 2m + 1, high,
+// in row g + 8), another its group's pairs; the bytes of tiles 0 and 2 lie in bits 0–7 and 16–23
+// of their words, those of tiles 1 and 3 a shift away, and one lop3 makes a pair of codes fp16
+// offset + code, exactly (1024 + code for low nibbles, 64 + code for high ones, without a
+// shift). x's B fragments come by ldmatrix, two row tiles a load. Tiles of up to 8 rows
+// (SCALE_X) give the scales and mins to x instead: as a warp's 64 outputs lie in one group
+// (gs ≥ 64), W·x = Σ (x·scale)·code + Σ x·min, so B is x·scale (one fp16x2 multiply per 8 rows
+// and 4 inputs) and two more mma with A all ones sum x·scale and x·min over the inputs for the
 // epilogue, which takes the offsets' share off (1024 or 64 times Σ x·scale) and adds Σ x·min.
 // Each product of a code and x·scale is exact and the sums fp32 (x·scale and x·min rounded to
 // fp16 once each, where dequant_dim0 rounds min + code·scale once). Tiles of 16 to 64 rows,
 // where those extra mma cost more than they save, expand A to min + code·scale (the offset
 // taken off, one fp16x2 fma: rounded once as dequant_dim0 rounds it) against x. mma.sync
-// m16n8k16. Needs gs ∈ {64, 128}, chunks·gs a multiple of 32, codes and x 16-byte aligned, ldx
-// a multiple of 8 (the host checks).
+// m16n8k16, ldmatrix. Needs gs ∈ {64, 128}, ins a multiple of 16, codes, pairs and x 16-byte
+// aligned, ldx a multiple of 8 (the host checks). This order instead of dequant_dim0's: 5–11 %
+// faster on OPT's matrices at 1 to 64 rows (session 24, call 1: no byte permutes, one load for
+// the codes instead of four).
 #ifndef GT_K
 #define GT_K 0 // 32 or 64 for every tile; 0: each tile's own (GT_K_OF)
 #endif
@@ -1343,34 +1384,10 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int c
 #define GT_S(k, nt) (GT_STAGES ? GT_STAGES : (k) == 32 ? 4 : (nt) == 8 ? 2 : 3)
 #define GT_STAGE_BYTES(k, nt) ((k) * GT_O / 2 + GT_O / 16 * (k) * 4 + 8 * (nt) * (k) * 2)
 #define GT_RING(nt) (GT_S(GT_K_OF(nt), nt) * GT_STAGE_BYTES(GT_K_OF(nt), nt))
-// GT_TC=1: W in the tensor-core layout (`gemm4_tc_layout` of exec.rs, made from dequant_dim0's
-// by the host) instead: per 16 inputs kq (16·kq …, the last padded with zeros), per word w of 8
-// outputs (8w …), per lane t of a quad, 16 bytes: the four 4-byte words a lane expands into its A
-// fragments with no byte permute, the mma's own k order (inputs 2t, 2t + 1, 2t + 8, 2t + 9 of
-// the 16: a, b, c, d): bytes (a, 0), (a, 1), (b, 0), (b, 1); (c, 0), (c, 1), (d, 0), (d, 1); the
-// same for bytes 2 and 3, where byte (i, m) is input i's codes of outputs 8w + 2m, 8w + 2m + 1
-// (tile m's rows g and g + 8: its bytes 1 and 3 a shift away); the pairs per kq, per group,
-// per t as four words: the mins of a and b, their scales, the mins of c and d, their scales. x
-// comes to the B fragments by ldmatrix (a chunk of 8 inputs of 8 rows a matrix).
-#ifndef GT_TC
-#define GT_TC 0
-#endif
-// The XOR that places x chunk c of row r (k / 8 chunks a row): under GT_TC such that the 8 rows
-// of an ldmatrix matrix fall in distinct banks.
-#if GT_TC
+// The XOR that places x chunk c of row r (k / 8 chunks a row): the 8 rows of an ldmatrix
+// matrix in distinct banks.
 #define GT_XSW(k, r) ((k) == 32 ? (((r) >> 1) & 3) : ((r) & 7))
-#else
-#define GT_XSW(k, r) ((k) == 32 ? ((r) & 2) : 2 * ((r) & 3))
-#endif
 
-// A copy of pairs into the ring: 16 bytes (GT_TC) or 4.
-__device__ __forceinline__ void gt_pair_copy(unsigned dst, const void* src, int n) {
-#if GT_TC
-    cp_async16(dst, src, n);
-#else
-    cp_async4(dst, src, n);
-#endif
-}
 // A value the compiler must keep as it is (it cannot see through the empty asm): a copy's fixed
 // offsets stay in registers instead of being rebuilt from the thread index every step.
 __device__ __forceinline__ unsigned kept(unsigned v) { asm volatile("" : "+r"(v)); return v; }
@@ -1382,8 +1399,8 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                                              float* y, int outs, int ldx, int gs, int nb, int col, int i0, int i1,
                                              unsigned chunks_here, unsigned chunks_all, const Store4& st4) {
     constexpr int K = GT_K_OF(NT), S = GT_S(K, NT);
-    // A stage of the ring, in bytes: the codes [input][word] (K × GT_O / 8 words), the pairs
-    // [group][input] (room for GT_O / 16 groups), x [row][input] (8·NT × K halves).
+    // A stage of the ring, in bytes: the codes [kq][word][lane t] (K × GT_O / 2 bytes), the pairs
+    // [kq][group][lane t] (room for GT_O / 16 groups), x [row][input] (8·NT × K halves).
     constexpr unsigned CS = K * GT_O / 2, PS = GT_O / 16 * K * 4, XS = 8 * NT * K * 2, STAGE = CS + PS + XS;
     static_assert(S * STAGE == GT_RING(NT), "the ring the host gives");
     extern __shared__ __align__(16) unsigned char gt_ring[];
@@ -1392,13 +1409,13 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     const int chunks = (outs + gs - 1) / gs, coded = chunks * gs;
     const long long per_input = (long long)coded / 2; // code bytes of one input
     const int o_blk = col * GT_O;
-    const int gpb = GT_O / gs, lg = __ffs(gpb) - 1; // groups of the block's outputs (a power of two)
+    const int gpb = GT_O / gs; // groups of the block's outputs (a power of two)
     const int steps = i1 > i0 ? (i1 - i0 + K - 1) / K : 0, full = i1 > i0 ? (i1 - i0) / K : 0;
     // Each thread's copies are the same every step, at addresses that move by a fixed amount a
-    // step: code chunk cc (32 outputs) of rows cr + 16u at chunk cc ^ 2·(cr/4 mod 4) (cr = tid/8,
-    // cc = tid mod 8); the pairs of group pg of rows pr + u·(128/gpb) (pg = tid mod gpb, pr =
-    // tid/gpb, while below K: at most ⌈K/32⌉ of them, as gpb ≤ 4); x chunk xc (8 inputs) of
-    // rows xr + u·(128/XC) at chunk xc ^ GT_XSW(K, xr) (xc = tid mod XC, xr = tid/XC, while below
+    // step: 16 bytes of each kq's 2048 code bytes of the column (word tid/4's, lane tid mod 4's);
+    // 16 bytes of the pairs of the stage's kq tid/(4·gpb) (while below K/16: the column's gpb
+    // groups' pairs of a kq lie together, 64 bytes a group); x chunk xc (8 inputs) of rows
+    // xr + u·(128/XC) at chunk xc ^ GT_XSW(K, xr) (xc = tid mod XC, xr = tid/XC, while below
     // 8·NT). A copy of size 0 (past the coded outputs, the groups or nb) fills zeros, its source
     // kept inside the buffer (row 0 for x). A whole step's copies take only their moving sources
     // from registers (`issue_full`: the rest fixed before the loop, so that the compiler need not
@@ -1406,39 +1423,18 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     // checked, with zeros past the slice.
     const unsigned ring0 = smem_u32(ring);
     const int ch0 = o_blk / gs;
-#if GT_TC
-    // GT_TC: the column's 2048 bytes of a kq lie together; thread tid copies 16 of them, word
-    // tid/4's (cr: its first input less the kq's, 0).
-    const int cr = 0;
     const bool c_ok = o_blk + 8 * (tid >> 2) < coded;
     const unsigned c_dst = kept((unsigned)(16 * tid));
     const unsigned char* c_src = c_ok ? codes + (long long)i0 * per_input + 8LL * o_blk + 16 * tid : codes;
-#else
-    const int cr = tid >> 3, cc = tid & 7;
-    const bool c_ok = o_blk + 32 * cc < coded;
-    const unsigned c_dst = kept((unsigned)(cr * (GT_O / 2) + 16 * (cc ^ (2 * ((cr >> 2) & 3)))));
-    const unsigned char* c_src = c_ok ? codes + (long long)(i0 + cr) * per_input + o_blk / 2 + 16 * cc : codes;
-#endif
     const int c_n = kept(c_ok ? 16u : 0u);
     const long long c_step = kept(c_ok ? K * per_input : 0), c_u = kept(c_ok ? 16 * per_input : 0);
-#if GT_TC
-    // GT_TC: the pairs of a kq's gpb groups lie together (64 bytes a group); thread tid < K/16 ·
-    // gpb · 4 copies 16 bytes, of kq tid/(4·gpb) (pr: its first input less the stage's).
-    const int pr = 16 * (tid / (4 * gpb)), p_in = tid < K / 4 * gpb, p_rows = K;
-    const bool p_ok = p_in && ch0 + ((tid >> 2) & (gpb - 1)) < chunks;
-    const int p_n4 = kept(p_ok ? 16u : 0u);
-    constexpr int PU = 1;
+    // pr: the first input of the thread's kq less the stage's (K or more: no pair copy).
+    const int pr = 16 * (tid / (4 * gpb));
+    const bool p_ok = pr < K && ch0 + ((tid >> 2) & (gpb - 1)) < chunks;
+    const int p_n = kept(p_ok ? 16u : 0u);
     const unsigned p_dst = kept(CS + 16 * tid);
     const unsigned* p_src = p_ok ? pairs + (long long)(i0 + pr) * chunks + 16 * ch0 + 4 * (tid & (4 * gpb - 1)) : pairs;
-#else
-    const int pg = tid & (gpb - 1), pr = tid >> lg, p_rows = 128 >> lg; // p_rows: rows apart of u and u + 1
-    const bool p_ok = ch0 + pg < chunks;
-    const int p_n4 = kept(p_ok ? 4u : 0u);
-    constexpr int PU = (K + 31) / 32; // pair copies a thread at most (p_rows ≥ 32)
-    const unsigned p_dst = kept(CS + (pg * K + pr) * 4);
-    const unsigned* p_src = p_ok ? pairs + (long long)(i0 + pr) * chunks + ch0 + pg : pairs;
-#endif
-    const long long p_step = kept(p_ok ? (long long)K * chunks : 0), p_u = p_ok ? (long long)p_rows * chunks : 0;
+    const long long p_step = kept(p_ok ? (long long)K * chunks : 0);
     constexpr int XC = K / 8, XU = (8 * NT * XC + 127) / 128; // x chunks a row, copies a thread
     const int xc = tid % XC, xr = tid / XC;
     const unsigned x_dst = kept(CS + PS + xr * (K * 2) + 16 * (xc ^ GT_XSW(K, xr)));
@@ -1455,9 +1451,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
 #pragma unroll
         for (int u = 0; u < K / 16; u++, cs += c_u) cp_async16(stage + c_dst + u * 16 * (GT_O / 2), cs, c_n);
         c_src += c_step;
-#pragma unroll
-        for (int u = 0; u < PU; u++)
-            if (pr + u * p_rows < K) gt_pair_copy(stage + p_dst + u * p_rows * 4, p_src + u * p_u, p_n4);
+        if (pr < K) cp_async16(stage + p_dst, p_src, p_n);
         p_src += p_step;
 #pragma unroll
         for (int u = 0; u < XU; u++) {
@@ -1473,13 +1467,12 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
         const int k0 = i0 + step * K; // the short step: every copy checked
 #pragma unroll
         for (int u = 0; u < K / 16; u++) {
-            const bool ok = c_ok && k0 + cr + 16 * u < i1;
+            const bool ok = c_ok && k0 + 16 * u < i1;
             cp_async16(stage + c_dst + u * 16 * (GT_O / 2), ok ? c_src + u * c_u : codes, ok ? 16 : 0);
         }
-#pragma unroll
-        for (int u = 0; u < PU; u++) {
-            const bool ok = p_ok && k0 + pr + u * p_rows < i1;
-            if (pr + u * p_rows < K) gt_pair_copy(stage + p_dst + u * p_rows * 4, ok ? p_src + u * p_u : pairs, ok ? p_n4 : 0);
+        if (pr < K) {
+            const bool ok = p_ok && k0 + pr < i1;
+            cp_async16(stage + p_dst, ok ? p_src : pairs, ok ? 16 : 0);
         }
 #pragma unroll
         for (int u = 0; u < XU; u++) {
@@ -1505,13 +1498,11 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
         if (st < steps) issue(st, ring0 + st * STAGE);
         cp_async_commit();
     }
-#if GT_TC
     // ldmatrix's addresses: lane 8j + r gives row r of matrix j, x's row 8·(n + j/2) + r (the
     // .x2 of an odd last tile: row r) and chunk kb/8 + j mod 2 of its inputs; the swizzle is the
     // same for every n.
     const int lr = lane & 7, lj = lane >> 3, x_sw = GT_XSW(K, lr);
     const unsigned x_row4 = (8 * (lj >> 1) + lr) * K * 2, x_row2 = lr * K * 2;
-#endif
     int st = 0, fill = S - 1; // the stage used, the stage filled next
     for (int step = 0; step < steps; step++) {
         cp_async_wait<S - 2>(); // this thread's copies of stage `step` are done
@@ -1524,32 +1515,16 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
         st = st == S - 1 ? 0 : st + 1;
 #pragma unroll
         for (int kb = 0; kb < K; kb += 16) {
-#if GT_TC
             // The lane's 16 code bytes and its group's pairs of kq = kb/16.
             const uint4 cv = *(const uint4*)(sb + (kb >> 4) * (GT_O * 8) + 64 * w + 16 * t);
             const uint4 p = *(const uint4*)(sb + CS + ((kb >> 4) * gpb + grp) * 64 + 16 * t);
             const unsigned mn01 = p.x, sc01 = p.y, mn23 = p.z, sc23 = p.w;
             const unsigned cw[4] = {cv.x, cv.y, cv.z, cv.w};
-#else
-            // Inputs kb + 4t + j (j = 0..3): code rows (whose r/4 mod 4 is t), pairs p.x … p.w.
-            const unsigned* cs = (const unsigned*)sb;
-            unsigned cw[4];
-#pragma unroll
-            for (int j = 0; j < 4; j++) cw[j] = cs[(kb + 4 * t + j) * (GT_O / 8) + 4 * ((w >> 2) ^ (2 * t)) + (w & 3)];
-            uint4 p = *(const uint4*)((const unsigned*)(sb + CS) + grp * K + kb + 4 * t);
-            const unsigned mn01 = prmt(p.x, p.y, 0x5410), sc01 = prmt(p.x, p.y, 0x7632);
-            const unsigned mn23 = prmt(p.z, p.w, 0x5410), sc23 = prmt(p.z, p.w, 0x7632);
-#endif
             unsigned a[4][4];
 #pragma unroll
             for (int m = 0; m < 4; m++) {
-#if GT_TC
                 // Tile m's bytes of inputs a, b (c, d) to bits 0–7 and 16–23: a shift for m odd.
                 const unsigned q01 = cw[2 * (m >> 1)] >> (8 * (m & 1)), q23 = cw[2 * (m >> 1) + 1] >> (8 * (m & 1));
-#else
-                // Byte m of inputs 4t, 4t + 1 (and 4t + 2, 4t + 3) to bits 0–7 and 16–23.
-                const unsigned q01 = prmt(cw[0], cw[1], 0x4400 + 0x1111 * m), q23 = prmt(cw[2], cw[3], 0x4400 + 0x1111 * m);
-#endif
                 // A: a0/a2 row g (low nibbles, 1024 + code) at k 2t, 2t+1 / 2t+8, 2t+9; a1/a3 row g + 8
                 // (high nibbles, 64 + code).
                 a[m][0] = raw_lo(q01, k1024);
@@ -1578,7 +1553,6 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                 mma_16816(corr[n], ones, bs);
                 mma_16816(corm[n], ones, bm);
             };
-#if GT_TC
             const unsigned xo = 16 * (((kb >> 3) + (lj & 1)) ^ x_sw);
 #pragma unroll
             for (int n = 0; n < NT; n += 2) {
@@ -1592,15 +1566,6 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                     tile(n, make_uint2(d[0], d[1]));
                 }
             }
-#else
-            const half_t* xs = (const half_t*)(sb + CS + PS);
-#pragma unroll
-            for (int n = 0; n < NT; n++) {
-                // B: x[8n + g][kb + 4t … kb + 4t + 3].
-                const int r = 8 * n + g, c = (kb + 4 * t) >> 3;
-                tile(n, *(const uint2*)&xs[r * K + 8 * (c ^ GT_XSW(K, r)) + (4 * t & 7)]);
-            }
-#endif
         }
     }
     // D: in tile m, rows g and g + 8 are outputs 8w + 2m and 8w + 2m + 1; columns (x rows)

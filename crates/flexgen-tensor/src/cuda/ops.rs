@@ -60,6 +60,7 @@ pub struct Gpu {
     pub(super) decode_attention_q4: CudaFunction,
     pub(super) argmax_rows: CudaFunction,
     pub(super) dequant_dim0: CudaFunction,
+    pub(super) dequant_tc: CudaFunction,
     /// `gemv4_dim0_{1,2,4,8}`: tiles of at most that many rows.
     pub(super) gemv4_dim0: [CudaFunction; 4],
     /// `gemm4_tc_{1,2,4,8}`: tiles of at most 8, 16, 32, 64 rows (they run from compute
@@ -251,6 +252,7 @@ impl Gpu {
             decode_attention_q4: f("decode_attention_q4")?,
             argmax_rows: f("argmax_rows")?,
             dequant_dim0: f("dequant_dim0")?,
+            dequant_tc: f("dequant_tc")?,
             gemv4_dim0: [
                 f("gemv4_dim0_1")?,
                 f("gemv4_dim0_2")?,
