@@ -362,7 +362,8 @@ mod tests {
                     }
                 }
             }
-            let codes: Vec<u8> = (0..ins * per_input).map(|v| (v * 7 % 251).to_le_bytes()[0]).collect();
+            let codes: Vec<u8> =
+                (0..ins * per_input).map(|v| (v * 7 % 251).to_le_bytes()[0]).collect();
             let params: Vec<f16> = (0..2 * ins * chunks).map(|v| f16::from_f32(v as f32)).collect();
             let (c, p) = o.permute(&codes, &params, false);
             assert_ne!(c, codes);
