@@ -378,9 +378,7 @@ impl PackedLayout {
                                 // Where the order puts them, less the thread's first byte.
                                 quantize_line(line, spec, &mut group_codes, &mut par);
                                 let (col, base) = (c0 + i, c0 * code_b);
-                                for (k, &b) in group_codes.iter().enumerate() {
-                                    codes[o.code_byte(col, ch * gb + k) - base] = b;
-                                }
+                                o.scatter_codes(col, ch * gb, &group_codes, codes, base);
                                 for (k, v) in par.iter().enumerate() {
                                     let at = 2 * o.param(col, ch, k) - c0 * par_b;
                                     params[at..at + 2].copy_from_slice(&v.to_le_bytes());

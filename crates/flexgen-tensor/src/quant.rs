@@ -304,6 +304,20 @@ impl TcOrder {
         ((kq * (self.per_input / 4) + w) * 4 + (r % 8) / 2) * 16 + 4 * j + bb
     }
 
+    /// Writes `bytes`, dim-0 code bytes `b0..b0 + bytes.len()` of input `i` (`b0` and the length
+    /// multiples of 4), where this order puts them in `out`, less `offset`: what
+    /// [`TcOrder::code_byte`] gives, a word of 4 bytes at a time (bytes 0, 1, 2, 3 of a word at
+    /// 0, 1, 8, 9 from its first, the next word 64 on).
+    pub fn scatter_codes(&self, i: usize, b0: usize, bytes: &[u8], out: &mut [u8], offset: usize) {
+        debug_assert!(b0.is_multiple_of(4) && bytes.len().is_multiple_of(4));
+        let first = self.code_byte(i, b0) - offset;
+        for (w, q) in bytes.chunks_exact(4).enumerate() {
+            let at = first + 64 * w;
+            out[at..at + 2].copy_from_slice(&q[..2]);
+            out[at + 8..at + 10].copy_from_slice(&q[2..]);
+        }
+    }
+
     /// Where dim-0 parameter `2·(i·chunks + ch) + k` (group `ch` of input `i`; k 0: its min, 1:
     /// its scale) lies in this order, in fp16 values.
     pub fn param(&self, i: usize, ch: usize, k: usize) -> usize {
@@ -367,6 +381,15 @@ mod tests {
             let params: Vec<f16> = (0..2 * ins * chunks).map(|v| f16::from_f32(v as f32)).collect();
             let (c, p) = o.permute(&codes, &params, false);
             assert_ne!(c, codes);
+            // Scattered 32 bytes at a time, the same bytes where permute puts them.
+            let mut scattered = vec![0u8; c.len()];
+            for i in 0..ins {
+                for b0 in (0..per_input).step_by(32) {
+                    let bytes = &codes[i * per_input + b0..][..32];
+                    o.scatter_codes(i, b0, bytes, &mut scattered, 0);
+                }
+            }
+            assert_eq!(scattered, c);
             assert_eq!(o.permute(&c, &p, true), (codes, params));
         }
         assert!(TcOrder::new((256, 40), 64).is_none(), "inputs not a multiple of 16");

@@ -330,7 +330,7 @@ impl<'m> CudaStage<'m> {
         if let Some(p) = packed.as_mut() {
             // The tensor-core order only where the device runs the product that reads it (the
             // same bytes: the memory plan holds either way).
-            p.tc &= gpu.tensor_cores();
+            p.tc &= gpu.tensor_cores() && weights::tc_order_on();
         }
         // The executor orders its two streams with its own events.
         // SAFETY: every buffer below is used on the compute stream, except the staging arenas,

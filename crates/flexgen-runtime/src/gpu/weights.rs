@@ -438,6 +438,14 @@ fn fused_decode_on() -> bool {
     knob_on("FLEXGEN_FUSED4", &ON)
 }
 
+/// Whether 4-bit weights are packed in the tensor-core order where the device and shapes allow
+/// (`PackedLayout::tc`): unless `FLEXGEN_TC_ORDER=0`, which keeps `quantize`'s dim-0 layout (and
+/// so the CUDA-core product) to measure the two side by side (read once).
+pub(super) fn tc_order_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    knob_on("FLEXGEN_TC_ORDER", &ON)
+}
+
 /// Whether the tensor-core 4-bit product stores its own sums: unless `FLEXGEN_FUSED4_STORE=0`,
 /// which runs the store as a kernel of its own to compare (read once).
 fn folded_store_on() -> bool {
