@@ -148,7 +148,8 @@ pub struct CudaStage<'m> {
     expanded: Option<CudaSlice<f16>>,
     /// The fused 4-bit product's fp32 output, where decode steps take it
     /// (`Policy::fuses_decode`; `FLEXGEN_FUSED4=0` in the environment turns it off:
-    /// `weights::fused_decode_on`).
+    /// `weights::fused_decode_on`; weights not in the tensor-core order take it only up to
+    /// `FUSED_DECODE_OTHER_GROUP_ROWS` rows).
     fused_scratch: Option<CudaSlice<f32>>,
     /// The last layer built whole at set-up (packed, or read from the model's files: built once
     /// for its GPU, CPU and disk parts), by layer, or 0 for packed `ones` dummy layers (all alike).

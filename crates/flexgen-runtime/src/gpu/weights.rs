@@ -230,7 +230,13 @@ impl CudaStage<'_> {
         }
         let scratch = memory::fused_scratch_bytes(&self.policy, self.packed.as_ref()) / 4;
         let scratch = usize::try_from(scratch).expect("a buffer the plan counted");
-        if scratch > 0 && fused_decode_on() {
+        // Without the tensor-core order (a device before compute capability 8.0, or
+        // FLEXGEN_TC_ORDER=0) the fused product is the CUDA-core one, faster than dequantizing
+        // only up to FUSED_DECODE_OTHER_GROUP_ROWS rows, as for other groups.
+        let cuda_core_rows =
+            self.policy.gpu_batch_size <= flexgen_policy::FUSED_DECODE_OTHER_GROUP_ROWS;
+        let fits = self.packed.as_ref().is_some_and(|p| p.tc || cuda_core_rows);
+        if scratch > 0 && fused_decode_on() && fits {
             // Zeros, as every fused product leaves it (its store clears what it reads and sets
             // its counters back), so that the products need not zero it first.
             self.fused_scratch = Some(stream.alloc_zeros::<f32>(scratch).map_err(drv)?);
@@ -440,7 +446,8 @@ fn fused_decode_on() -> bool {
 
 /// Whether 4-bit weights are packed in the tensor-core order where the device and shapes allow
 /// (`PackedLayout::tc`): unless `FLEXGEN_TC_ORDER=0`, which keeps `quantize`'s dim-0 layout (and
-/// so the CUDA-core product) to measure the two side by side (read once).
+/// so the CUDA-core product up to `FUSED_DECODE_OTHER_GROUP_ROWS` rows, dequantizing beyond) to
+/// measure the two side by side (read once).
 pub(super) fn tc_order_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     knob_on("FLEXGEN_TC_ORDER", &ON)
