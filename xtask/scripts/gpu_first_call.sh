@@ -39,8 +39,9 @@ export PATH="$B:$PATH" NCCL_NVLS_ENABLE=0
 LOGS=$(mktemp -d)
 OUT=${OUT:-/tmp}
 fail=0
-t() { # name, time limit (s), command...
-  local n=$1 lim=$2; shift 2
+t() { # name, time limit (s), command... (a part run again keeps each log: NAME_2.log, …)
+  local n=$1 lim=$2 base=$1 i=2; shift 2
+  while [ -e "$LOGS/$n.log" ]; do n="${base}_$i" i=$((i + 1)); done
   local s; s=$(date +%s)
   timeout "$lim" "$@" > "$LOGS/$n.log" 2>&1
   local rc=$?
@@ -50,12 +51,11 @@ t() { # name, time limit (s), command...
 }
 pack() { tar czf "$OUT/first_call.tgz.part" -C "$LOGS" . && mv "$OUT/first_call.tgz.part" "$OUT/first_call.tgz"; }
 under_each() { # environments (`;` apart, each "NAME=VALUE ..."), log prefix, time limit (s), command...
-  local list=$1 prefix=$2 lim=$3 es e kv name i; shift 3
+  local list=$1 prefix=$2 lim=$3 es e kv name; shift 3
   IFS=';' read -ra es <<< "$list"
   for e in "${es[@]}"; do
     read -ra kv <<< "$e"
-    name="${prefix}_${e// /_}" i=2
-    while [ -e "$LOGS/$name.log" ]; do name="${prefix}_${e// /_}_$i" i=$((i + 1)); done # a repeat keeps both logs
+    name="${prefix}_${e// /_}"
     t "$name" "$lim" env "${kv[@]}" "$@"
   done
 }
