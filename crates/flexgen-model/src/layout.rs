@@ -395,21 +395,27 @@ impl PackedLayout {
         }
     }
 
+    /// Matrix `m`'s codes and (min, scale) pairs in `packed`, in `quantize`'s dim-0 layout (put back
+    /// from the tensor-core order where the layout is in it).
+    pub fn dim0_matrix(&self, packed: &[u8], m: &PackedMatrix) -> (Vec<u8>, Vec<f16>) {
+        let params: Vec<f16> = packed[m.params.clone()]
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        let codes = &packed[m.codes.clone()];
+        match m.tc_order(self.group).filter(|_| self.tc) {
+            Some(o) => o.permute(codes, &params, true),
+            None => (codes.to_vec(), params),
+        }
+    }
+
     /// The fp16 arena `packed` stands for (`arena_len` elements): the reference that the GPU's
     /// dequantizing kernel must match.
     pub fn unpack(&self, packed: &[u8], arena_len: usize) -> Vec<f16> {
         use flexgen_tensor::quant::{Packed, QuantSpec, dequantize};
         let mut arena = vec![f16::ZERO; arena_len];
         for m in &self.mats {
-            let params: Vec<f16> = packed[m.params.clone()]
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            let codes = &packed[m.codes.clone()];
-            let (data, params) = match m.tc_order(self.group).filter(|_| self.tc) {
-                Some(o) => o.permute(codes, &params, true),
-                None => (codes.to_vec(), params),
-            };
+            let (data, params) = self.dim0_matrix(packed, m);
             let p = Packed {
                 shape: vec![m.rows, m.cols],
                 spec: QuantSpec { bits: self.bits, group: self.group, dim: 0 },
@@ -558,12 +564,7 @@ mod tests {
                 assert_ne!(tc, bytes, "permuted");
                 assert_eq!(p.unpack(&tc, l.len), dim0.unpack(&bytes, l.len));
                 for m in &p.mats {
-                    let params: Vec<f16> = tc[m.params.clone()]
-                        .chunks_exact(2)
-                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                        .collect();
-                    let (codes, params) =
-                        m.tc_order(64).unwrap().permute(&tc[m.codes.clone()], &params, true);
+                    let (codes, params) = p.dim0_matrix(&tc, m);
                     assert_eq!(codes, &bytes[m.codes.clone()], "codes at {:?}", m.src);
                     let want: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
                     assert_eq!(want, &bytes[m.params.clone()], "pairs at {:?}", m.src);

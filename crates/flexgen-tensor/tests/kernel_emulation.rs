@@ -107,7 +107,8 @@ template <class F> static void grid(unsigned gx, unsigned gy, F f) {
 
 /// What kernels that share data between threads need on top of [`PRELUDE`]: shared memory,
 /// `__syncthreads`, warp shuffles and the tensor-core primitives of kernels.cu (`prmt`,
-/// `sub_f16x2`, `fma_f16x2`, `mma_16816`, `smem_u32` and the `cp_async` copies, `red_add4`)
+/// `sub_f16x2`, `fma_f16x2`, `mma_16816`, `ldsm_x4` and `ldsm_x2`, `smem_u32` and the `cp_async`
+/// copies, `red_add4`)
 /// with the meaning the PTX ISA gives them, and
 /// `grid_warps`, which runs each thread of a block as a fiber.
 const WARP_PRELUDE: &str = r#"

@@ -382,8 +382,8 @@ extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, i
 // The PTX instructions of the tensor-core kernels (the 4-bit product, decode attention over a
 // 4-bit cache), one function each (the emulation test in CI replaces exactly these with C++ of
 // the same meaning): byte permute, fp16x2 subtract and fused multiply-add (rounded to nearest),
-// D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), and the asynchronous copies to shared
-// memory.
+// D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), ldmatrix, and the asynchronous copies to
+// shared memory.
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
