@@ -243,10 +243,12 @@ static std::vector<std::vector<std::vector<Copy>>> landing; // [thread][group]
 static std::vector<std::vector<Copy>> issued;                // [thread]: not yet in a group
 }
 // Shared-space addresses: offsets from an anchor among the kernels' static shared arrays (all
-// in this program's data, well within ±2 GiB of it).
-namespace emu { static char anchor; }
-static inline unsigned smem_u32(const void* p) { return (unsigned)((const char*)p - &emu::anchor); }
-static inline void* smem_ptr(unsigned a) { return &emu::anchor + (int)a; }
+// in this program's data, well within ±2 GiB of it). The anchor is an arena of 256 KB, where
+// gemm4_tc's ring lies (16 bytes in: not aligned to wgmma's 1024), so that its addresses fit a
+// wgmma descriptor's 18 bits.
+namespace emu { alignas(1024) static char anchor[1 << 18]; }
+static inline unsigned smem_u32(const void* p) { return (unsigned)((const char*)p - emu::anchor); }
+static inline void* smem_ptr(unsigned a) { return emu::anchor + (int)a; }
 // ldmatrix (.x4, .x2): lane 8j + r gives the address of row r of matrix j (16 bytes, aligned);
 // lane 4g + t receives row g's halves 2t, 2t + 1 of matrix j in d[j].
 static inline void ldsm(unsigned* d, unsigned a, int nm) {
@@ -261,6 +263,52 @@ static inline void ldsm(unsigned* d, unsigned a, int nm) {
 }
 static inline void ldsm_x4(unsigned* d, unsigned a) { ldsm(d, a, 4); }
 static inline void ldsm_x2(unsigned* d, unsigned a) { ldsm(d, a, 2); }
+// wgmma.mma_async m64n64k16 (A from registers, B by descriptor), done at issue (the asynchrony
+// not modelled): the warpgroup's 128 threads meet, B is read from shared memory as the
+// descriptor gives it (start: bits 0–13 in 16 bytes; stride byte offset from one 8-row atom to
+// the next: bits 32–45; swizzle, bits 62–63: 1 for 128-byte rows, 2 for 64-byte ones, 16-byte
+// chunk bits 4–6 (4–5) of the address XOR its bits 7–9 (7–8)); A's rows 16i … of warp i as
+// mma_16816's; each thread adds its D values (8 columns j in d[4j .. 4j + 3]).
+namespace emu { struct Group { Bar bar; unsigned a[128][4]; unsigned long long desc[128]; }; static std::vector<Group> groups; }
+static inline void wgmma_64x64(float* d, const unsigned* a, unsigned long long desc) {
+    emu::Group& G = emu::groups[threadIdx.x >> 7];
+    unsigned i = threadIdx.x & 127;
+    memcpy(G.a[i], a, 16);
+    G.desc[i] = desc;
+    emu::wait(G.bar, 128);
+    for (int l = 0; l < 128; l++) if (G.desc[l] != G.desc[0]) { fprintf(stderr, "wgmma: the warpgroup's descriptors differ\n"); exit(3); }
+    unsigned mode = desc >> 62, w = mode == 1 ? 128 : mode == 2 ? 64 : 0;
+    if (!w) { fprintf(stderr, "wgmma: swizzle mode %u not emulated\n", mode); exit(3); }
+    unsigned start = (unsigned)(desc & 0x3FFF) << 4, sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+    float A[64][16], B[16][64];
+    for (int l = 0; l < 128; l++) {
+        int r = 16 * (l >> 5) + ((l & 31) >> 2), t = l & 3;
+        for (int h = 0; h < 2; h++) {
+            A[r][2 * t + h] = (float)hlo(G.a[l][0], h);
+            A[r + 8][2 * t + h] = (float)hlo(G.a[l][1], h);
+            A[r][2 * t + 8 + h] = (float)hlo(G.a[l][2], h);
+            A[r + 8][2 * t + 8 + h] = (float)hlo(G.a[l][3], h);
+        }
+    }
+    for (int n = 0; n < 64; n++) for (int k = 0; k < 16; k++) {
+        unsigned at = start + (n / 8) * sbo + (n % 8) * w + 2 * k;
+        at ^= ((at >> 7) & (w / 16 - 1)) << 4;
+        B[k][n] = (float)hlo(*(const unsigned*)smem_ptr(at & ~3u), (at >> 1) & 1);
+    }
+    emu::wait(G.bar, 128);
+    int r0 = 16 * (i >> 5) + ((i & 31) >> 2), t = i & 3;
+    for (int j = 0; j < 8; j++) for (int q = 0; q < 4; q++) {
+        int r = r0 + 8 * (q >> 1), c = 8 * j + 2 * t + (q & 1);
+        double s = 0;
+        for (int k = 0; k < 16; k++) s += (double)A[r][k] * B[k][c];
+        d[4 * j + q] += (float)s;
+    }
+}
+static inline void wgmma_fence() {}
+static inline void wgmma_commit() {}
+template <int N> static void wgmma_wait() {}
+static inline void fence_proxy_async() {}
+template <int N> static void wgmma_keep(float*) {}
 static inline void cp_async16(unsigned dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({smem_ptr(dst), src, n, 16}); }
 static inline void cp_async4(unsigned dst, const void* src, int n) { emu::issued[threadIdx.x].push_back({smem_ptr(dst), src, n, 4}); }
 static inline void red_add4(float* p, float a, float b, float c, float d) { p[0] += a; p[1] += b; p[2] += c; p[3] += d; }
@@ -291,6 +339,7 @@ template <class F> static void grid_warps(unsigned gx, unsigned gy, unsigned thr
         blockIdx = {bx, by, 0};
         emu::dyn_smem.assign(smem, NAN);
         emu::warps.assign(threads / 32, emu::Warp{});
+        emu::groups.assign((threads + 127) / 128, emu::Group{});
         emu::block_bar = {};
         emu::landing.assign(threads, {});
         emu::issued.assign(threads, {});
@@ -960,7 +1009,7 @@ fn build_warps(dir: &Path, before: &str, kernels: &str, main: &str) -> std::path
         .replace("extern __shared__ float sm[];", "float* sm = emu::dyn_smem.data();")
         .replace(
             "extern __shared__ __align__(16) unsigned char gt_ring[];",
-            "static __align__(16) unsigned char gt_ring[GT_RING(NT)];",
+            "unsigned char* const gt_ring = (unsigned char*)emu::anchor + 16;",
         );
     build_with(dir, &format!("{WARP_PRELUDE}{before}{kernels}"), &[], main)
 }
@@ -981,7 +1030,8 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// at once; each tile's own stages (`GT_K` 0, as built) and every tile's of 32 inputs and of 64;
 /// rings of four stages, the 64-row tile's of 64 inputs (`GT_STAGES=4`, `GT_K8=64`); and the 8-,
 /// 16- and 32-row tiles each the other way (`GT_SX1=0`: codes expanded; `GT_SX2=1`, `GT_SX4=1`:
-/// the scales and mins given to x).
+/// the scales and mins given to x); and the 64-row tile by wgmma (`GT_WGMMA=1`), x 32 and 64
+/// inputs a stage.
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     for inputs_a_stage in [0, 32, 64] {
@@ -989,6 +1039,10 @@ fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     }
     gemm4_tc_case(0, [true, false, false], "#define GT_STAGES 4\n#define GT_K8 64\n");
     gemm4_tc_case(0, [false, true, true], "");
+    // The 64-row tile by wgmma, as NVRTC builds it for sm_90a: x by 64 inputs a stage (128-byte
+    // swizzle) and by 32 (64-byte).
+    gemm4_tc_case(0, [true, false, false], "#define GT_WGMMA 1\n");
+    gemm4_tc_case(0, [true, false, false], "#define GT_WGMMA 1\n#define GT_K8 32\n");
 }
 
 /// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's

@@ -382,8 +382,8 @@ extern "C" __global__ void causal_softmax(half_t* s, const int* start, int nh, i
 // The PTX instructions of the tensor-core kernels (the 4-bit product, decode attention over a
 // 4-bit cache), one function each (the emulation test in CI replaces exactly these with C++ of
 // the same meaning): byte permute, fp16x2 subtract and fused multiply-add (rounded to nearest),
-// D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), ldmatrix, and the asynchronous copies to
-// shared memory.
+// D += A·B of one m16n8k16 mma (fp16 in, fp32 sums), ldmatrix, the asynchronous copies to
+// shared memory, and Hopper's warpgroup products (wgmma).
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
@@ -467,6 +467,62 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// wgmma (sm_90a, NVRTC's compute_90a: Hopper's warpgroup products): the 128 threads of a warpgroup
+// (four warps) together add A·B to D = d[0..31] of each, A [64 × 16] fp16 from registers (warp i
+// holding rows 16i … 16i + 15 in mma_16816's A layout), B [16 × 64] fp16 read from shared memory
+// as the descriptor `desc` places it (wg_desc, below: each of B's 64 columns 16 contiguous
+// values, "K-major"), D fp32, warp i's rows 16i …, each 8 columns j in d[4j .. 4j + 3] as
+// mma_16816's D. Asynchronous: wgmma_fence orders the registers written before it (A, D) ahead
+// of the products issued after it; wgmma_commit closes the products issued since the last into
+// a group; wgmma_wait<N> returns when at most N of the warp's groups are in flight. D and A are
+// not to be touched, nor B's shared memory written, while a product that uses them is in
+// flight. fence_proxy_async makes this thread's writes to shared memory (cp.async's among them)
+// visible to the tensor cores' reads, ahead of the barrier that publishes them.
+__device__ __forceinline__ void wgmma_64x64(float* d, const unsigned* a, unsigned long long desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                 "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+#else
+    __trap(); // sm_90a only; kernels.cu takes it only where GT_WGMMA is set
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// The registers d[0..N) as the compiler must see them after a wgmma_wait: read and written at
+// this point (an empty asm), so that no read of a product's D moves above the wait that ends it.
+template <int N>
+__device__ __forceinline__ void wgmma_keep(float* d) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 
@@ -1284,12 +1340,27 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 #ifndef GT_K
 #define GT_K 0 // 32 or 64 for every tile; 0: each tile's own (GT_K_OF)
 #endif
+// Whether the 64-row tile multiplies by Hopper's warpgroup products (wgmma, asynchronous, B = x
+// read by the tensor cores straight from the ring) instead of mma.sync: where NVRTC compiles for
+// sm_90a (GT_WGMMA=0 measures the other way there). Its ring then keeps a stage more than it
+// refills a step (the stage it refills was read two steps before, by products retired since)
+// and 1024 bytes of slack to align the stages to wgmma's swizzle (below).
+#ifndef GT_WGMMA
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GT_WGMMA 1
+#else
+#define GT_WGMMA 0
+#endif
+#endif
+#define GT_WG(nt) (GT_WGMMA && (nt) == 8)
 // Inputs a stage of the tile of 8·nt rows: 64 (three stages) up to 32 rows, 32 (four) for 64 rows,
 // where two stages of 64 ran 7 % slower (session 21; 1 to 32 rows 1–3 % faster with 64), and
 // three or four stages of 64 (GT_K8=64 GT_STAGES=3 or 4) 3–11 % slower on OPT-30B's and
 // OPT-175B's matrices (session 23, call 3).
+// With wgmma, 64 (four stages): 6–7 % faster than 32 on OPT-175B's and OPT-30B's matrices
+// (session 25, call 1).
 #ifndef GT_K8
-#define GT_K8 32
+#define GT_K8 (GT_WGMMA ? 64 : 32)
 #endif
 #define GT_K_OF(nt) (GT_K ? GT_K : (nt) == 8 ? GT_K8 : 64)
 #define GT_O 256
@@ -1381,12 +1452,23 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int c
 #ifndef GT_STAGES
 #define GT_STAGES 0
 #endif
-#define GT_S(k, nt) (GT_STAGES ? GT_STAGES : (k) == 32 ? 4 : (nt) == 8 ? 2 : 3)
+#define GT_S(k, nt) (GT_STAGES ? GT_STAGES : (k) == 32 ? 4 : (nt) == 8 ? 2 + 2 * GT_WG(nt) : 3)
 #define GT_STAGE_BYTES(k, nt) ((k) * GT_O / 2 + GT_O / 16 * (k) * 4 + 8 * (nt) * (k) * 2)
-#define GT_RING(nt) (GT_S(GT_K_OF(nt), nt) * GT_STAGE_BYTES(GT_K_OF(nt), nt))
+#define GT_RING(nt) (GT_S(GT_K_OF(nt), nt) * GT_STAGE_BYTES(GT_K_OF(nt), nt) + 1024 * GT_WG(nt))
 // The XOR that places x chunk c of row r (k / 8 chunks a row): the 8 rows of an ldmatrix
 // matrix in distinct banks.
 #define GT_XSW(k, r) ((k) == 32 ? (((r) >> 1) & 3) : ((r) & 7))
+// The same placement is wgmma's 64-byte (k = 32: 16-byte chunk bits 4–5 of an address XOR its
+// bits 7–8) and 128-byte swizzle (k = 64: bits 4–6 XOR bits 7–9) of rows of k·2 bytes, 8-row
+// atoms of 512 or 1024 bytes aligned to their size. wg_desc: the shared-memory descriptor of B =
+// x's 64 rows from shared-space address `a` (a stage's x plus the first input's bytes): the start
+// address (bits 0–13, in 16 bytes), the leading byte offset (16–29; unused by a swizzled K-major
+// operand: 1), the stride byte offset, from one 8-row atom to the next (32–45), the swizzle
+// (62–63: 1 for 128 bytes, 2 for 64).
+__device__ __forceinline__ unsigned long long wg_desc(unsigned a, int k) {
+    return (unsigned long long)((a >> 4) & 0x3FFF) | 1ull << 16 | (unsigned long long)((16 * k) >> 4) << 32 |
+           (unsigned long long)(k == 64 ? 1 : 2) << 62;
+}
 
 // A value the compiler must keep as it is (it cannot see through the empty asm): a copy's fixed
 // offsets stay in registers instead of being rebuilt from the thread index every step.
@@ -1399,12 +1481,21 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                                              float* y, int outs, int ldx, int gs, int nb, int col, int i0, int i1,
                                              unsigned chunks_here, unsigned chunks_all, const Store4& st4) {
     constexpr int K = GT_K_OF(NT), S = GT_S(K, NT);
+    // WG: the products by wgmma (GT_WGMMA). L: the ring's stages not refilled ahead (the stage
+    // refilled at a step was used L steps before: 2 with wgmma, whose last products of a step
+    // may still read it at the next).
+    constexpr bool WG = GT_WG(NT);
+    constexpr int L = WG ? 2 : 1;
+    static_assert(S > L && !(WG && SCALE_X), "a stage in flight; wgmma's A the expanded codes");
     // A stage of the ring, in bytes: the codes [kq][word][lane t] (K × GT_O / 2 bytes), the pairs
     // [kq][group][lane t] (room for GT_O / 16 groups), x [row][input] (8·NT × K halves).
     constexpr unsigned CS = K * GT_O / 2, PS = GT_O / 16 * K * 4, XS = 8 * NT * K * 2, STAGE = CS + PS + XS;
-    static_assert(S * STAGE == GT_RING(NT), "the ring the host gives");
+    static_assert(S * STAGE + 1024 * WG == GT_RING(NT), "the ring the host gives");
+    static_assert(!WG || ((CS + PS) % 1024 == 0 && STAGE % 1024 == 0 && (K == 32 || K == 64)), "x's swizzle atoms aligned");
     extern __shared__ __align__(16) unsigned char gt_ring[];
-    unsigned char(*ring)[STAGE] = reinterpret_cast<unsigned char(*)[STAGE]>(gt_ring);
+    // With wgmma the ring starts at the next 1024-byte boundary of the shared space.
+    const unsigned ring_at = smem_u32(gt_ring), pad = WG ? (0u - ring_at) & 1023u : 0u;
+    unsigned char(*ring)[STAGE] = reinterpret_cast<unsigned char(*)[STAGE]>(gt_ring + pad);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int chunks = (outs + gs - 1) / gs, coded = chunks * gs;
     const long long per_input = (long long)coded / 2; // code bytes of one input
@@ -1421,7 +1512,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     // from registers (`issue_full`: the rest fixed before the loop, so that the compiler need not
     // rebuild it every step); a step past whole steps (the slice's last, short one) has every copy
     // checked, with zeros past the slice.
-    const unsigned ring0 = smem_u32(ring);
+    const unsigned ring0 = ring_at + pad;
     const int ch0 = o_blk / gs;
     const bool c_ok = o_blk + 8 * (tid >> 2) < coded;
     const unsigned c_dst = kept((unsigned)(16 * tid));
@@ -1483,9 +1574,10 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     };
     // acc: Σ (x·scale)·(offset + code) per output; corr and corm: Σ x·scale and Σ x·min over the
     // inputs (an mma with A all ones: every row the same, j = 0, 1 the lane's two columns).
-    float acc[NT][4][4], corr[NT][4], corm[NT][4];
+    // acc[m] is tile m's D for all the row tiles: wgmma's 32 values where WG.
+    float acc[4][NT][4], corr[NT][4], corm[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) { corr[n][j] = corm[n][j] = 0.f; for (int m = 0; m < 4; m++) acc[n][m][j] = 0.f; }
+    for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) { corr[n][j] = corm[n][j] = 0.f; for (int m = 0; m < 4; m++) acc[m][n][j] = 0.f; }
     // The constants of the lop3s and the ones' fragments in registers the compiler cannot rebuild
     // (it would, before every use: an instruction each): `zero` is 0 (gs > 0) but not to ptxas.
     const unsigned zero = (unsigned)gs >> 31;
@@ -1494,7 +1586,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     const unsigned f1024 = 0x64006400u, f64 = 0x54005400u; // the offsets as fp16x2
     const int w = 8 * warp + g, grp = 8 * w / gs; // this lane's code word and its outputs' group
 #pragma unroll
-    for (int st = 0; st < S - 1; st++) {
+    for (int st = 0; st < S - L; st++) {
         if (st < steps) issue(st, ring0 + st * STAGE);
         cp_async_commit();
     }
@@ -1503,11 +1595,12 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     // same for every n.
     const int lr = lane & 7, lj = lane >> 3, x_sw = GT_XSW(K, lr);
     const unsigned x_row4 = (8 * (lj >> 1) + lr) * K * 2, x_row2 = lr * K * 2;
-    int st = 0, fill = S - 1; // the stage used, the stage filled next
+    int st = 0, fill = S - L; // the stage used, the stage filled next
     for (int step = 0; step < steps; step++) {
-        cp_async_wait<S - 2>(); // this thread's copies of stage `step` are done
+        cp_async_wait<S - L - 1>(); // this thread's copies of stage `step` are done
+        if (WG) fence_proxy_async(); // and visible to the tensor cores
         __syncthreads();           // everyone's are, and the stage refilled next was used up
-        if (step + S - 1 < steps) issue(step + S - 1, ring0 + fill * STAGE);
+        if (step + S - L < steps) issue(step + S - L, ring0 + fill * STAGE);
         cp_async_commit();
         fill = fill == S - 1 ? 0 : fill + 1;
         const unsigned char* sb = ring[st];
@@ -1543,16 +1636,29 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
             auto tile = [&](int n, uint2 bb) {
                 if (!SCALE_X) {
 #pragma unroll
-                    for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bb);
+                    for (int m = 0; m < 4; m++) mma_16816(acc[m][n], a[m], bb);
                     return;
                 }
                 const uint2 bs = make_uint2(fma_f16x2(bb.x, sc01, 0x80008000u), fma_f16x2(bb.y, sc23, 0x80008000u));
                 const uint2 bm = make_uint2(fma_f16x2(bb.x, mn01, 0x80008000u), fma_f16x2(bb.y, mn23, 0x80008000u));
 #pragma unroll
-                for (int m = 0; m < 4; m++) mma_16816(acc[n][m], a[m], bs);
+                for (int m = 0; m < 4; m++) mma_16816(acc[m][n], a[m], bs);
                 mma_16816(corr[n], ones, bs);
                 mma_16816(corm[n], ones, bm);
             };
+            if (WG) {
+                // Tile m of every warp together: 64 outputs by x's 64 rows, B at input kb of
+                // each row (within a swizzle atom's 16-byte chunks: the descriptor's start moves
+                // by kb's bytes). The products of kb − 16 are retired after these are issued,
+                // so that their A registers may take the next kb's codes.
+                const unsigned long long desc = wg_desc(xs_a + 2 * kb, K);
+                wgmma_fence();
+#pragma unroll
+                for (int m = 0; m < 4; m++) wgmma_64x64(&acc[m][0][0], a[m], desc);
+                wgmma_commit();
+                wgmma_wait<1>();
+                continue;
+            }
             const unsigned xo = 16 * (((kb >> 3) + (lj & 1)) ^ x_sw);
 #pragma unroll
             for (int n = 0; n < NT; n += 2) {
@@ -1568,6 +1674,10 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
             }
         }
     }
+    if (WG) {
+        wgmma_wait<0>();
+        wgmma_keep<4 * NT * 4>(&acc[0][0][0]);
+    }
     // D: in tile m, rows g and g + 8 are outputs 8w + 2m and 8w + 2m + 1; columns (x rows)
     // 8n + 2t + {0, 1}. So a lane holds eight adjacent outputs of each of its rows: two
     // 4-value adds where they lie whole inside y and 16-byte aligned.
@@ -1582,7 +1692,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
             const float sx = corr[n][h], mx = corm[n][h];
             float v[8];
 #pragma unroll
-            for (int m = 0; m < 4; m++) { v[2 * m] = acc[n][m][h] - 1024.f * sx + mx; v[2 * m + 1] = acc[n][m][2 + h] - 64.f * sx + mx; }
+            for (int m = 0; m < 4; m++) { v[2 * m] = acc[m][n][h] - 1024.f * sx + mx; v[2 * m + 1] = acc[m][n][2 + h] - 64.f * sx + mx; }
             float* yr = y + (long long)b * outs + o;
             if (o + 8 <= outs && (outs & 3) == 0) {
                 red_add4(yr, v[0], v[1], v[2], v[3]);
