@@ -263,14 +263,14 @@ static inline void ldsm(unsigned* d, unsigned a, int nm) {
 }
 static inline void ldsm_x4(unsigned* d, unsigned a) { ldsm(d, a, 4); }
 static inline void ldsm_x2(unsigned* d, unsigned a) { ldsm(d, a, 2); }
-// wgmma.mma_async m64n64k16 (A from registers, B by descriptor), done at issue (the asynchrony
+// wgmma.mma_async m64nNk16 (A from registers, B by descriptor), done at issue (the asynchrony
 // not modelled): the warpgroup's 128 threads meet, B is read from shared memory as the
 // descriptor gives it (start: bits 0–13 in 16 bytes; stride byte offset from one 8-row atom to
 // the next: bits 32–45; swizzle, bits 62–63: 1 for 128-byte rows, 2 for 64-byte ones, 16-byte
 // chunk bits 4–6 (4–5) of the address XOR its bits 7–9 (7–8)); A's rows 16i … of warp i as
-// mma_16816's; each thread adds its D values (8 columns j in d[4j .. 4j + 3]).
+// mma_16816's; each thread adds its D values (8 columns j in d[4j .. 4j + 3], j < N/8).
 namespace emu { struct Group { Bar bar; unsigned a[128][4]; unsigned long long desc[128]; }; static std::vector<Group> groups; }
-static inline void wgmma_64x64(float* d, const unsigned* a, unsigned long long desc) {
+template <int N> static void wgmma_64xn(float* d, const unsigned* a, unsigned long long desc) {
     emu::Group& G = emu::groups[threadIdx.x >> 7];
     unsigned i = threadIdx.x & 127;
     memcpy(G.a[i], a, 16);
@@ -280,7 +280,7 @@ static inline void wgmma_64x64(float* d, const unsigned* a, unsigned long long d
     unsigned mode = desc >> 62, w = mode == 1 ? 128 : mode == 2 ? 64 : 0;
     if (!w) { fprintf(stderr, "wgmma: swizzle mode %u not emulated\n", mode); exit(3); }
     unsigned start = (unsigned)(desc & 0x3FFF) << 4, sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
-    float A[64][16], B[16][64];
+    float A[64][16], B[16][N];
     for (int l = 0; l < 128; l++) {
         int r = 16 * (l >> 5) + ((l & 31) >> 2), t = l & 3;
         for (int h = 0; h < 2; h++) {
@@ -290,14 +290,14 @@ static inline void wgmma_64x64(float* d, const unsigned* a, unsigned long long d
             A[r + 8][2 * t + 8 + h] = (float)hlo(G.a[l][3], h);
         }
     }
-    for (int n = 0; n < 64; n++) for (int k = 0; k < 16; k++) {
+    for (int n = 0; n < N; n++) for (int k = 0; k < 16; k++) {
         unsigned at = start + (n / 8) * sbo + (n % 8) * w + 2 * k;
         at ^= ((at >> 7) & (w / 16 - 1)) << 4;
         B[k][n] = (float)hlo(*(const unsigned*)smem_ptr(at & ~3u), (at >> 1) & 1);
     }
     emu::wait(G.bar, 128);
     int r0 = 16 * (i >> 5) + ((i & 31) >> 2), t = i & 3;
-    for (int j = 0; j < 8; j++) for (int q = 0; q < 4; q++) {
+    for (int j = 0; j < N / 8; j++) for (int q = 0; q < 4; q++) {
         int r = r0 + 8 * (q >> 1), c = 8 * j + 2 * t + (q & 1);
         double s = 0;
         for (int k = 0; k < 16; k++) s += (double)A[r][k] * B[k][c];
@@ -1030,8 +1030,8 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// at once; each tile's own stages (`GT_K` 0, as built) and every tile's of 32 inputs and of 64;
 /// rings of four stages, the 64-row tile's of 64 inputs (`GT_STAGES=4`, `GT_K8=64`); and the 8-,
 /// 16- and 32-row tiles each the other way (`GT_SX1=0`: codes expanded; `GT_SX2=1`, `GT_SX4=1`:
-/// the scales and mins given to x); and the 64-row tile by wgmma (`GT_WGMMA=1`), x 32 and 64
-/// inputs a stage.
+/// the scales and mins given to x); and the 16-, 32- and 64-row tiles by wgmma (`GT_WGMMA=14`),
+/// x 64 and 32 inputs a stage.
 #[test]
 fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     for inputs_a_stage in [0, 32, 64] {
@@ -1039,10 +1039,10 @@ fn gemm4_tc_matches_x_times_the_dequantized_weight() {
     }
     gemm4_tc_case(0, [true, false, false], "#define GT_STAGES 4\n#define GT_K8 64\n");
     gemm4_tc_case(0, [false, true, true], "");
-    // The 64-row tile by wgmma, as NVRTC builds it for sm_90a: x by 64 inputs a stage (128-byte
-    // swizzle) and by 32 (64-byte).
-    gemm4_tc_case(0, [true, false, false], "#define GT_WGMMA 1\n");
-    gemm4_tc_case(0, [true, false, false], "#define GT_WGMMA 1\n#define GT_K8 32\n");
+    // The 16-, 32- and 64-row tiles by wgmma, as NVRTC builds them for sm_90a: x by 64 inputs a
+    // stage (128-byte swizzle) and by 32 (64-byte).
+    gemm4_tc_case(0, [true, false, false], "#define GT_WGMMA 14\n");
+    gemm4_tc_case(32, [true, false, false], "#define GT_WGMMA 14\n");
 }
 
 /// [`gemm4_tc_matches_x_times_the_dequantized_weight`] with `GT_K` inputs a stage (0: each tile's

@@ -470,23 +470,25 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// wgmma (sm_90a, NVRTC's compute_90a: Hopper's warpgroup products): the 128 threads of a warpgroup
-// (four warps) together add A·B to D = d[0..31] of each, A [64 × 16] fp16 from registers (warp i
-// holding rows 16i … 16i + 15 in mma_16816's A layout), B [16 × 64] fp16 read from shared memory
-// as the descriptor `desc` places it (wg_desc, below: each of B's 64 columns 16 contiguous
-// values, "K-major"), D fp32, warp i's rows 16i …, each 8 columns j in d[4j .. 4j + 3] as
-// mma_16816's D. Asynchronous: wgmma_fence orders the registers written before it (A, D) ahead
-// of the products issued after it; wgmma_commit closes the products issued since the last into
-// a group; wgmma_wait<N> returns when at most N of the warp's groups are in flight. D and A are
-// not to be touched, nor B's shared memory written, while a product that uses them is in
-// flight. fence_proxy_async makes this thread's writes to shared memory (cp.async's among them)
+// wgmma (sm_90a, NVRTC's compute_90a: Hopper's warpgroup products), N of 64, 32 or 16: the 128
+// threads of a warpgroup (four warps) together add A·B to D = d[0 .. N/2) of each, A [64 × 16]
+// fp16 from registers (warp i holding rows 16i … 16i + 15 in mma_16816's A layout), B [16 × N]
+// fp16 read from shared memory as the descriptor `desc` places it (wg_desc, below: each of B's N
+// columns 16 contiguous values, "K-major"), D fp32, warp i's rows 16i …, each 8 columns j in
+// d[4j .. 4j + 3] as mma_16816's D. Asynchronous: wgmma_fence orders the registers written
+// before it (A, D) ahead of the products issued after it; wgmma_commit closes the products issued
+// since the last into a group; wgmma_wait<N> returns when at most N of the warp's groups are in
+// flight. D and A are not to be touched, nor B's shared memory written, while a product that uses
+// them is in flight. fence_proxy_async makes this thread's writes to shared memory (cp.async's among them)
 // visible to the tensor cores' reads, ahead of the barrier that publishes them.
-__device__ __forceinline__ void wgmma_64x64(float* d, const unsigned* a, unsigned long long desc) {
+template <int N>
+__device__ __forceinline__ void wgmma_64xn(float* d, const unsigned* a, unsigned long long desc);
+template <>
+__device__ __forceinline__ void wgmma_64xn<64>(float* d, const unsigned* a, unsigned long long desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
                  "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -494,7 +496,34 @@ __device__ __forceinline__ void wgmma_64x64(float* d, const unsigned* a, unsigne
                    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
 #else
-    __trap(); // sm_90a only; kernels.cu takes it only where GT_WGMMA is set
+    __trap(); // sm_90a only; kernels.cu takes it only where GT_WGMMA says
+#endif
+}
+template <>
+__device__ __forceinline__ void wgmma_64xn<32>(float* d, const unsigned* a, unsigned long long desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
+                 "{%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+#else
+    __trap(); // sm_90a only; kernels.cu takes it only where GT_WGMMA says
+#endif
+}
+template <>
+__device__ __forceinline__ void wgmma_64xn<16>(float* d, const unsigned* a, unsigned long long desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7}, "
+                 "{%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+#else
+    __trap(); // sm_90a only; kernels.cu takes it only where GT_WGMMA says
 #endif
 }
 __device__ __forceinline__ void wgmma_fence() {
@@ -1340,19 +1369,21 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 #ifndef GT_K
 #define GT_K 0 // 32 or 64 for every tile; 0: each tile's own (GT_K_OF)
 #endif
-// Whether the 64-row tile multiplies by Hopper's warpgroup products (wgmma, asynchronous, B = x
-// read by the tensor cores straight from the ring) instead of mma.sync: where NVRTC compiles for
-// sm_90a (GT_WGMMA=0 measures the other way there). Its ring then keeps a stage more than it
-// refills a step (the stage it refills was read two steps before, by products retired since)
-// and 1024 bytes of slack to align the stages to wgmma's swizzle (below).
+// Which tiles multiply by Hopper's warpgroup products (wgmma, asynchronous, B = x read by the
+// tensor cores straight from the ring) instead of mma.sync: a mask of their 8·nt rows' nt (8:
+// 64 rows, 4: 32, 2: 16; a tile that gives the scales to x, SCALE_X, cannot), where NVRTC
+// compiles for sm_90a, every tile that can (GT_WGMMA=0: none, as before sm_90a; 8: 64 rows
+// only). Such a tile's ring keeps a stage more than it refills a step (the stage it refills was
+// read two steps before, by products retired since), four stages, and 1024 bytes of slack to
+// align the stages to wgmma's swizzle (below).
 #ifndef GT_WGMMA
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define GT_WGMMA 1
+#define GT_WGMMA 14
 #else
 #define GT_WGMMA 0
 #endif
 #endif
-#define GT_WG(nt) (GT_WGMMA && (nt) == 8)
+#define GT_WG(nt) (((GT_WGMMA) & (nt) & 14) != 0 && !((nt) == 2 && GT_SX2) && !((nt) == 4 && GT_SX4))
 // Inputs a stage of the tile of 8·nt rows: 64 (three stages) up to 32 rows, 32 (four) for 64 rows,
 // where two stages of 64 ran 7 % slower (session 21; 1 to 32 rows 1–3 % faster with 64), and
 // three or four stages of 64 (GT_K8=64 GT_STAGES=3 or 4) 3–11 % slower on OPT-30B's and
@@ -1360,7 +1391,7 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // With wgmma, 64 (four stages): 6–7 % faster than 32 on OPT-175B's and OPT-30B's matrices
 // (session 25, call 1).
 #ifndef GT_K8
-#define GT_K8 (GT_WGMMA ? 64 : 32)
+#define GT_K8 (GT_WG(8) ? 64 : 32)
 #endif
 #define GT_K_OF(nt) (GT_K ? GT_K : (nt) == 8 ? GT_K8 : 64)
 #define GT_O 256
@@ -1452,7 +1483,7 @@ __device__ __forceinline__ void gemm4_tc_store(float* y, int outs, int nb, int c
 #ifndef GT_STAGES
 #define GT_STAGES 0
 #endif
-#define GT_S(k, nt) (GT_STAGES ? GT_STAGES : (k) == 32 ? 4 : (nt) == 8 ? 2 + 2 * GT_WG(nt) : 3)
+#define GT_S(k, nt) (GT_STAGES ? GT_STAGES : GT_WG(nt) || (k) == 32 ? 4 : (nt) == 8 ? 2 : 3)
 #define GT_STAGE_BYTES(k, nt) ((k) * GT_O / 2 + GT_O / 16 * (k) * 4 + 8 * (nt) * (k) * 2)
 #define GT_RING(nt) (GT_S(GT_K_OF(nt), nt) * GT_STAGE_BYTES(GT_K_OF(nt), nt) + 1024 * GT_WG(nt))
 // The XOR that places x chunk c of row r (k / 8 chunks a row): the 8 rows of an ldmatrix
@@ -1646,7 +1677,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                 mma_16816(corr[n], ones, bs);
                 mma_16816(corm[n], ones, bm);
             };
-            if (WG) {
+            if constexpr (WG) {
                 // Tile m of every warp together: 64 outputs by x's 64 rows, B at input kb of
                 // each row (within a swizzle atom's 16-byte chunks: the descriptor's start moves
                 // by kb's bytes). The products of kb − 16 are retired after these are issued,
@@ -1654,7 +1685,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                 const unsigned long long desc = wg_desc(xs_a + 2 * kb, K);
                 wgmma_fence();
 #pragma unroll
-                for (int m = 0; m < 4; m++) wgmma_64x64(&acc[m][0][0], a[m], desc);
+                for (int m = 0; m < 4; m++) wgmma_64xn<8 * NT>(&acc[m][0][0], a[m], desc);
                 wgmma_commit();
                 wgmma_wait<1>();
                 continue;
