@@ -1368,8 +1368,8 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // the codes instead of four).
 // On sm_90a the tiles of 16 to 64 rows take wgmma instead of mma.sync and ldmatrix (GT_WGMMA,
 // below): the four m16 tiles of the block's warps are one m64 tile of a warpgroup product, x
-// read from the ring by the tensor cores; 64 rows 13–22 % faster than mma.sync on OPT-175B's
-// matrices, 32 rows 6–10 % (session 25, calls 2 and 3).
+// read from the ring by the tensor cores; on OPT-175B's matrices 15–21 % less time than mma.sync
+// at 64 rows, 6–10 % at 32 (session 25, calls 2 and 3).
 #ifndef GT_K
 #define GT_K 0 // 32 or 64 for every tile; 0: each tile's own (GT_K_OF)
 #endif
