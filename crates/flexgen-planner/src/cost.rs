@@ -228,11 +228,12 @@ pub fn terms(
     // that attention then reads: device-memory traffic, not arithmetic.
     let dequant_w = if choice.compress_weight { (w + w16) / hbm } else { 0.0 };
     // Decode steps of small micro-batches read the packed codes straight instead
-    // (`Policy::fuses_decode`, of the planner's compression: 4 bits in groups of 64).
+    // (`Policy::fuses_decode_on`, of the planner's compression, 4 bits in groups of 64, on this
+    // GPU: beyond a few rows only with the tensor-core product).
     let fused = Policy::fuses_decode_with(
         &Compression { enabled: choice.compress_weight, ..Compression::weights_default() },
-        choice.gpu_batch_size,
-        choice.num_gpu_batches,
+        (choice.gpu_batch_size, choice.num_gpu_batches),
+        gpu.tensor_cores(),
     );
     // Bytes moved per byte of cache attended on the GPU: an fp16 cache is read once; a packed
     // one in GPU memory is read straight from its codes at decode (at its own rate); packed rows
@@ -431,6 +432,7 @@ mod tests {
                 count: 1,
                 h2d_pinned_all_bytes_per_s: None,
                 p2p_bytes_per_s: None,
+                compute_capability: None,
             }),
             cpu: CpuProfile {
                 model: "toy".into(),

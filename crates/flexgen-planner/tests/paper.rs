@@ -215,6 +215,31 @@ fn a_fused_decode_skips_the_expansion() {
     assert!(!policy.fuses_decode(), "128-row micro-batches dequantize");
 }
 
+/// A GPU before compute capability 8.0 (the T4 profile's 7.5) has no tensor-core product: decode
+/// micro-batches beyond `FUSED_DECODE_OTHER_GROUP_ROWS` rows dequantize each layer, as its CUDA
+/// stage does, and the prediction pays for that; the same profile marked 8.0 reads the codes
+/// straight. At 4 rows both read them straight.
+#[test]
+fn a_gpu_without_tensor_cores_fuses_only_a_few_rows() {
+    let mut hw = profile("t4-16gb");
+    assert_eq!(hw.gpu.as_ref().unwrap().compute_capability.as_deref(), Some("7.5"));
+    let spec = spec_by_name("opt-6.7b").unwrap();
+    let mut p = s4();
+    p.compress_weight.enabled = true;
+    p.num_gpu_batches = 1;
+    let decode = |hw: &HardwareProfile, rows: u32| {
+        let p = flexgen_policy::Policy { gpu_batch_size: rows, ..p.clone() };
+        flexgen_planner::predict(&spec, hw, &PAPER, &p, WHOLE).unwrap().decode_s
+    };
+    let (t4_16, t4_4) = (decode(&hw, 16), decode(&hw, 4));
+    hw.gpu.as_mut().unwrap().compute_capability = Some("8.0".into());
+    let (tc_16, tc_4) = (decode(&hw, 16), decode(&hw, 4));
+    assert!(t4_16 > 1.2 * tc_16, "16 rows: {t4_16:.3} s expanding against {tc_16:.3} s fused");
+    assert!((t4_4 - tc_4).abs() <= 1e-9 * tc_4, "4 rows: {t4_4} against {tc_4}");
+    p.gpu_batch_size = 16;
+    assert!(p.fuses_decode() && !p.fuses_decode_on(false));
+}
+
 /// `--explain`'s larger blocks: one more micro-batch and the next micro-batch size, with the plan's
 /// other choices. Each is predicted slower than the plan or refused with the tier it overfills;
 /// on the T4 profile OPT-30B's next blocks need more CPU memory than the host has.

@@ -29,6 +29,7 @@ fn machine(
             count: 1,
             h2d_pinned_all_bytes_per_s: None,
             p2p_bytes_per_s: None,
+            compute_capability: None,
         }),
         cpu: CpuProfile {
             model: "cpu".into(),

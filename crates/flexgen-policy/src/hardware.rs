@@ -45,6 +45,18 @@ pub struct GpuProfile {
     /// at the pinned device→host and host→device rates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p2p_bytes_per_s: Option<f64>,
+    /// CUDA compute capability, "major.minor" (NVML's): whether the GPU has the tensor cores'
+    /// mma.sync (8.0 on) that the fused 4-bit product takes beyond a few rows
+    /// ([`GpuProfile::tensor_cores`]). Absent (profiles written before it was recorded): taken
+    /// as a GPU that has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_capability: Option<String>,
+}
+
+/// "major.minor" as two numbers, or `None`.
+fn parse_compute_capability(s: &str) -> Option<(u32, u32)> {
+    let (major, minor) = s.trim().split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// The most GPUs a profile may list.
@@ -60,6 +72,15 @@ fn is_one(n: &u32) -> bool {
 }
 
 impl GpuProfile {
+    /// Whether the GPU has the tensor-core product (compute capability 8.0 on; absent or
+    /// unreadable: yes, as before the profile recorded it). `Policy::fuses_decode_on` takes it.
+    pub fn tensor_cores(&self) -> bool {
+        self.compute_capability
+            .as_deref()
+            .and_then(parse_compute_capability)
+            .is_none_or(|(major, _)| major >= 8)
+    }
+
     /// The pinned host→device rate each of `n` GPUs copying at once gets.
     pub fn h2d_pinned_each(&self, n: u32) -> f64 {
         let alone = self.h2d_pinned_bytes_per_s;
@@ -151,6 +172,16 @@ impl HardwareProfile {
             rates.push(("cpu.packed_attention_flops_per_s", v));
         }
         if let Some(g) = &self.gpu {
+            if let Some(cc) = &g.compute_capability
+                && parse_compute_capability(cc).is_none()
+            {
+                return Err(Error::invalid(
+                    "gpu.compute_capability",
+                    format!("{cc:?}"),
+                    "a compute capability is written major.minor, as \"8.6\"",
+                    "write the GPU's (nvidia-smi --query-gpu=compute_cap --format=csv), or leave the key out",
+                ));
+            }
             if !(1..=MAX_GPUS).contains(&g.count) {
                 return Err(Error::invalid(
                     "gpu.count",

@@ -405,16 +405,32 @@ impl Policy {
     /// weights, micro-batches of at most [`FUSED_DECODE_ROWS`] rows, blocks of at most
     /// [`FUSED_DECODE_MAX_BATCHES`] of them, in groups of 64 or 128 (the tensor-core product's:
     /// a warp's outputs share their scales); other groups of a multiple of 8 only up to
-    /// [`FUSED_DECODE_OTHER_GROUP_ROWS`] rows, where the CUDA-core product keeps up. The memory
-    /// plan and the planner's cost follow it.
+    /// [`FUSED_DECODE_OTHER_GROUP_ROWS`] rows, where the CUDA-core product keeps up. This is
+    /// on a GPU with the tensor-core product, the most a device fuses: the memory plan counts the
+    /// fused product's scratch by it. [`Policy::fuses_decode_on`] gives a device's own answer.
     pub fn fuses_decode(&self) -> bool {
-        Self::fuses_decode_with(&self.compress_weight, self.gpu_batch_size, self.num_gpu_batches)
+        self.fuses_decode_on(true)
     }
 
-    /// [`Policy::fuses_decode`] of a policy with this weight compression and block shape (the
-    /// planner asks it of the shapes it weighs).
-    pub fn fuses_decode_with(c: &Compression, gpu_batch_size: u32, num_gpu_batches: u32) -> bool {
-        let rows = if matches!(c.group_size, 64 | 128) {
+    /// [`Policy::fuses_decode`] on a GPU with the tensor-core product (`tensor_cores`: compute
+    /// capability 8.0 on, and the weights packed in its order) or without it, where every group
+    /// takes the CUDA-core product, so only up to [`FUSED_DECODE_OTHER_GROUP_ROWS`] rows.
+    pub fn fuses_decode_on(&self, tensor_cores: bool) -> bool {
+        Self::fuses_decode_with(
+            &self.compress_weight,
+            (self.gpu_batch_size, self.num_gpu_batches),
+            tensor_cores,
+        )
+    }
+
+    /// [`Policy::fuses_decode_on`] of a policy with this weight compression and block shape
+    /// (micro-batch rows, micro-batches; the planner asks it of the shapes it weighs).
+    pub fn fuses_decode_with(
+        c: &Compression,
+        (gpu_batch_size, num_gpu_batches): (u32, u32),
+        tensor_cores: bool,
+    ) -> bool {
+        let rows = if tensor_cores && matches!(c.group_size, 64 | 128) {
             FUSED_DECODE_ROWS
         } else if c.group_size.is_multiple_of(8) {
             FUSED_DECODE_OTHER_GROUP_ROWS
@@ -699,7 +715,7 @@ mod tests {
     #[test]
     fn decode_reads_the_codes_straight_in_groups_the_tensor_core_product_takes() {
         let c = |group_size, bits| Compression { enabled: true, bits, group_size, group_dim: 0 };
-        let fuses = |cw: Compression, rows| Policy::fuses_decode_with(&cw, rows, 1);
+        let fuses = |cw: Compression, rows| Policy::fuses_decode_with(&cw, (rows, 1), true);
         for group in [64, 128] {
             assert!(fuses(c(group, 4), FUSED_DECODE_ROWS), "group {group}");
             assert!(!fuses(c(group, 4), FUSED_DECODE_ROWS + 1), "group {group}");
@@ -711,9 +727,16 @@ mod tests {
         assert!(!fuses(c(30, 4), 1), "groups of a multiple of 8 only");
         assert!(!fuses(c(64, 8), 1), "4-bit codes only");
         assert!(!fuses(Compression { enabled: false, ..c(64, 4) }, 1), "compressed weights only");
-        assert!(!Policy::fuses_decode_with(&c(64, 4), 32, FUSED_DECODE_MAX_BATCHES + 1));
+        assert!(!Policy::fuses_decode_with(&c(64, 4), (32, FUSED_DECODE_MAX_BATCHES + 1), true));
         let p = Policy { compress_weight: c(64, 4), gpu_batch_size: 32, ..Policy::default() };
         assert!(p.fuses_decode());
+        // Without the tensor-core product (before compute capability 8.0) every group takes the
+        // CUDA-core one: a few rows only. `fuses_decode` is the most any device fuses.
+        assert!(!p.fuses_decode_on(false), "32 rows on the CUDA cores dequantize");
+        for group in [64, 128, 32] {
+            let at = |rows| Policy::fuses_decode_with(&c(group, 4), (rows, 1), false);
+            assert!(at(FUSED_DECODE_OTHER_GROUP_ROWS) && !at(FUSED_DECODE_OTHER_GROUP_ROWS + 1));
+        }
     }
 
     #[test]

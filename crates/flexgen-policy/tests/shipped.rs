@@ -96,3 +96,19 @@ fn a_profile_with_no_cores_is_refused_naming_the_field() {
     let e = HardwareProfile::from_toml_str(&text).unwrap_err().to_string();
     assert!(e.contains("cpu.cores") && e.contains("at least one core"), "{e}");
 }
+
+#[test]
+fn a_compute_capability_says_whether_the_gpu_has_tensor_cores_and_a_bad_one_is_refused() {
+    let text = |name: &str| {
+        let path = files("hardware").into_iter().find(|p| p.ends_with(name)).unwrap();
+        std::fs::read_to_string(path).unwrap()
+    };
+    let tc = |t: &str| HardwareProfile::from_toml_str(t).unwrap().gpu.unwrap().tensor_cores();
+    assert!(tc(&text("h200.toml")) && tc(&text("rtx3090.toml")) && !tc(&text("t4-16gb.toml")));
+    // A profile written before the key: taken as a GPU that has them.
+    let h200 = text("h200.toml");
+    assert!(tc(&h200.replace("compute_capability = \"9.0\"\n", "")));
+    let e = HardwareProfile::from_toml_str(&h200.replace("\"9.0\"", "\"sm_90\"")).unwrap_err();
+    let e = e.to_string();
+    assert!(e.contains("gpu.compute_capability") && e.contains("major.minor"), "{e}");
+}

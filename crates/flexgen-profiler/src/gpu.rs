@@ -21,6 +21,8 @@ pub struct GpuInventory {
     pub driver: Option<String>,
     /// GPUs of device 0's model on this host (device 0 among them).
     pub count: u32,
+    /// CUDA compute capability, "major.minor".
+    pub compute_capability: Option<String>,
 }
 
 /// What NVML says about device 0, or why it could not say.
@@ -49,6 +51,10 @@ pub fn inventory() -> Result<GpuInventory, String> {
         memory_free_bytes: mem.free,
         pcie,
         driver: nvml.sys_driver_version().ok(),
+        compute_capability: dev
+            .cuda_compute_capability()
+            .ok()
+            .map(|c| format!("{}.{}", c.major, c.minor)),
     })
 }
 
@@ -350,5 +356,6 @@ pub fn profile_section(
         count: inv.count,
         h2d_pinned_all_bytes_per_s: all,
         p2p_bytes_per_s: p2p,
+        compute_capability: inv.compute_capability.clone(),
     }
 }

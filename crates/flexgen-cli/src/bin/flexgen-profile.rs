@@ -84,10 +84,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         (Some(g), Some(r), _) => {
             writeln!(
                 err,
-                "GPU {} ({} total, {} free, PCIe {}, driver {})",
+                "GPU {} ({} total, {} free, compute capability {}, PCIe {}, driver {})",
                 g.name,
                 human_bytes(g.memory_total_bytes),
                 human_bytes(g.memory_free_bytes),
+                g.compute_capability.as_deref().unwrap_or("unknown"),
                 g.pcie.as_deref().unwrap_or("unknown"),
                 g.driver.as_deref().unwrap_or("unknown")
             )?;

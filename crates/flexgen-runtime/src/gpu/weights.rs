@@ -233,9 +233,7 @@ impl CudaStage<'_> {
         // Without the tensor-core order (a device before compute capability 8.0, or
         // FLEXGEN_TC_ORDER=0) the fused product is the CUDA-core one, faster than dequantizing
         // only up to FUSED_DECODE_OTHER_GROUP_ROWS rows, as for other groups.
-        let cuda_core_rows =
-            self.policy.gpu_batch_size <= flexgen_policy::FUSED_DECODE_OTHER_GROUP_ROWS;
-        let fits = self.packed.as_ref().is_some_and(|p| p.tc || cuda_core_rows);
+        let fits = self.packed.as_ref().is_some_and(|p| self.policy.fuses_decode_on(p.tc));
         if scratch > 0 && fused_decode_on() && fits {
             // Zeros, as every fused product leaves it (its store clears what it reads and sets
             // its counters back), so that the products need not zero it first.
