@@ -1609,7 +1609,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
     };
     // acc: Σ (x·scale)·(offset + code) per output; corr and corm: Σ x·scale and Σ x·min over the
     // inputs (an mma with A all ones: every row the same, j = 0, 1 the lane's two columns).
-    // acc[m] is tile m's D for all the row tiles: wgmma's 32 values where WG.
+    // acc[m] is tile m's D for all the row tiles: wgmma's 4·NT values where WG.
     float acc[4][NT][4], corr[NT][4], corm[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) for (int j = 0; j < 4; j++) { corr[n][j] = corm[n][j] = 0.f; for (int m = 0; m < 4; m++) acc[m][n][j] = 0.f; }
@@ -1682,7 +1682,7 @@ __device__ __forceinline__ void gemm4_tc_seg(const unsigned char* codes, const u
                 mma_16816(corm[n], ones, bm);
             };
             if constexpr (WG) {
-                // Tile m of every warp together: 64 outputs by x's 64 rows, B at input kb of
+                // Tile m of every warp together: 64 outputs by x's 8·NT rows, B at input kb of
                 // each row (within a swizzle atom's 16-byte chunks: the descriptor's start moves
                 // by kb's bytes). The products of kb − 16 are retired after these are issued,
                 // so that their A registers may take the next kb's codes.
