@@ -1392,8 +1392,8 @@ extern "C" __global__ void quant_cache(const half_t* x, unsigned char* codes, ha
 // where two stages of 64 ran 7 % slower (session 21; 1 to 32 rows 1–3 % faster with 64), and
 // three or four stages of 64 (GT_K8=64 GT_STAGES=3 or 4) 3–11 % slower on OPT-30B's and
 // OPT-175B's matrices (session 23, call 3).
-// With wgmma, 64 (four stages): 6–7 % faster than 32 on OPT-175B's and OPT-30B's matrices
-// (session 25, call 1).
+// With wgmma, 64 (four stages): 4–12 % less time than 32 on OPT-175B's and OPT-30B's matrices
+// (session 25, call 2).
 #ifndef GT_K8
 #define GT_K8 (GT_WG(8) ? 64 : 32)
 #endif

@@ -87,8 +87,9 @@ pub struct Gpu {
 const KERNELS: &str = include_str!("kernels.cu");
 
 /// The compute capabilities the kernels are compiled for, and NVRTC's name of each: 9.0 (H100,
-/// H200) as `sm_90a`, whose warpgroup products (wgmma) the 64-row 4-bit product takes (kernels.cu,
-/// `GT_WGMMA`; the code runs on 9.0 only, the one device it is compiled for at run time).
+/// H200) as `sm_90a`, whose warpgroup products (wgmma) the 4-bit product's 16- to 64-row tiles
+/// take (kernels.cu, `GT_WGMMA`; the code runs on 9.0 only, the one device it is compiled for at
+/// run time).
 const ARCHS: [((i32, i32), &str); 7] = [
     ((7, 5), "compute_75"),
     ((8, 0), "compute_80"),
