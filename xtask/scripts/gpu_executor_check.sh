@@ -72,8 +72,10 @@ checkc() { # name, then flexgen-run arguments shared by both executors
   if ! "$B/flexgen-run" "$@" --ignore-eos --compress-weight > /tmp/ref.txt 2> /tmp/ref.err; then
     echo "FAIL compressed $name: CPU executor"; tail -3 /tmp/ref.err; fail=1; return
   fi
+  # Beside the common splits, eight micro-batches and micro-batches of 100 rows (padded): the
+  # fused 4-bit decode at any number of micro-batches and in two row tiles (of 64 and 36).
   for pol in "100 0 100 0 100 0" "0 100 100 0 100 0" "30 40 100 0 100 0"; do
-    for split in "${SPLITS[@]}"; do
+    for split in "${SPLITS[@]}" "--gpu-batch-size 1 --num-gpu-batches 8" "--gpu-batch-size 100 --num-gpu-batches 1"; do
       one "compressed $name [$pol $split]" "$@" --compress-weight --percent $pol $split
     done
   done
@@ -85,7 +87,7 @@ checkc() { # name, then flexgen-run arguments shared by both executors
 WIDE=$(mktemp -d)
 python3 "$(dirname "$0")/opt_config.py" "$WIDE" 2048 34816 16 1 1000 256
 checkc sliced --model "$WIDE" --dummy random --seed 4 --prompt-len 12 --num-prompts 4 --max-new-tokens 6
-echo "sliced: $(grep -c '^OK compressed sliced' "$RESULTS") of 9 CUDA runs equal so far"
+echo "sliced: $(grep -c '^OK compressed sliced' "$RESULTS") of 15 CUDA runs equal so far"
 checkc bundled --model crates/flexgen-model/models/opt-kjv --max-new-tokens 24 \
   --prompt "In the beginning" --prompt "And God said, Let there be light: and there was light" \
   --prompt "Jesus wept" --prompt "The LORD is my shepherd; I shall not want"

@@ -125,13 +125,14 @@ pub const PACKED_CPU_ATTENTION: f64 = 0.85;
 /// of the profiled HBM bandwidth, for a decode micro-batch of `rows` (at most
 /// `FUSED_DECODE_ROWS`): `gemm4_tc`. Measured by `gemv4_bench` on the H200 (session 17, OPT-175B's
 /// fc1: 3,055, 3,061, 3,001, 2,963, 2,340, 1,925 and 1,394 GB/s at 1, 2, 4, 8, 16, 32 and 64 rows,
-/// against the profile's 4.03 TB/s; docs/benchmarks.md).
+/// against the profile's 4.03 TB/s; docs/benchmarks.md). More than 64 rows run in tiles of 64,
+/// each reading the codes again (session 25: fc1 0.188 ms at 64 rows, 0.360 at 128).
 pub fn fused4_hbm_share(rows: f64) -> f64 {
     match rows {
         r if r <= 8.0 => 0.73,
         r if r <= 16.0 => 0.58,
         r if r <= 32.0 => 0.48,
-        _ => 0.35,
+        r => 0.35 / (r / 64.0).ceil(),
     }
 }
 
@@ -223,16 +224,21 @@ pub fn terms(
     };
     let off_w = Lin::var(WC, 1.0) + Lin::var(WN, 1.0);
     let off_c = Lin::var(CC, 1.0) + Lin::var(CN, 1.0);
-    // The runtime expands a compressed layer into fp16 in device memory before its GEMMs (read
-    // the packed bytes, write the fp16 ones), and a compressed cache into an fp16 working area
-    // that attention then reads: device-memory traffic, not arithmetic.
-    let dequant_w = if choice.compress_weight { (w + w16) / hbm } else { 0.0 };
+    // The runtime expands a compressed layer's matrices into fp16 in device memory before their
+    // GEMMs, each before its product, so once per micro-batch (read the packed bytes, write the
+    // fp16 ones), and a compressed cache into an fp16 working area that attention then reads:
+    // device-memory traffic, not arithmetic.
+    let dequant_w = if choice.compress_weight {
+        f64::from(choice.num_gpu_batches) * (w + w16) / hbm
+    } else {
+        0.0
+    };
     // Decode steps of small micro-batches read the packed codes straight instead
     // (`Policy::fuses_decode_on`, of the planner's compression, 4 bits in groups of 64, on this
     // GPU: beyond a few rows only with the tensor-core product).
     let fused = Policy::fuses_decode_with(
         &Compression { enabled: choice.compress_weight, ..Compression::weights_default() },
-        (choice.gpu_batch_size, choice.num_gpu_batches),
+        choice.gpu_batch_size,
         gpu.tensor_cores(),
     );
     // Bytes moved per byte of cache attended on the GPU: an fp16 cache is read once; a packed

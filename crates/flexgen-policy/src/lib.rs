@@ -15,10 +15,9 @@ pub use hardware::{
     CpuProfile, DiskProfile, GpuProfile, HardwareProfile, MAX_GPUS, PROFILE_VERSION,
 };
 pub use policy::{
-    Compression, EXPAND_SLICE_VALUES, FUSED_DECODE_MAX_BATCHES, FUSED_DECODE_OTHER_GROUP_ROWS,
-    FUSED_DECODE_ROWS, POLICY_VERSION, PREFILL_SCORES_VALUES, Placement, Policy, Prediction, Stage,
-    Tier, TierShares, check_stage_layers, expand_slice_outputs, micro_batch_scores_len,
-    prefill_scores_len,
+    Compression, EXPAND_SLICE_VALUES, FUSED_DECODE_OTHER_GROUP_ROWS, FUSED_DECODE_ROWS,
+    POLICY_VERSION, PREFILL_SCORES_VALUES, Placement, Policy, Prediction, Stage, Tier, TierShares,
+    check_stage_layers, expand_slice_outputs, micro_batch_scores_len, prefill_scores_len,
 };
 pub use spec::{Family, MlpKind, ModelSpec, NormKind, PositionKind, RopeScaling, Workload, bounds};
 

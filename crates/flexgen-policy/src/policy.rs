@@ -309,14 +309,13 @@ impl Default for Policy {
 
 /// Decode micro-batches of at most this many rows run their products straight from 4-bit packed
 /// weights ([`Policy::fuses_decode`]; on the tensor cores from `sm_80`, on the CUDA cores before; 64
-/// a launch)…
-pub const FUSED_DECODE_ROWS: u32 = 64;
-
-/// …when a block has at most this many of them: the dequantizing path expands a layer once for
-/// all its micro-batches, and on small products (OPT-6.7B's) the fused product is slower than
-/// cuBLAS fp16, so from about eight micro-batches on dequantizing wins (session 12: OPT-6.7B 4-bit
-/// 1×1 decode 97.8 tok/s fused against 57.5, 1×8 93.1 against 102.6).
-pub const FUSED_DECODE_MAX_BATCHES: u32 = 4;
+/// a launch), however many micro-batches a block has: the dequantizing path expands each matrix
+/// before each product (a slice at a time, [`expand_slice_outputs`]), so once per micro-batch
+/// too, and on the H200 the fused product is the faster at every row count up to 128 on OPT's
+/// matrices (session 25's `gemv4_bench`: at 128 rows 0.36 against 0.93 ms on OPT-175B's fc1,
+/// 0.045 against 0.045 on OPT-6.7B's out; session 26: OPT-30B 4-bit at 1×4 decodes at 132.0
+/// tok/s fused against 17.6 dequantizing).
+pub const FUSED_DECODE_ROWS: u32 = 128;
 
 /// The rows [`FUSED_DECODE_ROWS`] comes down to for 4-bit groups other than 64 and 128: the
 /// CUDA-core product alone serves them, and from 8 rows on it is slower than dequantizing first
@@ -402,9 +401,8 @@ impl Policy {
 
     /// Whether the CUDA stage's decode steps run their products straight from the packed 4-bit
     /// weights (the fused 4-bit product) rather than dequantizing each layer first: 4-bit
-    /// weights, micro-batches of at most [`FUSED_DECODE_ROWS`] rows, blocks of at most
-    /// [`FUSED_DECODE_MAX_BATCHES`] of them, in groups of 64 or 128 (the tensor-core product's:
-    /// a warp's outputs share their scales); other groups of a multiple of 8 only up to
+    /// weights, micro-batches of at most [`FUSED_DECODE_ROWS`] rows, in groups of 64 or 128 (the
+    /// tensor-core product's: a warp's outputs share their scales); other groups of a multiple of 8 only up to
     /// [`FUSED_DECODE_OTHER_GROUP_ROWS`] rows, where the CUDA-core product keeps up. This is
     /// on a GPU with the tensor-core product, the most a device fuses: the memory plan counts the
     /// fused product's scratch by it. [`Policy::fuses_decode_on`] gives a device's own answer.
@@ -416,20 +414,12 @@ impl Policy {
     /// capability 8.0 on, and the weights packed in its order) or without it, where every group
     /// takes the CUDA-core product, so only up to [`FUSED_DECODE_OTHER_GROUP_ROWS`] rows.
     pub fn fuses_decode_on(&self, tensor_cores: bool) -> bool {
-        Self::fuses_decode_with(
-            &self.compress_weight,
-            (self.gpu_batch_size, self.num_gpu_batches),
-            tensor_cores,
-        )
+        Self::fuses_decode_with(&self.compress_weight, self.gpu_batch_size, tensor_cores)
     }
 
-    /// [`Policy::fuses_decode_on`] of a policy with this weight compression and block shape
-    /// (micro-batch rows, micro-batches; the planner asks it of the shapes it weighs).
-    pub fn fuses_decode_with(
-        c: &Compression,
-        (gpu_batch_size, num_gpu_batches): (u32, u32),
-        tensor_cores: bool,
-    ) -> bool {
+    /// [`Policy::fuses_decode_on`] of a policy with this weight compression and micro-batch rows
+    /// (the planner asks it of the shapes it weighs).
+    pub fn fuses_decode_with(c: &Compression, gpu_batch_size: u32, tensor_cores: bool) -> bool {
         let rows = if tensor_cores && matches!(c.group_size, 64 | 128) {
             FUSED_DECODE_ROWS
         } else if c.group_size.is_multiple_of(8) {
@@ -437,10 +427,7 @@ impl Policy {
         } else {
             0
         };
-        c.enabled
-            && c.bits == 4
-            && gpu_batch_size <= rows
-            && num_gpu_batches <= FUSED_DECODE_MAX_BATCHES
+        c.enabled && c.bits == 4 && gpu_batch_size <= rows
     }
 
     /// Checks every field and the consistency between fields.
@@ -715,7 +702,7 @@ mod tests {
     #[test]
     fn decode_reads_the_codes_straight_in_groups_the_tensor_core_product_takes() {
         let c = |group_size, bits| Compression { enabled: true, bits, group_size, group_dim: 0 };
-        let fuses = |cw: Compression, rows| Policy::fuses_decode_with(&cw, (rows, 1), true);
+        let fuses = |cw: Compression, rows| Policy::fuses_decode_with(&cw, rows, true);
         for group in [64, 128] {
             assert!(fuses(c(group, 4), FUSED_DECODE_ROWS), "group {group}");
             assert!(!fuses(c(group, 4), FUSED_DECODE_ROWS + 1), "group {group}");
@@ -727,14 +714,15 @@ mod tests {
         assert!(!fuses(c(30, 4), 1), "groups of a multiple of 8 only");
         assert!(!fuses(c(64, 8), 1), "4-bit codes only");
         assert!(!fuses(Compression { enabled: false, ..c(64, 4) }, 1), "compressed weights only");
-        assert!(!Policy::fuses_decode_with(&c(64, 4), (32, FUSED_DECODE_MAX_BATCHES + 1), true));
+        // However many micro-batches: the dequantizing path expands per micro-batch too.
         let p = Policy { compress_weight: c(64, 4), gpu_batch_size: 32, ..Policy::default() };
         assert!(p.fuses_decode());
+        assert!(Policy { num_gpu_batches: 64, ..p.clone() }.fuses_decode());
         // Without the tensor-core product (before compute capability 8.0) every group takes the
         // CUDA-core one: a few rows only. `fuses_decode` is the most any device fuses.
         assert!(!p.fuses_decode_on(false), "32 rows on the CUDA cores dequantize");
         for group in [64, 128, 32] {
-            let at = |rows| Policy::fuses_decode_with(&c(group, 4), (rows, 1), false);
+            let at = |rows| Policy::fuses_decode_with(&c(group, 4), rows, false);
             assert!(at(FUSED_DECODE_OTHER_GROUP_ROWS) && !at(FUSED_DECODE_OTHER_GROUP_ROWS + 1));
         }
     }

@@ -466,7 +466,7 @@ mod tests {
     }
 
     /// The fused 4-bit decode's scratch is planned exactly where the stage takes that path: 4-bit
-    /// packed weights, micro-batches of at most 64 rows, at most four of them.
+    /// packed weights, micro-batches of at most 128 rows, however many of them.
     #[test]
     fn the_fused_decode_scratch_is_planned_where_it_is_taken() {
         let m = spec("opt-6.7b");
@@ -487,8 +487,9 @@ mod tests {
         assert_eq!(extra(1, 1), (true, 16_384 * 4 + counters), "one row's scratch");
         assert_eq!(extra(2, 4), (true, 2 * 16_384 * 4 + counters));
         assert_eq!(extra(64, 1), (true, 64 * 16_384 * 4 + counters), "64 rows, tensor cores");
-        assert_eq!(extra(65, 1), (false, 0), "65 rows dequantize");
-        assert_eq!(extra(1, 8), (false, 0), "eight micro-batches dequantize");
+        assert_eq!(extra(128, 1), (true, 128 * 16_384 * 4 + counters), "128 rows, two tiles");
+        assert_eq!(extra(129, 1), (false, 0), "129 rows dequantize");
+        assert_eq!(extra(1, 8), (true, 16_384 * 4 + counters), "eight micro-batches as well");
     }
 
     #[test]

@@ -50,7 +50,7 @@ disk (direct I/O), copied two layers ahead on a separate stream; the KV cache sp
 head) rows between GPU, CPU and disk, with CPU attention under --cpu-cache-compute; activations on
 the GPU or the CPU. The report gives the memory held per tier, the bytes moved, and each decode
 step against the PCIe (and disk) roofline measured in the same process. Compressed weights travel
-packed; decode steps of micro-batches up to 64 rows (at most 4 a block) multiply straight from
+packed; decode steps of micro-batches up to 128 rows multiply straight from
 their 4-bit codes (on the tensor cores from sm_80), and prefill dequantizes each layer on the GPU first; a
 compressed cache is packed on the GPU and CPU
 (not on disk) and attended on the GPU, or its CPU rows on the cores under --cpu-cache-compute;
