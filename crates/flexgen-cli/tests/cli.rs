@@ -186,11 +186,13 @@ fn plan_writes_a_policy_that_run_accepts() {
 }
 
 /// `--cpu-mem-limit` plans for less host memory than the profile's: OPT-175B under 15 GiB on
-/// the H200 host, whose plan fills the host (0.85 of it), fits under 0.85 of the limit instead.
+/// the H200 host, whose plan fills the host (0.85 of it), fits under 0.85 of the limit instead;
+/// `--cpu-margin 0.95` fills 0.95 of it, with a larger block; a margin outside 0.5 to 1 is
+/// refused, naming the flag.
 #[test]
 fn plan_keeps_its_host_memory_under_a_cpu_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let peak_cpu = |limit: Option<&str>| {
+    let plan = |extra: &[&str]| {
         let out = dir.path().join("p.toml");
         let mut cmd = bin("flexgen-plan");
         cmd.arg("--hardware").arg(root().join("policies/hardware/h200.toml")).args([
@@ -203,16 +205,23 @@ fn plan_keeps_its_host_memory_under_a_cpu_limit() {
             "--gpu-mem-limit",
             "15GiB",
         ]);
-        if let Some(l) = limit {
-            cmd.args(["--cpu-mem-limit", l]);
-        }
-        let o = cmd.arg("--out").arg(&out).output().unwrap();
-        assert!(o.status.success(), "{}", text(&o).1);
-        flexgen_policy::Policy::from_toml_file(&out).unwrap().prediction.unwrap().peak_cpu_bytes
+        let o = cmd.args(extra).arg("--out").arg(&out).output().unwrap();
+        (o.status.success().then(|| flexgen_policy::Policy::from_toml_file(&out).unwrap()), o)
     };
-    let (whole, limited) = (peak_cpu(None), peak_cpu(Some("100GB")));
+    let peak_cpu = |extra: &[&str]| {
+        let (p, o) = plan(extra);
+        let p = p.unwrap_or_else(|| panic!("{}", text(&o).1));
+        (p.prediction.as_ref().unwrap().peak_cpu_bytes, p.block_size())
+    };
+    let host = |share: u64| 134_587_113_472 * share / 100 + 1; // the profile's memory
+    let ((whole, block), (limited, _)) = (peak_cpu(&[]), peak_cpu(&["--cpu-mem-limit", "100GB"]));
     assert!(whole > 85_000_000_000, "the unlimited plan uses more than the limit allows: {whole}");
     assert!(limited <= 85_000_000_000, "{limited}");
+    let (fuller, larger) = peak_cpu(&["--cpu-margin", "0.95"]);
+    assert!(whole <= host(85) && fuller > host(85) && fuller <= host(95), "{whole} {fuller}");
+    assert!(larger > block, "a block of {larger} against {block}");
+    let (none, o) = plan(&["--cpu-margin", "1.2"]);
+    assert!(none.is_none() && text(&o).1.contains("--cpu-margin"), "{}", text(&o).1);
 }
 
 #[test]
