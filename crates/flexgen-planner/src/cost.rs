@@ -179,7 +179,9 @@ pub fn terms(
 ) -> Terms {
     let gpu = hw.gpu.as_ref().expect("the planner checks for a GPU first");
     let h1 = f64::from(spec.hidden_size);
-    let h2 = f64::from(spec.ffn_size);
+    // The MLP's inner activations per row: ffn values, or gate and up (2·ffn) for SwiGLU.
+    #[expect(clippy::cast_precision_loss, reason = "a width")]
+    let h2 = spec.mlp_inner_width() as f64;
     let v = f64::from(spec.vocab_size);
     let s = f64::from(workload.prompt_len);
     let n = f64::from(workload.gen_len);
