@@ -193,10 +193,11 @@ fn plan_writes_a_policy_that_run_accepts() {
 #[test]
 fn plan_keeps_its_host_memory_under_a_cpu_limit() {
     let dir = tempfile::tempdir().unwrap();
+    let profile = root().join("policies/hardware/h200.toml");
     let plan = |extra: &[&str]| {
         let out = dir.path().join("p.toml");
         let mut cmd = bin("flexgen-plan");
-        cmd.arg("--hardware").arg(root().join("policies/hardware/h200.toml")).args([
+        cmd.arg("--hardware").arg(&profile).args([
             "--model",
             "opt-175b",
             "--prompt-len",
@@ -214,7 +215,9 @@ fn plan_keeps_its_host_memory_under_a_cpu_limit() {
         let p = p.unwrap_or_else(|| panic!("{}", text(&o).1));
         (p.prediction.as_ref().unwrap().peak_cpu_bytes, p.block_size())
     };
-    let host = |share: u64| 134_587_113_472 * share / 100 + 1; // the profile's memory
+    let memory =
+        flexgen_policy::HardwareProfile::from_toml_file(&profile).unwrap().cpu.memory_bytes;
+    let host = |share: u64| memory * share / 100 + 1;
     let ((whole, block), (limited, _)) = (peak_cpu(&[]), peak_cpu(&["--cpu-mem-limit", "100GB"]));
     assert!(whole > 85_000_000_000, "the unlimited plan uses more than the limit allows: {whole}");
     assert!(limited <= 85_000_000_000, "{limited}");
